@@ -1,0 +1,472 @@
+"""Small utilities for JAX and Equinox: loops and branches over any pytree.
+
+`lerax_utils` is one file with no dependencies beyond `jax`, `equinox` and `numpy`.
+
+- `filter_scan`: `jax.lax.scan` whose carry, inputs and outputs may hold anything
+  (Equinox modules with function fields, strings, Python scalars, PRNG keys). Arrays
+  are traced; every other leaf is static.
+- `filter_cond`: `jax.lax.cond` for any pytree. Only the chosen branch runs.
+
+**Installing.** Either `pip install git+<repository url>`, or vendor it: copy this file
+into your project (for example as `yourpackage/_lerax_utils.py`) and import from there.
+The file is self-contained, so the copy needs nothing else from this repository.
+
+**Supported versions.** Python 3.11 or newer, with the jax, equinox and numpy versions
+given as lower bounds in `pyproject.toml`.
+"""
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # Control flow
+    "filter_cond",
+    "filter_scan",
+]
+
+import dataclasses
+import inspect
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import equinox as eqx
+import jax
+import jax.tree_util as jtu
+
+_Carry = TypeVar("_Carry")
+_X = TypeVar("_X")
+_Y = TypeVar("_Y")
+_Out = TypeVar("_Out")
+
+_KeyPath = tuple[Any, ...]
+
+#
+# Pytree comparison: the checks behind every error message about a changed leaf
+#
+
+_PYTHON_SCALARS = (bool, int, float, complex)
+
+
+def _describe_leaf(leaf: Any) -> str:
+    if eqx.is_array(leaf):
+        return f"an array of shape {tuple(leaf.shape)} and dtype {leaf.dtype}"
+    return f"{type(leaf).__name__} {leaf!r}"
+
+
+def _static_leaves_equal(old: Any, new: Any) -> bool:
+    """Whether two non-array leaves are the same static value, type included."""
+    if old is new:
+        return True
+    if type(old) is not type(new):
+        return False
+    try:
+        return bool(old == new)
+    except Exception:  # An `__eq__` that raises or returns something ambiguous.
+        return False
+
+
+def _leaf_difference(old: Any, new: Any) -> str | None:
+    """Describe how `new` differs from `old`, or `None` if it may stand in its place.
+
+    Array leaves may hold any values; non-array leaves must be equal.
+    """
+    old_is_array = eqx.is_array(old)
+    new_is_array = eqx.is_array(new)
+    if old_is_array and new_is_array:
+        return None
+    if old_is_array:
+        return f"was {_describe_leaf(old)} and is now {_describe_leaf(new)}"
+    if new_is_array:
+        return (
+            f"was the static (non-array) {_describe_leaf(old)} and is now "
+            f"{_describe_leaf(new)}"
+        )
+    if _static_leaves_equal(old, new):
+        return None
+    return f"changed from {_describe_leaf(old)} to {_describe_leaf(new)}"
+
+
+def _describe_node(node: Any) -> str:
+    if jtu.treedef_is_leaf(jtu.tree_structure(node)) and node is not None:
+        return _describe_leaf(node)
+    return f"a {type(node).__name__}"
+
+
+def _where(path: str) -> str:
+    return f"at path {path}" if path else "at the top level"
+
+
+def _is_strict_child(root: Any) -> Callable[[Any], bool]:
+    return lambda node: node is not root
+
+
+def _node_difference(old: Any, new: Any) -> tuple[str, str] | None:
+    """Compare the top nodes of two pytrees: `(key suffix, message)`, or None."""
+    old_def = jtu.tree_structure(old, is_leaf=_is_strict_child(old))
+    new_def = jtu.tree_structure(new, is_leaf=_is_strict_child(new))
+    if old_def == new_def:
+        return None
+    if type(old) is not type(new):
+        return "", f"was {_describe_node(old)} and is now {_describe_node(new)}"
+    if isinstance(old, eqx.Module):
+        for field in _static_fields(old):
+            old_value = getattr(old, field, None)
+            new_value = getattr(new, field, None)
+            if not _static_leaves_equal(old_value, new_value):
+                return f".{field}", (
+                    f"is a static field that changed from {_describe_leaf(old_value)} "
+                    f"to {_describe_leaf(new_value)}"
+                )
+    if isinstance(old, dict):
+        return (
+            "",
+            f"had keys {sorted(old, key=repr)} and now has {sorted(new, key=repr)}",
+        )
+    if isinstance(old, list | tuple):
+        return "", f"had length {len(old)} and now has length {len(new)}"
+    return "", f"changed structure from {old_def} to {new_def}"
+
+
+def _static_fields(module: eqx.Module) -> list[str]:
+    return [f.name for f in dataclasses.fields(module) if f.metadata.get("static")]
+
+
+def _tree_difference(old: Any, new: Any) -> tuple[str, str] | None:
+    """Find the first place where `new` may not stand in for `old`.
+
+    Returns `(path, message)`, where `path` is rendered by `jax.tree_util.keystr`, or
+    `None` when both trees have the same structure and the same non-array leaves.
+    """
+    old_leaves, old_def = jtu.tree_flatten_with_path(old)
+    new_leaves, new_def = jtu.tree_flatten(new)
+    if old_def == new_def:
+        for (path, old_leaf), new_leaf in zip(old_leaves, new_leaves, strict=True):
+            message = _leaf_difference(old_leaf, new_leaf)
+            if message is not None:
+                return jtu.keystr(path), message
+        return None
+    return _structure_difference(old, new, ())
+
+
+def _structure_difference(old: Any, new: Any, path: _KeyPath) -> tuple[str, str]:
+    """Walk two trees of different structure down to the first node that differs."""
+    found = _node_difference(old, new)
+    if found is not None:
+        suffix, message = found
+        return jtu.keystr(path) + suffix, message
+    old_children = jtu.tree_flatten_with_path(old, is_leaf=_is_strict_child(old))[0]
+    new_children = jtu.tree_leaves(new, is_leaf=_is_strict_child(new))
+    for (key, old_child), new_child in zip(old_children, new_children, strict=True):
+        if jtu.tree_structure(old_child) != jtu.tree_structure(new_child):
+            return _structure_difference(old_child, new_child, path + key)
+    # Same node and same child structures means the same structure overall.
+    raise RuntimeError("internal error: trees of different structure compared equal")
+
+
+#
+# Control flow: filter_scan, filter_cond
+#
+
+_SCAN_TAKES_SPLIT_TRANSPOSE = (
+    "_split_transpose" in inspect.signature(jax.lax.scan).parameters
+)
+
+
+def filter_scan(
+    f: Callable[[_Carry, _X], tuple[_Carry, _Y]],
+    init: _Carry,
+    xs: _X | None = None,
+    length: int | None = None,
+    reverse: bool = False,
+    unroll: int | bool = 1,
+    _split_transpose: bool = False,
+) -> tuple[_Carry, _Y]:
+    """As `jax.lax.scan`, except that `init`, `xs` and the outputs of `f` may be any
+    pytree. Array leaves are traced; every other leaf is static.
+
+    Use it to loop with an Equinox module in the carry: its parameters are traced and
+    its activation functions, strings and Python scalars ride along unchanged.
+
+    **Arguments:**
+
+    - `f`: the step, `f(carry, x) -> (new_carry, y)`. It may be a plain function, a
+        bound method or an `eqx.Partial`.
+    - `init`: the initial carry. JAX arrays, NumPy arrays and typed PRNG key arrays are
+        traced (NumPy arrays come back as JAX arrays). Every other leaf is static:
+        `new_carry` must hold the same value there, and the same structure overall.
+    - `xs`: the inputs, sliced along the leading axis of every array leaf. Non-array
+        leaves are passed unchanged to every step. `None` if there are no inputs.
+    - `length`: the number of steps. Required when `xs` holds no arrays; otherwise it
+        must equal their leading size.
+    - `reverse`, `unroll`: as `jax.lax.scan`.
+    - `_split_transpose`: as `jax.lax.scan`; ignored by versions of JAX that no
+        longer accept it (it never changes results).
+
+    **Returns:**
+
+    `(final_carry, ys)`. Array leaves of `y` are stacked along a new leading axis; its
+    non-array leaves are returned once, unstacked, as `eqx.filter_vmap` returns a
+    batch of modules.
+
+    **Raises:**
+
+    - `ValueError` if a static carry leaf changes, if a Python scalar in the carry
+        comes back as an array, if `xs` has inconsistent leading sizes, or if `length`
+        disagrees with `xs`. The message names the leaf path.
+    - `TypeError` if `f` is not callable or does not return a pair.
+
+    Under `jax.jit`, `jax.vmap` and `jax.grad` it behaves as `jax.lax.scan`: on a tree
+    whose leaves are all arrays it builds exactly the same program.
+
+    **Example:**
+
+    ```python
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+    from lerax_utils import filter_scan
+
+    mlp = eqx.nn.MLP(2, 2, width_size=8, depth=1, key=jax.random.key(0))
+
+    def step(state, _):
+        model, x = state
+        x = model(x)
+        return (model, x), x
+
+    (mlp, x), xs = filter_scan(step, (mlp, jnp.ones(2)), length=5)
+    print(xs.shape)  # (5, 2)
+    ```
+    """
+    if not callable(f):
+        raise TypeError(f"filter_scan: `f` must be callable; got {_describe_leaf(f)}.")
+    length = _scan_length(xs, length)
+
+    init_traced, init_static = eqx.partition(init, eqx.is_array)
+    xs_traced, xs_static = eqx.partition(xs, eqx.is_array)
+    ys_per_trace: list[Any] = []
+
+    def step(carry_traced: Any, x_traced: Any) -> tuple[Any, Any]:
+        carry = eqx.combine(carry_traced, init_static)
+        x = eqx.combine(x_traced, xs_static)
+        out = f(carry, x)
+        if not isinstance(out, tuple) or len(out) != 2:
+            raise TypeError(
+                "filter_scan: `f` must return a pair `(new_carry, y)`; got "
+                f"{_describe_leaf(out)}."
+            )
+        new_carry, y = out
+        ys_per_trace.append(y)
+        return _traced_part_of_new_carry(init, new_carry), eqx.filter(y, eqx.is_array)
+
+    options = (
+        {"_split_transpose": _split_transpose} if _SCAN_TAKES_SPLIT_TRANSPOSE else {}
+    )
+    final_traced, ys_traced = jax.lax.scan(
+        step,
+        init_traced,
+        xs_traced,
+        length=length,
+        reverse=reverse,
+        unroll=unroll,
+        **options,
+    )
+    for later in ys_per_trace[1:]:
+        difference = _tree_difference(ys_per_trace[0], later)
+        if difference is not None:
+            path, message = difference
+            raise ValueError(
+                f"filter_scan: the non-array part of `f`'s output `y` differs between "
+                f"two traces of `f`: {_where(path)} it {message}. JAX may trace `f` "
+                "more than once, and each trace must give the same static outputs. "
+                "Return arrays for values that vary, or make the static values "
+                "independent of how often `f` is called."
+            )
+    ys_static = eqx.filter(ys_per_trace[0], eqx.is_array, inverse=True)
+    return eqx.combine(final_traced, init_static), eqx.combine(ys_traced, ys_static)
+
+
+def _scan_length(xs: Any, length: int | None) -> int:
+    """The number of steps, checked against the leading sizes of `xs`'s arrays."""
+    if length is not None:
+        if isinstance(length, bool) or not isinstance(length, int):
+            raise TypeError(
+                f"filter_scan: `length` must be a Python int or None; got "
+                f"{_describe_leaf(length)}."
+            )
+        if length < 0:
+            raise ValueError(
+                f"filter_scan: `length` must be non-negative; got {length}."
+            )
+    sizes: dict[str, int] = {}
+    for path, leaf in jtu.tree_flatten_with_path(xs)[0]:
+        if not eqx.is_array(leaf):
+            continue
+        if leaf.ndim == 0:
+            raise ValueError(
+                f"filter_scan: the array at `xs` path {jtu.keystr(path)} is a scalar "
+                "(shape ()), so it has no leading axis to scan over. Give it a "
+                "leading axis of size `length`, or make it a Python scalar to pass it "
+                "unchanged to every step."
+            )
+        sizes[jtu.keystr(path)] = leaf.shape[0]
+    if not sizes:
+        if length is None:
+            raise ValueError(
+                "filter_scan: cannot tell how many steps to run, because `xs` holds no "
+                "arrays. Pass `length=`."
+            )
+        return length
+    distinct = set(sizes.values())
+    if len(distinct) > 1:
+        listing = ", ".join(f"{path}: {size}" for path, size in sizes.items())
+        raise ValueError(
+            "filter_scan: every array in `xs` must have the same leading size, but the "
+            f"leading sizes differ ({listing}). Slice or pad them to one length."
+        )
+    (size,) = distinct
+    if length is not None and length != size:
+        raise ValueError(
+            f"filter_scan: `length={length}` disagrees with the leading size {size} of "
+            f"the arrays in `xs`. Pass `length={size}` or leave it out."
+        )
+    return size
+
+
+def _traced_part_of_new_carry(init: Any, new_carry: Any) -> Any:
+    """Check `f`'s new carry against `init`, then keep the leaves that are traced.
+
+    Where `init` holds an array, `new_carry` may hold an array or a Python scalar (as
+    `jax.lax.scan` allows, which then checks shapes and dtypes). Elsewhere it must hold
+    the same static value. The result has `None` at static positions, exactly as
+    `eqx.partition(init, eqx.is_array)` does.
+    """
+    init_leaves, carry_def = jtu.tree_flatten_with_path(init)
+    new_leaves, new_def = jtu.tree_flatten(new_carry)
+    if new_def != carry_def:
+        path, message = _structure_difference(init, new_carry, ())
+        raise ValueError(_carry_error(path, message, old=None))
+    traced_leaves = []
+    for (path, old), new in zip(init_leaves, new_leaves, strict=True):
+        if eqx.is_array(old) and isinstance(new, _PYTHON_SCALARS):
+            message = None
+        else:
+            message = _leaf_difference(old, new)
+        if message is not None:
+            raise ValueError(_carry_error(jtu.keystr(path), message, old))
+        traced_leaves.append(new if eqx.is_array(old) else None)
+    return carry_def.unflatten(traced_leaves)
+
+
+def _carry_error(path: str, message: str, old: Any) -> str:
+    if eqx.is_array(old):
+        fix = (
+            "Return an array (or a Python number) there, with the same shape and dtype "
+            "as in `init`."
+        )
+    else:
+        fix = (
+            "Only array leaves of the carry may change from step to step. If this "
+            "value must change, make it an array in `init` with `jnp.asarray`; "
+            "otherwise keep it out of the carry (close over it in `f`, or pass it in "
+            "`xs`)."
+        )
+    return (
+        "filter_scan: `f` returned a carry that differs from `init` "
+        f"{_where(path)}: it {message}. {fix}"
+    )
+
+
+def filter_cond(
+    pred: Any,
+    true_fun: Callable[..., _Out],
+    false_fun: Callable[..., _Out],
+    *operands: Any,
+) -> _Out:
+    """As `jax.lax.cond`, except that the operands and outputs may be any pytree.
+
+    Array leaves of `operands` are traced; every other leaf is passed to both branches
+    unchanged. Only the chosen branch runs: under `jax.jit` this is a real `cond`, not
+    a computation of both branches followed by a select.
+
+    **Arguments:**
+
+    - `pred`: a scalar boolean (or integer) array, or a Python bool.
+    - `true_fun`, `false_fun`: called as `fun(*operands)`. They must return pytrees of
+        the same structure, arrays of the same shape and dtype, and equal non-array
+        leaves.
+    - `*operands`: the arguments to the branches.
+
+    **Returns:**
+
+    The output of the chosen branch.
+
+    **Raises:**
+
+    - `TypeError` if a branch is not callable.
+    - `ValueError` if `pred` is not a scalar, or the branches return different
+        structures or different non-array leaves. The message names the leaf path.
+
+    **Example:**
+
+    ```python
+    import jax.numpy as jnp
+    from lerax_utils import filter_cond
+
+    def explore(x, label):
+        return x + 1.0, label
+
+    def exploit(x, label):
+        return x - 1.0, label
+
+    value, label = filter_cond(jnp.array(True), explore, exploit, jnp.zeros(3), "act")
+    print(value, label)  # [1. 1. 1.] act
+    ```
+    """
+    for name, fun in (("true_fun", true_fun), ("false_fun", false_fun)):
+        if not callable(fun):
+            raise TypeError(
+                f"filter_cond: `{name}` must be callable; got {_describe_leaf(fun)}."
+            )
+    if eqx.is_array(pred) and pred.shape != ():
+        raise ValueError(
+            f"filter_cond: `pred` must be a scalar; got an array of shape "
+            f"{tuple(pred.shape)}. Reduce it first, for example with `jnp.any` or "
+            "`jnp.all`."
+        )
+    operands_traced, operands_static = eqx.partition(operands, eqx.is_array)
+    outputs: dict[str, Any] = {}
+
+    def branch(name: str, fun: Callable[..., Any]) -> Callable[[Any], Any]:
+        def run(traced: Any) -> Any:
+            outputs[name] = fun(*eqx.combine(traced, operands_static))
+            return eqx.filter(outputs[name], eqx.is_array)
+
+        return run
+
+    def check_branches_agree() -> None:
+        if len(outputs) < 2:  # Only one branch was traced (e.g. `disable_jit`).
+            return
+        difference = _tree_difference(outputs["true_fun"], outputs["false_fun"])
+        if difference is not None:
+            path, message = difference
+            raise ValueError(
+                f"filter_cond: the branches' outputs disagree {_where(path)}: "
+                f"compared with `true_fun`'s output, `false_fun`'s {message}. Both "
+                "branches must return the same structure and the same non-array "
+                "leaves; return arrays for values that differ between branches."
+            )
+
+    try:
+        out_traced = jax.lax.cond(
+            pred,
+            branch("true_fun", true_fun),
+            branch("false_fun", false_fun),
+            operands_traced,
+        )
+    except TypeError:
+        # `lax.cond` rejects branches whose array parts differ in structure; comparing
+        # the whole outputs usually explains why, with a path.
+        check_branches_agree()
+        raise
+    check_branches_agree()
+    out_static = eqx.filter(next(iter(outputs.values())), eqx.is_array, inverse=True)
+    return eqx.combine(out_traced, out_static)

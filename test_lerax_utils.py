@@ -1,0 +1,810 @@
+"""Tests for lerax_utils.
+
+Hypothesis profiles: `ci` is deterministic and is chosen when the `CI` environment
+variable is set; `dev` is random and quicker. Set `HYPOTHESIS_PROFILE` to pick one.
+"""
+
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import hypothesis.extra.numpy as hnp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import lerax_utils
+from lerax_utils import filter_cond, filter_scan
+
+_SLOW_IS_FINE = [HealthCheck.too_slow, HealthCheck.data_too_large]
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    deadline=None,
+    print_blob=True,
+    max_examples=30,
+    suppress_health_check=_SLOW_IS_FINE,
+)
+settings.register_profile(
+    "dev", deadline=None, max_examples=15, suppress_health_check=_SLOW_IS_FINE
+)
+settings.load_profile(
+    os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev")
+)
+
+ROOT = pathlib.Path(__file__).parent
+
+#
+# Strategies: random pytrees of arrays, static leaves and Equinox modules
+#
+
+
+def _double(x: Any) -> Any:
+    return 2 * x
+
+
+class _Marker:
+    """An arbitrary object that compares by identity."""
+
+
+_STATIC_LEAVES = ["tag", "", 0, -3, 2.5, True, jax.nn.relu, _double, _Marker()]
+_DTYPES = [jnp.float32, jnp.float16, jnp.bfloat16, jnp.int32, jnp.bool_]
+
+
+class Policy(eqx.Module):
+    """A small module with an array field, a function field and static fields."""
+
+    params: Any
+    activation: Callable[..., Any]
+    name: str = eqx.field(static=True)
+    scale: float = eqx.field(static=True, default=1.0)
+
+
+def _elements(dtype: Any) -> st.SearchStrategy[Any]:
+    if dtype == jnp.float16:
+        return st.floats(width=16, allow_subnormal=False)
+    if dtype in (jnp.float32, jnp.bfloat16):
+        return st.floats(width=32, allow_subnormal=False, min_value=-1e6, max_value=1e6)
+    if dtype == jnp.int32:
+        return st.integers(-(2**31), 2**31 - 1)
+    return st.booleans()
+
+
+@st.composite
+def arrays(
+    draw: st.DrawFn,
+    leading: tuple[int, ...] = (),
+    dtypes: Any = tuple(_DTYPES),
+    numpy_allowed: bool = True,
+) -> Any:
+    dtype = draw(st.sampled_from(dtypes))
+    shape = leading + draw(hnp.array_shapes(min_dims=0, max_dims=2, max_side=3))
+    storage = np.float32 if dtype == jnp.bfloat16 else np.dtype(dtype)
+    value = draw(hnp.arrays(storage, shape, elements=_elements(dtype))).astype(dtype)
+    if numpy_allowed and draw(st.booleans()):
+        return value
+    return jnp.asarray(value)
+
+
+@st.composite
+def prng_keys(draw: st.DrawFn, leading: tuple[int, ...] = ()) -> Any:
+    key = jax.random.key(draw(st.integers(0, 2**16)))
+    return jax.random.split(key, leading) if leading else key
+
+
+def pytrees(leaves: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """Nested dicts, lists, tuples, None and `Policy` modules around `leaves`."""
+
+    def extend(children: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+        return st.one_of(
+            st.lists(children, max_size=3),
+            st.tuples(children, children),
+            st.dictionaries(st.sampled_from("abc"), children, max_size=3),
+            st.builds(
+                Policy,
+                children,
+                st.sampled_from([jax.nn.relu, jnp.tanh, _double]),
+                st.sampled_from(["actor", "critic"]),
+                st.sampled_from([1.0, 0.5]),
+            ),
+        )
+
+    return st.recursive(st.one_of(leaves, st.none()), extend, max_leaves=6)
+
+
+def carries(numpy_allowed: bool = True) -> st.SearchStrategy[Any]:
+    return pytrees(
+        st.one_of(
+            arrays(numpy_allowed=numpy_allowed),
+            arrays(numpy_allowed=numpy_allowed),
+            prng_keys(),
+            st.sampled_from(_STATIC_LEAVES),
+        )
+    )
+
+
+def inputs(length: int) -> st.SearchStrategy[Any]:
+    return pytrees(
+        st.one_of(
+            arrays(leading=(length,)),
+            prng_keys(leading=(length,)),
+            st.sampled_from(_STATIC_LEAVES),
+        )
+    )
+
+
+#
+# Reference helpers
+#
+
+
+def _is_key(x: Any) -> bool:
+    return jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def advance(leaf: Any) -> Any:
+    """One exact, dtype-preserving step for each kind of array leaf."""
+    if not eqx.is_array(leaf):
+        return leaf
+    leaf = jnp.asarray(leaf)
+    if _is_key(leaf):
+        return jax.random.fold_in(leaf, 7)
+    if leaf.dtype == jnp.bool_:
+        return jnp.logical_not(leaf)
+    return leaf + 1
+
+
+def echo_step(carry: Any, x: Any) -> tuple[Any, Any]:
+    """Advance every array in the carry; output the old carry and the input."""
+    return jax.tree.map(advance, carry), (carry, x)
+
+
+def python_loop_scan(f, init, xs, length, reverse):
+    """The reference: thread the carry through a Python loop and stack the outputs."""
+    carry = init
+    outputs = []
+    order = reversed(range(length)) if reverse else range(length)
+    for i in order:
+        x = jax.tree.map(lambda leaf: leaf[i] if eqx.is_array(leaf) else leaf, xs)
+        carry, y = f(carry, x)
+        outputs.append(y)
+    if reverse:
+        outputs.reverse()
+    carry = jax.tree.map(lambda x: jnp.asarray(x) if eqx.is_array(x) else x, carry)
+    if outputs:
+        ys = jax.tree.map(
+            lambda *ys: jnp.stack([jnp.asarray(y) for y in ys])
+            if eqx.is_array(ys[0])
+            else ys[0],
+            *outputs,
+        )
+        return carry, ys
+    x_struct = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype) if eqx.is_array(a) else a,
+        xs,
+    )
+    _, y_struct = eqx.filter_eval_shape(f, init, x_struct)
+    empty = jax.tree.map(
+        lambda s: jnp.zeros((0, *s.shape), s.dtype)
+        if isinstance(s, jax.ShapeDtypeStruct)
+        else s,
+        y_struct,
+    )
+    return carry, empty
+
+
+def _bits(x: Any) -> bytes:
+    x = jnp.asarray(x)
+    if _is_key(x):
+        x = jax.random.key_data(x)
+    return np.asarray(x).tobytes()
+
+
+def assert_identical(actual: Any, expected: Any, *, weak_types: bool = False) -> None:
+    """Same structure, same static leaves, and arrays of the same type, dtype, shape
+    and bits (weak types too, if asked)."""
+    actual_leaves, actual_def = jax.tree_util.tree_flatten_with_path(actual)
+    expected_leaves, expected_def = jax.tree_util.tree_flatten(expected)
+    assert actual_def == expected_def
+    for (path, a), e in zip(actual_leaves, expected_leaves, strict=True):
+        where = jax.tree_util.keystr(path)
+        assert type(a) is type(e), where
+        if eqx.is_array(e):
+            assert (a.dtype, a.shape) == (e.dtype, e.shape), where
+            assert _bits(a) == _bits(e), where
+            if weak_types:
+                assert a.aval.weak_type == e.aval.weak_type, where
+        else:
+            assert a is e or a == e, where
+
+
+#
+# Control flow: filter_scan
+#
+
+
+scan_options = st.fixed_dictionaries(
+    {
+        "reverse": st.booleans(),
+        "unroll": st.sampled_from([1, 2, 3, True, False]),
+    }
+)
+
+
+@given(data=st.data(), length=st.integers(0, 4), options=scan_options)
+def test_filter_scan_matches_python_loop(data, length, options):
+    init = data.draw(carries())
+    xs = data.draw(inputs(length))
+    # Without arrays in `xs` the length must be given; with them it is optional.
+    xs_has_arrays = any(eqx.is_array(leaf) for leaf in jax.tree.leaves(xs))
+    pass_length = data.draw(st.booleans()) or not xs_has_arrays
+    expected = python_loop_scan(echo_step, init, xs, length, options["reverse"])
+    actual = filter_scan(
+        echo_step, init, xs, length=length if pass_length else None, **options
+    )
+    assert_identical(actual, expected)
+
+
+@given(data=st.data(), length=st.integers(0, 4), options=scan_options)
+def test_filter_scan_matches_python_loop_under_jit(data, length, options):
+    init = data.draw(carries())
+    xs = data.draw(inputs(length))
+    expected = python_loop_scan(echo_step, init, xs, length, options["reverse"])
+
+    @eqx.filter_jit
+    def run(init, xs):
+        return filter_scan(echo_step, init, xs, length=length, **options)
+
+    assert_identical(run(init, xs), expected)
+
+
+def _weak_scalars() -> st.SearchStrategy[Any]:
+    return st.one_of(
+        st.floats(-10, 10).map(jnp.asarray), st.integers(-10, 10).map(jnp.asarray)
+    )
+
+
+def array_trees(leading: tuple[int, ...] = ()) -> st.SearchStrategy[Any]:
+    """Pytrees whose leaves are all JAX arrays, weak-typed scalars included."""
+    leaves = st.one_of(arrays(leading, numpy_allowed=False), prng_keys(leading))
+    if not leading:
+        leaves = st.one_of(leaves, _weak_scalars())
+    return st.recursive(
+        leaves,
+        lambda children: st.one_of(
+            st.lists(children, max_size=3),
+            st.dictionaries(st.sampled_from("abc"), children, max_size=3),
+        ),
+        max_leaves=5,
+    )
+
+
+@given(
+    data=st.data(),
+    length=st.integers(0, 4),
+    options=scan_options,
+    xs_none=st.booleans(),
+)
+def test_filter_scan_equals_lax_scan_on_array_trees(data, length, options, xs_none):
+    init = data.draw(array_trees())
+    xs = None if xs_none else data.draw(array_trees(leading=(length,)))
+    expected = jax.lax.scan(echo_step, init, xs, length=length, **options)
+    actual = filter_scan(echo_step, init, xs, length=length, **options)
+    assert_identical(actual, expected, weak_types=True)
+
+
+def _float_trees(leading: tuple[int, ...] = ()) -> st.SearchStrategy[Any]:
+    leaves = arrays(leading, dtypes=(jnp.float32,), numpy_allowed=False)
+    return st.recursive(
+        leaves, lambda children: st.lists(children, min_size=1, max_size=3), max_leaves=4
+    )
+
+
+@given(data=st.data(), length=st.integers(0, 4), options=scan_options)
+def test_filter_scan_gradients_equal_lax_scan(data, length, options):
+    init = data.draw(_float_trees())
+    xs = data.draw(_float_trees(leading=(length,)))
+
+    def step(carry, x):
+        total = sum(jnp.sum(jnp.sin(leaf)) for leaf in jax.tree.leaves(x))
+        return jax.tree.map(lambda c: c * jnp.cos(c) + total, carry), carry
+
+    def loss(scan, init, xs):
+        carry, ys = scan(step, init, xs, length=length, **options)
+        return sum(jnp.sum(leaf) for leaf in jax.tree.leaves((carry, ys)))
+
+    expected = jax.grad(loss, argnums=(1, 2))(jax.lax.scan, init, xs)
+    actual = jax.grad(loss, argnums=(1, 2))(filter_scan, init, xs)
+    assert_identical(actual, expected)
+
+
+def _hand_partitioned_scan(f, init, xs, length):
+    """The recipe filter_scan replaces: partition outside, combine inside."""
+    init_arrays, init_static = eqx.partition(init, eqx.is_array)
+    xs_arrays, xs_static = eqx.partition(xs, eqx.is_array)
+
+    def body(carry_arrays, x_arrays):
+        carry, y = f(
+            eqx.combine(carry_arrays, init_static), eqx.combine(x_arrays, xs_static)
+        )
+        return eqx.filter(carry, eqx.is_array), eqx.filter(y, eqx.is_array)
+
+    final, ys = jax.lax.scan(body, init_arrays, xs_arrays, length=length)
+    return eqx.combine(final, init_static), ys
+
+
+def test_filter_scan_traces_the_same_program_as_hand_partitioning():
+    mlp = eqx.nn.MLP(3, 2, width_size=4, depth=2, key=jax.random.key(0))
+    init = {"policy": mlp, "label": "actor", "obs": jnp.ones(3), "steps": 3}
+    xs = {"noise": jnp.ones((5, 3)), "mode": "train"}
+
+    def step(carry, x):
+        action = carry["policy"](carry["obs"] + x["noise"])
+        obs = carry["obs"] * 0.9 + jnp.sum(action)
+        return {**carry, "obs": obs}, (action, carry["policy"])
+
+    arrays, static = eqx.partition((init, xs), eqx.is_array)
+
+    def with_filter_scan(arrays):
+        carry, _ = filter_scan(step, *eqx.combine(arrays, static))
+        return eqx.filter(carry, eqx.is_array)
+
+    def by_hand(arrays):
+        carry, _ = _hand_partitioned_scan(step, *eqx.combine(arrays, static), None)
+        return eqx.filter(carry, eqx.is_array)
+
+    filtered = jax.make_jaxpr(with_filter_scan)(arrays)
+    hand = jax.make_jaxpr(by_hand)(arrays)
+    assert "scan" in str(filtered)
+    assert str(filtered) == str(hand)
+    assert_identical(with_filter_scan(arrays), by_hand(arrays))
+
+
+def test_filter_scan_static_carry_leaf_that_changes_is_an_error():
+    def rename(carry, _):
+        return {**carry, "tag": "renamed"}, None
+
+    init = {"tag": "start", "x": jnp.zeros(2)}
+    with pytest.raises(ValueError) as info:
+        filter_scan(rename, init, length=3)
+    assert str(info.value) == (
+        "filter_scan: `f` returned a carry that differs from `init` at path ['tag']: "
+        "it changed from str 'start' to str 'renamed'. Only array leaves of the carry "
+        "may change from step to step. If this value must change, make it an array "
+        "in `init` with `jnp.asarray`; otherwise keep it out of the carry (close over "
+        "it in `f`, or pass it in `xs`)."
+    )
+
+
+def test_filter_scan_python_scalar_returned_as_array_is_an_error():
+    def count(carry, _):
+        return {"steps": jnp.asarray(carry["steps"]) + 1}, None
+
+    with pytest.raises(ValueError) as info:
+        filter_scan(count, {"steps": 0}, length=3)
+    assert str(info.value) == (
+        "filter_scan: `f` returned a carry that differs from `init` at path "
+        "['steps']: it was the static (non-array) int 0 and is now an array of shape "
+        "() and dtype int32. Only array leaves of the carry may change from step to "
+        "step. If this value must change, make it an array in `init` with "
+        "`jnp.asarray`; otherwise keep it out of the carry (close over it in `f`, or "
+        "pass it in `xs`)."
+    )
+
+
+def test_filter_scan_array_carry_leaf_returned_as_object_is_an_error():
+    with pytest.raises(ValueError) as info:
+        filter_scan(lambda c, x: ([c[0], "done"], None), [1, jnp.zeros(2)], length=2)
+    assert str(info.value) == (
+        "filter_scan: `f` returned a carry that differs from `init` at path [1]: it "
+        "was an array of shape (2,) and dtype float32 and is now str 'done'. Return "
+        "an array (or a Python number) there, with the same shape and dtype as in "
+        "`init`."
+    )
+
+
+def test_filter_scan_array_carry_leaf_may_come_back_as_python_number():
+    init = {"x": jnp.float32(3.0), "label": "a"}
+    expected = jax.lax.scan(lambda c, _: (0.5, None), init["x"], length=2)[0]
+    (final, _) = filter_scan(lambda c, _: ({**c, "x": 0.5}, None), init, length=2)
+    assert_identical(final, {"x": expected, "label": "a"}, weak_types=True)
+
+
+def test_filter_scan_changed_static_field_names_the_field():
+    policy = Policy(jnp.ones(2), jax.nn.relu, "actor")
+
+    def retitle(carry, _):
+        p = carry["policy"]
+        return {"policy": Policy(p.params, p.activation, "critic")}, None
+
+    with pytest.raises(ValueError) as info:
+        filter_scan(retitle, {"policy": policy}, length=2)
+    assert str(info.value).startswith(
+        "filter_scan: `f` returned a carry that differs from `init` at path "
+        "['policy'].name: it is a static field that changed from str 'actor' to str "
+        "'critic'. Only array leaves"
+    )
+
+
+def test_filter_scan_changed_carry_structure_is_an_error():
+    with pytest.raises(ValueError) as info:
+        filter_scan(lambda c, _: ({"a": c["a"], "b": 1}, None), {"a": 1}, length=1)
+    assert str(info.value).startswith(
+        "filter_scan: `f` returned a carry that differs from `init` at the top level: "
+        "it had keys ['a'] and now has ['a', 'b']."
+    )
+    with pytest.raises(ValueError) as info:
+        filter_scan(lambda c, _: (c[:1], None), [jnp.ones(()), 2], length=1)
+    assert "at the top level: it had length 2 and now has length 1." in str(info.value)
+
+
+def test_filter_scan_carry_check_survives_python_dash_o():
+    script = textwrap.dedent(
+        """
+        from lerax_utils import filter_scan
+        try:
+            filter_scan(lambda c, _: ("changed", None), "start", length=2)
+        except ValueError as err:
+            print("ValueError:", err)
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-O", "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+    )
+    assert result.stdout.startswith(
+        "ValueError: filter_scan: `f` returned a carry that differs from `init` at the "
+        "top level: it changed from str 'start' to str 'changed'."
+    )
+
+
+def test_filter_scan_passes_non_array_xs_to_every_step():
+    seen = []
+
+    def step(carry, x):
+        seen.append((x["name"], x["fn"]))
+        return carry + x["fn"](x["value"]), None
+
+    xs = {"name": "obs", "fn": _double, "value": jnp.arange(4.0)}
+    final, ys = filter_scan(step, jnp.float32(0), xs)
+    assert ys is None
+    assert seen == [("obs", _double)]  # One trace, static inputs unchanged.
+    assert_identical(final, jnp.float32(2 * (0 + 1 + 2 + 3)))
+
+
+def test_filter_scan_outputs_a_stacked_module_as_filter_vmap_does():
+    keys = jax.random.split(jax.random.key(1), 4)
+
+    def make(key):
+        return eqx.nn.MLP(2, 3, width_size=5, depth=1, key=key)
+
+    expected = eqx.filter_vmap(make)(keys)
+    _, actual = filter_scan(lambda c, key: (c, make(key)), None, keys)
+    assert_identical(actual, expected)
+    assert actual.activation is expected.activation
+
+
+def test_filter_scan_static_output_that_differs_between_traces_is_an_error():
+    traces = []
+
+    def step(carry, _):
+        traces.append(None)
+        # A weakly typed int carry that becomes a float makes lax.scan trace twice.
+        return carry + 0.5, {"trace": len(traces)}
+
+    with pytest.raises(ValueError) as info:
+        filter_scan(step, jnp.asarray(0), length=2)
+    assert len(traces) == 2
+    assert str(info.value) == (
+        "filter_scan: the non-array part of `f`'s output `y` differs between two "
+        "traces of `f`: at path ['trace'] it changed from int 1 to int 2. JAX may "
+        "trace `f` more than once, and each trace must give the same static outputs. "
+        "Return arrays for values that vary, or make the static values independent "
+        "of how often `f` is called."
+    )
+
+
+def test_filter_scan_retraced_step_with_consistent_outputs_matches_lax_scan():
+    def step(carry, _):
+        return carry + 0.5, ("label", carry)
+
+    expected_carry, expected_ys = jax.lax.scan(
+        lambda c, x: (c + 0.5, c), jnp.asarray(0), length=3
+    )
+    carry, (label, ys) = filter_scan(step, jnp.asarray(0), length=3)
+    assert label == "label"
+    assert_identical((carry, ys), (expected_carry, expected_ys), weak_types=True)
+
+
+def test_filter_scan_inconsistent_xs_sizes_name_the_leaves():
+    xs = {"obs": jnp.ones((3, 2)), "actions": [jnp.ones(4)]}
+    with pytest.raises(ValueError) as info:
+        filter_scan(lambda c, x: (c, None), 0, xs)
+    assert str(info.value) == (
+        "filter_scan: every array in `xs` must have the same leading size, but the "
+        "leading sizes differ (['actions'][0]: 4, ['obs']: 3). Slice or pad them to "
+        "one length."
+    )
+
+
+def test_filter_scan_length_that_disagrees_with_xs_is_an_error():
+    with pytest.raises(ValueError) as info:
+        filter_scan(lambda c, x: (c, None), 0, jnp.ones(3), length=4)
+    assert str(info.value) == (
+        "filter_scan: `length=4` disagrees with the leading size 3 of the arrays in "
+        "`xs`. Pass `length=3` or leave it out."
+    )
+
+
+def test_filter_scan_without_array_inputs_needs_a_length():
+    with pytest.raises(ValueError) as info:
+        filter_scan(lambda c, x: (c, None), 0, {"mode": "eval"})
+    assert str(info.value) == (
+        "filter_scan: cannot tell how many steps to run, because `xs` holds no "
+        "arrays. Pass `length=`."
+    )
+
+
+def test_filter_scan_scalar_in_xs_is_an_error():
+    with pytest.raises(ValueError) as info:
+        filter_scan(lambda c, x: (c, None), 0, {"lr": jnp.float32(0.1)}, length=3)
+    assert str(info.value).startswith(
+        "filter_scan: the array at `xs` path ['lr'] is a scalar (shape ()), so it "
+        "has no leading axis to scan over."
+    )
+
+
+@pytest.mark.parametrize(
+    ("length", "error", "message"),
+    [
+        (-1, ValueError, "filter_scan: `length` must be non-negative; got -1."),
+        (2.0, TypeError, "filter_scan: `length` must be a Python int or None; got "),
+        (True, TypeError, "filter_scan: `length` must be a Python int or None; got "),
+    ],
+)
+def test_filter_scan_bad_length_is_an_error(length, error, message):
+    with pytest.raises(error) as info:
+        filter_scan(lambda c, x: (c, None), 0, length=length)
+    assert str(info.value).startswith(message)
+
+
+def test_filter_scan_bad_step_function_is_an_error():
+    with pytest.raises(TypeError) as info:
+        filter_scan("step", 0, length=1)  # type: ignore[arg-type]
+    assert str(info.value) == "filter_scan: `f` must be callable; got str 'step'."
+    with pytest.raises(TypeError) as info:
+        filter_scan(lambda c, x: c, 0, length=1)  # type: ignore[arg-type]
+    assert str(info.value) == (
+        "filter_scan: `f` must return a pair `(new_carry, y)`; got int 0."
+    )
+
+
+class Accumulator(eqx.Module):
+    rate: jax.Array
+    label: str = eqx.field(static=True)
+
+    def step(self, total, x):
+        return total + self.rate * x, self.label
+
+
+def test_filter_scan_accepts_bound_methods_and_partials():
+    acc = Accumulator(jnp.float32(2.0), "acc")
+    xs = jnp.arange(3.0)
+    total, label = filter_scan(acc.step, jnp.float32(0), xs)
+    assert label == "acc"
+    assert_identical(total, jnp.float32(6.0))
+    partial = eqx.Partial(lambda rate, c, x: (c + rate * x, None), jnp.float32(3.0))
+    total, _ = filter_scan(partial, jnp.float32(0), xs)
+    assert_identical(total, jnp.float32(9.0))
+
+
+def test_filter_scan_under_vmap_matches_per_example_scans():
+    inits = jnp.arange(6.0).reshape(3, 2)
+    xs = jnp.arange(12.0).reshape(4, 3)
+
+    def run(init, xs):
+        def step(c, x):
+            return {"v": c["v"] * 0.5 + x, "tag": c["tag"]}, c["v"].sum()
+
+        carry, ys = filter_scan(step, {"v": init, "tag": "t"}, xs)
+        return carry["v"], ys
+
+    batched = jax.vmap(run, in_axes=(0, 1))(inits, xs)
+    for i in range(3):
+        assert_identical(
+            jax.tree.map(lambda leaf, i=i: leaf[i], batched), run(inits[i], xs[:, i])
+        )
+
+
+def test_filter_scan_under_grad_and_filter_jit_with_a_module_carry():
+    mlp = eqx.nn.MLP(2, 2, width_size=4, depth=1, key=jax.random.key(3))
+    xs = jnp.linspace(-1.0, 1.0, 10).reshape(5, 2)
+
+    def loss(filter_scan_like, model):
+        def step(state, x):
+            model, h = state
+            h = jnp.tanh(model(h + x))
+            return (model, h), jnp.sum(h**2)
+
+        _, ys = filter_scan_like(step, (model, jnp.zeros(2)), xs)
+        return jnp.sum(ys)
+
+    def by_hand(step, init, xs):
+        return _hand_partitioned_scan(step, init, xs, None)
+
+    expected = eqx.filter_jit(eqx.filter_grad(lambda m: loss(by_hand, m)))(mlp)
+    actual = eqx.filter_jit(eqx.filter_grad(lambda m: loss(filter_scan, m)))(mlp)
+    assert_identical(actual, expected)
+
+
+@pytest.mark.parametrize("supported", [True, False])
+def test_filter_scan_passes_split_transpose_only_where_jax_takes_it(
+    monkeypatch, supported
+):
+    calls = []
+    real_scan = jax.lax.scan
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        if not supported:
+            kwargs.pop("_split_transpose", None)
+        return real_scan(*args, **kwargs)
+
+    monkeypatch.setattr(lerax_utils, "_SCAN_TAKES_SPLIT_TRANSPOSE", supported)
+    monkeypatch.setattr(jax.lax, "scan", spy)
+    init = jnp.float32(0.0)
+    carry, _ = filter_scan(lambda c, x: (c + x, None), init, jnp.ones(3))
+    assert_identical(carry, real_scan(lambda c, x: (c + x, None), init, jnp.ones(3))[0])
+    expected = {"length": 3, "reverse": False, "unroll": 1}
+    if supported:
+        expected["_split_transpose"] = False
+    assert calls == [expected]
+
+
+#
+# Control flow: filter_cond
+#
+
+
+def _other_branch(*operands: Any) -> Any:
+    def retreat(leaf: Any) -> Any:
+        if not eqx.is_array(leaf):
+            return leaf
+        leaf = jnp.asarray(leaf)
+        if _is_key(leaf) or leaf.dtype == jnp.bool_:
+            return leaf
+        return leaf - 1
+
+    return jax.tree.map(retreat, operands)
+
+
+def _advance_all(*operands: Any) -> Any:
+    return jax.tree.map(advance, operands)
+
+
+@given(
+    operands=st.lists(carries(numpy_allowed=False), max_size=3),
+    pred=st.booleans(),
+    jit=st.booleans(),
+)
+def test_filter_cond_matches_python_if(operands, pred, jit):
+    expected = _advance_all(*operands) if pred else _other_branch(*operands)
+
+    def run(pred, operands):
+        return filter_cond(pred, _advance_all, _other_branch, *operands)
+
+    run = eqx.filter_jit(run) if jit else run
+    assert_identical(run(jnp.asarray(pred), operands), expected)
+
+
+def test_filter_cond_only_traces_the_branches_inside_the_cond():
+    def outer(pred, x):
+        return filter_cond(pred, jnp.sin, jnp.cos, x)
+
+    jaxpr = jax.make_jaxpr(outer)(True, jnp.ones(3)).jaxpr
+    top_level = {eqn.primitive.name for eqn in jaxpr.eqns}
+    assert "cond" in top_level
+    assert not top_level & {"sin", "cos", "select_n"}
+
+
+def test_filter_cond_runs_only_the_chosen_branch():
+    ran = []
+
+    def branch(name, out):
+        def run(x, label):
+            jax.debug.callback(lambda: ran.append(name))
+            return out(x), label
+
+        return run
+
+    labels = []
+
+    @jax.jit
+    def choose(pred, x):
+        true_fun, false_fun = branch("true", jnp.sin), branch("false", jnp.cos)
+        value, label = filter_cond(pred, true_fun, false_fun, x, "label")
+        labels.append(label)
+        return value
+
+    value = choose(jnp.asarray(False), jnp.float32(0.0))
+    jax.effects_barrier()
+    assert ran == ["false"]
+    assert labels == ["label"]
+    assert_identical(value, jnp.cos(jnp.float32(0.0)))
+
+
+def test_filter_cond_branches_with_different_static_outputs_are_an_error():
+    with pytest.raises(ValueError) as info:
+        filter_cond(
+            True, lambda x: {"a": x, "m": "train"}, lambda x: {"a": x, "m": "eval"}, 1.0
+        )
+    assert str(info.value) == (
+        "filter_cond: the branches' outputs disagree at path ['m']: compared with "
+        "`true_fun`'s output, `false_fun`'s changed from str 'train' to str 'eval'. "
+        "Both branches must return the same structure and the same non-array "
+        "leaves; return arrays for values that differ between branches."
+    )
+
+
+def test_filter_cond_branch_returning_array_for_static_is_an_error():
+    with pytest.raises(ValueError) as info:
+        filter_cond(True, lambda x: (x, 0), lambda x: (x, jnp.int32(0)), jnp.ones(()))
+    assert str(info.value).startswith(
+        "filter_cond: the branches' outputs disagree at path [1]: compared with "
+        "`true_fun`'s output, `false_fun`'s was the static (non-array) int 0 and is "
+        "now an array of shape () and dtype int32."
+    )
+
+
+def test_filter_cond_bad_arguments_are_errors():
+    with pytest.raises(TypeError) as info:
+        filter_cond(True, "left", jnp.cos, 1.0)  # type: ignore[arg-type]
+    assert str(info.value) == "filter_cond: `true_fun` must be callable; got str 'left'."
+    with pytest.raises(ValueError) as info:
+        filter_cond(jnp.array([True, False]), jnp.sin, jnp.cos, 1.0)
+    assert str(info.value) == (
+        "filter_cond: `pred` must be a scalar; got an array of shape (2,). Reduce it "
+        "first, for example with `jnp.any` or `jnp.all`."
+    )
+
+
+#
+# The project: public names, README and CI
+#
+
+
+def test_all_lists_exactly_the_public_names():
+    public = {
+        name
+        for name, value in vars(lerax_utils).items()
+        if not name.startswith("_")
+        and getattr(value, "__module__", None) == "lerax_utils"
+    }
+    assert sorted(lerax_utils.__all__) == sorted(public)
+
+
+def _readme_commands() -> list[str]:
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("```sh\n", 1)[1].split("```", 1)[0]
+    return [line for line in block.splitlines() if line and not line.startswith("#")]
+
+
+def test_readme_opens_with_the_two_commands_that_ci_runs():
+    commands = _readme_commands()
+    assert len(commands) == 2
+    assert "examples/quickstart.py" in commands[0]
+    assert "pytest" in commands[1]
+    ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    for command in commands:
+        assert command in ci_lines
