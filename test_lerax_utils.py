@@ -173,7 +173,7 @@ def python_loop_scan(f, init, xs, length, reverse):
     outputs = []
     order = reversed(range(length)) if reverse else range(length)
     for i in order:
-        x = jax.tree.map(lambda leaf: leaf[i] if eqx.is_array(leaf) else leaf, xs)
+        x = jax.tree.map(lambda a, i=i: a[i] if eqx.is_array(a) else a, xs)
         carry, y = f(carry, x)
         outputs.append(y)
     if reverse:
@@ -181,9 +181,11 @@ def python_loop_scan(f, init, xs, length, reverse):
     carry = jax.tree.map(lambda x: jnp.asarray(x) if eqx.is_array(x) else x, carry)
     if outputs:
         ys = jax.tree.map(
-            lambda *ys: jnp.stack([jnp.asarray(y) for y in ys])
-            if eqx.is_array(ys[0])
-            else ys[0],
+            lambda *ys: (
+                jnp.stack([jnp.asarray(y) for y in ys])
+                if eqx.is_array(ys[0])
+                else ys[0]
+            ),
             *outputs,
         )
         return carry, ys
@@ -193,9 +195,11 @@ def python_loop_scan(f, init, xs, length, reverse):
     )
     _, y_struct = eqx.filter_eval_shape(f, init, x_struct)
     empty = jax.tree.map(
-        lambda s: jnp.zeros((0, *s.shape), s.dtype)
-        if isinstance(s, jax.ShapeDtypeStruct)
-        else s,
+        lambda s: (
+            jnp.zeros((0, *s.shape), s.dtype)
+            if isinstance(s, jax.ShapeDtypeStruct)
+            else s
+        ),
         y_struct,
     )
     return carry, empty
@@ -304,7 +308,9 @@ def test_filter_scan_equals_lax_scan_on_array_trees(data, length, options, xs_no
 def _float_trees(leading: tuple[int, ...] = ()) -> st.SearchStrategy[Any]:
     leaves = arrays(leading, dtypes=(jnp.float32,), numpy_allowed=False)
     return st.recursive(
-        leaves, lambda children: st.lists(children, min_size=1, max_size=3), max_leaves=4
+        leaves,
+        lambda children: st.lists(children, min_size=1, max_size=3),
+        max_leaves=4,
     )
 
 
@@ -354,11 +360,13 @@ def test_filter_scan_traces_the_same_program_as_hand_partitioning():
     arrays, static = eqx.partition((init, xs), eqx.is_array)
 
     def with_filter_scan(arrays):
-        carry, _ = filter_scan(step, *eqx.combine(arrays, static))
+        init, xs = eqx.combine(arrays, static)
+        carry, _ = filter_scan(step, init, xs)
         return eqx.filter(carry, eqx.is_array)
 
     def by_hand(arrays):
-        carry, _ = _hand_partitioned_scan(step, *eqx.combine(arrays, static), None)
+        init, xs = eqx.combine(arrays, static)
+        carry, _ = _hand_partitioned_scan(step, init, xs, None)
         return eqx.filter(carry, eqx.is_array)
 
     filtered = jax.make_jaxpr(with_filter_scan)(arrays)
@@ -770,7 +778,9 @@ def test_filter_cond_branch_returning_array_for_static_is_an_error():
 def test_filter_cond_bad_arguments_are_errors():
     with pytest.raises(TypeError) as info:
         filter_cond(True, "left", jnp.cos, 1.0)  # type: ignore[arg-type]
-    assert str(info.value) == "filter_cond: `true_fun` must be callable; got str 'left'."
+    assert (
+        str(info.value) == "filter_cond: `true_fun` must be callable; got str 'left'."
+    )
     with pytest.raises(ValueError) as info:
         filter_cond(jnp.array([True, False]), jnp.sin, jnp.cos, 1.0)
     assert str(info.value) == (
@@ -808,3 +818,14 @@ def test_readme_opens_with_the_two_commands_that_ci_runs():
     ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
     for command in commands:
         assert command in ci_lines
+
+
+def _readme_python_blocks() -> list[str]:
+    readme = (ROOT / "README.md").read_text()
+    return [part.split("```", 1)[0] for part in readme.split("```python\n")[1:]]
+
+
+@pytest.mark.parametrize("index", range(len(_readme_python_blocks())))
+def test_readme_python_examples_run(index):
+    code = _readme_python_blocks()[index]
+    exec(compile(code, f"README.md python block {index}", "exec"), {})
