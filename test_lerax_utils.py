@@ -6,6 +6,7 @@ variable is set; `dev` is random and quicker. Set `HYPOTHESIS_PROFILE` to pick o
 
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import textwrap
@@ -369,10 +370,12 @@ def test_filter_scan_traces_the_same_program_as_hand_partitioning():
         carry, _ = _hand_partitioned_scan(step, init, xs, None)
         return eqx.filter(carry, eqx.is_array)
 
-    filtered = jax.make_jaxpr(with_filter_scan)(arrays)
-    hand = jax.make_jaxpr(by_hand)(arrays)
-    assert "scan" in str(filtered)
-    assert str(filtered) == str(hand)
+    def program_text(fun):
+        # Older JAX prints the addresses of memoised thunks; they are not the program.
+        return re.sub(r" at 0x[0-9a-f]+", "", str(jax.make_jaxpr(fun)(arrays)))
+
+    assert "scan" in program_text(with_filter_scan)
+    assert program_text(with_filter_scan) == program_text(by_hand)
     assert_identical(with_filter_scan(arrays), by_hand(arrays))
 
 
