@@ -6,6 +6,8 @@
   (Equinox modules with function fields, strings, Python scalars, PRNG keys). Arrays
   are traced; every other leaf is static.
 - `filter_cond`: `jax.lax.cond` for any pytree. Only the chosen branch runs.
+- `unstack_pytree`, `stack_pytree`: split a batched pytree into one pytree per index
+  along an axis, and join such pytrees back.
 
 **Installing.** Either `pip install git+<repository url>`, or vendor it: copy this file
 into your project (for example as `yourpackage/_lerax_utils.py`) and import from there.
@@ -21,21 +23,29 @@ __all__ = [
     # Control flow
     "filter_cond",
     "filter_scan",
+    # Batches of pytrees
+    "stack_pytree",
+    "unstack_pytree",
 ]
 
 import dataclasses
+import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import equinox as eqx
 import jax
+import jax.core
+import jax.numpy as jnp
 import jax.tree_util as jtu
+import numpy as np
 
 _Carry = TypeVar("_Carry")
 _X = TypeVar("_X")
 _Y = TypeVar("_Y")
 _Out = TypeVar("_Out")
+_Tree = TypeVar("_Tree")
 
 _KeyPath = tuple[Any, ...]
 
@@ -470,3 +480,278 @@ def filter_cond(
     check_branches_agree()
     out_static = eqx.filter(next(iter(outputs.values())), eqx.is_array, inverse=True)
     return eqx.combine(out_traced, out_static)
+
+
+#
+# Batches of pytrees: unstack_pytree, stack_pytree
+#
+
+
+def unstack_pytree(tree: _Tree, *, axis: int = 0) -> list[_Tree]:
+    """Split a batched pytree into one pytree per index along `axis`.
+
+    The inverse of `stack_pytree`. Use it to turn the stacked outputs of `filter_scan`
+    or `eqx.filter_vmap` into one pytree per step or per member.
+
+    **Arguments:**
+
+    - `tree`: a pytree whose array leaves all have the same size along `axis`.
+        Non-array leaves (functions, strings, Python scalars) are copied into every
+        slice.
+    - `axis`: the axis to split along. Negative values count from the end of each
+        leaf, as in NumPy.
+
+    **Returns:**
+
+    A list of `n` pytrees with the structure of `tree`, where `n` is the size of
+    `axis`; an empty list if `n` is 0. NumPy leaves are split into NumPy views (no
+    copy, no device transfer); JAX leaves into JAX arrays on the same devices.
+
+    **Raises:**
+
+    `ValueError`, naming the leaf paths and sizes, if the leaves disagree on the size
+    along `axis`, if `axis` is out of range for a leaf, or if `tree` has no array
+    leaves (then the number of slices is undefined). `TypeError` if `axis` is not an
+    int.
+
+    It works inside `jax.jit`, where the number of slices is static. Outside `jit`,
+    JAX leaves are sliced by one small compiled program per index, shared by all the
+    leaves: no program with one output per slice is ever compiled, so the first call
+    on a new shape costs little more than later ones.
+
+    **Example:**
+
+    ```python
+    import jax.numpy as jnp
+    from lerax_utils import unstack_pytree
+
+    batch = {"obs": jnp.zeros((3, 2)), "done": jnp.array([False, False, True])}
+    steps = unstack_pytree(batch)
+    print(len(steps), steps[2]["done"])  # 3 True
+    ```
+    """
+    _check_axis_is_int("unstack_pytree", axis)
+    paths_and_leaves, treedef = jtu.tree_flatten_with_path(tree)
+    leaves = [leaf for _, leaf in paths_and_leaves]
+    axes: dict[int, int] = {}
+    sizes: dict[str, int] = {}
+    for position, (path, leaf) in enumerate(paths_and_leaves):
+        if eqx.is_array(leaf):
+            where = jtu.keystr(path)
+            axes[position] = _leaf_axis("unstack_pytree", axis, leaf, where, leaf.ndim)
+            sizes[where] = leaf.shape[axes[position]]
+    if not sizes:
+        raise ValueError(
+            "unstack_pytree: `tree` has no array leaves, so the number of slices is "
+            f"undefined (its leaves are {_short_list(leaves)}). Pass a tree with at "
+            "least one array."
+        )
+    if len(set(sizes.values())) > 1:
+        listing = ", ".join(f"{path}: {size}" for path, size in sizes.items())
+        raise ValueError(
+            f"unstack_pytree: every array leaf must have the same size along "
+            f"`axis={axis}`, but the sizes differ ({listing}). Slice them to one size, "
+            "or unstack the parts separately."
+        )
+    length = next(iter(sizes.values()))
+    columns = _unstack_columns(leaves, axes, length)
+    slices = []
+    for index in range(length):
+        row = list(leaves)
+        for position, column in columns.items():
+            row[position] = column[index]
+        slices.append(treedef.unflatten(row))
+    return slices
+
+
+def _unstack_columns(
+    leaves: list[Any], axes: dict[int, int], length: int
+) -> dict[int, Sequence[Any]]:
+    """Split each array leaf into its `length` slices, keyed by leaf position."""
+    columns: dict[int, Sequence[Any]] = {}
+    jax_groups: dict[Any, list[int]] = {}
+    for position, axis in axes.items():
+        leaf = leaves[position]
+        if isinstance(leaf, np.ndarray):
+            moved = np.moveaxis(leaf, axis, 0)
+            # `moved[i, ...]` is a view even when it has no dimensions left.
+            columns[position] = [moved[index, ...] for index in range(length)]
+        elif isinstance(leaf, jax.core.Tracer):
+            columns[position] = [
+                jax.lax.index_in_dim(leaf, index, axis, keepdims=False)
+                for index in range(length)
+            ]
+        else:  # A concrete JAX array: slice it with the others on the same devices.
+            jax_groups.setdefault(leaf.sharding, []).append(position)
+    for positions in jax_groups.values():
+        group = [leaves[position] for position in positions]
+        group_axes = tuple(axes[position] for position in positions)
+        rows = [_index_each(group, index, axes=group_axes) for index in range(length)]
+        for column, position in enumerate(positions):
+            columns[position] = [row[column] for row in rows]
+    return columns
+
+
+@functools.partial(jax.jit, static_argnames="axes")
+def _index_each(
+    leaves: list[jax.Array], index: int, *, axes: tuple[int, ...]
+) -> list[jax.Array]:
+    """Slice `index` out of every leaf along its axis: one program for all indices."""
+    return [
+        jax.lax.dynamic_index_in_dim(leaf, index, axis, keepdims=False)
+        for leaf, axis in zip(leaves, axes, strict=True)
+    ]
+
+
+def stack_pytree(trees: Sequence[_Tree], *, axis: int = 0) -> _Tree:
+    """Join pytrees of the same structure into one, stacking array leaves on `axis`.
+
+    The inverse of `unstack_pytree`: use it to build a population of models to
+    `eqx.filter_vmap` over, or to batch per-step states.
+
+    **Arguments:**
+
+    - `trees`: a non-empty list or tuple of pytrees with the same structure, the same
+        shape and dtype at each array leaf, and equal non-array leaves.
+    - `axis`: where the new axis goes in each stacked leaf, as in `numpy.stack`.
+        Negative values count from the end of the result.
+
+    **Returns:**
+
+    One pytree with the structure of `trees[0]`. Array leaves gain an axis of size
+    `len(trees)`; non-array leaves are taken from `trees[0]`. A leaf that is a NumPy
+    array in every tree stays NumPy; otherwise the result is a JAX array.
+
+    **Raises:**
+
+    `ValueError` if `trees` is empty, if `axis` is out of range, or if a tree differs
+    from `trees[0]` in structure, array shape or dtype, or a non-array leaf; the
+    message names the tree's index and the leaf path. `TypeError` if `trees` is not a
+    list or tuple, or `axis` is not an int.
+
+    It works inside `jax.jit`. Outside `jit`, JAX leaves are copied into their result
+    chunk by chunk by small compiled programs, so stacking thousands of trees compiles
+    nothing large, and the data is copied once.
+
+    **Example:**
+
+    ```python
+    import equinox as eqx
+    import jax
+    from lerax_utils import stack_pytree
+
+    keys = jax.random.split(jax.random.key(0), 4)
+    population = stack_pytree([eqx.nn.Linear(3, 2, key=k) for k in keys])
+    print(population.weight.shape)  # (4, 2, 3)
+    ```
+    """
+    _check_axis_is_int("stack_pytree", axis)
+    if not isinstance(trees, Sequence) or isinstance(trees, str):
+        raise TypeError(
+            "stack_pytree: `trees` must be a list or tuple of pytrees; got "
+            f"{type(trees).__name__}. Wrap a single pytree in a list."
+        )
+    if len(trees) == 0:
+        raise ValueError(
+            "stack_pytree: `trees` is empty, so there is no structure to stack into. "
+            "Pass at least one pytree."
+        )
+    first_paths_and_leaves, treedef = jtu.tree_flatten_with_path(trees[0])
+    first = [leaf for _, leaf in first_paths_and_leaves]
+    columns: dict[int, list[Any]] = {}
+    for position, (path, leaf) in enumerate(first_paths_and_leaves):
+        if eqx.is_array(leaf):
+            _leaf_axis("stack_pytree", axis, leaf, jtu.keystr(path), leaf.ndim + 1)
+            columns[position] = [leaf]
+    for index in range(1, len(trees)):
+        leaves, other_def = jtu.tree_flatten(trees[index])
+        if other_def != treedef:
+            path, message = _structure_difference(trees[0], trees[index], ())
+            raise ValueError(_stack_error(index, path, message))
+        for position, (old, new) in enumerate(zip(first, leaves, strict=True)):
+            message = _leaf_difference(old, new)
+            if message is None and position in columns:
+                if (new.shape, new.dtype) != (old.shape, old.dtype):
+                    message = (
+                        f"has shape {tuple(new.shape)} and dtype {new.dtype}, where "
+                        f"trees[0] has shape {tuple(old.shape)} and dtype {old.dtype}"
+                    )
+                columns[position].append(new)
+            if message is not None:
+                path = jtu.keystr(first_paths_and_leaves[position][0])
+                raise ValueError(_stack_error(index, path, message))
+    stacked = list(first)
+    for position, column in columns.items():
+        stacked[position] = _stack_column(column, axis)
+    return treedef.unflatten(stacked)
+
+
+def _stack_error(index: int, path: str, message: str) -> str:
+    return (
+        f"stack_pytree: trees[{index}] differs from trees[0] {_where(path)}: it "
+        f"{message}. Every tree must have the same structure, the same shape and "
+        "dtype at each array leaf, and equal non-array leaves."
+    )
+
+
+_STACK_CHUNK = 64
+
+
+def _stack_column(column: list[Any], axis: int) -> Any:
+    if all(isinstance(leaf, np.ndarray | np.generic) for leaf in column):
+        return np.stack(column, axis=axis)
+    axis = axis if axis >= 0 else axis + column[0].ndim + 1
+    length = len(column)
+    if length <= _STACK_CHUNK or any(isinstance(x, jax.core.Tracer) for x in column):
+        return jnp.stack(column, axis=axis)
+    # Fill the result in fixed-size chunks; the last chunk overlaps the one before it
+    # rather than having a size of its own, so only two small programs are compiled.
+    starts = [
+        min(start, length - _STACK_CHUNK) for start in range(0, length, _STACK_CHUNK)
+    ]
+    out = _stack_first_chunk(*column[:_STACK_CHUNK], length=length, axis=axis)
+    for start in starts[1:]:
+        chunk = column[start : start + _STACK_CHUNK]
+        out = _stack_chunk_into(out, start, *chunk, axis=axis)
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("length", "axis"))
+def _stack_first_chunk(*chunk: jax.Array, length: int, axis: int) -> jax.Array:
+    stacked = jnp.stack(chunk, axis=axis)
+    shape = list(stacked.shape)
+    shape[axis] = length
+    out = jnp.zeros(shape, stacked.dtype)
+    return jax.lax.dynamic_update_slice_in_dim(out, stacked, 0, axis)
+
+
+@functools.partial(jax.jit, static_argnames="axis", donate_argnums=0)
+def _stack_chunk_into(
+    out: jax.Array, start: int, *chunk: jax.Array, axis: int
+) -> jax.Array:
+    stacked = jnp.stack(chunk, axis=axis)
+    return jax.lax.dynamic_update_slice_in_dim(out, stacked, start, axis)
+
+
+def _check_axis_is_int(function: str, axis: Any) -> None:
+    if isinstance(axis, bool) or not isinstance(axis, int | np.integer):
+        raise TypeError(
+            f"{function}: `axis` must be an int; got {_describe_leaf(axis)}."
+        )
+
+
+def _leaf_axis(function: str, axis: int, leaf: Any, path: str, ndim: int) -> int:
+    """`axis` made non-negative for a result of `ndim` dimensions, or a ValueError."""
+    if -ndim <= axis < ndim:
+        return axis % ndim
+    allowed = f"axes run from {-ndim} to {ndim - 1}" if ndim else "it has no axes"
+    raise ValueError(
+        f"{function}: `axis={axis}` is out of range for the array {_where(path)}, "
+        f"which has shape {tuple(leaf.shape)} ({allowed}). Pick an axis that every "
+        "array leaf has."
+    )
+
+
+def _short_list(leaves: list[Any], limit: int = 3) -> str:
+    shown = ", ".join(repr(leaf) for leaf in leaves[:limit])
+    return f"[{shown}{', ...' if len(leaves) > limit else ''}]"

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lerax_utils
-from lerax_utils import filter_cond, filter_scan
+from lerax_utils import filter_cond, filter_scan, stack_pytree, unstack_pytree
 
 _SLOW_IS_FINE = [HealthCheck.too_slow, HealthCheck.data_too_large]
 settings.register_profile(
@@ -789,6 +789,307 @@ def test_filter_cond_bad_arguments_are_errors():
     assert str(info.value) == (
         "filter_cond: `pred` must be a scalar; got an array of shape (2,). Reduce it "
         "first, for example with `jnp.any` or `jnp.all`."
+    )
+
+
+#
+# Batches of pytrees: unstack_pytree, stack_pytree
+#
+
+
+class LeafSpec(eqx.Module):
+    """A placeholder for one array leaf in a tree template."""
+
+    shape: tuple[int, ...] = eqx.field(static=True)
+    dtype: Any = eqx.field(static=True)
+    kind: str = eqx.field(static=True)  # "jax", "numpy" or "key"
+
+
+def _is_spec(x: Any) -> bool:
+    return isinstance(x, LeafSpec)
+
+
+@st.composite
+def leaf_specs(draw: st.DrawFn, axis: int, size: int) -> LeafSpec:
+    """A leaf shape with `size` at `axis` (which must be valid for that shape)."""
+    min_ndim = axis + 1 if axis >= 0 else -axis
+    ndim = draw(st.integers(min_ndim, 3))
+    shape = list(draw(hnp.array_shapes(min_dims=ndim, max_dims=ndim, max_side=3)))
+    shape[axis] = size
+    kind = draw(st.sampled_from(["jax", "numpy", "key"]))
+    dtype = None if kind == "key" else draw(st.sampled_from(_DTYPES))
+    return LeafSpec(tuple(shape), dtype, kind)
+
+
+@st.composite
+def realize(draw: st.DrawFn, template: Any) -> Any:
+    """Draw fresh array values for every `LeafSpec` in `template`."""
+
+    def make(spec: Any) -> Any:
+        if not _is_spec(spec):
+            return spec
+        if spec.kind == "key":
+            return jax.random.wrap_key_data(
+                draw(hnp.arrays(np.uint32, (*spec.shape, 2)))
+            )
+        storage = np.float32 if spec.dtype == jnp.bfloat16 else np.dtype(spec.dtype)
+        values = draw(hnp.arrays(storage, spec.shape, elements=_elements(spec.dtype)))
+        values = values.astype(spec.dtype)
+        return values if spec.kind == "numpy" else jnp.asarray(values)
+
+    return jax.tree.map(make, template, is_leaf=_is_spec)
+
+
+def batched_templates(axis: int, size: int) -> st.SearchStrategy[Any]:
+    """Templates with at least one array leaf, each of `size` along `axis`."""
+    spec = leaf_specs(axis, size)
+    return st.tuples(spec, pytrees(st.one_of(spec, st.sampled_from(_STATIC_LEAVES))))
+
+
+def _take_reference(leaf: Any, index: int, axis: int) -> Any:
+    """Slice `index` along `axis` with plain NumPy, keeping the leaf's kind."""
+    if isinstance(leaf, np.ndarray):
+        return np.asarray(np.take(leaf, index, axis=axis))
+    if _is_key(leaf):
+        data = np.asarray(jax.random.key_data(leaf))
+        return jax.random.wrap_key_data(np.take(data, index, axis=axis % leaf.ndim))
+    return jnp.asarray(np.take(np.asarray(leaf), index, axis=axis))
+
+
+axes = st.integers(-3, 2)
+
+
+@given(data=st.data(), axis=axes, size=st.integers(0, 4))
+def test_unstack_pytree_matches_slicing_each_leaf(data, axis, size):
+    tree = data.draw(batched_templates(axis, size).flatmap(realize))
+    slices = unstack_pytree(tree, axis=axis)
+    assert len(slices) == size
+    for index, piece in enumerate(slices):
+        expected = jax.tree.map(
+            lambda leaf, i=index: (
+                _take_reference(leaf, i, axis) if eqx.is_array(leaf) else leaf
+            ),
+            tree,
+        )
+        assert_identical(piece, expected)
+
+
+@given(data=st.data(), axis=axes, size=st.integers(1, 4))
+def test_stack_pytree_inverts_unstack_pytree(data, axis, size):
+    tree = data.draw(batched_templates(axis, size).flatmap(realize))
+    assert_identical(stack_pytree(unstack_pytree(tree, axis=axis), axis=axis), tree)
+
+
+@given(data=st.data(), axis=axes, size=st.integers(1, 4))
+def test_unstack_pytree_inverts_stack_pytree(data, axis, size):
+    # Templates of slices: shapes one dimension shorter than the stacked ones.
+    template = data.draw(batched_templates(axis, 1))
+
+    def drop_axis(spec: Any) -> Any:
+        if not _is_spec(spec):
+            return spec
+        shape = list(spec.shape)
+        del shape[axis]
+        return LeafSpec(tuple(shape), spec.dtype, spec.kind)
+
+    template = jax.tree.map(drop_axis, template, is_leaf=_is_spec)
+    trees = [data.draw(realize(template)) for _ in range(size)]
+    stacked = stack_pytree(trees, axis=axis)
+    assert len(unstack_pytree(stacked, axis=axis)) == size
+    for piece, tree in zip(unstack_pytree(stacked, axis=axis), trees, strict=True):
+        assert_identical(piece, tree)
+
+
+def test_unstack_pytree_keeps_numpy_leaves_as_views():
+    data = np.arange(12.0).reshape(3, 4)
+    slices = unstack_pytree({"x": data, "scalars": np.arange(3)}, axis=0)
+    for index, piece in enumerate(slices):
+        assert type(piece["x"]) is np.ndarray and type(piece["scalars"]) is np.ndarray
+        assert np.shares_memory(piece["x"], data)
+        assert piece["scalars"].shape == () and piece["scalars"] == index
+    columns = unstack_pytree(data, axis=-1)
+    assert all(np.shares_memory(column, data) for column in columns)
+
+
+def test_unstack_pytree_keeps_jax_leaves_on_their_device():
+    device = jax.devices()[-1]
+    tree = {"a": jax.device_put(jnp.arange(6.0).reshape(3, 2), device)}
+    for piece in unstack_pytree(tree):
+        assert isinstance(piece["a"], jax.Array)
+        assert piece["a"].devices() == {device}
+
+
+def test_unstack_pytree_of_zero_length_is_empty():
+    assert unstack_pytree({"a": jnp.zeros((0, 3)), "b": np.zeros(0)}) == []
+
+
+@pytest.mark.parametrize("count", [64, 65, 150])
+@pytest.mark.parametrize("axis", [0, 1, -1])
+def test_stack_pytree_of_many_trees_matches_numpy(count, axis):
+    trees = [
+        {
+            "w": jnp.full((2, 3), i, jnp.float32),
+            "k": jax.random.split(jax.random.key(i), 2),
+            "tag": "t",
+        }
+        for i in range(count)
+    ]
+    stacked = stack_pytree(trees, axis=axis)
+    expected_w = np.stack([np.asarray(t["w"]) for t in trees], axis=axis)
+    assert isinstance(stacked["w"], jax.Array)
+    assert_identical(stacked["w"], jnp.asarray(expected_w))
+    # Key data has a trailing axis of its own, so count the key axis from the front.
+    key_data = [jax.random.key_data(t["k"]) for t in trees]
+    expected_k = np.stack(key_data, axis=axis % 2)
+    assert_identical(stacked["k"], jax.random.wrap_key_data(expected_k))
+    assert stacked["tag"] == "t"
+    assert_identical(unstack_pytree(stacked, axis=axis), trees)
+
+
+def test_unstack_and_stack_pytree_inside_jit():
+    tree = {"a": jnp.arange(12.0).reshape(3, 4), "name": "batch"}
+
+    @jax.jit
+    def roundtrip(a):
+        slices = unstack_pytree({"a": a, "name": "batch"}, axis=1)
+        assert len(slices) == 4  # The length is static under `jit`.
+        return stack_pytree(slices, axis=1)["a"], slices[2]["a"]
+
+    stacked, third = roundtrip(tree["a"])
+    assert_identical(stacked, tree["a"])
+    assert_identical(third, tree["a"][:, 2])
+
+
+def test_stack_pytree_makes_a_population_filter_vmap_can_run():
+    keys = jax.random.split(jax.random.key(0), 5)
+
+    def make(key):
+        return eqx.nn.MLP(3, 2, width_size=8, depth=2, key=key)
+
+    population = stack_pytree([make(key) for key in keys])
+    assert_identical(population, eqx.filter_vmap(make)(keys))
+    x = jnp.ones(3)
+    outputs = eqx.filter_vmap(lambda model: model(x))(population)
+    assert_identical(outputs, jnp.stack([make(key)(x) for key in keys]))
+
+
+def test_unstack_pytree_splits_a_filter_scan_rollout_into_steps():
+    policy = Policy(jnp.ones(2), jnp.tanh, "actor")
+
+    def step(state, _):
+        new = Policy(policy.activation(state.params) + 1.0, state.activation, "actor")
+        return new, new
+
+    _, rollout = filter_scan(step, policy, length=4)
+    states = unstack_pytree(rollout)
+    expected = policy
+    for state in states:
+        expected = step(expected, None)[0]
+        assert_identical(state, expected)
+
+
+def test_unstack_pytree_errors():
+    cases = [
+        (
+            {"obs": jnp.ones((3, 2)), "act": [jnp.ones(4)]},
+            0,
+            "unstack_pytree: every array leaf must have the same size along `axis=0`, "
+            "but the sizes differ (['act'][0]: 4, ['obs']: 3). Slice them to one "
+            "size, or unstack the parts separately.",
+        ),
+        (
+            {"obs": jnp.ones((3, 2)), "reward": jnp.ones(3)},
+            1,
+            "unstack_pytree: `axis=1` is out of range for the array at path "
+            "['reward'], which has shape (3,) (axes run from -1 to 0). Pick an axis "
+            "that every array leaf has.",
+        ),
+        (
+            {"step": jnp.float32(1.0)},
+            0,
+            "unstack_pytree: `axis=0` is out of range for the array at path ['step'], "
+            "which has shape () (it has no axes). Pick an axis that every array leaf "
+            "has.",
+        ),
+        (
+            {"lr": 0.1, "name": "adam"},
+            0,
+            "unstack_pytree: `tree` has no array leaves, so the number of slices is "
+            "undefined (its leaves are [0.1, 'adam']). Pass a tree with at least one "
+            "array.",
+        ),
+    ]
+    for tree, axis, message in cases:
+        with pytest.raises(ValueError) as info:
+            unstack_pytree(tree, axis=axis)
+        assert str(info.value) == message
+    with pytest.raises(TypeError) as info:
+        unstack_pytree({"a": jnp.ones(2)}, axis=0.0)  # type: ignore[arg-type]
+    assert str(info.value) == "unstack_pytree: `axis` must be an int; got float 0.0."
+
+
+_STACK_ERROR_END = (
+    ". Every tree must have the same structure, the same shape and dtype at each "
+    "array leaf, and equal non-array leaves."
+)
+
+
+@pytest.mark.parametrize(
+    ("second", "detail"),
+    [
+        (
+            {"w": jnp.ones(3), "f": jax.nn.relu},
+            "at path ['w']: it has shape (3,) and dtype float32, where trees[0] has "
+            "shape (2,) and dtype float32",
+        ),
+        (
+            {"w": jnp.ones(2, jnp.int32), "f": jax.nn.relu},
+            "at path ['w']: it has shape (2,) and dtype int32, where trees[0] has "
+            "shape (2,) and dtype float32",
+        ),
+        (
+            {"w": jnp.ones(2), "f": "relu"},
+            f"at path ['f']: it changed from {type(jax.nn.relu).__name__} "
+            f"{jax.nn.relu!r} to str 'relu'",
+        ),
+        (
+            {"w": jnp.ones(2), "g": jax.nn.relu},
+            "at the top level: it had keys ['f', 'w'] and now has ['g', 'w']",
+        ),
+        (
+            {"w": 1.0, "f": jax.nn.relu},
+            "at path ['w']: it was an array of shape (2,) and dtype float32 and is now "
+            "float 1.0",
+        ),
+    ],
+)
+def test_stack_pytree_rejects_mismatched_trees(second, detail):
+    first = {"w": jnp.ones(2), "f": jax.nn.relu}
+    with pytest.raises(ValueError) as info:
+        stack_pytree([first, first, second])
+    expected = f"stack_pytree: trees[2] differs from trees[0] {detail}"
+    assert str(info.value) == expected + _STACK_ERROR_END
+
+
+def test_stack_pytree_argument_errors():
+    with pytest.raises(ValueError) as info:
+        stack_pytree([])
+    assert str(info.value) == (
+        "stack_pytree: `trees` is empty, so there is no structure to stack into. Pass "
+        "at least one pytree."
+    )
+    with pytest.raises(TypeError) as info:
+        stack_pytree({"w": jnp.ones(2)})  # type: ignore[arg-type]
+    assert str(info.value) == (
+        "stack_pytree: `trees` must be a list or tuple of pytrees; got dict. Wrap a "
+        "single pytree in a list."
+    )
+    with pytest.raises(ValueError) as info:
+        stack_pytree([{"w": jnp.ones(2)}], axis=2)
+    assert str(info.value) == (
+        "stack_pytree: `axis=2` is out of range for the array at path ['w'], which "
+        "has shape (2,) (axes run from -2 to 1). Pick an axis that every array leaf "
+        "has."
     )
 
 
