@@ -830,7 +830,7 @@ def realize(draw: st.DrawFn, template: Any) -> Any:
             return spec
         if spec.kind == "key":
             return jax.random.wrap_key_data(
-                draw(hnp.arrays(np.uint32, (*spec.shape, 2)))
+                jnp.asarray(draw(hnp.arrays(np.uint32, (*spec.shape, 2))))
             )
         storage = np.float32 if spec.dtype == jnp.bfloat16 else np.dtype(spec.dtype)
         values = draw(hnp.arrays(storage, spec.shape, elements=_elements(spec.dtype)))
@@ -852,7 +852,9 @@ def _take_reference(leaf: Any, index: int, axis: int) -> Any:
         return np.asarray(np.take(leaf, index, axis=axis))
     if _is_key(leaf):
         data = np.asarray(jax.random.key_data(leaf))
-        return jax.random.wrap_key_data(np.take(data, index, axis=axis % leaf.ndim))
+        return jax.random.wrap_key_data(
+            jnp.asarray(np.take(data, index, axis=axis % leaf.ndim))
+        )
     return jnp.asarray(np.take(np.asarray(leaf), index, axis=axis))
 
 
@@ -941,7 +943,7 @@ def test_stack_pytree_of_many_trees_matches_numpy(count, axis):
     # Key data has a trailing axis of its own, so count the key axis from the front.
     key_data = [jax.random.key_data(t["k"]) for t in trees]
     expected_k = np.stack(key_data, axis=axis % 2)
-    assert_identical(stacked["k"], jax.random.wrap_key_data(expected_k))
+    assert_identical(stacked["k"], jax.random.wrap_key_data(jnp.asarray(expected_k)))
     assert stacked["tag"] == "t"
     assert_identical(unstack_pytree(stacked, axis=axis), trees)
 
@@ -1133,3 +1135,17 @@ def _readme_python_blocks() -> list[str]:
 def test_readme_python_examples_run(index):
     code = _readme_python_blocks()[index]
     exec(compile(code, f"README.md python block {index}", "exec"), {})
+
+
+def _docstring_examples() -> list[tuple[str, str]]:
+    examples = []
+    for name in lerax_utils.__all__:
+        doc = getattr(lerax_utils, name).__doc__ or ""
+        for block in doc.split("```python\n")[1:]:
+            examples.append((name, textwrap.dedent(block.split("```", 1)[0])))
+    return examples
+
+
+@pytest.mark.parametrize(("name", "code"), _docstring_examples())
+def test_docstring_examples_run(name, code):
+    exec(compile(code, f"{name} docstring example", "exec"), {})

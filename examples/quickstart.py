@@ -3,7 +3,10 @@
 The environment and the policy are Equinox modules that carry Python values (a name, a
 time step, an activation function) next to their arrays. `filter_scan` rolls them out
 with the modules themselves in the carry, and `filter_cond` resets the environment
-when the point leaves the track, without computing the untaken branch.
+when the point leaves the track, without computing the untaken branch. Afterwards,
+`unstack_pytree` splits a rollout into per-step records, and `stack_pytree` joins a
+population of freshly initialised policies so that `eqx.filter_vmap` can score them
+all at once.
 
 Run it with `python examples/quickstart.py`; it takes a few seconds on a CPU.
 """
@@ -14,7 +17,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from lerax_utils import filter_cond, filter_scan
+from lerax_utils import filter_cond, filter_scan, stack_pytree, unstack_pytree
 
 
 class PointMass(eqx.Module):
@@ -97,6 +100,16 @@ def main() -> None:
         if (i + 1) % 25 == 0:
             ret = mean_reward(policy, env, eval_key)
             print(f"after {i + 1:3d} updates:         {ret:7.3f}")
+
+    trajectory = eqx.filter_jit(rollout)(policy, env, jax.random.key(2), steps=5)
+    print("first steps of a trained rollout:")
+    for t, record in enumerate(unstack_pytree(trajectory)):
+        print(f"  step {t}: position {record['position']:+.3f}")
+
+    population = stack_pytree([Policy(key) for key in jax.random.split(eval_key, 4)])
+    scores = eqx.filter_vmap(lambda p: mean_reward(p, env, eval_key))(population)
+    listing = ", ".join(f"{score:.3f}" for score in scores.tolist())
+    print(f"mean rewards of 4 untrained policies: {listing}")
 
 
 if __name__ == "__main__":
