@@ -8,6 +8,8 @@
 - `filter_cond`: `jax.lax.cond` for any pytree. Only the chosen branch runs.
 - `unstack_pytree`, `stack_pytree`: split a batched pytree into one pytree per index
   along an axis, and join such pytrees back.
+- `callback_wrapper`, `callback_with_numpy_wrapper`, `callback_with_list_wrapper`,
+  `print_callback`: call host Python (logging, printing, plotting) from inside `jit`.
 
 **Installing.** Either `pip install git+<repository url>`, or vendor it: copy this file
 into your project (for example as `yourpackage/_lerax_utils.py`) and import from there.
@@ -26,13 +28,18 @@ __all__ = [
     # Batches of pytrees
     "stack_pytree",
     "unstack_pytree",
+    # Host callbacks
+    "callback_with_list_wrapper",
+    "callback_with_numpy_wrapper",
+    "callback_wrapper",
+    "print_callback",
 ]
 
 import dataclasses
 import functools
 import inspect
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import equinox as eqx
 import jax
@@ -46,6 +53,7 @@ _X = TypeVar("_X")
 _Y = TypeVar("_Y")
 _Out = TypeVar("_Out")
 _Tree = TypeVar("_Tree")
+_Params = ParamSpec("_Params")
 
 _KeyPath = tuple[Any, ...]
 
@@ -755,3 +763,209 @@ def _leaf_axis(function: str, axis: int, leaf: Any, path: str, ndim: int) -> int
 def _short_list(leaves: list[Any], limit: int = 3) -> str:
     shown = ", ".join(repr(leaf) for leaf in leaves[:limit])
     return f"[{shown}{', ...' if len(leaves) > limit else ''}]"
+
+
+#
+# Host callbacks: callback_wrapper and friends, print_callback
+#
+
+_DEBUG_CALLBACK_TAKES_PARTITIONED = (
+    "partitioned" in inspect.signature(jax.debug.callback).parameters
+)
+
+_CALLBACK_NOTES = """
+    Array leaves anywhere in the arguments (nested pytrees and keywords included) are
+    sent to the host through `jax.debug.callback`; every other leaf (strings, `None`,
+    Python numbers, functions, any object) reaches `func` unchanged, as the same
+    object. So `log(step=3, loss=loss)` hands `func` the int `3`, not an array.
+
+    It behaves the same eagerly and under `jax.jit`, `eqx.filter_jit`, `jax.grad`
+    (it sees the forward pass), and inside `filter_scan`, `jax.lax.scan` and
+    `jax.lax.cond` bodies; under `jax.vmap` it calls `func` once per batch element.
+
+    **Arguments:**
+
+    - `func`: the host function. Its return value is ignored.
+    - `ordered`: if `True`, calls happen in program order. JAX supports ordered
+        callbacks only in computations on a single device; on several devices it
+        refuses them, and an eager call with arrays spread over several devices
+        raises `ValueError` here.
+    - `partitioned`: passed to `jax.debug.callback`, where the installed JAX
+        supports it: the callback may then run on each device with its shard of the
+        arguments. With older JAX, `partitioned=True` raises `ValueError`.
+
+    **Returns:**
+
+    A function with the parameters of `func` that returns `None`, with `func`'s
+    `__name__` and `__doc__`, and `func` as its `__wrapped__`.
+
+    **Raises:**
+
+    `TypeError` at once if `func` is not callable. An exception raised by `func`
+    is not caught: JAX reports it, eagerly at the call and otherwise when the
+    computation runs (as a runtime error that names the original exception).
+
+    Callbacks run asynchronously under `jit`. Call `jax.effects_barrier()` to wait
+    for every pending callback, for example before reading a log file or exiting.
+"""
+
+
+def _wrap_for_host(
+    function: str,
+    func: Callable[..., Any],
+    ordered: bool,
+    partitioned: bool,
+    to_host: Callable[[Any, Any], Any],
+) -> Callable[..., None]:
+    """Make `func` callable from traced code, converting arrays with `to_host`."""
+    if not callable(func):
+        raise TypeError(
+            f"{function}: `func` must be callable; got {_describe_leaf(func)}."
+        )
+    for name, flag in (("ordered", ordered), ("partitioned", partitioned)):
+        if not isinstance(flag, bool):
+            raise TypeError(
+                f"{function}: `{name}` must be a bool; got {_describe_leaf(flag)}."
+            )
+    options = {"ordered": ordered}
+    if _DEBUG_CALLBACK_TAKES_PARTITIONED:
+        options["partitioned"] = partitioned
+    elif partitioned:
+        raise ValueError(
+            f"{function}: `partitioned=True` needs a `jax.debug.callback` that takes "
+            f"`partitioned`, and the installed jax {jax.__version__} does not. "
+            "Upgrade jax, or pass `partitioned=False`."
+        )
+
+    @functools.wraps(func)
+    def wrapped(*args: Any, **kwargs: Any) -> None:
+        leaves, treedef = jtu.tree_flatten((args, kwargs))
+        positions = [i for i, leaf in enumerate(leaves) if eqx.is_array(leaf)]
+        arrays = [leaves[i] for i in positions]
+        if ordered:
+            _check_single_device(function, arrays)
+        template = [None if eqx.is_array(leaf) else leaf for leaf in leaves]
+        # Under `jit`, typed PRNG keys cross to the host as raw key data: send the
+        # data, and wrap it again there.
+        key_impls = {
+            index: jax.random.key_impl(array)
+            for index, array in enumerate(arrays)
+            if jnp.issubdtype(array.dtype, jax.dtypes.prng_key)
+        }
+        arrays = [
+            jax.random.key_data(array) if index in key_impls else array
+            for index, array in enumerate(arrays)
+        ]
+
+        def on_host(*host_arrays: Any) -> None:
+            row = list(template)
+            for index, (position, array) in enumerate(
+                zip(positions, host_arrays, strict=True)
+            ):
+                row[position] = to_host(array, key_impls.get(index))
+            host_args, host_kwargs = treedef.unflatten(row)
+            func(*host_args, **host_kwargs)
+
+        jax.debug.callback(on_host, *arrays, **options)
+
+    return wrapped
+
+
+def _check_single_device(function: str, arrays: list[Any]) -> None:
+    for array in arrays:
+        if isinstance(array, jax.Array) and not isinstance(array, jax.core.Tracer):
+            devices = array.sharding.device_set
+            if len(devices) > 1:
+                raise ValueError(
+                    f"{function}: `ordered=True` callbacks need every array on one "
+                    f"device, but an argument of shape {tuple(array.shape)} is spread "
+                    f"over {len(devices)} devices, and JAX refuses ordered callbacks "
+                    "on several devices. Pass `ordered=False`, or gather the array "
+                    "onto one device first."
+                )
+
+
+# Host-side conversions: `array` is what reached the host, and `key_impl` is the PRNG
+# implementation when the leaf was a typed key (which travels as its raw key data).
+
+
+def _as_jax(array: Any, key_impl: Any) -> jax.Array:
+    array = jnp.asarray(array)
+    return array if key_impl is None else jax.random.wrap_key_data(array, impl=key_impl)
+
+
+def _as_numpy(array: Any, key_impl: Any) -> np.ndarray:
+    return np.asarray(array)
+
+
+def _as_list(array: Any, key_impl: Any) -> Any:
+    return np.asarray(array).tolist()
+
+
+def callback_wrapper(
+    func: Callable[_Params, Any], ordered: bool = False, partitioned: bool = False
+) -> Callable[_Params, None]:
+    """Wrap `func` so that it can be called from inside `jax.jit`, with array
+    arguments as `jax.Array`s.
+    """
+    return _wrap_for_host("callback_wrapper", func, ordered, partitioned, _as_jax)
+
+
+def callback_with_numpy_wrapper(
+    func: Callable[..., Any], ordered: bool = False, partitioned: bool = False
+) -> Callable[..., None]:
+    """As `callback_wrapper`, but array arguments reach `func` as `numpy.ndarray`s
+    (typed PRNG keys as their raw key data).
+    """
+    return _wrap_for_host(
+        "callback_with_numpy_wrapper", func, ordered, partitioned, _as_numpy
+    )
+
+
+def callback_with_list_wrapper(
+    func: Callable[..., Any], ordered: bool = False, partitioned: bool = False
+) -> Callable[..., None]:
+    """As `callback_wrapper`, but array arguments reach `func` as nested Python lists
+    (via `.tolist()`, so a 0-d array becomes a Python number).
+    """
+    return _wrap_for_host(
+        "callback_with_list_wrapper", func, ordered, partitioned, _as_list
+    )
+
+
+for _wrapper in (
+    callback_wrapper,
+    callback_with_numpy_wrapper,
+    callback_with_list_wrapper,
+):
+    _wrapper.__doc__ = (_wrapper.__doc__ or "") + _CALLBACK_NOTES
+
+
+_print_in_order = callback_with_list_wrapper(print, ordered=True)
+
+
+def print_callback(*args: Any, **kwargs: Any) -> None:
+    """`print`, from anywhere: eagerly, or inside `jax.jit`, `filter_scan` and friends.
+
+    Array arguments are printed as lists (a 0-d array as a plain number), and calls
+    print in program order. Keyword arguments are those of `print` (`sep`, `end`,
+    `file`, `flush`). Under `jit` the printing happens when the computation runs;
+    `jax.effects_barrier()` waits for it.
+
+    **Example:**
+
+    ```python
+    import jax
+    import jax.numpy as jnp
+    from lerax_utils import print_callback
+
+    @jax.jit
+    def step(x):
+        print_callback("x =", x, "sum =", x.sum())
+        return x + 1
+
+    step(jnp.arange(3.0))
+    jax.effects_barrier()  # x = [0.0, 1.0, 2.0] sum = 3.0
+    ```
+    """
+    _print_in_order(*args, **kwargs)

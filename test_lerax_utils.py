@@ -4,6 +4,7 @@ Hypothesis profiles: `ci` is deterministic and is chosen when the `CI` environme
 variable is set; `dev` is random and quicker. Set `HYPOTHESIS_PROFILE` to pick one.
 """
 
+import inspect
 import os
 import pathlib
 import re
@@ -23,7 +24,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lerax_utils
-from lerax_utils import filter_cond, filter_scan, stack_pytree, unstack_pytree
+from lerax_utils import (
+    callback_with_list_wrapper,
+    callback_with_numpy_wrapper,
+    callback_wrapper,
+    filter_cond,
+    filter_scan,
+    print_callback,
+    stack_pytree,
+    unstack_pytree,
+)
 
 _SLOW_IS_FINE = [HealthCheck.too_slow, HealthCheck.data_too_large]
 settings.register_profile(
@@ -1092,6 +1102,267 @@ def test_stack_pytree_argument_errors():
         "stack_pytree: `axis=2` is out of range for the array at path ['w'], which "
         "has shape (2,) (axes run from -2 to 1). Pick an axis that every array leaf "
         "has."
+    )
+
+
+#
+# Host callbacks: callback_wrapper and friends, print_callback
+#
+
+
+def _expected_on_host(kind: str, leaf: Any) -> Any:
+    """What a wrapper of `kind` should hand the host function for `leaf`."""
+    if not eqx.is_array(leaf):
+        return leaf
+    leaf = jnp.asarray(leaf)
+    if kind == "jax":
+        return leaf
+    data = jax.random.key_data(leaf) if _is_key(leaf) else leaf
+    return np.asarray(data) if kind == "numpy" else np.asarray(data).tolist()
+
+
+_WRAPPERS = {
+    "jax": callback_wrapper,
+    "numpy": callback_with_numpy_wrapper,
+    "list": callback_with_list_wrapper,
+}
+
+
+def assert_received(actual: Any, expected: Any) -> None:
+    """Exact match, with static leaves required to be the very same objects."""
+    actual_leaves, actual_def = jax.tree_util.tree_flatten(actual)
+    expected_leaves, expected_def = jax.tree_util.tree_flatten(expected)
+    assert actual_def == expected_def
+    for a, e in zip(actual_leaves, expected_leaves, strict=True):
+        assert type(a) is type(e)
+        if isinstance(e, jax.Array | np.ndarray):
+            assert (a.dtype, a.shape) == (e.dtype, e.shape)
+            assert _bits(a) == _bits(e)
+        elif isinstance(e, float) and e != e:  # NaN from .tolist()
+            assert a != a
+        elif not isinstance(e, bool | int | float | complex):
+            assert a is e
+        else:
+            assert a == e
+
+
+@given(
+    args=st.lists(carries(), max_size=3),
+    kwargs=st.dictionaries(st.sampled_from(["loss", "step", "info"]), carries()),
+    kind=st.sampled_from(sorted(_WRAPPERS)),
+    jit=st.booleans(),
+)
+def test_callback_wrappers_hand_func_the_expected_leaves(args, kwargs, kind, jit):
+    received = []
+    wrapped = _WRAPPERS[kind](lambda *a, **k: received.append((a, k)))
+    call = eqx.filter_jit(lambda a, k: wrapped(*a, **k)) if jit else wrapped
+    result = call(args, kwargs) if jit else call(*args, **kwargs)
+    jax.effects_barrier()
+    assert result is None
+    expected = jax.tree.map(lambda leaf: _expected_on_host(kind, leaf), (args, kwargs))
+    assert len(received) == 1
+    (got_args, got_kwargs), (want_args, want_kwargs) = received[0], expected
+    assert_received(list(got_args), want_args)
+    assert_received(got_kwargs, want_kwargs)
+
+
+def test_callback_wrapper_keeps_python_scalars_where_debug_callback_would_not():
+    seen = []
+    log = callback_with_list_wrapper(lambda step, loss: seen.append((step, loss)))
+
+    @jax.jit
+    def train_step(loss):
+        log(3, loss)
+        return loss
+
+    train_step(jnp.float32(0.5))
+    jax.effects_barrier()
+    assert seen == [(3, 0.5)] and type(seen[0][0]) is int and type(seen[0][1]) is float
+
+
+def test_ordered_callbacks_arrive_in_program_order_from_a_jitted_filter_scan():
+    steps = []
+    record = callback_with_list_wrapper(steps.append, ordered=True)
+
+    @jax.jit
+    def run():
+        def body(step, _):
+            record(step)
+            return step + 1, None
+
+        return filter_scan(body, jnp.int32(0), length=100)
+
+    run()
+    jax.effects_barrier()
+    assert steps == list(range(100))
+
+
+def test_callback_under_vmap_runs_once_per_batch_element():
+    seen = []
+    record = callback_with_list_wrapper(lambda tag, x: seen.append((tag, x)))
+    jax.vmap(lambda x: record("row", x))(jnp.arange(6.0).reshape(3, 2))
+    jax.effects_barrier()
+    assert sorted(seen) == [
+        ("row", [0.0, 1.0]),
+        ("row", [2.0, 3.0]),
+        ("row", [4.0, 5.0]),
+    ]
+
+
+def test_callback_under_grad_sees_the_forward_pass_and_changes_nothing():
+    seen = []
+    record = callback_with_numpy_wrapper(seen.append)
+
+    def loss(x, log):
+        y = jnp.sin(x) * 2.0
+        if log:
+            record(y)
+        return jnp.sum(y**2)
+
+    x = jnp.array([0.1, 0.2])
+    expected = jax.grad(loss)(x, False)
+    actual = jax.jit(jax.grad(loss), static_argnums=1)(x, True)
+    jax.effects_barrier()
+    assert_identical(actual, expected)
+    assert len(seen) == 1 and _bits(seen[0]) == _bits(np.asarray(jnp.sin(x) * 2.0))
+
+
+def test_callback_in_cond_and_lax_scan_bodies():
+    seen = []
+    record = callback_wrapper(lambda name, x: seen.append((name, x.tolist())))
+
+    @jax.jit
+    def run(pred, xs):
+        def body(c, x):
+            record("scan", x)
+            return c, None
+
+        jax.lax.scan(body, 0, xs)
+        return filter_cond(
+            pred, lambda x: record("true", x), lambda x: record("false", x), xs[0]
+        )
+
+    run(jnp.asarray(True), jnp.arange(3))
+    jax.effects_barrier()
+    # Unordered callbacks may arrive in any order; each must arrive once.
+    assert sorted(seen) == [("scan", 0), ("scan", 1), ("scan", 2), ("true", 0)]
+
+
+def test_exceptions_in_func_reach_the_caller():
+    def fail(x):
+        raise RuntimeError(f"cannot log {x.shape}")
+
+    wrapped = callback_with_numpy_wrapper(fail)
+    with pytest.raises(RuntimeError, match=r"cannot log \(2,\)"):
+        wrapped(jnp.ones(2))
+        jax.effects_barrier()
+    with pytest.raises(Exception, match=r"cannot log \(2,\)"):
+        jax.block_until_ready(jax.jit(lambda x: (wrapped(x), x)[1])(jnp.ones(2)))
+        jax.effects_barrier()
+
+
+def test_wrapped_functions_keep_metadata_and_return_none():
+    def log_metrics(step: int, loss: float) -> str:
+        """Write one line of metrics."""
+        return "ignored"
+
+    for wrapper in _WRAPPERS.values():
+        wrapped = wrapper(log_metrics)
+        assert wrapped.__name__ == "log_metrics"
+        assert wrapped.__doc__ == "Write one line of metrics."
+        assert wrapped.__wrapped__ is log_metrics  # type: ignore[attr-defined]
+        assert wrapped(1, jnp.float32(0.5)) is None
+
+
+@pytest.mark.parametrize("name", sorted(_WRAPPERS))
+def test_callback_wrappers_check_their_arguments_at_once(name):
+    wrapper = _WRAPPERS[name]
+    function = wrapper.__name__
+    with pytest.raises(TypeError) as info:
+        wrapper("print")  # type: ignore[arg-type]
+    assert str(info.value) == f"{function}: `func` must be callable; got str 'print'."
+    with pytest.raises(TypeError) as info:
+        wrapper(print, ordered="yes")  # type: ignore[arg-type]
+    assert str(info.value) == f"{function}: `ordered` must be a bool; got str 'yes'."
+
+
+@pytest.mark.parametrize("supported", [True, False])
+def test_partitioned_is_passed_on_only_where_jax_takes_it(monkeypatch, supported):
+    calls = []
+    real_callback = jax.debug.callback
+    real_options = inspect.signature(real_callback).parameters
+
+    def spy(callback, *args, **options):
+        calls.append(options)
+        # Pretend to be a jax that takes `partitioned`, or one that does not.
+        options = {
+            name: value for name, value in options.items() if name in real_options
+        }
+        return real_callback(callback, *args, **options)
+
+    monkeypatch.setattr(lerax_utils, "_DEBUG_CALLBACK_TAKES_PARTITIONED", supported)
+    monkeypatch.setattr(jax.debug, "callback", spy)
+    received = []
+
+    def record(*args: Any, **kwargs: Any) -> None:
+        received.append(kwargs)
+
+    callback_wrapper(record)(jnp.ones(2), tag="t")
+    jax.effects_barrier()
+    assert received == [{"tag": "t"}]  # `partitioned` never reaches `func`.
+    assert calls == [
+        {"ordered": False, "partitioned": False} if supported else {"ordered": False}
+    ]
+    if not supported:
+        with pytest.raises(ValueError) as info:
+            callback_wrapper(print, partitioned=True)
+        assert str(info.value) == (
+            "callback_wrapper: `partitioned=True` needs a `jax.debug.callback` that "
+            f"takes `partitioned`, and the installed jax {jax.__version__} does not. "
+            "Upgrade jax, or pass `partitioned=False`."
+        )
+
+
+def test_print_callback_prints_arrays_as_lists_in_order(capsys):
+    @jax.jit
+    def step(x):
+        print_callback("x =", x, "sum =", x.sum())
+        print_callback("next", sep=": ", end="!\n")
+        return x + 1
+
+    step(jnp.arange(3.0))
+    jax.effects_barrier()
+    assert capsys.readouterr().out == "x = [0.0, 1.0, 2.0] sum = 3.0\nnext!\n"
+
+
+def test_ordered_callback_on_several_devices_is_a_clear_error():
+    script = textwrap.dedent(
+        """
+        import jax, jax.numpy as jnp, numpy as np
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+        from lerax_utils import callback_wrapper
+        mesh = Mesh(np.array(jax.devices()), ("d",))
+        x = jax.device_put(jnp.arange(8.0), NamedSharding(mesh, PartitionSpec("d")))
+        try:
+            callback_wrapper(print, ordered=True)(x)
+        except ValueError as err:
+            print(err)
+        """
+    )
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        check=True,
+    )
+    assert result.stdout == (
+        "callback_wrapper: `ordered=True` callbacks need every array on one device, "
+        "but an argument of shape (8,) is spread over 4 devices, and JAX refuses "
+        "ordered callbacks on several devices. Pass `ordered=False`, or gather the "
+        "array onto one device first.\n"
     )
 
 
