@@ -6,7 +6,8 @@ with the modules themselves in the carry, and `filter_cond` resets the environme
 when the point leaves the track, without computing the untaken branch. Afterwards,
 `unstack_pytree` splits a rollout into per-step records, and `stack_pytree` joins a
 population of freshly initialised policies so that `eqx.filter_vmap` can score them
-all at once.
+all at once. The training loop is itself a jitted `filter_scan`, which logs through
+`print_callback` and a metrics logger made with `callback_with_list_wrapper`.
 
 Run it with `python examples/quickstart.py`; it takes a few seconds on a CPU.
 """
@@ -17,7 +18,14 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from lerax_utils import filter_cond, filter_scan, stack_pytree, unstack_pytree
+from lerax_utils import (
+    callback_with_list_wrapper,
+    filter_cond,
+    filter_scan,
+    print_callback,
+    stack_pytree,
+    unstack_pytree,
+)
 
 
 class PointMass(eqx.Module):
@@ -82,11 +90,33 @@ def mean_reward(policy: Policy, env: PointMass, key: jax.Array) -> jax.Array:
     return trajectories["reward"].mean()
 
 
+# Metrics go to the host from inside the jitted training loop. `step` arrives as an
+# int and `reward` as a float, ready for any logger.
+history: list[dict[str, float]] = []
+record_metrics = callback_with_list_wrapper(
+    lambda step, reward: history.append({"step": step, "reward": reward}), ordered=True
+)
+
+
 @eqx.filter_jit
-def train_step(policy: Policy, env: PointMass, key: jax.Array) -> Policy:
-    grads = eqx.filter_grad(lambda p: -mean_reward(p, env, key))(policy)
-    updates = jax.tree.map(lambda g: -0.1 * g, grads)
-    return eqx.apply_updates(policy, updates)
+def train(policy: Policy, env: PointMass, key: jax.Array, updates: int) -> Policy:
+    """Gradient ascent on the mean reward, as one jitted `filter_scan` over updates."""
+
+    def update(policy, step_and_key):
+        step, key = step_and_key
+        reward, grads = eqx.filter_value_and_grad(mean_reward)(policy, env, key)
+        policy = eqx.apply_updates(policy, jax.tree.map(lambda g: 0.1 * g, grads))
+        record_metrics(step + 1, reward)
+        filter_cond(
+            (step + 1) % 25 == 0,
+            lambda: print_callback("  update", step + 1, "reward", reward),
+            lambda: None,
+        )
+        return policy, None
+
+    steps_and_keys = (jnp.arange(updates), jax.random.split(key, updates))
+    policy, _ = filter_scan(update, policy, steps_and_keys)
+    return policy
 
 
 def main() -> None:
@@ -95,11 +125,12 @@ def main() -> None:
     eval_key, train_key = jax.random.split(jax.random.key(1))
     print(f"environment: {env.name}, dt={env.dt}")
     print(f"mean reward before training: {mean_reward(policy, env, eval_key):7.3f}")
-    for i, key in enumerate(jax.random.split(train_key, 100)):
-        policy = train_step(policy, env, key)
-        if (i + 1) % 25 == 0:
-            ret = mean_reward(policy, env, eval_key)
-            print(f"after {i + 1:3d} updates:         {ret:7.3f}")
+    print("training (printed from inside the jitted loop):")
+    policy = train(policy, env, train_key, updates=100)
+    jax.effects_barrier()  # Wait for the callbacks before reading `history`.
+    best = max(record["reward"] for record in history)
+    print(f"logged {len(history)} updates; best reward {best:.3f}")
+    print(f"mean reward after training:  {mean_reward(policy, env, eval_key):7.3f}")
 
     trajectory = eqx.filter_jit(rollout)(policy, env, jax.random.key(2), steps=5)
     print("first steps of a trained rollout:")
