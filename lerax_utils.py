@@ -10,6 +10,8 @@
   along an axis, and join such pytrees back.
 - `callback_wrapper`, `callback_with_numpy_wrapper`, `callback_with_list_wrapper`,
   `print_callback`: call host Python (logging, printing, plotting) from inside `jit`.
+- `Serializable`: an `eqx.Module` base class whose models save and load themselves, in
+  a checked, versioned format, atomically, even from inside `jit`.
 
 **Installing.** Either `pip install git+<repository url>`, or vendor it: copy this file
 into your project (for example as `yourpackage/_lerax_utils.py`) and import from there.
@@ -33,13 +35,24 @@ __all__ = [
     "callback_with_numpy_wrapper",
     "callback_wrapper",
     "print_callback",
+    # Checkpoints
+    "Serializable",
 ]
 
+import contextlib
 import dataclasses
+import enum
 import functools
 import inspect
+import json
+import math
+import os
+import pathlib
+import struct
+import tempfile
+import zlib
 from collections.abc import Callable, Sequence
-from typing import Any, ParamSpec, TypeVar
+from typing import IO, Any, ParamSpec, TypeVar
 
 import equinox as eqx
 import jax
@@ -54,6 +67,7 @@ _Y = TypeVar("_Y")
 _Out = TypeVar("_Out")
 _Tree = TypeVar("_Tree")
 _Params = ParamSpec("_Params")
+_Model = TypeVar("_Model", bound="Serializable")
 
 _KeyPath = tuple[Any, ...]
 
@@ -969,3 +983,575 @@ def print_callback(*args: Any, **kwargs: Any) -> None:
     ```
     """
     _print_in_order(*args, **kwargs)
+
+
+#
+# Checkpoints: Serializable
+#
+
+# The file layout (the README documents it byte by byte):
+#   magic (8 bytes) | format version (u32) | header length (u64) | header CRC-32 (u32)
+#   | header (UTF-8 JSON) | the array leaves' raw bytes, in header order.
+_MAGIC = b"LRXCKPT\x00"
+_FORMAT_VERSION = 1
+_PREFIX = struct.Struct("<8sIQI")
+_MAX_HEADER_BYTES = 64 * 1024 * 1024
+_NUMPY_MAGIC = b"\x93NUMPY"  # Plain `eqx.tree_serialise_leaves` files start so.
+_SUFFIX = ".eqx"
+
+
+class Serializable(eqx.Module):
+    """An `eqx.Module` base class whose models save and load themselves.
+
+    ```python
+    class Policy(Serializable):
+        mlp: eqx.nn.MLP
+
+        def __init__(self, size, *, key):
+            self.mlp = eqx.nn.MLP(size, 2, 32, 2, key=key)
+
+    Policy(4, key=jax.random.key(0)).serialize("checkpoints/run.1")
+    policy = Policy.deserialize("checkpoints/run.1", 4, key=jax.random.key(1))
+    ```
+
+    A checkpoint holds a versioned header (the format version, the library version,
+    every leaf's path, shape and dtype, and a description of the static structure
+    that is the same in every process) followed by the raw array data, with CRC-32
+    checksums for both. Loading checks all of it against a skeleton of the model, so
+    a file never loads into the wrong model silently. No pickle is involved: loading
+    never runs code from the file.
+    """
+
+    def serialize(self, path: str | os.PathLike[str], no_suffix: bool = False) -> None:
+        """Save this model to `path`, atomically.
+
+        **Arguments:**
+
+        - `path`: where to save. `.eqx` is appended unless the name already ends in
+            `.eqx`, so `run.1` and `run.2` are saved as `run.1.eqx` and `run.2.eqx`.
+            Missing parent folders are created.
+        - `no_suffix`: if `True`, save to exactly `path`.
+
+        The file is written to a temporary file in the same folder, flushed to disk,
+        and then renamed over `path`: whenever the process stops, even killed
+        mid-write, `path` holds either the old checkpoint or the new one. A save that
+        raises leaves the old file as it was and no temporary file behind.
+
+        Eagerly, the file is complete when `serialize` returns. Inside `jax.jit`,
+        `eqx.filter_jit` or a `filter_scan` body it is written by an ordered host
+        callback when the computation runs; call `jax.effects_barrier()` before
+        reading it. Arrays sharded over several devices are gathered.
+
+        **Raises:**
+
+        `TypeError` if `path` is not a `str` or `os.PathLike`.
+        """
+        target = _checkpoint_path("serialize", path, no_suffix)
+        if any(isinstance(leaf, jax.core.Tracer) for leaf in jtu.tree_leaves(self)):
+            write = functools.partial(_write_checkpoint, target=target)
+            callback_wrapper(write, ordered=True)(self)
+        else:
+            _write_checkpoint(self, target)
+
+    @classmethod
+    def deserialize(
+        cls: type[_Model], path: str | os.PathLike[str], *args: Any, **kwargs: Any
+    ) -> _Model:
+        """Load a model saved by `serialize`.
+
+        **Arguments:**
+
+        - `path`: the path given to `serialize`, with either value of `no_suffix`:
+            `path` itself if that file exists, else `path` with `.eqx` appended.
+        - `*args`, `**kwargs`: the constructor's arguments. They build a skeleton of
+            the model with `eqx.filter_eval_shape`, so no parameters are allocated or
+            initialised; the file must match it.
+
+        **Returns:**
+
+        An instance of the class `deserialize` is called on, with the saved arrays
+        (NumPy arrays stay NumPy arrays) and the saved Python numbers in place.
+
+        **Raises:**
+
+        - `FileNotFoundError` if neither candidate file exists.
+        - `ValueError` if the file is not a checkpoint (empty, a text file, random
+            bytes, a wrong magic number), is truncated or has trailing bytes, was
+            written by a newer format version, is corrupt (a checksum fails), or does
+            not match the skeleton: a different leaf count, structure, static field,
+            shape or dtype. The message names the first differing leaf path and
+            both sides.
+
+        Files written by plain `eqx.tree_serialise_leaves` load too, with Equinox's
+        own checks only.
+        """
+        source = _find_checkpoint(path)
+        skeleton = eqx.filter_eval_shape(cls, *args, **kwargs)
+        with open(source, "rb") as file:
+            return _read_checkpoint(file, skeleton, str(source))
+
+
+def _checkpoint_path(
+    method: str, path: str | os.PathLike[str], no_suffix: bool
+) -> pathlib.Path:
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(
+            f"Serializable.{method}: `path` must be a str or os.PathLike; got "
+            f"{_describe_leaf(path)}."
+        )
+    path = pathlib.Path(path)
+    if no_suffix or path.name.endswith(_SUFFIX):
+        return path
+    return path.with_name(path.name + _SUFFIX)
+
+
+def _find_checkpoint(path: str | os.PathLike[str]) -> pathlib.Path:
+    exact = _checkpoint_path("deserialize", path, no_suffix=True)
+    suffixed = _checkpoint_path("deserialize", path, no_suffix=False)
+    for candidate in (exact, suffixed):
+        if candidate.is_file():
+            return candidate
+    tried = f"'{exact}'" if exact == suffixed else f"'{exact}' or '{suffixed}'"
+    raise FileNotFoundError(
+        f"Serializable.deserialize: no checkpoint at {tried}. Check the path given "
+        "to `serialize`."
+    )
+
+
+# Writing
+
+
+def _write_checkpoint(model: Any, target: pathlib.Path) -> None:
+    header, blocks = _encode(model)
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    prefix = _PREFIX.pack(
+        _MAGIC, _FORMAT_VERSION, len(header_bytes), zlib.crc32(header_bytes)
+    )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(
+        dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"
+    )
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(prefix)
+            file.write(header_bytes)
+            for block in blocks:
+                file.write(block.data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(temporary, target.stat().st_mode if target.exists() else 0o644)
+        os.replace(temporary, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+    _fsync_folder(target.parent)
+
+
+def _fsync_folder(folder: pathlib.Path) -> None:
+    """Make the rename durable too, where the platform allows it."""
+    with contextlib.suppress(OSError):
+        descriptor = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
+def _encode(model: Any) -> tuple[dict[str, Any], list[Any]]:
+    """The header, and the raw bytes of each array leaf (as uint8 views)."""
+    leaves: list[dict[str, Any]] = []
+    blocks = []
+    for path, leaf in jtu.tree_flatten_with_path(model)[0]:
+        entry: dict[str, Any] = {"path": jtu.keystr(path)}
+        if eqx.is_array(leaf):
+            if isinstance(leaf, jax.Array) and _is_key_array(leaf):
+                entry.update(
+                    kind="key", impl=_key_impl_name(leaf), key_shape=list(leaf.shape)
+                )
+                leaf = jax.random.key_data(leaf)
+            else:
+                entry["kind"] = "numpy" if isinstance(leaf, np.ndarray) else "jax"
+            data = np.ascontiguousarray(np.asarray(leaf))  # Gathers sharded arrays.
+            block = data.reshape(-1).view(np.uint8)
+            entry.update(
+                dtype=data.dtype.name,
+                shape=list(data.shape),
+                nbytes=block.nbytes,
+                crc32=zlib.crc32(block.data),
+            )
+            blocks.append(block)
+        elif isinstance(leaf, _PYTHON_SCALARS):
+            entry.update(kind="scalar", value=_encode_scalar(leaf))
+        else:
+            continue  # Static: described by the structure, restored by the skeleton.
+        leaves.append(entry)
+    header = {
+        "library": "lerax_utils",
+        "library_version": __version__,
+        "class": _qualified_name(type(model)),
+        "leaves": leaves,
+        "structure": _structure(model),
+    }
+    return header, blocks
+
+
+def _is_key_array(array: Any) -> bool:
+    return jnp.issubdtype(array.dtype, jax.dtypes.prng_key)
+
+
+def _key_impl_name(key: jax.Array) -> str:
+    impl = jax.random.key_impl(key)
+    if isinstance(impl, str):
+        return impl
+    # Older JAX returns a spec object whose `str` is a short tag, not a name.
+    return getattr(getattr(impl, "_impl", None), "name", str(impl))
+
+
+def _encode_scalar(value: Any) -> list[Any]:
+    if isinstance(value, bool | int):
+        return [type(value).__name__, str(value)]
+    if isinstance(value, float):
+        return ["float", value.hex()]
+    return ["complex", value.real.hex(), value.imag.hex()]
+
+
+def _decode_scalar(encoded: Any) -> Any:
+    kind, *parts = encoded
+    if kind == "bool" and parts in (["True"], ["False"]):
+        return parts == ["True"]
+    if kind == "int" and len(parts) == 1:
+        return int(parts[0])
+    if kind == "float" and len(parts) == 1:
+        return float.fromhex(parts[0])
+    if kind == "complex" and len(parts) == 2:
+        return complex(float.fromhex(parts[0]), float.fromhex(parts[1]))
+    raise ValueError(f"unknown encoding of a Python number: {encoded!r}")
+
+
+def _qualified_name(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', '?')}"
+
+
+def _structure(tree: Any) -> list[list[Any]]:
+    """A description of `tree` without its array and scalar values.
+
+    One `[path, description]` pair per node and leaf, in flattening order. It uses
+    type and function names, never a `repr` or an address, so the same model gives
+    the same description in every process and on every machine.
+    """
+    entries: list[list[Any]] = []
+
+    def visit(node: Any, path: _KeyPath) -> None:
+        where = jtu.keystr(path)
+        if eqx.is_array(node) or isinstance(node, jax.ShapeDtypeStruct):
+            entries.append([where, "array"])
+            return
+        if isinstance(node, _PYTHON_SCALARS):
+            entries.append([where, ["scalar", type(node).__name__]])
+            return
+        children, node_def = jtu.tree_flatten_with_path(
+            node, is_leaf=_is_strict_child(node)
+        )
+        if jtu.treedef_is_leaf(node_def) and node is not None:
+            entries.append([where, _describe_static(node)])
+            return
+        description: dict[str, Any] = {"node": type(node).__qualname__}
+        if isinstance(node, eqx.Module):
+            description["static"] = {
+                name: _describe_static(getattr(node, name, None))
+                for name in _static_fields(node)
+            }
+        elif isinstance(node, dict):
+            description["keys"] = [_describe_static(key) for key in node]
+        entries.append([where, description])
+        for key, child in children:
+            visit(child, path + key)
+
+    visit(tree, ())
+    return entries
+
+
+def _describe_static(value: Any) -> Any:
+    """A JSON description of a static value that is the same in every process."""
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return ["float", value.hex()]
+    if isinstance(value, list | tuple):
+        return [type(value).__name__, [_describe_static(item) for item in value]]
+    if isinstance(value, dict):
+        items = [[_describe_static(k), _describe_static(v)] for k, v in value.items()]
+        return ["dict", items]
+    if isinstance(value, enum.Enum):
+        return ["enum", type(value).__qualname__, value.name]
+    if isinstance(value, type):
+        return ["type", value.__qualname__]
+    if isinstance(value, np.dtype):
+        return ["dtype", value.name]
+    if callable(value):
+        name = getattr(value, "__qualname__", None) or getattr(value, "__name__", None)
+        return ["function", name or type(value).__qualname__]
+    return ["object", type(value).__qualname__]
+
+
+# Reading
+
+
+def _read_checkpoint(file: IO[bytes], skeleton: Any, source: str) -> Any:
+    size = os.fstat(file.fileno()).st_size
+    start = file.read(_PREFIX.size)
+    if not start:
+        raise _checkpoint_error(source, "is empty")
+    if start.startswith(_NUMPY_MAGIC):
+        file.seek(0)
+        return _read_equinox_file(file, skeleton, source, size)
+    if not _MAGIC.startswith(start[: len(_MAGIC)]):
+        raise _checkpoint_error(
+            source,
+            f"is not a lerax_utils checkpoint: it starts with {start[:8]!r}, not "
+            f"{_MAGIC!r}",
+        )
+    if len(start) < _PREFIX.size:
+        raise _checkpoint_error(source, f"is truncated ({size} bytes)")
+    _, version, header_length, header_crc = _PREFIX.unpack(start)
+    if version > _FORMAT_VERSION:
+        raise _checkpoint_error(
+            source,
+            f"has format version {version}, newer than the {_FORMAT_VERSION} this "
+            f"lerax_utils {__version__} reads. Upgrade lerax_utils to load it",
+        )
+    if version < 1:
+        raise _checkpoint_error(source, f"has an unknown format version {version}")
+    if header_length > _MAX_HEADER_BYTES:
+        raise _checkpoint_error(
+            source,
+            f"declares a header of {header_length} bytes, more than the "
+            f"{_MAX_HEADER_BYTES} allowed; the file is corrupt",
+        )
+    if _PREFIX.size + header_length > size:
+        raise _checkpoint_error(
+            source, f"is truncated inside its header ({size} bytes)"
+        )
+    header_bytes = file.read(header_length)
+    if zlib.crc32(header_bytes) != header_crc:
+        raise _checkpoint_error(source, "has a corrupt header (its checksum fails)")
+    leaves, structure = _parse_header(header_bytes, source)
+    _check_against_skeleton(source, leaves, structure, skeleton)
+    expected = _PREFIX.size + header_length + sum(e.get("nbytes", 0) for e in leaves)
+    if size < expected:
+        raise _checkpoint_error(
+            source,
+            f"is truncated: it has {size} bytes, and its header needs {expected}",
+        )
+    if size > expected:
+        raise _checkpoint_error(
+            source,
+            f"has {size - expected} trailing bytes after the data its header "
+            "describes; it was not written by `serialize` in one piece",
+        )
+    values = [_read_leaf(file, entry, source) for entry in leaves]
+    skeleton_leaves, treedef = jtu.tree_flatten(skeleton)
+    loaded = iter(values)
+    return treedef.unflatten(
+        [next(loaded) if _is_saved_leaf(leaf) else leaf for leaf in skeleton_leaves]
+    )
+
+
+_ENTRY_FIELDS = {
+    "scalar": {"path": str, "kind": str, "value": list},
+    "jax": {"path": str, "kind": str, "dtype": str, "shape": list, "nbytes": int},
+    "numpy": {"path": str, "kind": str, "dtype": str, "shape": list, "nbytes": int},
+    "key": {
+        "path": str,
+        "kind": str,
+        "dtype": str,
+        "shape": list,
+        "nbytes": int,
+        "impl": str,
+        "key_shape": list,
+    },
+}
+
+
+def _parse_header(header_bytes: bytes, source: str) -> tuple[list[Any], list[Any]]:
+    """The header's leaf entries and structure, checked to be well formed."""
+    try:
+        header = json.loads(header_bytes)
+    except ValueError as err:
+        raise _checkpoint_error(source, f"has an unreadable header ({err})") from err
+    leaves = header.get("leaves") if isinstance(header, dict) else None
+    structure = header.get("structure") if isinstance(header, dict) else None
+    if not (
+        isinstance(leaves, list)
+        and isinstance(structure, list)
+        and all(_entry_is_well_formed(entry) for entry in leaves)
+    ):
+        raise _checkpoint_error(source, "has a malformed header")
+    return leaves, structure
+
+
+def _entry_is_well_formed(entry: Any) -> bool:
+    """Whether a leaf entry has the fields of its kind, and sizes that agree."""
+    kind = entry.get("kind") if isinstance(entry, dict) else None
+    fields = _ENTRY_FIELDS.get(kind) if isinstance(kind, str) else None
+    if fields is None or not all(
+        isinstance(entry.get(name), expected) for name, expected in fields.items()
+    ):
+        return False
+    try:
+        if kind == "scalar":
+            _decode_scalar(entry["value"])
+            return True
+        dtype = jnp.dtype(entry["dtype"])
+        if kind == "key":
+            jax.random.key(0, impl=entry["impl"])
+    except (TypeError, ValueError, IndexError):
+        return False
+    shape = entry["shape"]
+    if dtype.hasobject or not all(type(d) is int and d >= 0 for d in shape):
+        return False
+    if kind == "key" and shape[: len(entry["key_shape"])] != entry["key_shape"]:
+        return False
+    return entry["nbytes"] == math.prod(shape) * dtype.itemsize
+
+
+def _is_saved_leaf(leaf: Any) -> bool:
+    """Whether a leaf's value lives in the file (else the skeleton provides it)."""
+    saved_types = (jax.ShapeDtypeStruct, *_PYTHON_SCALARS)
+    return isinstance(leaf, saved_types) or eqx.is_array(leaf)
+
+
+def _checkpoint_error(source: str, problem: str) -> ValueError:
+    return ValueError(f"Serializable.deserialize: the file '{source}' {problem}.")
+
+
+_FIX = "Pass the constructor arguments the model was saved with"
+
+
+def _check_against_skeleton(
+    source: str, leaves: list[Any], structure: list[Any], skeleton: Any
+) -> None:
+    """Structure and static fields, then the leaf count, then shapes and dtypes."""
+    difference = _structure_difference_in_file(structure, _structure(skeleton))
+    if difference is not None:
+        path, message = difference
+        raise _checkpoint_error(
+            source, f"does not match the skeleton {_where(path)}: {message}. {_FIX}"
+        )
+    expected = [
+        (jtu.keystr(path), leaf)
+        for path, leaf in jtu.tree_flatten_with_path(skeleton)[0]
+        if _is_saved_leaf(leaf)
+    ]
+    if len(leaves) != len(expected):
+        paths = [entry["path"] for entry in leaves]
+        first = next(
+            (p for p, (q, _) in zip(paths, expected, strict=False) if p != q),
+            paths[len(expected)] if len(paths) > len(expected) else expected[-1][0],
+        )
+        raise _checkpoint_error(
+            source,
+            f"holds {len(leaves)} leaves, but the skeleton built from the constructor "
+            f"arguments has {len(expected)}; they first differ at path {first}. {_FIX}",
+        )
+    for entry, (path, leaf) in zip(leaves, expected, strict=True):
+        if entry["path"] != path:
+            raise _checkpoint_error(
+                source,
+                f"has a leaf at path {entry['path']} where the skeleton "
+                f"has one at {path}. {_FIX}",
+            )
+        if entry["kind"] == "scalar":
+            if not isinstance(leaf, _PYTHON_SCALARS):
+                raise _checkpoint_error(
+                    source,
+                    f"holds a Python number at path {path}, where the "
+                    f"skeleton has {_describe_leaf(leaf)}. {_FIX}",
+                )
+            continue
+        if not isinstance(leaf, jax.ShapeDtypeStruct):
+            raise _checkpoint_error(
+                source,
+                f"holds an array at path {path}, where the skeleton has "
+                f"{_describe_leaf(leaf)}. {_FIX}",
+            )
+        saved = _saved_array_type(entry)
+        if saved != (tuple(leaf.shape), leaf.dtype):
+            raise _checkpoint_error(
+                source,
+                f"holds at path {path} an array of shape {saved[0]} and dtype "
+                f"{saved[1]}, but the skeleton has shape {tuple(leaf.shape)} and "
+                f"dtype {leaf.dtype}. {_FIX}",
+            )
+
+
+def _structure_difference_in_file(
+    saved: list[Any], wanted: list[Any]
+) -> tuple[str, str] | None:
+    """The first `(path, message)` where two `_structure` descriptions differ."""
+    for saved_entry, wanted_entry in zip(saved, wanted, strict=False):
+        if saved_entry == wanted_entry:
+            continue
+        if not (isinstance(saved_entry, list) and len(saved_entry) == 2):
+            return wanted_entry[0], "the file's structure description is malformed"
+        path, (was, want) = wanted_entry[0], (saved_entry[1], wanted_entry[1])
+        if saved_entry[0] != path:
+            return path, f"the file has a node at path {saved_entry[0]} instead"
+        both_modules = all(isinstance(d, dict) and "static" in d for d in (was, want))
+        if both_modules and was["node"] == want["node"]:
+            for field, value in want["static"].items():
+                if was["static"].get(field) != value:
+                    return f"{path}.{field}", (
+                        f"the static field is {was['static'].get(field)!r} in the "
+                        f"file and {value!r} in the skeleton"
+                    )
+        return path, f"the file has {was!r}, the skeleton has {want!r}"
+    if len(saved) != len(wanted):
+        longer = saved if len(saved) > len(wanted) else wanted
+        side = "file" if longer is saved else "skeleton"
+        extra = longer[min(len(saved), len(wanted))]
+        return str(extra[0]), f"only the {side} has a node here"
+    return None
+
+
+def _saved_array_type(entry: dict[str, Any]) -> tuple[tuple[int, ...], Any]:
+    """The shape and dtype of the array a header entry describes."""
+    if entry["kind"] == "key":
+        return tuple(entry["key_shape"]), jax.random.key(0, impl=entry["impl"]).dtype
+    return tuple(entry["shape"]), jnp.dtype(entry["dtype"])
+
+
+def _read_leaf(file: IO[bytes], entry: dict[str, Any], source: str) -> Any:
+    if entry["kind"] == "scalar":
+        return _decode_scalar(entry["value"])
+    data = np.empty(entry["shape"], dtype=jnp.dtype(entry["dtype"]))
+    view = data.reshape(-1).view(np.uint8)
+    if file.readinto(view.data) != view.nbytes:  # type: ignore[attr-defined]
+        raise _checkpoint_error(source, "is truncated inside its data")
+    if zlib.crc32(view.data) != entry["crc32"]:
+        raise _checkpoint_error(
+            source,
+            f"has corrupt data for the leaf at path {entry['path']} "
+            "(its checksum fails)",
+        )
+    if entry["kind"] == "numpy":
+        return data
+    if entry["kind"] == "key":
+        return jax.random.wrap_key_data(jnp.asarray(data), impl=entry["impl"])
+    return jnp.asarray(data)
+
+
+def _read_equinox_file(file: IO[bytes], skeleton: Any, source: str, size: int) -> Any:
+    """A file of plain `eqx.tree_serialise_leaves`: Equinox's own checks only."""
+    try:
+        model = eqx.tree_deserialise_leaves(file, skeleton)
+    except Exception as err:
+        raise _checkpoint_error(
+            source, f"could not be read as a plain Equinox file: {err}"
+        ) from err
+    if file.tell() != size:
+        raise _checkpoint_error(
+            source, f"has {size - file.tell()} trailing bytes after its Equinox data"
+        )
+    return model
