@@ -1004,13 +1004,17 @@ class Serializable(eqx.Module):
     """An `eqx.Module` base class whose models save and load themselves.
 
     ```python
+    import equinox as eqx
+    import jax
+    from lerax_utils import Serializable
+
     class Policy(Serializable):
         mlp: eqx.nn.MLP
 
         def __init__(self, size, *, key):
             self.mlp = eqx.nn.MLP(size, 2, 32, 2, key=key)
 
-    Policy(4, key=jax.random.key(0)).serialize("checkpoints/run.1")
+    Policy(4, key=jax.random.key(0)).serialize("checkpoints/run.1")  # run.1.eqx
     policy = Policy.deserialize("checkpoints/run.1", 4, key=jax.random.key(1))
     ```
 
@@ -1172,7 +1176,7 @@ def _encode(model: Any) -> tuple[dict[str, Any], list[Any]]:
                 leaf = jax.random.key_data(leaf)
             else:
                 entry["kind"] = "numpy" if isinstance(leaf, np.ndarray) else "jax"
-            data = np.ascontiguousarray(np.asarray(leaf))  # Gathers sharded arrays.
+            data = np.asarray(leaf, order="C")  # Gathers sharded arrays.
             block = data.reshape(-1).view(np.uint8)
             entry.update(
                 dtype=data.dtype.name,
@@ -1262,8 +1266,9 @@ def _structure(tree: Any) -> list[list[Any]]:
                 name: _describe_static(getattr(node, name, None))
                 for name in _static_fields(node)
             }
-        elif isinstance(node, dict):
-            description["keys"] = [_describe_static(key) for key in node]
+        elif isinstance(node, dict):  # Keys in JAX's (sorted) order, not insertion's.
+            keys = [getattr(key[0], "key", key[0]) for key, _ in children]
+            description["keys"] = [_describe_static(key) for key in keys]
         entries.append([where, description])
         for key, child in children:
             visit(child, path + key)

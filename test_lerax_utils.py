@@ -5,12 +5,18 @@ variable is set; `dev` is random and quicker. Set `HYPOTHESIS_PROFILE` to pick o
 """
 
 import inspect
+import json
 import os
 import pathlib
 import re
+import signal
+import struct
 import subprocess
 import sys
+import tempfile
 import textwrap
+import time
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +31,7 @@ from hypothesis import strategies as st
 
 import lerax_utils
 from lerax_utils import (
+    Serializable,
     callback_with_list_wrapper,
     callback_with_numpy_wrapper,
     callback_wrapper,
@@ -1367,6 +1374,407 @@ def test_ordered_callback_on_several_devices_is_a_clear_error():
 
 
 #
+# Checkpoints: Serializable
+#
+
+
+class Checkpointed(Serializable):
+    """A model whose parameters are any pytree, for round-trip tests."""
+
+    params: Any
+    activation: Callable[..., Any]
+    temperature: float
+    label: str = eqx.field(static=True)
+
+    def __init__(self, params, activation=jax.nn.relu, temperature=0.5, label="run"):
+        self.params = params
+        self.activation = activation
+        self.temperature = temperature
+        self.label = label
+
+
+class Agent(Serializable):
+    """A realistic model: an MLP, a typed PRNG key and a function in a static field."""
+
+    mlp: eqx.nn.MLP
+    key: jax.Array
+    squash: Callable[..., Any] = eqx.field(static=True)
+
+    def __init__(self, width, *, key, squash=jnp.tanh):
+        self.mlp = eqx.nn.MLP(3, 2, width, 2, key=key)
+        self.key = jax.random.split(key, 2)
+        self.squash = squash
+
+
+_CHECKPOINT_DTYPES = (*_DTYPES, jnp.int8, jnp.uint32, jnp.complex64)
+
+
+def _checkpoint_elements(dtype: Any) -> st.SearchStrategy[Any]:
+    if dtype == jnp.int8:
+        return st.integers(-128, 127)
+    if dtype == jnp.uint32:
+        return st.integers(0, 2**32 - 1)
+    if dtype == jnp.complex64:
+        return st.complex_numbers(width=64)
+    return _elements(dtype)
+
+
+@st.composite
+def checkpoint_arrays(draw: st.DrawFn) -> Any:
+    dtype = draw(st.sampled_from(_CHECKPOINT_DTYPES))
+    shape = draw(hnp.array_shapes(min_dims=0, max_dims=3, max_side=3))
+    storage = np.float32 if dtype == jnp.bfloat16 else np.dtype(dtype)
+    elements = _checkpoint_elements(dtype)
+    value = draw(hnp.arrays(storage, shape, elements=elements)).astype(dtype)
+    return value if draw(st.booleans()) else jnp.asarray(value)
+
+
+checkpoint_params = pytrees(
+    st.one_of(
+        checkpoint_arrays(),
+        prng_keys(leading=(2,)),
+        prng_keys(),
+        st.sampled_from([*_STATIC_LEAVES, 1.5e-300, -0.0, 3 + 4j, 2**40]),
+    )
+)
+
+
+def _agent(width=4, seed=0, **kwargs):
+    return Agent(width, key=jax.random.key(seed), **kwargs)
+
+
+@given(params=checkpoint_params, temperature=st.floats(allow_nan=False))
+def test_serialize_round_trips_are_bit_exact(params, temperature):
+    model = Checkpointed(params, temperature=temperature)
+    with tempfile.TemporaryDirectory() as folder:
+        path = pathlib.Path(folder) / "model"
+        model.serialize(path)
+        loaded = Checkpointed.deserialize(path, params, temperature=0.0)
+    assert type(loaded) is Checkpointed
+    assert_identical(loaded, model)
+
+
+def test_serialize_appends_the_suffix_so_runs_never_collide(tmp_path):
+    first, second = _agent(seed=1), _agent(seed=2)
+    first.serialize(tmp_path / "runs" / "run.1")  # Missing folders are created.
+    second.serialize(tmp_path / "runs" / "run.2")
+    first.serialize(tmp_path / "runs" / "final.eqx")
+    second.serialize(str(tmp_path / "runs" / "exact.name"), no_suffix=True)
+    names = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert names == ["exact.name", "final.eqx", "run.1.eqx", "run.2.eqx"]
+    key = jax.random.key(9)
+    assert_identical(Agent.deserialize(tmp_path / "runs" / "run.1", 4, key=key), first)
+    assert_identical(Agent.deserialize(tmp_path / "runs" / "run.2", 4, key=key), second)
+    assert_identical(Agent.deserialize(tmp_path / "runs/final.eqx", 4, key=key), first)
+    assert_identical(
+        Agent.deserialize(tmp_path / "runs/exact.name", 4, key=key), second
+    )
+
+
+def test_deserialize_of_a_missing_file_names_both_candidates(tmp_path):
+    with pytest.raises(FileNotFoundError) as info:
+        Agent.deserialize(tmp_path / "nothing", 4, key=jax.random.key(0))
+    assert str(info.value) == (
+        f"Serializable.deserialize: no checkpoint at '{tmp_path}/nothing' or "
+        f"'{tmp_path}/nothing.eqx'. Check the path given to `serialize`."
+    )
+
+
+def test_serialize_rejects_a_path_that_is_not_a_path():
+    with pytest.raises(TypeError) as info:
+        _agent().serialize(3)  # type: ignore[arg-type]
+    assert str(info.value) == (
+        "Serializable.serialize: `path` must be a str or os.PathLike; got int 3."
+    )
+
+
+_WRITER = textwrap.dedent(
+    """
+    import sys
+    import jax, jax.numpy as jnp
+    from test_lerax_utils import Agent
+    Agent(4, key=jax.random.key(0), squash=jnp.tanh).serialize(sys.argv[1])
+    """
+)
+
+
+def test_checkpoint_with_a_function_in_a_static_field_loads_in_another_process(
+    tmp_path,
+):
+    for name in ("a", "b"):
+        subprocess.run(
+            [sys.executable, "-c", _WRITER, str(tmp_path / name)], cwd=ROOT, check=True
+        )
+    # Two processes, two memory layouts: the files are still identical.
+    assert (tmp_path / "a.eqx").read_bytes() == (tmp_path / "b.eqx").read_bytes()
+    loaded = Agent.deserialize(tmp_path / "a", 4, key=jax.random.key(5))
+    assert_identical(loaded, _agent(squash=jnp.tanh))
+
+
+def _read_header(path: pathlib.Path) -> tuple[bytes, int, dict[str, Any], int]:
+    """Parse a checkpoint's prefix and header as the README describes them."""
+    data = path.read_bytes()
+    magic, version, length, crc = struct.unpack("<8sIQI", data[:24])
+    header = data[24 : 24 + length]
+    assert zlib.crc32(header) == crc
+    return magic, version, json.loads(header), len(data) - 24 - length
+
+
+def test_checkpoint_header_describes_every_leaf(tmp_path):
+    agent = _agent()
+    agent.serialize(tmp_path / "agent")
+    magic, version, header, data_bytes = _read_header(tmp_path / "agent.eqx")
+    assert (magic, version) == (b"LRXCKPT\x00", 1)
+    assert header["library_version"] == lerax_utils.__version__
+    leaves = jax.tree_util.tree_flatten_with_path(agent)[0]
+    arrays = [(jax.tree_util.keystr(p), x) for p, x in leaves if eqx.is_array(x)]
+    assert [entry["path"] for entry in header["leaves"]] == [p for p, _ in arrays]
+    for entry, (_, array) in zip(header["leaves"], arrays, strict=True):
+        data = jax.random.key_data(array) if _is_key(array) else array
+        assert entry["shape"] == list(data.shape)
+        assert entry["dtype"] == str(data.dtype)
+    assert data_bytes == sum(entry["nbytes"] for entry in header["leaves"])
+    structure = json.dumps(header["structure"])
+    assert "0x" not in structure and " at " not in structure  # No addresses.
+    assert [
+        "",
+        {"node": "Agent", "static": {"squash": ["function", "tanh"]}},
+    ] in header["structure"]
+
+
+def _load_error(path: Any, *args: Any, cls: Any = Agent, **kwargs: Any) -> str:
+    """The message of the ValueError that loading `path` raises."""
+    if cls is Agent:
+        args = args or (4,)
+        kwargs.setdefault("key", jax.random.key(0))
+    with pytest.raises(ValueError) as info:
+        cls.deserialize(path, *args, **kwargs)
+    return str(info.value)
+
+
+_FIX = ". Pass the constructor arguments the model was saved with."
+
+
+def test_deserialize_checks_the_file_against_the_skeleton(tmp_path):
+    path = tmp_path / "agent.eqx"
+    _agent().serialize(path)
+    prefix = f"Serializable.deserialize: the file '{path}' "
+    assert _load_error(path, 5) == (
+        prefix + "does not match the skeleton at path .mlp.width_size: the static "
+        "field is 4 in the file and 5 in the skeleton" + _FIX
+    )
+    assert _load_error(path, squash=jax.nn.relu) == (
+        prefix + "does not match the skeleton at path .squash: the static field is "
+        "['function', 'tanh'] in the file and ['function', 'relu'] in the skeleton"
+        + _FIX
+    )
+
+
+def test_deserialize_names_the_first_leaf_whose_shape_or_dtype_differs(tmp_path):
+    path = tmp_path / "model"
+    Checkpointed({"w": jnp.ones((2, 3)), "b": jnp.zeros(3)}).serialize(path)
+    prefix = f"Serializable.deserialize: the file '{path}.eqx' "
+    error = _load_error(
+        path, {"w": jnp.ones((2, 4)), "b": jnp.zeros(3)}, cls=Checkpointed
+    )
+    assert error == (
+        prefix + "holds at path .params['w'] an array of shape (2, 3) and dtype "
+        "float32, but the skeleton has shape (2, 4) and dtype float32" + _FIX
+    )
+    error = _load_error(
+        path, {"w": jnp.ones((2, 3)), "b": jnp.zeros(3, jnp.int32)}, cls=Checkpointed
+    )
+    assert error == (
+        prefix + "holds at path .params['b'] an array of shape (3,) and dtype "
+        "float32, but the skeleton has shape (3,) and dtype int32" + _FIX
+    )
+    error = _load_error(path, {"w": jnp.ones((2, 3))}, cls=Checkpointed)
+    assert error == (
+        prefix + "does not match the skeleton at path .params: the file has "
+        "{'node': 'dict', 'keys': ['b', 'w']}, the skeleton has {'node': 'dict', "
+        "'keys': ['w']}" + _FIX
+    )
+
+
+def test_deserialize_rejects_a_different_leaf_count(tmp_path, monkeypatch):
+    path = tmp_path / "model.eqx"
+    Checkpointed([jnp.ones(2), jnp.ones(2)]).serialize(path)
+    # Skip the structure check to reach the count check, as a file with a
+    # hand-edited structure would.
+    monkeypatch.setattr(lerax_utils, "_structure_difference_in_file", lambda a, b: None)
+    error = _load_error(path, [jnp.ones(2)], cls=Checkpointed)
+    assert error == (
+        f"Serializable.deserialize: the file '{path}' holds 3 leaves, but the "
+        "skeleton built from the constructor arguments has 2; they first differ at "
+        "path .params[1]" + _FIX
+    )
+
+
+def _bad_file(tmp_path: pathlib.Path, content: bytes) -> pathlib.Path:
+    path = tmp_path / "bad.eqx"
+    path.write_bytes(content)
+    return path
+
+
+def _checkpoint_bytes(tmp_path: pathlib.Path) -> bytes:
+    _agent().serialize(tmp_path / "good")
+    return (tmp_path / "good.eqx").read_bytes()
+
+
+def test_deserialize_rejects_files_that_are_not_checkpoints(tmp_path):
+    good = _checkpoint_bytes(tmp_path)
+    cases = {
+        b"": "is empty",
+        b"step,loss\n1,0.5\n": "is not a lerax_utils checkpoint: it starts with "
+        "b'step,los', not b'LRXCKPT\\x00'",
+        bytes(range(200)): "is not a lerax_utils checkpoint: it starts with "
+        "b'\\x00\\x01\\x02\\x03\\x04\\x05\\x06\\x07', not b'LRXCKPT\\x00'",
+        b"LRXCKPT\x01" + good[8:]: "is not a lerax_utils checkpoint: it starts with "
+        "b'LRXCKPT\\x01', not b'LRXCKPT\\x00'",
+        good[:8] + struct.pack("<I", 2) + good[12:]: "has format version 2, newer "
+        f"than the 1 this lerax_utils {lerax_utils.__version__} reads. Upgrade "
+        "lerax_utils to load it",
+        good[:12] + struct.pack("<Q", 2**40) + good[20:]: "declares a header of "
+        f"{2**40} bytes, more than the {64 * 1024 * 1024} allowed; the file is corrupt",
+        good + b"\x00": "has 1 trailing bytes after the data its header describes; "
+        "it was not written by `serialize` in one piece",
+    }
+    for content, problem in cases.items():
+        path = _bad_file(tmp_path, content)
+        assert (
+            _load_error(path)
+            == f"Serializable.deserialize: the file '{path}' {problem}."
+        )
+
+
+def test_deserialize_rejects_a_file_truncated_at_any_byte(tmp_path):
+    good = _checkpoint_bytes(tmp_path)
+    for size in range(1, len(good)):
+        path = _bad_file(tmp_path, good[:size])
+        error = _load_error(path)
+        assert error.startswith(f"Serializable.deserialize: the file '{path}' is ")
+        assert "truncated" in error, (size, error)
+
+
+@given(offset=st.integers(0, 10**6), flip=st.integers(1, 255))
+def test_deserialize_rejects_a_corrupted_byte_anywhere(offset, flip):
+    with tempfile.TemporaryDirectory() as folder:
+        good = _checkpoint_bytes(pathlib.Path(folder))
+        offset %= len(good)
+        corrupt = bytearray(good)
+        corrupt[offset] ^= flip
+        path = _bad_file(pathlib.Path(folder), bytes(corrupt))
+        assert _load_error(path).startswith("Serializable.deserialize: the file ")
+
+
+def test_deserialize_never_allocates_from_a_forged_header(tmp_path):
+    good = _checkpoint_bytes(tmp_path)
+    _, _, header, _ = _read_header(tmp_path / "good.eqx")
+    header["leaves"][0]["dtype"] = "object"
+    forged = json.dumps(header).encode()
+    prefix = struct.pack("<8sIQI", b"LRXCKPT\x00", 1, len(forged), zlib.crc32(forged))
+    data_start = 24 + struct.unpack("<Q", good[12:20])[0]
+    path = _bad_file(tmp_path, prefix + forged + good[data_start:])
+    assert _load_error(path) == (
+        f"Serializable.deserialize: the file '{path}' has a malformed header."
+    )
+
+
+def test_deserialize_loads_plain_equinox_files(tmp_path):
+    model = Checkpointed({"w": jnp.arange(6.0).reshape(2, 3), "n": 3}, temperature=2.0)
+    eqx.tree_serialise_leaves(tmp_path / "legacy.eqx", model)
+    loaded = Checkpointed.deserialize(
+        tmp_path / "legacy", {"w": jnp.ones((2, 3)), "n": 0}
+    )
+    assert_identical(loaded, model)
+    truncated = (tmp_path / "legacy.eqx").read_bytes()[:-3]
+    path = _bad_file(tmp_path, truncated)
+    error = _load_error(path, {"w": jnp.ones((2, 3)), "n": 0}, cls=Checkpointed)
+    assert error.startswith(
+        f"Serializable.deserialize: the file '{path}' could not be read as a plain "
+        "Equinox file: "
+    )
+
+
+def test_a_failed_serialize_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "agent.eqx"
+    _agent(seed=1).serialize(path)
+    before = path.read_bytes()
+    broken = Checkpointed([jnp.ones(3), jnp.ones(4)])
+    broken.params[1].delete()  # Reading it fails in the middle of the save.
+    with pytest.raises(RuntimeError, match="deleted"):
+        broken.serialize(path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["agent.eqx"]
+
+
+_KILLED_WRITER = textwrap.dedent(
+    """
+    import sys
+    import jax, jax.numpy as jnp
+    from test_lerax_utils import Checkpointed
+    models = [Checkpointed(jnp.full(2_000_000, float(i))) for i in range(2)]
+    print("ready", flush=True)
+    i = 0
+    while True:
+        models[i % 2].serialize(sys.argv[1])
+        i += 1
+    """
+)
+
+
+def test_a_killed_writer_never_leaves_a_torn_checkpoint(tmp_path):
+    path = tmp_path / "model.eqx"
+    Checkpointed(jnp.full(2_000_000, 0.0)).serialize(path)
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        with subprocess.Popen(
+            [sys.executable, "-c", _KILLED_WRITER, str(path)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
+        ) as writer:
+            assert writer.stdout is not None and writer.stdout.readline() == "ready\n"
+            time.sleep(rng.uniform(0.05, 0.5))
+            writer.send_signal(signal.SIGKILL)
+        loaded = Checkpointed.deserialize(path, jnp.zeros(2_000_000))
+        values = set(np.unique(np.asarray(loaded.params)).tolist())
+        assert values in ({0.0}, {1.0})
+
+
+def test_serialize_inside_jit_writes_when_the_computation_runs(tmp_path):
+    path = tmp_path / "every_ten"
+
+    @eqx.filter_jit
+    def train(model):
+        def step(model, i):
+            model = Checkpointed(model.params + 1.0)
+            filter_cond(i % 10 == 9, lambda: model.serialize(path), lambda: None)
+            return model, None
+
+        return filter_scan(step, model, jnp.arange(25))[0]
+
+    final = train(Checkpointed(jnp.zeros(3)))
+    jax.effects_barrier()
+    assert_identical(final.params, jnp.full(3, 25.0))
+    saved = Checkpointed.deserialize(path, jnp.zeros(3))
+    assert_identical(saved.params, jnp.full(3, 20.0))  # The last multiple of ten.
+
+
+def test_serialize_eagerly_completes_before_returning(tmp_path):
+    model = _agent(seed=4)
+    model.serialize(tmp_path / "now")
+    loaded = Agent.deserialize(tmp_path / "now", 4, key=jax.random.key(0))
+    assert_identical(loaded, model)
+
+
+def test_deserialize_returns_the_class_it_is_called_on(tmp_path):
+    _agent().serialize(tmp_path / "agent")
+    loaded: Agent = Agent.deserialize(tmp_path / "agent", 4, key=jax.random.key(0))
+    assert type(loaded) is Agent
+
+
+#
 # The project: public names, README and CI
 #
 
@@ -1403,7 +1811,8 @@ def _readme_python_blocks() -> list[str]:
 
 
 @pytest.mark.parametrize("index", range(len(_readme_python_blocks())))
-def test_readme_python_examples_run(index):
+def test_readme_python_examples_run(index, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # Examples may write checkpoints.
     code = _readme_python_blocks()[index]
     exec(compile(code, f"README.md python block {index}", "exec"), {})
 
@@ -1418,5 +1827,6 @@ def _docstring_examples() -> list[tuple[str, str]]:
 
 
 @pytest.mark.parametrize(("name", "code"), _docstring_examples())
-def test_docstring_examples_run(name, code):
+def test_docstring_examples_run(name, code, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # Examples may write checkpoints.
     exec(compile(code, f"{name} docstring example", "exec"), {})
