@@ -39,6 +39,7 @@ __all__ = [
     "Serializable",
 ]
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import enum
@@ -991,10 +992,12 @@ def print_callback(*args: Any, **kwargs: Any) -> None:
 
 # The file layout (the README documents it byte by byte):
 #   magic (8 bytes) | format version (u32) | header length (u64) | header CRC-32 (u32)
-#   | header (UTF-8 JSON) | the array leaves' raw bytes, in header order.
+#   | header (UTF-8 JSON) | the array leaves' raw bytes, in header order
+#   | one CRC-32 (u32) per array leaf, in the same order.
 _MAGIC = b"LRXCKPT\x00"
 _FORMAT_VERSION = 1
 _PREFIX = struct.Struct("<8sIQI")
+_CHECKSUM = struct.Struct("<I")
 _MAX_HEADER_BYTES = 64 * 1024 * 1024
 _NUMPY_MAGIC = b"\x93NUMPY"  # Plain `eqx.tree_serialise_leaves` files start so.
 _SUFFIX = ".eqx"
@@ -1136,11 +1139,18 @@ def _write_checkpoint(model: Any, target: pathlib.Path) -> None:
         dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"
     )
     try:
-        with os.fdopen(descriptor, "wb") as file:
+        with (
+            os.fdopen(descriptor, "wb") as file,
+            concurrent.futures.ThreadPoolExecutor(max_workers=1) as checksummer,
+        ):
             file.write(prefix)
             file.write(header_bytes)
-            for block in blocks:
+            checksums = []
+            for block in blocks:  # Both `crc32` and `write` release the GIL.
+                checksums.append(checksummer.submit(zlib.crc32, block.data))
                 file.write(block.data)
+            for checksum in checksums:
+                file.write(_CHECKSUM.pack(checksum.result()))
             file.flush()
             os.fsync(file.fileno())
         os.chmod(temporary, target.stat().st_mode if target.exists() else 0o644)
@@ -1179,10 +1189,7 @@ def _encode(model: Any) -> tuple[dict[str, Any], list[Any]]:
             data = np.asarray(leaf, order="C")  # Gathers sharded arrays.
             block = data.reshape(-1).view(np.uint8)
             entry.update(
-                dtype=data.dtype.name,
-                shape=list(data.shape),
-                nbytes=block.nbytes,
-                crc32=zlib.crc32(block.data),
+                dtype=data.dtype.name, shape=list(data.shape), nbytes=block.nbytes
             )
             blocks.append(block)
         elif isinstance(leaf, _PYTHON_SCALARS):
@@ -1343,7 +1350,9 @@ def _read_checkpoint(file: IO[bytes], skeleton: Any, source: str) -> Any:
         raise _checkpoint_error(source, "has a corrupt header (its checksum fails)")
     leaves, structure = _parse_header(header_bytes, source)
     _check_against_skeleton(source, leaves, structure, skeleton)
-    expected = _PREFIX.size + header_length + sum(e.get("nbytes", 0) for e in leaves)
+    arrays = [entry for entry in leaves if entry["kind"] != "scalar"]
+    data_end = _PREFIX.size + header_length + sum(entry["nbytes"] for entry in arrays)
+    expected = data_end + _CHECKSUM.size * len(arrays)
     if size < expected:
         raise _checkpoint_error(
             source,
@@ -1355,7 +1364,7 @@ def _read_checkpoint(file: IO[bytes], skeleton: Any, source: str) -> Any:
             f"has {size - expected} trailing bytes after the data its header "
             "describes; it was not written by `serialize` in one piece",
         )
-    values = [_read_leaf(file, entry, source) for entry in leaves]
+    values = _read_leaves(file, leaves, data_end, source)
     skeleton_leaves, treedef = jtu.tree_flatten(skeleton)
     loaded = iter(values)
     return treedef.unflatten(
@@ -1527,24 +1536,55 @@ def _saved_array_type(entry: dict[str, Any]) -> tuple[tuple[int, ...], Any]:
     return tuple(entry["shape"]), jnp.dtype(entry["dtype"])
 
 
-def _read_leaf(file: IO[bytes], entry: dict[str, Any], source: str) -> Any:
-    if entry["kind"] == "scalar":
-        return _decode_scalar(entry["value"])
-    data = np.empty(entry["shape"], dtype=jnp.dtype(entry["dtype"]))
-    view = data.reshape(-1).view(np.uint8)
-    if file.readinto(view.data) != view.nbytes:  # type: ignore[attr-defined]
-        raise _checkpoint_error(source, "is truncated inside its data")
-    if zlib.crc32(view.data) != entry["crc32"]:
-        raise _checkpoint_error(
-            source,
-            f"has corrupt data for the leaf at path {entry['path']} "
-            "(its checksum fails)",
-        )
-    if entry["kind"] == "numpy":
-        return data
+def _read_leaves(
+    file: IO[bytes], leaves: list[dict[str, Any]], data_end: int, source: str
+) -> list[Any]:
+    """Read every leaf's value, checking each array against its CRC-32.
+
+    Each checksum runs in a helper thread while the next leaf is read, and a leaf
+    leaves host memory as soon as it is checked, so at most two are held at once.
+    """
+    start = file.tell()
+    file.seek(data_end)
+    checksums = iter(value for (value,) in _CHECKSUM.iter_unpack(file.read()))
+    file.seek(start)
+    values: list[Any] = []
+    pending: list[tuple[int, Any, concurrent.futures.Future[int]]] = []
+
+    def finish(index: int, data: Any, checksum: concurrent.futures.Future[int]) -> None:
+        entry = leaves[index]
+        if checksum.result() != next(checksums):
+            raise _checkpoint_error(
+                source,
+                f"has corrupt data for the leaf at path {entry['path']} "
+                "(its checksum fails)",
+            )
+        values[index] = _restore_kind(data, entry)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as checksummer:
+        for index, entry in enumerate(leaves):
+            if entry["kind"] == "scalar":
+                values.append(_decode_scalar(entry["value"]))
+                continue
+            data = np.empty(entry["shape"], dtype=jnp.dtype(entry["dtype"]))
+            view = data.reshape(-1).view(np.uint8)
+            file.readinto(view.data)  # type: ignore[attr-defined]
+            values.append(None)
+            pending.append((index, data, checksummer.submit(zlib.crc32, view.data)))
+            if len(pending) == 2:
+                finish(*pending.pop(0))
+        for item in pending:
+            finish(*item)
+    return values
+
+
+def _restore_kind(data: np.ndarray, entry: dict[str, Any]) -> Any:
+    """A loaded NumPy array as the kind of leaf it was saved from."""
+    if entry["kind"] == "jax":
+        return jnp.asarray(data)
     if entry["kind"] == "key":
         return jax.random.wrap_key_data(jnp.asarray(data), impl=entry["impl"])
-    return jnp.asarray(data)
+    return data
 
 
 def _read_equinox_file(file: IO[bytes], skeleton: Any, source: str, size: int) -> Any:

@@ -1533,7 +1533,14 @@ def test_checkpoint_header_describes_every_leaf(tmp_path):
         data = jax.random.key_data(array) if _is_key(array) else array
         assert entry["shape"] == list(data.shape)
         assert entry["dtype"] == str(data.dtype)
-    assert data_bytes == sum(entry["nbytes"] for entry in header["leaves"])
+    # The arrays' bytes, then a CRC-32 for each array.
+    nbytes = [entry["nbytes"] for entry in header["leaves"]]
+    assert data_bytes == sum(nbytes) + 4 * len(nbytes)
+    data = (tmp_path / "agent.eqx").read_bytes()[-data_bytes:]
+    offsets = np.cumsum([0, *nbytes])
+    checksums = struct.unpack(f"<{len(nbytes)}I", data[offsets[-1] :])
+    for start, end, checksum in zip(offsets[:-1], offsets[1:], checksums, strict=True):
+        assert zlib.crc32(data[start:end]) == checksum
     structure = json.dumps(header["structure"])
     assert "0x" not in structure and " at " not in structure  # No addresses.
     assert [
