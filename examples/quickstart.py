@@ -7,11 +7,14 @@ when the point leaves the track, without computing the untaken branch. Afterward
 `unstack_pytree` splits a rollout into per-step records, and `stack_pytree` joins a
 population of freshly initialised policies so that `eqx.filter_vmap` can score them
 all at once. The training loop is itself a jitted `filter_scan`, which logs through
-`print_callback` and a metrics logger made with `callback_with_list_wrapper`.
+`print_callback` and a metrics logger made with `callback_with_list_wrapper`. The
+policy is a `Serializable`, so it saves itself to a checkpoint and loads back.
 
 Run it with `python examples/quickstart.py`; it takes a few seconds on a CPU.
 """
 
+import pathlib
+import tempfile
 from collections.abc import Callable
 
 import equinox as eqx
@@ -19,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from lerax_utils import (
+    Serializable,
     callback_with_list_wrapper,
     filter_cond,
     filter_scan,
@@ -47,7 +51,7 @@ class PointMass(eqx.Module):
         return -(state[0] ** 2) - 0.1 * state[1] ** 2
 
 
-class Policy(eqx.Module):
+class Policy(Serializable):
     mlp: eqx.nn.MLP
     squash: Callable[[jax.Array], jax.Array]
 
@@ -136,6 +140,14 @@ def main() -> None:
     print("first steps of a trained rollout:")
     for t, record in enumerate(unstack_pytree(trajectory)):
         print(f"  step {t}: position {record['position']:+.3f}")
+
+    with tempfile.TemporaryDirectory() as folder:
+        policy.serialize(pathlib.Path(folder) / "policy")  # Writes policy.eqx.
+        restored = Policy.deserialize(
+            pathlib.Path(folder) / "policy", jax.random.key(7)
+        )
+        reward = mean_reward(restored, env, eval_key)
+        print(f"reloaded from a checkpoint:  {reward:7.3f}")
 
     population = stack_pytree([Policy(key) for key in jax.random.split(eval_key, 4)])
     scores = eqx.filter_vmap(lambda p: mean_reward(p, env, eval_key))(population)
