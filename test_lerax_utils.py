@@ -1781,6 +1781,100 @@ def test_deserialize_returns_the_class_it_is_called_on(tmp_path):
     assert type(loaded) is Agent
 
 
+_FOUR_DEVICES = textwrap.dedent(
+    """
+    import json, sys, tempfile
+    import equinox as eqx, jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+    import lerax_utils
+    from lerax_utils import (
+        Serializable, callback_wrapper, filter_scan, stack_pytree, unstack_pytree
+    )
+
+    assert len(jax.devices()) == 4
+    mesh = Mesh(np.array(jax.devices()), ("d",))
+    by_row = NamedSharding(mesh, PartitionSpec("d"))
+    by_column = NamedSharding(mesh, PartitionSpec(None, "d"))
+    report = {}
+
+    # filter_scan with a sharded carry, under jit.
+    weights = jax.device_put(jnp.arange(8.0), by_row)
+    def step(carry, x):
+        return {"w": carry["w"] * 0.5 + x, "tag": carry["tag"]}, carry["w"].sum()
+    run = eqx.filter_jit(lambda w: filter_scan(step, {"w": w, "tag": "t"}, jnp.ones(3)))
+    (carry, sums) = run(weights)
+    plain = np.arange(8.0, dtype=np.float32)
+    expected = jax.lax.scan(lambda c, x: (c * 0.5 + x, c.sum()), plain, np.ones(3))
+    report["scan"] = bool(
+        np.array_equal(carry["w"], expected[0]) and np.array_equal(sums, expected[1])
+        and carry["tag"] == "t" and len(carry["w"].sharding.device_set) == 4
+    )
+
+    # unstack_pytree and stack_pytree on an array sharded along its columns.
+    grid = np.arange(32.0, dtype=np.float32).reshape(8, 4)
+    table = jax.device_put(grid, by_column)
+    rows = unstack_pytree({"t": table})
+    back = stack_pytree(rows)["t"]
+    report["unstack"] = bool(
+        len(rows) == 8
+        and all(np.array_equal(r["t"], grid[i]) for i, r in enumerate(rows))
+        and all(len(r["t"].sharding.device_set) == 4 for r in rows)
+        and np.array_equal(back, grid)
+    )
+
+    # Callbacks with partitioned=True: one call per shard.
+    shapes = []
+    if lerax_utils._DEBUG_CALLBACK_TAKES_PARTITIONED:
+        record = lambda x, tag: shapes.append((x.shape, tag))
+        log = callback_wrapper(record, partitioned=True)
+        jax.jit(lambda x: (log(x, "shard"), x)[1])(weights)
+        jax.effects_barrier()
+        report["partitioned"] = sorted(shapes) == [((2,), "shard")] * 4
+    else:
+        try:
+            callback_wrapper(print, partitioned=True)
+        except ValueError:
+            report["partitioned"] = True
+
+    # The clear error for ordered callbacks on several devices.
+    try:
+        callback_wrapper(print, ordered=True)(weights)
+    except ValueError as err:
+        report["ordered"] = "spread over 4 devices" in str(err)
+
+    # serialize gathers sharded arrays; deserialize loads them back.
+    class Sharded(Serializable):
+        table: jax.Array
+    with tempfile.TemporaryDirectory() as folder:
+        Sharded(table).serialize(folder + "/sharded")
+        loaded = Sharded.deserialize(folder + "/sharded", jnp.zeros((8, 4)))
+    report["serialize"] = bool(np.array_equal(loaded.table, grid))
+    print(json.dumps(report, sort_keys=True))
+    """
+)
+
+
+def test_on_four_cpu_devices():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    result = subprocess.run(
+        [sys.executable, "-c", _FOUR_DEVICES],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report == {
+        "ordered": True,
+        "partitioned": True,
+        "scan": True,
+        "serialize": True,
+        "unstack": True,
+    }
+
+
 #
 # The project: public names, README and CI
 #
