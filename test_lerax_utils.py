@@ -441,7 +441,7 @@ def test_filter_scan_array_carry_leaf_returned_as_object_is_an_error():
 
 def test_filter_scan_array_carry_leaf_may_come_back_as_python_number():
     init = {"x": jnp.float32(3.0), "label": "a"}
-    expected = jax.lax.scan(lambda c, _: (0.5, None), init["x"], length=2)[0]
+    expected = jax.lax.scan(lambda c, _: (0.5, None), init["x"], None, length=2)[0]
     (final, _) = filter_scan(lambda c, _: ({**c, "x": 0.5}, None), init, length=2)
     assert_identical(final, {"x": expected, "label": "a"}, weak_types=True)
 
@@ -548,7 +548,7 @@ def test_filter_scan_retraced_step_with_consistent_outputs_matches_lax_scan():
         return carry + 0.5, ("label", carry)
 
     expected_carry, expected_ys = jax.lax.scan(
-        lambda c, x: (c + 0.5, c), jnp.asarray(0), length=3
+        lambda c, x: (c + 0.5, c), jnp.asarray(0), None, length=3
     )
     carry, (label, ys) = filter_scan(step, jnp.asarray(0), length=3)
     assert label == "label"
