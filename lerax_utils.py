@@ -79,6 +79,11 @@ _KeyPath = tuple[Any, ...]
 _PYTHON_SCALARS = (bool, int, float, complex)
 
 
+def _is_key_array(array: Any) -> bool:
+    """Whether `array` holds typed PRNG keys (`jax.random.key`, not raw uint32 data)."""
+    return jnp.issubdtype(array.dtype, jax.dtypes.prng_key)
+
+
 def _describe_leaf(leaf: Any) -> str:
     if eqx.is_array(leaf):
         return f"an array of shape {tuple(leaf.shape)} and dtype {leaf.dtype}"
@@ -865,7 +870,7 @@ def _wrap_for_host(
         key_impls = {
             index: jax.random.key_impl(array)
             for index, array in enumerate(arrays)
-            if jnp.issubdtype(array.dtype, jax.dtypes.prng_key)
+            if _is_key_array(array)
         }
         arrays = [
             jax.random.key_data(array) if index in key_impls else array
@@ -1205,10 +1210,6 @@ def _encode(model: Any) -> tuple[dict[str, Any], list[Any]]:
         "structure": _structure(model),
     }
     return header, blocks
-
-
-def _is_key_array(array: Any) -> bool:
-    return jnp.issubdtype(array.dtype, jax.dtypes.prng_key)
 
 
 def _key_impl_name(key: jax.Array) -> str:
