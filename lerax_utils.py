@@ -543,9 +543,10 @@ def unstack_pytree(tree: _Tree, *, axis: int = 0) -> list[_Tree]:
     int.
 
     It works inside `jax.jit`, where the number of slices is static. Outside `jit`,
-    JAX leaves are sliced by one small compiled program per index, shared by all the
-    leaves: no program with one output per slice is ever compiled, so the first call
-    on a new shape costs little more than later ones.
+    JAX leaves are sliced by small compiled programs shared by all the leaves: one
+    slice per call the first time a set of shapes is seen, then eight slices per call.
+    No program with one output per slice is ever compiled, so even the first call on
+    a new shape is cheap.
 
     **Example:**
 
@@ -613,21 +614,57 @@ def _unstack_columns(
             jax_groups.setdefault(leaf.sharding, []).append(position)
     for positions in jax_groups.values():
         group = [leaves[position] for position in positions]
-        group_axes = tuple(axes[position] for position in positions)
-        rows = [_index_each(group, index, axes=group_axes) for index in range(length)]
+        rows = _slice_rows(
+            group, tuple(axes[position] for position in positions), length
+        )
         for column, position in enumerate(positions):
             columns[position] = [row[column] for row in rows]
     return columns
 
 
-@functools.partial(jax.jit, static_argnames="axes")
-def _index_each(
-    leaves: list[jax.Array], index: int, *, axes: tuple[int, ...]
-) -> list[jax.Array]:
-    """Slice `index` out of every leaf along its axis: one program for all indices."""
+# Concrete JAX leaves are sliced by compiled programs that each return `count`
+# consecutive slices of every leaf. A program's compile time grows with its number of
+# outputs, and its calls get cheaper per slice, so the first call on a new group of
+# shapes uses one slice per call (quick to compile), and later calls use
+# `_UNSTACK_ROWS_PER_CALL` (tiered, as a JIT compiler does).
+_UNSTACK_ROWS_PER_CALL = 8
+_unstack_signatures_seen: set[Any] = set()
+
+
+def _slice_rows(
+    group: list[jax.Array], axes: tuple[int, ...], length: int
+) -> list[list[jax.Array]]:
+    """`rows[i][j]`: slice `i` of `group[j]` along `axes[j]`."""
+    if length == 0:
+        return []
+    signature = (
+        tuple((leaf.shape, leaf.dtype, leaf.sharding) for leaf in group),
+        axes,
+    )
+    count = 1
+    if signature in _unstack_signatures_seen:
+        count = min(_UNSTACK_ROWS_PER_CALL, length)
+    _unstack_signatures_seen.add(signature)
+    rows: list[list[jax.Array]] = []
+    for start in range(0, length, count):
+        # A last, short chunk overlaps the one before, so `count` never changes.
+        start = min(start, length - count)
+        chunk = _index_rows(group, start, axes=axes, count=count)
+        rows.extend(chunk[len(rows) - start :])
+    return rows
+
+
+@functools.partial(jax.jit, static_argnames=("axes", "count"))
+def _index_rows(
+    leaves: list[jax.Array], start: int, *, axes: tuple[int, ...], count: int
+) -> list[list[jax.Array]]:
+    """Slices `start` to `start + count` of every leaf, along each leaf's axis."""
     return [
-        jax.lax.dynamic_index_in_dim(leaf, index, axis, keepdims=False)
-        for leaf, axis in zip(leaves, axes, strict=True)
+        [
+            jax.lax.dynamic_index_in_dim(leaf, start + offset, axis, keepdims=False)
+            for leaf, axis in zip(leaves, axes, strict=True)
+        ]
+        for offset in range(count)
     ]
 
 

@@ -938,6 +938,21 @@ def test_unstack_pytree_keeps_jax_leaves_on_their_device():
         assert piece["a"].devices() == {device}
 
 
+@pytest.mark.parametrize("length", [1, 7, 8, 21])
+def test_unstack_pytree_agrees_on_first_and_later_calls(length):
+    # Later calls on the same shapes slice several rows per call; the last chunk
+    # overlaps the one before it when `length` is not a multiple of the chunk.
+    data = np.arange(length * 6, dtype=np.float32).reshape(length, 2, 3)
+    tree = {"a": jnp.asarray(data), "b": [jnp.asarray(data[:, 0] > 5)]}
+    expected = [
+        {"a": jnp.asarray(data[i]), "b": [jnp.asarray(data[i, 0] > 5)]}
+        for i in range(length)
+    ]
+    for _ in range(3):
+        assert_identical(unstack_pytree(tree), expected)
+        assert_identical(unstack_pytree(tree, axis=0), expected)
+
+
 def test_unstack_pytree_of_zero_length_is_empty():
     assert unstack_pytree({"a": jnp.zeros((0, 3)), "b": np.zeros(0)}) == []
 
