@@ -44,6 +44,7 @@ import contextlib
 import dataclasses
 import enum
 import functools
+import gc
 import inspect
 import json
 import math
@@ -52,7 +53,7 @@ import pathlib
 import struct
 import tempfile
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import IO, Any, ParamSpec, TypeVar
 
 import equinox as eqx
@@ -583,14 +584,33 @@ def unstack_pytree(tree: _Tree, *, axis: int = 0) -> list[_Tree]:
             "or unstack the parts separately."
         )
     length = next(iter(sizes.values()))
-    columns = _unstack_columns(leaves, axes, length)
-    slices = []
-    for index in range(length):
-        row = list(leaves)
-        for position, column in columns.items():
-            row[position] = column[index]
-        slices.append(treedef.unflatten(row))
+    with _cyclic_gc_paused():
+        columns = _unstack_columns(leaves, axes, length)
+        slices = []
+        for index in range(length):
+            row = list(leaves)
+            for position, column in columns.items():
+                row[position] = column[index]
+            slices.append(treedef.unflatten(row))
     return slices
+
+
+@contextlib.contextmanager
+def _cyclic_gc_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector; restore its previous state after.
+
+    Splitting a batch creates thousands of arrays, lists and dicts at once. Each of
+    them counts towards the collector's next pass, and every tenth pass or so walks the
+    whole heap, which is large once JAX is imported. None of these objects forms a
+    reference cycle, so pausing the collector while they are built loses nothing.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _unstack_columns(
@@ -625,8 +645,9 @@ def _unstack_columns(
 # Concrete JAX leaves are sliced by compiled programs that each return `count`
 # consecutive slices of every leaf. A program's compile time grows with its number of
 # outputs, and its calls get cheaper per slice, so the first call on a new group of
-# shapes uses one slice per call (quick to compile), and later calls use
-# `_UNSTACK_ROWS_PER_CALL` (tiered, as a JIT compiler does).
+# shapes takes `_UNSTACK_ROWS_FIRST_CALL` slices per call (quick to compile), and
+# later calls take `_UNSTACK_ROWS_PER_CALL` (tiered, as a JIT compiler does).
+_UNSTACK_ROWS_FIRST_CALL = 1
 _UNSTACK_ROWS_PER_CALL = 8
 _unstack_signatures_seen: set[Any] = set()
 
@@ -641,7 +662,7 @@ def _slice_rows(
         tuple((leaf.shape, leaf.dtype, leaf.sharding) for leaf in group),
         axes,
     )
-    count = 1
+    count = min(_UNSTACK_ROWS_FIRST_CALL, length)
     if signature in _unstack_signatures_seen:
         count = min(_UNSTACK_ROWS_PER_CALL, length)
     _unstack_signatures_seen.add(signature)

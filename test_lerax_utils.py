@@ -4,6 +4,7 @@ Hypothesis profiles: `ci` is deterministic and is chosen when the `CI` environme
 variable is set; `dev` is random and quicker. Set `HYPOTHESIS_PROFILE` to pick one.
 """
 
+import gc
 import inspect
 import json
 import os
@@ -951,6 +952,24 @@ def test_unstack_pytree_agrees_on_first_and_later_calls(length):
     for _ in range(3):
         assert_identical(unstack_pytree(tree), expected)
         assert_identical(unstack_pytree(tree, axis=0), expected)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_unstack_pytree_leaves_the_garbage_collector_as_it_found_it(enabled):
+    # unstack_pytree pauses the cyclic collector while it builds the slices.
+    tree = {"a": jnp.arange(6.0).reshape(3, 2), "b": np.arange(3)}
+    was_enabled = gc.isenabled()
+    (gc.enable if enabled else gc.disable)()
+    try:
+        unstack_pytree(tree)
+        assert gc.isenabled() is enabled
+        with pytest.raises(RuntimeError, match="inside"):
+            with lerax_utils._cyclic_gc_paused():
+                assert not gc.isenabled()
+                raise RuntimeError("inside")
+        assert gc.isenabled() is enabled
+    finally:
+        (gc.enable if was_enabled else gc.disable)()
 
 
 def test_unstack_pytree_of_zero_length_is_empty():
