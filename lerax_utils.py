@@ -662,14 +662,11 @@ def _slice_rows(
         tuple((leaf.shape, leaf.dtype, leaf.sharding) for leaf in group),
         axes,
     )
-    count = min(_UNSTACK_ROWS_FIRST_CALL, length)
-    if signature in _unstack_signatures_seen:
-        count = min(_UNSTACK_ROWS_PER_CALL, length)
+    seen = signature in _unstack_signatures_seen
     _unstack_signatures_seen.add(signature)
+    count = min(_UNSTACK_ROWS_PER_CALL if seen else _UNSTACK_ROWS_FIRST_CALL, length)
     rows: list[list[jax.Array]] = []
-    for start in range(0, length, count):
-        # A last, short chunk overlaps the one before, so `count` never changes.
-        start = min(start, length - count)
+    for start in _chunk_starts(length, count):
         chunk = _index_rows(group, start, axes=axes, count=count)
         rows.extend(chunk[len(rows) - start :])
     return rows
@@ -790,11 +787,8 @@ def _stack_column(column: list[Any], axis: int) -> Any:
     length = len(column)
     if length <= _STACK_CHUNK or any(isinstance(x, jax.core.Tracer) for x in column):
         return jnp.stack(column, axis=axis)
-    # Fill the result in fixed-size chunks; the last chunk overlaps the one before it
-    # rather than having a size of its own, so only two small programs are compiled.
-    starts = [
-        min(start, length - _STACK_CHUNK) for start in range(0, length, _STACK_CHUNK)
-    ]
+    # Fill the result in fixed-size chunks, so only two small programs are compiled.
+    starts = _chunk_starts(length, _STACK_CHUNK)
     out = _stack_first_chunk(*column[:_STACK_CHUNK], length=length, axis=axis)
     for start in starts[1:]:
         chunk = column[start : start + _STACK_CHUNK]
@@ -817,6 +811,15 @@ def _stack_chunk_into(
 ) -> jax.Array:
     stacked = jnp.stack(chunk, axis=axis)
     return jax.lax.dynamic_update_slice_in_dim(out, stacked, start, axis)
+
+
+def _chunk_starts(length: int, size: int) -> list[int]:
+    """Starts of chunks of `size` items that cover `range(length)` (`size <= length`).
+
+    A last, short chunk overlaps the one before it instead, so every chunk has the
+    same size and one compiled program serves them all.
+    """
+    return [min(start, length - size) for start in range(0, length, size)]
 
 
 def _check_axis_is_int(function: str, axis: Any) -> None:
@@ -1433,19 +1436,18 @@ def _read_checkpoint(file: IO[bytes], skeleton: Any, source: str) -> Any:
     )
 
 
+_ARRAY_ENTRY_FIELDS = {
+    "path": str,
+    "kind": str,
+    "dtype": str,
+    "shape": list,
+    "nbytes": int,
+}
 _ENTRY_FIELDS = {
     "scalar": {"path": str, "kind": str, "value": list},
-    "jax": {"path": str, "kind": str, "dtype": str, "shape": list, "nbytes": int},
-    "numpy": {"path": str, "kind": str, "dtype": str, "shape": list, "nbytes": int},
-    "key": {
-        "path": str,
-        "kind": str,
-        "dtype": str,
-        "shape": list,
-        "nbytes": int,
-        "impl": str,
-        "key_shape": list,
-    },
+    "jax": _ARRAY_ENTRY_FIELDS,
+    "numpy": _ARRAY_ENTRY_FIELDS,
+    "key": {**_ARRAY_ENTRY_FIELDS, "impl": str, "key_shape": list},
 }
 
 
