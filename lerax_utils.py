@@ -48,6 +48,7 @@ import gc
 import inspect
 import json
 import math
+import operator
 import os
 import pathlib
 import struct
@@ -80,23 +81,69 @@ _KeyPath = tuple[Any, ...]
 _PYTHON_SCALARS = (bool, int, float, complex)
 
 
+def _is_python_number(leaf: Any) -> bool:
+    """Whether `leaf` is a plain Python bool, int, float or complex (not a subclass
+    such as an `IntEnum`, which stays an ordinary static value)."""
+    return type(leaf) in _PYTHON_SCALARS
+
+
+def _same_python_number(old: Any, new: Any) -> bool:
+    """Whether `old` and `new` are Python numbers of the same type and value, floats
+    compared by their bits: two NaNs with the same payload are the same, and `0.0`
+    and `-0.0` are not."""
+    if type(old) is not type(new) or type(old) not in _PYTHON_SCALARS:
+        return False
+    if type(old) is float:
+        return struct.pack("<d", old) == struct.pack("<d", new)
+    if type(old) is complex:
+        return _same_python_number(old.real, new.real) and _same_python_number(
+            old.imag, new.imag
+        )
+    return old == new
+
+
 def _is_key_array(array: Any) -> bool:
     """Whether `array` holds typed PRNG keys (`jax.random.key`, not raw uint32 data)."""
     return jnp.issubdtype(array.dtype, jax.dtypes.prng_key)
 
 
+def _safe_repr(value: Any) -> str:
+    """`repr(value)`, or a placeholder naming its type if that `__repr__` raises."""
+    try:
+        return repr(value)
+    except Exception:
+        return f"<{type(value).__name__} object whose repr raised>"
+
+
 def _describe_leaf(leaf: Any) -> str:
     if eqx.is_array(leaf):
         return f"an array of shape {tuple(leaf.shape)} and dtype {leaf.dtype}"
-    return f"{type(leaf).__name__} {leaf!r}"
+    return f"{type(leaf).__name__} {_safe_repr(leaf)}"
 
 
 def _static_leaves_equal(old: Any, new: Any) -> bool:
-    """Whether two non-array leaves are the same static value, type included."""
+    """Whether two non-array leaves are the same static value, type included.
+
+    Python numbers compare by bits (see `_same_python_number`), and
+    `functools.partial` objects by their function, arguments and keywords.
+    """
     if old is new:
         return True
     if type(old) is not type(new):
         return False
+    if _is_python_number(old):
+        return _same_python_number(old, new)
+    if isinstance(old, functools.partial):
+        return (
+            _static_leaves_equal(old.func, new.func)
+            and len(old.args) == len(new.args)
+            and all(map(_static_leaves_equal, old.args, new.args))
+            and old.keywords.keys() == new.keywords.keys()
+            and all(
+                _static_leaves_equal(value, new.keywords[name])
+                for name, value in old.keywords.items()
+            )
+        )
     try:
         return bool(old == new)
     except Exception:  # An `__eq__` that raises or returns something ambiguous.
@@ -204,10 +251,56 @@ def _structure_difference(old: Any, new: Any, path: _KeyPath) -> tuple[str, str]
 #
 # Control flow: filter_scan, filter_cond
 #
+# Each function splits its pytrees into the leaves that JAX traces and the rest,
+# which stay Python values, runs the `jax.lax` primitive on the traced part, and puts
+# the two back together. The leaves are kept as flat lists beside a boolean mask, so
+# that a leaf's place in the user's tree is its index in the list.
 
 _SCAN_TAKES_SPLIT_TRANSPOSE = (
     "_split_transpose" in inspect.signature(jax.lax.scan).parameters
 )
+
+
+def _is_traced_output(leaf: Any) -> bool:
+    """Outputs that JAX itself accepts: arrays, and Python numbers (which it makes
+    weakly typed arrays)."""
+    return eqx.is_array(leaf) or _is_python_number(leaf)
+
+
+def _with_static_holes(treedef: Any, leaves: list[Any], traced: list[bool]) -> Any:
+    """The traced part of a tree: its traced leaves, and `None` everywhere else."""
+    return treedef.unflatten(
+        [x if t else None for x, t in zip(leaves, traced, strict=True)]
+    )
+
+
+def _fill_static_holes(
+    traced_tree: Any, treedef: Any, static_leaves: list[Any], traced: list[bool]
+) -> Any:
+    """The inverse of `_with_static_holes`: the traced leaves come from `traced_tree`
+    in order, and the static ones from `static_leaves`."""
+    traced_leaves = iter(jtu.tree_leaves(traced_tree))
+    return treedef.unflatten(
+        [
+            next(traced_leaves) if t else x
+            for x, t in zip(static_leaves, traced, strict=True)
+        ]
+    )
+
+
+def _named_after(fun: Callable[..., Any]) -> Callable[[Callable[..., _Out]], Any]:
+    """Give a wrapper `fun`'s name, signature and source location, so that JAX's own
+    messages about the wrapper speak of the user's function and parameter names."""
+    return functools.wraps(fun, updated=())
+
+
+class _PromoteCarryNumbers(Exception):
+    """Raised from inside a trace of `filter_scan`'s step: these carry leaves are Python
+    numbers that `f` changed, so they must be traced. Never reaches the user."""
+
+    def __init__(self, indices: frozenset[int]):
+        super().__init__(indices)
+        self.indices = indices
 
 
 def filter_scan(
@@ -220,38 +313,52 @@ def filter_scan(
     _split_transpose: bool = False,
 ) -> tuple[_Carry, _Y]:
     """As `jax.lax.scan`, except that `init`, `xs` and the outputs of `f` may be any
-    pytree. Array leaves are traced; every other leaf is static.
+    pytree. Array leaves are traced; Python numbers are traced once they change; every
+    other leaf is static.
 
     Use it to loop with an Equinox module in the carry: its parameters are traced and
-    its activation functions, strings and Python scalars ride along unchanged.
+    its activation functions, strings and hyperparameters ride along unchanged.
 
     **Arguments:**
 
-    - `f`: the step, `f(carry, x) -> (new_carry, y)`. It may be a plain function, a
-        bound method or an `eqx.Partial`.
-    - `init`: the initial carry. JAX arrays, NumPy arrays and typed PRNG key arrays are
-        traced (NumPy arrays come back as JAX arrays). Every other leaf is static:
-        `new_carry` must hold the same value there, and the same structure overall.
+    - `f`: the step, `f(carry, x) -> (new_carry, y)`; the pair may be a tuple or a
+        list. It may be a plain function, a bound method or an `eqx.Partial`.
+    - `init`: the initial carry. Its leaves are of three kinds.
+        - Arrays (JAX, NumPy, typed PRNG keys) are traced, as in `jax.lax.scan`.
+        - Python numbers (`bool`, `int`, `float`, `complex`) that `f` gives back
+          unchanged (same type, same bits) stay Python values inside the loop and in
+          the final carry. A number that `f` changes (to another number or to an
+          array) is traced exactly as `jax.lax.scan` traces it, as a weakly typed
+          array, and the final carry holds an array there. `f` is then traced a
+          second time; nothing is traced twice when no number changes.
+        - Every other leaf (functions, strings, `None`-free static fields of modules)
+          is static: `new_carry` must hold an equal value there.
     - `xs`: the inputs, sliced along the leading axis of every array leaf. Non-array
         leaves are passed unchanged to every step. `None` if there are no inputs.
-    - `length`: the number of steps. Required when `xs` holds no arrays; otherwise it
-        must equal their leading size.
+    - `length`: the number of steps, a concrete whole number (a Python int, a NumPy
+        integer or a 0-d array). Required when `xs` holds no arrays; otherwise it must
+        equal their leading size.
     - `reverse`, `unroll`: as `jax.lax.scan`.
     - `_split_transpose`: as `jax.lax.scan`; ignored by versions of JAX that no
         longer accept it (it never changes results).
 
     **Returns:**
 
-    `(final_carry, ys)`. Array leaves of `y` are stacked along a new leading axis; its
-    non-array leaves are returned once, unstacked, as `eqx.filter_vmap` returns a
-    batch of modules.
+    `(final_carry, ys)`. Array and Python-number leaves of `y` are stacked along a new
+    leading axis, as `jax.lax.scan` stacks them; other leaves are returned once,
+    unstacked, as `eqx.filter_vmap` returns a batch of modules.
 
     **Raises:**
 
-    - `ValueError` if a static carry leaf changes, if a Python scalar in the carry
-        comes back as an array, if `xs` has inconsistent leading sizes, or if `length`
-        disagrees with `xs`. The message names the leaf path.
-    - `TypeError` if `f` is not callable or does not return a pair.
+    The exception types are those of `jax.lax.scan` for the same mistakes:
+
+    - `TypeError` if `f` is not callable or does not return a pair, if the carry
+        changes structure, if a traced carry leaf comes back as something that is not
+        an array or a number, or (from JAX) if it changes shape or dtype.
+    - `ValueError` if `xs` has inconsistent leading sizes, if `length` disagrees with
+        them or is negative, or if `unroll` is negative; also if a static carry leaf
+        changes, which is ours alone. Messages name the leaf path.
+    - `jax.errors.ConcretizationTypeError` if `length` is traced.
 
     Under `jax.jit`, `jax.vmap` and `jax.grad` it behaves as `jax.lax.scan`: on a tree
     whose leaves are all arrays it builds exactly the same program.
@@ -267,70 +374,82 @@ def filter_scan(
     mlp = eqx.nn.MLP(2, 2, width_size=8, depth=1, key=jax.random.key(0))
 
     def step(state, _):
-        model, x = state
+        model, x, steps = state
         x = model(x)
-        return (model, x), x
+        return (model, x, steps + 1), x
 
-    (mlp, x), xs = filter_scan(step, (mlp, jnp.ones(2)), length=5)
-    print(xs.shape)  # (5, 2)
+    (mlp, x, steps), xs = filter_scan(step, (mlp, jnp.ones(2), 0), length=5)
+    print(xs.shape, steps)  # (5, 2) 5
     ```
     """
     if not callable(f):
         raise TypeError(f"filter_scan: `f` must be callable; got {_describe_leaf(f)}.")
     length = _scan_length(xs, length)
+    unroll = _scan_unroll(unroll)
+    options = (
+        {"_split_transpose": _split_transpose} if _SCAN_TAKES_SPLIT_TRANSPOSE else {}
+    )
+    lax_options = dict(length=length, reverse=reverse, unroll=unroll, **options)
+    promoted: frozenset[int] = frozenset()
+    while True:
+        try:
+            return _scan_once(f, init, xs, promoted, lax_options)
+        except _PromoteCarryNumbers as request:
+            promoted |= request.indices
 
-    init_traced, init_static = eqx.partition(init, eqx.is_array)
-    xs_traced, xs_static = eqx.partition(xs, eqx.is_array)
-    ys_per_trace: list[Any] = []
 
-    def step(carry_traced: Any, x_traced: Any) -> tuple[Any, Any]:
-        carry = eqx.combine(carry_traced, init_static)
-        x = eqx.combine(x_traced, xs_static)
+def _scan_once(
+    f: Callable[[Any, Any], Any],
+    init: Any,
+    xs: Any,
+    promoted: frozenset[int],
+    lax_options: dict[str, Any],
+) -> Any:
+    """One attempt at `filter_scan`, tracing the carry's arrays and the Python numbers
+    at the flat indices `promoted`."""
+    init_leaves, init_def = jtu.tree_flatten(init)
+    carry_traced = [
+        eqx.is_array(leaf) or i in promoted for i, leaf in enumerate(init_leaves)
+    ]
+    xs_leaves, xs_def = jtu.tree_flatten(xs)
+    xs_traced = [eqx.is_array(leaf) for leaf in xs_leaves]
+    ys_per_trace: list[tuple[Any, list[Any], list[bool]]] = []
+
+    @_named_after(f)
+    def step(carry: Any, x: Any) -> tuple[Any, Any]:
+        carry = _fill_static_holes(carry, init_def, init_leaves, carry_traced)
+        x = _fill_static_holes(x, xs_def, xs_leaves, xs_traced)
         out = f(carry, x)
-        if not isinstance(out, tuple) or len(out) != 2:
+        if not isinstance(out, tuple | list) or len(out) != 2:
             raise TypeError(
                 "filter_scan: `f` must return a pair `(new_carry, y)`; got "
                 f"{_describe_leaf(out)}."
             )
         new_carry, y = out
-        ys_per_trace.append(y)
-        return _traced_part_of_new_carry(init, new_carry), eqx.filter(y, eqx.is_array)
+        new_carry = _check_new_carry(init, init_leaves, carry_traced, new_carry)
+        y_leaves, y_def = jtu.tree_flatten(y)
+        y_traced = [_is_traced_output(leaf) for leaf in y_leaves]
+        ys_per_trace.append((y_def, y_leaves, y_traced))
+        return new_carry, _with_static_holes(y_def, y_leaves, y_traced)
 
-    options = (
-        {"_split_transpose": _split_transpose} if _SCAN_TAKES_SPLIT_TRANSPOSE else {}
-    )
-    final_traced, ys_traced = jax.lax.scan(
+    final, ys = jax.lax.scan(
         step,
-        init_traced,
-        xs_traced,
-        length=length,
-        reverse=reverse,
-        unroll=unroll,
-        **options,
+        _with_static_holes(init_def, init_leaves, carry_traced),
+        _with_static_holes(xs_def, xs_leaves, xs_traced),
+        **lax_options,
     )
-    for later in ys_per_trace[1:]:
-        difference = _tree_difference(ys_per_trace[0], later)
-        if difference is not None:
-            path, message = difference
-            raise ValueError(
-                f"filter_scan: the non-array part of `f`'s output `y` differs between "
-                f"two traces of `f`: {_where(path)} it {message}. JAX may trace `f` "
-                "more than once, and each trace must give the same static outputs. "
-                "Return arrays for values that vary, or make the static values "
-                "independent of how often `f` is called."
-            )
-    ys_static = eqx.filter(ys_per_trace[0], eqx.is_array, inverse=True)
-    return eqx.combine(final_traced, init_static), eqx.combine(ys_traced, ys_static)
+    y_def, y_leaves, y_traced = ys_per_trace[0]
+    _check_static_outputs_agree(ys_per_trace)
+    return (
+        _fill_static_holes(final, init_def, init_leaves, carry_traced),
+        _fill_static_holes(ys, y_def, y_leaves, y_traced),
+    )
 
 
-def _scan_length(xs: Any, length: int | None) -> int:
+def _scan_length(xs: Any, length: Any) -> int:
     """The number of steps, checked against the leading sizes of `xs`'s arrays."""
     if length is not None:
-        if isinstance(length, bool) or not isinstance(length, int):
-            raise TypeError(
-                f"filter_scan: `length` must be a Python int or None; got "
-                f"{_describe_leaf(length)}."
-            )
+        length = _whole_number("length", length)
         if length < 0:
             raise ValueError(
                 f"filter_scan: `length` must be non-negative; got {length}."
@@ -370,48 +489,127 @@ def _scan_length(xs: Any, length: int | None) -> int:
     return size
 
 
-def _traced_part_of_new_carry(init: Any, new_carry: Any) -> Any:
-    """Check `f`'s new carry against `init`, then keep the leaves that are traced.
-
-    Where `init` holds an array, `new_carry` may hold an array or a Python scalar (as
-    `jax.lax.scan` allows, which then checks shapes and dtypes). Elsewhere it must hold
-    the same static value. The result has `None` at static positions, exactly as
-    `eqx.partition(init, eqx.is_array)` does.
-    """
-    init_leaves, carry_def = jtu.tree_flatten_with_path(init)
-    new_leaves, new_def = jtu.tree_flatten(new_carry)
-    if new_def != carry_def:
-        path, message = _structure_difference(init, new_carry, ())
-        raise ValueError(_carry_error(path, message, old=None))
-    traced_leaves = []
-    for (path, old), new in zip(init_leaves, new_leaves, strict=True):
-        if eqx.is_array(old) and isinstance(new, _PYTHON_SCALARS):
-            message = None
-        else:
-            message = _leaf_difference(old, new)
-        if message is not None:
-            raise ValueError(_carry_error(jtu.keystr(path), message, old))
-        traced_leaves.append(new if eqx.is_array(old) else None)
-    return carry_def.unflatten(traced_leaves)
-
-
-def _carry_error(path: str, message: str, old: Any) -> str:
-    if eqx.is_array(old):
-        fix = (
-            "Return an array (or a Python number) there, with the same shape and dtype "
-            "as in `init`."
-        )
+def _whole_number(name: str, value: Any) -> int:
+    """A concrete whole number from a Python or NumPy number or a 0-d array."""
+    if isinstance(value, str | bytes):
+        whole = None
     else:
-        fix = (
-            "Only array leaves of the carry may change from step to step. If this "
-            "value must change, make it an array in `init` with `jnp.asarray`; "
-            "otherwise keep it out of the carry (close over it in `f`, or pass it in "
-            "`xs`)."
+        try:
+            whole = int(value)
+        except jax.errors.ConcretizationTypeError:
+            raise jax.errors.ConcretizationTypeError(
+                value,
+                f"filter_scan: `{name}` must be concrete, but it is traced. Pass a "
+                "Python int, or compute it outside `jax.jit` (mark it static with "
+                "`static_argnums`). For a loop whose length is only known inside the "
+                "computation, use `jax.lax.while_loop`.",
+            ) from None
+        except (TypeError, ValueError, OverflowError):
+            whole = None
+    if whole is None or bool(whole != value):
+        raise TypeError(
+            f"filter_scan: `{name}` must be a whole number (a Python int, a NumPy "
+            f"integer or a 0-d integer array); got {_describe_leaf(value)}."
         )
+    return whole
+
+
+def _scan_unroll(unroll: Any) -> Any:
+    """`unroll` as `jax.lax.scan` takes it: a bool, or a whole number it checks."""
+    if isinstance(unroll, bool | np.bool_ | jax.core.Tracer):
+        return unroll  # `jax.lax.scan` interprets bools, and rejects tracers itself.
+    try:
+        as_int = operator.index(unroll)
+    except TypeError:
+        raise TypeError(
+            "filter_scan: `unroll` must be a bool or a non-negative int; got "
+            f"{_describe_leaf(unroll)}."
+        ) from None
+    if as_int < 0:
+        raise ValueError(
+            f"filter_scan: `unroll` must be a bool or a non-negative int; got {as_int}."
+        )
+    return as_int
+
+
+def _check_new_carry(
+    init: Any, init_leaves: list[Any], traced: list[bool], new_carry: Any
+) -> Any:
+    """Check `f`'s new carry against `init`, and return its traced part.
+
+    Traced positions may hold any array or Python number (`jax.lax.scan` then checks
+    shapes and dtypes). A Python number that changed asks for a new trace with that
+    leaf traced. Every other leaf must be unchanged.
+    """
+    new_leaves, new_def = jtu.tree_flatten(new_carry)
+    if new_def != jtu.tree_structure(init):
+        path, message = _structure_difference(init, new_carry, ())
+        kind = "static" if message.startswith("is a static field") else "structure"
+        raise TypeError(_carry_error(path, message, kind))
+    to_promote: set[int] = set()
+    paths = None
+    for i, (old, new, is_traced) in enumerate(
+        zip(init_leaves, new_leaves, traced, strict=True)
+    ):
+        if is_traced or _is_python_number(old):
+            if not _is_traced_output(new):
+                paths = paths or [p for p, _ in jtu.tree_flatten_with_path(init)[0]]
+                message = f"was {_describe_leaf(old)} and is now {_describe_leaf(new)}"
+                raise TypeError(_carry_error(jtu.keystr(paths[i]), message, "traced"))
+            if not is_traced and not _same_python_number(old, new):
+                to_promote.add(i)
+            continue
+        message = _leaf_difference(old, new)
+        if message is not None:
+            paths = paths or [p for p, _ in jtu.tree_flatten_with_path(init)[0]]
+            raise ValueError(_carry_error(jtu.keystr(paths[i]), message, "static"))
+    if to_promote:
+        raise _PromoteCarryNumbers(frozenset(to_promote))
+    return _with_static_holes(new_def, new_leaves, traced)
+
+
+def _carry_error(path: str, message: str, kind: str) -> str:
+    fix = {
+        "structure": "The carry must keep the structure of `init` from step to step.",
+        "traced": (
+            "Return an array or a Python number there, with the same shape and dtype "
+            "as in `init`."
+        ),
+        "static": (
+            "Only arrays and Python numbers in the carry may change from step to step. "
+            "If this value must change, make it an array in `init` with "
+            "`jnp.asarray`; otherwise keep it out of the carry (close over it in `f`, "
+            "or pass it in `xs`)."
+        ),
+    }[kind]
     return (
         "filter_scan: `f` returned a carry that differs from `init` "
         f"{_where(path)}: it {message}. {fix}"
     )
+
+
+def _check_static_outputs_agree(
+    ys_per_trace: list[tuple[Any, list[Any], list[bool]]],
+) -> None:
+    """JAX may trace `f` more than once; each trace must give the same static `y`."""
+    static_parts = [
+        _with_static_holes(y_def, y_leaves, [not t for t in y_traced])
+        for y_def, y_leaves, y_traced in ys_per_trace
+    ]
+    for later in static_parts[1:]:
+        difference = _tree_difference(static_parts[0], later)
+        if difference is not None:
+            path, message = difference
+            raise ValueError(
+                f"filter_scan: the non-array part of `f`'s output `y` differs between "
+                f"two traces of `f`: {_where(path)} it {message}. JAX may trace `f` "
+                "more than once, and each trace must give the same static outputs. "
+                "Return arrays for values that vary, or make the static values "
+                "independent of how often `f` is called."
+            )
+
+
+_NO_OPERAND = object()
 
 
 def filter_cond(
@@ -419,30 +617,38 @@ def filter_cond(
     true_fun: Callable[..., _Out],
     false_fun: Callable[..., _Out],
     *operands: Any,
+    operand: Any = _NO_OPERAND,
 ) -> _Out:
     """As `jax.lax.cond`, except that the operands and outputs may be any pytree.
 
-    Array leaves of `operands` are traced; every other leaf is passed to both branches
-    unchanged. Only the chosen branch runs: under `jax.jit` this is a real `cond`, not
-    a computation of both branches followed by a select.
+    Array leaves of `operands` are traced; every other leaf, Python numbers included,
+    is passed to both branches unchanged. Only the chosen branch runs: under `jax.jit`
+    this is a real `cond`, not a computation of both branches followed by a select.
 
     **Arguments:**
 
-    - `pred`: a scalar boolean (or integer) array, or a Python bool.
+    - `pred`: a scalar boolean or number (array or Python value), as for
+        `jax.lax.cond`.
     - `true_fun`, `false_fun`: called as `fun(*operands)`. They must return pytrees of
-        the same structure, arrays of the same shape and dtype, and equal non-array
-        leaves.
-    - `*operands`: the arguments to the branches.
+        the same structure. At each leaf, both return arrays or Python numbers (of the
+        same shape and dtype, as `jax.lax.cond` requires), or equal static values.
+    - `*operands`: the arguments to the branches. `operand=x` is accepted instead, as
+        `jax.lax.cond` accepts it, and so is its older five-argument form.
 
     **Returns:**
 
-    The output of the chosen branch.
+    The output of the chosen branch. Where both branches return the same Python
+    number (same type, same bits), it stays that number; where they return different
+    numbers, or a number and an array, the output there is the array that
+    `jax.lax.cond` makes.
 
     **Raises:**
 
-    - `TypeError` if a branch is not callable.
-    - `ValueError` if `pred` is not a scalar, or the branches return different
-        structures or different non-array leaves. The message names the leaf path.
+    - `TypeError` if a branch is not callable, if `pred` is not a scalar, or if the
+        branches return different structures or an array or number where the other
+        returns something else (the same types as `jax.lax.cond`).
+    - `ValueError` if the branches return different static values (ours alone). The
+        message names the leaf path.
 
     **Example:**
 
@@ -460,55 +666,114 @@ def filter_cond(
     print(value, label)  # [1. 1. 1.] act
     ```
     """
-    for name, fun in (("true_fun", true_fun), ("false_fun", false_fun)):
-        if not callable(fun):
-            raise TypeError(
-                f"filter_cond: `{name}` must be callable; got {_describe_leaf(fun)}."
+    if not (callable(true_fun) and callable(false_fun)):
+        if callable(false_fun) and len(operands) == 2 and callable(operands[1]):
+            # The older form `cond(pred, true_operand, true_fun, false_operand,
+            # false_fun)`, which `jax.lax.cond` still accepts.
+            true_operand, old_true_fun, false_operand, old_false_fun = (
+                true_fun,
+                false_fun,
+                *operands,
             )
+            return filter_cond(
+                pred,
+                lambda x, _: old_true_fun(x),
+                lambda _, x: old_false_fun(x),
+                true_operand,
+                false_operand,
+            )
+        for name, fun in (("true_fun", true_fun), ("false_fun", false_fun)):
+            if not callable(fun):
+                raise TypeError(
+                    f"filter_cond: `{name}` must be callable; got "
+                    f"{_describe_leaf(fun)}."
+                )
+    if operand is not _NO_OPERAND:
+        if operands:
+            raise TypeError(
+                "filter_cond: pass the operands either positionally or as "
+                f"`operand=`, not both; got `operand=` and {len(operands)} positional "
+                "operand(s)."
+            )
+        operands = (operand,)
     if eqx.is_array(pred) and pred.shape != ():
-        raise ValueError(
+        raise TypeError(
             f"filter_cond: `pred` must be a scalar; got an array of shape "
             f"{tuple(pred.shape)}. Reduce it first, for example with `jnp.any` or "
             "`jnp.all`."
         )
-    operands_traced, operands_static = eqx.partition(operands, eqx.is_array)
-    outputs: dict[str, Any] = {}
+    operand_leaves, operand_def = jtu.tree_flatten(operands)
+    operand_traced = [eqx.is_array(leaf) for leaf in operand_leaves]
+    outputs: dict[str, tuple[Any, list[Any], list[bool]]] = {}
 
-    def branch(name: str, fun: Callable[..., Any]) -> Callable[[Any], Any]:
-        def run(traced: Any) -> Any:
-            outputs[name] = fun(*eqx.combine(traced, operands_static))
-            return eqx.filter(outputs[name], eqx.is_array)
+    def branch(name: str, fun: Callable[..., Any]) -> Callable[..., Any]:
+        @_named_after(fun)
+        def run(*traced: Any) -> Any:
+            args = _fill_static_holes(
+                traced, operand_def, operand_leaves, operand_traced
+            )
+            out = fun(*args)
+            out_leaves, out_def = jtu.tree_flatten(out)
+            out_traced = [_is_traced_output(leaf) for leaf in out_leaves]
+            outputs[name] = (out, out_leaves, out_traced)
+            if len(outputs) == 2:
+                _check_branches_agree(outputs["true_fun"][0], outputs["false_fun"][0])
+            return _with_static_holes(out_def, out_leaves, out_traced)
 
         return run
 
-    def check_branches_agree() -> None:
-        if len(outputs) < 2:  # Only one branch was traced (e.g. `disable_jit`).
-            return
-        difference = _tree_difference(outputs["true_fun"], outputs["false_fun"])
-        if difference is not None:
-            path, message = difference
-            raise ValueError(
-                f"filter_cond: the branches' outputs disagree {_where(path)}: "
-                f"compared with `true_fun`'s output, `false_fun`'s {message}. Both "
-                "branches must return the same structure and the same non-array "
-                "leaves; return arrays for values that differ between branches."
-            )
+    out_traced = jax.lax.cond(
+        pred,
+        branch("true_fun", true_fun),
+        branch("false_fun", false_fun),
+        *_with_static_holes(operand_def, operand_leaves, operand_traced),
+    )
+    (out, out_leaves, traced), *other = outputs.values()
+    traced_results = iter(jtu.tree_leaves(out_traced))
+    leaves = []
+    for i, (leaf, is_traced) in enumerate(zip(out_leaves, traced, strict=True)):
+        if not is_traced:
+            leaves.append(leaf)
+            continue
+        result = next(traced_results)
+        # A number that both branches return unchanged stays that Python number.
+        same = other and _same_python_number(leaf, other[0][1][i])
+        leaves.append(leaf if same else result)
+    return jtu.tree_structure(out).unflatten(leaves)
 
-    try:
-        out_traced = jax.lax.cond(
-            pred,
-            branch("true_fun", true_fun),
-            branch("false_fun", false_fun),
-            operands_traced,
-        )
-    except TypeError:
-        # `lax.cond` rejects branches whose array parts differ in structure; comparing
-        # the whole outputs usually explains why, with a path.
-        check_branches_agree()
-        raise
-    check_branches_agree()
-    out_static = eqx.filter(next(iter(outputs.values())), eqx.is_array, inverse=True)
-    return eqx.combine(out_traced, out_static)
+
+def _check_branches_agree(true_out: Any, false_out: Any) -> None:
+    true_leaves, true_def = jtu.tree_flatten_with_path(true_out)
+    false_leaves, false_def = jtu.tree_flatten(false_out)
+    if true_def != false_def:
+        path, message = _structure_difference(true_out, false_out, ())
+        raise TypeError(_branch_error(path, message))
+    for (path, true_leaf), false_leaf in zip(true_leaves, false_leaves, strict=True):
+        true_is_traced = _is_traced_output(true_leaf)
+        false_is_traced = _is_traced_output(false_leaf)
+        if true_is_traced and false_is_traced:
+            continue  # `jax.lax.cond` checks shapes and dtypes.
+        if true_is_traced or false_is_traced:
+            message = f"is {_describe_leaf(false_leaf)}"
+            raise TypeError(
+                _branch_error(
+                    jtu.keystr(path),
+                    f"{message}, where `true_fun` returns {_describe_leaf(true_leaf)}",
+                )
+            )
+        message = _leaf_difference(true_leaf, false_leaf)
+        if message is not None:
+            raise ValueError(_branch_error(jtu.keystr(path), message))
+
+
+def _branch_error(path: str, message: str) -> str:
+    return (
+        f"filter_cond: the branches' outputs disagree {_where(path)}: compared with "
+        f"`true_fun`'s output, `false_fun`'s {message}. Both branches must return the "
+        "same structure, arrays or Python numbers in the same places, and equal "
+        "static values elsewhere; return arrays for values that differ between "
+        "branches."
+    )
 
 
 #

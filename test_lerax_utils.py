@@ -197,12 +197,21 @@ def python_loop_scan(f, init, xs, length, reverse):
         outputs.append(y)
     if reverse:
         outputs.reverse()
-    carry = jax.tree.map(lambda x: jnp.asarray(x) if eqx.is_array(x) else x, carry)
+    # Arrays come back as JAX arrays, and so do Python numbers that `f` changed.
+    carry = jax.tree.map(
+        lambda old, new: (
+            jnp.asarray(new)
+            if eqx.is_array(new) or (is_number(old) and not same_number(old, new))
+            else new
+        ),
+        init,
+        carry,
+    )
     if outputs:
         ys = jax.tree.map(
             lambda *ys: (
                 jnp.stack([jnp.asarray(y) for y in ys])
-                if eqx.is_array(ys[0])
+                if eqx.is_array(ys[0]) or is_number(ys[0])
                 else ys[0]
             ),
             *outputs,
@@ -217,11 +226,24 @@ def python_loop_scan(f, init, xs, length, reverse):
         lambda s: (
             jnp.zeros((0, *s.shape), s.dtype)
             if isinstance(s, jax.ShapeDtypeStruct)
+            else jnp.stack([jnp.asarray(s)])[:0]
+            if is_number(s)
             else s
         ),
         y_struct,
     )
     return carry, empty
+
+
+def is_number(x: Any) -> bool:
+    return type(x) in (bool, int, float, complex)
+
+
+def same_number(a: Any, b: Any) -> bool:
+    """Same type and the same bits, so that NaNs match and signed zeros do not."""
+    return type(a) is type(b) and struct.pack(
+        "<2d", complex(a).real, complex(a).imag
+    ) == struct.pack("<2d", complex(b).real, complex(b).imag)
 
 
 def _bits(x: Any) -> bytes:
@@ -406,37 +428,37 @@ def test_filter_scan_static_carry_leaf_that_changes_is_an_error():
         filter_scan(rename, init, length=3)
     assert str(info.value) == (
         "filter_scan: `f` returned a carry that differs from `init` at path ['tag']: "
-        "it changed from str 'start' to str 'renamed'. Only array leaves of the carry "
-        "may change from step to step. If this value must change, make it an array "
-        "in `init` with `jnp.asarray`; otherwise keep it out of the carry (close over "
-        "it in `f`, or pass it in `xs`)."
+        "it changed from str 'start' to str 'renamed'. Only arrays and Python numbers "
+        "in the carry may change from step to step. If this value must change, make "
+        "it an array in `init` with `jnp.asarray`; otherwise keep it out of the carry "
+        "(close over it in `f`, or pass it in `xs`)."
     )
 
 
-def test_filter_scan_python_scalar_returned_as_array_is_an_error():
+def test_filter_scan_python_number_returned_as_array_is_traced_as_lax_scan_does():
     def count(carry, _):
         return {"steps": jnp.asarray(carry["steps"]) + 1}, None
 
-    with pytest.raises(ValueError) as info:
-        filter_scan(count, {"steps": 0}, length=3)
-    assert str(info.value) == (
-        "filter_scan: `f` returned a carry that differs from `init` at path "
-        "['steps']: it was the static (non-array) int 0 and is now an array of shape "
-        "() and dtype int32. Only array leaves of the carry may change from step to "
-        "step. If this value must change, make it an array in `init` with "
-        "`jnp.asarray`; otherwise keep it out of the carry (close over it in `f`, or "
-        "pass it in `xs`)."
+    expected = jax.lax.scan(count, {"steps": 0}, length=3)
+    assert_identical(
+        filter_scan(count, {"steps": 0}, length=3), expected, weak_types=True
     )
 
 
 def test_filter_scan_array_carry_leaf_returned_as_object_is_an_error():
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(TypeError) as info:
         filter_scan(lambda c, x: ([c[0], "done"], None), [1, jnp.zeros(2)], length=2)
     assert str(info.value) == (
         "filter_scan: `f` returned a carry that differs from `init` at path [1]: it "
         "was an array of shape (2,) and dtype float32 and is now str 'done'. Return "
-        "an array (or a Python number) there, with the same shape and dtype as in "
+        "an array or a Python number there, with the same shape and dtype as in "
         "`init`."
+    )
+    with pytest.raises(TypeError) as info:
+        filter_scan(lambda c, x: ("done", None), 0, length=2)
+    assert str(info.value).startswith(
+        "filter_scan: `f` returned a carry that differs from `init` at the top level: "
+        "it was int 0 and is now str 'done'. Return an array or a Python number there"
     )
 
 
@@ -454,23 +476,24 @@ def test_filter_scan_changed_static_field_names_the_field():
         p = carry["policy"]
         return {"policy": Policy(p.params, p.activation, "critic")}, None
 
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(TypeError) as info:  # As `jax.lax.scan`: a new treedef.
         filter_scan(retitle, {"policy": policy}, length=2)
     assert str(info.value).startswith(
         "filter_scan: `f` returned a carry that differs from `init` at path "
         "['policy'].name: it is a static field that changed from str 'actor' to str "
-        "'critic'. Only array leaves"
+        "'critic'. Only arrays and Python numbers"
     )
 
 
 def test_filter_scan_changed_carry_structure_is_an_error():
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(TypeError) as info:
         filter_scan(lambda c, _: ({"a": c["a"], "b": 1}, None), {"a": 1}, length=1)
-    assert str(info.value).startswith(
+    assert str(info.value) == (
         "filter_scan: `f` returned a carry that differs from `init` at the top level: "
-        "it had keys ['a'] and now has ['a', 'b']."
+        "it had keys ['a'] and now has ['a', 'b']. The carry must keep the structure "
+        "of `init` from step to step."
     )
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(TypeError) as info:
         filter_scan(lambda c, _: (c[:1], None), [jnp.ones(()), 2], length=1)
     assert "at the top level: it had length 2 and now has length 1." in str(info.value)
 
@@ -530,14 +553,15 @@ def test_filter_scan_static_output_that_differs_between_traces_is_an_error():
     def step(carry, _):
         traces.append(None)
         # A weakly typed int carry that becomes a float makes lax.scan trace twice.
-        return carry + 0.5, {"trace": len(traces)}
+        return carry + 0.5, {"trace": f"trace {len(traces)}"}
 
     with pytest.raises(ValueError) as info:
         filter_scan(step, jnp.asarray(0), length=2)
     assert len(traces) == 2
     assert str(info.value) == (
         "filter_scan: the non-array part of `f`'s output `y` differs between two "
-        "traces of `f`: at path ['trace'] it changed from int 1 to int 2. JAX may "
+        "traces of `f`: at path ['trace'] it changed from str 'trace 1' to str "
+        "'trace 2'. JAX may "
         "trace `f` more than once, and each trace must give the same static outputs. "
         "Return arrays for values that vary, or make the static values independent "
         "of how often `f` is called."
@@ -594,12 +618,21 @@ def test_filter_scan_scalar_in_xs_is_an_error():
     )
 
 
+_NOT_WHOLE = "filter_scan: `length` must be a whole number (a Python int, a NumPy "
+
+
 @pytest.mark.parametrize(
     ("length", "error", "message"),
     [
         (-1, ValueError, "filter_scan: `length` must be non-negative; got -1."),
-        (2.0, TypeError, "filter_scan: `length` must be a Python int or None; got "),
-        (True, TypeError, "filter_scan: `length` must be a Python int or None; got "),
+        (
+            2.5,
+            TypeError,
+            _NOT_WHOLE + "integer or a 0-d integer array); got float 2.5.",
+        ),
+        ("3", TypeError, _NOT_WHOLE + "integer or a 0-d integer array); got str '3'."),
+        (jnp.array([3]), TypeError, _NOT_WHOLE),
+        (jnp.array(2.5), TypeError, _NOT_WHOLE),
     ],
 )
 def test_filter_scan_bad_length_is_an_error(length, error, message):
@@ -781,18 +814,19 @@ def test_filter_cond_branches_with_different_static_outputs_are_an_error():
     assert str(info.value) == (
         "filter_cond: the branches' outputs disagree at path ['m']: compared with "
         "`true_fun`'s output, `false_fun`'s changed from str 'train' to str 'eval'. "
-        "Both branches must return the same structure and the same non-array "
-        "leaves; return arrays for values that differ between branches."
+        "Both branches must return the same structure, arrays or Python numbers in "
+        "the same places, and equal static values elsewhere; return arrays for values "
+        "that differ between branches."
     )
 
 
-def test_filter_cond_branch_returning_array_for_static_is_an_error():
-    with pytest.raises(ValueError) as info:
-        filter_cond(True, lambda x: (x, 0), lambda x: (x, jnp.int32(0)), jnp.ones(()))
+def test_filter_cond_branch_returning_array_for_a_string_is_a_type_error():
+    with pytest.raises(TypeError) as info:
+        filter_cond(True, lambda x: (x, "a"), lambda x: (x, jnp.int32(0)), jnp.ones(()))
     assert str(info.value).startswith(
         "filter_cond: the branches' outputs disagree at path [1]: compared with "
-        "`true_fun`'s output, `false_fun`'s was the static (non-array) int 0 and is "
-        "now an array of shape () and dtype int32."
+        "`true_fun`'s output, `false_fun`'s is an array of shape () and dtype int32, "
+        "where `true_fun` returns str 'a'."
     )
 
 
@@ -802,7 +836,7 @@ def test_filter_cond_bad_arguments_are_errors():
     assert (
         str(info.value) == "filter_cond: `true_fun` must be callable; got str 'left'."
     )
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(TypeError) as info:
         filter_cond(jnp.array([True, False]), jnp.sin, jnp.cos, 1.0)
     assert str(info.value) == (
         "filter_cond: `pred` must be a scalar; got an array of shape (2,). Reduce it "
