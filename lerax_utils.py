@@ -414,6 +414,7 @@ def _scan_once(
     xs_leaves, xs_def = jtu.tree_flatten(xs)
     xs_traced = [eqx.is_array(leaf) for leaf in xs_leaves]
     ys_per_trace: list[tuple[Any, list[Any], list[bool]]] = []
+    pair_types: list[type] = []
 
     @_named_after(f)
     def step(carry: Any, x: Any) -> tuple[Any, Any]:
@@ -425,6 +426,7 @@ def _scan_once(
                 "filter_scan: `f` must return a pair `(new_carry, y)`; got "
                 f"{_describe_leaf(out)}."
             )
+        pair_types.append(type(out))
         new_carry, y = out
         new_carry = _check_new_carry(init, init_leaves, carry_traced, new_carry)
         y_leaves, y_def = jtu.tree_flatten(y)
@@ -440,10 +442,10 @@ def _scan_once(
     )
     y_def, y_leaves, y_traced = ys_per_trace[0]
     _check_static_outputs_agree(ys_per_trace)
-    return (
-        _fill_static_holes(final, init_def, init_leaves, carry_traced),
-        _fill_static_holes(ys, y_def, y_leaves, y_traced),
-    )
+    final = _fill_static_holes(final, init_def, init_leaves, carry_traced)
+    ys = _fill_static_holes(ys, y_def, y_leaves, y_traced)
+    # `jax.lax.scan` gives back the pair in the container that `f` used.
+    return [final, ys] if pair_types[0] is list else (final, ys)
 
 
 def _scan_length(xs: Any, length: Any) -> int:
@@ -459,7 +461,7 @@ def _scan_length(xs: Any, length: Any) -> int:
         if not eqx.is_array(leaf):
             continue
         if leaf.ndim == 0:
-            raise ValueError(
+            raise _ScalarToScanError(
                 f"filter_scan: the array at `xs` path {jtu.keystr(path)} is a scalar "
                 "(shape ()), so it has no leading axis to scan over. Give it a "
                 "leading axis of size `length`, or make it a Python scalar to pass it "
@@ -487,6 +489,11 @@ def _scan_length(xs: Any, length: Any) -> int:
             f"the arrays in `xs`. Pass `length={size}` or leave it out."
         )
     return size
+
+
+class _ScalarToScanError(ValueError, IndexError):
+    """A 0-d array in `xs`. A `ValueError`, and an `IndexError` as well, since that is
+    what `jax.lax.scan` raises for it."""
 
 
 def _whole_number(name: str, value: Any) -> int:

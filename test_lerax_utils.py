@@ -4,6 +4,7 @@ Hypothesis profiles: `ci` is deterministic and is chosen when the `CI` environme
 variable is set; `dev` is random and quicker. Set `HYPOTHESIS_PROFILE` to pick one.
 """
 
+import functools
 import gc
 import inspect
 import json
@@ -439,7 +440,7 @@ def test_filter_scan_python_number_returned_as_array_is_traced_as_lax_scan_does(
     def count(carry, _):
         return {"steps": jnp.asarray(carry["steps"]) + 1}, None
 
-    expected = jax.lax.scan(count, {"steps": 0}, length=3)
+    expected = jax.lax.scan(count, {"steps": 0}, None, length=3)
     assert_identical(
         filter_scan(count, {"steps": 0}, length=3), expected, weak_types=True
     )
@@ -842,6 +843,211 @@ def test_filter_cond_bad_arguments_are_errors():
         "filter_cond: `pred` must be a scalar; got an array of shape (2,). Reduce it "
         "first, for example with `jnp.any` or `jnp.all`."
     )
+
+
+#
+# Control flow: Python numbers, traced once they change
+#
+
+_NUMBERS = st.one_of(
+    st.booleans(),
+    st.integers(-5, 5),
+    st.floats(-5, 5, width=32),
+    st.sampled_from([float("nan"), -0.0, 1 + 2j]),
+)
+_NUMBER_STEPS = ["keep", "add_x", "bump", "set"]
+
+
+def _number_step(action: str, replacement: Any, c: Any, x: Any) -> Any:
+    if action == "keep":
+        return c
+    if action == "add_x":
+        return c + x
+    if action == "bump":
+        return c + 1
+    return replacement
+
+
+@st.composite
+def _number_carries(draw: st.DrawFn) -> tuple[list[Any], list[Any]]:
+    """A carry of Python numbers and arrays, with an update rule for each slot."""
+    slots = draw(st.lists(st.one_of(_NUMBERS, arrays(numpy_allowed=False)), max_size=4))
+    updates = [(draw(st.sampled_from(_NUMBER_STEPS)), draw(_NUMBERS)) for _ in slots]
+    return slots, updates
+
+
+def _outcome(run: Callable[[], Any]) -> Any:
+    try:
+        return run()
+    except Exception as err:
+        return err
+
+
+def _assert_same_outcome(actual: Any, expected: Any, kept: Callable[[Any], bool]):
+    """`actual` equals `expected` (an exception type, or values with weak types),
+    except that leaves where `kept(path)` holds are the Python numbers themselves."""
+    if isinstance(expected, Exception):
+        assert type(actual) is type(expected), (actual, expected)
+        return
+    assert not isinstance(actual, Exception), actual
+    expected_leaves, expected_def = jax.tree_util.tree_flatten_with_path(expected)
+    assert jax.tree_util.tree_structure(actual) == expected_def
+    for (path, e), a in zip(expected_leaves, jax.tree.leaves(actual), strict=True):
+        if kept(path):
+            assert is_number(a) and same_number(a, e if is_number(e) else e.item())
+        else:
+            assert_identical(a, jnp.asarray(e), weak_types=True)
+
+
+@given(carry=_number_carries(), length=st.integers(0, 3), jit=st.booleans())
+def test_filter_scan_python_numbers_in_the_carry_match_lax_scan(carry, length, jit):
+    init, updates = carry
+    xs = jnp.arange(length, dtype=jnp.float32)
+
+    def step(c, x):
+        new = [_number_step(*u, leaf, x) for u, leaf in zip(updates, c, strict=True)]
+        return new, (c, 7, x)
+
+    def ours():
+        return filter_scan(step, init, xs)
+
+    expected = _outcome(lambda: jax.lax.scan(step, init, xs))
+    actual = _outcome(eqx.filter_jit(ours) if jit else ours)
+
+    def kept(path: Any) -> bool:  # A carry number that `f` returns unchanged.
+        if path[0].idx != 0:
+            return False
+        i = path[1].idx
+        action, replacement = updates[i]
+        if not is_number(init[i]) or action == "add_x":
+            return False
+        return same_number(_number_step(action, replacement, init[i], None), init[i])
+
+    _assert_same_outcome(actual, expected, kept)
+
+
+@given(
+    outputs=st.lists(
+        st.tuples(st.one_of(_NUMBERS, st.just("x")), st.one_of(_NUMBERS, st.just("x"))),
+        max_size=4,
+    ),
+    pred=st.booleans(),
+    jit=st.booleans(),
+)
+def test_filter_cond_python_number_outputs_match_lax_cond(outputs, pred, jit):
+    def branch(side: int) -> Callable[[Any], Any]:
+        return lambda x: [x if pair[side] == "x" else pair[side] for pair in outputs]
+
+    x = jnp.float32(1.5)
+    expected = _outcome(lambda: jax.lax.cond(pred, branch(0), branch(1), x))
+
+    def ours(pred):
+        return filter_cond(pred, branch(0), branch(1), x)
+
+    actual = _outcome(
+        lambda: eqx.filter_jit(ours)(jnp.asarray(pred)) if jit else ours(pred)
+    )
+
+    def kept(path: Any) -> bool:  # Both branches return the same number.
+        a, b = outputs[path[0].idx]
+        return is_number(a) and same_number(a, b)
+
+    _assert_same_outcome(actual, expected, kept)
+
+
+def test_filter_scan_counter_in_the_carry_matches_lax_scan_and_its_gradient():
+    def run(scan, w):
+        def step(carry, x):
+            w, steps = carry
+            return (w * x, steps + 1), w
+
+        (w, steps), ys = scan(step, (w, 0), jnp.arange(1.0, 4.0))
+        return w + jnp.sum(ys) + steps
+
+    assert_identical(
+        jax.value_and_grad(functools.partial(run, filter_scan))(2.0),
+        jax.value_and_grad(functools.partial(run, jax.lax.scan))(2.0),
+    )
+    (steps, label), _ = filter_scan(
+        lambda c, _: ((c[0] + 1, c[1]), None), (0, "a"), length=5
+    )
+    assert label == "a"
+    expected = jax.lax.scan(lambda s, _: (s + 1, None), 0, None, length=5)[0]
+    assert_identical(steps, expected)
+
+
+def test_filter_scan_promotes_without_retracing_when_no_number_changes():
+    traces = []
+
+    def step(carry, x):
+        traces.append(None)
+        return carry, x
+
+    filter_scan(step, {"gamma": 0.99, "w": jnp.ones(2)}, jnp.ones(3))
+    assert len(traces) == 1
+    traces.clear()
+    filter_scan(lambda c, x: step(c + 1, x), 0, jnp.ones(3))
+    assert len(traces) == 2  # One trace finds the change, one traces the number.
+
+
+def test_filter_scan_equal_nans_and_partials_are_not_changes():
+    payload = struct.unpack("<d", struct.pack("<Q", 0x7FF8000000000123))[0]
+    init = {"nan": payload, "w": jnp.asarray(0)}
+    # A weakly typed int carry that becomes a float makes lax.scan trace twice; each
+    # trace returns a new, equal `partial`.
+    final, (made, _) = filter_scan(
+        lambda c, _: ({**c, "w": c["w"] + 0.5}, (functools.partial(max, 1), c["nan"])),
+        init,
+        length=2,
+    )
+    assert final["nan"] is payload
+    assert made.func is max and made.args == (1,)
+
+
+class _Unprintable:
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr")
+
+
+def test_filter_scan_error_survives_a_leaf_whose_repr_raises():
+    with pytest.raises(ValueError) as info:
+        filter_scan(lambda c, _: (_Unprintable(), None), _Unprintable(), length=1)
+    assert str(info.value).startswith(
+        "filter_scan: `f` returned a carry that differs from `init` at the top level: "
+        "it changed from _Unprintable <_Unprintable object whose repr raised> to "
+        "_Unprintable <_Unprintable object whose repr raised>."
+    )
+
+
+def test_filter_scan_unroll_reaches_the_program():
+    def unroll_of(fun):
+        (eqn,) = [e for e in jax.make_jaxpr(fun)().eqns if e.primitive.name == "scan"]
+        return eqn.params["unroll"]
+
+    def step(c, x):
+        return c + x, c
+
+    xs = jnp.arange(6.0)
+    for unroll in (1, 3, np.int64(2), True):
+        options = {"unroll": unroll}
+        ours = unroll_of(lambda o=options: filter_scan(step, 0.0, xs, **o))
+        assert ours == unroll_of(lambda o=options: jax.lax.scan(step, 0.0, xs, **o))
+    assert unroll_of(lambda: filter_scan(step, 0.0, xs, unroll=3)) == 3
+
+
+def test_filter_scan_and_filter_cond_under_disable_jit():
+    with jax.disable_jit():
+        for pred in (True, False):
+            out = filter_cond(
+                pred, lambda x, s: (x + 1, s, 2), lambda x, s: (x - 1, s, 2), 1.0, "s"
+            )
+            assert_identical(out, (2.0 if pred else 0.0, "s", 2))
+        (w, steps, label), ys = filter_scan(
+            lambda c, x: ((c[0] + x, c[1] + 1, c[2]), c[1]), (0.0, 0, "s"), jnp.ones(3)
+        )
+    assert label == "s"
+    assert_identical(ys, jnp.asarray([0, 1, 2]))
+    assert int(steps) == 3 and float(w) == 3.0
 
 
 #

@@ -1,0 +1,302 @@
+"""filter_scan and filter_cond as supersets of jax.lax.scan and jax.lax.cond.
+
+Each mistake below is made once with `jax.lax` and once with ours: both must raise
+the same exception type. Each call form that `jax.lax` accepts must give the same
+result with ours.
+"""
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lerax_utils import filter_cond, filter_scan
+
+
+def _error_type(run: Callable[[], Any]) -> type[BaseException]:
+    try:
+        run()
+    except Exception as err:
+        return type(err)
+    raise AssertionError("the call did not raise")
+
+
+def _lax_scan_checks_unroll() -> bool:
+    try:
+        jax.lax.scan(lambda c, x: (c, x), 0.0, jnp.ones(2), unroll=-1)
+    except ValueError as err:
+        return "unroll" in str(err)
+    except Exception:
+        return False
+    return False
+
+
+def _identity_step(c: Any, x: Any) -> Any:
+    return c, x
+
+
+SCAN_MISTAKES: dict[str, Callable[[Any], Any]] = {
+    "f is not callable": lambda scan: scan("f", 0.0, None, length=2),
+    "f returns three values": lambda scan: scan(
+        lambda c, x: (c, x, x), 0.0, None, length=1
+    ),
+    "f returns a bare carry": lambda scan: scan(
+        lambda c, x: c, (0.0, 1.0), None, length=1
+    ),
+    "carry dtype changes": lambda scan: scan(
+        lambda c, x: (c.astype(jnp.int32), None), jnp.ones(2), None, length=1
+    ),
+    "carry shape changes": lambda scan: scan(
+        lambda c, x: (jnp.ones(3), None), jnp.ones(2), None, length=1
+    ),
+    "carry list gets shorter": lambda scan: scan(
+        lambda c, x: (c[:1], None), [jnp.ones(()), jnp.ones(())], None, length=1
+    ),
+    "carry dict gains a key": lambda scan: scan(
+        lambda c, x: ({**c, "b": c["a"]}, None), {"a": jnp.ones(())}, None, length=1
+    ),
+    "carry number becomes a string": lambda scan: scan(
+        lambda c, x: ("done", None), 0, None, length=1
+    ),
+    "carry array becomes None": lambda scan: scan(
+        lambda c, x: (None, None), jnp.ones(()), None, length=1
+    ),
+    "xs leading sizes differ": lambda scan: scan(
+        _identity_step, 0.0, (jnp.ones(3), jnp.ones(4))
+    ),
+    "length larger than xs": lambda scan: scan(
+        _identity_step, 0.0, jnp.ones(3), length=4
+    ),
+    "length smaller than xs": lambda scan: scan(
+        _identity_step, 0.0, jnp.ones(3), length=2
+    ),
+    "xs holds a 0-d array": lambda scan: scan(_identity_step, 0.0, jnp.ones(())),
+    "no xs and no length": lambda scan: scan(_identity_step, 0.0, None),
+    "traced length": lambda scan: jax.jit(
+        lambda n: scan(_identity_step, 0.0, None, length=n)
+    )(3),
+    "negative unroll": lambda scan: scan(_identity_step, 0.0, jnp.ones(2), unroll=-1),
+    "string unroll": lambda scan: scan(_identity_step, 0.0, jnp.ones(2), unroll="2"),
+    "carry int becomes float32 array": lambda scan: scan(
+        lambda c, x: (jnp.float32(1.5), None), jnp.int32(0), None, length=1
+    ),
+}
+
+
+@pytest.mark.parametrize("mistake", SCAN_MISTAKES)
+def test_filter_scan_raises_what_lax_scan_raises(mistake):
+    make = SCAN_MISTAKES[mistake]
+    if mistake == "negative unroll" and not _lax_scan_checks_unroll():
+        pytest.skip("this JAX does not check `unroll`; it fails later, at random")
+    ours = _error_type(lambda: make(filter_scan))
+    assert issubclass(ours, _error_type(lambda: make(jax.lax.scan)))
+    assert issubclass(ours, TypeError | ValueError)
+
+
+COND_MISTAKES: dict[str, Callable[[Any], Any]] = {
+    "true_fun is not callable": lambda cond: cond(True, "f", jnp.sin, 1.0),
+    "false_fun is not callable": lambda cond: cond(True, jnp.sin, 3, 1.0),
+    "pred is a vector": lambda cond: cond(jnp.ones(2) > 0, jnp.sin, jnp.cos, 1.0),
+    "pred is a list": lambda cond: cond([True], jnp.sin, jnp.cos, 1.0),
+    "pred is None": lambda cond: cond(None, jnp.sin, jnp.cos, 1.0),
+    "pred is a string": lambda cond: cond("yes", jnp.sin, jnp.cos, 1.0),
+    "branch structures differ": lambda cond: cond(
+        True, lambda x: (x, x), lambda x: [x, x], 1.0
+    ),
+    "branch lengths differ": lambda cond: cond(
+        True, lambda x: (x, x), lambda x: (x,), 1.0
+    ),
+    "branch dtypes differ": lambda cond: cond(
+        True, lambda x: x, lambda x: x.astype(jnp.int32), jnp.ones(2)
+    ),
+    "branch shapes differ": lambda cond: cond(
+        True, lambda x: x, lambda x: x[:1], jnp.ones(2)
+    ),
+    "a branch returns a string": lambda cond: cond(
+        True, lambda x: x, lambda x: "x", jnp.ones(2)
+    ),
+    "operand and positional operands": lambda cond: cond(
+        True, lambda x: x, lambda x: x, 1.0, operand=2.0
+    ),
+    "a branch that raises": lambda cond: cond(
+        True, lambda x: x[5, 5], lambda x: x, jnp.ones(2)
+    ),
+    "branches return an int and a float": lambda cond: cond(
+        True, lambda: 1, lambda: 2.5
+    ),
+}
+
+
+@pytest.mark.parametrize("mistake", COND_MISTAKES)
+def test_filter_cond_raises_what_lax_cond_raises(mistake):
+    make = COND_MISTAKES[mistake]
+    ours = _error_type(lambda: make(filter_cond))
+    assert issubclass(ours, _error_type(lambda: make(jax.lax.cond)))
+
+
+def _assert_same(actual: Any, expected: Any) -> None:
+    actual_leaves, actual_def = jax.tree.flatten(actual)
+    expected_leaves, expected_def = jax.tree.flatten(expected)
+    assert actual_def == expected_def
+    for a, e in zip(actual_leaves, expected_leaves, strict=True):
+        a, e = jnp.asarray(a), jnp.asarray(e)
+        assert (a.dtype, a.shape, a.aval.weak_type) == (
+            e.dtype,
+            e.shape,
+            e.aval.weak_type,
+        )
+        assert np.array_equal(a, e, equal_nan=True)
+
+
+_THREE = np.asarray(3)  # A concrete 0-d array, even inside `jax.jit`.
+
+
+def _sum_step(c: Any, x: Any) -> Any:
+    return c + x, c
+
+
+SCAN_CALLS: dict[str, Callable[[Any], Any]] = {
+    "NumPy integer length": lambda scan: scan(
+        lambda c, x: (c + 1.0, c), 0.0, None, length=np.int64(3)
+    ),
+    "0-d array length": lambda scan: scan(
+        lambda c, x: (c + 1.0, c), 0.0, None, length=_THREE
+    ),
+    "integral float length": lambda scan: scan(
+        lambda c, x: (c + 1.0, c), 0.0, None, length=3.0
+    ),
+    "bool length": lambda scan: scan(lambda c, x: (c + 1.0, c), 0.0, None, length=True),
+    "f returns a list": lambda scan: scan(
+        lambda c, x: [c + x, c], 0.0, jnp.arange(3.0)
+    ),
+    "Python int carry that becomes a float": lambda scan: scan(
+        _sum_step, 0, jnp.arange(3.0)
+    ),
+    "counter with no inputs": lambda scan: scan(
+        lambda h, _: (h + 1, None), 0, None, length=20
+    ),
+    "carry replaced by a constant": lambda scan: scan(
+        lambda c, x: (2.5, c), 1.0, jnp.arange(2.0)
+    ),
+    "complex carry": lambda scan: scan(_sum_step, 1j, jnp.arange(3.0)),
+    "NumPy integer unroll": lambda scan: scan(
+        _sum_step, 0.0, jnp.arange(4.0), unroll=np.int32(2)
+    ),
+    "unroll=0": lambda scan: scan(_sum_step, 0.0, jnp.arange(4.0), unroll=0),
+    "truthy non-bool reverse": lambda scan: scan(
+        _sum_step, 0.0, jnp.arange(4.0), reverse=1
+    ),
+    "NumPy inputs": lambda scan: scan(_sum_step, np.float32(0), np.arange(4.0)),
+    "Python numbers as outputs": lambda scan: scan(
+        lambda c, x: (c, (1, 2.5, True)), jnp.zeros(()), None, length=3
+    ),
+}
+
+
+@pytest.mark.parametrize("call", SCAN_CALLS)
+@pytest.mark.parametrize("jit", [False, True])
+def test_filter_scan_accepts_every_call_lax_scan_accepts(call, jit):
+    make = SCAN_CALLS[call]
+    try:
+        expected = make(jax.lax.scan)
+    except Exception as err:  # Old JAX refuses some forms, such as `unroll=0`.
+        with pytest.raises(type(err)):
+            make(filter_scan)
+        return
+    run = jax.jit(lambda: make(filter_scan)) if jit else lambda: make(filter_scan)
+    actual = run()
+    # A carry that `f` leaves unchanged may stay a Python number; compare values.
+    _assert_same(actual, jax.jit(lambda: make(jax.lax.scan))() if jit else expected)
+
+
+COND_CALLS: dict[str, Callable[[Any, Any], Any]] = {
+    "operand keyword": lambda cond, p: cond(p, jnp.sin, jnp.cos, operand=1.0),
+    "no operands": lambda cond, p: cond(p, lambda: 1.0, lambda: 2.0),
+    "several operands": lambda cond, p: cond(
+        p, lambda a, b: a + b, lambda a, b: a - b, 1.0, jnp.ones(2)
+    ),
+    "the older five-argument form": lambda cond, p: cond(p, 1.0, jnp.sin, 2.0, jnp.cos),
+    "a number and an array": lambda cond, p: cond(
+        p, lambda _: 2.0, lambda x: 2 * x, jnp.float32(3.0)
+    ),
+    "two different numbers": lambda cond, p: cond(p, lambda: 1, lambda: 2),
+    "an integer pred": lambda cond, p: cond(jnp.int32(3) * p, jnp.sin, jnp.cos, 1.0),
+    "a float pred": lambda cond, p: cond(0.5 * p, jnp.sin, jnp.cos, 1.0),
+    "a NumPy bool pred": lambda cond, p: cond(np.bool_(True), jnp.sin, jnp.cos, 1.0),
+}
+
+
+@pytest.mark.parametrize("call", COND_CALLS)
+@pytest.mark.parametrize("pred", [True, False])
+@pytest.mark.parametrize("jit", [False, True])
+def test_filter_cond_accepts_every_call_lax_cond_accepts(call, pred, jit):
+    make = COND_CALLS[call]
+    if jit:
+        expected = jax.jit(lambda p: make(jax.lax.cond, p))(pred)
+        actual = jax.jit(lambda p: make(filter_cond, p))(pred)
+    else:
+        expected, actual = make(jax.lax.cond, pred), make(filter_cond, pred)
+    _assert_same(actual, expected)
+
+
+def test_jax_messages_name_the_users_parameters_and_source():
+    def step(state, x):
+        return (state[0], state[1].astype(jnp.int32)), None
+
+    with pytest.raises(TypeError) as info:
+        filter_scan(step, (jnp.ones(2), jnp.zeros(3)), length=2)
+    assert "input carry component state[1] has type float32[3]" in str(info.value)
+
+    def keep(x):
+        return x
+
+    def to_int(x):
+        return x.astype(jnp.int32)
+
+    with pytest.raises(TypeError) as info:
+        filter_cond(True, keep, to_int, jnp.ones(2))
+    here = re.escape(__file__)
+    assert re.search(rf"true_fun is keep at {here}:\d+", str(info.value))
+    assert re.search(rf"false_fun is to_int at {here}:\d+", str(info.value))
+    assert "lerax_utils" not in str(info.value)
+
+
+def test_traced_length_is_a_concretization_error_naming_the_fix():
+    with pytest.raises(jax.errors.ConcretizationTypeError) as info:
+        jax.jit(lambda n: filter_scan(_identity_step, 0.0, None, length=n))(3)
+    assert "filter_scan: `length` must be concrete, but it is traced." in str(
+        info.value
+    )
+
+
+_BAD_UNROLL = "filter_scan: `unroll` must be a bool or a non-negative int; "
+
+
+@pytest.mark.parametrize(
+    ("unroll", "error", "message"),
+    [
+        (
+            "2",
+            TypeError,
+            "filter_scan: `unroll` must be a bool or a non-negative int; ",
+        ),
+        (
+            1.5,
+            TypeError,
+            "filter_scan: `unroll` must be a bool or a non-negative int; ",
+        ),
+        (
+            -1,
+            ValueError,
+            "filter_scan: `unroll` must be a bool or a non-negative int; ",
+        ),
+    ],
+)
+def test_bad_unroll_is_named(unroll, error, message):
+    with pytest.raises(error) as info:
+        filter_scan(_identity_step, 0.0, jnp.ones(2), unroll=unroll)
+    assert str(info.value).startswith(message)
