@@ -5,7 +5,6 @@ the same exception type. Each call form that `jax.lax` accepts must give the sam
 result with ours.
 """
 
-import re
 from collections.abc import Callable
 from typing import Any
 
@@ -243,13 +242,23 @@ def test_filter_cond_accepts_every_call_lax_cond_accepts(call, pred, jit):
     _assert_same(actual, expected)
 
 
+def _message(run: Callable[[], Any]) -> str:
+    try:
+        run()
+    except TypeError as err:
+        return str(err)
+    raise AssertionError("the call did not raise")
+
+
 def test_jax_messages_name_the_users_parameters_and_source():
     def step(state, x):
         return (state[0], state[1].astype(jnp.int32)), None
 
-    with pytest.raises(TypeError) as info:
-        filter_scan(step, (jnp.ones(2), jnp.zeros(3)), length=2)
-    assert "input carry component state[1] has type float32[3]" in str(info.value)
+    def scan_with(scan):
+        return _message(lambda: scan(step, (jnp.ones(2), jnp.zeros(3)), None, length=2))
+
+    assert "component state[1] has type float32[3]" in scan_with(filter_scan)
+    assert scan_with(filter_scan) == scan_with(jax.lax.scan)
 
     def keep(x):
         return x
@@ -257,12 +266,11 @@ def test_jax_messages_name_the_users_parameters_and_source():
     def to_int(x):
         return x.astype(jnp.int32)
 
-    with pytest.raises(TypeError) as info:
-        filter_cond(True, keep, to_int, jnp.ones(2))
-    here = re.escape(__file__)
-    assert re.search(rf"true_fun is keep at {here}:\d+", str(info.value))
-    assert re.search(rf"false_fun is to_int at {here}:\d+", str(info.value))
-    assert "lerax_utils" not in str(info.value)
+    def cond_with(cond):
+        return _message(lambda: cond(True, keep, to_int, jnp.ones(2)))
+
+    assert cond_with(filter_cond) == cond_with(jax.lax.cond)
+    assert "lerax_utils" not in cond_with(filter_cond)
 
 
 def test_traced_length_is_a_concretization_error_naming_the_fix():
