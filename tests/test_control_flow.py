@@ -5,9 +5,12 @@ the same exception type. Each call form that `jax.lax` accepts must give the sam
 result with ours.
 """
 
+import pathlib
+import re
 from collections.abc import Callable
 from typing import Any
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -308,3 +311,85 @@ def test_bad_unroll_is_named(unroll, error, message):
     with pytest.raises(error) as info:
         filter_scan(_identity_step, 0.0, jnp.ones(2), unroll=unroll)
     assert str(info.value).startswith(message)
+
+
+class _Named(eqx.Module):
+    params: jax.Array
+    name: str = eqx.field(static=True)
+
+
+def _retraced_with_new_labels() -> Any:
+    traces: list[None] = []
+
+    def step(carry: Any, _: Any) -> Any:
+        traces.append(None)
+        return carry + 0.5, {"trace": f"trace {len(traces)}"}
+
+    return filter_scan(step, jnp.asarray(0), None, length=2)
+
+
+_README_TRIGGERS: list[Callable[[], Any]] = [
+    lambda: filter_scan(
+        lambda c, _: ({**c, "tag": "b"}, None), {"tag": "a", "x": 0.0}, None, length=1
+    ),
+    lambda: filter_scan(
+        lambda c, _: ({"policy": _Named(c["policy"].params, "critic")}, None),
+        {"policy": _Named(jnp.ones(2), "actor")},
+        None,
+        length=1,
+    ),
+    lambda: filter_scan(
+        lambda c, _: ([c[0], "done"], None), [1, jnp.zeros(2)], None, length=1
+    ),
+    lambda: filter_scan(
+        lambda c, _: ({"a": c["a"], "b": 1}, None), {"a": 1}, None, length=1
+    ),
+    lambda: filter_scan(lambda c, x: c, 0, None, length=1),
+    lambda: filter_scan("step", 0, None, length=1),
+    lambda: filter_scan(
+        _identity_step, 0, {"obs": jnp.ones((3, 2)), "actions": [jnp.ones(4)]}
+    ),
+    lambda: filter_scan(_identity_step, 0, jnp.ones(3), length=4),
+    lambda: filter_scan(_identity_step, 0, {"mode": "eval"}),
+    lambda: filter_scan(_identity_step, 0, {"lr": jnp.float32(0.1)}, length=3),
+    lambda: filter_scan(_identity_step, 0, None, length=2.5),
+    lambda: jax.jit(lambda n: filter_scan(_identity_step, 0.0, None, length=n))(3),
+    lambda: filter_scan(_identity_step, 0, None, length=-1),
+    lambda: filter_scan(_identity_step, 0.0, jnp.ones(2), unroll="2"),
+    _retraced_with_new_labels,
+    lambda: filter_cond(True, "left", jnp.cos, 1.0),
+    lambda: filter_cond(jnp.array([True, False]), jnp.sin, jnp.cos, 1.0),
+    lambda: filter_cond(
+        True, lambda x: (x, "a"), lambda x: (x, jnp.int32(0)), jnp.ones(())
+    ),
+    lambda: filter_cond(True, lambda x: (x, x), lambda x: (x,), 1.0),
+    lambda: filter_cond(
+        True, lambda x: {"a": x, "m": "train"}, lambda x: {"a": x, "m": "eval"}, 1.0
+    ),
+    lambda: filter_cond(True, lambda x: x, lambda x: x, 1.0, operand=2.0),
+]
+
+_EXCEPTIONS = {
+    "ValueError": ValueError,
+    "TypeError": TypeError,
+    "jax.errors.ConcretizationTypeError": jax.errors.ConcretizationTypeError,
+}
+
+
+def _readme_error_rows() -> list[tuple[type[BaseException], str]]:
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    start = readme.index("## filter_scan")
+    end = readme.index("## unstack_pytree and stack_pytree")
+    rows = re.findall(r"^\| `([\w.]+)`[^|]*\| ``(.+?)`` \|", readme[start:end], re.M)
+    return [(_EXCEPTIONS[name], text.removeprefix("... ")) for name, text in rows]
+
+
+def test_readme_error_tables_quote_the_messages_exactly():
+    rows = _readme_error_rows()
+    assert len(rows) == len(_README_TRIGGERS)
+    for (expected_type, text), trigger in zip(rows, _README_TRIGGERS, strict=True):
+        with pytest.raises(expected_type) as info:
+            trigger()
+        assert text in str(info.value)
+        if not text.startswith(("filter_scan: `length` must be concrete",)):
+            assert str(info.value).startswith(text)
