@@ -70,6 +70,7 @@ _Y = TypeVar("_Y")
 _Out = TypeVar("_Out")
 _Tree = TypeVar("_Tree")
 _Params = ParamSpec("_Params")
+_Function = TypeVar("_Function", bound=Callable[..., Any])
 _Model = TypeVar("_Model", bound="Serializable")
 
 _KeyPath = tuple[Any, ...]
@@ -288,10 +289,15 @@ def _fill_static_holes(
     )
 
 
-def _named_after(fun: Callable[..., Any]) -> Callable[[Callable[..., _Out]], Any]:
+def _named_after(fun: Callable[..., Any]) -> Callable[[_Function], _Function]:
     """Give a wrapper `fun`'s name, signature and source location, so that JAX's own
     messages about the wrapper speak of the user's function and parameter names."""
-    return functools.wraps(fun, updated=())
+
+    def name(wrapper: _Function) -> _Function:
+        functools.update_wrapper(wrapper, fun, updated=())
+        return wrapper
+
+    return name
 
 
 class _PromoteCarryNumbers(Exception):

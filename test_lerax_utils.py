@@ -456,7 +456,7 @@ def test_filter_scan_array_carry_leaf_returned_as_object_is_an_error():
         "`init`."
     )
     with pytest.raises(TypeError) as info:
-        filter_scan(lambda c, x: ("done", None), 0, length=2)
+        filter_scan(lambda c, x: ("done", None), 0, length=2)  # type: ignore[arg-type]
     assert str(info.value).startswith(
         "filter_scan: `f` returned a carry that differs from `init` at the top level: "
         "it was int 0 and is now str 'done'. Return an array or a Python number there"
@@ -905,7 +905,10 @@ def test_filter_scan_python_numbers_in_the_carry_match_lax_scan(carry, length, j
     xs = jnp.arange(length, dtype=jnp.float32)
 
     def step(c, x):
-        new = [_number_step(*u, leaf, x) for u, leaf in zip(updates, c, strict=True)]
+        new = [
+            _number_step(action, replacement, leaf, x)
+            for (action, replacement), leaf in zip(updates, c, strict=True)
+        ]
         return new, (c, 7, x)
 
     def ours():

@@ -344,20 +344,20 @@ _README_TRIGGERS: list[Callable[[], Any]] = [
     lambda: filter_scan(
         lambda c, _: ({"a": c["a"], "b": 1}, None), {"a": 1}, None, length=1
     ),
-    lambda: filter_scan(lambda c, x: c, 0, None, length=1),
-    lambda: filter_scan("step", 0, None, length=1),
+    lambda: filter_scan(lambda c, x: c, 0, None, length=1),  # type: ignore[arg-type]
+    lambda: filter_scan("step", 0, None, length=1),  # type: ignore[arg-type]
     lambda: filter_scan(
         _identity_step, 0, {"obs": jnp.ones((3, 2)), "actions": [jnp.ones(4)]}
     ),
     lambda: filter_scan(_identity_step, 0, jnp.ones(3), length=4),
     lambda: filter_scan(_identity_step, 0, {"mode": "eval"}),
     lambda: filter_scan(_identity_step, 0, {"lr": jnp.float32(0.1)}, length=3),
-    lambda: filter_scan(_identity_step, 0, None, length=2.5),
+    lambda: filter_scan(_identity_step, 0, None, length=2.5),  # type: ignore[arg-type]
     lambda: jax.jit(lambda n: filter_scan(_identity_step, 0.0, None, length=n))(3),
     lambda: filter_scan(_identity_step, 0, None, length=-1),
-    lambda: filter_scan(_identity_step, 0.0, jnp.ones(2), unroll="2"),
+    lambda: filter_scan(_identity_step, 0.0, jnp.ones(2), unroll="2"),  # type: ignore[arg-type]
     _retraced_with_new_labels,
-    lambda: filter_cond(True, "left", jnp.cos, 1.0),
+    lambda: filter_cond(True, "left", jnp.cos, 1.0),  # type: ignore[arg-type]
     lambda: filter_cond(jnp.array([True, False]), jnp.sin, jnp.cos, 1.0),
     lambda: filter_cond(
         True, lambda x: (x, "a"), lambda x: (x, jnp.int32(0)), jnp.ones(())
