@@ -4,6 +4,7 @@ Hypothesis profiles: `ci` is deterministic and is chosen when the `CI` environme
 variable is set; `dev` is random and quicker. Set `HYPOTHESIS_PROFILE` to pick one.
 """
 
+import enum
 import functools
 import gc
 import inspect
@@ -1005,6 +1006,34 @@ def test_filter_scan_equal_nans_and_partials_are_not_changes():
     )
     assert final["nan"] is payload
     assert made.func is max and made.args == (1,)
+
+
+class _Mode(enum.IntEnum):
+    TRAIN = 0
+    EVAL = 1
+
+
+def test_filter_scan_int_enum_in_the_carry_stays_a_static_member():
+    (mode, steps), _ = filter_scan(
+        lambda c, _: ((c[0], c[1] + 1), None), (_Mode.EVAL, 0), None, length=2
+    )
+    assert mode is _Mode.EVAL
+    assert_identical(
+        steps, jax.lax.scan(lambda s, _: (s + 1, None), 0, None, length=2)[0]
+    )
+    with pytest.raises(ValueError, match="changed from _Mode"):
+        filter_scan(lambda c, _: (_Mode.TRAIN, None), _Mode.EVAL, None, length=1)
+
+
+def test_filter_scan_numbers_that_change_because_others_changed_match_lax_scan():
+    def step(c, _):
+        a, b, c_ = c
+        return (a + 1, b + a, c_ + b), (a, b, c_)
+
+    expected = jax.lax.scan(step, (0, 0, 0), None, length=4)
+    assert_identical(
+        filter_scan(step, (0, 0, 0), None, length=4), expected, weak_types=True
+    )
 
 
 class _Unprintable:
