@@ -4,8 +4,10 @@
 
 - `filter_scan`: `jax.lax.scan` whose carry, inputs and outputs may hold anything
   (Equinox modules with function fields, strings, Python scalars, PRNG keys). Arrays
-  are traced; every other leaf is static.
+  are traced; Python numbers are traced once they change; every other leaf is static.
 - `filter_cond`: `jax.lax.cond` for any pytree. Only the chosen branch runs.
+- `filter_while_loop`, `filter_fori_loop`, `filter_switch`, `filter_map`: the rest of
+  the `jax.lax` control-flow family, by the same rules.
 - `unstack_pytree`, `stack_pytree`: split a batched pytree into one pytree per index
   along an axis, and join such pytrees back.
 - `callback_wrapper`, `callback_with_numpy_wrapper`, `callback_with_list_wrapper`,
@@ -26,7 +28,11 @@ __version__ = "0.1.0"
 __all__ = [
     # Control flow
     "filter_cond",
+    "filter_fori_loop",
+    "filter_map",
     "filter_scan",
+    "filter_switch",
+    "filter_while_loop",
     # Batches of pytrees
     "stack_pytree",
     "unstack_pytree",
@@ -250,43 +256,61 @@ def _structure_difference(old: Any, new: Any, path: _KeyPath) -> tuple[str, str]
 
 
 #
-# Control flow: filter_scan, filter_cond
+# Control flow: filter_scan, filter_cond, filter_while_loop, filter_fori_loop,
+# filter_switch, filter_map
 #
 # Each function splits its pytrees into the leaves that JAX traces and the rest,
 # which stay Python values, runs the `jax.lax` primitive on the traced part, and puts
-# the two back together. The leaves are kept as flat lists beside a boolean mask, so
-# that a leaf's place in the user's tree is its index in the list.
-
-_SCAN_TAKES_SPLIT_TRANSPOSE = (
-    "_split_transpose" in inspect.signature(jax.lax.scan).parameters
-)
+# the two back together. The machinery below is shared by all of them.
 
 
-def _is_traced_output(leaf: Any) -> bool:
-    """Outputs that JAX itself accepts: arrays, and Python numbers (which it makes
-    weakly typed arrays)."""
+class _Split:
+    """A pytree as a flat list of leaves, and which of them JAX traces.
+
+    A leaf's place in the user's tree is its index in the list, so the traced part
+    (`None` at static places) and the rebuilt tree line up with the original.
+    """
+
+    def __init__(self, tree: Any, is_traced: Callable[[int, Any], bool]):
+        self.tree = tree
+        self.leaves, self.treedef = jtu.tree_flatten(tree)
+        self.traced = [is_traced(i, leaf) for i, leaf in enumerate(self.leaves)]
+
+    def traced_part(self) -> Any:
+        """The traced leaves, with `None` in place of every static one."""
+        return self.treedef.unflatten(
+            [x if t else None for x, t in zip(self.leaves, self.traced, strict=True)]
+        )
+
+    def static_part(self) -> Any:
+        """The static leaves, with `None` in place of every traced one."""
+        return self.treedef.unflatten(
+            [None if t else x for x, t in zip(self.leaves, self.traced, strict=True)]
+        )
+
+    def rebuild(self, traced_part: Any) -> Any:
+        """The whole tree: traced leaves from `traced_part`, in order, and static
+        leaves from here."""
+        values = iter(jtu.tree_leaves(traced_part))
+        return self.treedef.unflatten(
+            [
+                next(values) if t else x
+                for x, t in zip(self.leaves, self.traced, strict=True)
+            ]
+        )
+
+    def path(self, index: int) -> str:
+        return jtu.keystr(jtu.tree_flatten_with_path(self.tree)[0][index][0])
+
+
+def _arrays_traced(index: int, leaf: Any) -> bool:
+    return eqx.is_array(leaf)
+
+
+def _outputs_traced(index: int, leaf: Any) -> bool:
+    """Outputs that JAX itself accepts are traced: arrays, and Python numbers (which
+    it makes weakly typed arrays)."""
     return eqx.is_array(leaf) or _is_python_number(leaf)
-
-
-def _with_static_holes(treedef: Any, leaves: list[Any], traced: list[bool]) -> Any:
-    """The traced part of a tree: its traced leaves, and `None` everywhere else."""
-    return treedef.unflatten(
-        [x if t else None for x, t in zip(leaves, traced, strict=True)]
-    )
-
-
-def _fill_static_holes(
-    traced_tree: Any, treedef: Any, static_leaves: list[Any], traced: list[bool]
-) -> Any:
-    """The inverse of `_with_static_holes`: the traced leaves come from `traced_tree`
-    in order, and the static ones from `static_leaves`."""
-    traced_leaves = iter(jtu.tree_leaves(traced_tree))
-    return treedef.unflatten(
-        [
-            next(traced_leaves) if t else x
-            for x, t in zip(static_leaves, traced, strict=True)
-        ]
-    )
 
 
 def _named_after(fun: Callable[..., Any]) -> Callable[[_Function], _Function]:
@@ -300,13 +324,277 @@ def _named_after(fun: Callable[..., Any]) -> Callable[[_Function], _Function]:
     return name
 
 
+def _check_callable(function: str, name: str, fun: Any) -> None:
+    if not callable(fun):
+        raise TypeError(
+            f"{function}: `{name}` must be callable; got {_describe_leaf(fun)}."
+        )
+
+
+#
+# Loop carries: Python numbers are static until the body changes them
+#
+
+
+@dataclasses.dataclass(frozen=True)
+class _LoopNames:
+    """How messages name a loop's parts: `filter_scan`, `f`, `init`, and where else
+    a static value could live."""
+
+    function: str
+    body: str
+    init: str
+    elsewhere: str
+
+
 class _PromoteCarryNumbers(Exception):
-    """Raised from inside a trace of `filter_scan`'s step: these carry leaves are Python
-    numbers that `f` changed, so they must be traced. Never reaches the user."""
+    """Raised from inside a trace of a loop body: these carry leaves are Python numbers
+    that the body changed, so they must be traced. Never reaches the user."""
 
     def __init__(self, indices: frozenset[int]):
         super().__init__(indices)
         self.indices = indices
+
+
+def _with_promoted_numbers(
+    function: str, attempt: Callable[[frozenset[int]], _Out], tree: Any
+) -> _Out:
+    """Run `attempt(promoted)`, with the Python numbers of `tree` at the flat indices
+    `promoted` traced and the others kept as Python values.
+
+    It starts with none traced. A loop body that changes a number asks for it to be
+    traced (`_PromoteCarryNumbers`), and the attempt is repeated; nothing is traced
+    twice when no number changes. An attempt that raises while some numbers are still
+    Python values is repeated once with all of them traced, exactly as `jax.lax`
+    traces them, because code written for `jax.lax` may need them as arrays
+    (`c.shape`, or int32 arithmetic that overflows as Python ints do not). The
+    outcome of that attempt is then the answer; if it fails in the same way, the
+    first error is raised, since it shows the user's own values.
+    """
+    numbers = frozenset(
+        i for i, leaf in enumerate(jtu.tree_leaves(tree)) if _is_python_number(leaf)
+    )
+    promoted: frozenset[int] = frozenset()
+    first_error: Exception | None = None
+    while True:
+        try:
+            return attempt(promoted)
+        except _PromoteCarryNumbers as request:
+            promoted |= request.indices
+        except Exception as error:
+            if first_error is None and not numbers <= promoted:
+                first_error, promoted = error, numbers
+                continue
+            if first_error is None:
+                raise
+            if type(error) is type(first_error):
+                raise first_error from None  # The same mistake, in the user's values.
+            error.add_note(
+                f"{function} first ran with the Python numbers kept as Python values, "
+                f"which raised {type(first_error).__name__}: {first_error}"
+            )
+            raise
+
+
+class _Carry(_Split):
+    """A loop carry: its arrays are traced, and so are the Python numbers at the flat
+    indices `promoted`; every other leaf is static."""
+
+    def __init__(self, init: Any, promoted: frozenset[int], names: _LoopNames):
+        super().__init__(init, lambda i, leaf: eqx.is_array(leaf) or i in promoted)
+        self.names = names
+
+    def check(self, new_carry: Any) -> Any:
+        """Check the body's new carry against `init`, and return its traced part.
+
+        Traced places may hold any array or Python number (`jax.lax` then checks
+        shapes and dtypes). A Python number that changed asks for a new trace with
+        that leaf traced. Every other leaf must be unchanged.
+        """
+        new_leaves, new_def = jtu.tree_flatten(new_carry)
+        if new_def != self.treedef:
+            path, message = _structure_difference(self.tree, new_carry, ())
+            kind = "static" if message.startswith("is a static field") else "structure"
+            raise TypeError(self._error(path, message, kind))
+        to_promote: set[int] = set()
+        for i, (old, new, is_traced) in enumerate(
+            zip(self.leaves, new_leaves, self.traced, strict=True)
+        ):
+            if is_traced or _is_python_number(old):
+                if not _outputs_traced(i, new):
+                    message = (
+                        f"was {_describe_leaf(old)} and is now {_describe_leaf(new)}"
+                    )
+                    raise TypeError(self._error(self.path(i), message, "traced"))
+                if not is_traced and not _same_python_number(old, new):
+                    to_promote.add(i)
+                continue
+            message = _leaf_difference(old, new)
+            if message is not None:
+                raise ValueError(self._error(self.path(i), message, "static"))
+        if to_promote:
+            raise _PromoteCarryNumbers(frozenset(to_promote))
+        return new_def.unflatten(
+            [x if t else None for x, t in zip(new_leaves, self.traced, strict=True)]
+        )
+
+    def _error(self, path: str, message: str, kind: str) -> str:
+        names = self.names
+        fix = {
+            "structure": (
+                f"The carry must keep the structure of `{names.init}` from step to "
+                "step."
+            ),
+            "traced": (
+                "Return an array or a Python number there, with the same shape and "
+                f"dtype as in `{names.init}`."
+            ),
+            "static": (
+                "Only arrays and Python numbers in the carry may change from step to "
+                "step. If this value must change, make it an array in "
+                f"`{names.init}` with `jnp.asarray`; otherwise keep it out of the "
+                f"carry ({names.elsewhere})."
+            ),
+        }[kind]
+        return (
+            f"{names.function}: `{names.body}` returned a carry that differs from "
+            f"`{names.init}` {_where(path)}: it {message}. {fix}"
+        )
+
+
+#
+# Outputs: arrays and numbers are traced; the rest must agree between traces
+#
+
+
+def _static_outputs_agree(
+    function: str, what: str, fun: str, traces: list[_Split]
+) -> None:
+    """JAX may trace a function more than once; each trace must give the same static
+    outputs."""
+    first = traces[0].static_part()
+    for trace in traces[1:]:
+        difference = _tree_difference(first, trace.static_part())
+        if difference is not None:
+            path, message = difference
+            raise ValueError(
+                f"{function}: the non-array part of {what} differs between two traces "
+                f"of `{fun}`: {_where(path)} it {message}. JAX may trace `{fun}` more "
+                "than once, and each trace must give the same static outputs. Return "
+                "arrays for values that vary, or make the static values independent of "
+                f"how often `{fun}` is called."
+            )
+
+
+class _Branches:
+    """The branches of a `cond` or `switch`, wrapped to take the traced operands and
+    return the traced part of their outputs, which must agree between branches."""
+
+    def __init__(
+        self, function: str, operands: tuple[Any, ...], promoted: frozenset[int]
+    ):
+        self.function = function
+        self.operands = _Split(
+            operands, lambda i, leaf: eqx.is_array(leaf) or i in promoted
+        )
+        self.outputs: dict[str, _Split] = {}
+
+    def wrap(self, name: str, fun: Callable[..., Any]) -> Callable[..., Any]:
+        @_named_after(fun)
+        def branch(*traced: Any) -> Any:
+            out = _Split(fun(*self.operands.rebuild(traced)), _outputs_traced)
+            if self.outputs:
+                first_name, first = next(iter(self.outputs.items()))
+                self._check_agree(first_name, first.tree, name, out.tree)
+            self.outputs[name] = out
+            return out.traced_part()
+
+        return branch
+
+    def traced_operands(self) -> tuple[Any, ...]:
+        return self.operands.traced_part()
+
+    def rebuild(self, traced_out: Any) -> Any:
+        """The output, from what `jax.lax` returned. A Python number that every traced
+        branch returns unchanged stays that number."""
+        first, *others = self.outputs.values()
+        values = iter(jtu.tree_leaves(traced_out))
+        leaves = []
+        for i, (leaf, is_traced) in enumerate(
+            zip(first.leaves, first.traced, strict=True)
+        ):
+            if not is_traced:
+                leaves.append(leaf)
+                continue
+            value = next(values)
+            same = others and all(
+                _same_python_number(leaf, other.leaves[i]) for other in others
+            )
+            leaves.append(leaf if same else value)
+        return first.treedef.unflatten(leaves)
+
+    def _check_agree(self, first_name: str, first: Any, name: str, out: Any) -> None:
+        first_leaves, first_def = jtu.tree_flatten_with_path(first)
+        out_leaves, out_def = jtu.tree_flatten(out)
+        if first_def != out_def:
+            path, message = _structure_difference(first, out, ())
+            raise TypeError(self._error(first_name, name, path, message))
+        for (path, a), b in zip(first_leaves, out_leaves, strict=True):
+            a_traced, b_traced = _outputs_traced(0, a), _outputs_traced(0, b)
+            if a_traced and b_traced:
+                continue  # `jax.lax` checks shapes and dtypes.
+            if a_traced or b_traced:
+                message = (
+                    f"is {_describe_leaf(b)}, where `{first_name}` returns "
+                    f"{_describe_leaf(a)}"
+                )
+                raise TypeError(
+                    self._error(first_name, name, jtu.keystr(path), message)
+                )
+            message = _leaf_difference(a, b)
+            if message is not None:
+                raise ValueError(
+                    self._error(first_name, name, jtu.keystr(path), message)
+                )
+
+    def _error(self, first_name: str, name: str, path: str, message: str) -> str:
+        return (
+            f"{self.function}: the branches' outputs disagree {_where(path)}: compared "
+            f"with `{first_name}`'s output, `{name}`'s {message}. Every branch must "
+            "return the same structure, arrays or Python numbers in the same places, "
+            "and equal static values elsewhere; return arrays for values that differ "
+            "between branches."
+        )
+
+
+_NO_OPERAND = object()
+
+
+def _one_operand_form(
+    function: str, operands: tuple[Any, ...], operand: Any
+) -> tuple[Any, ...]:
+    """`operand=x`, which `jax.lax.cond` and `jax.lax.switch` accept instead of
+    positional operands."""
+    if operand is _NO_OPERAND:
+        return operands
+    if operands:
+        raise TypeError(
+            f"{function}: pass the operands either positionally or as `operand=`, not "
+            f"both; got `operand=` and {len(operands)} positional operand(s)."
+        )
+    return (operand,)
+
+
+#
+# filter_scan
+#
+
+_SCAN_TAKES_SPLIT_TRANSPOSE = (
+    "_split_transpose" in inspect.signature(jax.lax.scan).parameters
+)
+_SCAN_NAMES = _LoopNames(
+    "filter_scan", "f", "init", "close over it in `f`, or pass it in `xs`"
+)
 
 
 def filter_scan(
@@ -388,70 +676,47 @@ def filter_scan(
     print(xs.shape, steps)  # (5, 2) 5
     ```
     """
-    if not callable(f):
-        raise TypeError(f"filter_scan: `f` must be callable; got {_describe_leaf(f)}.")
+    _check_callable("filter_scan", "f", f)
     length = _scan_length(xs, length)
     unroll = _scan_unroll(unroll)
     options = (
         {"_split_transpose": _split_transpose} if _SCAN_TAKES_SPLIT_TRANSPOSE else {}
     )
-    lax_options = dict(length=length, reverse=reverse, unroll=unroll, **options)
-    promoted: frozenset[int] = frozenset()
-    while True:
-        try:
-            return _scan_once(f, init, xs, promoted, lax_options)
-        except _PromoteCarryNumbers as request:
-            promoted |= request.indices
+    inputs = _Split(xs, _arrays_traced)
 
+    def attempt(promoted: frozenset[int]) -> Any:
+        carry = _Carry(init, promoted, _SCAN_NAMES)
+        outputs: list[_Split] = []
+        pair_types: list[type] = []
 
-def _scan_once(
-    f: Callable[[Any, Any], Any],
-    init: Any,
-    xs: Any,
-    promoted: frozenset[int],
-    lax_options: dict[str, Any],
-) -> Any:
-    """One attempt at `filter_scan`, tracing the carry's arrays and the Python numbers
-    at the flat indices `promoted`."""
-    init_leaves, init_def = jtu.tree_flatten(init)
-    carry_traced = [
-        eqx.is_array(leaf) or i in promoted for i, leaf in enumerate(init_leaves)
-    ]
-    xs_leaves, xs_def = jtu.tree_flatten(xs)
-    xs_traced = [eqx.is_array(leaf) for leaf in xs_leaves]
-    ys_per_trace: list[tuple[Any, list[Any], list[bool]]] = []
-    pair_types: list[type] = []
+        @_named_after(f)
+        def step(traced_carry: Any, traced_x: Any) -> tuple[Any, Any]:
+            out = f(carry.rebuild(traced_carry), inputs.rebuild(traced_x))
+            if not isinstance(out, tuple | list) or len(out) != 2:
+                raise TypeError(
+                    "filter_scan: `f` must return a pair `(new_carry, y)`; got "
+                    f"{_describe_leaf(out)}."
+                )
+            pair_types.append(type(out))
+            new_carry, y = out
+            outputs.append(_Split(y, _outputs_traced))
+            return carry.check(new_carry), outputs[-1].traced_part()
 
-    @_named_after(f)
-    def step(carry: Any, x: Any) -> tuple[Any, Any]:
-        carry = _fill_static_holes(carry, init_def, init_leaves, carry_traced)
-        x = _fill_static_holes(x, xs_def, xs_leaves, xs_traced)
-        out = f(carry, x)
-        if not isinstance(out, tuple | list) or len(out) != 2:
-            raise TypeError(
-                "filter_scan: `f` must return a pair `(new_carry, y)`; got "
-                f"{_describe_leaf(out)}."
-            )
-        pair_types.append(type(out))
-        new_carry, y = out
-        new_carry = _check_new_carry(init, init_leaves, carry_traced, new_carry)
-        y_leaves, y_def = jtu.tree_flatten(y)
-        y_traced = [_is_traced_output(leaf) for leaf in y_leaves]
-        ys_per_trace.append((y_def, y_leaves, y_traced))
-        return new_carry, _with_static_holes(y_def, y_leaves, y_traced)
+        final, ys = jax.lax.scan(
+            step,
+            carry.traced_part(),
+            inputs.traced_part(),
+            length=length,
+            reverse=reverse,
+            unroll=unroll,
+            **options,
+        )
+        _static_outputs_agree("filter_scan", "`f`'s output `y`", "f", outputs)
+        final, ys = carry.rebuild(final), outputs[0].rebuild(ys)
+        # `jax.lax.scan` gives back the pair in the container that `f` used.
+        return [final, ys] if pair_types[0] is list else (final, ys)
 
-    final, ys = jax.lax.scan(
-        step,
-        _with_static_holes(init_def, init_leaves, carry_traced),
-        _with_static_holes(xs_def, xs_leaves, xs_traced),
-        **lax_options,
-    )
-    y_def, y_leaves, y_traced = ys_per_trace[0]
-    _check_static_outputs_agree(ys_per_trace)
-    final = _fill_static_holes(final, init_def, init_leaves, carry_traced)
-    ys = _fill_static_holes(ys, y_def, y_leaves, y_traced)
-    # `jax.lax.scan` gives back the pair in the container that `f` used.
-    return [final, ys] if pair_types[0] is list else (final, ys)
+    return _with_promoted_numbers("filter_scan", attempt, init)
 
 
 def _scan_length(xs: Any, length: Any) -> int:
@@ -499,7 +764,7 @@ def _scan_length(xs: Any, length: Any) -> int:
 
 class _ScalarToScanError(ValueError, IndexError):
     """A 0-d array in `xs`. A `ValueError`, and an `IndexError` as well, since that is
-    what `jax.lax.scan` raises for it."""
+    what `jax.lax.scan` and `jax.lax.map` raise for it."""
 
 
 def _whole_number(name: str, value: Any) -> int:
@@ -545,84 +810,9 @@ def _scan_unroll(unroll: Any) -> Any:
     return as_int
 
 
-def _check_new_carry(
-    init: Any, init_leaves: list[Any], traced: list[bool], new_carry: Any
-) -> Any:
-    """Check `f`'s new carry against `init`, and return its traced part.
-
-    Traced positions may hold any array or Python number (`jax.lax.scan` then checks
-    shapes and dtypes). A Python number that changed asks for a new trace with that
-    leaf traced. Every other leaf must be unchanged.
-    """
-    new_leaves, new_def = jtu.tree_flatten(new_carry)
-    if new_def != jtu.tree_structure(init):
-        path, message = _structure_difference(init, new_carry, ())
-        kind = "static" if message.startswith("is a static field") else "structure"
-        raise TypeError(_carry_error(path, message, kind))
-    to_promote: set[int] = set()
-    paths = None
-    for i, (old, new, is_traced) in enumerate(
-        zip(init_leaves, new_leaves, traced, strict=True)
-    ):
-        if is_traced or _is_python_number(old):
-            if not _is_traced_output(new):
-                paths = paths or [p for p, _ in jtu.tree_flatten_with_path(init)[0]]
-                message = f"was {_describe_leaf(old)} and is now {_describe_leaf(new)}"
-                raise TypeError(_carry_error(jtu.keystr(paths[i]), message, "traced"))
-            if not is_traced and not _same_python_number(old, new):
-                to_promote.add(i)
-            continue
-        message = _leaf_difference(old, new)
-        if message is not None:
-            paths = paths or [p for p, _ in jtu.tree_flatten_with_path(init)[0]]
-            raise ValueError(_carry_error(jtu.keystr(paths[i]), message, "static"))
-    if to_promote:
-        raise _PromoteCarryNumbers(frozenset(to_promote))
-    return _with_static_holes(new_def, new_leaves, traced)
-
-
-def _carry_error(path: str, message: str, kind: str) -> str:
-    fix = {
-        "structure": "The carry must keep the structure of `init` from step to step.",
-        "traced": (
-            "Return an array or a Python number there, with the same shape and dtype "
-            "as in `init`."
-        ),
-        "static": (
-            "Only arrays and Python numbers in the carry may change from step to step. "
-            "If this value must change, make it an array in `init` with "
-            "`jnp.asarray`; otherwise keep it out of the carry (close over it in `f`, "
-            "or pass it in `xs`)."
-        ),
-    }[kind]
-    return (
-        "filter_scan: `f` returned a carry that differs from `init` "
-        f"{_where(path)}: it {message}. {fix}"
-    )
-
-
-def _check_static_outputs_agree(
-    ys_per_trace: list[tuple[Any, list[Any], list[bool]]],
-) -> None:
-    """JAX may trace `f` more than once; each trace must give the same static `y`."""
-    static_parts = [
-        _with_static_holes(y_def, y_leaves, [not t for t in y_traced])
-        for y_def, y_leaves, y_traced in ys_per_trace
-    ]
-    for later in static_parts[1:]:
-        difference = _tree_difference(static_parts[0], later)
-        if difference is not None:
-            path, message = difference
-            raise ValueError(
-                f"filter_scan: the non-array part of `f`'s output `y` differs between "
-                f"two traces of `f`: {_where(path)} it {message}. JAX may trace `f` "
-                "more than once, and each trace must give the same static outputs. "
-                "Return arrays for values that vary, or make the static values "
-                "independent of how often `f` is called."
-            )
-
-
-_NO_OPERAND = object()
+#
+# filter_cond, filter_switch
+#
 
 
 def filter_cond(
@@ -695,98 +885,346 @@ def filter_cond(
                 true_operand,
                 false_operand,
             )
-        for name, fun in (("true_fun", true_fun), ("false_fun", false_fun)):
-            if not callable(fun):
-                raise TypeError(
-                    f"filter_cond: `{name}` must be callable; got "
-                    f"{_describe_leaf(fun)}."
-                )
-    if operand is not _NO_OPERAND:
-        if operands:
-            raise TypeError(
-                "filter_cond: pass the operands either positionally or as "
-                f"`operand=`, not both; got `operand=` and {len(operands)} positional "
-                "operand(s)."
-            )
-        operands = (operand,)
-    if eqx.is_array(pred) and pred.shape != ():
-        raise TypeError(
-            f"filter_cond: `pred` must be a scalar; got an array of shape "
-            f"{tuple(pred.shape)}. Reduce it first, for example with `jnp.any` or "
-            "`jnp.all`."
-        )
-    operand_leaves, operand_def = jtu.tree_flatten(operands)
-    operand_traced = [eqx.is_array(leaf) for leaf in operand_leaves]
-    outputs: dict[str, tuple[Any, list[Any], list[bool]]] = {}
-
-    def branch(name: str, fun: Callable[..., Any]) -> Callable[..., Any]:
-        @_named_after(fun)
-        def run(*traced: Any) -> Any:
-            args = _fill_static_holes(
-                traced, operand_def, operand_leaves, operand_traced
-            )
-            out = fun(*args)
-            out_leaves, out_def = jtu.tree_flatten(out)
-            out_traced = [_is_traced_output(leaf) for leaf in out_leaves]
-            outputs[name] = (out, out_leaves, out_traced)
-            if len(outputs) == 2:
-                _check_branches_agree(outputs["true_fun"][0], outputs["false_fun"][0])
-            return _with_static_holes(out_def, out_leaves, out_traced)
-
-        return run
-
-    out_traced = jax.lax.cond(
+        _check_callable("filter_cond", "true_fun", true_fun)
+        _check_callable("filter_cond", "false_fun", false_fun)
+    operands = _one_operand_form("filter_cond", operands, operand)
+    _check_scalar(
+        "filter_cond",
+        "pred",
         pred,
-        branch("true_fun", true_fun),
-        branch("false_fun", false_fun),
-        *_with_static_holes(operand_def, operand_leaves, operand_traced),
+        "Reduce it first, for example with `jnp.any` or `jnp.all`.",
     )
-    (out, out_leaves, traced), *other = outputs.values()
-    traced_results = iter(jtu.tree_leaves(out_traced))
-    leaves = []
-    for i, (leaf, is_traced) in enumerate(zip(out_leaves, traced, strict=True)):
-        if not is_traced:
-            leaves.append(leaf)
-            continue
-        result = next(traced_results)
-        # A number that both branches return unchanged stays that Python number.
-        same = other and _same_python_number(leaf, other[0][1][i])
-        leaves.append(leaf if same else result)
-    return jtu.tree_structure(out).unflatten(leaves)
+
+    def attempt(promoted: frozenset[int]) -> Any:
+        branches = _Branches("filter_cond", operands, promoted)
+        out = jax.lax.cond(
+            pred,
+            branches.wrap("true_fun", true_fun),
+            branches.wrap("false_fun", false_fun),
+            *branches.traced_operands(),
+        )
+        return branches.rebuild(out)
+
+    return _with_promoted_numbers("filter_cond", attempt, operands)
 
 
-def _check_branches_agree(true_out: Any, false_out: Any) -> None:
-    true_leaves, true_def = jtu.tree_flatten_with_path(true_out)
-    false_leaves, false_def = jtu.tree_flatten(false_out)
-    if true_def != false_def:
-        path, message = _structure_difference(true_out, false_out, ())
-        raise TypeError(_branch_error(path, message))
-    for (path, true_leaf), false_leaf in zip(true_leaves, false_leaves, strict=True):
-        true_is_traced = _is_traced_output(true_leaf)
-        false_is_traced = _is_traced_output(false_leaf)
-        if true_is_traced and false_is_traced:
-            continue  # `jax.lax.cond` checks shapes and dtypes.
-        if true_is_traced or false_is_traced:
-            message = f"is {_describe_leaf(false_leaf)}"
+def _check_scalar(function: str, name: str, value: Any, fix: str) -> None:
+    if eqx.is_array(value) and value.shape != ():
+        raise TypeError(
+            f"{function}: `{name}` must be a scalar; got an array of shape "
+            f"{tuple(value.shape)}. {fix}"
+        )
+
+
+def filter_switch(
+    index: Any,
+    branches: Sequence[Callable[..., _Out]],
+    *operands: Any,
+    operand: Any = _NO_OPERAND,
+) -> _Out:
+    """As `jax.lax.switch`, except that the operands and outputs may be any pytree.
+
+    Array leaves of `operands` are traced; every other leaf, Python numbers included,
+    is passed to every branch unchanged. Under `jax.jit` only the chosen branch runs.
+
+    **Arguments:**
+
+    - `index`: a scalar integer (array or Python value). As in `jax.lax.switch`, it is
+        clamped to `0, ..., len(branches) - 1`.
+    - `branches`: a non-empty sequence of functions, each called as
+        `branch(*operands)`. They must return pytrees of the same structure; at each
+        leaf, arrays or Python numbers (of the same shape and dtype, as
+        `jax.lax.switch` requires) or equal static values.
+    - `*operands`: the arguments to the branches; `operand=x` is accepted instead, as
+        `jax.lax.switch` accepts it.
+
+    **Returns:**
+
+    The output of the chosen branch. Where every branch returns the same Python number
+    (same type, same bits) it stays that number; elsewhere a number becomes the array
+    that `jax.lax.switch` makes.
+
+    **Raises:**
+
+    - `TypeError` if `branches` is not a sequence of callables, if `index` is not a
+        scalar integer, or if the branches return different structures or an array or
+        number where another returns something else (the types of `jax.lax.switch`).
+    - `ValueError` if `branches` is empty, or if the branches return different static
+        values (ours alone). The message names the leaf path.
+
+    **Example:**
+
+    ```python
+    import jax.numpy as jnp
+    from lerax_utils import filter_switch
+
+    def walk(x, mode):
+        return x + 1.0, mode
+
+    def run(x, mode):
+        return x + 2.0, mode
+
+    def rest(x, mode):
+        return x, mode
+
+    value, mode = filter_switch(jnp.array(1), [walk, run, rest], jnp.zeros(2), "gait")
+    print(value, mode)  # [2. 2.] gait
+    ```
+    """
+    try:
+        branches = tuple(branches)
+    except TypeError:
+        raise TypeError(
+            "filter_switch: `branches` must be a sequence of functions; got "
+            f"{_describe_leaf(branches)}."
+        ) from None
+    for i, branch in enumerate(branches):
+        _check_callable("filter_switch", f"branches[{i}]", branch)
+    if not branches:
+        raise ValueError(
+            "filter_switch: `branches` is empty; give at least one function."
+        )
+    operands = _one_operand_form("filter_switch", operands, operand)
+    _check_scalar("filter_switch", "index", index, "Pass a single integer index.")
+
+    def attempt(promoted: frozenset[int]) -> Any:
+        wrapped = _Branches("filter_switch", operands, promoted)
+        out = jax.lax.switch(
+            index,
+            [wrapped.wrap(f"branches[{i}]", fun) for i, fun in enumerate(branches)],
+            *wrapped.traced_operands(),
+        )
+        return wrapped.rebuild(out)
+
+    return _with_promoted_numbers("filter_switch", attempt, operands)
+
+
+#
+# filter_while_loop, filter_fori_loop
+#
+
+_WHILE_NAMES = _LoopNames(
+    "filter_while_loop", "body_fun", "init_val", "close over it in `body_fun`"
+)
+_FORI_NAMES = _LoopNames(
+    "filter_fori_loop", "body_fun", "init_val", "close over it in `body_fun`"
+)
+
+
+def filter_while_loop(
+    cond_fun: Callable[[_Carry], Any],
+    body_fun: Callable[[_Carry], _Carry],
+    init_val: _Carry,
+) -> _Carry:
+    """As `jax.lax.while_loop`, except that the carry may be any pytree. Array leaves
+    are traced; Python numbers are traced once `body_fun` changes them; every other
+    leaf is static.
+
+    Use it to run until a condition holds with a module in the carry, for example an
+    episode until it is done, with the policy and its function fields inside.
+
+    **Arguments:**
+
+    - `cond_fun`: `cond_fun(carry)` returns a scalar boolean: whether to run another
+        step.
+    - `body_fun`: `body_fun(carry)` returns the next carry, of the same structure.
+    - `init_val`: the initial carry, split as in `filter_scan`: arrays are traced;
+        Python numbers that `body_fun` gives back unchanged stay Python values, and
+        those it changes are traced as `jax.lax.while_loop` traces them; other leaves
+        are static and must come back unchanged.
+
+    **Returns:**
+
+    The final carry.
+
+    **Raises:**
+
+    - `TypeError` if a function is not callable, or if the carry changes structure or
+        a traced leaf comes back as something that is not an array or a number (and,
+        from JAX, if it changes shape or dtype, or `cond_fun` does not return a scalar
+        boolean).
+    - `ValueError` if a static leaf of the carry changes. The message names the leaf
+        path.
+
+    As `jax.lax.while_loop`, it can be differentiated forwards (`jax.jvp`) but not in
+    reverse; use `filter_fori_loop` with concrete bounds, or `filter_scan`, for that.
+
+    **Example:**
+
+    ```python
+    import jax.numpy as jnp
+    from lerax_utils import filter_while_loop
+
+    def not_done(carry):
+        position, steps, name = carry
+        return position < 1.0
+
+    def step(carry):
+        position, steps, name = carry
+        return position + 0.3, steps + 1, name
+
+    position, steps, name = filter_while_loop(not_done, step, (jnp.zeros(()), 0, "a"))
+    print(steps, name)  # 4 a
+    ```
+    """
+    _check_callable("filter_while_loop", "cond_fun", cond_fun)
+    _check_callable("filter_while_loop", "body_fun", body_fun)
+
+    def attempt(promoted: frozenset[int]) -> Any:
+        carry = _Carry(init_val, promoted, _WHILE_NAMES)
+
+        @_named_after(cond_fun)
+        def cond(traced: Any) -> Any:
+            return cond_fun(carry.rebuild(traced))
+
+        @_named_after(body_fun)
+        def body(traced: Any) -> Any:
+            return carry.check(body_fun(carry.rebuild(traced)))
+
+        return carry.rebuild(jax.lax.while_loop(cond, body, carry.traced_part()))
+
+    return _with_promoted_numbers("filter_while_loop", attempt, init_val)
+
+
+def filter_fori_loop(
+    lower: Any,
+    upper: Any,
+    body_fun: Callable[[Any, _Carry], _Carry],
+    init_val: _Carry,
+    *,
+    unroll: int | bool | None = None,
+) -> _Carry:
+    """As `jax.lax.fori_loop`, except that the carry may be any pytree, split as in
+    `filter_while_loop`.
+
+    **Arguments:**
+
+    - `lower`, `upper`: the bounds, `lower <= i < upper`, as for `jax.lax.fori_loop`.
+        With concrete bounds the loop is a scan, which can be differentiated in
+        reverse; with traced bounds it is a while loop.
+    - `body_fun`: `body_fun(i, carry)` returns the next carry, of the same structure.
+    - `init_val`: the initial carry (see `filter_while_loop`).
+    - `unroll`: as `jax.lax.fori_loop`; only with concrete bounds.
+
+    **Returns:**
+
+    The final carry.
+
+    **Raises:**
+
+    As `filter_while_loop`, with `body_fun` named in the messages; JAX's own errors for
+    the bounds (`TypeError` for bounds of different integer types) pass through.
+
+    **Example:**
+
+    ```python
+    import jax.numpy as jnp
+    from lerax_utils import filter_fori_loop
+
+    def accumulate(i, carry):
+        total, label = carry
+        return total + i, label
+
+    total, label = filter_fori_loop(0, 5, accumulate, (jnp.zeros(()), "sum"))
+    print(total, label)  # 10.0 sum
+    ```
+    """
+    _check_callable("filter_fori_loop", "body_fun", body_fun)
+
+    def attempt(promoted: frozenset[int]) -> Any:
+        carry = _Carry(init_val, promoted, _FORI_NAMES)
+
+        @_named_after(body_fun)
+        def body(i: Any, traced: Any) -> Any:
+            return carry.check(body_fun(i, carry.rebuild(traced)))
+
+        final = jax.lax.fori_loop(
+            lower, upper, body, carry.traced_part(), unroll=unroll
+        )
+        return carry.rebuild(final)
+
+    return _with_promoted_numbers("filter_fori_loop", attempt, init_val)
+
+
+#
+# filter_map
+#
+
+_MAP_TAKES_BATCH_SIZE = "batch_size" in inspect.signature(jax.lax.map).parameters
+
+
+def filter_map(f: Callable[[_X], _Y], xs: _X, *, batch_size: int | None = None) -> _Y:
+    """As `jax.lax.map`, except that `xs` and the outputs of `f` may be any pytree.
+
+    Array leaves of `xs` are sliced along their leading axis and traced; other leaves
+    are passed unchanged to every call. Array and Python-number leaves of the outputs
+    are stacked, as `jax.lax.map` stacks them; other leaves are returned once.
+
+    **Arguments:**
+
+    - `f`: called as `f(x)` on each slice.
+    - `xs`: the inputs. Its arrays must share their leading size.
+    - `batch_size`: as `jax.lax.map` (which takes it from jax 0.4.31 on): map over
+        batches of this many slices, each batch with `jax.vmap`.
+
+    **Returns:**
+
+    The stacked outputs.
+
+    **Raises:**
+
+    - `TypeError` if `f` is not callable, or `batch_size` is given to a JAX whose
+        `jax.lax.map` does not take it.
+    - `ValueError` if `xs` holds no arrays, or if the static part of `f`'s output
+        differs between traces. JAX's own errors (different leading sizes) pass
+        through.
+
+    **Example:**
+
+    ```python
+    import jax.numpy as jnp
+    from lerax_utils import filter_map
+
+    def describe(x):
+        return {"norm": jnp.linalg.norm(x["obs"]), "unit": x["unit"]}
+
+    out = filter_map(describe, {"obs": jnp.ones((3, 4)), "unit": "m"})
+    print(out["norm"], out["unit"])  # [2. 2. 2.] m
+    ```
+    """
+    _check_callable("filter_map", "f", f)
+    options = {}
+    if batch_size is not None:
+        if not _MAP_TAKES_BATCH_SIZE:
             raise TypeError(
-                _branch_error(
-                    jtu.keystr(path),
-                    f"{message}, where `true_fun` returns {_describe_leaf(true_leaf)}",
-                )
+                "filter_map: `batch_size` needs a JAX whose `jax.lax.map` takes it "
+                f"(0.4.31 or newer); this is jax {jax.__version__}. Upgrade JAX, or "
+                "leave `batch_size` out."
             )
-        message = _leaf_difference(true_leaf, false_leaf)
-        if message is not None:
-            raise ValueError(_branch_error(jtu.keystr(path), message))
+        options["batch_size"] = batch_size
+    inputs = _Split(xs, _arrays_traced)
+    for i, leaf in enumerate(inputs.leaves):
+        if eqx.is_array(leaf) and leaf.ndim == 0:
+            raise _ScalarToScanError(
+                f"filter_map: the array at `xs` path {inputs.path(i)} is a scalar "
+                "(shape ()), so it has no leading axis to map over. Give it a leading "
+                "axis, or make it a Python scalar to pass it unchanged to every call."
+            )
+    if not any(inputs.traced):
+        raise ValueError(
+            "filter_map: `xs` holds no arrays, so there is nothing to map over. Give "
+            "it at least one array with a leading axis."
+        )
+    outputs: list[_Split] = []
 
+    @_named_after(f)
+    def mapped(traced_x: Any) -> Any:
+        outputs.append(_Split(f(inputs.rebuild(traced_x)), _outputs_traced))
+        return outputs[-1].traced_part()
 
-def _branch_error(path: str, message: str) -> str:
-    return (
-        f"filter_cond: the branches' outputs disagree {_where(path)}: compared with "
-        f"`true_fun`'s output, `false_fun`'s {message}. Both branches must return the "
-        "same structure, arrays or Python numbers in the same places, and equal "
-        "static values elsewhere; return arrays for values that differ between "
-        "branches."
-    )
+    ys = jax.lax.map(mapped, inputs.traced_part(), **options)
+    _static_outputs_agree("filter_map", "`f`'s output", "f", outputs)
+    return outputs[0].rebuild(ys)
 
 
 #

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import lerax_utils
@@ -39,7 +39,11 @@ from lerax_utils import (
     callback_with_numpy_wrapper,
     callback_wrapper,
     filter_cond,
+    filter_fori_loop,
+    filter_map,
     filter_scan,
+    filter_switch,
+    filter_while_loop,
     print_callback,
     stack_pytree,
     unstack_pytree,
@@ -816,7 +820,7 @@ def test_filter_cond_branches_with_different_static_outputs_are_an_error():
     assert str(info.value) == (
         "filter_cond: the branches' outputs disagree at path ['m']: compared with "
         "`true_fun`'s output, `false_fun`'s changed from str 'train' to str 'eval'. "
-        "Both branches must return the same structure, arrays or Python numbers in "
+        "Every branch must return the same structure, arrays or Python numbers in "
         "the same places, and equal static values elsewhere; return arrays for values "
         "that differ between branches."
     )
@@ -996,15 +1000,22 @@ def test_filter_scan_promotes_without_retracing_when_no_number_changes():
 
 def test_filter_scan_equal_nans_and_partials_are_not_changes():
     payload = struct.unpack("<d", struct.pack("<Q", 0x7FF8000000000123))[0]
-    init = {"nan": payload, "w": jnp.asarray(0)}
+    seen = []
+
+    def keep_nan(c, _):
+        seen.append(c["nan"])
+        return c, c["nan"]
+
+    filter_scan(keep_nan, {"nan": payload, "x": jnp.ones(2)}, None, length=2)
+    assert seen == [payload]  # One trace, with the NaN a Python float throughout.
     # A weakly typed int carry that becomes a float makes lax.scan trace twice; each
     # trace returns a new, equal `partial`.
-    final, (made, _) = filter_scan(
-        lambda c, _: ({**c, "w": c["w"] + 0.5}, (functools.partial(max, 1), c["nan"])),
-        init,
+    final, made = filter_scan(
+        lambda c, _: (c + 0.5, functools.partial(max, 1)),
+        jnp.asarray(0),
+        None,
         length=2,
     )
-    assert final["nan"] is payload
     assert made.func is max and made.args == (1,)
 
 
@@ -1080,6 +1091,283 @@ def test_filter_scan_and_filter_cond_under_disable_jit():
     assert label == "s"
     assert_identical(ys, jnp.asarray([0, 1, 2]))
     assert int(steps) == 3 and float(w) == 3.0
+
+
+#
+# Control flow: filter_while_loop, filter_fori_loop, filter_switch, filter_map
+#
+
+
+def _program(fun: Callable[..., Any], *args: Any) -> str:
+    # Older JAX prints the addresses of memoised thunks; they are not the program.
+    return re.sub(r" at 0x[0-9a-f]+", "", str(jax.make_jaxpr(fun)(*args)))
+
+
+def _count_up(carry: Any) -> Any:
+    """Advance every array, and count the steps in `carry["step"]`."""
+    return {**jax.tree.map(advance, carry), "step": carry["step"] + 1}
+
+
+@given(data=st.data(), steps=st.integers(0, 3), jit=st.booleans())
+def test_filter_while_loop_matches_python_loop(data, steps, jit):
+    init = {"state": data.draw(carries()), "step": jnp.int32(0)}
+
+    def not_done(carry):
+        return carry["step"] < steps
+
+    expected = init
+    while expected["step"] < steps:
+        expected = _count_up(expected)
+    expected = jax.tree.map(
+        lambda x: jnp.asarray(x) if eqx.is_array(x) else x, expected
+    )
+    run = eqx.filter_jit(filter_while_loop) if jit else filter_while_loop
+    assert_identical(run(not_done, _count_up, init), expected)
+
+
+@given(data=st.data(), steps=st.integers(0, 3))
+def test_filter_while_loop_equals_lax_while_loop_on_array_trees(data, steps):
+    init = {"state": data.draw(array_trees()), "step": jnp.int32(0)}
+
+    def not_done(carry):
+        return carry["step"] < steps
+
+    expected = jax.lax.while_loop(not_done, _count_up, init)
+    assert_identical(
+        filter_while_loop(not_done, _count_up, init), expected, weak_types=True
+    )
+    assert _program(lambda c: filter_while_loop(not_done, _count_up, c), init) == (
+        _program(lambda c: jax.lax.while_loop(not_done, _count_up, c), init)
+    )
+
+
+def test_filter_while_loop_counts_with_a_python_number_as_lax_does():
+    expected = jax.lax.while_loop(lambda c: c < 10, lambda c: c + 1, 0)
+    assert_identical(
+        filter_while_loop(lambda c: c < 10, lambda c: c + 1, 0),
+        expected,
+        weak_types=True,
+    )
+
+
+class _Episode(eqx.Module):
+    """A point that a policy pushes until it leaves [-1, 1]."""
+
+    position: jax.Array
+    steps: Any
+    policy: eqx.nn.MLP
+    activation: Callable[..., Any]
+    name: str = eqx.field(static=True)
+
+
+def test_filter_while_loop_runs_an_episode_until_done_with_a_module_carry():
+    policy = eqx.nn.MLP(1, 1, width_size=4, depth=1, key=jax.random.key(3))
+    start = _Episode(jnp.zeros(()), 0, policy, jax.nn.sigmoid, "point")
+
+    def running(episode):
+        return jnp.abs(episode.position) < 1.0
+
+    def step(episode):
+        push = 0.1 + 0.2 * episode.activation(episode.policy(episode.position[None]))[0]
+        return eqx.tree_at(
+            lambda e: (e.position, e.steps),
+            episode,
+            (episode.position + push, episode.steps + 1),
+        )
+
+    end = eqx.filter_jit(filter_while_loop)(running, step, start)
+    expected = start
+    while running(expected):
+        expected = step(expected)
+    assert end.name == "point" and end.activation is jax.nn.sigmoid
+    assert int(end.steps) == expected.steps > 0
+    assert_identical(end.position, expected.position)
+
+
+@given(data=st.data(), lower=st.integers(-2, 2), span=st.integers(0, 3))
+def test_filter_fori_loop_matches_python_loop(data, lower, span):
+    init = data.draw(carries())
+
+    def body(i, carry):
+        return jax.tree.map(lambda x: advance(x) if eqx.is_array(x) else x, carry)
+
+    expected = init
+    for i in range(lower, lower + span):
+        expected = body(i, expected)
+    expected = jax.tree.map(
+        lambda x: jnp.asarray(x) if eqx.is_array(x) else x, expected
+    )
+    assert_identical(filter_fori_loop(lower, lower + span, body, init), expected)
+
+
+@given(data=st.data(), span=st.integers(0, 3), unroll=st.sampled_from([None, 1, 2]))
+def test_filter_fori_loop_equals_lax_fori_loop_on_array_trees(data, span, unroll):
+    init = data.draw(array_trees())
+
+    def body(i, carry):
+        return jax.tree.map(advance, carry)
+
+    expected = jax.lax.fori_loop(0, span, body, init, unroll=unroll)
+    actual = filter_fori_loop(0, span, body, init, unroll=unroll)
+    assert_identical(actual, expected, weak_types=True)
+    assert _program(
+        lambda c: filter_fori_loop(0, span, body, c, unroll=unroll), init
+    ) == (_program(lambda c: jax.lax.fori_loop(0, span, body, c, unroll=unroll), init))
+
+
+def test_filter_fori_loop_is_reverse_differentiable_with_concrete_bounds():
+    def loss(w, fori_loop):
+        def body(i, carry):
+            x, steps = carry
+            return jnp.sin(x * w + i), steps + 1
+
+        x, steps = fori_loop(0, 4, body, (jnp.ones(3), 0))
+        return jnp.sum(x) + steps
+
+    assert_identical(
+        jax.value_and_grad(loss)(0.5, filter_fori_loop),
+        jax.value_and_grad(loss)(0.5, jax.lax.fori_loop),
+    )
+
+
+def test_filter_fori_loop_with_traced_bounds_is_a_while_loop():
+    def run(upper, fori_loop):
+        return fori_loop(0, upper, lambda i, c: (c[0] + i, c[1]), (jnp.int32(0), "s"))[
+            0
+        ]
+
+    ours = jax.jit(lambda n: run(n, filter_fori_loop))
+    assert int(ours(5)) == 10
+    assert "while" in _program(lambda n: run(n, filter_fori_loop), 5)
+
+
+def _branch(shift: float) -> Callable[..., Any]:
+    def branch(*operands):
+        return jax.tree.map(
+            lambda x: (
+                x + shift
+                if eqx.is_array(x) and jnp.issubdtype(x.dtype, jnp.floating)
+                else x
+            ),
+            operands,
+        )
+
+    return branch
+
+
+_FLOATS = arrays(dtypes=(jnp.float32, jnp.float16), numpy_allowed=False)
+
+
+@given(
+    operands=st.lists(
+        pytrees(st.one_of(_FLOATS, st.sampled_from(_STATIC_LEAVES))), max_size=3
+    ),
+    index=st.integers(-1, 3),
+    jit=st.booleans(),
+)
+def test_filter_switch_matches_python_indexing(operands, index, jit):
+    branches = [_branch(1.0), _branch(-1.0), _branch(0.5)]
+    expected = branches[min(max(index, 0), 2)](*operands)
+
+    def run(index, operands):
+        return filter_switch(index, branches, *operands)
+
+    run = eqx.filter_jit(run) if jit else run
+    assert_identical(run(jnp.asarray(index), operands), expected)
+
+
+@given(operands=st.lists(array_trees(), max_size=3), index=st.integers(0, 2))
+def test_filter_switch_equals_lax_switch_on_array_trees(operands, index):
+    branches = [_branch(1.0), _branch(-1.0), _branch(0.5)]
+    index = jnp.asarray(index)
+    expected = jax.lax.switch(index, branches, *operands)
+    assert_identical(
+        filter_switch(index, branches, *operands), expected, weak_types=True
+    )
+    assert _program(lambda i, o: filter_switch(i, branches, *o), index, operands) == (
+        _program(lambda i, o: jax.lax.switch(i, branches, *o), index, operands)
+    )
+
+
+def test_filter_switch_gradients_and_numbers_match_lax_switch():
+    def loss(x, switch):
+        return switch(1, [lambda x: x * 2.0, lambda x: jnp.sin(x), lambda _: 3.0], x)
+
+    assert_identical(
+        jax.value_and_grad(loss)(0.3, filter_switch),
+        jax.value_and_grad(loss)(0.3, jax.lax.switch),
+    )
+    same = filter_switch(jnp.asarray(2), [lambda: (1, "a"), lambda: (1, "a")])
+    assert same == (1, "a") and type(same[0]) is int
+    with pytest.raises(ValueError, match=r"compared with `branches\[0\]`'s output, "):
+        filter_switch(0, [lambda: "a", lambda: "b"])
+
+
+@given(data=st.data(), length=st.integers(1, 4), jit=st.booleans())
+def test_filter_map_matches_python_loop(data, length, jit):
+    xs = data.draw(inputs(length))
+    assume(any(eqx.is_array(leaf) for leaf in jax.tree.leaves(xs)))
+
+    def f(x):
+        return jax.tree.map(advance, x), "label"
+
+    expected = python_loop_scan(lambda c, x: (c, f(x)), None, xs, length, False)[1]
+    run = eqx.filter_jit(filter_map) if jit else filter_map
+    assert_identical(run(f, xs), expected)
+
+
+@given(data=st.data(), length=st.integers(1, 4), batch=st.sampled_from([None, 2]))
+def test_filter_map_equals_lax_map_on_array_trees(data, length, batch):
+    xs = data.draw(array_trees(leading=(length,)))
+    assume(jax.tree.leaves(xs))
+    if (
+        batch is not None
+        and "batch_size" not in inspect.signature(jax.lax.map).parameters
+    ):
+        with pytest.raises(TypeError, match="filter_map: `batch_size` needs a JAX"):
+            filter_map(advance, xs, batch_size=batch)
+        return
+    options = {} if batch is None else {"batch_size": batch}
+    expected = jax.lax.map(lambda x: jax.tree.map(advance, x), xs, **options)
+    actual = filter_map(lambda x: jax.tree.map(advance, x), xs, **options)
+    assert_identical(actual, expected, weak_types=True)
+    assert _program(
+        lambda v: filter_map(lambda x: jax.tree.map(advance, x), v, **options), xs
+    ) == (
+        _program(
+            lambda v: jax.lax.map(lambda x: jax.tree.map(advance, x), v, **options), xs
+        )
+    )
+
+
+def test_filter_map_gradients_match_lax_map():
+    def loss(w, map_):
+        return jnp.sum(map_(lambda x: jnp.sin(w * x), jnp.arange(4.0)))
+
+    assert_identical(
+        jax.value_and_grad(loss)(0.7, filter_map),
+        jax.value_and_grad(loss)(0.7, jax.lax.map),
+    )
+
+
+def test_the_family_under_vmap_matches_per_example_calls():
+    xs = jnp.arange(6.0).reshape(3, 2)
+
+    def per_example(x):
+        looped = filter_while_loop(
+            lambda c: c[0] < 5.0, lambda c: (c[0] + x[0] + 1, c[1]), (x[1], "w")
+        )
+        fori = filter_fori_loop(0, 3, lambda i, c: (c[0] * x[0] + i, c[1]), (x[1], "f"))
+        switched = filter_switch(
+            jnp.int32(x[0]) % 2, [lambda y: (y, "s"), lambda y: (-y, "s")], x
+        )
+        mapped = filter_map(lambda y: (y * 2, "m"), x)
+        return looped[0], fori[0], switched[0], mapped[0]
+
+    batched = jax.vmap(per_example)(xs)
+    one_by_one = [per_example(x) for x in xs]
+    for i, values in enumerate(batched):
+        assert_identical(values, jnp.stack([row[i] for row in one_by_one]))
 
 
 #

@@ -16,7 +16,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lerax_utils import filter_cond, filter_scan
+from lerax_utils import (
+    filter_cond,
+    filter_fori_loop,
+    filter_map,
+    filter_scan,
+    filter_switch,
+    filter_while_loop,
+)
 
 
 def _error_type(run: Callable[[], Any]) -> type[BaseException]:
@@ -193,6 +200,18 @@ SCAN_CALLS: dict[str, Callable[[Any], Any]] = {
         _sum_step, 0.0, jnp.arange(4.0), reverse=1
     ),
     "NumPy inputs": lambda scan: scan(_sum_step, np.float32(0), np.arange(4.0)),
+    "array methods on a number carry": lambda scan: scan(
+        lambda c, x: (c + x, jnp.zeros(c.shape)), 0.0, jnp.arange(3.0)
+    ),
+    "astype on an unchanged int carry": lambda scan: scan(
+        lambda c, x: (c, c.astype(jnp.float32) * x), 1, jnp.arange(3.0)
+    ),
+    "int32 overflow of an unchanged carry": lambda scan: scan(
+        lambda c, x: (c, c * 4), 2**30, jnp.arange(3.0)
+    ),
+    "integer division by zero": lambda scan: scan(
+        lambda c, x: (c, c // 0), 1, jnp.arange(3.0)
+    ),
     "Python numbers as outputs": lambda scan: scan(
         lambda c, x: (c, (1, 2.5, True)), jnp.zeros(()), None, length=3
     ),
@@ -228,6 +247,12 @@ COND_CALLS: dict[str, Callable[[Any, Any], Any]] = {
     "two different numbers": lambda cond, p: cond(p, lambda: 1, lambda: 2),
     "an integer pred": lambda cond, p: cond(jnp.int32(3) * p, jnp.sin, jnp.cos, 1.0),
     "a float pred": lambda cond, p: cond(0.5 * p, jnp.sin, jnp.cos, 1.0),
+    "astype on a number operand": lambda cond, p: cond(
+        p, lambda x: x.astype(jnp.int32), lambda x: x.astype(jnp.int32) + 1, 1.0
+    ),
+    "int32 overflow in a branch": lambda cond, p: cond(
+        p, lambda x: x * 4, lambda x: x, 2**30
+    ),
     "a NumPy bool pred": lambda cond, p: cond(np.bool_(True), jnp.sin, jnp.cos, 1.0),
 }
 
@@ -393,3 +418,158 @@ def test_readme_error_tables_quote_the_messages_exactly():
         assert text in str(info.value)
         if not text.startswith(("filter_scan: `length` must be concrete",)):
             assert str(info.value).startswith(text)
+
+
+def test_a_second_failure_of_another_type_notes_the_first():
+    def step(c, x):
+        return ("s" if c.shape else "t", None)
+
+    with pytest.raises(TypeError) as info:
+        filter_scan(step, 0, None, length=2)
+    assert "it was int 0 and is now str 't'" in str(info.value)
+    assert (
+        "filter_scan first ran with the Python numbers kept as Python values, which "
+        "raised AttributeError: 'int' object has no attribute 'shape'"
+    ) in info.value.__notes__
+
+
+#
+# The rest of the family: filter_while_loop, filter_fori_loop, filter_switch,
+# filter_map
+#
+
+FAMILY_MISTAKES: dict[str, Callable[[dict[str, Any]], Any]] = {
+    "while: cond_fun is not callable": lambda lax: lax["while_loop"](
+        "c", lambda c: c, 0.0
+    ),
+    "while: body_fun is not callable": lambda lax: lax["while_loop"](
+        lambda c: c < 1, None, 0.0
+    ),
+    "while: body changes the dtype": lambda lax: lax["while_loop"](
+        lambda c: c < 1, lambda c: c.astype(jnp.int32), jnp.zeros(())
+    ),
+    "while: body changes the structure": lambda lax: lax["while_loop"](
+        lambda c: c[0] < 1, lambda c: (c[0],), (jnp.zeros(()), jnp.zeros(()))
+    ),
+    "while: body returns a string": lambda lax: lax["while_loop"](
+        lambda c: c < 1, lambda c: "done", 0.0
+    ),
+    "while: cond_fun returns a vector": lambda lax: lax["while_loop"](
+        lambda c: c < 1, lambda c: c + 1, jnp.zeros(2)
+    ),
+    "while: cond_fun returns a float": lambda lax: lax["while_loop"](
+        lambda c: c * 1.0, lambda c: c - 1, jnp.ones(())
+    ),
+    "fori: body_fun is not callable": lambda lax: lax["fori_loop"](0, 3, 3, 0.0),
+    "fori: bounds of different types": lambda lax: lax["fori_loop"](
+        jnp.int32(0), jnp.int16(3), lambda i, c: c, 0.0
+    ),
+    "fori: body changes the shape": lambda lax: lax["fori_loop"](
+        0, 3, lambda i, c: jnp.ones(3), jnp.ones(2)
+    ),
+    "fori: unroll with traced bounds": lambda lax: jax.jit(
+        lambda n: lax["fori_loop"](0, n, lambda i, c: c, 0.0, unroll=2)
+    )(3),
+    "switch: empty branches": lambda lax: lax["switch"](0, [], 1.0),
+    "switch: a branch is not callable": lambda lax: lax["switch"](
+        0, [jnp.sin, "cos"], 1.0
+    ),
+    "switch: vector index": lambda lax: lax["switch"](
+        jnp.zeros(2, jnp.int32), [jnp.sin, jnp.cos], 1.0
+    ),
+    "switch: float index": lambda lax: lax["switch"](0.5, [jnp.sin, jnp.cos], 1.0),
+    "switch: branch structures differ": lambda lax: lax["switch"](
+        0, [lambda x: (x, x), lambda x: (x,)], 1.0
+    ),
+    "switch: branch dtypes differ": lambda lax: lax["switch"](
+        0, [lambda x: x, lambda x: x.astype(jnp.int32)], jnp.ones(2)
+    ),
+    "switch: operand and positional operands": lambda lax: lax["switch"](
+        0, [jnp.sin, jnp.cos], 1.0, operand=2.0
+    ),
+    "map: f is not callable": lambda lax: lax["map"]("f", jnp.ones(3)),
+    "map: leading sizes differ": lambda lax: lax["map"](
+        lambda x: x, (jnp.ones(3), jnp.ones(4))
+    ),
+    "map: a 0-d input": lambda lax: lax["map"](lambda x: x, jnp.ones(())),
+    "map: no inputs": lambda lax: lax["map"](lambda x: x, None),
+}
+
+_LAX = {
+    "while_loop": jax.lax.while_loop,
+    "fori_loop": jax.lax.fori_loop,
+    "switch": jax.lax.switch,
+    "map": jax.lax.map,
+}
+_OURS = {
+    "while_loop": filter_while_loop,
+    "fori_loop": filter_fori_loop,
+    "switch": filter_switch,
+    "map": filter_map,
+}
+
+
+@pytest.mark.parametrize("mistake", FAMILY_MISTAKES)
+def test_the_family_raises_what_lax_raises(mistake):
+    make = FAMILY_MISTAKES[mistake]
+    ours = _error_type(lambda: make(_OURS))
+    assert issubclass(ours, _error_type(lambda: make(_LAX)))
+    assert issubclass(ours, TypeError | ValueError)
+
+
+FAMILY_CALLS: dict[str, Callable[[dict[str, Any]], Any]] = {
+    "while: a Python counter": lambda lax: lax["while_loop"](
+        lambda c: c < 10, lambda c: c + 1, 0
+    ),
+    "while: a counter and an array": lambda lax: lax["while_loop"](
+        lambda c: c[0] < 5, lambda c: (c[0] + 1, c[1] * 2.0), (0, jnp.ones(2))
+    ),
+    "while: shape of a number carry": lambda lax: lax["while_loop"](
+        lambda c: c < 3.0, lambda c: c + jnp.ones(c.shape), 0.0
+    ),
+    "fori: Python bounds": lambda lax: lax["fori_loop"](0, 5, lambda i, c: c + i, 0.0),
+    "fori: NumPy bounds": lambda lax: lax["fori_loop"](
+        np.int32(1), np.int32(4), lambda i, c: c * i, 1
+    ),
+    "fori: float bounds": lambda lax: lax["fori_loop"](
+        0.0, 3.0, lambda i, c: c + 1, 0.0
+    ),
+    "fori: empty range": lambda lax: lax["fori_loop"](3, 1, lambda i, c: c + i, 2.5),
+    "fori: unroll": lambda lax: lax["fori_loop"](
+        0, 6, lambda i, c: c + i, jnp.zeros(()), unroll=3
+    ),
+    "switch: operand keyword": lambda lax: lax["switch"](
+        1, [jnp.sin, jnp.cos], operand=1.0
+    ),
+    "switch: index below range": lambda lax: lax["switch"](
+        -4, [lambda: 1.0, lambda: 2.0]
+    ),
+    "switch: index above range": lambda lax: lax["switch"](
+        jnp.int32(9), [lambda x: x, lambda x: -x], jnp.ones(2)
+    ),
+    "switch: one branch": lambda lax: lax["switch"](0, [lambda x: x * 2], 3.0),
+    "switch: a tuple of branches": lambda lax: lax["switch"](
+        1, (jnp.sin, jnp.cos), jnp.ones(2)
+    ),
+    "switch: a number and an array": lambda lax: lax["switch"](
+        1, [lambda x: 2.0, lambda x: x * 2], jnp.float32(3.0)
+    ),
+    "map: a tuple of inputs": lambda lax: lax["map"](
+        lambda xy: xy[0] * xy[1], (jnp.arange(3.0), jnp.ones(3))
+    ),
+    "map: Python numbers out": lambda lax: lax["map"](
+        lambda x: (x, 1, 2.5), jnp.arange(3.0)
+    ),
+    "map: NumPy inputs": lambda lax: lax["map"](lambda x: x + 1, np.arange(4)),
+}
+
+
+@pytest.mark.parametrize("call", FAMILY_CALLS)
+@pytest.mark.parametrize("jit", [False, True])
+def test_the_family_accepts_every_call_lax_accepts(call, jit):
+    make = FAMILY_CALLS[call]
+    if jit:
+        expected, actual = jax.jit(lambda: make(_LAX))(), jax.jit(lambda: make(_OURS))()
+    else:
+        expected, actual = make(_LAX), make(_OURS)
+    _assert_same(actual, expected)
