@@ -396,7 +396,7 @@ def _with_promoted_numbers(
             raise
 
 
-class _Carry(_Split):
+class _LoopCarry(_Split):
     """A loop carry: its arrays are traced, and so are the Python numbers at the flat
     indices `promoted`; every other leaf is static."""
 
@@ -685,7 +685,7 @@ def filter_scan(
     inputs = _Split(xs, _arrays_traced)
 
     def attempt(promoted: frozenset[int]) -> Any:
-        carry = _Carry(init, promoted, _SCAN_NAMES)
+        carry = _LoopCarry(init, promoted, _SCAN_NAMES)
         outputs: list[_Split] = []
         pair_types: list[type] = []
 
@@ -1071,7 +1071,7 @@ def filter_while_loop(
     _check_callable("filter_while_loop", "body_fun", body_fun)
 
     def attempt(promoted: frozenset[int]) -> Any:
-        carry = _Carry(init_val, promoted, _WHILE_NAMES)
+        carry = _LoopCarry(init_val, promoted, _WHILE_NAMES)
 
         @_named_after(cond_fun)
         def cond(traced: Any) -> Any:
@@ -1132,7 +1132,7 @@ def filter_fori_loop(
     _check_callable("filter_fori_loop", "body_fun", body_fun)
 
     def attempt(promoted: frozenset[int]) -> Any:
-        carry = _Carry(init_val, promoted, _FORI_NAMES)
+        carry = _LoopCarry(init_val, promoted, _FORI_NAMES)
 
         @_named_after(body_fun)
         def body(i: Any, traced: Any) -> Any:
