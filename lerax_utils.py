@@ -923,7 +923,7 @@ _BODY_NEVER_RUNS = (
 
 def _callable_name(func: Callable[..., Any]) -> str:
     func = getattr(func, "func", func)  # `functools.partial`: name what it wraps.
-    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None)
+    name = getattr(func, "__name__", None)
     return name if isinstance(name, str) else type(func).__name__
 
 
