@@ -87,12 +87,13 @@ def test_ordered_wrappers_gather_eagerly_and_explain_the_fix_under_jit():
     report = _run_on_four_devices(
         """
         seen = []
-        record = lambda tag, v: seen.append((tag, v))
-        log = callback_with_list_wrapper(record, ordered=True)
+        def log_metrics(step, metrics):
+            seen.append((step, metrics))
+        log = callback_with_list_wrapper(log_metrics, ordered=True)
         log("eager", x)
         report["eager"] = seen[:]
         def step(x, y):
-            log("jit", {"w": x.sum()})
+            log(1, {"loss": x.sum()})
             return x
         report["error"] = error(lambda: jax.jit(step)(x, 1.0))
         unordered = callback_wrapper(lambda v: seen.append(v.tolist()))
@@ -112,9 +113,9 @@ def test_ordered_wrappers_gather_eagerly_and_explain_the_fix_under_jit():
     assert report["unordered"] == [row]
     if report["recorded"]:  # Tracers record their sharding: our message.
         assert report["error"] == (
-            "ValueError: <lambda> (made by callback_with_list_wrapper): made with "
+            "ValueError: log_metrics (made by callback_with_list_wrapper): made with "
             "`ordered=True`, and called inside `jit` with the positional argument at "
-            "path [1]['w'], an array of shape () that spans 4 devices; JAX runs "
+            "path [1]['loss'], an array of shape () that spans 4 devices; JAX runs "
             "ordered callbacks only in computations on one device. Make the wrapper "
             "with `ordered=False` (calls may then arrive in any order), or keep this "
             "computation on one device."
