@@ -41,6 +41,8 @@ __all__ = [
 
 import concurrent.futures
 import contextlib
+import ctypes
+import ctypes.util
 import dataclasses
 import enum
 import functools
@@ -51,6 +53,7 @@ import math
 import os
 import pathlib
 import struct
+import sys
 import tempfile
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -861,7 +864,9 @@ _CALLBACK_NOTES = """
     host, with their dtype and bits unchanged (so a `float64` or an `int64` stays
     exact even with 64-bit mode off). Every other leaf (strings, `None`, Python
     numbers, functions, any object) reaches `func` unchanged, as the same object. So
-    `log(step=3, loss=loss)` hands `func` the int `3`, not an array.
+    `log(step=3, loss=loss)` hands `func` the int `3`, not an array. On Linux,
+    `func` runs with subnormal floats intact, although XLA's CPU runtime flushes
+    them to zero while it runs the computation around the callback.
 
     The arguments are checked against `func`'s signature at the call (at trace time
     under `jit`), so a call that `func` itself would refuse raises `TypeError` there,
@@ -951,6 +956,48 @@ def _signature_or_none(func: Callable[..., Any]) -> inspect.Signature | None:
         return None
 
 
+def _load_fenv() -> tuple[Any, Any] | None:
+    """`fegetenv` and `fesetenv` from the C maths library, on Linux (glibc and musl
+    both take `(fenv_t *)-1` as the default environment), else `None`."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libm = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6")
+        return libm.fegetenv, libm.fesetenv
+    except (OSError, AttributeError):
+        return None
+
+
+_FENV = _load_fenv()
+_SMALLEST_NORMAL = sys.float_info.min
+
+
+_DEFAULT_FENV = ctypes.c_void_p(-1)  # FE_DFL_ENV
+
+
+def _keeping_subnormals(body: Callable[[], None]) -> None:
+    """Run `body()` with subnormal floats intact.
+
+    XLA's CPU runtime runs a computation, and so the callbacks it makes, with the
+    processor set to flush subnormal floats to zero. Python arithmetic, `.tolist()`
+    and even `repr` then see them as 0.0 (`print` of 1e-310 shows `0.0`), so a
+    logger would silently record a wrong number. Where the C library lets us,
+    `body` runs in the default floating-point environment, and XLA's is restored
+    after it.
+    """
+    if _FENV is None or _SMALLEST_NORMAL / 2 != 0.0:
+        body()
+        return
+    get_environment, set_environment = _FENV
+    saved = ctypes.create_string_buffer(256)  # Larger than any `fenv_t`.
+    get_environment(saved)
+    set_environment(_DEFAULT_FENV)
+    try:
+        body()
+    finally:
+        set_environment(saved)
+
+
 def _send_to_host(
     caller: str,
     fix: str,
@@ -1002,7 +1049,7 @@ def _send_to_host(
         for index, array in enumerate(arrays)
     ]
 
-    def on_host(*host_arrays: Any) -> None:
+    def call_func(host_arrays: tuple[Any, ...]) -> None:
         row = list(leaves)
         for index, (position, array) in enumerate(
             zip(positions, host_arrays, strict=True)
@@ -1012,6 +1059,10 @@ def _send_to_host(
             row[position] = host_side(row[position])
         host_args, host_kwargs = treedef.unflatten(row)
         func(*host_args, **host_kwargs)
+
+    def on_host(*host_arrays: Any) -> None:
+        # The conversions too: `.tolist()` would flush subnormal floats.
+        _keeping_subnormals(functools.partial(call_func, host_arrays))
 
     jax.debug.callback(on_host, *arrays, **options, ordered=ordered)
 

@@ -1259,7 +1259,8 @@ def test_ordered_callbacks_keep_program_order_when_the_work_before_them_differs(
     def run(slow, fast):
         for i in range(16):
             m = slow if i % 2 == 0 else fast
-            c, _ = jax.lax.scan(lambda c, _, m=m: (jnp.tanh(c @ m), None), m, length=20)
+            step = lambda c, _, m=m: (jnp.tanh(c @ m), None)
+            c, _ = jax.lax.scan(step, m, None, length=20)
             record(i, c[0, 0])
 
     for _ in range(3):
@@ -1421,6 +1422,35 @@ def test_print_callback_prints_numpy_values_as_print_prints_their_tolist(capsys)
     jax.jit(lambda x: print_callback(*values) or x)(jnp.ones(()))
     jax.effects_barrier()
     assert capsys.readouterr().out == expected * 2
+
+
+@pytest.mark.skipif(
+    lerax_utils._FENV is None, reason="needs the C library's fesetenv (Linux)"
+)
+def test_callbacks_see_subnormal_floats_as_they_are_and_xla_still_flushes_them():
+    """XLA's CPU runtime flushes subnormal floats while it runs, callbacks included;
+    there, `repr(1e-310)` would give '0.0'. `func` must see the real numbers, and
+    the computation around the callback must flush as it does without one."""
+    seen = []
+    log = callback_with_list_wrapper(lambda *a: seen.append(repr(a)), ordered=True)
+    values = (1e-310, np.float64(5e-324), np.array([1e-40], np.float32))
+    traced = jnp.asarray(np.array([1e-41], np.float32))  # Copied, not computed.
+
+    def run(x, traced, with_log):
+        y = x * jnp.float32(0.01)  # Subnormal: flushed to zero by XLA.
+        if with_log:
+            log(*values, traced)
+        return y, y * jnp.float32(2.0) + x
+
+    x = jnp.float32(1e-37)
+    expected = jax.jit(run, static_argnums=2)(x, traced, False)
+    actual = jax.jit(run, static_argnums=2)(x, traced, True)
+    jax.effects_barrier()
+    assert_identical(actual, expected)
+    assert expected[0] == 0.0
+    subnormals = (values[2].tolist(), np.array([1e-41], np.float32).tolist())
+    assert 0.0 not in subnormals[0] + subnormals[1]
+    assert seen == [repr((1e-310, 5e-324, *subnormals))]
 
 
 # NumPy dtypes of every kind and size, in both byte orders.
