@@ -1246,6 +1246,10 @@ def test_ordered_callbacks_arrive_in_program_order_from_a_jitted_filter_scan():
     assert steps == list(range(100))
 
 
+def _matmul_step(m: jax.Array) -> Callable[[jax.Array, None], tuple[jax.Array, None]]:
+    return lambda c, _: (jnp.tanh(c @ m), None)
+
+
 @pytest.mark.parametrize("kind", sorted(_WRAPPERS))
 def test_ordered_callbacks_keep_program_order_when_the_work_before_them_differs(kind):
     """Each callback waits on a chain of matrix products, slow (200 x 200) and fast
@@ -1259,8 +1263,7 @@ def test_ordered_callbacks_keep_program_order_when_the_work_before_them_differs(
     def run(slow, fast):
         for i in range(16):
             m = slow if i % 2 == 0 else fast
-            step = lambda c, _, m=m: (jnp.tanh(c @ m), None)
-            c, _ = jax.lax.scan(step, m, None, length=20)
+            c, _ = jax.lax.scan(_matmul_step(m), m, None, length=20)
             record(i, c[0, 0])
 
     for _ in range(3):
@@ -1544,6 +1547,45 @@ def test_numpy_and_python_leaves_reach_func_as_in_a_direct_call(arguments, kind)
                 *map(jax.tree.leaves, (received[0], direct[0])), strict=True
             ):
                 assert a is e or not isinstance(e, np.ndarray | np.generic)
+
+
+def _extreme_numpy_values() -> list[Any]:
+    """Arrays of every NumPy number dtype, in both byte orders, holding values that a
+    trip through a 32-bit device would change; and a scalar of each."""
+    values: list[Any] = [np.array([True, False]), np.bool_(True)]
+    for code in ["i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8"]:
+        info = np.iinfo(code)
+        for order in "<>":
+            array = np.array([info.min, info.max, 3_000_000_000 % info.max], code)
+            values += [array.astype(order + code), array[1]]
+    for code in ["f2", "f4", "f8", "c8", "c16"]:
+        info = np.finfo(code)
+        special = [info.max, info.tiny, info.smallest_subnormal, 0.1, -0.0, np.nan]
+        for order in "<>":
+            array = np.array(special).astype(order + code)
+            values += [array, array.astype(code)[3]]
+    return values
+
+
+@pytest.mark.parametrize("kind", sorted(_WRAPPERS))
+def test_every_numpy_dtype_in_either_byte_order_reaches_func_exactly(kind):
+    values = _extreme_numpy_values()
+    received = []
+    wrapped = _WRAPPERS[kind](lambda *a: received.append(a))
+    wrapped(*values)
+    jax.jit(lambda x: wrapped(*values) or x)(jnp.ones(()))
+    jax.effects_barrier()
+    expected = tuple(_expected_on_host(kind, v, traced=False) for v in values)
+    assert len(received) == 2
+    for got in received:
+        assert_delivered(got, expected)
+        if kind == "jax":
+            assert all(a is e for a, e in zip(got, values, strict=True))
+    printed, reference = io.StringIO(), io.StringIO()
+    print(*(v.tolist() for v in values), file=reference)
+    jax.jit(lambda x: print_callback(*values, file=printed) or x)(jnp.ones(()))
+    jax.effects_barrier()
+    assert printed.getvalue() == reference.getvalue()
 
 
 @given(arguments=mixed_arguments(), jit=st.booleans())
