@@ -1250,14 +1250,21 @@ def _matmul_step(m: jax.Array) -> Callable[[jax.Array, None], tuple[jax.Array, N
     return lambda c, _: (jnp.tanh(c @ m), None)
 
 
-@pytest.mark.parametrize("kind", sorted(_WRAPPERS))
+@pytest.mark.parametrize("kind", [*sorted(_WRAPPERS), "print_callback"])
 def test_ordered_callbacks_keep_program_order_when_the_work_before_them_differs(kind):
     """Each callback waits on a chain of matrix products, slow (200 x 200) and fast
     (2 x 2) in turn. These chains are independent, and XLA's CPU runtime runs
     independent work concurrently, so unordered callbacks come out of order here
-    (every time, in trials with the order left unenforced); ordered ones never may."""
+    (every time, in trials with the order left unenforced); ordered ones never may.
+    `print_callback` is ordered on a single device."""
     arrived = []
-    record = _WRAPPERS[kind](lambda i, _: arrived.append(i), ordered=True)
+    if kind == "print_callback":
+        lines = io.StringIO()
+
+        def record(i, x):
+            print_callback(i, x, file=lines)
+    else:
+        record = _WRAPPERS[kind](lambda i, _: arrived.append(i), ordered=True)
 
     @jax.jit
     def run(slow, fast):
@@ -1270,6 +1277,10 @@ def test_ordered_callbacks_keep_program_order_when_the_work_before_them_differs(
         arrived.clear()
         run(jnp.full((200, 200), 1e-3), jnp.full((2, 2), 1e-3))
         jax.effects_barrier()
+        if kind == "print_callback":
+            arrived = [int(line.split()[0]) for line in lines.getvalue().splitlines()]
+            lines.seek(0)
+            lines.truncate()
         assert arrived == list(range(16))
 
 
