@@ -42,7 +42,6 @@ __all__ = [
 import concurrent.futures
 import contextlib
 import ctypes
-import ctypes.util
 import dataclasses
 import enum
 import functools
@@ -957,22 +956,22 @@ def _signature_or_none(func: Callable[..., Any]) -> inspect.Signature | None:
 
 
 def _load_fenv() -> tuple[Any, Any] | None:
-    """`fegetenv` and `fesetenv` from the C maths library, on Linux (glibc and musl
+    """`fegetenv` and `fesetenv` from the C library, on Linux (where glibc and musl
     both take `(fenv_t *)-1` as the default environment), else `None`."""
     if not sys.platform.startswith("linux"):
         return None
-    try:
-        libm = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6")
-        return libm.fegetenv, libm.fesetenv
-    except (OSError, AttributeError):
-        return None
+    for library in ("libm.so.6", None):  # `None`: what the process has loaded.
+        try:
+            found = ctypes.CDLL(library)
+            return found.fegetenv, found.fesetenv
+        except (OSError, AttributeError):
+            continue
+    return None
 
 
 _FENV = _load_fenv()
-_SMALLEST_NORMAL = sys.float_info.min
-
-
 _DEFAULT_FENV = ctypes.c_void_p(-1)  # FE_DFL_ENV
+_SMALLEST_NORMAL = sys.float_info.min
 
 
 def _keeping_subnormals(body: Callable[[], None]) -> None:
@@ -1033,6 +1032,9 @@ def _send_to_host(
         i for i, leaf in enumerate(leaves) if isinstance(leaf, np.ndarray | np.generic)
     ]
     arrays = [leaves[i] for i in positions]
+    template = list(leaves)  # Holds no array: a tracer must not outlive its trace.
+    for position in positions:
+        template[position] = None
     if ordered is None:
         ordered = _may_order(arrays)
     elif ordered:
@@ -1050,7 +1052,7 @@ def _send_to_host(
     ]
 
     def call_func(host_arrays: tuple[Any, ...]) -> None:
-        row = list(leaves)
+        row = list(template)
         for index, (position, array) in enumerate(
             zip(positions, host_arrays, strict=True)
         ):

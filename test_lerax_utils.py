@@ -1467,6 +1467,17 @@ def test_callbacks_see_subnormal_floats_as_they_are_and_xla_still_flushes_them()
     assert seen == [repr((1e-310, 5e-324, *subnormals))]
 
 
+@pytest.mark.parametrize("kind", sorted(_WRAPPERS))
+def test_callbacks_keep_no_tracer_alive_after_tracing(kind):
+    log = _WRAPPERS[kind](lambda *args: None)
+    with jax.checking_leaks():
+        jax.jit(lambda x: log(x, np.ones(2), "tag", x.sum()) or x)(jnp.ones(3))
+        jax.jit(lambda x: print_callback(x, np.ones(2), file=io.StringIO()) or x)(
+            jnp.ones(3)
+        )
+    jax.effects_barrier()
+
+
 # NumPy dtypes of every kind and size, in both byte orders.
 _NUMPY_DTYPES = st.one_of(
     hnp.boolean_dtypes(),
