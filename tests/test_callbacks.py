@@ -25,6 +25,13 @@ mesh = Mesh(np.array(jax.devices()), ("d",))
 x = jax.device_put(jnp.arange(8.0), NamedSharding(mesh, PartitionSpec("d")))
 report = {}
 
+def spans(x):  # What a tracer records of its sharding, if anything.
+    mesh = getattr(getattr(x.aval, "sharding", None), "mesh", None)
+    report["recorded"] = getattr(mesh, "size", None) == 4
+    return x
+
+jax.jit(spans)(x)
+
 def printed(run):
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -72,6 +79,10 @@ def test_print_callback_prints_sharded_arrays_eagerly_and_under_jit():
                 return c + 1, None
             return jax.lax.scan(body, x, jnp.arange(5))[0]
         report["scan"] = printed(lambda: jax.jit(loop)(x))
+        text = lambda x: print_callback("hi") or x
+        report["text"] = printed(lambda: jax.jit(text)(x))
+        constant = lambda x: print_callback(jnp.zeros(2)) or x
+        report["constant"] = error(lambda: jax.jit(constant)(x))
         """
     )
     row = [float(i) for i in range(8)]
@@ -81,6 +92,15 @@ def test_print_callback_prints_sharded_arrays_eagerly_and_under_jit():
     assert report["jit"] == f"x {row} sum 28.0\n"
     lines = [f"i {i} c {28.0 + 8 * i}\n" for i in range(5)]
     assert sorted(report["scan"].splitlines(keepends=True)) == lines
+    assert report["text"] == "hi\n"  # No traced argument: printed unordered.
+    if report["recorded"]:
+        # Only constants traced: nothing shows the sharding (as the README says).
+        assert report["constant"].startswith(
+            "ValueError: The following ordered effects are not supported for more "
+            "than 1 device"
+        )
+    else:  # Older JAX: nothing ever shows it, so print_callback is unordered.
+        assert report["constant"] is None
 
 
 def test_ordered_wrappers_gather_eagerly_and_explain_the_fix_under_jit():
@@ -101,11 +121,6 @@ def test_ordered_wrappers_gather_eagerly_and_explain_the_fix_under_jit():
         jax.jit(lambda x: (unordered(x), x)[1])(x)
         jax.effects_barrier()
         report["unordered"] = seen[:]
-        def spans(x):  # What a tracer records of its sharding, if anything.
-            mesh = getattr(getattr(x.aval, "sharding", None), "mesh", None)
-            report["recorded"] = getattr(mesh, "size", None) == 4
-            return x
-        jax.jit(spans)(x)
         """
     )
     row = [float(i) for i in range(8)]
