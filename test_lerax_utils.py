@@ -1258,8 +1258,8 @@ def test_ordered_callbacks_keep_program_order_when_the_work_before_them_differs(
     (every time, in trials with the order left unenforced); ordered ones never may.
     `print_callback` is ordered on a single device."""
     arrived = []
+    lines = io.StringIO()
     if kind == "print_callback":
-        lines = io.StringIO()
 
         def record(i, x):
             print_callback(i, x, file=lines)
