@@ -47,6 +47,7 @@ __all__ = [
 
 import concurrent.futures
 import contextlib
+import ctypes
 import dataclasses
 import enum
 import functools
@@ -58,6 +59,7 @@ import operator
 import os
 import pathlib
 import struct
+import sys
 import tempfile
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -1571,10 +1573,19 @@ _DEBUG_CALLBACK_TAKES_PARTITIONED = (
 )
 
 _CALLBACK_NOTES = """
-    Array leaves anywhere in the arguments (nested pytrees and keywords included) are
-    sent to the host through `jax.debug.callback`; every other leaf (strings, `None`,
-    Python numbers, functions, any object) reaches `func` unchanged, as the same
-    object. So `log(step=3, loss=loss)` hands `func` the int `3`, not an array.
+    JAX array leaves anywhere in the arguments (nested pytrees and keywords
+    included), traced or not, are sent to the host through `jax.debug.callback`.
+    NumPy arrays and NumPy scalars never touch a device: they are handed over on the
+    host, with their dtype and bits unchanged (so a `float64` or an `int64` stays
+    exact even with 64-bit mode off). Every other leaf (strings, `None`, Python
+    numbers, functions, any object) reaches `func` unchanged, as the same object. So
+    `log(step=3, loss=loss)` hands `func` the int `3`, not an array. On Linux,
+    `func` runs with subnormal floats intact, although XLA's CPU runtime flushes
+    them to zero while it runs the computation around the callback.
+
+    The arguments are checked against `func`'s signature at the call (at trace time
+    under `jit`), so a call that `func` itself would refuse raises `TypeError` there,
+    not later when the computation runs.
 
     It behaves the same eagerly and under `jax.jit`, `eqx.filter_jit`, `jax.grad`
     (it sees the forward pass), and inside `filter_scan`, `jax.lax.scan` and
@@ -1584,9 +1595,9 @@ _CALLBACK_NOTES = """
 
     - `func`: the host function. Its return value is ignored.
     - `ordered`: if `True`, calls happen in program order. JAX supports ordered
-        callbacks only in computations on a single device; on several devices it
-        refuses them, and an eager call with arrays spread over several devices
-        raises `ValueError` here.
+        callbacks only in computations on a single device: eagerly, arrays spread
+        over several devices are gathered and the call happens at once, but inside
+        `jit` an argument that spans several devices raises `ValueError`.
     - `partitioned`: passed to `jax.debug.callback`, where the installed JAX
         supports it: the callback may then run on each device with its shard of the
         arguments. With older JAX, `partitioned=True` raises `ValueError`.
@@ -1598,13 +1609,225 @@ _CALLBACK_NOTES = """
 
     **Raises:**
 
-    `TypeError` at once if `func` is not callable. An exception raised by `func`
-    is not caught: JAX reports it, eagerly at the call and otherwise when the
-    computation runs (as a runtime error that names the original exception).
+    `TypeError` at once if `func` is not callable, or is a generator function, an
+    `async def` function or an async generator function (calling those only creates
+    an object that nothing would iterate or await, so their body would never run).
+    The wrapped function raises `TypeError` if its arguments do not fit `func`'s
+    signature. An exception raised by `func` is not caught: JAX reports it, eagerly
+    at the call and otherwise when the computation runs (as a runtime error that
+    names the original exception).
 
     Callbacks run asynchronously under `jit`. Call `jax.effects_barrier()` to wait
     for every pending callback, for example before reading a log file or exiting.
 """
+
+# (test, what `func` is, what calling it creates): such functions never run their body.
+_BODY_NEVER_RUNS = (
+    (
+        inspect.isasyncgenfunction,
+        "an async generator function",
+        "an async generator, which nothing here would iterate",
+    ),
+    (
+        inspect.iscoroutinefunction,
+        "an `async def` function",
+        "a coroutine, which nothing here would await",
+    ),
+    (
+        inspect.isgeneratorfunction,
+        "a generator function",
+        "a generator, which nothing here would iterate",
+    ),
+)
+
+
+def _callable_name(func: Callable[..., Any]) -> str:
+    func = getattr(func, "func", func)  # `functools.partial`: name what it wraps.
+    name = getattr(func, "__name__", None)
+    return name if isinstance(name, str) else type(func).__name__
+
+
+def _check_host_function(function: str, func: Callable[..., Any]) -> None:
+    if not callable(func):
+        raise TypeError(
+            f"{function}: `func` must be callable; got {_describe_leaf(func)}."
+        )
+    call = type(func).__call__  # For an object with an `async def __call__`.
+    for is_kind, kind, creates in _BODY_NEVER_RUNS:
+        if is_kind(func) or (not inspect.isroutine(func) and is_kind(call)):
+            raise TypeError(
+                f"{function}: `func` ({_callable_name(func)}) is {kind}. Calling it "
+                f"only creates {creates}, so its body would never run. Wrap a plain "
+                "function that does the work instead, for example one that runs it "
+                "to completion."
+            )
+
+
+def _signature_or_none(func: Callable[..., Any]) -> inspect.Signature | None:
+    """`func`'s signature, or `None` where Python cannot tell (some builtins)."""
+    try:
+        return inspect.signature(func)
+    except (TypeError, ValueError):
+        return None
+
+
+def _load_fenv() -> tuple[Any, Any] | None:
+    """`fegetenv` and `fesetenv` from the C library, on Linux (where glibc and musl
+    both take `(fenv_t *)-1` as the default environment), else `None`."""
+    if not sys.platform.startswith("linux"):
+        return None
+    for library in ("libm.so.6", None):  # `None`: what the process has loaded.
+        try:
+            found = ctypes.CDLL(library)
+            return found.fegetenv, found.fesetenv
+        except (OSError, AttributeError):
+            continue
+    return None
+
+
+_FENV = _load_fenv()
+_DEFAULT_FENV = ctypes.c_void_p(-1)  # FE_DFL_ENV
+_SMALLEST_NORMAL = sys.float_info.min
+
+
+def _keeping_subnormals(body: Callable[[], None]) -> None:
+    """Run `body()` with subnormal floats intact.
+
+    XLA's CPU runtime runs a computation, and so the callbacks it makes, with the
+    processor set to flush subnormal floats to zero. Python arithmetic, `.tolist()`
+    and even `repr` then see them as 0.0 (`print` of 1e-310 shows `0.0`), so a
+    logger would silently record a wrong number. Where the C library lets us,
+    `body` runs in the default floating-point environment, and XLA's is restored
+    after it.
+    """
+    if _FENV is None or _SMALLEST_NORMAL / 2 != 0.0:
+        body()
+        return
+    get_environment, set_environment = _FENV
+    saved = ctypes.create_string_buffer(256)  # Larger than any `fenv_t`.
+    get_environment(saved)
+    set_environment(_DEFAULT_FENV)
+    try:
+        body()
+    finally:
+        set_environment(saved)
+
+
+def _send_to_host(
+    caller: str,
+    fix: str,
+    func: Callable[..., Any],
+    signature: inspect.Signature | None,
+    ordered: bool | None,
+    options: dict[str, bool],
+    to_host: Callable[[Any, Any], Any],
+    host_side: Callable[[Any], Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> None:
+    """Call `func(*args, **kwargs)` on the host, from traced code or eagerly.
+
+    JAX arrays and tracers travel through `jax.debug.callback` and are converted
+    there by `to_host`; NumPy leaves stay on the host and are converted by
+    `host_side`; every other leaf is passed as it is. `ordered=None` (for
+    `print_callback`) orders the calls unless the computation may span several
+    devices. `caller` names the function the user called in error messages, and
+    `fix` says how to fix a call that does not fit `signature`.
+    """
+    if signature is not None:
+        try:
+            signature.bind(*args, **kwargs)
+        except TypeError as err:
+            raise TypeError(
+                f"{caller}: the arguments do not fit the signature "
+                f"{_callable_name(func)}{signature}: {err}. {fix}"
+            ) from err
+    leaves, treedef = jtu.tree_flatten((args, kwargs))
+    positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, jax.Array)]
+    on_the_host = [
+        i for i, leaf in enumerate(leaves) if isinstance(leaf, np.ndarray | np.generic)
+    ]
+    arrays = [leaves[i] for i in positions]
+    template = list(leaves)  # Holds no array: a tracer must not outlive its trace.
+    for position in positions:
+        template[position] = None
+    if ordered is None:
+        ordered = _may_order(arrays)
+    elif ordered:
+        _check_ordered_on_one_device(caller, (args, kwargs), leaves, positions)
+    # Typed PRNG keys cross to the host as raw key data: send the data, and wrap it
+    # again there. Keyed by the index in `arrays`, as `on_host` looks them up.
+    key_impls = {
+        index: jax.random.key_impl(array)
+        for index, array in enumerate(arrays)
+        if _is_key_array(array)
+    }
+    arrays = [
+        jax.random.key_data(array) if index in key_impls else array
+        for index, array in enumerate(arrays)
+    ]
+
+    def call_func(host_arrays: tuple[Any, ...]) -> None:
+        row = list(template)
+        for index, (position, array) in enumerate(
+            zip(positions, host_arrays, strict=True)
+        ):
+            row[position] = to_host(array, key_impls.get(index))
+        for position in on_the_host:
+            row[position] = host_side(row[position])
+        host_args, host_kwargs = treedef.unflatten(row)
+        func(*host_args, **host_kwargs)
+
+    def on_host(*host_arrays: Any) -> None:
+        # The conversions too: `.tolist()` would flush subnormal floats.
+        _keeping_subnormals(functools.partial(call_func, host_arrays))
+
+    jax.debug.callback(on_host, *arrays, **options, ordered=ordered)
+
+
+def _spread_over(array: Any) -> int | None:
+    """How many devices `array` spans. For a tracer, the size of the mesh in its
+    abstract sharding (0 for none), or `None` where JAX does not record one."""
+    if isinstance(array, jax.core.Tracer):
+        mesh = getattr(getattr(array.aval, "sharding", None), "mesh", None)
+        size = getattr(mesh, "size", None)
+        return size if isinstance(size, int) else None
+    return len(array.sharding.device_set)
+
+
+def _check_ordered_on_one_device(
+    caller: str, arguments: Any, leaves: list[Any], positions: list[int]
+) -> None:
+    """Inside `jit`, refuse an ordered callback with an argument that spans several
+    devices, which JAX would refuse later, when compiling, naming no function.
+    Eagerly the call happens at once, with sharded arrays gathered, so all is well."""
+    for position in positions:
+        array = leaves[position]
+        if not isinstance(array, jax.core.Tracer):
+            continue
+        devices = _spread_over(array)
+        if devices is not None and devices > 1:
+            path = jtu.tree_flatten_with_path(arguments)[0][position][0]
+            kind = "positional" if path[0] == jtu.SequenceKey(0) else "keyword"
+            raise ValueError(
+                f"{caller}: made with `ordered=True`, and called inside `jit` with "
+                f"the {kind} argument at path {jtu.keystr(path[1:])}, an array of "
+                f"shape {tuple(array.shape)} that spans {devices} devices; JAX runs "
+                "ordered callbacks only in computations on one device. Make the "
+                "wrapper with `ordered=False` (calls may then arrive in any order), "
+                "or keep this computation on one device."
+            )
+
+
+def _may_order(arrays: list[Any]) -> bool:
+    """Whether `print_callback` may ask for an ordered callback: always with a single
+    device; otherwise only when traced arguments show a computation on one device.
+    (Eagerly the call happens at once, so the choice does not matter there.)"""
+    if jax.device_count() == 1:
+        return True
+    tracers = [array for array in arrays if isinstance(array, jax.core.Tracer)]
+    counts = [_spread_over(tracer) for tracer in tracers]
+    return bool(counts) and all(count is not None and count <= 1 for count in counts)
 
 
 def _wrap_for_host(
@@ -1613,18 +1836,17 @@ def _wrap_for_host(
     ordered: bool,
     partitioned: bool,
     to_host: Callable[[Any, Any], Any],
+    host_side: Callable[[Any], Any],
 ) -> Callable[..., None]:
-    """Make `func` callable from traced code, converting arrays with `to_host`."""
-    if not callable(func):
-        raise TypeError(
-            f"{function}: `func` must be callable; got {_describe_leaf(func)}."
-        )
+    """Make `func` callable from traced code, converting arrays with `to_host` and
+    NumPy values with `host_side`."""
+    _check_host_function(function, func)
     for name, flag in (("ordered", ordered), ("partitioned", partitioned)):
         if not isinstance(flag, bool):
             raise TypeError(
                 f"{function}: `{name}` must be a bool; got {_describe_leaf(flag)}."
             )
-    options = {"ordered": ordered}
+    options = {}
     if _DEBUG_CALLBACK_TAKES_PARTITIONED:
         options["partitioned"] = partitioned
     elif partitioned:
@@ -1633,57 +1855,25 @@ def _wrap_for_host(
             f"`partitioned`, and the installed jax {jax.__version__} does not. "
             "Upgrade jax, or pass `partitioned=False`."
         )
+    name = _callable_name(func)
+    caller = f"{name} (made by {function})"
+    fix = f"Pass the arguments that `{name}` itself takes."
+    signature = _signature_or_none(func)
 
     @functools.wraps(func)
     def wrapped(*args: Any, **kwargs: Any) -> None:
-        leaves, treedef = jtu.tree_flatten((args, kwargs))
-        positions = [i for i, leaf in enumerate(leaves) if eqx.is_array(leaf)]
-        arrays = [leaves[i] for i in positions]
-        if ordered:
-            _check_single_device(function, arrays)
-        template = [None if eqx.is_array(leaf) else leaf for leaf in leaves]
-        # Under `jit`, typed PRNG keys cross to the host as raw key data: send the
-        # data, and wrap it again there.
-        key_impls = {
-            index: jax.random.key_impl(array)
-            for index, array in enumerate(arrays)
-            if _is_key_array(array)
-        }
-        arrays = [
-            jax.random.key_data(array) if index in key_impls else array
-            for index, array in enumerate(arrays)
-        ]
-
-        def on_host(*host_arrays: Any) -> None:
-            row = list(template)
-            for index, (position, array) in enumerate(
-                zip(positions, host_arrays, strict=True)
-            ):
-                row[position] = to_host(array, key_impls.get(index))
-            host_args, host_kwargs = treedef.unflatten(row)
-            func(*host_args, **host_kwargs)
-
-        jax.debug.callback(on_host, *arrays, **options)
+        _send_to_host(
+            caller, fix, func, signature, ordered, options, to_host, host_side, args,
+            kwargs,
+        )  # fmt: skip
 
     return wrapped
 
 
-def _check_single_device(function: str, arrays: list[Any]) -> None:
-    for array in arrays:
-        if isinstance(array, jax.Array) and not isinstance(array, jax.core.Tracer):
-            devices = array.sharding.device_set
-            if len(devices) > 1:
-                raise ValueError(
-                    f"{function}: `ordered=True` callbacks need every array on one "
-                    f"device, but an argument of shape {tuple(array.shape)} is spread "
-                    f"over {len(devices)} devices, and JAX refuses ordered callbacks "
-                    "on several devices. Pass `ordered=False`, or gather the array "
-                    "onto one device first."
-                )
-
-
-# Host-side conversions: `array` is what reached the host, and `key_impl` is the PRNG
-# implementation when the leaf was a typed key (which travels as its raw key data).
+# Conversions. On the host side of `jax.debug.callback`, `array` is what arrived and
+# `key_impl` is the PRNG implementation when the leaf was a typed key (which travels
+# as its raw key data). NumPy leaves never leave the host; the `_numpy_as_*`
+# functions convert them there.
 
 
 def _as_jax(array: Any, key_impl: Any) -> jax.Array:
@@ -1699,34 +1889,131 @@ def _as_list(array: Any, key_impl: Any) -> Any:
     return np.asarray(array).tolist()
 
 
+def _numpy_as_is(value: np.ndarray | np.generic) -> Any:
+    return value
+
+
+def _numpy_as_ndarray(value: np.ndarray | np.generic) -> np.ndarray:
+    return np.asarray(value)
+
+
+def _numpy_as_list(value: np.ndarray | np.generic) -> Any:
+    return value.tolist()
+
+
 def callback_wrapper(
     func: Callable[_Params, Any], ordered: bool = False, partitioned: bool = False
 ) -> Callable[_Params, None]:
-    """Wrap `func` so that it can be called from inside `jax.jit`, with array
-    arguments as `jax.Array`s.
+    """Wrap `func` so that it can be called from inside `jax.jit`, with JAX array
+    arguments as `jax.Array`s and NumPy ones as the very same objects.
+
+    **Example:**
+
+    ```python
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from lerax_utils import callback_wrapper
+
+    seen = []
+    log = callback_wrapper(lambda tag, x, scale: seen.append((tag, x, scale)))
+    scale = np.float64(0.1)
+
+    @jax.jit
+    def step(x):
+        log("x", x * 2, scale)
+        return x + 1
+
+    step(jnp.arange(3.0))
+    jax.effects_barrier()  # Wait for the callback before reading `seen`.
+    tag, x, received = seen[0]
+    assert tag == "x" and isinstance(x, jax.Array) and x.tolist() == [0.0, 2.0, 4.0]
+    assert received is scale  # NumPy values never go through the device.
+    ```
     """
-    return _wrap_for_host("callback_wrapper", func, ordered, partitioned, _as_jax)
+    return _wrap_for_host(
+        "callback_wrapper", func, ordered, partitioned, _as_jax, _numpy_as_is
+    )
 
 
 def callback_with_numpy_wrapper(
     func: Callable[..., Any], ordered: bool = False, partitioned: bool = False
 ) -> Callable[..., None]:
     """As `callback_wrapper`, but array arguments reach `func` as `numpy.ndarray`s
-    (typed PRNG keys as their raw key data).
+    (typed PRNG keys as their raw key data; a NumPy scalar as a 0-d array of its
+    dtype).
+
+    **Example:**
+
+    ```python
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from lerax_utils import callback_with_numpy_wrapper
+
+    metrics = []
+    log = callback_with_numpy_wrapper(lambda **values: metrics.append(values))
+
+    @jax.jit
+    def step(params):
+        log(loss=jnp.sum(params**2), steps=np.int64(3_000_000_000))
+        return params * 0.5
+
+    step(jnp.array([1.0, 2.0]))
+    jax.effects_barrier()
+    loss, steps = metrics[0]["loss"], metrics[0]["steps"]
+    assert loss.dtype == np.float32 and loss == 5.0
+    assert steps.dtype == np.int64 and steps == 3_000_000_000  # Not cast to 32 bits.
+    ```
     """
     return _wrap_for_host(
-        "callback_with_numpy_wrapper", func, ordered, partitioned, _as_numpy
+        "callback_with_numpy_wrapper",
+        func,
+        ordered,
+        partitioned,
+        _as_numpy,
+        _numpy_as_ndarray,
     )
 
 
 def callback_with_list_wrapper(
     func: Callable[..., Any], ordered: bool = False, partitioned: bool = False
 ) -> Callable[..., None]:
-    """As `callback_wrapper`, but array arguments reach `func` as nested Python lists
-    (via `.tolist()`, so a 0-d array becomes a Python number).
+    """As `callback_wrapper`, but array arguments, JAX and NumPy alike, reach `func`
+    as nested Python lists (via `.tolist()`, so a 0-d array or a NumPy scalar becomes
+    a Python number).
+
+    **Example:**
+
+    ```python
+    import jax
+    import jax.numpy as jnp
+    from lerax_utils import callback_with_list_wrapper
+
+    history = []
+    log = callback_with_list_wrapper(
+        lambda step, loss: history.append((step, loss)), ordered=True
+    )
+
+    @jax.jit
+    def train_step(step, params):
+        log(step, jnp.sum(params**2))
+        return params * 0.5
+
+    params = jnp.array([1.0, 2.0])
+    for step in range(3):
+        params = train_step(step, params)
+    jax.effects_barrier()
+    assert history == [(0, 5.0), (1, 1.25), (2, 0.3125)]  # In order: ordered=True.
+    ```
     """
     return _wrap_for_host(
-        "callback_with_list_wrapper", func, ordered, partitioned, _as_list
+        "callback_with_list_wrapper",
+        func,
+        ordered,
+        partitioned,
+        _as_list,
+        _numpy_as_list,
     )
 
 
@@ -1735,19 +2022,38 @@ for _wrapper in (
     callback_with_numpy_wrapper,
     callback_with_list_wrapper,
 ):
-    _wrapper.__doc__ = (_wrapper.__doc__ or "") + _CALLBACK_NOTES
+    _summary, _example = (_wrapper.__doc__ or "").split("    **Example:**", 1)
+    _wrapper.__doc__ = (
+        f"{_summary.rstrip()}\n{_CALLBACK_NOTES}\n    **Example:**{_example}"
+    )
 
-
-_print_in_order = callback_with_list_wrapper(print, ordered=True)
+_PRINT_SIGNATURE = _signature_or_none(print)
+_PRINT_FIX = (
+    "Pass what `print` takes: any positional arguments, and the keywords `sep`, "
+    "`end`, `file` and `flush`."
+)
 
 
 def print_callback(*args: Any, **kwargs: Any) -> None:
     """`print`, from anywhere: eagerly, or inside `jax.jit`, `filter_scan` and friends.
 
-    Array arguments are printed as lists (a 0-d array as a plain number), and calls
-    print in program order. Keyword arguments are those of `print` (`sep`, `end`,
-    `file`, `flush`). Under `jit` the printing happens when the computation runs;
-    `jax.effects_barrier()` waits for it.
+    Array arguments are printed as lists (a 0-d array as a plain number). NumPy
+    arrays and scalars never touch a device, so they print exactly as `print` would
+    print their `.tolist()` (a `float64` keeps all its digits). Keyword arguments are
+    those of `print` (`sep`, `end`, `file`, `flush`), and arguments that `print`
+    would refuse raise `TypeError` at the call. Under `jit` the printing happens when
+    the computation runs; `jax.effects_barrier()` waits for it.
+
+    Calls print in program order, with one exception. JAX refuses ordered callbacks
+    in a computation on several devices, so inside `jit` on a machine with several
+    devices, `print_callback` prints unordered unless its traced arguments show that
+    the computation stays on one device. Lines from different calls may then
+    interleave or come out of order. Eagerly, arrays sharded over several devices
+    are gathered and printed at once, in order.
+
+    **Raises:**
+
+    `TypeError` if `print` would not take the arguments.
 
     **Example:**
 
@@ -1765,7 +2071,10 @@ def print_callback(*args: Any, **kwargs: Any) -> None:
     jax.effects_barrier()  # x = [0.0, 1.0, 2.0] sum = 3.0
     ```
     """
-    _print_in_order(*args, **kwargs)
+    _send_to_host(
+        "print_callback", _PRINT_FIX, print, _PRINT_SIGNATURE, None, {}, _as_list,
+        _numpy_as_list, args, kwargs,
+    )  # fmt: skip
 
 
 #
