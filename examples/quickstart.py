@@ -7,7 +7,8 @@ when the point leaves the track, without computing the untaken branch. Afterward
 `unstack_pytree` splits a rollout into per-step records, and `stack_pytree` joins a
 population of freshly initialised policies so that `eqx.filter_vmap` can score them
 all at once. The training loop is itself a jitted `filter_scan`, which logs through
-`print_callback` and a metrics logger made with `callback_with_list_wrapper`. The
+`print_callback` and a metrics logger made with `callback_with_list_wrapper`.
+`filter_while_loop` then runs the trained policy until the point comes to rest. The
 policy is a `Serializable`, so it saves itself to a checkpoint and loads back.
 
 Run it with `python examples/quickstart.py`; it takes a few seconds on a CPU.
@@ -26,6 +27,7 @@ from lerax_utils import (
     callback_with_list_wrapper,
     filter_cond,
     filter_scan,
+    filter_while_loop,
     print_callback,
     stack_pytree,
     unstack_pytree,
@@ -123,6 +125,23 @@ def train(policy: Policy, env: PointMass, key: jax.Array, updates: int) -> Polic
     return policy
 
 
+@eqx.filter_jit
+def steps_to_rest(policy: Policy, env: PointMass, state: jax.Array) -> jax.Array:
+    """Run until the point rests near the origin (or 500 steps): an episode of
+    unknown length, with the modules and a Python step counter in the carry."""
+
+    def moving(carry):
+        _, _, state, steps = carry
+        return (jnp.max(jnp.abs(state)) > 0.05) & (steps < 500)
+
+    def step(carry):
+        policy, env, state, steps = carry
+        return policy, env, env.step(state, policy(state)), steps + 1
+
+    *_, steps = filter_while_loop(moving, step, (policy, env, state, 0))
+    return steps
+
+
 def main() -> None:
     env = PointMass()
     policy = Policy(jax.random.key(0))
@@ -137,6 +156,8 @@ def main() -> None:
     print(f"mean reward after training:  {mean_reward(policy, env, eval_key):7.3f}")
 
     trajectory = eqx.filter_jit(rollout)(policy, env, jax.random.key(2), steps=5)
+    steps = steps_to_rest(policy, env, jnp.array([0.8, 0.0]))
+    print(f"steps to bring the point to rest from 0.8: {steps}")
     print("first steps of a trained rollout:")
     for t, record in enumerate(unstack_pytree(trajectory)):
         print(f"  step {t}: position {record['position']:+.3f}")

@@ -1,4 +1,4 @@
-"""filter_scan and filter_cond against `jax.lax`, measured side by side.
+"""The control-flow family against `jax.lax`, measured side by side.
 
 Each workload pairs one of our calls with its baseline: the hand-partitioned
 `jax.lax` call a user would otherwise write, or, where `jax.lax` runs the same code
@@ -9,12 +9,15 @@ process, interleaved, and the script prints the ratio of medians for:
 - trace + lower + compile time of a fresh function (target at most 1.10). For the
   counter, this includes the second trace that makes the counter traced.
 
-Then it prints the best and worst ratio over the workloads.
+It also says whether both sides trace to the same program (`jax.make_jaxpr`), in which
+case any run-time difference is noise. Then it prints the best and worst ratio over
+the workloads.
 
-Usage: `python benchmarks/bench_filter_scan.py [--repeats N] [--compile-repeats N]`.
+Usage: `python benchmarks/bench_control_flow.py [--repeats N] [--compile-repeats N]`.
 """
 
 import argparse
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -24,7 +27,14 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from lerax_utils import filter_cond, filter_scan
+from lerax_utils import (
+    filter_cond,
+    filter_fori_loop,
+    filter_map,
+    filter_scan,
+    filter_switch,
+    filter_while_loop,
+)
 
 
 def _hand_partitioned_scan(step: Callable[..., Any], init: Any, xs: Any) -> Any:
@@ -82,6 +92,18 @@ class Workload:
 
         return program
 
+    def same_program(self) -> bool:
+        """Whether both trace to the same program (then run times differ by noise)."""
+        texts = [
+            re.sub(
+                r" at 0x[0-9a-f]+",
+                "",
+                str(jax.make_jaxpr(self.program(w))(self.arrays)),
+            )
+            for w in self.contenders
+        ]
+        return texts[0] == texts[1]
+
     def compile_seconds(self, which: str) -> float:
         start = time.perf_counter()
         jax.jit(self.program(which)).lower(self.arrays).compile()
@@ -115,6 +137,38 @@ def workloads() -> list[Workload]:
             (jnp.zeros(8), xs),
         ),
         Workload(
+            "while_loop: eqx.nn.MLP carry, 1,000 steps (vs by hand)",
+            lambda a: filter_while_loop(_not_done, _policy_step, (a[0], a[1], 0)),
+            lambda a: _while_by_hand(a[0], a[1]),
+            (mlp, jnp.zeros(8)),
+        ),
+        Workload(
+            "fori_loop: eqx.nn.MLP carry, 1,000 steps (vs by hand)",
+            lambda a: filter_fori_loop(
+                0, 1_000, lambda i, c: _policy_step((*c, 0))[:2], (a[0], a[1])
+            ),
+            lambda a: _by_hand(
+                jax.lax.fori_loop,
+                0,
+                1_000,
+                carry=(a[0], a[1]),
+                body=lambda i, c: _policy_step((*c, 0))[:2],
+            ),
+            (mlp, jnp.zeros(8)),
+        ),
+        Workload(
+            "switch: eqx.nn.MLP operand, 3 branches (vs by hand)",
+            lambda a: filter_switch(a[0], _SWITCH_BRANCHES, a[1], a[2]),
+            lambda a: _hand_partitioned_switch(a[0], a[1], a[2]),
+            (jnp.asarray(1), mlp, jnp.ones(8)),
+        ),
+        Workload(
+            "map: eqx.nn.MLP over 1,000 inputs (vs by hand)",
+            lambda a: filter_map(lambda x: (a[0](x["obs"]), x["tag"]), a[1]),
+            lambda a: _hand_partitioned_map(a[0], a[1]),
+            (mlp, {"obs": xs, "tag": "batch"}),
+        ),
+        Workload(
             "cond: eqx.nn.MLP operand and a label (vs by hand)",
             lambda a: filter_cond(a[0], lambda m, x, s: (m(x), s), _exploit, *a[1:]),
             lambda a: _hand_partitioned_cond(a[0], *a[1:]),
@@ -123,8 +177,64 @@ def workloads() -> list[Workload]:
     ]
 
 
+def _by_hand(
+    loop: Callable[..., Any], *args: Any, carry: Any, body: Callable[..., Any]
+) -> Any:
+    """Partition a loop carry, run `loop(*args, body, arrays)`, combine."""
+    arrays, static = eqx.partition(carry, eqx.is_array)
+
+    def body_on_arrays(*inputs: Any) -> Any:
+        *index, arrays = inputs
+        out = body(*index, eqx.combine(arrays, static))
+        return eqx.filter(out, eqx.is_array)
+
+    return eqx.combine(loop(*args, body_on_arrays, arrays), static)
+
+
+def _policy_step(carry: Any) -> Any:
+    mlp, hidden, steps = carry
+    return mlp, jnp.tanh(mlp(hidden)) + 0.01, steps + 1
+
+
+def _not_done(carry: Any) -> Any:
+    return carry[2] < 1_000
+
+
+def _while_by_hand(mlp: Any, hidden: jax.Array) -> Any:
+    arrays, static = eqx.partition(mlp, eqx.is_array)
+
+    def body(c: Any) -> Any:
+        out = _policy_step((eqx.combine(c[0], static), c[1], c[2]))
+        return eqx.filter(out[0], eqx.is_array), out[1], out[2]
+
+    final = jax.lax.while_loop(_not_done, body, (arrays, hidden, jnp.asarray(0)))
+    return eqx.combine(final[0], static), final[1], final[2]
+
+
 def _exploit(mlp: Any, x: jax.Array, label: str) -> Any:
     return (-mlp(x), label)
+
+
+_SWITCH_BRANCHES = [
+    lambda mlp, x: mlp(x),
+    lambda mlp, x: -mlp(x),
+    lambda mlp, x: mlp(-x),
+]
+
+
+def _hand_partitioned_switch(index: Any, mlp: Any, x: jax.Array) -> Any:
+    arrays, static = eqx.partition(mlp, eqx.is_array)
+    branches = [
+        lambda a, x, branch=branch: branch(eqx.combine(a, static), x)
+        for branch in _SWITCH_BRANCHES
+    ]
+    return jax.lax.switch(index, branches, arrays, x)
+
+
+def _hand_partitioned_map(mlp: Any, xs: Any) -> Any:
+    arrays, static = eqx.partition(xs, eqx.is_array)
+    ys = jax.lax.map(lambda x: mlp(eqx.combine(x, static)["obs"]), arrays)
+    return ys, xs["tag"]
 
 
 def _hand_partitioned_cond(pred: Any, mlp: Any, x: jax.Array, label: str) -> Any:
@@ -146,7 +256,7 @@ def main() -> None:
     args = parser.parse_args()
 
     print(f"jax {jax.__version__}, equinox {eqx.__version__}, {jax.devices()[0]}")
-    print(f"{'':62}{'run':>8}{'compile':>9}")
+    print(f"{'':62}{'run':>8}{'compile':>9}{'same program':>14}")
     run_ratios, compile_ratios = [], []
     for workload in workloads():
         compiled = {
@@ -173,7 +283,8 @@ def main() -> None:
         )
         run_ratios.append(run_ratio)
         compile_ratios.append(compile_ratio)
-        print(f"{workload.name:62}{run_ratio:8.3f}{compile_ratio:9.3f}")
+        same = "yes" if workload.same_program() else "no"
+        print(f"{workload.name:62}{run_ratio:8.3f}{compile_ratio:9.3f}{same:>14}")
     print(
         f"run-time ratio, ours / baseline:      best {min(run_ratios):.3f}, "
         f"worst {max(run_ratios):.3f} (target 1.00)"
