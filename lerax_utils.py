@@ -1071,9 +1071,8 @@ _FORMAT = "lerax_utils"
 _FORMAT_VERSION = 2
 _LENGTH = struct.Struct("<Q")
 _MAX_HEADER_BYTES = 64 * 1024 * 1024
-_MAX_CONTAINERS = (
-    1 << 20
-)  # `[` and `{` in a header, which bound the memory to parse it.
+# `[` and `{` in a header, which bound the memory and time to parse it.
+_MAX_CONTAINERS = 1 << 18
 _MAX_DIMENSIONS = 64  # As NumPy.
 _CRC_SLOT = b'"metadata_crc32":"'
 _ZERO_CRC = "00000000"
@@ -1962,7 +1961,7 @@ def _checked_entry(entry: Any, version: int, size: int) -> dict[str, Any] | None
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes > size or (version == 1 and entry.get("nbytes") != nbytes):
         return None
-    checked = {"path": entry["path"], "kind": kind, "dtype": dtype.name}
+    checked = {"path": entry["path"], "kind": kind, "dtype": entry["dtype"]}
     checked.update(shape=shape, nbytes=nbytes)
     if kind == "numpy_scalar" and shape:
         return None

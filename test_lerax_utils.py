@@ -1587,9 +1587,12 @@ def _forge(good: bytes, edit: Callable[[Any, Any, Any], Any]) -> bytes:
     metadata = header["__metadata__"]
     leaves = json.loads(metadata["leaves"])
     structure = json.loads(metadata["structure"])
+    texts = metadata["leaves"], metadata["structure"]
     edit(leaves, structure, header)
-    metadata["leaves"] = json.dumps(leaves)
-    metadata["structure"] = json.dumps(structure)
+    if metadata["leaves"] == texts[0]:  # Else `edit` replaced the text itself.
+        metadata["leaves"] = json.dumps(leaves)
+    if metadata["structure"] == texts[1]:
+        metadata["structure"] = json.dumps(structure)
     metadata["metadata_crc32"] = "00000000"
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-(8 + len(text)) % 8)
