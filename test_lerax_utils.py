@@ -1914,12 +1914,19 @@ def test_format_version_0_is_refused(tmp_path):
 def test_writes_inside_one_jitted_loop_land_in_program_order(tmp_path):
     path = tmp_path / "latest"
 
-    @jax.jit
-    def run(x):
+    def save_many(x):
         for i in range(24):  # Independent writes: only their order ties them.
             Checkpointed(x + i).serialize(path)
         return x
 
+    # The order is enforced, not lucky: every write is an ordered effect (the CPU
+    # runtime happens to run even unordered callbacks in order, so the effect is
+    # checked in the program itself).
+    program = jax.make_jaxpr(save_many)(jnp.zeros(64)).jaxpr
+    callbacks = [eqn for eqn in program.eqns if "callback" in eqn.primitive.name]
+    assert len(callbacks) == 24
+    assert all(eqn.params["ordered"] for eqn in callbacks)
+    run = jax.jit(save_many)
     for attempt in range(6):
         run(jnp.full(64, float(attempt)))
         jax.effects_barrier()
@@ -1947,7 +1954,7 @@ def test_a_save_that_fails_after_creating_its_temporary_removes_it(
 
 
 def test_new_checkpoints_honour_the_umask_and_overwrites_keep_their_mode(tmp_path):
-    for umask in (0o022, 0o027, 0o077):
+    for umask in (0o000, 0o002, 0o022, 0o027, 0o077):
         old = os.umask(umask)
         try:
             _agent().serialize(tmp_path / f"new{umask}")

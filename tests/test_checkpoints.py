@@ -85,6 +85,24 @@ def _stored_bytes(leaf: Any) -> bytes:
     return np.asarray(leaf).tobytes()
 
 
+# The safetensors names of the dtypes it has (its README); all others are bytes.
+_SAFETENSORS_NAMES = {
+    "bool": "BOOL",
+    "uint8": "U8",
+    "int8": "I8",
+    "uint16": "U16",
+    "int16": "I16",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "uint32": "U32",
+    "int32": "I32",
+    "float32": "F32",
+    "uint64": "U64",
+    "int64": "I64",
+    "float64": "F64",
+    "float8_e5m2": "F8_E5M2",
+    "float8_e4m3fn": "F8_E4M3",
+}
 _NUMPY_NAMES = {
     "F64": np.float64,
     "F32": np.float32,
@@ -126,7 +144,7 @@ def test_safetensors_reads_every_tensor_we_write(tmp_path_factory, leaves):
             else leaf
         )
         assert entry["dtype"] == data.dtype.name
-        safetensors_name = lerax_utils._SAFETENSORS_DTYPES.get(data.dtype.name, "U8")
+        safetensors_name = _SAFETENSORS_NAMES.get(data.dtype.name, "U8")
         assert tensor["dtype"] == safetensors_name
         itemsize = data.dtype.itemsize
         expected_shape = list(data.shape)
@@ -137,6 +155,48 @@ def test_safetensors_reads_every_tensor_we_write(tmp_path_factory, leaves):
             read = by_numpy[name]
             assert read.dtype == _NUMPY_NAMES[tensor["dtype"]]
             assert read.tobytes() == data.tobytes()
+            if safetensors_name != "U8" or data.dtype == np.uint8:
+                assert read.dtype == data.dtype
+
+
+def test_every_dtype_is_stored_under_its_safetensors_name_or_as_bytes(tmp_path):
+    leaves = {name: np.zeros((2, 3), dtype) for name, dtype in _dtypes().items()}
+    Checkpointed(leaves).serialize(tmp_path / "all")
+    raw = (tmp_path / "all.eqx").read_bytes()
+    tensors = dict(safetensors.deserialize(raw))
+    for name, leaf in leaves.items():
+        tensor = tensors[f".params['{name}']"]
+        stored = _SAFETENSORS_NAMES.get(name, "U8")
+        item = [leaf.itemsize] if stored == "U8" and leaf.itemsize > 1 else []
+        assert (tensor["dtype"], tensor["shape"]) == (stored, [2, 3, *item]), name
+    loaded = Checkpointed.deserialize(tmp_path / "all", leaves)
+    _assert_exact(loaded, Checkpointed(leaves))
+
+
+def _dtypes() -> dict[str, np.dtype]:
+    """Every dtype of JAX, found independently of lerax_utils."""
+    found = {}
+    for name in [*_SAFETENSORS_NAMES, *_OTHER_NAMES]:
+        if hasattr(jnp, name):
+            found[name] = np.dtype(getattr(jnp, name))
+    return found
+
+
+_OTHER_NAMES = [
+    "complex64",
+    "complex128",
+    "int4",
+    "uint4",
+    "int2",
+    "uint2",
+    "float8_e4m3fnuz",
+    "float8_e5m2fnuz",
+    "float8_e4m3b11fnuz",
+    "float8_e3m4",
+    "float8_e4m3",
+    "float8_e8m0fnu",
+    "float4_e2m1fn",
+]
 
 
 def _only_numpy_dtypes(raw: bytes) -> bytes:
@@ -392,3 +452,11 @@ def test_a_set_is_described_the_same_under_every_hash_seed(tmp_path):
     tags = frozenset({"actor", "critic", "value", "policy", "target", "entropy"})
     loaded = WithStatic.deserialize(tmp_path / "1", jnp.ones(2), {"n": 1, "tags": tags})
     assert loaded.options == {"tags": tags, "n": 1}
+
+
+def test_a_shape_of_too_many_dimensions_is_refused_before_any_work(tmp_path):
+    path = _bad_file(tmp_path, _forge(_small_bytes(tmp_path), _many_dimensions))
+    assert _load_error(path, _SMALL_SKELETON, cls=Checkpointed) == (
+        f"Serializable.deserialize: the file '{path}' has a malformed header (the "
+        "leaf at path .params['w'])."
+    )
