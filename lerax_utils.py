@@ -11,7 +11,7 @@
 - `callback_wrapper`, `callback_with_numpy_wrapper`, `callback_with_list_wrapper`,
   `print_callback`: call host Python (logging, printing, plotting) from inside `jit`.
 - `Serializable`: an `eqx.Module` base class whose models save and load themselves, in
-  a checked, versioned format, atomically, even from inside `jit`.
+  a checked, versioned safetensors file, atomically, even from inside `jit`.
 
 **Installing.** Either `pip install git+<repository url>`, or vendor it: copy this file
 into your project (for example as `yourpackage/_lerax_utils.py`) and import from there.
