@@ -4,7 +4,8 @@ The model holds 256 MB of float32 parameters. One round trip is a save followed 
 load. The baseline writes with `eqx.tree_serialise_leaves` to an open file, flushes
 and fsyncs it, then reads with `eqx.tree_deserialise_leaves`. After one warm-up round
 of each, rounds alternate, and the script prints the ratio of the median round times
-(target at most 1.15), the best and worst ratio of paired rounds, and the host memory that loading allocates.
+(target at most 1.15), the best and worst ratio of paired rounds, and the host memory
+that loading allocates.
 
 Usage: `python benchmarks/bench_serialize.py [--rounds N] [--megabytes M]`.
 """
