@@ -1203,14 +1203,14 @@ class Serializable(eqx.Module):
         target = _checkpoint_path("serialize", path, no_suffix)
         leaves, treedef = jtu.tree_flatten_with_path(self)
         traced = [isinstance(leaf, jax.core.Tracer) for _, leaf in leaves]
-        for (key_path, leaf), is_traced in zip(leaves, traced, strict=True):
-            if not is_traced and eqx.is_array(leaf):
-                _host_array(jtu.keystr(key_path), leaf)  # Refuse early what can't load.
         if not any(traced) and not _inside_a_trace():
             _write_checkpoint(self, target)
             return
         # Inside a trace: the traced leaves travel to the host (typed keys as their
-        # key data); the others are known now and stay here.
+        # key data); the others are known now, checked now, and stay here.
+        for key_path, leaf in leaves:
+            if isinstance(leaf, np.ndarray | np.generic):
+                _host_array(jtu.keystr(key_path), leaf)  # Refuse at trace time.
         template = [
             None if t else leaf for (_, leaf), t in zip(leaves, traced, strict=True)
         ]
