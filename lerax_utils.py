@@ -1429,17 +1429,34 @@ def _write_checkpoint(
             crcs = "".join(f"{checksum.result():08x}" for checksum in checksums)
             filled[crc_at : crc_at + len(crcs)] = crcs.encode()
             filled[slot_at : slot_at + 8] = f"{zlib.crc32(filled):08x}".encode()
+            file.seek(_LENGTH.size)
+            file.write(filled)
             file.flush()
-            os.pwrite(file.fileno(), filled, _LENGTH.size)
             os.fsync(file.fileno())
-        with contextlib.suppress(FileNotFoundError):
-            os.chmod(temporary, stat.S_IMODE(os.stat(target).st_mode))
-        os.replace(temporary, target)
+        # Holding the old file open past the rename moves the freeing of its blocks
+        # out of this call, to a helper thread that closes it.
+        try:
+            previous = os.open(target, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError:  # None there, or not readable.
+            previous = None
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                kept = os.fstat(previous) if previous is not None else os.stat(target)
+                os.chmod(temporary, stat.S_IMODE(kept.st_mode))
+            os.replace(temporary, target)
+        finally:
+            if previous is not None:
+                _closer().submit(os.close, previous)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
         raise
     _fsync_folder(target.parent)
+
+
+@functools.cache
+def _closer() -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(max_workers=1)
 
 
 def _create_temporary(target: pathlib.Path) -> tuple[int, pathlib.Path]:
