@@ -464,3 +464,12 @@ def test_a_shape_of_too_many_dimensions_is_refused_before_any_work(tmp_path):
         f"Serializable.deserialize: the file '{path}' has a malformed header (the "
         "leaf at path .params['w'])."
     )
+
+
+def test_a_header_of_too_many_lists_is_refused_before_parsing(tmp_path):
+    many = _set_metadata("structure", "[" + "[]," * 300_000 + "[]]")
+    path = _bad_file(tmp_path, _forge(_small_bytes(tmp_path), many))
+    assert _load_error(path, _SMALL_SKELETON, cls=Checkpointed) == (
+        f"Serializable.deserialize: the file '{path}' has a header with more than "
+        "262144 lists and objects; the file is corrupt."
+    )
