@@ -13,6 +13,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import time
 from typing import Any
 
 import hypothesis.extra.numpy as hnp
@@ -473,3 +474,49 @@ def test_a_header_of_too_many_lists_is_refused_before_parsing(tmp_path):
         f"Serializable.deserialize: the file '{path}' has a header with more than "
         "262144 lists and objects; the file is corrupt."
     )
+
+
+_WRITER = textwrap.dedent(
+    """
+    import sys
+    import jax.numpy as jnp
+    from test_lerax_utils import Checkpointed
+    model = Checkpointed(jnp.full(200_000, float(sys.argv[2])))
+    print("ready", flush=True)
+    for _ in range(100):
+        model.serialize(sys.argv[1])
+    """
+)
+
+
+def test_two_writers_and_a_reader_only_ever_see_whole_checkpoints(tmp_path):
+    path = tmp_path / "shared.eqx"
+    Checkpointed(jnp.full(200_000, 0.0)).serialize(path)
+    writers = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WRITER, str(path), value],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for value in ("1", "2")
+    ]
+    seen = []
+    deadline = time.monotonic() + 120
+    try:
+        for writer in writers:
+            assert writer.stdout is not None and writer.stdout.readline() == "ready\n"
+        while any(w.poll() is None for w in writers) and time.monotonic() < deadline:
+            loaded = Checkpointed.deserialize(path, jnp.zeros(200_000))
+            values = np.unique(np.asarray(loaded.params)).tolist()
+            assert len(values) == 1 and values[0] in (0.0, 1.0, 2.0)
+            seen.append(values[0])
+    finally:
+        for writer in writers:
+            writer.kill()
+            writer.wait(timeout=30)
+            if writer.stdout is not None:
+                writer.stdout.close()
+    assert seen  # The reader overlapped the writers.
+    if all(writer.returncode == 0 for writer in writers):  # Neither was killed.
+        assert [p.name for p in tmp_path.iterdir()] == ["shared.eqx"]
