@@ -1190,7 +1190,9 @@ class Serializable(eqx.Module):
         callback when the computation runs, in program order; call
         `jax.effects_barrier()` before reading it. Arrays sharded over several
         devices are gathered. Under `jax.vmap` or `eqx.filter_vmap` with batched
-        leaves it raises: one path cannot hold a population member by member.
+        leaves it raises: one path cannot hold a population member by member. Under
+        `jax.grad` the values are saved and not differentiated (jax 0.4.26 refuses
+        this with its own `ValueError: IO callbacks do not support JVP`).
 
         **Raises:**
 
@@ -1225,7 +1227,7 @@ class Serializable(eqx.Module):
                 leaf = jax.random.key_data(leaf)
             else:
                 kinds[index] = ("jax", None)
-            operands.append(leaf)
+            operands.append(jax.lax.stop_gradient(leaf))  # Saved, not differentiated.
 
         def write(*arrays: Any) -> None:
             host = list(template)
