@@ -1197,8 +1197,9 @@ class Serializable(eqx.Module):
         **Raises:**
 
         - `TypeError` if `path` is not a `str` or `os.PathLike`, `no_suffix` is not
-            a bool, or a leaf cannot be restored exactly (a masked, object,
-            structured, string, datetime or big-endian NumPy array).
+            a bool, or a leaf cannot be restored exactly (a masked, object or
+            structured NumPy array, or one of a dtype that neither JAX nor the
+            NumPy strings and dates have).
         - `ValueError` if `path` is empty or names a folder, or the model is
             batched by `vmap`.
         """
@@ -1343,8 +1344,21 @@ _CONCRETE_VALUE_ERRORS = (
 
 
 def _skeleton(cls: type, args: Any, kwargs: Any) -> Any:
+    """As `eqx.filter_eval_shape(cls, *args, **kwargs)`, except that NumPy arrays
+    JAX cannot describe (strings, dates, big-endian) stay concrete, on both sides."""
+    dynamic, static = eqx.partition((args, kwargs), _is_jax_describable)
+    kept = []
+
+    def build(dynamic: Any) -> Any:
+        call_args, call_kwargs = eqx.combine(dynamic, static)
+        traced, concrete = eqx.partition(
+            cls(*call_args, **call_kwargs), _is_jax_describable
+        )
+        kept.append(concrete)
+        return traced
+
     try:
-        return eqx.filter_eval_shape(cls, *args, **kwargs)
+        shapes = jax.eval_shape(build, dynamic)
     except _CONCRETE_VALUE_ERRORS as err:
         raise TypeError(
             f"Serializable.deserialize: could not build a skeleton of "
@@ -1354,6 +1368,18 @@ def _skeleton(cls: type, args: Any, kwargs: Any) -> Any:
             "values as JAX arrays in the constructor (no `np.asarray`, `float()` or "
             "`if` on them), or compute such values after loading."
         ) from err
+    return eqx.combine(shapes, kept[0])
+
+
+def _is_jax_describable(leaf: Any) -> bool:
+    """An array leaf whose dtype JAX has (as opposed to NumPy strings, dates...)."""
+    return eqx.is_array(leaf) and not (
+        isinstance(leaf, np.ndarray | np.generic) and _is_numpy_only(leaf.dtype)
+    )
+
+
+def _is_numpy_only(dtype: np.dtype) -> bool:
+    return dtype.kind in "SUMm" or dtype.byteorder == ">"
 
 
 # Writing
@@ -1386,24 +1412,40 @@ def _host_array(path: str, leaf: Any) -> np.ndarray:
             f"an array of structured dtype {leaf.dtype}. Save each of its fields "
             "as an array of its own"
         )
-    elif leaf.dtype.byteorder == ">":
+    elif _numpy_dtype(_dtype_name(leaf.dtype)) is None:
         problem = (
-            f"a big-endian array (dtype {leaf.dtype.str}), which JAX cannot "
-            "describe, so `deserialize` could not build a skeleton for it. Save "
-            "`x.astype(x.dtype.newbyteorder('='))`"
-        )
-    elif leaf.dtype.name not in _checkpoint_dtypes():
-        problem = (
-            f"an array of dtype {leaf.dtype}, which JAX cannot describe, so "
-            "`deserialize` could not build a skeleton for it. Store strings as "
-            "bytes in a uint8 array (`np.frombuffer(x.tobytes(), np.uint8)`) and "
-            "dates as int64 (`x.astype(np.int64)`), or make the field static"
+            f"an array of dtype {leaf.dtype}, which a checkpoint cannot restore "
+            "exactly. Convert it to a dtype of JAX, a string or a dated dtype "
+            "with a unit"
         )
     if problem is not None:
         raise TypeError(
             f"Serializable.serialize: the leaf at path {path} is {problem}."
         )
+    if leaf.dtype.byteorder == ">":  # Stored little-endian, as safetensors wants.
+        return np.asarray(leaf, dtype=leaf.dtype.newbyteorder("<"), order="C")
     return np.asarray(leaf, order="C")
+
+
+def _dtype_name(dtype: np.dtype) -> str:
+    """A dtype's name in a checkpoint: NumPy's name, or `str` where JAX lacks it."""
+    return dtype.str if _is_numpy_only(dtype) else dtype.name
+
+
+_NUMPY_ONLY_DTYPE = re.compile(
+    r"[|<>][SU][1-9][0-9]{0,5}|[<>][mM]8\[(Y|M|W|D|h|m|s|ms|us|ns|ps|fs|as)\]"
+    r"|>([iuf][248]|c(8|16))"
+)
+
+
+def _numpy_dtype(name: Any) -> np.dtype | None:
+    """The dtype a checkpoint names, or None if it names none it may hold."""
+    if not isinstance(name, str):
+        return None
+    found = _checkpoint_dtypes().get(name)
+    if found is None and _NUMPY_ONLY_DTYPE.fullmatch(name):
+        found = np.dtype(name)
+    return found
 
 
 def _write_checkpoint(
@@ -1516,7 +1558,7 @@ def _encode(
         entry: dict[str, Any] = {
             "path": path,
             "kind": kind,
-            "dtype": data.dtype.name,
+            "dtype": _dtype_name(_original_dtype(leaf, data)),
             "shape": list(data.shape),
         }
         if impl is not None:
@@ -1548,6 +1590,13 @@ def _encode(
     return header + b" " * (-(_LENGTH.size + len(header)) % 8), blocks
 
 
+def _original_dtype(leaf: Any, data: np.ndarray) -> np.dtype:
+    """The dtype to restore: the leaf's own where NumPy's bytes were swapped."""
+    if isinstance(leaf, np.ndarray | np.generic) and leaf.dtype.byteorder == ">":
+        return leaf.dtype
+    return data.dtype
+
+
 def _json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
 
@@ -1556,7 +1605,7 @@ def _stored_type(dtype: str, shape: list[int]) -> tuple[str, list[int]]:
     """The safetensors dtype and shape of a tensor: its own, or bytes."""
     if dtype in _SAFETENSORS_DTYPES:
         return _SAFETENSORS_DTYPES[dtype], shape
-    itemsize = _checkpoint_dtypes()[dtype].itemsize
+    itemsize = cast(np.dtype, _numpy_dtype(dtype)).itemsize
     return "U8", shape + [itemsize] if itemsize > 1 else shape
 
 
@@ -1973,9 +2022,11 @@ def _checked_entry(entry: Any, version: int, size: int) -> dict[str, Any] | None
             return None
         return {"path": entry["path"], "kind": kind, "value": value}
     allowed = _ARRAY_KINDS if version > 1 else ("jax", "numpy", "key")
-    dtype = _checkpoint_dtypes().get(entry.get("dtype"))  # type: ignore[arg-type]
+    dtype = _numpy_dtype(entry.get("dtype"))
     shape: Any = entry.get("shape")
     if kind not in allowed or dtype is None or not _is_shape(shape):
+        return None
+    if _is_numpy_only(dtype) and (version == 1 or kind in ("jax", "key")):
         return None
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes > size or (version == 1 and entry.get("nbytes") != nbytes):
@@ -2077,16 +2128,26 @@ def _leaf_mismatch(entry: dict[str, Any], leaf: Any, version: int) -> str | None
             f"the Python {type(value).__name__} {value!r}, where the skeleton has "
             f"{_describe_leaf(leaf)}. {_FIX}"
         )
+    if isinstance(leaf, np.ndarray | np.generic) and _is_numpy_only(leaf.dtype):
+        saved = (tuple(entry["shape"]), entry["dtype"])
+        if saved == (leaf.shape, _dtype_name(leaf.dtype)):
+            return None
+        return (
+            f"an array of shape {saved[0]} and dtype {saved[1]}, but the skeleton has "
+            f"shape {leaf.shape} and dtype {_dtype_name(leaf.dtype)}. {_FIX}"
+        )
     if not isinstance(leaf, jax.ShapeDtypeStruct):
         return f"an array, where the skeleton has {_describe_leaf(leaf)}. {_FIX}"
     if entry["kind"] == "key":
         shape, dtype = tuple(entry["key_shape"]), _key_impl_types()[entry["impl"]][0]
     else:
-        shape, dtype = tuple(entry["shape"]), np.dtype(entry["dtype"])
+        shape = tuple(entry["shape"])
+        dtype = cast(np.dtype, _numpy_dtype(entry["dtype"]))
     if shape == tuple(leaf.shape) and (
         dtype == leaf.dtype
         or (
             entry["kind"] in ("numpy", "numpy_scalar")
+            and not _is_numpy_only(dtype)
             and jax.dtypes.canonicalize_dtype(dtype) == leaf.dtype
         )
     ):
@@ -2185,7 +2246,10 @@ def _read_leaves(file: IO[bytes], layout: _Layout, source: str) -> list[Any]:
             if entry["kind"] == "scalar":
                 values.append(entry["value"])
                 continue
-            data = _aligned_empty(entry["shape"], np.dtype(entry["dtype"]))
+            dtype = cast(np.dtype, _numpy_dtype(entry["dtype"]))
+            if dtype.byteorder == ">":  # Stored little-endian.
+                dtype = dtype.newbyteorder("<")
+            data = _aligned_empty(entry["shape"], dtype)
             view = data.reshape(-1).view(np.uint8)
             file.seek(entry["offset"])
             if file.readinto(view.data) != entry["nbytes"]:  # type: ignore[attr-defined]
@@ -2216,6 +2280,9 @@ def _restore_kind(data: np.ndarray, entry: dict[str, Any]) -> Any:
         return jax.device_put(data)
     if entry["kind"] == "key":
         return jax.random.wrap_key_data(jax.device_put(data), impl=entry["impl"])
+    dtype = cast(np.dtype, _numpy_dtype(entry["dtype"]))
+    if dtype.byteorder == ">":
+        data = data.astype(dtype)
     if entry["kind"] == "numpy_scalar":
         return data[()]
     return data
