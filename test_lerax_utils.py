@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -2261,6 +2262,10 @@ def test_numpy_strings_dates_and_big_endian_arrays_round_trip(tmp_path):
     loaded = Checkpointed.deserialize(tmp_path / "m", skeleton)
     _assert_exact(loaded, model)
     assert loaded.params["big"].dtype.str == ">f4"
+    tensors = dict(safetensors.deserialize((tmp_path / "m.eqx").read_bytes()))
+    for name in ("big", "big_ints", "text", "days"):
+        little = params[name].astype(params[name].dtype.newbyteorder("<"))
+        assert bytes(tensors[f".params['{name}']"]["data"]) == little.tobytes()
     error = _load_error(
         tmp_path / "m", dict(params, text=np.array(["abc"])), cls=Checkpointed
     )
