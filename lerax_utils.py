@@ -13,7 +13,7 @@
 - `callback_wrapper`, `callback_with_numpy_wrapper`, `callback_with_list_wrapper`,
   `print_callback`: call host Python (logging, printing, plotting) from inside `jit`.
 - `Serializable`: an `eqx.Module` base class whose models save and load themselves, in
-  a checked, versioned format, atomically, even from inside `jit`.
+  a checked, versioned safetensors file, atomically, even from inside `jit`.
 
 **Installing.** Either `pip install git+<repository url>`, or vendor it: copy this file
 into your project (for example as `yourpackage/_lerax_utils.py`) and import from there.
@@ -58,12 +58,14 @@ import math
 import operator
 import os
 import pathlib
+import re
+import secrets
+import stat
 import struct
 import sys
-import tempfile
 import zlib
 from collections.abc import Callable, Iterator, Sequence
-from typing import IO, Any, ParamSpec, TypeVar
+from typing import IO, Any, ParamSpec, TypeVar, cast
 
 import equinox as eqx
 import jax
@@ -71,6 +73,7 @@ import jax.core
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
+from jax.experimental import io_callback
 
 _Carry = TypeVar("_Carry")
 _X = TypeVar("_X")
@@ -2081,17 +2084,85 @@ def print_callback(*args: Any, **kwargs: Any) -> None:
 # Checkpoints: Serializable
 #
 
-# The file layout (the README documents it byte by byte):
+# A checkpoint is a safetensors file (the README documents it byte by byte):
+#   header length N (u64) | header: UTF-8 JSON, padded with spaces so that 8 + N is a
+#   multiple of 8 | every array leaf's bytes, back to back, in flattening order.
+# The JSON maps each array leaf's path to its safetensors dtype, shape and offsets; all
+# else of ours is in its `__metadata__` (str -> str), with a CRC-32 per tensor and one
+# of the header itself. Files of format 1 (the first release) are still read:
 #   magic (8 bytes) | format version (u32) | header length (u64) | header CRC-32 (u32)
-#   | header (UTF-8 JSON) | the array leaves' raw bytes, in header order
-#   | one CRC-32 (u32) per array leaf, in the same order.
-_MAGIC = b"LRXCKPT\x00"
-_FORMAT_VERSION = 1
-_PREFIX = struct.Struct("<8sIQI")
-_CHECKSUM = struct.Struct("<I")
+#   | header (UTF-8 JSON) | the array leaves' bytes | one CRC-32 (u32) per array leaf.
+_FORMAT = "lerax_utils"
+_FORMAT_VERSION = 2
+_LENGTH = struct.Struct("<Q")
 _MAX_HEADER_BYTES = 64 * 1024 * 1024
+# `[` and `{` in a header, which bound the memory and time to parse it.
+_MAX_CONTAINERS = 1 << 18
+_MAX_DIMENSIONS = 64  # As NumPy.
+_CRC_SLOT = b'"metadata_crc32":"'
+_ZERO_CRC = "00000000"
+_V1_MAGIC = b"LRXCKPT\x00"
+_V1_PREFIX = struct.Struct("<8sIQI")
+_V1_CHECKSUM = struct.Struct("<I")
 _NUMPY_MAGIC = b"\x93NUMPY"  # Plain `eqx.tree_serialise_leaves` files start so.
 _SUFFIX = ".eqx"
+# Dtypes that safetensors names; every other dtype is stored as `U8` bytes, with its
+# true name in our metadata.
+_SAFETENSORS_DTYPES = {
+    "bool": "BOOL",
+    "uint8": "U8",
+    "int8": "I8",
+    "uint16": "U16",
+    "int16": "I16",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "uint32": "U32",
+    "int32": "I32",
+    "float32": "F32",
+    "uint64": "U64",
+    "int64": "I64",
+    "float64": "F64",
+    "float8_e5m2": "F8_E5M2",
+    "float8_e4m3fn": "F8_E4M3",
+}
+_OTHER_DTYPES = (
+    "complex64",
+    "complex128",
+    "int4",
+    "uint4",
+    "int2",
+    "uint2",
+    "float8_e4m3fnuz",
+    "float8_e5m2fnuz",
+    "float8_e4m3b11fnuz",
+    "float8_e3m4",
+    "float8_e4m3",
+    "float8_e8m0fnu",
+    "float4_e2m1fn",
+)
+_KEY_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
+
+
+@functools.cache
+def _checkpoint_dtypes() -> dict[str, np.dtype]:
+    """Every dtype a checkpoint may hold, by name: those of the installed JAX."""
+    found = {}
+    for name in (*_SAFETENSORS_DTYPES, *_OTHER_DTYPES):
+        kind = getattr(jnp, name, None)
+        if kind is not None:
+            found[name] = np.dtype(kind)
+    return found
+
+
+@functools.cache
+def _key_impl_types() -> dict[str, tuple[Any, tuple[int, ...], np.dtype]]:
+    """For each PRNG implementation: its key dtype, key data shape and data dtype."""
+    found = {}
+    for name in _KEY_IMPLS:
+        key = jax.random.key(0, impl=name)
+        data = jax.random.key_data(key)
+        found[name] = (key.dtype, tuple(data.shape), np.dtype(data.dtype))
+    return found
 
 
 class Serializable(eqx.Module):
@@ -2112,12 +2183,13 @@ class Serializable(eqx.Module):
     policy = Policy.deserialize("checkpoints/run.1", 4, key=jax.random.key(1))
     ```
 
-    A checkpoint holds a versioned header (the format version, the library version,
-    every leaf's path, shape and dtype, and a description of the static structure
-    that is the same in every process) followed by the raw array data, with CRC-32
-    checksums for both. Loading checks all of it against a skeleton of the model, so
-    a file never loads into the wrong model silently. No pickle is involved: loading
-    never runs code from the file.
+    A checkpoint is a safetensors file: any safetensors reader lists its arrays by
+    leaf path. Its metadata holds the format version, the library version, a
+    description of the structure and static values that is the same in every
+    process, the Python numbers, and CRC-32 checksums of every array and of the
+    header. Loading checks all of it against a skeleton of the model, so a file
+    never loads into the wrong model silently. No pickle is involved: loading never
+    runs code from the file.
     """
 
     def serialize(self, path: str | os.PathLike[str], no_suffix: bool = False) -> None:
@@ -2133,23 +2205,72 @@ class Serializable(eqx.Module):
         The file is written to a temporary file in the same folder, flushed to disk,
         and then renamed over `path`: whenever the process stops, even killed
         mid-write, `path` holds either the old checkpoint or the new one. A save that
-        raises leaves the old file as it was and no temporary file behind.
+        raises leaves the old file as it was and no temporary file behind. A new
+        file gets the mode `open()` would give it (the umask applies); an
+        overwritten one keeps its mode.
 
-        Eagerly, the file is complete when `serialize` returns. Inside `jax.jit`,
-        `eqx.filter_jit` or a `filter_scan` body it is written by an ordered host
-        callback when the computation runs; call `jax.effects_barrier()` before
-        reading it. Arrays sharded over several devices are gathered.
+        Eagerly, the file is complete when `serialize` returns. Inside any trace
+        (`jax.jit`, `eqx.filter_jit`, a `filter_scan` body, a `filter_cond` branch),
+        even for a model with no traced leaves, it is written by an ordered host
+        callback when the computation runs, in program order; call
+        `jax.effects_barrier()` before reading it. Arrays sharded over several
+        devices are gathered. Under `jax.vmap` or `eqx.filter_vmap` with batched
+        leaves it raises: one path cannot hold a population member by member. Under
+        `jax.grad` the values are saved and not differentiated (jax 0.4.26 refuses
+        this with its own `ValueError: IO callbacks do not support JVP`).
 
         **Raises:**
 
-        `TypeError` if `path` is not a `str` or `os.PathLike`.
+        - `TypeError` if `path` is not a `str` or `os.PathLike`, `no_suffix` is not
+            a bool, or a leaf cannot be restored exactly (a masked, object or
+            structured NumPy array, or one of a dtype that neither JAX nor the
+            NumPy strings and dates have).
+        - `ValueError` if `path` is empty or names a folder, or the model is
+            batched by `vmap`.
         """
         target = _checkpoint_path("serialize", path, no_suffix)
-        if any(isinstance(leaf, jax.core.Tracer) for leaf in jtu.tree_leaves(self)):
-            write = functools.partial(_write_checkpoint, target=target)
-            callback_wrapper(write, ordered=True)(self)
-        else:
+        leaves, treedef = jtu.tree_flatten_with_path(self)
+        traced = [isinstance(leaf, jax.core.Tracer) for _, leaf in leaves]
+        if not any(traced) and not _inside_a_trace():
             _write_checkpoint(self, target)
+            return
+        # Inside a trace: the traced leaves travel to the host (typed keys as their
+        # key data); the others are known now, checked now, and stay here.
+        for key_path, leaf in leaves:
+            if isinstance(leaf, np.ndarray | np.generic):
+                _host_array(jtu.keystr(key_path), leaf)  # Refuse at trace time.
+        template = [
+            None if t else leaf for (_, leaf), t in zip(leaves, traced, strict=True)
+        ]
+        operands, kinds = [], {}
+        for index, ((_, leaf), is_traced) in enumerate(
+            zip(leaves, traced, strict=True)
+        ):
+            if not is_traced:
+                continue
+            if _is_key_array(leaf):
+                kinds[index] = ("key", _key_impl_name(leaf))
+                leaf = jax.random.key_data(leaf)
+            else:
+                kinds[index] = ("jax", None)
+            operands.append(jax.lax.stop_gradient(leaf))  # Saved, not differentiated.
+
+        def write(*arrays: Any) -> None:
+            host = list(template)
+            for index, array in zip(kinds, arrays, strict=True):
+                host[index] = np.asarray(array)
+            _write_checkpoint(treedef.unflatten(host), target, kinds)
+
+        try:
+            io_callback(write, None, *operands, ordered=True)
+        except ValueError as err:
+            if "vmap" not in str(err):
+                raise
+            raise ValueError(
+                "Serializable.serialize: the model is batched by `jax.vmap` or "
+                "`eqx.filter_vmap`, and one path cannot hold every member of a "
+                "batch. Call `serialize` outside the vmap, on the stacked model."
+            ) from err
 
     @classmethod
     def deserialize(
@@ -2168,39 +2289,57 @@ class Serializable(eqx.Module):
         **Returns:**
 
         An instance of the class `deserialize` is called on, with the saved arrays
-        (NumPy arrays stay NumPy arrays) and the saved Python numbers in place.
+        (NumPy arrays and scalars stay NumPy, with their saved dtype) and the saved
+        Python numbers in place. Every other leaf comes from the skeleton, after a
+        check that it equals the saved description.
 
         **Raises:**
 
         - `FileNotFoundError` if neither candidate file exists.
+        - `TypeError` if the skeleton cannot be built, because the constructor needs
+            concrete values of its array arguments.
         - `ValueError` if the file is not a checkpoint (empty, a text file, random
-            bytes, a wrong magic number), is truncated or has trailing bytes, was
-            written by a newer format version, is corrupt (a checksum fails), or does
-            not match the skeleton: a different leaf count, structure, static field,
-            shape or dtype. The message names the first differing leaf path and
-            both sides.
+            bytes, a safetensors file of another program), is truncated or has
+            trailing bytes, was written by a newer format version, is corrupt (a
+            checksum fails) or malformed, or does not match the skeleton: a
+            different leaf count, structure, static value, shape or dtype. The
+            message names the first differing leaf path and both sides.
 
         Files written by plain `eqx.tree_serialise_leaves` load too, with Equinox's
-        own checks only.
+        own checks only, as do files of format 1 (lerax_utils 0.1.0).
         """
         source = _find_checkpoint(path)
-        skeleton = eqx.filter_eval_shape(cls, *args, **kwargs)
+        skeleton = _skeleton(cls, args, kwargs)
         with open(source, "rb") as file:
             return _read_checkpoint(file, skeleton, str(source))
 
 
-def _checkpoint_path(
-    method: str, path: str | os.PathLike[str], no_suffix: bool
-) -> pathlib.Path:
-    if not isinstance(path, str | os.PathLike):
+def _checkpoint_path(method: str, path: Any, no_suffix: Any) -> pathlib.Path:
+    if not isinstance(path, str | os.PathLike) or isinstance(os.fspath(path), bytes):
         raise TypeError(
             f"Serializable.{method}: `path` must be a str or os.PathLike; got "
             f"{_describe_leaf(path)}."
         )
-    path = pathlib.Path(path)
-    if no_suffix or path.name.endswith(_SUFFIX):
-        return path
-    return path.with_name(path.name + _SUFFIX)
+    if not isinstance(no_suffix, bool):
+        raise TypeError(
+            f"Serializable.{method}: `no_suffix` must be True or False; got "
+            f"{_describe_leaf(no_suffix)}."
+        )
+    text = os.fspath(path)
+    if not text:
+        raise ValueError(
+            f"Serializable.{method}: `path` is empty. Pass a file name, such as "
+            "'checkpoints/run'."
+        )
+    checked = pathlib.Path(text)
+    if checked.name in ("", ".", "..") or text.endswith(("/", os.sep)):
+        raise ValueError(
+            f"Serializable.{method}: `path` '{text}' names a folder, not a file. "
+            f"Pass a file name inside it, such as '{checked / 'model'}'."
+        )
+    if no_suffix or checked.name.endswith(_SUFFIX):
+        return checked
+    return checked.with_name(checked.name + _SUFFIX)
 
 
 def _find_checkpoint(path: str | os.PathLike[str]) -> pathlib.Path:
@@ -2216,41 +2355,190 @@ def _find_checkpoint(path: str | os.PathLike[str]) -> pathlib.Path:
     )
 
 
+def _inside_a_trace() -> bool:
+    """Whether JAX is tracing here, even if no argument is a tracer."""
+    return isinstance(jnp.zeros((), jnp.uint8), jax.core.Tracer)
+
+
+_CONCRETE_VALUE_ERRORS = (
+    jax.errors.ConcretizationTypeError,
+    jax.errors.TracerArrayConversionError,
+    jax.errors.TracerBoolConversionError,
+    jax.errors.TracerIntegerConversionError,
+)
+
+
+def _skeleton(cls: type, args: Any, kwargs: Any) -> Any:
+    """As `eqx.filter_eval_shape(cls, *args, **kwargs)`, except that NumPy arrays
+    JAX cannot describe (strings, dates, big-endian) stay concrete, on both sides."""
+    dynamic, static = eqx.partition((args, kwargs), _is_jax_describable)
+    kept = []
+
+    def build(dynamic: Any) -> Any:
+        call_args, call_kwargs = eqx.combine(dynamic, static)
+        traced, concrete = eqx.partition(
+            cls(*call_args, **call_kwargs), _is_jax_describable
+        )
+        kept.append(concrete)
+        return traced
+
+    try:
+        shapes = jax.eval_shape(build, dynamic)
+    except _CONCRETE_VALUE_ERRORS as err:
+        raise TypeError(
+            f"Serializable.deserialize: could not build a skeleton of "
+            f"{cls.__qualname__}: its constructor, called with the given arguments "
+            "under `eqx.filter_eval_shape` (arrays as shapes and dtypes, without "
+            f"values), needs a concrete value ({type(err).__name__}). Keep JAX "
+            "values as JAX arrays in the constructor (no `np.asarray`, `float()` or "
+            "`if` on them), or compute such values after loading."
+        ) from err
+    return eqx.combine(shapes, kept[0])
+
+
+def _is_jax_describable(leaf: Any) -> bool:
+    """An array leaf whose dtype JAX has (as opposed to NumPy strings, dates...)."""
+    return eqx.is_array(leaf) and not (
+        isinstance(leaf, np.ndarray | np.generic) and _is_numpy_only(leaf.dtype)
+    )
+
+
+def _is_numpy_only(dtype: np.dtype) -> bool:
+    return dtype.kind in "SUMm" or dtype.byteorder == ">"
+
+
 # Writing
 
 
-def _write_checkpoint(model: Any, target: pathlib.Path) -> None:
-    header, blocks = _encode(model)
-    header_bytes = json.dumps(header, separators=(",", ":")).encode()
-    prefix = _PREFIX.pack(
-        _MAGIC, _FORMAT_VERSION, len(header_bytes), zlib.crc32(header_bytes)
-    )
+def _host_array(path: str, leaf: Any) -> np.ndarray:
+    """A NumPy copy or view of an array leaf, refusing what cannot load exactly."""
+    if isinstance(leaf, jax.Array):
+        if _is_key_array(leaf):
+            leaf = jax.random.key_data(leaf)
+        return np.asarray(leaf, order="C")  # Gathers sharded arrays.
+    problem = None
+    if isinstance(leaf, np.ma.MaskedArray):
+        problem = (
+            "a masked array, whose mask would be lost. Save `x.data` and "
+            "`x.mask` as two leaves, or `x.filled()`"
+        )
+    elif isinstance(leaf, np.ndarray) and type(leaf) is not np.ndarray:
+        problem = (
+            f"a {type(leaf).__name__}, which would load as a plain ndarray. "
+            "Save `np.asarray(x)`"
+        )
+    elif leaf.dtype.hasobject:
+        problem = (
+            "an array of Python objects, which a checkpoint cannot hold without "
+            "pickle. Make the field static, or convert its items to numbers"
+        )
+    elif leaf.dtype.fields is not None or leaf.dtype.subdtype is not None:
+        problem = (
+            f"an array of structured dtype {leaf.dtype}. Save each of its fields "
+            "as an array of its own"
+        )
+    elif _numpy_dtype(_dtype_name(leaf.dtype)) is None:
+        problem = (
+            f"an array of dtype {leaf.dtype}, which a checkpoint cannot restore "
+            "exactly. Convert it to a dtype of JAX, a string or a dated dtype "
+            "with a unit"
+        )
+    if problem is not None:
+        raise TypeError(
+            f"Serializable.serialize: the leaf at path {path} is {problem}."
+        )
+    if leaf.dtype.byteorder == ">":  # Stored little-endian, as safetensors wants.
+        return np.asarray(leaf, dtype=leaf.dtype.newbyteorder("<"), order="C")
+    return np.asarray(leaf, order="C")
+
+
+def _dtype_name(dtype: np.dtype) -> str:
+    """A dtype's name in a checkpoint: NumPy's name, or `str` where JAX lacks it."""
+    return dtype.str if _is_numpy_only(dtype) else dtype.name
+
+
+_NUMPY_ONLY_DTYPE = re.compile(
+    r"[|<>][SU][1-9][0-9]{0,5}|[<>][mM]8\[(Y|M|W|D|h|m|s|ms|us|ns|ps|fs|as)\]"
+    r"|>([iuf][248]|c(8|16))"
+)
+
+
+def _numpy_dtype(name: Any) -> np.dtype | None:
+    """The dtype a checkpoint names, or None if it names none it may hold."""
+    if not isinstance(name, str):
+        return None
+    found = _checkpoint_dtypes().get(name)
+    if found is None and _NUMPY_ONLY_DTYPE.fullmatch(name):
+        found = np.dtype(name)
+    return found
+
+
+def _write_checkpoint(
+    model: Any,
+    target: pathlib.Path,
+    kinds: dict[int, tuple[str, str | None]] | None = None,
+) -> None:
+    header, blocks = _encode(model, kinds or {})
+    crc_at = header.index(b'"crc32":"') + len(b'"crc32":"')
+    slot_at = header.index(_CRC_SLOT) + len(_CRC_SLOT)
     target.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(
-        dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"
-    )
+    descriptor, temporary = _create_temporary(target)
     try:
         with (
             os.fdopen(descriptor, "wb") as file,
             concurrent.futures.ThreadPoolExecutor(max_workers=1) as checksummer,
         ):
-            file.write(prefix)
-            file.write(header_bytes)
+            file.write(_LENGTH.pack(len(header)))
+            file.write(header)  # Its CRC slots still hold zeros.
             checksums = []
             for block in blocks:  # Both `crc32` and `write` release the GIL.
                 checksums.append(checksummer.submit(zlib.crc32, block.data))
                 file.write(block.data)
-            for checksum in checksums:
-                file.write(_CHECKSUM.pack(checksum.result()))
+            filled = bytearray(header)
+            crcs = "".join(f"{checksum.result():08x}" for checksum in checksums)
+            filled[crc_at : crc_at + len(crcs)] = crcs.encode()
+            filled[slot_at : slot_at + 8] = f"{zlib.crc32(filled):08x}".encode()
+            file.seek(_LENGTH.size)
+            file.write(filled)
             file.flush()
             os.fsync(file.fileno())
-        os.chmod(temporary, target.stat().st_mode if target.exists() else 0o644)
-        os.replace(temporary, target)
+        # Holding the old file open past the rename moves the freeing of its blocks
+        # out of this call, to a helper thread that closes it.
+        try:
+            previous = os.open(target, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError:  # None there, or not readable.
+            previous = None
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                kept = os.fstat(previous) if previous is not None else os.stat(target)
+                os.chmod(temporary, stat.S_IMODE(kept.st_mode))
+            os.replace(temporary, target)
+        finally:
+            if previous is not None:
+                _closer().submit(os.close, previous)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
         raise
     _fsync_folder(target.parent)
+
+
+@functools.cache
+def _closer() -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(max_workers=1)
+
+
+def _create_temporary(target: pathlib.Path) -> tuple[int, pathlib.Path]:
+    """Open a new file beside `target`, as `open()` would create it (umask applies).
+
+    Its name stays short whatever the length of the target's.
+    """
+    stem = target.name.encode()[:64].decode(errors="ignore")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    while True:
+        temporary = target.parent / f".{stem}.{secrets.token_hex(4)}.tmp"
+        with contextlib.suppress(FileExistsError):
+            return os.open(temporary, flags, 0o666), temporary
 
 
 def _fsync_folder(folder: pathlib.Path) -> None:
@@ -2263,39 +2551,87 @@ def _fsync_folder(folder: pathlib.Path) -> None:
             os.close(descriptor)
 
 
-def _encode(model: Any) -> tuple[dict[str, Any], list[Any]]:
-    """The header, and the raw bytes of each array leaf (as uint8 views)."""
+def _encode(
+    model: Any, kinds: dict[int, tuple[str, str | None]]
+) -> tuple[bytes, list[Any]]:
+    """The header, with zeros in its CRC slots, and each array's bytes (as uint8)."""
     leaves: list[dict[str, Any]] = []
+    tensors: dict[str, Any] = {}
     blocks = []
-    for path, leaf in jtu.tree_flatten_with_path(model)[0]:
-        entry: dict[str, Any] = {"path": jtu.keystr(path)}
-        if eqx.is_array(leaf):
-            if isinstance(leaf, jax.Array) and _is_key_array(leaf):
-                entry.update(
-                    kind="key", impl=_key_impl_name(leaf), key_shape=list(leaf.shape)
-                )
-                leaf = jax.random.key_data(leaf)
+    offset = 0
+    for index, (key_path, leaf) in enumerate(jtu.tree_flatten_with_path(model)[0]):
+        path = jtu.keystr(key_path)
+        if index in kinds:  # A traced leaf, now on the host.
+            kind, impl = kinds[index]
+            data = np.asarray(leaf, order="C")
+        elif eqx.is_array(leaf):
+            impl = None
+            if isinstance(leaf, jax.Array):
+                kind = "jax"
+                if _is_key_array(leaf):
+                    kind, impl = "key", _key_impl_name(leaf)
             else:
-                entry["kind"] = "numpy" if isinstance(leaf, np.ndarray) else "jax"
-            data = np.asarray(leaf, order="C")  # Gathers sharded arrays.
-            block = data.reshape(-1).view(np.uint8)
-            entry.update(
-                dtype=data.dtype.name, shape=list(data.shape), nbytes=block.nbytes
+                kind = "numpy_scalar" if isinstance(leaf, np.generic) else "numpy"
+            data = _host_array(path, leaf)
+        elif type(leaf) in _PYTHON_SCALARS:
+            leaves.append(
+                {"path": path, "kind": "scalar", "value": _encode_scalar(leaf)}
             )
-            blocks.append(block)
-        elif isinstance(leaf, _PYTHON_SCALARS):
-            entry.update(kind="scalar", value=_encode_scalar(leaf))
+            continue
         else:
-            continue  # Static: described by the structure, restored by the skeleton.
+            continue  # Described by the structure; restored from the skeleton.
+        entry: dict[str, Any] = {
+            "path": path,
+            "kind": kind,
+            "dtype": _dtype_name(_original_dtype(leaf, data)),
+            "shape": list(data.shape),
+        }
+        if impl is not None:
+            impl_shape = _key_impl_types()[impl][1]
+            entry.update(
+                impl=impl, key_shape=entry["shape"][: data.ndim - len(impl_shape)]
+            )
+        block = data.reshape(-1).view(np.uint8)
+        stored_dtype, stored_shape = _stored_type(entry["dtype"], entry["shape"])
+        tensors[path] = {
+            "dtype": stored_dtype,
+            "shape": stored_shape,
+            "data_offsets": [offset, offset + block.nbytes],
+        }
+        offset += block.nbytes
         leaves.append(entry)
-    header = {
-        "library": "lerax_utils",
+        blocks.append(block)
+    metadata = {
+        "format": _FORMAT,
+        "format_version": str(_FORMAT_VERSION),
         "library_version": __version__,
         "class": _qualified_name(type(model)),
-        "leaves": leaves,
-        "structure": _structure(model),
+        "leaves": _json(leaves),
+        "structure": _json(_structure(model, _describe_static)),
+        "crc32": _ZERO_CRC * len(blocks),  # Filled in once the data is written.
+        "metadata_crc32": _ZERO_CRC,
     }
-    return header, blocks
+    header = _json({"__metadata__": metadata, **tensors}).encode()
+    return header + b" " * (-(_LENGTH.size + len(header)) % 8), blocks
+
+
+def _original_dtype(leaf: Any, data: np.ndarray) -> np.dtype:
+    """The dtype to restore: the leaf's own where NumPy's bytes were swapped."""
+    if isinstance(leaf, np.ndarray | np.generic) and leaf.dtype.byteorder == ">":
+        return leaf.dtype
+    return data.dtype
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _stored_type(dtype: str, shape: list[int]) -> tuple[str, list[int]]:
+    """The safetensors dtype and shape of a tensor: its own, or bytes."""
+    if dtype in _SAFETENSORS_DTYPES:
+        return _SAFETENSORS_DTYPES[dtype], shape
+    itemsize = cast(np.dtype, _numpy_dtype(dtype)).itemsize
+    return "U8", shape + [itemsize] if itemsize > 1 else shape
 
 
 def _key_impl_name(key: jax.Array) -> str:
@@ -2306,24 +2642,44 @@ def _key_impl_name(key: jax.Array) -> str:
     return getattr(getattr(impl, "_impl", None), "name", str(impl))
 
 
+def _float_bits(value: float) -> str:
+    return f"{struct.unpack('<Q', struct.pack('<d', value))[0]:016x}"
+
+
 def _encode_scalar(value: Any) -> list[Any]:
+    """A Python number as text that restores it bit for bit (NaN payloads too)."""
     if isinstance(value, bool | int):
         return [type(value).__name__, str(value)]
     if isinstance(value, float):
-        return ["float", value.hex()]
-    return ["complex", value.real.hex(), value.imag.hex()]
+        return ["float", _float_bits(value)]
+    return ["complex", _float_bits(value.real), _float_bits(value.imag)]
 
 
-def _decode_scalar(encoded: Any) -> Any:
+_INTEGER = re.compile(r"-?(0|[1-9][0-9]{0,4299})")
+_BITS = re.compile(r"[0-9a-f]{16}")
+
+
+def _decode_scalar(encoded: Any, version: int) -> Any:
+    """Inverse of `_encode_scalar` (or of format 1's); ValueError if malformed."""
+    if not (isinstance(encoded, list) and encoded):
+        raise ValueError(f"unknown encoding of a Python number: {encoded!r}")
     kind, *parts = encoded
+    if not all(isinstance(part, str) for part in parts):
+        raise ValueError(f"unknown encoding of a Python number: {encoded!r}")
     if kind == "bool" and parts in (["True"], ["False"]):
         return parts == ["True"]
-    if kind == "int" and len(parts) == 1:
+    if kind == "int" and len(parts) == 1 and _INTEGER.fullmatch(parts[0]):
         return int(parts[0])
-    if kind == "float" and len(parts) == 1:
-        return float.fromhex(parts[0])
-    if kind == "complex" and len(parts) == 2:
-        return complex(float.fromhex(parts[0]), float.fromhex(parts[1]))
+    if kind in ("float", "complex") and len(parts) == (1 if kind == "float" else 2):
+        if version == 1:
+            values = [float.fromhex(part) for part in parts]
+        elif all(_BITS.fullmatch(part) for part in parts):
+            values = [
+                struct.unpack("<d", int(p, 16).to_bytes(8, "little"))[0] for p in parts
+            ]
+        else:
+            raise ValueError(f"unknown encoding of a Python number: {encoded!r}")
+        return values[0] if kind == "float" else complex(*values)
     raise ValueError(f"unknown encoding of a Python number: {encoded!r}")
 
 
@@ -2331,7 +2687,7 @@ def _qualified_name(obj: Any) -> str:
     return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', '?')}"
 
 
-def _structure(tree: Any) -> list[list[Any]]:
+def _structure(tree: Any, describe: Callable[[Any], Any]) -> list[list[Any]]:
     """A description of `tree` without its array and scalar values.
 
     One `[path, description]` pair per node and leaf, in flattening order. It uses
@@ -2345,24 +2701,26 @@ def _structure(tree: Any) -> list[list[Any]]:
         if eqx.is_array(node) or isinstance(node, jax.ShapeDtypeStruct):
             entries.append([where, "array"])
             return
-        if isinstance(node, _PYTHON_SCALARS):
+        if isinstance(node, _PYTHON_SCALARS) and (
+            describe is _describe_static_v1 or type(node) in _PYTHON_SCALARS
+        ):
             entries.append([where, ["scalar", type(node).__name__]])
             return
         children, node_def = jtu.tree_flatten_with_path(
             node, is_leaf=_is_strict_child(node)
         )
         if jtu.treedef_is_leaf(node_def) and node is not None:
-            entries.append([where, _describe_static(node)])
+            entries.append([where, describe(node)])
             return
         description: dict[str, Any] = {"node": type(node).__qualname__}
         if isinstance(node, eqx.Module):
             description["static"] = {
-                name: _describe_static(getattr(node, name, None))
+                name: describe(getattr(node, name, None))
                 for name in _static_fields(node)
             }
         elif isinstance(node, dict):  # Keys in JAX's (sorted) order, not insertion's.
             keys = [getattr(key[0], "key", key[0]) for key, _ in children]
-            description["keys"] = [_describe_static(key) for key in keys]
+            description["keys"] = [describe(key) for key in keys]
         entries.append([where, description])
         for key, child in children:
             visit(child, path + key)
@@ -2371,23 +2729,46 @@ def _structure(tree: Any) -> list[list[Any]]:
     return entries
 
 
-def _describe_static(value: Any) -> Any:
-    """A JSON description of a static value that is the same in every process."""
-    if value is None or isinstance(value, bool | int | str):
+def _describe_static(value: Any, depth: int = 0) -> Any:
+    """A JSON description of a static value that is the same in every process.
+
+    Values are described exactly (float bits, dict items in a canonical order, the
+    fields of a dataclass), functions and other objects by their names.
+    """
+    if value is None or type(value) in (bool, int, str):
         return value
-    if isinstance(value, float):
-        return ["float", value.hex()]
-    if isinstance(value, list | tuple):
-        return [type(value).__name__, [_describe_static(item) for item in value]]
-    if isinstance(value, dict):
-        items = [[_describe_static(k), _describe_static(v)] for k, v in value.items()]
-        return ["dict", items]
+    if depth > 32:  # A deeper or cyclic value: its type alone.
+        return ["object", type(value).__qualname__]
+    if type(value) is float:
+        return ["float", _float_bits(value)]
+    if type(value) is complex:
+        return ["complex", _float_bits(value.real), _float_bits(value.imag)]
     if isinstance(value, enum.Enum):
         return ["enum", type(value).__qualname__, value.name]
+    if isinstance(value, list | tuple):
+        items = [_describe_static(item, depth + 1) for item in value]
+        return [type(value).__qualname__, items]
+    if isinstance(value, dict | set | frozenset):
+        if isinstance(value, dict):
+            items = [
+                [_describe_static(k, depth + 1), _describe_static(v, depth + 1)]
+                for k, v in value.items()
+            ]
+        else:
+            items = [_describe_static(item, depth + 1) for item in value]
+        return [type(value).__qualname__, sorted(items, key=_json)]
     if isinstance(value, type):
         return ["type", value.__qualname__]
     if isinstance(value, np.dtype):
-        return ["dtype", value.name]
+        return ["dtype", value.str]
+    if isinstance(value, np.generic | np.ndarray) and not value.dtype.hasobject:
+        return ["numpy", value.dtype.str, list(value.shape), value.tobytes().hex()]
+    if dataclasses.is_dataclass(value):
+        fields = [
+            [field.name, _describe_static(getattr(value, field.name, None), depth + 1)]
+            for field in dataclasses.fields(value)
+        ]
+        return ["dataclass", type(value).__qualname__, fields]
     if callable(value):
         # `__name__`, not `__qualname__`: JAX has changed the latter between releases
         # (`jax.numpy.tanh` became `tanh`).
@@ -2396,52 +2777,194 @@ def _describe_static(value: Any) -> Any:
     return ["object", type(value).__qualname__]
 
 
+def _describe_static_v1(value: Any) -> Any:
+    """`_describe_static` of format 1, to compare format-1 files with."""
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return ["float", value.hex()]
+    if isinstance(value, list | tuple):
+        return [type(value).__name__, [_describe_static_v1(item) for item in value]]
+    if isinstance(value, dict):
+        items = [
+            [_describe_static_v1(k), _describe_static_v1(v)] for k, v in value.items()
+        ]
+        return ["dict", items]
+    if isinstance(value, enum.Enum):
+        return ["enum", type(value).__qualname__, value.name]
+    if isinstance(value, type):
+        return ["type", value.__qualname__]
+    if isinstance(value, np.dtype):
+        return ["dtype", value.name]
+    if callable(value):
+        name = getattr(value, "__name__", None) or getattr(value, "__qualname__", None)
+        return ["function", name or type(value).__qualname__]
+    return ["object", type(value).__qualname__]
+
+
 # Reading
+
+
+@dataclasses.dataclass
+class _Layout:
+    """What a checkpoint's header says, checked to be well formed."""
+
+    version: int
+    entries: list[dict[str, Any]]  # Arrays gain "offset", "nbytes" and "crc".
+    structure: list[Any]
+    data_end: int  # Where the arrays end (format 1: where the CRC-32s start).
+
+
+def _checkpoint_error(source: str, problem: str) -> ValueError:
+    return ValueError(f"Serializable.deserialize: the file '{source}' {problem}.")
 
 
 def _read_checkpoint(file: IO[bytes], skeleton: Any, source: str) -> Any:
     size = os.fstat(file.fileno()).st_size
-    start = file.read(_PREFIX.size)
+    start = file.read(_LENGTH.size + 1)
     if not start:
         raise _checkpoint_error(source, "is empty")
     if start.startswith(_NUMPY_MAGIC):
         file.seek(0)
         return _read_equinox_file(file, skeleton, source, size)
-    if not _MAGIC.startswith(start[: len(_MAGIC)]):
-        raise _checkpoint_error(
-            source,
-            f"is not a lerax_utils checkpoint: it starts with {start[:8]!r}, not "
-            f"{_MAGIC!r}",
-        )
-    if len(start) < _PREFIX.size:
+    if _V1_MAGIC.startswith(start[: len(_V1_MAGIC)]):
+        layout = _read_v1_header(file, source, size)
+    else:
+        layout = _read_header(file, start, source, size)
+    _check_against_skeleton(source, layout, skeleton)
+    values = _read_leaves(file, layout, source)
+    skeleton_leaves, treedef = jtu.tree_flatten(skeleton)
+    loaded = iter(values)
+    saved = functools.partial(_is_saved_leaf, version=layout.version)
+    return treedef.unflatten(
+        [next(loaded) if saved(leaf) else leaf for leaf in skeleton_leaves]
+    )
+
+
+def _read_header(file: IO[bytes], start: bytes, source: str, size: int) -> _Layout:
+    """Read and check the header of a format-2 (safetensors) file."""
+    if len(start) <= _LENGTH.size:
         raise _checkpoint_error(source, f"is truncated ({size} bytes)")
-    _, version, header_length, header_crc = _PREFIX.unpack(start)
-    if version > _FORMAT_VERSION:
+    if start[_LENGTH.size :] != b"{":
         raise _checkpoint_error(
             source,
-            f"has format version {version}, newer than the {_FORMAT_VERSION} this "
-            f"lerax_utils {__version__} reads. Upgrade lerax_utils to load it",
+            f"is not a lerax_utils checkpoint: it starts with {start[:8]!r}, which "
+            "is neither a safetensors header length followed by `{` nor the "
+            f"format-1 magic {_V1_MAGIC!r}",
         )
-    if version < 1:
-        raise _checkpoint_error(source, f"has an unknown format version {version}")
-    if header_length > _MAX_HEADER_BYTES:
+    (length,) = _LENGTH.unpack(start[: _LENGTH.size])
+    header_bytes = _read_header_bytes(file, length, _LENGTH.size, source, size)
+    header = _parse_json(header_bytes, source)
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    if not (isinstance(metadata, dict) and metadata.get("format") == _FORMAT):
         raise _checkpoint_error(
             source,
-            f"declares a header of {header_length} bytes, more than the "
+            "is a safetensors file but not a lerax_utils checkpoint: its "
+            "`__metadata__` does not name the format 'lerax_utils'. Read it with the "
+            "`safetensors` package",
+        )
+    version = _check_version(metadata.get("format_version"), source)
+    stored = metadata.get("metadata_crc32")
+    slot = _CRC_SLOT + str(stored).encode() + b'"'
+    at = header_bytes.find(slot)
+    if not (
+        isinstance(stored, str)
+        and re.fullmatch("[0-9a-f]{8}", stored)
+        and at >= 0
+        and header_bytes.find(slot, at + 1) < 0
+        and all(isinstance(value, str) for value in metadata.values())
+    ):
+        raise _checkpoint_error(source, "has a malformed header")
+    zeroed = header_bytes[:at] + _CRC_SLOT + _ZERO_CRC.encode() + b'"'
+    if zlib.crc32(zeroed + header_bytes[at + len(slot) :]) != int(stored, 16):
+        raise _checkpoint_error(source, "has a corrupt header (its checksum fails)")
+    leaves = _parse_json(metadata.get("leaves", "").encode(), source)
+    structure = _parse_json(metadata.get("structure", "").encode(), source)
+    entries = _check_entries(leaves, structure, version, source, size)
+    crcs = metadata.get("crc32", "")
+    arrays = [entry for entry in entries if entry["kind"] != "scalar"]
+    tensors = {name: value for name, value in header.items() if name != "__metadata__"}
+    if not (
+        re.fullmatch("[0-9a-f]*", crcs)
+        and len(crcs) == 8 * len(arrays)
+        and len(tensors) == len(arrays)
+    ):
+        raise _checkpoint_error(source, "has a malformed header")
+    offset = 0
+    for index, entry in enumerate(arrays):
+        dtype, shape = _stored_type(entry["dtype"], entry["shape"])
+        wanted = {
+            "dtype": dtype,
+            "shape": shape,
+            "data_offsets": [offset, offset + entry["nbytes"]],
+        }
+        if tensors.get(entry["path"]) != wanted:
+            raise _checkpoint_error(
+                source,
+                f"has a malformed header: the tensor table's entry for the leaf at "
+                f"path {entry['path']} is not {_json(wanted)}",
+            )
+        entry.update(
+            offset=_LENGTH.size + length + offset,
+            crc=int(crcs[8 * index : 8 * index + 8], 16),
+        )
+        offset += entry["nbytes"]
+    data_end = _LENGTH.size + length + offset
+    _check_size(source, size, data_end)
+    return _Layout(version, entries, structure, data_end)
+
+
+def _read_header_bytes(
+    file: IO[bytes], length: int, start: int, source: str, size: int
+) -> bytes:
+    if length > _MAX_HEADER_BYTES:
+        raise _checkpoint_error(
+            source,
+            f"declares a header of {length} bytes, more than the "
             f"{_MAX_HEADER_BYTES} allowed; the file is corrupt",
         )
-    if _PREFIX.size + header_length > size:
+    if start + length > size:
         raise _checkpoint_error(
             source, f"is truncated inside its header ({size} bytes)"
         )
-    header_bytes = file.read(header_length)
-    if zlib.crc32(header_bytes) != header_crc:
-        raise _checkpoint_error(source, "has a corrupt header (its checksum fails)")
-    leaves, structure = _parse_header(header_bytes, source)
-    _check_against_skeleton(source, leaves, structure, skeleton)
-    arrays = [entry for entry in leaves if entry["kind"] != "scalar"]
-    data_end = _PREFIX.size + header_length + sum(entry["nbytes"] for entry in arrays)
-    expected = data_end + _CHECKSUM.size * len(arrays)
+    file.seek(start)
+    return file.read(length)
+
+
+def _parse_json(text: bytes, source: str) -> Any:
+    """JSON, with the nesting and the number of containers bounded first."""
+    if text.count(b"[") + text.count(b"{") > _MAX_CONTAINERS:
+        raise _checkpoint_error(
+            source,
+            f"has a header with more than {_MAX_CONTAINERS} lists and objects; the "
+            "file is corrupt",
+        )
+    try:
+        return json.loads(text.decode("utf-8"), parse_constant=_refuse_constant)
+    except (ValueError, RecursionError) as err:
+        raise _checkpoint_error(source, f"has an unreadable header ({err})") from err
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed in a checkpoint header")
+
+
+def _check_version(version: Any, source: str) -> int:
+    if not (isinstance(version, str) and re.fullmatch("[0-9]{1,9}", version)):
+        raise _checkpoint_error(source, "has a malformed header")
+    number = int(version)
+    if number > _FORMAT_VERSION:
+        raise _checkpoint_error(
+            source,
+            f"has format version {number}, newer than the {_FORMAT_VERSION} this "
+            f"lerax_utils {__version__} reads. Upgrade lerax_utils to load it",
+        )
+    if number != _FORMAT_VERSION:
+        raise _checkpoint_error(source, f"has an unknown format version {number}")
+    return number
+
+
+def _check_size(source: str, size: int, expected: int) -> None:
     if size < expected:
         raise _checkpoint_error(
             source,
@@ -2453,89 +2976,128 @@ def _read_checkpoint(file: IO[bytes], skeleton: Any, source: str) -> Any:
             f"has {size - expected} trailing bytes after the data its header "
             "describes; it was not written by `serialize` in one piece",
         )
-    values = _read_leaves(file, leaves, data_end, source)
-    skeleton_leaves, treedef = jtu.tree_flatten(skeleton)
-    loaded = iter(values)
-    return treedef.unflatten(
-        [next(loaded) if _is_saved_leaf(leaf) else leaf for leaf in skeleton_leaves]
+
+
+def _read_v1_header(file: IO[bytes], source: str, size: int) -> _Layout:
+    """Read and check the header of a format-1 file."""
+    file.seek(0)
+    start = file.read(_V1_PREFIX.size)
+    if len(start) < _V1_PREFIX.size:
+        raise _checkpoint_error(source, f"is truncated ({size} bytes)")
+    _, version, length, header_crc = _V1_PREFIX.unpack(start)
+    if version != 1:
+        raise _checkpoint_error(
+            source,
+            f"has an unknown format version {version} after the format-1 magic; "
+            "the file is corrupt",
+        )
+    header_bytes = _read_header_bytes(file, length, _V1_PREFIX.size, source, size)
+    if zlib.crc32(header_bytes) != header_crc:
+        raise _checkpoint_error(source, "has a corrupt header (its checksum fails)")
+    header = _parse_json(header_bytes, source)
+    leaves = header.get("leaves") if isinstance(header, dict) else None
+    structure: Any = header.get("structure") if isinstance(header, dict) else None
+    entries = _check_entries(leaves, structure, 1, source, size)
+    arrays = [entry for entry in entries if entry["kind"] != "scalar"]
+    offset = _V1_PREFIX.size + length
+    for entry in arrays:
+        entry["offset"] = offset
+        offset += entry["nbytes"]
+    _check_size(source, size, offset + _V1_CHECKSUM.size * len(arrays))
+    file.seek(offset)
+    crcs = _V1_CHECKSUM.iter_unpack(file.read(_V1_CHECKSUM.size * len(arrays)))
+    for entry, (crc,) in zip(arrays, crcs, strict=True):
+        entry["crc"] = crc
+    return _Layout(1, entries, structure, offset)
+
+
+_ARRAY_KINDS = ("jax", "numpy", "numpy_scalar", "key")
+
+
+def _check_entries(
+    leaves: Any, structure: Any, version: int, source: str, size: int
+) -> list[dict[str, Any]]:
+    """The leaf entries, each checked to be well formed and to fit in the file.
+
+    Each check is cheap and bounded, so a header of any content is refused or
+    accepted in time linear in its length.
+    """
+    if not (isinstance(leaves, list) and isinstance(structure, list)):
+        raise _checkpoint_error(source, "has a malformed header")
+    entries = []
+    for entry in leaves:
+        checked = _checked_entry(entry, version, size)
+        if checked is None:
+            path = entry.get("path") if isinstance(entry, dict) else None
+            where = f" (the leaf at path {path})" if isinstance(path, str) else ""
+            raise _checkpoint_error(source, f"has a malformed header{where}")
+        entries.append(checked)
+    return entries
+
+
+def _checked_entry(entry: Any, version: int, size: int) -> dict[str, Any] | None:
+    """A copy of a leaf entry with its sizes derived, or None if it is malformed."""
+    if not (isinstance(entry, dict) and isinstance(entry.get("path"), str)):
+        return None
+    kind = entry.get("kind")
+    if kind == "scalar":
+        try:
+            value = _decode_scalar(entry.get("value"), version)
+        except (ValueError, OverflowError):
+            return None
+        return {"path": entry["path"], "kind": kind, "value": value}
+    allowed = _ARRAY_KINDS if version > 1 else ("jax", "numpy", "key")
+    dtype = _numpy_dtype(entry.get("dtype"))
+    shape: Any = entry.get("shape")
+    if kind not in allowed or dtype is None or not _is_shape(shape):
+        return None
+    if _is_numpy_only(dtype) and (version == 1 or kind in ("jax", "key")):
+        return None
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes > size or (version == 1 and entry.get("nbytes") != nbytes):
+        return None
+    checked = {"path": entry["path"], "kind": kind, "dtype": entry["dtype"]}
+    checked.update(shape=shape, nbytes=nbytes)
+    if kind == "numpy_scalar" and shape:
+        return None
+    if kind == "key":
+        impl, key_shape = entry.get("impl"), entry.get("key_shape")
+        key_shape = cast(list[int], key_shape)
+        types = _key_impl_types().get(impl) if isinstance(impl, str) else None
+        if types is None or not _is_shape(key_shape):
+            return None
+        if shape != key_shape + list(types[1]) or dtype != types[2]:
+            return None
+        checked.update(impl=impl, key_shape=key_shape)
+    return checked
+
+
+def _is_shape(shape: Any) -> bool:
+    return (
+        isinstance(shape, list)
+        and len(shape) <= _MAX_DIMENSIONS
+        and all(type(d) is int and 0 <= d < 2**62 for d in shape)
     )
 
 
-_ARRAY_ENTRY_FIELDS = {
-    "path": str,
-    "kind": str,
-    "dtype": str,
-    "shape": list,
-    "nbytes": int,
-}
-_ENTRY_FIELDS = {
-    "scalar": {"path": str, "kind": str, "value": list},
-    "jax": _ARRAY_ENTRY_FIELDS,
-    "numpy": _ARRAY_ENTRY_FIELDS,
-    "key": {**_ARRAY_ENTRY_FIELDS, "impl": str, "key_shape": list},
-}
-
-
-def _parse_header(header_bytes: bytes, source: str) -> tuple[list[Any], list[Any]]:
-    """The header's leaf entries and structure, checked to be well formed."""
-    try:
-        header = json.loads(header_bytes)
-    except ValueError as err:
-        raise _checkpoint_error(source, f"has an unreadable header ({err})") from err
-    leaves = header.get("leaves") if isinstance(header, dict) else None
-    structure = header.get("structure") if isinstance(header, dict) else None
-    if not (
-        isinstance(leaves, list)
-        and isinstance(structure, list)
-        and all(_entry_is_well_formed(entry) for entry in leaves)
-    ):
-        raise _checkpoint_error(source, "has a malformed header")
-    return leaves, structure
-
-
-def _entry_is_well_formed(entry: Any) -> bool:
-    """Whether a leaf entry has the fields of its kind, and sizes that agree."""
-    kind = entry.get("kind") if isinstance(entry, dict) else None
-    fields = _ENTRY_FIELDS.get(kind) if isinstance(kind, str) else None
-    if fields is None or not all(
-        isinstance(entry.get(name), expected) for name, expected in fields.items()
-    ):
-        return False
-    try:
-        if kind == "scalar":
-            _decode_scalar(entry["value"])
-            return True
-        dtype = jnp.dtype(entry["dtype"])
-        if kind == "key":
-            jax.random.key(0, impl=entry["impl"])
-    except (TypeError, ValueError, IndexError):
-        return False
-    shape = entry["shape"]
-    if dtype.hasobject or not all(type(d) is int and d >= 0 for d in shape):
-        return False
-    if kind == "key" and shape[: len(entry["key_shape"])] != entry["key_shape"]:
-        return False
-    return entry["nbytes"] == math.prod(shape) * dtype.itemsize
-
-
-def _is_saved_leaf(leaf: Any) -> bool:
+def _is_saved_leaf(leaf: Any, version: int = _FORMAT_VERSION) -> bool:
     """Whether a leaf's value lives in the file (else the skeleton provides it)."""
-    saved_types = (jax.ShapeDtypeStruct, *_PYTHON_SCALARS)
-    return isinstance(leaf, saved_types) or eqx.is_array(leaf)
-
-
-def _checkpoint_error(source: str, problem: str) -> ValueError:
-    return ValueError(f"Serializable.deserialize: the file '{source}' {problem}.")
+    if isinstance(leaf, jax.ShapeDtypeStruct) or eqx.is_array(leaf):
+        return True
+    if version == 1:
+        return isinstance(leaf, _PYTHON_SCALARS)
+    return type(leaf) in _PYTHON_SCALARS
 
 
 _FIX = "Pass the constructor arguments the model was saved with"
 
 
-def _check_against_skeleton(
-    source: str, leaves: list[Any], structure: list[Any], skeleton: Any
-) -> None:
-    """Structure and static fields, then the leaf count, then shapes and dtypes."""
-    difference = _structure_difference_in_file(structure, _structure(skeleton))
+def _check_against_skeleton(source: str, layout: _Layout, skeleton: Any) -> None:
+    """Structure and static values, then the leaf count, then each leaf's type."""
+    describe = _describe_static if layout.version > 1 else _describe_static_v1
+    difference = _structure_difference_in_file(
+        layout.structure, _structure(skeleton, describe)
+    )
     if difference is not None:
         path, message = difference
         raise _checkpoint_error(
@@ -2544,8 +3106,9 @@ def _check_against_skeleton(
     expected = [
         (jtu.keystr(path), leaf)
         for path, leaf in jtu.tree_flatten_with_path(skeleton)[0]
-        if _is_saved_leaf(leaf)
+        if _is_saved_leaf(leaf, layout.version)
     ]
+    leaves = layout.entries
     if len(leaves) != len(expected):
         paths = [entry["path"] for entry in leaves]
         first = next(
@@ -2564,28 +3127,73 @@ def _check_against_skeleton(
                 f"has a leaf at path {entry['path']} where the skeleton "
                 f"has one at {path}. {_FIX}",
             )
-        if entry["kind"] == "scalar":
-            if not isinstance(leaf, _PYTHON_SCALARS):
-                raise _checkpoint_error(
-                    source,
-                    f"holds a Python number at path {path}, where the "
-                    f"skeleton has {_describe_leaf(leaf)}. {_FIX}",
-                )
-            continue
-        if not isinstance(leaf, jax.ShapeDtypeStruct):
-            raise _checkpoint_error(
-                source,
-                f"holds an array at path {path}, where the skeleton has "
-                f"{_describe_leaf(leaf)}. {_FIX}",
+        problem = _leaf_mismatch(entry, leaf, layout.version)
+        if problem is not None:
+            raise _checkpoint_error(source, f"holds at path {path} {problem}")
+
+
+_X64_PAIRS = (
+    ("float64", "float32"),
+    ("int64", "int32"),
+    ("uint64", "uint32"),
+    ("complex128", "complex64"),
+)
+
+
+def _leaf_mismatch(entry: dict[str, Any], leaf: Any, version: int) -> str | None:
+    """How a saved leaf differs from the skeleton's, or None if it fits."""
+    if entry["kind"] == "scalar":
+        value = entry["value"]
+        fits = isinstance(leaf, _PYTHON_SCALARS) and (
+            type(leaf) is type(value) or version == 1
+        )
+        if fits:
+            return None
+        return (
+            f"the Python {type(value).__name__} {value!r}, where the skeleton has "
+            f"{_describe_leaf(leaf)}. {_FIX}"
+        )
+    if isinstance(leaf, np.ndarray | np.generic) and _is_numpy_only(leaf.dtype):
+        saved = (tuple(entry["shape"]), entry["dtype"])
+        if saved == (leaf.shape, _dtype_name(leaf.dtype)):
+            return None
+        return (
+            f"an array of shape {saved[0]} and dtype {saved[1]}, but the skeleton has "
+            f"shape {leaf.shape} and dtype {_dtype_name(leaf.dtype)}. {_FIX}"
+        )
+    if not isinstance(leaf, jax.ShapeDtypeStruct):
+        return f"an array, where the skeleton has {_describe_leaf(leaf)}. {_FIX}"
+    if entry["kind"] == "key":
+        shape, dtype = tuple(entry["key_shape"]), _key_impl_types()[entry["impl"]][0]
+    else:
+        shape = tuple(entry["shape"])
+        dtype = cast(np.dtype, _numpy_dtype(entry["dtype"]))
+    if shape == tuple(leaf.shape) and (
+        dtype == leaf.dtype
+        or (
+            entry["kind"] in ("numpy", "numpy_scalar")
+            and not _is_numpy_only(dtype)
+            and jax.dtypes.canonicalize_dtype(dtype) == leaf.dtype
+        )
+    ):
+        return None
+    message = (
+        f"an array of shape {shape} and dtype {dtype}, but the skeleton has shape "
+        f"{tuple(leaf.shape)} and dtype {leaf.dtype}"
+    )
+    pair = {str(dtype), str(leaf.dtype)}
+    if shape == tuple(leaf.shape) and any(pair == set(p) for p in _X64_PAIRS):
+        return (
+            f"{message}. The dtypes differ only in width: the file was probably "
+            "saved with `jax_enable_x64` set otherwise than now. Set it as when "
+            "saving"
+            + (
+                ", or save the leaf as a NumPy array, which keeps its dtype"
+                if entry["kind"] == "jax"
+                else ""
             )
-        saved = _saved_array_type(entry)
-        if saved != (tuple(leaf.shape), leaf.dtype):
-            raise _checkpoint_error(
-                source,
-                f"holds at path {path} an array of shape {saved[0]} and dtype "
-                f"{saved[1]}, but the skeleton has shape {tuple(leaf.shape)} and "
-                f"dtype {leaf.dtype}. {_FIX}",
-            )
+        )
+    return f"{message}. {_FIX}"
 
 
 def _structure_difference_in_file(
@@ -2593,17 +3201,29 @@ def _structure_difference_in_file(
 ) -> tuple[str, str] | None:
     """The first `(path, message)` where two `_structure` descriptions differ."""
     for saved_entry, wanted_entry in zip(saved, wanted, strict=False):
-        if saved_entry == wanted_entry:
+        if _json_sorted(saved_entry) == _json_sorted(wanted_entry):
             continue
-        if not (isinstance(saved_entry, list) and len(saved_entry) == 2):
+        if not (
+            isinstance(saved_entry, list)
+            and len(saved_entry) == 2
+            and isinstance(saved_entry[0], str)
+        ):
             return wanted_entry[0], "the file's structure description is malformed"
         path, (was, want) = wanted_entry[0], (saved_entry[1], wanted_entry[1])
         if saved_entry[0] != path:
             return path, f"the file has a node at path {saved_entry[0]} instead"
-        both_modules = all(isinstance(d, dict) and "static" in d for d in (was, want))
-        if both_modules and was["node"] == want["node"]:
+        if (
+            isinstance(was, dict)
+            and isinstance(was.get("static"), dict)
+            and isinstance(want, dict)
+            and "static" in want
+            and was.get("node") == want["node"]
+            and set(was) == set(want)
+        ):
             for field, value in want["static"].items():
-                if field in was["static"] and was["static"][field] != value:
+                if field in was["static"] and _json_sorted(
+                    was["static"][field]
+                ) != _json_sorted(value):
                     return f"{path}.{field}", (
                         f"the static field is {was['static'][field]!r} in the file "
                         f"and {value!r} in the skeleton"
@@ -2616,35 +3236,29 @@ def _structure_difference_in_file(
         longer = saved if len(saved) > len(wanted) else wanted
         side = "file" if longer is saved else "skeleton"
         extra = longer[min(len(saved), len(wanted))]
-        return str(extra[0]), f"only the {side} has a node here"
+        where = extra[0] if isinstance(extra, list) and extra else ""
+        return str(where), f"only the {side} has a node here"
     return None
 
 
-def _saved_array_type(entry: dict[str, Any]) -> tuple[tuple[int, ...], Any]:
-    """The shape and dtype of the array a header entry describes."""
-    if entry["kind"] == "key":
-        return tuple(entry["key_shape"]), jax.random.key(0, impl=entry["impl"]).dtype
-    return tuple(entry["shape"]), jnp.dtype(entry["dtype"])
+def _json_sorted(value: Any) -> str:
+    """Canonical JSON: `True` and `1` differ, as do `1` and `1.0`."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
-def _read_leaves(
-    file: IO[bytes], leaves: list[dict[str, Any]], data_end: int, source: str
-) -> list[Any]:
+def _read_leaves(file: IO[bytes], layout: _Layout, source: str) -> list[Any]:
     """Read every leaf's value, checking each array against its CRC-32.
 
     Each checksum runs in a helper thread while the next leaf is read, and a leaf
     leaves host memory as soon as it is checked, so at most two are held at once.
     """
-    start = file.tell()
-    file.seek(data_end)
-    checksums = iter(value for (value,) in _CHECKSUM.iter_unpack(file.read()))
-    file.seek(start)
+    leaves = layout.entries
     values: list[Any] = []
     pending: list[tuple[int, Any, concurrent.futures.Future[int]]] = []
 
     def finish(index: int, data: Any, checksum: concurrent.futures.Future[int]) -> None:
         entry = leaves[index]
-        if checksum.result() != next(checksums):
+        if checksum.result() != entry["crc"]:
             raise _checkpoint_error(
                 source,
                 f"has corrupt data for the leaf at path {entry['path']} "
@@ -2655,11 +3269,16 @@ def _read_leaves(
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as checksummer:
         for index, entry in enumerate(leaves):
             if entry["kind"] == "scalar":
-                values.append(_decode_scalar(entry["value"]))
+                values.append(entry["value"])
                 continue
-            data = _aligned_empty(entry["shape"], jnp.dtype(entry["dtype"]))
+            dtype = cast(np.dtype, _numpy_dtype(entry["dtype"]))
+            if dtype.byteorder == ">":  # Stored little-endian.
+                dtype = dtype.newbyteorder("<")
+            data = _aligned_empty(entry["shape"], dtype)
             view = data.reshape(-1).view(np.uint8)
-            file.readinto(view.data)  # type: ignore[attr-defined]
+            file.seek(entry["offset"])
+            if file.readinto(view.data) != entry["nbytes"]:  # type: ignore[attr-defined]
+                raise _checkpoint_error(source, "is truncated inside its data")
             values.append(None)
             pending.append((index, data, checksummer.submit(zlib.crc32, view.data)))
             if len(pending) == 2:
@@ -2686,6 +3305,11 @@ def _restore_kind(data: np.ndarray, entry: dict[str, Any]) -> Any:
         return jax.device_put(data)
     if entry["kind"] == "key":
         return jax.random.wrap_key_data(jax.device_put(data), impl=entry["impl"])
+    dtype = cast(np.dtype, _numpy_dtype(entry["dtype"]))
+    if dtype.byteorder == ">":
+        data = data.astype(dtype)
+    if entry["kind"] == "numpy_scalar":
+        return data[()]
     return data
 
 

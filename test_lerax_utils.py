@@ -4,6 +4,7 @@ Hypothesis profiles: `ci` is deterministic and is chosen when the `CI` environme
 variable is set; `dev` is random and quicker. Set `HYPOTHESIS_PROFILE` to pick one.
 """
 
+import dataclasses
 import enum
 import functools
 import gc
@@ -30,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -2512,42 +2514,92 @@ def test_checkpoint_with_a_function_in_a_static_field_loads_in_another_process(
     assert_identical(loaded, _agent(squash=jnp.tanh))
 
 
-def _read_header(path: pathlib.Path) -> tuple[bytes, int, dict[str, Any], int]:
-    """Parse a checkpoint's prefix and header as the README describes them."""
+def _read_header(path: pathlib.Path) -> tuple[int, dict[str, Any], bytes]:
+    """Parse a checkpoint as the README describes it: the header length, the JSON
+    header, and the data."""
     data = path.read_bytes()
-    magic, version, length, crc = struct.unpack("<8sIQI", data[:24])
-    header = data[24 : 24 + length]
-    assert zlib.crc32(header) == crc
-    return magic, version, json.loads(header), len(data) - 24 - length
+    (length,) = struct.unpack("<Q", data[:8])
+    return length, json.loads(data[8 : 8 + length]), data[8 + length :]
 
 
-def test_checkpoint_header_describes_every_leaf(tmp_path):
+def _metadata_crc(header_text: bytes) -> int:
+    """The README's header checksum: the header with its own slot set to zeros."""
+    slot = re.search(rb'"metadata_crc32":"([0-9a-f]{8})"', header_text)
+    assert slot is not None
+    zeroed = header_text[: slot.start(1)] + b"00000000" + header_text[slot.end(1) :]
+    return zlib.crc32(zeroed)
+
+
+def test_checkpoint_is_a_safetensors_file_laid_out_as_the_readme_says(tmp_path):
     agent = _agent()
     agent.serialize(tmp_path / "agent")
-    magic, version, header, data_bytes = _read_header(tmp_path / "agent.eqx")
-    assert (magic, version) == (b"LRXCKPT\x00", 1)
-    assert header["library_version"] == lerax_utils.__version__
+    raw = (tmp_path / "agent.eqx").read_bytes()
+    length, header, data = _read_header(tmp_path / "agent.eqx")
+    assert (8 + length) % 8 == 0  # Padded with spaces, as the reference writer does.
+    assert (
+        raw[8 + len(json.dumps(header, separators=(",", ":"))) : 8 + length].strip(b" ")
+        == b""
+    )
+    metadata = header.pop("__metadata__")
+    assert all(isinstance(v, str) for v in metadata.values())
+    assert metadata["format"] == "lerax_utils"
+    assert metadata["format_version"] == "2"
+    assert metadata["library_version"] == lerax_utils.__version__
+    assert metadata["class"] == "test_lerax_utils.Agent"
+    assert int(metadata["metadata_crc32"], 16) == _metadata_crc(raw[8 : 8 + length])
     leaves = jax.tree_util.tree_flatten_with_path(agent)[0]
     arrays = [(jax.tree_util.keystr(p), x) for p, x in leaves if eqx.is_array(x)]
-    assert [entry["path"] for entry in header["leaves"]] == [p for p, _ in arrays]
-    for entry, (_, array) in zip(header["leaves"], arrays, strict=True):
-        data = jax.random.key_data(array) if _is_key(array) else array
-        assert entry["shape"] == list(data.shape)
-        assert entry["dtype"] == str(data.dtype)
-    # The arrays' bytes, then a CRC-32 for each array.
-    nbytes = [entry["nbytes"] for entry in header["leaves"]]
-    assert data_bytes == sum(nbytes) + 4 * len(nbytes)
-    data = (tmp_path / "agent.eqx").read_bytes()[-data_bytes:]
-    offsets = np.cumsum([0, *nbytes])
-    checksums = struct.unpack(f"<{len(nbytes)}I", data[offsets[-1] :])
-    for start, end, checksum in zip(offsets[:-1], offsets[1:], checksums, strict=True):
-        assert zlib.crc32(data[start:end]) == checksum
-    structure = json.dumps(header["structure"])
+    entries = json.loads(metadata["leaves"])
+    assert [entry["path"] for entry in entries] == [p for p, _ in arrays]
+    assert list(header) == [p for p, _ in arrays]  # One tensor per array leaf.
+    crcs = metadata["crc32"]
+    assert len(crcs) == 8 * len(arrays)
+    offset = 0
+    for index, (entry, (path, array)) in enumerate(zip(entries, arrays, strict=True)):
+        data_array = jax.random.key_data(array) if _is_key(array) else array
+        tensor = header[path]
+        assert tensor["shape"] == list(data_array.shape) == entry["shape"]
+        assert entry["dtype"] == str(data_array.dtype)
+        assert tensor["dtype"] == ("U32" if _is_key(array) else "F32")
+        start, end = tensor["data_offsets"]
+        assert start == offset  # Back to back, no holes.
+        offset = end
+        assert data[start:end] == np.asarray(data_array).tobytes()
+        assert int(crcs[8 * index : 8 * index + 8], 16) == zlib.crc32(data[start:end])
+    assert offset == len(data)
+    key_entry = entries[-1]
+    assert (key_entry["kind"], key_entry["impl"]) == ("key", "threefry2x32")
+    assert key_entry["key_shape"] == [2]
+    structure = metadata["structure"]
     assert "0x" not in structure and " at " not in structure  # No addresses.
     assert [
         "",
         {"node": "Agent", "static": {"squash": ["function", "tanh"]}},
-    ] in header["structure"]
+    ] in json.loads(structure)
+
+
+def _forge(good: bytes, edit: Callable[[Any, Any, Any], Any]) -> bytes:
+    """A checkpoint with its header edited by `edit(leaves, structure, header)`, and
+    every checksum made valid again, as a hostile user would craft it."""
+    (length,) = struct.unpack("<Q", good[:8])
+    header = json.loads(good[8 : 8 + length])
+    metadata = header["__metadata__"]
+    leaves = json.loads(metadata["leaves"])
+    structure = json.loads(metadata["structure"])
+    texts = metadata["leaves"], metadata["structure"]
+    edit(leaves, structure, header)
+    if metadata["leaves"] == texts[0]:  # Else `edit` replaced the text itself.
+        metadata["leaves"] = json.dumps(leaves)
+    if metadata["structure"] == texts[1]:
+        metadata["structure"] = json.dumps(structure)
+    metadata["metadata_crc32"] = "00000000"
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % 8)
+    crc = f"{zlib.crc32(text):08x}".encode()
+    text = text.replace(
+        b'"metadata_crc32":"00000000"', b'"metadata_crc32":"' + crc + b'"'
+    )
+    return struct.pack("<Q", len(text)) + text + good[8 + length :]
 
 
 def _load_error(path: Any, *args: Any, cls: Any = Agent, **kwargs: Any) -> str:
@@ -2631,21 +2683,29 @@ def _checkpoint_bytes(tmp_path: pathlib.Path) -> bytes:
 
 def test_deserialize_rejects_files_that_are_not_checkpoints(tmp_path):
     good = _checkpoint_bytes(tmp_path)
+    length = struct.unpack("<Q", good[:8])[0]
+    newer = _forge(
+        good,
+        lambda leaves, structure, header: header["__metadata__"].update(
+            format_version="3"
+        ),
+    )
     cases = {
         b"": "is empty",
         b"step,loss\n1,0.5\n": "is not a lerax_utils checkpoint: it starts with "
-        "b'step,los', not b'LRXCKPT\\x00'",
+        "b'step,los', which is neither a safetensors header length followed by `{` "
+        "nor the format-1 magic b'LRXCKPT\\x00'",
         bytes(range(200)): "is not a lerax_utils checkpoint: it starts with "
-        "b'\\x00\\x01\\x02\\x03\\x04\\x05\\x06\\x07', not b'LRXCKPT\\x00'",
-        b"LRXCKPT\x01" + good[8:]: "is not a lerax_utils checkpoint: it starts with "
-        "b'LRXCKPT\\x01', not b'LRXCKPT\\x00'",
-        good[:8] + struct.pack("<I", 2) + good[12:]: "has format version 2, newer "
-        f"than the 1 this lerax_utils {lerax_utils.__version__} reads. Upgrade "
-        "lerax_utils to load it",
-        good[:12] + struct.pack("<Q", 2**40) + good[20:]: "declares a header of "
+        "b'\\x00\\x01\\x02\\x03\\x04\\x05\\x06\\x07', which is neither a safetensors "
+        "header length followed by `{` nor the format-1 magic b'LRXCKPT\\x00'",
+        newer: "has format version 3, newer than the 2 this lerax_utils "
+        f"{lerax_utils.__version__} reads. Upgrade lerax_utils to load it",
+        struct.pack("<Q", 2**40) + good[8:]: "declares a header of "
         f"{2**40} bytes, more than the {64 * 1024 * 1024} allowed; the file is corrupt",
         good + b"\x00": "has 1 trailing bytes after the data its header describes; "
         "it was not written by `serialize` in one piece",
+        good[: 8 + length] + good[9 + length :]: "is truncated: it has "
+        f"{len(good) - 1} bytes, and its header needs {len(good)}",
     }
     for content, problem in cases.items():
         path = _bad_file(tmp_path, content)
@@ -2656,10 +2716,14 @@ def test_deserialize_rejects_files_that_are_not_checkpoints(tmp_path):
 
 
 def test_deserialize_rejects_a_file_truncated_at_any_byte(tmp_path):
-    good = _checkpoint_bytes(tmp_path)
+    model = Checkpointed({"k": jax.random.key(0), "n": 3, "w": jnp.arange(3.0)})
+    model.serialize(tmp_path / "small")
+    good = (tmp_path / "small.eqx").read_bytes()
     for size in range(1, len(good)):
         path = _bad_file(tmp_path, good[:size])
-        error = _load_error(path)
+        with pytest.raises(ValueError) as info:
+            Checkpointed.deserialize(path, model.params)
+        error = str(info.value)
         assert error.startswith(f"Serializable.deserialize: the file '{path}' is ")
         assert "truncated" in error, (size, error)
 
@@ -2677,14 +2741,14 @@ def test_deserialize_rejects_a_corrupted_byte_anywhere(offset, flip):
 
 def test_deserialize_never_allocates_from_a_forged_header(tmp_path):
     good = _checkpoint_bytes(tmp_path)
-    _, _, header, _ = _read_header(tmp_path / "good.eqx")
-    header["leaves"][0]["dtype"] = "object"
-    forged = json.dumps(header).encode()
-    prefix = struct.pack("<8sIQI", b"LRXCKPT\x00", 1, len(forged), zlib.crc32(forged))
-    data_start = 24 + struct.unpack("<Q", good[12:20])[0]
-    path = _bad_file(tmp_path, prefix + forged + good[data_start:])
+
+    def object_dtype(leaves, structure, header):
+        leaves[0]["dtype"] = "object"
+
+    path = _bad_file(tmp_path, _forge(good, object_dtype))
     assert _load_error(path) == (
-        f"Serializable.deserialize: the file '{path}' has a malformed header."
+        f"Serializable.deserialize: the file '{path}' has a malformed header (the "
+        "leaf at path .mlp.layers[0].weight)."
     )
 
 
@@ -2780,6 +2844,503 @@ def test_deserialize_returns_the_class_it_is_called_on(tmp_path):
     _agent().serialize(tmp_path / "agent")
     loaded: Agent = Agent.deserialize(tmp_path / "agent", 4, key=jax.random.key(0))
     assert type(loaded) is Agent
+
+
+def _assert_exact(actual: Any, expected: Any) -> None:
+    """Same structure and leaf types, and every array or number bit for bit (NumPy
+    leaves compared as NumPy, so no dtype is narrowed on the way)."""
+    actual_leaves, actual_def = jax.tree_util.tree_flatten_with_path(actual)
+    expected_leaves, expected_def = jax.tree_util.tree_flatten(expected)
+    assert actual_def == expected_def
+    for (path, a), e in zip(actual_leaves, expected_leaves, strict=True):
+        where = jax.tree_util.keystr(path)
+        assert type(a) is type(e), where
+        if isinstance(e, np.ndarray | np.generic):
+            assert (a.dtype, a.shape) == (e.dtype, e.shape), where
+            assert a.tobytes() == e.tobytes(), where
+        elif isinstance(e, float | complex):
+            assert struct.pack("<2d", complex(a).real, complex(a).imag) == struct.pack(
+                "<2d", complex(e).real, complex(e).imag
+            ), where
+        else:
+            assert_identical(a, e)
+
+
+def test_a_saved_false_loads_as_false_and_true_as_true(tmp_path):
+    model = Checkpointed({"off": False, "on": True}, temperature=0.5)
+    model.serialize(tmp_path / "flags")
+    loaded = Checkpointed.deserialize(tmp_path / "flags", {"off": True, "on": False})
+    assert loaded.params["off"] is False
+    assert loaded.params["on"] is True
+
+
+@pytest.mark.parametrize("impl", ["threefry2x32", "rbg", "unsafe_rbg"])
+def test_typed_keys_of_every_impl_round_trip_with_their_impl(tmp_path, impl):
+    keys = jax.random.split(jax.random.key(3, impl=impl), 2)
+    model = Checkpointed({"keys": keys, "one": jax.random.key(4, impl=impl)})
+    model.serialize(tmp_path / "keys")
+    loaded = Checkpointed.deserialize(tmp_path / "keys", model.params)
+    assert_identical(loaded, model)
+    assert lerax_utils._key_impl_name(loaded.params["keys"]) == impl
+    other = "rbg" if impl == "threefry2x32" else "threefry2x32"
+    skeleton = {"keys": jax.random.split(jax.random.key(0, impl=other), 2)}
+    skeleton["one"] = model.params["one"]
+    error = _load_error(tmp_path / "keys", skeleton, cls=Checkpointed)
+    saved, wanted = keys.dtype, skeleton["keys"].dtype
+    assert error == (
+        f"Serializable.deserialize: the file '{tmp_path}/keys.eqx' holds at path "
+        f".params['keys'] an array of shape (2,) and dtype {saved}, but the skeleton "
+        f"has shape (2,) and dtype {wanted}" + _FIX
+    )
+
+
+def test_format_version_0_is_refused(tmp_path):
+    good = _checkpoint_bytes(tmp_path)
+    zero = _forge(
+        good,
+        lambda leaves, structure, header: header["__metadata__"].update(
+            format_version="0"
+        ),
+    )
+    path = _bad_file(tmp_path, zero)
+    assert _load_error(path) == (
+        f"Serializable.deserialize: the file '{path}' has an unknown format version 0."
+    )
+    legacy = (ROOT / "tests" / "fixtures" / "format1.eqx").read_bytes()
+    path = _bad_file(tmp_path, legacy[:8] + struct.pack("<I", 0) + legacy[12:])
+    assert _load_error(path) == (
+        f"Serializable.deserialize: the file '{path}' has an unknown format version 0 "
+        "after the format-1 magic; the file is corrupt."
+    )
+
+
+def test_writes_inside_one_jitted_loop_land_in_program_order(tmp_path):
+    path = tmp_path / "latest"
+
+    def save_many(x):
+        for i in range(24):  # Independent writes: only their order ties them.
+            Checkpointed(x + i).serialize(path)
+        return x
+
+    # The order is enforced, not lucky: every write is an ordered effect (the CPU
+    # runtime happens to run even unordered callbacks in order, so the effect is
+    # checked in the program itself).
+    program = jax.make_jaxpr(save_many)(jnp.zeros(64)).jaxpr
+    callbacks = [eqn for eqn in program.eqns if "callback" in eqn.primitive.name]
+    assert len(callbacks) == 24
+    assert all(eqn.params["ordered"] for eqn in callbacks)
+    run = jax.jit(save_many)
+    for attempt in range(6):
+        run(jnp.full(64, float(attempt)))
+        jax.effects_barrier()
+        loaded = Checkpointed.deserialize(path, jnp.zeros(64))
+        assert_identical(loaded.params, jnp.full(64, attempt + 23.0))
+
+
+def test_a_save_that_fails_after_creating_its_temporary_removes_it(
+    tmp_path, monkeypatch
+):
+    path = tmp_path / "agent.eqx"
+    _agent(seed=1).serialize(path)
+    before = path.read_bytes()
+
+    def failing(*args):
+        raise OSError(5, "Input/output error")
+
+    # The file's fsync, and the checksum of its data (computed while it is written).
+    for module, name in [(os, "fsync"), (zlib, "crc32")]:
+        with monkeypatch.context() as patch:
+            patch.setattr(module, name, failing)
+            with pytest.raises(OSError, match="Input/output error"):
+                _agent(seed=2).serialize(path)
+        assert path.read_bytes() == before
+        assert [p.name for p in tmp_path.iterdir()] == ["agent.eqx"]
+
+
+def test_new_checkpoints_honour_the_umask_and_overwrites_keep_their_mode(tmp_path):
+    for umask in (0o000, 0o002, 0o022, 0o027, 0o077):
+        old = os.umask(umask)
+        try:
+            _agent().serialize(tmp_path / f"new{umask}")
+            with open(tmp_path / f"reference{umask}", "wb"):
+                pass
+        finally:
+            os.umask(old)
+        expected = (tmp_path / f"reference{umask}").stat().st_mode
+        assert (tmp_path / f"new{umask}.eqx").stat().st_mode == expected
+    kept = tmp_path / "kept.eqx"
+    _agent().serialize(kept)
+    for mode in (0o604, 0o200):  # Even a file its owner cannot read.
+        kept.chmod(mode)
+        _agent(seed=1).serialize(kept)
+        assert kept.stat().st_mode & 0o7777 == mode
+
+
+def test_serialize_fsyncs_the_file_then_renames_it_then_fsyncs_the_folder(
+    tmp_path, monkeypatch
+):
+    calls: list[tuple[str, ...]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(descriptor):
+        name = os.readlink(f"/proc/self/fd/{descriptor}")
+        content = pathlib.Path(name).read_bytes() if os.path.isfile(name) else b""
+        calls.append(("fsync", name, str(len(content))))
+        real_fsync(descriptor)
+
+    def replace(source, target):
+        calls.append(("replace", str(source), str(target)))
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    _agent().serialize(tmp_path / "agent")
+    monkeypatch.undo()
+    final = (tmp_path / "agent.eqx").read_bytes()
+    assert [call[0] for call in calls] == ["fsync", "replace", "fsync"]
+    assert calls[0][1] == calls[1][1]  # The temporary file, complete when synced.
+    assert calls[0][2] == str(len(final))
+    assert calls[1][2] == str(tmp_path / "agent.eqx")
+    assert calls[2][1] == str(tmp_path)
+
+
+def test_any_name_the_filesystem_accepts_saves(tmp_path):
+    names = ["n" * 251 + ".eqx", "é" * 125 + ".eqx", "m" * 255]
+    for name in names:
+        assert len(name.encode()) <= 255
+        model = Checkpointed(jnp.arange(3.0))
+        model.serialize(tmp_path / name, no_suffix=True)
+        loaded = Checkpointed.deserialize(tmp_path / name, jnp.zeros(3))
+        assert_identical(loaded, model)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)
+
+
+@pytest.mark.parametrize(
+    ("path", "problem"),
+    [
+        ("", "`path` is empty. Pass a file name, such as 'checkpoints/run'."),
+        (
+            ".",
+            "`path` '.' names a folder, not a file. Pass a file name inside it, "
+            "such as 'model'.",
+        ),
+        (
+            "/",
+            "`path` '/' names a folder, not a file. Pass a file name inside it, "
+            "such as '/model'.",
+        ),
+        (
+            "runs/",
+            "`path` 'runs/' names a folder, not a file. Pass a file name "
+            "inside it, such as 'runs/model'.",
+        ),
+    ],
+)
+def test_serialize_and_deserialize_refuse_a_path_that_names_no_file(path, problem):
+    for method, call in [
+        ("serialize", lambda: _agent().serialize(path)),
+        ("deserialize", lambda: Agent.deserialize(path, 4, key=jax.random.key(0))),
+    ]:
+        with pytest.raises(ValueError) as info:
+            call()
+        assert str(info.value) == f"Serializable.{method}: {problem}"
+
+
+def test_serialize_refuses_a_no_suffix_that_is_not_a_bool(tmp_path):
+    with pytest.raises(TypeError) as info:
+        _agent().serialize(tmp_path / "a", no_suffix="False")  # type: ignore[arg-type]
+    assert str(info.value) == (
+        "Serializable.serialize: `no_suffix` must be True or False; got str 'False'."
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def _float(bits: int) -> float:
+    return struct.unpack("<d", struct.pack("<Q", bits))[0]
+
+
+def test_python_floats_keep_their_nan_payload_and_sign(tmp_path):
+    bits = [0x7FF8000000000123, 0xFFF8000000000001, 0x8000000000000000, 1]
+    values = [_float(b) for b in bits]
+    model = Checkpointed(values, temperature=_float(0x7FF800000000ABCD))
+    model.serialize(tmp_path / "nan")
+    loaded = Checkpointed.deserialize(tmp_path / "nan", [0.0] * 4)
+    _assert_exact(loaded, model)
+    loaded_bits = [struct.unpack("<Q", struct.pack("<d", v))[0] for v in loaded.params]
+    assert loaded_bits == bits
+
+
+class WithStatic(Serializable):
+    """A model with a static dict."""
+
+    weight: jax.Array
+    options: Any = eqx.field(static=True)
+
+
+def test_static_dicts_compare_as_mappings(tmp_path):
+    WithStatic(jnp.ones(2), {"lr": 0.5, "decay": 0.9}).serialize(tmp_path / "s")
+    loaded = WithStatic.deserialize(
+        tmp_path / "s", jnp.ones(2), {"decay": 0.9, "lr": 0.5}
+    )
+    assert loaded.options == {"lr": 0.5, "decay": 0.9}
+    error = _load_error(
+        tmp_path / "s", jnp.ones(2), {"decay": 0.9, "lr": 0.25}, cls=WithStatic
+    )
+    assert error.startswith(
+        f"Serializable.deserialize: the file '{tmp_path}/s.eqx' does not match the "
+        "skeleton at path .options: the static field is "
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    lr: float
+    schedule: Any = None
+
+
+def test_plain_fields_holding_objects_are_compared(tmp_path):
+    model = Checkpointed({"w": jnp.ones(2), "config": Config(0.5, ("cosine", 3))})
+    model.serialize(tmp_path / "c")
+    loaded = Checkpointed.deserialize(
+        tmp_path / "c", {"w": jnp.ones(2), "config": Config(0.5, ("cosine", 3))}
+    )
+    assert loaded.params["config"] == Config(0.5, ("cosine", 3))
+    for other in [Config(0.1, ("cosine", 3)), Config(0.5, ("cosine", 4)), "0.5"]:
+        error = _load_error(
+            tmp_path / "c", {"w": jnp.ones(2), "config": other}, cls=Checkpointed
+        )
+        assert error.startswith(
+            f"Serializable.deserialize: the file '{tmp_path}/c.eqx' does not match "
+            "the skeleton at path .params['config']: the file has ['dataclass', "
+            "'Config', "
+        ), error
+
+
+def test_a_static_true_does_not_stand_for_1(tmp_path):
+    WithStatic(jnp.ones(2), True).serialize(tmp_path / "flag")
+    error = _load_error(tmp_path / "flag", jnp.ones(2), 1, cls=WithStatic)
+    assert error == (
+        f"Serializable.deserialize: the file '{tmp_path}/flag.eqx' does not match the "
+        "skeleton at path .options: the static field is True in the file and 1 in "
+        "the skeleton" + _FIX
+    )
+
+
+def test_serialize_refuses_a_batched_model_under_vmap(tmp_path):
+    @eqx.filter_vmap
+    def save(x):
+        Checkpointed(x).serialize(tmp_path / "population")
+        return x
+
+    with pytest.raises(ValueError) as info:
+        save(jnp.arange(6.0).reshape(3, 2))
+    assert str(info.value) == (
+        "Serializable.serialize: the model is batched by `jax.vmap` or "
+        "`eqx.filter_vmap`, and one path cannot hold every member of a batch. Call "
+        "`serialize` outside the vmap, on the stacked model."
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_serialize_under_grad_saves_the_values(tmp_path):
+    def loss(w):
+        Checkpointed(w).serialize(tmp_path / "g")
+        return (w**2).sum()
+
+    try:
+        gradient = jax.jit(jax.grad(loss))(jnp.arange(3.0))
+    except ValueError as err:  # Older JAX has no JVP rule for IO callbacks.
+        assert str(err) == "IO callbacks do not support JVP."
+        return
+    jax.effects_barrier()
+    assert_identical(gradient, jnp.arange(3.0) * 2)
+    saved = Checkpointed.deserialize(tmp_path / "g", jnp.zeros(3))
+    assert_identical(saved.params, jnp.arange(3.0))
+
+
+def test_a_concrete_model_saved_inside_jit_is_written_only_when_run(tmp_path):
+    model = Checkpointed(jnp.arange(3.0))
+    path = tmp_path / "closed"
+
+    @jax.jit
+    def maybe_save(flag):
+        filter_cond(flag, lambda: model.serialize(path), lambda: None)
+        return flag
+
+    maybe_save.lower(True)  # Tracing alone writes nothing.
+    maybe_save(False)
+    jax.effects_barrier()
+    assert list(tmp_path.iterdir()) == []
+    maybe_save(True)
+    jax.effects_barrier()
+    assert_identical(Checkpointed.deserialize(path, jnp.zeros(3)), model)
+
+
+def test_numpy_leaves_keep_their_exact_dtype_whatever_x64(tmp_path):
+    params = {
+        "f64": np.linspace(0.0, 1.0, 3),
+        "i64": np.arange(3, dtype=np.int64) * 2**40,
+        "u64": np.array([2**63 + 5], np.uint64),
+        "c128": np.array([1 + 1e-300j]),
+        "scalar": np.float64(0.1),
+        "int_scalar": np.int64(2**40),
+        "f32_scalar": np.float32(1.5),
+    }
+    model = Checkpointed(params)
+    model.serialize(tmp_path / "wide")
+    loaded = Checkpointed.deserialize(tmp_path / "wide", params)
+    _assert_exact(loaded, model)
+
+
+_REFUSED = [
+    (
+        np.ma.masked_array([1.0, 2.0], mask=[False, True]),
+        "a masked array, whose "
+        "mask would be lost. Save `x.data` and `x.mask` as two leaves, or `x.filled()`",
+    ),
+    (
+        np.array([None, 1], dtype=object),
+        "an array of Python objects, which a "
+        "checkpoint cannot hold without pickle. Make the field static, or convert its "
+        "items to numbers",
+    ),
+    (
+        np.zeros(2, [("a", "f4")]),
+        "an array of structured dtype [('a', '<f4')]. Save "
+        "each of its fields as an array of its own",
+    ),
+    (
+        np.zeros(1, "datetime64"),
+        "an array of dtype datetime64, which a checkpoint cannot restore exactly. "
+        "Convert it to a dtype of JAX, a string or a dated dtype with a unit",
+    ),
+]
+
+
+@pytest.mark.parametrize(("leaf", "problem"), _REFUSED)
+def test_serialize_refuses_leaves_that_could_never_load(tmp_path, leaf, problem):
+    with pytest.raises(TypeError) as info:
+        Checkpointed({"x": leaf}).serialize(tmp_path / "m")
+    assert str(info.value) == (
+        f"Serializable.serialize: the leaf at path .params['x'] is {problem}."
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_serialize_inside_jit_refuses_such_a_leaf_when_tracing(tmp_path):
+    masked = np.ma.masked_array([1.0], mask=[True])
+
+    @jax.jit
+    def save(x):
+        Checkpointed({"x": x, "m": masked}).serialize(tmp_path / "m")
+        return x
+
+    with pytest.raises(TypeError) as info:
+        save.lower(jnp.ones(1))
+    assert str(info.value).startswith(
+        "Serializable.serialize: the leaf at path .params['m'] is a masked array"
+    )
+
+
+def test_numpy_strings_dates_and_big_endian_arrays_round_trip(tmp_path):
+    params = {
+        "text": np.array(["ab", "ç"]),
+        "bytes": np.array([b"xy", b"z"]),
+        "days": np.array(["2020-01-01", "NaT"], "datetime64[D]"),
+        "delays": np.array([5, -3], "timedelta64[ms]"),
+        "big": np.array([1.0, -2.5, np.nan], ">f4"),
+        "big_ints": np.arange(3, dtype=">i8") - 2**40,
+        "word": np.str_("hello"),
+        "minute": np.datetime64("2021-05-06T07:08", "m"),
+        "w": jnp.ones(2),
+    }
+    model = Checkpointed(params)
+    model.serialize(tmp_path / "m")
+    skeleton = dict(params, text=np.array(["zz", "q"]))  # Only the values differ.
+    loaded = Checkpointed.deserialize(tmp_path / "m", skeleton)
+    _assert_exact(loaded, model)
+    assert loaded.params["big"].dtype.str == ">f4"
+    tensors = dict(safetensors.deserialize((tmp_path / "m.eqx").read_bytes()))
+    for name in ("big", "big_ints", "text", "days"):
+        little = params[name].astype(params[name].dtype.newbyteorder("<"))
+        assert bytes(tensors[f".params['{name}']"]["data"]) == little.tobytes()
+    error = _load_error(
+        tmp_path / "m", dict(params, text=np.array(["abc"])), cls=Checkpointed
+    )
+    assert error == (
+        f"Serializable.deserialize: the file '{tmp_path}/m.eqx' holds at path "
+        ".params['text'] an array of shape (2,) and dtype <U2, but the skeleton has "
+        "shape (1,) and dtype <U3" + _FIX
+    )
+
+
+class Converts(Serializable):
+    """A model whose constructor needs concrete values."""
+
+    weight: Any
+
+    def __init__(self, weight):
+        self.weight = np.asarray(weight)
+
+
+def test_deserialize_names_a_constructor_that_needs_concrete_values(tmp_path):
+    Converts(jnp.ones(2)).serialize(tmp_path / "c")
+    with pytest.raises(TypeError) as info:
+        Converts.deserialize(tmp_path / "c", jnp.ones(2))
+    assert str(info.value) == (
+        "Serializable.deserialize: could not build a skeleton of Converts: its "
+        "constructor, called with the given arguments under `eqx.filter_eval_shape` "
+        "(arrays as shapes and dtypes, without values), needs a concrete value "
+        "(TracerArrayConversionError). Keep JAX values as JAX arrays in the "
+        "constructor (no `np.asarray`, `float()` or `if` on them), or compute such "
+        "values after loading."
+    )
+
+
+def test_a_dtype_that_differs_only_in_width_names_x64(tmp_path):
+    Checkpointed(jnp.zeros(3)).serialize(tmp_path / "narrow")
+    jax.config.update("jax_enable_x64", True)
+    try:
+        error = _load_error(tmp_path / "narrow", jnp.zeros(3, float), cls=Checkpointed)
+    finally:
+        jax.config.update("jax_enable_x64", False)
+    assert error == (
+        f"Serializable.deserialize: the file '{tmp_path}/narrow.eqx' holds at path "
+        ".params an array of shape (3,) and dtype float32, but the skeleton has "
+        "shape (3,) and dtype float64. The dtypes differ only in width: the file "
+        "was probably saved with `jax_enable_x64` set otherwise than now. Set it as "
+        "when saving, or save the leaf as a NumPy array, which keeps its dtype."
+    )
+
+
+def test_a_forged_key_or_scalar_never_loads_into_another_type(tmp_path):
+    Checkpointed({"k": jax.random.key(0), "n": 3}).serialize(tmp_path / "good")
+    good = (tmp_path / "good.eqx").read_bytes()
+    skeleton = {"k": jax.random.key(1), "n": 0}
+
+    def key_of_shape_1(leaves, structure, header):
+        leaves[0]["shape"] = [1, 2]
+        header[".params['k']"]["shape"] = [1, 2]
+
+    def key_as_float(leaves, structure, header):
+        leaves[0]["dtype"] = "float32"
+        header[".params['k']"]["dtype"] = "F32"
+
+    for edit in (key_of_shape_1, key_as_float):
+        path = _bad_file(tmp_path, _forge(good, edit))
+        assert _load_error(path, skeleton, cls=Checkpointed) == (
+            f"Serializable.deserialize: the file '{path}' has a malformed header "
+            "(the leaf at path .params['k'])."
+        )
+
+    def float_for_int(leaves, structure, header):
+        leaves[1]["value"] = ["float", "400c000000000000"]
+
+    path = _bad_file(tmp_path, _forge(good, float_for_int))
+    assert _load_error(path, skeleton, cls=Checkpointed) == (
+        f"Serializable.deserialize: the file '{path}' holds at path .params['n'] the "
+        "Python float 3.5, where the skeleton has int 0" + _FIX
+    )
 
 
 _FOUR_DEVICES = textwrap.dedent(

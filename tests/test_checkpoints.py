@@ -1,0 +1,522 @@
+"""Checkpoints against other readers and hostile files.
+
+Our files are read back by the real `safetensors` package; files of format 1 and of
+other programs are loaded or refused; damaged and crafted headers are refused with a
+ValueError, quickly and with bounded memory; and a byte flipped, cut or inserted in
+any region of a file never loads silently.
+"""
+
+import json
+import os
+import pathlib
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+from typing import Any
+
+import hypothesis.extra.numpy as hnp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import safetensors
+import safetensors.numpy
+from hypothesis import given
+from hypothesis import strategies as st
+
+import lerax_utils
+from test_lerax_utils import (
+    ROOT,
+    Checkpointed,
+    _assert_exact,
+    _bad_file,
+    _forge,
+    _load_error,
+    assert_identical,
+)
+
+_ALL_DTYPES = sorted(lerax_utils._checkpoint_dtypes())
+_WIDE = ("float64", "int64", "uint64", "complex128")
+_SUB_BYTE = {
+    "int4": list(range(-8, 8)),
+    "uint4": list(range(16)),
+    "int2": list(range(-2, 2)),
+    "uint2": list(range(4)),
+    "float4_e2m1fn": [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.5, -6.0],
+}
+
+
+@st.composite
+def any_array(draw: st.DrawFn) -> Any:
+    """An array of any dtype JAX supports, with arbitrary bits where every bit
+    pattern is a value; as a JAX or a NumPy array."""
+    name = draw(st.sampled_from(_ALL_DTYPES))
+    dtype = lerax_utils._checkpoint_dtypes()[name]
+    shape = draw(hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=3))
+    count = int(np.prod(shape))
+    if name == "bool":
+        value = np.array(draw(st.lists(st.booleans(), min_size=count, max_size=count)))
+    elif name in _SUB_BYTE:
+        items = st.sampled_from(_SUB_BYTE[name])
+        value = np.array(draw(st.lists(items, min_size=count, max_size=count)))
+    else:
+        size = count * dtype.itemsize
+        raw = draw(st.binary(min_size=size, max_size=size))
+        value = np.frombuffer(raw, np.uint8).view(dtype)
+    value = value.astype(dtype).reshape(shape)
+    if name in _WIDE or draw(st.booleans()):  # JAX narrows 64-bit values.
+        return np.array(value)
+    return jnp.asarray(value)
+
+
+@st.composite
+def any_key(draw: st.DrawFn) -> Any:
+    impl = draw(st.sampled_from(["threefry2x32", "rbg", "unsafe_rbg"]))
+    key = jax.random.key(draw(st.integers(0, 2**16)), impl=impl)
+    return (
+        jax.random.split(key, draw(st.integers(1, 3))) if draw(st.booleans()) else key
+    )
+
+
+def _stored_bytes(leaf: Any) -> bytes:
+    if isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+        leaf = jax.random.key_data(leaf)
+    return np.asarray(leaf).tobytes()
+
+
+# The safetensors names of the dtypes it has (its README); all others are bytes.
+_SAFETENSORS_NAMES = {
+    "bool": "BOOL",
+    "uint8": "U8",
+    "int8": "I8",
+    "uint16": "U16",
+    "int16": "I16",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "uint32": "U32",
+    "int32": "I32",
+    "float32": "F32",
+    "uint64": "U64",
+    "int64": "I64",
+    "float64": "F64",
+    "float8_e5m2": "F8_E5M2",
+    "float8_e4m3fn": "F8_E4M3",
+}
+_NUMPY_NAMES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "I64": np.int64,
+    "U64": np.uint64,
+    "I32": np.int32,
+    "U32": np.uint32,
+    "I16": np.int16,
+    "U16": np.uint16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+
+
+@given(leaves=st.lists(st.one_of(any_array(), any_key()), min_size=1, max_size=5))
+def test_safetensors_reads_every_tensor_we_write(tmp_path_factory, leaves):
+    folder = tmp_path_factory.mktemp("interop")
+    model = Checkpointed(leaves)
+    model.serialize(folder / "model")
+    path = folder / "model.eqx"
+    _assert_exact(Checkpointed.deserialize(path, leaves), model)
+    raw = path.read_bytes()
+    tensors = dict(safetensors.deserialize(raw))
+    assert sorted(tensors) == sorted(f".params[{i}]" for i in range(len(leaves)))
+    entries = json.loads(safetensors.safe_open(path, "numpy").metadata()["leaves"])
+    by_numpy = safetensors.numpy.load(
+        _only_numpy_dtypes(raw)
+    )  # The reference reader's own checks, and NumPy arrays.
+    for index, leaf in enumerate(leaves):
+        name = f".params[{index}]"
+        tensor, entry = tensors[name], entries[index]
+        assert bytes(tensor["data"]) == _stored_bytes(leaf), name
+        data = np.asarray(
+            jax.random.key_data(leaf)
+            if isinstance(leaf, jax.Array)
+            and jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+            else leaf
+        )
+        assert entry["dtype"] == data.dtype.name
+        safetensors_name = _SAFETENSORS_NAMES.get(data.dtype.name, "U8")
+        assert tensor["dtype"] == safetensors_name
+        itemsize = data.dtype.itemsize
+        expected_shape = list(data.shape)
+        if safetensors_name == "U8" and data.dtype != np.uint8 and itemsize > 1:
+            expected_shape.append(itemsize)
+        assert tensor["shape"] == expected_shape
+        if tensor["dtype"] in _NUMPY_NAMES:
+            read = by_numpy[name]
+            assert read.dtype == _NUMPY_NAMES[tensor["dtype"]]
+            assert read.tobytes() == data.tobytes()
+            if safetensors_name != "U8" or data.dtype == np.uint8:
+                assert read.dtype == data.dtype
+
+
+def test_every_dtype_is_stored_under_its_safetensors_name_or_as_bytes(tmp_path):
+    leaves = {name: np.zeros((2, 3), dtype) for name, dtype in _dtypes().items()}
+    Checkpointed(leaves).serialize(tmp_path / "all")
+    raw = (tmp_path / "all.eqx").read_bytes()
+    tensors = dict(safetensors.deserialize(raw))
+    for name, leaf in leaves.items():
+        tensor = tensors[f".params['{name}']"]
+        stored = _SAFETENSORS_NAMES.get(name, "U8")
+        item = [leaf.itemsize] if stored == "U8" and leaf.itemsize > 1 else []
+        assert (tensor["dtype"], tensor["shape"]) == (stored, [2, 3, *item]), name
+    loaded = Checkpointed.deserialize(tmp_path / "all", leaves)
+    _assert_exact(loaded, Checkpointed(leaves))
+
+
+def _dtypes() -> dict[str, np.dtype]:
+    """Every dtype of JAX, found independently of lerax_utils."""
+    found = {}
+    for name in [*_SAFETENSORS_NAMES, *_OTHER_NAMES]:
+        if hasattr(jnp, name):
+            found[name] = np.dtype(getattr(jnp, name))
+    return found
+
+
+_OTHER_NAMES = [
+    "complex64",
+    "complex128",
+    "int4",
+    "uint4",
+    "int2",
+    "uint2",
+    "float8_e4m3fnuz",
+    "float8_e5m2fnuz",
+    "float8_e4m3b11fnuz",
+    "float8_e3m4",
+    "float8_e4m3",
+    "float8_e8m0fnu",
+    "float4_e2m1fn",
+]
+
+
+def _only_numpy_dtypes(raw: bytes) -> bytes:
+    """The same file with the tensors NumPy cannot hold (BF16, F8) relabelled as
+    bytes, so that `safetensors.numpy.load` reads the rest."""
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + length])
+    for name, tensor in header.items():
+        if name != "__metadata__" and tensor["dtype"] not in _NUMPY_NAMES:
+            start, end = tensor["data_offsets"]
+            tensor.update(dtype="U8", shape=[end - start])
+    text = json.dumps(header).encode()
+    text += b" " * (-(8 + len(text)) % 8)
+    return struct.pack("<Q", len(text)) + text + raw[8 + length :]
+
+
+def test_a_safetensors_file_of_another_program_is_refused(tmp_path):
+    for metadata in (None, {"format": "pt"}):
+        path = tmp_path / "other.eqx"
+        safetensors.numpy.save_file(
+            {".params": np.ones(3, np.float32)}, str(path), metadata=metadata
+        )
+        assert _load_error(path, jnp.ones(3), cls=Checkpointed) == (
+            f"Serializable.deserialize: the file '{path}' is a safetensors file but "
+            "not a lerax_utils checkpoint: its `__metadata__` does not name the "
+            "format 'lerax_utils'. Read it with the `safetensors` package."
+        )
+
+
+_FIXTURE = ROOT / "tests" / "fixtures" / "format1.eqx"
+
+
+def _fixture_params() -> dict[str, Any]:
+    """What `tests/fixtures/format1.eqx` holds (written by lerax_utils 0.1.0)."""
+    return {
+        "w": np.arange(6, dtype=np.float32).reshape(2, 3),
+        "j": jnp.arange(4, dtype=jnp.int32),
+        "k": jax.random.wrap_key_data(jnp.array([1, 2], jnp.uint32)),
+        "yes": True,
+        "no": False,
+        "f": 0.1,
+        "i": 7,
+        "c": 1 + 2j,
+    }
+
+
+def test_format_1_files_of_the_first_release_keep_loading():
+    params = _fixture_params()
+    skeleton = {
+        "w": np.zeros((2, 3), np.float32),
+        "j": jnp.zeros(4, jnp.int32),
+        "k": jax.random.key(0),
+        "yes": False,
+        "no": True,
+        "f": 0.0,
+        "i": 0,
+        "c": 0j,
+    }
+    loaded = Checkpointed.deserialize(_FIXTURE, skeleton, label="fixture")
+    expected = Checkpointed(params, temperature=-0.0, label="fixture")
+    _assert_exact(loaded, expected)
+    assert loaded.params["no"] is False
+    error = _load_error(_FIXTURE, skeleton, cls=Checkpointed, label="other")
+    assert error == (
+        f"Serializable.deserialize: the file '{_FIXTURE}' does not match the skeleton "
+        "at path .label: the static field is 'fixture' in the file and 'other' in "
+        "the skeleton. Pass the constructor arguments the model was saved with."
+    )
+
+
+def test_a_damaged_format_1_file_never_loads(tmp_path):
+    good = _FIXTURE.read_bytes()
+    skeleton = _fixture_params()
+    for offset in range(0, len(good), 3):
+        for flip in (0x01, 0x80):
+            damaged = bytearray(good)
+            damaged[offset] ^= flip
+            path = _bad_file(tmp_path, bytes(damaged))
+            with pytest.raises(ValueError, match="Serializable.deserialize: the file"):
+                Checkpointed.deserialize(path, skeleton, label="fixture")
+
+
+def test_plain_equinox_files_keep_loading(tmp_path):
+    import equinox as eqx
+
+    model = Checkpointed({"w": jnp.arange(6.0), "n": 3}, temperature=2.0)
+    eqx.tree_serialise_leaves(tmp_path / "plain.eqx", model)
+    loaded = Checkpointed.deserialize(tmp_path / "plain", {"w": jnp.ones(6), "n": 0})
+    assert_identical(loaded, model)
+
+
+# Damaged and crafted headers: every one is a ValueError that names the file.
+
+
+def _small_bytes(tmp_path: pathlib.Path) -> bytes:
+    model = Checkpointed({"k": jax.random.key(0), "n": 3, "w": jnp.arange(4.0)})
+    model.serialize(tmp_path / "small")
+    return (tmp_path / "small.eqx").read_bytes()
+
+
+_SMALL_SKELETON = {"k": jax.random.key(1), "n": 0, "w": jnp.zeros(4)}
+
+
+def _set_key(field: str, value: Any) -> Any:
+    def edit(leaves, structure, header):
+        leaves[0][field] = value
+
+    return edit
+
+
+def _set_metadata(field: str, text: str) -> Any:
+    def edit(leaves, structure, header):
+        header["__metadata__"][field] = text
+
+    return edit
+
+
+def _deep_structure(leaves, structure, header):
+    structure.append([".x", json.loads("[" * 900 + "]" * 900)])
+
+
+def _nodeless(leaves, structure, header):
+    del structure[0][1]["node"]
+
+
+def _many_dimensions(leaves, structure, header):
+    leaves[2]["shape"] = [1] * 400_000
+
+
+def _many_keys(leaves, structure, header):
+    leaves.extend([dict(leaves[0], path=f".k{i}") for i in range(100_000)])
+
+
+_CRAFTED = {
+    "key dtype float32": _set_key("dtype", "float32"),
+    "key dtype |V8": _set_key("dtype", "|V8"),
+    "key shape [4]": _set_key("shape", [4]),
+    "key impl unknown": _set_key("impl", "os.system"),
+    "array dtype subarray": lambda leaves, s, h: leaves[2].update(dtype="(2,)f4"),
+    "structure is a str": _set_metadata("structure", '"tree"'),
+    "structure is a list of ints": _set_metadata("structure", "[1, 2]"),
+    "structure is an int": _set_metadata("structure", "7"),
+    "a node without its name": _nodeless,
+    "static fields as a str": lambda leaves, s, h: s[0][1].update(static="x"),
+    "static fields as a list": lambda leaves, s, h: s[0][1].update(static=[1]),
+    "static fields as an int": lambda leaves, s, h: s[0][1].update(static=5),
+    "a description as an int": lambda leaves, s, h: s[1].__setitem__(1, 5),
+    "nesting 900 deep": _deep_structure,
+    "400k dimensions": _many_dimensions,
+    "100k key entries": _many_keys,
+    "leaves not JSON": _set_metadata("leaves", "[{"),
+    "leaves nested 100k deep": _set_metadata("leaves", "[" * 100_000),
+    "22M empty structure entries": _set_metadata("structure", "[" + "[]," * 1_500_000),
+    "an int with 5000 digits": lambda leaves, s, h: leaves[1].update(
+        value=["int", "9" * 5000]
+    ),
+    "a float of bad bits": lambda leaves, s, h: leaves[1].update(value=["float", "x"]),
+    "a bool spelt otherwise": lambda leaves, s, h: leaves[1].update(
+        value=["bool", "false"]
+    ),
+    "an extra tensor": lambda leaves, s, h: h.update(
+        {"x": {"dtype": "U8", "shape": [0], "data_offsets": [40, 40]}}
+    ),
+    "a tensor table entry moved": lambda leaves, s, h: h[".params['w']"].update(
+        data_offsets=[0, 16]
+    ),
+    "a CRC in capitals": lambda leaves, s, h: h["__metadata__"].update(
+        crc32=h["__metadata__"]["crc32"].upper()
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(_CRAFTED))
+def test_a_crafted_header_is_a_value_error(tmp_path, name):
+    path = _bad_file(tmp_path, _forge(_small_bytes(tmp_path), _CRAFTED[name]))
+    error = _load_error(path, _SMALL_SKELETON, cls=Checkpointed)
+    assert error.startswith(f"Serializable.deserialize: the file '{path}' "), error
+
+
+def test_a_64_mib_header_is_parsed(tmp_path):
+    good = _small_bytes(tmp_path)
+
+    def huge(leaves, structure, header):
+        header["__metadata__"]["note"] = "x" * (64 * 1024 * 1024 - 4096)
+
+    path = _bad_file(tmp_path, _forge(good, huge))
+    assert 64 * 1024 * 1024 - 4096 < path.stat().st_size < 64 * 1024 * 1024
+    loaded = Checkpointed.deserialize(path, _SMALL_SKELETON)
+    assert_identical(loaded.params["w"], jnp.arange(4.0))
+
+
+# A byte flipped, cut or inserted in each region of a file.
+
+
+def _regions(raw: bytes) -> dict[str, range]:
+    (length,) = struct.unpack("<Q", raw[:8])
+    text = raw[8 : 8 + length]
+    metadata_end = 8 + text.index(b'},"') + 1
+    json_end = 8 + len(text.rstrip(b" "))
+    return {
+        "length": range(0, 8),
+        "metadata": range(8, metadata_end),
+        "tensor table": range(metadata_end, json_end),
+        "padding": range(json_end, 8 + length),
+        "data": range(8 + length, len(raw)),
+    }
+
+
+@pytest.mark.parametrize(
+    "region", ["length", "metadata", "tensor table", "padding", "data"]
+)
+def test_no_damage_in_any_region_loads_silently(tmp_path, region):
+    good = _small_bytes(tmp_path)
+    span = _regions(good)[region]
+    assert len(span) > 0
+    step = max(1, len(span) // 40)
+    damaged = []
+    for offset in span[::step]:
+        for flip in (0x01, 0x02, 0x20, 0x80, 0xFF):
+            corrupt = bytearray(good)
+            corrupt[offset] ^= flip
+            damaged.append(bytes(corrupt))
+        damaged.append(good[:offset] + good[offset + 1 :])  # A byte cut.
+        damaged.append(good[:offset] + b" " + good[offset:])  # A byte inserted.
+        damaged.append(good[:offset])  # Truncated there.
+    for content in damaged:
+        path = _bad_file(tmp_path, content)
+        with pytest.raises(ValueError, match="Serializable.deserialize: the file"):
+            Checkpointed.deserialize(path, _SMALL_SKELETON)
+
+
+_HASH_SEED_WRITER = textwrap.dedent(
+    """
+    import sys
+    import jax.numpy as jnp
+    from test_lerax_utils import WithStatic
+    tags = frozenset({"actor", "critic", "value", "policy", "target", "entropy"})
+    WithStatic(jnp.ones(2), {"tags": tags, "n": 1}).serialize(sys.argv[1])
+    """
+)
+
+
+def test_a_set_is_described_the_same_under_every_hash_seed(tmp_path):
+    for seed in ("1", "2", "3"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        subprocess.run(
+            [sys.executable, "-c", _HASH_SEED_WRITER, str(tmp_path / seed)],
+            cwd=ROOT,
+            env=env,
+            check=True,
+            timeout=120,
+        )
+    files = [(tmp_path / f"{seed}.eqx").read_bytes() for seed in ("1", "2", "3")]
+    assert files[0] == files[1] == files[2]
+    from test_lerax_utils import WithStatic
+
+    tags = frozenset({"actor", "critic", "value", "policy", "target", "entropy"})
+    loaded = WithStatic.deserialize(tmp_path / "1", jnp.ones(2), {"n": 1, "tags": tags})
+    assert loaded.options == {"tags": tags, "n": 1}
+
+
+def test_a_shape_of_too_many_dimensions_is_refused_before_any_work(tmp_path):
+    path = _bad_file(tmp_path, _forge(_small_bytes(tmp_path), _many_dimensions))
+    assert _load_error(path, _SMALL_SKELETON, cls=Checkpointed) == (
+        f"Serializable.deserialize: the file '{path}' has a malformed header (the "
+        "leaf at path .params['w'])."
+    )
+
+
+def test_a_header_of_too_many_lists_is_refused_before_parsing(tmp_path):
+    many = _set_metadata("structure", "[" + "[]," * 300_000 + "[]]")
+    path = _bad_file(tmp_path, _forge(_small_bytes(tmp_path), many))
+    assert _load_error(path, _SMALL_SKELETON, cls=Checkpointed) == (
+        f"Serializable.deserialize: the file '{path}' has a header with more than "
+        "262144 lists and objects; the file is corrupt."
+    )
+
+
+_WRITER = textwrap.dedent(
+    """
+    import sys
+    import jax.numpy as jnp
+    from test_lerax_utils import Checkpointed
+    model = Checkpointed(jnp.full(200_000, float(sys.argv[2])))
+    print("ready", flush=True)
+    for _ in range(100):
+        model.serialize(sys.argv[1])
+    """
+)
+
+
+def test_two_writers_and_a_reader_only_ever_see_whole_checkpoints(tmp_path):
+    path = tmp_path / "shared.eqx"
+    Checkpointed(jnp.full(200_000, 0.0)).serialize(path)
+    writers = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WRITER, str(path), value],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for value in ("1", "2")
+    ]
+    seen = []
+    deadline = time.monotonic() + 120
+    try:
+        for writer in writers:
+            assert writer.stdout is not None and writer.stdout.readline() == "ready\n"
+        while any(w.poll() is None for w in writers) and time.monotonic() < deadline:
+            loaded = Checkpointed.deserialize(path, jnp.zeros(200_000))
+            values = np.unique(np.asarray(loaded.params)).tolist()
+            assert len(values) == 1 and values[0] in (0.0, 1.0, 2.0)
+            seen.append(values[0])
+    finally:
+        for writer in writers:
+            writer.kill()
+            writer.wait(timeout=30)
+            if writer.stdout is not None:
+                writer.stdout.close()
+    assert seen  # The reader overlapped the writers.
+    if all(writer.returncode == 0 for writer in writers):  # Neither was killed.
+        assert [p.name for p in tmp_path.iterdir()] == ["shared.eqx"]
