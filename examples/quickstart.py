@@ -126,7 +126,7 @@ def train(policy: Policy, env: PointMass, key: jax.Array, updates: int) -> Polic
 
 
 @eqx.filter_jit
-def steps_to_rest(policy: Policy, env: PointMass, state: jax.Array) -> jax.Array:
+def steps_to_rest(policy: Policy, env: PointMass, state: jax.Array) -> jax.Array | int:
     """Run until the point rests near the origin (or 500 steps): an episode of
     unknown length, with the modules and a Python step counter in the carry."""
 
