@@ -4,9 +4,11 @@ Hypothesis profiles: `ci` is deterministic and is chosen when the `CI` environme
 variable is set; `dev` is random and quicker. Set `HYPOTHESIS_PROFILE` to pick one.
 """
 
+import contextlib
 import gc
 import inspect
 import json
+import math
 import os
 import pathlib
 import re
@@ -820,7 +822,8 @@ class LeafSpec(eqx.Module):
 
     shape: tuple[int, ...] = eqx.field(static=True)
     dtype: Any = eqx.field(static=True)
-    kind: str = eqx.field(static=True)  # "jax", "numpy" or "key"
+    # "jax", "numpy", "key", or "mixed": NumPy or JAX, drawn anew for each tree.
+    kind: str = eqx.field(static=True)
 
 
 def _is_spec(x: Any) -> bool:
@@ -834,7 +837,7 @@ def leaf_specs(draw: st.DrawFn, axis: int, size: int) -> LeafSpec:
     ndim = draw(st.integers(min_ndim, 3))
     shape = list(draw(hnp.array_shapes(min_dims=ndim, max_dims=ndim, max_side=3)))
     shape[axis] = size
-    kind = draw(st.sampled_from(["jax", "numpy", "key"]))
+    kind = draw(st.sampled_from(["jax", "numpy", "key", "mixed"]))
     dtype = None if kind == "key" else draw(st.sampled_from(_DTYPES))
     return LeafSpec(tuple(shape), dtype, kind)
 
@@ -853,7 +856,8 @@ def realize(draw: st.DrawFn, template: Any) -> Any:
         storage = np.float32 if spec.dtype == jnp.bfloat16 else np.dtype(spec.dtype)
         values = draw(hnp.arrays(storage, spec.shape, elements=_elements(spec.dtype)))
         values = values.astype(spec.dtype)
-        return values if spec.kind == "numpy" else jnp.asarray(values)
+        numpy = spec.kind == "numpy" or (spec.kind == "mixed" and draw(st.booleans()))
+        return values if numpy else jnp.asarray(values)
 
     return jax.tree.map(make, template, is_leaf=_is_spec)
 
@@ -878,11 +882,30 @@ def _take_reference(leaf: Any, index: int, axis: int) -> Any:
 
 axes = st.integers(-3, 2)
 
+# unstack_pytree slices concrete JAX leaves on the host or by a compiled program,
+# whichever its cost estimate picks; `slicing_by(path)` forces one of them.
+UNSTACK_PATHS = ["host", "compiled", "scheduled"]
 
+
+@contextlib.contextmanager
+def slicing_by(path: str) -> Any:
+    saved = lerax_utils._UNSTACK_HOST_SECONDS_PER_SLICE
+    per_slice = {"host": 0.0, "compiled": math.inf, "scheduled": saved}[path]
+    lerax_utils._UNSTACK_HOST_SECONDS_PER_SLICE = per_slice
+    lerax_utils._unstack_host_seconds.clear()
+    try:
+        yield
+    finally:
+        lerax_utils._UNSTACK_HOST_SECONDS_PER_SLICE = saved
+        lerax_utils._unstack_host_seconds.clear()
+
+
+@pytest.mark.parametrize("path", UNSTACK_PATHS)
 @given(data=st.data(), axis=axes, size=st.integers(0, 4))
-def test_unstack_pytree_matches_slicing_each_leaf(data, axis, size):
+def test_unstack_pytree_matches_slicing_each_leaf(path, data, axis, size):
     tree = data.draw(batched_templates(axis, size).flatmap(realize))
-    slices = unstack_pytree(tree, axis=axis)
+    with slicing_by(path):
+        slices = unstack_pytree(tree, axis=axis)
     assert len(slices) == size
     for index, piece in enumerate(slices):
         expected = jax.tree.map(
@@ -894,10 +917,13 @@ def test_unstack_pytree_matches_slicing_each_leaf(data, axis, size):
         assert_identical(piece, expected)
 
 
+@pytest.mark.parametrize("path", ["host", "compiled"])
 @given(data=st.data(), axis=axes, size=st.integers(1, 4))
-def test_stack_pytree_inverts_unstack_pytree(data, axis, size):
+def test_stack_pytree_inverts_unstack_pytree(path, data, axis, size):
     tree = data.draw(batched_templates(axis, size).flatmap(realize))
-    assert_identical(stack_pytree(unstack_pytree(tree, axis=axis), axis=axis), tree)
+    with slicing_by(path):
+        slices = unstack_pytree(tree, axis=axis)
+    assert_identical(stack_pytree(slices, axis=axis), tree)
 
 
 @given(data=st.data(), axis=axes, size=st.integers(1, 4))
@@ -915,9 +941,23 @@ def test_unstack_pytree_inverts_stack_pytree(data, axis, size):
     template = jax.tree.map(drop_axis, template, is_leaf=_is_spec)
     trees = [data.draw(realize(template)) for _ in range(size)]
     stacked = stack_pytree(trees, axis=axis)
-    assert len(unstack_pytree(stacked, axis=axis)) == size
-    for piece, tree in zip(unstack_pytree(stacked, axis=axis), trees, strict=True):
-        assert_identical(piece, tree)
+    # A leaf is NumPy after the round trip only if it was NumPy in every tree.
+    columns = zip(*(jax.tree.leaves(tree) for tree in trees), strict=True)
+    numpy_columns = [
+        all(isinstance(leaf, np.ndarray) for leaf in column) for column in columns
+    ]
+    for leaf, numpy in zip(jax.tree.leaves(stacked), numpy_columns, strict=True):
+        if eqx.is_array(leaf):
+            assert isinstance(leaf, np.ndarray if numpy else jax.Array)
+    pieces = unstack_pytree(stacked, axis=axis)
+    assert len(pieces) == size
+    for piece, tree in zip(pieces, trees, strict=True):
+        leaves, treedef = jax.tree.flatten(tree)
+        expected = [
+            leaf if numpy or not isinstance(leaf, np.ndarray) else jnp.asarray(leaf)
+            for leaf, numpy in zip(leaves, numpy_columns, strict=True)
+        ]
+        assert_identical(piece, treedef.unflatten(expected))
 
 
 def test_unstack_pytree_keeps_numpy_leaves_as_views():
@@ -939,35 +979,106 @@ def test_unstack_pytree_keeps_jax_leaves_on_their_device():
         assert piece["a"].devices() == {device}
 
 
+@pytest.mark.parametrize("path", UNSTACK_PATHS)
 @pytest.mark.parametrize("length", [1, 7, 8, 21])
-def test_unstack_pytree_agrees_on_first_and_later_calls(length):
-    # Later calls on the same shapes slice several rows per call; the last chunk
-    # overlaps the one before it when `length` is not a multiple of the chunk.
+def test_unstack_pytree_agrees_on_first_and_later_calls(path, length):
+    # The compiled program slices several rows per call; the last chunk overlaps
+    # the one before it when `length` is not a multiple of the chunk.
     data = np.arange(length * 6, dtype=np.float32).reshape(length, 2, 3)
     tree = {"a": jnp.asarray(data), "b": [jnp.asarray(data[:, 0] > 5)]}
     expected = [
         {"a": jnp.asarray(data[i]), "b": [jnp.asarray(data[i, 0] > 5)]}
         for i in range(length)
     ]
-    for _ in range(3):
-        assert_identical(unstack_pytree(tree), expected)
-        assert_identical(unstack_pytree(tree, axis=0), expected)
+    with slicing_by(path):
+        for _ in range(3):
+            assert_identical(unstack_pytree(tree), expected)
+            assert_identical(unstack_pytree(tree, axis=0), expected)
+
+
+def _committed(x: Any) -> bool:
+    return getattr(x, "committed", getattr(x, "_committed", None))
+
+
+@pytest.mark.parametrize("path", UNSTACK_PATHS)
+def test_unstack_pytree_keeps_weak_types_and_commitment(path):
+    device = jax.devices()[-1]
+    weak = jax.lax.broadcast(jnp.asarray(1.5), (3, 2))  # a weakly typed float32
+    assert weak.aval.weak_type
+    tree = {
+        "weak": weak,
+        "free": jnp.arange(6, dtype=jnp.int32).reshape(3, 2),
+        "placed": jax.device_put(np.arange(3.0, dtype=np.float32), device),
+        "keys": jax.random.split(jax.random.key(1), 3),
+    }
+    with slicing_by(path):
+        slices = unstack_pytree(tree)
+    for index, piece in enumerate(slices):
+        assert piece["weak"].aval.weak_type and piece["weak"].dtype == jnp.float32
+        assert not piece["free"].aval.weak_type
+        assert _committed(piece["free"]) is _committed(tree["free"]) is False
+        assert _committed(piece["placed"]) is True
+        assert piece["placed"].devices() == {device}
+        expected = {key: leaf[index] for key, leaf in tree.items()}
+        assert_identical(piece, expected, weak_types=True)
+
+
+def _unstack_programs() -> int:
+    """How many slicing programs unstack_pytree has compiled so far."""
+    return lerax_utils._index_rows._cache_size()
+
+
+def test_unstack_pytree_compiles_once_host_time_would_pass_the_compile_time():
+    # Costs in made-up units: a slice costs 1 on the host, and the compile is worth
+    # 2.5 calls of 4 rows x 2 leaves. So calls 1 and 2 slice on the host, call 3
+    # compiles one program, and every later call reuses it.
+    tree = {"a": jnp.zeros((4, 97)), "b": jnp.ones((4, 5), jnp.int32)}
+    saved = lerax_utils._UNSTACK_COMPILE_SECONDS
+    with slicing_by("host"):
+        lerax_utils._UNSTACK_HOST_SECONDS_PER_SLICE = 1.0
+        lerax_utils._UNSTACK_COMPILE_SECONDS = (20.0, 0.0, 0.0)
+        try:
+            programs = []
+            for _ in range(5):
+                assert_identical(
+                    unstack_pytree(tree),
+                    [jax.tree.map(lambda x, i=i: x[i], tree) for i in range(4)],
+                )
+                programs.append(_unstack_programs())
+            signatures = list(lerax_utils._unstack_host_seconds.values())
+        finally:
+            lerax_utils._UNSTACK_COMPILE_SECONDS = saved
+    before = programs[0]
+    assert programs == [before, before, before + 1, before + 1, before + 1]
+    assert signatures == [math.inf]
+
+
+def test_unstack_pytree_remembers_a_bounded_number_of_shapes():
+    saved = lerax_utils._UNSTACK_SIGNATURES_KEPT
+    lerax_utils._UNSTACK_SIGNATURES_KEPT = 3
+    trees = [jnp.zeros((2, width)) for width in range(101, 106)]
+    try:
+        with slicing_by("scheduled"):
+            for tree in trees[:4]:
+                unstack_pytree(tree)
+            unstack_pytree(trees[1])  # Seen again: now the most recent.
+            unstack_pytree(trees[4])
+            kept = [key[0][0][0] for key in lerax_utils._unstack_host_seconds]
+    finally:
+        lerax_utils._UNSTACK_SIGNATURES_KEPT = saved
+    assert kept == [(2, 104), (2, 102), (2, 105)]
 
 
 @pytest.mark.parametrize("enabled", [True, False])
-def test_unstack_pytree_leaves_the_garbage_collector_as_it_found_it(enabled):
-    # unstack_pytree pauses the cyclic collector while it builds the slices.
+def test_unstack_pytree_leaves_the_garbage_collector_alone(enabled):
     tree = {"a": jnp.arange(6.0).reshape(3, 2), "b": np.arange(3)}
     was_enabled = gc.isenabled()
     (gc.enable if enabled else gc.disable)()
     try:
-        unstack_pytree(tree)
-        assert gc.isenabled() is enabled
-        with pytest.raises(RuntimeError, match="inside"):
-            with lerax_utils._cyclic_gc_paused():
-                assert not gc.isenabled()
-                raise RuntimeError("inside")
-        assert gc.isenabled() is enabled
+        for path in UNSTACK_PATHS:
+            with slicing_by(path):
+                unstack_pytree(tree)
+            assert gc.isenabled() is enabled
     finally:
         (gc.enable if was_enabled else gc.disable)()
 
@@ -997,6 +1108,19 @@ def test_stack_pytree_of_many_trees_matches_numpy(count, axis):
     assert_identical(stacked["k"], jax.random.wrap_key_data(jnp.asarray(expected_k)))
     assert stacked["tag"] == "t"
     assert_identical(unstack_pytree(stacked, axis=axis), trees)
+
+
+def test_stack_pytree_compiles_two_programs_for_any_number_of_trees():
+    # Per result shape, one program fills the first chunk and one every later chunk:
+    # the last chunk overlaps the one before it rather than being shorter.
+    programs = [lerax_utils._stack_first_chunk, lerax_utils._stack_chunk_into]
+    for count in (65, 100, 150):
+        trees = [{"w": jnp.full((3, 7), i, jnp.float32)} for i in range(count)]
+        before = [program._cache_size() for program in programs]
+        stacked = stack_pytree(trees)
+        after = [program._cache_size() for program in programs]
+        assert_identical(stacked["w"], jnp.asarray(np.stack([t["w"] for t in trees])))
+        assert [a - b for a, b in zip(after, before, strict=True)] == [1, 1]
 
 
 def test_unstack_and_stack_pytree_inside_jit():
