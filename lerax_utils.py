@@ -535,7 +535,16 @@ def unstack_pytree(tree: _Tree, *, axis: int = 0) -> list[_Tree]:
 
     A list of `n` pytrees with the structure of `tree`, where `n` is the size of
     `axis`; an empty list if `n` is 0. NumPy leaves are split into NumPy views (no
-    copy, no device transfer); JAX leaves into JAX arrays on the same devices.
+    copy, no device transfer). JAX leaves are split into new JAX arrays with the
+    leaf's dtype and weak type, placed as `leaf[i]` would place them:
+
+    - a leaf committed to one device: slices committed to that device;
+    - an uncommitted leaf: uncommitted slices on the default device;
+    - a leaf with a `NamedSharding` (auto or explicit mesh): slices with the same
+        mesh and the leaf's partition spec less the entry for `axis`. The other axes
+        stay sharded as they were; if `axis` itself was sharded, each slice is
+        whole on every device that held part of it (replicated along those mesh
+        axes), since one index of it lived on some devices only.
 
     **Raises:**
 
@@ -545,10 +554,15 @@ def unstack_pytree(tree: _Tree, *, axis: int = 0) -> list[_Tree]:
     int.
 
     It works inside `jax.jit`, where the number of slices is static. Outside `jit`,
-    JAX leaves are sliced by small compiled programs shared by all the leaves: one
-    slice per call the first time a set of shapes is seen, then eight slices per call.
-    No program with one output per slice is ever compiled, so even the first call on
-    a new shape is cheap.
+    JAX leaves of a set of shapes seen for the first time (or only a few times) are
+    sliced without compiling anything: each leaf is read to the host once and its
+    slices are put back on its devices in one batched `jax.device_put`. Once the
+    time spent that way on a set of shapes would exceed the time to compile a small
+    program that takes 8 slices of every leaf per call, that program is compiled
+    and used from then on. So episodes of many lengths compile nothing, while a
+    shape unstacked again and again runs at the speed of `jnp.unstack`; no program
+    with one output per slice is ever compiled. Weakly typed leaves, PRNG keys and
+    other shardings always use the program. It does not touch the garbage collector.
 
     **Example:**
 
@@ -814,9 +828,13 @@ def stack_pytree(trees: Sequence[_Tree], *, axis: int = 0) -> _Tree:
     message names the tree's index and the leaf path. `TypeError` if `trees` is not a
     list or tuple, or `axis` is not an int.
 
-    It works inside `jax.jit`. Outside `jit`, JAX leaves are copied into their result
-    chunk by chunk by small compiled programs, so stacking thousands of trees compiles
-    nothing large, and the data is copied once.
+    It works inside `jax.jit`. Outside `jit`, more than 64 JAX leaves are copied into
+    their result 64 at a time by two small compiled programs per result shape: one
+    for the first chunk, one for every later chunk (a last, short chunk overlaps the
+    one before it instead). So stacking thousands of trees compiles nothing large,
+    and the data is copied once. The result lives where `jnp.stack` would put it:
+    slices with a `NamedSharding` give a result sharded as they are, with the new
+    axis whole on every device.
 
     **Example:**
 

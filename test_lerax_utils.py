@@ -980,7 +980,7 @@ def test_unstack_pytree_keeps_jax_leaves_on_their_device():
 
 
 @pytest.mark.parametrize("path", UNSTACK_PATHS)
-@pytest.mark.parametrize("length", [1, 7, 8, 21])
+@pytest.mark.parametrize("length", [1, 7, 8, 16, 21])
 def test_unstack_pytree_agrees_on_first_and_later_calls(path, length):
     # The compiled program slices several rows per call; the last chunk overlaps
     # the one before it when `length` is not a multiple of the chunk.
@@ -1011,16 +1011,23 @@ def test_unstack_pytree_keeps_weak_types_and_commitment(path):
         "placed": jax.device_put(np.arange(3.0, dtype=np.float32), device),
         "keys": jax.random.split(jax.random.key(1), 3),
     }
-    with slicing_by(path):
-        slices = unstack_pytree(tree)
-    for index, piece in enumerate(slices):
-        assert piece["weak"].aval.weak_type and piece["weak"].dtype == jnp.float32
-        assert not piece["free"].aval.weak_type
-        assert _committed(piece["free"]) is _committed(tree["free"]) is False
-        assert _committed(piece["placed"]) is True
-        assert piece["placed"].devices() == {device}
-        expected = {key: leaf[index] for key, leaf in tree.items()}
-        assert_identical(piece, expected, weak_types=True)
+    # Each leaf alone (so each may take its own path), and all four together.
+    parts = [{key: leaf} for key, leaf in tree.items()] + [tree]
+    for part in parts:
+        with slicing_by(path):
+            slices = unstack_pytree(part)
+        for index, piece in enumerate(slices):
+            if "weak" in piece:
+                assert piece["weak"].aval.weak_type
+                assert piece["weak"].dtype == jnp.float32
+            if "free" in piece:
+                assert not piece["free"].aval.weak_type
+                assert _committed(piece["free"]) is _committed(tree["free"]) is False
+            if "placed" in piece:
+                assert _committed(piece["placed"]) is True
+                assert piece["placed"].devices() == {device}
+            expected = {key: leaf[index] for key, leaf in part.items()}
+            assert_identical(piece, expected, weak_types=True)
 
 
 def _unstack_programs() -> int:
@@ -1028,29 +1035,28 @@ def _unstack_programs() -> int:
     return lerax_utils._index_rows._cache_size()
 
 
-def test_unstack_pytree_compiles_once_host_time_would_pass_the_compile_time():
-    # Costs in made-up units: a slice costs 1 on the host, and the compile is worth
-    # 2.5 calls of 4 rows x 2 leaves. So calls 1 and 2 slice on the host, call 3
-    # compiles one program, and every later call reuses it.
+def test_unstack_pytree_compiles_once_host_time_would_reach_the_compile_time():
+    # Costs in made-up units: a slice costs 1 on the host, so a call (4 rows x 2
+    # leaves) costs 8; the program (4 rows per call) is estimated at 4 + 4 x (1 + 2
+    # x 1) = 16. So call 1 slices on the host, call 2 brings the host total to 16
+    # and compiles one program, and every later call reuses it.
     tree = {"a": jnp.zeros((4, 97)), "b": jnp.ones((4, 5), jnp.int32)}
+    expected = [jax.tree.map(lambda x, i=i: x[i], tree) for i in range(4)]
     saved = lerax_utils._UNSTACK_COMPILE_SECONDS
     with slicing_by("host"):
         lerax_utils._UNSTACK_HOST_SECONDS_PER_SLICE = 1.0
-        lerax_utils._UNSTACK_COMPILE_SECONDS = (20.0, 0.0, 0.0)
+        lerax_utils._UNSTACK_COMPILE_SECONDS = (4.0, 1.0, 1.0)
         try:
             programs = []
-            for _ in range(5):
-                assert_identical(
-                    unstack_pytree(tree),
-                    [jax.tree.map(lambda x, i=i: x[i], tree) for i in range(4)],
-                )
+            for _ in range(4):
+                assert_identical(unstack_pytree(tree), expected)
                 programs.append(_unstack_programs())
-            signatures = list(lerax_utils._unstack_host_seconds.values())
+            spent = list(lerax_utils._unstack_host_seconds.values())
         finally:
             lerax_utils._UNSTACK_COMPILE_SECONDS = saved
     before = programs[0]
-    assert programs == [before, before, before + 1, before + 1, before + 1]
-    assert signatures == [math.inf]
+    assert programs == [before, before + 1, before + 1, before + 1]
+    assert spent == [math.inf]
 
 
 def test_unstack_pytree_remembers_a_bounded_number_of_shapes():
