@@ -716,7 +716,7 @@ def _slices_on_host(leaf: jax.Array) -> bool:
     """Whether slicing `leaf` through NumPy gives exactly what a program would."""
     return (
         not leaf.aval.weak_type  # pyright: ignore[reportAttributeAccessIssue]
-        and not jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+        and not jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key)
         and leaf.is_fully_addressable
         and isinstance(leaf.sharding, _HOST_SLICED_SHARDINGS)
     )

@@ -996,7 +996,7 @@ def test_unstack_pytree_agrees_on_first_and_later_calls(path, length):
             assert_identical(unstack_pytree(tree, axis=0), expected)
 
 
-def _committed(x: Any) -> bool:
+def _committed(x: Any) -> Any:
     return getattr(x, "committed", getattr(x, "_committed", None))
 
 
@@ -1030,9 +1030,13 @@ def test_unstack_pytree_keeps_weak_types_and_commitment(path):
             assert_identical(piece, expected, weak_types=True)
 
 
+def _programs_compiled(function: Any) -> int:
+    """How many programs the jitted `function` has compiled so far."""
+    return function._cache_size()
+
+
 def _unstack_programs() -> int:
-    """How many slicing programs unstack_pytree has compiled so far."""
-    return lerax_utils._index_rows._cache_size()
+    return _programs_compiled(lerax_utils._index_rows)
 
 
 def test_unstack_pytree_compiles_once_host_time_would_reach_the_compile_time():
@@ -1122,9 +1126,9 @@ def test_stack_pytree_compiles_two_programs_for_any_number_of_trees():
     programs = [lerax_utils._stack_first_chunk, lerax_utils._stack_chunk_into]
     for count in (65, 100, 150):
         trees = [{"w": jnp.full((3, 7), i, jnp.float32)} for i in range(count)]
-        before = [program._cache_size() for program in programs]
+        before = [_programs_compiled(program) for program in programs]
         stacked = stack_pytree(trees)
-        after = [program._cache_size() for program in programs]
+        after = [_programs_compiled(program) for program in programs]
         assert_identical(stacked["w"], jnp.asarray(np.stack([t["w"] for t in trees])))
         assert [a - b for a, b in zip(after, before, strict=True)] == [1, 1]
 
