@@ -558,8 +558,8 @@ def unstack_pytree(tree: _Tree, *, axis: int = 0) -> list[_Tree]:
     sliced without compiling anything: each leaf is read to the host once and its
     slices are put back on its devices in one batched `jax.device_put`. Once the
     time spent that way on a set of shapes would exceed the time to compile a small
-    program that takes 8 slices of every leaf per call, that program is compiled
-    and used from then on. So episodes of many lengths compile nothing, while a
+    program that takes up to 32 slices of every leaf per call, that program is
+    compiled and used from then on. So episodes of many lengths compile nothing, while a
     shape unstacked again and again runs at the speed of `jnp.unstack`; no program
     with one output per slice is ever compiled. Weakly typed leaves, PRNG keys and
     other shardings always use the program. It does not touch the garbage collector.
@@ -648,16 +648,19 @@ def _unstack_columns(
 #
 # - On the host: one transfer of each leaf to NumPy, then one batched `device_put` of
 #   its slices. Nothing is compiled, but every slice costs a transfer (tens of µs).
-# - By a compiled program that returns `_UNSTACK_ROWS_PER_CALL` consecutive slices of
-#   every leaf per call (a few µs a slice), after a compile of about a tenth of a
-#   second per set of shapes.
+# - By a compiled program that returns up to `_UNSTACK_ROWS_PER_CALL` consecutive
+#   slices of every leaf per call (a few µs a slice), after a compile of 0.1 to 0.6 s
+#   per set of shapes.
 #
 # A set of shapes is sliced on the host until the time spent on it there would pass
 # the estimated compile time; from then on it is compiled (the "ski rental" rule).
 # Shapes seen once or a few times (episodes of many lengths) never compile, and no
 # set of shapes costs more than about twice the cheaper of the two ways. The estimate
 # is kept for the last `_UNSTACK_SIGNATURES_KEPT` sets of shapes only.
-_UNSTACK_ROWS_PER_CALL = 8
+_UNSTACK_ROWS_PER_CALL = 32
+# ... but no more rows than fit this many bytes: XLA:CPU runs programs with large
+# outputs more slowly per byte (measured: rows of 4 KiB are copied fastest 8 per call).
+_UNSTACK_BYTES_PER_CALL = 32 * 1024
 _UNSTACK_HOST_SECONDS_PER_SLICE = 40e-6
 # Compile time measured on XLA:CPU: about 50 ms, plus 15 ms per row, plus 1 ms per
 # output (`rows x leaves`).
@@ -673,7 +676,9 @@ def _slice_columns(
     """`columns[j][i]`: slice `i` of `group[j]` along `axes[j]`."""
     if length == 0:
         return [[] for _ in group]
-    count = min(_UNSTACK_ROWS_PER_CALL, length)
+    row_bytes = sum(_byte_size(leaf) for leaf in group) // length
+    count = min(_UNSTACK_ROWS_PER_CALL, _UNSTACK_BYTES_PER_CALL // max(row_bytes, 1))
+    count = max(1, min(count, length))
     if all(_slices_on_host(leaf) for leaf in group):
         signature = (
             tuple((leaf.shape, leaf.dtype, leaf.sharding) for leaf in group),
@@ -693,6 +698,12 @@ def _slice_columns(
             column.extend(pieces[done - start :])
         done = start + count
     return columns
+
+
+def _byte_size(leaf: jax.Array) -> int:
+    if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+        return leaf.size * 8  # Roughly: the two uint32 words of a default key.
+    return leaf.size * leaf.dtype.itemsize
 
 
 def _pays_to_compile(
