@@ -561,8 +561,9 @@ def unstack_pytree(tree: _Tree, *, axis: int = 0) -> list[_Tree]:
     program that takes up to 32 slices of every leaf per call, that program is
     compiled and used from then on. So episodes of many lengths compile nothing, while a
     shape unstacked again and again runs at the speed of `jnp.unstack`; no program
-    with one output per slice is ever compiled. Weakly typed leaves, PRNG keys and
-    other shardings always use the program. It does not touch the garbage collector.
+    with one output per slice is ever compiled. Weakly typed leaves, PRNG keys,
+    leaves with other kinds of sharding, and the leaves on the same devices as them,
+    always use the program. It does not touch the garbage collector.
 
     **Example:**
 
@@ -682,7 +683,7 @@ def _slice_columns(
     count = min(_UNSTACK_ROWS_PER_LEAF * len(group), _UNSTACK_ROWS_PER_CALL)
     count = min(count, _UNSTACK_BYTES_PER_CALL // max(row_bytes, 1), length)
     count = max(1, count)
-    if all(_slices_on_host(leaf) for leaf in group):
+    if _host_transfers_allowed() and all(_slices_on_host(leaf) for leaf in group):
         signature = (
             tuple((leaf.shape, leaf.dtype, leaf.sharding) for leaf in group),
             axes,
@@ -726,6 +727,17 @@ def _pays_to_compile(
     return compile_now
 
 
+def _host_transfers_allowed() -> bool:
+    """Whether no `jax.transfer_guard` would refuse (or log) the host path.
+
+    Its transfers are explicit (`jax.device_get`, `jax.device_put`), so only the
+    `*_explicit` levels concern it.
+    """
+    guards = ("", "_device_to_host", "_host_to_device")
+    levels = {getattr(jax.config, f"jax_transfer_guard{name}", None) for name in guards}
+    return levels <= {None, "allow", "log", "disallow"}
+
+
 def _slices_on_host(leaf: jax.Array) -> bool:
     """Whether slicing `leaf` through NumPy gives exactly what a program would."""
     return (
@@ -753,7 +765,7 @@ def _slice_columns_on_host(
     """
     columns = []
     for leaf, axis in zip(group, axes, strict=True):
-        host = np.moveaxis(np.asarray(leaf), axis, 0)
+        host = np.moveaxis(np.asarray(jax.device_get(leaf)), axis, 0)
         sharding = _slice_sharding(leaf.sharding, axis) if _is_committed(leaf) else None
         columns.append(
             jax.device_put([host[index, ...] for index in range(length)], sharding)

@@ -1030,6 +1030,17 @@ def test_unstack_pytree_keeps_weak_types_and_commitment(path):
             assert_identical(piece, expected, weak_types=True)
 
 
+@pytest.mark.parametrize("guard", ["disallow", "log_explicit"])
+def test_unstack_pytree_respects_transfer_guards(guard):
+    # The host path's transfers are explicit: allowed under "disallow", which only
+    # refuses implicit ones; under "log_explicit" the compiled program is used.
+    tree = {"a": jnp.arange(12.0).reshape(4, 3), "b": jnp.arange(4)}
+    expected = [{"a": tree["a"][i], "b": tree["b"][i]} for i in range(4)]
+    with slicing_by("host"), jax.transfer_guard(guard):
+        slices = unstack_pytree(tree)
+    assert_identical(slices, expected)
+
+
 def _programs_compiled(function: Any) -> int:
     """How many programs the jitted `function` has compiled so far."""
     return function._cache_size()
