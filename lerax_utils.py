@@ -45,13 +45,13 @@ __all__ = [
     "Serializable",
 ]
 
+import collections
 import concurrent.futures
 import contextlib
 import ctypes
 import dataclasses
 import enum
 import functools
-import gc
 import inspect
 import json
 import math
@@ -63,8 +63,9 @@ import secrets
 import stat
 import struct
 import sys
+import threading
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import IO, Any, ParamSpec, TypeVar, cast
 
 import equinox as eqx
@@ -1255,7 +1256,16 @@ def unstack_pytree(tree: _Tree, *, axis: int = 0) -> list[_Tree]:
 
     A list of `n` pytrees with the structure of `tree`, where `n` is the size of
     `axis`; an empty list if `n` is 0. NumPy leaves are split into NumPy views (no
-    copy, no device transfer); JAX leaves into JAX arrays on the same devices.
+    copy, no device transfer). JAX leaves are split into new JAX arrays with the
+    leaf's dtype and weak type, placed as `leaf[i]` would place them:
+
+    - a leaf committed to one device: slices committed to that device;
+    - an uncommitted leaf: uncommitted slices on the default device;
+    - a leaf with a `NamedSharding` (auto or explicit mesh): slices with the same
+        mesh and the leaf's partition spec less the entry for `axis`. The other axes
+        stay sharded as they were; if `axis` itself was sharded, each slice is
+        whole on every device that held part of it (replicated along those mesh
+        axes), since one index of it lived on some devices only.
 
     **Raises:**
 
@@ -1265,10 +1275,16 @@ def unstack_pytree(tree: _Tree, *, axis: int = 0) -> list[_Tree]:
     int.
 
     It works inside `jax.jit`, where the number of slices is static. Outside `jit`,
-    JAX leaves are sliced by small compiled programs shared by all the leaves: one
-    slice per call the first time a set of shapes is seen, then eight slices per call.
-    No program with one output per slice is ever compiled, so even the first call on
-    a new shape is cheap.
+    JAX leaves of a set of shapes seen for the first time (or only a few times) are
+    sliced without compiling anything: each leaf is read to the host once and its
+    slices are put back on its devices in one batched `jax.device_put`. Once the
+    time spent that way on a set of shapes would exceed the time to compile a small
+    program that takes up to 32 slices of every leaf per call, that program is
+    compiled and used from then on. So episodes of many lengths compile nothing, while a
+    shape unstacked again and again runs at the speed of `jnp.unstack`; no program
+    with one output per slice is ever compiled. Weakly typed leaves, PRNG keys,
+    leaves with other kinds of sharding, and the leaves on the same devices as them,
+    always use the program. It does not touch the garbage collector.
 
     **Example:**
 
@@ -1305,33 +1321,18 @@ def unstack_pytree(tree: _Tree, *, axis: int = 0) -> list[_Tree]:
             "or unstack the parts separately."
         )
     length = next(iter(sizes.values()))
-    with _cyclic_gc_paused():
-        columns = _unstack_columns(leaves, axes, length)
-        slices = []
-        for index in range(length):
-            row = list(leaves)
-            for position, column in columns.items():
-                row[position] = column[index]
-            slices.append(treedef.unflatten(row))
+    columns = _unstack_columns(leaves, axes, length)
+    if len(columns) == len(leaves):  # Every leaf is an array.
+        ordered = [columns[position] for position in range(len(leaves))]
+        return [treedef.unflatten(row) for row in zip(*ordered, strict=True)]
+    positions = list(columns)
+    slices = []
+    for values in zip(*columns.values(), strict=True):
+        row = list(leaves)
+        for position, value in zip(positions, values, strict=True):
+            row[position] = value
+        slices.append(treedef.unflatten(row))
     return slices
-
-
-@contextlib.contextmanager
-def _cyclic_gc_paused() -> Iterator[None]:
-    """Pause Python's cyclic garbage collector; restore its previous state after.
-
-    Splitting a batch creates thousands of arrays, lists and dicts at once. Each of
-    them counts towards the collector's next pass, and every tenth pass or so walks the
-    whole heap, which is large once JAX is imported. None of these objects forms a
-    reference cycle, so pausing the collector while they are built loses nothing.
-    """
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def _unstack_columns(
@@ -1352,45 +1353,186 @@ def _unstack_columns(
                 for index in range(length)
             ]
         else:  # A concrete JAX array: slice it with the others on the same devices.
-            jax_groups.setdefault(leaf.sharding, []).append(position)
+            # (A program's outputs are all committed to their devices if any input
+            # is, so committed and uncommitted leaves are sliced apart.)
+            group = (leaf.sharding, _is_committed(leaf))
+            jax_groups.setdefault(group, []).append(position)
     for positions in jax_groups.values():
         group = [leaves[position] for position in positions]
-        rows = _slice_rows(
-            group, tuple(axes[position] for position in positions), length
-        )
-        for column, position in enumerate(positions):
-            columns[position] = [row[column] for row in rows]
+        group_axes = tuple(axes[position] for position in positions)
+        group_columns = _slice_columns(group, group_axes, length)
+        for position, column in zip(positions, group_columns, strict=True):
+            columns[position] = column
     return columns
 
 
-# Concrete JAX leaves are sliced by compiled programs that each return `count`
-# consecutive slices of every leaf. A program's compile time grows with its number of
-# outputs, and its calls get cheaper per slice, so the first call on a new group of
-# shapes takes `_UNSTACK_ROWS_FIRST_CALL` slices per call (quick to compile), and
-# later calls take `_UNSTACK_ROWS_PER_CALL` (tiered, as a JIT compiler does).
-_UNSTACK_ROWS_FIRST_CALL = 1
-_UNSTACK_ROWS_PER_CALL = 8
-_unstack_signatures_seen: set[Any] = set()
+# Concrete JAX leaves are sliced in one of two ways, whichever costs less so far:
+#
+# - On the host: one transfer of each leaf to NumPy, then one batched `device_put` of
+#   its slices. Nothing is compiled, but every slice costs a transfer (tens of µs).
+# - By a compiled program that returns up to `_UNSTACK_ROWS_PER_CALL` consecutive
+#   slices of every leaf per call (a few µs a slice), after a compile of 0.1 to 0.6 s
+#   per set of shapes.
+#
+# A set of shapes is sliced on the host until the time spent on it there would pass
+# the estimated compile time; from then on it is compiled (the "ski rental" rule).
+# Shapes seen once or a few times (episodes of many lengths) never compile, and no
+# set of shapes costs more than about twice the cheaper of the two ways. The estimate
+# is kept for the last `_UNSTACK_SIGNATURES_KEPT` sets of shapes only.
+# Rows per call, as measured fastest on XLA:CPU against `jnp.unstack`: 8 for a single
+# leaf, 8 more per extra leaf up to 32 (10 narrow leaves: 32; one wide or one long
+# thin leaf: 8), and no more rows than fit `_UNSTACK_BYTES_PER_CALL`.
+_UNSTACK_ROWS_PER_LEAF = 8
+_UNSTACK_ROWS_PER_CALL = 32
+_UNSTACK_BYTES_PER_CALL = 32 * 1024
+_UNSTACK_HOST_SECONDS_PER_SLICE = 40e-6
+# Compile time measured on XLA:CPU: about 50 ms, plus 15 ms per row, plus 1 ms per
+# output (`rows x leaves`).
+_UNSTACK_COMPILE_SECONDS = (0.05, 0.015, 0.001)
+_UNSTACK_SIGNATURES_KEPT = 4096
+_unstack_host_seconds: collections.OrderedDict[Any, float] = collections.OrderedDict()
+_unstack_host_seconds_lock = threading.Lock()
 
 
-def _slice_rows(
+def _slice_columns(
     group: list[jax.Array], axes: tuple[int, ...], length: int
 ) -> list[list[jax.Array]]:
-    """`rows[i][j]`: slice `i` of `group[j]` along `axes[j]`."""
+    """`columns[j][i]`: slice `i` of `group[j]` along `axes[j]`."""
     if length == 0:
-        return []
-    signature = (
-        tuple((leaf.shape, leaf.dtype, leaf.sharding) for leaf in group),
-        axes,
-    )
-    seen = signature in _unstack_signatures_seen
-    _unstack_signatures_seen.add(signature)
-    count = min(_UNSTACK_ROWS_PER_CALL if seen else _UNSTACK_ROWS_FIRST_CALL, length)
-    rows: list[list[jax.Array]] = []
+        return [[] for _ in group]
+    row_bytes = sum(_byte_size(leaf) for leaf in group) // length
+    count = min(_UNSTACK_ROWS_PER_LEAF * len(group), _UNSTACK_ROWS_PER_CALL)
+    count = min(count, _UNSTACK_BYTES_PER_CALL // max(row_bytes, 1), length)
+    count = max(1, count)
+    if _host_transfers_allowed() and all(_slices_on_host(leaf) for leaf in group):
+        signature = (
+            tuple((leaf.shape, leaf.dtype, leaf.sharding) for leaf in group),
+            axes,
+        )
+        host_seconds = length * len(group) * _UNSTACK_HOST_SECONDS_PER_SLICE
+        fixed, per_row, per_output = _UNSTACK_COMPILE_SECONDS
+        compile_seconds = fixed + count * (per_row + len(group) * per_output)
+        if not _pays_to_compile(signature, host_seconds, compile_seconds):
+            return _slice_columns_on_host(group, axes, length)
+    group = [_unshard_axis(leaf, axis) for leaf, axis in zip(group, axes, strict=True)]
+    columns = [[] for _ in group]
+    done = 0
     for start in _chunk_starts(length, count):
         chunk = _index_rows(group, start, axes=axes, count=count)
-        rows.extend(chunk[len(rows) - start :])
-    return rows
+        for column, pieces in zip(columns, chunk, strict=True):
+            column.extend(pieces[done - start :])
+        done = start + count
+    return columns
+
+
+def _byte_size(leaf: jax.Array) -> int:
+    if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+        return leaf.size * 8  # Roughly: the two uint32 words of a default key.
+    return leaf.size * leaf.dtype.itemsize
+
+
+def _pays_to_compile(
+    signature: Any, host_seconds: float, compile_seconds: float
+) -> bool:
+    """Whether to compile for `signature` now, by the ski-rental rule above.
+
+    Records the host time this call adds when it does not compile; `inf` marks a
+    signature that has been compiled.
+    """
+    with _unstack_host_seconds_lock:
+        spent = _unstack_host_seconds.pop(signature, 0.0) + host_seconds
+        compile_now = spent >= compile_seconds
+        _unstack_host_seconds[signature] = math.inf if compile_now else spent
+        while len(_unstack_host_seconds) > _UNSTACK_SIGNATURES_KEPT:
+            _unstack_host_seconds.popitem(last=False)
+    return compile_now
+
+
+def _host_transfers_allowed() -> bool:
+    """Whether no `jax.transfer_guard` would refuse (or log) the host path.
+
+    Its transfers are explicit (`jax.device_get`, `jax.device_put`), so only the
+    `*_explicit` levels concern it.
+    """
+    guards = ("", "_device_to_host", "_host_to_device")
+    levels = {getattr(jax.config, f"jax_transfer_guard{name}", None) for name in guards}
+    return levels <= {None, "allow", "log", "disallow"}
+
+
+def _slices_on_host(leaf: jax.Array) -> bool:
+    """Whether slicing `leaf` through NumPy gives exactly what a program would."""
+    return (
+        not leaf.aval.weak_type  # pyright: ignore[reportAttributeAccessIssue]
+        and not jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+        and leaf.is_fully_addressable
+        and isinstance(leaf.sharding, _HOST_SLICED_SHARDINGS)
+    )
+
+
+_HOST_SLICED_SHARDINGS = (
+    jax.sharding.SingleDeviceSharding,
+    jax.sharding.NamedSharding,
+)
+
+
+def _slice_columns_on_host(
+    group: list[jax.Array], axes: tuple[int, ...], length: int
+) -> list[list[jax.Array]]:
+    """The slices of `group`, by way of NumPy.
+
+    Slices of a committed leaf are committed to where `_slice_sharding` says; those
+    of an uncommitted leaf are uncommitted, on the default device, as a compiled
+    program (or `leaf[i]`) would leave them.
+    """
+    columns = []
+    for leaf, axis in zip(group, axes, strict=True):
+        host = np.moveaxis(np.asarray(jax.device_get(leaf)), axis, 0)
+        sharding = _slice_sharding(leaf.sharding, axis) if _is_committed(leaf) else None
+        columns.append(
+            jax.device_put([host[index, ...] for index in range(length)], sharding)
+        )
+    return columns
+
+
+def _is_committed(leaf: jax.Array) -> bool:
+    """Whether `leaf` is committed to its devices (jax 0.4.26 has no public name)."""
+    return getattr(leaf, "committed", getattr(leaf, "_committed", True))
+
+
+def _slice_sharding(sharding: Any, axis: int) -> Any:
+    """Where a slice along `axis` goes: the sharding of the other axes, kept."""
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        return sharding
+    spec = list(sharding.spec)
+    if axis < len(spec):
+        del spec[axis]
+    return _named_sharding(sharding, spec)
+
+
+def _named_sharding(sharding: Any, spec: list[Any]) -> Any:
+    spec_object = jax.sharding.PartitionSpec(*spec)
+    if sharding.memory_kind is None:
+        return jax.sharding.NamedSharding(sharding.mesh, spec_object)
+    return jax.sharding.NamedSharding(
+        sharding.mesh, spec_object, memory_kind=sharding.memory_kind
+    )
+
+
+def _unshard_axis(leaf: jax.Array, axis: int) -> jax.Array:
+    """`leaf`, gathered along `axis` if a named sharding splits it there.
+
+    A slice along a split axis would live on some of the devices only, and explicit
+    meshes refuse to slice such an axis at all; so the leaf is first laid out with
+    that axis whole on every device, and the other axes as they were.
+    """
+    sharding = leaf.sharding
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        return leaf
+    spec = list(sharding.spec)
+    if axis >= len(spec) or spec[axis] is None:
+        return leaf
+    spec[axis] = None
+    return jax.device_put(leaf, _named_sharding(sharding, spec))
 
 
 @functools.partial(jax.jit, static_argnames=("axes", "count"))
@@ -1401,9 +1543,9 @@ def _index_rows(
     return [
         [
             jax.lax.dynamic_index_in_dim(leaf, start + offset, axis, keepdims=False)
-            for leaf, axis in zip(leaves, axes, strict=True)
+            for offset in range(count)
         ]
-        for offset in range(count)
+        for leaf, axis in zip(leaves, axes, strict=True)
     ]
 
 
@@ -1433,9 +1575,13 @@ def stack_pytree(trees: Sequence[_Tree], *, axis: int = 0) -> _Tree:
     message names the tree's index and the leaf path. `TypeError` if `trees` is not a
     list or tuple, or `axis` is not an int.
 
-    It works inside `jax.jit`. Outside `jit`, JAX leaves are copied into their result
-    chunk by chunk by small compiled programs, so stacking thousands of trees compiles
-    nothing large, and the data is copied once.
+    It works inside `jax.jit`. Outside `jit`, more than 64 JAX leaves are copied into
+    their result 64 at a time by two small compiled programs per result shape: one
+    for the first chunk, one for every later chunk (a last, short chunk overlaps the
+    one before it instead). So stacking thousands of trees compiles nothing large,
+    and the data is copied once. The result lives where `jnp.stack` would put it:
+    slices with a `NamedSharding` give a result sharded as they are, with the new
+    axis whole on every device.
 
     **Example:**
 
@@ -1522,7 +1668,10 @@ def _stack_first_chunk(*chunk: jax.Array, length: int, axis: int) -> jax.Array:
     stacked = jnp.stack(chunk, axis=axis)
     shape = list(stacked.shape)
     shape[axis] = length
-    out = jnp.zeros(shape, stacked.dtype)
+    # Every row is overwritten by a later chunk. Broadcasting a row (rather than
+    # `jnp.zeros`) keeps the other axes' sharding, which explicit meshes require.
+    first_row = jax.lax.index_in_dim(stacked, 0, axis, keepdims=True)
+    out = jnp.broadcast_to(first_row, shape)
     return jax.lax.dynamic_update_slice_in_dim(out, stacked, 0, axis)
 
 

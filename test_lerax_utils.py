@@ -4,6 +4,7 @@ Hypothesis profiles: `ci` is deterministic and is chosen when the `CI` environme
 variable is set; `dev` is random and quicker. Set `HYPOTHESIS_PROFILE` to pick one.
 """
 
+import contextlib
 import dataclasses
 import enum
 import functools
@@ -11,6 +12,7 @@ import gc
 import inspect
 import io
 import json
+import math
 import os
 import pathlib
 import re
@@ -1383,7 +1385,8 @@ class LeafSpec(eqx.Module):
 
     shape: tuple[int, ...] = eqx.field(static=True)
     dtype: Any = eqx.field(static=True)
-    kind: str = eqx.field(static=True)  # "jax", "numpy" or "key"
+    # "jax", "numpy", "key", or "mixed": NumPy or JAX, drawn anew for each tree.
+    kind: str = eqx.field(static=True)
 
 
 def _is_spec(x: Any) -> bool:
@@ -1397,7 +1400,7 @@ def leaf_specs(draw: st.DrawFn, axis: int, size: int) -> LeafSpec:
     ndim = draw(st.integers(min_ndim, 3))
     shape = list(draw(hnp.array_shapes(min_dims=ndim, max_dims=ndim, max_side=3)))
     shape[axis] = size
-    kind = draw(st.sampled_from(["jax", "numpy", "key"]))
+    kind = draw(st.sampled_from(["jax", "numpy", "key", "mixed"]))
     dtype = None if kind == "key" else draw(st.sampled_from(_DTYPES))
     return LeafSpec(tuple(shape), dtype, kind)
 
@@ -1416,7 +1419,8 @@ def realize(draw: st.DrawFn, template: Any) -> Any:
         storage = np.float32 if spec.dtype == jnp.bfloat16 else np.dtype(spec.dtype)
         values = draw(hnp.arrays(storage, spec.shape, elements=_elements(spec.dtype)))
         values = values.astype(spec.dtype)
-        return values if spec.kind == "numpy" else jnp.asarray(values)
+        numpy = spec.kind == "numpy" or (spec.kind == "mixed" and draw(st.booleans()))
+        return values if numpy else jnp.asarray(values)
 
     return jax.tree.map(make, template, is_leaf=_is_spec)
 
@@ -1441,11 +1445,30 @@ def _take_reference(leaf: Any, index: int, axis: int) -> Any:
 
 axes = st.integers(-3, 2)
 
+# unstack_pytree slices concrete JAX leaves on the host or by a compiled program,
+# whichever its cost estimate picks; `slicing_by(path)` forces one of them.
+UNSTACK_PATHS = ["host", "compiled", "scheduled"]
 
+
+@contextlib.contextmanager
+def slicing_by(path: str) -> Any:
+    saved = lerax_utils._UNSTACK_HOST_SECONDS_PER_SLICE
+    per_slice = {"host": 0.0, "compiled": math.inf, "scheduled": saved}[path]
+    lerax_utils._UNSTACK_HOST_SECONDS_PER_SLICE = per_slice
+    lerax_utils._unstack_host_seconds.clear()
+    try:
+        yield
+    finally:
+        lerax_utils._UNSTACK_HOST_SECONDS_PER_SLICE = saved
+        lerax_utils._unstack_host_seconds.clear()
+
+
+@pytest.mark.parametrize("path", UNSTACK_PATHS)
 @given(data=st.data(), axis=axes, size=st.integers(0, 4))
-def test_unstack_pytree_matches_slicing_each_leaf(data, axis, size):
+def test_unstack_pytree_matches_slicing_each_leaf(path, data, axis, size):
     tree = data.draw(batched_templates(axis, size).flatmap(realize))
-    slices = unstack_pytree(tree, axis=axis)
+    with slicing_by(path):
+        slices = unstack_pytree(tree, axis=axis)
     assert len(slices) == size
     for index, piece in enumerate(slices):
         expected = jax.tree.map(
@@ -1457,10 +1480,13 @@ def test_unstack_pytree_matches_slicing_each_leaf(data, axis, size):
         assert_identical(piece, expected)
 
 
+@pytest.mark.parametrize("path", ["host", "compiled"])
 @given(data=st.data(), axis=axes, size=st.integers(1, 4))
-def test_stack_pytree_inverts_unstack_pytree(data, axis, size):
+def test_stack_pytree_inverts_unstack_pytree(path, data, axis, size):
     tree = data.draw(batched_templates(axis, size).flatmap(realize))
-    assert_identical(stack_pytree(unstack_pytree(tree, axis=axis), axis=axis), tree)
+    with slicing_by(path):
+        slices = unstack_pytree(tree, axis=axis)
+    assert_identical(stack_pytree(slices, axis=axis), tree)
 
 
 @given(data=st.data(), axis=axes, size=st.integers(1, 4))
@@ -1478,9 +1504,23 @@ def test_unstack_pytree_inverts_stack_pytree(data, axis, size):
     template = jax.tree.map(drop_axis, template, is_leaf=_is_spec)
     trees = [data.draw(realize(template)) for _ in range(size)]
     stacked = stack_pytree(trees, axis=axis)
-    assert len(unstack_pytree(stacked, axis=axis)) == size
-    for piece, tree in zip(unstack_pytree(stacked, axis=axis), trees, strict=True):
-        assert_identical(piece, tree)
+    # A leaf is NumPy after the round trip only if it was NumPy in every tree.
+    columns = zip(*(jax.tree.leaves(tree) for tree in trees), strict=True)
+    numpy_columns = [
+        all(isinstance(leaf, np.ndarray) for leaf in column) for column in columns
+    ]
+    for leaf, numpy in zip(jax.tree.leaves(stacked), numpy_columns, strict=True):
+        if eqx.is_array(leaf):
+            assert isinstance(leaf, np.ndarray if numpy else jax.Array)
+    pieces = unstack_pytree(stacked, axis=axis)
+    assert len(pieces) == size
+    for piece, tree in zip(pieces, trees, strict=True):
+        leaves, treedef = jax.tree.flatten(tree)
+        expected = [
+            leaf if numpy or not isinstance(leaf, np.ndarray) else jnp.asarray(leaf)
+            for leaf, numpy in zip(leaves, numpy_columns, strict=True)
+        ]
+        assert_identical(piece, treedef.unflatten(expected))
 
 
 def test_unstack_pytree_keeps_numpy_leaves_as_views():
@@ -1502,35 +1542,127 @@ def test_unstack_pytree_keeps_jax_leaves_on_their_device():
         assert piece["a"].devices() == {device}
 
 
-@pytest.mark.parametrize("length", [1, 7, 8, 21])
-def test_unstack_pytree_agrees_on_first_and_later_calls(length):
-    # Later calls on the same shapes slice several rows per call; the last chunk
-    # overlaps the one before it when `length` is not a multiple of the chunk.
+@pytest.mark.parametrize("path", UNSTACK_PATHS)
+@pytest.mark.parametrize("length", [1, 7, 32, 37, 70])
+def test_unstack_pytree_agrees_on_first_and_later_calls(path, length):
+    # The compiled program slices several rows per call; the last chunk overlaps
+    # the one before it when `length` is not a multiple of the chunk.
     data = np.arange(length * 6, dtype=np.float32).reshape(length, 2, 3)
     tree = {"a": jnp.asarray(data), "b": [jnp.asarray(data[:, 0] > 5)]}
     expected = [
         {"a": jnp.asarray(data[i]), "b": [jnp.asarray(data[i, 0] > 5)]}
         for i in range(length)
     ]
-    for _ in range(3):
-        assert_identical(unstack_pytree(tree), expected)
-        assert_identical(unstack_pytree(tree, axis=0), expected)
+    with slicing_by(path):
+        for _ in range(3):
+            assert_identical(unstack_pytree(tree), expected)
+            assert_identical(unstack_pytree(tree, axis=0), expected)
+
+
+def _committed(x: Any) -> Any:
+    return getattr(x, "committed", getattr(x, "_committed", None))
+
+
+@pytest.mark.parametrize("path", UNSTACK_PATHS)
+def test_unstack_pytree_keeps_weak_types_and_commitment(path):
+    device = jax.devices()[-1]
+    weak = jax.lax.broadcast(jnp.asarray(1.5), (3, 2))  # a weakly typed float32
+    assert weak.aval.weak_type
+    tree = {
+        "weak": weak,
+        "free": jnp.arange(6, dtype=jnp.int32).reshape(3, 2),
+        "placed": jax.device_put(np.arange(3.0, dtype=np.float32), device),
+        "keys": jax.random.split(jax.random.key(1), 3),
+    }
+    # Each leaf alone (so each may take its own path), and all four together.
+    parts = [{key: leaf} for key, leaf in tree.items()] + [tree]
+    for part in parts:
+        with slicing_by(path):
+            slices = unstack_pytree(part)
+        for index, piece in enumerate(slices):
+            if "weak" in piece:
+                assert piece["weak"].aval.weak_type
+                assert piece["weak"].dtype == jnp.float32
+            if "free" in piece:
+                assert not piece["free"].aval.weak_type
+                assert _committed(piece["free"]) is _committed(tree["free"]) is False
+            if "placed" in piece:
+                assert _committed(piece["placed"]) is True
+                assert piece["placed"].devices() == {device}
+            expected = {key: leaf[index] for key, leaf in part.items()}
+            assert_identical(piece, expected, weak_types=True)
+
+
+@pytest.mark.parametrize("guard", ["disallow", "log_explicit"])
+def test_unstack_pytree_respects_transfer_guards(guard):
+    # The host path's transfers are explicit: allowed under "disallow", which only
+    # refuses implicit ones; under "log_explicit" the compiled program is used.
+    tree = {"a": jnp.arange(12.0).reshape(4, 3), "b": jnp.arange(4)}
+    expected = [{"a": tree["a"][i], "b": tree["b"][i]} for i in range(4)]
+    with slicing_by("host"), jax.transfer_guard(guard):
+        slices = unstack_pytree(tree)
+    assert_identical(slices, expected)
+
+
+def _programs_compiled(function: Any) -> int:
+    """How many programs the jitted `function` has compiled so far."""
+    return function._cache_size()
+
+
+def _unstack_programs() -> int:
+    return _programs_compiled(lerax_utils._index_rows)
+
+
+def test_unstack_pytree_compiles_once_host_time_would_reach_the_compile_time():
+    # Costs in made-up units: a slice costs 1 on the host, so a call (4 rows x 2
+    # leaves) costs 8; the program (4 rows per call) is estimated at 4 + 4 x (1 + 2
+    # x 1) = 16. So call 1 slices on the host, call 2 brings the host total to 16
+    # and compiles one program, and every later call reuses it.
+    tree = {"a": jnp.zeros((4, 97)), "b": jnp.ones((4, 5), jnp.int32)}
+    expected = [jax.tree.map(lambda x, i=i: x[i], tree) for i in range(4)]
+    saved = lerax_utils._UNSTACK_COMPILE_SECONDS
+    with slicing_by("host"):
+        lerax_utils._UNSTACK_HOST_SECONDS_PER_SLICE = 1.0
+        lerax_utils._UNSTACK_COMPILE_SECONDS = (4.0, 1.0, 1.0)
+        try:
+            programs = []
+            for _ in range(4):
+                assert_identical(unstack_pytree(tree), expected)
+                programs.append(_unstack_programs())
+            spent = list(lerax_utils._unstack_host_seconds.values())
+        finally:
+            lerax_utils._UNSTACK_COMPILE_SECONDS = saved
+    before = programs[0]
+    assert programs == [before, before + 1, before + 1, before + 1]
+    assert spent == [math.inf]
+
+
+def test_unstack_pytree_remembers_a_bounded_number_of_shapes():
+    saved = lerax_utils._UNSTACK_SIGNATURES_KEPT
+    lerax_utils._UNSTACK_SIGNATURES_KEPT = 3
+    trees = [jnp.zeros((2, width)) for width in range(101, 106)]
+    try:
+        with slicing_by("scheduled"):
+            for tree in trees[:4]:
+                unstack_pytree(tree)
+            unstack_pytree(trees[1])  # Seen again: now the most recent.
+            unstack_pytree(trees[4])
+            kept = [key[0][0][0] for key in lerax_utils._unstack_host_seconds]
+    finally:
+        lerax_utils._UNSTACK_SIGNATURES_KEPT = saved
+    assert kept == [(2, 104), (2, 102), (2, 105)]
 
 
 @pytest.mark.parametrize("enabled", [True, False])
-def test_unstack_pytree_leaves_the_garbage_collector_as_it_found_it(enabled):
-    # unstack_pytree pauses the cyclic collector while it builds the slices.
+def test_unstack_pytree_leaves_the_garbage_collector_alone(enabled):
     tree = {"a": jnp.arange(6.0).reshape(3, 2), "b": np.arange(3)}
     was_enabled = gc.isenabled()
     (gc.enable if enabled else gc.disable)()
     try:
-        unstack_pytree(tree)
-        assert gc.isenabled() is enabled
-        with pytest.raises(RuntimeError, match="inside"):
-            with lerax_utils._cyclic_gc_paused():
-                assert not gc.isenabled()
-                raise RuntimeError("inside")
-        assert gc.isenabled() is enabled
+        for path in UNSTACK_PATHS:
+            with slicing_by(path):
+                unstack_pytree(tree)
+            assert gc.isenabled() is enabled
     finally:
         (gc.enable if was_enabled else gc.disable)()
 
@@ -1560,6 +1692,19 @@ def test_stack_pytree_of_many_trees_matches_numpy(count, axis):
     assert_identical(stacked["k"], jax.random.wrap_key_data(jnp.asarray(expected_k)))
     assert stacked["tag"] == "t"
     assert_identical(unstack_pytree(stacked, axis=axis), trees)
+
+
+def test_stack_pytree_compiles_two_programs_for_any_number_of_trees():
+    # Per result shape, one program fills the first chunk and one every later chunk:
+    # the last chunk overlaps the one before it rather than being shorter.
+    programs = [lerax_utils._stack_first_chunk, lerax_utils._stack_chunk_into]
+    for count in (65, 100, 150):
+        trees = [{"w": jnp.full((3, 7), i, jnp.float32)} for i in range(count)]
+        before = [_programs_compiled(program) for program in programs]
+        stacked = stack_pytree(trees)
+        after = [_programs_compiled(program) for program in programs]
+        assert_identical(stacked["w"], jnp.asarray(np.stack([t["w"] for t in trees])))
+        assert [a - b for a, b in zip(after, before, strict=True)] == [1, 1]
 
 
 def test_unstack_and_stack_pytree_inside_jit():
