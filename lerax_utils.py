@@ -368,38 +368,69 @@ def _with_promoted_numbers(
     """Run `attempt(promoted)`, with the Python numbers of `tree` at the flat indices
     `promoted` traced and the others kept as Python values.
 
-    It starts with none traced. A loop body that changes a number asks for it to be
-    traced (`_PromoteCarryNumbers`), and the attempt is repeated; nothing is traced
-    twice when no number changes. An attempt that raises while some numbers are still
-    Python values is repeated once with all of them traced, exactly as `jax.lax`
-    traces them, because code written for `jax.lax` may need them as arrays
-    (`c.shape`, or int32 arithmetic that overflows as Python ints do not). The
-    outcome of that attempt is then the answer; if it fails in the same way, the
-    first error is raised, since it shows the user's own values.
+    Bools start traced, exactly as `jax.lax` traces them, because Python and JAX give
+    different answers for the same code on them (`~True` is -2 in Python). Other
+    numbers start as Python values; a loop body that changes one asks for it to be
+    traced (`_PromoteCarryNumbers`), and the attempt is repeated, so nothing is traced
+    twice when no number changes.
+
+    An attempt that raises while trace time is still going on is repeated with every
+    number traced (code written for `jax.lax` may need them as arrays: `c.shape`, or
+    int32 arithmetic), and if that raises too, with every number a Python value (code
+    such as `if self.training:` needs them so). The first attempt that succeeds
+    stands. If none does, the error raised with every number traced is the one
+    `jax.lax` would raise, and it is raised, unless it only complains that a value was
+    traced, in which case an error from an attempt with Python values is the real one.
+    Errors of the running computation (`RuntimeError`) are never retried.
     """
-    numbers = frozenset(
-        i for i, leaf in enumerate(jtu.tree_leaves(tree)) if _is_python_number(leaf)
-    )
-    promoted: frozenset[int] = frozenset()
-    first_error: Exception | None = None
-    while True:
+    leaves = jtu.tree_leaves(tree)
+    bools = frozenset(i for i, leaf in enumerate(leaves) if type(leaf) is bool)
+    numbers = frozenset(i for i, leaf in enumerate(leaves) if _is_python_number(leaf))
+    starts = {
+        bools: "every number traced"
+        if bools == numbers
+        else "bools traced and other numbers as Python values"
+        if bools
+        else "every number a Python value"
+    }
+    starts.setdefault(numbers, "every number traced")
+    starts.setdefault(frozenset(), "every number a Python value")
+    errors: dict[frozenset[int], Exception] = {}
+    for start in starts:
+        promoted = start
         try:
-            return attempt(promoted)
-        except _PromoteCarryNumbers as request:
-            promoted |= request.indices
-        except Exception as error:
-            if first_error is None and not numbers <= promoted:
-                first_error, promoted = error, numbers
-                continue
-            if first_error is None:
-                raise
-            if type(error) is type(first_error):
-                raise first_error from None  # The same mistake, in the user's values.
-            error.add_note(
-                f"{function} first ran with the Python numbers kept as Python values, "
-                f"which raised {type(first_error).__name__}: {first_error}"
-            )
+            while True:
+                try:
+                    return attempt(promoted)
+                except _PromoteCarryNumbers as request:
+                    promoted |= request.indices
+        except RuntimeError:
             raise
+        except Exception as error:
+            errors[start] = error
+            if start == numbers and not _complains_of_tracing(error):
+                break
+    as_lax = errors[numbers]
+    chosen = next(
+        (e for e in [as_lax, *errors.values()] if not _complains_of_tracing(e)), as_lax
+    )
+    for start, other in errors.items():
+        if other is not chosen and str(other) != str(chosen):
+            chosen.add_note(
+                f"{function} also ran with {starts[start]}, which raised "
+                f"{type(other).__name__}: {other}"
+            )
+    raise chosen
+
+
+def _complains_of_tracing(error: Exception) -> bool:
+    """Whether `error` says only that a traced value was used as a Python value."""
+    return isinstance(
+        error,
+        jax.errors.ConcretizationTypeError
+        | jax.errors.TracerIntegerConversionError
+        | jax.errors.TracerArrayConversionError,
+    )
 
 
 class _LoopCarry(_Split):
@@ -625,12 +656,17 @@ def filter_scan(
         list. It may be a plain function, a bound method or an `eqx.Partial`.
     - `init`: the initial carry. Its leaves are of three kinds.
         - Arrays (JAX, NumPy, typed PRNG keys) are traced, as in `jax.lax.scan`.
-        - Python numbers (`bool`, `int`, `float`, `complex`) that `f` gives back
-          unchanged (same type, same bits) stay Python values inside the loop and in
-          the final carry. A number that `f` changes (to another number or to an
+        - Python numbers (`int`, `float`, `complex`) that `f` gives back unchanged
+          (same type, same bits) stay Python values inside the loop and in the
+          final carry. A number that `f` changes (to another number or to an
           array) is traced exactly as `jax.lax.scan` traces it, as a weakly typed
           array, and the final carry holds an array there. `f` is then traced a
-          second time; nothing is traced twice when no number changes.
+          second time; nothing is traced twice when no number changes. Python
+          bools are traced, as `jax.lax.scan` traces them, since `~True` is -2 in
+          Python; a step that needs them as Python values (`if self.training:`)
+          gets them so on a second trace. If a trace with numbers as Python values
+          raises, `f` is traced again with every number traced, as
+          `jax.lax.scan` would.
         - Every other leaf (functions, strings, `None`-free static fields of modules)
           is static: `new_carry` must hold an equal value there.
     - `xs`: the inputs, sliced along the leading axis of every array leaf. Non-array
@@ -693,18 +729,20 @@ def filter_scan(
     def attempt(promoted: frozenset[int]) -> Any:
         carry = _LoopCarry(init, promoted, _SCAN_NAMES)
         outputs: list[_Split] = []
-        pair_types: list[type] = []
+        pair_defs: list[Any] = []
 
         @_named_after(f)
         def step(traced_carry: Any, traced_x: Any) -> tuple[Any, Any]:
             out = f(carry.rebuild(traced_carry), inputs.rebuild(traced_x))
-            if not isinstance(out, tuple | list) or len(out) != 2:
+            # Any node with two children is a pair, as for `jax.lax.scan`.
+            pair, pair_def = jtu.tree_flatten(out, is_leaf=lambda node: node is not out)
+            if len(pair) != 2 or jtu.treedef_is_leaf(pair_def):
                 raise TypeError(
                     "filter_scan: `f` must return a pair `(new_carry, y)`; got "
                     f"{_describe_leaf(out)}."
                 )
-            pair_types.append(type(out))
-            new_carry, y = out
+            pair_defs.append(pair_def)
+            new_carry, y = pair
             outputs.append(_Split(y, _outputs_traced))
             return carry.check(new_carry), outputs[-1].traced_part()
 
@@ -720,7 +758,7 @@ def filter_scan(
         _static_outputs_agree("filter_scan", "`f`'s output `y`", "f", outputs)
         final, ys = carry.rebuild(final), outputs[0].rebuild(ys)
         # `jax.lax.scan` gives back the pair in the container that `f` used.
-        return [final, ys] if pair_types[0] is list else (final, ys)
+        return pair_defs[0].unflatten([final, ys])
 
     return _with_promoted_numbers("filter_scan", attempt, init)
 

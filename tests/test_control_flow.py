@@ -8,13 +8,14 @@ result with ours.
 import pathlib
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental import io_callback
 
 from lerax_utils import (
     filter_cond,
@@ -161,6 +162,11 @@ def _assert_same(actual: Any, expected: Any) -> None:
         assert np.array_equal(a, e, equal_nan=True)
 
 
+class _Pair(NamedTuple):
+    carry: Any
+    y: Any
+
+
 _THREE = np.asarray(3)  # A concrete 0-d array, even inside `jax.jit`.
 
 
@@ -181,6 +187,18 @@ SCAN_CALLS: dict[str, Callable[[Any], Any]] = {
     "bool length": lambda scan: scan(lambda c, x: (c + 1.0, c), 0.0, None, length=True),
     "f returns a list": lambda scan: scan(
         lambda c, x: [c + x, c], 0.0, jnp.arange(3.0)
+    ),
+    "f returns a namedtuple": lambda scan: scan(
+        lambda c, x: _Pair(c + x, c), 0.0, jnp.arange(3.0)
+    ),
+    "f returns a dict of two": lambda scan: scan(
+        lambda c, x: {"a": c + x, "b": c}, 0.0, jnp.arange(3.0)
+    ),
+    "a bool flag negated with ~": lambda scan: scan(
+        lambda c, r: (c, jnp.where(~c[1], r, 0.0)), (jnp.float32(0), True), jnp.ones(3)
+    ),
+    "bools added as JAX adds them": lambda scan: scan(
+        lambda c, r: (c, r * (c[1] + c[2])), (0.0, True, True), jnp.ones(3)
     ),
     "Python int carry that becomes a float": lambda scan: scan(
         _sum_step, 0, jnp.arange(3.0)
@@ -247,6 +265,9 @@ COND_CALLS: dict[str, Callable[[Any, Any], Any]] = {
     "two different numbers": lambda cond, p: cond(p, lambda: 1, lambda: 2),
     "an integer pred": lambda cond, p: cond(jnp.int32(3) * p, jnp.sin, jnp.cos, 1.0),
     "a float pred": lambda cond, p: cond(0.5 * p, jnp.sin, jnp.cos, 1.0),
+    "a bool operand negated with ~": lambda cond, p: cond(
+        p, lambda x, f: jnp.where(~f, x, -x), lambda x, f: x, 1.0, True
+    ),
     "astype on a number operand": lambda cond, p: cond(
         p, lambda x: x.astype(jnp.int32), lambda x: x.astype(jnp.int32) + 1, 1.0
     ),
@@ -369,7 +390,7 @@ _README_TRIGGERS: list[Callable[[], Any]] = [
     lambda: filter_scan(
         lambda c, _: ({"a": c["a"], "b": 1}, None), {"a": 1}, None, length=1
     ),
-    lambda: filter_scan(lambda c, x: c, 0, None, length=1),  # type: ignore[arg-type]
+    lambda: filter_scan(lambda c, x: c, "s", None, length=1),  # type: ignore[arg-type]
     lambda: filter_scan("step", 0, None, length=1),  # type: ignore[arg-type]
     lambda: filter_scan(
         _identity_step, 0, {"obs": jnp.ones((3, 2)), "actions": [jnp.ones(4)]}
@@ -428,8 +449,8 @@ def test_a_second_failure_of_another_type_notes_the_first():
         filter_scan(step, 0, None, length=2)
     assert "it was int 0 and is now str 't'" in str(info.value)
     assert (
-        "filter_scan first ran with the Python numbers kept as Python values, which "
-        "raised AttributeError: 'int' object has no attribute 'shape'"
+        "filter_scan also ran with every number a Python value, which raised "
+        "AttributeError: 'int' object has no attribute 'shape'"
     ) in info.value.__notes__
 
 
@@ -573,3 +594,35 @@ def test_the_family_accepts_every_call_lax_accepts(call, jit):
     else:
         expected, actual = make(_LAX), make(_OURS)
     _assert_same(actual, expected)
+
+
+def test_runtime_errors_are_not_retried():
+    calls = []
+
+    def fail_on_the_third(x):
+        calls.append(None)
+        if len(calls) == 3:
+            raise RuntimeError("disk full")
+        return np.asarray(x)
+
+    def step(c, x):
+        shape = jax.ShapeDtypeStruct((), jnp.float32)
+        return (io_callback(fail_on_the_third, shape, c[0] + x), c[1]), None
+
+    with pytest.raises(RuntimeError):
+        filter_scan(step, (jnp.float32(0), 7), jnp.arange(5.0))
+    assert len(calls) == 3
+
+
+class _Layers(eqx.Module):
+    count: int
+
+    def __call__(self, x):
+        for _ in range(self.count):
+            x = x + jnp.ones(3)  # A shape bug: `x` has 2 entries.
+        return x
+
+
+def test_the_real_error_is_raised_when_a_traced_retry_only_complains_of_tracing():
+    with pytest.raises(TypeError, match="add got incompatible shapes"):
+        filter_scan(lambda c, x: (c, c(x)), _Layers(2), jnp.ones((3, 2)))
