@@ -1156,6 +1156,7 @@ def filter_fori_loop(
     init_val: _Carry,
     *,
     unroll: int | bool | None = None,
+    progress: bool | str = False,
 ) -> _Carry:
     """As `jax.lax.fori_loop`, except that the carry may be any pytree, split as in
     `filter_while_loop`.
@@ -1168,6 +1169,8 @@ def filter_fori_loop(
     - `body_fun`: `body_fun(i, carry)` returns the next carry, of the same structure.
     - `init_val`: the initial carry (see `filter_while_loop`).
     - `unroll`: as `jax.lax.fori_loop`; only with concrete bounds.
+    - `progress`: ours alone, only with concrete bounds: `True` or a description
+        draws a progress bar over the `upper - lower` steps, as in `filter_scan`.
 
     **Returns:**
 
@@ -1177,6 +1180,8 @@ def filter_fori_loop(
 
     As `filter_while_loop`, with `body_fun` named in the messages; JAX's own errors for
     the bounds (`TypeError` for bounds of different integer types) pass through.
+    `TypeError` if `progress` is asked for with traced bounds, whose trip count is
+    unknown until the loop runs.
 
     **Example:**
 
@@ -1193,6 +1198,19 @@ def filter_fori_loop(
     ```
     """
     _check_callable("filter_fori_loop", "body_fun", body_fun)
+    description = _progress_description("filter_fori_loop", progress)
+    bar = None
+    if description is not None:
+        try:
+            first, total = int(lower), int(upper) - int(lower)
+        except TypeError as err:
+            raise TypeError(
+                "filter_fori_loop: `progress` needs concrete bounds, so that the "
+                "number of steps is known before the loop runs, but `lower` or "
+                "`upper` is traced. Pass Python ints as the bounds (mark them static "
+                "under `jax.jit`), or leave `progress` out."
+            ) from err
+        bar = _make_bar(description, total)
 
     def attempt(promoted: frozenset[int]) -> Any:
         carry = _LoopCarry(init_val, promoted, _FORI_NAMES)
@@ -1201,12 +1219,25 @@ def filter_fori_loop(
         def body(i: Any, traced: Any) -> Any:
             return carry.check(body_fun(i, carry.rebuild(traced)))
 
-        final = jax.lax.fori_loop(
-            lower, upper, body, carry.traced_part(), unroll=unroll
-        )
+        if bar is None:
+            final = jax.lax.fori_loop(
+                lower, upper, body, carry.traced_part(), unroll=unroll
+            )
+            return carry.rebuild(final)
+
+        @_named_after(body_fun)
+        def counted(i: Any, traced: Any) -> Any:
+            _progress_report(bar, i - first)
+            return body(i, traced)
+
+        with _progress_body():
+            final = jax.lax.fori_loop(
+                lower, upper, counted, carry.traced_part(), unroll=unroll
+            )
         return carry.rebuild(final)
 
-    return _with_promoted_numbers("filter_fori_loop", attempt, init_val)
+    with _tidy_on_error(bar):
+        return _with_promoted_numbers("filter_fori_loop", attempt, init_val)
 
 
 #
@@ -1216,7 +1247,13 @@ def filter_fori_loop(
 _MAP_TAKES_BATCH_SIZE = "batch_size" in inspect.signature(jax.lax.map).parameters
 
 
-def filter_map(f: Callable[[_X], _Y], xs: _X, *, batch_size: int | None = None) -> _Y:
+def filter_map(
+    f: Callable[[_X], _Y],
+    xs: _X,
+    *,
+    batch_size: int | None = None,
+    progress: bool | str = False,
+) -> _Y:
     """As `jax.lax.map`, except that `xs` and the outputs of `f` may be any pytree.
 
     Array leaves of `xs` are sliced along their leading axis and traced; other leaves
@@ -1229,6 +1266,8 @@ def filter_map(f: Callable[[_X], _Y], xs: _X, *, batch_size: int | None = None) 
     - `xs`: the inputs. Its arrays must share their leading size.
     - `batch_size`: as `jax.lax.map` (which takes it from jax 0.4.31 on): map over
         batches of this many slices, each batch with `jax.vmap`.
+    - `progress`: ours alone: `True` or a description draws a progress bar over the
+        slices, as in `filter_scan`. Not with `batch_size`.
 
     **Returns:**
 
@@ -1237,7 +1276,7 @@ def filter_map(f: Callable[[_X], _Y], xs: _X, *, batch_size: int | None = None) 
     **Raises:**
 
     - `TypeError` if `f` is not callable, or `batch_size` is given to a JAX whose
-        `jax.lax.map` does not take it.
+        `jax.lax.map` does not take it, or with `progress`.
     - `ValueError` if `xs` holds no arrays, or if the static part of `f`'s output
         differs between traces. JAX's own errors (different leading sizes) pass
         through.
@@ -1256,7 +1295,13 @@ def filter_map(f: Callable[[_X], _Y], xs: _X, *, batch_size: int | None = None) 
     ```
     """
     _check_callable("filter_map", "f", f)
+    description = _progress_description("filter_map", progress)
     options = {}
+    if batch_size is not None and description is not None:
+        raise TypeError(
+            "filter_map: `progress` cannot be combined with `batch_size`. Leave one "
+            "of them out."
+        )
     if batch_size is not None:
         if not _MAP_TAKES_BATCH_SIZE:
             raise TypeError(
@@ -1285,7 +1330,18 @@ def filter_map(f: Callable[[_X], _Y], xs: _X, *, batch_size: int | None = None) 
         outputs.append(_Split(f(inputs.rebuild(traced_x)), _outputs_traced))
         return outputs[-1].traced_part()
 
-    ys = jax.lax.map(mapped, inputs.traced_part(), **options)
+    traced_xs = inputs.traced_part()
+    bar = None
+    if description is not None:
+        bar = _make_bar(description, jtu.tree_leaves(traced_xs)[0].shape[0])
+    if bar is None:
+        ys = jax.lax.map(mapped, traced_xs, **options)
+    else:
+        with _tidy_on_error(bar):
+            _, ys = _scan_with_bar(
+                bar, lambda c, x: (c, mapped(x)), None, traced_xs,
+                jtu.tree_leaves(traced_xs)[0].shape[0], False, 1, {},
+            )  # fmt: skip
     _static_outputs_agree("filter_map", "`f`'s output", "f", outputs)
     return outputs[0].rebuild(ys)
 
