@@ -1199,7 +1199,7 @@ def filter_fori_loop(
     """
     _check_callable("filter_fori_loop", "body_fun", body_fun)
     description = _progress_description("filter_fori_loop", progress)
-    bar = None
+    bar, first = None, 0
     if description is not None:
         try:
             first, total = int(lower), int(upper) - int(lower)
@@ -1226,7 +1226,7 @@ def filter_fori_loop(
             return carry.rebuild(final)
 
         @_named_after(body_fun)
-        def counted(i: Any, traced: Any) -> Any:
+        def counted(i: Any, traced: Any, bar: _ProgressBar = bar) -> Any:
             _progress_report(bar, i - first)
             return body(i, traced)
 
@@ -2249,7 +2249,7 @@ class _ProgressBar:
         self.count = 0
         self.start = 0.0
         self.last_draw = -math.inf
-        self.width = 0  # Of the last line drawn, to blank out what a shorter one leaves.
+        self.width = 0  # Of the last line: a shorter one must blank it out.
 
     def line(self, now: float) -> str:
         elapsed = now - self.start

@@ -130,7 +130,9 @@ def test_shorter_line_blanks_out_the_longer(capsys: pytest.CaptureFixture[str]) 
 
 @pytest.mark.parametrize("length", [1, 2, 198, 199, 200, 201, 4321, 100_000])
 def test_host_calls_are_bounded(reports: list[tuple[int, int]], length: int) -> None:
-    jax.jit(lambda: filter_scan(lambda c, _: (c, None), 0, length=length, progress=True))()
+    jax.jit(
+        lambda: filter_scan(lambda c, _: (c, None), 0, length=length, progress=True)
+    )()
     jax.effects_barrier()
     counts = [c for c, _ in reports]
     assert len(counts) <= lerax_utils._PROGRESS_MAX_CALLBACKS
@@ -274,7 +276,9 @@ def test_progress_must_be_bool_or_str(bad: Any) -> None:
 
 def test_fori_progress_needs_concrete_bounds() -> None:
     with pytest.raises(TypeError, match="`progress` needs concrete bounds"):
-        jax.jit(lambda n: filter_fori_loop(0, n, lambda i, c: c + i, 0, progress=True))(3)
+        jax.jit(lambda n: filter_fori_loop(0, n, lambda i, c: c + i, 0, progress=True))(
+            3
+        )
     # Without a bar, traced bounds are fine.
     assert jax.jit(lambda n: filter_fori_loop(0, n, lambda i, c: c + i, 0))(4) == 6
 
