@@ -184,6 +184,23 @@ def test_vmap_of_fori_and_map_draw_one_bar(reports: list[tuple[int, int]]) -> No
     assert len(reports) == len(set(reports))
 
 
+def _jax_keeps_callbacks_in_scan_under_grad() -> bool:
+    """Old JAX (0.4.26) drops `jax.debug.callback` from a scan body under `grad`."""
+    seen: list[int] = []
+
+    def loss(w: Any) -> Any:
+        def body(c: Any, x: Any) -> Any:
+            i, c = c
+            jax.debug.callback(lambda i: seen.append(1), i)
+            return (i + 1, c * w + x), None
+
+        return jax.lax.scan(body, (jnp.int32(0), 1.0), jnp.ones(2))[0][1]
+
+    jax.grad(loss)(0.5)
+    jax.effects_barrier()
+    return bool(seen)
+
+
 def test_grad_sees_one_forward_pass(reports: list[tuple[int, int]]) -> None:
     def loss(w: Any, progress: bool) -> Any:
         carry, ys = filter_scan(
@@ -196,6 +213,9 @@ def test_grad_sees_one_forward_pass(reports: list[tuple[int, int]]) -> None:
     jax.effects_barrier()
     without = jax.jit(jax.value_and_grad(loss), static_argnums=1)(0.7, False)
     assert _identical(with_bar, without)
+    if not _jax_keeps_callbacks_in_scan_under_grad():
+        assert reports == []  # No bar, as JAX drops the callback; same results.
+        return
     assert [c for c, _ in reports][-1] == 100
     assert [c for c, _ in reports].count(0) == 1
 
