@@ -2207,6 +2207,8 @@ def print_callback(*args: Any, **kwargs: Any) -> None:
 # newline when the count reaches the total.
 
 _PROGRESS_MAX_CALLBACKS = 200
+_PROGRESS_MIN_REPORTS = 20
+_PROGRESS_STEPS_PER_REPORT = 1000
 _PROGRESS_MIN_INTERVAL = 0.1  # Seconds between two redraws of a line.
 _progress_depth = 0  # How many loops with a bar are being traced around this point.
 _progress_lock = threading.Lock()
@@ -2227,8 +2229,17 @@ def _progress_description(function: str, progress: Any) -> str | None:
 
 def _progress_stride(total: int) -> int:
     """Report every `k`-th step: the steps `0, k, 2k, ...` and the last one make at
-    most `_PROGRESS_MAX_CALLBACKS` calls."""
-    return max(1, -(-total // (_PROGRESS_MAX_CALLBACKS - 1)))
+    most `_PROGRESS_MAX_CALLBACKS` calls.
+
+    A host call costs tens of microseconds, as much as thousands of small steps, so
+    a loop reports `_PROGRESS_MIN_REPORTS` times (a new line every 5%), and once
+    more per `_PROGRESS_STEPS_PER_REPORT` steps beyond that, up to the bound.
+    """
+    reports = max(
+        min(total, _PROGRESS_MIN_REPORTS), total // _PROGRESS_STEPS_PER_REPORT
+    )
+    reports = min(reports, _PROGRESS_MAX_CALLBACKS - 1)
+    return max(1, -(-total // reports))
 
 
 def _format_seconds(seconds: float) -> str:
@@ -2312,7 +2323,8 @@ def _progress_report(bar: _ProgressBar, step: Any) -> None:
     count = jax.lax.select(last, jnp.int32(bar.total), step)
 
     def report(count: Any) -> None:
-        jax.debug.callback(lambda c: _progress_update(bar, int(c)), count)
+        # Ordered, so that the host sees the counts in the order of the steps.
+        jax.debug.callback(lambda c: _progress_update(bar, int(c)), count, ordered=True)
 
     due = last | (jax.lax.rem(step, jnp.int32(stride)) == 0)
     jax.lax.cond(due, report, lambda _: None, count)
