@@ -389,3 +389,12 @@ def test_results_bit_identical_with_and_without_bar(
     with_bar, without = both(carry_arrays, jnp.linspace(0.0, 1.0, length))
     jax.effects_barrier()
     assert _identical(with_bar, without)
+
+
+def test_fori_counts_from_lower(reports: list[tuple[int, int]]) -> None:
+    total = filter_fori_loop(3, 53, lambda i, c: c + i, 0, progress=True)
+    jax.effects_barrier()
+    assert total == sum(range(3, 53))
+    counts = [c for c, _ in reports]
+    assert counts[0] == 0 and counts[-1] == 50 == reports[-1][1]
+    assert counts == sorted(counts)
