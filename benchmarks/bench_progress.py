@@ -31,7 +31,7 @@ def _step(carry: Any, x: jax.Array) -> tuple[Any, jax.Array]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description="The cost of a progress bar.")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--steps", type=int, default=10_000)
     args = parser.parse_args()
