@@ -7,7 +7,9 @@
   are traced; Python numbers are traced once they change; every other leaf is static.
 - `filter_cond`: `jax.lax.cond` for any pytree. Only the chosen branch runs.
 - `filter_while_loop`, `filter_fori_loop`, `filter_switch`, `filter_map`: the rest of
-  the `jax.lax` control-flow family, by the same rules.
+  the `jax.lax` control-flow family, by the same rules. `filter_scan`,
+  `filter_fori_loop` and `filter_map` take `progress=` to draw a progress bar on
+  stderr while they run, even under `jit`.
 - `unstack_pytree`, `stack_pytree`: split a batched pytree into one pytree per index
   along an axis, and join such pytrees back.
 - `callback_wrapper`, `callback_with_numpy_wrapper`, `callback_with_list_wrapper`,
@@ -2210,7 +2212,8 @@ _PROGRESS_MAX_CALLBACKS = 200
 _PROGRESS_MIN_REPORTS = 20
 _PROGRESS_STEPS_PER_REPORT = 1000
 _PROGRESS_MIN_INTERVAL = 0.1  # Seconds between two redraws of a line.
-_progress_depth = 0  # How many loops with a bar are being traced around this point.
+# How many loops with a bar are being traced around this point, per thread.
+_progress_tracing = threading.local()
 _progress_lock = threading.Lock()
 _open_bars: "set[_ProgressBar]" = set()
 
@@ -2333,16 +2336,16 @@ def _progress_report(bar: _ProgressBar, step: Any) -> None:
 @contextlib.contextmanager
 def _progress_body() -> Iterator[None]:
     """While a loop body with a bar is traced: loops inside it draw no bar."""
-    global _progress_depth
-    _progress_depth += 1
+    depth = getattr(_progress_tracing, "depth", 0)
+    _progress_tracing.depth = depth + 1
     try:
         yield
     finally:
-        _progress_depth -= 1
+        _progress_tracing.depth = depth
 
 
 def _make_bar(description: str | None, total: int) -> _ProgressBar | None:
-    if description is None or total <= 0 or _progress_depth > 0:
+    if description is None or total <= 0 or getattr(_progress_tracing, "depth", 0):
         return None
     return _ProgressBar(description, total)
 

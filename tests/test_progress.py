@@ -398,3 +398,13 @@ def test_fori_counts_from_lower(reports: list[tuple[int, int]]) -> None:
     counts = [c for c, _ in reports]
     assert counts[0] == 0 and counts[-1] == 50 == reports[-1][1]
     assert counts == sorted(counts)
+
+
+def test_trace_time_errors_pass_through_with_a_bar(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(TypeError, match="must return a pair"):
+        jax.jit(lambda x: filter_scan(lambda c, _: c, x, length=3, progress=True))(1.0)
+    jax.effects_barrier()
+    assert capsys.readouterr().err == ""
+    assert getattr(lerax_utils._progress_tracing, "depth", 0) == 0
