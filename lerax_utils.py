@@ -2326,8 +2326,14 @@ def _progress_report(bar: _ProgressBar, step: Any) -> None:
     count = jax.lax.select(last, jnp.int32(bar.total), step)
 
     def report(count: Any) -> None:
-        # Ordered, so that the host sees the counts in the order of the steps.
-        jax.debug.callback(lambda c: _progress_update(bar, int(c)), count, ordered=True)
+        # Ordered, so that the host sees the counts in the order of the steps. JAX
+        # orders callbacks only in computations on one device; with several, the
+        # host keeps the largest count so far.
+        jax.debug.callback(
+            lambda c: _progress_update(bar, int(c)),
+            count,
+            ordered=jax.device_count() == 1,
+        )
 
     due = last | (jax.lax.rem(step, jnp.int32(stride)) == 0)
     jax.lax.cond(due, report, lambda _: None, count)
