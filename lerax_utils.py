@@ -7,7 +7,9 @@
   are traced; Python numbers are traced once they change; every other leaf is static.
 - `filter_cond`: `jax.lax.cond` for any pytree. Only the chosen branch runs.
 - `filter_while_loop`, `filter_fori_loop`, `filter_switch`, `filter_map`: the rest of
-  the `jax.lax` control-flow family, by the same rules.
+  the `jax.lax` control-flow family, by the same rules. `filter_scan`,
+  `filter_fori_loop` and `filter_map` take `progress=` to draw a progress bar on
+  stderr while they run, even under `jit`.
 - `unstack_pytree`, `stack_pytree`: split a batched pytree into one pytree per index
   along an axis, and join such pytrees back.
 - `callback_wrapper`, `callback_with_numpy_wrapper`, `callback_with_list_wrapper`,
@@ -45,6 +47,7 @@ __all__ = [
     "Serializable",
 ]
 
+import atexit
 import collections
 import concurrent.futures
 import contextlib
@@ -64,8 +67,9 @@ import stat
 import struct
 import sys
 import threading
+import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import IO, Any, ParamSpec, TypeVar, cast
 
 import equinox as eqx
@@ -642,6 +646,8 @@ def filter_scan(
     reverse: bool = False,
     unroll: int | bool = 1,
     _split_transpose: bool = False,
+    *,
+    progress: bool | str = False,
 ) -> tuple[_Carry, _Y]:
     """As `jax.lax.scan`, except that `init`, `xs` and the outputs of `f` may be any
     pytree. Array leaves are traced; Python numbers are traced once they change; every
@@ -677,6 +683,9 @@ def filter_scan(
     - `reverse`, `unroll`: as `jax.lax.scan`.
     - `_split_transpose`: as `jax.lax.scan`; ignored by versions of JAX that no
         longer accept it (it never changes results).
+    - `progress`: ours alone. `True` draws a progress bar on stderr while the loop
+        runs, even under `jax.jit`; a string draws one with that description. See
+        "Progress bars" below. `False` (the default) adds nothing to the program.
 
     **Returns:**
 
@@ -699,6 +708,17 @@ def filter_scan(
     Under `jax.jit`, `jax.vmap` and `jax.grad` it behaves as `jax.lax.scan`: on a tree
     whose leaves are all arrays it builds exactly the same program.
 
+    **Progress bars.** With `progress`, the loop reports its step count to the host
+    every `k` steps (`k` chosen from `length`, so at most 200 reports however long
+    the loop) and the host redraws one line, at most 10 times a second: count/total,
+    percent, elapsed time, time left and rate. The line ends when the count reaches
+    `length`; with `reverse=True` it counts up all the same. Results are bit for bit
+    those without the bar. Under `jax.vmap` one bar is drawn, not one per batch
+    element. A loop with a bar traced inside the body of another loop with a bar
+    draws none: only the outermost bar is shown. A loop of length 0 draws nothing.
+    If the loop stops on an error, its line is ended (eagerly at once; under `jit`
+    when the next bar starts, or at exit).
+
     **Example:**
 
     ```python
@@ -719,8 +739,10 @@ def filter_scan(
     ```
     """
     _check_callable("filter_scan", "f", f)
+    description = _progress_description("filter_scan", progress)
     length = _scan_length(xs, length)
     unroll = _scan_unroll(unroll)
+    bar = _make_bar(description, length)
     options = (
         {"_split_transpose": _split_transpose} if _SCAN_TAKES_SPLIT_TRANSPOSE else {}
     )
@@ -746,21 +768,61 @@ def filter_scan(
             outputs.append(_Split(y, _outputs_traced))
             return carry.check(new_carry), outputs[-1].traced_part()
 
-        final, ys = jax.lax.scan(
-            step,
-            carry.traced_part(),
-            inputs.traced_part(),
-            length=length,
-            reverse=reverse,
-            unroll=unroll,
-            **options,
-        )
+        if bar is None:
+            final, ys = jax.lax.scan(
+                step,
+                carry.traced_part(),
+                inputs.traced_part(),
+                length=length,
+                reverse=reverse,
+                unroll=unroll,
+                **options,
+            )
+        else:
+            final, ys = _scan_with_bar(
+                bar, step, carry.traced_part(), inputs.traced_part(), length,
+                reverse, unroll, options,
+            )  # fmt: skip
         _static_outputs_agree("filter_scan", "`f`'s output `y`", "f", outputs)
         final, ys = carry.rebuild(final), outputs[0].rebuild(ys)
         # `jax.lax.scan` gives back the pair in the container that `f` used.
         return pair_defs[0].unflatten([final, ys])
 
-    return _with_promoted_numbers("filter_scan", attempt, init)
+    with _tidy_on_error(bar):
+        return _with_promoted_numbers("filter_scan", attempt, init)
+
+
+def _scan_with_bar(
+    bar: "_ProgressBar",
+    step: Callable[[Any, Any], tuple[Any, Any]],
+    init: Any,
+    xs: Any,
+    length: int,
+    reverse: bool,
+    unroll: Any,
+    options: dict[str, Any],
+) -> tuple[Any, Any]:
+    """`jax.lax.scan(step, ...)` with a step counter in the carry, which `step` never
+    sees, reporting to `bar`. The counter counts up whatever the direction."""
+
+    @_named_after(step)
+    def counted(state: tuple[Any, Any], x: Any) -> tuple[Any, Any]:
+        index, traced_carry = state
+        _progress_report(bar, index)
+        new_carry, y = step(traced_carry, x)
+        return (index + 1, new_carry), y
+
+    with _progress_body():
+        (_, final), ys = jax.lax.scan(
+            counted,
+            (jnp.zeros((), jnp.int32), init),
+            xs,
+            length=length,
+            reverse=reverse,
+            unroll=unroll,
+            **options,
+        )
+    return final, ys
 
 
 def _scan_length(xs: Any, length: Any) -> int:
@@ -1137,6 +1199,7 @@ def filter_fori_loop(
     init_val: _Carry,
     *,
     unroll: int | bool | None = None,
+    progress: bool | str = False,
 ) -> _Carry:
     """As `jax.lax.fori_loop`, except that the carry may be any pytree, split as in
     `filter_while_loop`.
@@ -1149,6 +1212,8 @@ def filter_fori_loop(
     - `body_fun`: `body_fun(i, carry)` returns the next carry, of the same structure.
     - `init_val`: the initial carry (see `filter_while_loop`).
     - `unroll`: as `jax.lax.fori_loop`; only with concrete bounds.
+    - `progress`: ours alone, only with concrete bounds: `True` or a description
+        draws a progress bar over the `upper - lower` steps, as in `filter_scan`.
 
     **Returns:**
 
@@ -1158,6 +1223,8 @@ def filter_fori_loop(
 
     As `filter_while_loop`, with `body_fun` named in the messages; JAX's own errors for
     the bounds (`TypeError` for bounds of different integer types) pass through.
+    `TypeError` if `progress` is asked for with traced bounds, whose trip count is
+    unknown until the loop runs.
 
     **Example:**
 
@@ -1174,6 +1241,19 @@ def filter_fori_loop(
     ```
     """
     _check_callable("filter_fori_loop", "body_fun", body_fun)
+    description = _progress_description("filter_fori_loop", progress)
+    bar, first = None, 0
+    if description is not None:
+        try:
+            first, total = int(lower), int(upper) - int(lower)
+        except TypeError as err:
+            raise TypeError(
+                "filter_fori_loop: `progress` needs concrete bounds, so that the "
+                "number of steps is known before the loop runs, but `lower` or "
+                "`upper` is traced. Pass Python ints as the bounds (mark them static "
+                "under `jax.jit`), or leave `progress` out."
+            ) from err
+        bar = _make_bar(description, total)
 
     def attempt(promoted: frozenset[int]) -> Any:
         carry = _LoopCarry(init_val, promoted, _FORI_NAMES)
@@ -1182,12 +1262,25 @@ def filter_fori_loop(
         def body(i: Any, traced: Any) -> Any:
             return carry.check(body_fun(i, carry.rebuild(traced)))
 
-        final = jax.lax.fori_loop(
-            lower, upper, body, carry.traced_part(), unroll=unroll
-        )
+        if bar is None:
+            final = jax.lax.fori_loop(
+                lower, upper, body, carry.traced_part(), unroll=unroll
+            )
+            return carry.rebuild(final)
+
+        @_named_after(body_fun)
+        def counted(i: Any, traced: Any, bar: _ProgressBar = bar) -> Any:
+            _progress_report(bar, i - first)
+            return body(i, traced)
+
+        with _progress_body():
+            final = jax.lax.fori_loop(
+                lower, upper, counted, carry.traced_part(), unroll=unroll
+            )
         return carry.rebuild(final)
 
-    return _with_promoted_numbers("filter_fori_loop", attempt, init_val)
+    with _tidy_on_error(bar):
+        return _with_promoted_numbers("filter_fori_loop", attempt, init_val)
 
 
 #
@@ -1197,7 +1290,13 @@ def filter_fori_loop(
 _MAP_TAKES_BATCH_SIZE = "batch_size" in inspect.signature(jax.lax.map).parameters
 
 
-def filter_map(f: Callable[[_X], _Y], xs: _X, *, batch_size: int | None = None) -> _Y:
+def filter_map(
+    f: Callable[[_X], _Y],
+    xs: _X,
+    *,
+    batch_size: int | None = None,
+    progress: bool | str = False,
+) -> _Y:
     """As `jax.lax.map`, except that `xs` and the outputs of `f` may be any pytree.
 
     Array leaves of `xs` are sliced along their leading axis and traced; other leaves
@@ -1210,6 +1309,8 @@ def filter_map(f: Callable[[_X], _Y], xs: _X, *, batch_size: int | None = None) 
     - `xs`: the inputs. Its arrays must share their leading size.
     - `batch_size`: as `jax.lax.map` (which takes it from jax 0.4.31 on): map over
         batches of this many slices, each batch with `jax.vmap`.
+    - `progress`: ours alone: `True` or a description draws a progress bar over the
+        slices, as in `filter_scan`. Not with `batch_size`.
 
     **Returns:**
 
@@ -1218,7 +1319,7 @@ def filter_map(f: Callable[[_X], _Y], xs: _X, *, batch_size: int | None = None) 
     **Raises:**
 
     - `TypeError` if `f` is not callable, or `batch_size` is given to a JAX whose
-        `jax.lax.map` does not take it.
+        `jax.lax.map` does not take it, or with `progress`.
     - `ValueError` if `xs` holds no arrays, or if the static part of `f`'s output
         differs between traces. JAX's own errors (different leading sizes) pass
         through.
@@ -1237,7 +1338,13 @@ def filter_map(f: Callable[[_X], _Y], xs: _X, *, batch_size: int | None = None) 
     ```
     """
     _check_callable("filter_map", "f", f)
+    description = _progress_description("filter_map", progress)
     options = {}
+    if batch_size is not None and description is not None:
+        raise TypeError(
+            "filter_map: `progress` cannot be combined with `batch_size`. Leave one "
+            "of them out."
+        )
     if batch_size is not None:
         if not _MAP_TAKES_BATCH_SIZE:
             raise TypeError(
@@ -1266,7 +1373,18 @@ def filter_map(f: Callable[[_X], _Y], xs: _X, *, batch_size: int | None = None) 
         outputs.append(_Split(f(inputs.rebuild(traced_x)), _outputs_traced))
         return outputs[-1].traced_part()
 
-    ys = jax.lax.map(mapped, inputs.traced_part(), **options)
+    traced_xs = inputs.traced_part()
+    bar = None
+    if description is not None:
+        bar = _make_bar(description, jtu.tree_leaves(traced_xs)[0].shape[0])
+    if bar is None:
+        ys = jax.lax.map(mapped, traced_xs, **options)
+    else:
+        with _tidy_on_error(bar):
+            _, ys = _scan_with_bar(
+                bar, lambda c, x: (c, mapped(x)), None, traced_xs,
+                jtu.tree_leaves(traced_xs)[0].shape[0], False, 1, {},
+            )  # fmt: skip
     _static_outputs_agree("filter_map", "`f`'s output", "f", outputs)
     return outputs[0].rebuild(ys)
 
@@ -2265,6 +2383,179 @@ def print_callback(*args: Any, **kwargs: Any) -> None:
         "print_callback", _PRINT_FIX, print, _PRINT_SIGNATURE, None, {}, _as_list,
         _numpy_as_list, args, kwargs,
     )  # fmt: skip
+
+
+#
+# Progress bars: the `progress=` option of filter_scan, filter_fori_loop, filter_map
+#
+# A loop with a bar reports its step count to the host through `jax.debug.callback`,
+# but only on every `k`-th step (and on the last), with `k` chosen from the length so
+# that a loop makes at most `_PROGRESS_MAX_CALLBACKS` host calls however long it is.
+# The count is never batched: under `jax.vmap` the loop draws one bar, not one per
+# batch element. While a loop with a bar is being traced, loops traced inside its
+# body draw none (the outer bar alone is shown). On the host, a bar redraws its line
+# (`\r`) at most `1 / _PROGRESS_MIN_INTERVAL` times a second, and ends it with a
+# newline when the count reaches the total.
+
+_PROGRESS_MAX_CALLBACKS = 200
+_PROGRESS_MIN_REPORTS = 20
+_PROGRESS_STEPS_PER_REPORT = 1000
+_PROGRESS_MIN_INTERVAL = 0.1  # Seconds between two redraws of a line.
+# How many loops with a bar are being traced around this point, per thread.
+_progress_tracing = threading.local()
+_progress_lock = threading.Lock()
+_open_bars: "set[_ProgressBar]" = set()
+
+
+def _progress_description(function: str, progress: Any) -> str | None:
+    """The bar's description (`""` for none), or `None` for no bar."""
+    if isinstance(progress, bool):
+        return "" if progress else None
+    if isinstance(progress, str):
+        return progress
+    raise TypeError(
+        f"{function}: `progress` must be a bool or a string (the bar's description); "
+        f"got {_describe_leaf(progress)}."
+    )
+
+
+def _progress_stride(total: int) -> int:
+    """Report every `k`-th step: the steps `0, k, 2k, ...` and the last one make at
+    most `_PROGRESS_MAX_CALLBACKS` calls.
+
+    A host call costs tens of microseconds, as much as thousands of small steps, so
+    a loop reports `_PROGRESS_MIN_REPORTS` times (a new line every 5%), and once
+    more per `_PROGRESS_STEPS_PER_REPORT` steps beyond that, up to the bound.
+    """
+    reports = max(
+        min(total, _PROGRESS_MIN_REPORTS), total // _PROGRESS_STEPS_PER_REPORT
+    )
+    reports = min(reports, _PROGRESS_MAX_CALLBACKS - 1)
+    return max(1, -(-total // reports))
+
+
+def _format_seconds(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
+
+
+class _ProgressBar:
+    """One loop's bar: what it shows, and its state on the host. A compiled loop
+    reuses it on every run; a report of count 0 starts a new run."""
+
+    def __init__(self, description: str, total: int):
+        self.description = description
+        self.total = total
+        self.count = 0
+        self.start = 0.0
+        self.last_draw = -math.inf
+        self.width = 0  # Of the last line: a shorter one must blank it out.
+
+    def line(self, now: float) -> str:
+        elapsed = now - self.start
+        rate = self.count / elapsed if elapsed > 0 else math.nan
+        left = (self.total - self.count) / rate if rate > 0 else math.nan
+        percent = 100 * self.count // self.total
+        label = f"{self.description}: " if self.description else ""
+        rate_text = f"{rate:.2f} it/s" if math.isfinite(rate) else "? it/s"
+        return (
+            f"{label}{percent:3d}% {self.count}/{self.total} "
+            f"[{_format_seconds(elapsed)}<{_format_seconds(left)}, {rate_text}]"
+        )
+
+    def draw(self, now: float, end: str) -> None:
+        text = self.line(now)
+        stream = sys.stderr
+        stream.write("\r" + text.ljust(self.width) + end)
+        stream.flush()
+        self.width = len(text)
+        self.last_draw = now
+
+
+def _end_open_lines() -> None:
+    """End the line of every bar left part-way (a loop that stopped on an error), so
+    that what is written next starts on a line of its own."""
+    with _progress_lock:
+        if _open_bars:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+        _open_bars.clear()
+
+
+atexit.register(_end_open_lines)
+
+
+def _progress_update(bar: _ProgressBar, count: int) -> None:
+    """On the host: the loop of `bar` has reached step `count`."""
+    now = time.monotonic()
+    with _progress_lock:
+        if count == 0 or bar not in _open_bars:
+            if _open_bars:
+                sys.stderr.write("\n")
+            _open_bars.clear()
+            _open_bars.add(bar)
+            bar.start, bar.count, bar.width, bar.last_draw = now, 0, 0, -math.inf
+        bar.count = max(bar.count, count)  # Counts never go backwards.
+        if bar.count >= bar.total:
+            bar.draw(now, "\n")
+            _open_bars.discard(bar)
+        elif now - bar.last_draw >= _PROGRESS_MIN_INTERVAL:
+            bar.draw(now, "")
+
+
+def _progress_report(bar: _ProgressBar, step: Any) -> None:
+    """In traced code, at step `step` (0-based, counting up): report to the host on
+    every `k`-th step, and the total on the last one."""
+    stride = _progress_stride(bar.total)
+    step = jnp.asarray(step, jnp.int32)
+    last = step == bar.total - 1
+    count = jax.lax.select(last, jnp.int32(bar.total), step)
+
+    def report(count: Any) -> None:
+        # Ordered, so that the host sees the counts in the order of the steps. JAX
+        # orders callbacks only in computations on one device; with several, the
+        # host keeps the largest count so far.
+        jax.debug.callback(
+            lambda c: _progress_update(bar, int(c)),
+            count,
+            ordered=jax.device_count() == 1,
+        )
+
+    due = last | (jax.lax.rem(step, jnp.int32(stride)) == 0)
+    jax.lax.cond(due, report, lambda _: None, count)
+
+
+@contextlib.contextmanager
+def _progress_body() -> Iterator[None]:
+    """While a loop body with a bar is traced: loops inside it draw no bar."""
+    depth = getattr(_progress_tracing, "depth", 0)
+    _progress_tracing.depth = depth + 1
+    try:
+        yield
+    finally:
+        _progress_tracing.depth = depth
+
+
+def _make_bar(description: str | None, total: int) -> _ProgressBar | None:
+    if description is None or total <= 0 or getattr(_progress_tracing, "depth", 0):
+        return None
+    return _ProgressBar(description, total)
+
+
+@contextlib.contextmanager
+def _tidy_on_error(bar: _ProgressBar | None) -> Iterator[None]:
+    """End a part-drawn line when the loop raises (eagerly, a host error in a step)."""
+    try:
+        yield
+    except BaseException:
+        if bar is not None:
+            with contextlib.suppress(Exception):
+                jax.effects_barrier()
+            _end_open_lines()
+        raise
 
 
 #

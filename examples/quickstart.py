@@ -106,7 +106,8 @@ record_metrics = callback_with_list_wrapper(
 
 @eqx.filter_jit
 def train(policy: Policy, env: PointMass, key: jax.Array, updates: int) -> Policy:
-    """Gradient ascent on the mean reward, as one jitted `filter_scan` over updates."""
+    """Gradient ascent on the mean reward, as one jitted `filter_scan` over updates,
+    with a progress bar on stderr."""
 
     def update(policy, step_and_key):
         step, key = step_and_key
@@ -121,7 +122,7 @@ def train(policy: Policy, env: PointMass, key: jax.Array, updates: int) -> Polic
         return policy, None
 
     steps_and_keys = (jnp.arange(updates), jax.random.split(key, updates))
-    policy, _ = filter_scan(update, policy, steps_and_keys)
+    policy, _ = filter_scan(update, policy, steps_and_keys, progress="training")
     return policy
 
 

@@ -1,0 +1,410 @@
+"""Progress bars: the `progress=` option of filter_scan, filter_fori_loop and
+filter_map.
+
+The bar is drawn by a host callback. The tests read what it wrote to stderr (after
+`jax.effects_barrier()`, since callbacks may run on another thread), or count the
+reports that reach the host by patching `lerax_utils._progress_update`.
+"""
+
+import math
+import re
+from typing import Any
+
+import equinox as eqx
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+
+import lerax_utils
+from lerax_utils import filter_fori_loop, filter_map, filter_scan
+
+_COUNT = re.compile(r"(\d+)/(\d+) \[")
+_LINE = re.compile(
+    r"^(?:(?P<label>.+): )?(?P<percent>[ \d]{3})% (?P<count>\d+)/(?P<total>\d+) "
+    r"\[(?P<elapsed>\d\d:\d\d|\d+:\d\d:\d\d)<(?P<left>\d\d:\d\d|\d+:\d\d:\d\d|\?), "
+    r"(?P<rate>[\d.]+|\?) it/s\]\s*$"
+)
+
+
+def _drawn(err: str) -> list[str]:
+    """The lines a terminal would have shown, each redraw (`\\r`) a line of its own."""
+    return [part for part in re.split(r"[\r\n]", err) if part.strip()]
+
+
+def _counts(err: str) -> list[tuple[int, int]]:
+    return [(int(a), int(b)) for a, b in _COUNT.findall(err)]
+
+
+@pytest.fixture
+def reports(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """Every report that reaches the host, as `(count, total)`; nothing is drawn."""
+    seen: list[tuple[int, int]] = []
+
+    def record(bar: Any, count: int) -> None:
+        seen.append((count, bar.total))
+
+    monkeypatch.setattr(lerax_utils, "_progress_update", record)
+    return seen
+
+
+def _step(c: Any, x: Any) -> Any:
+    return c * 0.5 + x, c
+
+
+def _identical(a: Any, b: Any) -> bool:
+    """Same structure, and at each leaf the same type, dtype, shape and bits."""
+    leaves_a, def_a = jax.tree.flatten(a)
+    leaves_b, def_b = jax.tree.flatten(b)
+    if def_a != def_b:
+        return False
+    for x, y in zip(leaves_a, leaves_b, strict=True):
+        if type(x) is not type(y):
+            return False
+        if eqx.is_array(x):
+            x, y = np.asarray(x), np.asarray(y)
+            if x.dtype != y.dtype or x.shape != y.shape or x.tobytes() != y.tobytes():
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+#
+# What is drawn
+#
+
+
+@pytest.mark.parametrize("length", [1, 2, 7, 250, 1000])
+def test_final_line_shows_total_and_counts_never_go_back(
+    capsys: pytest.CaptureFixture[str], length: int
+) -> None:
+    jax.jit(lambda: filter_scan(_step, 0.0, jnp.ones(length), progress=True))()
+    jax.effects_barrier()
+    err = capsys.readouterr().err
+    counts = _counts(err)
+    assert counts[-1] == (length, length)
+    assert [c for c, _ in counts] == sorted(c for c, _ in counts)
+    assert all(total == length for _, total in counts)
+    assert err.endswith("\n") and err.count("\n") == 1
+    last = _LINE.match(_drawn(err)[-1])
+    assert last is not None, _drawn(err)[-1]
+    assert last["percent"] == "100" and last["left"] in ("00:00", "?")
+
+
+def test_description_and_fields(capsys: pytest.CaptureFixture[str]) -> None:
+    filter_fori_loop(0, 30, lambda i, c: c + i, jnp.zeros(()), progress="epochs")
+    jax.effects_barrier()
+    lines = _drawn(capsys.readouterr().err)
+    matches = [_LINE.match(line) for line in lines]
+    assert all(m is not None and m["label"] == "epochs" for m in matches), lines
+    assert matches[0]["count"] == "0" and matches[0]["percent"] == "  0"  # type: ignore[index]
+    assert matches[-1]["count"] == "30" and matches[-1]["total"] == "30"  # type: ignore[index]
+
+
+def test_redraws_are_rate_limited(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With a long interval only the first and the final line are drawn.
+    monkeypatch.setattr(lerax_utils, "_PROGRESS_MIN_INTERVAL", 1e9)
+    filter_scan(_step, 0.0, jnp.ones(1000), progress=True)
+    jax.effects_barrier()
+    assert _counts(capsys.readouterr().err) == [(0, 1000), (1000, 1000)]
+
+
+def test_shorter_line_blanks_out_the_longer(capsys: pytest.CaptureFixture[str]) -> None:
+    bar = lerax_utils._ProgressBar("x", 10)
+    lerax_utils._progress_update(bar, 0)
+    bar.width = 200  # As if a long line had been drawn before.
+    lerax_utils._progress_update(bar, 10)
+    last = capsys.readouterr().err.split("\r")[-1]
+    assert len(last) == 201 and last.endswith("\n")
+
+
+#
+# How often the host is called
+#
+
+
+@pytest.mark.parametrize("length", [1, 2, 198, 199, 200, 201, 4321, 100_000])
+def test_host_calls_are_bounded(reports: list[tuple[int, int]], length: int) -> None:
+    jax.jit(
+        lambda: filter_scan(lambda c, _: (c, None), 0, length=length, progress=True)
+    )()
+    jax.effects_barrier()
+    counts = [c for c, _ in reports]
+    assert len(counts) <= lerax_utils._PROGRESS_MAX_CALLBACKS
+    assert counts == sorted(set(counts))
+    assert counts[-1] == length
+    stride = lerax_utils._progress_stride(length)
+    expected = sorted({*range(0, length, stride), length} - {length - 1})
+    assert counts == expected
+
+
+@given(st.integers(1, 10**12))
+def test_stride_bounds_the_calls(length: int) -> None:
+    stride = lerax_utils._progress_stride(length)
+    assert stride >= 1
+    assert math.ceil(length / stride) + 1 <= lerax_utils._PROGRESS_MAX_CALLBACKS
+
+
+def test_reverse_counts_up(reports: list[tuple[int, int]]) -> None:
+    _, ys = filter_scan(_step, 1.0, jnp.arange(500.0), reverse=True, progress=True)
+    jax.effects_barrier()
+    counts = [c for c, _ in reports]
+    assert counts[0] == 0 and counts[-1] == 500 and counts == sorted(counts)
+    ref = jax.lax.scan(_step, 1.0, jnp.arange(500.0), reverse=True)[1]
+    assert np.array_equal(ys, ref)
+
+
+def test_vmap_draws_one_bar(reports: list[tuple[int, int]]) -> None:
+    def run(x: Any) -> Any:
+        return filter_scan(_step, x, jnp.ones(300), progress=True)
+
+    jax.jit(run)(jnp.zeros(()))
+    jax.effects_barrier()
+    alone = list(reports)
+    reports.clear()
+    out = jax.jit(jax.vmap(run))(jnp.arange(5.0))
+    jax.effects_barrier()
+    assert reports == alone
+    ref = jax.vmap(lambda x: jax.lax.scan(_step, x, jnp.ones(300)))(jnp.arange(5.0))
+    assert _identical(out, ref)
+
+
+def test_vmap_of_fori_and_map_draw_one_bar(reports: list[tuple[int, int]]) -> None:
+    jax.vmap(lambda x: filter_fori_loop(0, 50, lambda i, c: c + i, x, progress=True))(
+        jnp.arange(3.0)
+    )
+    jax.vmap(lambda x: filter_map(jnp.sin, x, progress=True))(jnp.ones((4, 60)))
+    jax.effects_barrier()
+    assert [c for c, t in reports if c == t] == [50, 60]
+    assert len(reports) == len(set(reports))
+
+
+def _jax_keeps_callbacks_in_scan_under_grad() -> bool:
+    """Old JAX (0.4.26) drops `jax.debug.callback` from a scan body under `grad`."""
+    seen: list[int] = []
+
+    def loss(w: Any) -> Any:
+        def body(c: Any, x: Any) -> Any:
+            i, c = c
+            jax.debug.callback(lambda i: seen.append(1), i)
+            return (i + 1, c * w + x), None
+
+        return jax.lax.scan(body, (jnp.int32(0), 1.0), jnp.ones(2))[0][1]
+
+    jax.grad(loss)(0.5)
+    jax.effects_barrier()
+    return bool(seen)
+
+
+def test_grad_sees_one_forward_pass(reports: list[tuple[int, int]]) -> None:
+    def loss(w: Any, progress: bool) -> Any:
+        carry, ys = filter_scan(
+            lambda c, x: (jnp.tanh(c * w + x), c), jnp.ones(3), jnp.ones(100),
+            progress=progress,
+        )  # fmt: skip
+        return jnp.sum(carry) + jnp.sum(ys)
+
+    with_bar = jax.jit(jax.value_and_grad(loss), static_argnums=1)(0.7, True)
+    jax.effects_barrier()
+    without = jax.jit(jax.value_and_grad(loss), static_argnums=1)(0.7, False)
+    assert _identical(with_bar, without)
+    if not _jax_keeps_callbacks_in_scan_under_grad():
+        assert reports == []  # No bar, as JAX drops the callback; same results.
+        return
+    assert [c for c, _ in reports][-1] == 100
+    assert [c for c, _ in reports].count(0) == 1
+
+
+def test_inner_bar_is_suppressed(reports: list[tuple[int, int]]) -> None:
+    def outer(c: Any, _: Any) -> Any:
+        c = filter_fori_loop(0, 10, lambda i, a: a + 1.0, c, progress="inner")
+        c, _ = filter_scan(lambda a, _: (a + 1, None), c, length=7, progress=True)
+        return c, None
+
+    jax.jit(lambda: filter_scan(outer, 0.0, length=20, progress="outer"))()
+    jax.effects_barrier()
+    assert {t for _, t in reports} == {20}
+    reports.clear()
+    # Outside a bar, the inner loop draws its own.
+    filter_scan(outer, 0.0, length=2)
+    jax.effects_barrier()
+    assert [c for c, t in reports if c == t] == [10, 7, 10, 7]
+
+
+#
+# Errors and tidiness
+#
+
+
+def test_exception_ends_the_line_eagerly(capsys: pytest.CaptureFixture[str]) -> None:
+    def fail(i: Any) -> None:
+        if int(i) == 50:
+            raise RuntimeError("boom")
+
+    def step(c: Any, x: Any) -> Any:
+        jax.debug.callback(fail, x)
+        return c + x, None
+
+    with pytest.raises(Exception, match="boom"):
+        filter_scan(step, 0.0, jnp.arange(100.0), progress=True)
+        jax.effects_barrier()
+    jax.effects_barrier()
+    err = capsys.readouterr().err
+    assert err.startswith("\r") and err.endswith("\n") and err.count("\n") == 1
+    assert lerax_utils._open_bars == set()
+
+
+def test_exception_under_jit_ends_the_line_before_the_next(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    def fail(i: Any) -> None:
+        if int(i) == 50:
+            raise RuntimeError("boom")
+
+    def step(c: Any, x: Any) -> Any:
+        jax.debug.callback(fail, x)
+        return c + x, None
+
+    run = jax.jit(lambda xs: filter_scan(step, 0.0, xs, progress="first"))
+    with pytest.raises(Exception, match="boom"):
+        run(jnp.arange(100.0))
+        jax.effects_barrier()
+    jax.effects_barrier()
+    filter_scan(_step, 0.0, jnp.ones(3), progress="second")
+    jax.effects_barrier()
+    err = capsys.readouterr().err
+    first, second = err.split("second", 1)
+    assert first.rstrip("\r").endswith("\n")
+    assert err.endswith("\n")
+
+
+@pytest.mark.parametrize("bad", [None, 1.5, b"x", ["x"]])
+def test_progress_must_be_bool_or_str(bad: Any) -> None:
+    for call in (
+        lambda: filter_scan(_step, 0.0, jnp.ones(2), progress=bad),
+        lambda: filter_fori_loop(0, 2, lambda i, c: c, 0.0, progress=bad),
+        lambda: filter_map(jnp.sin, jnp.ones(2), progress=bad),
+    ):
+        with pytest.raises(TypeError, match="`progress` must be a bool or a string"):
+            call()
+
+
+def test_fori_progress_needs_concrete_bounds() -> None:
+    with pytest.raises(TypeError, match="`progress` needs concrete bounds"):
+        jax.jit(lambda n: filter_fori_loop(0, n, lambda i, c: c + i, 0, progress=True))(
+            3
+        )
+    # Without a bar, traced bounds are fine.
+    assert jax.jit(lambda n: filter_fori_loop(0, n, lambda i, c: c + i, 0))(4) == 6
+
+
+def test_map_progress_with_batch_size_is_refused() -> None:
+    with pytest.raises(TypeError, match="cannot be combined with `batch_size`"):
+        filter_map(jnp.sin, jnp.ones(4), batch_size=2, progress=True)
+
+
+def test_empty_loop_draws_nothing(capsys: pytest.CaptureFixture[str]) -> None:
+    assert filter_scan(_step, 1.0, jnp.ones(0), progress=True)[0] == 1.0
+    assert filter_fori_loop(5, 5, lambda i, c: c + i, 2, progress=True) == 2
+    jax.effects_barrier()
+    assert capsys.readouterr().err == ""
+
+
+#
+# The program: unchanged without a bar, same results with one
+#
+
+
+def _jaxpr(fun: Any, *args: Any) -> str:
+    return re.sub(r" at 0x[0-9a-f]+", "", str(jax.make_jaxpr(fun)(*args)))
+
+
+def test_progress_false_adds_nothing() -> None:
+    xs = jnp.ones((6, 2))
+    assert _jaxpr(lambda x: filter_scan(_step, x[0], x, progress=False), xs) == _jaxpr(
+        lambda x: jax.lax.scan(_step, x[0], x), xs
+    )
+    assert _jaxpr(
+        lambda x: filter_scan(_step, x[0], x, reverse=True, progress=False), xs
+    ) == _jaxpr(lambda x: jax.lax.scan(_step, x[0], x, reverse=True), xs)
+    assert _jaxpr(
+        lambda x: filter_fori_loop(0, 6, lambda i, c: c + i, x, progress=False), xs
+    ) == _jaxpr(lambda x: jax.lax.fori_loop(0, 6, lambda i, c: c + i, x), xs)
+    assert _jaxpr(lambda x: filter_map(jnp.sin, x, progress=False), xs) == _jaxpr(
+        lambda x: jax.lax.map(jnp.sin, x), xs
+    )
+    # And with a bar, a callback is added.
+    assert "debug_callback" in _jaxpr(
+        lambda x: filter_scan(_step, x[0], x, progress=True), xs
+    )
+
+
+_carries = st.sampled_from(
+    [
+        lambda: jnp.arange(3.0),
+        lambda: (jnp.ones((2, 2)), 0, "label"),
+        lambda: {"w": jnp.linspace(-1, 1, 4), "n": jnp.int32(3), "s": None},
+    ]
+)
+
+
+@settings(max_examples=6)
+@given(
+    make=_carries,
+    length=st.integers(1, 600),
+    reverse=st.booleans(),
+    progress=st.sampled_from([True, "run"]),
+)
+def test_results_bit_identical_with_and_without_bar(
+    make: Any, length: int, reverse: bool, progress: Any
+) -> None:
+    def step(carry: Any, x: Any) -> Any:
+        new = jax.tree.map(
+            lambda a: jnp.sin(a * 1.01 + x).astype(a.dtype) if eqx.is_array(a) else a,
+            carry,
+        )
+        return new, jax.tree.map(lambda a: a * x if eqx.is_array(a) else a, new)
+
+    def every_loop(carry: Any, xs: Any, bar: Any) -> Any:
+        return (
+            filter_scan(step, carry, xs, reverse=reverse, progress=bar),
+            filter_fori_loop(
+                2, 2 + length % 40, lambda i, c: step(c, i * 0.1)[0], carry,
+                progress=bar,
+            ),
+            filter_map(lambda x: step(carry, x)[1], xs, progress=bar),
+        )  # fmt: skip
+
+    @eqx.filter_jit
+    def both(carry_arrays: Any, xs: Any) -> Any:
+        carry = eqx.combine(carry_arrays, static)
+        return every_loop(carry, xs, progress), every_loop(carry, xs, False)
+
+    carry_arrays, static = eqx.partition(make(), eqx.is_array)
+    with_bar, without = both(carry_arrays, jnp.linspace(0.0, 1.0, length))
+    jax.effects_barrier()
+    assert _identical(with_bar, without)
+
+
+def test_fori_counts_from_lower(reports: list[tuple[int, int]]) -> None:
+    total = filter_fori_loop(3, 53, lambda i, c: c + i, 0, progress=True)
+    jax.effects_barrier()
+    assert total == sum(range(3, 53))
+    counts = [c for c, _ in reports]
+    assert counts[0] == 0 and counts[-1] == 50 == reports[-1][1]
+    assert counts == sorted(counts)
+
+
+def test_trace_time_errors_pass_through_with_a_bar(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(TypeError, match="must return a pair"):
+        jax.jit(lambda x: filter_scan(lambda c, _: c, x, length=3, progress=True))(1.0)
+    jax.effects_barrier()
+    assert capsys.readouterr().err == ""
+    assert getattr(lerax_utils._progress_tracing, "depth", 0) == 0
