@@ -444,6 +444,23 @@ class _LoopCarry(_Split):
     def __init__(self, init: Any, promoted: frozenset[int], names: _LoopNames):
         super().__init__(init, lambda i, leaf: eqx.is_array(leaf) or i in promoted)
         self.names = names
+        # Traced numbers that every trace of the body passes through untouched come
+        # back as the Python values they were.
+        self.passed_through = set(promoted)
+        self.body_inputs: list[Any] = []
+
+    def enter(self, traced_part: Any) -> Any:
+        """The carry as the body sees it, from the traced part that JAX passes in."""
+        tree = self.rebuild(traced_part)
+        self.body_inputs = jtu.tree_leaves(tree)
+        return tree
+
+    def finish(self, traced_part: Any) -> Any:
+        """The final carry, from the traced part that JAX returns."""
+        leaves = jtu.tree_leaves(self.rebuild(traced_part))
+        for i in self.passed_through:
+            leaves[i] = self.leaves[i]
+        return self.treedef.unflatten(leaves)
 
     def check(self, new_carry: Any) -> Any:
         """Check the body's new carry against `init`, and return its traced part.
@@ -458,6 +475,11 @@ class _LoopCarry(_Split):
             kind = "static" if message.startswith("is a static field") else "structure"
             raise TypeError(self._error(path, message, kind))
         to_promote: set[int] = set()
+        self.passed_through = {
+            i
+            for i in self.passed_through
+            if self.body_inputs and new_leaves[i] is self.body_inputs[i]
+        }
         for i, (old, new, is_traced) in enumerate(
             zip(self.leaves, new_leaves, self.traced, strict=True)
         ):
@@ -755,7 +777,7 @@ def filter_scan(
 
         @_named_after(f)
         def step(traced_carry: Any, traced_x: Any) -> tuple[Any, Any]:
-            out = f(carry.rebuild(traced_carry), inputs.rebuild(traced_x))
+            out = f(carry.enter(traced_carry), inputs.rebuild(traced_x))
             # Any node with two children is a pair, as for `jax.lax.scan`.
             pair, pair_def = jtu.tree_flatten(out, is_leaf=lambda node: node is not out)
             if len(pair) != 2 or jtu.treedef_is_leaf(pair_def):
@@ -784,7 +806,7 @@ def filter_scan(
                 reverse, unroll, options,
             )  # fmt: skip
         _static_outputs_agree("filter_scan", "`f`'s output `y`", "f", outputs)
-        final, ys = carry.rebuild(final), outputs[0].rebuild(ys)
+        final, ys = carry.finish(final), outputs[0].rebuild(ys)
         # `jax.lax.scan` gives back the pair in the container that `f` used.
         return pair_defs[0].unflatten([final, ys])
 
@@ -1185,9 +1207,9 @@ def filter_while_loop(
 
         @_named_after(body_fun)
         def body(traced: Any) -> Any:
-            return carry.check(body_fun(carry.rebuild(traced)))
+            return carry.check(body_fun(carry.enter(traced)))
 
-        return carry.rebuild(jax.lax.while_loop(cond, body, carry.traced_part()))
+        return carry.finish(jax.lax.while_loop(cond, body, carry.traced_part()))
 
     return _with_promoted_numbers("filter_while_loop", attempt, init_val)
 
@@ -1260,13 +1282,13 @@ def filter_fori_loop(
 
         @_named_after(body_fun)
         def body(i: Any, traced: Any) -> Any:
-            return carry.check(body_fun(i, carry.rebuild(traced)))
+            return carry.check(body_fun(i, carry.enter(traced)))
 
         if bar is None:
             final = jax.lax.fori_loop(
                 lower, upper, body, carry.traced_part(), unroll=unroll
             )
-            return carry.rebuild(final)
+            return carry.finish(final)
 
         @_named_after(body_fun)
         def counted(i: Any, traced: Any, bar: _ProgressBar = bar) -> Any:
@@ -1277,7 +1299,7 @@ def filter_fori_loop(
             final = jax.lax.fori_loop(
                 lower, upper, counted, carry.traced_part(), unroll=unroll
             )
-        return carry.rebuild(final)
+        return carry.finish(final)
 
     with _tidy_on_error(bar):
         return _with_promoted_numbers("filter_fori_loop", attempt, init_val)

@@ -197,6 +197,12 @@ def echo_step(carry: Any, x: Any) -> tuple[Any, Any]:
     return jax.tree.map(advance, carry), (carry, x)
 
 
+def traced_bools(tree: Any) -> Any:
+    """`tree` with its Python bools as the arrays that JAX traces them as: the
+    control-flow functions trace bools from the start, as `jax.lax` does."""
+    return jax.tree.map(lambda x: jnp.asarray(x) if type(x) is bool else x, tree)
+
+
 def python_loop_scan(f, init, xs, length, reverse):
     """The reference: thread the carry through a Python loop and stack the outputs."""
     carry = init
@@ -302,7 +308,9 @@ def test_filter_scan_matches_python_loop(data, length, options):
     # Without arrays in `xs` the length must be given; with them it is optional.
     xs_has_arrays = any(eqx.is_array(leaf) for leaf in jax.tree.leaves(xs))
     pass_length = data.draw(st.booleans()) or not xs_has_arrays
-    expected = python_loop_scan(echo_step, init, xs, length, options["reverse"])
+    expected = python_loop_scan(
+        echo_step, traced_bools(init), xs, length, options["reverse"]
+    )
     actual = filter_scan(
         echo_step, init, xs, length=length if pass_length else None, **options
     )
@@ -313,7 +321,9 @@ def test_filter_scan_matches_python_loop(data, length, options):
 def test_filter_scan_matches_python_loop_under_jit(data, length, options):
     init = data.draw(carries())
     xs = data.draw(inputs(length))
-    expected = python_loop_scan(echo_step, init, xs, length, options["reverse"])
+    expected = python_loop_scan(
+        echo_step, traced_bools(init), xs, length, options["reverse"]
+    )
 
     @eqx.filter_jit
     def run(init, xs):
@@ -657,9 +667,9 @@ def test_filter_scan_bad_step_function_is_an_error():
         filter_scan("step", 0, length=1)  # type: ignore[arg-type]
     assert str(info.value) == "filter_scan: `f` must be callable; got str 'step'."
     with pytest.raises(TypeError) as info:
-        filter_scan(lambda c, x: c, 0, length=1)  # type: ignore[arg-type]
+        filter_scan(lambda c, x: c, "s", length=1)  # type: ignore[arg-type]
     assert str(info.value) == (
-        "filter_scan: `f` must return a pair `(new_carry, y)`; got int 0."
+        "filter_scan: `f` must return a pair `(new_carry, y)`; got str 's'."
     )
 
 
@@ -772,7 +782,11 @@ def _advance_all(*operands: Any) -> Any:
     jit=st.booleans(),
 )
 def test_filter_cond_matches_python_if(operands, pred, jit):
-    expected = _advance_all(*operands) if pred else _other_branch(*operands)
+    expected = (
+        _advance_all(*traced_bools(operands))
+        if pred
+        else _other_branch(*traced_bools(operands))
+    )
 
     def run(pred, operands):
         return filter_cond(pred, _advance_all, _other_branch, *operands)
@@ -1120,7 +1134,7 @@ def test_filter_while_loop_matches_python_loop(data, steps, jit):
     def not_done(carry):
         return carry["step"] < steps
 
-    expected = init
+    expected = traced_bools(init)
     while expected["step"] < steps:
         expected = _count_up(expected)
     expected = jax.tree.map(
@@ -1196,7 +1210,7 @@ def test_filter_fori_loop_matches_python_loop(data, lower, span):
     def body(i, carry):
         return jax.tree.map(lambda x: advance(x) if eqx.is_array(x) else x, carry)
 
-    expected = init
+    expected = traced_bools(init)
     for i in range(lower, lower + span):
         expected = body(i, expected)
     expected = jax.tree.map(
@@ -1272,7 +1286,7 @@ _FLOATS = arrays(dtypes=(jnp.float32, jnp.float16), numpy_allowed=False)
 )
 def test_filter_switch_matches_python_indexing(operands, index, jit):
     branches = [_branch(1.0), _branch(-1.0), _branch(0.5)]
-    expected = branches[min(max(index, 0), 2)](*operands)
+    expected = branches[min(max(index, 0), 2)](*traced_bools(operands))
 
     def run(index, operands):
         return filter_switch(index, branches, *operands)
