@@ -5,6 +5,7 @@ the same exception type. Each call form that `jax.lax` accepts must give the sam
 result with ours.
 """
 
+import inspect
 import pathlib
 import re
 from collections.abc import Callable
@@ -626,3 +627,48 @@ class _Layers(eqx.Module):
 def test_the_real_error_is_raised_when_a_traced_retry_only_complains_of_tracing():
     with pytest.raises(TypeError, match="add got incompatible shapes"):
         filter_scan(lambda c, x: (c, c(x)), _Layers(2), jnp.ones((3, 2)))
+
+
+def test_filter_while_loop_cond_fun_sees_the_whole_carry():
+    def below_limit(carry):
+        count, limit, label = carry
+        assert label == "counter"  # The static leaves reach `cond_fun` too.
+        return count < limit
+
+    def count_up(carry):
+        count, limit, label = carry
+        return count + 1, limit, label
+
+    count, limit, label = filter_while_loop(
+        below_limit, count_up, (jnp.int32(0), 5, "counter")
+    )
+    expected = jax.lax.while_loop(
+        lambda c: c[0] < c[1], lambda c: (c[0] + 1, c[1]), (jnp.int32(0), 5)
+    )
+    _assert_same(count, expected[0])
+    assert (limit, label) == (5, "counter") and type(limit) is int
+
+
+def test_filter_map_static_outputs_must_agree_between_traces():
+    if "batch_size" not in inspect.signature(jax.lax.map).parameters:
+        pytest.skip("this JAX's lax.map has no batch_size, which traces f twice")
+    traces: list[None] = []
+
+    def f(x):
+        traces.append(None)
+        return x * 2, f"trace {len(traces)}"
+
+    with pytest.raises(ValueError, match="differs between two traces of `f`"):
+        filter_map(f, jnp.arange(5.0), batch_size=2)
+    assert len(traces) == 2
+
+
+def test_loops_give_back_numbers_they_pass_through_as_python_values():
+    count, flag, rate = filter_while_loop(
+        lambda c: c[0] < 3, lambda c: (c[0] + 1, c[1], c[2]), (jnp.int32(0), True, 2.5)
+    )
+    assert flag is True and type(rate) is float and rate == 2.5
+    _assert_same(count, jnp.int32(3))
+    total, flag = filter_fori_loop(0, 3, lambda i, c: (c[0] + i, c[1]), (0, False))
+    assert flag is False
+    _assert_same(total, jax.lax.fori_loop(0, 3, lambda i, c: c + i, 0))
