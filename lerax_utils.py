@@ -2681,10 +2681,11 @@ def _check_saveable(flat: list[tuple[_KeyPath, Any]]) -> None:
         elif (
             eqx.is_array(leaf)
             and _is_key_array(leaf)
-            and _key_impl_name(leaf) not in _KEY_IMPLS
+            and _key_impl_name(cast(jax.Array, leaf)) not in _KEY_IMPLS
         ):
+            impl = _key_impl_name(cast(jax.Array, leaf))
             problem = (
-                f"a PRNG key of the custom implementation {_key_impl_name(leaf)!r}; "
+                f"a PRNG key of the custom implementation {impl!r}; "
                 f"a checkpoint holds keys of {', '.join(_KEY_IMPLS)} only. Save "
                 "`jax.random.key_data(key)` instead and wrap it after loading"
             )
@@ -3459,7 +3460,8 @@ def _weak_array(array: jax.Array) -> jax.Array:
     """`array`, weakly typed. JAX has no public way to set the flag."""
     from jax._src.lax import lax as lax_internal
 
-    return lax_internal._convert_element_type(array, array.dtype, weak_type=True)
+    weak = lax_internal._convert_element_type(array, array.dtype, weak_type=True)
+    return cast(jax.Array, weak)
 
 
 def _read_equinox_file(file: IO[bytes], skeleton: Any, source: str, size: int) -> Any:

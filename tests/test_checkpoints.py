@@ -751,7 +751,7 @@ def test_leaves_that_could_not_load_are_refused_at_save(tmp_path, traced):
 
 
 def test_a_huge_static_int_saves_and_is_compared(tmp_path):
-    big = 10**5000
+    big: Any = 10**5000
     Checkpointed(jnp.zeros(1), label=big).serialize(tmp_path / "model")
     assert (
         Checkpointed.deserialize(tmp_path / "model", jnp.zeros(1), label=big).label
