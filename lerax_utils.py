@@ -2221,15 +2221,21 @@ class Serializable(eqx.Module):
         devices are gathered. Under `jax.vmap` or `eqx.filter_vmap` with batched
         leaves it raises: one path cannot hold a population member by member. Under
         `jax.grad` the values are saved and not differentiated (jax 0.4.26 refuses
-        this with its own `ValueError: IO callbacks do not support JVP`).
+        this with its own `ValueError: IO callbacks do not support JVP`), with two
+        limits of JAX: inside a `jax.lax.scan` body that is differentiated nothing
+        is written, silently (JAX drops the ordered callback), and under
+        `jax.grad(jax.checkpoint(...))` JAX raises its own `NotImplementedError`.
 
         **Raises:**
 
         - `TypeError` if `path` is not a `str` or `os.PathLike`, `no_suffix` is not
             a bool, or a leaf cannot be restored exactly (a masked, object or
             structured NumPy array, or one of a dtype that neither JAX nor the
-            NumPy strings and dates have).
-        - `ValueError` if `path` is empty or names a folder, or the model is
+            NumPy strings and dates have, a `jax.ShapeDtypeStruct`, a Python int of
+            more than 4300 digits, or a PRNG key of a custom implementation).
+        - `ValueError` if `path` is empty, names a folder or an existing file that
+            is not a regular file (a FIFO), two array leaves have the same path, the
+            header would exceed the limits `deserialize` reads, or the model is
             batched by `vmap`.
         """
         target = _checkpoint_path("serialize", path, no_suffix)
