@@ -2250,7 +2250,7 @@ class Serializable(eqx.Module):
         _check_saveable(leaves)  # Refuse at trace time, not in the callback.
         for key_path, leaf in leaves:
             if isinstance(leaf, np.ndarray | np.generic):
-                _host_array(jtu.keystr(key_path), leaf)
+                _host_array(_keystr(key_path), leaf)
         template = [
             None if t else leaf for (_, leaf), t in zip(leaves, traced, strict=True)
         ]
@@ -2597,7 +2597,7 @@ def _encode(
     flat = jtu.tree_flatten_with_path(model)[0]
     _check_saveable(flat)
     for index, (key_path, leaf) in enumerate(flat):
-        path = jtu.keystr(key_path)
+        path = _keystr(key_path)
         if index in kinds:  # A traced leaf, now on the host.
             kind, impl = kinds[index]
             data = np.asarray(leaf, order="C")
@@ -2663,6 +2663,23 @@ def _encode(
     return header + b" " * (-(_LENGTH.size + len(header)) % 8), blocks
 
 
+def _keystr(key_path: _KeyPath) -> str:
+    """`jax.tree_util.keystr`, with NumPy scalar keys rendered as NumPy 1.x does.
+
+    NumPy 2 renders `np.int64(1)` as `np.int64(1)`, NumPy 1 as `1`; a leaf path
+    names a tensor in the file, so it must not depend on the NumPy version.
+    """
+    if _NUMPY_2 and any(
+        isinstance(getattr(key, "key", None), np.generic) for key in key_path
+    ):
+        with np.printoptions(legacy="1.25"):
+            return jtu.keystr(key_path)
+    return jtu.keystr(key_path)
+
+
+_NUMPY_2 = int(np.__version__.split(".")[0]) >= 2
+
+
 def _is_weak(leaf: Any) -> bool:
     """Whether a JAX array or tracer is weakly typed (as `jnp.asarray(2.0)`)."""
     return bool(getattr(getattr(leaf, "aval", None), "weak_type", False))
@@ -2672,7 +2689,7 @@ def _check_saveable(flat: list[tuple[_KeyPath, Any]]) -> None:
     """Refuse leaves that would save a file that cannot load, naming the leaf."""
     names: dict[str, Any] = {}
     for key_path, leaf in flat:
-        path = jtu.keystr(key_path)
+        path = _keystr(key_path)
         problem = None
         if isinstance(leaf, jax.ShapeDtypeStruct):
             problem = (
@@ -2800,7 +2817,7 @@ def _structure(tree: Any, describe: Callable[[Any], Any]) -> list[list[Any]]:
     entries: list[list[Any]] = []
 
     def visit(node: Any, path: _KeyPath) -> None:
-        where = jtu.keystr(path)
+        where = _keystr(path)
         if eqx.is_array(node) or isinstance(node, jax.ShapeDtypeStruct):
             entries.append([where, "array"])
             return
@@ -3219,7 +3236,7 @@ def _check_against_skeleton(source: str, layout: _Layout, skeleton: Any) -> None
             source, f"does not match the skeleton {_where(path)}: {message}. {_FIX}"
         )
     expected = [
-        (jtu.keystr(path), leaf)
+        (_keystr(path), leaf)
         for path, leaf in jtu.tree_flatten_with_path(skeleton)[0]
         if _is_saved_leaf(leaf, layout.version)
     ]

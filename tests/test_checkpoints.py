@@ -830,3 +830,25 @@ def test_lone_surrogates_in_a_header_are_refused_naming_the_file(tmp_path):
     assert message.startswith(
         f"Serializable.deserialize: the file '{path}' has an unreadable header"
     )
+
+
+def test_numpy_scalar_keys_give_the_same_paths_under_numpy_1_and_2(tmp_path):
+    params = {
+        "ints": {np.int64(1): jnp.zeros(1), np.int64(2): 0.5},
+        "strs": {np.str_("a"): jnp.ones(2)},
+    }
+    Checkpointed(params).serialize(tmp_path / "model")
+    path = tmp_path / "model.eqx"
+    # What NumPy 1.x renders, so a file loads under either major version.
+    assert sorted(dict(safetensors.deserialize(path.read_bytes()))) == [
+        ".params['ints'][1]",
+        ".params['strs']['a']",
+    ]
+    entries = json.loads(safetensors.safe_open(path, "numpy").metadata()["leaves"])
+    assert [entry["path"] for entry in entries] == [
+        ".params['ints'][1]",
+        ".params['ints'][2]",
+        ".params['strs']['a']",
+        ".temperature",
+    ]
+    _assert_exact(Checkpointed.deserialize(path, params), Checkpointed(params))
