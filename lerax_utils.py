@@ -2596,8 +2596,9 @@ _FORMAT = "lerax_utils"
 _FORMAT_VERSION = 2
 _LENGTH = struct.Struct("<Q")
 _MAX_HEADER_BYTES = 64 * 1024 * 1024
-# `[` and `{` in a header, which bound the memory and time to parse it.
-_MAX_CONTAINERS = 1 << 18
+# JSON lists and objects in each part of a header (the `[` and `{` outside its
+# strings), which bound the memory and time to parse it: about 6 per array leaf.
+_MAX_CONTAINERS = 1 << 21
 _MAX_DIMENSIONS = 64  # As NumPy.
 _CRC_SLOT = b'"metadata_crc32":"'
 _ZERO_CRC = "00000000"
@@ -2641,6 +2642,9 @@ _OTHER_DTYPES = (
     "float4_e2m1fn",
 )
 _KEY_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
+# Dtypes narrower than their byte: the unused high bits of each byte must be zero.
+_SUB_BYTE_DTYPES = ("int4", "uint4", "int2", "uint2", "float4_e2m1fn")
+_MAX_INT_DIGITS = 4300  # Python's default limit on converting an int to text.
 
 
 @functools.cache
@@ -2717,18 +2721,25 @@ class Serializable(eqx.Module):
         devices are gathered. Under `jax.vmap` or `eqx.filter_vmap` with batched
         leaves it raises: one path cannot hold a population member by member. Under
         `jax.grad` the values are saved and not differentiated (jax 0.4.26 refuses
-        this with its own `ValueError: IO callbacks do not support JVP`).
+        this with its own `ValueError: IO callbacks do not support JVP`), with two
+        limits of JAX: inside a `jax.lax.scan` body that is differentiated nothing
+        is written, silently (JAX drops the ordered callback), and under
+        `jax.grad(jax.checkpoint(...))` JAX raises its own `NotImplementedError`.
 
         **Raises:**
 
         - `TypeError` if `path` is not a `str` or `os.PathLike`, `no_suffix` is not
             a bool, or a leaf cannot be restored exactly (a masked, object or
             structured NumPy array, or one of a dtype that neither JAX nor the
-            NumPy strings and dates have).
-        - `ValueError` if `path` is empty or names a folder, or the model is
+            NumPy strings and dates have, a `jax.ShapeDtypeStruct`, a Python int of
+            more than 4300 digits, or a PRNG key of a custom implementation).
+        - `ValueError` if `path` is empty, names a folder or an existing file that
+            is not a regular file (a FIFO), two array leaves have the same path, the
+            header would exceed the limits `deserialize` reads, or the model is
             batched by `vmap`.
         """
         target = _checkpoint_path("serialize", path, no_suffix)
+        _check_target(target)
         leaves, treedef = jtu.tree_flatten_with_path(self)
         traced = [isinstance(leaf, jax.core.Tracer) for _, leaf in leaves]
         if not any(traced) and not _inside_a_trace():
@@ -2736,9 +2747,10 @@ class Serializable(eqx.Module):
             return
         # Inside a trace: the traced leaves travel to the host (typed keys as their
         # key data); the others are known now, checked now, and stay here.
+        _check_saveable(leaves)  # Refuse at trace time, not in the callback.
         for key_path, leaf in leaves:
             if isinstance(leaf, np.ndarray | np.generic):
-                _host_array(jtu.keystr(key_path), leaf)  # Refuse at trace time.
+                _host_array(_keystr(key_path), leaf)
         template = [
             None if t else leaf for (_, leaf), t in zip(leaves, traced, strict=True)
         ]
@@ -2752,7 +2764,7 @@ class Serializable(eqx.Module):
                 kinds[index] = ("key", _key_impl_name(leaf))
                 leaf = jax.random.key_data(leaf)
             else:
-                kinds[index] = ("jax", None)
+                kinds[index] = ("jax_weak" if _is_weak(leaf) else "jax", None)
             operands.append(jax.lax.stop_gradient(leaf))  # Saved, not differentiated.
 
         def write(*arrays: Any) -> None:
@@ -2832,7 +2844,7 @@ def _checkpoint_path(method: str, path: Any, no_suffix: Any) -> pathlib.Path:
             "'checkpoints/run'."
         )
     checked = pathlib.Path(text)
-    if checked.name in ("", ".", "..") or text.endswith(("/", os.sep)):
+    if os.path.basename(text) in ("", ".", "..") or text.endswith(("/", os.sep)):
         raise ValueError(
             f"Serializable.{method}: `path` '{text}' names a folder, not a file. "
             f"Pass a file name inside it, such as '{checked / 'model'}'."
@@ -2840,6 +2852,24 @@ def _checkpoint_path(method: str, path: Any, no_suffix: Any) -> pathlib.Path:
     if no_suffix or checked.name.endswith(_SUFFIX):
         return checked
     return checked.with_name(checked.name + _SUFFIX)
+
+
+def _check_target(target: pathlib.Path) -> None:
+    """Refuse a target that exists and is not a regular file (a folder, a FIFO)."""
+    try:
+        mode = os.stat(target).st_mode
+    except OSError:  # None there yet (or a dangling link): the save creates it.
+        return
+    if stat.S_ISDIR(mode):
+        raise ValueError(
+            f"Serializable.serialize: `path` '{target}' names a folder, not a file. "
+            f"Pass a file name inside it, such as '{target / 'model'}'."
+        )
+    if not stat.S_ISREG(mode):
+        raise ValueError(
+            f"Serializable.serialize: `path` '{target}' exists and is not a regular "
+            "file (a FIFO, socket or device). Pass the name of a new or regular file."
+        )
 
 
 def _find_checkpoint(path: str | os.PathLike[str]) -> pathlib.Path:
@@ -3005,7 +3035,12 @@ def _write_checkpoint(
         # Holding the old file open past the rename moves the freeing of its blocks
         # out of this call, to a helper thread that closes it.
         try:
-            previous = os.open(target, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            previous = os.open(
+                target,
+                os.O_RDONLY
+                | getattr(os, "O_CLOEXEC", 0)
+                | getattr(os, "O_NONBLOCK", 0),
+            )
         except OSError:  # None there, or not readable.
             previous = None
         try:
@@ -3033,7 +3068,7 @@ def _create_temporary(target: pathlib.Path) -> tuple[int, pathlib.Path]:
 
     Its name stays short whatever the length of the target's.
     """
-    stem = target.name.encode()[:64].decode(errors="ignore")
+    stem = os.fsdecode(os.fsencode(target.name)[:64])
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
     while True:
         temporary = target.parent / f".{stem}.{secrets.token_hex(4)}.tmp"
@@ -3059,15 +3094,17 @@ def _encode(
     tensors: dict[str, Any] = {}
     blocks = []
     offset = 0
-    for index, (key_path, leaf) in enumerate(jtu.tree_flatten_with_path(model)[0]):
-        path = jtu.keystr(key_path)
+    flat = jtu.tree_flatten_with_path(model)[0]
+    _check_saveable(flat)
+    for index, (key_path, leaf) in enumerate(flat):
+        path = _keystr(key_path)
         if index in kinds:  # A traced leaf, now on the host.
             kind, impl = kinds[index]
             data = np.asarray(leaf, order="C")
         elif eqx.is_array(leaf):
             impl = None
             if isinstance(leaf, jax.Array):
-                kind = "jax"
+                kind = "jax_weak" if _is_weak(leaf) else "jax"
                 if _is_key_array(leaf):
                     kind, impl = "key", _key_impl_name(leaf)
             else:
@@ -3082,10 +3119,12 @@ def _encode(
             continue  # Described by the structure; restored from the skeleton.
         entry: dict[str, Any] = {
             "path": path,
-            "kind": kind,
+            "kind": "jax" if kind == "jax_weak" else kind,
             "dtype": _dtype_name(_original_dtype(leaf, data)),
             "shape": list(data.shape),
         }
+        if kind == "jax_weak":
+            entry["weak_type"] = True
         if impl is not None:
             impl_shape = _key_impl_types()[impl][1]
             entry.update(
@@ -3112,7 +3151,88 @@ def _encode(
         "metadata_crc32": _ZERO_CRC,
     }
     header = _json({"__metadata__": metadata, **tensors}).encode()
+    for part in (header, metadata["leaves"].encode(), metadata["structure"].encode()):
+        count = _count_containers(part)
+        if count > _MAX_CONTAINERS:  # As the reader would refuse it.
+            raise ValueError(
+                f"Serializable.serialize: the model needs {count} JSON lists and "
+                f"objects in one part of its checkpoint header, more than the "
+                f"{_MAX_CONTAINERS} a checkpoint may hold. Stack its leaves into "
+                "fewer, larger arrays (`stack_pytree`)."
+            )
     return header + b" " * (-(_LENGTH.size + len(header)) % 8), blocks
+
+
+def _keystr(key_path: _KeyPath) -> str:
+    """`jax.tree_util.keystr`, with NumPy scalar keys rendered as NumPy 1.x does.
+
+    NumPy 2 renders `np.int64(1)` as `np.int64(1)`, NumPy 1 as `1`; a leaf path
+    names a tensor in the file, so it must not depend on the NumPy version.
+    """
+    if _NUMPY_2 and any(
+        isinstance(getattr(key, "key", None), np.generic) for key in key_path
+    ):
+        with np.printoptions(legacy="1.25"):
+            return jtu.keystr(key_path)
+    return jtu.keystr(key_path)
+
+
+_NUMPY_2 = int(np.__version__.split(".")[0]) >= 2
+
+
+def _is_weak(leaf: Any) -> bool:
+    """Whether a JAX array or tracer is weakly typed (as `jnp.asarray(2.0)`)."""
+    return bool(getattr(getattr(leaf, "aval", None), "weak_type", False))
+
+
+def _check_saveable(flat: list[tuple[_KeyPath, Any]]) -> None:
+    """Refuse leaves that would save a file that cannot load, naming the leaf."""
+    names: dict[str, Any] = {}
+    for key_path, leaf in flat:
+        path = _keystr(key_path)
+        problem = None
+        if isinstance(leaf, jax.ShapeDtypeStruct):
+            problem = (
+                "a jax.ShapeDtypeStruct, a shape and dtype without values. Save a "
+                "model whose arrays hold values"
+            )
+        elif type(leaf) is int and abs(leaf) >= 10**_MAX_INT_DIGITS:
+            problem = (
+                f"a Python int of more than {_MAX_INT_DIGITS} digits. Save it as "
+                "a NumPy array of its bytes, or as a static field"
+            )
+        elif (
+            eqx.is_array(leaf)
+            and _is_key_array(leaf)
+            and _key_impl_name(cast(jax.Array, leaf)) not in _KEY_IMPLS
+        ):
+            impl = _key_impl_name(cast(jax.Array, leaf))
+            problem = (
+                f"a PRNG key of the custom implementation {impl!r}; "
+                f"a checkpoint holds keys of {', '.join(_KEY_IMPLS)} only. Save "
+                "`jax.random.key_data(key)` instead and wrap it after loading"
+            )
+        if problem is not None:
+            raise TypeError(
+                f"Serializable.serialize: the leaf at path {path} is {problem}."
+            )
+        if eqx.is_array(leaf):
+            if path in names:
+                raise ValueError(
+                    f"Serializable.serialize: two array leaves have the same path "
+                    f"{path} (`jax.tree_util.keystr`), so the checkpoint would name "
+                    "one tensor twice. Give the dict keys distinct reprs."
+                )
+            names[path] = leaf
+
+
+def _count_containers(text: bytes) -> int:
+    """The JSON lists and objects in `text`: its `[` and `{` outside strings."""
+    outside = _JSON_STRING.sub(b"", text)
+    return outside.count(b"[") + outside.count(b"{")
+
+
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 
 
 def _original_dtype(leaf: Any, data: np.ndarray) -> np.dtype:
@@ -3197,7 +3317,7 @@ def _structure(tree: Any, describe: Callable[[Any], Any]) -> list[list[Any]]:
     entries: list[list[Any]] = []
 
     def visit(node: Any, path: _KeyPath) -> None:
-        where = jtu.keystr(path)
+        where = _keystr(path)
         if eqx.is_array(node) or isinstance(node, jax.ShapeDtypeStruct):
             entries.append([where, "array"])
             return
@@ -3235,6 +3355,8 @@ def _describe_static(value: Any, depth: int = 0) -> Any:
     Values are described exactly (float bits, dict items in a canonical order, the
     fields of a dataclass), functions and other objects by their names.
     """
+    if type(value) is int and abs(value) >= 10**_MAX_INT_DIGITS:
+        return ["int", hex(value)]  # JSON and Python refuse it in decimal.
     if value is None or type(value) in (bool, int, str):
         return value
     if depth > 32:  # A deeper or cyclic value: its type alone.
@@ -3260,9 +3382,10 @@ def _describe_static(value: Any, depth: int = 0) -> Any:
     if isinstance(value, type):
         return ["type", value.__qualname__]
     if isinstance(value, np.dtype):
-        return ["dtype", value.str]
+        return ["dtype", _dtype_name(value)]
     if isinstance(value, np.generic | np.ndarray) and not value.dtype.hasobject:
-        return ["numpy", value.dtype.str, list(value.shape), value.tobytes().hex()]
+        dtype = _dtype_name(value.dtype)
+        return ["numpy", dtype, list(value.shape), value.tobytes().hex()]
     if dataclasses.is_dataclass(value):
         fields = [
             [field.name, _describe_static(getattr(value, field.name, None), depth + 1)]
@@ -3365,7 +3488,7 @@ def _read_header(file: IO[bytes], start: bytes, source: str, size: int) -> _Layo
         )
     version = _check_version(metadata.get("format_version"), source)
     stored = metadata.get("metadata_crc32")
-    slot = _CRC_SLOT + str(stored).encode() + b'"'
+    slot = _CRC_SLOT + str(stored).encode(errors="surrogatepass") + b'"'
     at = header_bytes.find(slot)
     if not (
         isinstance(stored, str)
@@ -3378,8 +3501,13 @@ def _read_header(file: IO[bytes], start: bytes, source: str, size: int) -> _Layo
     zeroed = header_bytes[:at] + _CRC_SLOT + _ZERO_CRC.encode() + b'"'
     if zlib.crc32(zeroed + header_bytes[at + len(slot) :]) != int(stored, 16):
         raise _checkpoint_error(source, "has a corrupt header (its checksum fails)")
-    leaves = _parse_json(metadata.get("leaves", "").encode(), source)
-    structure = _parse_json(metadata.get("structure", "").encode(), source)
+    # A lone surrogate (from a `\ud800` escape) becomes bytes that are not UTF-8.
+    leaves = _parse_json(
+        metadata.get("leaves", "").encode(errors="surrogatepass"), source
+    )
+    structure = _parse_json(
+        metadata.get("structure", "").encode(errors="surrogatepass"), source
+    )
     entries = _check_entries(leaves, structure, version, source, size)
     crcs = metadata.get("crc32", "")
     arrays = [entry for entry in entries if entry["kind"] != "scalar"]
@@ -3433,7 +3561,7 @@ def _read_header_bytes(
 
 def _parse_json(text: bytes, source: str) -> Any:
     """JSON, with the nesting and the number of containers bounded first."""
-    if text.count(b"[") + text.count(b"{") > _MAX_CONTAINERS:
+    if _count_containers(text) > _MAX_CONTAINERS:
         raise _checkpoint_error(
             source,
             f"has a header with more than {_MAX_CONTAINERS} lists and objects; the "
@@ -3560,6 +3688,10 @@ def _checked_entry(entry: Any, version: int, size: int) -> dict[str, Any] | None
     checked.update(shape=shape, nbytes=nbytes)
     if kind == "numpy_scalar" and shape:
         return None
+    if "weak_type" in entry:
+        if entry["weak_type"] is not True or kind != "jax" or version == 1:
+            return None
+        checked["weak_type"] = True
     if kind == "key":
         impl, key_shape = entry.get("impl"), entry.get("key_shape")
         key_shape = cast(list[int], key_shape)
@@ -3604,7 +3736,7 @@ def _check_against_skeleton(source: str, layout: _Layout, skeleton: Any) -> None
             source, f"does not match the skeleton {_where(path)}: {message}. {_FIX}"
         )
     expected = [
-        (jtu.keystr(path), leaf)
+        (_keystr(path), leaf)
         for path, leaf in jtu.tree_flatten_with_path(skeleton)[0]
         if _is_saved_leaf(leaf, layout.version)
     ]
@@ -3764,7 +3896,20 @@ def _read_leaves(file: IO[bytes], layout: _Layout, source: str) -> list[Any]:
                 f"has corrupt data for the leaf at path {entry['path']} "
                 "(its checksum fails)",
             )
-        values[index] = _restore_kind(data, entry)
+        problem = _invalid_bits(data, entry)
+        if problem is not None:
+            raise _checkpoint_error(
+                source,
+                f"holds invalid data for the leaf at path {entry['path']}: {problem}",
+            )
+        try:
+            values[index] = _restore_kind(data, entry)
+        except UnicodeDecodeError as err:
+            raise _checkpoint_error(
+                source,
+                f"holds invalid data for the leaf at path {entry['path']}: a "
+                f"character that is not Unicode ({err})",
+            ) from err
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as checksummer:
         for index, entry in enumerate(leaves):
@@ -3799,18 +3944,47 @@ def _aligned_empty(shape: list[int], dtype: np.dtype) -> np.ndarray:
     return raw[offset : offset + nbytes].view(dtype).reshape(shape)
 
 
+def _invalid_bits(data: np.ndarray, entry: dict[str, Any]) -> str | None:
+    """Why a loaded array's bytes are no values of its dtype, or None if they are."""
+    view = data.reshape(-1).view(np.uint8)
+    if data.dtype == np.bool_ and view.size and view.max() > 1:
+        return "a boolean byte other than 0 or 1"
+    if entry["dtype"] in _SUB_BYTE_DTYPES:
+        canonical = data.astype(np.float32).astype(data.dtype)
+        if not np.array_equal(canonical.reshape(-1).view(np.uint8), view):
+            return f"a {entry['dtype']} byte whose unused high bits are not zero"
+    return None
+
+
 def _restore_kind(data: np.ndarray, entry: dict[str, Any]) -> Any:
     """A loaded NumPy array as the kind of leaf it was saved from."""
     if entry["kind"] == "jax":
-        return jax.device_put(data)
+        array = jax.device_put(data)
+        if entry.get("weak_type"):  # As `jnp.asarray(2.0)`: restore the exact aval.
+            array = _weak_array(array)
+        return array
     if entry["kind"] == "key":
         return jax.random.wrap_key_data(jax.device_put(data), impl=entry["impl"])
     dtype = cast(np.dtype, _numpy_dtype(entry["dtype"]))
     if dtype.byteorder == ">":
         data = data.astype(dtype)
     if entry["kind"] == "numpy_scalar":
+        # `data[()]` would drop trailing NULs of a bytes or str scalar.
+        if dtype.kind == "S":
+            return np.bytes_(data.tobytes())
+        if dtype.kind == "U":
+            raw = data.astype(dtype.newbyteorder("<")).tobytes()
+            return np.str_(raw.decode("utf-32-le", "surrogatepass"))
         return data[()]
     return data
+
+
+def _weak_array(array: jax.Array) -> jax.Array:
+    """`array`, weakly typed. JAX has no public way to set the flag."""
+    from jax._src.lax import lax as lax_internal
+
+    weak = lax_internal._convert_element_type(array, array.dtype, weak_type=True)
+    return cast(jax.Array, weak)
 
 
 def _read_equinox_file(file: IO[bytes], skeleton: Any, source: str, size: int) -> Any:
