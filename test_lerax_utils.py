@@ -3577,19 +3577,31 @@ _FOUR_DEVICES = textwrap.dedent(
 )
 
 
-def test_on_four_cpu_devices():
-    """Sharded arrays through every capability, in a process with four devices."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+def run_on_four_devices(code: str, *args: str, timeout: float = 300) -> Any:
+    """Run `code` (with `args` in `sys.argv`) in a new process that has four CPU
+    devices, and return the JSON report it prints last. The wait is bounded, so a hung
+    process fails the test instead of hanging the suite."""
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "PYTHONPATH": str(ROOT),
+    }
     result = subprocess.run(
-        [sys.executable, "-c", _FOUR_DEVICES],
+        [sys.executable, "-c", code, *args],
         capture_output=True,
         text=True,
         cwd=ROOT,
         env=env,
         check=False,
+        timeout=timeout,
     )
     assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_on_four_cpu_devices():
+    """Sharded arrays through every capability, in a process with four devices."""
+    report = run_on_four_devices(_FOUR_DEVICES)
     assert report == {
         "partitioned": True,
         "scan": True,

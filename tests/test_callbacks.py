@@ -6,14 +6,9 @@ JAX starts), as the four-device test in `test_lerax_utils.py` does, and bounds t
 wait with a timeout.
 """
 
-import json
-import os
-import pathlib
-import subprocess
-import sys
 import textwrap
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from test_lerax_utils import run_on_four_devices
 
 _PRELUDE = """
 import contextlib, io, json
@@ -50,19 +45,8 @@ def error(run):
 
 
 def _run_on_four_devices(script: str) -> dict:
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     code = _PRELUDE + textwrap.dedent(script) + "\nprint(json.dumps(report))\n"
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        check=False,
-        timeout=240,
-    )
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_on_four_devices(code, timeout=240)
 
 
 def test_print_callback_prints_sharded_arrays_eagerly_and_under_jit():

@@ -6,17 +6,12 @@ there). Every array is split along the sharded axis and along another one, both 
 the host and by the compiled program, and joined back with stack_pytree.
 """
 
-import json
-import os
-import pathlib
-import subprocess
-import sys
 import textwrap
 
 import jax
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from test_lerax_utils import run_on_four_devices
 
 _SHARDED = textwrap.dedent(
     """
@@ -102,20 +97,5 @@ def _has_explicit_meshes() -> bool:
 def test_unstack_and_stack_pytree_on_sharded_arrays(kind):
     if kind == "explicit" and not _has_explicit_meshes():
         pytest.skip(f"jax {jax.__version__} has no explicit-sharding meshes")
-    env = {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-        "PYTHONPATH": str(ROOT),
-    }
-    result = subprocess.run(
-        [sys.executable, "-c", _SHARDED, kind],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        check=False,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = run_on_four_devices(_SHARDED, kind)
     assert report == {"cases": 16, "failures": []}
