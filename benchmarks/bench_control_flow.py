@@ -49,7 +49,7 @@ def _hand_partitioned_scan(step: Callable[..., Any], init: Any, xs: Any) -> Any:
     return eqx.combine(final, init_static), ys
 
 
-def _mlp_step(carry: Any, x: jax.Array) -> tuple[Any, jax.Array]:
+def mlp_step(carry: Any, x: jax.Array) -> tuple[Any, jax.Array]:
     mlp, hidden = carry
     hidden = jnp.tanh(mlp(hidden + x))
     decay = jax.tree.map(lambda w: 0.999 * w, eqx.filter(mlp, eqx.is_array))
@@ -120,8 +120,8 @@ def workloads() -> list[Workload]:
     return [
         Workload(
             "scan: eqx.nn.MLP carry, 1,000 steps (vs by hand)",
-            lambda a: filter_scan(_mlp_step, (a[0], a[1]), a[2]),
-            lambda a: _hand_partitioned_scan(_mlp_step, (a[0], a[1]), a[2]),
+            lambda a: filter_scan(mlp_step, (a[0], a[1]), a[2]),
+            lambda a: _hand_partitioned_scan(mlp_step, (a[0], a[1]), a[2]),
             (mlp, jnp.zeros(8), xs),
         ),
         Workload(

@@ -18,16 +18,9 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from bench_control_flow import mlp_step
 
 from lerax_utils import filter_scan
-
-
-def _step(carry: Any, x: jax.Array) -> tuple[Any, jax.Array]:
-    mlp, hidden = carry
-    hidden = jnp.tanh(mlp(hidden + x))
-    decay = jax.tree.map(lambda w: 0.999 * w, eqx.filter(mlp, eqx.is_array))
-    mlp = eqx.combine(decay, eqx.filter(mlp, eqx.is_array, inverse=True))
-    return (mlp, hidden), jnp.sum(hidden)
 
 
 def main() -> None:
@@ -41,7 +34,7 @@ def main() -> None:
     def make(progress: bool) -> Any:
         @eqx.filter_jit
         def run(mlp: Any, xs: jax.Array) -> Any:
-            return filter_scan(_step, (mlp, jnp.zeros(16)), xs, progress=progress)
+            return filter_scan(mlp_step, (mlp, jnp.zeros(16)), xs, progress=progress)
 
         return run
 

@@ -241,17 +241,20 @@ def test_inner_bar_is_suppressed(reports: list[tuple[int, int]]) -> None:
 #
 
 
+def _raise_at_50(i: Any) -> None:
+    if int(i) == 50:
+        raise RuntimeError("boom")
+
+
+def _fails_at_step_50(c: Any, x: Any) -> Any:
+    """A step whose host callback raises at x == 50."""
+    jax.debug.callback(_raise_at_50, x)
+    return c + x, None
+
+
 def test_exception_ends_the_line_eagerly(capsys: pytest.CaptureFixture[str]) -> None:
-    def fail(i: Any) -> None:
-        if int(i) == 50:
-            raise RuntimeError("boom")
-
-    def step(c: Any, x: Any) -> Any:
-        jax.debug.callback(fail, x)
-        return c + x, None
-
     with pytest.raises(Exception, match="boom"):
-        filter_scan(step, 0.0, jnp.arange(100.0), progress=True)
+        filter_scan(_fails_at_step_50, 0.0, jnp.arange(100.0), progress=True)
         jax.effects_barrier()
     jax.effects_barrier()
     err = capsys.readouterr().err
@@ -262,15 +265,7 @@ def test_exception_ends_the_line_eagerly(capsys: pytest.CaptureFixture[str]) -> 
 def test_exception_under_jit_ends_the_line_before_the_next(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    def fail(i: Any) -> None:
-        if int(i) == 50:
-            raise RuntimeError("boom")
-
-    def step(c: Any, x: Any) -> Any:
-        jax.debug.callback(fail, x)
-        return c + x, None
-
-    run = jax.jit(lambda xs: filter_scan(step, 0.0, xs, progress="first"))
+    run = jax.jit(lambda xs: filter_scan(_fails_at_step_50, 0.0, xs, progress="first"))
     with pytest.raises(Exception, match="boom"):
         run(jnp.arange(100.0))
         jax.effects_barrier()
