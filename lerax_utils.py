@@ -824,6 +824,165 @@ def _scan_with_bar(
     unroll: Any,
     options: dict[str, Any],
 ) -> tuple[Any, Any]:
+    """`jax.lax.scan(step, init, xs, ...)`, reporting its progress to `bar`.
+
+    A check in every step would cost more than the bar is worth (a branch around a
+    host call stops XLA from simplifying the step), so the steps run in chunks: an
+    outer scan over chunks of `_progress_stride(length)` steps reports between
+    them, and a scan of the steps left over follows. The results are those of one
+    `jax.lax.scan`, bit for bit. Under differentiation the chunks would sum the
+    cotangents of the arrays `step` closes over in another order, so there the loop
+    is one scan with the check in every step (`_scan_reporting_every_step`), and its
+    gradients are `jax.lax.scan`'s. That form is also used when `step` has effects
+    of its own, or changes the type of its carry (which `jax.lax.scan` answers by
+    promoting weak types, or with an error).
+    """
+    with _progress_body():
+        return _scan_with_bar_traced(
+            bar, step, init, xs, length, reverse, unroll, options
+        )
+
+
+def _scan_with_bar_traced(
+    bar: "_ProgressBar",
+    step: Callable[[Any, Any], tuple[Any, Any]],
+    init: Any,
+    xs: Any,
+    length: int,
+    reverse: bool,
+    unroll: Any,
+    options: dict[str, Any],
+) -> tuple[Any, Any]:
+    if length == 1:
+        # XLA inlines a loop of one step and compiles it together with what surrounds
+        # it, so any report inside would change the results' bits. One report after.
+        out = jax.lax.scan(
+            step, init, xs, length=1, reverse=reverse, unroll=unroll, **options
+        )
+        jax.debug.callback(
+            lambda: _progress_update(bar, 1), ordered=jax.device_count() == 1
+        )
+        return out
+    first_x = jax.tree.map(lambda x: x[0], xs)
+    closed, (carry_shape, y_shape) = jax.make_jaxpr(step, return_shape=True)(
+        init, first_x
+    )
+    init_leaves, carry_def = jtu.tree_flatten(init)
+    carries = len(init_leaves)
+    in_avals, out_avals = closed.in_avals[:carries], closed.out_avals[:carries]
+    stable = jtu.tree_structure(carry_shape) == carry_def and all(
+        (a.shape, a.dtype, a.weak_type) == (b.shape, b.dtype, b.weak_type)
+        for a, b in zip(in_avals, out_avals, strict=True)
+    )
+    if not stable or closed.effects:
+        return _scan_reporting_every_step(
+            bar, step, init, xs, length, reverse, unroll, options
+        )
+
+    def replay(consts: list[Any], carry: list[Any], x: list[Any]) -> Any:
+        out = jax.core.eval_jaxpr(closed.jaxpr, consts, *carry, *x)
+        return out[:carries], out[carries:]
+
+    def in_chunks(consts: list[Any], carry: list[Any], xs: list[Any]) -> Any:
+        return _scan_in_chunks(
+            bar, functools.partial(replay, consts), carry, xs, length, reverse,
+            unroll, options,
+        )  # fmt: skip
+
+    def every_step(consts: list[Any], carry: list[Any], xs: list[Any]) -> Any:
+        return _scan_reporting_every_step(
+            bar, functools.partial(replay, consts), carry, xs, length, reverse,
+            unroll, options,
+        )  # fmt: skip
+
+    scan = jax.custom_jvp(in_chunks)
+    scan.defjvp(lambda primals, tangents: jax.jvp(every_step, primals, tangents))
+    final, ys = scan(list(closed.consts), init_leaves, jtu.tree_leaves(xs))
+    return carry_def.unflatten(final), jtu.tree_structure(y_shape).unflatten(ys)
+
+
+def _scan_in_chunks(
+    bar: "_ProgressBar",
+    step: Callable[[Any, Any], tuple[Any, Any]],
+    init: list[Any],
+    xs: list[Any],
+    length: int,
+    reverse: bool,
+    unroll: Any,
+    options: dict[str, Any],
+) -> tuple[Any, Any]:
+    """The steps in chunks of `stride`, with a host call before each chunk and one
+    at the end."""
+    stride = _progress_stride(length)
+    chunks, left = divmod(length, stride)
+    split = chunks * stride
+    ordered = jax.device_count() == 1
+    first, then, last = _progress_callbacks(bar, stride)
+
+    def chunk(state: tuple[Any, Any], x: Any) -> tuple[Any, Any]:
+        index, carry = state
+        jax.lax.cond(
+            index == 0,
+            lambda: jax.debug.callback(first, ordered=ordered),
+            lambda: jax.debug.callback(then, ordered=ordered),
+        )
+        carry, ys = jax.lax.scan(
+            step, carry, x, length=stride, reverse=reverse, unroll=unroll, **options
+        )
+        return (index + 1, carry), ys
+
+    def leftover(carry: Any) -> tuple[Any, Any]:
+        rest = [x[split:] for x in xs]
+        return jax.lax.scan(
+            step, carry, rest, length=left, reverse=reverse, unroll=unroll, **options
+        )
+
+    carry, left_ys = init, None
+    if reverse and left:  # The last steps come first.
+        carry, left_ys = leftover(carry)
+    chunked = [x[:split].reshape(chunks, stride, *x.shape[1:]) for x in xs]
+    (count, carry), ys = jax.lax.scan(
+        chunk,
+        (jnp.zeros((), jnp.int32), carry),
+        chunked,
+        length=chunks,
+        reverse=reverse,
+        unroll=unroll if unroll is True else 1,
+        **options,
+    )
+    if left and not reverse:
+        carry, left_ys = leftover(carry)
+    # A host call with an operand costs several without one, so the last one has
+    # none; the branch around it depends on the loop's result, so that it runs last.
+    jax.lax.cond(
+        count > 0,
+        lambda _: jax.debug.callback(last, ordered=ordered),
+        lambda _: None,
+        count,
+    )
+    ys = [y.reshape(split, *y.shape[2:]) for y in ys]
+    if left_ys is not None:
+        ys = [jnp.concatenate(pair) for pair in zip(ys, left_ys, strict=True)]
+    # Else XLA folds the reshapes into what consumes `ys` (a sum over two axes
+    # instead of one, say), which then rounds differently than without the bar.
+    return carry, _optimization_barrier(ys)
+
+
+# In `jax.lax` since jax 0.4.33 or so; where it is missing, results reach consumers
+# that XLA may compile differently (and so round differently) than without a bar.
+_optimization_barrier = getattr(jax.lax, "optimization_barrier", lambda x: x)
+
+
+def _scan_reporting_every_step(
+    bar: "_ProgressBar",
+    step: Callable[[Any, Any], tuple[Any, Any]],
+    init: Any,
+    xs: Any,
+    length: int,
+    reverse: bool,
+    unroll: Any,
+    options: dict[str, Any],
+) -> tuple[Any, Any]:
     """`jax.lax.scan(step, ...)` with a step counter in the carry, which `step` never
     sees, reporting to `bar`. The counter counts up whatever the direction."""
 
@@ -834,16 +993,15 @@ def _scan_with_bar(
         new_carry, y = step(traced_carry, x)
         return (index + 1, new_carry), y
 
-    with _progress_body():
-        (_, final), ys = jax.lax.scan(
-            counted,
-            (jnp.zeros((), jnp.int32), init),
-            xs,
-            length=length,
-            reverse=reverse,
-            unroll=unroll,
-            **options,
-        )
+    (_, final), ys = jax.lax.scan(
+        counted,
+        (jnp.zeros((), jnp.int32), init),
+        xs,
+        length=length,
+        reverse=reverse,
+        unroll=unroll,
+        **options,
+    )
     return final, ys
 
 
@@ -1290,15 +1448,17 @@ def filter_fori_loop(
             )
             return carry.finish(final)
 
+        # As `jax.lax.fori_loop` runs a loop of known length: a scan whose carry
+        # holds the index, a Python int (so weakly typed).
         @_named_after(body_fun)
-        def counted(i: Any, traced: Any, bar: _ProgressBar = bar) -> Any:
-            _progress_report(bar, i - first)
-            return body(i, traced)
+        def counted(state: tuple[Any, Any], _: Any) -> tuple[Any, None]:
+            i, traced = state
+            return (i + 1, body(i, traced)), None
 
-        with _progress_body():
-            final = jax.lax.fori_loop(
-                lower, upper, counted, carry.traced_part(), unroll=unroll
-            )
+        (_, final), _ = _scan_with_bar(
+            bar, counted, (first, carry.traced_part()), None, total, False,
+            1 if unroll is None else unroll, {},
+        )  # fmt: skip
         return carry.finish(final)
 
     with _tidy_on_error(bar):
@@ -2420,7 +2580,7 @@ def print_callback(*args: Any, **kwargs: Any) -> None:
 # newline when the count reaches the total.
 
 _PROGRESS_MAX_CALLBACKS = 200
-_PROGRESS_MIN_REPORTS = 20
+_PROGRESS_MIN_REPORTS = 10
 _PROGRESS_STEPS_PER_REPORT = 1000
 _PROGRESS_MIN_INTERVAL = 0.1  # Seconds between two redraws of a line.
 # How many loops with a bar are being traced around this point, per thread.
@@ -2475,6 +2635,7 @@ class _ProgressBar:
         self.start = 0.0
         self.last_draw = -math.inf
         self.width = 0  # Of the last line: a shorter one must blank it out.
+        self.chunks_done = 0
 
     def line(self, now: float) -> str:
         elapsed = now - self.start
@@ -2526,6 +2687,26 @@ def _progress_update(bar: _ProgressBar, count: int) -> None:
             _open_bars.discard(bar)
         elif now - bar.last_draw >= _PROGRESS_MIN_INTERVAL:
             bar.draw(now, "")
+
+
+def _progress_callbacks(
+    bar: _ProgressBar, stride: int
+) -> tuple[Callable[[], None], Callable[[], None], Callable[[], None]]:
+    """Host calls without operands, for a loop run in chunks of `stride` steps: one
+    before the first chunk, one before each of the others, and one at the end."""
+
+    def first() -> None:
+        bar.chunks_done = 0
+        _progress_update(bar, 0)
+
+    def then() -> None:
+        bar.chunks_done += 1
+        _progress_update(bar, bar.chunks_done * stride)
+
+    def last() -> None:
+        _progress_update(bar, bar.total)
+
+    return first, then, last
 
 
 def _progress_report(bar: _ProgressBar, step: Any) -> None:
