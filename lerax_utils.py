@@ -734,8 +734,11 @@ def filter_scan(
     every `k` steps (`k` chosen from `length`, so at most 200 reports however long
     the loop) and the host redraws one line, at most 10 times a second: count/total,
     percent, elapsed time, time left and rate. The line ends when the count reaches
-    `length`; with `reverse=True` it counts up all the same. Results are bit for bit
-    those without the bar. Under `jax.vmap` one bar is drawn, not one per batch
+    `length`; with `reverse=True` it counts up all the same. The loop runs as chunks
+    of `k` steps with a report between them (under differentiation, as one scan that
+    checks its count in every step), and its results are bit for bit those without
+    the bar, but for XLA's rounding of matrix products, which may differ between two
+    programs (see the README). Under `jax.vmap` one bar is drawn, not one per batch
     element. A loop with a bar traced inside the body of another loop with a bar
     draws none: only the outermost bar is shown. A loop of length 0 draws nothing.
     If the loop stops on an error, its line is ended (eagerly at once; under `jit`
@@ -1422,7 +1425,7 @@ def filter_fori_loop(
     """
     _check_callable("filter_fori_loop", "body_fun", body_fun)
     description = _progress_description("filter_fori_loop", progress)
-    bar, first = None, 0
+    bar, first, total = None, 0, 0
     if description is not None:
         try:
             first, total = int(lower), int(upper) - int(lower)
@@ -2570,14 +2573,16 @@ def print_callback(*args: Any, **kwargs: Any) -> None:
 #
 # Progress bars: the `progress=` option of filter_scan, filter_fori_loop, filter_map
 #
-# A loop with a bar reports its step count to the host through `jax.debug.callback`,
-# but only on every `k`-th step (and on the last), with `k` chosen from the length so
-# that a loop makes at most `_PROGRESS_MAX_CALLBACKS` host calls however long it is.
-# The count is never batched: under `jax.vmap` the loop draws one bar, not one per
-# batch element. While a loop with a bar is being traced, loops traced inside its
-# body draw none (the outer bar alone is shown). On the host, a bar redraws its line
-# (`\r`) at most `1 / _PROGRESS_MIN_INTERVAL` times a second, and ends it with a
-# newline when the count reaches the total.
+# A loop with a bar reports to the host through `jax.debug.callback` every `k` steps
+# (and at the end), with `k` chosen from the length so that a loop makes at most
+# `_PROGRESS_MAX_CALLBACKS` host calls however long it is: it runs as chunks of `k`
+# steps (`_scan_in_chunks`), or, under differentiation, as one scan that checks its
+# step count in every step (`_scan_reporting_every_step`). The count is never batched:
+# under `jax.vmap` the loop draws one bar, not one per batch element. While a loop
+# with a bar is being traced, loops traced inside its body draw none (the outer bar
+# alone is shown). On the host, a bar redraws its line (`\r`) at most `1 /
+# _PROGRESS_MIN_INTERVAL` times a second, and ends it with a newline when the count
+# reaches the total.
 
 _PROGRESS_MAX_CALLBACKS = 200
 _PROGRESS_MIN_REPORTS = 10
@@ -2606,8 +2611,8 @@ def _progress_stride(total: int) -> int:
     most `_PROGRESS_MAX_CALLBACKS` calls.
 
     A host call costs tens of microseconds, as much as thousands of small steps, so
-    a loop reports `_PROGRESS_MIN_REPORTS` times (a new line every 5%), and once
-    more per `_PROGRESS_STEPS_PER_REPORT` steps beyond that, up to the bound.
+    a loop reports `_PROGRESS_MIN_REPORTS` times (every 10%), and once more per
+    `_PROGRESS_STEPS_PER_REPORT` steps beyond that, up to the bound.
     """
     reports = max(
         min(total, _PROGRESS_MIN_REPORTS), total // _PROGRESS_STEPS_PER_REPORT
