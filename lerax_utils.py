@@ -877,7 +877,12 @@ def _scan_with_bar_traced(
         (a.shape, a.dtype, a.weak_type) == (b.shape, b.dtype, b.weak_type)
         for a, b in zip(in_avals, out_avals, strict=True)
     )
-    if not stable or closed.effects:
+    const_avals = [var.aval for var in closed.jaxpr.constvars]
+    keys = any(
+        jnp.issubdtype(aval.dtype, jax.dtypes.prng_key)
+        for aval in (*closed.in_avals, *closed.out_avals, *const_avals)
+    )
+    if not stable or closed.effects or (keys and not _custom_jvp_takes_keys()):
         return _scan_reporting_every_step(
             bar, step, init, xs, length, reverse, unroll, options
         )
@@ -902,6 +907,19 @@ def _scan_with_bar_traced(
     scan.defjvp(lambda primals, tangents: jax.jvp(every_step, primals, tangents))
     final, ys = scan(list(closed.consts), init_leaves, jtu.tree_leaves(xs))
     return carry_def.unflatten(final), jtu.tree_structure(y_shape).unflatten(ys)
+
+
+@functools.cache
+def _custom_jvp_takes_keys() -> bool:
+    """Whether a `jax.custom_jvp` may return PRNG keys (jax 0.4.26 may not)."""
+    identity = jax.custom_jvp(lambda x, key: (x, key))
+    identity.defjvp(lambda primals, tangents: (primals, tangents))
+    key, zero = jax.random.key(0), np.zeros((), jax.dtypes.float0)
+    try:
+        jax.jvp(identity, (1.0, key), (1.0, zero))
+    except TypeError:
+        return False
+    return True
 
 
 def _scan_in_chunks(

@@ -507,3 +507,25 @@ def test_one_scan_form_where_chunks_do_not_apply(
     jax.effects_barrier()
     assert _identical(out, jax.jit(lambda: jax.lax.scan(step, init, xs))())
     assert [c for c, _ in reports][0] == 0 and reports[-1] == (300, 300)
+
+
+def test_prng_key_in_carry_under_grad() -> None:
+    def step(carry: Any, x: Any) -> Any:
+        key, h = carry
+        key, sub = jax.random.split(key)
+        h = jnp.tanh(h * 0.9 + x + jax.random.normal(sub, h.shape))
+        return (key, h), h.sum()
+
+    def loss(w: Any, progress: bool) -> Any:
+        (key, h), ys = filter_scan(
+            lambda c, x: step(c, x * w), (jax.random.key(0), jnp.ones(3)),
+            jnp.arange(50.0), progress=progress,
+        )  # fmt: skip
+        return h.sum() + ys.sum(), jax.random.key_data(key)
+
+    run = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+    with_bar = run(0.3, True)
+    jax.effects_barrier()
+    assert _identical(with_bar, run(0.3, False))
+    forward = jax.jit(loss, static_argnums=1)
+    assert _identical(forward(0.3, True), forward(0.3, False))
