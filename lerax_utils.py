@@ -2825,6 +2825,62 @@ class Serializable(eqx.Module):
         with open(source, "rb") as file:
             return _read_checkpoint(file, skeleton, str(source))
 
+    @classmethod
+    def deserialize_sharded(
+        cls: type[_Model],
+        path: str | os.PathLike[str],
+        sharding: jax.sharding.Sharding | Callable[[Any], Any],
+        *args: Any,
+        **kwargs: Any,
+    ) -> _Model:
+        """As `deserialize`, except that the JAX arrays are created with shardings.
+
+        Each process reads from the file only the shards of its own devices, straight
+        into them: a model sharded over several devices is never whole on one, nor in
+        host memory. Every checksum is still verified, by streaming each array through
+        a buffer of at most 16 MB.
+
+        **Arguments:**
+
+        - `path`: as for `deserialize`.
+        - `sharding`: either one `jax.sharding.Sharding` for every JAX array and PRNG
+            key leaf, or a callable that takes the skeleton (its arrays are
+            `jax.ShapeDtypeStruct`s) and returns a pytree of the same structure with a
+            `Sharding`, or None to load as `deserialize` does, at each array leaf.
+            NumPy leaves stay NumPy arrays on the host whatever their sharding.
+        - `*args`, `**kwargs`: the constructor's arguments, as for `deserialize`.
+            `sharding` comes before them, so it never collides with a constructor
+            keyword.
+
+        **Returns:**
+
+        As `deserialize`, with each JAX array's `.sharding` the one asked for.
+
+        **Raises:**
+
+        As `deserialize`, and:
+
+        - `TypeError` if `sharding` is neither a `Sharding` nor callable, or the
+            callable gives something else than a `Sharding` or None at an array leaf.
+        - `ValueError` if the callable's pytree has another structure than the
+            skeleton, or a sharding does not fit its leaf's shape (a mesh axis that
+            does not divide the dimension it shards).
+
+        With several processes (`jax.distributed`), every process calls it with the
+        same global sharding, as for any JAX computation on global arrays.
+
+        ```python
+        mesh = jax.make_mesh((4,), ("data",))
+        model = Model.deserialize_sharded(
+            "checkpoints/run", NamedSharding(mesh, PartitionSpec("data")), 32
+        )
+        ```
+        """
+        source = _find_checkpoint(path)
+        skeleton = _with_shardings(_skeleton(cls, args, kwargs), sharding)
+        with open(source, "rb") as file:
+            return _read_checkpoint(file, skeleton, str(source))
+
 
 def _checkpoint_path(method: str, path: Any, no_suffix: Any) -> pathlib.Path:
     if not isinstance(path, str | os.PathLike) or isinstance(os.fspath(path), bytes):
@@ -3449,16 +3505,17 @@ def _read_checkpoint(file: IO[bytes], skeleton: Any, source: str) -> Any:
         raise _checkpoint_error(source, "is empty")
     if start.startswith(_NUMPY_MAGIC):
         file.seek(0)
-        return _read_equinox_file(file, skeleton, source, size)
+        return _place(_read_equinox_file(file, skeleton, source, size), skeleton)
     if _V1_MAGIC.startswith(start[: len(_V1_MAGIC)]):
         layout = _read_v1_header(file, source, size)
     else:
         layout = _read_header(file, start, source, size)
     _check_against_skeleton(source, layout, skeleton)
-    values = _read_leaves(file, layout, source)
     skeleton_leaves, treedef = jtu.tree_flatten(skeleton)
-    loaded = iter(values)
     saved = functools.partial(_is_saved_leaf, version=layout.version)
+    shardings = [_leaf_sharding(leaf) for leaf in skeleton_leaves if saved(leaf)]
+    values = _read_leaves(file, layout, source, shardings)
+    loaded = iter(values)
     return treedef.unflatten(
         [next(loaded) if saved(leaf) else leaf for leaf in skeleton_leaves]
     )
@@ -3878,11 +3935,18 @@ def _json_sorted(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
-def _read_leaves(file: IO[bytes], layout: _Layout, source: str) -> list[Any]:
+def _read_leaves(
+    file: IO[bytes],
+    layout: _Layout,
+    source: str,
+    shardings: Sequence[jax.sharding.Sharding | None] = (),
+) -> list[Any]:
     """Read every leaf's value, checking each array against its CRC-32.
 
     Each checksum runs in a helper thread while the next leaf is read, and a leaf
     leaves host memory as soon as it is checked, so at most two are held at once.
+    A JAX array or key leaf with a sharding in `shardings` (one per entry) is read
+    shard by shard instead (`_read_sharded`).
     """
     leaves = layout.entries
     values: list[Any] = []
@@ -3916,6 +3980,10 @@ def _read_leaves(file: IO[bytes], layout: _Layout, source: str) -> list[Any]:
             if entry["kind"] == "scalar":
                 values.append(entry["value"])
                 continue
+            sharding = shardings[index] if shardings else None
+            if sharding is not None and entry["kind"] in ("jax", "key"):
+                values.append(_read_sharded(file, entry, sharding, source))
+                continue
             dtype = cast(np.dtype, _numpy_dtype(entry["dtype"]))
             if dtype.byteorder == ">":  # Stored little-endian.
                 dtype = dtype.newbyteorder("<")
@@ -3942,6 +4010,245 @@ def _aligned_empty(shape: list[int], dtype: np.dtype) -> np.ndarray:
     raw = np.empty(nbytes + 64, np.uint8)
     offset = -raw.ctypes.data % 64
     return raw[offset : offset + nbytes].view(dtype).reshape(shape)
+
+
+# Loading into shardings. Each array is streamed through one buffer of at most this
+# many bytes, in file order, for its checksum; each piece is copied from the buffer
+# into the shards of this process's devices that it overlaps. So a process holds its
+# own shards and one buffer, never a whole array it does not own.
+_CHUNK_BYTES = 16 * 1024 * 1024
+
+
+def _with_shardings(skeleton: Any, sharding: Any) -> Any:
+    """The skeleton with each JAX array leaf asking for its sharding.
+
+    `sharding` is one `Sharding` for every such leaf, or a callable that maps the
+    skeleton to a pytree of shardings (or None) of its structure.
+    """
+    name = "Serializable.deserialize_sharded"
+    leaves, treedef = jtu.tree_flatten_with_path(skeleton)
+    if isinstance(sharding, jax.sharding.Sharding):
+        chosen = [sharding] * len(leaves)
+    elif callable(sharding):
+        tree = sharding(skeleton)
+        try:
+            chosen = treedef.flatten_up_to(tree)
+        except (ValueError, TypeError) as err:
+            raise ValueError(
+                f"{name}: the pytree returned by `sharding` does not have the "
+                f"structure of the skeleton ({err}). Return one with a Sharding or "
+                "None at each of its array leaves, for example "
+                "`jax.tree_util.tree_map(choose, skeleton)`."
+            ) from err
+    else:
+        raise TypeError(
+            f"{name}: `sharding` must be a jax.sharding.Sharding or a callable that "
+            f"maps the skeleton to a pytree of them; got {_describe_leaf(sharding)}."
+        )
+    placed = []
+    for (key_path, leaf), choice in zip(leaves, chosen, strict=True):
+        if not isinstance(leaf, jax.ShapeDtypeStruct):
+            placed.append(leaf)  # Not a JAX array: loaded as `deserialize` does.
+            continue
+        if choice is not None and not isinstance(choice, jax.sharding.Sharding):
+            raise TypeError(
+                f"{name}: `sharding` gave {_describe_leaf(choice)} for the array "
+                f"leaf at path {_keystr(key_path)}; give a jax.sharding.Sharding, or "
+                "None to load it unsharded."
+            )
+        weak = {"weak_type": True} if getattr(leaf, "weak_type", False) else {}
+        try:
+            placed.append(
+                jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=choice, **weak)
+            )
+        except ValueError as err:
+            raise _sharding_error(name, _keystr(key_path), leaf.shape, err) from err
+    return treedef.unflatten(placed)
+
+
+def _sharding_error(
+    function: str, path: str, shape: tuple[int, ...], err: Exception
+) -> ValueError:
+    return ValueError(
+        f"{function}: the sharding asked for the leaf at path {path} does not fit "
+        f"its shape {tuple(shape)}: {str(err).rstrip('.')}. Pass a sharding of at most as many axes as "
+        "the leaf whose mesh axes divide the dimensions they shard, or None for this "
+        "leaf."
+    )
+
+
+def _leaf_sharding(leaf: Any) -> jax.sharding.Sharding | None:
+    """The sharding a skeleton leaf asks for: that of a `jax.ShapeDtypeStruct` or of a
+    concrete `jax.Array`, or None."""
+    if isinstance(leaf, jax.ShapeDtypeStruct | jax.Array) and not isinstance(
+        leaf, jax.core.Tracer
+    ):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, jax.sharding.Sharding):
+            return sharding
+    return None
+
+
+_Region = tuple[tuple[int, int], ...]
+
+
+def _region(index: tuple[Any, ...], shape: Sequence[int]) -> _Region:
+    """A shard's `(start, stop)` along each axis, from the slices JAX gives."""
+    bounds = []
+    for axis, size in enumerate(shape):
+        part = index[axis] if axis < len(index) else slice(None)
+        start, stop, step = part.indices(size)
+        if step != 1:
+            raise ValueError(f"a shard with step {step} along axis {axis}")
+        bounds.append((start, max(start, stop)))
+    return tuple(bounds)
+
+
+def _read_sharded(
+    file: IO[bytes],
+    entry: dict[str, Any],
+    sharding: jax.sharding.Sharding,
+    source: str,
+) -> jax.Array:
+    """One array leaf, created with `sharding`, each local shard read from the file.
+
+    The whole tensor streams through a bounded buffer for its CRC-32 and the checks
+    of its bits, which all pass before any device array is created.
+    """
+    path = entry["path"]
+    dtype = cast(np.dtype, _numpy_dtype(entry["dtype"]))
+    shape = tuple(entry["shape"])  # Of the stored data: key data for a key.
+    is_key = entry["kind"] == "key"
+    global_shape = tuple(entry["key_shape"]) if is_key else shape
+    try:
+        sharding.shard_shape(global_shape)  # Refuses an axis it does not divide.
+        indices = sharding.addressable_devices_indices_map(global_shape)
+        regions = {
+            device: _region(index, global_shape)
+            + tuple((0, size) for size in shape[len(global_shape) :])
+            for device, index in indices.items()
+        }
+    except Exception as err:
+        raise _sharding_error(
+            "Serializable.deserialize", path, global_shape, err
+        ) from err
+    shards = {
+        region: _aligned_empty([stop - start for start, stop in region], dtype)
+        for region in regions.values()
+    }
+    _stream_into_shards(file, entry, shape, dtype, shards, source)
+    if is_key:
+        keys = [
+            jax.random.wrap_key_data(
+                jax.device_put(shards[region], device), impl=entry["impl"]
+            )
+            for device, region in regions.items()
+        ]
+        return jax.make_array_from_single_device_arrays(global_shape, sharding, keys)
+    array = jax.make_array_from_callback(
+        global_shape, sharding, lambda index: shards[_region(index, global_shape)]
+    )
+    if entry.get("weak_type"):
+        array = _weak_array(array)
+    return array
+
+
+def _stream_into_shards(
+    file: IO[bytes],
+    entry: dict[str, Any],
+    shape: tuple[int, ...],
+    dtype: np.dtype,
+    shards: dict[_Region, np.ndarray],
+    source: str,
+) -> None:
+    """Read a tensor in file order through one buffer, check its CRC-32 and bits,
+    and copy each piece into the shards (keyed by region) that it overlaps.
+
+    A piece is a run of whole sub-arrays along one axis (`level`): the fewest
+    leading axes such that one step along `level` fits in the buffer.
+    """
+    itemsize = dtype.itemsize
+    level = next(
+        (
+            axis
+            for axis in range(len(shape))
+            if math.prod(shape[axis + 1 :]) * itemsize <= max(_CHUNK_BYTES, itemsize)
+        ),
+        len(shape),
+    )
+    step_bytes = math.prod(shape[level + 1 :]) * itemsize
+    steps = max(1, _CHUNK_BYTES // max(step_bytes, 1))
+    buffer = np.empty(min(entry["nbytes"], steps * max(step_bytes, 1)), np.uint8)
+    crc = 0
+    if entry["nbytes"]:
+        length = shape[level] if level < len(shape) else 1
+        inner = shape[level + 1 :]
+        for outer in np.ndindex(*shape[:level]):
+            base = sum(i * math.prod(shape[a + 1 :]) for a, i in enumerate(outer))
+            for first in range(0, length, steps):
+                count = min(steps, length - first)
+                nbytes = count * step_bytes
+                file.seek(entry["offset"] + base * itemsize + first * step_bytes)
+                view = buffer[:nbytes]
+                if file.readinto(view.data) != nbytes:  # type: ignore[attr-defined]
+                    raise _checkpoint_error(source, "is truncated inside its data")
+                crc = zlib.crc32(view.data, crc)
+                piece = view.view(dtype).reshape((count, *inner))
+                problem = _invalid_bits(piece, entry)
+                if problem is not None:
+                    raise _checkpoint_error(
+                        source,
+                        f"holds invalid data for the leaf at path {entry['path']}: "
+                        f"{problem}",
+                    )
+                if level == len(shape):  # A 0-d array: one element.
+                    for shard in shards.values():
+                        shard[...] = piece.reshape(())
+                    continue
+                _copy_piece(piece, outer, first, level, shards)
+    if crc != entry["crc"]:
+        raise _checkpoint_error(
+            source,
+            f"has corrupt data for the leaf at path {entry['path']} (its checksum "
+            "fails)",
+        )
+
+
+def _copy_piece(
+    piece: np.ndarray,
+    outer: tuple[int, ...],
+    first: int,
+    level: int,
+    shards: dict[_Region, np.ndarray],
+) -> None:
+    """Copy `piece` (indices `outer` on the leading axes, `first` onward along
+    `level`, whole along the rest) into each shard it overlaps."""
+    count = piece.shape[0]
+    for region, shard in shards.items():
+        if not all(a <= i < b for i, (a, b) in zip(outer, region, strict=False)):
+            continue
+        start, stop = region[level]
+        low, high = max(start, first), min(stop, first + count)
+        if low >= high:
+            continue
+        source = piece[
+            (slice(low - first, high - first),)
+            + tuple(slice(a, b) for a, b in region[level + 1 :])
+        ]
+        target = tuple(i - a for i, (a, _) in zip(outer, region, strict=False))
+        shard[(*target, slice(low - start, high - start))] = source
+
+
+def _place(tree: Any, skeleton: Any) -> Any:
+    """`tree` with each JAX array put on the sharding its skeleton leaf asks for."""
+
+    def place(leaf: Any, like: Any) -> Any:
+        sharding = _leaf_sharding(like)
+        if sharding is None or not isinstance(leaf, jax.Array):
+            return leaf
+        return jax.device_put(leaf, sharding)
+
+    return jtu.tree_map(place, tree, skeleton)
 
 
 def _invalid_bits(data: np.ndarray, entry: dict[str, Any]) -> str | None:
