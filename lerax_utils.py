@@ -56,6 +56,7 @@ import dataclasses
 import enum
 import functools
 import inspect
+import itertools
 import json
 import math
 import operator
@@ -2996,11 +2997,17 @@ def _is_numpy_only(dtype: np.dtype) -> bool:
 # Writing
 
 
-def _host_array(path: str, leaf: Any) -> np.ndarray:
-    """A NumPy copy or view of an array leaf, refusing what cannot load exactly."""
+def _host_array(path: str, leaf: Any) -> "np.ndarray | _Spanning":
+    """A NumPy copy or view of an array leaf, refusing what cannot load exactly.
+
+    An array that spans several processes stays where it is: each process writes
+    its own shards (`_write_from_processes`).
+    """
     if isinstance(leaf, jax.Array):
         if _is_key_array(leaf):
             leaf = jax.random.key_data(leaf)
+        if not leaf.is_fully_addressable:
+            return _Spanning(leaf)
         return np.asarray(leaf, order="C")  # Gathers sharded arrays.
     problem = None
     if isinstance(leaf, np.ma.MaskedArray):
@@ -3065,8 +3072,9 @@ def _write_checkpoint(
     kinds: dict[int, tuple[str, str | None]] | None = None,
 ) -> None:
     header, blocks = _encode(model, kinds or {})
-    crc_at = header.index(b'"crc32":"') + len(b'"crc32":"')
-    slot_at = header.index(_CRC_SLOT) + len(_CRC_SLOT)
+    if any(isinstance(block, _Spanning) for block in blocks):
+        _write_from_processes(header, blocks, target)
+        return
     target.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = _create_temporary(target)
     try:
@@ -3080,38 +3088,277 @@ def _write_checkpoint(
             for block in blocks:  # Both `crc32` and `write` release the GIL.
                 checksums.append(checksummer.submit(zlib.crc32, block.data))
                 file.write(block.data)
-            filled = bytearray(header)
-            crcs = "".join(f"{checksum.result():08x}" for checksum in checksums)
-            filled[crc_at : crc_at + len(crcs)] = crcs.encode()
-            filled[slot_at : slot_at + 8] = f"{zlib.crc32(filled):08x}".encode()
             file.seek(_LENGTH.size)
-            file.write(filled)
+            file.write(_filled_header(header, [c.result() for c in checksums]))
             file.flush()
             os.fsync(file.fileno())
-        # Holding the old file open past the rename moves the freeing of its blocks
-        # out of this call, to a helper thread that closes it.
-        try:
-            previous = os.open(
-                target,
-                os.O_RDONLY
-                | getattr(os, "O_CLOEXEC", 0)
-                | getattr(os, "O_NONBLOCK", 0),
-            )
-        except OSError:  # None there, or not readable.
-            previous = None
-        try:
-            with contextlib.suppress(FileNotFoundError):
-                kept = os.fstat(previous) if previous is not None else os.stat(target)
-                os.chmod(temporary, stat.S_IMODE(kept.st_mode))
-            os.replace(temporary, target)
-        finally:
-            if previous is not None:
-                _closer().submit(os.close, previous)
+        _replace(temporary, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
         raise
     _fsync_folder(target.parent)
+
+
+def _filled_header(header: bytes, checksums: list[int]) -> bytes:
+    """The header with the arrays' CRC-32s and then its own in their slots."""
+    crc_at = header.index(b'"crc32":"') + len(b'"crc32":"')
+    slot_at = header.index(_CRC_SLOT) + len(_CRC_SLOT)
+    filled = bytearray(header)
+    crcs = "".join(f"{checksum:08x}" for checksum in checksums)
+    filled[crc_at : crc_at + len(crcs)] = crcs.encode()
+    filled[slot_at : slot_at + 8] = f"{zlib.crc32(filled):08x}".encode()
+    return bytes(filled)
+
+
+def _replace(temporary: pathlib.Path, target: pathlib.Path) -> None:
+    """Rename the finished temporary file over `target`, keeping the target's mode."""
+    # Holding the old file open past the rename moves the freeing of its blocks
+    # out of this call, to a helper thread that closes it.
+    try:
+        previous = os.open(
+            target,
+            os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0),
+        )
+    except OSError:  # None there, or not readable.
+        previous = None
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            kept = os.fstat(previous) if previous is not None else os.stat(target)
+            os.chmod(temporary, stat.S_IMODE(kept.st_mode))
+        os.replace(temporary, target)
+    finally:
+        if previous is not None:
+            _closer().submit(os.close, previous)
+
+
+# Several processes (`jax.distributed`). An array that spans processes cannot be
+# fetched whole by any of them, so every process calls `serialize`, and:
+#   1. process 0 creates the temporary file, writes the header (its checksums still
+#      zeros) and every leaf that is not such an array, and publishes the file's
+#      name in the distributed runtime's key-value store;
+#   2. every process writes the shards of its own devices whose `replica_id` is 0
+#      (so each byte once) at their offsets, flushes them to disk, and says so;
+#   3. process 0 streams the finished data to compute each tensor's CRC-32, fills
+#      in the header, renames the file over the target and says so; every process
+#      returns only then.
+# Every wait is bounded by `_PROCESS_TIMEOUT_S`, and a failure in any process is
+# published, so the others raise instead of waiting.
+_PROCESS_TIMEOUT_S = 600.0
+_FAILED = "!"  # A published value that starts so is the message of a failure.
+_saves_across_processes = [0]
+_Region = tuple[tuple[int, int], ...]  # A shard's `(start, stop)` along each axis.
+
+
+@dataclasses.dataclass
+class _Spanning:
+    """An array leaf (key data for keys) that spans several processes."""
+
+    array: jax.Array
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.array.dtype)
+
+    @property
+    def ndim(self) -> int:
+        return self.array.ndim
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def _client() -> Any:
+    from jax._src import distributed
+
+    client = distributed.global_state.client
+    if client is None:
+        raise ValueError(
+            "Serializable.serialize: the model holds arrays that span several "
+            "processes, but `jax.distributed` is not initialized here. Call "
+            "`jax.distributed.initialize` in every process first."
+        )
+    return client
+
+
+def _publish(client: Any, key: str, value: str) -> None:
+    client.key_value_set(key, value)
+
+
+def _await(client: Any, key: str, waiting_for: str) -> str:
+    """The value published at `key`; raises if it is a failure or does not come."""
+    try:
+        value = client.blocking_key_value_get(key, int(_PROCESS_TIMEOUT_S * 1000))
+    except Exception as err:  # The runtime's own error, on its deadline.
+        raise TimeoutError(
+            f"Serializable.serialize: process {jax.process_index()} waited "
+            f"{_PROCESS_TIMEOUT_S:g} s for {waiting_for}, in vain. Every process "
+            "must call `serialize` on the same model, in the same order as the "
+            f"other saves of arrays that span processes ({err})."
+        ) from err
+    if value.startswith(_FAILED):
+        raise ValueError(f"Serializable.serialize: {value[len(_FAILED) :]}")
+    return value
+
+
+def _write_from_processes(
+    header: bytes, blocks: list[Any], target: pathlib.Path
+) -> None:
+    """Write one checkpoint from every process, as described above."""
+    client = _client()
+    me, count = jax.process_index(), jax.process_count()
+    _saves_across_processes[0] += 1
+    prefix = f"lerax_utils/serialize/{_saves_across_processes[0]}"
+    data_at = _LENGTH.size + len(header)
+    offsets = list(itertools.accumulate([b.nbytes for b in blocks], initial=data_at))
+    # Each process checks that all describe the same model (structure, shapes,
+    # dtypes, static values, Python numbers) before any writes.
+    _publish(client, f"{prefix}/header/{me}", f"{zlib.crc32(header):08x}")
+    headers = {
+        _await(client, f"{prefix}/header/{other}", f"process {other}'s header")
+        for other in range(count)
+    }
+    if len(headers) != 1:
+        raise ValueError(
+            "Serializable.serialize: the processes passed different models (their "
+            "structure, shapes, dtypes, static values or Python numbers differ). "
+            "Every process must save the same model."
+        )
+    if me != 0:
+        where = _await(client, f"{prefix}/temporary", "process 0 to create the file")
+        try:
+            _write_shards(pathlib.Path(where), blocks, offsets)
+        except BaseException as err:
+            _publish(client, f"{prefix}/written/{me}", _FAILED + _failure(me, err))
+            raise
+        _publish(client, f"{prefix}/written/{me}", "ok")
+        _await(client, f"{prefix}/done", "process 0 to finish the file")
+        return
+    temporary = None
+    published = False
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        descriptor, temporary = _create_temporary(target)
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(_LENGTH.pack(len(header)))
+            file.write(header)
+            for block, offset in zip(blocks, offsets, strict=False):
+                if not isinstance(block, _Spanning):
+                    file.seek(offset)
+                    file.write(block.data)
+            file.truncate(offsets[-1])
+        _publish(client, f"{prefix}/temporary", str(temporary))
+        published = True
+        _write_shards(temporary, blocks, offsets)
+        for other in range(1, count):
+            _await(client, f"{prefix}/written/{other}", f"process {other}'s shards")
+        with open(temporary, "r+b") as file:
+            checksums = [
+                _stream_crc(file, offset, block.nbytes)
+                if isinstance(block, _Spanning)
+                else zlib.crc32(block.data)
+                for block, offset in zip(blocks, offsets, strict=False)
+            ]
+            file.seek(_LENGTH.size)
+            file.write(_filled_header(header, checksums))
+            file.flush()
+            os.fsync(file.fileno())
+        _replace(temporary, target)
+        _fsync_folder(target.parent)
+    except BaseException as err:
+        if temporary is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
+        message = _FAILED + _failure(0, err)
+        if not published:
+            _publish(client, f"{prefix}/temporary", message)
+        _publish(client, f"{prefix}/done", message)
+        raise
+    _publish(client, f"{prefix}/done", "ok")
+
+
+def _failure(process: int, err: BaseException) -> str:
+    text = str(err).removeprefix("Serializable.serialize: ")
+    return (
+        f"process {process} failed to write its part of the checkpoint, so nothing "
+        f"was saved: {type(err).__name__}: {text}"
+    )
+
+
+def _write_shards(
+    temporary: pathlib.Path, blocks: list[Any], offsets: list[int]
+) -> None:
+    """Write this process's replica-0 shards of the spanning arrays at their
+    offsets in the shared temporary file, and flush them to disk."""
+    flags = os.O_WRONLY | getattr(os, "O_CLOEXEC", 0)
+    descriptor = os.open(temporary, flags)
+    try:
+        for block, offset in zip(blocks, offsets, strict=False):
+            if not isinstance(block, _Spanning):
+                continue
+            shape, itemsize = block.shape, block.dtype.itemsize
+            for shard in block.array.addressable_shards:
+                if shard.replica_id != 0:
+                    continue
+                region = _region(shard.index, shape)
+                data = np.ascontiguousarray(np.asarray(shard.data))
+                _write_region(descriptor, offset, shape, itemsize, region, data)
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _write_region(
+    descriptor: int,
+    offset: int,
+    shape: tuple[int, ...],
+    itemsize: int,
+    region: _Region,
+    data: np.ndarray,
+) -> None:
+    """Write `data`, the box `region` of a C-ordered tensor at `offset`, in runs."""
+    # Axes after `split` are whole in the box, so each step along the leading
+    # axes up to `split` is one contiguous run of the file.
+    split = len(shape) - 1
+    while split > 0 and region[split] == (0, shape[split]):
+        split -= 1
+    strides = [math.prod(shape[axis + 1 :]) for axis in range(len(shape))]
+    if data.size == 0:
+        return
+    if not shape:
+        os.pwrite(descriptor, data.tobytes(), offset)
+        return
+    for outer in np.ndindex(*data.shape[:split]):
+        first = (
+            sum((i + region[axis][0]) * strides[axis] for axis, i in enumerate(outer))
+            + region[split][0] * strides[split]
+        )
+        run = memoryview(np.ascontiguousarray(data[outer]).reshape(-1).view(np.uint8))
+        written = 0
+        while written < run.nbytes:
+            written += os.pwrite(
+                descriptor, run[written:], offset + first * itemsize + written
+            )
+
+
+def _stream_crc(file: IO[bytes], offset: int, nbytes: int) -> int:
+    """The CRC-32 of `nbytes` of `file` from `offset`, through a bounded buffer."""
+    buffer = np.empty(min(nbytes, _CHUNK_BYTES), np.uint8)
+    crc = 0
+    file.seek(offset)
+    done = 0
+    while done < nbytes:
+        view = buffer[: min(buffer.size, nbytes - done)]
+        if file.readinto(view.data) != view.size:  # type: ignore[attr-defined]
+            raise ValueError("the temporary file is shorter than written")
+        crc = zlib.crc32(view.data, crc)
+        done += view.size
+    return crc
 
 
 @functools.cache
@@ -3186,7 +3433,7 @@ def _encode(
             entry.update(
                 impl=impl, key_shape=entry["shape"][: data.ndim - len(impl_shape)]
             )
-        block = data.reshape(-1).view(np.uint8)
+        block = data if isinstance(data, _Spanning) else data.reshape(-1).view(np.uint8)
         stored_dtype, stored_shape = _stored_type(entry["dtype"], entry["shape"])
         tensors[path] = {
             "dtype": stored_dtype,
@@ -3291,7 +3538,7 @@ def _count_containers(text: bytes) -> int:
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 
 
-def _original_dtype(leaf: Any, data: np.ndarray) -> np.dtype:
+def _original_dtype(leaf: Any, data: "np.ndarray | _Spanning") -> np.dtype:
     """The dtype to restore: the leaf's own where NumPy's bytes were swapped."""
     if isinstance(leaf, np.ndarray | np.generic) and leaf.dtype.byteorder == ">":
         return leaf.dtype
@@ -4071,9 +4318,9 @@ def _sharding_error(
 ) -> ValueError:
     return ValueError(
         f"{function}: the sharding asked for the leaf at path {path} does not fit "
-        f"its shape {tuple(shape)}: {str(err).rstrip('.')}. Pass a sharding of at most as many axes as "
-        "the leaf whose mesh axes divide the dimensions they shard, or None for this "
-        "leaf."
+        f"its shape {tuple(shape)}: {str(err).rstrip('.')}. Pass a sharding of at "
+        "most as many axes as the leaf whose mesh axes divide the dimensions they "
+        "shard, or None for this leaf."
     )
 
 
@@ -4087,9 +4334,6 @@ def _leaf_sharding(leaf: Any) -> jax.sharding.Sharding | None:
         if isinstance(sharding, jax.sharding.Sharding):
             return sharding
     return None
-
-
-_Region = tuple[tuple[int, int], ...]
 
 
 def _region(index: tuple[Any, ...], shape: Sequence[int]) -> _Region:
