@@ -3338,7 +3338,7 @@ def _write_region(
             sum((i + region[axis][0]) * strides[axis] for axis, i in enumerate(outer))
             + region[split][0] * strides[split]
         )
-        run = memoryview(np.ascontiguousarray(data[outer]).reshape(-1).view(np.uint8))
+        run = np.ascontiguousarray(data[outer]).reshape(-1).view(np.uint8).data
         written = 0
         while written < run.nbytes:
             written += os.pwrite(
@@ -4336,7 +4336,7 @@ def _leaf_sharding(leaf: Any) -> jax.sharding.Sharding | None:
     return None
 
 
-def _region(index: tuple[Any, ...], shape: Sequence[int]) -> _Region:
+def _region(index: Any, shape: Sequence[int]) -> _Region:
     """A shard's `(start, stop)` along each axis, from the slices JAX gives."""
     bounds = []
     for axis, size in enumerate(shape):
@@ -4356,8 +4356,10 @@ def _read_sharded(
 ) -> jax.Array:
     """One array leaf, created with `sharding`, each local shard read from the file.
 
-    The whole tensor streams through a bounded buffer for its CRC-32 and the checks
-    of its bits, which all pass before any device array is created.
+    First the whole tensor streams through a bounded buffer for its CRC-32 and the
+    checks of its bits, so a corrupt file fails before any device array exists.
+    Then each shard this process holds is read alone, put on its devices and freed:
+    host memory holds one shard and the buffer at a time.
     """
     path = entry["path"]
     dtype = cast(np.dtype, _numpy_dtype(entry["dtype"]))
@@ -4376,21 +4378,20 @@ def _read_sharded(
         raise _sharding_error(
             "Serializable.deserialize", path, global_shape, err
         ) from err
-    shards = {
-        region: _aligned_empty([stop - start for start, stop in region], dtype)
-        for region in regions.values()
-    }
-    _stream_into_shards(file, entry, shape, dtype, shards, source)
-    if is_key:
-        keys = [
-            jax.random.wrap_key_data(
-                jax.device_put(shards[region], device), impl=entry["impl"]
-            )
-            for device, region in regions.items()
-        ]
-        return jax.make_array_from_single_device_arrays(global_shape, sharding, keys)
-    array = jax.make_array_from_callback(
-        global_shape, sharding, lambda index: shards[_region(index, global_shape)]
+    _stream_into_shards(file, entry, shape, dtype, {}, source)
+    on_devices: dict[Any, jax.Array] = {}
+    for region in dict.fromkeys(regions.values()):  # A replicated shard once.
+        host = _aligned_empty([stop - start for start, stop in region], dtype)
+        _stream_into_shards(file, entry, shape, dtype, {region: host}, source, region)
+        for device, wanted in regions.items():
+            if wanted == region:
+                shard = jax.device_put(host, device)
+                if is_key:
+                    shard = jax.random.wrap_key_data(shard, impl=entry["impl"])
+                on_devices[device] = shard
+        del host
+    array = jax.make_array_from_single_device_arrays(
+        global_shape, sharding, [on_devices[device] for device in regions]
     )
     if entry.get("weak_type"):
         array = _weak_array(array)
@@ -4404,9 +4405,13 @@ def _stream_into_shards(
     dtype: np.dtype,
     shards: dict[_Region, np.ndarray],
     source: str,
+    box: _Region | None = None,
 ) -> None:
-    """Read a tensor in file order through one buffer, check its CRC-32 and bits,
-    and copy each piece into the shards (keyed by region) that it overlaps.
+    """Read a tensor in file order through one buffer and copy each piece into the
+    shards (keyed by region) that it overlaps.
+
+    Without `box`, the whole tensor is read and its CRC-32 and bits are checked.
+    With it, only the pieces that overlap `box` are read, unchecked.
 
     A piece is a run of whole sub-arrays along one axis (`level`): the fewest
     leading axes such that one step along `level` fits in the buffer.
@@ -4423,21 +4428,24 @@ def _stream_into_shards(
     step_bytes = math.prod(shape[level + 1 :]) * itemsize
     steps = max(1, _CHUNK_BYTES // max(step_bytes, 1))
     buffer = np.empty(min(entry["nbytes"], steps * max(step_bytes, 1)), np.uint8)
+    ranges = box if box is not None else tuple((0, size) for size in shape)
+    low, high = ranges[level] if level < len(shape) else (0, 1)
+    inner = shape[level + 1 :]
     crc = 0
-    if entry["nbytes"]:
-        length = shape[level] if level < len(shape) else 1
-        inner = shape[level + 1 :]
-        for outer in np.ndindex(*shape[:level]):
-            base = sum(i * math.prod(shape[a + 1 :]) for a, i in enumerate(outer))
-            for first in range(0, length, steps):
-                count = min(steps, length - first)
-                nbytes = count * step_bytes
-                file.seek(entry["offset"] + base * itemsize + first * step_bytes)
-                view = buffer[:nbytes]
-                if file.readinto(view.data) != nbytes:  # type: ignore[attr-defined]
-                    raise _checkpoint_error(source, "is truncated inside its data")
+    for outer in itertools.product(*(range(a, b) for a, b in ranges[:level])):
+        if not entry["nbytes"]:
+            break
+        base = sum(i * math.prod(shape[a + 1 :]) for a, i in enumerate(outer))
+        for first in range(low, high, steps):
+            count = min(steps, high - first)
+            nbytes = count * step_bytes
+            file.seek(entry["offset"] + base * itemsize + first * step_bytes)
+            view = buffer[:nbytes]
+            if file.readinto(view.data) != nbytes:  # type: ignore[attr-defined]
+                raise _checkpoint_error(source, "is truncated inside its data")
+            piece = view.view(dtype).reshape((count, *inner))
+            if box is None:
                 crc = zlib.crc32(view.data, crc)
-                piece = view.view(dtype).reshape((count, *inner))
                 problem = _invalid_bits(piece, entry)
                 if problem is not None:
                     raise _checkpoint_error(
@@ -4445,12 +4453,12 @@ def _stream_into_shards(
                         f"holds invalid data for the leaf at path {entry['path']}: "
                         f"{problem}",
                     )
-                if level == len(shape):  # A 0-d array: one element.
-                    for shard in shards.values():
-                        shard[...] = piece.reshape(())
-                    continue
-                _copy_piece(piece, outer, first, level, shards)
-    if crc != entry["crc"]:
+            if level == len(shape):  # A 0-d array: one element.
+                for shard in shards.values():
+                    shard[...] = piece.reshape(())
+                continue
+            _copy_piece(piece, outer, first, level, shards)
+    if box is None and crc != entry["crc"]:
         raise _checkpoint_error(
             source,
             f"has corrupt data for the leaf at path {entry['path']} (its checksum "

@@ -13,7 +13,7 @@ import json
 import pathlib
 import textwrap
 import zlib
-from typing import Any
+from typing import Any, cast
 
 import equinox as eqx
 import hypothesis.extra.numpy as hnp
@@ -82,15 +82,21 @@ def test_each_shard_is_read_as_numpy_slices_it(case, padding):
         region: np.full([b - a for a, b in region], 0, array.dtype)
         for region in regions
     }
+    alone = {region: np.full_like(shard, 0) for region, shard in shards.items()}
     old = lerax_utils._CHUNK_BYTES
     lerax_utils._CHUNK_BYTES = chunk
     try:
+        # All at once, checked; then each shard alone, reading only around it.
         lerax_utils._stream_into_shards(
             file, entry, array.shape, array.dtype, shards, "f"
         )
+        for region, shard in alone.items():
+            lerax_utils._stream_into_shards(
+                file, entry, array.shape, array.dtype, {region: shard}, "f", region
+            )
     finally:
         lerax_utils._CHUNK_BYTES = old
-    for region, shard in shards.items():
+    for region, shard in [*shards.items(), *alone.items()]:
         expected = array[tuple(slice(a, b) for a, b in region)]
         assert shard.shape == expected.shape
         assert shard.tobytes() == expected.tobytes()
@@ -149,7 +155,7 @@ def test_wrong_sharding_arguments_are_refused(tmp_path):
         r"jax.sharding.Sharding or a callable that maps the skeleton to a pytree "
         r"of them; got str 'x'.$",
     ):
-        _Small.deserialize_sharded(tmp_path / "m", "x")
+        _Small.deserialize_sharded(tmp_path / "m", cast(Any, "x"))
     with pytest.raises(
         TypeError,
         match=r"^Serializable.deserialize_sharded: `sharding` gave int 3 for the "
