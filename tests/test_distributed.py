@@ -185,12 +185,45 @@ _WORKER = textwrap.dedent(
         return Model.deserialize_sharded(folder / "model", wanted).rate
     attempt("saved_twice", saved_twice)
 
+    # Inside jit, JAX runs the ordered callback on device 0 (process 0) with the
+    # whole array: process 0 writes the file, and waits for it at effects_barrier.
+    class Row(Serializable):
+        w: jax.Array
+
+    def in_jit():
+        rows = global_array(values["rows"], shardings["rows"])
+        jax.jit(lambda w: Row(w).serialize(folder / "jitted"))(rows)
+        jax.effects_barrier()
+        lerax_utils._client().wait_at_barrier("test/in_jit", 60000)
+        loaded = Row.deserialize_sharded(
+            folder / "jitted", shardings["rows"], jnp.zeros((8, 6))
+        )
+        return all(
+            np.asarray(s.data).tobytes() == values["rows"][s.index].tobytes()
+            for s in loaded.w.addressable_shards
+        )
+    attempt("in_jit", in_jit)
+
     # 3. Processes that pass different models: both refuse, nothing is written.
     def different():
         other = eqx.tree_at(lambda m: m.rate, model, 0.5 + process)
         other.serialize(folder / "different")
         return "saved"
     attempt("different", different)
+
+    # A process that fails while writing its shards: the others raise too.
+    def one_fails():
+        write = lerax_utils._write_shards
+        def broken(*args):
+            raise OSError("disk full (planted)")
+        if process == 1:
+            lerax_utils._write_shards = broken
+        try:
+            model.serialize(folder / "failed")
+        finally:
+            lerax_utils._write_shards = write
+        return "saved"
+    attempt("one_fails", one_fails)
 
     # 4. A process that does not call serialize: the other one times out.
     def alone():
@@ -320,6 +353,10 @@ def test_both_processes_load_their_own_shards(two_processes):
         assert report["saved_twice"] == 0.5
 
 
+def test_a_save_inside_jit_is_written_by_process_0(two_processes):
+    assert [report["in_jit"] for report in two_processes] == [True, True]
+
+
 def test_different_models_are_refused_in_every_process(two_processes):
     message = (
         "raised ValueError: Serializable.serialize: the processes passed different "
@@ -327,6 +364,15 @@ def test_different_models_are_refused_in_every_process(two_processes):
         "differ). Every process must save the same model."
     )
     assert [report["different"] for report in two_processes] == [message, message]
+
+
+def test_a_process_that_fails_makes_every_process_raise(two_processes):
+    first, second = (report["one_fails"] for report in two_processes)
+    assert first == (
+        "raised ValueError: Serializable.serialize: process 1 failed to write its "
+        "part of the checkpoint, so nothing was saved: OSError: disk full (planted)"
+    )
+    assert second == "raised OSError: disk full (planted)"
 
 
 def test_a_process_that_does_not_save_times_the_other_out(two_processes):
@@ -339,7 +385,7 @@ def test_a_process_that_does_not_save_times_the_other_out(two_processes):
     )
     assert second == "skipped"
     for report in two_processes:  # No file, and no temporary file, left behind.
-        assert report["files"] == ["model.eqx"]
+        assert report["files"] == ["jitted.eqx", "model.eqx"]
 
 
 def test_partitioned_callbacks_of_a_process_spanning_array(two_processes):
