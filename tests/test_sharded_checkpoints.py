@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 import lerax_utils
 from lerax_utils import Serializable
-from test_lerax_utils import run_on_four_devices
+from test_lerax_utils import _forge, run_on_four_devices
 
 _DTYPES = ["float32", "bfloat16", "int4", "uint8", "bool", "complex64", "float64"]
 
@@ -70,7 +70,7 @@ def test_each_shard_is_read_as_numpy_slices_it(case, padding):
     """Shards streamed through any buffer size are NumPy's slices of the tensor."""
     array, regions, chunk = case
     raw = array.tobytes()
-    file = io.BytesIO(b"\xff" * padding + raw + b"\xee" * 3)
+    file = _CountingFile(b"\xff" * padding + raw + b"\xee" * 3)
     entry = {
         "path": ".x",
         "dtype": array.dtype.name,
@@ -91,15 +91,31 @@ def test_each_shard_is_read_as_numpy_slices_it(case, padding):
             file, entry, array.shape, array.dtype, shards, "f"
         )
         for region, shard in alone.items():
+            file.count = 0
             lerax_utils._stream_into_shards(
                 file, entry, array.shape, array.dtype, {region: shard}, "f", region
             )
+            # Only the rows of the shard along the first axis are read.
+            if array.ndim:
+                row = int(np.prod(array.shape[1:])) * array.dtype.itemsize
+                assert file.count <= (region[0][1] - region[0][0]) * row
     finally:
         lerax_utils._CHUNK_BYTES = old
     for region, shard in [*shards.items(), *alone.items()]:
         expected = array[tuple(slice(a, b) for a, b in region)]
         assert shard.shape == expected.shape
         assert shard.tobytes() == expected.tobytes()
+
+
+class _CountingFile(io.BytesIO):
+    """A file in memory that counts the bytes read from it."""
+
+    count = 0
+
+    def readinto(self, buffer: Any) -> int:
+        done = super().readinto(buffer)
+        self.count += done
+        return done
 
 
 @given(shards_of_an_array(), st.data())
@@ -171,6 +187,52 @@ def test_wrong_sharding_arguments_are_refused(tmp_path):
         r"`sharding` does not have the structure of the skeleton",
     ):
         _Small.deserialize_sharded(tmp_path / "m", lambda s: [None])
+
+
+class _Bits(Serializable):
+    flags: jax.Array
+    small: jax.Array
+
+    def __init__(self):
+        self.flags = jnp.array([True, False, True, True])
+        self.small = jnp.asarray(np.array([1, -2, 3, -4], dtype=jnp.int4))
+
+
+@pytest.mark.parametrize(
+    ("leaf", "byte", "problem"),
+    [
+        (".flags", 2, "a boolean byte other than 0 or 1"),
+        (".small", 0x13, "a int4 byte whose unused high bits are not zero"),
+    ],
+)
+def test_invalid_bits_with_valid_checksums_are_refused(tmp_path, leaf, byte, problem):
+    """A crafted file whose checksums were recomputed still fails the bit checks."""
+    _Bits().serialize(tmp_path / "m")
+    good = (tmp_path / "m.eqx").read_bytes()
+    length = int.from_bytes(good[:8], "little")
+    header = json.loads(good[8 : 8 + length])
+    start = 8 + length + header[leaf]["data_offsets"][0]
+    bad = bytearray(good)
+    bad[start + 1] = byte
+    data_at = 8 + length
+
+    def crc(name: str) -> str:
+        first, last = header[name]["data_offsets"]
+        return f"{zlib.crc32(bad[data_at + first : data_at + last]):08x}"
+
+    crcs = crc(".flags") + crc(".small")
+
+    def edit(leaves: Any, structure: Any, header: Any) -> None:
+        header["__metadata__"]["crc32"] = crcs
+
+    (tmp_path / "bad.eqx").write_bytes(_forge(bytes(bad), edit))
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    with pytest.raises(ValueError) as info:
+        _Bits.deserialize_sharded(tmp_path / "bad", sharding)
+    assert str(info.value) == (
+        f"Serializable.deserialize: the file '{tmp_path / 'bad.eqx'}' holds invalid "
+        f"data for the leaf at path {leaf}: {problem}."
+    )
 
 
 def test_a_callable_gets_the_skeleton_and_none_loads_unsharded(tmp_path):
