@@ -2871,10 +2871,9 @@ class Serializable(eqx.Module):
         same global sharding, as for any JAX computation on global arrays.
 
         ```python
-        mesh = jax.make_mesh((4,), ("data",))
-        model = Model.deserialize_sharded(
-            "checkpoints/run", NamedSharding(mesh, PartitionSpec("data")), 32
-        )
+        mesh = Mesh(np.array(jax.devices()), ("data",))
+        by_rows = NamedSharding(mesh, PartitionSpec("data"))
+        model = Model.deserialize_sharded("checkpoints/run", by_rows, 32)
         ```
         """
         source = _find_checkpoint(path)
@@ -4359,7 +4358,8 @@ def _read_sharded(
     First the whole tensor streams through a bounded buffer for its CRC-32 and the
     checks of its bits, so a corrupt file fails before any device array exists.
     Then each shard this process holds is read alone, put on its devices and freed:
-    host memory holds one shard and the buffer at a time.
+    host memory holds one shard and the buffer at a time. Where this process holds
+    one shard (one device, or a replicated array), both happen in one pass.
     """
     path = entry["path"]
     dtype = cast(np.dtype, _numpy_dtype(entry["dtype"]))
@@ -4378,11 +4378,15 @@ def _read_sharded(
         raise _sharding_error(
             "Serializable.deserialize", path, global_shape, err
         ) from err
-    _stream_into_shards(file, entry, shape, dtype, {}, source)
+    distinct = list(dict.fromkeys(regions.values()))  # A replicated shard once.
+    if len(distinct) > 1:
+        _stream_into_shards(file, entry, shape, dtype, {}, source)
     on_devices: dict[Any, jax.Array] = {}
-    for region in dict.fromkeys(regions.values()):  # A replicated shard once.
+    for region in distinct:
         host = _aligned_empty([stop - start for start, stop in region], dtype)
-        _stream_into_shards(file, entry, shape, dtype, {region: host}, source, region)
+        # One shard (one device, or replicated): checked and read in one pass.
+        box = region if len(distinct) > 1 else None
+        _stream_into_shards(file, entry, shape, dtype, {region: host}, source, box)
         for device, wanted in regions.items():
             if wanted == region:
                 shard = jax.device_put(host, device)
