@@ -2719,7 +2719,9 @@ class Serializable(eqx.Module):
         even for a model with no traced leaves, it is written by an ordered host
         callback when the computation runs, in program order; call
         `jax.effects_barrier()` before reading it. Arrays sharded over several
-        devices are gathered. Under `jax.vmap` or `eqx.filter_vmap` with batched
+        devices are gathered; arrays that span several processes
+        (`jax.distributed`) are saved by calling `serialize` in every process (see
+        the README). Under `jax.vmap` or `eqx.filter_vmap` with batched
         leaves it raises: one path cannot hold a population member by member. Under
         `jax.grad` the values are saved and not differentiated (jax 0.4.26 refuses
         this with its own `ValueError: IO callbacks do not support JVP`), with two
@@ -3216,8 +3218,11 @@ def _write_from_processes(
     data_at = _LENGTH.size + len(header)
     offsets = list(itertools.accumulate([b.nbytes for b in blocks], initial=data_at))
     # Each process checks that all describe the same model (structure, shapes,
-    # dtypes, static values, Python numbers) before any writes.
-    _publish(client, f"{prefix}/header/{me}", f"{zlib.crc32(header):08x}")
+    # dtypes, static values, Python numbers, and the values of the leaves that do
+    # not span processes, which process 0 writes) before any writes.
+    local = [None if isinstance(b, _Spanning) else zlib.crc32(b.data) for b in blocks]
+    agreed = zlib.crc32(_json(local).encode(), zlib.crc32(header))
+    _publish(client, f"{prefix}/header/{me}", f"{agreed:08x}")
     headers = {
         _await(client, f"{prefix}/header/{other}", f"process {other}'s header")
         for other in range(count)
@@ -3225,8 +3230,9 @@ def _write_from_processes(
     if len(headers) != 1:
         raise ValueError(
             "Serializable.serialize: the processes passed different models (their "
-            "structure, shapes, dtypes, static values or Python numbers differ). "
-            "Every process must save the same model."
+            "structure, shapes, dtypes, static values, Python numbers or the values "
+            "of arrays that do not span processes differ). Every process must save "
+            "the same model."
         )
     if me != 0:
         where = _await(client, f"{prefix}/temporary", "process 0 to create the file")
@@ -3258,10 +3264,8 @@ def _write_from_processes(
             _await(client, f"{prefix}/written/{other}", f"process {other}'s shards")
         with open(temporary, "r+b") as file:
             checksums = [
-                _stream_crc(file, offset, block.nbytes)
-                if isinstance(block, _Spanning)
-                else zlib.crc32(block.data)
-                for block, offset in zip(blocks, offsets, strict=False)
+                _stream_crc(file, offset, block.nbytes) if crc is None else crc
+                for block, offset, crc in zip(blocks, offsets, local, strict=False)
             ]
             file.seek(_LENGTH.size)
             file.write(_filled_header(header, checksums))

@@ -211,6 +211,12 @@ _WORKER = textwrap.dedent(
         return "saved"
     attempt("different", different)
 
+    def different_host_values():
+        host = np.arange(3, dtype=np.int16) + process
+        eqx.tree_at(lambda m: m.host, model, host).serialize(folder / "different")
+        return "saved"
+    attempt("different_host_values", different_host_values)
+
     # A process that fails while writing its shards: the others raise too.
     def one_fails():
         write = lerax_utils._write_shards
@@ -360,10 +366,12 @@ def test_a_save_inside_jit_is_written_by_process_0(two_processes):
 def test_different_models_are_refused_in_every_process(two_processes):
     message = (
         "raised ValueError: Serializable.serialize: the processes passed different "
-        "models (their structure, shapes, dtypes, static values or Python numbers "
-        "differ). Every process must save the same model."
+        "models (their structure, shapes, dtypes, static values, Python numbers or "
+        "the values of arrays that do not span processes differ). Every process "
+        "must save the same model."
     )
-    assert [report["different"] for report in two_processes] == [message, message]
+    for case in ("different", "different_host_values"):
+        assert [report[case] for report in two_processes] == [message, message]
 
 
 def test_a_process_that_fails_makes_every_process_raise(two_processes):
