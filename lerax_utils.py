@@ -56,6 +56,7 @@ import dataclasses
 import enum
 import functools
 import inspect
+import itertools
 import json
 import math
 import operator
@@ -2922,7 +2923,9 @@ class Serializable(eqx.Module):
         even for a model with no traced leaves, it is written by an ordered host
         callback when the computation runs, in program order; call
         `jax.effects_barrier()` before reading it. Arrays sharded over several
-        devices are gathered. Under `jax.vmap` or `eqx.filter_vmap` with batched
+        devices are gathered; arrays that span several processes
+        (`jax.distributed`) are saved by calling `serialize` in every process (see
+        the README). Under `jax.vmap` or `eqx.filter_vmap` with batched
         leaves it raises: one path cannot hold a population member by member. Under
         `jax.grad` the values are saved and not differentiated (jax 0.4.26 refuses
         this with its own `ValueError: IO callbacks do not support JVP`), with two
@@ -3026,6 +3029,61 @@ class Serializable(eqx.Module):
         """
         source = _find_checkpoint(path)
         skeleton = _skeleton(cls, args, kwargs)
+        with open(source, "rb") as file:
+            return _read_checkpoint(file, skeleton, str(source))
+
+    @classmethod
+    def deserialize_sharded(
+        cls: type[_Model],
+        path: str | os.PathLike[str],
+        sharding: jax.sharding.Sharding | Callable[[Any], Any],
+        *args: Any,
+        **kwargs: Any,
+    ) -> _Model:
+        """As `deserialize`, except that the JAX arrays are created with shardings.
+
+        Each process reads from the file only the shards of its own devices, straight
+        into them: a model sharded over several devices is never whole on one, nor in
+        host memory. Every checksum is still verified, by streaming each array through
+        a buffer of at most 16 MB.
+
+        **Arguments:**
+
+        - `path`: as for `deserialize`.
+        - `sharding`: either one `jax.sharding.Sharding` for every JAX array and PRNG
+            key leaf, or a callable that takes the skeleton (its arrays are
+            `jax.ShapeDtypeStruct`s) and returns a pytree of the same structure with a
+            `Sharding`, or None to load as `deserialize` does, at each array leaf.
+            NumPy leaves stay NumPy arrays on the host whatever their sharding.
+        - `*args`, `**kwargs`: the constructor's arguments, as for `deserialize`.
+            `sharding` comes before them, so it never collides with a constructor
+            keyword.
+
+        **Returns:**
+
+        As `deserialize`, with each JAX array's `.sharding` the one asked for.
+
+        **Raises:**
+
+        As `deserialize`, and:
+
+        - `TypeError` if `sharding` is neither a `Sharding` nor callable, or the
+            callable gives something else than a `Sharding` or None at an array leaf.
+        - `ValueError` if the callable's pytree has another structure than the
+            skeleton, or a sharding does not fit its leaf's shape (a mesh axis that
+            does not divide the dimension it shards).
+
+        With several processes (`jax.distributed`), every process calls it with the
+        same global sharding, as for any JAX computation on global arrays.
+
+        ```python
+        mesh = Mesh(np.array(jax.devices()), ("data",))
+        by_rows = NamedSharding(mesh, PartitionSpec("data"))
+        model = Model.deserialize_sharded("checkpoints/run", by_rows, 32)
+        ```
+        """
+        source = _find_checkpoint(path)
+        skeleton = _with_shardings(_skeleton(cls, args, kwargs), sharding)
         with open(source, "rb") as file:
             return _read_checkpoint(file, skeleton, str(source))
 
@@ -3144,11 +3202,17 @@ def _is_numpy_only(dtype: np.dtype) -> bool:
 # Writing
 
 
-def _host_array(path: str, leaf: Any) -> np.ndarray:
-    """A NumPy copy or view of an array leaf, refusing what cannot load exactly."""
+def _host_array(path: str, leaf: Any) -> "np.ndarray | _Spanning":
+    """A NumPy copy or view of an array leaf, refusing what cannot load exactly.
+
+    An array that spans several processes stays where it is: each process writes
+    its own shards (`_write_from_processes`).
+    """
     if isinstance(leaf, jax.Array):
         if _is_key_array(leaf):
             leaf = jax.random.key_data(leaf)
+        if not leaf.is_fully_addressable:
+            return _Spanning(leaf)
         return np.asarray(leaf, order="C")  # Gathers sharded arrays.
     problem = None
     if isinstance(leaf, np.ma.MaskedArray):
@@ -3213,8 +3277,9 @@ def _write_checkpoint(
     kinds: dict[int, tuple[str, str | None]] | None = None,
 ) -> None:
     header, blocks = _encode(model, kinds or {})
-    crc_at = header.index(b'"crc32":"') + len(b'"crc32":"')
-    slot_at = header.index(_CRC_SLOT) + len(_CRC_SLOT)
+    if any(isinstance(block, _Spanning) for block in blocks):
+        _write_from_processes(header, blocks, target)
+        return
     target.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = _create_temporary(target)
     try:
@@ -3228,38 +3293,279 @@ def _write_checkpoint(
             for block in blocks:  # Both `crc32` and `write` release the GIL.
                 checksums.append(checksummer.submit(zlib.crc32, block.data))
                 file.write(block.data)
-            filled = bytearray(header)
-            crcs = "".join(f"{checksum.result():08x}" for checksum in checksums)
-            filled[crc_at : crc_at + len(crcs)] = crcs.encode()
-            filled[slot_at : slot_at + 8] = f"{zlib.crc32(filled):08x}".encode()
             file.seek(_LENGTH.size)
-            file.write(filled)
+            file.write(_filled_header(header, [c.result() for c in checksums]))
             file.flush()
             os.fsync(file.fileno())
-        # Holding the old file open past the rename moves the freeing of its blocks
-        # out of this call, to a helper thread that closes it.
-        try:
-            previous = os.open(
-                target,
-                os.O_RDONLY
-                | getattr(os, "O_CLOEXEC", 0)
-                | getattr(os, "O_NONBLOCK", 0),
-            )
-        except OSError:  # None there, or not readable.
-            previous = None
-        try:
-            with contextlib.suppress(FileNotFoundError):
-                kept = os.fstat(previous) if previous is not None else os.stat(target)
-                os.chmod(temporary, stat.S_IMODE(kept.st_mode))
-            os.replace(temporary, target)
-        finally:
-            if previous is not None:
-                _closer().submit(os.close, previous)
+        _replace(temporary, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
         raise
     _fsync_folder(target.parent)
+
+
+def _filled_header(header: bytes, checksums: list[int]) -> bytes:
+    """The header with the arrays' CRC-32s and then its own in their slots."""
+    crc_at = header.index(b'"crc32":"') + len(b'"crc32":"')
+    slot_at = header.index(_CRC_SLOT) + len(_CRC_SLOT)
+    filled = bytearray(header)
+    crcs = "".join(f"{checksum:08x}" for checksum in checksums)
+    filled[crc_at : crc_at + len(crcs)] = crcs.encode()
+    filled[slot_at : slot_at + 8] = f"{zlib.crc32(filled):08x}".encode()
+    return bytes(filled)
+
+
+def _replace(temporary: pathlib.Path, target: pathlib.Path) -> None:
+    """Rename the finished temporary file over `target`, keeping the target's mode."""
+    # Holding the old file open past the rename moves the freeing of its blocks
+    # out of this call, to a helper thread that closes it.
+    try:
+        previous = os.open(
+            target,
+            os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0),
+        )
+    except OSError:  # None there, or not readable.
+        previous = None
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            kept = os.fstat(previous) if previous is not None else os.stat(target)
+            os.chmod(temporary, stat.S_IMODE(kept.st_mode))
+        os.replace(temporary, target)
+    finally:
+        if previous is not None:
+            _closer().submit(os.close, previous)
+
+
+# Several processes (`jax.distributed`). An array that spans processes cannot be
+# fetched whole by any of them, so every process calls `serialize`, and:
+#   1. process 0 creates the temporary file, writes the header (its checksums still
+#      zeros) and every leaf that is not such an array, and publishes the file's
+#      name in the distributed runtime's key-value store;
+#   2. every process writes the shards of its own devices whose `replica_id` is 0
+#      (so each byte once) at their offsets, flushes them to disk, and says so;
+#   3. process 0 streams the finished data to compute each tensor's CRC-32, fills
+#      in the header, renames the file over the target and says so; every process
+#      returns only then.
+# Every wait is bounded by `_PROCESS_TIMEOUT_S`, and a failure in any process is
+# published, so the others raise instead of waiting.
+_PROCESS_TIMEOUT_S = 600.0
+_FAILED = "!"  # A published value that starts so is the message of a failure.
+_saves_across_processes = [0]
+_Region = tuple[tuple[int, int], ...]  # A shard's `(start, stop)` along each axis.
+
+
+@dataclasses.dataclass
+class _Spanning:
+    """An array leaf (key data for keys) that spans several processes."""
+
+    array: jax.Array
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.array.dtype)
+
+    @property
+    def ndim(self) -> int:
+        return self.array.ndim
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def _client() -> Any:
+    from jax._src import distributed
+
+    client = distributed.global_state.client
+    if client is None:
+        raise ValueError(
+            "Serializable.serialize: the model holds arrays that span several "
+            "processes, but `jax.distributed` is not initialized here. Call "
+            "`jax.distributed.initialize` in every process first."
+        )
+    return client
+
+
+def _publish(client: Any, key: str, value: str) -> None:
+    client.key_value_set(key, value)
+
+
+def _await(client: Any, key: str, waiting_for: str) -> str:
+    """The value published at `key`; raises if it is a failure or does not come."""
+    try:
+        value = client.blocking_key_value_get(key, int(_PROCESS_TIMEOUT_S * 1000))
+    except Exception as err:  # The runtime's own error, on its deadline.
+        raise TimeoutError(
+            f"Serializable.serialize: process {jax.process_index()} waited "
+            f"{_PROCESS_TIMEOUT_S:g} s for {waiting_for}, in vain. Every process "
+            "must call `serialize` on the same model, in the same order as the "
+            f"other saves of arrays that span processes ({err})."
+        ) from err
+    if value.startswith(_FAILED):
+        raise ValueError(f"Serializable.serialize: {value[len(_FAILED) :]}")
+    return value
+
+
+def _write_from_processes(
+    header: bytes, blocks: list[Any], target: pathlib.Path
+) -> None:
+    """Write one checkpoint from every process, as described above."""
+    client = _client()
+    me, count = jax.process_index(), jax.process_count()
+    _saves_across_processes[0] += 1
+    prefix = f"lerax_utils/serialize/{_saves_across_processes[0]}"
+    data_at = _LENGTH.size + len(header)
+    offsets = list(itertools.accumulate([b.nbytes for b in blocks], initial=data_at))
+    # Each process checks that all describe the same model (structure, shapes,
+    # dtypes, static values, Python numbers, and the values of the leaves that do
+    # not span processes, which process 0 writes) before any writes.
+    local = [None if isinstance(b, _Spanning) else zlib.crc32(b.data) for b in blocks]
+    agreed = zlib.crc32(_json(local).encode(), zlib.crc32(header))
+    _publish(client, f"{prefix}/header/{me}", f"{agreed:08x}")
+    headers = {
+        _await(client, f"{prefix}/header/{other}", f"process {other}'s header")
+        for other in range(count)
+    }
+    if len(headers) != 1:
+        raise ValueError(
+            "Serializable.serialize: the processes passed different models (their "
+            "structure, shapes, dtypes, static values, Python numbers or the values "
+            "of arrays that do not span processes differ). Every process must save "
+            "the same model."
+        )
+    if me != 0:
+        where = _await(client, f"{prefix}/temporary", "process 0 to create the file")
+        try:
+            _write_shards(pathlib.Path(where), blocks, offsets)
+        except BaseException as err:
+            _publish(client, f"{prefix}/written/{me}", _FAILED + _failure(me, err))
+            raise
+        _publish(client, f"{prefix}/written/{me}", "ok")
+        _await(client, f"{prefix}/done", "process 0 to finish the file")
+        return
+    temporary = None
+    published = False
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        descriptor, temporary = _create_temporary(target)
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(_LENGTH.pack(len(header)))
+            file.write(header)
+            for block, offset in zip(blocks, offsets, strict=False):
+                if not isinstance(block, _Spanning):
+                    file.seek(offset)
+                    file.write(block.data)
+            file.truncate(offsets[-1])
+        _publish(client, f"{prefix}/temporary", str(temporary))
+        published = True
+        _write_shards(temporary, blocks, offsets)
+        for other in range(1, count):
+            _await(client, f"{prefix}/written/{other}", f"process {other}'s shards")
+        with open(temporary, "r+b") as file:
+            checksums = [
+                _stream_crc(file, offset, block.nbytes) if crc is None else crc
+                for block, offset, crc in zip(blocks, offsets, local, strict=False)
+            ]
+            file.seek(_LENGTH.size)
+            file.write(_filled_header(header, checksums))
+            file.flush()
+            os.fsync(file.fileno())
+        _replace(temporary, target)
+        _fsync_folder(target.parent)
+    except BaseException as err:
+        if temporary is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
+        message = _FAILED + _failure(0, err)
+        if not published:
+            _publish(client, f"{prefix}/temporary", message)
+        _publish(client, f"{prefix}/done", message)
+        raise
+    _publish(client, f"{prefix}/done", "ok")
+
+
+def _failure(process: int, err: BaseException) -> str:
+    text = str(err).removeprefix("Serializable.serialize: ")
+    return (
+        f"process {process} failed to write its part of the checkpoint, so nothing "
+        f"was saved: {type(err).__name__}: {text}"
+    )
+
+
+def _write_shards(
+    temporary: pathlib.Path, blocks: list[Any], offsets: list[int]
+) -> None:
+    """Write this process's replica-0 shards of the spanning arrays at their
+    offsets in the shared temporary file, and flush them to disk."""
+    flags = os.O_WRONLY | getattr(os, "O_CLOEXEC", 0)
+    descriptor = os.open(temporary, flags)
+    try:
+        for block, offset in zip(blocks, offsets, strict=False):
+            if not isinstance(block, _Spanning):
+                continue
+            shape, itemsize = block.shape, block.dtype.itemsize
+            for shard in block.array.addressable_shards:
+                if shard.replica_id != 0:
+                    continue
+                region = _region(shard.index, shape)
+                data = np.ascontiguousarray(np.asarray(shard.data))
+                _write_region(descriptor, offset, shape, itemsize, region, data)
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _write_region(
+    descriptor: int,
+    offset: int,
+    shape: tuple[int, ...],
+    itemsize: int,
+    region: _Region,
+    data: np.ndarray,
+) -> None:
+    """Write `data`, the box `region` of a C-ordered tensor at `offset`, in runs."""
+    # Axes after `split` are whole in the box, so each step along the leading
+    # axes up to `split` is one contiguous run of the file.
+    split = len(shape) - 1
+    while split > 0 and region[split] == (0, shape[split]):
+        split -= 1
+    strides = [math.prod(shape[axis + 1 :]) for axis in range(len(shape))]
+    if data.size == 0:
+        return
+    if not shape:
+        os.pwrite(descriptor, data.tobytes(), offset)
+        return
+    for outer in np.ndindex(*data.shape[:split]):
+        first = (
+            sum((i + region[axis][0]) * strides[axis] for axis, i in enumerate(outer))
+            + region[split][0] * strides[split]
+        )
+        run = np.ascontiguousarray(data[outer]).reshape(-1).view(np.uint8).data
+        written = 0
+        while written < run.nbytes:
+            written += os.pwrite(
+                descriptor, run[written:], offset + first * itemsize + written
+            )
+
+
+def _stream_crc(file: IO[bytes], offset: int, nbytes: int) -> int:
+    """The CRC-32 of `nbytes` of `file` from `offset`, through a bounded buffer."""
+    buffer = np.empty(min(nbytes, _CHUNK_BYTES), np.uint8)
+    crc = 0
+    file.seek(offset)
+    done = 0
+    while done < nbytes:
+        view = buffer[: min(buffer.size, nbytes - done)]
+        if file.readinto(view.data) != view.size:  # type: ignore[attr-defined]
+            raise ValueError("the temporary file is shorter than written")
+        crc = zlib.crc32(view.data, crc)
+        done += view.size
+    return crc
 
 
 @functools.cache
@@ -3334,7 +3640,7 @@ def _encode(
             entry.update(
                 impl=impl, key_shape=entry["shape"][: data.ndim - len(impl_shape)]
             )
-        block = data.reshape(-1).view(np.uint8)
+        block = data if isinstance(data, _Spanning) else data.reshape(-1).view(np.uint8)
         stored_dtype, stored_shape = _stored_type(entry["dtype"], entry["shape"])
         tensors[path] = {
             "dtype": stored_dtype,
@@ -3439,7 +3745,7 @@ def _count_containers(text: bytes) -> int:
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 
 
-def _original_dtype(leaf: Any, data: np.ndarray) -> np.dtype:
+def _original_dtype(leaf: Any, data: "np.ndarray | _Spanning") -> np.dtype:
     """The dtype to restore: the leaf's own where NumPy's bytes were swapped."""
     if isinstance(leaf, np.ndarray | np.generic) and leaf.dtype.byteorder == ">":
         return leaf.dtype
@@ -3653,16 +3959,17 @@ def _read_checkpoint(file: IO[bytes], skeleton: Any, source: str) -> Any:
         raise _checkpoint_error(source, "is empty")
     if start.startswith(_NUMPY_MAGIC):
         file.seek(0)
-        return _read_equinox_file(file, skeleton, source, size)
+        return _place(_read_equinox_file(file, skeleton, source, size), skeleton)
     if _V1_MAGIC.startswith(start[: len(_V1_MAGIC)]):
         layout = _read_v1_header(file, source, size)
     else:
         layout = _read_header(file, start, source, size)
     _check_against_skeleton(source, layout, skeleton)
-    values = _read_leaves(file, layout, source)
     skeleton_leaves, treedef = jtu.tree_flatten(skeleton)
-    loaded = iter(values)
     saved = functools.partial(_is_saved_leaf, version=layout.version)
+    shardings = [_leaf_sharding(leaf) for leaf in skeleton_leaves if saved(leaf)]
+    values = _read_leaves(file, layout, source, shardings)
+    loaded = iter(values)
     return treedef.unflatten(
         [next(loaded) if saved(leaf) else leaf for leaf in skeleton_leaves]
     )
@@ -4082,11 +4389,18 @@ def _json_sorted(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
-def _read_leaves(file: IO[bytes], layout: _Layout, source: str) -> list[Any]:
+def _read_leaves(
+    file: IO[bytes],
+    layout: _Layout,
+    source: str,
+    shardings: Sequence[jax.sharding.Sharding | None] = (),
+) -> list[Any]:
     """Read every leaf's value, checking each array against its CRC-32.
 
     Each checksum runs in a helper thread while the next leaf is read, and a leaf
     leaves host memory as soon as it is checked, so at most two are held at once.
+    A JAX array or key leaf with a sharding in `shardings` (one per entry) is read
+    shard by shard instead (`_read_sharded`).
     """
     leaves = layout.entries
     values: list[Any] = []
@@ -4120,6 +4434,10 @@ def _read_leaves(file: IO[bytes], layout: _Layout, source: str) -> list[Any]:
             if entry["kind"] == "scalar":
                 values.append(entry["value"])
                 continue
+            sharding = shardings[index] if shardings else None
+            if sharding is not None and entry["kind"] in ("jax", "key"):
+                values.append(_read_sharded(file, entry, sharding, source))
+                continue
             dtype = cast(np.dtype, _numpy_dtype(entry["dtype"]))
             if dtype.byteorder == ">":  # Stored little-endian.
                 dtype = dtype.newbyteorder("<")
@@ -4146,6 +4464,255 @@ def _aligned_empty(shape: list[int], dtype: np.dtype) -> np.ndarray:
     raw = np.empty(nbytes + 64, np.uint8)
     offset = -raw.ctypes.data % 64
     return raw[offset : offset + nbytes].view(dtype).reshape(shape)
+
+
+# Loading into shardings. Each array is streamed through one buffer of at most this
+# many bytes, in file order, for its checksum; each piece is copied from the buffer
+# into the shards of this process's devices that it overlaps. So a process holds its
+# own shards and one buffer, never a whole array it does not own.
+_CHUNK_BYTES = 16 * 1024 * 1024
+
+
+def _with_shardings(skeleton: Any, sharding: Any) -> Any:
+    """The skeleton with each JAX array leaf asking for its sharding.
+
+    `sharding` is one `Sharding` for every such leaf, or a callable that maps the
+    skeleton to a pytree of shardings (or None) of its structure.
+    """
+    name = "Serializable.deserialize_sharded"
+    leaves, treedef = jtu.tree_flatten_with_path(skeleton)
+    if isinstance(sharding, jax.sharding.Sharding):
+        chosen = [sharding] * len(leaves)
+    elif callable(sharding):
+        tree = sharding(skeleton)
+        try:
+            chosen = treedef.flatten_up_to(tree)
+        except (ValueError, TypeError) as err:
+            raise ValueError(
+                f"{name}: the pytree returned by `sharding` does not have the "
+                f"structure of the skeleton ({err}). Return one with a Sharding or "
+                "None at each of its array leaves, for example "
+                "`jax.tree_util.tree_map(choose, skeleton)`."
+            ) from err
+    else:
+        raise TypeError(
+            f"{name}: `sharding` must be a jax.sharding.Sharding or a callable that "
+            f"maps the skeleton to a pytree of them; got {_describe_leaf(sharding)}."
+        )
+    placed = []
+    for (key_path, leaf), choice in zip(leaves, chosen, strict=True):
+        if not isinstance(leaf, jax.ShapeDtypeStruct):
+            placed.append(leaf)  # Not a JAX array: loaded as `deserialize` does.
+            continue
+        if choice is not None and not isinstance(choice, jax.sharding.Sharding):
+            raise TypeError(
+                f"{name}: `sharding` gave {_describe_leaf(choice)} for the array "
+                f"leaf at path {_keystr(key_path)}; give a jax.sharding.Sharding, or "
+                "None to load it unsharded."
+            )
+        weak = {"weak_type": True} if getattr(leaf, "weak_type", False) else {}
+        try:
+            placed.append(
+                jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=choice, **weak)
+            )
+        except ValueError as err:
+            raise _sharding_error(name, _keystr(key_path), leaf.shape, err) from err
+    return treedef.unflatten(placed)
+
+
+def _sharding_error(
+    function: str, path: str, shape: tuple[int, ...], err: Exception
+) -> ValueError:
+    return ValueError(
+        f"{function}: the sharding asked for the leaf at path {path} does not fit "
+        f"its shape {tuple(shape)}: {str(err).rstrip('.')}. Pass a sharding of at "
+        "most as many axes as the leaf whose mesh axes divide the dimensions they "
+        "shard, or None for this leaf."
+    )
+
+
+def _leaf_sharding(leaf: Any) -> jax.sharding.Sharding | None:
+    """The sharding a skeleton leaf asks for: that of a `jax.ShapeDtypeStruct` or of a
+    concrete `jax.Array`, or None."""
+    if isinstance(leaf, jax.ShapeDtypeStruct | jax.Array) and not isinstance(
+        leaf, jax.core.Tracer
+    ):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, jax.sharding.Sharding):
+            return sharding
+    return None
+
+
+def _region(index: Any, shape: Sequence[int]) -> _Region:
+    """A shard's `(start, stop)` along each axis, from the slices JAX gives."""
+    bounds = []
+    for axis, size in enumerate(shape):
+        part = index[axis] if axis < len(index) else slice(None)
+        start, stop, step = part.indices(size)
+        if step != 1:
+            raise ValueError(f"a shard with step {step} along axis {axis}")
+        bounds.append((start, max(start, stop)))
+    return tuple(bounds)
+
+
+def _read_sharded(
+    file: IO[bytes],
+    entry: dict[str, Any],
+    sharding: jax.sharding.Sharding,
+    source: str,
+) -> jax.Array:
+    """One array leaf, created with `sharding`, each local shard read from the file.
+
+    First the whole tensor streams through a bounded buffer for its CRC-32 and the
+    checks of its bits, so a corrupt file fails before any device array exists.
+    Then each shard this process holds is read alone, put on its devices and freed:
+    host memory holds one shard and the buffer at a time. Where this process holds
+    one shard (one device, or a replicated array), both happen in one pass.
+    """
+    path = entry["path"]
+    dtype = cast(np.dtype, _numpy_dtype(entry["dtype"]))
+    shape = tuple(entry["shape"])  # Of the stored data: key data for a key.
+    is_key = entry["kind"] == "key"
+    global_shape = tuple(entry["key_shape"]) if is_key else shape
+    try:
+        sharding.shard_shape(global_shape)  # Refuses an axis it does not divide.
+        indices = sharding.addressable_devices_indices_map(global_shape)
+        regions = {
+            device: _region(index, global_shape)
+            + tuple((0, size) for size in shape[len(global_shape) :])
+            for device, index in indices.items()
+        }
+    except Exception as err:
+        raise _sharding_error(
+            "Serializable.deserialize", path, global_shape, err
+        ) from err
+    distinct = list(dict.fromkeys(regions.values()))  # A replicated shard once.
+    if len(distinct) > 1:
+        _stream_into_shards(file, entry, shape, dtype, {}, source)
+    on_devices: dict[Any, jax.Array] = {}
+    for region in distinct:
+        host = _aligned_empty([stop - start for start, stop in region], dtype)
+        # One shard (one device, or replicated): checked and read in one pass.
+        box = region if len(distinct) > 1 else None
+        _stream_into_shards(file, entry, shape, dtype, {region: host}, source, box)
+        for device, wanted in regions.items():
+            if wanted == region:
+                shard = jax.device_put(host, device)
+                if is_key:
+                    shard = jax.random.wrap_key_data(shard, impl=entry["impl"])
+                on_devices[device] = shard
+        del host
+    array = jax.make_array_from_single_device_arrays(
+        global_shape, sharding, [on_devices[device] for device in regions]
+    )
+    if entry.get("weak_type"):
+        array = _weak_array(array)
+    return array
+
+
+def _stream_into_shards(
+    file: IO[bytes],
+    entry: dict[str, Any],
+    shape: tuple[int, ...],
+    dtype: np.dtype,
+    shards: dict[_Region, np.ndarray],
+    source: str,
+    box: _Region | None = None,
+) -> None:
+    """Read a tensor in file order through one buffer and copy each piece into the
+    shards (keyed by region) that it overlaps.
+
+    Without `box`, the whole tensor is read and its CRC-32 and bits are checked.
+    With it, only the pieces that overlap `box` are read, unchecked.
+
+    A piece is a run of whole sub-arrays along one axis (`level`): the fewest
+    leading axes such that one step along `level` fits in the buffer.
+    """
+    itemsize = dtype.itemsize
+    level = next(
+        (
+            axis
+            for axis in range(len(shape))
+            if math.prod(shape[axis + 1 :]) * itemsize <= max(_CHUNK_BYTES, itemsize)
+        ),
+        len(shape),
+    )
+    step_bytes = math.prod(shape[level + 1 :]) * itemsize
+    steps = max(1, _CHUNK_BYTES // max(step_bytes, 1))
+    buffer = np.empty(min(entry["nbytes"], steps * max(step_bytes, 1)), np.uint8)
+    ranges = box if box is not None else tuple((0, size) for size in shape)
+    low, high = ranges[level] if level < len(shape) else (0, 1)
+    inner = shape[level + 1 :]
+    crc = 0
+    for outer in itertools.product(*(range(a, b) for a, b in ranges[:level])):
+        if not entry["nbytes"]:
+            break
+        base = sum(i * math.prod(shape[a + 1 :]) for a, i in enumerate(outer))
+        for first in range(low, high, steps):
+            count = min(steps, high - first)
+            nbytes = count * step_bytes
+            file.seek(entry["offset"] + base * itemsize + first * step_bytes)
+            view = buffer[:nbytes]
+            if file.readinto(view.data) != nbytes:  # type: ignore[attr-defined]
+                raise _checkpoint_error(source, "is truncated inside its data")
+            piece = view.view(dtype).reshape((count, *inner))
+            if box is None:
+                crc = zlib.crc32(view.data, crc)
+                problem = _invalid_bits(piece, entry)
+                if problem is not None:
+                    raise _checkpoint_error(
+                        source,
+                        f"holds invalid data for the leaf at path {entry['path']}: "
+                        f"{problem}",
+                    )
+            if level == len(shape):  # A 0-d array: one element.
+                for shard in shards.values():
+                    shard[...] = piece.reshape(())
+                continue
+            _copy_piece(piece, outer, first, level, shards)
+    if box is None and crc != entry["crc"]:
+        raise _checkpoint_error(
+            source,
+            f"has corrupt data for the leaf at path {entry['path']} (its checksum "
+            "fails)",
+        )
+
+
+def _copy_piece(
+    piece: np.ndarray,
+    outer: tuple[int, ...],
+    first: int,
+    level: int,
+    shards: dict[_Region, np.ndarray],
+) -> None:
+    """Copy `piece` (indices `outer` on the leading axes, `first` onward along
+    `level`, whole along the rest) into each shard it overlaps."""
+    count = piece.shape[0]
+    for region, shard in shards.items():
+        if not all(a <= i < b for i, (a, b) in zip(outer, region, strict=False)):
+            continue
+        start, stop = region[level]
+        low, high = max(start, first), min(stop, first + count)
+        if low >= high:
+            continue
+        source = piece[
+            (slice(low - first, high - first),)
+            + tuple(slice(a, b) for a, b in region[level + 1 :])
+        ]
+        target = tuple(i - a for i, (a, _) in zip(outer, region, strict=False))
+        shard[(*target, slice(low - start, high - start))] = source
+
+
+def _place(tree: Any, skeleton: Any) -> Any:
+    """`tree` with each JAX array put on the sharding its skeleton leaf asks for."""
+
+    def place(leaf: Any, like: Any) -> Any:
+        sharding = _leaf_sharding(like)
+        if sharding is None or not isinstance(leaf, jax.Array):
+            return leaf
+        return jax.device_put(leaf, sharding)
+
+    return jtu.tree_map(place, tree, skeleton)
 
 
 def _invalid_bits(data: np.ndarray, entry: dict[str, Any]) -> str | None:

@@ -7,13 +7,24 @@ of each, rounds alternate, and the script prints the ratio of the median round t
 (target at most 1.15), the best and worst ratio of paired rounds, and the host memory
 that loading allocates.
 
+Then it measures the host memory of a sharded load, in a fresh process with four CPU
+devices: `Big.deserialize_sharded` with every layer split over the four, against the
+plain way (`Big.deserialize`, then `jax.device_put` onto the same sharding). Peak
+resident memory comes from Linux's `VmHWM`, reset just before the load. On a CPU the
+loaded shards live in host memory themselves, so the figure that matters is the
+peak above what the loaded model keeps resident afterwards: the target is at most
+the largest shard plus the 16 MB read buffer.
+
 Usage: `python benchmarks/bench_serialize.py [--rounds N] [--megabytes M]`.
 """
 
 import argparse
+import json
 import os
 import pathlib
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import tracemalloc
@@ -62,11 +73,76 @@ def round_seconds(
     return time.perf_counter() - start
 
 
+def _memory_kb(field: str) -> int:
+    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def sharded_load_child(path: str, megabytes: int, how: str) -> None:
+    """In a process with four CPU devices: load `path` sharded, print the memory."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    mesh = Mesh(jax.devices(), ("x",))
+    sharding = NamedSharding(mesh, PartitionSpec("x"))
+    with tempfile.TemporaryDirectory(dir=".") as name:  # Warm-up on a tiny model.
+        Big(1).serialize(pathlib.Path(name) / "tiny")
+        tiny = Big.deserialize_sharded(pathlib.Path(name) / "tiny", sharding, 1)
+        jax.block_until_ready(
+            jax.device_put(Big.deserialize(name + "/tiny", 1), sharding)
+        )
+        jax.block_until_ready(tiny)
+    del tiny
+    pathlib.Path("/proc/self/clear_refs").write_text("5")  # Resets VmHWM.
+    before = _memory_kb("VmRSS")
+    if how == "sharded":
+        loaded = Big.deserialize_sharded(path, sharding, megabytes)
+    else:
+        loaded = jax.device_put(Big.deserialize(path, megabytes), sharding)
+    jax.block_until_ready(loaded)
+    after, peak = _memory_kb("VmRSS"), _memory_kb("VmHWM")
+    largest = max(
+        shard.data.nbytes
+        for layer in loaded.layers
+        for shard in layer.addressable_shards
+    )
+    assert all(layer.sharding == sharding for layer in loaded.layers)
+    print(
+        json.dumps(
+            {
+                "before": before * 1024,
+                "after": after * 1024,
+                "peak": peak * 1024,
+                "largest_shard": largest,
+            }
+        )
+    )
+
+
+def sharded_load_memory(path: pathlib.Path, megabytes: int, how: str) -> dict:
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    result = subprocess.run(
+        [sys.executable, __file__, "--child", how, str(path), str(megabytes)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+        timeout=600,
+    )
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="checkpoint round trips")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--megabytes", type=int, default=256)
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        how, path, megabytes = args.child
+        sharded_load_child(path, int(megabytes), how)
+        return
     model = Big(args.megabytes)
     contenders = {"Serializable": lerax_round_trip, "plain Equinox": equinox_round_trip}
     times: dict[str, list[float]] = {name: [] for name in contenders}
@@ -86,6 +162,11 @@ def main() -> None:
             bool(jnp.array_equal(a, b))
             for a, b in zip(loaded.layers, model.layers, strict=True)
         )
+        del loaded
+        memory = {
+            how: sharded_load_memory(folder / "model.eqx", args.megabytes, how)
+            for how in ("sharded", "plain")
+        }
     print(
         f"jax {jax.__version__}, equinox {eqx.__version__}; {args.megabytes} MB model"
     )
@@ -107,6 +188,26 @@ def main() -> None:
     # as their leaves are copied to the device.
     share = peak / (args.megabytes * 1024 * 1024)
     print(f"peak host memory allocated while loading / model size: {share:.2f}")
+    mb = 1024 * 1024
+    largest = memory["sharded"]["largest_shard"]
+    print(
+        f"sharded load over 4 CPU devices: largest shard {largest / mb:.1f} MB, "
+        "read buffer 16 MB"
+    )
+    for how, label in (("sharded", "deserialize_sharded"), ("plain", "plain+put")):
+        figures = memory[how]
+        above = (figures["peak"] - figures["after"]) / mb
+        kept = (figures["after"] - figures["before"]) / mb
+        print(
+            f"  {label:19} peak above the loaded model {above:7.1f} MB "
+            f"(loaded model resident: {kept:6.1f} MB)"
+        )
+    above = memory["sharded"]["peak"] - memory["sharded"]["after"]
+    target = largest + 16 * mb
+    print(
+        f"  target: peak above the loaded model <= largest shard + buffer "
+        f"({target / mb:.1f} MB): {'met' if above <= target else 'NOT met'}"
+    )
 
 
 if __name__ == "__main__":
