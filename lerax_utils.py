@@ -105,6 +105,18 @@ def _is_python_number(leaf: Any) -> bool:
     return type(leaf) in _PYTHON_SCALARS
 
 
+def _is_jax_value(leaf: Any) -> bool:
+    """An array, or a Python number that JAX itself has typed (such as the
+    `TypedFloat` a `jax.custom_vjp` forward function gets for a Python float): JAX
+    traces both as arrays of their dtype."""
+    kind = type(leaf)
+    return eqx.is_array(leaf) or (
+        issubclass(kind, (int, float, complex))
+        and kind not in _PYTHON_SCALARS
+        and kind.__module__.startswith("jax.")
+    )
+
+
 def _same_python_number(old: Any, new: Any) -> bool:
     """Whether `old` and `new` are Python numbers of the same type and value, floats
     compared by their bits: two NaNs with the same payload are the same, and `0.0`
@@ -315,13 +327,13 @@ class _Split:
 
 
 def _arrays_traced(index: int, leaf: Any) -> bool:
-    return eqx.is_array(leaf)
+    return _is_jax_value(leaf)
 
 
 def _outputs_traced(index: int, leaf: Any) -> bool:
     """Outputs that JAX itself accepts are traced: arrays, and Python numbers (which
     it makes weakly typed arrays)."""
-    return eqx.is_array(leaf) or _is_python_number(leaf)
+    return _is_jax_value(leaf) or _is_python_number(leaf)
 
 
 def _named_after(fun: Callable[..., Any]) -> Callable[[_Function], _Function]:
@@ -443,7 +455,7 @@ class _LoopCarry(_Split):
     indices `promoted`; every other leaf is static."""
 
     def __init__(self, init: Any, promoted: frozenset[int], names: _LoopNames):
-        super().__init__(init, lambda i, leaf: eqx.is_array(leaf) or i in promoted)
+        super().__init__(init, lambda i, leaf: _is_jax_value(leaf) or i in promoted)
         self.names = names
         # Traced numbers that every trace of the body passes through untouched come
         # back as the Python values they were.
@@ -830,16 +842,18 @@ def _scan_with_bar(
 ) -> tuple[Any, Any]:
     """`jax.lax.scan(step, init, xs, ...)`, reporting its progress to `bar`.
 
-    A check in every step would cost more than the bar is worth (a branch around a
-    host call stops XLA from simplifying the step), so the steps run in chunks: an
-    outer scan over chunks of `_progress_stride(length)` steps reports between
-    them, and a scan of the steps left over follows. The results are those of one
-    `jax.lax.scan`, bit for bit. Under differentiation the chunks would sum the
-    cotangents of the arrays `step` closes over in another order, so there the loop
-    is one scan with the check in every step (`_scan_reporting_every_step`), and its
-    gradients are `jax.lax.scan`'s. That form is also used when `step` has effects
-    of its own, or changes the type of its carry (which `jax.lax.scan` answers by
-    promoting weak types, or with an error).
+    A check in every step costs more than the bar is worth (a branch around a host
+    call keeps XLA from simplifying the step), so where it can the loop runs in
+    chunks: an outer scan over chunks of `_chunk_size(length)` steps reports
+    between them, and its results are one `jax.lax.scan`'s, bit for bit. Under
+    differentiation the chunks would sum the cotangents of the arrays that `step`
+    closes over in another order, so there the loop is one scan that checks its
+    step count in every step (`_scan_reporting_every_step`), whose gradients are
+    `jax.lax.scan`'s. That form also serves where chunks do not apply: a length
+    with no divisor near the stride, an `unroll` (which groups the steps), a step
+    with effects of its own or one that changes its carry's type (which
+    `jax.lax.scan` answers by promoting weak types, or with an error), and PRNG
+    keys where JAX cannot pass them through a `jax.custom_jvp`.
     """
     with _progress_body():
         return _scan_with_bar_traced(
@@ -857,15 +871,19 @@ def _scan_with_bar_traced(
     unroll: Any,
     options: dict[str, Any],
 ) -> tuple[Any, Any]:
-    if length == 1:
-        # XLA inlines a loop of one step and compiles it together with what surrounds
-        # it, so any report inside would change the results' bits. One report after.
+    ordered = jax.device_count() == 1
+    as_bool = isinstance(unroll, bool | np.bool_)
+    whole = bool(unroll) if as_bool else unroll >= length
+    one_step_at_a_time = (not unroll) if as_bool else unroll == 1
+    if length == 1 or whole:
+        # XLA inlines a loop of one step (or one wholly unrolled) and compiles it
+        # together with what surrounds it, so any report inside would change the
+        # results' bits. One report, after it.
         out = jax.lax.scan(
-            step, init, xs, length=1, reverse=reverse, unroll=unroll, **options
+            step, init, xs, length=length, reverse=reverse, unroll=unroll, **options
         )
-        jax.debug.callback(
-            lambda: _progress_update(bar, 1), ordered=jax.device_count() == 1
-        )
+        last = _progress_callbacks(bar, 1, 1, False)[2]
+        jax.debug.callback(last)  # Unordered: no token threads through the loop.
         return out
     first_x = jax.tree.map(lambda x: x[0], xs)
     closed, (carry_shape, y_shape) = jax.make_jaxpr(step, return_shape=True)(
@@ -874,39 +892,48 @@ def _scan_with_bar_traced(
     init_leaves, carry_def = jtu.tree_flatten(init)
     carries = len(init_leaves)
     in_avals, out_avals = closed.in_avals[:carries], closed.out_avals[:carries]
-    stable = jtu.tree_structure(carry_shape) == carry_def and all(
-        (a.shape, a.dtype, a.weak_type) == (b.shape, b.dtype, b.weak_type)
+    if jtu.tree_structure(carry_shape) != carry_def or any(
+        (a.shape, a.dtype, a.weak_type) != (b.shape, b.dtype, b.weak_type)
         for a, b in zip(in_avals, out_avals, strict=True)
-    )
-    const_avals = [var.aval for var in closed.jaxpr.constvars]
-    keys = any(
-        jnp.issubdtype(aval.dtype, jax.dtypes.prng_key)
-        for aval in (*closed.in_avals, *closed.out_avals, *const_avals)
-    )
-    if not stable or closed.effects or (keys and not _custom_jvp_takes_keys()):
+    ):  # Let `jax.lax.scan` promote the carry, or raise, as it does.
         return _scan_reporting_every_step(
-            bar, step, init, xs, length, reverse, unroll, options
+            bar, step, init, xs, length, reverse, unroll, options, ordered
         )
 
     def replay(consts: list[Any], carry: list[Any], x: list[Any]) -> Any:
         out = jax.core.eval_jaxpr(closed.jaxpr, consts, *carry, *x)
         return out[:carries], out[carries:]
 
-    def in_chunks(consts: list[Any], carry: list[Any], xs: list[Any]) -> Any:
-        return _scan_in_chunks(
-            bar, functools.partial(replay, consts), carry, xs, length, reverse,
-            unroll, options,
-        )  # fmt: skip
-
     def every_step(consts: list[Any], carry: list[Any], xs: list[Any]) -> Any:
         return _scan_reporting_every_step(
             bar, functools.partial(replay, consts), carry, xs, length, reverse,
-            unroll, options,
+            unroll, options, ordered,
         )  # fmt: skip
 
-    scan = jax.custom_jvp(in_chunks)
-    scan.defjvp(lambda primals, tangents: jax.jvp(every_step, primals, tangents))
-    final, ys = scan(list(closed.consts), init_leaves, jtu.tree_leaves(xs))
+    stride = _chunk_size(length)
+    const_avals = [var.aval for var in closed.jaxpr.constvars]
+    keys = any(
+        jnp.issubdtype(aval.dtype, jax.dtypes.prng_key)
+        for aval in (*closed.in_avals, *closed.out_avals, *const_avals)
+    )
+    if (
+        stride is None
+        or not one_step_at_a_time
+        or closed.effects
+        or (keys and not _custom_jvp_takes_keys())
+    ):
+        final, ys = every_step(list(closed.consts), init_leaves, jtu.tree_leaves(xs))
+    else:
+
+        def in_chunks(consts: list[Any], carry: list[Any], xs: list[Any]) -> Any:
+            return _scan_in_chunks(
+                bar, functools.partial(replay, consts), carry, xs, length, stride,
+                reverse, options, ordered,
+            )  # fmt: skip
+
+        scan = jax.custom_jvp(in_chunks)
+        scan.defjvp(lambda primals, tangents: jax.jvp(every_step, primals, tangents))
+        final, ys = scan(list(closed.consts), init_leaves, jtu.tree_leaves(xs))
     return carry_def.unflatten(final), jtu.tree_structure(y_shape).unflatten(ys)
 
 
@@ -929,17 +956,15 @@ def _scan_in_chunks(
     init: list[Any],
     xs: list[Any],
     length: int,
+    stride: int,
     reverse: bool,
-    unroll: Any,
     options: dict[str, Any],
+    ordered: bool,
 ) -> tuple[Any, Any]:
-    """The steps in chunks of `stride`, with a host call before each chunk and one
-    at the end."""
-    stride = _progress_stride(length)
-    chunks, left = divmod(length, stride)
-    split = chunks * stride
-    ordered = jax.device_count() == 1
-    first, then, last = _progress_callbacks(bar, stride)
+    """The steps in chunks of `stride` (which divides `length`), with a host call
+    before each chunk and one at the end."""
+    chunks = length // stride
+    first, then, last = _progress_callbacks(bar, stride, chunks + 1, ordered)
 
     def chunk(state: tuple[Any, Any], x: Any) -> tuple[Any, Any]:
         index, carry = state
@@ -949,49 +974,32 @@ def _scan_in_chunks(
             lambda: jax.debug.callback(then, ordered=ordered),
         )
         carry, ys = jax.lax.scan(
-            step, carry, x, length=stride, reverse=reverse, unroll=unroll, **options
+            step, carry, x, length=stride, reverse=reverse, **options
         )
         return (index + 1, carry), ys
 
-    def leftover(carry: Any) -> tuple[Any, Any]:
-        rest = [x[split:] for x in xs]
-        return jax.lax.scan(
-            step, carry, rest, length=left, reverse=reverse, unroll=unroll, **options
-        )
-
-    carry, left_ys = init, None
-    if reverse and left:  # The last steps come first.
-        carry, left_ys = leftover(carry)
-    chunked = [x[:split].reshape(chunks, stride, *x.shape[1:]) for x in xs]
     (count, carry), ys = jax.lax.scan(
         chunk,
-        (jnp.zeros((), jnp.int32), carry),
-        chunked,
+        (jnp.zeros((), jnp.int32), init),
+        [x.reshape(chunks, stride, *x.shape[1:]) for x in xs],
         length=chunks,
         reverse=reverse,
-        unroll=unroll if unroll is True else 1,
         **options,
     )
-    if left and not reverse:
-        carry, left_ys = leftover(carry)
-    # A host call with an operand costs several without one, so the last one has
-    # none; the branch around it depends on the loop's result, so that it runs last.
+    # The branch depends on the loop's result, so that the last report comes last.
     jax.lax.cond(
         count > 0,
         lambda _: jax.debug.callback(last, ordered=ordered),
         lambda _: None,
         count,
     )
-    ys = [y.reshape(split, *y.shape[2:]) for y in ys]
-    if left_ys is not None:
-        ys = [jnp.concatenate(pair) for pair in zip(ys, left_ys, strict=True)]
     # Else XLA folds the reshapes into what consumes `ys` (a sum over two axes
     # instead of one, say), which then rounds differently than without the bar.
-    return carry, _optimization_barrier(ys)
+    return carry, _optimization_barrier([y.reshape(length, *y.shape[2:]) for y in ys])
 
 
-# In `jax.lax` since jax 0.4.33 or so; where it is missing, results reach consumers
-# that XLA may compile differently (and so round differently) than without a bar.
+# Public (and batchable) since jax 0.4.33 or so. Without it, consumers of a chunked
+# loop's outputs may round differently than without the bar (the README says so).
 _optimization_barrier = getattr(jax.lax, "optimization_barrier", lambda x: x)
 
 
@@ -1004,14 +1012,32 @@ def _scan_reporting_every_step(
     reverse: bool,
     unroll: Any,
     options: dict[str, Any],
+    ordered: bool,
 ) -> tuple[Any, Any]:
     """`jax.lax.scan(step, ...)` with a step counter in the carry, which `step` never
     sees, reporting to `bar`. The counter counts up whatever the direction."""
+    stride = _progress_stride(length)
+    reported = {*range(0, length, stride), length - 1}
+    first, then, last = _progress_callbacks(bar, stride, len(reported), ordered)
 
     @_named_after(step)
     def counted(state: tuple[Any, Any], x: Any) -> tuple[Any, Any]:
         index, traced_carry = state
-        _progress_report(bar, index)
+        # 0: no report; 1: the first; 2: every `stride` steps; 3: the last.
+        kind = jnp.where(
+            index == length - 1,
+            3,
+            jnp.where(index == 0, 1, jnp.where(index % stride == 0, 2, 0)),
+        )
+        jax.lax.switch(
+            kind,
+            [
+                lambda: None,
+                lambda: jax.debug.callback(first, ordered=ordered),
+                lambda: jax.debug.callback(then, ordered=ordered),
+                lambda: jax.debug.callback(last, ordered=ordered),
+            ],
+        )
         new_carry, y = step(traced_carry, x)
         return (index + 1, new_carry), y
 
@@ -1446,6 +1472,8 @@ def filter_fori_loop(
     description = _progress_description("filter_fori_loop", progress)
     bar, first, total = None, 0, 0
     if description is not None:
+        # The checks of `jax.lax.fori_loop` on the bounds' types, first.
+        jax.eval_shape(lambda: jax.lax.fori_loop(lower, upper, lambda i, c: c, 0))
         try:
             first, total = int(lower), int(upper) - int(lower)
         except TypeError as err:
@@ -1578,9 +1606,11 @@ def filter_map(
         return outputs[-1].traced_part()
 
     traced_xs = inputs.traced_part()
+    sizes = {jnp.shape(leaf)[:1] for leaf in jtu.tree_leaves(traced_xs)}
     bar = None
-    if description is not None:
-        bar = _make_bar(description, jtu.tree_leaves(traced_xs)[0].shape[0])
+    if description is not None and len(sizes) == 1 and () not in sizes:
+        # (Else `jax.lax.map` raises its own error.)
+        bar = _make_bar(description, sizes.pop()[0])
     if bar is None:
         ys = jax.lax.map(mapped, traced_xs, **options)
     else:
@@ -2659,7 +2689,7 @@ class _ProgressBar:
         self.start = 0.0
         self.last_draw = -math.inf
         self.width = 0  # Of the last line: a shorter one must blank it out.
-        self.chunks_done = 0
+        self.reports = 0  # Of the current run, so far.
 
     def line(self, now: float) -> str:
         elapsed = now - self.start
@@ -2713,46 +2743,64 @@ def _progress_update(bar: _ProgressBar, count: int) -> None:
             bar.draw(now, "")
 
 
+def _chunk_size(length: int) -> int | None:
+    """Steps per chunk, for a loop run in chunks: the divisor of `length` nearest to
+    `_progress_stride(length)`, or `None` if none is within a factor of two of it
+    (or within the bound on host calls)."""
+    target = _progress_stride(length)
+    fewest = -(-length // (_PROGRESS_MAX_CALLBACKS - 1))
+    near = [
+        size
+        for size in _divisors(length)
+        if max(fewest, target // 2) <= size <= 2 * target
+    ]
+    return min(near, key=lambda size: (abs(size - target), size), default=None)
+
+
+@functools.lru_cache(maxsize=256)
+def _divisors(number: int) -> list[int]:
+    """Every divisor of `number` (at least 1), by trial division."""
+    divisors, factor = [1], 2
+    while factor * factor <= number:
+        power = 0
+        while number % factor == 0:
+            number //= factor
+            power += 1
+        divisors = [d * factor**k for d in divisors for k in range(power + 1)]
+        factor += 1 if factor == 2 else 2
+    if number > 1:
+        divisors += [d * number for d in divisors]
+    return divisors
+
+
 def _progress_callbacks(
-    bar: _ProgressBar, stride: int
+    bar: _ProgressBar, stride: int, reports: int, ordered: bool
 ) -> tuple[Callable[[], None], Callable[[], None], Callable[[], None]]:
-    """Host calls without operands, for a loop run in chunks of `stride` steps: one
-    before the first chunk, one before each of the others, and one at the end."""
+    """The host calls of a loop that reports `reports` times a run: first at its
+    start, then every `stride` steps, last at its end. None takes an operand (that
+    would cost several times more).
 
-    def first() -> None:
-        bar.chunks_done = 0
-        _progress_update(bar, 0)
+    Where JAX orders host calls (one device), the first one starts a run. Where it
+    does not (several devices), they may come in any order, so a run's reports are
+    counted as they come instead: the `n`-th shows `n * stride` steps.
+    """
 
-    def then() -> None:
-        bar.chunks_done += 1
-        _progress_update(bar, bar.chunks_done * stride)
+    def report(kind: str) -> Callable[[], None]:
+        def call() -> None:
+            with _progress_lock:
+                if not ordered:
+                    index = bar.reports
+                    bar.reports = (index + 1) % reports
+                elif kind == "first":
+                    index = bar.reports = 0
+                else:
+                    bar.reports += 1
+                    index = reports - 1 if kind == "last" else bar.reports
+            _progress_update(bar, bar.total if index == reports - 1 else index * stride)
 
-    def last() -> None:
-        _progress_update(bar, bar.total)
+        return call
 
-    return first, then, last
-
-
-def _progress_report(bar: _ProgressBar, step: Any) -> None:
-    """In traced code, at step `step` (0-based, counting up): report to the host on
-    every `k`-th step, and the total on the last one."""
-    stride = _progress_stride(bar.total)
-    step = jnp.asarray(step, jnp.int32)
-    last = step == bar.total - 1
-    count = jax.lax.select(last, jnp.int32(bar.total), step)
-
-    def report(count: Any) -> None:
-        # Ordered, so that the host sees the counts in the order of the steps. JAX
-        # orders callbacks only in computations on one device; with several, the
-        # host keeps the largest count so far.
-        jax.debug.callback(
-            lambda c: _progress_update(bar, int(c)),
-            count,
-            ordered=jax.device_count() == 1,
-        )
-
-    due = last | (jax.lax.rem(step, jnp.int32(stride)) == 0)
-    jax.lax.cond(due, report, lambda _: None, count)
+    return report("first"), report("then"), report("last")
 
 
 @contextlib.contextmanager

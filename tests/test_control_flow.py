@@ -672,3 +672,21 @@ def test_loops_give_back_numbers_they_pass_through_as_python_values():
     total, flag = filter_fori_loop(0, 3, lambda i, c: (c[0] + i, c[1]), (0, False))
     assert flag is False
     _assert_same(total, jax.lax.fori_loop(0, 3, lambda i, c: c + i, 0))
+
+
+def test_python_float_typed_by_jax_in_a_custom_vjp() -> None:
+    # A `jax.custom_vjp` forward function may get a Python float as JAX's own typed
+    # float (a `float` subclass), which `jax.lax.scan` traces as an array.
+    def make(scan: Any) -> Any:
+        def loop(c: Any) -> Any:
+            return scan(lambda c, x: (c * 1.01 + x, c), c, jnp.ones(3))[0]
+
+        @jax.custom_vjp
+        def wrapped(c: Any) -> Any:
+            return loop(c)
+
+        wrapped.defvjp(lambda c: (loop(c), None), lambda _, g: (g,))
+        return wrapped
+
+    assert jax.grad(make(filter_scan))(1.0) == jax.grad(make(jax.lax.scan))(1.0)
+    assert make(filter_scan)(1.0) == make(jax.lax.scan)(1.0)

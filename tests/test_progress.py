@@ -8,7 +8,7 @@ reports that reach the host by patching `lerax_utils._progress_update`.
 
 import math
 import re
-from typing import Any
+from typing import Any, cast
 
 import equinox as eqx
 import hypothesis.strategies as st
@@ -20,6 +20,7 @@ from hypothesis import given, settings
 
 import lerax_utils
 from lerax_utils import filter_fori_loop, filter_map, filter_scan
+from test_lerax_utils import run_on_four_devices
 
 _COUNT = re.compile(r"(\d+)/(\d+) \[")
 _LINE = re.compile(
@@ -129,25 +130,50 @@ def test_shorter_line_blanks_out_the_longer(capsys: pytest.CaptureFixture[str]) 
 
 
 @pytest.mark.parametrize("length", [1, 2, 198, 199, 200, 201, 4321, 100_000])
-def test_host_calls_are_bounded(reports: list[tuple[int, int]], length: int) -> None:
-    jax.jit(
-        lambda: filter_scan(lambda c, _: (c, None), 0, length=length, progress=True)
-    )()
+@pytest.mark.parametrize("unroll", [1, 2])
+def test_host_calls_are_bounded(
+    reports: list[tuple[int, int]], length: int, unroll: int
+) -> None:
+    def run() -> Any:
+        return filter_scan(
+            lambda c, x: (c + x, None), jnp.float32(0), jnp.ones(length),
+            unroll=unroll, progress=True,
+        )  # fmt: skip
+
+    chunked = _chunked(str(jax.make_jaxpr(run)()))
+    chunked_here = unroll == 1 and lerax_utils._chunk_size(length) is not None
+    assert chunked == (length > 1 and chunked_here)
+    jax.jit(run)()
     jax.effects_barrier()
     counts = [c for c, _ in reports]
     assert len(counts) <= lerax_utils._PROGRESS_MAX_CALLBACKS
     assert counts == sorted(set(counts))
-    assert counts[-1] == length
-    assert counts == _expected_counts(length)
+    assert counts == _expected_counts(length, chunked, unroll)
 
 
-def _expected_counts(length: int) -> list[int]:
-    """One report before each whole chunk of `stride` steps, and one at the end (a
-    loop of one step reports only at the end)."""
-    if length == 1:
-        return [1]
-    stride = lerax_utils._progress_stride(length)
-    return [*range(0, length // stride * stride, stride), length]
+def _expected_counts(length: int, chunked: bool, unroll: int = 1) -> list[int]:
+    """A loop in chunks reports before each chunk and at the end; one scan reports
+    every `stride` steps and at its last step. One step (or a loop unrolled whole)
+    reports only at the end."""
+    if length == 1 or unroll >= length:
+        return [length]
+    if chunked:
+        stride = cast(int, lerax_utils._chunk_size(length))
+        return [*range(0, length, stride), length]
+    return [*range(0, length - 1, lerax_utils._progress_stride(length)), length]
+
+
+@given(st.integers(1, 10**6))
+def test_chunk_size_divides_the_length(length: int) -> None:
+    size = lerax_utils._chunk_size(length)
+    divisors = (
+        [d for d in range(1, length + 1) if length % d == 0] if length < 5000 else None
+    )
+    if divisors is not None:
+        assert sorted(lerax_utils._divisors(length)) == divisors
+    if size is not None:
+        assert length % size == 0
+        assert length // size + 1 <= lerax_utils._PROGRESS_MAX_CALLBACKS
 
 
 @given(st.integers(1, 10**12))
@@ -457,6 +483,11 @@ def test_gradients_bit_identical_with_and_without_bar(
     without = run(w, h0, xs, False)
     if not batched:
         assert _identical(with_bar, without)
+        if _HAS_BARRIER:
+            # Undifferentiated, the loop runs in chunks, and the sums that consume
+            # its outputs must still round as without the bar.
+            forward = jax.jit(loss, static_argnums=3)
+            assert _identical(forward(w, h0, xs, True), forward(w, h0, xs, False))
         return
     # Batched, `w @ h` is a matrix product, which XLA may round differently in two
     # different programs (as it does for `jax.lax.scan` with and without any host
@@ -478,11 +509,12 @@ def test_chunked_loop_matches_lax_scan(
     init = (jnp.float32(1.0), jnp.int32(0))
     xs = jnp.cos(jnp.arange(length, dtype=jnp.float32))
     ours = jax.jit(lambda: filter_scan(step, init, xs, reverse=reverse, progress=True))
-    assert _chunked(str(jax.make_jaxpr(ours)())) == (length > 1)
+    chunked = _chunked(str(jax.make_jaxpr(ours)()))
+    assert chunked == (length > 1 and lerax_utils._chunk_size(length) is not None)
     out = ours()
     jax.effects_barrier()
     assert _identical(out, jax.lax.scan(step, init, xs, reverse=reverse))
-    assert [c for c, _ in reports] == _expected_counts(length)
+    assert [c for c, _ in reports] == _expected_counts(length, chunked)
 
 
 def _print_step(c: Any, x: Any) -> Any:
@@ -529,3 +561,111 @@ def test_prng_key_in_carry_under_grad() -> None:
     assert _identical(with_bar, run(0.3, False))
     forward = jax.jit(loss, static_argnums=1)
     assert _identical(forward(0.3, True), forward(0.3, False))
+
+
+# Older jax has no public, batchable `jax.lax.optimization_barrier`, and there sums of
+# a chunked loop's outputs may round differently (the README says so).
+_HAS_BARRIER = hasattr(jax.lax, "optimization_barrier")
+
+
+@pytest.mark.skipif(not _HAS_BARRIER, reason="no jax.lax.optimization_barrier")
+@pytest.mark.parametrize("length", [100, 1001])
+def test_sums_of_outputs_round_as_without_bar(length: int) -> None:
+    # XLA would fold the chunked outputs' reshape into the sum below and round it
+    # differently (seen with this MLP at these lengths), unless the loop keeps its
+    # outputs apart.
+    mlp = eqx.nn.MLP(16, 16, width_size=32, depth=2, key=jax.random.key(0))
+
+    def step(carry: Any, x: Any) -> Any:
+        model, hidden = carry
+        hidden = jnp.tanh(model(hidden + x))
+        model = jax.tree.map(lambda w: 0.999 * w if eqx.is_array(w) else w, model)
+        return (model, hidden), jnp.sum(hidden)
+
+    @eqx.filter_jit
+    def total(model: Any, xs: Any, progress: bool) -> Any:
+        (_, hidden), ys = filter_scan(
+            step, (model, jnp.zeros(16)), xs, progress=progress
+        )
+        return jnp.sum(hidden) + jnp.sum(ys)
+
+    xs = jax.random.normal(jax.random.key(length), (length, 16))
+    with_bar = total(mlp, xs, True)
+    jax.effects_barrier()
+    assert _identical(with_bar, total(mlp, xs, False))
+
+
+#
+# Found by review: unroll, map sizes, fori bound types, several devices
+#
+
+
+@pytest.mark.parametrize(("length", "unroll"), [(64, 2), (1001, 7), (30, True)])
+def test_unroll_results_bit_identical(length: int, unroll: Any) -> None:
+    # Chunks would group the unrolled steps differently, and XLA would round them
+    # differently: with `unroll`, the loop is one scan.
+    a = jax.random.normal(jax.random.key(1), (16,))
+
+    def step(c: Any, _: Any) -> Any:
+        return c * 0.9 + jnp.sin(c).sum() * a / 16, None
+
+    def run(c: Any, progress: bool) -> Any:
+        return filter_scan(step, c, length=length, unroll=unroll, progress=progress)
+
+    c0 = jax.random.normal(jax.random.key(2), (16,))
+    forward = jax.jit(run, static_argnums=1)
+    with_bar = forward(c0, True)
+    jax.effects_barrier()
+    assert _identical(with_bar, forward(c0, False))
+    lax = jax.jit(lambda c: jax.lax.scan(step, c, None, length=length, unroll=unroll))
+    assert _identical(with_bar, lax(c0))
+
+
+def test_map_with_bar_refuses_inputs_of_different_lengths() -> None:
+    xs = (jnp.arange(5.0), jnp.arange(6.0))
+    with pytest.raises(ValueError) as without:
+        filter_map(lambda x: x[0] + x[1], xs)
+    with pytest.raises(ValueError) as with_bar:
+        filter_map(lambda x: x[0] + x[1], xs, progress=True)
+    assert str(with_bar.value) == str(without.value)
+
+
+def test_fori_with_bar_checks_bound_types_as_lax() -> None:
+    with pytest.raises(TypeError) as lax:
+        jax.lax.fori_loop(np.uint8(0), 20, lambda i, c: c + 1, 0)
+    with pytest.raises(TypeError) as ours:
+        filter_fori_loop(np.uint8(0), 20, lambda i, c: c + 1, 0, progress=True)
+    assert str(ours.value) == str(lax.value)
+
+
+_SHARDED_BAR = """
+import contextlib, io, json
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import lerax_utils
+from lerax_utils import filter_scan
+mesh = Mesh(np.array(jax.devices()), ("d",))
+x = jax.device_put(jnp.ones(8), NamedSharding(mesh, P("d")))
+lines = {}
+for name, length in [("chunks", 100), ("one scan", 97)]:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        for _ in range(2):
+            run = jax.jit(lambda x: filter_scan(
+                lambda c, _: (c * 1.01, None), x, length=length, progress="s"))
+            jax.block_until_ready(run(x))
+            jax.effects_barrier()
+    lines[name] = [part.strip() for part in err.getvalue().split("\\n") if part.strip()]
+print(json.dumps({"lines": lines, "open": len(lerax_utils._open_bars)}))
+"""
+
+
+def test_several_devices_end_every_line_with_the_total() -> None:
+    # Host calls from a computation on several devices come in no set order.
+    report = run_on_four_devices(_SHARDED_BAR)
+    assert report["open"] == 0
+    for name, total in [("chunks", 100), ("one scan", 97)]:
+        lines = report["lines"][name]
+        assert len(lines) == 2, lines  # One per run, each ended.
+        for line in lines:
+            assert line.split("\r")[-1].startswith(f"s: 100% {total}/{total} ")
