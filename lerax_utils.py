@@ -2723,7 +2723,7 @@ def _calling(api: _Api) -> Iterator[None]:
 
 
 class _Arguments:
-    """The constructor arguments a `Serializable` was made with, as JSON text.
+    """The constructor arguments a `Serializable` was made with, ready for JSON.
 
     A static field holds it, so it follows the model through every pytree operation.
     It is history, not identity: every recording equals every other one, so two
@@ -2732,10 +2732,10 @@ class _Arguments:
     compiled code, as they did before arguments were recorded.
     """
 
-    __slots__ = ("text",)
+    __slots__ = ("recording",)
 
-    def __init__(self, text: str | None) -> None:
-        self.text = text
+    def __init__(self, recording: dict[str, Any] | None) -> None:
+        self.recording = recording
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, _Arguments)
@@ -2802,10 +2802,10 @@ class Serializable(eqx.Module):
 
     def __check_init__(self) -> None:
         # Equinox calls this once `__init__` has finished and every check passed.
-        pending = self.__dict__.pop(_PENDING, None)
+        pending = vars(self).pop(_PENDING, None)
         if pending is not None:
-            text = f'{{"class":{_json(type(self).__qualname__)},{pending}}}'
-            object.__setattr__(self, _ARGUMENTS_FIELD, _Arguments(text))
+            recording = {"class": type(self).__qualname__, **pending}
+            object.__setattr__(self, _ARGUMENTS_FIELD, _Arguments(recording))
 
     def serialize(self, path: str | os.PathLike[str], no_suffix: bool = False) -> None:
         """Save this model to `path`, atomically.
@@ -3212,41 +3212,44 @@ def _is_numpy_only(dtype: np.dtype) -> bool:
 
 _RECORD_BUDGET = 1 << 16  # Values and string characters per argument.
 _RECORD_DEPTH = 32
+_TOO_MANY_DIGITS = 10**_MAX_INT_DIGITS
 
 
 class _Unrecordable(Exception):
     """An argument that a recording cannot hold; its message says what it is."""
 
 
-def _record_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
-    """The `"args":...,"kwargs":...` part of a recording, as JSON text."""
-    encoded_args = [_record_argument(value) for value in args]
-    encoded_kwargs = [[name, _record_argument(value)] for name, value in kwargs.items()]
-    return f'"args":{_json(encoded_args)},"kwargs":{_json(encoded_kwargs)}'
+def _record_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The `args` and `kwargs` of a recording."""
+    return {
+        "args": [_record_argument(value) for value in args],
+        "kwargs": [[name, _record_argument(value)] for name, value in kwargs.items()],
+    }
 
 
 def _record_argument(value: Any) -> Any:
     budget = [_RECORD_BUDGET]
 
     def encode(value: Any, depth: int) -> Any:
-        budget[0] -= 1 + (len(value) if type(value) is str else 0)
+        kind = type(value)
+        budget[0] -= 1 + (len(value) if kind is str else 0)
         if budget[0] < 0 or depth > _RECORD_DEPTH:
             raise _Unrecordable("a value too large or too deeply nested to record")
-        kind = type(value)
         if value is None or kind is bool or kind is str:
             return value
+        number: Any = value  # Exactly an int, a float or a complex below.
         if kind is int:
-            if abs(value) >= 10**_MAX_INT_DIGITS:
+            if abs(number) >= _TOO_MANY_DIGITS:
                 raise _Unrecordable(f"an int of more than {_MAX_INT_DIGITS} digits")
-            return value
+            return number
         if kind is float:
-            return value if math.isfinite(value) else {"float": _float_bits(value)}
+            return number if math.isfinite(number) else {"float": _float_bits(number)}
         if kind is complex:
-            return {"complex": [_float_bits(value.real), _float_bits(value.imag)]}
+            return {"complex": [_float_bits(number.real), _float_bits(number.imag)]}
         if kind is list or kind is tuple:
             return {kind.__name__: [encode(item, depth + 1) for item in value]}
         if kind is dict:
-            items = value.items()
+            items = cast(dict[Any, Any], value).items()
             return {
                 "dict": [[encode(k, depth + 1), encode(v, depth + 1)] for k, v in items]
             }
@@ -3266,22 +3269,31 @@ def _record_argument(value: Any) -> Any:
 
 
 def _record_array(value: Any) -> Any:
-    shape = [int(size) for size in value.shape]
-    dtype = value.dtype
-    if isinstance(value, np.ndarray | np.generic):
-        if isinstance(value, np.ndarray) and type(value) is not np.ndarray:
-            raise _Unrecordable(f"a {type(value).__name__}")
-        if _is_numpy_only(dtype) and _NUMPY_ONLY_DTYPE.fullmatch(dtype.str):
-            return {"numpy": [shape, dtype.str]}
+    if isinstance(value, np.ndarray) and type(value) is not np.ndarray:
+        raise _Unrecordable(f"a {type(value).__name__}")
+    numpy = isinstance(value, np.ndarray | np.generic)
+    tag, name = _recorded_dtype(value.dtype, numpy)
+    if tag is None:
+        raise _Unrecordable(name)
+    return {tag: [[int(size) for size in value.shape], name]}
+
+
+@functools.lru_cache(maxsize=512)
+def _recorded_dtype(dtype: Any, numpy: bool) -> tuple[str | None, str]:
+    """How a recording names an array's dtype: `(tag, name)`, or `(None, why not)`."""
+    if numpy and _is_numpy_only(dtype):
+        if _NUMPY_ONLY_DTYPE.fullmatch(dtype.str):
+            return "numpy", dtype.str
+        return None, f"an array of dtype {dtype}"
     if jnp.issubdtype(dtype, jax.dtypes.prng_key):
         impl = getattr(getattr(dtype, "_impl", None), "name", None)
         if impl not in _KEY_IMPLS:
-            raise _Unrecordable(f"a PRNG key of the implementation {impl!r}")
-        return {"key": [shape, impl]}
+            return None, f"a PRNG key of the implementation {impl!r}"
+        return "key", cast(str, impl)
     name = np.dtype(dtype).name
     if name not in _checkpoint_dtypes():
-        raise _Unrecordable(f"an array of dtype {dtype}")
-    return {"array": [shape, name]}
+        return None, f"an array of dtype {dtype}"
+    return "array", name
 
 
 class _Malformed(Exception):
@@ -3398,13 +3410,13 @@ def _serializables(tree: Any, path: _KeyPath = ()) -> Iterator[tuple[_KeyPath, A
             yield from _serializables(node, path + key)
 
 
-def _recordings(tree: Any) -> list[tuple[str, str]]:
-    """`(leaf path, recording text)` of every `Serializable` in `tree` that has one."""
+def _recordings(tree: Any) -> list[list[Any]]:
+    """`[leaf path, recording]` of every `Serializable` in `tree` that has one."""
     found = []
     for key_path, node in _serializables(tree):
-        text = getattr(node, _ARGUMENTS_FIELD, _NOT_RECORDED).text
-        if text is not None:
-            found.append((_keystr(key_path), text))
+        recording = getattr(node, _ARGUMENTS_FIELD, _NOT_RECORDED).recording
+        if recording is not None:
+            found.append([_keystr(key_path), recording])
     return found
 
 
@@ -3414,7 +3426,7 @@ def _graft_arguments(skeleton: Any, recorded: dict[str, Any]) -> Any:
         for key_path, node in _serializables(skeleton):
             recording = recorded.get(_keystr(key_path))
             if recording is not None:
-                object.__setattr__(node, _ARGUMENTS_FIELD, _Arguments(_json(recording)))
+                object.__setattr__(node, _ARGUMENTS_FIELD, _Arguments(recording))
     return skeleton
 
 
@@ -3438,7 +3450,8 @@ def _parse_arguments(text: Any, source: str) -> dict[str, Any]:
         return {}
     parsed = _parse_json(str(text).encode(errors="surrogatepass"), source)
     found: dict[str, Any] = {}
-    for item in parsed if isinstance(parsed, list) else [None]:
+    items: list[Any] = parsed if isinstance(parsed, list) else [None]
+    for item in items:
         well_formed = (
             isinstance(item, list)
             and len(item) == 2
@@ -3673,9 +3686,7 @@ def _encode(
     }
     recordings = _recordings(model)
     if recordings:
-        metadata["arguments"] = (
-            "[" + ",".join(f"[{_json(path)},{text}]" for path, text in recordings) + "]"
-        )
+        metadata["arguments"] = _json(recordings)
     metadata["crc32"] = _ZERO_CRC * len(blocks)  # Filled in once the data is written.
     metadata["metadata_crc32"] = _ZERO_CRC
     header = _json({"__metadata__": metadata, **tensors}).encode()
