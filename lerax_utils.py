@@ -3153,8 +3153,9 @@ def _skeleton(cls: type, args: Any, kwargs: Any, source: str | None = None) -> A
             raise
         raise TypeError(
             f"Serializable.deserialize: the file '{source}' records no constructor "
-            "arguments (it was written by an older lerax_utils or by plain Equinox, "
-            "or from a model made without its constructor), and "
+            "arguments for its top level (it was written by an older lerax_utils or "
+            "by plain Equinox, from a model made without its constructor, or by "
+            "`save_pytree` of another pytree), and "
             f"`{cls.__qualname__}()` failed ({err}). Pass the constructor arguments: "
             f"`{cls.__qualname__}.deserialize(path, *args, **kwargs)`."
         ) from err
@@ -3315,7 +3316,7 @@ def _recorded_call(
         )
     arguments = [(None, value) for value in recording["args"]]
     arguments += [(name, value) for name, value in recording["kwargs"]]
-    args, kwargs = [], {}
+    args, kwargs, missing = [], {}, []
     for index, (name, value) in enumerate(arguments):
         try:
             rebuilt = _rebuild_argument(value, 0)
@@ -3325,17 +3326,22 @@ def _recorded_call(
             ) from None
         except _Unrecordable as reason:
             which = _argument_name(cls, index) if name is None else name
-            raise TypeError(
-                f"Serializable.deserialize: the file '{source}' could not record "
-                f"the argument `{which}` of {cls.__qualname__} (it was {reason}), "
-                "so the model cannot be rebuilt from the file alone. Pass the "
-                f"constructor arguments: `{cls.__qualname__}.deserialize(path, "
-                "*args, **kwargs)`."
-            ) from None
+            missing.append(f"`{which}` (it was {reason})")
+            continue
         if name is None:
             args.append(rebuilt)
         else:
             kwargs[name] = rebuilt
+    if missing:
+        which = f"argument {missing[0]}" if len(missing) == 1 else "arguments "
+        if len(missing) > 1:
+            which += ", ".join(missing[:-1]) + " and " + missing[-1]
+        raise TypeError(
+            f"Serializable.deserialize: the file '{source}' could not record the "
+            f"{which} of {cls.__qualname__}, so the model cannot be rebuilt from "
+            "the file alone. Pass the constructor arguments: "
+            f"`{cls.__qualname__}.deserialize(path, *args, **kwargs)`."
+        )
     return tuple(args), kwargs
 
 
@@ -3367,12 +3373,10 @@ def _rebuild_argument(value: Any, depth: int) -> Any:
     if tag == "complex" and type(body) is list and len(body) == 2:
         if all(type(part) is str and _BITS.fullmatch(part) for part in body):
             return _decode_scalar(["complex", *body], _FORMAT_VERSION)
-    if tag in ("list", "tuple", "dict") and type(body) is list:
+    if tag in ("list", "tuple") and type(body) is list:
         items = [_rebuild_argument(item, depth + 1) for item in body]
-        if tag == "list":
-            return items
-        if tag == "tuple":
-            return tuple(items)
+        return items if tag == "list" else tuple(items)
+    if tag == "dict" and type(body) is list:
         if all(type(item) is list and len(item) == 2 for item in body):
             pairs = [
                 (_rebuild_argument(k, depth + 1), _rebuild_argument(v, depth + 1))
