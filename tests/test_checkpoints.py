@@ -1048,6 +1048,16 @@ def test_save_pytree_messages_name_save_pytree_and_load_pytree(tmp_path):
         Regressor.deserialize(path, key=jax.random.key(0))
 
 
+def test_a_save_inside_jit_that_fails_when_run_names_save_pytree(tmp_path, monkeypatch):
+    monkeypatch.setattr(lerax_utils, "_MAX_CONTAINERS", 40)
+    save = jax.jit(lambda tree: save_pytree(tmp_path / "tree", tree))
+    with pytest.raises(Exception) as info:  # JAX's runtime error, wrapping ours.
+        save([jnp.zeros(1)] * 20)
+        jax.effects_barrier()
+    assert "ValueError: save_pytree: the tree needs 62 JSON lists" in str(info.value)
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("form", ["concrete", "shapes", "numpy"])
 def test_like_may_be_values_or_shapes_and_is_compared_as_a_skeleton(tmp_path, form):
     tree = {"w": jnp.arange(6.0).reshape(2, 3), "k": jax.random.key(3), "s": "tag"}
@@ -1144,6 +1154,8 @@ _argument_values = _json_values | st.sampled_from(
         np.zeros(4, np.int8),
         jax.random.split(jax.random.key(0, impl="rbg"), 2),
         jax.ShapeDtypeStruct((5,), jnp.uint8),
+        np.array(["ab", "c"]),
+        np.datetime64("2024-01-02", "D"),
     ]
 )
 
