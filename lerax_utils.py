@@ -3445,7 +3445,10 @@ def _recorded_arguments(source: str) -> dict[str, Any]:
             start[: len(_V1_MAGIC)]
         ):
             return {}
-        return _read_header(file, start, source, size).arguments
+        # Only the metadata: the leaves and the structure are checked when the file
+        # is read.
+        metadata = _read_metadata(file, start, source, size)[2]
+        return _parse_arguments(metadata.get("arguments"), source)
 
 
 def _parse_arguments(text: Any, source: str) -> dict[str, Any]:
@@ -4013,41 +4016,7 @@ def _read_checkpoint(file: IO[bytes], skeleton: Any, source: str) -> Any:
 
 def _read_header(file: IO[bytes], start: bytes, source: str, size: int) -> _Layout:
     """Read and check the header of a format-2 (safetensors) file."""
-    if len(start) <= _LENGTH.size:
-        raise _checkpoint_error(source, f"is truncated ({size} bytes)")
-    if start[_LENGTH.size :] != b"{":
-        raise _checkpoint_error(
-            source,
-            f"is not a lerax_utils checkpoint: it starts with {start[:8]!r}, which "
-            "is neither a safetensors header length followed by `{` nor the "
-            f"format-1 magic {_V1_MAGIC!r}",
-        )
-    (length,) = _LENGTH.unpack(start[: _LENGTH.size])
-    header_bytes = _read_header_bytes(file, length, _LENGTH.size, source, size)
-    header = _parse_json(header_bytes, source)
-    metadata = header.get("__metadata__") if isinstance(header, dict) else None
-    if not (isinstance(metadata, dict) and metadata.get("format") == _FORMAT):
-        raise _checkpoint_error(
-            source,
-            "is a safetensors file but not a lerax_utils checkpoint: its "
-            "`__metadata__` does not name the format 'lerax_utils'. Read it with the "
-            "`safetensors` package",
-        )
-    version = _check_version(metadata.get("format_version"), source)
-    stored = metadata.get("metadata_crc32")
-    slot = _CRC_SLOT + str(stored).encode(errors="surrogatepass") + b'"'
-    at = header_bytes.find(slot)
-    if not (
-        isinstance(stored, str)
-        and re.fullmatch("[0-9a-f]{8}", stored)
-        and at >= 0
-        and header_bytes.find(slot, at + 1) < 0
-        and all(isinstance(value, str) for value in metadata.values())
-    ):
-        raise _checkpoint_error(source, "has a malformed header")
-    zeroed = header_bytes[:at] + _CRC_SLOT + _ZERO_CRC.encode() + b'"'
-    if zlib.crc32(zeroed + header_bytes[at + len(slot) :]) != int(stored, 16):
-        raise _checkpoint_error(source, "has a corrupt header (its checksum fails)")
+    length, header, metadata, version = _read_metadata(file, start, source, size)
     # A lone surrogate (from a `\ud800` escape) becomes bytes that are not UTF-8.
     leaves = _parse_json(
         metadata.get("leaves", "").encode(errors="surrogatepass"), source
@@ -4088,6 +4057,49 @@ def _read_header(file: IO[bytes], start: bytes, source: str, size: int) -> _Layo
     data_end = _LENGTH.size + length + offset
     _check_size(source, size, data_end)
     return _Layout(version, entries, structure, data_end, arguments)
+
+
+def _read_metadata(
+    file: IO[bytes], start: bytes, source: str, size: int
+) -> tuple[int, dict[str, Any], dict[str, Any], int]:
+    """The header length, the header, its checked `__metadata__` and the format
+    version of a format-2 file, the header's checksum verified."""
+    if len(start) <= _LENGTH.size:
+        raise _checkpoint_error(source, f"is truncated ({size} bytes)")
+    if start[_LENGTH.size :] != b"{":
+        raise _checkpoint_error(
+            source,
+            f"is not a lerax_utils checkpoint: it starts with {start[:8]!r}, which "
+            "is neither a safetensors header length followed by `{` nor the "
+            f"format-1 magic {_V1_MAGIC!r}",
+        )
+    (length,) = _LENGTH.unpack(start[: _LENGTH.size])
+    header_bytes = _read_header_bytes(file, length, _LENGTH.size, source, size)
+    header = _parse_json(header_bytes, source)
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    if not (isinstance(metadata, dict) and metadata.get("format") == _FORMAT):
+        raise _checkpoint_error(
+            source,
+            "is a safetensors file but not a lerax_utils checkpoint: its "
+            "`__metadata__` does not name the format 'lerax_utils'. Read it with the "
+            "`safetensors` package",
+        )
+    version = _check_version(metadata.get("format_version"), source)
+    stored = metadata.get("metadata_crc32")
+    slot = _CRC_SLOT + str(stored).encode(errors="surrogatepass") + b'"'
+    at = header_bytes.find(slot)
+    if not (
+        isinstance(stored, str)
+        and re.fullmatch("[0-9a-f]{8}", stored)
+        and at >= 0
+        and header_bytes.find(slot, at + 1) < 0
+        and all(isinstance(value, str) for value in metadata.values())
+    ):
+        raise _checkpoint_error(source, "has a malformed header")
+    zeroed = header_bytes[:at] + _CRC_SLOT + _ZERO_CRC.encode() + b'"'
+    if zlib.crc32(zeroed + header_bytes[at + len(slot) :]) != int(stored, 16):
+        raise _checkpoint_error(source, "has a corrupt header (its checksum fails)")
+    return length, header, metadata, version
 
 
 def _read_header_bytes(
