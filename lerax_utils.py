@@ -76,7 +76,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
-from typing import IO, Any, ParamSpec, TypeVar, cast
+from typing import IO, Any, ParamSpec, Self, TypeVar, cast
 
 import equinox as eqx
 import jax
@@ -2793,7 +2793,7 @@ class Serializable(eqx.Module):
         static=True, default=_NOT_RECORDED, init=False, repr=False
     )
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+    def __new__(cls, *args: Any, **kwargs: Any) -> Self:
         # Only the outermost constructor call gets here: a `super().__init__(...)`
         # inside `__init__` does not, nor does unflattening a pytree.
         self = super().__new__(cls)
