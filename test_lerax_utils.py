@@ -3605,6 +3605,18 @@ _FOUR_DEVICES = textwrap.dedent(
         Sharded(table).serialize(folder + "/sharded")
         loaded = Sharded.deserialize(folder + "/sharded", jnp.zeros((8, 4)))
     report["serialize"] = bool(np.array_equal(loaded.table, grid))
+
+    # load_pytree: a `like` leaf sharded over the devices gives the skeleton its
+    # sharding, for the reader to load into.
+    with tempfile.TemporaryDirectory() as folder:
+        lerax_utils.save_pytree(folder + "/tree", {"t": table, "n": 3})
+        like = {"t": table, "n": 0}
+        skeleton = lerax_utils._like_skeleton(like, folder + "/tree.eqx")
+        tree = lerax_utils.load_pytree(folder + "/tree", like)
+    report["pytree"] = bool(
+        np.array_equal(tree["t"], grid) and tree["n"] == 3
+        and skeleton["t"].sharding == table.sharding
+    )
     print(json.dumps(report, sort_keys=True))
     """
 )
@@ -3637,6 +3649,7 @@ def test_on_four_cpu_devices():
     report = run_on_four_devices(_FOUR_DEVICES)
     assert report == {
         "partitioned": True,
+        "pytree": True,
         "scan": True,
         "serialize": True,
         "unstack": True,
