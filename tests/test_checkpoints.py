@@ -1208,6 +1208,10 @@ def test_the_recording_survives_what_a_model_goes_through(tmp_path):
     _assert_exact(Regressor.deserialize(tmp_path / "model"), model)
 
 
+class Tiny(Serializable):
+    n: int
+
+
 def test_recordings_never_change_the_tree_structure_or_equality():
     # The same model, built with the defaults or with them spelled out.
     a = Regressor(key=jax.random.key(0))
@@ -1218,6 +1222,14 @@ def test_recordings_never_change_the_tree_structure_or_equality():
         jax.tree_util.tree_structure(b)
     )
     assert "_lerax_arguments" not in repr(a)
+    # Equal models hash alike, and share compiled code.
+    small, same = Tiny(1), Tiny(n=1)
+    assert _recording(small) != _recording(same)
+    assert small == same and hash(small) == hash(same)
+    traces = []
+    read = jax.jit(lambda model: traces.append(None) or model.n, static_argnums=0)
+    assert read(small) == read(same) == 1
+    assert len(traces) == 1
     structure = json.loads(_metadata_of(a)["structure"])
     assert structure[0] == [
         "",
