@@ -2871,7 +2871,9 @@ class Serializable(eqx.Module):
             the file must match it. Arguments passed here win over the recorded
             ones. Recorded arrays and PRNG keys reach the constructor as shapes and
             dtypes (as under `eqx.filter_eval_shape`), recorded NumPy strings and
-            dates as zeros of their shape and dtype.
+            dates as zeros of their shape and dtype. With recorded arguments, a
+            Python number of the skeleton that the file holds as a 0-d array (one
+            traced by a `filter_scan` after construction) is taken as that array.
 
         **Returns:**
 
@@ -3122,7 +3124,8 @@ def _skeleton(cls: type, args: Any, kwargs: Any, source: str | None = None) -> A
     and each `Serializable` in the skeleton takes the recording that the file holds
     for its path, so that the loaded model carries it.
     """
-    recorded = _recorded_arguments(source) if source is not None else {}
+    metadata = _checkpoint_metadata(source) if source is not None else {}
+    recorded = _parse_arguments(metadata.get("arguments"), cast(str, source))
     from_file = source is not None and not args and not kwargs
     if from_file:
         args, kwargs = _recorded_call(cls, recorded.get(""), cast(str, source))
@@ -3159,7 +3162,10 @@ def _skeleton(cls: type, args: Any, kwargs: Any, source: str | None = None) -> A
             f"`{cls.__qualname__}()` failed ({err}). Pass the constructor arguments: "
             f"`{cls.__qualname__}.deserialize(path, *args, **kwargs)`."
         ) from err
-    return _graft_arguments(eqx.combine(shapes, kept[0]), recorded)
+    skeleton = eqx.combine(shapes, kept[0])
+    if from_file and "" in recorded:
+        skeleton = _numbers_as_saved(skeleton, metadata, cast(str, source))
+    return _graft_arguments(skeleton, recorded)
 
 
 def _is_dynamic_argument(leaf: Any) -> bool:
@@ -3185,7 +3191,9 @@ def _like_skeleton(like: Any, source: str) -> Any:
         return jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding)
 
     shapes = jtu.tree_map(keep_sharding, shapes, dynamic)
-    return _graft_arguments(eqx.combine(shapes, static), _recorded_arguments(source))
+    metadata = _checkpoint_metadata(source)
+    recorded = _parse_arguments(metadata.get("arguments"), source)
+    return _graft_arguments(eqx.combine(shapes, static), recorded)
 
 
 def _is_jax_describable(leaf: Any) -> bool:
@@ -3434,8 +3442,8 @@ def _graft_arguments(skeleton: Any, recorded: dict[str, Any]) -> Any:
     return skeleton
 
 
-def _recorded_arguments(source: str) -> dict[str, Any]:
-    """The recordings in a checkpoint's header, by path; none in other files."""
+def _checkpoint_metadata(source: str) -> dict[str, Any]:
+    """The checked `__metadata__` of a checkpoint; empty for other files."""
     with open(source, "rb") as file:
         size = os.fstat(file.fileno()).st_size
         start = file.read(_LENGTH.size + 1)
@@ -3447,8 +3455,30 @@ def _recorded_arguments(source: str) -> dict[str, Any]:
             return {}
         # Only the metadata: the leaves and the structure are checked when the file
         # is read.
-        metadata = _read_metadata(file, start, source, size)[2]
-        return _parse_arguments(metadata.get("arguments"), source)
+        return _read_metadata(file, start, source, size)[2]
+
+
+def _numbers_as_saved(skeleton: Any, metadata: dict[str, Any], source: str) -> Any:
+    """`skeleton` with each Python number that the file holds as a 0-d array (a
+    number that a `filter_scan` or `filter_cond` traced after construction) as
+    that array's shape and dtype: the recorded call cannot know of the change."""
+    text = metadata.get("leaves", "").encode(errors="surrogatepass")
+    entries = _parse_json(text, source)
+    saved = {}
+    for entry in entries if isinstance(entries, list) else []:
+        if isinstance(entry, dict) and isinstance(entry.get("path"), str):
+            saved[entry["path"]] = entry  # Checked when the file is read.
+
+    def as_saved(key_path: _KeyPath, leaf: Any) -> Any:
+        entry = saved.get(_keystr(key_path)) if _is_python_number(leaf) else None
+        if entry is None or entry.get("kind") not in ("jax", "numpy", "numpy_scalar"):
+            return leaf
+        dtype = _numpy_dtype(entry.get("dtype"))
+        if entry.get("shape") != [] or dtype is None or _is_numpy_only(dtype):
+            return leaf
+        return jax.ShapeDtypeStruct((), jax.dtypes.canonicalize_dtype(dtype))
+
+    return jtu.tree_map_with_path(as_saved, skeleton)
 
 
 def _parse_arguments(text: Any, source: str) -> dict[str, Any]:

@@ -1208,6 +1208,21 @@ def test_the_recording_survives_what_a_model_goes_through(tmp_path):
     _assert_exact(Regressor.deserialize(tmp_path / "model"), model)
 
 
+def test_a_number_traced_after_construction_loads_without_arguments(tmp_path):
+    model = Regressor(key=jax.random.key(0))  # `scale` is the Python float 0.5.
+
+    def anneal(model, _):
+        return eqx.tree_at(lambda m: m.scale, model, model.scale * 0.5), None
+
+    model, _ = filter_scan(anneal, model, None, length=3)
+    assert isinstance(model.scale, jax.Array)  # Traced, so now an array.
+    model.serialize(tmp_path / "model")
+    _assert_exact(Regressor.deserialize(tmp_path / "model"), model)
+    # Arguments passed explicitly build a skeleton that is compared as it is.
+    with pytest.raises(ValueError, match="the file has 'array', the skeleton has"):
+        Regressor.deserialize(tmp_path / "model", key=jax.random.key(0))
+
+
 class Tiny(Serializable):
     n: int
 
