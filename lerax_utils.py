@@ -3264,9 +3264,9 @@ def _record_argument(value: Any) -> Any:
             }
         if isinstance(value, jax.ShapeDtypeStruct) or eqx.is_array(value):
             return _record_array(value)
-        if callable(value):
-            name = getattr(value, "__name__", None)
-            raise _Unrecordable(f"the function {name}" if name else "a callable")
+        name = getattr(value, "__name__", None)
+        if callable(value) and isinstance(name, str):
+            raise _Unrecordable(f"the function {name}")
         raise _Unrecordable(f"an object of type {kind.__qualname__}")
 
     try:

@@ -1316,6 +1316,11 @@ class WithFunction(Serializable):
             "argument `scale` (it was an object of type object)",
         ),
         (
+            (2,),
+            {"scale": eqx.nn.Identity()},  # Callable, but no function.
+            "argument `scale` (it was an object of type Identity)",
+        ),
+        (
             (2, jax.nn.relu),
             {"scale": [1, lambda x: x]},
             "arguments `act` (it was the function relu) and `scale` (it was the "
