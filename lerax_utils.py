@@ -2795,17 +2795,19 @@ class Serializable(eqx.Module):
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Self:
         # Only the outermost constructor call gets here: a `super().__init__(...)`
-        # inside `__init__` does not, nor does unflattening a pytree.
+        # inside `__init__` does not, nor does unflattening a pytree. Copying and
+        # unpickling get here without arguments, and without `__init__`: they must
+        # leave nothing behind.
         self = super().__new__(cls)
-        object.__setattr__(self, _PENDING, _record_call(args, kwargs))
+        if args or kwargs:
+            object.__setattr__(self, _PENDING, _record_call(args, kwargs))
         return self
 
     def __check_init__(self) -> None:
         # Equinox calls this once `__init__` has finished and every check passed.
-        pending = vars(self).pop(_PENDING, None)
-        if pending is not None:
-            recording = {"class": type(self).__qualname__, **pending}
-            object.__setattr__(self, _ARGUMENTS_FIELD, _Arguments(recording))
+        pending = vars(self).pop(_PENDING, None) or {"args": [], "kwargs": []}
+        recording = {"class": type(self).__qualname__, **pending}
+        object.__setattr__(self, _ARGUMENTS_FIELD, _Arguments(recording))
 
     def serialize(self, path: str | os.PathLike[str], no_suffix: bool = False) -> None:
         """Save this model to `path`, atomically.

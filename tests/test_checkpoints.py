@@ -8,10 +8,12 @@ state, a key and a step) round-trip through `save_pytree` and `load_pytree`, and
 models rebuild from the constructor arguments recorded in their file.
 """
 
+import copy
 import dataclasses
 import json
 import os
 import pathlib
+import pickle
 import struct
 import subprocess
 import sys
@@ -1221,6 +1223,20 @@ def test_a_number_traced_after_construction_loads_without_arguments(tmp_path):
     # Arguments passed explicitly build a skeleton that is compared as it is.
     with pytest.raises(ValueError, match="the file has 'array', the skeleton has"):
         Regressor.deserialize(tmp_path / "model", key=jax.random.key(0))
+
+
+@pytest.mark.parametrize("how", ["copy", "deepcopy", "pickle"])
+def test_copies_keep_the_recording_and_stay_equal(how):
+    model = Recorder((3, 4), 0.25, key=jax.random.key(1))
+    copied = {
+        "copy": copy.copy,
+        "deepcopy": copy.deepcopy,
+        "pickle": lambda x: pickle.loads(pickle.dumps(x)),
+    }[how](model)
+    assert jax.tree_util.tree_structure(copied) == jax.tree_util.tree_structure(model)
+    assert eqx.tree_equal(copied, model)
+    assert _recording(copied) == _recording(model)
+    assert sorted(vars(copied)) == sorted(vars(model))  # Nothing left behind.
 
 
 class Tiny(Serializable):
