@@ -2706,8 +2706,9 @@ _PYTREE_API = _Api(
     built="`like`",
     fix="Pass a `like` with the structure, shapes and dtypes of the saved tree",
 )
-# The function the user called, for the messages of the helpers below it. A save
-# inside a trace sets it again in its host callback, which runs in another thread.
+# The function the user called, for the messages of the helpers below it: those of
+# `Serializable` unless `save_pytree` or `load_pytree` set it. A save inside a trace
+# sets it again in its host callback, which runs in another thread.
 _API: contextvars.ContextVar[_Api] = contextvars.ContextVar(
     "lerax_utils_checkpoint_api", default=_SERIALIZABLE_API
 )
@@ -2906,11 +2907,11 @@ class Serializable(eqx.Module):
         Files written by plain `eqx.tree_serialise_leaves` load too, with Equinox's
         own checks only, as do files of format 1 (lerax_utils 0.1.0).
         """
-        with _calling(_SERIALIZABLE_API):
-            source = _find_checkpoint(path)
-            skeleton = _skeleton(cls, args, kwargs, str(source))
-            with open(source, "rb") as file:
-                return _read_checkpoint(file, skeleton, str(source))
+        # Messages name `Serializable` by default (see `_API`).
+        source = _find_checkpoint(path)
+        skeleton = _skeleton(cls, args, kwargs, str(source))
+        with open(source, "rb") as file:
+            return _read_checkpoint(file, skeleton, str(source))
 
 
 def save_pytree(
@@ -2988,10 +2989,10 @@ def load_pytree(path: str | os.PathLike[str], like: _Tree) -> _Tree:
     damaged, or does not match `like`.
     """
     with _calling(_PYTREE_API):
-        source = _find_checkpoint(path)
-        skeleton = _like_skeleton(like, str(source))
-        with open(source, "rb") as file:
-            return _read_checkpoint(file, skeleton, str(source))
+        checkpoint = _find_checkpoint(path)
+        skeleton = _like_skeleton(like, str(checkpoint))
+        with open(checkpoint, "rb") as opened:
+            return _read_checkpoint(opened, skeleton, str(checkpoint))
 
 
 def _save(path: Any, tree: Any, no_suffix: Any) -> None:
