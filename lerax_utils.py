@@ -15,7 +15,10 @@
 - `callback_wrapper`, `callback_with_numpy_wrapper`, `callback_with_list_wrapper`,
   `print_callback`: call host Python (logging, printing, plotting) from inside `jit`.
 - `Serializable`: an `eqx.Module` base class whose models save and load themselves, in
-  a checked, versioned safetensors file, atomically, even from inside `jit`.
+  a checked, versioned safetensors file, atomically, even from inside `jit`; they
+  record their constructor arguments, so loading needs only the path.
+- `save_pytree`, `load_pytree`: the same checkpoints for any pytree, such as a whole
+  training state `(model, opt_state, key, step)`.
 
 **Installing.** Either `pip install git+<repository url>`, or vendor it: copy this file
 into your project (for example as `yourpackage/_lerax_utils.py`) and import from there.
@@ -45,12 +48,15 @@ __all__ = [
     "print_callback",
     # Checkpoints
     "Serializable",
+    "load_pytree",
+    "save_pytree",
 ]
 
 import atexit
 import collections
 import concurrent.futures
 import contextlib
+import contextvars
 import ctypes
 import dataclasses
 import enum
@@ -71,7 +77,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
-from typing import IO, Any, ParamSpec, TypeVar, cast
+from typing import IO, Any, ParamSpec, Self, TypeVar, cast
 
 import equinox as eqx
 import jax
@@ -2922,6 +2928,84 @@ def _key_impl_types() -> dict[str, tuple[Any, tuple[int, ...], np.dtype]]:
     return found
 
 
+@dataclasses.dataclass(frozen=True)
+class _Api:
+    """How the checkpoint functions that the user called are named in messages."""
+
+    save: str
+    load: str
+    save_call: str  # What to call instead, in a message about a vmap.
+    tree: str
+    skeleton: str
+    built: str
+    fix: str
+
+
+_SERIALIZABLE_API = _Api(
+    save="Serializable.serialize",
+    load="Serializable.deserialize",
+    save_call="serialize",
+    tree="model",
+    skeleton="the skeleton",
+    built="the skeleton built from the constructor arguments",
+    fix="Pass the constructor arguments the model was saved with",
+)
+_PYTREE_API = _Api(
+    save="save_pytree",
+    load="load_pytree",
+    save_call="save_pytree",
+    tree="tree",
+    skeleton="`like`",
+    built="`like`",
+    fix="Pass a `like` with the structure, shapes and dtypes of the saved tree",
+)
+# The function the user called, for the messages of the helpers below it: those of
+# `Serializable` unless `save_pytree` or `load_pytree` set it. A save inside a trace
+# sets it again in its host callback, which runs in another thread.
+_API: contextvars.ContextVar[_Api] = contextvars.ContextVar(
+    "lerax_utils_checkpoint_api", default=_SERIALIZABLE_API
+)
+
+
+@contextlib.contextmanager
+def _calling(api: _Api) -> Iterator[None]:
+    token = _API.set(api)
+    try:
+        yield
+    finally:
+        _API.reset(token)
+
+
+class _Arguments:
+    """The constructor arguments a `Serializable` was made with, ready for JSON.
+
+    A static field holds it, so it follows the model through every pytree operation.
+    It is history, not identity: every recording equals every other one, so two
+    models built with different arguments (different PRNG keys, different Python
+    numbers that become traced) keep the same tree structure, stack, and share
+    compiled code, as they did before arguments were recorded.
+    """
+
+    __slots__ = ("recording",)
+
+    def __init__(self, recording: dict[str, Any] | None) -> None:
+        self.recording = recording
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Arguments)
+
+    def __hash__(self) -> int:
+        return hash(_Arguments)
+
+    def __repr__(self) -> str:
+        return "<recorded constructor arguments>"
+
+
+_NOT_RECORDED = _Arguments(None)
+_ARGUMENTS_FIELD = "_lerax_arguments"
+_PENDING = "_lerax_pending_arguments"
+
+
 class Serializable(eqx.Module):
     """An `eqx.Module` base class whose models save and load themselves.
 
@@ -2937,17 +3021,47 @@ class Serializable(eqx.Module):
             self.mlp = eqx.nn.MLP(size, 2, 32, 2, key=key)
 
     Policy(4, key=jax.random.key(0)).serialize("checkpoints/run.1")  # run.1.eqx
+    policy = Policy.deserialize("checkpoints/run.1")  # recorded: 4, key of shape ()
     policy = Policy.deserialize("checkpoints/run.1", 4, key=jax.random.key(1))
     ```
 
     A checkpoint is a safetensors file: any safetensors reader lists its arrays by
     leaf path. Its metadata holds the format version, the library version, a
     description of the structure and static values that is the same in every
-    process, the Python numbers, and CRC-32 checksums of every array and of the
-    header. Loading checks all of it against a skeleton of the model, so a file
-    never loads into the wrong model silently. No pickle is involved: loading never
-    runs code from the file.
+    process, the Python numbers, the recorded constructor arguments, and CRC-32
+    checksums of every array and of the header. Loading checks all of it against a
+    skeleton of the model, so a file never loads into the wrong model silently. No
+    pickle is involved: loading never runs code from the file.
+
+    Each model records the arguments its constructor was called with, in a static
+    field that survives `eqx.tree_at`, `filter_scan`, optax updates and
+    `stack_pytree`: JSON values (None, bools, ints, floats, strings, and lists,
+    tuples and dicts of them) as they are, arrays and PRNG keys as their shape and
+    dtype only. Recordings always compare equal, so models built with different
+    keys or numbers still have the same tree structure. An argument that cannot be
+    recorded (a function, another object) is noted by its type and does not stop a
+    save; a model made without its constructor records nothing.
     """
+
+    _lerax_arguments: _Arguments = eqx.field(
+        static=True, default=_NOT_RECORDED, init=False, repr=False
+    )
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Self:
+        # Only the outermost constructor call gets here: a `super().__init__(...)`
+        # inside `__init__` does not, nor does unflattening a pytree. Copying and
+        # unpickling get here without arguments, and without `__init__`: they must
+        # leave nothing behind.
+        self = super().__new__(cls)
+        if args or kwargs:
+            object.__setattr__(self, _PENDING, _record_call(args, kwargs))
+        return self
+
+    def __check_init__(self) -> None:
+        # Equinox calls this once `__init__` has finished and every check passed.
+        pending = vars(self).pop(_PENDING, None) or {"args": [], "kwargs": []}
+        recording = {"class": type(self).__qualname__, **pending}
+        object.__setattr__(self, _ARGUMENTS_FIELD, _Arguments(recording))
 
     def serialize(self, path: str | os.PathLike[str], no_suffix: bool = False) -> None:
         """Save this model to `path`, atomically.
@@ -2981,6 +3095,9 @@ class Serializable(eqx.Module):
         is written, silently (JAX drops the ordered callback), and under
         `jax.grad(jax.checkpoint(...))` JAX raises its own `NotImplementedError`.
 
+        `model.serialize(path)` is `save_pytree(path, model)`, except that messages
+        name `Serializable.serialize`.
+
         **Raises:**
 
         - `TypeError` if `path` is not a `str` or `os.PathLike`, `no_suffix` is not
@@ -2993,90 +3110,61 @@ class Serializable(eqx.Module):
             header would exceed the limits `deserialize` reads, or the model is
             batched by `vmap`.
         """
-        target = _checkpoint_path("serialize", path, no_suffix)
-        _check_target(target)
-        leaves, treedef = jtu.tree_flatten_with_path(self)
-        traced = [isinstance(leaf, jax.core.Tracer) for _, leaf in leaves]
-        if not any(traced) and not _inside_a_trace():
-            _write_checkpoint(self, target)
-            return
-        # Inside a trace: the traced leaves travel to the host (typed keys as their
-        # key data); the others are known now, checked now, and stay here.
-        _check_saveable(leaves)  # Refuse at trace time, not in the callback.
-        for key_path, leaf in leaves:
-            if isinstance(leaf, np.ndarray | np.generic):
-                _host_array(_keystr(key_path), leaf)
-        template = [
-            None if t else leaf for (_, leaf), t in zip(leaves, traced, strict=True)
-        ]
-        operands, kinds = [], {}
-        for index, ((_, leaf), is_traced) in enumerate(
-            zip(leaves, traced, strict=True)
-        ):
-            if not is_traced:
-                continue
-            if _is_key_array(leaf):
-                kinds[index] = ("key", _key_impl_name(leaf))
-                leaf = jax.random.key_data(leaf)
-            else:
-                kinds[index] = ("jax_weak" if _is_weak(leaf) else "jax", None)
-            operands.append(jax.lax.stop_gradient(leaf))  # Saved, not differentiated.
-
-        def write(*arrays: Any) -> None:
-            host = list(template)
-            for index, array in zip(kinds, arrays, strict=True):
-                host[index] = np.asarray(array)
-            _write_checkpoint(treedef.unflatten(host), target, kinds)
-
-        try:
-            io_callback(write, None, *operands, ordered=True)
-        except ValueError as err:
-            if "vmap" not in str(err):
-                raise
-            raise ValueError(
-                "Serializable.serialize: the model is batched by `jax.vmap` or "
-                "`eqx.filter_vmap`, and one path cannot hold every member of a "
-                "batch. Call `serialize` outside the vmap, on the stacked model."
-            ) from err
+        with _calling(_SERIALIZABLE_API):
+            _save(path, self, no_suffix)
 
     @classmethod
     def deserialize(
         cls: type[_Model], path: str | os.PathLike[str], *args: Any, **kwargs: Any
     ) -> _Model:
-        """Load a model saved by `serialize`.
+        """Load a model saved by `serialize` (or by `save_pytree`).
 
         **Arguments:**
 
         - `path`: the path given to `serialize`, with either value of `no_suffix`:
             `path` itself if that file exists, else `path` with `.eqx` appended.
-        - `*args`, `**kwargs`: the constructor's arguments. They build a skeleton of
-            the model with `eqx.filter_eval_shape`, so no parameters are allocated or
-            initialised; the file must match it.
+        - `*args`, `**kwargs`: the constructor's arguments, or none at all to use
+            the ones recorded in the file. They build a skeleton of the model with
+            `eqx.filter_eval_shape`, so no parameters are allocated or initialised;
+            the file must match it. Arguments passed here win over the recorded
+            ones. Recorded arrays and PRNG keys reach the constructor as shapes and
+            dtypes (as under `eqx.filter_eval_shape`), recorded NumPy strings and
+            dates as zeros of their shape and dtype. With recorded arguments, a
+            Python number of the skeleton that the file holds as a 0-d array (one
+            traced by a `filter_scan` after construction) is taken as that array.
 
         **Returns:**
 
         An instance of the class `deserialize` is called on, with the saved arrays
         (NumPy arrays and scalars stay NumPy, with their saved dtype) and the saved
         Python numbers in place. Every other leaf comes from the skeleton, after a
-        check that it equals the saved description.
+        check that it equals the saved description. The model keeps the recording
+        of the arguments that the file holds, so saving it again writes the same
+        file.
 
         **Raises:**
 
         - `FileNotFoundError` if neither candidate file exists.
         - `TypeError` if the skeleton cannot be built, because the constructor needs
-            concrete values of its array arguments.
+            concrete values of its array arguments; or, without arguments, if the
+            file recorded an argument that it could not hold (a function, an
+            object), or recorded none (a file of an older lerax_utils or of plain
+            Equinox, or a model made without its constructor) and the constructor
+            needs some. The message names the argument.
         - `ValueError` if the file is not a checkpoint (empty, a text file, random
             bytes, a safetensors file of another program), is truncated or has
             trailing bytes, was written by a newer format version, is corrupt (a
             checksum fails) or malformed, or does not match the skeleton: a
             different leaf count, structure, static value, shape or dtype. The
-            message names the first differing leaf path and both sides.
+            message names the first differing leaf path and both sides. Without
+            arguments, also if the file holds a model of another class.
 
         Files written by plain `eqx.tree_serialise_leaves` load too, with Equinox's
         own checks only, as do files of format 1 (lerax_utils 0.1.0).
         """
+        # Messages name `Serializable` by default (see `_API`).
         source = _find_checkpoint(path)
-        skeleton = _skeleton(cls, args, kwargs)
+        skeleton = _skeleton(cls, args, kwargs, str(source))
         with open(source, "rb") as file:
             return _read_checkpoint(file, skeleton, str(source))
 
@@ -3136,27 +3224,157 @@ class Serializable(eqx.Module):
             return _read_checkpoint(file, skeleton, str(source))
 
 
-def _checkpoint_path(method: str, path: Any, no_suffix: Any) -> pathlib.Path:
+def save_pytree(
+    path: str | os.PathLike[str], tree: Any, *, no_suffix: bool = False
+) -> None:
+    """Save any pytree to `path`, atomically, as `Serializable.serialize` saves a model.
+
+    **Arguments:**
+
+    - `path`: where to save. `.eqx` is appended unless the name already ends in
+        `.eqx`; missing parent folders are created.
+    - `tree`: any pytree, for example a whole training state
+        `(model, opt_state, key, step)`: Equinox modules, optax states, JAX and
+        NumPy arrays, typed PRNG keys, Python numbers, and static values.
+    - `no_suffix`: if `True`, save to exactly `path`.
+
+    The file format, the checks, the atomic write (a temporary file, fsync, rename)
+    and the behaviour inside `jax.jit`, a `filter_scan` body or a `filter_cond`
+    branch (an ordered host callback writes it when the computation runs; call
+    `jax.effects_barrier()` before reading it) are those of
+    `Serializable.serialize`. `Serializable` models inside `tree` keep their
+    recorded constructor arguments in the file.
+
+    **Raises:**
+
+    As `Serializable.serialize`, naming `save_pytree`.
+
+    **Example:**
+
+    ```python
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from lerax_utils import load_pytree, save_pytree
+
+    state = {"w": jnp.ones(3), "seen": np.arange(2), "key": jax.random.key(0)}
+    save_pytree("checkpoints/state", (state, 100))  # checkpoints/state.eqx
+    state, step = load_pytree("checkpoints/state", (state, 0))
+    print(step)  # 100
+    ```
+    """
+    with _calling(_PYTREE_API):
+        _save(path, tree, no_suffix)
+
+
+def load_pytree(path: str | os.PathLike[str], like: _Tree) -> _Tree:
+    """Load a pytree saved by `save_pytree` (or by `Serializable.serialize`).
+
+    **Arguments:**
+
+    - `path`: the path given to `save_pytree`, with either value of `no_suffix`:
+        `path` itself if that file exists, else `path` with `.eqx` appended.
+    - `like`: a pytree of the structure that was saved: the tree itself or one like
+        it (array values are ignored), or its shapes from `eqx.filter_eval_shape`,
+        with `jax.ShapeDtypeStruct` leaves. Its array leaves become shapes and
+        dtypes as under `eqx.filter_eval_shape` (NumPy strings and dates stay as
+        they are), and the file is checked against it exactly as
+        `Serializable.deserialize` checks a file against its skeleton: structure,
+        static values, leaf count, shapes and dtypes. A JAX array leaf sharded over
+        several devices passes its sharding on, as a `jax.ShapeDtypeStruct` leaf
+        does.
+
+    **Returns:**
+
+    A pytree of the structure of `like`, with the saved arrays (JAX arrays, PRNG
+    keys of their saved impl, NumPy arrays and scalars with their saved dtype) and
+    the saved Python numbers; every other leaf comes from `like`, after a check that
+    it equals the saved description. `Serializable` models in it keep the recorded
+    constructor arguments that the file holds.
+
+    **Raises:**
+
+    As `Serializable.deserialize`, naming `load_pytree`: `FileNotFoundError` if
+    neither candidate file exists, `ValueError` if the file is not a checkpoint, is
+    damaged, or does not match `like`.
+    """
+    with _calling(_PYTREE_API):
+        checkpoint = _find_checkpoint(path)
+        skeleton = _like_skeleton(like, str(checkpoint))
+        with open(checkpoint, "rb") as opened:
+            return _read_checkpoint(opened, skeleton, str(checkpoint))
+
+
+def _save(path: Any, tree: Any, no_suffix: Any) -> None:
+    """The body of `save_pytree` and `Serializable.serialize`."""
+    api = _API.get()
+    target = _checkpoint_path(api.save, path, no_suffix)
+    _check_target(target)
+    leaves, treedef = jtu.tree_flatten_with_path(tree)
+    traced = [isinstance(leaf, jax.core.Tracer) for _, leaf in leaves]
+    if not any(traced) and not _inside_a_trace():
+        _write_checkpoint(tree, target)
+        return
+    # Inside a trace: the traced leaves travel to the host (typed keys as their
+    # key data); the others are known now, checked now, and stay here.
+    _check_saveable(leaves)  # Refuse at trace time, not in the callback.
+    for key_path, leaf in leaves:
+        if isinstance(leaf, np.ndarray | np.generic):
+            _host_array(_keystr(key_path), leaf)
+    template = [
+        None if t else leaf for (_, leaf), t in zip(leaves, traced, strict=True)
+    ]
+    operands, kinds = [], {}
+    for index, ((_, leaf), is_traced) in enumerate(zip(leaves, traced, strict=True)):
+        if not is_traced:
+            continue
+        if _is_key_array(leaf):
+            kinds[index] = ("key", _key_impl_name(leaf))
+            leaf = jax.random.key_data(leaf)
+        else:
+            kinds[index] = ("jax_weak" if _is_weak(leaf) else "jax", None)
+        operands.append(jax.lax.stop_gradient(leaf))  # Saved, not differentiated.
+
+    def write(*arrays: Any) -> None:
+        host = list(template)
+        for index, array in zip(kinds, arrays, strict=True):
+            host[index] = np.asarray(array)
+        with _calling(api):
+            _write_checkpoint(treedef.unflatten(host), target, kinds)
+
+    try:
+        io_callback(write, None, *operands, ordered=True)
+    except ValueError as err:
+        if "vmap" not in str(err):
+            raise
+        raise ValueError(
+            f"{api.save}: the {api.tree} is batched by `jax.vmap` or "
+            "`eqx.filter_vmap`, and one path cannot hold every member of a "
+            f"batch. Call `{api.save_call}` outside the vmap, on the stacked "
+            f"{api.tree}."
+        ) from err
+
+
+def _checkpoint_path(function: str, path: Any, no_suffix: Any) -> pathlib.Path:
     if not isinstance(path, str | os.PathLike) or isinstance(os.fspath(path), bytes):
         raise TypeError(
-            f"Serializable.{method}: `path` must be a str or os.PathLike; got "
+            f"{function}: `path` must be a str or os.PathLike; got "
             f"{_describe_leaf(path)}."
         )
     if not isinstance(no_suffix, bool):
         raise TypeError(
-            f"Serializable.{method}: `no_suffix` must be True or False; got "
+            f"{function}: `no_suffix` must be True or False; got "
             f"{_describe_leaf(no_suffix)}."
         )
     text = os.fspath(path)
     if not text:
         raise ValueError(
-            f"Serializable.{method}: `path` is empty. Pass a file name, such as "
-            "'checkpoints/run'."
+            f"{function}: `path` is empty. Pass a file name, such as 'checkpoints/run'."
         )
     checked = pathlib.Path(text)
     if os.path.basename(text) in ("", ".", "..") or text.endswith(("/", os.sep)):
         raise ValueError(
-            f"Serializable.{method}: `path` '{text}' names a folder, not a file. "
+            f"{function}: `path` '{text}' names a folder, not a file. "
             f"Pass a file name inside it, such as '{checked / 'model'}'."
         )
     if no_suffix or checked.name.endswith(_SUFFIX):
@@ -3170,28 +3388,30 @@ def _check_target(target: pathlib.Path) -> None:
         mode = os.stat(target).st_mode
     except OSError:  # None there yet (or a dangling link): the save creates it.
         return
+    function = _API.get().save
     if stat.S_ISDIR(mode):
         raise ValueError(
-            f"Serializable.serialize: `path` '{target}' names a folder, not a file. "
+            f"{function}: `path` '{target}' names a folder, not a file. "
             f"Pass a file name inside it, such as '{target / 'model'}'."
         )
     if not stat.S_ISREG(mode):
         raise ValueError(
-            f"Serializable.serialize: `path` '{target}' exists and is not a regular "
+            f"{function}: `path` '{target}' exists and is not a regular "
             "file (a FIFO, socket or device). Pass the name of a new or regular file."
         )
 
 
 def _find_checkpoint(path: str | os.PathLike[str]) -> pathlib.Path:
-    exact = _checkpoint_path("deserialize", path, no_suffix=True)
-    suffixed = _checkpoint_path("deserialize", path, no_suffix=False)
+    api = _API.get()
+    exact = _checkpoint_path(api.load, path, no_suffix=True)
+    suffixed = _checkpoint_path(api.load, path, no_suffix=False)
     for candidate in (exact, suffixed):
         if candidate.is_file():
             return candidate
     tried = f"'{exact}'" if exact == suffixed else f"'{exact}' or '{suffixed}'"
     raise FileNotFoundError(
-        f"Serializable.deserialize: no checkpoint at {tried}. Check the path given "
-        "to `serialize`."
+        f"{api.load}: no checkpoint at {tried}. Check the path given "
+        f"to `{api.save_call}`."
     )
 
 
@@ -3208,10 +3428,21 @@ _CONCRETE_VALUE_ERRORS = (
 )
 
 
-def _skeleton(cls: type, args: Any, kwargs: Any) -> Any:
+def _skeleton(cls: type, args: Any, kwargs: Any, source: str | None = None) -> Any:
     """As `eqx.filter_eval_shape(cls, *args, **kwargs)`, except that NumPy arrays
-    JAX cannot describe (strings, dates, big-endian) stay concrete, on both sides."""
-    dynamic, static = eqx.partition((args, kwargs), _is_jax_describable)
+    JAX cannot describe (strings, dates, big-endian) stay concrete, on both sides,
+    and `jax.ShapeDtypeStruct` arguments stand for arrays.
+
+    With the checkpoint `source`: without arguments, those recorded in it are used;
+    and each `Serializable` in the skeleton takes the recording that the file holds
+    for its path, so that the loaded model carries it.
+    """
+    metadata = _checkpoint_metadata(source) if source is not None else {}
+    recorded = _parse_arguments(metadata.get("arguments"), cast(str, source))
+    from_file = source is not None and not args and not kwargs
+    if from_file:
+        args, kwargs = _recorded_call(cls, recorded.get(""), cast(str, source))
+    dynamic, static = eqx.partition((args, kwargs), _is_dynamic_argument)
     kept = []
 
     def build(dynamic: Any) -> Any:
@@ -3233,7 +3464,49 @@ def _skeleton(cls: type, args: Any, kwargs: Any) -> Any:
             "values as JAX arrays in the constructor (no `np.asarray`, `float()` or "
             "`if` on them), or compute such values after loading."
         ) from err
-    return eqx.combine(shapes, kept[0])
+    except TypeError as err:
+        if not from_file or "" in recorded:
+            raise
+        raise TypeError(
+            f"Serializable.deserialize: the file '{source}' records no constructor "
+            "arguments for its top level (it was written by an older lerax_utils or "
+            "by plain Equinox, from a model made without its constructor, or by "
+            "`save_pytree` of another pytree), and "
+            f"`{cls.__qualname__}()` failed ({err}). Pass the constructor arguments: "
+            f"`{cls.__qualname__}.deserialize(path, *args, **kwargs)`."
+        ) from err
+    skeleton = eqx.combine(shapes, kept[0])
+    if from_file and "" in recorded:
+        skeleton = _numbers_as_saved(skeleton, metadata, cast(str, source))
+    return _graft_arguments(skeleton, recorded)
+
+
+def _is_dynamic_argument(leaf: Any) -> bool:
+    return _is_jax_describable(leaf) or isinstance(leaf, jax.ShapeDtypeStruct)
+
+
+def _like_skeleton(like: Any, source: str) -> Any:
+    """The skeleton `load_pytree` checks a file against: `like` with its arrays as
+    `eqx.filter_eval_shape` describes them, a sharding over several devices kept."""
+    dynamic, static = eqx.partition(like, _is_dynamic_argument)
+    shapes = jax.eval_shape(lambda tree: tree, dynamic)
+
+    def keep_sharding(shape: Any, leaf: Any) -> Any:
+        sharding = getattr(leaf, "sharding", None)
+        if (
+            isinstance(leaf, jax.ShapeDtypeStruct)
+            or not isinstance(leaf, jax.Array)
+            or isinstance(leaf, jax.core.Tracer)
+            or sharding is None
+            or len(sharding.device_set) < 2
+        ):
+            return leaf if isinstance(leaf, jax.ShapeDtypeStruct) else shape
+        return jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding)
+
+    shapes = jtu.tree_map(keep_sharding, shapes, dynamic)
+    metadata = _checkpoint_metadata(source)
+    recorded = _parse_arguments(metadata.get("arguments"), source)
+    return _graft_arguments(eqx.combine(shapes, static), recorded)
 
 
 def _is_jax_describable(leaf: Any) -> bool:
@@ -3245,6 +3518,311 @@ def _is_jax_describable(leaf: Any) -> bool:
 
 def _is_numpy_only(dtype: np.dtype) -> bool:
     return dtype.kind in "SUMm" or dtype.byteorder == ">"
+
+
+# Recorded constructor arguments
+#
+# In the file, the metadata entry `arguments` lists `[path, recording]` for every
+# `Serializable` in the tree that has one, where a recording is
+# `{"class": qualified name, "args": [...], "kwargs": [[name, value], ...]}`. A
+# value is None, a bool, int, float (finite) or str as itself, or an object with
+# one tag: {"float": bits} (not finite), {"complex": [bits, bits]},
+# {"list": [...]}, {"tuple": [...]}, {"dict": [[key, value], ...]},
+# {"array": [shape, dtype]}, {"numpy": [shape, dtype.str]} (a dtype JAX lacks),
+# {"key": [key shape, impl]}, or {"unrecordable": what it was}. Decoding builds
+# only these: no name in the file is ever imported or called.
+
+_RECORD_BUDGET = 1 << 16  # Values and string characters per argument.
+_RECORD_DEPTH = 32
+_TOO_MANY_DIGITS = 10**_MAX_INT_DIGITS
+
+
+class _Unrecordable(Exception):
+    """An argument that a recording cannot hold; its message says what it is."""
+
+
+def _record_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The `args` and `kwargs` of a recording."""
+    return {
+        "args": [_record_argument(value) for value in args],
+        "kwargs": [[name, _record_argument(value)] for name, value in kwargs.items()],
+    }
+
+
+def _record_argument(value: Any) -> Any:
+    budget = [_RECORD_BUDGET]
+
+    def encode(value: Any, depth: int) -> Any:
+        kind = type(value)
+        budget[0] -= 1 + (len(value) if kind is str else 0)
+        if budget[0] < 0 or depth > _RECORD_DEPTH:
+            raise _Unrecordable("a value too large or too deeply nested to record")
+        if value is None or kind is bool or kind is str:
+            return value
+        number: Any = value  # Exactly an int, a float or a complex below.
+        if kind is int:
+            if abs(number) >= _TOO_MANY_DIGITS:
+                raise _Unrecordable(f"an int of more than {_MAX_INT_DIGITS} digits")
+            return number
+        if kind is float:
+            return number if math.isfinite(number) else {"float": _float_bits(number)}
+        if kind is complex:
+            return {"complex": [_float_bits(number.real), _float_bits(number.imag)]}
+        if kind is list or kind is tuple:
+            return {kind.__name__: [encode(item, depth + 1) for item in value]}
+        if kind is dict:
+            items = cast(dict[Any, Any], value).items()
+            return {
+                "dict": [[encode(k, depth + 1), encode(v, depth + 1)] for k, v in items]
+            }
+        if isinstance(value, jax.ShapeDtypeStruct) or eqx.is_array(value):
+            return _record_array(value)
+        name = getattr(value, "__name__", None)
+        if callable(value) and isinstance(name, str):
+            raise _Unrecordable(f"the function {name}")
+        raise _Unrecordable(f"an object of type {kind.__qualname__}")
+
+    try:
+        return encode(value, 0)
+    except _Unrecordable as reason:
+        return {"unrecordable": str(reason)}
+    except Exception:  # A value whose attributes raise: never stop a constructor.
+        return {"unrecordable": f"an object of type {type(value).__qualname__}"}
+
+
+def _record_array(value: Any) -> Any:
+    if isinstance(value, np.ndarray) and type(value) is not np.ndarray:
+        raise _Unrecordable(f"a {type(value).__name__}")
+    numpy = isinstance(value, np.ndarray | np.generic)
+    tag, name = _recorded_dtype(value.dtype, numpy)
+    if tag is None:
+        raise _Unrecordable(name)
+    return {tag: [[int(size) for size in value.shape], name]}
+
+
+@functools.lru_cache(maxsize=512)
+def _recorded_dtype(dtype: Any, numpy: bool) -> tuple[str | None, str]:
+    """How a recording names an array's dtype: `(tag, name)`, or `(None, why not)`."""
+    if numpy and _is_numpy_only(dtype):
+        if _NUMPY_ONLY_DTYPE.fullmatch(dtype.str):
+            return "numpy", dtype.str
+        return None, f"an array of dtype {dtype}"
+    if jnp.issubdtype(dtype, jax.dtypes.prng_key):
+        impl = getattr(getattr(dtype, "_impl", None), "name", None)
+        if impl not in _KEY_IMPLS:
+            return None, f"a PRNG key of the implementation {impl!r}"
+        return "key", cast(str, impl)
+    name = np.dtype(dtype).name
+    if name not in _checkpoint_dtypes():
+        return None, f"an array of dtype {dtype}"
+    return "array", name
+
+
+class _Malformed(Exception):
+    pass
+
+
+def _recorded_call(
+    cls: type, recording: Any, source: str
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The arguments to rebuild `cls` with, from the recording at the file's top."""
+    if recording is None:
+        return (), {}  # Tried as `cls()`; a failure says that nothing was recorded.
+    if recording["class"] != cls.__qualname__:
+        raise _checkpoint_error(
+            source,
+            f"holds a model of class {recording['class']}, not {cls.__qualname__}. "
+            f"Call `{recording['class']}.deserialize`, or pass the constructor "
+            "arguments",
+        )
+    arguments = [(None, value) for value in recording["args"]]
+    arguments += [(name, value) for name, value in recording["kwargs"]]
+    args, kwargs, missing = [], {}, []
+    for index, (name, value) in enumerate(arguments):
+        try:
+            rebuilt = _rebuild_argument(value, 0)
+        except _Malformed:
+            raise _checkpoint_error(
+                source, "has a malformed header (its recorded arguments)"
+            ) from None
+        except _Unrecordable as reason:
+            which = _argument_name(cls, index) if name is None else name
+            missing.append(f"`{which}` (it was {reason})")
+            continue
+        if name is None:
+            args.append(rebuilt)
+        else:
+            kwargs[name] = rebuilt
+    if missing:
+        which = f"argument {missing[0]}" if len(missing) == 1 else "arguments "
+        if len(missing) > 1:
+            which += ", ".join(missing[:-1]) + " and " + missing[-1]
+        raise TypeError(
+            f"Serializable.deserialize: the file '{source}' could not record the "
+            f"{which} of {cls.__qualname__}, so the model cannot be rebuilt from "
+            "the file alone. Pass the constructor arguments: "
+            f"`{cls.__qualname__}.deserialize(path, *args, **kwargs)`."
+        )
+    return tuple(args), kwargs
+
+
+def _argument_name(cls: type, index: int) -> str:
+    """The name of the constructor's positional parameter number `index`."""
+    try:
+        parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    except (TypeError, ValueError):
+        parameters = []
+    positional = (
+        inspect.Parameter.POSITIONAL_ONLY,
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    )
+    names = [p.name for p in parameters if p.kind in positional]
+    return names[index] if index < len(names) else f"positional argument {index}"
+
+
+def _rebuild_argument(value: Any, depth: int) -> Any:
+    """Inverse of `_record_argument`, with arrays as shapes; raises `_Malformed`."""
+    if value is None or type(value) in (bool, int, float, str):
+        return value
+    if depth > _RECORD_DEPTH or not (type(value) is dict and len(value) == 1):
+        raise _Malformed
+    ((tag, body),) = value.items()
+    if tag == "unrecordable":
+        raise _Unrecordable(body if type(body) is str else "not recorded")
+    if tag == "float" and type(body) is str and _BITS.fullmatch(body):
+        return _decode_scalar(["float", body], _FORMAT_VERSION)
+    if tag == "complex" and type(body) is list and len(body) == 2:
+        if all(type(part) is str and _BITS.fullmatch(part) for part in body):
+            return _decode_scalar(["complex", *body], _FORMAT_VERSION)
+    if tag in ("list", "tuple") and type(body) is list:
+        items = [_rebuild_argument(item, depth + 1) for item in body]
+        return items if tag == "list" else tuple(items)
+    if tag == "dict" and type(body) is list:
+        if all(type(item) is list and len(item) == 2 for item in body):
+            pairs = [
+                (_rebuild_argument(k, depth + 1), _rebuild_argument(v, depth + 1))
+                for k, v in body
+            ]
+            try:
+                return dict(pairs)
+            except TypeError:  # An unhashable key.
+                raise _Malformed from None
+    if tag in ("array", "numpy", "key") and type(body) is list and len(body) == 2:
+        shape, name = body
+        if not _is_shape(shape) or type(name) is not str:
+            raise _Malformed
+        if tag == "array" and name in _checkpoint_dtypes():
+            dtype = jax.dtypes.canonicalize_dtype(_checkpoint_dtypes()[name])
+            return jax.ShapeDtypeStruct(tuple(shape), dtype)
+        if tag == "numpy" and _NUMPY_ONLY_DTYPE.fullmatch(name):
+            # A constant view: nothing of the shape is allocated.
+            return np.broadcast_to(np.zeros((), np.dtype(name)), tuple(shape))
+        if tag == "key" and name in _key_impl_types():
+            return jax.ShapeDtypeStruct(tuple(shape), _key_impl_types()[name][0])
+    raise _Malformed
+
+
+def _serializables(tree: Any, path: _KeyPath = ()) -> Iterator[tuple[_KeyPath, Any]]:
+    """Every `Serializable` in `tree` (itself included), with its key path."""
+    if isinstance(tree, Serializable) and not path:
+        yield (), tree
+    inner = jtu.tree_flatten_with_path(
+        tree, is_leaf=lambda node: node is not tree and isinstance(node, Serializable)
+    )[0]
+    for key, node in inner:
+        if isinstance(node, Serializable) and node is not tree:
+            yield path + key, node
+            yield from _serializables(node, path + key)
+
+
+def _recordings(tree: Any) -> list[list[Any]]:
+    """`[leaf path, recording]` of every `Serializable` in `tree` that has one."""
+    found = []
+    for key_path, node in _serializables(tree):
+        recording = getattr(node, _ARGUMENTS_FIELD, _NOT_RECORDED).recording
+        if recording is not None:
+            found.append([_keystr(key_path), recording])
+    return found
+
+
+def _graft_arguments(skeleton: Any, recorded: dict[str, Any]) -> Any:
+    """`skeleton` (built here, so free to change) with the file's recordings."""
+    if recorded:
+        for key_path, node in _serializables(skeleton):
+            recording = recorded.get(_keystr(key_path))
+            if recording is not None:
+                object.__setattr__(node, _ARGUMENTS_FIELD, _Arguments(recording))
+    return skeleton
+
+
+def _checkpoint_metadata(source: str) -> dict[str, Any]:
+    """The checked `__metadata__` of a checkpoint; empty for other files."""
+    with open(source, "rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        start = file.read(_LENGTH.size + 1)
+        if not start:
+            raise _checkpoint_error(source, "is empty")
+        if start.startswith(_NUMPY_MAGIC) or _V1_MAGIC.startswith(
+            start[: len(_V1_MAGIC)]
+        ):
+            return {}
+        # Only the metadata: the leaves and the structure are checked when the file
+        # is read.
+        return _read_metadata(file, start, source, size)[2]
+
+
+def _numbers_as_saved(skeleton: Any, metadata: dict[str, Any], source: str) -> Any:
+    """`skeleton` with each Python number that the file holds as a 0-d array (a
+    number that a `filter_scan` or `filter_cond` traced after construction) as
+    that array's shape and dtype: the recorded call cannot know of the change."""
+    text = metadata.get("leaves", "").encode(errors="surrogatepass")
+    entries = _parse_json(text, source)
+    saved = {}
+    for entry in entries if isinstance(entries, list) else []:
+        if isinstance(entry, dict) and isinstance(entry.get("path"), str):
+            saved[entry["path"]] = entry  # Checked when the file is read.
+
+    def as_saved(key_path: _KeyPath, leaf: Any) -> Any:
+        entry = saved.get(_keystr(key_path)) if _is_python_number(leaf) else None
+        if entry is None or entry.get("kind") not in ("jax", "numpy", "numpy_scalar"):
+            return leaf
+        dtype = _numpy_dtype(entry.get("dtype"))
+        if entry.get("shape") != [] or dtype is None or _is_numpy_only(dtype):
+            return leaf
+        return jax.ShapeDtypeStruct((), jax.dtypes.canonicalize_dtype(dtype))
+
+    return jtu.tree_map_with_path(as_saved, skeleton)
+
+
+def _parse_arguments(text: Any, source: str) -> dict[str, Any]:
+    """The `arguments` metadata entry, checked to be well formed."""
+    if text is None:
+        return {}
+    parsed = _parse_json(str(text).encode(errors="surrogatepass"), source)
+    found: dict[str, Any] = {}
+    items: list[Any] = parsed if isinstance(parsed, list) else [None]
+    for item in items:
+        well_formed = (
+            isinstance(item, list)
+            and len(item) == 2
+            and isinstance(item[0], str)
+            and item[0] not in found
+            and isinstance(item[1], dict)
+            and set(item[1]) == {"class", "args", "kwargs"}
+            and isinstance(item[1]["class"], str)
+            and isinstance(item[1]["args"], list)
+            and isinstance(item[1]["kwargs"], list)
+            and all(
+                isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str)
+                for pair in item[1]["kwargs"]
+            )
+        )
+        if not well_formed:
+            raise _checkpoint_error(
+                source, "has a malformed header (its recorded arguments)"
+            )
+        found[item[0]] = item[1]
+    return found
 
 
 # Writing
@@ -3290,9 +3868,7 @@ def _host_array(path: str, leaf: Any) -> "np.ndarray | _Spanning":
             "with a unit"
         )
     if problem is not None:
-        raise TypeError(
-            f"Serializable.serialize: the leaf at path {path} is {problem}."
-        )
+        raise TypeError(f"{_API.get().save}: the leaf at path {path} is {problem}.")
     if leaf.dtype.byteorder == ">":  # Stored little-endian, as safetensors wants.
         return np.asarray(leaf, dtype=leaf.dtype.newbyteorder("<"), order="C")
     return np.asarray(leaf, order="C")
@@ -3705,15 +4281,21 @@ def _encode(
         "class": _qualified_name(type(model)),
         "leaves": _json(leaves),
         "structure": _json(_structure(model, _describe_static)),
-        "crc32": _ZERO_CRC * len(blocks),  # Filled in once the data is written.
-        "metadata_crc32": _ZERO_CRC,
     }
+    recordings = _recordings(model)
+    if recordings:
+        metadata["arguments"] = _json(recordings)
+    metadata["crc32"] = _ZERO_CRC * len(blocks)  # Filled in once the data is written.
+    metadata["metadata_crc32"] = _ZERO_CRC
     header = _json({"__metadata__": metadata, **tensors}).encode()
-    for part in (header, metadata["leaves"].encode(), metadata["structure"].encode()):
+    parts = [header, metadata["leaves"].encode(), metadata["structure"].encode()]
+    parts.append(metadata.get("arguments", "").encode())
+    api = _API.get()
+    for part in parts:
         count = _count_containers(part)
         if count > _MAX_CONTAINERS:  # As the reader would refuse it.
             raise ValueError(
-                f"Serializable.serialize: the model needs {count} JSON lists and "
+                f"{api.save}: the {api.tree} needs {count} JSON lists and "
                 f"objects in one part of its checkpoint header, more than the "
                 f"{_MAX_CONTAINERS} a checkpoint may hold. Stack its leaves into "
                 "fewer, larger arrays (`stack_pytree`)."
@@ -3771,13 +4353,11 @@ def _check_saveable(flat: list[tuple[_KeyPath, Any]]) -> None:
                 "`jax.random.key_data(key)` instead and wrap it after loading"
             )
         if problem is not None:
-            raise TypeError(
-                f"Serializable.serialize: the leaf at path {path} is {problem}."
-            )
+            raise TypeError(f"{_API.get().save}: the leaf at path {path} is {problem}.")
         if eqx.is_array(leaf):
             if path in names:
                 raise ValueError(
-                    f"Serializable.serialize: two array leaves have the same path "
+                    f"{_API.get().save}: two array leaves have the same path "
                     f"{path} (`jax.tree_util.keystr`), so the checkpoint would name "
                     "one tensor twice. Give the dict keys distinct reprs."
                 )
@@ -3895,6 +4475,7 @@ def _structure(tree: Any, describe: Callable[[Any], Any]) -> list[list[Any]]:
             description["static"] = {
                 name: describe(getattr(node, name, None))
                 for name in _static_fields(node)
+                if name != _ARGUMENTS_FIELD  # Recorded apart, under `arguments`.
             }
         elif isinstance(node, dict):  # Keys in JAX's (sorted) order, not insertion's.
             keys = [getattr(key[0], "key", key[0]) for key, _ in children]
@@ -3994,10 +4575,12 @@ class _Layout:
     entries: list[dict[str, Any]]  # Arrays gain "offset", "nbytes" and "crc".
     structure: list[Any]
     data_end: int  # Where the arrays end (format 1: where the CRC-32s start).
+    # Recorded constructor arguments, by the path of their `Serializable`.
+    arguments: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def _checkpoint_error(source: str, problem: str) -> ValueError:
-    return ValueError(f"Serializable.deserialize: the file '{source}' {problem}.")
+    return ValueError(f"{_API.get().load}: the file '{source}' {problem}.")
 
 
 def _read_checkpoint(file: IO[bytes], skeleton: Any, source: str) -> Any:
@@ -4025,6 +4608,54 @@ def _read_checkpoint(file: IO[bytes], skeleton: Any, source: str) -> Any:
 
 def _read_header(file: IO[bytes], start: bytes, source: str, size: int) -> _Layout:
     """Read and check the header of a format-2 (safetensors) file."""
+    length, header, metadata, version = _read_metadata(file, start, source, size)
+    # A lone surrogate (from a `\ud800` escape) becomes bytes that are not UTF-8.
+    leaves = _parse_json(
+        metadata.get("leaves", "").encode(errors="surrogatepass"), source
+    )
+    structure = _parse_json(
+        metadata.get("structure", "").encode(errors="surrogatepass"), source
+    )
+    entries = _check_entries(leaves, structure, version, source, size)
+    arguments = _parse_arguments(metadata.get("arguments"), source)
+    crcs = metadata.get("crc32", "")
+    arrays = [entry for entry in entries if entry["kind"] != "scalar"]
+    tensors = {name: value for name, value in header.items() if name != "__metadata__"}
+    if not (
+        re.fullmatch("[0-9a-f]*", crcs)
+        and len(crcs) == 8 * len(arrays)
+        and len(tensors) == len(arrays)
+    ):
+        raise _checkpoint_error(source, "has a malformed header")
+    offset = 0
+    for index, entry in enumerate(arrays):
+        dtype, shape = _stored_type(entry["dtype"], entry["shape"])
+        wanted = {
+            "dtype": dtype,
+            "shape": shape,
+            "data_offsets": [offset, offset + entry["nbytes"]],
+        }
+        if tensors.get(entry["path"]) != wanted:
+            raise _checkpoint_error(
+                source,
+                f"has a malformed header: the tensor table's entry for the leaf at "
+                f"path {entry['path']} is not {_json(wanted)}",
+            )
+        entry.update(
+            offset=_LENGTH.size + length + offset,
+            crc=int(crcs[8 * index : 8 * index + 8], 16),
+        )
+        offset += entry["nbytes"]
+    data_end = _LENGTH.size + length + offset
+    _check_size(source, size, data_end)
+    return _Layout(version, entries, structure, data_end, arguments)
+
+
+def _read_metadata(
+    file: IO[bytes], start: bytes, source: str, size: int
+) -> tuple[int, dict[str, Any], dict[str, Any], int]:
+    """The header length, the header, its checked `__metadata__` and the format
+    version of a format-2 file, the header's checksum verified."""
     if len(start) <= _LENGTH.size:
         raise _checkpoint_error(source, f"is truncated ({size} bytes)")
     if start[_LENGTH.size :] != b"{":
@@ -4060,45 +4691,7 @@ def _read_header(file: IO[bytes], start: bytes, source: str, size: int) -> _Layo
     zeroed = header_bytes[:at] + _CRC_SLOT + _ZERO_CRC.encode() + b'"'
     if zlib.crc32(zeroed + header_bytes[at + len(slot) :]) != int(stored, 16):
         raise _checkpoint_error(source, "has a corrupt header (its checksum fails)")
-    # A lone surrogate (from a `\ud800` escape) becomes bytes that are not UTF-8.
-    leaves = _parse_json(
-        metadata.get("leaves", "").encode(errors="surrogatepass"), source
-    )
-    structure = _parse_json(
-        metadata.get("structure", "").encode(errors="surrogatepass"), source
-    )
-    entries = _check_entries(leaves, structure, version, source, size)
-    crcs = metadata.get("crc32", "")
-    arrays = [entry for entry in entries if entry["kind"] != "scalar"]
-    tensors = {name: value for name, value in header.items() if name != "__metadata__"}
-    if not (
-        re.fullmatch("[0-9a-f]*", crcs)
-        and len(crcs) == 8 * len(arrays)
-        and len(tensors) == len(arrays)
-    ):
-        raise _checkpoint_error(source, "has a malformed header")
-    offset = 0
-    for index, entry in enumerate(arrays):
-        dtype, shape = _stored_type(entry["dtype"], entry["shape"])
-        wanted = {
-            "dtype": dtype,
-            "shape": shape,
-            "data_offsets": [offset, offset + entry["nbytes"]],
-        }
-        if tensors.get(entry["path"]) != wanted:
-            raise _checkpoint_error(
-                source,
-                f"has a malformed header: the tensor table's entry for the leaf at "
-                f"path {entry['path']} is not {_json(wanted)}",
-            )
-        entry.update(
-            offset=_LENGTH.size + length + offset,
-            crc=int(crcs[8 * index : 8 * index + 8], 16),
-        )
-        offset += entry["nbytes"]
-    data_end = _LENGTH.size + length + offset
-    _check_size(source, size, data_end)
-    return _Layout(version, entries, structure, data_end)
+    return length, header, metadata, version
 
 
 def _read_header_bytes(
@@ -4280,11 +4873,9 @@ def _is_saved_leaf(leaf: Any, version: int = _FORMAT_VERSION) -> bool:
     return type(leaf) in _PYTHON_SCALARS
 
 
-_FIX = "Pass the constructor arguments the model was saved with"
-
-
 def _check_against_skeleton(source: str, layout: _Layout, skeleton: Any) -> None:
     """Structure and static values, then the leaf count, then each leaf's type."""
+    api = _API.get()
     describe = _describe_static if layout.version > 1 else _describe_static_v1
     difference = _structure_difference_in_file(
         layout.structure, _structure(skeleton, describe)
@@ -4292,7 +4883,8 @@ def _check_against_skeleton(source: str, layout: _Layout, skeleton: Any) -> None
     if difference is not None:
         path, message = difference
         raise _checkpoint_error(
-            source, f"does not match the skeleton {_where(path)}: {message}. {_FIX}"
+            source,
+            f"does not match {api.skeleton} {_where(path)}: {message}. {api.fix}",
         )
     expected = [
         (_keystr(path), leaf)
@@ -4308,15 +4900,15 @@ def _check_against_skeleton(source: str, layout: _Layout, skeleton: Any) -> None
         )
         raise _checkpoint_error(
             source,
-            f"holds {len(leaves)} leaves, but the skeleton built from the constructor "
-            f"arguments has {len(expected)}; they first differ at path {first}. {_FIX}",
+            f"holds {len(leaves)} leaves, but {api.built} has {len(expected)}; they "
+            f"first differ at path {first}. {api.fix}",
         )
     for entry, (path, leaf) in zip(leaves, expected, strict=True):
         if entry["path"] != path:
             raise _checkpoint_error(
                 source,
-                f"has a leaf at path {entry['path']} where the skeleton "
-                f"has one at {path}. {_FIX}",
+                f"has a leaf at path {entry['path']} where {api.skeleton} "
+                f"has one at {path}. {api.fix}",
             )
         problem = _leaf_mismatch(entry, leaf, layout.version)
         if problem is not None:
@@ -4333,6 +4925,7 @@ _X64_PAIRS = (
 
 def _leaf_mismatch(entry: dict[str, Any], leaf: Any, version: int) -> str | None:
     """How a saved leaf differs from the skeleton's, or None if it fits."""
+    skeleton, fix = _API.get().skeleton, _API.get().fix
     if entry["kind"] == "scalar":
         value = entry["value"]
         fits = isinstance(leaf, _PYTHON_SCALARS) and (
@@ -4341,19 +4934,19 @@ def _leaf_mismatch(entry: dict[str, Any], leaf: Any, version: int) -> str | None
         if fits:
             return None
         return (
-            f"the Python {type(value).__name__} {value!r}, where the skeleton has "
-            f"{_describe_leaf(leaf)}. {_FIX}"
+            f"the Python {type(value).__name__} {value!r}, where {skeleton} has "
+            f"{_describe_leaf(leaf)}. {fix}"
         )
     if isinstance(leaf, np.ndarray | np.generic) and _is_numpy_only(leaf.dtype):
         saved = (tuple(entry["shape"]), entry["dtype"])
         if saved == (leaf.shape, _dtype_name(leaf.dtype)):
             return None
         return (
-            f"an array of shape {saved[0]} and dtype {saved[1]}, but the skeleton has "
-            f"shape {leaf.shape} and dtype {_dtype_name(leaf.dtype)}. {_FIX}"
+            f"an array of shape {saved[0]} and dtype {saved[1]}, but {skeleton} has "
+            f"shape {leaf.shape} and dtype {_dtype_name(leaf.dtype)}. {fix}"
         )
     if not isinstance(leaf, jax.ShapeDtypeStruct):
-        return f"an array, where the skeleton has {_describe_leaf(leaf)}. {_FIX}"
+        return f"an array, where {skeleton} has {_describe_leaf(leaf)}. {fix}"
     if entry["kind"] == "key":
         shape, dtype = tuple(entry["key_shape"]), _key_impl_types()[entry["impl"]][0]
     else:
@@ -4369,7 +4962,7 @@ def _leaf_mismatch(entry: dict[str, Any], leaf: Any, version: int) -> str | None
     ):
         return None
     message = (
-        f"an array of shape {shape} and dtype {dtype}, but the skeleton has shape "
+        f"an array of shape {shape} and dtype {dtype}, but {skeleton} has shape "
         f"{tuple(leaf.shape)} and dtype {leaf.dtype}"
     )
     pair = {str(dtype), str(leaf.dtype)}
@@ -4384,13 +4977,14 @@ def _leaf_mismatch(entry: dict[str, Any], leaf: Any, version: int) -> str | None
                 else ""
             )
         )
-    return f"{message}. {_FIX}"
+    return f"{message}. {fix}"
 
 
 def _structure_difference_in_file(
     saved: list[Any], wanted: list[Any]
 ) -> tuple[str, str] | None:
     """The first `(path, message)` where two `_structure` descriptions differ."""
+    skeleton = _API.get().skeleton
     for saved_entry, wanted_entry in zip(saved, wanted, strict=False):
         if _json_sorted(saved_entry) == _json_sorted(wanted_entry):
             continue
@@ -4417,18 +5011,18 @@ def _structure_difference_in_file(
                 ) != _json_sorted(value):
                     return f"{path}.{field}", (
                         f"the static field is {was['static'][field]!r} in the file "
-                        f"and {value!r} in the skeleton"
+                        f"and {value!r} in {skeleton}"
                     )
             # Only a field that one side lacks differs: the class gained or lost a
             # static field between versions (Equinox's MLP gained `scan`).
             continue
-        return path, f"the file has {was!r}, the skeleton has {want!r}"
+        return path, f"the file has {was!r}, {skeleton} has {want!r}"
     if len(saved) != len(wanted):
         longer = saved if len(saved) > len(wanted) else wanted
-        side = "file" if longer is saved else "skeleton"
+        side = "the file" if longer is saved else skeleton
         extra = longer[min(len(saved), len(wanted))]
         where = extra[0] if isinstance(extra, list) and extra else ""
-        return str(where), f"only the {side} has a node here"
+        return str(where), f"only {side} has a node here"
     return None
 
 

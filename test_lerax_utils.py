@@ -49,7 +49,9 @@ from lerax_utils import (
     filter_scan,
     filter_switch,
     filter_while_loop,
+    load_pytree,
     print_callback,
+    save_pytree,
     stack_pytree,
     unstack_pytree,
 )
@@ -2624,6 +2626,37 @@ def test_serialize_round_trips_are_bit_exact(params, temperature):
     assert_identical(loaded, model)
 
 
+def _save_and_load(tree: Any, shapes: bool, traced: bool) -> Any:
+    with tempfile.TemporaryDirectory() as folder:
+        path = pathlib.Path(folder) / "tree"
+        if traced:  # Written by a host callback when the computation runs.
+            eqx.filter_jit(lambda tree: save_pytree(path, tree))(tree)
+            jax.effects_barrier()
+        else:
+            save_pytree(path, tree)
+        like = eqx.filter_eval_shape(lambda: tree) if shapes else tree
+        return load_pytree(path, like)
+
+
+@given(
+    params=checkpoint_params, step=st.integers(-(2**70), 2**70), shapes=st.booleans()
+)
+def test_save_pytree_round_trips_any_pytree_bit_exactly(params, step, shapes):
+    tree = {"params": params, "step": step, "opt": [np.float32(0.5), None]}
+    assert_identical(_save_and_load(tree, shapes, traced=False), tree)
+
+
+@settings(max_examples=6)  # Each example compiles.
+@given(params=checkpoint_params, shapes=st.booleans())
+def test_save_pytree_inside_jit_round_trips_what_the_trace_saw(params, shapes):
+    tree = {"params": params, "step": 3, "opt": [np.float32(0.5), None]}
+    # Under `jit`, NumPy leaves are traced, so they are saved as JAX arrays.
+    expected = jax.tree_util.tree_map(
+        lambda x: jnp.asarray(x) if isinstance(x, np.ndarray | np.generic) else x, tree
+    )
+    assert_identical(_save_and_load(tree, shapes, traced=True), expected)
+
+
 def test_serialize_appends_the_suffix_so_runs_never_collide(tmp_path):
     first, second = _agent(seed=1), _agent(seed=2)
     first.serialize(tmp_path / "runs" / "run.1")  # Missing folders are created.
@@ -3572,6 +3605,18 @@ _FOUR_DEVICES = textwrap.dedent(
         Sharded(table).serialize(folder + "/sharded")
         loaded = Sharded.deserialize(folder + "/sharded", jnp.zeros((8, 4)))
     report["serialize"] = bool(np.array_equal(loaded.table, grid))
+
+    # load_pytree: a `like` leaf sharded over the devices gives the skeleton its
+    # sharding, for the reader to load into.
+    with tempfile.TemporaryDirectory() as folder:
+        lerax_utils.save_pytree(folder + "/tree", {"t": table, "n": 3})
+        like = {"t": table, "n": 0}
+        skeleton = lerax_utils._like_skeleton(like, folder + "/tree.eqx")
+        tree = lerax_utils.load_pytree(folder + "/tree", like)
+    report["pytree"] = bool(
+        np.array_equal(tree["t"], grid) and tree["n"] == 3
+        and skeleton["t"].sharding == table.sharding
+    )
     print(json.dumps(report, sort_keys=True))
     """
 )
@@ -3604,6 +3649,7 @@ def test_on_four_cpu_devices():
     report = run_on_four_devices(_FOUR_DEVICES)
     assert report == {
         "partitioned": True,
+        "pytree": True,
         "scan": True,
         "serialize": True,
         "unstack": True,

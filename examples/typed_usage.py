@@ -2,7 +2,8 @@
 
 Each `assert_type` below fails the type check if a public signature stops carrying
 the user's types: the carry and outputs of `filter_scan`, the class returned by
-`deserialize`, and the parameters kept by `callback_wrapper`. The file also runs,
+`deserialize`, the tree returned by `load_pytree`, and the parameters kept by
+`callback_wrapper`. The file also runs,
 though `assert_type` checks nothing at run time.
 """
 
@@ -19,6 +20,8 @@ from lerax_utils import (
     callback_wrapper,
     filter_cond,
     filter_scan,
+    load_pytree,
+    save_pytree,
     stack_pytree,
     unstack_pytree,
 )
@@ -39,6 +42,7 @@ def log_loss(step: int, loss: jax.Array) -> None:
 
 def main() -> None:
     model = Model(jnp.zeros(()), "m")
+    assert_type(model, Model)
     final, weights = filter_scan(step, model, jnp.arange(3.0))
     assert_type(final, Model)
     assert_type(weights, jax.Array)
@@ -63,6 +67,10 @@ def main() -> None:
         final.serialize(f"{folder}/model")
         loaded = Model.deserialize(f"{folder}/model", jnp.zeros(()), "m")
         assert_type(loaded, Model)
+        assert_type(Model.deserialize(f"{folder}/model"), Model)
+        save_pytree(f"{folder}/state", (final, weights.size))  # A model and an int.
+        state = load_pytree(f"{folder}/state", (final, weights.size))
+        assert_type(state, tuple[Model, int])
     print("types and values check out")
 
 

@@ -1,17 +1,23 @@
-"""Checkpoints against other readers and hostile files.
+"""Checkpoints against other readers and hostile files, and of whole training runs.
 
 Our files are read back by the real `safetensors` package; files of format 1 and of
 other programs are loaded or refused; damaged and crafted headers are refused with a
 ValueError, quickly and with bounded memory; and a byte flipped, cut or inserted in
-any region of a file never loads silently.
+any region of a file never loads silently. Whole training states (a model, its optax
+state, a key and a step) round-trip through `save_pytree` and `load_pytree`, and
+models rebuild from the constructor arguments recorded in their file.
 """
 
+import copy
+import dataclasses
 import json
 import os
 import pathlib
+import pickle
 import struct
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import zlib
@@ -23,6 +29,7 @@ import hypothesis.extra.numpy as hnp
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import safetensors
 import safetensors.numpy
@@ -30,6 +37,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import lerax_utils
+from lerax_utils import (
+    Serializable,
+    filter_cond,
+    filter_scan,
+    load_pytree,
+    save_pytree,
+    stack_pytree,
+    unstack_pytree,
+)
 from test_lerax_utils import (
     ROOT,
     Checkpointed,
@@ -852,3 +868,592 @@ def test_numpy_scalar_keys_give_the_same_paths_under_numpy_1_and_2(tmp_path):
         ".temperature",
     ]
     _assert_exact(Checkpointed.deserialize(path, params), Checkpointed(params))
+
+
+#
+# Whole training runs: save_pytree, load_pytree, recorded constructor arguments
+#
+
+
+class Regressor(Serializable):
+    """A model with a static tuple, a float, a typed key and an MLP."""
+
+    mlp: eqx.nn.MLP
+    key: jax.Array
+    scale: float
+    sizes: tuple[int, ...] = eqx.field(static=True)
+
+    def __init__(self, sizes=(3, 2), scale=0.5, *, key):
+        self.mlp = eqx.nn.MLP(sizes[0], sizes[1], 8, 2, key=key)
+        self.key = key
+        self.scale = scale
+        self.sizes = sizes
+
+
+_OPTIMIZER = optax.adam(1e-2)
+
+
+def _train_state(seed: int = 0, steps: int = 3) -> Any:
+    """`(model, opt_state, key, step, extra)` after `steps` exact optax updates."""
+    model = Regressor(key=jax.random.key(seed))
+    opt_state = _OPTIMIZER.init(eqx.filter(model, eqx.is_inexact_array))
+    key = jax.random.key(seed + 1)
+    extra = {"seen": np.arange(3, dtype=np.int64), "loss": 0.25}
+    state = (model, opt_state, key, 0, extra)
+    for _ in range(steps):
+        state = _update(state)
+    return state
+
+
+@eqx.filter_jit
+def _jitted_update(model, opt_state, key):
+    key, sample = jax.random.split(key)
+    x = jax.random.normal(sample, (4, 3))
+
+    def loss(model):
+        return jnp.mean(jax.vmap(model.mlp)(x) ** 2) * model.scale
+
+    grads = eqx.filter_grad(loss)(model)
+    params = eqx.filter(model, eqx.is_inexact_array)
+    updates, opt_state = _OPTIMIZER.update(grads, opt_state, params)
+    return eqx.apply_updates(model, updates), opt_state, key
+
+
+def _update(state: Any) -> Any:
+    model, opt_state, key, step, extra = state
+    model, opt_state, key = _jitted_update(model, opt_state, key)
+    return model, opt_state, key, step + 1, extra
+
+
+def _fresh_like() -> Any:
+    """The structure of a training state, as shapes, from a fresh start."""
+
+    def fresh():
+        model = Regressor(key=jax.random.key(0))
+        opt_state = _OPTIMIZER.init(eqx.filter(model, eqx.is_inexact_array))
+        extra = {"seen": np.zeros(3, np.int64), "loss": 0.0}
+        return model, opt_state, jax.random.key(0), 0, extra
+
+    return eqx.filter_eval_shape(fresh)
+
+
+def _recording(model: Any) -> Any:
+    return model._lerax_arguments.recording
+
+
+def test_a_training_state_with_adam_round_trips_and_resumes_bit_exactly(tmp_path):
+    state = _train_state()
+    save_pytree(tmp_path / "state", state)
+    for like in (_fresh_like(), _train_state(seed=5, steps=0)):
+        loaded = load_pytree(tmp_path / "state", like)
+        _assert_exact(loaded, state)
+        assert loaded[3] == 3 and type(loaded[3]) is int
+        assert loaded[4]["seen"].dtype == np.int64  # NumPy stays NumPy, exactly.
+        assert _recording(loaded[0]) == _recording(state[0])
+        # Training on from the loaded state is training on from the saved one.
+        _assert_exact(_update(_update(loaded)), _update(_update(state)))
+    # The same bytes whichever function saved, and when saved again after loading.
+    state[0].serialize(tmp_path / "model")
+    save_pytree(tmp_path / "tree", state[0])
+    assert (tmp_path / "model.eqx").read_bytes() == (tmp_path / "tree.eqx").read_bytes()
+    save_pytree(tmp_path / "again", load_pytree(tmp_path / "state", _fresh_like()))
+    assert (tmp_path / "again.eqx").read_bytes() == (
+        tmp_path / "state.eqx"
+    ).read_bytes()
+
+
+def test_save_pytree_keeps_the_suffix_rule_and_takes_no_suffix_by_keyword(tmp_path):
+    tree = {"w": jnp.arange(3.0), "n": 2}
+    save_pytree(tmp_path / "run.1", tree)
+    save_pytree(tmp_path / "run.2", tree)
+    save_pytree(tmp_path / "exact.name", tree, no_suffix=True)
+    names = sorted(path.name for path in tmp_path.iterdir())
+    assert names == ["exact.name", "run.1.eqx", "run.2.eqx"]
+    for name in ("run.1", "run.2.eqx", "exact.name"):
+        _assert_exact(load_pytree(tmp_path / name, tree), tree)
+    with pytest.raises(TypeError):
+        save_pytree(tmp_path / "x", tree, True)  # type: ignore[misc]
+
+
+def test_save_pytree_inside_jit_writes_in_program_order_when_run(tmp_path):
+    path = tmp_path / "state"
+
+    @jax.jit
+    def run(tree):
+        for step in range(3):
+            tree = jax.tree_util.tree_map(lambda x: x + 1, tree)
+            save_pytree(path, (tree, step))
+        return tree
+
+    tree = {"w": jnp.zeros(2), "k": jnp.arange(3)}
+    run.lower(tree)  # Tracing writes nothing.
+    assert not path.with_suffix(".eqx").exists()
+    run(tree)
+    jax.effects_barrier()
+    loaded, step = load_pytree(path, (tree, 0))
+    assert step == 2
+    _assert_exact(loaded, {"w": jnp.full(2, 3.0), "k": jnp.arange(3) + 3})
+
+
+def test_save_pytree_messages_name_save_pytree_and_load_pytree(tmp_path):
+    with pytest.raises(TypeError) as info:
+        save_pytree(3, {})  # type: ignore[arg-type]
+    assert str(info.value) == (
+        "save_pytree: `path` must be a str or os.PathLike; got int 3."
+    )
+    with pytest.raises(TypeError) as info:
+        save_pytree(tmp_path / "x", {"m": np.ma.masked_array([1.0])})
+    assert str(info.value).startswith(
+        "save_pytree: the leaf at path ['m'] is a masked array"
+    )
+    with pytest.raises(ValueError) as info:
+        save_pytree(tmp_path, {}, no_suffix=True)
+    assert str(info.value).startswith(f"save_pytree: `path` '{tmp_path}' names")
+    with pytest.raises(ValueError) as info:
+        jax.vmap(lambda x: save_pytree(tmp_path / "v", x))(jnp.zeros(2))
+    assert str(info.value) == (
+        "save_pytree: the tree is batched by `jax.vmap` or `eqx.filter_vmap`, and "
+        "one path cannot hold every member of a batch. Call `save_pytree` outside "
+        "the vmap, on the stacked tree."
+    )
+    with pytest.raises(FileNotFoundError) as info:
+        load_pytree(tmp_path / "nothing", {})
+    assert str(info.value) == (
+        f"load_pytree: no checkpoint at '{tmp_path}/nothing' or "
+        f"'{tmp_path}/nothing.eqx'. Check the path given to `save_pytree`."
+    )
+    save_pytree(tmp_path / "tree", {"w": jnp.zeros((2, 3)), "n": 1})
+    path = tmp_path / "tree.eqx"
+    prefix = f"load_pytree: the file '{path}' "
+    fix = ". Pass a `like` with the structure, shapes and dtypes of the saved tree."
+    with pytest.raises(ValueError) as info:
+        load_pytree(path, {"w": jnp.zeros((3, 2)), "n": 0})
+    assert str(info.value) == (
+        prefix + "holds at path ['w'] an array of shape (2, 3) and dtype float32, "
+        "but `like` has shape (3, 2) and dtype float32" + fix
+    )
+    with pytest.raises(ValueError) as info:
+        load_pytree(path, {"w": jnp.zeros((2, 3)), "n": 0, "x": None, "y": 1})
+    assert str(info.value) == (
+        prefix + "does not match `like` at the top level: the file has "
+        "{'node': 'dict', 'keys': ['n', 'w']}, `like` has "
+        "{'node': 'dict', 'keys': ['n', 'w', 'x', 'y']}" + fix
+    )
+    with pytest.raises(ValueError) as info:
+        load_pytree(path, {"w": jnp.zeros((2, 3)), "n": 0.0})
+    assert str(info.value) == (
+        prefix + "does not match `like` at path ['n']: the file has ['scalar', "
+        "'int'], `like` has ['scalar', 'float']" + fix
+    )
+    # The messages of `Serializable` still name it.
+    with pytest.raises(ValueError, match="^Serializable.deserialize: the file"):
+        Regressor.deserialize(path, key=jax.random.key(0))
+
+
+def test_a_save_inside_jit_that_fails_when_run_names_save_pytree(tmp_path, monkeypatch):
+    monkeypatch.setattr(lerax_utils, "_MAX_CONTAINERS", 40)
+    save = jax.jit(lambda tree: save_pytree(tmp_path / "tree", tree))
+    with pytest.raises(Exception) as info:  # JAX's runtime error, wrapping ours.
+        save([jnp.zeros(1)] * 20)
+        jax.effects_barrier()
+    assert "ValueError: save_pytree: the tree needs 62 JSON lists" in str(info.value)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("form", ["concrete", "shapes", "numpy"])
+def test_like_may_be_values_or_shapes_and_is_compared_as_a_skeleton(tmp_path, form):
+    tree = {"w": jnp.arange(6.0).reshape(2, 3), "k": jax.random.key(3), "s": "tag"}
+    save_pytree(tmp_path / "tree", tree)
+    like = {"w": jnp.zeros((2, 3)), "k": jax.random.key(0), "s": "tag"}
+    if form == "shapes":
+        like = eqx.filter_eval_shape(lambda: like)
+    if form == "numpy":  # A NumPy leaf stands for the JAX array JAX would make.
+        like = {**like, "w": np.zeros((2, 3), np.float32)}
+    _assert_exact(load_pytree(tmp_path / "tree", like), tree)
+    with pytest.raises(ValueError, match="static field|the file has 'tag'"):
+        load_pytree(tmp_path / "tree", {**like, "s": "other"})
+
+
+def test_deserialize_without_arguments_rebuilds_the_model_from_the_file(tmp_path):
+    model = Regressor((3, 4), -0.0, key=jax.random.key(7))
+    model.serialize(tmp_path / "model")
+    loaded = Regressor.deserialize(tmp_path / "model")
+    _assert_exact(loaded, model)
+    assert eqx.tree_equal(loaded, model)
+    assert loaded.sizes == (3, 4) and type(loaded.sizes) is tuple
+    assert (
+        _recording(loaded)
+        == _recording(model)
+        == {
+            "class": "Regressor",
+            "args": [{"tuple": [3, 4]}, -0.0],
+            "kwargs": [["key", {"key": [[], "threefry2x32"]}]],
+        }
+    )
+    # Saved again, the loaded model gives the same file.
+    loaded.serialize(tmp_path / "again")
+    assert (tmp_path / "again.eqx").read_bytes() == (
+        tmp_path / "model.eqx"
+    ).read_bytes()
+
+
+def test_explicit_arguments_win_and_the_file_keeps_checking_them(tmp_path):
+    model = Regressor((3, 4), 0.5, key=jax.random.key(7))
+    model.serialize(tmp_path / "model")
+    # Other values where only shapes matter: they build the skeleton.
+    loaded = Regressor.deserialize(
+        tmp_path / "model", (3, 4), 9.0, key=jax.random.key(1)
+    )
+    _assert_exact(loaded, model)
+    assert _recording(loaded) == _recording(model)  # The file's history stays.
+    with pytest.raises(ValueError, match="static field is"):
+        Regressor.deserialize(tmp_path / "model", (3, 5), key=jax.random.key(1))
+
+
+def _exact(value: Any) -> Any:
+    """An exact, hashable description of a value: types, float bits and all."""
+    if isinstance(value, list | tuple):
+        return (type(value).__name__, tuple(_exact(item) for item in value))
+    if isinstance(value, dict):  # Sorted, as JAX orders a dict's keys.
+        items = sorted((_exact(k), _exact(v)) for k, v in value.items())
+        return ("dict", tuple(items))
+    if isinstance(value, float | complex):
+        parts = (complex(value).real, complex(value).imag)
+        return (type(value).__name__, struct.pack("<2d", *parts).hex())
+    if isinstance(value, jax.ShapeDtypeStruct) or eqx.is_array(value):
+        return ("array", tuple(value.shape), str(value.dtype))
+    return (type(value).__name__, value)
+
+
+class Recorder(Serializable):
+    """Keeps an exact description of the arguments it was built with."""
+
+    weight: jax.Array
+    seen: Any = eqx.field(static=True)
+
+    def __init__(self, *args, **kwargs):
+        self.weight = jnp.zeros(2)
+        self.seen = _exact((args, kwargs))
+
+
+_json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.complex_numbers(allow_nan=True)
+    | st.text(max_size=5),
+    lambda children: (
+        st.lists(children, max_size=3)
+        | st.tuples(children, children)
+        | st.dictionaries(st.text(max_size=3), children, max_size=3)
+    ),
+    max_leaves=8,
+)
+_argument_values = _json_values | st.sampled_from(
+    [
+        jnp.zeros((2, 3), jnp.bfloat16),
+        np.zeros(4, np.int8),
+        jax.random.split(jax.random.key(0, impl="rbg"), 2),
+        jax.ShapeDtypeStruct((5,), jnp.uint8),
+        np.array(["ab", "c"]),
+        np.datetime64("2024-01-02", "D"),
+    ]
+)
+
+
+@given(
+    args=st.lists(_argument_values, max_size=3),
+    kwargs=st.dictionaries(st.sampled_from(["a", "b", "key"]), _argument_values),
+    nan_bits=st.integers(1, 2**51 - 1),
+)
+def test_recorded_arguments_rebuild_exactly(tmp_path_factory, args, kwargs, nan_bits):
+    nan = struct.unpack("<d", struct.pack("<Q", 0x7FF8000000000000 | nan_bits))[0]
+    args = [*args, nan]  # A NaN payload comes back too.
+    model = Recorder(*args, **kwargs)
+    path = tmp_path_factory.mktemp("recorded") / "model"
+    model.serialize(path)
+    # The constructor sees the same values (arrays as shapes and dtypes), or the
+    # static field it computes from them would not match the file.
+    loaded = Recorder.deserialize(path)
+    assert loaded.seen == model.seen
+    assert _recording(loaded) == _recording(model)
+
+
+def test_the_recording_survives_what_a_model_goes_through(tmp_path):
+    models = [Regressor(key=jax.random.key(seed)) for seed in range(3)]
+    original = _recording(models[0])
+    # Built with different keys, still the same structure: they stack.
+    population = stack_pytree(models)
+    assert _recording(unstack_pytree(population)[2]) == original
+    model = eqx.tree_at(lambda m: m.scale, models[1], 2.0)
+    model = _update(
+        (
+            model,
+            _OPTIMIZER.init(eqx.filter(model, eqx.is_inexact_array)),
+            jax.random.key(0),
+            0,
+            None,
+        )
+    )[0]
+
+    def body(model, x):  # Built again inside the loop, from a traced key.
+        key = jax.random.fold_in(model.key, x)
+        return Regressor(model.sizes, model.scale, key=key), None
+
+    model, _ = filter_scan(body, model, jnp.arange(3))
+    other = Regressor(scale=2.0, key=jax.random.key(9))
+    model = filter_cond(True, lambda: model, lambda: other)
+    rebuilt = {**original, "args": [{"tuple": [3, 2]}, 2.0]}
+    assert _recording(model) in (original, rebuilt)
+    model.serialize(tmp_path / "model")
+    _assert_exact(Regressor.deserialize(tmp_path / "model"), model)
+
+
+def test_a_number_traced_after_construction_loads_without_arguments(tmp_path):
+    model = Regressor(key=jax.random.key(0))  # `scale` is the Python float 0.5.
+
+    def anneal(model, _):
+        return eqx.tree_at(lambda m: m.scale, model, model.scale * 0.5), None
+
+    model, _ = filter_scan(anneal, model, None, length=3)
+    assert isinstance(model.scale, jax.Array)  # Traced, so now an array.
+    model.serialize(tmp_path / "model")
+    _assert_exact(Regressor.deserialize(tmp_path / "model"), model)
+    # Arguments passed explicitly build a skeleton that is compared as it is.
+    with pytest.raises(ValueError, match="the file has 'array', the skeleton has"):
+        Regressor.deserialize(tmp_path / "model", key=jax.random.key(0))
+
+
+@pytest.mark.parametrize("how", ["copy", "deepcopy", "pickle"])
+def test_copies_keep_the_recording_and_stay_equal(how):
+    model = Recorder((3, 4), 0.25, key=jax.random.key(1))
+    copied = {
+        "copy": copy.copy,
+        "deepcopy": copy.deepcopy,
+        "pickle": lambda x: pickle.loads(pickle.dumps(x)),
+    }[how](model)
+    assert jax.tree_util.tree_structure(copied) == jax.tree_util.tree_structure(model)
+    assert eqx.tree_equal(copied, model)
+    assert _recording(copied) == _recording(model)
+    assert sorted(vars(copied)) == sorted(vars(model))  # Nothing left behind.
+
+
+class Tiny(Serializable):
+    n: int
+
+
+def test_recordings_never_change_the_tree_structure_or_equality():
+    # The same model, built with the defaults or with them spelled out.
+    a = Regressor(key=jax.random.key(0))
+    b = Regressor((3, 2), 0.5, key=jax.random.key(0))
+    assert _recording(a) != _recording(b)
+    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+    assert eqx.tree_equal(a, b) and hash(jax.tree_util.tree_structure(a)) == hash(
+        jax.tree_util.tree_structure(b)
+    )
+    assert "_lerax_arguments" not in repr(a)
+    # Equal models hash alike, and share compiled code.
+    small, same = Tiny(1), Tiny(n=1)
+    assert _recording(small) != _recording(same)
+    assert small == same and hash(small) == hash(same)
+    traces = []
+    read = jax.jit(lambda model: traces.append(None) or model.n, static_argnums=0)
+    assert read(small) == read(same) == 1
+    assert len(traces) == 1
+    structure = json.loads(_metadata_of(a)["structure"])
+    assert structure[0] == [
+        "",
+        {"node": "Regressor", "static": {"sizes": ["tuple", [3, 2]]}},
+    ]
+
+
+def _metadata_of(model: Any) -> dict[str, str]:
+    with tempfile.TemporaryDirectory() as folder:
+        model.serialize(pathlib.Path(folder) / "model")
+        with safetensors.safe_open(pathlib.Path(folder) / "model.eqx", "numpy") as f:
+            return f.metadata()
+
+
+def _surgery(model: Regressor, *, all_fields: bool) -> Regressor:
+    """A model made without calling its constructor: every field set by hand, or
+    every field but the recording (which then is the class's default)."""
+    made = object.__new__(Regressor)
+    for field in dataclasses.fields(Regressor):
+        if field.name != "_lerax_arguments":
+            object.__setattr__(made, field.name, getattr(model, field.name))
+        elif all_fields:
+            object.__setattr__(made, field.name, getattr(Regressor, field.name))
+    return made
+
+
+@pytest.mark.parametrize("all_fields", [False, True])
+def test_a_model_made_without_its_constructor_saves_and_asks_for_arguments(
+    tmp_path, all_fields
+):
+    model = _surgery(Regressor(key=jax.random.key(2)), all_fields=all_fields)
+    assert _recording(model) is None
+    model.serialize(tmp_path / "model")
+    with pytest.raises(TypeError) as info:
+        Regressor.deserialize(tmp_path / "model")
+    path = tmp_path / "model.eqx"
+    assert str(info.value).startswith(
+        f"Serializable.deserialize: the file '{path}' records no constructor "
+        "arguments for its top level"
+    )
+    assert str(info.value).endswith(
+        "Pass the constructor arguments: `Regressor.deserialize(path, *args, "
+        "**kwargs)`."
+    )
+    loaded = Regressor.deserialize(tmp_path / "model", key=jax.random.key(0))
+    if all_fields:
+        _assert_exact(loaded, model)
+    else:  # Equinox flattens a field missing from the instance otherwise.
+        leaves = jax.tree_util.tree_leaves
+        _assert_exact(leaves(loaded), leaves(model))
+
+
+class WithFunction(Serializable):
+    weight: jax.Array
+    act: Callable[..., Any] = eqx.field(static=True)
+
+    def __init__(self, width, act=jnp.tanh, *, scale=None):
+        self.weight = jnp.ones(width)
+        self.act = act
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "which"),
+    [
+        ((2, jnp.tanh), {}, "argument `act` (it was the function tanh)"),
+        (
+            (2,),
+            {"scale": object()},
+            "argument `scale` (it was an object of type object)",
+        ),
+        (
+            (2,),
+            {"scale": eqx.nn.Identity()},  # Callable, but no function.
+            "argument `scale` (it was an object of type Identity)",
+        ),
+        (
+            (2, jax.nn.relu),
+            {"scale": [1, lambda x: x]},
+            "arguments `act` (it was the function relu) and `scale` (it was the "
+            "function <lambda>)",
+        ),
+    ],
+)
+def test_an_unrecordable_argument_saves_and_is_named_when_loading(
+    tmp_path, args, kwargs, which
+):
+    model = WithFunction(*args, **kwargs)
+    model.serialize(tmp_path / "model")
+    with pytest.raises(TypeError) as info:
+        WithFunction.deserialize(tmp_path / "model")
+    assert str(info.value) == (
+        f"Serializable.deserialize: the file '{tmp_path / 'model.eqx'}' could not "
+        f"record the {which} of WithFunction, so the model cannot be rebuilt from "
+        "the file alone. Pass the constructor arguments: "
+        "`WithFunction.deserialize(path, *args, **kwargs)`."
+    )
+    loaded = WithFunction.deserialize(tmp_path / "model", *args)
+    _assert_exact(loaded, model)
+
+
+def test_nested_models_keep_each_their_own_recording(tmp_path):
+    class Outer(Serializable):
+        inner: Regressor
+        other: Any
+
+        def __init__(self, n):
+            self.inner = Regressor((3, 2), float(n), key=jax.random.key(n))
+            self.other = [Regressor(scale=n + 0.5, key=jax.random.key(n + 1))]
+
+    model = Outer(3)
+    save_pytree(tmp_path / "tree", {"model": model, "step": 1})
+    like = {"model": Outer(7), "step": 0}  # Recorded otherwise, same structure.
+    loaded = load_pytree(tmp_path / "tree", like)["model"]
+    _assert_exact(loaded, model)
+    for got, want, other in [
+        (loaded, model, like["model"]),
+        (loaded.inner, model.inner, like["model"].inner),
+        (loaded.other[0], model.other[0], like["model"].other[0]),
+    ]:
+        assert _recording(got) == _recording(want) != _recording(other)
+    assert _recording(loaded.inner)["args"] == [{"tuple": [3, 2]}, 3.0]
+
+
+def test_older_files_without_recordings_still_load(tmp_path):
+    # A file of this format written before arguments were recorded.
+    model = Regressor(key=jax.random.key(4))
+    model.serialize(tmp_path / "model")
+
+    def drop(leaves, structure, header):
+        del header["__metadata__"]["arguments"]
+
+    path = _bad_file(tmp_path, _forge((tmp_path / "model.eqx").read_bytes(), drop))
+    with pytest.raises(TypeError, match="records no constructor arguments"):
+        Regressor.deserialize(path)
+    loaded = Regressor.deserialize(path, key=jax.random.key(0))
+    _assert_exact(loaded, model)
+    assert _recording(loaded) == _recording(Regressor(key=jax.random.key(0)))
+    # A class whose constructor needs no argument loads as before.
+    Recorder().serialize(tmp_path / "recorder")
+    plain = _forge((tmp_path / "recorder.eqx").read_bytes(), drop)
+    assert Recorder.deserialize(_bad_file(tmp_path, plain)).seen == Recorder().seen
+
+
+def _nested_lists(depth: int) -> Any:
+    value: Any = 0
+    for _ in range(depth):
+        value = {"list": [value]}
+    return value
+
+
+def _with_recording(good: bytes, recording: Any) -> bytes:
+    def edit(leaves, structure, header):
+        header["__metadata__"]["arguments"] = json.dumps([["", recording]])
+
+    return _forge(good, edit)
+
+
+@pytest.mark.parametrize(
+    "recording",
+    [
+        {"class": "Recorder", "args": [{"import": "os"}], "kwargs": []},
+        {"class": "Recorder", "args": [{"pickle": "gASV"}], "kwargs": []},
+        {"class": "Recorder", "args": [[1, 2]], "kwargs": []},
+        {"class": "Recorder", "args": [{"array": [[-1], "float32"]}], "kwargs": []},
+        {"class": "Recorder", "args": [{"array": [[1], "object"]}], "kwargs": []},
+        {"class": "Recorder", "args": [{"key": [[1], "mine"]}], "kwargs": []},
+        {"class": "Recorder", "args": [{"dict": [[{"list": []}, 1]]}], "kwargs": []},
+        {"class": "Recorder", "args": [{"float": "nan"}], "kwargs": []},
+        {"class": "Recorder", "args": [_nested_lists(40)], "kwargs": []},
+        {"class": "Recorder", "args": [], "kwargs": [[1, 2]]},
+        {"class": "Recorder", "args": []},
+    ],
+)
+def test_crafted_recordings_are_refused_and_never_run(tmp_path, recording):
+    Recorder().serialize(tmp_path / "good")
+    path = _bad_file(
+        tmp_path, _with_recording((tmp_path / "good.eqx").read_bytes(), recording)
+    )
+    modules = set(sys.modules)
+    with pytest.raises(ValueError) as info:
+        Recorder.deserialize(path)
+    assert str(info.value).startswith(
+        f"Serializable.deserialize: the file '{path}' has a malformed header"
+    )
+    assert set(sys.modules) == modules  # Nothing was imported.
+
+
+def test_a_recording_of_another_class_is_refused_before_calling_anything(tmp_path):
+    Regressor(key=jax.random.key(0)).serialize(tmp_path / "model")
+    with pytest.raises(ValueError) as info:
+        Recorder.deserialize(tmp_path / "model")
+    assert str(info.value) == (
+        f"Serializable.deserialize: the file '{tmp_path / 'model.eqx'}' holds a "
+        "model of class Regressor, not Recorder. Call `Regressor.deserialize`, or "
+        "pass the constructor arguments."
+    )
