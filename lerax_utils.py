@@ -3219,7 +3219,7 @@ class Serializable(eqx.Module):
         ```
         """
         source = _find_checkpoint(path)
-        skeleton = _with_shardings(_skeleton(cls, args, kwargs), sharding)
+        skeleton = _with_shardings(_skeleton(cls, args, kwargs, str(source)), sharding)
         with open(source, "rb") as file:
             return _read_checkpoint(file, skeleton, str(source))
 
@@ -4008,8 +4008,8 @@ def _client() -> Any:
     client = distributed.global_state.client
     if client is None:
         raise ValueError(
-            "Serializable.serialize: the model holds arrays that span several "
-            "processes, but `jax.distributed` is not initialized here. Call "
+            f"{_API.get().save}: the {_API.get().tree} holds arrays that span "
+            "several processes, but `jax.distributed` is not initialized here. Call "
             "`jax.distributed.initialize` in every process first."
         )
     return client
@@ -4025,13 +4025,14 @@ def _await(client: Any, key: str, waiting_for: str) -> str:
         value = client.blocking_key_value_get(key, int(_PROCESS_TIMEOUT_S * 1000))
     except Exception as err:  # The runtime's own error, on its deadline.
         raise TimeoutError(
-            f"Serializable.serialize: process {jax.process_index()} waited "
+            f"{_API.get().save}: process {jax.process_index()} waited "
             f"{_PROCESS_TIMEOUT_S:g} s for {waiting_for}, in vain. Every process "
-            "must call `serialize` on the same model, in the same order as the "
-            f"other saves of arrays that span processes ({err})."
+            f"must call `{_API.get().save_call}` on the same {_API.get().tree}, in "
+            "the same order as the other saves of arrays that span processes "
+            f"({err})."
         ) from err
     if value.startswith(_FAILED):
-        raise ValueError(f"Serializable.serialize: {value[len(_FAILED) :]}")
+        raise ValueError(f"{_API.get().save}: {value[len(_FAILED) :]}")
     return value
 
 
@@ -4057,10 +4058,10 @@ def _write_from_processes(
     }
     if len(headers) != 1:
         raise ValueError(
-            "Serializable.serialize: the processes passed different models (their "
-            "structure, shapes, dtypes, static values, Python numbers or the values "
-            "of arrays that do not span processes differ). Every process must save "
-            "the same model."
+            f"{_API.get().save}: the processes passed different "
+            f"{_API.get().tree}s (their structure, shapes, dtypes, static values, "
+            "Python numbers or the values of arrays that do not span processes "
+            f"differ). Every process must save the same {_API.get().tree}."
         )
     if me != 0:
         where = _await(client, f"{prefix}/temporary", "process 0 to create the file")
@@ -4114,7 +4115,7 @@ def _write_from_processes(
 
 
 def _failure(process: int, err: BaseException) -> str:
-    text = str(err).removeprefix("Serializable.serialize: ")
+    text = str(err).removeprefix(f"{_API.get().save}: ")
     return (
         f"process {process} failed to write its part of the checkpoint, so nothing "
         f"was saved: {type(err).__name__}: {text}"
