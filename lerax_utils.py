@@ -877,7 +877,6 @@ def _scan_with_bar_traced(
     unroll: Any,
     options: dict[str, Any],
 ) -> tuple[Any, Any]:
-    ordered = jax.device_count() == 1
     as_bool = isinstance(unroll, bool | np.bool_)
     whole = bool(unroll) if as_bool else unroll >= length
     one_step_at_a_time = (not unroll) if as_bool else unroll == 1
@@ -888,8 +887,8 @@ def _scan_with_bar_traced(
         out = jax.lax.scan(
             step, init, xs, length=length, reverse=reverse, unroll=unroll, **options
         )
-        last = _progress_callbacks(bar, 1, 1, False)[2]
-        jax.debug.callback(last)  # Unordered: no token threads through the loop.
+        last = _progress_callbacks(bar, 1, 1)[2]
+        jax.debug.callback(last)
         return out
     first_x = jax.tree.map(lambda x: x[0], xs)
     closed, (carry_shape, y_shape) = jax.make_jaxpr(step, return_shape=True)(
@@ -903,7 +902,7 @@ def _scan_with_bar_traced(
         for a, b in zip(in_avals, out_avals, strict=True)
     ):  # Let `jax.lax.scan` promote the carry, or raise, as it does.
         return _scan_reporting_every_step(
-            bar, step, init, xs, length, reverse, unroll, options, ordered
+            bar, step, init, xs, length, reverse, unroll, options
         )
 
     def replay(consts: list[Any], carry: list[Any], x: list[Any]) -> Any:
@@ -913,7 +912,7 @@ def _scan_with_bar_traced(
     def every_step(consts: list[Any], carry: list[Any], xs: list[Any]) -> Any:
         return _scan_reporting_every_step(
             bar, functools.partial(replay, consts), carry, xs, length, reverse,
-            unroll, options, ordered,
+            unroll, options,
         )  # fmt: skip
 
     stride = _chunk_size(length)
@@ -934,7 +933,7 @@ def _scan_with_bar_traced(
         def in_chunks(consts: list[Any], carry: list[Any], xs: list[Any]) -> Any:
             return _scan_in_chunks(
                 bar, functools.partial(replay, consts), carry, xs, length, stride,
-                reverse, options, ordered,
+                reverse, options,
             )  # fmt: skip
 
         scan = jax.custom_jvp(in_chunks)
@@ -965,26 +964,34 @@ def _scan_in_chunks(
     stride: int,
     reverse: bool,
     options: dict[str, Any],
-    ordered: bool,
 ) -> tuple[Any, Any]:
     """The steps in chunks of `stride` (which divides `length`), with a host call
-    before each chunk and one at the end."""
+    before each chunk and one after the last."""
     chunks = length // stride
-    first, then, last = _progress_callbacks(bar, stride, chunks + 1, ordered)
+    first, then, last = _progress_callbacks(bar, stride, chunks + 1)
 
     def chunk(state: tuple[Any, Any], x: Any) -> tuple[Any, Any]:
         index, carry = state
         jax.lax.cond(
             index == 0,
-            lambda: jax.debug.callback(first, ordered=ordered),
-            lambda: jax.debug.callback(then, ordered=ordered),
+            lambda: jax.debug.callback(first),
+            lambda: jax.debug.callback(then),
         )
         carry, ys = jax.lax.scan(
             step, carry, x, length=stride, reverse=reverse, **options
         )
+        # Inside the loop, as XLA works out a loop's final count and would run a
+        # report after the loop at its start; and on a value of this chunk's steps,
+        # so that it runs after them.
+        jax.lax.cond(
+            index == chunks - 1,
+            lambda _: jax.debug.callback(last),
+            lambda _: None,
+            _one_value_of([carry, ys], index),
+        )
         return (index + 1, carry), ys
 
-    (count, carry), ys = jax.lax.scan(
+    (_, carry), ys = jax.lax.scan(
         chunk,
         (jnp.zeros((), jnp.int32), init),
         [x.reshape(chunks, stride, *x.shape[1:]) for x in xs],
@@ -992,16 +999,19 @@ def _scan_in_chunks(
         reverse=reverse,
         **options,
     )
-    # The branch depends on the loop's result, so that the last report comes last.
-    jax.lax.cond(
-        count > 0,
-        lambda _: jax.debug.callback(last, ordered=ordered),
-        lambda _: None,
-        count,
-    )
     # Else XLA folds the reshapes into what consumes `ys` (a sum over two axes
     # instead of one, say), which then rounds differently than without the bar.
     return carry, _optimization_barrier([y.reshape(length, *y.shape[2:]) for y in ys])
+
+
+def _one_value_of(tree: list[Any], default: jax.Array) -> jax.Array:
+    """One element of the first non-empty array in `tree`, or `default`."""
+    for leaf in jtu.tree_leaves(tree):
+        if leaf.size:
+            if _is_key_array(leaf):
+                leaf = jax.random.key_data(leaf)
+            return jnp.ravel(leaf)[0]
+    return default
 
 
 # Public (and batchable) since jax 0.4.33 or so. Without it, consumers of a chunked
@@ -1018,13 +1028,12 @@ def _scan_reporting_every_step(
     reverse: bool,
     unroll: Any,
     options: dict[str, Any],
-    ordered: bool,
 ) -> tuple[Any, Any]:
     """`jax.lax.scan(step, ...)` with a step counter in the carry, which `step` never
     sees, reporting to `bar`. The counter counts up whatever the direction."""
     stride = _progress_stride(length)
     reported = {*range(0, length, stride), length - 1}
-    first, then, last = _progress_callbacks(bar, stride, len(reported), ordered)
+    first, then, last = _progress_callbacks(bar, stride, len(reported))
 
     @_named_after(step)
     def counted(state: tuple[Any, Any], x: Any) -> tuple[Any, Any]:
@@ -1039,9 +1048,9 @@ def _scan_reporting_every_step(
             kind,
             [
                 lambda: None,
-                lambda: jax.debug.callback(first, ordered=ordered),
-                lambda: jax.debug.callback(then, ordered=ordered),
-                lambda: jax.debug.callback(last, ordered=ordered),
+                lambda: jax.debug.callback(first),
+                lambda: jax.debug.callback(then),
+                lambda: jax.debug.callback(last),
             ],
         )
         new_carry, y = step(traced_carry, x)
@@ -2640,8 +2649,8 @@ def print_callback(*args: Any, **kwargs: Any) -> None:
 # reaches the total.
 
 _PROGRESS_MAX_CALLBACKS = 200
-_PROGRESS_MIN_REPORTS = 10
-_PROGRESS_STEPS_PER_REPORT = 1000
+_PROGRESS_MIN_REPORTS = 5
+_PROGRESS_STEPS_PER_REPORT = 2000
 _PROGRESS_MIN_INTERVAL = 0.1  # Seconds between two redraws of a line.
 # How many loops with a bar are being traced around this point, per thread.
 _progress_tracing = threading.local()
@@ -2666,7 +2675,7 @@ def _progress_stride(total: int) -> int:
     most `_PROGRESS_MAX_CALLBACKS` calls.
 
     A host call costs tens of microseconds, as much as thousands of small steps, so
-    a loop reports `_PROGRESS_MIN_REPORTS` times (every 10%), and once more per
+    a loop reports `_PROGRESS_MIN_REPORTS` times (every 20%), and once more per
     `_PROGRESS_STEPS_PER_REPORT` steps beyond that, up to the bound.
     """
     reports = max(
@@ -2696,6 +2705,7 @@ class _ProgressBar:
         self.last_draw = -math.inf
         self.width = 0  # Of the last line: a shorter one must blank it out.
         self.reports = 0  # Of the current run, so far.
+        self.started = False  # Whether the current run's first report came.
 
     def line(self, now: float) -> str:
         elapsed = now - self.start
@@ -2780,28 +2790,30 @@ def _divisors(number: int) -> list[int]:
 
 
 def _progress_callbacks(
-    bar: _ProgressBar, stride: int, reports: int, ordered: bool
+    bar: _ProgressBar, stride: int, reports: int
 ) -> tuple[Callable[[], None], Callable[[], None], Callable[[], None]]:
     """The host calls of a loop that reports `reports` times a run: first at its
-    start, then every `stride` steps, last at its end. None takes an operand (that
-    would cost several times more).
+    start, then every `stride` steps, last at its end.
 
-    Where JAX orders host calls (one device), the first one starts a run. Where it
-    does not (several devices), they may come in any order, so a run's reports are
-    counted as they come instead: the `n`-th shows `n * stride` steps.
+    They take no operands and are unordered, as either would cost several times
+    more, so they may reach the host in any order (and do: XLA runs a report as
+    soon as nothing holds it back). So a run's reports are counted as they come:
+    the `n`-th shows `n * stride` steps, and the run's last one the total. A second
+    `first` before a run is complete starts a new run: the one before stopped on
+    an error.
     """
 
     def report(kind: str) -> Callable[[], None]:
         def call() -> None:
             with _progress_lock:
-                if not ordered:
-                    index = bar.reports
-                    bar.reports = (index + 1) % reports
-                elif kind == "first":
-                    index = bar.reports = 0
-                else:
-                    bar.reports += 1
-                    index = reports - 1 if kind == "last" else bar.reports
+                if kind == "first":
+                    if bar.started:
+                        bar.reports = 0
+                    bar.started = True
+                index = bar.reports
+                bar.reports += 1
+                if bar.reports == reports:
+                    bar.reports, bar.started = 0, False
             _progress_update(bar, bar.total if index == reports - 1 else index * stride)
 
         return call

@@ -669,3 +669,17 @@ def test_several_devices_end_every_line_with_the_total() -> None:
         assert len(lines) == 2, lines  # One per run, each ended.
         for line in lines:
             assert line.split("\r")[-1].startswith(f"s: 100% {total}/{total} ")
+
+
+def test_run_after_a_failed_run_counts_from_zero(
+    reports: list[tuple[int, int]],
+) -> None:
+    run = jax.jit(lambda xs: filter_scan(_fails_at_step_50, 0.0, xs, progress=True))
+    with pytest.raises(Exception, match="boom"):
+        run(jnp.arange(100.0))
+        jax.effects_barrier()
+    jax.effects_barrier()
+    reports.clear()
+    run(jnp.arange(100.0) + 100)  # The same program; no step fails now.
+    jax.effects_barrier()
+    assert [c for c, _ in reports] == _expected_counts(100, chunked=False)
