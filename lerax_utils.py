@@ -966,27 +966,21 @@ def _scan_in_chunks(
     options: dict[str, Any],
 ) -> tuple[Any, Any]:
     """The steps in chunks of `stride` (which divides `length`), with a host call
-    before each chunk and one after the last."""
+    before the first chunk and one after each."""
     chunks = length // stride
     first, then, last = _progress_callbacks(bar, stride, chunks + 1)
+    jax.debug.callback(first)
 
     def chunk(state: tuple[Any, Any], x: Any) -> tuple[Any, Any]:
         index, carry = state
-        jax.lax.cond(
-            index == 0,
-            lambda: jax.debug.callback(first),
-            lambda: jax.debug.callback(then),
-        )
         carry, ys = jax.lax.scan(
             step, carry, x, length=stride, reverse=reverse, **options
         )
-        # Inside the loop, as XLA works out a loop's final count and would run a
-        # report after the loop at its start; and on a value of this chunk's steps,
-        # so that it runs after them.
+        # On a value of this chunk's steps, so that it runs after them.
         jax.lax.cond(
             index == chunks - 1,
             lambda _: jax.debug.callback(last),
-            lambda _: None,
+            lambda _: jax.debug.callback(then),
             _one_value_of([carry, ys], index),
         )
         return (index + 1, carry), ys
