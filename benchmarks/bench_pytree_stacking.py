@@ -245,7 +245,7 @@ def report(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="unstack/stack_pytree benchmarks")
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=60)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--episodes", choices=["ours", "naive"])
     args = parser.parse_args()
