@@ -3121,7 +3121,7 @@ class Serializable(eqx.Module):
 
     @classmethod
     def deserialize(
-        cls: type[_Model], path: str | os.PathLike[str], *args: Any, **kwargs: Any
+        cls: type[_Model], path: str | os.PathLike[str], /, *args: Any, **kwargs: Any
     ) -> _Model:
         """Load a model saved by `serialize` (or by `save_pytree`).
 
@@ -3179,6 +3179,7 @@ class Serializable(eqx.Module):
         cls: type[_Model],
         path: str | os.PathLike[str],
         sharding: jax.sharding.Sharding | Callable[[Any], Any],
+        /,
         *args: Any,
         **kwargs: Any,
     ) -> _Model:
@@ -3314,8 +3315,13 @@ def load_pytree(path: str | os.PathLike[str], like: _Tree) -> _Tree:
 def _save(path: Any, tree: Any, no_suffix: Any) -> None:
     """The body of `save_pytree` and `Serializable.serialize`."""
     api = _API.get()
-    target = _checkpoint_path(api.save, path, no_suffix)
-    _check_target(target)
+    try:
+        target = _checkpoint_path(api.save, path, no_suffix)
+        _check_target(target)
+    except Exception as err:
+        if _spans_processes(tree):
+            _fail_across_processes(err)
+        raise
     leaves, treedef = jtu.tree_flatten_with_path(tree)
     traced = [isinstance(leaf, jax.core.Tracer) for _, leaf in leaves]
     if not any(traced) and not _inside_a_trace():
@@ -3470,8 +3476,15 @@ def _skeleton(cls: type, args: Any, kwargs: Any, source: str | None = None) -> A
             "values as JAX arrays in the constructor (no `np.asarray`, `float()` or "
             "`if` on them), or compute such values after loading."
         ) from err
-    except TypeError as err:
-        if not from_file or "" in recorded:
+    except Exception as err:
+        if from_file and "" in recorded:
+            raise TypeError(
+                f"{_API.get().load}: the file '{source}' records constructor "
+                f"arguments with which `{cls.__qualname__}` failed to build "
+                f"({type(err).__name__}: {err}). Pass the constructor arguments: "
+                f"`{cls.__qualname__}.deserialize(path, *args, **kwargs)`."
+            ) from err
+        if not from_file or not isinstance(err, TypeError):
             raise
         raise TypeError(
             f"Serializable.deserialize: the file '{source}' records no constructor "
@@ -3906,7 +3919,12 @@ def _write_checkpoint(
     target: pathlib.Path,
     kinds: dict[int, tuple[str, str | None]] | None = None,
 ) -> None:
-    header, blocks = _encode(model, kinds or {})
+    try:
+        header, blocks = _encode(model, kinds or {})
+    except Exception as err:
+        if _spans_processes(model):
+            _fail_across_processes(err)
+        raise
     if any(isinstance(block, _Spanning) for block in blocks):
         _write_from_processes(header, blocks, target)
         return
@@ -4042,21 +4060,44 @@ def _await(client: Any, key: str, waiting_for: str) -> str:
     return value
 
 
+def _next_prefix() -> str:
+    """The key-value store's folder for this process's next save across processes:
+    every process counts its saves, failed ones included, so the folders pair up."""
+    _saves_across_processes[0] += 1
+    return f"lerax_utils/serialize/{_saves_across_processes[0]}"
+
+
+def _spans_processes(tree: Any) -> bool:
+    return jax.process_count() > 1 and any(
+        isinstance(leaf, jax.Array)
+        and not isinstance(leaf, jax.core.Tracer)
+        and not leaf.is_fully_addressable
+        for leaf in jtu.tree_leaves(tree)
+    )
+
+
+def _fail_across_processes(err: BaseException) -> None:
+    """Before a save across processes raises ahead of the exchange (a bad path or
+    leaf here only), tell the others, so that they raise too and their next saves
+    pair up with this process's next one."""
+    me = jax.process_index()
+    _publish(_client(), f"{_next_prefix()}/header/{me}", _FAILED + _failure(me, err))
+
+
 def _write_from_processes(
     header: bytes, blocks: list[Any], target: pathlib.Path
 ) -> None:
     """Write one checkpoint from every process, as described above."""
     client = _client()
     me, count = jax.process_index(), jax.process_count()
-    _saves_across_processes[0] += 1
-    prefix = f"lerax_utils/serialize/{_saves_across_processes[0]}"
+    prefix = _next_prefix()
     data_at = _LENGTH.size + len(header)
     offsets = list(itertools.accumulate([b.nbytes for b in blocks], initial=data_at))
     # Each process checks that all describe the same model (structure, shapes,
     # dtypes, static values, Python numbers, and the values of the leaves that do
     # not span processes, which process 0 writes) before any writes.
     local = [None if isinstance(b, _Spanning) else zlib.crc32(b.data) for b in blocks]
-    agreed = zlib.crc32(_json(local).encode(), zlib.crc32(header))
+    agreed = zlib.crc32(_json([str(target), local]).encode(), zlib.crc32(header))
     _publish(client, f"{prefix}/header/{me}", f"{agreed:08x}")
     headers = {
         _await(client, f"{prefix}/header/{other}", f"process {other}'s header")
@@ -4064,10 +4105,11 @@ def _write_from_processes(
     }
     if len(headers) != 1:
         raise ValueError(
-            f"{_API.get().save}: the processes passed different "
+            f"{_API.get().save}: the processes passed different paths or different "
             f"{_API.get().tree}s (their structure, shapes, dtypes, static values, "
             "Python numbers or the values of arrays that do not span processes "
-            f"differ). Every process must save the same {_API.get().tree}."
+            f"differ). Every process must save the same {_API.get().tree} to the "
+            "same path."
         )
     if me != 0:
         where = _await(client, f"{prefix}/temporary", "process 0 to create the file")
@@ -5232,9 +5274,7 @@ def _read_sharded(
             for device, index in indices.items()
         }
     except Exception as err:
-        raise _sharding_error(
-            "Serializable.deserialize", path, global_shape, err
-        ) from err
+        raise _sharding_error(_API.get().load, path, global_shape, err) from err
     distinct = list(dict.fromkeys(regions.values()))  # A replicated shard once.
     if len(distinct) > 1:
         _stream_into_shards(file, entry, shape, dtype, {}, source)

@@ -1457,3 +1457,58 @@ def test_a_recording_of_another_class_is_refused_before_calling_anything(tmp_pat
         "model of class Regressor, not Recorder. Call `Regressor.deserialize`, or "
         "pass the constructor arguments."
     )
+
+
+#
+# Found by review: argument names of the loaders, failing recorded calls
+#
+
+
+class _Named(Serializable):
+    w: jax.Array
+    path: str = eqx.field(static=True)
+    sharding: Any = eqx.field(static=True)
+
+    def __init__(self, n: int, *, path: str = "", sharding: Any = None):
+        self.w = jnp.arange(float(n))
+        self.path, self.sharding = path, sharding
+
+
+def test_constructor_keywords_named_like_the_loaders_arguments(tmp_path: Any) -> None:
+    model = _Named(3, path="p", sharding="s")
+    model.serialize(tmp_path / "m")
+    loaded = _Named.deserialize(tmp_path / "m", 3, path="p", sharding="s")
+    assert eqx.tree_equal(loaded, model)
+    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    placed = _Named.deserialize_sharded(
+        tmp_path / "m", one_device, 3, path="p", sharding="s"
+    )
+    assert eqx.tree_equal(placed, model) and placed.w.sharding == one_device
+
+
+_FAIL_TO_BUILD = [False]
+
+
+class _Flaky(Serializable):
+    w: jax.Array
+
+    def __init__(self, n: int):
+        if _FAIL_TO_BUILD[0]:
+            raise ValueError("cannot build now")
+        self.w = jnp.zeros(n)
+
+
+def test_a_recorded_call_that_fails_is_named(tmp_path: Any) -> None:
+    _Flaky(2).serialize(tmp_path / "f")
+    _FAIL_TO_BUILD[0] = True
+    try:
+        with pytest.raises(TypeError) as info:
+            _Flaky.deserialize(tmp_path / "f")
+    finally:
+        _FAIL_TO_BUILD[0] = False
+    assert str(info.value) == (
+        f"Serializable.deserialize: the file '{tmp_path / 'f.eqx'}' records "
+        "constructor arguments with which `_Flaky` failed to build (ValueError: "
+        "cannot build now). Pass the constructor arguments: "
+        "`_Flaky.deserialize(path, *args, **kwargs)`."
+    )

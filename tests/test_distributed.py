@@ -185,6 +185,9 @@ _WORKER = textwrap.dedent(
         return Model.deserialize_sharded(folder / "model", wanted).rate
     attempt("saved_twice", saved_twice)
 
+    def rows_now():
+        return global_array(values["rows"], shardings["rows"])
+
     # Inside jit, JAX runs the ordered callback on device 0 (process 0) with the
     # whole array: process 0 writes the file, and waits for it at effects_barrier.
     class Row(Serializable):
@@ -230,6 +233,31 @@ _WORKER = textwrap.dedent(
             lerax_utils._write_shards = write
         return "saved"
     attempt("one_fails", one_fails)
+
+    # Processes that pass different paths: both refuse, nothing is written.
+    def different_paths():
+        lerax_utils.save_pytree(folder / f"path{process}", {"w": rows_now()})
+        return "saved"
+    attempt("different_paths", different_paths)
+
+    # A process that fails before the exchange (a leaf only it has is refused):
+    # the other raises too, and the next save pairs up as it should.
+    def early_failure():
+        bad = np.ma.array([1]) if process == 1 else np.zeros(1)
+        lerax_utils.save_pytree(folder / "early", {"w": rows_now(), "x": bad})
+        return "saved"
+    attempt("early_failure", early_failure)
+
+    def after_failure():
+        lerax_utils.save_pytree(folder / "after", {"w": rows_now()})
+        shape = jax.ShapeDtypeStruct((8, 6), jnp.float32, sharding=shardings["rows"])
+        like = {"w": shape}
+        loaded = lerax_utils.load_pytree(folder / "after", like)["w"]
+        return all(
+            np.asarray(s.data).tobytes() == values["rows"][s.index].tobytes()
+            for s in loaded.addressable_shards
+        )
+    attempt("after_failure", after_failure)
 
     # 4. A process that does not call serialize: the other one times out.
     def alone():
@@ -366,12 +394,35 @@ def test_a_save_inside_jit_is_written_by_process_0(two_processes):
 def test_different_models_are_refused_in_every_process(two_processes):
     message = (
         "raised ValueError: Serializable.serialize: the processes passed different "
-        "models (their structure, shapes, dtypes, static values, Python numbers or "
-        "the values of arrays that do not span processes differ). Every process "
-        "must save the same model."
+        "paths or different models (their structure, shapes, dtypes, static values, "
+        "Python numbers or the values of arrays that do not span processes differ). "
+        "Every process must save the same model to the same path."
     )
     for case in ("different", "different_host_values"):
         assert [report[case] for report in two_processes] == [message, message]
+
+
+def test_different_paths_are_refused_in_every_process(two_processes):
+    message = (
+        "raised ValueError: save_pytree: the processes passed different paths or "
+        "different trees (their structure, shapes, dtypes, static values, Python "
+        "numbers or the values of arrays that do not span processes differ). Every "
+        "process must save the same tree to the same path."
+    )
+    assert [report["different_paths"] for report in two_processes] == [message] * 2
+
+
+def test_a_process_that_fails_early_keeps_the_next_saves_paired(two_processes):
+    first, second = (report["early_failure"] for report in two_processes)
+    assert first.startswith(
+        "raised ValueError: save_pytree: process 1 failed to write its part of the "
+        "checkpoint, so nothing was saved: TypeError: the leaf at path ['x'] is a "
+        "masked array"
+    )
+    assert second.startswith(
+        "raised TypeError: save_pytree: the leaf at path ['x'] is a masked array"
+    )
+    assert [report["after_failure"] for report in two_processes] == [True, True]
 
 
 def test_a_process_that_fails_makes_every_process_raise(two_processes):
@@ -393,7 +444,7 @@ def test_a_process_that_does_not_save_times_the_other_out(two_processes):
     )
     assert second == "skipped"
     for report in two_processes:  # No file, and no temporary file, left behind.
-        assert report["files"] == ["jitted.eqx", "model.eqx"]
+        assert report["files"] == ["after.eqx", "jitted.eqx", "model.eqx"]
 
 
 def test_partitioned_callbacks_of_a_process_spanning_array(two_processes):
