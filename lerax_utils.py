@@ -861,85 +861,71 @@ def _scan_with_bar(
     `jax.lax.scan` answers by promoting weak types, or with an error), and PRNG
     keys where JAX cannot pass them through a `jax.custom_jvp`.
     """
-    with _progress_body():
-        return _scan_with_bar_traced(
-            bar, step, init, xs, length, reverse, unroll, options
+    with _progress_body():  # Loops traced inside `step` draw no bar.
+        as_bool = isinstance(unroll, bool | np.bool_)
+        whole = bool(unroll) if as_bool else unroll >= length
+        one_step_at_a_time = (not unroll) if as_bool else unroll == 1
+        if length == 1 or whole:
+            # XLA inlines a loop of one step (or one wholly unrolled) and compiles it
+            # together with what surrounds it, so any report inside would change the
+            # results' bits. One report, after it.
+            out = jax.lax.scan(
+                step, init, xs, length=length, reverse=reverse, unroll=unroll, **options
+            )
+            last = _progress_callbacks(bar, 1, 1)[2]
+            jax.debug.callback(last)
+            return out
+        first_x = jax.tree.map(lambda x: x[0], xs)
+        closed, (carry_shape, y_shape) = jax.make_jaxpr(step, return_shape=True)(
+            init, first_x
         )
+        init_leaves, carry_def = jtu.tree_flatten(init)
+        carries = len(init_leaves)
+        in_avals, out_avals = closed.in_avals[:carries], closed.out_avals[:carries]
+        if jtu.tree_structure(carry_shape) != carry_def or any(
+            (a.shape, a.dtype, a.weak_type) != (b.shape, b.dtype, b.weak_type)
+            for a, b in zip(in_avals, out_avals, strict=True)
+        ):  # Let `jax.lax.scan` promote the carry, or raise, as it does.
+            return _scan_reporting_every_step(
+                bar, step, init, xs, length, reverse, unroll, options
+            )
 
+        def replay(consts: list[Any], carry: list[Any], x: list[Any]) -> Any:
+            out = jax.core.eval_jaxpr(closed.jaxpr, consts, *carry, *x)
+            return out[:carries], out[carries:]
 
-def _scan_with_bar_traced(
-    bar: "_ProgressBar",
-    step: Callable[[Any, Any], tuple[Any, Any]],
-    init: Any,
-    xs: Any,
-    length: int,
-    reverse: bool,
-    unroll: Any,
-    options: dict[str, Any],
-) -> tuple[Any, Any]:
-    as_bool = isinstance(unroll, bool | np.bool_)
-    whole = bool(unroll) if as_bool else unroll >= length
-    one_step_at_a_time = (not unroll) if as_bool else unroll == 1
-    if length == 1 or whole:
-        # XLA inlines a loop of one step (or one wholly unrolled) and compiles it
-        # together with what surrounds it, so any report inside would change the
-        # results' bits. One report, after it.
-        out = jax.lax.scan(
-            step, init, xs, length=length, reverse=reverse, unroll=unroll, **options
-        )
-        last = _progress_callbacks(bar, 1, 1)[2]
-        jax.debug.callback(last)
-        return out
-    first_x = jax.tree.map(lambda x: x[0], xs)
-    closed, (carry_shape, y_shape) = jax.make_jaxpr(step, return_shape=True)(
-        init, first_x
-    )
-    init_leaves, carry_def = jtu.tree_flatten(init)
-    carries = len(init_leaves)
-    in_avals, out_avals = closed.in_avals[:carries], closed.out_avals[:carries]
-    if jtu.tree_structure(carry_shape) != carry_def or any(
-        (a.shape, a.dtype, a.weak_type) != (b.shape, b.dtype, b.weak_type)
-        for a, b in zip(in_avals, out_avals, strict=True)
-    ):  # Let `jax.lax.scan` promote the carry, or raise, as it does.
-        return _scan_reporting_every_step(
-            bar, step, init, xs, length, reverse, unroll, options
-        )
-
-    def replay(consts: list[Any], carry: list[Any], x: list[Any]) -> Any:
-        out = jax.core.eval_jaxpr(closed.jaxpr, consts, *carry, *x)
-        return out[:carries], out[carries:]
-
-    def every_step(consts: list[Any], carry: list[Any], xs: list[Any]) -> Any:
-        return _scan_reporting_every_step(
-            bar, functools.partial(replay, consts), carry, xs, length, reverse,
-            unroll, options,
-        )  # fmt: skip
-
-    stride = _chunk_size(length)
-    const_avals = [var.aval for var in closed.jaxpr.constvars]
-    keys = any(
-        jnp.issubdtype(aval.dtype, jax.dtypes.prng_key)
-        for aval in (*closed.in_avals, *closed.out_avals, *const_avals)
-    )
-    if (
-        stride is None
-        or not one_step_at_a_time
-        or closed.effects
-        or (keys and not _custom_jvp_takes_keys())
-    ):
-        final, ys = every_step(list(closed.consts), init_leaves, jtu.tree_leaves(xs))
-    else:
-
-        def in_chunks(consts: list[Any], carry: list[Any], xs: list[Any]) -> Any:
-            return _scan_in_chunks(
-                bar, functools.partial(replay, consts), carry, xs, length, stride,
-                reverse, options,
+        def every_step(consts: list[Any], carry: list[Any], xs: list[Any]) -> Any:
+            return _scan_reporting_every_step(
+                bar, functools.partial(replay, consts), carry, xs, length, reverse,
+                unroll, options,
             )  # fmt: skip
 
-        scan = jax.custom_jvp(in_chunks)
-        scan.defjvp(lambda primals, tangents: jax.jvp(every_step, primals, tangents))
-        final, ys = scan(list(closed.consts), init_leaves, jtu.tree_leaves(xs))
-    return carry_def.unflatten(final), jtu.tree_structure(y_shape).unflatten(ys)
+        stride = _chunk_size(length)
+        const_avals = [var.aval for var in closed.jaxpr.constvars]
+        keys = any(
+            jnp.issubdtype(aval.dtype, jax.dtypes.prng_key)
+            for aval in (*closed.in_avals, *closed.out_avals, *const_avals)
+        )
+        if (
+            stride is None
+            or not one_step_at_a_time
+            or closed.effects
+            or (keys and not _custom_jvp_takes_keys())
+        ):
+            consts, xs_leaves = list(closed.consts), jtu.tree_leaves(xs)
+            final, ys = every_step(consts, init_leaves, xs_leaves)
+        else:
+
+            def in_chunks(consts: list[Any], carry: list[Any], xs: list[Any]) -> Any:
+                return _scan_in_chunks(
+                    bar, functools.partial(replay, consts), carry, xs, length, stride,
+                    reverse, options,
+                )  # fmt: skip
+
+            scan = jax.custom_jvp(in_chunks)
+            scan.defjvp(lambda primals, dots: jax.jvp(every_step, primals, dots))
+            final, ys = scan(list(closed.consts), init_leaves, jtu.tree_leaves(xs))
+        return carry_def.unflatten(final), jtu.tree_structure(y_shape).unflatten(ys)
 
 
 @functools.cache
