@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 import lerax_utils
@@ -934,6 +934,7 @@ def _assert_same_outcome(actual: Any, expected: Any, kept: Callable[[Any], bool]
 
 
 @given(carry=_number_carries(), length=st.integers(0, 3), jit=st.booleans())
+@example(carry=([False], [("set", False)]), length=0, jit=False)  # A bool set anew.
 def test_filter_scan_python_numbers_in_the_carry_match_lax_scan(carry, length, jit):
     init, updates = carry
     xs = jnp.arange(length, dtype=jnp.float32)
@@ -958,6 +959,8 @@ def test_filter_scan_python_numbers_in_the_carry_match_lax_scan(carry, length, j
         action, replacement = updates[i]
         if not is_number(init[i]) or action == "add_x":
             return False
+        if type(init[i]) is bool:  # Traced from the start: kept only if passed on.
+            return action == "keep"
         return same_number(_number_step(action, replacement, init[i], None), init[i])
 
     _assert_same_outcome(actual, expected, kept)
