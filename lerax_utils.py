@@ -1601,11 +1601,11 @@ def filter_map(
         return outputs[-1].traced_part()
 
     traced_xs = inputs.traced_part()
-    sizes = {jnp.shape(leaf)[:1] for leaf in jtu.tree_leaves(traced_xs)}
     bar = None
-    if description is not None and len(sizes) == 1 and () not in sizes:
-        # (Else `jax.lax.map` raises its own error.)
-        bar = _make_bar(description, sizes.pop()[0])
+    if description is not None:
+        sizes = {jnp.shape(leaf)[:1] for leaf in jtu.tree_leaves(traced_xs)}
+        if len(sizes) == 1 and () not in sizes:  # Else `jax.lax.map` raises.
+            bar = _make_bar(description, sizes.pop()[0])
     if bar is None:
         ys = jax.lax.map(mapped, traced_xs, **options)
     else:
