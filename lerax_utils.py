@@ -875,7 +875,12 @@ def _scan_with_bar(
             last = _progress_callbacks(bar, 1, 1)[2]
             jax.debug.callback(last)
             return out
-        first_x = jax.tree.map(lambda x: x[0], xs)
+        try:
+            first_x = jax.tree.map(lambda x: x[0], xs)
+        except Exception:  # An explicitly sharded scan axis, say: lax's error, then.
+            return jax.lax.scan(
+                step, init, xs, length=length, reverse=reverse, unroll=unroll, **options
+            )
         closed, (carry_shape, y_shape) = jax.make_jaxpr(step, return_shape=True)(
             init, first_x
         )
@@ -962,12 +967,13 @@ def _scan_in_chunks(
         carry, ys = jax.lax.scan(
             step, carry, x, length=stride, reverse=reverse, **options
         )
-        # On a value of this chunk's steps, so that it runs after them.
+        # Tied to this chunk's arrays, so that it runs after its steps.
+        done, operand = _after_arrays_of([carry, ys], index)
         jax.lax.cond(
-            index == chunks - 1,
+            done == chunks - 1,
             lambda _: jax.debug.callback(last),
             lambda _: jax.debug.callback(then),
-            _one_value_of([carry, ys], index),
+            operand,
         )
         return (index + 1, carry), ys
 
@@ -984,18 +990,28 @@ def _scan_in_chunks(
     return carry, _optimization_barrier([y.reshape(length, *y.shape[2:]) for y in ys])
 
 
-def _one_value_of(tree: list[Any], default: jax.Array) -> jax.Array:
-    """One element of the first non-empty array in `tree`, or `default`."""
-    for leaf in jtu.tree_leaves(tree):
-        if leaf.size:
-            if _is_key_array(leaf):
-                leaf = jax.random.key_data(leaf)
-            return jnp.ravel(leaf)[0]
-    return default
+def _after_arrays_of(tree: list[Any], index: jax.Array) -> tuple[jax.Array, Any]:
+    """`index`, and an operand for the branch that reports, which XLA computes only
+    once the arrays of `tree` are computed.
+
+    An optimization barrier ties `index` to the smallest array, read whole, so that
+    it works on any sharding (a slice of an explicitly sharded array may not be
+    taken). Without one (old JAX), a value of that array is the branch's operand.
+    """
+    leaves = [leaf for leaf in jtu.tree_leaves(tree) if leaf.size]
+    if not leaves:
+        return index, index
+    smallest = min(leaves, key=lambda leaf: leaf.size)
+    if _is_key_array(smallest):
+        smallest = jax.random.key_data(smallest)
+    if _HAS_OPTIMIZATION_BARRIER:
+        return _optimization_barrier((index, smallest))[0], index
+    return index, jnp.ravel(smallest)[0]
 
 
 # Public (and batchable) since jax 0.4.33 or so. Without it, consumers of a chunked
 # loop's outputs may round differently than without the bar (the README says so).
+_HAS_OPTIMIZATION_BARRIER = hasattr(jax.lax, "optimization_barrier")
 _optimization_barrier = getattr(jax.lax, "optimization_barrier", lambda x: x)
 
 

@@ -8,6 +8,11 @@ drawn to stderr; this script sends it to a null stream while timing.
 A second row, 100,000 steps, shows the cost on a longer loop (more reports, but a
 fixed cost spread over more steps).
 
+A third program, timed alongside, is the loop with one host call that never runs (in
+a branch never taken): the floor for any bar drawn through JAX's host callbacks. JAX
+dispatches every program that holds a host callback through its Python path, and on
+CPU runs it synchronously; that alone costs about as much as the target allows.
+
 Usage: `python benchmarks/bench_progress.py [--repeats N] [--steps N [N ...]]`.
 """
 
@@ -37,7 +42,17 @@ def measure(steps: int, repeats: int) -> None:
 
         return run
 
-    runs = {"with bar": make(True), "without": make(False)}
+    def never_called() -> None:
+        raise AssertionError("the floor's host call ran")
+
+    @eqx.filter_jit
+    def floor(mlp: Any, xs: jax.Array) -> Any:
+        jax.lax.cond(
+            jnp.isnan(xs[0, 0]), lambda: jax.debug.callback(never_called), lambda: None
+        )
+        return filter_scan(mlp_step, (mlp, jnp.zeros(16)), xs)
+
+    runs = {"with bar": make(True), "without": make(False), "floor": floor}
     times: dict[str, list[float]] = {name: [] for name in runs}
     with contextlib.redirect_stderr(io.StringIO()):
         for run in runs.values():  # Compile, and warm up.
@@ -59,6 +74,11 @@ def measure(steps: int, repeats: int) -> None:
         f"  ratio of medians (with / without): "
         f"{medians['with bar'] / medians['without']:.3f}{target}; "
         f"paired ratios: best {min(ratios):.3f}, worst {max(ratios):.3f}"
+    )
+    print(
+        f"  floor (a host call that never runs / without): "
+        f"{medians['floor'] / medians['without']:.3f}; "
+        f"with bar / floor: {medians['with bar'] / medians['floor']:.3f}"
     )
 
 

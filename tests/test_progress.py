@@ -671,6 +671,67 @@ def test_several_devices_end_every_line_with_the_total() -> None:
             assert line.split("\r")[-1].startswith(f"s: 100% {total}/{total} ")
 
 
+_EXPLICIT_BAR = """
+import contextlib, io, json
+import jax, jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+from lerax_utils import filter_map, filter_scan
+mesh = jax.make_mesh((4,), ("d",), axis_types=(jax.sharding.AxisType.Explicit,))
+init = jax.device_put(jnp.linspace(0.0, 1.0, 64), NamedSharding(mesh, P("d")))
+xs = jax.device_put(jnp.ones((1000, 64)) / 7, NamedSharding(mesh, P(None, "d")))
+step = lambda c, x: (jnp.tanh(c * 0.9 + x), c * 2)
+same, lines = [], []
+with (getattr(jax, "set_mesh", None) or jax.sharding.use_mesh)(mesh):
+    for length in (1000, 997):  # Chunks, and one scan.
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            ours = jax.jit(lambda c, x: filter_scan(step, c, x, progress="e"))(
+                init, xs[:length])
+            mapped = jax.jit(lambda x: filter_map(jnp.sin, x, progress="m"))(
+                xs[:length])
+            jax.effects_barrier()
+        lax = jax.jit(lambda c, x: jax.lax.scan(step, c, x))(init, xs[:length])
+        same.append(all(
+            bool((a == b).all()) and a.sharding == b.sharding
+            for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(lax))
+        ) and bool((mapped == jnp.sin(xs[:length])).all()))
+        lines.append([p.split("\\r")[-1] for p in err.getvalue().split("\\n") if p])
+errors = []
+along_steps = jax.device_put(jnp.ones((8, 4)), NamedSharding(mesh, P("d")))
+for run in (
+    lambda bar: filter_scan(lambda c, x: (c + x, x), jnp.zeros(4), along_steps,
+                            progress=bar),
+    lambda bar: filter_map(jnp.sin, along_steps, progress=bar),
+):
+    with (getattr(jax, "set_mesh", None) or jax.sharding.use_mesh)(mesh):
+        for bar in (False, True):
+            try:
+                jax.jit(lambda: run(bar))()
+                errors.append(None)
+            except Exception as error:
+                errors.append([type(error).__name__, str(error)])
+print(json.dumps({"same": same, "lines": lines, "errors": errors}))
+"""
+
+
+def test_explicitly_sharded_loops_with_a_bar_match_lax() -> None:
+    # A report waits for its chunk's arrays without slicing them: a slice of an
+    # explicitly sharded array may not be taken.
+    if not hasattr(jax.sharding, "AxisType"):
+        pytest.skip(f"jax {jax.__version__} has no explicit-sharding meshes")
+    report = run_on_four_devices(_EXPLICIT_BAR)
+    assert report["same"] == [True, True]
+    for length, lines in zip((1000, 997), report["lines"], strict=True):
+        assert [line.split(" [")[0] for line in lines] == [
+            f"e: 100% {length}/{length}",
+            f"m: 100% {length}/{length}",
+        ]
+    # A scan axis sharded across devices: JAX's own error, with the bar or without.
+    without, with_bar, map_without, map_with_bar = report["errors"]
+    assert without is not None and without == with_bar
+    assert map_without is not None and map_without == map_with_bar
+
+
 def test_run_after_a_failed_run_counts_from_zero(
     reports: list[tuple[int, int]],
 ) -> None:
