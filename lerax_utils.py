@@ -99,6 +99,22 @@ _Model = TypeVar("_Model", bound="Serializable")
 _KeyPath = tuple[Any, ...]
 
 #
+# Compatibility: every JAX, Equinox and NumPy feature test and private API, in one place
+#
+# Each entry names the release that changed it; `tests/test_compatibility.py` fails
+# loudly when a new release changes one of them again.
+
+# -- Control flow
+
+# -- Batches of pytrees
+
+# -- Host callbacks and progress bars
+
+# -- Checkpoints
+
+# (end of compatibility)
+
+#
 # Pytree comparison: the checks behind every error message about a changed leaf
 #
 
