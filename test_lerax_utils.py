@@ -3690,6 +3690,20 @@ def test_readme_opens_with_the_two_commands_that_ci_runs():
         assert command in ci_lines
 
 
+def test_readme_stays_short():
+    # A user reads it in ten minutes: details live in the docstrings, FORMAT.md
+    # and benchmarks/README.md.
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 400
+
+
+def test_benchmark_figures_cover_every_benchmark_script():
+    figures = (ROOT / "benchmarks" / "README.md").read_text()
+    scripts = sorted(path.name for path in (ROOT / "benchmarks").glob("bench_*.py"))
+    assert scripts
+    sections = [line[3:] for line in figures.splitlines() if line.startswith("## ")]
+    assert sorted(sections) == scripts
+
+
 def _readme_python_blocks() -> list[str]:
     readme = (ROOT / "README.md").read_text()
     return [part.split("```", 1)[0] for part in readme.split("```python\n")[1:]]
