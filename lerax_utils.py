@@ -706,78 +706,49 @@ def filter_scan(
     *,
     progress: bool | str = False,
 ) -> tuple[_Carry, _Y]:
-    """As `jax.lax.scan`, except that `init`, `xs` and the outputs of `f` may be any
-    pytree. Array leaves are traced; Python numbers are traced once they change; every
-    other leaf is static.
+    """As `jax.lax.scan`, except that the carry, inputs and outputs may be any pytree.
 
-    Use it to loop with an Equinox module in the carry: its parameters are traced and
-    its activation functions, strings and hyperparameters ride along unchanged.
+    Array leaves are traced. A Python number in the carry stays a Python value while
+    `f` gives it back unchanged (same type, same bits); once `f` changes it, `f` is
+    traced again with that number traced, as `jax.lax.scan` traces it. Bools are
+    traced from the start, as there. Every other leaf (functions, strings, static
+    fields of modules) is static, and `f` must give back an equal value. On a tree of
+    arrays it builds the program `jax.lax.scan` builds, so `jax.jit`, `jax.vmap` and
+    `jax.grad` treat it the same.
 
-    **Arguments:**
+    **Arguments:** as `jax.lax.scan`, and:
 
-    - `f`: the step, `f(carry, x) -> (new_carry, y)`; the pair may be a tuple or a
-        list. It may be a plain function, a bound method or an `eqx.Partial`.
-    - `init`: the initial carry. Its leaves are of three kinds.
-        - Arrays (JAX, NumPy, typed PRNG keys) are traced, as in `jax.lax.scan`.
-        - Python numbers (`int`, `float`, `complex`) that `f` gives back unchanged
-          (same type, same bits) stay Python values inside the loop and in the
-          final carry. A number that `f` changes (to another number or to an
-          array) is traced exactly as `jax.lax.scan` traces it, as a weakly typed
-          array, and the final carry holds an array there. `f` is then traced a
-          second time; nothing is traced twice when no number changes. Python
-          bools are traced, as `jax.lax.scan` traces them, since `~True` is -2 in
-          Python; a step that needs them as Python values (`if self.training:`)
-          gets them so on a second trace. If a trace with numbers as Python values
-          raises, `f` is traced again with every number traced, as
-          `jax.lax.scan` would.
-        - Every other leaf (functions, strings, `None`-free static fields of modules)
-          is static: `new_carry` must hold an equal value there.
-    - `xs`: the inputs, sliced along the leading axis of every array leaf. Non-array
-        leaves are passed unchanged to every step. `None` if there are no inputs.
-    - `length`: the number of steps, a concrete whole number (a Python int, a NumPy
-        integer or a 0-d array). Required when `xs` holds no arrays; otherwise it must
-        equal their leading size.
-    - `reverse`, `unroll`: as `jax.lax.scan`.
-    - `_split_transpose`: as `jax.lax.scan`; ignored by versions of JAX that no
-        longer accept it (it never changes results).
-    - `progress`: ours alone. `True` draws a progress bar on stderr while the loop
-        runs, even under `jax.jit`; a string draws one with that description. See
-        "Progress bars" below. `False` (the default) adds nothing to the program.
+    - `xs`: array leaves are sliced along their leading axis; other leaves reach every
+        step unchanged. When `xs` holds no arrays, `length` is required.
+    - `length`: a Python or NumPy integer, or a concrete 0-d integer array.
+    - `progress`: `True`, or a description, draws a progress bar on stderr while the
+        loop runs, even under `jax.jit`. The results are those without a bar, up to
+        XLA's rounding of matrix products.
 
-    **Returns:**
+    **Returns:** `(final_carry, ys)`, where the non-array leaves of `y` come once,
+    unstacked (as `eqx.filter_vmap` returns a batch of modules).
 
-    `(final_carry, ys)`. Array and Python-number leaves of `y` are stacked along a new
-    leading axis, as `jax.lax.scan` stacks them; other leaves are returned once,
-    unstacked, as `eqx.filter_vmap` returns a batch of modules.
+    **Raises:** the exception types of `jax.lax.scan` for the same mistakes, with
+    messages that begin as quoted and go on to name the leaf path and the fix.
 
-    **Raises:**
-
-    The exception types are those of `jax.lax.scan` for the same mistakes:
-
-    - `TypeError` if `f` is not callable or does not return a pair, if the carry
-        changes structure, if a traced carry leaf comes back as something that is not
-        an array or a number, or (from JAX) if it changes shape or dtype.
-    - `ValueError` if `xs` has inconsistent leading sizes, if `length` disagrees with
-        them or is negative, or if `unroll` is negative; also if a static carry leaf
-        changes, which is ours alone. Messages name the leaf path.
-    - `jax.errors.ConcretizationTypeError` if `length` is traced.
-
-    Under `jax.jit`, `jax.vmap` and `jax.grad` it behaves as `jax.lax.scan`: on a tree
-    whose leaves are all arrays it builds exactly the same program.
-
-    **Progress bars.** With `progress`, the loop reports its step count to the host
-    every `k` steps (`k` chosen from `length`, so at most 200 reports however long
-    the loop) and the host redraws one line, at most 10 times a second: count/total,
-    percent, elapsed time, time left and rate. The line ends when the count reaches
-    `length`; with `reverse=True` it counts up all the same. The loop runs as chunks
-    of `k` steps with a report between them (under differentiation, as one scan that
-    checks its count in every step), and its results are bit for bit those without
-    the bar, but for XLA's rounding of matrix products, which may differ between two
-    programs (see the README). Under `jax.vmap` one bar is drawn, not one per batch
-    element. A loop with a bar traced inside the body of another loop with a bar
-    draws none: only the outermost bar is shown. A loop of length 0 draws nothing.
-    If the loop stops on an error, its line is ended (eagerly at once; under `jit`
-    when the next bar starts, or at exit).
+    - `TypeError`: ``filter_scan: `f` must be callable``; ``filter_scan: `f` must
+        return a pair``; ``filter_scan: `f` returned a carry that differs from `init` ``
+        when the carry changes structure (a static field of a module too) or a traced
+        leaf comes back as neither an array nor a number; ``filter_scan: `length` must
+        be a whole number``; ``filter_scan: `unroll` must be a bool or a non-negative
+        int``; ``filter_scan: `progress` must be a bool or a string``. JAX's own when
+        a carry leaf changes shape or dtype.
+    - `ValueError`: ``filter_scan: `f` returned a carry that differs from `init` ``
+        when a static leaf changes; ``filter_scan: every array in `xs` must have the
+        same leading size``; ``filter_scan: `length=…` disagrees with the leading
+        size``; ``filter_scan: cannot tell how many steps to run``; ``filter_scan: the
+        array at `xs` path … is a scalar`` (an `IndexError` too, as in
+        `jax.lax.scan`); ``filter_scan: `length` must be non-negative``;
+        ``filter_scan: `unroll` must be a bool or a non-negative int`` when negative;
+        ``filter_scan: the non-array part of `f`'s output `y` differs between two
+        traces``.
+    - `jax.errors.ConcretizationTypeError` when `length` is traced: JAX's message,
+        then ``filter_scan: `length` must be concrete``.
 
     **Example:**
 
@@ -789,10 +760,9 @@ def filter_scan(
 
     mlp = eqx.nn.MLP(2, 2, width_size=8, depth=1, key=jax.random.key(0))
 
-    def step(state, _):
-        model, x, steps = state
-        x = model(x)
-        return (model, x, steps + 1), x
+    def step(carry, _):
+        model, x, steps = carry
+        return (model, model(x), steps + 1), x
 
     (mlp, x, steps), xs = filter_scan(step, (mlp, jnp.ones(2), 0), length=5)
     print(xs.shape, steps)  # (5, 2) 5
@@ -1185,34 +1155,21 @@ def filter_cond(
 ) -> _Out:
     """As `jax.lax.cond`, except that the operands and outputs may be any pytree.
 
-    Array leaves of `operands` are traced; every other leaf, Python numbers included,
-    is passed to both branches unchanged. Only the chosen branch runs: under `jax.jit`
-    this is a real `cond`, not a computation of both branches followed by a select.
+    Array leaves of the operands are traced; every other leaf, Python numbers
+    included, reaches the branch unchanged. Only the chosen branch runs: under
+    `jax.jit` this is a real `cond`. At each leaf of their outputs the branches return
+    arrays or Python numbers (of one shape and dtype, as `jax.lax.cond` requires), or
+    equal static values. A number that both branches return unchanged stays a Python
+    number. `operand=x` and the older five-argument form work as in `jax.lax.cond`.
 
-    **Arguments:**
+    **Raises:** the exception types of `jax.lax.cond` for the same mistakes.
 
-    - `pred`: a scalar boolean or number (array or Python value), as for
-        `jax.lax.cond`.
-    - `true_fun`, `false_fun`: called as `fun(*operands)`. They must return pytrees of
-        the same structure. At each leaf, both return arrays or Python numbers (of the
-        same shape and dtype, as `jax.lax.cond` requires), or equal static values.
-    - `*operands`: the arguments to the branches. `operand=x` is accepted instead, as
-        `jax.lax.cond` accepts it, and so is its older five-argument form.
-
-    **Returns:**
-
-    The output of the chosen branch. Where both branches return the same Python
-    number (same type, same bits), it stays that number; where they return different
-    numbers, or a number and an array, the output there is the array that
-    `jax.lax.cond` makes.
-
-    **Raises:**
-
-    - `TypeError` if a branch is not callable, if `pred` is not a scalar, or if the
-        branches return different structures or an array or number where the other
-        returns something else (the same types as `jax.lax.cond`).
-    - `ValueError` if the branches return different static values (ours alone). The
-        message names the leaf path.
+    - `TypeError`: ``filter_cond: `true_fun` must be callable`` (or `false_fun`);
+        ``filter_cond: `pred` must be a scalar``; ``filter_cond: the branches' outputs
+        disagree`` on their structure, or where one returns an array or number and the
+        other does not; ``filter_cond: pass the operands either positionally or as
+        `operand=`, not both``.
+    - `ValueError`: ``filter_cond: the branches' outputs disagree`` on a static value.
 
     **Example:**
 
@@ -1285,33 +1242,21 @@ def filter_switch(
 ) -> _Out:
     """As `jax.lax.switch`, except that the operands and outputs may be any pytree.
 
-    Array leaves of `operands` are traced; every other leaf, Python numbers included,
-    is passed to every branch unchanged. Under `jax.jit` only the chosen branch runs.
+    Operands and outputs are split as in `filter_cond`: array leaves are traced, other
+    leaves reach every branch unchanged, and the branches must agree on the rest of
+    their outputs. `index` is clamped to the branches, as by `jax.lax.switch`, and
+    under `jax.jit` only the chosen branch runs.
 
-    **Arguments:**
+    **Raises:** the exception types of `jax.lax.switch` for the same mistakes.
 
-    - `index`: a scalar integer (array or Python value). As in `jax.lax.switch`, it is
-        clamped to `0, ..., len(branches) - 1`.
-    - `branches`: a non-empty sequence of functions, each called as
-        `branch(*operands)`. They must return pytrees of the same structure; at each
-        leaf, arrays or Python numbers (of the same shape and dtype, as
-        `jax.lax.switch` requires) or equal static values.
-    - `*operands`: the arguments to the branches; `operand=x` is accepted instead, as
-        `jax.lax.switch` accepts it.
-
-    **Returns:**
-
-    The output of the chosen branch. Where every branch returns the same Python number
-    (same type, same bits) it stays that number; elsewhere a number becomes the array
-    that `jax.lax.switch` makes.
-
-    **Raises:**
-
-    - `TypeError` if `branches` is not a sequence of callables, if `index` is not a
-        scalar integer, or if the branches return different structures or an array or
-        number where another returns something else (the types of `jax.lax.switch`).
-    - `ValueError` if `branches` is empty, or if the branches return different static
-        values (ours alone). The message names the leaf path.
+    - `TypeError`: ``filter_switch: `branches` must be a sequence of functions``;
+        ``filter_switch: `branches[…]` must be callable``; ``filter_switch: `index`
+        must be a scalar``; ``filter_switch: the branches' outputs disagree`` on their
+        structure, or where one returns an array or number and another does not;
+        ``filter_switch: pass the operands either positionally or as `operand=`, not
+        both``.
+    - `ValueError`: ``filter_switch: `branches` is empty``; ``filter_switch: the
+        branches' outputs disagree`` on a static value.
 
     **Example:**
 
@@ -1319,16 +1264,8 @@ def filter_switch(
     import jax.numpy as jnp
     from lerax_utils import filter_switch
 
-    def walk(x, mode):
-        return x + 1.0, mode
-
-    def run(x, mode):
-        return x + 2.0, mode
-
-    def rest(x, mode):
-        return x, mode
-
-    value, mode = filter_switch(jnp.array(1), [walk, run, rest], jnp.zeros(2), "gait")
+    gaits = [lambda x, mode: (x + 1.0, mode), lambda x, mode: (x + 2.0, mode)]
+    value, mode = filter_switch(jnp.array(1), gaits, jnp.zeros(2), "gait")
     print(value, mode)  # [2. 2.] gait
     ```
     """
@@ -1377,38 +1314,22 @@ def filter_while_loop(
     body_fun: Callable[[_Carry], _Carry],
     init_val: _Carry,
 ) -> _Carry:
-    """As `jax.lax.while_loop`, except that the carry may be any pytree. Array leaves
-    are traced; Python numbers are traced once `body_fun` changes them; every other
-    leaf is static.
+    """As `jax.lax.while_loop`, except that the carry may be any pytree.
 
-    Use it to run until a condition holds with a module in the carry, for example an
-    episode until it is done, with the policy and its function fields inside.
+    The carry is split as in `filter_scan`: arrays are traced, Python numbers are
+    static until `body_fun` changes them, and every other leaf is static and must come
+    back equal. As `jax.lax.while_loop`, it can be differentiated forwards but not in
+    reverse; for that, use `filter_fori_loop` with concrete bounds, or `filter_scan`.
 
-    **Arguments:**
+    **Raises:** the exception types of `jax.lax.while_loop` for the same mistakes.
 
-    - `cond_fun`: `cond_fun(carry)` returns a scalar boolean: whether to run another
-        step.
-    - `body_fun`: `body_fun(carry)` returns the next carry, of the same structure.
-    - `init_val`: the initial carry, split as in `filter_scan`: arrays are traced;
-        Python numbers that `body_fun` gives back unchanged stay Python values, and
-        those it changes are traced as `jax.lax.while_loop` traces them; other leaves
-        are static and must come back unchanged.
-
-    **Returns:**
-
-    The final carry.
-
-    **Raises:**
-
-    - `TypeError` if a function is not callable, or if the carry changes structure or
-        a traced leaf comes back as something that is not an array or a number (and,
-        from JAX, if it changes shape or dtype, or `cond_fun` does not return a scalar
-        boolean).
-    - `ValueError` if a static leaf of the carry changes. The message names the leaf
-        path.
-
-    As `jax.lax.while_loop`, it can be differentiated forwards (`jax.jvp`) but not in
-    reverse; use `filter_fori_loop` with concrete bounds, or `filter_scan`, for that.
+    - `TypeError`: ``filter_while_loop: `cond_fun` must be callable`` (or `body_fun`);
+        ``filter_while_loop: `body_fun` returned a carry that differs from
+        `init_val` `` when the carry changes structure or a traced leaf comes back as
+        neither an array nor a number. JAX's own when a leaf changes shape or dtype,
+        or `cond_fun` does not return a scalar boolean.
+    - `ValueError`: ``filter_while_loop: `body_fun` returned a carry that differs
+        from `init_val` `` when a static leaf changes.
 
     **Example:**
 
@@ -1416,16 +1337,12 @@ def filter_while_loop(
     import jax.numpy as jnp
     from lerax_utils import filter_while_loop
 
-    def not_done(carry):
-        position, steps, name = carry
-        return position < 1.0
-
     def step(carry):
         position, steps, name = carry
         return position + 0.3, steps + 1, name
 
-    position, steps, name = filter_while_loop(not_done, step, (jnp.zeros(()), 0, "a"))
-    print(steps, name)  # 4 a
+    carry = filter_while_loop(lambda c: c[0] < 1.0, step, (jnp.zeros(()), 0, "a"))
+    print(carry[1], carry[2])  # 4 a
     ```
     """
     _check_callable("filter_while_loop", "cond_fun", cond_fun)
@@ -1456,30 +1373,24 @@ def filter_fori_loop(
     unroll: int | bool | None = None,
     progress: bool | str = False,
 ) -> _Carry:
-    """As `jax.lax.fori_loop`, except that the carry may be any pytree, split as in
-    `filter_while_loop`.
+    """As `jax.lax.fori_loop`, except that the carry may be any pytree.
 
-    **Arguments:**
+    The carry is split as in `filter_while_loop`. With concrete bounds the loop is a
+    scan, which can be differentiated in reverse; with traced bounds it is a while
+    loop.
 
-    - `lower`, `upper`: the bounds, `lower <= i < upper`, as for `jax.lax.fori_loop`.
-        With concrete bounds the loop is a scan, which can be differentiated in
-        reverse; with traced bounds it is a while loop.
-    - `body_fun`: `body_fun(i, carry)` returns the next carry, of the same structure.
-    - `init_val`: the initial carry (see `filter_while_loop`).
-    - `unroll`: as `jax.lax.fori_loop`; only with concrete bounds.
-    - `progress`: ours alone, only with concrete bounds: `True` or a description
-        draws a progress bar over the `upper - lower` steps, as in `filter_scan`.
+    **Arguments:** as `jax.lax.fori_loop`, and `progress`: `True`, or a description,
+    draws a progress bar over the `upper - lower` steps, as in `filter_scan`. It needs
+    concrete bounds.
 
-    **Returns:**
+    **Raises:** the exception types of `jax.lax.fori_loop` for the same mistakes.
 
-    The final carry.
-
-    **Raises:**
-
-    As `filter_while_loop`, with `body_fun` named in the messages; JAX's own errors for
-    the bounds (`TypeError` for bounds of different integer types) pass through.
-    `TypeError` if `progress` is asked for with traced bounds, whose trip count is
-    unknown until the loop runs.
+    - `TypeError`: ``filter_fori_loop: `body_fun` must be callable``;
+        ``filter_fori_loop: `body_fun` returned a carry that differs from `init_val` ``
+        as in `filter_while_loop`; ``filter_fori_loop: `progress` needs concrete
+        bounds``. JAX's own for bounds of different integer types.
+    - `ValueError`: ``filter_fori_loop: `body_fun` returned a carry that differs from
+        `init_val` `` when a static leaf changes.
 
     **Example:**
 
@@ -1559,29 +1470,21 @@ def filter_map(
     """As `jax.lax.map`, except that `xs` and the outputs of `f` may be any pytree.
 
     Array leaves of `xs` are sliced along their leading axis and traced; other leaves
-    are passed unchanged to every call. Array and Python-number leaves of the outputs
-    are stacked, as `jax.lax.map` stacks them; other leaves are returned once.
+    reach every call unchanged. Array and Python-number leaves of the outputs are
+    stacked, as by `jax.lax.map`; every other leaf is returned once, and must be the
+    same in every trace of `f`.
 
-    **Arguments:**
+    **Arguments:** as `jax.lax.map`, and `progress`: `True`, or a description, draws a
+    progress bar over the slices, as in `filter_scan` (not with `batch_size`).
 
-    - `f`: called as `f(x)` on each slice.
-    - `xs`: the inputs. Its arrays must share their leading size.
-    - `batch_size`: as `jax.lax.map` (which takes it from jax 0.4.31 on): map over
-        batches of this many slices, each batch with `jax.vmap`.
-    - `progress`: ours alone: `True` or a description draws a progress bar over the
-        slices, as in `filter_scan`. Not with `batch_size`.
+    **Raises:** the exception types of `jax.lax.map` for the same mistakes.
 
-    **Returns:**
-
-    The stacked outputs.
-
-    **Raises:**
-
-    - `TypeError` if `f` is not callable, or `batch_size` is given to a JAX whose
-        `jax.lax.map` does not take it, or with `progress`.
-    - `ValueError` if `xs` holds no arrays, or if the static part of `f`'s output
-        differs between traces. JAX's own errors (different leading sizes) pass
-        through.
+    - `TypeError`: ``filter_map: `f` must be callable``; ``filter_map: `progress`
+        cannot be combined with `batch_size` ``; ``filter_map: `batch_size` needs a
+        JAX whose `jax.lax.map` takes it``. JAX's own when the leading sizes differ.
+    - `ValueError`: ``filter_map: `xs` holds no arrays``; ``filter_map: the array at
+        `xs` path … is a scalar`` (an `IndexError` too, as in `jax.lax.map`);
+        ``filter_map: the non-array part of `f`'s output differs between two traces``.
 
     **Example:**
 
