@@ -106,6 +106,43 @@ _KeyPath = tuple[Any, ...]
 
 # -- Control flow
 
+# `jax.lax.scan`'s experimental `_split_transpose` (jax 0.4.26 to 0.10 at least) may go
+# in a later release. It never changes results, so it is passed only where taken.
+_SCAN_TAKES_SPLIT_TRANSPOSE = (
+    "_split_transpose" in inspect.signature(jax.lax.scan).parameters
+)
+# `jax.lax.map` takes `batch_size` from jax 0.4.31 on.
+_MAP_TAKES_BATCH_SIZE = "batch_size" in inspect.signature(jax.lax.map).parameters
+# `jax.lax.optimization_barrier` is public, and batchable, from jax 0.4.33 or so.
+# Without it, what consumes a loop's outputs may round differently with a bar.
+_HAS_OPTIMIZATION_BARRIER = hasattr(jax.lax, "optimization_barrier")
+_optimization_barrier = getattr(jax.lax, "optimization_barrier", lambda x: x)
+
+
+def _is_number_typed_by_jax(leaf: Any) -> bool:
+    """A number of a subclass that JAX defines, such as the `TypedFloat` that jax 0.10
+    gives a `jax.custom_vjp` forward function for a Python float."""
+    kind = type(leaf)
+    return (
+        issubclass(kind, (int, float, complex))
+        and kind not in (bool, int, float, complex)
+        and kind.__module__.startswith("jax.")
+    )
+
+
+@functools.cache
+def _custom_jvp_takes_keys() -> bool:
+    """Whether a `jax.custom_jvp` may return PRNG keys (jax 0.4.26 may not)."""
+    identity = jax.custom_jvp(lambda x, key: (x, key))
+    identity.defjvp(lambda primals, tangents: (primals, tangents))
+    key, zero = jax.random.key(0), np.zeros((), jax.dtypes.float0)
+    try:
+        jax.jvp(identity, (1.0, key), (1.0, zero))
+    except TypeError:
+        return False
+    return True
+
+
 # -- Batches of pytrees
 
 # -- Host callbacks and progress bars
@@ -128,15 +165,8 @@ def _is_python_number(leaf: Any) -> bool:
 
 
 def _is_jax_value(leaf: Any) -> bool:
-    """An array, or a Python number that JAX itself has typed (such as the
-    `TypedFloat` a `jax.custom_vjp` forward function gets for a Python float): JAX
-    traces both as arrays of their dtype."""
-    kind = type(leaf)
-    return eqx.is_array(leaf) or (
-        issubclass(kind, (int, float, complex))
-        and kind not in _PYTHON_SCALARS
-        and kind.__module__.startswith("jax.")
-    )
+    """An array, or a number that JAX has typed: JAX traces both as arrays."""
+    return eqx.is_array(leaf) or _is_number_typed_by_jax(leaf)
 
 
 def _same_python_number(old: Any, new: Any) -> bool:
@@ -687,9 +717,6 @@ def _one_operand_form(
 # filter_scan
 #
 
-_SCAN_TAKES_SPLIT_TRANSPOSE = (
-    "_split_transpose" in inspect.signature(jax.lax.scan).parameters
-)
 _SCAN_NAMES = _LoopNames(
     "filter_scan", "f", "init", "close over it in `f`, or pass it in `xs`"
 )
@@ -919,19 +946,6 @@ def _scan_with_bar(
         return carry_def.unflatten(final), jtu.tree_structure(y_shape).unflatten(ys)
 
 
-@functools.cache
-def _custom_jvp_takes_keys() -> bool:
-    """Whether a `jax.custom_jvp` may return PRNG keys (jax 0.4.26 may not)."""
-    identity = jax.custom_jvp(lambda x, key: (x, key))
-    identity.defjvp(lambda primals, tangents: (primals, tangents))
-    key, zero = jax.random.key(0), np.zeros((), jax.dtypes.float0)
-    try:
-        jax.jvp(identity, (1.0, key), (1.0, zero))
-    except TypeError:
-        return False
-    return True
-
-
 def _scan_in_chunks(
     bar: "_ProgressBar",
     step: Callable[[Any, Any], tuple[Any, Any]],
@@ -993,12 +1007,6 @@ def _after_arrays_of(tree: list[Any], index: jax.Array) -> tuple[jax.Array, Any]
     if _HAS_OPTIMIZATION_BARRIER:
         return _optimization_barrier((index, smallest))[0], index
     return index, jnp.ravel(smallest)[0]
-
-
-# Public (and batchable) since jax 0.4.33 or so. Without it, consumers of a chunked
-# loop's outputs may round differently than without the bar (the README says so).
-_HAS_OPTIMIZATION_BARRIER = hasattr(jax.lax, "optimization_barrier")
-_optimization_barrier = getattr(jax.lax, "optimization_barrier", lambda x: x)
 
 
 def _scan_reporting_every_step(
@@ -1456,8 +1464,6 @@ def filter_fori_loop(
 #
 # filter_map
 #
-
-_MAP_TAKES_BATCH_SIZE = "batch_size" in inspect.signature(jax.lax.map).parameters
 
 
 def filter_map(
