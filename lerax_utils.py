@@ -437,20 +437,13 @@ def _with_promoted_numbers(
     """Run `attempt(promoted)`, with the Python numbers of `tree` at the flat indices
     `promoted` traced and the others kept as Python values.
 
-    Bools start traced, exactly as `jax.lax` traces them, because Python and JAX give
-    different answers for the same code on them (`~True` is -2 in Python). Other
-    numbers start as Python values; a loop body that changes one asks for it to be
-    traced (`_PromoteCarryNumbers`), and the attempt is repeated, so nothing is traced
-    twice when no number changes.
-
-    An attempt that raises while trace time is still going on is repeated with every
-    number traced (code written for `jax.lax` may need them as arrays: `c.shape`, or
-    int32 arithmetic), and if that raises too, with every number a Python value (code
-    such as `if self.training:` needs them so). The first attempt that succeeds
-    stands. If none does, the error raised with every number traced is the one
-    `jax.lax` would raise, and it is raised, unless it only complains that a value was
-    traced, in which case an error from an attempt with Python values is the real one.
-    Errors of the running computation (`RuntimeError`) are never retried.
+    Bools start traced, as `jax.lax` traces them (`~True` is -2 in Python); other
+    numbers start as Python values, and a body that changes one asks for it to be
+    traced (`_PromoteCarryNumbers`). An attempt that raises is repeated with every
+    number traced (code for `jax.lax` may need arrays: `c.shape`), then with none
+    (`if self.training:` needs Python values); the first success stands. Failing all,
+    the error with every number traced is `jax.lax`'s and is raised, unless it only
+    complains of tracing. A `RuntimeError` (from the running computation) is final.
     """
     leaves = jtu.tree_leaves(tree)
     bools = frozenset(i for i, leaf in enumerate(leaves) if type(leaf) is bool)
@@ -736,12 +729,11 @@ def filter_scan(
     """As `jax.lax.scan`, except that the carry, inputs and outputs may be any pytree.
 
     Array leaves are traced. A Python number in the carry stays a Python value while
-    `f` gives it back unchanged (same type, same bits); once `f` changes it, `f` is
-    traced again with that number traced, as `jax.lax.scan` traces it. Bools are
-    traced from the start, as there. Every other leaf (functions, strings, static
-    fields of modules) is static, and `f` must give back an equal value. On a tree of
-    arrays it builds the program `jax.lax.scan` builds, so `jax.jit`, `jax.vmap` and
-    `jax.grad` treat it the same.
+    `f` returns it unchanged (same type and bits); once `f` changes it, `f` is traced
+    again with it traced, as `jax.lax.scan` traces it. Bools are traced from the
+    start. Every other leaf (functions, strings, static fields) is static, and `f`
+    must return it unchanged. On a tree of arrays it builds `jax.lax.scan`'s program,
+    so `jax.jit`, `jax.vmap` and `jax.grad` see no difference.
 
     **Arguments:** as `jax.lax.scan`, and:
 
@@ -749,8 +741,8 @@ def filter_scan(
         step unchanged. When `xs` holds no arrays, `length` is required.
     - `length`: a Python or NumPy integer, or a concrete 0-d integer array.
     - `progress`: `True`, or a description, draws a progress bar on stderr while the
-        loop runs, even under `jax.jit`. The results are those without a bar, up to
-        XLA's rounding of matrix products.
+        loop runs, even under `jax.jit`. Results are as without it, up to XLA's
+        rounding of matrix products.
 
     **Returns:** `(final_carry, ys)`, where the non-array leaves of `y` come once,
     unstacked (as `eqx.filter_vmap` returns a batch of modules).
@@ -785,12 +777,11 @@ def filter_scan(
     import jax.numpy as jnp
     from lerax_utils import filter_scan
 
-    mlp = eqx.nn.MLP(2, 2, width_size=8, depth=1, key=jax.random.key(0))
-
     def step(carry, _):
         model, x, steps = carry
         return (model, model(x), steps + 1), x
 
+    mlp = eqx.nn.MLP(2, 2, width_size=8, depth=1, key=jax.random.key(0))
     (mlp, x, steps), xs = filter_scan(step, (mlp, jnp.ones(2), 0), length=5)
     print(xs.shape, steps)  # (5, 2) 5
     ```
@@ -837,8 +828,8 @@ def filter_scan(
             )
         else:
             final, ys = _scan_with_bar(
-                bar, step, carry.traced_part(), inputs.traced_part(), length,
-                reverse, unroll, options,
+                bar, step, carry.traced_part(), inputs.traced_part(),
+                {"length": length, "reverse": reverse, "unroll": unroll, **options},
             )  # fmt: skip
         _static_outputs_agree("filter_scan", "`f`'s output `y`", "f", outputs)
         final, ys = carry.finish(final), outputs[0].rebuild(ys)
@@ -850,30 +841,20 @@ def filter_scan(
 
 
 def _scan_with_bar(
-    bar: "_ProgressBar",
-    step: Callable[[Any, Any], tuple[Any, Any]],
-    init: Any,
-    xs: Any,
-    length: int,
-    reverse: bool,
-    unroll: Any,
-    options: dict[str, Any],
+    bar: "_ProgressBar", step: Callable[..., Any], init: Any, xs: Any, options: Any
 ) -> tuple[Any, Any]:
-    """`jax.lax.scan(step, init, xs, ...)`, reporting its progress to `bar`.
+    """`jax.lax.scan(step, init, xs, **options)`, reporting its progress to `bar`;
+    `options` holds at least `length` and `unroll`.
 
-    A check in every step costs more than the bar is worth (a branch around a host
-    call keeps XLA from simplifying the step), so where it can the loop runs in
-    chunks: an outer scan over chunks of `_chunk_size(length)` steps reports
-    between them, and its results are one `jax.lax.scan`'s, bit for bit. Under
-    differentiation the chunks would sum the cotangents of the arrays that `step`
-    closes over in another order, so there the loop is one scan that checks its
-    step count in every step (`_scan_reporting_every_step`), whose gradients are
-    `jax.lax.scan`'s. That form also serves where chunks do not apply: a length
-    with no divisor near the stride, an `unroll` (which groups the steps), a step
-    with effects of its own or one that changes its carry's type (which
-    `jax.lax.scan` answers by promoting weak types, or with an error), and PRNG
-    keys where JAX cannot pass them through a `jax.custom_jvp`.
+    A check in every step keeps XLA from simplifying the step, so where it can the
+    loop runs as an outer scan over chunks of `_chunk_size(length)` steps, reporting
+    between them, with one `jax.lax.scan`'s results bit for bit. Under differentiation
+    (where chunks would sum cotangents in another order), and where chunks do not
+    apply (no divisor near the stride, an `unroll`, effects, a carry whose type
+    changes, keys that a `jax.custom_jvp` cannot pass), it is one scan that checks
+    its step count in every step.
     """
+    length, unroll = options["length"], options["unroll"]
     with _progress_body():  # Loops traced inside `step` draw no bar.
         as_bool = isinstance(unroll, bool | np.bool_)
         whole = bool(unroll) if as_bool else unroll >= length
@@ -882,18 +863,14 @@ def _scan_with_bar(
             # XLA inlines a loop of one step (or one wholly unrolled) and compiles it
             # together with what surrounds it, so any report inside would change the
             # results' bits. One report, after it.
-            out = jax.lax.scan(
-                step, init, xs, length=length, reverse=reverse, unroll=unroll, **options
-            )
+            out = jax.lax.scan(step, init, xs, **options)
             last = _progress_callbacks(bar, 1, 1)[2]
             jax.debug.callback(last)
             return out
         try:
             first_x = jax.tree.map(lambda x: x[0], xs)
         except Exception:  # An explicitly sharded scan axis, say: lax's error, then.
-            return jax.lax.scan(
-                step, init, xs, length=length, reverse=reverse, unroll=unroll, **options
-            )
+            return jax.lax.scan(step, init, xs, **options)
         closed, (carry_shape, y_shape) = jax.make_jaxpr(step, return_shape=True)(
             init, first_x
         )
@@ -904,9 +881,7 @@ def _scan_with_bar(
             (a.shape, a.dtype, a.weak_type) != (b.shape, b.dtype, b.weak_type)
             for a, b in zip(in_avals, out_avals, strict=True)
         ):  # Let `jax.lax.scan` promote the carry, or raise, as it does.
-            return _scan_reporting_every_step(
-                bar, step, init, xs, length, reverse, unroll, options
-            )
+            return _scan_reporting_every_step(bar, step, init, xs, options)
 
         def replay(consts: list[Any], carry: list[Any], x: list[Any]) -> Any:
             out = jax.core.eval_jaxpr(closed.jaxpr, consts, *carry, *x)
@@ -914,9 +889,8 @@ def _scan_with_bar(
 
         def every_step(consts: list[Any], carry: list[Any], xs: list[Any]) -> Any:
             return _scan_reporting_every_step(
-                bar, functools.partial(replay, consts), carry, xs, length, reverse,
-                unroll, options,
-            )  # fmt: skip
+                bar, functools.partial(replay, consts), carry, xs, options
+            )
 
         stride = _chunk_size(length)
         const_avals = [var.aval for var in closed.jaxpr.constvars]
@@ -936,9 +910,8 @@ def _scan_with_bar(
 
             def in_chunks(consts: list[Any], carry: list[Any], xs: list[Any]) -> Any:
                 return _scan_in_chunks(
-                    bar, functools.partial(replay, consts), carry, xs, length, stride,
-                    reverse, options,
-                )  # fmt: skip
+                    bar, functools.partial(replay, consts), carry, xs, stride, options
+                )
 
             scan = jax.custom_jvp(in_chunks)
             scan.defjvp(lambda primals, dots: jax.jvp(every_step, primals, dots))
@@ -948,25 +921,23 @@ def _scan_with_bar(
 
 def _scan_in_chunks(
     bar: "_ProgressBar",
-    step: Callable[[Any, Any], tuple[Any, Any]],
+    step: Callable[..., Any],
     init: list[Any],
     xs: list[Any],
-    length: int,
     stride: int,
-    reverse: bool,
-    options: dict[str, Any],
+    options: Any,
 ) -> tuple[Any, Any]:
     """The steps in chunks of `stride` (which divides `length`), with a host call
     before the first chunk and one after each."""
+    length = options["length"]
     chunks = length // stride
+    options = {**options, "unroll": 1}
     first, then, last = _progress_callbacks(bar, stride, chunks + 1)
     jax.debug.callback(first)
 
     def chunk(state: tuple[Any, Any], x: Any) -> tuple[Any, Any]:
         index, carry = state
-        carry, ys = jax.lax.scan(
-            step, carry, x, length=stride, reverse=reverse, **options
-        )
+        carry, ys = jax.lax.scan(step, carry, x, **{**options, "length": stride})
         # Tied to this chunk's arrays, so that it runs after its steps.
         done, operand = _after_arrays_of([carry, ys], index)
         jax.lax.cond(
@@ -981,9 +952,7 @@ def _scan_in_chunks(
         chunk,
         (jnp.zeros((), jnp.int32), init),
         [x.reshape(chunks, stride, *x.shape[1:]) for x in xs],
-        length=chunks,
-        reverse=reverse,
-        **options,
+        **{**options, "length": chunks},
     )
     # Else XLA folds the reshapes into what consumes `ys` (a sum over two axes
     # instead of one, say), which then rounds differently than without the bar.
@@ -992,12 +961,9 @@ def _scan_in_chunks(
 
 def _after_arrays_of(tree: list[Any], index: jax.Array) -> tuple[jax.Array, Any]:
     """`index`, and an operand for the branch that reports, which XLA computes only
-    once the arrays of `tree` are computed.
-
-    An optimization barrier ties `index` to the smallest array, read whole, so that
-    it works on any sharding (a slice of an explicitly sharded array may not be
-    taken). Without one (old JAX), a value of that array is the branch's operand.
-    """
+    once the arrays of `tree` are: an optimization barrier ties `index` to the
+    smallest array, whole (so any sharding works), or without one, a value of that
+    array is the operand."""
     leaves = [leaf for leaf in jtu.tree_leaves(tree) if leaf.size]
     if not leaves:
         return index, index
@@ -1010,17 +976,11 @@ def _after_arrays_of(tree: list[Any], index: jax.Array) -> tuple[jax.Array, Any]
 
 
 def _scan_reporting_every_step(
-    bar: "_ProgressBar",
-    step: Callable[[Any, Any], tuple[Any, Any]],
-    init: Any,
-    xs: Any,
-    length: int,
-    reverse: bool,
-    unroll: Any,
-    options: dict[str, Any],
+    bar: "_ProgressBar", step: Callable[..., Any], init: Any, xs: Any, options: Any
 ) -> tuple[Any, Any]:
-    """`jax.lax.scan(step, ...)` with a step counter in the carry, which `step` never
-    sees, reporting to `bar`. The counter counts up whatever the direction."""
+    """`jax.lax.scan(step, init, xs, **options)` with a step counter in the carry,
+    which `step` never sees, reporting to `bar`. It counts up in either direction."""
+    length = options["length"]
     stride = _progress_stride(length)
     reported = {*range(0, length, stride), length - 1}
     first, then, last = _progress_callbacks(bar, stride, len(reported))
@@ -1047,13 +1007,7 @@ def _scan_reporting_every_step(
         return (index + 1, new_carry), y
 
     (_, final), ys = jax.lax.scan(
-        counted,
-        (jnp.zeros((), jnp.int32), init),
-        xs,
-        length=length,
-        reverse=reverse,
-        unroll=unroll,
-        **options,
+        counted, (jnp.zeros((), jnp.int32), init), xs, **options
     )
     return final, ys
 
@@ -1066,18 +1020,9 @@ def _scan_length(xs: Any, length: Any) -> int:
             raise ValueError(
                 f"filter_scan: `length` must be non-negative; got {length}."
             )
-    sizes: dict[str, int] = {}
-    for path, leaf in jtu.tree_flatten_with_path(xs)[0]:
-        if not eqx.is_array(leaf):
-            continue
-        if leaf.ndim == 0:
-            raise _ScalarToScanError(
-                f"filter_scan: the array at `xs` path {jtu.keystr(path)} is a scalar "
-                "(shape ()), so it has no leading axis to scan over. Give it a "
-                "leading axis of size `length`, or make it a Python scalar to pass it "
-                "unchanged to every step."
-            )
-        sizes[jtu.keystr(path)] = leaf.shape[0]
+    leaves = jtu.tree_leaves(xs)
+    _check_leading_axes("filter_scan", xs, leaves)
+    sizes = [leaf.shape[0] for leaf in leaves if eqx.is_array(leaf)]
     if not sizes:
         if length is None:
             raise ValueError(
@@ -1085,9 +1030,13 @@ def _scan_length(xs: Any, length: Any) -> int:
                 "arrays. Pass `length=`."
             )
         return length
-    distinct = set(sizes.values())
+    distinct = set(sizes)
     if len(distinct) > 1:
-        listing = ", ".join(f"{path}: {size}" for path, size in sizes.items())
+        listing = ", ".join(
+            f"{jtu.keystr(path)}: {leaf.shape[0]}"
+            for path, leaf in jtu.tree_flatten_with_path(xs)[0]
+            if eqx.is_array(leaf)
+        )
         raise ValueError(
             "filter_scan: every array in `xs` must have the same leading size, but the "
             f"leading sizes differ ({listing}). Slice or pad them to one length."
@@ -1104,6 +1053,21 @@ def _scan_length(xs: Any, length: Any) -> int:
 class _ScalarToScanError(ValueError, IndexError):
     """A 0-d array in `xs`. A `ValueError`, and an `IndexError` as well, since that is
     what `jax.lax.scan` and `jax.lax.map` raise for it."""
+
+
+def _check_leading_axes(function: str, xs: Any, leaves: list[Any]) -> None:
+    """Every array among `leaves` (those of `xs`) has a leading axis to slice."""
+    for i, leaf in enumerate(leaves):
+        if eqx.is_array(leaf) and leaf.ndim == 0:
+            path = jtu.keystr(jtu.tree_flatten_with_path(xs)[0][i][0])
+            scan = function == "filter_scan"
+            raise _ScalarToScanError(
+                f"{function}: the array at `xs` path {path} is a scalar (shape ()), so "
+                f"it has no leading axis to {'scan' if scan else 'map'} over. Give it "
+                f"a leading axis{' of size `length`' if scan else ''}, or make it a "
+                "Python scalar to pass it unchanged to every "
+                f"{'step' if scan else 'call'}."
+            )
 
 
 def _whole_number(name: str, value: Any) -> int:
@@ -1164,11 +1128,10 @@ def filter_cond(
     """As `jax.lax.cond`, except that the operands and outputs may be any pytree.
 
     Array leaves of the operands are traced; every other leaf, Python numbers
-    included, reaches the branch unchanged. Only the chosen branch runs: under
-    `jax.jit` this is a real `cond`. At each leaf of their outputs the branches return
-    arrays or Python numbers (of one shape and dtype, as `jax.lax.cond` requires), or
-    equal static values. A number that both branches return unchanged stays a Python
-    number. `operand=x` and the older five-argument form work as in `jax.lax.cond`.
+    included, reaches the branch unchanged. Only the chosen branch runs. The branches
+    return, at each leaf, arrays or numbers (of one shape and dtype, as `jax.lax.cond`
+    requires) or equal static values; a number that both return unchanged stays a
+    Python number.
 
     **Raises:** the exception types of `jax.lax.cond` for the same mistakes.
 
@@ -1185,13 +1148,8 @@ def filter_cond(
     import jax.numpy as jnp
     from lerax_utils import filter_cond
 
-    def explore(x, label):
-        return x + 1.0, label
-
-    def exploit(x, label):
-        return x - 1.0, label
-
-    value, label = filter_cond(jnp.array(True), explore, exploit, jnp.zeros(3), "act")
+    grow, shrink = lambda x, s: (x + 1.0, s), lambda x, s: (x - 1.0, s)
+    value, label = filter_cond(jnp.array(True), grow, shrink, jnp.zeros(3), "act")
     print(value, label)  # [1. 1. 1.] act
     ```
     """
@@ -1250,10 +1208,8 @@ def filter_switch(
 ) -> _Out:
     """As `jax.lax.switch`, except that the operands and outputs may be any pytree.
 
-    Operands and outputs are split as in `filter_cond`: array leaves are traced, other
-    leaves reach every branch unchanged, and the branches must agree on the rest of
-    their outputs. `index` is clamped to the branches, as by `jax.lax.switch`, and
-    under `jax.jit` only the chosen branch runs.
+    Operands and outputs are split as in `filter_cond`. `index` is clamped to the
+    branches, as by `jax.lax.switch`, and only the chosen branch runs.
 
     **Raises:** the exception types of `jax.lax.switch` for the same mistakes.
 
@@ -1326,8 +1282,8 @@ def filter_while_loop(
 
     The carry is split as in `filter_scan`: arrays are traced, Python numbers are
     static until `body_fun` changes them, and every other leaf is static and must come
-    back equal. As `jax.lax.while_loop`, it can be differentiated forwards but not in
-    reverse; for that, use `filter_fori_loop` with concrete bounds, or `filter_scan`.
+    back unchanged. As `jax.lax.while_loop`, it cannot be differentiated in reverse:
+    use `filter_fori_loop` with concrete bounds for that.
 
     **Raises:** the exception types of `jax.lax.while_loop` for the same mistakes.
 
@@ -1349,8 +1305,8 @@ def filter_while_loop(
         position, steps, name = carry
         return position + 0.3, steps + 1, name
 
-    carry = filter_while_loop(lambda c: c[0] < 1.0, step, (jnp.zeros(()), 0, "a"))
-    print(carry[1], carry[2])  # 4 a
+    carry = filter_while_loop(lambda c: c[0] < 1, step, (jnp.zeros(()), 0, "a"))
+    print(carry[1:])  # (4, 'a')
     ```
     """
     _check_callable("filter_while_loop", "cond_fun", cond_fun)
@@ -1383,13 +1339,11 @@ def filter_fori_loop(
 ) -> _Carry:
     """As `jax.lax.fori_loop`, except that the carry may be any pytree.
 
-    The carry is split as in `filter_while_loop`. With concrete bounds the loop is a
-    scan, which can be differentiated in reverse; with traced bounds it is a while
-    loop.
+    The carry is split as in `filter_scan`. With concrete bounds the loop is a scan,
+    which can be differentiated in reverse; with traced bounds, a while loop.
 
-    **Arguments:** as `jax.lax.fori_loop`, and `progress`: `True`, or a description,
-    draws a progress bar over the `upper - lower` steps, as in `filter_scan`. It needs
-    concrete bounds.
+    **Arguments:** as `jax.lax.fori_loop`, and `progress`, as in `filter_scan`, which
+    needs concrete bounds.
 
     **Raises:** the exception types of `jax.lax.fori_loop` for the same mistakes.
 
@@ -1406,11 +1360,7 @@ def filter_fori_loop(
     import jax.numpy as jnp
     from lerax_utils import filter_fori_loop
 
-    def accumulate(i, carry):
-        total, label = carry
-        return total + i, label
-
-    total, label = filter_fori_loop(0, 5, accumulate, (jnp.zeros(()), "sum"))
+    total, label = filter_fori_loop(0, 5, lambda i, c: (c[0] + i, c[1]), (0.0, "sum"))
     print(total, label)  # 10.0 sum
     ```
     """
@@ -1452,8 +1402,8 @@ def filter_fori_loop(
             return (i + 1, body(i, traced)), None
 
         (_, final), _ = _scan_with_bar(
-            bar, counted, (first, carry.traced_part()), None, total, False,
-            1 if unroll is None else unroll, {},
+            bar, counted, (first, carry.traced_part()), None,
+            {"length": total, "unroll": 1 if unroll is None else unroll},
         )  # fmt: skip
         return carry.finish(final)
 
@@ -1477,11 +1427,10 @@ def filter_map(
 
     Array leaves of `xs` are sliced along their leading axis and traced; other leaves
     reach every call unchanged. Array and Python-number leaves of the outputs are
-    stacked, as by `jax.lax.map`; every other leaf is returned once, and must be the
-    same in every trace of `f`.
+    stacked, as by `jax.lax.map`; every other leaf is returned once.
 
-    **Arguments:** as `jax.lax.map`, and `progress`: `True`, or a description, draws a
-    progress bar over the slices, as in `filter_scan` (not with `batch_size`).
+    **Arguments:** as `jax.lax.map`, and `progress`, as in `filter_scan` (not with
+    `batch_size`).
 
     **Raises:** the exception types of `jax.lax.map` for the same mistakes.
 
@@ -1498,11 +1447,9 @@ def filter_map(
     import jax.numpy as jnp
     from lerax_utils import filter_map
 
-    def describe(x):
-        return {"norm": jnp.linalg.norm(x["obs"]), "unit": x["unit"]}
-
-    out = filter_map(describe, {"obs": jnp.ones((3, 4)), "unit": "m"})
-    print(out["norm"], out["unit"])  # [2. 2. 2.] m
+    xs = {"obs": jnp.ones((3, 4)), "unit": "m"}
+    sums, unit = filter_map(lambda x: (jnp.sum(x["obs"]), x["unit"]), xs)
+    print(sums, unit)  # [4. 4. 4.] m
     ```
     """
     _check_callable("filter_map", "f", f)
@@ -1522,13 +1469,7 @@ def filter_map(
             )
         options["batch_size"] = batch_size
     inputs = _Split(xs, _arrays_traced)
-    for i, leaf in enumerate(inputs.leaves):
-        if eqx.is_array(leaf) and leaf.ndim == 0:
-            raise _ScalarToScanError(
-                f"filter_map: the array at `xs` path {inputs.path(i)} is a scalar "
-                "(shape ()), so it has no leading axis to map over. Give it a leading "
-                "axis, or make it a Python scalar to pass it unchanged to every call."
-            )
+    _check_leading_axes("filter_map", xs, inputs.leaves)
     if not any(inputs.traced):
         raise ValueError(
             "filter_map: `xs` holds no arrays, so there is nothing to map over. Give "
@@ -1553,7 +1494,7 @@ def filter_map(
         with _tidy_on_error(bar):
             _, ys = _scan_with_bar(
                 bar, lambda c, x: (c, mapped(x)), None, traced_xs,
-                jtu.tree_leaves(traced_xs)[0].shape[0], False, 1, {},
+                {"length": jtu.tree_leaves(traced_xs)[0].shape[0], "unroll": 1},
             )  # fmt: skip
     _static_outputs_agree("filter_map", "`f`'s output", "f", outputs)
     return outputs[0].rebuild(ys)
