@@ -175,11 +175,10 @@ def _same_python_number(old: Any, new: Any) -> bool:
     and `-0.0` are not."""
     if type(old) is not type(new) or type(old) not in _PYTHON_SCALARS:
         return False
-    if type(old) is float:
-        return struct.pack("<d", old) == struct.pack("<d", new)
-    if type(old) is complex:
-        return _same_python_number(old.real, new.real) and _same_python_number(
-            old.imag, new.imag
+    if type(old) in (float, complex):
+        old, new = complex(old), complex(new)
+        return struct.pack("<2d", old.real, old.imag) == struct.pack(
+            "<2d", new.real, new.imag
         )
     return old == new
 
@@ -388,15 +387,9 @@ def _outputs_traced(index: int, leaf: Any) -> bool:
     return _is_jax_value(leaf) or _is_python_number(leaf)
 
 
-def _named_after(fun: Callable[..., Any]) -> Callable[[_Function], _Function]:
-    """Give a wrapper `fun`'s name, signature and source location, so that JAX's own
-    messages about the wrapper speak of the user's function and parameter names."""
-
-    def name(wrapper: _Function) -> _Function:
-        functools.update_wrapper(wrapper, fun, updated=())
-        return wrapper
-
-    return name
+# Gives a wrapper `fun`'s name, signature and source location, so that JAX's own
+# messages about the wrapper speak of the user's function and parameter names.
+_named_after = functools.partial(functools.wraps, updated=())
 
 
 def _check_callable(function: str, name: str, fun: Any) -> None:
@@ -1127,11 +1120,11 @@ def filter_cond(
 ) -> _Out:
     """As `jax.lax.cond`, except that the operands and outputs may be any pytree.
 
-    Array leaves of the operands are traced; every other leaf, Python numbers
-    included, reaches the branch unchanged. Only the chosen branch runs. The branches
-    return, at each leaf, arrays or numbers (of one shape and dtype, as `jax.lax.cond`
-    requires) or equal static values; a number that both return unchanged stays a
-    Python number.
+    Array leaves of the operands are traced, and so are bools, as by `jax.lax.cond`;
+    every other leaf, numbers included, reaches the branch unchanged. Only the chosen
+    branch runs. At each leaf the branches return arrays or numbers (of one shape and
+    dtype, as `jax.lax.cond` requires) or equal static values; a number that both
+    return unchanged stays a Python number.
 
     **Raises:** the exception types of `jax.lax.cond` for the same mistakes.
 
