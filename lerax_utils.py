@@ -106,8 +106,8 @@ _KeyPath = tuple[Any, ...]
 
 # -- Control flow
 
-# `jax.lax.scan`'s experimental `_split_transpose` (jax 0.4.26 to 0.10 at least) may go
-# in a later release. It never changes results, so it is passed only where taken.
+# `jax.lax.scan`'s experimental `_split_transpose` (in jax 0.4.30 to 0.10 at least) may
+# go in a later release. It never changes results, so it is passed only where taken.
 _SCAN_TAKES_SPLIT_TRANSPOSE = (
     "_split_transpose" in inspect.signature(jax.lax.scan).parameters
 )

@@ -20,8 +20,8 @@ def _jax_version() -> tuple[int, ...]:
 def test_scan_split_transpose_is_passed_only_where_lax_scan_takes_it():
     takes = "_split_transpose" in inspect.signature(jax.lax.scan).parameters
     assert lerax_utils._SCAN_TAKES_SPLIT_TRANSPOSE is takes
-    # Present from jax 0.4.26 to 0.10 at least; a release that drops it fails here.
-    assert takes or _jax_version() < (0, 4, 26)
+    # Present in jax 0.4.30 to 0.10 at least; a release that drops it fails here.
+    assert takes or _jax_version() < (0, 4, 30)
 
 
 def test_map_takes_batch_size_from_jax_0_4_31():
