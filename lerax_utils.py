@@ -106,6 +106,43 @@ _KeyPath = tuple[Any, ...]
 
 # -- Control flow
 
+# `jax.lax.scan`'s experimental `_split_transpose` (in jax 0.4.30 to 0.10 at least) may
+# go in a later release. It never changes results, so it is passed only where taken.
+_SCAN_TAKES_SPLIT_TRANSPOSE = (
+    "_split_transpose" in inspect.signature(jax.lax.scan).parameters
+)
+# `jax.lax.map` takes `batch_size` from jax 0.4.31 on.
+_MAP_TAKES_BATCH_SIZE = "batch_size" in inspect.signature(jax.lax.map).parameters
+# `jax.lax.optimization_barrier` is public, and batchable, from jax 0.4.33 or so.
+# Without it, what consumes a loop's outputs may round differently with a bar.
+_HAS_OPTIMIZATION_BARRIER = hasattr(jax.lax, "optimization_barrier")
+_optimization_barrier = getattr(jax.lax, "optimization_barrier", lambda x: x)
+
+
+def _is_number_typed_by_jax(leaf: Any) -> bool:
+    """A number of a subclass that JAX defines, such as the `TypedFloat` that jax 0.10
+    gives a `jax.custom_vjp` forward function for a Python float."""
+    kind = type(leaf)
+    return (
+        issubclass(kind, (int, float, complex))
+        and kind not in (bool, int, float, complex)
+        and kind.__module__.startswith("jax.")
+    )
+
+
+@functools.cache
+def _custom_jvp_takes_keys() -> bool:
+    """Whether a `jax.custom_jvp` may return PRNG keys (jax 0.4.26 may not)."""
+    identity = jax.custom_jvp(lambda x, key: (x, key))
+    identity.defjvp(lambda primals, tangents: (primals, tangents))
+    key, zero = jax.random.key(0), np.zeros((), jax.dtypes.float0)
+    try:
+        jax.jvp(identity, (1.0, key), (1.0, zero))
+    except TypeError:
+        return False
+    return True
+
+
 # -- Batches of pytrees
 
 # -- Host callbacks and progress bars
@@ -128,15 +165,8 @@ def _is_python_number(leaf: Any) -> bool:
 
 
 def _is_jax_value(leaf: Any) -> bool:
-    """An array, or a Python number that JAX itself has typed (such as the
-    `TypedFloat` a `jax.custom_vjp` forward function gets for a Python float): JAX
-    traces both as arrays of their dtype."""
-    kind = type(leaf)
-    return eqx.is_array(leaf) or (
-        issubclass(kind, (int, float, complex))
-        and kind not in _PYTHON_SCALARS
-        and kind.__module__.startswith("jax.")
-    )
+    """An array, or a number that JAX has typed: JAX traces both as arrays."""
+    return eqx.is_array(leaf) or _is_number_typed_by_jax(leaf)
 
 
 def _same_python_number(old: Any, new: Any) -> bool:
@@ -145,11 +175,10 @@ def _same_python_number(old: Any, new: Any) -> bool:
     and `-0.0` are not."""
     if type(old) is not type(new) or type(old) not in _PYTHON_SCALARS:
         return False
-    if type(old) is float:
-        return struct.pack("<d", old) == struct.pack("<d", new)
-    if type(old) is complex:
-        return _same_python_number(old.real, new.real) and _same_python_number(
-            old.imag, new.imag
+    if type(old) in (float, complex):
+        old, new = complex(old), complex(new)
+        return struct.pack("<2d", old.real, old.imag) == struct.pack(
+            "<2d", new.real, new.imag
         )
     return old == new
 
@@ -358,15 +387,9 @@ def _outputs_traced(index: int, leaf: Any) -> bool:
     return _is_jax_value(leaf) or _is_python_number(leaf)
 
 
-def _named_after(fun: Callable[..., Any]) -> Callable[[_Function], _Function]:
-    """Give a wrapper `fun`'s name, signature and source location, so that JAX's own
-    messages about the wrapper speak of the user's function and parameter names."""
-
-    def name(wrapper: _Function) -> _Function:
-        functools.update_wrapper(wrapper, fun, updated=())
-        return wrapper
-
-    return name
+# Gives a wrapper `fun`'s name, signature and source location, so that JAX's own
+# messages about the wrapper speak of the user's function and parameter names.
+_named_after = functools.partial(functools.wraps, updated=())
 
 
 def _check_callable(function: str, name: str, fun: Any) -> None:
@@ -407,20 +430,13 @@ def _with_promoted_numbers(
     """Run `attempt(promoted)`, with the Python numbers of `tree` at the flat indices
     `promoted` traced and the others kept as Python values.
 
-    Bools start traced, exactly as `jax.lax` traces them, because Python and JAX give
-    different answers for the same code on them (`~True` is -2 in Python). Other
-    numbers start as Python values; a loop body that changes one asks for it to be
-    traced (`_PromoteCarryNumbers`), and the attempt is repeated, so nothing is traced
-    twice when no number changes.
-
-    An attempt that raises while trace time is still going on is repeated with every
-    number traced (code written for `jax.lax` may need them as arrays: `c.shape`, or
-    int32 arithmetic), and if that raises too, with every number a Python value (code
-    such as `if self.training:` needs them so). The first attempt that succeeds
-    stands. If none does, the error raised with every number traced is the one
-    `jax.lax` would raise, and it is raised, unless it only complains that a value was
-    traced, in which case an error from an attempt with Python values is the real one.
-    Errors of the running computation (`RuntimeError`) are never retried.
+    Bools start traced, as `jax.lax` traces them (`~True` is -2 in Python); other
+    numbers start as Python values, and a body that changes one asks for it to be
+    traced (`_PromoteCarryNumbers`). An attempt that raises is repeated with every
+    number traced (code for `jax.lax` may need arrays: `c.shape`), then with none
+    (`if self.training:` needs Python values); the first success stands. Failing all,
+    the error with every number traced is `jax.lax`'s and is raised, unless it only
+    complains of tracing. A `RuntimeError` (from the running computation) is final.
     """
     leaves = jtu.tree_leaves(tree)
     bools = frozenset(i for i, leaf in enumerate(leaves) if type(leaf) is bool)
@@ -687,9 +703,6 @@ def _one_operand_form(
 # filter_scan
 #
 
-_SCAN_TAKES_SPLIT_TRANSPOSE = (
-    "_split_transpose" in inspect.signature(jax.lax.scan).parameters
-)
 _SCAN_NAMES = _LoopNames(
     "filter_scan", "f", "init", "close over it in `f`, or pass it in `xs`"
 )
@@ -706,78 +719,48 @@ def filter_scan(
     *,
     progress: bool | str = False,
 ) -> tuple[_Carry, _Y]:
-    """As `jax.lax.scan`, except that `init`, `xs` and the outputs of `f` may be any
-    pytree. Array leaves are traced; Python numbers are traced once they change; every
-    other leaf is static.
+    """As `jax.lax.scan`, except that the carry, inputs and outputs may be any pytree.
 
-    Use it to loop with an Equinox module in the carry: its parameters are traced and
-    its activation functions, strings and hyperparameters ride along unchanged.
+    Array leaves are traced. A Python number in the carry stays a Python value while
+    `f` returns it unchanged (same type and bits); once `f` changes it, `f` is traced
+    again with it traced, as `jax.lax.scan` traces it. Bools are traced from the
+    start. Every other leaf (functions, strings, static fields) is static, and `f`
+    must return it unchanged. On a tree of arrays it builds `jax.lax.scan`'s program,
+    so `jax.jit`, `jax.vmap` and `jax.grad` see no difference.
 
-    **Arguments:**
+    **Arguments:** as `jax.lax.scan`, and:
 
-    - `f`: the step, `f(carry, x) -> (new_carry, y)`; the pair may be a tuple or a
-        list. It may be a plain function, a bound method or an `eqx.Partial`.
-    - `init`: the initial carry. Its leaves are of three kinds.
-        - Arrays (JAX, NumPy, typed PRNG keys) are traced, as in `jax.lax.scan`.
-        - Python numbers (`int`, `float`, `complex`) that `f` gives back unchanged
-          (same type, same bits) stay Python values inside the loop and in the
-          final carry. A number that `f` changes (to another number or to an
-          array) is traced exactly as `jax.lax.scan` traces it, as a weakly typed
-          array, and the final carry holds an array there. `f` is then traced a
-          second time; nothing is traced twice when no number changes. Python
-          bools are traced, as `jax.lax.scan` traces them, since `~True` is -2 in
-          Python; a step that needs them as Python values (`if self.training:`)
-          gets them so on a second trace. If a trace with numbers as Python values
-          raises, `f` is traced again with every number traced, as
-          `jax.lax.scan` would.
-        - Every other leaf (functions, strings, `None`-free static fields of modules)
-          is static: `new_carry` must hold an equal value there.
-    - `xs`: the inputs, sliced along the leading axis of every array leaf. Non-array
-        leaves are passed unchanged to every step. `None` if there are no inputs.
-    - `length`: the number of steps, a concrete whole number (a Python int, a NumPy
-        integer or a 0-d array). Required when `xs` holds no arrays; otherwise it must
-        equal their leading size.
-    - `reverse`, `unroll`: as `jax.lax.scan`.
-    - `_split_transpose`: as `jax.lax.scan`; ignored by versions of JAX that no
-        longer accept it (it never changes results).
-    - `progress`: ours alone. `True` draws a progress bar on stderr while the loop
-        runs, even under `jax.jit`; a string draws one with that description. See
-        "Progress bars" below. `False` (the default) adds nothing to the program.
+    - `xs`: array leaves are sliced along their leading axis; other leaves reach every
+        step unchanged. When `xs` holds no arrays, `length` is required.
+    - `length`: a Python or NumPy integer, or a concrete 0-d integer array.
+    - `progress`: `True`, or a description, draws a progress bar on stderr while the
+        loop runs, even under `jax.jit`. Results are as without it, up to XLA's
+        rounding of matrix products.
 
-    **Returns:**
+    **Returns:** `(final_carry, ys)`, where the non-array leaves of `y` come once,
+    unstacked (as `eqx.filter_vmap` returns a batch of modules).
 
-    `(final_carry, ys)`. Array and Python-number leaves of `y` are stacked along a new
-    leading axis, as `jax.lax.scan` stacks them; other leaves are returned once,
-    unstacked, as `eqx.filter_vmap` returns a batch of modules.
+    **Raises:** the exception types of `jax.lax.scan` for the same mistakes, with
+    messages that begin as quoted and go on to name the leaf path and the fix.
 
-    **Raises:**
-
-    The exception types are those of `jax.lax.scan` for the same mistakes:
-
-    - `TypeError` if `f` is not callable or does not return a pair, if the carry
-        changes structure, if a traced carry leaf comes back as something that is not
-        an array or a number, or (from JAX) if it changes shape or dtype.
-    - `ValueError` if `xs` has inconsistent leading sizes, if `length` disagrees with
-        them or is negative, or if `unroll` is negative; also if a static carry leaf
-        changes, which is ours alone. Messages name the leaf path.
-    - `jax.errors.ConcretizationTypeError` if `length` is traced.
-
-    Under `jax.jit`, `jax.vmap` and `jax.grad` it behaves as `jax.lax.scan`: on a tree
-    whose leaves are all arrays it builds exactly the same program.
-
-    **Progress bars.** With `progress`, the loop reports its step count to the host
-    every `k` steps (`k` chosen from `length`, so at most 200 reports however long
-    the loop) and the host redraws one line, at most 10 times a second: count/total,
-    percent, elapsed time, time left and rate. The line ends when the count reaches
-    `length`; with `reverse=True` it counts up all the same. The loop runs as chunks
-    of `k` steps with a report between them (under differentiation, as one scan that
-    checks its count in every step), and its results are bit for bit those without
-    the bar, but for XLA's rounding of matrix products, which may differ between two
-    programs (see the README). Under `jax.vmap` one bar is drawn, not one per batch
-    element. A loop with a bar traced inside the body of another loop with a bar
-    draws none: only the outermost bar is shown. A loop of length 0 draws nothing.
-    If the loop stops on an error, its line is ended (eagerly at once; under `jit`
-    when the next bar starts, or at exit).
+    - `TypeError`: ``filter_scan: `f` must be callable``; ``filter_scan: `f` must
+        return a pair``; ``filter_scan: `f` returned a carry that differs from `init` ``
+        when the carry changes structure (a static field of a module too) or a traced
+        leaf comes back as neither an array nor a number; ``filter_scan: `length` must
+        be a whole number``; ``filter_scan: `unroll` must be a bool or a non-negative
+        int``; ``filter_scan: `progress` must be a bool or a string``. JAX's own when
+        a carry leaf changes shape or dtype.
+    - `ValueError`: ``filter_scan: `f` returned a carry that differs from `init` ``
+        when a static leaf changes; ``filter_scan: every array in `xs` must have the
+        same leading size``; ``filter_scan: `length=…` disagrees with the leading
+        size``; ``filter_scan: cannot tell how many steps to run``; ``filter_scan: the
+        array at `xs` path … is a scalar`` (an `IndexError` too, as in
+        `jax.lax.scan`); ``filter_scan: `length` must be non-negative``;
+        ``filter_scan: `unroll` must be a bool or a non-negative int`` when negative;
+        ``filter_scan: the non-array part of `f`'s output `y` differs between two
+        traces``.
+    - `jax.errors.ConcretizationTypeError` when `length` is traced: JAX's message,
+        then ``filter_scan: `length` must be concrete``.
 
     **Example:**
 
@@ -787,13 +770,11 @@ def filter_scan(
     import jax.numpy as jnp
     from lerax_utils import filter_scan
 
+    def step(carry, _):
+        model, x, steps = carry
+        return (model, model(x), steps + 1), x
+
     mlp = eqx.nn.MLP(2, 2, width_size=8, depth=1, key=jax.random.key(0))
-
-    def step(state, _):
-        model, x, steps = state
-        x = model(x)
-        return (model, x, steps + 1), x
-
     (mlp, x, steps), xs = filter_scan(step, (mlp, jnp.ones(2), 0), length=5)
     print(xs.shape, steps)  # (5, 2) 5
     ```
@@ -840,8 +821,8 @@ def filter_scan(
             )
         else:
             final, ys = _scan_with_bar(
-                bar, step, carry.traced_part(), inputs.traced_part(), length,
-                reverse, unroll, options,
+                bar, step, carry.traced_part(), inputs.traced_part(),
+                {"length": length, "reverse": reverse, "unroll": unroll, **options},
             )  # fmt: skip
         _static_outputs_agree("filter_scan", "`f`'s output `y`", "f", outputs)
         final, ys = carry.finish(final), outputs[0].rebuild(ys)
@@ -853,30 +834,20 @@ def filter_scan(
 
 
 def _scan_with_bar(
-    bar: "_ProgressBar",
-    step: Callable[[Any, Any], tuple[Any, Any]],
-    init: Any,
-    xs: Any,
-    length: int,
-    reverse: bool,
-    unroll: Any,
-    options: dict[str, Any],
+    bar: "_ProgressBar", step: Callable[..., Any], init: Any, xs: Any, options: Any
 ) -> tuple[Any, Any]:
-    """`jax.lax.scan(step, init, xs, ...)`, reporting its progress to `bar`.
+    """`jax.lax.scan(step, init, xs, **options)`, reporting its progress to `bar`;
+    `options` holds at least `length` and `unroll`.
 
-    A check in every step costs more than the bar is worth (a branch around a host
-    call keeps XLA from simplifying the step), so where it can the loop runs in
-    chunks: an outer scan over chunks of `_chunk_size(length)` steps reports
-    between them, and its results are one `jax.lax.scan`'s, bit for bit. Under
-    differentiation the chunks would sum the cotangents of the arrays that `step`
-    closes over in another order, so there the loop is one scan that checks its
-    step count in every step (`_scan_reporting_every_step`), whose gradients are
-    `jax.lax.scan`'s. That form also serves where chunks do not apply: a length
-    with no divisor near the stride, an `unroll` (which groups the steps), a step
-    with effects of its own or one that changes its carry's type (which
-    `jax.lax.scan` answers by promoting weak types, or with an error), and PRNG
-    keys where JAX cannot pass them through a `jax.custom_jvp`.
+    A check in every step keeps XLA from simplifying the step, so where it can the
+    loop runs as an outer scan over chunks of `_chunk_size(length)` steps, reporting
+    between them, with one `jax.lax.scan`'s results bit for bit. Under differentiation
+    (where chunks would sum cotangents in another order), and where chunks do not
+    apply (no divisor near the stride, an `unroll`, effects, a carry whose type
+    changes, keys that a `jax.custom_jvp` cannot pass), it is one scan that checks
+    its step count in every step.
     """
+    length, unroll = options["length"], options["unroll"]
     with _progress_body():  # Loops traced inside `step` draw no bar.
         as_bool = isinstance(unroll, bool | np.bool_)
         whole = bool(unroll) if as_bool else unroll >= length
@@ -885,18 +856,14 @@ def _scan_with_bar(
             # XLA inlines a loop of one step (or one wholly unrolled) and compiles it
             # together with what surrounds it, so any report inside would change the
             # results' bits. One report, after it.
-            out = jax.lax.scan(
-                step, init, xs, length=length, reverse=reverse, unroll=unroll, **options
-            )
+            out = jax.lax.scan(step, init, xs, **options)
             last = _progress_callbacks(bar, 1, 1)[2]
             jax.debug.callback(last)
             return out
         try:
             first_x = jax.tree.map(lambda x: x[0], xs)
         except Exception:  # An explicitly sharded scan axis, say: lax's error, then.
-            return jax.lax.scan(
-                step, init, xs, length=length, reverse=reverse, unroll=unroll, **options
-            )
+            return jax.lax.scan(step, init, xs, **options)
         closed, (carry_shape, y_shape) = jax.make_jaxpr(step, return_shape=True)(
             init, first_x
         )
@@ -907,9 +874,7 @@ def _scan_with_bar(
             (a.shape, a.dtype, a.weak_type) != (b.shape, b.dtype, b.weak_type)
             for a, b in zip(in_avals, out_avals, strict=True)
         ):  # Let `jax.lax.scan` promote the carry, or raise, as it does.
-            return _scan_reporting_every_step(
-                bar, step, init, xs, length, reverse, unroll, options
-            )
+            return _scan_reporting_every_step(bar, step, init, xs, options)
 
         def replay(consts: list[Any], carry: list[Any], x: list[Any]) -> Any:
             out = jax.core.eval_jaxpr(closed.jaxpr, consts, *carry, *x)
@@ -917,9 +882,8 @@ def _scan_with_bar(
 
         def every_step(consts: list[Any], carry: list[Any], xs: list[Any]) -> Any:
             return _scan_reporting_every_step(
-                bar, functools.partial(replay, consts), carry, xs, length, reverse,
-                unroll, options,
-            )  # fmt: skip
+                bar, functools.partial(replay, consts), carry, xs, options
+            )
 
         stride = _chunk_size(length)
         const_avals = [var.aval for var in closed.jaxpr.constvars]
@@ -939,9 +903,8 @@ def _scan_with_bar(
 
             def in_chunks(consts: list[Any], carry: list[Any], xs: list[Any]) -> Any:
                 return _scan_in_chunks(
-                    bar, functools.partial(replay, consts), carry, xs, length, stride,
-                    reverse, options,
-                )  # fmt: skip
+                    bar, functools.partial(replay, consts), carry, xs, stride, options
+                )
 
             scan = jax.custom_jvp(in_chunks)
             scan.defjvp(lambda primals, dots: jax.jvp(every_step, primals, dots))
@@ -949,40 +912,25 @@ def _scan_with_bar(
         return carry_def.unflatten(final), jtu.tree_structure(y_shape).unflatten(ys)
 
 
-@functools.cache
-def _custom_jvp_takes_keys() -> bool:
-    """Whether a `jax.custom_jvp` may return PRNG keys (jax 0.4.26 may not)."""
-    identity = jax.custom_jvp(lambda x, key: (x, key))
-    identity.defjvp(lambda primals, tangents: (primals, tangents))
-    key, zero = jax.random.key(0), np.zeros((), jax.dtypes.float0)
-    try:
-        jax.jvp(identity, (1.0, key), (1.0, zero))
-    except TypeError:
-        return False
-    return True
-
-
 def _scan_in_chunks(
     bar: "_ProgressBar",
-    step: Callable[[Any, Any], tuple[Any, Any]],
+    step: Callable[..., Any],
     init: list[Any],
     xs: list[Any],
-    length: int,
     stride: int,
-    reverse: bool,
-    options: dict[str, Any],
+    options: Any,
 ) -> tuple[Any, Any]:
     """The steps in chunks of `stride` (which divides `length`), with a host call
     before the first chunk and one after each."""
+    length = options["length"]
     chunks = length // stride
+    options = {**options, "unroll": 1}
     first, then, last = _progress_callbacks(bar, stride, chunks + 1)
     jax.debug.callback(first)
 
     def chunk(state: tuple[Any, Any], x: Any) -> tuple[Any, Any]:
         index, carry = state
-        carry, ys = jax.lax.scan(
-            step, carry, x, length=stride, reverse=reverse, **options
-        )
+        carry, ys = jax.lax.scan(step, carry, x, **{**options, "length": stride})
         # Tied to this chunk's arrays, so that it runs after its steps.
         done, operand = _after_arrays_of([carry, ys], index)
         jax.lax.cond(
@@ -997,9 +945,7 @@ def _scan_in_chunks(
         chunk,
         (jnp.zeros((), jnp.int32), init),
         [x.reshape(chunks, stride, *x.shape[1:]) for x in xs],
-        length=chunks,
-        reverse=reverse,
-        **options,
+        **{**options, "length": chunks},
     )
     # Else XLA folds the reshapes into what consumes `ys` (a sum over two axes
     # instead of one, say), which then rounds differently than without the bar.
@@ -1008,12 +954,9 @@ def _scan_in_chunks(
 
 def _after_arrays_of(tree: list[Any], index: jax.Array) -> tuple[jax.Array, Any]:
     """`index`, and an operand for the branch that reports, which XLA computes only
-    once the arrays of `tree` are computed.
-
-    An optimization barrier ties `index` to the smallest array, read whole, so that
-    it works on any sharding (a slice of an explicitly sharded array may not be
-    taken). Without one (old JAX), a value of that array is the branch's operand.
-    """
+    once the arrays of `tree` are: an optimization barrier ties `index` to the
+    smallest array, whole (so any sharding works), or without one, a value of that
+    array is the operand."""
     leaves = [leaf for leaf in jtu.tree_leaves(tree) if leaf.size]
     if not leaves:
         return index, index
@@ -1025,24 +968,12 @@ def _after_arrays_of(tree: list[Any], index: jax.Array) -> tuple[jax.Array, Any]
     return index, jnp.ravel(smallest)[0]
 
 
-# Public (and batchable) since jax 0.4.33 or so. Without it, consumers of a chunked
-# loop's outputs may round differently than without the bar (the README says so).
-_HAS_OPTIMIZATION_BARRIER = hasattr(jax.lax, "optimization_barrier")
-_optimization_barrier = getattr(jax.lax, "optimization_barrier", lambda x: x)
-
-
 def _scan_reporting_every_step(
-    bar: "_ProgressBar",
-    step: Callable[[Any, Any], tuple[Any, Any]],
-    init: Any,
-    xs: Any,
-    length: int,
-    reverse: bool,
-    unroll: Any,
-    options: dict[str, Any],
+    bar: "_ProgressBar", step: Callable[..., Any], init: Any, xs: Any, options: Any
 ) -> tuple[Any, Any]:
-    """`jax.lax.scan(step, ...)` with a step counter in the carry, which `step` never
-    sees, reporting to `bar`. The counter counts up whatever the direction."""
+    """`jax.lax.scan(step, init, xs, **options)` with a step counter in the carry,
+    which `step` never sees, reporting to `bar`. It counts up in either direction."""
+    length = options["length"]
     stride = _progress_stride(length)
     reported = {*range(0, length, stride), length - 1}
     first, then, last = _progress_callbacks(bar, stride, len(reported))
@@ -1069,13 +1000,7 @@ def _scan_reporting_every_step(
         return (index + 1, new_carry), y
 
     (_, final), ys = jax.lax.scan(
-        counted,
-        (jnp.zeros((), jnp.int32), init),
-        xs,
-        length=length,
-        reverse=reverse,
-        unroll=unroll,
-        **options,
+        counted, (jnp.zeros((), jnp.int32), init), xs, **options
     )
     return final, ys
 
@@ -1088,18 +1013,9 @@ def _scan_length(xs: Any, length: Any) -> int:
             raise ValueError(
                 f"filter_scan: `length` must be non-negative; got {length}."
             )
-    sizes: dict[str, int] = {}
-    for path, leaf in jtu.tree_flatten_with_path(xs)[0]:
-        if not eqx.is_array(leaf):
-            continue
-        if leaf.ndim == 0:
-            raise _ScalarToScanError(
-                f"filter_scan: the array at `xs` path {jtu.keystr(path)} is a scalar "
-                "(shape ()), so it has no leading axis to scan over. Give it a "
-                "leading axis of size `length`, or make it a Python scalar to pass it "
-                "unchanged to every step."
-            )
-        sizes[jtu.keystr(path)] = leaf.shape[0]
+    leaves = jtu.tree_leaves(xs)
+    _check_leading_axes("filter_scan", xs, leaves)
+    sizes = [leaf.shape[0] for leaf in leaves if eqx.is_array(leaf)]
     if not sizes:
         if length is None:
             raise ValueError(
@@ -1107,9 +1023,13 @@ def _scan_length(xs: Any, length: Any) -> int:
                 "arrays. Pass `length=`."
             )
         return length
-    distinct = set(sizes.values())
+    distinct = set(sizes)
     if len(distinct) > 1:
-        listing = ", ".join(f"{path}: {size}" for path, size in sizes.items())
+        listing = ", ".join(
+            f"{jtu.keystr(path)}: {leaf.shape[0]}"
+            for path, leaf in jtu.tree_flatten_with_path(xs)[0]
+            if eqx.is_array(leaf)
+        )
         raise ValueError(
             "filter_scan: every array in `xs` must have the same leading size, but the "
             f"leading sizes differ ({listing}). Slice or pad them to one length."
@@ -1126,6 +1046,21 @@ def _scan_length(xs: Any, length: Any) -> int:
 class _ScalarToScanError(ValueError, IndexError):
     """A 0-d array in `xs`. A `ValueError`, and an `IndexError` as well, since that is
     what `jax.lax.scan` and `jax.lax.map` raise for it."""
+
+
+def _check_leading_axes(function: str, xs: Any, leaves: list[Any]) -> None:
+    """Every array among `leaves` (those of `xs`) has a leading axis to slice."""
+    for i, leaf in enumerate(leaves):
+        if eqx.is_array(leaf) and leaf.ndim == 0:
+            path = jtu.keystr(jtu.tree_flatten_with_path(xs)[0][i][0])
+            scan = function == "filter_scan"
+            raise _ScalarToScanError(
+                f"{function}: the array at `xs` path {path} is a scalar (shape ()), so "
+                f"it has no leading axis to {'scan' if scan else 'map'} over. Give it "
+                f"a leading axis{' of size `length`' if scan else ''}, or make it a "
+                "Python scalar to pass it unchanged to every "
+                f"{'step' if scan else 'call'}."
+            )
 
 
 def _whole_number(name: str, value: Any) -> int:
@@ -1185,34 +1120,20 @@ def filter_cond(
 ) -> _Out:
     """As `jax.lax.cond`, except that the operands and outputs may be any pytree.
 
-    Array leaves of `operands` are traced; every other leaf, Python numbers included,
-    is passed to both branches unchanged. Only the chosen branch runs: under `jax.jit`
-    this is a real `cond`, not a computation of both branches followed by a select.
+    Array leaves of the operands are traced, and so are bools, as by `jax.lax.cond`;
+    every other leaf, numbers included, reaches the branch unchanged. Only the chosen
+    branch runs. At each leaf the branches return arrays or numbers (of one shape and
+    dtype, as `jax.lax.cond` requires) or equal static values; a number that both
+    return unchanged stays a Python number.
 
-    **Arguments:**
+    **Raises:** the exception types of `jax.lax.cond` for the same mistakes.
 
-    - `pred`: a scalar boolean or number (array or Python value), as for
-        `jax.lax.cond`.
-    - `true_fun`, `false_fun`: called as `fun(*operands)`. They must return pytrees of
-        the same structure. At each leaf, both return arrays or Python numbers (of the
-        same shape and dtype, as `jax.lax.cond` requires), or equal static values.
-    - `*operands`: the arguments to the branches. `operand=x` is accepted instead, as
-        `jax.lax.cond` accepts it, and so is its older five-argument form.
-
-    **Returns:**
-
-    The output of the chosen branch. Where both branches return the same Python
-    number (same type, same bits), it stays that number; where they return different
-    numbers, or a number and an array, the output there is the array that
-    `jax.lax.cond` makes.
-
-    **Raises:**
-
-    - `TypeError` if a branch is not callable, if `pred` is not a scalar, or if the
-        branches return different structures or an array or number where the other
-        returns something else (the same types as `jax.lax.cond`).
-    - `ValueError` if the branches return different static values (ours alone). The
-        message names the leaf path.
+    - `TypeError`: ``filter_cond: `true_fun` must be callable`` (or `false_fun`);
+        ``filter_cond: `pred` must be a scalar``; ``filter_cond: the branches' outputs
+        disagree`` on their structure, or where one returns an array or number and the
+        other does not; ``filter_cond: pass the operands either positionally or as
+        `operand=`, not both``.
+    - `ValueError`: ``filter_cond: the branches' outputs disagree`` on a static value.
 
     **Example:**
 
@@ -1220,13 +1141,8 @@ def filter_cond(
     import jax.numpy as jnp
     from lerax_utils import filter_cond
 
-    def explore(x, label):
-        return x + 1.0, label
-
-    def exploit(x, label):
-        return x - 1.0, label
-
-    value, label = filter_cond(jnp.array(True), explore, exploit, jnp.zeros(3), "act")
+    grow, shrink = lambda x, s: (x + 1.0, s), lambda x, s: (x - 1.0, s)
+    value, label = filter_cond(jnp.array(True), grow, shrink, jnp.zeros(3), "act")
     print(value, label)  # [1. 1. 1.] act
     ```
     """
@@ -1285,33 +1201,19 @@ def filter_switch(
 ) -> _Out:
     """As `jax.lax.switch`, except that the operands and outputs may be any pytree.
 
-    Array leaves of `operands` are traced; every other leaf, Python numbers included,
-    is passed to every branch unchanged. Under `jax.jit` only the chosen branch runs.
+    Operands and outputs are split as in `filter_cond`. `index` is clamped to the
+    branches, as by `jax.lax.switch`, and only the chosen branch runs.
 
-    **Arguments:**
+    **Raises:** the exception types of `jax.lax.switch` for the same mistakes.
 
-    - `index`: a scalar integer (array or Python value). As in `jax.lax.switch`, it is
-        clamped to `0, ..., len(branches) - 1`.
-    - `branches`: a non-empty sequence of functions, each called as
-        `branch(*operands)`. They must return pytrees of the same structure; at each
-        leaf, arrays or Python numbers (of the same shape and dtype, as
-        `jax.lax.switch` requires) or equal static values.
-    - `*operands`: the arguments to the branches; `operand=x` is accepted instead, as
-        `jax.lax.switch` accepts it.
-
-    **Returns:**
-
-    The output of the chosen branch. Where every branch returns the same Python number
-    (same type, same bits) it stays that number; elsewhere a number becomes the array
-    that `jax.lax.switch` makes.
-
-    **Raises:**
-
-    - `TypeError` if `branches` is not a sequence of callables, if `index` is not a
-        scalar integer, or if the branches return different structures or an array or
-        number where another returns something else (the types of `jax.lax.switch`).
-    - `ValueError` if `branches` is empty, or if the branches return different static
-        values (ours alone). The message names the leaf path.
+    - `TypeError`: ``filter_switch: `branches` must be a sequence of functions``;
+        ``filter_switch: `branches[…]` must be callable``; ``filter_switch: `index`
+        must be a scalar``; ``filter_switch: the branches' outputs disagree`` on their
+        structure, or where one returns an array or number and another does not;
+        ``filter_switch: pass the operands either positionally or as `operand=`, not
+        both``.
+    - `ValueError`: ``filter_switch: `branches` is empty``; ``filter_switch: the
+        branches' outputs disagree`` on a static value.
 
     **Example:**
 
@@ -1319,16 +1221,8 @@ def filter_switch(
     import jax.numpy as jnp
     from lerax_utils import filter_switch
 
-    def walk(x, mode):
-        return x + 1.0, mode
-
-    def run(x, mode):
-        return x + 2.0, mode
-
-    def rest(x, mode):
-        return x, mode
-
-    value, mode = filter_switch(jnp.array(1), [walk, run, rest], jnp.zeros(2), "gait")
+    gaits = [lambda x, mode: (x + 1.0, mode), lambda x, mode: (x + 2.0, mode)]
+    value, mode = filter_switch(jnp.array(1), gaits, jnp.zeros(2), "gait")
     print(value, mode)  # [2. 2.] gait
     ```
     """
@@ -1377,38 +1271,22 @@ def filter_while_loop(
     body_fun: Callable[[_Carry], _Carry],
     init_val: _Carry,
 ) -> _Carry:
-    """As `jax.lax.while_loop`, except that the carry may be any pytree. Array leaves
-    are traced; Python numbers are traced once `body_fun` changes them; every other
-    leaf is static.
+    """As `jax.lax.while_loop`, except that the carry may be any pytree.
 
-    Use it to run until a condition holds with a module in the carry, for example an
-    episode until it is done, with the policy and its function fields inside.
+    The carry is split as in `filter_scan`: arrays are traced, Python numbers are
+    static until `body_fun` changes them, and every other leaf is static and must come
+    back unchanged. As `jax.lax.while_loop`, it cannot be differentiated in reverse:
+    use `filter_fori_loop` with concrete bounds for that.
 
-    **Arguments:**
+    **Raises:** the exception types of `jax.lax.while_loop` for the same mistakes.
 
-    - `cond_fun`: `cond_fun(carry)` returns a scalar boolean: whether to run another
-        step.
-    - `body_fun`: `body_fun(carry)` returns the next carry, of the same structure.
-    - `init_val`: the initial carry, split as in `filter_scan`: arrays are traced;
-        Python numbers that `body_fun` gives back unchanged stay Python values, and
-        those it changes are traced as `jax.lax.while_loop` traces them; other leaves
-        are static and must come back unchanged.
-
-    **Returns:**
-
-    The final carry.
-
-    **Raises:**
-
-    - `TypeError` if a function is not callable, or if the carry changes structure or
-        a traced leaf comes back as something that is not an array or a number (and,
-        from JAX, if it changes shape or dtype, or `cond_fun` does not return a scalar
-        boolean).
-    - `ValueError` if a static leaf of the carry changes. The message names the leaf
-        path.
-
-    As `jax.lax.while_loop`, it can be differentiated forwards (`jax.jvp`) but not in
-    reverse; use `filter_fori_loop` with concrete bounds, or `filter_scan`, for that.
+    - `TypeError`: ``filter_while_loop: `cond_fun` must be callable`` (or `body_fun`);
+        ``filter_while_loop: `body_fun` returned a carry that differs from
+        `init_val` `` when the carry changes structure or a traced leaf comes back as
+        neither an array nor a number. JAX's own when a leaf changes shape or dtype,
+        or `cond_fun` does not return a scalar boolean.
+    - `ValueError`: ``filter_while_loop: `body_fun` returned a carry that differs
+        from `init_val` `` when a static leaf changes.
 
     **Example:**
 
@@ -1416,16 +1294,12 @@ def filter_while_loop(
     import jax.numpy as jnp
     from lerax_utils import filter_while_loop
 
-    def not_done(carry):
-        position, steps, name = carry
-        return position < 1.0
-
     def step(carry):
         position, steps, name = carry
         return position + 0.3, steps + 1, name
 
-    position, steps, name = filter_while_loop(not_done, step, (jnp.zeros(()), 0, "a"))
-    print(steps, name)  # 4 a
+    carry = filter_while_loop(lambda c: c[0] < 1, step, (jnp.zeros(()), 0, "a"))
+    print(carry[1:])  # (4, 'a')
     ```
     """
     _check_callable("filter_while_loop", "cond_fun", cond_fun)
@@ -1456,30 +1330,22 @@ def filter_fori_loop(
     unroll: int | bool | None = None,
     progress: bool | str = False,
 ) -> _Carry:
-    """As `jax.lax.fori_loop`, except that the carry may be any pytree, split as in
-    `filter_while_loop`.
+    """As `jax.lax.fori_loop`, except that the carry may be any pytree.
 
-    **Arguments:**
+    The carry is split as in `filter_scan`. With concrete bounds the loop is a scan,
+    which can be differentiated in reverse; with traced bounds, a while loop.
 
-    - `lower`, `upper`: the bounds, `lower <= i < upper`, as for `jax.lax.fori_loop`.
-        With concrete bounds the loop is a scan, which can be differentiated in
-        reverse; with traced bounds it is a while loop.
-    - `body_fun`: `body_fun(i, carry)` returns the next carry, of the same structure.
-    - `init_val`: the initial carry (see `filter_while_loop`).
-    - `unroll`: as `jax.lax.fori_loop`; only with concrete bounds.
-    - `progress`: ours alone, only with concrete bounds: `True` or a description
-        draws a progress bar over the `upper - lower` steps, as in `filter_scan`.
+    **Arguments:** as `jax.lax.fori_loop`, and `progress`, as in `filter_scan`, which
+    needs concrete bounds.
 
-    **Returns:**
+    **Raises:** the exception types of `jax.lax.fori_loop` for the same mistakes.
 
-    The final carry.
-
-    **Raises:**
-
-    As `filter_while_loop`, with `body_fun` named in the messages; JAX's own errors for
-    the bounds (`TypeError` for bounds of different integer types) pass through.
-    `TypeError` if `progress` is asked for with traced bounds, whose trip count is
-    unknown until the loop runs.
+    - `TypeError`: ``filter_fori_loop: `body_fun` must be callable``;
+        ``filter_fori_loop: `body_fun` returned a carry that differs from `init_val` ``
+        as in `filter_while_loop`; ``filter_fori_loop: `progress` needs concrete
+        bounds``. JAX's own for bounds of different integer types.
+    - `ValueError`: ``filter_fori_loop: `body_fun` returned a carry that differs from
+        `init_val` `` when a static leaf changes.
 
     **Example:**
 
@@ -1487,11 +1353,7 @@ def filter_fori_loop(
     import jax.numpy as jnp
     from lerax_utils import filter_fori_loop
 
-    def accumulate(i, carry):
-        total, label = carry
-        return total + i, label
-
-    total, label = filter_fori_loop(0, 5, accumulate, (jnp.zeros(()), "sum"))
+    total, label = filter_fori_loop(0, 5, lambda i, c: (c[0] + i, c[1]), (0.0, "sum"))
     print(total, label)  # 10.0 sum
     ```
     """
@@ -1533,8 +1395,8 @@ def filter_fori_loop(
             return (i + 1, body(i, traced)), None
 
         (_, final), _ = _scan_with_bar(
-            bar, counted, (first, carry.traced_part()), None, total, False,
-            1 if unroll is None else unroll, {},
+            bar, counted, (first, carry.traced_part()), None,
+            {"length": total, "unroll": 1 if unroll is None else unroll},
         )  # fmt: skip
         return carry.finish(final)
 
@@ -1545,8 +1407,6 @@ def filter_fori_loop(
 #
 # filter_map
 #
-
-_MAP_TAKES_BATCH_SIZE = "batch_size" in inspect.signature(jax.lax.map).parameters
 
 
 def filter_map(
@@ -1559,29 +1419,20 @@ def filter_map(
     """As `jax.lax.map`, except that `xs` and the outputs of `f` may be any pytree.
 
     Array leaves of `xs` are sliced along their leading axis and traced; other leaves
-    are passed unchanged to every call. Array and Python-number leaves of the outputs
-    are stacked, as `jax.lax.map` stacks them; other leaves are returned once.
+    reach every call unchanged. Array and Python-number leaves of the outputs are
+    stacked, as by `jax.lax.map`; every other leaf is returned once.
 
-    **Arguments:**
+    **Arguments:** as `jax.lax.map`, and `progress`, as in `filter_scan` (not with
+    `batch_size`).
 
-    - `f`: called as `f(x)` on each slice.
-    - `xs`: the inputs. Its arrays must share their leading size.
-    - `batch_size`: as `jax.lax.map` (which takes it from jax 0.4.31 on): map over
-        batches of this many slices, each batch with `jax.vmap`.
-    - `progress`: ours alone: `True` or a description draws a progress bar over the
-        slices, as in `filter_scan`. Not with `batch_size`.
+    **Raises:** the exception types of `jax.lax.map` for the same mistakes.
 
-    **Returns:**
-
-    The stacked outputs.
-
-    **Raises:**
-
-    - `TypeError` if `f` is not callable, or `batch_size` is given to a JAX whose
-        `jax.lax.map` does not take it, or with `progress`.
-    - `ValueError` if `xs` holds no arrays, or if the static part of `f`'s output
-        differs between traces. JAX's own errors (different leading sizes) pass
-        through.
+    - `TypeError`: ``filter_map: `f` must be callable``; ``filter_map: `progress`
+        cannot be combined with `batch_size` ``; ``filter_map: `batch_size` needs a
+        JAX whose `jax.lax.map` takes it``. JAX's own when the leading sizes differ.
+    - `ValueError`: ``filter_map: `xs` holds no arrays``; ``filter_map: the array at
+        `xs` path … is a scalar`` (an `IndexError` too, as in `jax.lax.map`);
+        ``filter_map: the non-array part of `f`'s output differs between two traces``.
 
     **Example:**
 
@@ -1589,11 +1440,9 @@ def filter_map(
     import jax.numpy as jnp
     from lerax_utils import filter_map
 
-    def describe(x):
-        return {"norm": jnp.linalg.norm(x["obs"]), "unit": x["unit"]}
-
-    out = filter_map(describe, {"obs": jnp.ones((3, 4)), "unit": "m"})
-    print(out["norm"], out["unit"])  # [2. 2. 2.] m
+    xs = {"obs": jnp.ones((3, 4)), "unit": "m"}
+    sums, unit = filter_map(lambda x: (jnp.sum(x["obs"]), x["unit"]), xs)
+    print(sums, unit)  # [4. 4. 4.] m
     ```
     """
     _check_callable("filter_map", "f", f)
@@ -1613,13 +1462,7 @@ def filter_map(
             )
         options["batch_size"] = batch_size
     inputs = _Split(xs, _arrays_traced)
-    for i, leaf in enumerate(inputs.leaves):
-        if eqx.is_array(leaf) and leaf.ndim == 0:
-            raise _ScalarToScanError(
-                f"filter_map: the array at `xs` path {inputs.path(i)} is a scalar "
-                "(shape ()), so it has no leading axis to map over. Give it a leading "
-                "axis, or make it a Python scalar to pass it unchanged to every call."
-            )
+    _check_leading_axes("filter_map", xs, inputs.leaves)
     if not any(inputs.traced):
         raise ValueError(
             "filter_map: `xs` holds no arrays, so there is nothing to map over. Give "
@@ -1644,7 +1487,7 @@ def filter_map(
         with _tidy_on_error(bar):
             _, ys = _scan_with_bar(
                 bar, lambda c, x: (c, mapped(x)), None, traced_xs,
-                jtu.tree_leaves(traced_xs)[0].shape[0], False, 1, {},
+                {"length": jtu.tree_leaves(traced_xs)[0].shape[0], "unroll": 1},
             )  # fmt: skip
     _static_outputs_agree("filter_map", "`f`'s output", "f", outputs)
     return outputs[0].rebuild(ys)

@@ -1,13 +1,19 @@
-"""filter_scan and filter_cond as supersets of jax.lax.scan and jax.lax.cond.
+"""The control-flow family as a superset of `jax.lax`'s.
 
 Each mistake below is made once with `jax.lax` and once with ours: both must raise
 the same exception type. Each call form that `jax.lax` accepts must give the same
-result with ours.
+result with ours. Each message that a `**Raises:**` section quotes is raised by some
+mistake. The property tests of the family are in `test_lerax_utils.py`.
 """
 
+import enum
+import functools
 import inspect
-import pathlib
 import re
+import struct
+import subprocess
+import sys
+import textwrap
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -16,8 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _helpers import ROOT, assert_identical
 from jax.experimental import io_callback
 
+import lerax_utils
 from lerax_utils import (
     filter_cond,
     filter_fori_loop,
@@ -375,71 +383,381 @@ def _retraced_with_new_labels() -> Any:
     return filter_scan(step, jnp.asarray(0), None, length=2)
 
 
-_README_TRIGGERS: list[Callable[[], Any]] = [
-    lambda: filter_scan(
-        lambda c, _: ({**c, "tag": "b"}, None), {"tag": "a", "x": 0.0}, None, length=1
+def _keep(*args: Any) -> Any:
+    return args[-1]
+
+
+def _map_without_batch_size() -> Any:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(lerax_utils, "_MAP_TAKES_BATCH_SIZE", False)
+        return filter_map(_keep, jnp.ones(3), batch_size=2)
+
+
+def _map_retraced_with_new_labels() -> Any:
+    if not lerax_utils._MAP_TAKES_BATCH_SIZE:
+        pytest.skip("this JAX's lax.map has no batch_size, which traces f twice")
+    traces: list[None] = []
+
+    def f(x: Any) -> Any:
+        traces.append(None)
+        return x * 2, f"trace {len(traces)}"
+
+    return filter_map(f, jnp.arange(5.0), batch_size=2)
+
+
+_CONCRETE = jax.errors.ConcretizationTypeError
+
+# Each mistake, the exception it raises and how its message begins: the texts of the
+# error tables that the README had, and one for every message a docstring quotes.
+_RAISES: list[tuple[Callable[[], Any], type[Exception], str]] = [
+    (
+        lambda: filter_scan(
+            lambda c, _: ({**c, "tag": "b"}, None),
+            {"tag": "a", "x": 0.0},
+            None,
+            length=1,
+        ),
+        ValueError,
+        "filter_scan: `f` returned a carry that differs from `init` at path ['tag']: "
+        "it changed from str 'a' to str 'b'.",
     ),
-    lambda: filter_scan(
-        lambda c, _: ({"policy": _Named(c["policy"].params, "critic")}, None),
-        {"policy": _Named(jnp.ones(2), "actor")},
-        None,
-        length=1,
+    (
+        lambda: filter_scan(
+            lambda c, _: ({"policy": _Named(c["policy"].params, "critic")}, None),
+            {"policy": _Named(jnp.ones(2), "actor")},
+            None,
+            length=1,
+        ),
+        TypeError,
+        "filter_scan: `f` returned a carry that differs from `init` at path "
+        "['policy'].name: it is a static field that changed from str 'actor' to str "
+        "'critic'.",
     ),
-    lambda: filter_scan(
-        lambda c, _: ([c[0], "done"], None), [1, jnp.zeros(2)], None, length=1
+    (
+        lambda: filter_scan(
+            lambda c, _: ([c[0], "done"], None), [1, jnp.zeros(2)], None, length=1
+        ),
+        TypeError,
+        "filter_scan: `f` returned a carry that differs from `init` at path [1]: it "
+        "was an array of shape (2,) and dtype float32 and is now str 'done'.",
     ),
-    lambda: filter_scan(
-        lambda c, _: ({"a": c["a"], "b": 1}, None), {"a": 1}, None, length=1
+    (
+        lambda: filter_scan(
+            lambda c, _: ({"a": c["a"], "b": 1}, None), {"a": 1}, None, length=1
+        ),
+        TypeError,
+        "filter_scan: `f` returned a carry that differs from `init` at the top "
+        "level: it had keys ['a'] and now has ['a', 'b'].",
     ),
-    lambda: filter_scan(lambda c, x: c, "s", None, length=1),  # type: ignore[arg-type]
-    lambda: filter_scan("step", 0, None, length=1),  # type: ignore[arg-type]
-    lambda: filter_scan(
-        _identity_step, 0, {"obs": jnp.ones((3, 2)), "actions": [jnp.ones(4)]}
+    (
+        lambda: filter_scan(lambda c, x: c, "s", None, length=1),  # type: ignore[arg-type]
+        TypeError,
+        "filter_scan: `f` must return a pair `(new_carry, y)`; got str 's'.",
     ),
-    lambda: filter_scan(_identity_step, 0, jnp.ones(3), length=4),
-    lambda: filter_scan(_identity_step, 0, {"mode": "eval"}),
-    lambda: filter_scan(_identity_step, 0, {"lr": jnp.float32(0.1)}, length=3),
-    lambda: filter_scan(_identity_step, 0, None, length=2.5),  # type: ignore[arg-type]
-    lambda: jax.jit(lambda n: filter_scan(_identity_step, 0.0, None, length=n))(3),
-    lambda: filter_scan(_identity_step, 0, None, length=-1),
-    lambda: filter_scan(_identity_step, 0.0, jnp.ones(2), unroll="2"),  # type: ignore[arg-type]
-    _retraced_with_new_labels,
-    lambda: filter_cond(True, "left", jnp.cos, 1.0),  # type: ignore[arg-type]
-    lambda: filter_cond(jnp.array([True, False]), jnp.sin, jnp.cos, 1.0),
-    lambda: filter_cond(
-        True, lambda x: (x, "a"), lambda x: (x, jnp.int32(0)), jnp.ones(())
+    (
+        lambda: filter_scan("step", 0, None, length=1),  # type: ignore[arg-type]
+        TypeError,
+        "filter_scan: `f` must be callable; got str 'step'.",
     ),
-    lambda: filter_cond(True, lambda x: (x, x), lambda x: (x,), 1.0),
-    lambda: filter_cond(
-        True, lambda x: {"a": x, "m": "train"}, lambda x: {"a": x, "m": "eval"}, 1.0
+    (
+        lambda: filter_scan(
+            _identity_step, 0, {"obs": jnp.ones((3, 2)), "actions": [jnp.ones(4)]}
+        ),
+        ValueError,
+        "filter_scan: every array in `xs` must have the same leading size, but the "
+        "leading sizes differ (['actions'][0]: 4, ['obs']: 3).",
     ),
-    lambda: filter_cond(True, lambda x: x, lambda x: x, 1.0, operand=2.0),
+    (
+        lambda: filter_scan(_identity_step, 0, jnp.ones(3), length=4),
+        ValueError,
+        "filter_scan: `length=4` disagrees with the leading size 3 of the arrays in "
+        "`xs`.",
+    ),
+    (
+        lambda: filter_scan(_identity_step, 0, {"mode": "eval"}),
+        ValueError,
+        "filter_scan: cannot tell how many steps to run, because `xs` holds no "
+        "arrays. Pass `length=`.",
+    ),
+    (
+        lambda: filter_scan(_identity_step, 0, {"lr": jnp.float32(0.1)}, length=3),
+        ValueError,
+        "filter_scan: the array at `xs` path ['lr'] is a scalar (shape ()), so it "
+        "has no leading axis to scan over.",
+    ),
+    (
+        lambda: filter_scan(_identity_step, 0, None, length=2.5),  # type: ignore[arg-type]
+        TypeError,
+        "filter_scan: `length` must be a whole number (a Python int, a NumPy integer "
+        "or a 0-d integer array); got float 2.5.",
+    ),
+    (
+        lambda: jax.jit(lambda n: filter_scan(_identity_step, 0.0, None, length=n))(3),
+        _CONCRETE,
+        "filter_scan: `length` must be concrete, but it is traced.",
+    ),
+    (
+        lambda: filter_scan(_identity_step, 0, None, length=-1),
+        ValueError,
+        "filter_scan: `length` must be non-negative; got -1.",
+    ),
+    (
+        lambda: filter_scan(_identity_step, 0.0, jnp.ones(2), unroll="2"),  # type: ignore[arg-type]
+        TypeError,
+        "filter_scan: `unroll` must be a bool or a non-negative int; got str '2'.",
+    ),
+    (
+        lambda: filter_scan(_identity_step, 0.0, jnp.ones(2), unroll=-1),
+        ValueError,
+        "filter_scan: `unroll` must be a bool or a non-negative int; got -1.",
+    ),
+    (
+        _retraced_with_new_labels,
+        ValueError,
+        "filter_scan: the non-array part of `f`'s output `y` differs between two "
+        "traces of `f`: at path ['trace'] it changed from str 'trace 1' to str "
+        "'trace 2'.",
+    ),
+    (
+        lambda: filter_cond(True, "left", jnp.cos, 1.0),  # type: ignore[arg-type]
+        TypeError,
+        "filter_cond: `true_fun` must be callable; got str 'left'.",
+    ),
+    (
+        lambda: filter_cond(jnp.array([True, False]), jnp.sin, jnp.cos, 1.0),
+        TypeError,
+        "filter_cond: `pred` must be a scalar; got an array of shape (2,).",
+    ),
+    (
+        lambda: filter_cond(
+            True, lambda x: (x, "a"), lambda x: (x, jnp.int32(0)), jnp.ones(())
+        ),
+        TypeError,
+        "filter_cond: the branches' outputs disagree at path [1]: compared with "
+        "`true_fun`'s output, `false_fun`'s is an array of shape () and dtype int32, "
+        "where `true_fun` returns str 'a'.",
+    ),
+    (
+        lambda: filter_cond(True, lambda x: (x, x), lambda x: (x,), 1.0),
+        TypeError,
+        "filter_cond: the branches' outputs disagree at the top level: compared with "
+        "`true_fun`'s output, `false_fun`'s had length 2 and now has length 1.",
+    ),
+    (
+        lambda: filter_cond(
+            True, lambda x: {"a": x, "m": "train"}, lambda x: {"a": x, "m": "eval"}, 1.0
+        ),
+        ValueError,
+        "filter_cond: the branches' outputs disagree at path ['m']: compared with "
+        "`true_fun`'s output, `false_fun`'s changed from str 'train' to str 'eval'.",
+    ),
+    (
+        lambda: filter_cond(True, lambda x: x, lambda x: x, 1.0, operand=2.0),
+        TypeError,
+        "filter_cond: pass the operands either positionally or as `operand=`, not both",
+    ),
+    (
+        lambda: filter_scan(_identity_step, 0.0, jnp.ones(3), progress=1),  # type: ignore[arg-type]
+        TypeError,
+        "filter_scan: `progress` must be a bool or a string (the bar's description); "
+        "got int 1.",
+    ),
+    (
+        lambda: filter_switch(0, 3),  # type: ignore[arg-type]
+        TypeError,
+        "filter_switch: `branches` must be a sequence of functions; got int 3.",
+    ),
+    (
+        lambda: filter_switch(0, [jnp.sin, "b"]),  # type: ignore[arg-type]
+        TypeError,
+        "filter_switch: `branches[1]` must be callable; got str 'b'.",
+    ),
+    (
+        lambda: filter_switch(0, []),
+        ValueError,
+        "filter_switch: `branches` is empty; give at least one function.",
+    ),
+    (
+        lambda: filter_switch(jnp.zeros(2, int), [jnp.sin], 1.0),
+        TypeError,
+        "filter_switch: `index` must be a scalar; got an array of shape (2,). Pass a "
+        "single integer index.",
+    ),
+    (
+        lambda: filter_switch(0, [lambda x: (x, x), lambda x: (x,)], 1.0),
+        TypeError,
+        "filter_switch: the branches' outputs disagree at the top level: compared "
+        "with `branches[0]`'s output, `branches[1]`'s had length 2 and now has "
+        "length 1.",
+    ),
+    (
+        lambda: filter_switch(0, [lambda: "a", lambda: "b"]),
+        ValueError,
+        "filter_switch: the branches' outputs disagree at the top level: compared "
+        "with `branches[0]`'s output, `branches[1]`'s changed from str 'a' to str "
+        "'b'.",
+    ),
+    (
+        lambda: filter_switch(0, [lambda x: x], 1.0, operand=2.0),
+        TypeError,
+        "filter_switch: pass the operands either positionally or as `operand=`, not "
+        "both; got `operand=` and 1 positional operand(s).",
+    ),
+    (
+        lambda: filter_while_loop("c", lambda c: c, 0),  # type: ignore[arg-type]
+        TypeError,
+        "filter_while_loop: `cond_fun` must be callable; got str 'c'.",
+    ),
+    (
+        lambda: filter_while_loop(
+            lambda c: c[0] < 3,
+            lambda c: (c[0] + 1,),
+            (0, 1),  # type: ignore[arg-type]
+        ),
+        TypeError,
+        "filter_while_loop: `body_fun` returned a carry that differs from `init_val` "
+        "at the top level: it had length 2 and now has length 1. The carry must keep "
+        "the structure of `init_val` from step to step.",
+    ),
+    (
+        lambda: filter_while_loop(
+            lambda c: c[0] < 3,
+            lambda c: (c[0] + 1, "b"),
+            (0, "a"),  # type: ignore[arg-type]
+        ),
+        ValueError,
+        "filter_while_loop: `body_fun` returned a carry that differs from `init_val` "
+        "at path [1]: it changed from str 'a' to str 'b'.",
+    ),
+    (
+        lambda: filter_fori_loop(0, 3, None, 0),  # type: ignore[arg-type]
+        TypeError,
+        "filter_fori_loop: `body_fun` must be callable; got NoneType None.",
+    ),
+    (
+        lambda: filter_fori_loop(0, 3, lambda i, c: [c[0], "done"], [1, jnp.zeros(2)]),
+        TypeError,
+        "filter_fori_loop: `body_fun` returned a carry that differs from `init_val` "
+        "at path [1]: it was an array of shape (2,) and dtype float32 and is now str "
+        "'done'.",
+    ),
+    (
+        lambda: filter_fori_loop(0, 3, lambda i, c: "b", "a"),
+        ValueError,
+        "filter_fori_loop: `body_fun` returned a carry that differs from `init_val` "
+        "at the top level: it changed from str 'a' to str 'b'.",
+    ),
+    (
+        lambda: jax.jit(lambda n: filter_fori_loop(0, n, _keep, 0.0, progress=True))(3),
+        TypeError,
+        "filter_fori_loop: `progress` needs concrete bounds, so that the number of "
+        "steps is known before the loop runs, but `lower` or `upper` is traced.",
+    ),
+    (
+        lambda: filter_map(None, jnp.ones(3)),  # type: ignore[arg-type]
+        TypeError,
+        "filter_map: `f` must be callable; got NoneType None.",
+    ),
+    (
+        lambda: filter_map(_keep, jnp.ones(3), batch_size=2, progress=True),
+        TypeError,
+        "filter_map: `progress` cannot be combined with `batch_size`. Leave one of "
+        "them out.",
+    ),
+    (
+        _map_without_batch_size,
+        TypeError,
+        "filter_map: `batch_size` needs a JAX whose `jax.lax.map` takes it (0.4.31 "
+        "or newer); this is jax ",
+    ),
+    (
+        lambda: filter_map(_keep, {"mode": "eval"}),
+        ValueError,
+        "filter_map: `xs` holds no arrays, so there is nothing to map over.",
+    ),
+    (
+        lambda: filter_map(_keep, {"lr": jnp.float32(0.1)}),
+        ValueError,
+        "filter_map: the array at `xs` path ['lr'] is a scalar (shape ()), so it has "
+        "no leading axis to map over.",
+    ),
+    (
+        _map_retraced_with_new_labels,
+        ValueError,
+        "filter_map: the non-array part of `f`'s output differs between two traces "
+        "of `f`: at path [1] it changed from str 'trace 1' to str 'trace 2'.",
+    ),
 ]
 
+_FAMILY = [
+    filter_scan,
+    filter_cond,
+    filter_switch,
+    filter_while_loop,
+    filter_fori_loop,
+    filter_map,
+]
 _EXCEPTIONS = {
     "ValueError": ValueError,
     "TypeError": TypeError,
-    "jax.errors.ConcretizationTypeError": jax.errors.ConcretizationTypeError,
+    "jax.errors.ConcretizationTypeError": _CONCRETE,
 }
 
 
-def _readme_error_rows() -> list[tuple[type[BaseException], str]]:
-    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
-    start = readme.index("## filter_scan")
-    end = readme.index("## unstack_pytree and stack_pytree")
-    rows = re.findall(r"^\| `([\w.]+)`[^|]*\| ``(.+?)`` \|", readme[start:end], re.M)
-    return [(_EXCEPTIONS[name], text.removeprefix("... ")) for name, text in rows]
+def _documented_errors() -> list[tuple[type[Exception], str]]:
+    """The exception type and message opening that each `**Raises:**` quotes."""
+    found = []
+    for function in _FAMILY:
+        doc = " ".join((function.__doc__ or "").split())  # Quotes may span lines.
+        raises = doc.split("**Raises:**")[1].split("**Example:**")[0]
+        for bullet in raises.split(" - `")[1:]:
+            kind = _EXCEPTIONS[bullet.split("`")[0]]
+            quotes = re.findall(r"``(.+?)``", bullet)
+            found += [(kind, quote.strip()) for quote in quotes]
+    return found
 
 
-def test_readme_error_tables_quote_the_messages_exactly():
-    rows = _readme_error_rows()
-    assert len(rows) == len(_README_TRIGGERS)
-    for (expected_type, text), trigger in zip(rows, _README_TRIGGERS, strict=True):
-        with pytest.raises(expected_type) as info:
+def _quoted(quote: str, kind: type[Exception], message: str) -> bool:
+    """Whether `message` begins as `quote`, where `…` stands for any text (JAX puts
+    its own text before ours in a `ConcretizationTypeError`)."""
+    pattern = ".*?".join(re.escape(part) for part in quote.split("…"))
+    if kind is _CONCRETE:
+        return re.search(pattern, message) is not None
+    return re.match(pattern, message) is not None
+
+
+@pytest.mark.parametrize("index", range(len(_RAISES)))
+def test_raises_sections_quote_the_messages_exactly(index):
+    trigger, kind, text = _RAISES[index]
+    with pytest.raises(kind) as info:
+        trigger()
+    message = str(info.value)
+    if kind is _CONCRETE:
+        assert text in message  # After JAX's own text.
+    else:
+        assert message.startswith(text)
+    assert any(
+        isinstance(info.value, documented) and _quoted(quote, documented, message)
+        for documented, quote in _documented_errors()
+    ), f"no `**Raises:**` section quotes {message!r}"
+
+
+def test_every_quoted_message_is_raised_by_a_mistake():
+    raised: list[tuple[type[BaseException], str]] = []
+    for trigger, kind, text in _RAISES:
+        try:
             trigger()
-        assert text in str(info.value)
-        if not text.startswith(("filter_scan: `length` must be concrete",)):
-            assert str(info.value).startswith(text)
+        except pytest.skip.Exception:  # This JAX cannot make the mistake.
+            raised.append((kind, text))
+        except Exception as err:
+            raised.append((type(err), str(err)))
+    documented = _documented_errors()
+    assert len(documented) >= 40
+    for kind, quote in documented:
+        assert any(
+            issubclass(raised_kind, kind) and _quoted(quote, kind, message)
+            for raised_kind, message in raised
+        ), f"no mistake raises the {kind.__name__} quoted as {quote!r}"
 
 
 def test_a_second_failure_of_another_type_notes_the_first():
@@ -690,3 +1008,701 @@ def test_python_float_typed_by_jax_in_a_custom_vjp() -> None:
 
     assert jax.grad(make(filter_scan))(1.0) == jax.grad(make(jax.lax.scan))(1.0)
     assert make(filter_scan)(1.0) == make(jax.lax.scan)(1.0)
+
+
+#
+# Behaviour pinned by example (the property tests are in test_lerax_utils.py)
+#
+
+
+def _double(x: Any) -> Any:
+    return 2 * x
+
+
+class _Policy(eqx.Module):
+    params: Any
+    activation: Callable[..., Any]
+    name: str = eqx.field(static=True)
+
+
+def _program(fun: Callable[..., Any], *args: Any) -> str:
+    # Older JAX prints the addresses of memoised thunks; they are not the program.
+    return re.sub(r" at 0x[0-9a-f]+", "", str(jax.make_jaxpr(fun)(*args)))
+
+
+def _hand_partitioned_scan(f, init, xs, length):
+    """The recipe filter_scan replaces: partition outside, combine inside."""
+    init_arrays, init_static = eqx.partition(init, eqx.is_array)
+    xs_arrays, xs_static = eqx.partition(xs, eqx.is_array)
+
+    def body(carry_arrays, x_arrays):
+        carry, y = f(
+            eqx.combine(carry_arrays, init_static), eqx.combine(x_arrays, xs_static)
+        )
+        return eqx.filter(carry, eqx.is_array), eqx.filter(y, eqx.is_array)
+
+    final, ys = jax.lax.scan(body, init_arrays, xs_arrays, length=length)
+    return eqx.combine(final, init_static), ys
+
+
+def test_filter_scan_traces_the_same_program_as_hand_partitioning():
+    mlp = eqx.nn.MLP(3, 2, width_size=4, depth=2, key=jax.random.key(0))
+    init = {"policy": mlp, "label": "actor", "obs": jnp.ones(3), "steps": 3}
+    xs = {"noise": jnp.ones((5, 3)), "mode": "train"}
+
+    def step(carry, x):
+        action = carry["policy"](carry["obs"] + x["noise"])
+        obs = carry["obs"] * 0.9 + jnp.sum(action)
+        return {**carry, "obs": obs}, (action, carry["policy"])
+
+    arrays, static = eqx.partition((init, xs), eqx.is_array)
+
+    def with_filter_scan(arrays):
+        init, xs = eqx.combine(arrays, static)
+        carry, _ = filter_scan(step, init, xs)
+        return eqx.filter(carry, eqx.is_array)
+
+    def by_hand(arrays):
+        init, xs = eqx.combine(arrays, static)
+        carry, _ = _hand_partitioned_scan(step, init, xs, None)
+        return eqx.filter(carry, eqx.is_array)
+
+    def program_text(fun):
+        # Older JAX prints the addresses of memoised thunks; they are not the program.
+        return re.sub(r" at 0x[0-9a-f]+", "", str(jax.make_jaxpr(fun)(arrays)))
+
+    assert "scan" in program_text(with_filter_scan)
+    assert program_text(with_filter_scan) == program_text(by_hand)
+    assert_identical(with_filter_scan(arrays), by_hand(arrays))
+
+
+def test_filter_scan_static_carry_leaf_that_changes_is_an_error():
+    def rename(carry, _):
+        return {**carry, "tag": "renamed"}, None
+
+    init = {"tag": "start", "x": jnp.zeros(2)}
+    with pytest.raises(ValueError) as info:
+        filter_scan(rename, init, length=3)
+    assert str(info.value) == (
+        "filter_scan: `f` returned a carry that differs from `init` at path ['tag']: "
+        "it changed from str 'start' to str 'renamed'. Only arrays and Python numbers "
+        "in the carry may change from step to step. If this value must change, make "
+        "it an array in `init` with `jnp.asarray`; otherwise keep it out of the carry "
+        "(close over it in `f`, or pass it in `xs`)."
+    )
+
+
+def test_filter_scan_python_number_returned_as_array_is_traced_as_lax_scan_does():
+    def count(carry, _):
+        return {"steps": jnp.asarray(carry["steps"]) + 1}, None
+
+    expected = jax.lax.scan(count, {"steps": 0}, None, length=3)
+    assert_identical(
+        filter_scan(count, {"steps": 0}, length=3), expected, weak_types=True
+    )
+
+
+def test_filter_scan_array_carry_leaf_returned_as_object_is_an_error():
+    with pytest.raises(TypeError) as info:
+        filter_scan(lambda c, x: ([c[0], "done"], None), [1, jnp.zeros(2)], length=2)
+    assert str(info.value) == (
+        "filter_scan: `f` returned a carry that differs from `init` at path [1]: it "
+        "was an array of shape (2,) and dtype float32 and is now str 'done'. Return "
+        "an array or a Python number there, with the same shape and dtype as in "
+        "`init`."
+    )
+    with pytest.raises(TypeError) as info:
+        filter_scan(lambda c, x: ("done", None), 0, length=2)  # type: ignore[arg-type]
+    assert str(info.value).startswith(
+        "filter_scan: `f` returned a carry that differs from `init` at the top level: "
+        "it was int 0 and is now str 'done'. Return an array or a Python number there"
+    )
+
+
+def test_filter_scan_array_carry_leaf_may_come_back_as_python_number():
+    init = {"x": jnp.float32(3.0), "label": "a"}
+    expected = jax.lax.scan(lambda c, _: (0.5, None), init["x"], None, length=2)[0]
+    (final, _) = filter_scan(lambda c, _: ({**c, "x": 0.5}, None), init, length=2)
+    assert_identical(final, {"x": expected, "label": "a"}, weak_types=True)
+
+
+def test_filter_scan_changed_static_field_names_the_field():
+    policy = _Policy(jnp.ones(2), jax.nn.relu, "actor")
+
+    def retitle(carry, _):
+        p = carry["policy"]
+        return {"policy": _Policy(p.params, p.activation, "critic")}, None
+
+    with pytest.raises(TypeError) as info:  # As `jax.lax.scan`: a new treedef.
+        filter_scan(retitle, {"policy": policy}, length=2)
+    assert str(info.value).startswith(
+        "filter_scan: `f` returned a carry that differs from `init` at path "
+        "['policy'].name: it is a static field that changed from str 'actor' to str "
+        "'critic'. Only arrays and Python numbers"
+    )
+
+
+def test_filter_scan_changed_carry_structure_is_an_error():
+    with pytest.raises(TypeError) as info:
+        filter_scan(lambda c, _: ({"a": c["a"], "b": 1}, None), {"a": 1}, length=1)
+    assert str(info.value) == (
+        "filter_scan: `f` returned a carry that differs from `init` at the top level: "
+        "it had keys ['a'] and now has ['a', 'b']. The carry must keep the structure "
+        "of `init` from step to step."
+    )
+    with pytest.raises(TypeError) as info:
+        filter_scan(lambda c, _: (c[:1], None), [jnp.ones(()), 2], length=1)
+    assert "at the top level: it had length 2 and now has length 1." in str(info.value)
+
+
+def test_filter_scan_carry_check_survives_python_dash_o():
+    script = textwrap.dedent(
+        """
+        from lerax_utils import filter_scan
+        try:
+            filter_scan(lambda c, _: ("changed", None), "start", length=2)
+        except ValueError as err:
+            print("ValueError:", err)
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-O", "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+    )
+    assert result.stdout.startswith(
+        "ValueError: filter_scan: `f` returned a carry that differs from `init` at the "
+        "top level: it changed from str 'start' to str 'changed'."
+    )
+
+
+def test_filter_scan_passes_non_array_xs_to_every_step():
+    seen = []
+
+    def step(carry, x):
+        seen.append((x["name"], x["fn"]))
+        return carry + x["fn"](x["value"]), None
+
+    xs = {"name": "obs", "fn": _double, "value": jnp.arange(4.0)}
+    final, ys = filter_scan(step, jnp.float32(0), xs)
+    assert ys is None
+    assert seen == [("obs", _double)]  # One trace, static inputs unchanged.
+    assert_identical(final, jnp.float32(2 * (0 + 1 + 2 + 3)))
+
+
+def test_filter_scan_outputs_a_stacked_module_as_filter_vmap_does():
+    keys = jax.random.split(jax.random.key(1), 4)
+
+    def make(key):
+        return eqx.nn.MLP(2, 3, width_size=5, depth=1, key=key)
+
+    expected = eqx.filter_vmap(make)(keys)
+    _, actual = filter_scan(lambda c, key: (c, make(key)), None, keys)
+    assert_identical(actual, expected)
+    assert actual.activation is expected.activation
+
+
+def test_filter_scan_static_output_that_differs_between_traces_is_an_error():
+    traces = []
+
+    def step(carry, _):
+        traces.append(None)
+        # A weakly typed int carry that becomes a float makes lax.scan trace twice.
+        return carry + 0.5, {"trace": f"trace {len(traces)}"}
+
+    with pytest.raises(ValueError) as info:
+        filter_scan(step, jnp.asarray(0), length=2)
+    assert len(traces) == 2
+    assert str(info.value) == (
+        "filter_scan: the non-array part of `f`'s output `y` differs between two "
+        "traces of `f`: at path ['trace'] it changed from str 'trace 1' to str "
+        "'trace 2'. JAX may "
+        "trace `f` more than once, and each trace must give the same static outputs. "
+        "Return arrays for values that vary, or make the static values independent "
+        "of how often `f` is called."
+    )
+
+
+def test_filter_scan_retraced_step_with_consistent_outputs_matches_lax_scan():
+    def step(carry, _):
+        return carry + 0.5, ("label", carry)
+
+    expected_carry, expected_ys = jax.lax.scan(
+        lambda c, x: (c + 0.5, c), jnp.asarray(0), None, length=3
+    )
+    carry, (label, ys) = filter_scan(step, jnp.asarray(0), length=3)
+    assert label == "label"
+    assert_identical((carry, ys), (expected_carry, expected_ys), weak_types=True)
+
+
+def test_filter_scan_inconsistent_xs_sizes_name_the_leaves():
+    xs = {"obs": jnp.ones((3, 2)), "actions": [jnp.ones(4)]}
+    with pytest.raises(ValueError) as info:
+        filter_scan(lambda c, x: (c, None), 0, xs)
+    assert str(info.value) == (
+        "filter_scan: every array in `xs` must have the same leading size, but the "
+        "leading sizes differ (['actions'][0]: 4, ['obs']: 3). Slice or pad them to "
+        "one length."
+    )
+
+
+def test_filter_scan_length_that_disagrees_with_xs_is_an_error():
+    with pytest.raises(ValueError) as info:
+        filter_scan(lambda c, x: (c, None), 0, jnp.ones(3), length=4)
+    assert str(info.value) == (
+        "filter_scan: `length=4` disagrees with the leading size 3 of the arrays in "
+        "`xs`. Pass `length=3` or leave it out."
+    )
+
+
+def test_filter_scan_without_array_inputs_needs_a_length():
+    with pytest.raises(ValueError) as info:
+        filter_scan(lambda c, x: (c, None), 0, {"mode": "eval"})
+    assert str(info.value) == (
+        "filter_scan: cannot tell how many steps to run, because `xs` holds no "
+        "arrays. Pass `length=`."
+    )
+
+
+def test_filter_scan_scalar_in_xs_is_an_error():
+    with pytest.raises(ValueError) as info:
+        filter_scan(lambda c, x: (c, None), 0, {"lr": jnp.float32(0.1)}, length=3)
+    assert str(info.value).startswith(
+        "filter_scan: the array at `xs` path ['lr'] is a scalar (shape ()), so it "
+        "has no leading axis to scan over."
+    )
+
+
+_NOT_WHOLE = "filter_scan: `length` must be a whole number (a Python int, a NumPy "
+
+
+@pytest.mark.parametrize(
+    ("length", "error", "message"),
+    [
+        (-1, ValueError, "filter_scan: `length` must be non-negative; got -1."),
+        (
+            2.5,
+            TypeError,
+            _NOT_WHOLE + "integer or a 0-d integer array); got float 2.5.",
+        ),
+        ("3", TypeError, _NOT_WHOLE + "integer or a 0-d integer array); got str '3'."),
+        (jnp.array([3]), TypeError, _NOT_WHOLE),
+        (jnp.array(2.5), TypeError, _NOT_WHOLE),
+    ],
+)
+def test_filter_scan_bad_length_is_an_error(length, error, message):
+    with pytest.raises(error) as info:
+        filter_scan(lambda c, x: (c, None), 0, length=length)
+    assert str(info.value).startswith(message)
+
+
+def test_filter_scan_bad_step_function_is_an_error():
+    with pytest.raises(TypeError) as info:
+        filter_scan("step", 0, length=1)  # type: ignore[arg-type]
+    assert str(info.value) == "filter_scan: `f` must be callable; got str 'step'."
+    with pytest.raises(TypeError) as info:
+        filter_scan(lambda c, x: c, "s", length=1)  # type: ignore[arg-type]
+    assert str(info.value) == (
+        "filter_scan: `f` must return a pair `(new_carry, y)`; got str 's'."
+    )
+
+
+class Accumulator(eqx.Module):
+    rate: jax.Array
+    label: str = eqx.field(static=True)
+
+    def step(self, total, x):
+        return total + self.rate * x, self.label
+
+
+def test_filter_scan_accepts_bound_methods_and_partials():
+    acc = Accumulator(jnp.float32(2.0), "acc")
+    xs = jnp.arange(3.0)
+    total, label = filter_scan(acc.step, jnp.float32(0), xs)
+    assert label == "acc"
+    assert_identical(total, jnp.float32(6.0))
+    partial = eqx.Partial(lambda rate, c, x: (c + rate * x, None), jnp.float32(3.0))
+    total, _ = filter_scan(partial, jnp.float32(0), xs)
+    assert_identical(total, jnp.float32(9.0))
+
+
+def test_filter_scan_under_vmap_matches_per_example_scans():
+    inits = jnp.arange(6.0).reshape(3, 2)
+    xs = jnp.arange(12.0).reshape(4, 3)
+
+    def run(init, xs):
+        def step(c, x):
+            return {"v": c["v"] * 0.5 + x, "tag": c["tag"]}, c["v"].sum()
+
+        carry, ys = filter_scan(step, {"v": init, "tag": "t"}, xs)
+        return carry["v"], ys
+
+    batched = jax.vmap(run, in_axes=(0, 1))(inits, xs)
+    for i in range(3):
+        assert_identical(
+            jax.tree.map(lambda leaf, i=i: leaf[i], batched), run(inits[i], xs[:, i])
+        )
+
+
+def test_filter_scan_under_grad_and_filter_jit_with_a_module_carry():
+    mlp = eqx.nn.MLP(2, 2, width_size=4, depth=1, key=jax.random.key(3))
+    xs = jnp.linspace(-1.0, 1.0, 10).reshape(5, 2)
+
+    def loss(filter_scan_like, model):
+        def step(state, x):
+            model, h = state
+            h = jnp.tanh(model(h + x))
+            return (model, h), jnp.sum(h**2)
+
+        _, ys = filter_scan_like(step, (model, jnp.zeros(2)), xs)
+        return jnp.sum(ys)
+
+    def by_hand(step, init, xs):
+        return _hand_partitioned_scan(step, init, xs, None)
+
+    expected = eqx.filter_jit(eqx.filter_grad(lambda m: loss(by_hand, m)))(mlp)
+    actual = eqx.filter_jit(eqx.filter_grad(lambda m: loss(filter_scan, m)))(mlp)
+    assert_identical(actual, expected)
+
+
+@pytest.mark.parametrize("supported", [True, False])
+def test_filter_scan_passes_split_transpose_only_where_jax_takes_it(
+    monkeypatch, supported
+):
+    calls = []
+    real_scan = jax.lax.scan
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        if not supported:
+            kwargs.pop("_split_transpose", None)
+        return real_scan(*args, **kwargs)
+
+    monkeypatch.setattr(lerax_utils, "_SCAN_TAKES_SPLIT_TRANSPOSE", supported)
+    monkeypatch.setattr(jax.lax, "scan", spy)
+    init = jnp.float32(0.0)
+    carry, _ = filter_scan(lambda c, x: (c + x, None), init, jnp.ones(3))
+    assert_identical(carry, real_scan(lambda c, x: (c + x, None), init, jnp.ones(3))[0])
+    expected = {"length": 3, "reverse": False, "unroll": 1}
+    if supported:
+        expected["_split_transpose"] = False
+    assert calls == [expected]
+
+
+def test_filter_cond_only_traces_the_branches_inside_the_cond():
+    def outer(pred, x):
+        return filter_cond(pred, jnp.sin, jnp.cos, x)
+
+    jaxpr = jax.make_jaxpr(outer)(True, jnp.ones(3)).jaxpr
+    top_level = {eqn.primitive.name for eqn in jaxpr.eqns}
+    assert "cond" in top_level
+    assert not top_level & {"sin", "cos", "select_n"}
+
+
+def test_filter_cond_runs_only_the_chosen_branch():
+    ran = []
+
+    def branch(name, out):
+        def run(x, label):
+            jax.debug.callback(lambda: ran.append(name))
+            return out(x), label
+
+        return run
+
+    labels = []
+
+    @jax.jit
+    def choose(pred, x):
+        true_fun, false_fun = branch("true", jnp.sin), branch("false", jnp.cos)
+        value, label = filter_cond(pred, true_fun, false_fun, x, "label")
+        labels.append(label)
+        return value
+
+    value = choose(jnp.asarray(False), jnp.float32(0.0))
+    jax.effects_barrier()
+    assert ran == ["false"]
+    assert labels == ["label"]
+    assert_identical(value, jnp.cos(jnp.float32(0.0)))
+
+
+def test_filter_cond_branches_with_different_static_outputs_are_an_error():
+    with pytest.raises(ValueError) as info:
+        filter_cond(
+            True, lambda x: {"a": x, "m": "train"}, lambda x: {"a": x, "m": "eval"}, 1.0
+        )
+    assert str(info.value) == (
+        "filter_cond: the branches' outputs disagree at path ['m']: compared with "
+        "`true_fun`'s output, `false_fun`'s changed from str 'train' to str 'eval'. "
+        "Every branch must return the same structure, arrays or Python numbers in "
+        "the same places, and equal static values elsewhere; return arrays for values "
+        "that differ between branches."
+    )
+
+
+def test_filter_cond_branch_returning_array_for_a_string_is_a_type_error():
+    with pytest.raises(TypeError) as info:
+        filter_cond(True, lambda x: (x, "a"), lambda x: (x, jnp.int32(0)), jnp.ones(()))
+    assert str(info.value).startswith(
+        "filter_cond: the branches' outputs disagree at path [1]: compared with "
+        "`true_fun`'s output, `false_fun`'s is an array of shape () and dtype int32, "
+        "where `true_fun` returns str 'a'."
+    )
+
+
+def test_filter_cond_bad_arguments_are_errors():
+    with pytest.raises(TypeError) as info:
+        filter_cond(True, "left", jnp.cos, 1.0)  # type: ignore[arg-type]
+    assert (
+        str(info.value) == "filter_cond: `true_fun` must be callable; got str 'left'."
+    )
+    with pytest.raises(TypeError) as info:
+        filter_cond(jnp.array([True, False]), jnp.sin, jnp.cos, 1.0)
+    assert str(info.value) == (
+        "filter_cond: `pred` must be a scalar; got an array of shape (2,). Reduce it "
+        "first, for example with `jnp.any` or `jnp.all`."
+    )
+
+
+def test_filter_scan_counter_in_the_carry_matches_lax_scan_and_its_gradient():
+    def run(scan, w):
+        def step(carry, x):
+            w, steps = carry
+            return (w * x, steps + 1), w
+
+        (w, steps), ys = scan(step, (w, 0), jnp.arange(1.0, 4.0))
+        return w + jnp.sum(ys) + steps
+
+    assert_identical(
+        jax.value_and_grad(functools.partial(run, filter_scan))(2.0),
+        jax.value_and_grad(functools.partial(run, jax.lax.scan))(2.0),
+    )
+    (steps, label), _ = filter_scan(
+        lambda c, _: ((c[0] + 1, c[1]), None), (0, "a"), length=5
+    )
+    assert label == "a"
+    expected = jax.lax.scan(lambda s, _: (s + 1, None), 0, None, length=5)[0]
+    assert_identical(steps, expected)
+
+
+def test_filter_scan_promotes_without_retracing_when_no_number_changes():
+    traces = []
+
+    def step(carry, x):
+        traces.append(None)
+        return carry, x
+
+    filter_scan(step, {"gamma": 0.99, "w": jnp.ones(2)}, jnp.ones(3))
+    assert len(traces) == 1
+    traces.clear()
+    filter_scan(lambda c, x: step(c + 1, x), 0, jnp.ones(3))
+    assert len(traces) == 2  # One trace finds the change, one traces the number.
+
+
+def test_filter_scan_equal_nans_and_partials_are_not_changes():
+    payload = struct.unpack("<d", struct.pack("<Q", 0x7FF8000000000123))[0]
+    seen = []
+
+    def keep_nan(c, _):
+        seen.append(c["nan"])
+        return c, c["nan"]
+
+    filter_scan(keep_nan, {"nan": payload, "x": jnp.ones(2)}, None, length=2)
+    assert seen == [payload]  # One trace, with the NaN a Python float throughout.
+    # A weakly typed int carry that becomes a float makes lax.scan trace twice; each
+    # trace returns a new, equal `partial`.
+    final, made = filter_scan(
+        lambda c, _: (c + 0.5, functools.partial(max, 1)),
+        jnp.asarray(0),
+        None,
+        length=2,
+    )
+    assert made.func is max and made.args == (1,)
+
+
+class _Mode(enum.IntEnum):
+    TRAIN = 0
+    EVAL = 1
+
+
+def test_filter_scan_int_enum_in_the_carry_stays_a_static_member():
+    (mode, steps), _ = filter_scan(
+        lambda c, _: ((c[0], c[1] + 1), None), (_Mode.EVAL, 0), None, length=2
+    )
+    assert mode is _Mode.EVAL
+    assert_identical(
+        steps, jax.lax.scan(lambda s, _: (s + 1, None), 0, None, length=2)[0]
+    )
+    with pytest.raises(ValueError, match="changed from _Mode"):
+        filter_scan(lambda c, _: (_Mode.TRAIN, None), _Mode.EVAL, None, length=1)
+
+
+def test_filter_scan_numbers_that_change_because_others_changed_match_lax_scan():
+    def step(c, _):
+        a, b, c_ = c
+        return (a + 1, b + a, c_ + b), (a, b, c_)
+
+    expected = jax.lax.scan(step, (0, 0, 0), None, length=4)
+    assert_identical(
+        filter_scan(step, (0, 0, 0), None, length=4), expected, weak_types=True
+    )
+
+
+class _Unprintable:
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr")
+
+
+def test_filter_scan_error_survives_a_leaf_whose_repr_raises():
+    with pytest.raises(ValueError) as info:
+        filter_scan(lambda c, _: (_Unprintable(), None), _Unprintable(), length=1)
+    assert str(info.value).startswith(
+        "filter_scan: `f` returned a carry that differs from `init` at the top level: "
+        "it changed from _Unprintable <_Unprintable object whose repr raised> to "
+        "_Unprintable <_Unprintable object whose repr raised>."
+    )
+
+
+def test_filter_scan_unroll_reaches_the_program():
+    def unroll_of(fun):
+        (eqn,) = [e for e in jax.make_jaxpr(fun)().eqns if e.primitive.name == "scan"]
+        return eqn.params["unroll"]
+
+    def step(c, x):
+        return c + x, c
+
+    xs = jnp.arange(6.0)
+    for unroll in (1, 3, np.int64(2), True):
+        options = {"unroll": unroll}
+        ours = unroll_of(lambda o=options: filter_scan(step, 0.0, xs, **o))
+        assert ours == unroll_of(lambda o=options: jax.lax.scan(step, 0.0, xs, **o))
+    assert unroll_of(lambda: filter_scan(step, 0.0, xs, unroll=3)) == 3
+
+
+def test_filter_scan_and_filter_cond_under_disable_jit():
+    with jax.disable_jit():
+        for pred in (True, False):
+            out = filter_cond(
+                pred, lambda x, s: (x + 1, s, 2), lambda x, s: (x - 1, s, 2), 1.0, "s"
+            )
+            assert_identical(out, (2.0 if pred else 0.0, "s", 2))
+        (w, steps, label), ys = filter_scan(
+            lambda c, x: ((c[0] + x, c[1] + 1, c[2]), c[1]), (0.0, 0, "s"), jnp.ones(3)
+        )
+    assert label == "s"
+    assert_identical(ys, jnp.asarray([0, 1, 2]))
+    assert int(steps) == 3 and float(w) == 3.0
+
+
+def test_filter_while_loop_counts_with_a_python_number_as_lax_does():
+    expected = jax.lax.while_loop(lambda c: c < 10, lambda c: c + 1, 0)
+    assert_identical(
+        filter_while_loop(lambda c: c < 10, lambda c: c + 1, 0),
+        expected,
+        weak_types=True,
+    )
+
+
+class _Episode(eqx.Module):
+    """A point that a policy pushes until it leaves [-1, 1]."""
+
+    position: jax.Array
+    steps: Any
+    policy: eqx.nn.MLP
+    activation: Callable[..., Any]
+    name: str = eqx.field(static=True)
+
+
+def test_filter_while_loop_runs_an_episode_until_done_with_a_module_carry():
+    policy = eqx.nn.MLP(1, 1, width_size=4, depth=1, key=jax.random.key(3))
+    start = _Episode(jnp.zeros(()), 0, policy, jax.nn.sigmoid, "point")
+
+    def running(episode):
+        return jnp.abs(episode.position) < 1.0
+
+    def step(episode):
+        push = 0.1 + 0.2 * episode.activation(episode.policy(episode.position[None]))[0]
+        return eqx.tree_at(
+            lambda e: (e.position, e.steps),
+            episode,
+            (episode.position + push, episode.steps + 1),
+        )
+
+    end = eqx.filter_jit(filter_while_loop)(running, step, start)
+    expected = start
+    while running(expected):
+        expected = step(expected)
+    assert end.name == "point" and end.activation is jax.nn.sigmoid
+    assert int(end.steps) == expected.steps > 0
+    assert_identical(end.position, expected.position)
+
+
+def test_filter_fori_loop_is_reverse_differentiable_with_concrete_bounds():
+    def loss(w, fori_loop):
+        def body(i, carry):
+            x, steps = carry
+            return jnp.sin(x * w + i), steps + 1
+
+        x, steps = fori_loop(0, 4, body, (jnp.ones(3), 0))
+        return jnp.sum(x) + steps
+
+    assert_identical(
+        jax.value_and_grad(loss)(0.5, filter_fori_loop),
+        jax.value_and_grad(loss)(0.5, jax.lax.fori_loop),
+    )
+
+
+def test_filter_fori_loop_with_traced_bounds_is_a_while_loop():
+    def run(upper, fori_loop):
+        return fori_loop(0, upper, lambda i, c: (c[0] + i, c[1]), (jnp.int32(0), "s"))[
+            0
+        ]
+
+    ours = jax.jit(lambda n: run(n, filter_fori_loop))
+    assert int(ours(5)) == 10
+    assert "while" in _program(lambda n: run(n, filter_fori_loop), 5)
+
+
+def test_filter_switch_gradients_and_numbers_match_lax_switch():
+    def loss(x, switch):
+        return switch(1, [lambda x: x * 2.0, lambda x: jnp.sin(x), lambda _: 3.0], x)
+
+    assert_identical(
+        jax.value_and_grad(loss)(0.3, filter_switch),
+        jax.value_and_grad(loss)(0.3, jax.lax.switch),
+    )
+    same = filter_switch(jnp.asarray(2), [lambda: (1, "a"), lambda: (1, "a")])
+    assert same == (1, "a") and type(same[0]) is int
+    with pytest.raises(ValueError, match=r"compared with `branches\[0\]`'s output, "):
+        filter_switch(0, [lambda: "a", lambda: "b"])
+
+
+def test_filter_map_gradients_match_lax_map():
+    def loss(w, map_):
+        return jnp.sum(map_(lambda x: jnp.sin(w * x), jnp.arange(4.0)))
+
+    assert_identical(
+        jax.value_and_grad(loss)(0.7, filter_map),
+        jax.value_and_grad(loss)(0.7, jax.lax.map),
+    )
+
+
+def test_the_family_under_vmap_matches_per_example_calls():
+    xs = jnp.arange(6.0).reshape(3, 2)
+
+    def per_example(x):
+        looped = filter_while_loop(
+            lambda c: c[0] < 5.0, lambda c: (c[0] + x[0] + 1, c[1]), (x[1], "w")
+        )
+        fori = filter_fori_loop(0, 3, lambda i, c: (c[0] * x[0] + i, c[1]), (x[1], "f"))
+        switched = filter_switch(
+            jnp.int32(x[0]) % 2, [lambda y: (y, "s"), lambda y: (-y, "s")], x
+        )
+        mapped = filter_map(lambda y: (y * 2, "m"), x)
+        return looped[0], fori[0], switched[0], mapped[0]
+
+    batched = jax.vmap(per_example)(xs)
+    one_by_one = [per_example(x) for x in xs]
+    for i, values in enumerate(batched):
+        assert_identical(values, jnp.stack([row[i] for row in one_by_one]))
