@@ -1658,50 +1658,22 @@ def filter_map(
 def unstack_pytree(tree: _Tree, *, axis: int = 0) -> list[_Tree]:
     """Split a batched pytree into one pytree per index along `axis`.
 
-    The inverse of `stack_pytree`. Use it to turn the stacked outputs of `filter_scan`
-    or `eqx.filter_vmap` into one pytree per step or per member.
-
-    **Arguments:**
-
-    - `tree`: a pytree whose array leaves all have the same size along `axis`.
-        Non-array leaves (functions, strings, Python scalars) are copied into every
-        slice.
-    - `axis`: the axis to split along. Negative values count from the end of each
-        leaf, as in NumPy.
-
-    **Returns:**
-
-    A list of `n` pytrees with the structure of `tree`, where `n` is the size of
-    `axis`; an empty list if `n` is 0. NumPy leaves are split into NumPy views (no
-    copy, no device transfer). JAX leaves are split into new JAX arrays with the
-    leaf's dtype and weak type, placed as `leaf[i]` would place them:
-
-    - a leaf committed to one device: slices committed to that device;
-    - an uncommitted leaf: uncommitted slices on the default device;
-    - a leaf with a `NamedSharding` (auto or explicit mesh): slices with the same
-        mesh and the leaf's partition spec less the entry for `axis`. The other axes
-        stay sharded as they were; if `axis` itself was sharded, each slice is
-        whole on every device that held part of it (replicated along those mesh
-        axes), since one index of it lived on some devices only.
+    As `jnp.unstack` applied to every array leaf at once, except that it returns a
+    list of pytrees, copies non-array leaves (functions, strings, Python numbers) into
+    every slice, and splits NumPy leaves into NumPy views (no copy, no transfer). JAX
+    slices keep their leaf's dtype, weak type and device, committed or not; a leaf
+    with a `NamedSharding` gives slices with its partition spec less the entry for
+    `axis` (a sharded `axis` becomes whole on the devices that held it). `axis` is
+    static and may be negative. It works under `jit`; outside it, nothing that grows
+    with the number of slices is compiled. The inverse is `stack_pytree`.
 
     **Raises:**
 
-    `ValueError`, naming the leaf paths and sizes, if the leaves disagree on the size
-    along `axis`, if `axis` is out of range for a leaf, or if `tree` has no array
-    leaves (then the number of slices is undefined). `TypeError` if `axis` is not an
-    int.
-
-    It works inside `jax.jit`, where the number of slices is static. Outside `jit`,
-    JAX leaves of a set of shapes seen for the first time (or only a few times) are
-    sliced without compiling anything: each leaf is read to the host once and its
-    slices are put back on its devices in one batched `jax.device_put`. Once the
-    time spent that way on a set of shapes would exceed the time to compile a small
-    program that takes up to 32 slices of every leaf per call, that program is
-    compiled and used from then on. So episodes of many lengths compile nothing, while a
-    shape unstacked again and again runs at the speed of `jnp.unstack`; no program
-    with one output per slice is ever compiled. Weakly typed leaves, PRNG keys,
-    leaves with other kinds of sharding, and the leaves on the same devices as them,
-    always use the program. It does not touch the garbage collector.
+    - `TypeError` if `axis` is not an int.
+    - `ValueError`, naming leaf paths and sizes: the array leaves differ in size along
+        `axis` ("every array leaf must have the same size along `axis=0`, but the
+        sizes differ (['act'][0]: 4, ['obs']: 3)"), `axis` is out of range for a leaf,
+        or `tree` has no array leaves (the number of slices is undefined).
 
     **Example:**
 
@@ -1969,36 +1941,21 @@ def _index_rows(
 def stack_pytree(trees: Sequence[_Tree], *, axis: int = 0) -> _Tree:
     """Join pytrees of the same structure into one, stacking array leaves on `axis`.
 
-    The inverse of `unstack_pytree`: use it to build a population of models to
-    `eqx.filter_vmap` over, or to batch per-step states.
-
-    **Arguments:**
-
-    - `trees`: a non-empty list or tuple of pytrees with the same structure, the same
-        shape and dtype at each array leaf, and equal non-array leaves.
-    - `axis`: where the new axis goes in each stacked leaf, as in `numpy.stack`.
-        Negative values count from the end of the result.
-
-    **Returns:**
-
-    One pytree with the structure of `trees[0]`. Array leaves gain an axis of size
-    `len(trees)`; non-array leaves are taken from `trees[0]`. A leaf that is a NumPy
-    array in every tree stays NumPy; otherwise the result is a JAX array.
+    As `jnp.stack` applied to every array leaf at once, except that it takes a list
+    or tuple of pytrees, keeps non-array leaves (which must be equal) from
+    `trees[0]`, and keeps a leaf that is NumPy in every tree NumPy. Slices with a
+    `NamedSharding` give a result sharded as they are, with the new axis whole.
+    `axis` is static; negative values count from the end of the result. It works
+    under `jit`; outside it, stacking thousands of trees compiles nothing large. The
+    inverse of `unstack_pytree`.
 
     **Raises:**
 
-    `ValueError` if `trees` is empty, if `axis` is out of range, or if a tree differs
-    from `trees[0]` in structure, array shape or dtype, or a non-array leaf; the
-    message names the tree's index and the leaf path. `TypeError` if `trees` is not a
-    list or tuple, or `axis` is not an int.
-
-    It works inside `jax.jit`. Outside `jit`, more than 64 JAX leaves are copied into
-    their result 64 at a time by two small compiled programs per result shape: one
-    for the first chunk, one for every later chunk (a last, short chunk overlaps the
-    one before it instead). So stacking thousands of trees compiles nothing large,
-    and the data is copied once. The result lives where `jnp.stack` would put it:
-    slices with a `NamedSharding` give a result sharded as they are, with the new
-    axis whole on every device.
+    - `TypeError` if `trees` is not a list or tuple, or `axis` is not an int.
+    - `ValueError` if `trees` is empty, if `axis` is out of range, or if a tree
+        differs from `trees[0]` in structure, shape, dtype or a non-array leaf; the
+        message names the tree's index and the leaf path ("trees[2] differs from
+        trees[0] at path ['w']: it has shape (3,) ...").
 
     **Example:**
 
@@ -2140,55 +2097,6 @@ def _short_list(leaves: list[Any], limit: int = 3) -> str:
 _DEBUG_CALLBACK_TAKES_PARTITIONED = (
     "partitioned" in inspect.signature(jax.debug.callback).parameters
 )
-
-_CALLBACK_NOTES = """
-    JAX array leaves anywhere in the arguments (nested pytrees and keywords
-    included), traced or not, are sent to the host through `jax.debug.callback`.
-    NumPy arrays and NumPy scalars never touch a device: they are handed over on the
-    host, with their dtype and bits unchanged (so a `float64` or an `int64` stays
-    exact even with 64-bit mode off). Every other leaf (strings, `None`, Python
-    numbers, functions, any object) reaches `func` unchanged, as the same object. So
-    `log(step=3, loss=loss)` hands `func` the int `3`, not an array. On Linux,
-    `func` runs with subnormal floats intact, although XLA's CPU runtime flushes
-    them to zero while it runs the computation around the callback.
-
-    The arguments are checked against `func`'s signature at the call (at trace time
-    under `jit`), so a call that `func` itself would refuse raises `TypeError` there,
-    not later when the computation runs.
-
-    It behaves the same eagerly and under `jax.jit`, `eqx.filter_jit`, `jax.grad`
-    (it sees the forward pass), and inside `filter_scan`, `jax.lax.scan` and
-    `jax.lax.cond` bodies; under `jax.vmap` it calls `func` once per batch element.
-
-    **Arguments:**
-
-    - `func`: the host function. Its return value is ignored.
-    - `ordered`: if `True`, calls happen in program order. JAX supports ordered
-        callbacks only in computations on a single device: eagerly, arrays spread
-        over several devices are gathered and the call happens at once, but inside
-        `jit` an argument that spans several devices raises `ValueError`.
-    - `partitioned`: passed to `jax.debug.callback`, where the installed JAX
-        supports it: the callback may then run on each device with its shard of the
-        arguments. With older JAX, `partitioned=True` raises `ValueError`.
-
-    **Returns:**
-
-    A function with the parameters of `func` that returns `None`, with `func`'s
-    `__name__` and `__doc__`, and `func` as its `__wrapped__`.
-
-    **Raises:**
-
-    `TypeError` at once if `func` is not callable, or is a generator function, an
-    `async def` function or an async generator function (calling those only creates
-    an object that nothing would iterate or await, so their body would never run).
-    The wrapped function raises `TypeError` if its arguments do not fit `func`'s
-    signature. An exception raised by `func` is not caught: JAX reports it, eagerly
-    at the call and otherwise when the computation runs (as a runtime error that
-    names the original exception).
-
-    Callbacks run asynchronously under `jit`. Call `jax.effects_barrier()` to wait
-    for every pending callback, for example before reading a log file or exiting.
-"""
 
 # (test, what `func` is, what calling it creates): such functions never run their body.
 _BODY_NEVER_RUNS = (
@@ -2473,8 +2381,34 @@ def _numpy_as_list(value: np.ndarray | np.generic) -> Any:
 def callback_wrapper(
     func: Callable[_Params, Any], ordered: bool = False, partitioned: bool = False
 ) -> Callable[_Params, None]:
-    """Wrap `func` so that it can be called from inside `jax.jit`, with JAX array
-    arguments as `jax.Array`s and NumPy ones as the very same objects.
+    """Wrap the host function `func` so that it can be called from inside `jax.jit`.
+
+    As `jax.debug.callback(func, ...)`, except that the wrapper takes `func`'s own
+    arguments and checks them against its signature at the call (at trace time under
+    `jit`). JAX array leaves anywhere in them arrive as `jax.Array`s, typed PRNG keys
+    still typed. NumPy arrays and scalars never touch a device: they arrive as the
+    same objects. Every other leaf arrives unchanged, so `log(step=3)` hands `func`
+    the int `3`. On Linux `func` sees subnormal floats that XLA's CPU runtime would
+    flush to zero. Under `jax.vmap` it runs once per batch element, under `jax.grad`
+    on the forward pass. Under `jit` calls run when the computation does:
+    `jax.effects_barrier()` waits for them.
+
+    **Arguments:**
+
+    - `func`: the host function. Its return value is ignored; the wrapper keeps its
+        name, docstring and parameters, and returns `None`.
+    - `ordered`: as in `jax.debug.callback`. JAX orders calls only on one device, so
+        inside `jit` an argument that spans several devices raises `ValueError`.
+    - `partitioned`: passed on to `jax.debug.callback` where the installed JAX takes
+        it; elsewhere `True` raises `ValueError`.
+
+    **Raises:**
+
+    `TypeError` at once if `ordered` or `partitioned` is not a bool, or if `func` is
+    not callable, or is a generator, `async def` or async generator function (its
+    body would never run). The wrapper raises `TypeError` for arguments that `func`
+    would refuse (unchecked where Python cannot read its signature). What `func`
+    raises reaches the caller: eagerly at once, under `jit` as JAX's runtime error.
 
     **Example:**
 
@@ -2487,13 +2421,7 @@ def callback_wrapper(
     seen = []
     log = callback_wrapper(lambda tag, x, scale: seen.append((tag, x, scale)))
     scale = np.float64(0.1)
-
-    @jax.jit
-    def step(x):
-        log("x", x * 2, scale)
-        return x + 1
-
-    step(jnp.arange(3.0))
+    jax.jit(lambda x: log("x", x * 2, scale))(jnp.arange(3.0))
     jax.effects_barrier()  # Wait for the callback before reading `seen`.
     tag, x, received = seen[0]
     assert tag == "x" and isinstance(x, jax.Array) and x.tolist() == [0.0, 2.0, 4.0]
@@ -2508,9 +2436,9 @@ def callback_wrapper(
 def callback_with_numpy_wrapper(
     func: Callable[..., Any], ordered: bool = False, partitioned: bool = False
 ) -> Callable[..., None]:
-    """As `callback_wrapper`, but array arguments reach `func` as `numpy.ndarray`s
-    (typed PRNG keys as their raw key data; a NumPy scalar as a 0-d array of its
-    dtype).
+    """As `callback_wrapper`, except that array arguments, JAX and NumPy alike, reach
+    `func` as `numpy.ndarray`s of their dtype (a NumPy scalar as a 0-d array, a typed
+    PRNG key as its raw key data).
 
     **Example:**
 
@@ -2522,13 +2450,8 @@ def callback_with_numpy_wrapper(
 
     metrics = []
     log = callback_with_numpy_wrapper(lambda **values: metrics.append(values))
-
-    @jax.jit
-    def step(params):
-        log(loss=jnp.sum(params**2), steps=np.int64(3_000_000_000))
-        return params * 0.5
-
-    step(jnp.array([1.0, 2.0]))
+    big = np.int64(3_000_000_000)
+    jax.jit(lambda p: log(loss=jnp.sum(p**2), steps=big))(jnp.array([1.0, 2.0]))
     jax.effects_barrier()
     loss, steps = metrics[0]["loss"], metrics[0]["steps"]
     assert loss.dtype == np.float32 and loss == 5.0
@@ -2548,9 +2471,9 @@ def callback_with_numpy_wrapper(
 def callback_with_list_wrapper(
     func: Callable[..., Any], ordered: bool = False, partitioned: bool = False
 ) -> Callable[..., None]:
-    """As `callback_wrapper`, but array arguments, JAX and NumPy alike, reach `func`
-    as nested Python lists (via `.tolist()`, so a 0-d array or a NumPy scalar becomes
-    a Python number).
+    """As `callback_wrapper`, except that array arguments, JAX and NumPy alike, reach
+    `func` as nested Python lists (by `.tolist()`: a 0-d array or a NumPy scalar
+    becomes a Python number, a typed PRNG key its raw key data).
 
     **Example:**
 
@@ -2586,16 +2509,6 @@ def callback_with_list_wrapper(
     )
 
 
-for _wrapper in (
-    callback_wrapper,
-    callback_with_numpy_wrapper,
-    callback_with_list_wrapper,
-):
-    _summary, _example = (_wrapper.__doc__ or "").split("    **Example:**", 1)
-    _wrapper.__doc__ = (
-        f"{_summary.rstrip()}\n{_CALLBACK_NOTES}\n    **Example:**{_example}"
-    )
-
 _PRINT_SIGNATURE = _signature_or_none(print)
 _PRINT_FIX = (
     "Pass what `print` takes: any positional arguments, and the keywords `sep`, "
@@ -2606,23 +2519,18 @@ _PRINT_FIX = (
 def print_callback(*args: Any, **kwargs: Any) -> None:
     """`print`, from anywhere: eagerly, or inside `jax.jit`, `filter_scan` and friends.
 
-    Array arguments are printed as lists (a 0-d array as a plain number). NumPy
-    arrays and scalars never touch a device, so they print exactly as `print` would
-    print their `.tolist()` (a `float64` keeps all its digits). Keyword arguments are
-    those of `print` (`sep`, `end`, `file`, `flush`), and arguments that `print`
-    would refuse raise `TypeError` at the call. Under `jit` the printing happens when
-    the computation runs; `jax.effects_barrier()` waits for it.
-
-    Calls print in program order, with one exception. JAX refuses ordered callbacks
-    in a computation on several devices, so inside `jit` on a machine with several
-    devices, `print_callback` prints unordered unless its traced arguments show that
-    the computation stays on one device. Lines from different calls may then
-    interleave or come out of order. Eagerly, arrays sharded over several devices
-    are gathered and printed at once, in order.
+    As `jax.debug.print`, except that it takes the arguments of `print` (`sep`,
+    `end`, `file`, `flush`; no format string). Arrays print as lists (a 0-d array as
+    a number); NumPy values never touch a device and print as `print` prints their
+    `.tolist()`; other objects print as `print` prints them. Calls print in program
+    order, except inside `jit` on several devices, where JAX refuses ordered
+    callbacks: there lines may interleave unless the traced arguments show a
+    computation on one device. Under `jit` printing happens when the computation
+    runs; `jax.effects_barrier()` waits for it.
 
     **Raises:**
 
-    `TypeError` if `print` would not take the arguments.
+    `TypeError` at the call if `print` would not take the arguments.
 
     **Example:**
 
