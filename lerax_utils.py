@@ -108,7 +108,51 @@ _KeyPath = tuple[Any, ...]
 
 # -- Batches of pytrees
 
+
+# `jax.Array.committed` is public in newer jax; jax 0.4.26 has only `._committed`.
+def _is_committed(leaf: jax.Array) -> bool:
+    return getattr(leaf, "committed", getattr(leaf, "_committed", True))
+
+
+# Whether no `jax.transfer_guard` would refuse or log an explicit transfer. The guards
+# are read from `jax.config` by name; `tests/test_compatibility.py` checks the names.
+def _host_transfers_allowed() -> bool:
+    guards = ("", "_device_to_host", "_host_to_device")
+    levels = {getattr(jax.config, f"jax_transfer_guard{name}", None) for name in guards}
+    return levels <= {None, "allow", "log", "disallow"}
+
+
 # -- Host callbacks and progress bars
+
+# `jax.debug.callback` takes `partitioned` in newer jax only (not in jax 0.4.26).
+_DEBUG_CALLBACK_TAKES_PARTITIONED = (
+    "partitioned" in inspect.signature(jax.debug.callback).parameters
+)
+
+
+# How many devices a traced value's abstract sharding spans (0 for none), where the
+# jax records one on `aval.sharding` (newer jax, with sharding in types); else `None`.
+def _traced_mesh_size(tracer: Any) -> int | None:
+    mesh = getattr(getattr(tracer.aval, "sharding", None), "mesh", None)
+    size = getattr(mesh, "size", None)
+    return size if isinstance(size, int) else None
+
+
+# A platform gate: `fegetenv` and `fesetenv` from the C library on Linux, where glibc
+# and musl both take `(fenv_t *)-1` as the default environment; else `None`.
+def _load_fenv() -> tuple[Any, Any] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    for library in ("libm.so.6", None):  # `None`: what the process has loaded.
+        try:
+            found = ctypes.CDLL(library)
+            return found.fegetenv, found.fesetenv
+        except (OSError, AttributeError):
+            continue
+    return None
+
+
+_FENV = _load_fenv()
 
 # -- Checkpoints
 
@@ -1837,17 +1881,6 @@ def _pays_to_compile(
     return compile_now
 
 
-def _host_transfers_allowed() -> bool:
-    """Whether no `jax.transfer_guard` would refuse (or log) the host path.
-
-    Its transfers are explicit (`jax.device_get`, `jax.device_put`), so only the
-    `*_explicit` levels concern it.
-    """
-    guards = ("", "_device_to_host", "_host_to_device")
-    levels = {getattr(jax.config, f"jax_transfer_guard{name}", None) for name in guards}
-    return levels <= {None, "allow", "log", "disallow"}
-
-
 def _slices_on_host(leaf: jax.Array) -> bool:
     """Whether slicing `leaf` through NumPy gives exactly what a program would."""
     return (
@@ -1881,11 +1914,6 @@ def _slice_columns_on_host(
             jax.device_put([host[index, ...] for index in range(length)], sharding)
         )
     return columns
-
-
-def _is_committed(leaf: jax.Array) -> bool:
-    """Whether `leaf` is committed to its devices (jax 0.4.26 has no public name)."""
-    return getattr(leaf, "committed", getattr(leaf, "_committed", True))
 
 
 def _slice_sharding(sharding: Any, axis: int) -> Any:
@@ -2094,10 +2122,6 @@ def _short_list(leaves: list[Any], limit: int = 3) -> str:
 # Host callbacks: callback_wrapper and friends, print_callback
 #
 
-_DEBUG_CALLBACK_TAKES_PARTITIONED = (
-    "partitioned" in inspect.signature(jax.debug.callback).parameters
-)
-
 # (test, what `func` is, what calling it creates): such functions never run their body.
 _BODY_NEVER_RUNS = (
     (
@@ -2148,21 +2172,6 @@ def _signature_or_none(func: Callable[..., Any]) -> inspect.Signature | None:
         return None
 
 
-def _load_fenv() -> tuple[Any, Any] | None:
-    """`fegetenv` and `fesetenv` from the C library, on Linux (where glibc and musl
-    both take `(fenv_t *)-1` as the default environment), else `None`."""
-    if not sys.platform.startswith("linux"):
-        return None
-    for library in ("libm.so.6", None):  # `None`: what the process has loaded.
-        try:
-            found = ctypes.CDLL(library)
-            return found.fegetenv, found.fesetenv
-        except (OSError, AttributeError):
-            continue
-    return None
-
-
-_FENV = _load_fenv()
 _DEFAULT_FENV = ctypes.c_void_p(-1)  # FE_DFL_ENV
 _SMALLEST_NORMAL = sys.float_info.min
 
@@ -2266,9 +2275,7 @@ def _spread_over(array: Any) -> int | None:
     """How many devices `array` spans. For a tracer, the size of the mesh in its
     abstract sharding (0 for none), or `None` where JAX does not record one."""
     if isinstance(array, jax.core.Tracer):
-        mesh = getattr(getattr(array.aval, "sharding", None), "mesh", None)
-        size = getattr(mesh, "size", None)
-        return size if isinstance(size, int) else None
+        return _traced_mesh_size(array)
     return len(array.sharding.device_set)
 
 
