@@ -1755,17 +1755,11 @@ def unstack_pytree(tree: _Tree, *, axis: int = 0) -> list[_Tree]:
         )
     length = next(iter(sizes.values()))
     columns = _unstack_columns(leaves, axes, length)
-    if len(columns) == len(leaves):  # Every leaf is an array.
-        ordered = [columns[position] for position in range(len(leaves))]
-        return [treedef.unflatten(row) for row in zip(*ordered, strict=True)]
-    positions = list(columns)
-    slices = []
-    for values in zip(*columns.values(), strict=True):
-        row = list(leaves)
-        for position, value in zip(positions, values, strict=True):
-            row[position] = value
-        slices.append(treedef.unflatten(row))
-    return slices
+    rows = zip(
+        *(columns.get(i) or [leaf] * length for i, leaf in enumerate(leaves)),
+        strict=True,
+    )
+    return [treedef.unflatten(row) for row in rows]
 
 
 def _unstack_columns(
@@ -1792,37 +1786,25 @@ def _unstack_columns(
             jax_groups.setdefault(group, []).append(position)
     for positions in jax_groups.values():
         group = [leaves[position] for position in positions]
-        group_axes = tuple(axes[position] for position in positions)
-        group_columns = _slice_columns(group, group_axes, length)
-        for position, column in zip(positions, group_columns, strict=True):
-            columns[position] = column
+        sliced = _slice_columns(group, tuple(axes[i] for i in positions), length)
+        columns.update(zip(positions, sliced, strict=True))
     return columns
 
 
-# Concrete JAX leaves are sliced in one of two ways, whichever costs less so far:
-#
-# - On the host: one transfer of each leaf to NumPy, then one batched `device_put` of
-#   its slices. Nothing is compiled, but every slice costs a transfer (tens of µs).
-# - By a compiled program that returns up to `_UNSTACK_ROWS_PER_CALL` consecutive
-#   slices of every leaf per call (a few µs a slice), after a compile of 0.1 to 0.6 s
-#   per set of shapes.
-#
-# A set of shapes is sliced on the host until the time spent on it there would pass
-# the estimated compile time; from then on it is compiled (the "ski rental" rule).
-# Shapes seen once or a few times (episodes of many lengths) never compile, and no
-# set of shapes costs more than about twice the cheaper of the two ways. The estimate
-# is kept for the last `_UNSTACK_SIGNATURES_KEPT` sets of shapes only.
-# Rows per call, as measured fastest on XLA:CPU against `jnp.unstack`: 8 for a single
-# leaf, 8 more per extra leaf up to 32 (10 narrow leaves: 32; one wide or one long
-# thin leaf: 8), and no more rows than fit `_UNSTACK_BYTES_PER_CALL`.
+# Concrete JAX leaves are sliced on the host (one read of each leaf, one batched
+# `device_put` of its slices: nothing compiled, but ~40 µs a slice), until that time
+# for a set of shapes would pass the estimated time to compile a program that takes
+# up to `_UNSTACK_ROWS_PER_CALL` slices of every leaf per call (a few µs a slice); then
+# that program is compiled (ski rental: never more than about twice the cheaper way).
+# Measured on XLA:CPU: 8 rows a call for one leaf, 8 more per extra leaf up to 32,
+# within `_UNSTACK_BYTES_PER_CALL`; a compile takes 50 ms + 15 ms a row + 1 ms an
+# output.
 _UNSTACK_ROWS_PER_LEAF = 8
 _UNSTACK_ROWS_PER_CALL = 32
 _UNSTACK_BYTES_PER_CALL = 32 * 1024
 _UNSTACK_HOST_SECONDS_PER_SLICE = 40e-6
-# Compile time measured on XLA:CPU: about 50 ms, plus 15 ms per row, plus 1 ms per
-# output (`rows x leaves`).
 _UNSTACK_COMPILE_SECONDS = (0.05, 0.015, 0.001)
-_UNSTACK_SIGNATURES_KEPT = 4096
+_UNSTACK_SIGNATURES_KEPT = 4096  # Sets of shapes whose host time is remembered.
 _unstack_host_seconds: collections.OrderedDict[Any, float] = collections.OrderedDict()
 _unstack_host_seconds_lock = threading.Lock()
 
@@ -1867,11 +1849,8 @@ def _byte_size(leaf: jax.Array) -> int:
 def _pays_to_compile(
     signature: Any, host_seconds: float, compile_seconds: float
 ) -> bool:
-    """Whether to compile for `signature` now, by the ski-rental rule above.
-
-    Records the host time this call adds when it does not compile; `inf` marks a
-    signature that has been compiled.
-    """
+    """Whether to compile for `signature` now; records the host time of this call if
+    not, and `inf` for a signature that has been compiled."""
     with _unstack_host_seconds_lock:
         spent = _unstack_host_seconds.pop(signature, 0.0) + host_seconds
         compile_now = spent >= compile_seconds
@@ -1887,25 +1866,18 @@ def _slices_on_host(leaf: jax.Array) -> bool:
         not leaf.aval.weak_type  # pyright: ignore[reportAttributeAccessIssue]
         and not jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key)
         and leaf.is_fully_addressable
-        and isinstance(leaf.sharding, _HOST_SLICED_SHARDINGS)
+        and isinstance(
+            leaf.sharding,
+            jax.sharding.SingleDeviceSharding | jax.sharding.NamedSharding,
+        )
     )
-
-
-_HOST_SLICED_SHARDINGS = (
-    jax.sharding.SingleDeviceSharding,
-    jax.sharding.NamedSharding,
-)
 
 
 def _slice_columns_on_host(
     group: list[jax.Array], axes: tuple[int, ...], length: int
 ) -> list[list[jax.Array]]:
-    """The slices of `group`, by way of NumPy.
-
-    Slices of a committed leaf are committed to where `_slice_sharding` says; those
-    of an uncommitted leaf are uncommitted, on the default device, as a compiled
-    program (or `leaf[i]`) would leave them.
-    """
+    """The slices of `group`, by way of NumPy, placed as a program would place them:
+    committed where `_slice_sharding` says, or uncommitted on the default device."""
     columns = []
     for leaf, axis in zip(group, axes, strict=True):
         host = np.moveaxis(np.asarray(jax.device_get(leaf)), axis, 0)
@@ -1921,9 +1893,21 @@ def _slice_sharding(sharding: Any, axis: int) -> Any:
     if not isinstance(sharding, jax.sharding.NamedSharding):
         return sharding
     spec = list(sharding.spec)
-    if axis < len(spec):
-        del spec[axis]
+    del spec[axis : axis + 1]
     return _named_sharding(sharding, spec)
+
+
+def _unshard_axis(leaf: jax.Array, axis: int) -> jax.Array:
+    """`leaf`, laid out whole along `axis` if a named sharding splits it there: a
+    slice would live on some devices only, and explicit meshes refuse to make it."""
+    sharding = leaf.sharding
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        return leaf
+    spec = list(sharding.spec)
+    if axis >= len(spec) or spec[axis] is None:
+        return leaf
+    spec[axis] = None
+    return jax.device_put(leaf, _named_sharding(sharding, spec))
 
 
 def _named_sharding(sharding: Any, spec: list[Any]) -> Any:
@@ -1933,23 +1917,6 @@ def _named_sharding(sharding: Any, spec: list[Any]) -> Any:
     return jax.sharding.NamedSharding(
         sharding.mesh, spec_object, memory_kind=sharding.memory_kind
     )
-
-
-def _unshard_axis(leaf: jax.Array, axis: int) -> jax.Array:
-    """`leaf`, gathered along `axis` if a named sharding splits it there.
-
-    A slice along a split axis would live on some of the devices only, and explicit
-    meshes refuse to slice such an axis at all; so the leaf is first laid out with
-    that axis whole on every device, and the other axes as they were.
-    """
-    sharding = leaf.sharding
-    if not isinstance(sharding, jax.sharding.NamedSharding):
-        return leaf
-    spec = list(sharding.spec)
-    if axis >= len(spec) or spec[axis] is None:
-        return leaf
-    spec[axis] = None
-    return jax.device_put(leaf, _named_sharding(sharding, spec))
 
 
 @functools.partial(jax.jit, static_argnames=("axes", "count"))
@@ -2057,9 +2024,8 @@ def _stack_column(column: list[Any], axis: int) -> Any:
     if length <= _STACK_CHUNK or any(isinstance(x, jax.core.Tracer) for x in column):
         return jnp.stack(column, axis=axis)
     # Fill the result in fixed-size chunks, so only two small programs are compiled.
-    starts = _chunk_starts(length, _STACK_CHUNK)
     out = _stack_first_chunk(*column[:_STACK_CHUNK], length=length, axis=axis)
-    for start in starts[1:]:
+    for start in _chunk_starts(length, _STACK_CHUNK)[1:]:
         chunk = column[start : start + _STACK_CHUNK]
         out = _stack_chunk_into(out, start, *chunk, axis=axis)
     return out
@@ -2086,11 +2052,8 @@ def _stack_chunk_into(
 
 
 def _chunk_starts(length: int, size: int) -> list[int]:
-    """Starts of chunks of `size` items that cover `range(length)` (`size <= length`).
-
-    A last, short chunk overlaps the one before it instead, so every chunk has the
-    same size and one compiled program serves them all.
-    """
+    """Starts of chunks of `size <= length` items that cover `range(length)`; a last,
+    short chunk overlaps the one before it, so one program serves every chunk."""
     return [min(start, length - size) for start in range(0, length, size)]
 
 
@@ -2122,23 +2085,12 @@ def _short_list(leaves: list[Any], limit: int = 3) -> str:
 # Host callbacks: callback_wrapper and friends, print_callback
 #
 
-# (test, what `func` is, what calling it creates): such functions never run their body.
+# (test, what `func` is, what calling it creates, what nothing here would do to that):
+# such functions never run their body.
 _BODY_NEVER_RUNS = (
-    (
-        inspect.isasyncgenfunction,
-        "an async generator function",
-        "an async generator, which nothing here would iterate",
-    ),
-    (
-        inspect.iscoroutinefunction,
-        "an `async def` function",
-        "a coroutine, which nothing here would await",
-    ),
-    (
-        inspect.isgeneratorfunction,
-        "a generator function",
-        "a generator, which nothing here would iterate",
-    ),
+    (inspect.isasyncgenfunction, "an async generator", "an async generator", "iterate"),
+    (inspect.iscoroutinefunction, "an `async def`", "a coroutine", "await"),
+    (inspect.isgeneratorfunction, "a generator", "a generator", "iterate"),
 )
 
 
@@ -2154,13 +2106,13 @@ def _check_host_function(function: str, func: Callable[..., Any]) -> None:
             f"{function}: `func` must be callable; got {_describe_leaf(func)}."
         )
     call = type(func).__call__  # For an object with an `async def __call__`.
-    for is_kind, kind, creates in _BODY_NEVER_RUNS:
+    for is_kind, kind, creates, verb in _BODY_NEVER_RUNS:
         if is_kind(func) or (not inspect.isroutine(func) and is_kind(call)):
             raise TypeError(
-                f"{function}: `func` ({_callable_name(func)}) is {kind}. Calling it "
-                f"only creates {creates}, so its body would never run. Wrap a plain "
-                "function that does the work instead, for example one that runs it "
-                "to completion."
+                f"{function}: `func` ({_callable_name(func)}) is {kind} function. "
+                f"Calling it only creates {creates}, which nothing here would {verb}, "
+                "so its body would never run. Wrap a plain function that does the "
+                "work instead, for example one that runs it to completion."
             )
 
 
@@ -2177,15 +2129,9 @@ _SMALLEST_NORMAL = sys.float_info.min
 
 
 def _keeping_subnormals(body: Callable[[], None]) -> None:
-    """Run `body()` with subnormal floats intact.
-
-    XLA's CPU runtime runs a computation, and so the callbacks it makes, with the
-    processor set to flush subnormal floats to zero. Python arithmetic, `.tolist()`
-    and even `repr` then see them as 0.0 (`print` of 1e-310 shows `0.0`), so a
-    logger would silently record a wrong number. Where the C library lets us,
-    `body` runs in the default floating-point environment, and XLA's is restored
-    after it.
-    """
+    """Run `body()` in the default floating-point environment, where the C library
+    lets us: XLA's CPU runtime flushes subnormal floats to zero around its callbacks,
+    and even `repr(1e-310)` then shows `0.0`. XLA's environment is restored after."""
     if _FENV is None or _SMALLEST_NORMAL / 2 != 0.0:
         body()
         return
@@ -2206,20 +2152,14 @@ def _send_to_host(
     signature: inspect.Signature | None,
     ordered: bool | None,
     options: dict[str, bool],
-    to_host: Callable[[Any, Any], Any],
-    host_side: Callable[[Any], Any],
+    conversions: tuple[Callable[[Any, Any], Any], Callable[[Any], Any]],
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> None:
-    """Call `func(*args, **kwargs)` on the host, from traced code or eagerly.
-
-    JAX arrays and tracers travel through `jax.debug.callback` and are converted
-    there by `to_host`; NumPy leaves stay on the host and are converted by
-    `host_side`; every other leaf is passed as it is. `ordered=None` (for
-    `print_callback`) orders the calls unless the computation may span several
-    devices. `caller` names the function the user called in error messages, and
-    `fix` says how to fix a call that does not fit `signature`.
-    """
+    """Call `func(*args, **kwargs)` on the host, with JAX arrays sent through
+    `jax.debug.callback`, each kind of leaf converted as `conversions` says.
+    `ordered=None` (`print_callback`) orders calls unless they may span devices."""
+    to_host, host_side = conversions
     if signature is not None:
         try:
             signature.bind(*args, **kwargs)
@@ -2234,9 +2174,8 @@ def _send_to_host(
         i for i, leaf in enumerate(leaves) if isinstance(leaf, np.ndarray | np.generic)
     ]
     arrays = [leaves[i] for i in positions]
-    template = list(leaves)  # Holds no array: a tracer must not outlive its trace.
-    for position in positions:
-        template[position] = None
+    # The template holds no array: a tracer must not outlive its trace.
+    template = [None if isinstance(leaf, jax.Array) else leaf for leaf in leaves]
     if ordered is None:
         ordered = _may_order(arrays)
     elif ordered:
@@ -2255,10 +2194,8 @@ def _send_to_host(
 
     def call_func(host_arrays: tuple[Any, ...]) -> None:
         row = list(template)
-        for index, (position, array) in enumerate(
-            zip(positions, host_arrays, strict=True)
-        ):
-            row[position] = to_host(array, key_impls.get(index))
+        for index, position in enumerate(positions):
+            row[position] = to_host(host_arrays[index], key_impls.get(index))
         for position in on_the_host:
             row[position] = host_side(row[position])
         host_args, host_kwargs = treedef.unflatten(row)
@@ -2272,8 +2209,7 @@ def _send_to_host(
 
 
 def _spread_over(array: Any) -> int | None:
-    """How many devices `array` spans. For a tracer, the size of the mesh in its
-    abstract sharding (0 for none), or `None` where JAX does not record one."""
+    """How many devices `array` spans (for a tracer, where JAX records it)."""
     if isinstance(array, jax.core.Tracer):
         return _traced_mesh_size(array)
     return len(array.sharding.device_set)
@@ -2283,8 +2219,8 @@ def _check_ordered_on_one_device(
     caller: str, arguments: Any, leaves: list[Any], positions: list[int]
 ) -> None:
     """Inside `jit`, refuse an ordered callback with an argument that spans several
-    devices, which JAX would refuse later, when compiling, naming no function.
-    Eagerly the call happens at once, with sharded arrays gathered, so all is well."""
+    devices now, as JAX would when compiling, naming no function. (Eagerly the call
+    happens at once, with sharded arrays gathered.)"""
     for position in positions:
         array = leaves[position]
         if not isinstance(array, jax.core.Tracer):
@@ -2304,9 +2240,8 @@ def _check_ordered_on_one_device(
 
 
 def _may_order(arrays: list[Any]) -> bool:
-    """Whether `print_callback` may ask for an ordered callback: always with a single
-    device; otherwise only when traced arguments show a computation on one device.
-    (Eagerly the call happens at once, so the choice does not matter there.)"""
+    """Whether `print_callback` may ask for order: on a single device, or where the
+    traced arguments show a computation on one device (eagerly it does not matter)."""
     if jax.device_count() == 1:
         return True
     tracers = [array for array in arrays if isinstance(array, jax.core.Tracer)]
@@ -2319,11 +2254,9 @@ def _wrap_for_host(
     func: Callable[..., Any],
     ordered: bool,
     partitioned: bool,
-    to_host: Callable[[Any, Any], Any],
-    host_side: Callable[[Any], Any],
 ) -> Callable[..., None]:
-    """Make `func` callable from traced code, converting arrays with `to_host` and
-    NumPy values with `host_side`."""
+    """Make `func` callable from traced code, its arguments converted as for
+    `function`, the public function that wraps it."""
     _check_host_function(function, func)
     for name, flag in (("ordered", ordered), ("partitioned", partitioned)):
         if not isinstance(flag, bool):
@@ -2343,21 +2276,15 @@ def _wrap_for_host(
     caller = f"{name} (made by {function})"
     fix = f"Pass the arguments that `{name}` itself takes."
     signature = _signature_or_none(func)
+    conversions = _CONVERSIONS[function]
 
     @functools.wraps(func)
     def wrapped(*args: Any, **kwargs: Any) -> None:
         _send_to_host(
-            caller, fix, func, signature, ordered, options, to_host, host_side, args,
-            kwargs,
-        )  # fmt: skip
+            caller, fix, func, signature, ordered, options, conversions, args, kwargs
+        )
 
     return wrapped
-
-
-# Conversions. On the host side of `jax.debug.callback`, `array` is what arrived and
-# `key_impl` is the PRNG implementation when the leaf was a typed key (which travels
-# as its raw key data). NumPy leaves never leave the host; the `_numpy_as_*`
-# functions convert them there.
 
 
 def _as_jax(array: Any, key_impl: Any) -> jax.Array:
@@ -2365,24 +2292,17 @@ def _as_jax(array: Any, key_impl: Any) -> jax.Array:
     return array if key_impl is None else jax.random.wrap_key_data(array, impl=key_impl)
 
 
-def _as_numpy(array: Any, key_impl: Any) -> np.ndarray:
-    return np.asarray(array)
-
-
-def _as_list(array: Any, key_impl: Any) -> Any:
-    return np.asarray(array).tolist()
-
-
-def _numpy_as_is(value: np.ndarray | np.generic) -> Any:
-    return value
-
-
-def _numpy_as_ndarray(value: np.ndarray | np.generic) -> np.ndarray:
-    return np.asarray(value)
-
-
-def _numpy_as_list(value: np.ndarray | np.generic) -> Any:
-    return value.tolist()
+# How each function hands `func` a JAX array (as it reached the host, with the PRNG
+# impl of a typed key, which travels as its raw key data) and a NumPy value (which
+# never leaves the host).
+_CONVERSIONS: dict[str, tuple[Callable[[Any, Any], Any], Callable[[Any], Any]]] = {
+    "callback_wrapper": (_as_jax, lambda value: value),
+    "callback_with_numpy_wrapper": (lambda array, _: np.asarray(array), np.asarray),
+    "callback_with_list_wrapper": (
+        lambda array, _: np.asarray(array).tolist(),
+        lambda value: value.tolist(),
+    ),
+}
 
 
 def callback_wrapper(
@@ -2391,19 +2311,18 @@ def callback_wrapper(
     """Wrap the host function `func` so that it can be called from inside `jax.jit`.
 
     As `jax.debug.callback(func, ...)`, except that the wrapper takes `func`'s own
-    arguments and checks them against its signature at the call (at trace time under
-    `jit`). JAX array leaves anywhere in them arrive as `jax.Array`s, typed PRNG keys
-    still typed. NumPy arrays and scalars never touch a device: they arrive as the
-    same objects. Every other leaf arrives unchanged, so `log(step=3)` hands `func`
-    the int `3`. On Linux `func` sees subnormal floats that XLA's CPU runtime would
-    flush to zero. Under `jax.vmap` it runs once per batch element, under `jax.grad`
-    on the forward pass. Under `jit` calls run when the computation does:
-    `jax.effects_barrier()` waits for them.
+    arguments, checked against its signature at the call (at trace time under `jit`).
+    JAX arrays anywhere in them arrive as `jax.Array`s (typed keys still typed); NumPy
+    values never touch a device and arrive as the same objects, as does every other
+    leaf: `log(step=3)` hands `func` the int `3`. On Linux `func` sees the subnormal
+    floats that XLA's CPU runtime flushes. Under `jax.vmap` it runs once per element,
+    under `jax.grad` on the forward pass; under `jit` when the computation runs
+    (`jax.effects_barrier()` waits for it).
 
     **Arguments:**
 
-    - `func`: the host function. Its return value is ignored; the wrapper keeps its
-        name, docstring and parameters, and returns `None`.
+    - `func`: the host function, whose result is ignored. The wrapper keeps its
+        name, docstring and parameters.
     - `ordered`: as in `jax.debug.callback`. JAX orders calls only on one device, so
         inside `jit` an argument that spans several devices raises `ValueError`.
     - `partitioned`: passed on to `jax.debug.callback` where the installed JAX takes
@@ -2435,9 +2354,7 @@ def callback_wrapper(
     assert received is scale  # NumPy values never go through the device.
     ```
     """
-    return _wrap_for_host(
-        "callback_wrapper", func, ordered, partitioned, _as_jax, _numpy_as_is
-    )
+    return _wrap_for_host("callback_wrapper", func, ordered, partitioned)
 
 
 def callback_with_numpy_wrapper(
@@ -2465,14 +2382,7 @@ def callback_with_numpy_wrapper(
     assert steps.dtype == np.int64 and steps == 3_000_000_000  # Not cast to 32 bits.
     ```
     """
-    return _wrap_for_host(
-        "callback_with_numpy_wrapper",
-        func,
-        ordered,
-        partitioned,
-        _as_numpy,
-        _numpy_as_ndarray,
-    )
+    return _wrap_for_host("callback_with_numpy_wrapper", func, ordered, partitioned)
 
 
 def callback_with_list_wrapper(
@@ -2506,14 +2416,7 @@ def callback_with_list_wrapper(
     assert history == [(0, 5.0), (1, 1.25), (2, 0.3125)]  # In order: ordered=True.
     ```
     """
-    return _wrap_for_host(
-        "callback_with_list_wrapper",
-        func,
-        ordered,
-        partitioned,
-        _as_list,
-        _numpy_as_list,
-    )
+    return _wrap_for_host("callback_with_list_wrapper", func, ordered, partitioned)
 
 
 _PRINT_SIGNATURE = _signature_or_none(print)
@@ -2556,24 +2459,16 @@ def print_callback(*args: Any, **kwargs: Any) -> None:
     ```
     """
     _send_to_host(
-        "print_callback", _PRINT_FIX, print, _PRINT_SIGNATURE, None, {}, _as_list,
-        _numpy_as_list, args, kwargs,
+        "print_callback", _PRINT_FIX, print, _PRINT_SIGNATURE, None, {},
+        _CONVERSIONS["callback_with_list_wrapper"], args, kwargs,
     )  # fmt: skip
 
 
 #
 # Progress bars: the `progress=` option of filter_scan, filter_fori_loop, filter_map
 #
-# A loop with a bar reports to the host through `jax.debug.callback` every `k` steps
-# (and at the end), with `k` chosen from the length so that a loop makes at most
-# `_PROGRESS_MAX_CALLBACKS` host calls however long it is: it runs as chunks of `k`
-# steps (`_scan_in_chunks`), or, under differentiation, as one scan that checks its
-# step count in every step (`_scan_reporting_every_step`). The count is never batched:
-# under `jax.vmap` the loop draws one bar, not one per batch element. While a loop
-# with a bar is being traced, loops traced inside its body draw none (the outer bar
-# alone is shown). On the host, a bar redraws its line (`\r`) at most `1 /
-# _PROGRESS_MIN_INTERVAL` times a second, and ends it with a newline when the count
-# reaches the total.
+# A loop with a bar (see the control-flow section) reports to the host every `k`
+# steps and at the end, at most `_PROGRESS_MAX_CALLBACKS` times however long it is.
 
 _PROGRESS_MAX_CALLBACKS = 200
 _PROGRESS_MIN_REPORTS = 5
@@ -2598,13 +2493,9 @@ def _progress_description(function: str, progress: Any) -> str | None:
 
 
 def _progress_stride(total: int) -> int:
-    """Report every `k`-th step: the steps `0, k, 2k, ...` and the last one make at
-    most `_PROGRESS_MAX_CALLBACKS` calls.
-
-    A host call costs tens of microseconds, as much as thousands of small steps, so
-    a loop reports `_PROGRESS_MIN_REPORTS` times (every 20%), and once more per
-    `_PROGRESS_STEPS_PER_REPORT` steps beyond that, up to the bound.
-    """
+    """Report every `k`-th step. A host call costs tens of microseconds, as much as
+    thousands of small steps, so a loop reports `_PROGRESS_MIN_REPORTS` times, and
+    once more per `_PROGRESS_STEPS_PER_REPORT` steps, up to the bound."""
     reports = max(
         min(total, _PROGRESS_MIN_REPORTS), total // _PROGRESS_STEPS_PER_REPORT
     )
@@ -2634,30 +2525,25 @@ class _ProgressBar:
         self.reports = 0  # Of the current run, so far.
         self.started = False  # Whether the current run's first report came.
 
-    def line(self, now: float) -> str:
+    def draw(self, now: float, end: str) -> None:
         elapsed = now - self.start
         rate = self.count / elapsed if elapsed > 0 else math.nan
         left = (self.total - self.count) / rate if rate > 0 else math.nan
         percent = 100 * self.count // self.total
         label = f"{self.description}: " if self.description else ""
         rate_text = f"{rate:.2f} it/s" if math.isfinite(rate) else "? it/s"
-        return (
+        text = (
             f"{label}{percent:3d}% {self.count}/{self.total} "
             f"[{_format_seconds(elapsed)}<{_format_seconds(left)}, {rate_text}]"
         )
-
-    def draw(self, now: float, end: str) -> None:
-        text = self.line(now)
-        stream = sys.stderr
-        stream.write("\r" + text.ljust(self.width) + end)
-        stream.flush()
+        sys.stderr.write("\r" + text.ljust(self.width) + end)
+        sys.stderr.flush()
         self.width = len(text)
         self.last_draw = now
 
 
 def _end_open_lines() -> None:
-    """End the line of every bar left part-way (a loop that stopped on an error), so
-    that what is written next starts on a line of its own."""
+    """End the line of a bar left part-way (its loop stopped on an error)."""
     with _progress_lock:
         if _open_bars:
             sys.stderr.write("\n")
@@ -2687,9 +2573,8 @@ def _progress_update(bar: _ProgressBar, count: int) -> None:
 
 
 def _chunk_size(length: int) -> int | None:
-    """Steps per chunk, for a loop run in chunks: the divisor of `length` nearest to
-    `_progress_stride(length)`, or `None` if none is within a factor of two of it
-    (or within the bound on host calls)."""
+    """Steps per chunk: the divisor of `length` nearest `_progress_stride(length)`
+    within a factor of two and the bound on host calls, or `None`."""
     target = _progress_stride(length)
     fewest = -(-length // (_PROGRESS_MAX_CALLBACKS - 1))
     near = [
@@ -2702,33 +2587,18 @@ def _chunk_size(length: int) -> int | None:
 
 @functools.lru_cache(maxsize=256)
 def _divisors(number: int) -> list[int]:
-    """Every divisor of `number` (at least 1), by trial division."""
-    divisors, factor = [1], 2
-    while factor * factor <= number:
-        power = 0
-        while number % factor == 0:
-            number //= factor
-            power += 1
-        divisors = [d * factor**k for d in divisors for k in range(power + 1)]
-        factor += 1 if factor == 2 else 2
-    if number > 1:
-        divisors += [d * number for d in divisors]
-    return divisors
+    """Every divisor of `number` (at least 1), in increasing order."""
+    small = [d for d in range(1, math.isqrt(number) + 1) if number % d == 0]
+    return small + [number // d for d in reversed(small) if d * d != number]
 
 
 def _progress_callbacks(
     bar: _ProgressBar, stride: int, reports: int
 ) -> tuple[Callable[[], None], Callable[[], None], Callable[[], None]]:
-    """The host calls of a loop that reports `reports` times a run: first at its
-    start, then every `stride` steps, last at its end.
-
-    They take no operands and are unordered, as either would cost several times
-    more, so they may reach the host in any order (and do: XLA runs a report as
-    soon as nothing holds it back). So a run's reports are counted as they come:
-    the `n`-th shows `n * stride` steps, and the run's last one the total. A second
-    `first` before a run is complete starts a new run: the one before stopped on
-    an error.
-    """
+    """A loop's host calls, first, then every `stride` steps, and last. Unordered
+    and without operands (either costs several times more), they are counted as they
+    come: the `n`-th shows `n * stride` steps, the `reports`-th the total. A second
+    `first` before that starts a new run (the one before stopped on an error)."""
 
     def report(kind: str) -> Callable[[], None]:
         def call() -> None:
