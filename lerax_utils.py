@@ -1815,7 +1815,9 @@ def _slice_columns(
     """`columns[j][i]`: slice `i` of `group[j]` along `axes[j]`."""
     if length == 0:
         return [[] for _ in group]
-    row_bytes = sum(_byte_size(leaf) for leaf in group) // length
+    # A typed key counts as the two uint32 words of a default key.
+    sizes = [8 if _is_key_array(x) else x.dtype.itemsize for x in group]
+    row_bytes = sum(x.size * n for x, n in zip(group, sizes, strict=True)) // length
     count = min(_UNSTACK_ROWS_PER_LEAF * len(group), _UNSTACK_ROWS_PER_CALL)
     count = min(count, _UNSTACK_BYTES_PER_CALL // max(row_bytes, 1), length)
     count = max(1, count)
@@ -1840,12 +1842,6 @@ def _slice_columns(
     return columns
 
 
-def _byte_size(leaf: jax.Array) -> int:
-    if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-        return leaf.size * 8  # Roughly: the two uint32 words of a default key.
-    return leaf.size * leaf.dtype.itemsize
-
-
 def _pays_to_compile(
     signature: Any, host_seconds: float, compile_seconds: float
 ) -> bool:
@@ -1864,7 +1860,7 @@ def _slices_on_host(leaf: jax.Array) -> bool:
     """Whether slicing `leaf` through NumPy gives exactly what a program would."""
     return (
         not leaf.aval.weak_type  # pyright: ignore[reportAttributeAccessIssue]
-        and not jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+        and not _is_key_array(leaf)
         and leaf.is_fully_addressable
         and isinstance(
             leaf.sharding,
