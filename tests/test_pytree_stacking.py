@@ -26,9 +26,12 @@ from lerax_utils import filter_scan, stack_pytree, unstack_pytree
 
 
 class Policy(eqx.Module):
+    """A small module with an array field, a function field and static fields."""
+
     params: Any
     activation: Callable[..., Any]
     name: str = eqx.field(static=True)
+    scale: float = eqx.field(static=True, default=1.0)
 
 
 def test_unstack_pytree_keeps_numpy_leaves_as_views():
