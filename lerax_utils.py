@@ -145,7 +145,51 @@ def _custom_jvp_takes_keys() -> bool:
 
 # -- Batches of pytrees
 
+
+# `jax.Array.committed` is public in newer jax; jax 0.4.26 has only `._committed`.
+def _is_committed(leaf: jax.Array) -> bool:
+    return getattr(leaf, "committed", getattr(leaf, "_committed", True))
+
+
+# Whether no `jax.transfer_guard` would refuse or log an explicit transfer. The guards
+# are read from `jax.config` by name; `tests/test_compatibility.py` checks the names.
+def _host_transfers_allowed() -> bool:
+    guards = ("", "_device_to_host", "_host_to_device")
+    levels = {getattr(jax.config, f"jax_transfer_guard{name}", None) for name in guards}
+    return levels <= {None, "allow", "log", "disallow"}
+
+
 # -- Host callbacks and progress bars
+
+# `jax.debug.callback` takes `partitioned` in newer jax only (not in jax 0.4.26).
+_DEBUG_CALLBACK_TAKES_PARTITIONED = (
+    "partitioned" in inspect.signature(jax.debug.callback).parameters
+)
+
+
+# How many devices a traced value's abstract sharding spans (0 for none), where the
+# jax records one on `aval.sharding` (newer jax, with sharding in types); else `None`.
+def _traced_mesh_size(tracer: Any) -> int | None:
+    mesh = getattr(getattr(tracer.aval, "sharding", None), "mesh", None)
+    size = getattr(mesh, "size", None)
+    return size if isinstance(size, int) else None
+
+
+# A platform gate: `fegetenv` and `fesetenv` from the C library on Linux, where glibc
+# and musl both take `(fenv_t *)-1` as the default environment; else `None`.
+def _load_fenv() -> tuple[Any, Any] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    for library in ("libm.so.6", None):  # `None`: what the process has loaded.
+        try:
+            found = ctypes.CDLL(library)
+            return found.fegetenv, found.fesetenv
+        except (OSError, AttributeError):
+            continue
+    return None
+
+
+_FENV = _load_fenv()
 
 # -- Checkpoints
 
@@ -1501,50 +1545,22 @@ def filter_map(
 def unstack_pytree(tree: _Tree, *, axis: int = 0) -> list[_Tree]:
     """Split a batched pytree into one pytree per index along `axis`.
 
-    The inverse of `stack_pytree`. Use it to turn the stacked outputs of `filter_scan`
-    or `eqx.filter_vmap` into one pytree per step or per member.
-
-    **Arguments:**
-
-    - `tree`: a pytree whose array leaves all have the same size along `axis`.
-        Non-array leaves (functions, strings, Python scalars) are copied into every
-        slice.
-    - `axis`: the axis to split along. Negative values count from the end of each
-        leaf, as in NumPy.
-
-    **Returns:**
-
-    A list of `n` pytrees with the structure of `tree`, where `n` is the size of
-    `axis`; an empty list if `n` is 0. NumPy leaves are split into NumPy views (no
-    copy, no device transfer). JAX leaves are split into new JAX arrays with the
-    leaf's dtype and weak type, placed as `leaf[i]` would place them:
-
-    - a leaf committed to one device: slices committed to that device;
-    - an uncommitted leaf: uncommitted slices on the default device;
-    - a leaf with a `NamedSharding` (auto or explicit mesh): slices with the same
-        mesh and the leaf's partition spec less the entry for `axis`. The other axes
-        stay sharded as they were; if `axis` itself was sharded, each slice is
-        whole on every device that held part of it (replicated along those mesh
-        axes), since one index of it lived on some devices only.
+    As `jnp.unstack` applied to every array leaf at once, except that it returns a
+    list of pytrees, copies non-array leaves (functions, strings, Python numbers) into
+    every slice, and splits NumPy leaves into NumPy views (no copy, no transfer). JAX
+    slices keep their leaf's dtype, weak type and device, committed or not; a leaf
+    with a `NamedSharding` gives slices with its partition spec less the entry for
+    `axis` (a sharded `axis` becomes whole on the devices that held it). `axis` is
+    static and may be negative. It works under `jit`; outside it, nothing that grows
+    with the number of slices is compiled. The inverse is `stack_pytree`.
 
     **Raises:**
 
-    `ValueError`, naming the leaf paths and sizes, if the leaves disagree on the size
-    along `axis`, if `axis` is out of range for a leaf, or if `tree` has no array
-    leaves (then the number of slices is undefined). `TypeError` if `axis` is not an
-    int.
-
-    It works inside `jax.jit`, where the number of slices is static. Outside `jit`,
-    JAX leaves of a set of shapes seen for the first time (or only a few times) are
-    sliced without compiling anything: each leaf is read to the host once and its
-    slices are put back on its devices in one batched `jax.device_put`. Once the
-    time spent that way on a set of shapes would exceed the time to compile a small
-    program that takes up to 32 slices of every leaf per call, that program is
-    compiled and used from then on. So episodes of many lengths compile nothing, while a
-    shape unstacked again and again runs at the speed of `jnp.unstack`; no program
-    with one output per slice is ever compiled. Weakly typed leaves, PRNG keys,
-    leaves with other kinds of sharding, and the leaves on the same devices as them,
-    always use the program. It does not touch the garbage collector.
+    - `TypeError` if `axis` is not an int.
+    - `ValueError`, naming leaf paths and sizes: the array leaves differ in size along
+        `axis` ("every array leaf must have the same size along `axis=0`, but the
+        sizes differ (['act'][0]: 4, ['obs']: 3)"), `axis` is out of range for a leaf,
+        or `tree` has no array leaves (the number of slices is undefined).
 
     **Example:**
 
@@ -1582,17 +1598,11 @@ def unstack_pytree(tree: _Tree, *, axis: int = 0) -> list[_Tree]:
         )
     length = next(iter(sizes.values()))
     columns = _unstack_columns(leaves, axes, length)
-    if len(columns) == len(leaves):  # Every leaf is an array.
-        ordered = [columns[position] for position in range(len(leaves))]
-        return [treedef.unflatten(row) for row in zip(*ordered, strict=True)]
-    positions = list(columns)
-    slices = []
-    for values in zip(*columns.values(), strict=True):
-        row = list(leaves)
-        for position, value in zip(positions, values, strict=True):
-            row[position] = value
-        slices.append(treedef.unflatten(row))
-    return slices
+    rows = zip(
+        *(columns.get(i) or [leaf] * length for i, leaf in enumerate(leaves)),
+        strict=True,
+    )
+    return [treedef.unflatten(row) for row in rows]
 
 
 def _unstack_columns(
@@ -1619,37 +1629,25 @@ def _unstack_columns(
             jax_groups.setdefault(group, []).append(position)
     for positions in jax_groups.values():
         group = [leaves[position] for position in positions]
-        group_axes = tuple(axes[position] for position in positions)
-        group_columns = _slice_columns(group, group_axes, length)
-        for position, column in zip(positions, group_columns, strict=True):
-            columns[position] = column
+        sliced = _slice_columns(group, tuple(axes[i] for i in positions), length)
+        columns.update(zip(positions, sliced, strict=True))
     return columns
 
 
-# Concrete JAX leaves are sliced in one of two ways, whichever costs less so far:
-#
-# - On the host: one transfer of each leaf to NumPy, then one batched `device_put` of
-#   its slices. Nothing is compiled, but every slice costs a transfer (tens of µs).
-# - By a compiled program that returns up to `_UNSTACK_ROWS_PER_CALL` consecutive
-#   slices of every leaf per call (a few µs a slice), after a compile of 0.1 to 0.6 s
-#   per set of shapes.
-#
-# A set of shapes is sliced on the host until the time spent on it there would pass
-# the estimated compile time; from then on it is compiled (the "ski rental" rule).
-# Shapes seen once or a few times (episodes of many lengths) never compile, and no
-# set of shapes costs more than about twice the cheaper of the two ways. The estimate
-# is kept for the last `_UNSTACK_SIGNATURES_KEPT` sets of shapes only.
-# Rows per call, as measured fastest on XLA:CPU against `jnp.unstack`: 8 for a single
-# leaf, 8 more per extra leaf up to 32 (10 narrow leaves: 32; one wide or one long
-# thin leaf: 8), and no more rows than fit `_UNSTACK_BYTES_PER_CALL`.
+# Concrete JAX leaves are sliced on the host (one read of each leaf, one batched
+# `device_put` of its slices: nothing compiled, but ~40 µs a slice), until that time
+# for a set of shapes would pass the estimated time to compile a program that takes
+# up to `_UNSTACK_ROWS_PER_CALL` slices of every leaf per call (a few µs a slice); then
+# that program is compiled (ski rental: never more than about twice the cheaper way).
+# Measured on XLA:CPU: 8 rows a call for one leaf, 8 more per extra leaf up to 32,
+# within `_UNSTACK_BYTES_PER_CALL`; a compile takes 50 ms + 15 ms a row + 1 ms an
+# output.
 _UNSTACK_ROWS_PER_LEAF = 8
 _UNSTACK_ROWS_PER_CALL = 32
 _UNSTACK_BYTES_PER_CALL = 32 * 1024
 _UNSTACK_HOST_SECONDS_PER_SLICE = 40e-6
-# Compile time measured on XLA:CPU: about 50 ms, plus 15 ms per row, plus 1 ms per
-# output (`rows x leaves`).
 _UNSTACK_COMPILE_SECONDS = (0.05, 0.015, 0.001)
-_UNSTACK_SIGNATURES_KEPT = 4096
+_UNSTACK_SIGNATURES_KEPT = 4096  # Sets of shapes whose host time is remembered.
 _unstack_host_seconds: collections.OrderedDict[Any, float] = collections.OrderedDict()
 _unstack_host_seconds_lock = threading.Lock()
 
@@ -1660,7 +1658,9 @@ def _slice_columns(
     """`columns[j][i]`: slice `i` of `group[j]` along `axes[j]`."""
     if length == 0:
         return [[] for _ in group]
-    row_bytes = sum(_byte_size(leaf) for leaf in group) // length
+    # A typed key counts as the two uint32 words of a default key.
+    sizes = [8 if _is_key_array(x) else x.dtype.itemsize for x in group]
+    row_bytes = sum(x.size * n for x, n in zip(group, sizes, strict=True)) // length
     count = min(_UNSTACK_ROWS_PER_LEAF * len(group), _UNSTACK_ROWS_PER_CALL)
     count = min(count, _UNSTACK_BYTES_PER_CALL // max(row_bytes, 1), length)
     count = max(1, count)
@@ -1685,20 +1685,11 @@ def _slice_columns(
     return columns
 
 
-def _byte_size(leaf: jax.Array) -> int:
-    if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-        return leaf.size * 8  # Roughly: the two uint32 words of a default key.
-    return leaf.size * leaf.dtype.itemsize
-
-
 def _pays_to_compile(
     signature: Any, host_seconds: float, compile_seconds: float
 ) -> bool:
-    """Whether to compile for `signature` now, by the ski-rental rule above.
-
-    Records the host time this call adds when it does not compile; `inf` marks a
-    signature that has been compiled.
-    """
+    """Whether to compile for `signature` now; records the host time of this call if
+    not, and `inf` for a signature that has been compiled."""
     with _unstack_host_seconds_lock:
         spent = _unstack_host_seconds.pop(signature, 0.0) + host_seconds
         compile_now = spent >= compile_seconds
@@ -1708,42 +1699,24 @@ def _pays_to_compile(
     return compile_now
 
 
-def _host_transfers_allowed() -> bool:
-    """Whether no `jax.transfer_guard` would refuse (or log) the host path.
-
-    Its transfers are explicit (`jax.device_get`, `jax.device_put`), so only the
-    `*_explicit` levels concern it.
-    """
-    guards = ("", "_device_to_host", "_host_to_device")
-    levels = {getattr(jax.config, f"jax_transfer_guard{name}", None) for name in guards}
-    return levels <= {None, "allow", "log", "disallow"}
-
-
 def _slices_on_host(leaf: jax.Array) -> bool:
     """Whether slicing `leaf` through NumPy gives exactly what a program would."""
     return (
         not leaf.aval.weak_type  # pyright: ignore[reportAttributeAccessIssue]
-        and not jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+        and not _is_key_array(leaf)
         and leaf.is_fully_addressable
-        and isinstance(leaf.sharding, _HOST_SLICED_SHARDINGS)
+        and isinstance(
+            leaf.sharding,
+            jax.sharding.SingleDeviceSharding | jax.sharding.NamedSharding,
+        )
     )
-
-
-_HOST_SLICED_SHARDINGS = (
-    jax.sharding.SingleDeviceSharding,
-    jax.sharding.NamedSharding,
-)
 
 
 def _slice_columns_on_host(
     group: list[jax.Array], axes: tuple[int, ...], length: int
 ) -> list[list[jax.Array]]:
-    """The slices of `group`, by way of NumPy.
-
-    Slices of a committed leaf are committed to where `_slice_sharding` says; those
-    of an uncommitted leaf are uncommitted, on the default device, as a compiled
-    program (or `leaf[i]`) would leave them.
-    """
+    """The slices of `group`, by way of NumPy, placed as a program would place them:
+    committed where `_slice_sharding` says, or uncommitted on the default device."""
     columns = []
     for leaf, axis in zip(group, axes, strict=True):
         host = np.moveaxis(np.asarray(jax.device_get(leaf)), axis, 0)
@@ -1754,19 +1727,26 @@ def _slice_columns_on_host(
     return columns
 
 
-def _is_committed(leaf: jax.Array) -> bool:
-    """Whether `leaf` is committed to its devices (jax 0.4.26 has no public name)."""
-    return getattr(leaf, "committed", getattr(leaf, "_committed", True))
-
-
 def _slice_sharding(sharding: Any, axis: int) -> Any:
     """Where a slice along `axis` goes: the sharding of the other axes, kept."""
     if not isinstance(sharding, jax.sharding.NamedSharding):
         return sharding
     spec = list(sharding.spec)
-    if axis < len(spec):
-        del spec[axis]
+    del spec[axis : axis + 1]
     return _named_sharding(sharding, spec)
+
+
+def _unshard_axis(leaf: jax.Array, axis: int) -> jax.Array:
+    """`leaf`, laid out whole along `axis` if a named sharding splits it there: a
+    slice would live on some devices only, and explicit meshes refuse to make it."""
+    sharding = leaf.sharding
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        return leaf
+    spec = list(sharding.spec)
+    if axis >= len(spec) or spec[axis] is None:
+        return leaf
+    spec[axis] = None
+    return jax.device_put(leaf, _named_sharding(sharding, spec))
 
 
 def _named_sharding(sharding: Any, spec: list[Any]) -> Any:
@@ -1776,23 +1756,6 @@ def _named_sharding(sharding: Any, spec: list[Any]) -> Any:
     return jax.sharding.NamedSharding(
         sharding.mesh, spec_object, memory_kind=sharding.memory_kind
     )
-
-
-def _unshard_axis(leaf: jax.Array, axis: int) -> jax.Array:
-    """`leaf`, gathered along `axis` if a named sharding splits it there.
-
-    A slice along a split axis would live on some of the devices only, and explicit
-    meshes refuse to slice such an axis at all; so the leaf is first laid out with
-    that axis whole on every device, and the other axes as they were.
-    """
-    sharding = leaf.sharding
-    if not isinstance(sharding, jax.sharding.NamedSharding):
-        return leaf
-    spec = list(sharding.spec)
-    if axis >= len(spec) or spec[axis] is None:
-        return leaf
-    spec[axis] = None
-    return jax.device_put(leaf, _named_sharding(sharding, spec))
 
 
 @functools.partial(jax.jit, static_argnames=("axes", "count"))
@@ -1812,36 +1775,21 @@ def _index_rows(
 def stack_pytree(trees: Sequence[_Tree], *, axis: int = 0) -> _Tree:
     """Join pytrees of the same structure into one, stacking array leaves on `axis`.
 
-    The inverse of `unstack_pytree`: use it to build a population of models to
-    `eqx.filter_vmap` over, or to batch per-step states.
-
-    **Arguments:**
-
-    - `trees`: a non-empty list or tuple of pytrees with the same structure, the same
-        shape and dtype at each array leaf, and equal non-array leaves.
-    - `axis`: where the new axis goes in each stacked leaf, as in `numpy.stack`.
-        Negative values count from the end of the result.
-
-    **Returns:**
-
-    One pytree with the structure of `trees[0]`. Array leaves gain an axis of size
-    `len(trees)`; non-array leaves are taken from `trees[0]`. A leaf that is a NumPy
-    array in every tree stays NumPy; otherwise the result is a JAX array.
+    As `jnp.stack` applied to every array leaf at once, except that it takes a list
+    or tuple of pytrees, keeps non-array leaves (which must be equal) from
+    `trees[0]`, and keeps a leaf that is NumPy in every tree NumPy. Slices with a
+    `NamedSharding` give a result sharded as they are, with the new axis whole.
+    `axis` is static; negative values count from the end of the result. It works
+    under `jit`; outside it, stacking thousands of trees compiles nothing large. The
+    inverse of `unstack_pytree`.
 
     **Raises:**
 
-    `ValueError` if `trees` is empty, if `axis` is out of range, or if a tree differs
-    from `trees[0]` in structure, array shape or dtype, or a non-array leaf; the
-    message names the tree's index and the leaf path. `TypeError` if `trees` is not a
-    list or tuple, or `axis` is not an int.
-
-    It works inside `jax.jit`. Outside `jit`, more than 64 JAX leaves are copied into
-    their result 64 at a time by two small compiled programs per result shape: one
-    for the first chunk, one for every later chunk (a last, short chunk overlaps the
-    one before it instead). So stacking thousands of trees compiles nothing large,
-    and the data is copied once. The result lives where `jnp.stack` would put it:
-    slices with a `NamedSharding` give a result sharded as they are, with the new
-    axis whole on every device.
+    - `TypeError` if `trees` is not a list or tuple, or `axis` is not an int.
+    - `ValueError` if `trees` is empty, if `axis` is out of range, or if a tree
+        differs from `trees[0]` in structure, shape, dtype or a non-array leaf; the
+        message names the tree's index and the leaf path ("trees[2] differs from
+        trees[0] at path ['w']: it has shape (3,) ...").
 
     **Example:**
 
@@ -1915,9 +1863,8 @@ def _stack_column(column: list[Any], axis: int) -> Any:
     if length <= _STACK_CHUNK or any(isinstance(x, jax.core.Tracer) for x in column):
         return jnp.stack(column, axis=axis)
     # Fill the result in fixed-size chunks, so only two small programs are compiled.
-    starts = _chunk_starts(length, _STACK_CHUNK)
     out = _stack_first_chunk(*column[:_STACK_CHUNK], length=length, axis=axis)
-    for start in starts[1:]:
+    for start in _chunk_starts(length, _STACK_CHUNK)[1:]:
         chunk = column[start : start + _STACK_CHUNK]
         out = _stack_chunk_into(out, start, *chunk, axis=axis)
     return out
@@ -1944,11 +1891,8 @@ def _stack_chunk_into(
 
 
 def _chunk_starts(length: int, size: int) -> list[int]:
-    """Starts of chunks of `size` items that cover `range(length)` (`size <= length`).
-
-    A last, short chunk overlaps the one before it instead, so every chunk has the
-    same size and one compiled program serves them all.
-    """
+    """Starts of chunks of `size <= length` items that cover `range(length)`; a last,
+    short chunk overlaps the one before it, so one program serves every chunk."""
     return [min(start, length - size) for start in range(0, length, size)]
 
 
@@ -1980,76 +1924,12 @@ def _short_list(leaves: list[Any], limit: int = 3) -> str:
 # Host callbacks: callback_wrapper and friends, print_callback
 #
 
-_DEBUG_CALLBACK_TAKES_PARTITIONED = (
-    "partitioned" in inspect.signature(jax.debug.callback).parameters
-)
-
-_CALLBACK_NOTES = """
-    JAX array leaves anywhere in the arguments (nested pytrees and keywords
-    included), traced or not, are sent to the host through `jax.debug.callback`.
-    NumPy arrays and NumPy scalars never touch a device: they are handed over on the
-    host, with their dtype and bits unchanged (so a `float64` or an `int64` stays
-    exact even with 64-bit mode off). Every other leaf (strings, `None`, Python
-    numbers, functions, any object) reaches `func` unchanged, as the same object. So
-    `log(step=3, loss=loss)` hands `func` the int `3`, not an array. On Linux,
-    `func` runs with subnormal floats intact, although XLA's CPU runtime flushes
-    them to zero while it runs the computation around the callback.
-
-    The arguments are checked against `func`'s signature at the call (at trace time
-    under `jit`), so a call that `func` itself would refuse raises `TypeError` there,
-    not later when the computation runs.
-
-    It behaves the same eagerly and under `jax.jit`, `eqx.filter_jit`, `jax.grad`
-    (it sees the forward pass), and inside `filter_scan`, `jax.lax.scan` and
-    `jax.lax.cond` bodies; under `jax.vmap` it calls `func` once per batch element.
-
-    **Arguments:**
-
-    - `func`: the host function. Its return value is ignored.
-    - `ordered`: if `True`, calls happen in program order. JAX supports ordered
-        callbacks only in computations on a single device: eagerly, arrays spread
-        over several devices are gathered and the call happens at once, but inside
-        `jit` an argument that spans several devices raises `ValueError`.
-    - `partitioned`: passed to `jax.debug.callback`, where the installed JAX
-        supports it: the callback may then run on each device with its shard of the
-        arguments. With older JAX, `partitioned=True` raises `ValueError`.
-
-    **Returns:**
-
-    A function with the parameters of `func` that returns `None`, with `func`'s
-    `__name__` and `__doc__`, and `func` as its `__wrapped__`.
-
-    **Raises:**
-
-    `TypeError` at once if `func` is not callable, or is a generator function, an
-    `async def` function or an async generator function (calling those only creates
-    an object that nothing would iterate or await, so their body would never run).
-    The wrapped function raises `TypeError` if its arguments do not fit `func`'s
-    signature. An exception raised by `func` is not caught: JAX reports it, eagerly
-    at the call and otherwise when the computation runs (as a runtime error that
-    names the original exception).
-
-    Callbacks run asynchronously under `jit`. Call `jax.effects_barrier()` to wait
-    for every pending callback, for example before reading a log file or exiting.
-"""
-
-# (test, what `func` is, what calling it creates): such functions never run their body.
+# (test, what `func` is, what calling it creates, what nothing here would do to that):
+# such functions never run their body.
 _BODY_NEVER_RUNS = (
-    (
-        inspect.isasyncgenfunction,
-        "an async generator function",
-        "an async generator, which nothing here would iterate",
-    ),
-    (
-        inspect.iscoroutinefunction,
-        "an `async def` function",
-        "a coroutine, which nothing here would await",
-    ),
-    (
-        inspect.isgeneratorfunction,
-        "a generator function",
-        "a generator, which nothing here would iterate",
-    ),
+    (inspect.isasyncgenfunction, "an async generator", "an async generator", "iterate"),
+    (inspect.iscoroutinefunction, "an `async def`", "a coroutine", "await"),
+    (inspect.isgeneratorfunction, "a generator", "a generator", "iterate"),
 )
 
 
@@ -2065,13 +1945,13 @@ def _check_host_function(function: str, func: Callable[..., Any]) -> None:
             f"{function}: `func` must be callable; got {_describe_leaf(func)}."
         )
     call = type(func).__call__  # For an object with an `async def __call__`.
-    for is_kind, kind, creates in _BODY_NEVER_RUNS:
+    for is_kind, kind, creates, verb in _BODY_NEVER_RUNS:
         if is_kind(func) or (not inspect.isroutine(func) and is_kind(call)):
             raise TypeError(
-                f"{function}: `func` ({_callable_name(func)}) is {kind}. Calling it "
-                f"only creates {creates}, so its body would never run. Wrap a plain "
-                "function that does the work instead, for example one that runs it "
-                "to completion."
+                f"{function}: `func` ({_callable_name(func)}) is {kind} function. "
+                f"Calling it only creates {creates}, which nothing here would {verb}, "
+                "so its body would never run. Wrap a plain function that does the "
+                "work instead, for example one that runs it to completion."
             )
 
 
@@ -2083,35 +1963,14 @@ def _signature_or_none(func: Callable[..., Any]) -> inspect.Signature | None:
         return None
 
 
-def _load_fenv() -> tuple[Any, Any] | None:
-    """`fegetenv` and `fesetenv` from the C library, on Linux (where glibc and musl
-    both take `(fenv_t *)-1` as the default environment), else `None`."""
-    if not sys.platform.startswith("linux"):
-        return None
-    for library in ("libm.so.6", None):  # `None`: what the process has loaded.
-        try:
-            found = ctypes.CDLL(library)
-            return found.fegetenv, found.fesetenv
-        except (OSError, AttributeError):
-            continue
-    return None
-
-
-_FENV = _load_fenv()
 _DEFAULT_FENV = ctypes.c_void_p(-1)  # FE_DFL_ENV
 _SMALLEST_NORMAL = sys.float_info.min
 
 
 def _keeping_subnormals(body: Callable[[], None]) -> None:
-    """Run `body()` with subnormal floats intact.
-
-    XLA's CPU runtime runs a computation, and so the callbacks it makes, with the
-    processor set to flush subnormal floats to zero. Python arithmetic, `.tolist()`
-    and even `repr` then see them as 0.0 (`print` of 1e-310 shows `0.0`), so a
-    logger would silently record a wrong number. Where the C library lets us,
-    `body` runs in the default floating-point environment, and XLA's is restored
-    after it.
-    """
+    """Run `body()` in the default floating-point environment, where the C library
+    lets us: XLA's CPU runtime flushes subnormal floats to zero around its callbacks,
+    and even `repr(1e-310)` then shows `0.0`. XLA's environment is restored after."""
     if _FENV is None or _SMALLEST_NORMAL / 2 != 0.0:
         body()
         return
@@ -2132,20 +1991,14 @@ def _send_to_host(
     signature: inspect.Signature | None,
     ordered: bool | None,
     options: dict[str, bool],
-    to_host: Callable[[Any, Any], Any],
-    host_side: Callable[[Any], Any],
+    conversions: tuple[Callable[[Any, Any], Any], Callable[[Any], Any]],
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> None:
-    """Call `func(*args, **kwargs)` on the host, from traced code or eagerly.
-
-    JAX arrays and tracers travel through `jax.debug.callback` and are converted
-    there by `to_host`; NumPy leaves stay on the host and are converted by
-    `host_side`; every other leaf is passed as it is. `ordered=None` (for
-    `print_callback`) orders the calls unless the computation may span several
-    devices. `caller` names the function the user called in error messages, and
-    `fix` says how to fix a call that does not fit `signature`.
-    """
+    """Call `func(*args, **kwargs)` on the host, with JAX arrays sent through
+    `jax.debug.callback`, each kind of leaf converted as `conversions` says.
+    `ordered=None` (`print_callback`) orders calls unless they may span devices."""
+    to_host, host_side = conversions
     if signature is not None:
         try:
             signature.bind(*args, **kwargs)
@@ -2160,9 +2013,8 @@ def _send_to_host(
         i for i, leaf in enumerate(leaves) if isinstance(leaf, np.ndarray | np.generic)
     ]
     arrays = [leaves[i] for i in positions]
-    template = list(leaves)  # Holds no array: a tracer must not outlive its trace.
-    for position in positions:
-        template[position] = None
+    # The template holds no array: a tracer must not outlive its trace.
+    template = [None if isinstance(leaf, jax.Array) else leaf for leaf in leaves]
     if ordered is None:
         ordered = _may_order(arrays)
     elif ordered:
@@ -2181,10 +2033,8 @@ def _send_to_host(
 
     def call_func(host_arrays: tuple[Any, ...]) -> None:
         row = list(template)
-        for index, (position, array) in enumerate(
-            zip(positions, host_arrays, strict=True)
-        ):
-            row[position] = to_host(array, key_impls.get(index))
+        for index, position in enumerate(positions):
+            row[position] = to_host(host_arrays[index], key_impls.get(index))
         for position in on_the_host:
             row[position] = host_side(row[position])
         host_args, host_kwargs = treedef.unflatten(row)
@@ -2198,12 +2048,9 @@ def _send_to_host(
 
 
 def _spread_over(array: Any) -> int | None:
-    """How many devices `array` spans. For a tracer, the size of the mesh in its
-    abstract sharding (0 for none), or `None` where JAX does not record one."""
+    """How many devices `array` spans (for a tracer, where JAX records it)."""
     if isinstance(array, jax.core.Tracer):
-        mesh = getattr(getattr(array.aval, "sharding", None), "mesh", None)
-        size = getattr(mesh, "size", None)
-        return size if isinstance(size, int) else None
+        return _traced_mesh_size(array)
     return len(array.sharding.device_set)
 
 
@@ -2211,8 +2058,8 @@ def _check_ordered_on_one_device(
     caller: str, arguments: Any, leaves: list[Any], positions: list[int]
 ) -> None:
     """Inside `jit`, refuse an ordered callback with an argument that spans several
-    devices, which JAX would refuse later, when compiling, naming no function.
-    Eagerly the call happens at once, with sharded arrays gathered, so all is well."""
+    devices now, as JAX would when compiling, naming no function. (Eagerly the call
+    happens at once, with sharded arrays gathered.)"""
     for position in positions:
         array = leaves[position]
         if not isinstance(array, jax.core.Tracer):
@@ -2232,9 +2079,8 @@ def _check_ordered_on_one_device(
 
 
 def _may_order(arrays: list[Any]) -> bool:
-    """Whether `print_callback` may ask for an ordered callback: always with a single
-    device; otherwise only when traced arguments show a computation on one device.
-    (Eagerly the call happens at once, so the choice does not matter there.)"""
+    """Whether `print_callback` may ask for order: on a single device, or where the
+    traced arguments show a computation on one device (eagerly it does not matter)."""
     if jax.device_count() == 1:
         return True
     tracers = [array for array in arrays if isinstance(array, jax.core.Tracer)]
@@ -2247,11 +2093,9 @@ def _wrap_for_host(
     func: Callable[..., Any],
     ordered: bool,
     partitioned: bool,
-    to_host: Callable[[Any, Any], Any],
-    host_side: Callable[[Any], Any],
 ) -> Callable[..., None]:
-    """Make `func` callable from traced code, converting arrays with `to_host` and
-    NumPy values with `host_side`."""
+    """Make `func` callable from traced code, its arguments converted as for
+    `function`, the public function that wraps it."""
     _check_host_function(function, func)
     for name, flag in (("ordered", ordered), ("partitioned", partitioned)):
         if not isinstance(flag, bool):
@@ -2271,21 +2115,15 @@ def _wrap_for_host(
     caller = f"{name} (made by {function})"
     fix = f"Pass the arguments that `{name}` itself takes."
     signature = _signature_or_none(func)
+    conversions = _CONVERSIONS[function]
 
     @functools.wraps(func)
     def wrapped(*args: Any, **kwargs: Any) -> None:
         _send_to_host(
-            caller, fix, func, signature, ordered, options, to_host, host_side, args,
-            kwargs,
-        )  # fmt: skip
+            caller, fix, func, signature, ordered, options, conversions, args, kwargs
+        )
 
     return wrapped
-
-
-# Conversions. On the host side of `jax.debug.callback`, `array` is what arrived and
-# `key_impl` is the PRNG implementation when the leaf was a typed key (which travels
-# as its raw key data). NumPy leaves never leave the host; the `_numpy_as_*`
-# functions convert them there.
 
 
 def _as_jax(array: Any, key_impl: Any) -> jax.Array:
@@ -2293,31 +2131,49 @@ def _as_jax(array: Any, key_impl: Any) -> jax.Array:
     return array if key_impl is None else jax.random.wrap_key_data(array, impl=key_impl)
 
 
-def _as_numpy(array: Any, key_impl: Any) -> np.ndarray:
-    return np.asarray(array)
-
-
-def _as_list(array: Any, key_impl: Any) -> Any:
-    return np.asarray(array).tolist()
-
-
-def _numpy_as_is(value: np.ndarray | np.generic) -> Any:
-    return value
-
-
-def _numpy_as_ndarray(value: np.ndarray | np.generic) -> np.ndarray:
-    return np.asarray(value)
-
-
-def _numpy_as_list(value: np.ndarray | np.generic) -> Any:
-    return value.tolist()
+# How each function hands `func` a JAX array (as it reached the host, with the PRNG
+# impl of a typed key, which travels as its raw key data) and a NumPy value (which
+# never leaves the host).
+_CONVERSIONS: dict[str, tuple[Callable[[Any, Any], Any], Callable[[Any], Any]]] = {
+    "callback_wrapper": (_as_jax, lambda value: value),
+    "callback_with_numpy_wrapper": (lambda array, _: np.asarray(array), np.asarray),
+    "callback_with_list_wrapper": (
+        lambda array, _: np.asarray(array).tolist(),
+        lambda value: value.tolist(),
+    ),
+}
 
 
 def callback_wrapper(
     func: Callable[_Params, Any], ordered: bool = False, partitioned: bool = False
 ) -> Callable[_Params, None]:
-    """Wrap `func` so that it can be called from inside `jax.jit`, with JAX array
-    arguments as `jax.Array`s and NumPy ones as the very same objects.
+    """Wrap the host function `func` so that it can be called from inside `jax.jit`.
+
+    As `jax.debug.callback(func, ...)`, except that the wrapper takes `func`'s own
+    arguments, checked against its signature at the call (at trace time under `jit`).
+    JAX arrays anywhere in them arrive as `jax.Array`s (typed keys still typed); NumPy
+    values never touch a device and arrive as the same objects, as does every other
+    leaf: `log(step=3)` hands `func` the int `3`. On Linux `func` sees the subnormal
+    floats that XLA's CPU runtime flushes. Under `jax.vmap` it runs once per element,
+    under `jax.grad` on the forward pass; under `jit` when the computation runs
+    (`jax.effects_barrier()` waits for it).
+
+    **Arguments:**
+
+    - `func`: the host function, whose result is ignored. The wrapper keeps its
+        name, docstring and parameters.
+    - `ordered`: as in `jax.debug.callback`. JAX orders calls only on one device, so
+        inside `jit` an argument that spans several devices raises `ValueError`.
+    - `partitioned`: passed on to `jax.debug.callback` where the installed JAX takes
+        it; elsewhere `True` raises `ValueError`.
+
+    **Raises:**
+
+    `TypeError` at once if `ordered` or `partitioned` is not a bool, or if `func` is
+    not callable, or is a generator, `async def` or async generator function (its
+    body would never run). The wrapper raises `TypeError` for arguments that `func`
+    would refuse (unchecked where Python cannot read its signature). What `func`
+    raises reaches the caller: eagerly at once, under `jit` as JAX's runtime error.
 
     **Example:**
 
@@ -2330,30 +2186,22 @@ def callback_wrapper(
     seen = []
     log = callback_wrapper(lambda tag, x, scale: seen.append((tag, x, scale)))
     scale = np.float64(0.1)
-
-    @jax.jit
-    def step(x):
-        log("x", x * 2, scale)
-        return x + 1
-
-    step(jnp.arange(3.0))
+    jax.jit(lambda x: log("x", x * 2, scale))(jnp.arange(3.0))
     jax.effects_barrier()  # Wait for the callback before reading `seen`.
     tag, x, received = seen[0]
     assert tag == "x" and isinstance(x, jax.Array) and x.tolist() == [0.0, 2.0, 4.0]
     assert received is scale  # NumPy values never go through the device.
     ```
     """
-    return _wrap_for_host(
-        "callback_wrapper", func, ordered, partitioned, _as_jax, _numpy_as_is
-    )
+    return _wrap_for_host("callback_wrapper", func, ordered, partitioned)
 
 
 def callback_with_numpy_wrapper(
     func: Callable[..., Any], ordered: bool = False, partitioned: bool = False
 ) -> Callable[..., None]:
-    """As `callback_wrapper`, but array arguments reach `func` as `numpy.ndarray`s
-    (typed PRNG keys as their raw key data; a NumPy scalar as a 0-d array of its
-    dtype).
+    """As `callback_wrapper`, except that array arguments, JAX and NumPy alike, reach
+    `func` as `numpy.ndarray`s of their dtype (a NumPy scalar as a 0-d array, a typed
+    PRNG key as its raw key data).
 
     **Example:**
 
@@ -2365,35 +2213,23 @@ def callback_with_numpy_wrapper(
 
     metrics = []
     log = callback_with_numpy_wrapper(lambda **values: metrics.append(values))
-
-    @jax.jit
-    def step(params):
-        log(loss=jnp.sum(params**2), steps=np.int64(3_000_000_000))
-        return params * 0.5
-
-    step(jnp.array([1.0, 2.0]))
+    big = np.int64(3_000_000_000)
+    jax.jit(lambda p: log(loss=jnp.sum(p**2), steps=big))(jnp.array([1.0, 2.0]))
     jax.effects_barrier()
     loss, steps = metrics[0]["loss"], metrics[0]["steps"]
     assert loss.dtype == np.float32 and loss == 5.0
     assert steps.dtype == np.int64 and steps == 3_000_000_000  # Not cast to 32 bits.
     ```
     """
-    return _wrap_for_host(
-        "callback_with_numpy_wrapper",
-        func,
-        ordered,
-        partitioned,
-        _as_numpy,
-        _numpy_as_ndarray,
-    )
+    return _wrap_for_host("callback_with_numpy_wrapper", func, ordered, partitioned)
 
 
 def callback_with_list_wrapper(
     func: Callable[..., Any], ordered: bool = False, partitioned: bool = False
 ) -> Callable[..., None]:
-    """As `callback_wrapper`, but array arguments, JAX and NumPy alike, reach `func`
-    as nested Python lists (via `.tolist()`, so a 0-d array or a NumPy scalar becomes
-    a Python number).
+    """As `callback_wrapper`, except that array arguments, JAX and NumPy alike, reach
+    `func` as nested Python lists (by `.tolist()`: a 0-d array or a NumPy scalar
+    becomes a Python number, a typed PRNG key its raw key data).
 
     **Example:**
 
@@ -2419,25 +2255,8 @@ def callback_with_list_wrapper(
     assert history == [(0, 5.0), (1, 1.25), (2, 0.3125)]  # In order: ordered=True.
     ```
     """
-    return _wrap_for_host(
-        "callback_with_list_wrapper",
-        func,
-        ordered,
-        partitioned,
-        _as_list,
-        _numpy_as_list,
-    )
+    return _wrap_for_host("callback_with_list_wrapper", func, ordered, partitioned)
 
-
-for _wrapper in (
-    callback_wrapper,
-    callback_with_numpy_wrapper,
-    callback_with_list_wrapper,
-):
-    _summary, _example = (_wrapper.__doc__ or "").split("    **Example:**", 1)
-    _wrapper.__doc__ = (
-        f"{_summary.rstrip()}\n{_CALLBACK_NOTES}\n    **Example:**{_example}"
-    )
 
 _PRINT_SIGNATURE = _signature_or_none(print)
 _PRINT_FIX = (
@@ -2449,23 +2268,18 @@ _PRINT_FIX = (
 def print_callback(*args: Any, **kwargs: Any) -> None:
     """`print`, from anywhere: eagerly, or inside `jax.jit`, `filter_scan` and friends.
 
-    Array arguments are printed as lists (a 0-d array as a plain number). NumPy
-    arrays and scalars never touch a device, so they print exactly as `print` would
-    print their `.tolist()` (a `float64` keeps all its digits). Keyword arguments are
-    those of `print` (`sep`, `end`, `file`, `flush`), and arguments that `print`
-    would refuse raise `TypeError` at the call. Under `jit` the printing happens when
-    the computation runs; `jax.effects_barrier()` waits for it.
-
-    Calls print in program order, with one exception. JAX refuses ordered callbacks
-    in a computation on several devices, so inside `jit` on a machine with several
-    devices, `print_callback` prints unordered unless its traced arguments show that
-    the computation stays on one device. Lines from different calls may then
-    interleave or come out of order. Eagerly, arrays sharded over several devices
-    are gathered and printed at once, in order.
+    As `jax.debug.print`, except that it takes the arguments of `print` (`sep`,
+    `end`, `file`, `flush`; no format string). Arrays print as lists (a 0-d array as
+    a number); NumPy values never touch a device and print as `print` prints their
+    `.tolist()`; other objects print as `print` prints them. Calls print in program
+    order, except inside `jit` on several devices, where JAX refuses ordered
+    callbacks: there lines may interleave unless the traced arguments show a
+    computation on one device. Under `jit` printing happens when the computation
+    runs; `jax.effects_barrier()` waits for it.
 
     **Raises:**
 
-    `TypeError` if `print` would not take the arguments.
+    `TypeError` at the call if `print` would not take the arguments.
 
     **Example:**
 
@@ -2484,24 +2298,16 @@ def print_callback(*args: Any, **kwargs: Any) -> None:
     ```
     """
     _send_to_host(
-        "print_callback", _PRINT_FIX, print, _PRINT_SIGNATURE, None, {}, _as_list,
-        _numpy_as_list, args, kwargs,
+        "print_callback", _PRINT_FIX, print, _PRINT_SIGNATURE, None, {},
+        _CONVERSIONS["callback_with_list_wrapper"], args, kwargs,
     )  # fmt: skip
 
 
 #
 # Progress bars: the `progress=` option of filter_scan, filter_fori_loop, filter_map
 #
-# A loop with a bar reports to the host through `jax.debug.callback` every `k` steps
-# (and at the end), with `k` chosen from the length so that a loop makes at most
-# `_PROGRESS_MAX_CALLBACKS` host calls however long it is: it runs as chunks of `k`
-# steps (`_scan_in_chunks`), or, under differentiation, as one scan that checks its
-# step count in every step (`_scan_reporting_every_step`). The count is never batched:
-# under `jax.vmap` the loop draws one bar, not one per batch element. While a loop
-# with a bar is being traced, loops traced inside its body draw none (the outer bar
-# alone is shown). On the host, a bar redraws its line (`\r`) at most `1 /
-# _PROGRESS_MIN_INTERVAL` times a second, and ends it with a newline when the count
-# reaches the total.
+# A loop with a bar (see the control-flow section) reports to the host every `k`
+# steps and at the end, at most `_PROGRESS_MAX_CALLBACKS` times however long it is.
 
 _PROGRESS_MAX_CALLBACKS = 200
 _PROGRESS_MIN_REPORTS = 5
@@ -2526,13 +2332,9 @@ def _progress_description(function: str, progress: Any) -> str | None:
 
 
 def _progress_stride(total: int) -> int:
-    """Report every `k`-th step: the steps `0, k, 2k, ...` and the last one make at
-    most `_PROGRESS_MAX_CALLBACKS` calls.
-
-    A host call costs tens of microseconds, as much as thousands of small steps, so
-    a loop reports `_PROGRESS_MIN_REPORTS` times (every 20%), and once more per
-    `_PROGRESS_STEPS_PER_REPORT` steps beyond that, up to the bound.
-    """
+    """Report every `k`-th step. A host call costs tens of microseconds, as much as
+    thousands of small steps, so a loop reports `_PROGRESS_MIN_REPORTS` times, and
+    once more per `_PROGRESS_STEPS_PER_REPORT` steps, up to the bound."""
     reports = max(
         min(total, _PROGRESS_MIN_REPORTS), total // _PROGRESS_STEPS_PER_REPORT
     )
@@ -2562,30 +2364,25 @@ class _ProgressBar:
         self.reports = 0  # Of the current run, so far.
         self.started = False  # Whether the current run's first report came.
 
-    def line(self, now: float) -> str:
+    def draw(self, now: float, end: str) -> None:
         elapsed = now - self.start
         rate = self.count / elapsed if elapsed > 0 else math.nan
         left = (self.total - self.count) / rate if rate > 0 else math.nan
         percent = 100 * self.count // self.total
         label = f"{self.description}: " if self.description else ""
         rate_text = f"{rate:.2f} it/s" if math.isfinite(rate) else "? it/s"
-        return (
+        text = (
             f"{label}{percent:3d}% {self.count}/{self.total} "
             f"[{_format_seconds(elapsed)}<{_format_seconds(left)}, {rate_text}]"
         )
-
-    def draw(self, now: float, end: str) -> None:
-        text = self.line(now)
-        stream = sys.stderr
-        stream.write("\r" + text.ljust(self.width) + end)
-        stream.flush()
+        sys.stderr.write("\r" + text.ljust(self.width) + end)
+        sys.stderr.flush()
         self.width = len(text)
         self.last_draw = now
 
 
 def _end_open_lines() -> None:
-    """End the line of every bar left part-way (a loop that stopped on an error), so
-    that what is written next starts on a line of its own."""
+    """End the line of a bar left part-way (its loop stopped on an error)."""
     with _progress_lock:
         if _open_bars:
             sys.stderr.write("\n")
@@ -2615,9 +2412,8 @@ def _progress_update(bar: _ProgressBar, count: int) -> None:
 
 
 def _chunk_size(length: int) -> int | None:
-    """Steps per chunk, for a loop run in chunks: the divisor of `length` nearest to
-    `_progress_stride(length)`, or `None` if none is within a factor of two of it
-    (or within the bound on host calls)."""
+    """Steps per chunk: the divisor of `length` nearest `_progress_stride(length)`
+    within a factor of two and the bound on host calls, or `None`."""
     target = _progress_stride(length)
     fewest = -(-length // (_PROGRESS_MAX_CALLBACKS - 1))
     near = [
@@ -2630,33 +2426,18 @@ def _chunk_size(length: int) -> int | None:
 
 @functools.lru_cache(maxsize=256)
 def _divisors(number: int) -> list[int]:
-    """Every divisor of `number` (at least 1), by trial division."""
-    divisors, factor = [1], 2
-    while factor * factor <= number:
-        power = 0
-        while number % factor == 0:
-            number //= factor
-            power += 1
-        divisors = [d * factor**k for d in divisors for k in range(power + 1)]
-        factor += 1 if factor == 2 else 2
-    if number > 1:
-        divisors += [d * number for d in divisors]
-    return divisors
+    """Every divisor of `number` (at least 1), in increasing order."""
+    small = [d for d in range(1, math.isqrt(number) + 1) if number % d == 0]
+    return small + [number // d for d in reversed(small) if d * d != number]
 
 
 def _progress_callbacks(
     bar: _ProgressBar, stride: int, reports: int
 ) -> tuple[Callable[[], None], Callable[[], None], Callable[[], None]]:
-    """The host calls of a loop that reports `reports` times a run: first at its
-    start, then every `stride` steps, last at its end.
-
-    They take no operands and are unordered, as either would cost several times
-    more, so they may reach the host in any order (and do: XLA runs a report as
-    soon as nothing holds it back). So a run's reports are counted as they come:
-    the `n`-th shows `n * stride` steps, and the run's last one the total. A second
-    `first` before a run is complete starts a new run: the one before stopped on
-    an error.
-    """
+    """A loop's host calls, first, then every `stride` steps, and last. Unordered
+    and without operands (either costs several times more), they are counted as they
+    come: the `n`-th shows `n * stride` steps, the `reports`-th the total. A second
+    `first` before that starts a new run (the one before stopped on an error)."""
 
     def report(kind: str) -> Callable[[], None]:
         def call() -> None:

@@ -1,8 +1,14 @@
 """Helpers shared by the suites in this folder (not by the top-level suite, which a
 user who copies `lerax_utils.py` runs on its own)."""
 
+import contextlib
+import json
+import math
 import os
 import pathlib
+import subprocess
+import sys
+from collections.abc import Iterator
 from typing import Any
 
 import equinox as eqx
@@ -10,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from hypothesis import HealthCheck, settings
+
+import lerax_utils
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -29,12 +37,14 @@ settings.load_profile(
     os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev")
 )
 
-# -- Control flow
+
+def is_key(x: Any) -> bool:
+    return jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
-def _bits(x: Any) -> bytes:
+def bits(x: Any) -> bytes:
     x = jnp.asarray(x)
-    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+    if is_key(x):
         x = jax.random.key_data(x)
     return np.asarray(x).tobytes()
 
@@ -50,16 +60,100 @@ def assert_identical(actual: Any, expected: Any, *, weak_types: bool = False) ->
         assert type(a) is type(e), where
         if eqx.is_array(e):
             assert (a.dtype, a.shape) == (e.dtype, e.shape), where
-            assert _bits(a) == _bits(e), where
+            assert bits(a) == bits(e), where
             if weak_types:
                 assert a.aval.weak_type == e.aval.weak_type, where
         else:
             assert a is e or a == e, where
 
 
+# -- Control flow
+
 # -- Batches of pytrees
 
+
+# unstack_pytree slices concrete JAX leaves on the host or by a compiled program,
+# whichever its cost estimate picks; `slicing_by(path)` forces one of them.
+UNSTACK_PATHS = ["host", "compiled", "scheduled"]
+
+
+@contextlib.contextmanager
+def slicing_by(path: str) -> Iterator[None]:
+    saved = lerax_utils._UNSTACK_HOST_SECONDS_PER_SLICE
+    per_slice = {"host": 0.0, "compiled": math.inf, "scheduled": saved}[path]
+    lerax_utils._UNSTACK_HOST_SECONDS_PER_SLICE = per_slice
+    lerax_utils._unstack_host_seconds.clear()
+    try:
+        yield
+    finally:
+        lerax_utils._UNSTACK_HOST_SECONDS_PER_SLICE = saved
+        lerax_utils._unstack_host_seconds.clear()
+
+
 # -- Host callbacks and progress bars
+
+
+def run_on_four_devices(code: str, *args: str, timeout: float = 300) -> Any:
+    """Run `code` (with `args` in `sys.argv`) in a new process that has four CPU
+    devices, and return the JSON report it prints last. The wait is bounded, so a hung
+    process fails the test instead of hanging the suite."""
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "PYTHONPATH": str(ROOT),
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        check=False,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+WRAPPERS = {
+    "jax": lerax_utils.callback_wrapper,
+    "numpy": lerax_utils.callback_with_numpy_wrapper,
+    "list": lerax_utils.callback_with_list_wrapper,
+}
+
+
+def expected_on_host(kind: str, leaf: Any, traced: bool = True) -> Any:
+    """What a wrapper of `kind` should hand the host function for `leaf`. NumPy
+    leaves stay on the host unless `jit` traced them (then they are JAX arrays)."""
+    if isinstance(leaf, np.ndarray | np.generic) and not traced:
+        if kind == "jax":
+            return leaf
+        return np.asarray(leaf) if kind == "numpy" else leaf.tolist()
+    if not eqx.is_array(leaf):
+        return leaf
+    leaf = jnp.asarray(leaf)
+    if kind == "jax":
+        return leaf
+    data = jax.random.key_data(leaf) if is_key(leaf) else leaf
+    return np.asarray(data) if kind == "numpy" else np.asarray(data).tolist()
+
+
+def assert_delivered(actual: Any, expected: Any) -> None:
+    """The same leaves: NumPy and JAX arrays with the same type, dtype (byte order
+    included), shape and bytes; anything else of the same type and repr."""
+    actual_leaves, actual_def = jax.tree_util.tree_flatten(actual)
+    expected_leaves, expected_def = jax.tree_util.tree_flatten(expected)
+    assert actual_def == expected_def
+    for a, e in zip(actual_leaves, expected_leaves, strict=True):
+        assert type(a) is type(e)
+        if isinstance(e, jax.Array):
+            assert (a.dtype, a.shape, bits(a)) == (e.dtype, e.shape, bits(e))
+        elif isinstance(e, np.ndarray | np.generic):
+            assert (a.dtype, a.shape) == (e.dtype, e.shape)
+            assert a.tobytes() == e.tobytes()
+        else:
+            assert repr(a) == repr(e)  # Exact, NaN and -0.0 included.
+
 
 # -- Checkpoints
 

@@ -16,11 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _helpers import run_on_four_devices
 from hypothesis import given, settings
 
 import lerax_utils
 from lerax_utils import filter_fori_loop, filter_map, filter_scan
-from test_lerax_utils import run_on_four_devices
 
 _COUNT = re.compile(r"(\d+)/(\d+) \[")
 _LINE = re.compile(

@@ -1,17 +1,369 @@
-"""unstack_pytree and stack_pytree on sharded arrays, in a process with four devices.
+"""unstack_pytree and stack_pytree: placement, the choice between slicing on the host
+and by a compiled program, errors, and sharded arrays.
 
-Each case runs in a child process started with four CPU devices, on an `Auto` mesh
-and on an `Explicit` one (jax 0.4.26 has no explicit meshes: that case is skipped
+The sharded cases run in a child process started with four CPU devices, on an `Auto`
+mesh and on an `Explicit` one (jax 0.4.26 has no explicit meshes: that case is skipped
 there). Every array is split along the sharded axis and along another one, both on
-the host and by the compiled program, and joined back with stack_pytree.
+the host and by the compiled program, and joined back with stack_pytree. The
+property tests (round trips, slicing against NumPy) are in `test_lerax_utils.py`.
 """
 
+import gc
+import math
 import textwrap
+from collections.abc import Callable
+from typing import Any
 
+import equinox as eqx
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
+from _helpers import UNSTACK_PATHS, assert_identical, run_on_four_devices, slicing_by
 
-from test_lerax_utils import run_on_four_devices
+import lerax_utils
+from lerax_utils import filter_scan, stack_pytree, unstack_pytree
+
+
+class Policy(eqx.Module):
+    """A small module with an array field, a function field and static fields."""
+
+    params: Any
+    activation: Callable[..., Any]
+    name: str = eqx.field(static=True)
+    scale: float = eqx.field(static=True, default=1.0)
+
+
+def test_unstack_pytree_keeps_numpy_leaves_as_views():
+    data = np.arange(12.0).reshape(3, 4)
+    slices = unstack_pytree({"x": data, "scalars": np.arange(3)}, axis=0)
+    for index, piece in enumerate(slices):
+        assert type(piece["x"]) is np.ndarray and type(piece["scalars"]) is np.ndarray
+        assert np.shares_memory(piece["x"], data)
+        assert piece["scalars"].shape == () and piece["scalars"] == index
+    columns = unstack_pytree(data, axis=-1)
+    assert all(np.shares_memory(column, data) for column in columns)
+
+
+def test_unstack_pytree_keeps_jax_leaves_on_their_device():
+    device = jax.devices()[-1]
+    tree = {"a": jax.device_put(jnp.arange(6.0).reshape(3, 2), device)}
+    for piece in unstack_pytree(tree):
+        assert isinstance(piece["a"], jax.Array)
+        assert piece["a"].devices() == {device}
+
+
+@pytest.mark.parametrize("path", UNSTACK_PATHS)
+@pytest.mark.parametrize("length", [1, 7, 32, 37, 70])
+def test_unstack_pytree_agrees_on_first_and_later_calls(path, length):
+    # The compiled program slices several rows per call; the last chunk overlaps
+    # the one before it when `length` is not a multiple of the chunk.
+    data = np.arange(length * 6, dtype=np.float32).reshape(length, 2, 3)
+    tree = {"a": jnp.asarray(data), "b": [jnp.asarray(data[:, 0] > 5)]}
+    expected = [
+        {"a": jnp.asarray(data[i]), "b": [jnp.asarray(data[i, 0] > 5)]}
+        for i in range(length)
+    ]
+    with slicing_by(path):
+        for _ in range(3):
+            assert_identical(unstack_pytree(tree), expected)
+            assert_identical(unstack_pytree(tree, axis=0), expected)
+
+
+def _committed(x: Any) -> Any:
+    return getattr(x, "committed", getattr(x, "_committed", None))
+
+
+@pytest.mark.parametrize("path", UNSTACK_PATHS)
+def test_unstack_pytree_keeps_weak_types_and_commitment(path):
+    device = jax.devices()[-1]
+    weak = jax.lax.broadcast(jnp.asarray(1.5), (3, 2))  # a weakly typed float32
+    assert weak.aval.weak_type
+    tree = {
+        "weak": weak,
+        "free": jnp.arange(6, dtype=jnp.int32).reshape(3, 2),
+        "placed": jax.device_put(np.arange(3.0, dtype=np.float32), device),
+        "keys": jax.random.split(jax.random.key(1), 3),
+    }
+    # Each leaf alone (so each may take its own path), and all four together.
+    parts = [{key: leaf} for key, leaf in tree.items()] + [tree]
+    for part in parts:
+        with slicing_by(path):
+            slices = unstack_pytree(part)
+        for index, piece in enumerate(slices):
+            if "weak" in piece:
+                assert piece["weak"].aval.weak_type
+                assert piece["weak"].dtype == jnp.float32
+            if "free" in piece:
+                assert not piece["free"].aval.weak_type
+                assert _committed(piece["free"]) is _committed(tree["free"]) is False
+            if "placed" in piece:
+                assert _committed(piece["placed"]) is True
+                assert piece["placed"].devices() == {device}
+            expected = {key: leaf[index] for key, leaf in part.items()}
+            assert_identical(piece, expected, weak_types=True)
+
+
+@pytest.mark.parametrize("guard", ["disallow", "log_explicit"])
+def test_unstack_pytree_respects_transfer_guards(guard):
+    # The host path's transfers are explicit: allowed under "disallow", which only
+    # refuses implicit ones; under "log_explicit" the compiled program is used.
+    tree = {"a": jnp.arange(12.0).reshape(4, 3), "b": jnp.arange(4)}
+    expected = [{"a": tree["a"][i], "b": tree["b"][i]} for i in range(4)]
+    with slicing_by("host"), jax.transfer_guard(guard):
+        slices = unstack_pytree(tree)
+    assert_identical(slices, expected)
+
+
+def _programs_compiled(function: Any) -> int:
+    """How many programs the jitted `function` has compiled so far."""
+    return function._cache_size()
+
+
+def _unstack_programs() -> int:
+    return _programs_compiled(lerax_utils._index_rows)
+
+
+def test_unstack_pytree_compiles_once_host_time_would_reach_the_compile_time():
+    # Costs in made-up units: a slice costs 1 on the host, so a call (4 rows x 2
+    # leaves) costs 8; the program (4 rows per call) is estimated at 4 + 4 x (1 + 2
+    # x 1) = 16. So call 1 slices on the host, call 2 brings the host total to 16
+    # and compiles one program, and every later call reuses it.
+    tree = {"a": jnp.zeros((4, 97)), "b": jnp.ones((4, 5), jnp.int32)}
+    expected = [jax.tree.map(lambda x, i=i: x[i], tree) for i in range(4)]
+    saved = lerax_utils._UNSTACK_COMPILE_SECONDS
+    with slicing_by("host"):
+        lerax_utils._UNSTACK_HOST_SECONDS_PER_SLICE = 1.0
+        lerax_utils._UNSTACK_COMPILE_SECONDS = (4.0, 1.0, 1.0)
+        try:
+            programs = []
+            for _ in range(4):
+                assert_identical(unstack_pytree(tree), expected)
+                programs.append(_unstack_programs())
+            spent = list(lerax_utils._unstack_host_seconds.values())
+        finally:
+            lerax_utils._UNSTACK_COMPILE_SECONDS = saved
+    before = programs[0]
+    assert programs == [before, before + 1, before + 1, before + 1]
+    assert spent == [math.inf]
+
+
+def test_unstack_pytree_remembers_a_bounded_number_of_shapes():
+    saved = lerax_utils._UNSTACK_SIGNATURES_KEPT
+    lerax_utils._UNSTACK_SIGNATURES_KEPT = 3
+    trees = [jnp.zeros((2, width)) for width in range(101, 106)]
+    try:
+        with slicing_by("scheduled"):
+            for tree in trees[:4]:
+                unstack_pytree(tree)
+            unstack_pytree(trees[1])  # Seen again: now the most recent.
+            unstack_pytree(trees[4])
+            kept = [key[0][0][0] for key in lerax_utils._unstack_host_seconds]
+    finally:
+        lerax_utils._UNSTACK_SIGNATURES_KEPT = saved
+    assert kept == [(2, 104), (2, 102), (2, 105)]
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_unstack_pytree_leaves_the_garbage_collector_alone(enabled):
+    tree = {"a": jnp.arange(6.0).reshape(3, 2), "b": np.arange(3)}
+    was_enabled = gc.isenabled()
+    (gc.enable if enabled else gc.disable)()
+    try:
+        for path in UNSTACK_PATHS:
+            with slicing_by(path):
+                unstack_pytree(tree)
+            assert gc.isenabled() is enabled
+    finally:
+        (gc.enable if was_enabled else gc.disable)()
+
+
+def test_unstack_pytree_of_zero_length_is_empty():
+    assert unstack_pytree({"a": jnp.zeros((0, 3)), "b": np.zeros(0)}) == []
+
+
+@pytest.mark.parametrize("count", [64, 65, 150])
+@pytest.mark.parametrize("axis", [0, 1, -1])
+def test_stack_pytree_of_many_trees_matches_numpy(count, axis):
+    trees = [
+        {
+            "w": jnp.full((2, 3), i, jnp.float32),
+            "k": jax.random.split(jax.random.key(i), 2),
+            "tag": "t",
+        }
+        for i in range(count)
+    ]
+    stacked = stack_pytree(trees, axis=axis)
+    expected_w = np.stack([np.asarray(t["w"]) for t in trees], axis=axis)
+    assert isinstance(stacked["w"], jax.Array)
+    assert_identical(stacked["w"], jnp.asarray(expected_w))
+    # Key data has a trailing axis of its own, so count the key axis from the front.
+    key_data = [jax.random.key_data(t["k"]) for t in trees]
+    expected_k = np.stack(key_data, axis=axis % 2)
+    assert_identical(stacked["k"], jax.random.wrap_key_data(jnp.asarray(expected_k)))
+    assert stacked["tag"] == "t"
+    assert_identical(unstack_pytree(stacked, axis=axis), trees)
+
+
+def test_stack_pytree_compiles_two_programs_for_any_number_of_trees():
+    # Per result shape, one program fills the first chunk and one every later chunk:
+    # the last chunk overlaps the one before it rather than being shorter.
+    programs = [lerax_utils._stack_first_chunk, lerax_utils._stack_chunk_into]
+    for count in (65, 100, 150):
+        trees = [{"w": jnp.full((3, 7), i, jnp.float32)} for i in range(count)]
+        before = [_programs_compiled(program) for program in programs]
+        stacked = stack_pytree(trees)
+        after = [_programs_compiled(program) for program in programs]
+        assert_identical(stacked["w"], jnp.asarray(np.stack([t["w"] for t in trees])))
+        assert [a - b for a, b in zip(after, before, strict=True)] == [1, 1]
+
+
+def test_unstack_and_stack_pytree_inside_jit():
+    tree = {"a": jnp.arange(12.0).reshape(3, 4), "name": "batch"}
+
+    @jax.jit
+    def roundtrip(a):
+        slices = unstack_pytree({"a": a, "name": "batch"}, axis=1)
+        assert len(slices) == 4  # The length is static under `jit`.
+        return stack_pytree(slices, axis=1)["a"], slices[2]["a"]
+
+    stacked, third = roundtrip(tree["a"])
+    assert_identical(stacked, tree["a"])
+    assert_identical(third, tree["a"][:, 2])
+
+
+def test_stack_pytree_makes_a_population_filter_vmap_can_run():
+    keys = jax.random.split(jax.random.key(0), 5)
+
+    def make(key):
+        return eqx.nn.MLP(3, 2, width_size=8, depth=2, key=key)
+
+    population = stack_pytree([make(key) for key in keys])
+    assert_identical(population, eqx.filter_vmap(make)(keys))
+    x = jnp.ones(3)
+    outputs = eqx.filter_vmap(lambda model: model(x))(population)
+    assert_identical(outputs, jnp.stack([make(key)(x) for key in keys]))
+
+
+def test_unstack_pytree_splits_a_filter_scan_rollout_into_steps():
+    policy = Policy(jnp.ones(2), jnp.tanh, "actor")
+
+    def step(state, _):
+        new = Policy(policy.activation(state.params) + 1.0, state.activation, "actor")
+        return new, new
+
+    _, rollout = filter_scan(step, policy, length=4)
+    states = unstack_pytree(rollout)
+    expected = policy
+    for state in states:
+        expected = step(expected, None)[0]
+        assert_identical(state, expected)
+
+
+def test_unstack_pytree_errors():
+    cases = [
+        (
+            {"obs": jnp.ones((3, 2)), "act": [jnp.ones(4)]},
+            0,
+            "unstack_pytree: every array leaf must have the same size along `axis=0`, "
+            "but the sizes differ (['act'][0]: 4, ['obs']: 3). Slice them to one "
+            "size, or unstack the parts separately.",
+        ),
+        (
+            {"obs": jnp.ones((3, 2)), "reward": jnp.ones(3)},
+            1,
+            "unstack_pytree: `axis=1` is out of range for the array at path "
+            "['reward'], which has shape (3,) (axes run from -1 to 0). Pick an axis "
+            "that every array leaf has.",
+        ),
+        (
+            {"step": jnp.float32(1.0)},
+            0,
+            "unstack_pytree: `axis=0` is out of range for the array at path ['step'], "
+            "which has shape () (it has no axes). Pick an axis that every array leaf "
+            "has.",
+        ),
+        (
+            {"lr": 0.1, "name": "adam"},
+            0,
+            "unstack_pytree: `tree` has no array leaves, so the number of slices is "
+            "undefined (its leaves are [0.1, 'adam']). Pass a tree with at least one "
+            "array.",
+        ),
+    ]
+    for tree, axis, message in cases:
+        with pytest.raises(ValueError) as info:
+            unstack_pytree(tree, axis=axis)
+        assert str(info.value) == message
+    with pytest.raises(TypeError) as info:
+        unstack_pytree({"a": jnp.ones(2)}, axis=0.0)  # type: ignore[arg-type]
+    assert str(info.value) == "unstack_pytree: `axis` must be an int; got float 0.0."
+
+
+_STACK_ERROR_END = (
+    ". Every tree must have the same structure, the same shape and dtype at each "
+    "array leaf, and equal non-array leaves."
+)
+
+
+@pytest.mark.parametrize(
+    ("second", "detail"),
+    [
+        (
+            {"w": jnp.ones(3), "f": jax.nn.relu},
+            "at path ['w']: it has shape (3,) and dtype float32, where trees[0] has "
+            "shape (2,) and dtype float32",
+        ),
+        (
+            {"w": jnp.ones(2, jnp.int32), "f": jax.nn.relu},
+            "at path ['w']: it has shape (2,) and dtype int32, where trees[0] has "
+            "shape (2,) and dtype float32",
+        ),
+        (
+            {"w": jnp.ones(2), "f": "relu"},
+            f"at path ['f']: it changed from {type(jax.nn.relu).__name__} "
+            f"{jax.nn.relu!r} to str 'relu'",
+        ),
+        (
+            {"w": jnp.ones(2), "g": jax.nn.relu},
+            "at the top level: it had keys ['f', 'w'] and now has ['g', 'w']",
+        ),
+        (
+            {"w": 1.0, "f": jax.nn.relu},
+            "at path ['w']: it was an array of shape (2,) and dtype float32 and is now "
+            "float 1.0",
+        ),
+    ],
+)
+def test_stack_pytree_rejects_mismatched_trees(second, detail):
+    first = {"w": jnp.ones(2), "f": jax.nn.relu}
+    with pytest.raises(ValueError) as info:
+        stack_pytree([first, first, second])
+    expected = f"stack_pytree: trees[2] differs from trees[0] {detail}"
+    assert str(info.value) == expected + _STACK_ERROR_END
+
+
+def test_stack_pytree_argument_errors():
+    with pytest.raises(ValueError) as info:
+        stack_pytree([])
+    assert str(info.value) == (
+        "stack_pytree: `trees` is empty, so there is no structure to stack into. Pass "
+        "at least one pytree."
+    )
+    with pytest.raises(TypeError) as info:
+        stack_pytree({"w": jnp.ones(2)})  # type: ignore[arg-type]
+    assert str(info.value) == (
+        "stack_pytree: `trees` must be a list or tuple of pytrees; got dict. Wrap a "
+        "single pytree in a list."
+    )
+    with pytest.raises(ValueError) as info:
+        stack_pytree([{"w": jnp.ones(2)}], axis=2)
+    assert str(info.value) == (
+        "stack_pytree: `axis=2` is out of range for the array at path ['w'], which "
+        "has shape (2,) (axes run from -2 to 1). Pick an axis that every array leaf "
+        "has."
+    )
+
 
 _SHARDED = textwrap.dedent(
     """
