@@ -56,7 +56,6 @@ import atexit
 import collections
 import concurrent.futures
 import contextlib
-import contextvars
 import ctypes
 import dataclasses
 import enum
@@ -2872,9 +2871,7 @@ def _tidy_on_error(bar: _ProgressBar | None) -> Iterator[None]:
 #   multiple of 8 | every array leaf's bytes, back to back, in flattening order.
 # The JSON maps each array leaf's path to its safetensors dtype, shape and offsets; all
 # else of ours is in its `__metadata__` (str -> str), with a CRC-32 per tensor and one
-# of the header itself. Files of format 1 (the first release) are still read:
-#   magic (8 bytes) | format version (u32) | header length (u64) | header CRC-32 (u32)
-#   | header (UTF-8 JSON) | the array leaves' bytes | one CRC-32 (u32) per array leaf.
+# of the header itself.
 _FORMAT = "lerax_utils"
 _FORMAT_VERSION = 2
 _LENGTH = struct.Struct("<Q")
@@ -2885,9 +2882,7 @@ _MAX_CONTAINERS = 1 << 21
 _MAX_DIMENSIONS = 64  # As NumPy.
 _CRC_SLOT = b'"metadata_crc32":"'
 _ZERO_CRC = "00000000"
-_V1_MAGIC = b"LRXCKPT\x00"
-_V1_PREFIX = struct.Struct("<8sIQI")
-_V1_CHECKSUM = struct.Struct("<I")
+_V1_MAGIC = b"LRXCKPT\x00"  # Files of format 1 (lerax_utils 0.1.0) start so.
 _NUMPY_MAGIC = b"\x93NUMPY"  # Plain `eqx.tree_serialise_leaves` files start so.
 _SUFFIX = ".eqx"
 # Dtypes that safetensors names; every other dtype is stored as `U8` bytes, with its
@@ -2950,54 +2945,6 @@ def _key_impl_types() -> dict[str, tuple[Any, tuple[int, ...], np.dtype]]:
         data = jax.random.key_data(key)
         found[name] = (key.dtype, tuple(data.shape), np.dtype(data.dtype))
     return found
-
-
-@dataclasses.dataclass(frozen=True)
-class _Api:
-    """How the checkpoint functions that the user called are named in messages."""
-
-    save: str
-    load: str
-    save_call: str  # What to call instead, in a message about a vmap.
-    tree: str
-    skeleton: str
-    built: str
-    fix: str
-
-
-_SERIALIZABLE_API = _Api(
-    save="Serializable.serialize",
-    load="Serializable.deserialize",
-    save_call="serialize",
-    tree="model",
-    skeleton="the skeleton",
-    built="the skeleton built from the constructor arguments",
-    fix="Pass the constructor arguments the model was saved with",
-)
-_PYTREE_API = _Api(
-    save="save_pytree",
-    load="load_pytree",
-    save_call="save_pytree",
-    tree="tree",
-    skeleton="`like`",
-    built="`like`",
-    fix="Pass a `like` with the structure, shapes and dtypes of the saved tree",
-)
-# The function the user called, for the messages of the helpers below it: those of
-# `Serializable` unless `save_pytree` or `load_pytree` set it. A save inside a trace
-# sets it again in its host callback, which runs in another thread.
-_API: contextvars.ContextVar[_Api] = contextvars.ContextVar(
-    "lerax_utils_checkpoint_api", default=_SERIALIZABLE_API
-)
-
-
-@contextlib.contextmanager
-def _calling(api: _Api) -> Iterator[None]:
-    token = _API.set(api)
-    try:
-        yield
-    finally:
-        _API.reset(token)
 
 
 class _Arguments:
@@ -3134,8 +3081,7 @@ class Serializable(eqx.Module):
             header would exceed the limits `deserialize` reads, or the model is
             batched by `vmap`.
         """
-        with _calling(_SERIALIZABLE_API):
-            _save(path, self, no_suffix)
+        _save(path, self, no_suffix, "Serializable.serialize")
 
     @classmethod
     def deserialize(
@@ -3186,11 +3132,11 @@ class Serializable(eqx.Module):
         Files written by plain `eqx.tree_serialise_leaves` load too, with Equinox's
         own checks only, as do files of format 1 (lerax_utils 0.1.0).
         """
-        # Messages name `Serializable` by default (see `_API`).
-        source = _find_checkpoint(path)
-        skeleton = _skeleton(cls, args, kwargs, str(source))
-        with open(source, "rb") as file:
-            return _read_checkpoint(file, skeleton, str(source))
+        return _load(
+            path,
+            "Serializable.deserialize",
+            lambda layout, source: _skeleton(cls, args, kwargs, layout, source),
+        )
 
     @classmethod
     def deserialize_sharded(
@@ -3243,10 +3189,13 @@ class Serializable(eqx.Module):
         model = Model.deserialize_sharded("checkpoints/run", by_rows, 32)
         ```
         """
-        source = _find_checkpoint(path)
-        skeleton = _with_shardings(_skeleton(cls, args, kwargs, str(source)), sharding)
-        with open(source, "rb") as file:
-            return _read_checkpoint(file, skeleton, str(source))
+        return _load(
+            path,
+            "Serializable.deserialize",
+            lambda layout, source: _with_shardings(
+                _skeleton(cls, args, kwargs, layout, source), sharding
+            ),
+        )
 
 
 def save_pytree(
@@ -3288,8 +3237,7 @@ def save_pytree(
     print(step)  # 100
     ```
     """
-    with _calling(_PYTREE_API):
-        _save(path, tree, no_suffix)
+    _save(path, tree, no_suffix, "save_pytree")
 
 
 def load_pytree(path: str | os.PathLike[str], like: _Tree) -> _Tree:
@@ -3323,34 +3271,36 @@ def load_pytree(path: str | os.PathLike[str], like: _Tree) -> _Tree:
     neither candidate file exists, `ValueError` if the file is not a checkpoint, is
     damaged, or does not match `like`.
     """
-    with _calling(_PYTREE_API):
-        checkpoint = _find_checkpoint(path)
-        skeleton = _like_skeleton(like, str(checkpoint))
-        with open(checkpoint, "rb") as opened:
-            return _read_checkpoint(opened, skeleton, str(checkpoint))
+    return _load(path, "load_pytree", lambda layout, _: _like_skeleton(like, layout))
 
 
-def _save(path: Any, tree: Any, no_suffix: Any) -> None:
+def _saving(function: str) -> tuple[str, str]:
+    """How the messages of `function` name the call that saves, and what it saves."""
+    if function.startswith("Serializable."):
+        return "serialize", "model"
+    return "save_pytree", "tree"
+
+
+def _save(path: Any, tree: Any, no_suffix: Any, function: str) -> None:
     """The body of `save_pytree` and `Serializable.serialize`."""
-    api = _API.get()
     try:
-        target = _checkpoint_path(api.save, path, no_suffix)
-        _check_target(target)
+        target = _checkpoint_path(function, path, no_suffix)
+        _check_target(target, function)
     except Exception as err:
         if _spans_processes(tree):
-            _fail_across_processes(err)
+            _fail_across_processes(err, function)
         raise
     leaves, treedef = jtu.tree_flatten_with_path(tree)
     traced = [isinstance(leaf, jax.core.Tracer) for _, leaf in leaves]
     if not any(traced) and not _inside_a_trace():
-        _write_checkpoint(tree, target)
+        _write_checkpoint(tree, target, function)
         return
     # Inside a trace: the traced leaves travel to the host (typed keys as their
     # key data); the others are known now, checked now, and stay here.
-    _check_saveable(leaves)  # Refuse at trace time, not in the callback.
+    _check_saveable(leaves, function)  # Refuse at trace time, not in the callback.
     for key_path, leaf in leaves:
         if isinstance(leaf, np.ndarray | np.generic):
-            _host_array(_keystr(key_path), leaf)
+            _host_array(_keystr(key_path), leaf, function)
     template = [
         None if t else leaf for (_, leaf), t in zip(leaves, traced, strict=True)
     ]
@@ -3369,19 +3319,18 @@ def _save(path: Any, tree: Any, no_suffix: Any) -> None:
         host = list(template)
         for index, array in zip(kinds, arrays, strict=True):
             host[index] = np.asarray(array)
-        with _calling(api):
-            _write_checkpoint(treedef.unflatten(host), target, kinds)
+        _write_checkpoint(treedef.unflatten(host), target, function, kinds)
 
     try:
         io_callback(write, None, *operands, ordered=True)
     except ValueError as err:
         if "vmap" not in str(err):
             raise
+        save_call, what = _saving(function)
         raise ValueError(
-            f"{api.save}: the {api.tree} is batched by `jax.vmap` or "
+            f"{function}: the {what} is batched by `jax.vmap` or "
             "`eqx.filter_vmap`, and one path cannot hold every member of a "
-            f"batch. Call `{api.save_call}` outside the vmap, on the stacked "
-            f"{api.tree}."
+            f"batch. Call `{save_call}` outside the vmap, on the stacked {what}."
         ) from err
 
 
@@ -3412,13 +3361,12 @@ def _checkpoint_path(function: str, path: Any, no_suffix: Any) -> pathlib.Path:
     return checked.with_name(checked.name + _SUFFIX)
 
 
-def _check_target(target: pathlib.Path) -> None:
+def _check_target(target: pathlib.Path, function: str) -> None:
     """Refuse a target that exists and is not a regular file (a folder, a FIFO)."""
     try:
         mode = os.stat(target).st_mode
     except OSError:  # None there yet (or a dangling link): the save creates it.
         return
-    function = _API.get().save
     if stat.S_ISDIR(mode):
         raise ValueError(
             f"{function}: `path` '{target}' names a folder, not a file. "
@@ -3431,18 +3379,51 @@ def _check_target(target: pathlib.Path) -> None:
         )
 
 
-def _find_checkpoint(path: str | os.PathLike[str]) -> pathlib.Path:
-    api = _API.get()
-    exact = _checkpoint_path(api.load, path, no_suffix=True)
-    suffixed = _checkpoint_path(api.load, path, no_suffix=False)
+def _find_checkpoint(path: Any, function: str) -> pathlib.Path:
+    exact = _checkpoint_path(function, path, no_suffix=True)
+    suffixed = _checkpoint_path(function, path, no_suffix=False)
     for candidate in (exact, suffixed):
         if candidate.is_file():
             return candidate
     tried = f"'{exact}'" if exact == suffixed else f"'{exact}' or '{suffixed}'"
     raise FileNotFoundError(
-        f"{api.load}: no checkpoint at {tried}. Check the path given "
-        f"to `{api.save_call}`."
+        f"{function}: no checkpoint at {tried}. Check the path given "
+        f"to `{_saving(function)[0]}`."
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Source:
+    """A checkpoint being read, and the function the user called to read it."""
+
+    path: str
+    function: str
+
+    def error(self, problem: str) -> ValueError:
+        return ValueError(f"{self.function}: the file '{self.path}' {problem}.")
+
+
+def _load(
+    path: Any, function: str, build: Callable[["_Layout | None", _Source], Any]
+) -> Any:
+    """The body of the loaders: the file is opened and its header parsed once;
+    `build` makes the skeleton from it (None for a plain Equinox file)."""
+    found = _find_checkpoint(path, function)
+    source = _Source(str(found), function)
+    with open(found, "rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        layout = _read_header(file, source, size)
+        skeleton = build(layout, source)
+        if layout is None:
+            file.seek(0)
+            return _place(_read_equinox_file(file, skeleton, source, size), skeleton)
+        _check_against_skeleton(source, layout, skeleton)
+        leaves, treedef = jtu.tree_flatten(skeleton)
+        shardings = [_leaf_sharding(leaf) for leaf in leaves if _is_saved_leaf(leaf)]
+        values = iter(_read_leaves(file, layout, source, shardings))
+        return treedef.unflatten(
+            [next(values) if _is_saved_leaf(leaf) else leaf for leaf in leaves]
+        )
 
 
 def _inside_a_trace() -> bool:
@@ -3458,20 +3439,21 @@ _CONCRETE_VALUE_ERRORS = (
 )
 
 
-def _skeleton(cls: type, args: Any, kwargs: Any, source: str | None = None) -> Any:
+def _skeleton(
+    cls: type, args: Any, kwargs: Any, layout: "_Layout | None", source: _Source
+) -> Any:
     """As `eqx.filter_eval_shape(cls, *args, **kwargs)`, except that NumPy arrays
     JAX cannot describe (strings, dates, big-endian) stay concrete, on both sides,
     and `jax.ShapeDtypeStruct` arguments stand for arrays.
 
-    With the checkpoint `source`: without arguments, those recorded in it are used;
-    and each `Serializable` in the skeleton takes the recording that the file holds
-    for its path, so that the loaded model carries it.
+    Without arguments, those recorded in the file are used; and each `Serializable`
+    in the skeleton takes the recording that the file holds for its path, so that
+    the loaded model carries it.
     """
-    metadata = _checkpoint_metadata(source) if source is not None else {}
-    recorded = _parse_arguments(metadata.get("arguments"), cast(str, source))
-    from_file = source is not None and not args and not kwargs
+    recorded = layout.arguments if layout is not None else {}
+    from_file = not args and not kwargs
     if from_file:
-        args, kwargs = _recorded_call(cls, recorded.get(""), cast(str, source))
+        args, kwargs = _recorded_call(cls, recorded.get(""), source)
     dynamic, static = eqx.partition((args, kwargs), _is_dynamic_argument)
     kept = []
 
@@ -3497,7 +3479,7 @@ def _skeleton(cls: type, args: Any, kwargs: Any, source: str | None = None) -> A
     except Exception as err:
         if from_file and "" in recorded:
             raise TypeError(
-                f"{_API.get().load}: the file '{source}' records constructor "
+                f"{source.function}: the file '{source.path}' records constructor "
                 f"arguments with which `{cls.__qualname__}` failed to build "
                 f"({type(err).__name__}: {err}). Pass the constructor arguments: "
                 f"`{cls.__qualname__}.deserialize(path, *args, **kwargs)`."
@@ -3505,16 +3487,16 @@ def _skeleton(cls: type, args: Any, kwargs: Any, source: str | None = None) -> A
         if not from_file or not isinstance(err, TypeError):
             raise
         raise TypeError(
-            f"Serializable.deserialize: the file '{source}' records no constructor "
-            "arguments for its top level (it was written by an older lerax_utils or "
-            "by plain Equinox, from a model made without its constructor, or by "
-            "`save_pytree` of another pytree), and "
+            f"Serializable.deserialize: the file '{source.path}' records no "
+            "constructor arguments for its top level (it was written by an older "
+            "lerax_utils or by plain Equinox, from a model made without its "
+            "constructor, or by `save_pytree` of another pytree), and "
             f"`{cls.__qualname__}()` failed ({err}). Pass the constructor arguments: "
             f"`{cls.__qualname__}.deserialize(path, *args, **kwargs)`."
         ) from err
     skeleton = eqx.combine(shapes, kept[0])
-    if from_file and "" in recorded:
-        skeleton = _numbers_as_saved(skeleton, metadata, cast(str, source))
+    if from_file and layout is not None and "" in recorded:
+        skeleton = _numbers_as_saved(skeleton, layout.entries)
     return _graft_arguments(skeleton, recorded)
 
 
@@ -3522,7 +3504,7 @@ def _is_dynamic_argument(leaf: Any) -> bool:
     return _is_jax_describable(leaf) or isinstance(leaf, jax.ShapeDtypeStruct)
 
 
-def _like_skeleton(like: Any, source: str) -> Any:
+def _like_skeleton(like: Any, layout: "_Layout | None") -> Any:
     """The skeleton `load_pytree` checks a file against: `like` with its arrays as
     `eqx.filter_eval_shape` describes them, a sharding over several devices kept."""
     dynamic, static = eqx.partition(like, _is_dynamic_argument)
@@ -3541,8 +3523,7 @@ def _like_skeleton(like: Any, source: str) -> Any:
         return jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding)
 
     shapes = jtu.tree_map(keep_sharding, shapes, dynamic)
-    metadata = _checkpoint_metadata(source)
-    recorded = _parse_arguments(metadata.get("arguments"), source)
+    recorded = layout.arguments if layout is not None else {}
     return _graft_arguments(eqx.combine(shapes, static), recorded)
 
 
@@ -3660,14 +3641,13 @@ class _Malformed(Exception):
 
 
 def _recorded_call(
-    cls: type, recording: Any, source: str
+    cls: type, recording: Any, source: _Source
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """The arguments to rebuild `cls` with, from the recording at the file's top."""
     if recording is None:
         return (), {}  # Tried as `cls()`; a failure says that nothing was recorded.
     if recording["class"] != cls.__qualname__:
-        raise _checkpoint_error(
-            source,
+        raise source.error(
             f"holds a model of class {recording['class']}, not {cls.__qualname__}. "
             f"Call `{recording['class']}.deserialize`, or pass the constructor "
             "arguments",
@@ -3679,8 +3659,8 @@ def _recorded_call(
         try:
             rebuilt = _rebuild_argument(value, 0)
         except _Malformed:
-            raise _checkpoint_error(
-                source, "has a malformed header (its recorded arguments)"
+            raise source.error(
+                "has a malformed header (its recorded arguments)"
             ) from None
         except _Unrecordable as reason:
             which = _argument_name(cls, index) if name is None else name
@@ -3695,7 +3675,7 @@ def _recorded_call(
         if len(missing) > 1:
             which += ", ".join(missing[:-1]) + " and " + missing[-1]
         raise TypeError(
-            f"Serializable.deserialize: the file '{source}' could not record the "
+            f"Serializable.deserialize: the file '{source.path}' could not record the "
             f"{which} of {cls.__qualname__}, so the model cannot be rebuilt from "
             "the file alone. Pass the constructor arguments: "
             f"`{cls.__qualname__}.deserialize(path, *args, **kwargs)`."
@@ -3727,10 +3707,10 @@ def _rebuild_argument(value: Any, depth: int) -> Any:
     if tag == "unrecordable":
         raise _Unrecordable(body if type(body) is str else "not recorded")
     if tag == "float" and type(body) is str and _BITS.fullmatch(body):
-        return _decode_scalar(["float", body], _FORMAT_VERSION)
+        return _decode_scalar(["float", body])
     if tag == "complex" and type(body) is list and len(body) == 2:
         if all(type(part) is str and _BITS.fullmatch(part) for part in body):
-            return _decode_scalar(["complex", *body], _FORMAT_VERSION)
+            return _decode_scalar(["complex", *body])
     if tag in ("list", "tuple") and type(body) is list:
         items = [_rebuild_argument(item, depth + 1) for item in body]
         return items if tag == "list" else tuple(items)
@@ -3792,46 +3772,25 @@ def _graft_arguments(skeleton: Any, recorded: dict[str, Any]) -> Any:
     return skeleton
 
 
-def _checkpoint_metadata(source: str) -> dict[str, Any]:
-    """The checked `__metadata__` of a checkpoint; empty for other files."""
-    with open(source, "rb") as file:
-        size = os.fstat(file.fileno()).st_size
-        start = file.read(_LENGTH.size + 1)
-        if not start:
-            raise _checkpoint_error(source, "is empty")
-        if start.startswith(_NUMPY_MAGIC) or _V1_MAGIC.startswith(
-            start[: len(_V1_MAGIC)]
-        ):
-            return {}
-        # Only the metadata: the leaves and the structure are checked when the file
-        # is read.
-        return _read_metadata(file, start, source, size)[2]
-
-
-def _numbers_as_saved(skeleton: Any, metadata: dict[str, Any], source: str) -> Any:
+def _numbers_as_saved(skeleton: Any, entries: list[dict[str, Any]]) -> Any:
     """`skeleton` with each Python number that the file holds as a 0-d array (a
     number that a `filter_scan` or `filter_cond` traced after construction) as
     that array's shape and dtype: the recorded call cannot know of the change."""
-    text = metadata.get("leaves", "").encode(errors="surrogatepass")
-    entries = _parse_json(text, source)
-    saved = {}
-    for entry in entries if isinstance(entries, list) else []:
-        if isinstance(entry, dict) and isinstance(entry.get("path"), str):
-            saved[entry["path"]] = entry  # Checked when the file is read.
+    saved = {entry["path"]: entry for entry in entries}
 
     def as_saved(key_path: _KeyPath, leaf: Any) -> Any:
         entry = saved.get(_keystr(key_path)) if _is_python_number(leaf) else None
-        if entry is None or entry.get("kind") not in ("jax", "numpy", "numpy_scalar"):
+        if entry is None or entry["kind"] == "scalar" or entry["shape"] != []:
             return leaf
-        dtype = _numpy_dtype(entry.get("dtype"))
-        if entry.get("shape") != [] or dtype is None or _is_numpy_only(dtype):
+        dtype = cast(np.dtype, _numpy_dtype(entry["dtype"]))
+        if entry["kind"] == "key" or _is_numpy_only(dtype):
             return leaf
         return jax.ShapeDtypeStruct((), jax.dtypes.canonicalize_dtype(dtype))
 
     return jtu.tree_map_with_path(as_saved, skeleton)
 
 
-def _parse_arguments(text: Any, source: str) -> dict[str, Any]:
+def _parse_arguments(text: Any, source: _Source) -> dict[str, Any]:
     """The `arguments` metadata entry, checked to be well formed."""
     if text is None:
         return {}
@@ -3855,9 +3814,7 @@ def _parse_arguments(text: Any, source: str) -> dict[str, Any]:
             )
         )
         if not well_formed:
-            raise _checkpoint_error(
-                source, "has a malformed header (its recorded arguments)"
-            )
+            raise source.error("has a malformed header (its recorded arguments)")
         found[item[0]] = item[1]
     return found
 
@@ -3865,7 +3822,7 @@ def _parse_arguments(text: Any, source: str) -> dict[str, Any]:
 # Writing
 
 
-def _host_array(path: str, leaf: Any) -> "np.ndarray | _Spanning":
+def _host_array(path: str, leaf: Any, function: str) -> "np.ndarray | _Spanning":
     """A NumPy copy or view of an array leaf, refusing what cannot load exactly.
 
     An array that spans several processes stays where it is: each process writes
@@ -3905,7 +3862,7 @@ def _host_array(path: str, leaf: Any) -> "np.ndarray | _Spanning":
             "with a unit"
         )
     if problem is not None:
-        raise TypeError(f"{_API.get().save}: the leaf at path {path} is {problem}.")
+        raise TypeError(f"{function}: the leaf at path {path} is {problem}.")
     if leaf.dtype.byteorder == ">":  # Stored little-endian, as safetensors wants.
         return np.asarray(leaf, dtype=leaf.dtype.newbyteorder("<"), order="C")
     return np.asarray(leaf, order="C")
@@ -3935,32 +3892,50 @@ def _numpy_dtype(name: Any) -> np.dtype | None:
 def _write_checkpoint(
     model: Any,
     target: pathlib.Path,
+    function: str,
     kinds: dict[int, tuple[str, str | None]] | None = None,
 ) -> None:
     try:
-        header, blocks = _encode(model, kinds or {})
+        header, blocks = _encode(model, kinds or {}, function)
     except Exception as err:
         if _spans_processes(model):
-            _fail_across_processes(err)
+            _fail_across_processes(err, function)
         raise
     if any(isinstance(block, _Spanning) for block in blocks):
-        _write_from_processes(header, blocks, target)
+        _write_from_processes(header, blocks, target, function)
         return
-    target.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = _create_temporary(target)
-    try:
-        with (
-            os.fdopen(descriptor, "wb") as file,
-            concurrent.futures.ThreadPoolExecutor(max_workers=1) as checksummer,
-        ):
-            file.write(_LENGTH.pack(len(header)))
-            file.write(header)  # Its CRC slots still hold zeros.
+
+    def write_data(file: IO[bytes], temporary: pathlib.Path) -> list[int]:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as checksummer:
             checksums = []
             for block in blocks:  # Both `crc32` and `write` release the GIL.
                 checksums.append(checksummer.submit(zlib.crc32, block.data))
                 file.write(block.data)
+            return [checksum.result() for checksum in checksums]
+
+    _write_atomically(target, header, write_data)
+
+
+def _write_atomically(
+    target: pathlib.Path,
+    header: bytes,
+    write_data: Callable[[IO[bytes], pathlib.Path], list[int]],
+) -> None:
+    """Write a checkpoint to a new file beside `target`, then rename it over `target`.
+
+    `write_data(file, temporary)` writes the data after the header and returns each
+    array's CRC-32, which then fill in the header. A failure removes the temporary
+    file and leaves `target` as it was.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = _create_temporary(target)
+    try:
+        with os.fdopen(descriptor, "r+b") as file:
+            file.write(_LENGTH.pack(len(header)))
+            file.write(header)  # Its CRC slots still hold zeros.
+            checksums = write_data(file, temporary)
             file.seek(_LENGTH.size)
-            file.write(_filled_header(header, [c.result() for c in checksums]))
+            file.write(_filled_header(header, checksums))
             file.flush()
             os.fsync(file.fileno())
         _replace(temporary, target)
@@ -4044,13 +4019,13 @@ class _Spanning:
         return math.prod(self.shape) * self.dtype.itemsize
 
 
-def _client() -> Any:
+def _client(function: str) -> Any:
     from jax._src import distributed
 
     client = distributed.global_state.client
     if client is None:
         raise ValueError(
-            f"{_API.get().save}: the {_API.get().tree} holds arrays that span "
+            f"{function}: the {_saving(function)[1]} holds arrays that span "
             "several processes, but `jax.distributed` is not initialized here. Call "
             "`jax.distributed.initialize` in every process first."
         )
@@ -4061,20 +4036,20 @@ def _publish(client: Any, key: str, value: str) -> None:
     client.key_value_set(key, value)
 
 
-def _await(client: Any, key: str, waiting_for: str) -> str:
+def _await(client: Any, key: str, waiting_for: str, function: str) -> str:
     """The value published at `key`; raises if it is a failure or does not come."""
     try:
         value = client.blocking_key_value_get(key, int(_PROCESS_TIMEOUT_S * 1000))
     except Exception as err:  # The runtime's own error, on its deadline.
+        save_call, what = _saving(function)
         raise TimeoutError(
-            f"{_API.get().save}: process {jax.process_index()} waited "
+            f"{function}: process {jax.process_index()} waited "
             f"{_PROCESS_TIMEOUT_S:g} s for {waiting_for}, in vain. Every process "
-            f"must call `{_API.get().save_call}` on the same {_API.get().tree}, in "
-            "the same order as the other saves of arrays that span processes "
-            f"({err})."
+            f"must call `{save_call}` on the same {what}, in the same order as the "
+            f"other saves of arrays that span processes ({err})."
         ) from err
     if value.startswith(_FAILED):
-        raise ValueError(f"{_API.get().save}: {value[len(_FAILED) :]}")
+        raise ValueError(f"{function}: {value[len(_FAILED) :]}")
     return value
 
 
@@ -4094,19 +4069,20 @@ def _spans_processes(tree: Any) -> bool:
     )
 
 
-def _fail_across_processes(err: BaseException) -> None:
+def _fail_across_processes(err: BaseException, function: str) -> None:
     """Before a save across processes raises ahead of the exchange (a bad path or
     leaf here only), tell the others, so that they raise too and their next saves
     pair up with this process's next one."""
     me = jax.process_index()
-    _publish(_client(), f"{_next_prefix()}/header/{me}", _FAILED + _failure(me, err))
+    message = _FAILED + _failure(me, err, function)
+    _publish(_client(function), f"{_next_prefix()}/header/{me}", message)
 
 
 def _write_from_processes(
-    header: bytes, blocks: list[Any], target: pathlib.Path
+    header: bytes, blocks: list[Any], target: pathlib.Path, function: str
 ) -> None:
     """Write one checkpoint from every process, as described above."""
-    client = _client()
+    client = _client(function)
     me, count = jax.process_index(), jax.process_count()
     prefix = _next_prefix()
     data_at = _LENGTH.size + len(header)
@@ -4118,61 +4094,60 @@ def _write_from_processes(
     agreed = zlib.crc32(_json([str(target), local]).encode(), zlib.crc32(header))
     _publish(client, f"{prefix}/header/{me}", f"{agreed:08x}")
     headers = {
-        _await(client, f"{prefix}/header/{other}", f"process {other}'s header")
+        _await(
+            client, f"{prefix}/header/{other}", f"process {other}'s header", function
+        )
         for other in range(count)
     }
     if len(headers) != 1:
+        what = _saving(function)[1]
         raise ValueError(
-            f"{_API.get().save}: the processes passed different paths or different "
-            f"{_API.get().tree}s (their structure, shapes, dtypes, static values, "
-            "Python numbers or the values of arrays that do not span processes "
-            f"differ). Every process must save the same {_API.get().tree} to the "
-            "same path."
+            f"{function}: the processes passed different paths or different "
+            f"{what}s (their structure, shapes, dtypes, static values, Python numbers "
+            "or the values of arrays that do not span processes differ). Every "
+            f"process must save the same {what} to the same path."
         )
     if me != 0:
-        where = _await(client, f"{prefix}/temporary", "process 0 to create the file")
+        where = _await(
+            client, f"{prefix}/temporary", "process 0 to create the file", function
+        )
         try:
             _write_shards(pathlib.Path(where), blocks, offsets)
         except BaseException as err:
-            _publish(client, f"{prefix}/written/{me}", _FAILED + _failure(me, err))
+            message = _FAILED + _failure(me, err, function)
+            _publish(client, f"{prefix}/written/{me}", message)
             raise
         _publish(client, f"{prefix}/written/{me}", "ok")
-        _await(client, f"{prefix}/done", "process 0 to finish the file")
+        _await(client, f"{prefix}/done", "process 0 to finish the file", function)
         return
-    temporary = None
     published = False
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        descriptor, temporary = _create_temporary(target)
-        with os.fdopen(descriptor, "wb") as file:
-            file.write(_LENGTH.pack(len(header)))
-            file.write(header)
-            for block, offset in zip(blocks, offsets, strict=False):
-                if not isinstance(block, _Spanning):
-                    file.seek(offset)
-                    file.write(block.data)
-            file.truncate(offsets[-1])
+
+    def write_data(file: IO[bytes], temporary: pathlib.Path) -> list[int]:
+        nonlocal published
+        for block, offset in zip(blocks, offsets, strict=False):
+            if not isinstance(block, _Spanning):
+                file.seek(offset)
+                file.write(block.data)
+        file.truncate(offsets[-1])
+        file.flush()
         _publish(client, f"{prefix}/temporary", str(temporary))
         published = True
         _write_shards(temporary, blocks, offsets)
         for other in range(1, count):
-            _await(client, f"{prefix}/written/{other}", f"process {other}'s shards")
-        with open(temporary, "r+b") as file:
-            checksums = [
-                _stream_crc(file, offset, block.nbytes) if crc is None else crc
-                for block, offset, crc in zip(blocks, offsets, local, strict=False)
-            ]
-            file.seek(_LENGTH.size)
-            file.write(_filled_header(header, checksums))
-            file.flush()
-            os.fsync(file.fileno())
-        _replace(temporary, target)
-        _fsync_folder(target.parent)
+            waiting_for = f"process {other}'s shards"
+            _await(client, f"{prefix}/written/{other}", waiting_for, function)
+        source = _Source(str(temporary), function)
+        return [
+            _stream_into_shards(file, _spanning_entry(block, offset), {}, source)
+            if crc is None
+            else crc
+            for block, offset, crc in zip(blocks, offsets, local, strict=False)
+        ]
+
+    try:
+        _write_atomically(target, header, write_data)
     except BaseException as err:
-        if temporary is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temporary)
-        message = _FAILED + _failure(0, err)
+        message = _FAILED + _failure(0, err, function)
         if not published:
             _publish(client, f"{prefix}/temporary", message)
         _publish(client, f"{prefix}/done", message)
@@ -4180,8 +4155,14 @@ def _write_from_processes(
     _publish(client, f"{prefix}/done", "ok")
 
 
-def _failure(process: int, err: BaseException) -> str:
-    text = str(err).removeprefix(f"{_API.get().save}: ")
+def _spanning_entry(block: _Spanning, offset: int) -> dict[str, Any]:
+    """What `_stream_into_shards` needs to know of a tensor the processes wrote."""
+    shape, dtype = list(block.shape), _dtype_name(block.dtype)
+    return {"path": "", "dtype": dtype, "shape": shape, "offset": offset}
+
+
+def _failure(process: int, err: BaseException, function: str) -> str:
+    text = str(err).removeprefix(f"{function}: ")
     return (
         f"process {process} failed to write its part of the checkpoint, so nothing "
         f"was saved: {type(err).__name__}: {text}"
@@ -4244,21 +4225,6 @@ def _write_region(
             )
 
 
-def _stream_crc(file: IO[bytes], offset: int, nbytes: int) -> int:
-    """The CRC-32 of `nbytes` of `file` from `offset`, through a bounded buffer."""
-    buffer = np.empty(min(nbytes, _CHUNK_BYTES), np.uint8)
-    crc = 0
-    file.seek(offset)
-    done = 0
-    while done < nbytes:
-        view = buffer[: min(buffer.size, nbytes - done)]
-        if file.readinto(view.data) != view.size:  # type: ignore[attr-defined]
-            raise ValueError("the temporary file is shorter than written")
-        crc = zlib.crc32(view.data, crc)
-        done += view.size
-    return crc
-
-
 @functools.cache
 def _closer() -> concurrent.futures.ThreadPoolExecutor:
     return concurrent.futures.ThreadPoolExecutor(max_workers=1)
@@ -4270,7 +4236,7 @@ def _create_temporary(target: pathlib.Path) -> tuple[int, pathlib.Path]:
     Its name stays short whatever the length of the target's.
     """
     stem = os.fsdecode(os.fsencode(target.name)[:64])
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
     while True:
         temporary = target.parent / f".{stem}.{secrets.token_hex(4)}.tmp"
         with contextlib.suppress(FileExistsError):
@@ -4288,7 +4254,7 @@ def _fsync_folder(folder: pathlib.Path) -> None:
 
 
 def _encode(
-    model: Any, kinds: dict[int, tuple[str, str | None]]
+    model: Any, kinds: dict[int, tuple[str, str | None]], function: str
 ) -> tuple[bytes, list[Any]]:
     """The header, with zeros in its CRC slots, and each array's bytes (as uint8)."""
     leaves: list[dict[str, Any]] = []
@@ -4296,7 +4262,7 @@ def _encode(
     blocks = []
     offset = 0
     flat = jtu.tree_flatten_with_path(model)[0]
-    _check_saveable(flat)
+    _check_saveable(flat, function)
     for index, (key_path, leaf) in enumerate(flat):
         path = _keystr(key_path)
         if index in kinds:  # A traced leaf, now on the host.
@@ -4310,7 +4276,7 @@ def _encode(
                     kind, impl = "key", _key_impl_name(leaf)
             else:
                 kind = "numpy_scalar" if isinstance(leaf, np.generic) else "numpy"
-            data = _host_array(path, leaf)
+            data = _host_array(path, leaf, function)
         elif type(leaf) in _PYTHON_SCALARS:
             leaves.append(
                 {"path": path, "kind": "scalar", "value": _encode_scalar(leaf)}
@@ -4347,7 +4313,7 @@ def _encode(
         "library_version": __version__,
         "class": _qualified_name(type(model)),
         "leaves": _json(leaves),
-        "structure": _json(_structure(model, _describe_static)),
+        "structure": _json(_structure(model)),
     }
     recordings = _recordings(model)
     if recordings:
@@ -4357,12 +4323,11 @@ def _encode(
     header = _json({"__metadata__": metadata, **tensors}).encode()
     parts = [header, metadata["leaves"].encode(), metadata["structure"].encode()]
     parts.append(metadata.get("arguments", "").encode())
-    api = _API.get()
     for part in parts:
         count = _count_containers(part)
         if count > _MAX_CONTAINERS:  # As the reader would refuse it.
             raise ValueError(
-                f"{api.save}: the {api.tree} needs {count} JSON lists and "
+                f"{function}: the {_saving(function)[1]} needs {count} JSON lists and "
                 f"objects in one part of its checkpoint header, more than the "
                 f"{_MAX_CONTAINERS} a checkpoint may hold. Stack its leaves into "
                 "fewer, larger arrays (`stack_pytree`)."
@@ -4392,7 +4357,7 @@ def _is_weak(leaf: Any) -> bool:
     return bool(getattr(getattr(leaf, "aval", None), "weak_type", False))
 
 
-def _check_saveable(flat: list[tuple[_KeyPath, Any]]) -> None:
+def _check_saveable(flat: list[tuple[_KeyPath, Any]], function: str) -> None:
     """Refuse leaves that would save a file that cannot load, naming the leaf."""
     names: dict[str, Any] = {}
     for key_path, leaf in flat:
@@ -4420,11 +4385,11 @@ def _check_saveable(flat: list[tuple[_KeyPath, Any]]) -> None:
                 "`jax.random.key_data(key)` instead and wrap it after loading"
             )
         if problem is not None:
-            raise TypeError(f"{_API.get().save}: the leaf at path {path} is {problem}.")
+            raise TypeError(f"{function}: the leaf at path {path} is {problem}.")
         if eqx.is_array(leaf):
             if path in names:
                 raise ValueError(
-                    f"{_API.get().save}: two array leaves have the same path "
+                    f"{function}: two array leaves have the same path "
                     f"{path} (`jax.tree_util.keystr`), so the checkpoint would name "
                     "one tensor twice. Give the dict keys distinct reprs."
                 )
@@ -4484,8 +4449,8 @@ _INTEGER = re.compile(r"-?(0|[1-9][0-9]{0,4299})")
 _BITS = re.compile(r"[0-9a-f]{16}")
 
 
-def _decode_scalar(encoded: Any, version: int) -> Any:
-    """Inverse of `_encode_scalar` (or of format 1's); ValueError if malformed."""
+def _decode_scalar(encoded: Any) -> Any:
+    """Inverse of `_encode_scalar`; ValueError if malformed."""
     if not (isinstance(encoded, list) and encoded):
         raise ValueError(f"unknown encoding of a Python number: {encoded!r}")
     kind, *parts = encoded
@@ -4496,15 +4461,11 @@ def _decode_scalar(encoded: Any, version: int) -> Any:
     if kind == "int" and len(parts) == 1 and _INTEGER.fullmatch(parts[0]):
         return int(parts[0])
     if kind in ("float", "complex") and len(parts) == (1 if kind == "float" else 2):
-        if version == 1:
-            values = [float.fromhex(part) for part in parts]
-        elif all(_BITS.fullmatch(part) for part in parts):
+        if all(_BITS.fullmatch(part) for part in parts):
             values = [
                 struct.unpack("<d", int(p, 16).to_bytes(8, "little"))[0] for p in parts
             ]
-        else:
-            raise ValueError(f"unknown encoding of a Python number: {encoded!r}")
-        return values[0] if kind == "float" else complex(*values)
+            return values[0] if kind == "float" else complex(*values)
     raise ValueError(f"unknown encoding of a Python number: {encoded!r}")
 
 
@@ -4512,7 +4473,7 @@ def _qualified_name(obj: Any) -> str:
     return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', '?')}"
 
 
-def _structure(tree: Any, describe: Callable[[Any], Any]) -> list[list[Any]]:
+def _structure(tree: Any) -> list[list[Any]]:
     """A description of `tree` without its array and scalar values.
 
     One `[path, description]` pair per node and leaf, in flattening order. It uses
@@ -4526,27 +4487,25 @@ def _structure(tree: Any, describe: Callable[[Any], Any]) -> list[list[Any]]:
         if eqx.is_array(node) or isinstance(node, jax.ShapeDtypeStruct):
             entries.append([where, "array"])
             return
-        if isinstance(node, _PYTHON_SCALARS) and (
-            describe is _describe_static_v1 or type(node) in _PYTHON_SCALARS
-        ):
+        if type(node) in _PYTHON_SCALARS:
             entries.append([where, ["scalar", type(node).__name__]])
             return
         children, node_def = jtu.tree_flatten_with_path(
             node, is_leaf=_is_strict_child(node)
         )
         if jtu.treedef_is_leaf(node_def) and node is not None:
-            entries.append([where, describe(node)])
+            entries.append([where, _describe_static(node)])
             return
         description: dict[str, Any] = {"node": type(node).__qualname__}
         if isinstance(node, eqx.Module):
             description["static"] = {
-                name: describe(getattr(node, name, None))
+                name: _describe_static(getattr(node, name, None))
                 for name in _static_fields(node)
                 if name != _ARGUMENTS_FIELD  # Recorded apart, under `arguments`.
             }
         elif isinstance(node, dict):  # Keys in JAX's (sorted) order, not insertion's.
             keys = [getattr(key[0], "key", key[0]) for key, _ in children]
-            description["keys"] = [describe(key) for key in keys]
+            description["keys"] = [_describe_static(key) for key in keys]
         entries.append([where, description])
         for key, child in children:
             visit(child, path + key)
@@ -4606,31 +4565,6 @@ def _describe_static(value: Any, depth: int = 0) -> Any:
     return ["object", type(value).__qualname__]
 
 
-def _describe_static_v1(value: Any) -> Any:
-    """`_describe_static` of format 1, to compare format-1 files with."""
-    if value is None or isinstance(value, bool | int | str):
-        return value
-    if isinstance(value, float):
-        return ["float", value.hex()]
-    if isinstance(value, list | tuple):
-        return [type(value).__name__, [_describe_static_v1(item) for item in value]]
-    if isinstance(value, dict):
-        items = [
-            [_describe_static_v1(k), _describe_static_v1(v)] for k, v in value.items()
-        ]
-        return ["dict", items]
-    if isinstance(value, enum.Enum):
-        return ["enum", type(value).__qualname__, value.name]
-    if isinstance(value, type):
-        return ["type", value.__qualname__]
-    if isinstance(value, np.dtype):
-        return ["dtype", value.name]
-    if callable(value):
-        name = getattr(value, "__name__", None) or getattr(value, "__qualname__", None)
-        return ["function", name or type(value).__qualname__]
-    return ["object", type(value).__qualname__]
-
-
 # Reading
 
 
@@ -4638,112 +4572,47 @@ def _describe_static_v1(value: Any) -> Any:
 class _Layout:
     """What a checkpoint's header says, checked to be well formed."""
 
-    version: int
     entries: list[dict[str, Any]]  # Arrays gain "offset", "nbytes" and "crc".
     structure: list[Any]
-    data_end: int  # Where the arrays end (format 1: where the CRC-32s start).
     # Recorded constructor arguments, by the path of their `Serializable`.
-    arguments: dict[str, Any] = dataclasses.field(default_factory=dict)
+    arguments: dict[str, Any]
 
 
-def _checkpoint_error(source: str, problem: str) -> ValueError:
-    return ValueError(f"{_API.get().load}: the file '{source}' {problem}.")
-
-
-def _read_checkpoint(file: IO[bytes], skeleton: Any, source: str) -> Any:
-    size = os.fstat(file.fileno()).st_size
+def _read_header(file: IO[bytes], source: _Source, size: int) -> _Layout | None:
+    """Read and check a checkpoint's header; None for a plain Equinox file."""
     start = file.read(_LENGTH.size + 1)
     if not start:
-        raise _checkpoint_error(source, "is empty")
+        raise source.error("is empty")
     if start.startswith(_NUMPY_MAGIC):
-        file.seek(0)
-        return _place(_read_equinox_file(file, skeleton, source, size), skeleton)
-    if _V1_MAGIC.startswith(start[: len(_V1_MAGIC)]):
-        layout = _read_v1_header(file, source, size)
-    else:
-        layout = _read_header(file, start, source, size)
-    _check_against_skeleton(source, layout, skeleton)
-    skeleton_leaves, treedef = jtu.tree_flatten(skeleton)
-    saved = functools.partial(_is_saved_leaf, version=layout.version)
-    shardings = [_leaf_sharding(leaf) for leaf in skeleton_leaves if saved(leaf)]
-    values = _read_leaves(file, layout, source, shardings)
-    loaded = iter(values)
-    return treedef.unflatten(
-        [next(loaded) if saved(leaf) else leaf for leaf in skeleton_leaves]
-    )
-
-
-def _read_header(file: IO[bytes], start: bytes, source: str, size: int) -> _Layout:
-    """Read and check the header of a format-2 (safetensors) file."""
-    length, header, metadata, version = _read_metadata(file, start, source, size)
-    # A lone surrogate (from a `\ud800` escape) becomes bytes that are not UTF-8.
-    leaves = _parse_json(
-        metadata.get("leaves", "").encode(errors="surrogatepass"), source
-    )
-    structure = _parse_json(
-        metadata.get("structure", "").encode(errors="surrogatepass"), source
-    )
-    entries = _check_entries(leaves, structure, version, source, size)
-    arguments = _parse_arguments(metadata.get("arguments"), source)
-    crcs = metadata.get("crc32", "")
-    arrays = [entry for entry in entries if entry["kind"] != "scalar"]
-    tensors = {name: value for name, value in header.items() if name != "__metadata__"}
-    if not (
-        re.fullmatch("[0-9a-f]*", crcs)
-        and len(crcs) == 8 * len(arrays)
-        and len(tensors) == len(arrays)
-    ):
-        raise _checkpoint_error(source, "has a malformed header")
-    offset = 0
-    for index, entry in enumerate(arrays):
-        dtype, shape = _stored_type(entry["dtype"], entry["shape"])
-        wanted = {
-            "dtype": dtype,
-            "shape": shape,
-            "data_offsets": [offset, offset + entry["nbytes"]],
-        }
-        if tensors.get(entry["path"]) != wanted:
-            raise _checkpoint_error(
-                source,
-                f"has a malformed header: the tensor table's entry for the leaf at "
-                f"path {entry['path']} is not {_json(wanted)}",
-            )
-        entry.update(
-            offset=_LENGTH.size + length + offset,
-            crc=int(crcs[8 * index : 8 * index + 8], 16),
-        )
-        offset += entry["nbytes"]
-    data_end = _LENGTH.size + length + offset
-    _check_size(source, size, data_end)
-    return _Layout(version, entries, structure, data_end, arguments)
-
-
-def _read_metadata(
-    file: IO[bytes], start: bytes, source: str, size: int
-) -> tuple[int, dict[str, Any], dict[str, Any], int]:
-    """The header length, the header, its checked `__metadata__` and the format
-    version of a format-2 file, the header's checksum verified."""
+        return None
+    if start.startswith(_V1_MAGIC):
+        _check_version("1", source)
     if len(start) <= _LENGTH.size:
-        raise _checkpoint_error(source, f"is truncated ({size} bytes)")
+        raise source.error(f"is truncated ({size} bytes)")
     if start[_LENGTH.size :] != b"{":
-        raise _checkpoint_error(
-            source,
+        raise source.error(
             f"is not a lerax_utils checkpoint: it starts with {start[:8]!r}, which "
-            "is neither a safetensors header length followed by `{` nor the "
-            f"format-1 magic {_V1_MAGIC!r}",
+            "is not a safetensors header length followed by `{`"
         )
     (length,) = _LENGTH.unpack(start[: _LENGTH.size])
-    header_bytes = _read_header_bytes(file, length, _LENGTH.size, source, size)
+    if length > _MAX_HEADER_BYTES:
+        raise source.error(
+            f"declares a header of {length} bytes, more than the "
+            f"{_MAX_HEADER_BYTES} allowed; the file is corrupt"
+        )
+    if _LENGTH.size + length > size:
+        raise source.error(f"is truncated inside its header ({size} bytes)")
+    file.seek(_LENGTH.size)
+    header_bytes = file.read(length)
     header = _parse_json(header_bytes, source)
     metadata = header.get("__metadata__") if isinstance(header, dict) else None
     if not (isinstance(metadata, dict) and metadata.get("format") == _FORMAT):
-        raise _checkpoint_error(
-            source,
+        raise source.error(
             "is a safetensors file but not a lerax_utils checkpoint: its "
             "`__metadata__` does not name the format 'lerax_utils'. Read it with the "
-            "`safetensors` package",
+            "`safetensors` package"
         )
-    version = _check_version(metadata.get("format_version"), source)
+    _check_version(metadata.get("format_version"), source)
     stored = metadata.get("metadata_crc32")
     slot = _CRC_SLOT + str(stored).encode(errors="surrogatepass") + b'"'
     at = header_bytes.find(slot)
@@ -4754,115 +4623,98 @@ def _read_metadata(
         and header_bytes.find(slot, at + 1) < 0
         and all(isinstance(value, str) for value in metadata.values())
     ):
-        raise _checkpoint_error(source, "has a malformed header")
+        raise source.error("has a malformed header")
     zeroed = header_bytes[:at] + _CRC_SLOT + _ZERO_CRC.encode() + b'"'
     if zlib.crc32(zeroed + header_bytes[at + len(slot) :]) != int(stored, 16):
-        raise _checkpoint_error(source, "has a corrupt header (its checksum fails)")
-    return length, header, metadata, version
-
-
-def _read_header_bytes(
-    file: IO[bytes], length: int, start: int, source: str, size: int
-) -> bytes:
-    if length > _MAX_HEADER_BYTES:
-        raise _checkpoint_error(
-            source,
-            f"declares a header of {length} bytes, more than the "
-            f"{_MAX_HEADER_BYTES} allowed; the file is corrupt",
+        raise source.error("has a corrupt header (its checksum fails)")
+    # A lone surrogate (from a `\ud800` escape) becomes bytes that are not UTF-8.
+    leaves = _parse_json(
+        metadata.get("leaves", "").encode(errors="surrogatepass"), source
+    )
+    structure = _parse_json(
+        metadata.get("structure", "").encode(errors="surrogatepass"), source
+    )
+    entries = _check_entries(leaves, structure, source, size)
+    arguments = _parse_arguments(metadata.get("arguments"), source)
+    crcs = metadata.get("crc32", "")
+    arrays = [entry for entry in entries if entry["kind"] != "scalar"]
+    tensors = {name: value for name, value in header.items() if name != "__metadata__"}
+    if not (
+        re.fullmatch("[0-9a-f]*", crcs)
+        and len(crcs) == 8 * len(arrays)
+        and len(tensors) == len(arrays)
+    ):
+        raise source.error("has a malformed header")
+    offset = 0
+    for index, entry in enumerate(arrays):
+        dtype, shape = _stored_type(entry["dtype"], entry["shape"])
+        wanted = {
+            "dtype": dtype,
+            "shape": shape,
+            "data_offsets": [offset, offset + entry["nbytes"]],
+        }
+        if tensors.get(entry["path"]) != wanted:
+            raise source.error(
+                f"has a malformed header: the tensor table's entry for the leaf at "
+                f"path {entry['path']} is not {_json(wanted)}"
+            )
+        entry.update(
+            offset=_LENGTH.size + length + offset,
+            crc=int(crcs[8 * index : 8 * index + 8], 16),
         )
-    if start + length > size:
-        raise _checkpoint_error(
-            source, f"is truncated inside its header ({size} bytes)"
+        offset += entry["nbytes"]
+    expected = _LENGTH.size + length + offset
+    if size < expected:
+        raise source.error(
+            f"is truncated: it has {size} bytes, and its header needs {expected}"
         )
-    file.seek(start)
-    return file.read(length)
+    if size > expected:
+        raise source.error(
+            f"has {size - expected} trailing bytes after the data its header "
+            "describes; it was not written by `serialize` in one piece"
+        )
+    return _Layout(entries, structure, arguments)
 
 
-def _parse_json(text: bytes, source: str) -> Any:
+def _parse_json(text: bytes, source: _Source) -> Any:
     """JSON, with the nesting and the number of containers bounded first."""
     if _count_containers(text) > _MAX_CONTAINERS:
-        raise _checkpoint_error(
-            source,
+        raise source.error(
             f"has a header with more than {_MAX_CONTAINERS} lists and objects; the "
-            "file is corrupt",
+            "file is corrupt"
         )
     try:
         return json.loads(text.decode("utf-8"), parse_constant=_refuse_constant)
     except (ValueError, RecursionError) as err:
-        raise _checkpoint_error(source, f"has an unreadable header ({err})") from err
+        raise source.error(f"has an unreadable header ({err})") from err
 
 
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not allowed in a checkpoint header")
 
 
-def _check_version(version: Any, source: str) -> int:
+def _check_version(version: Any, source: _Source) -> None:
     if not (isinstance(version, str) and re.fullmatch("[0-9]{1,9}", version)):
-        raise _checkpoint_error(source, "has a malformed header")
+        raise source.error("has a malformed header")
     number = int(version)
     if number > _FORMAT_VERSION:
-        raise _checkpoint_error(
-            source,
+        raise source.error(
             f"has format version {number}, newer than the {_FORMAT_VERSION} this "
-            f"lerax_utils {__version__} reads. Upgrade lerax_utils to load it",
+            f"lerax_utils {__version__} reads. Upgrade lerax_utils to load it"
         )
-    if number != _FORMAT_VERSION:
-        raise _checkpoint_error(source, f"has an unknown format version {number}")
-    return number
-
-
-def _check_size(source: str, size: int, expected: int) -> None:
-    if size < expected:
-        raise _checkpoint_error(
-            source,
-            f"is truncated: it has {size} bytes, and its header needs {expected}",
+    if number < _FORMAT_VERSION:
+        raise source.error(
+            f"has format version {number}, older than the {_FORMAT_VERSION} this "
+            f"lerax_utils {__version__} reads. Load it with the lerax_utils that "
+            "wrote it, save it with `eqx.tree_serialise_leaves`, and load that file"
         )
-    if size > expected:
-        raise _checkpoint_error(
-            source,
-            f"has {size - expected} trailing bytes after the data its header "
-            "describes; it was not written by `serialize` in one piece",
-        )
-
-
-def _read_v1_header(file: IO[bytes], source: str, size: int) -> _Layout:
-    """Read and check the header of a format-1 file."""
-    file.seek(0)
-    start = file.read(_V1_PREFIX.size)
-    if len(start) < _V1_PREFIX.size:
-        raise _checkpoint_error(source, f"is truncated ({size} bytes)")
-    _, version, length, header_crc = _V1_PREFIX.unpack(start)
-    if version != 1:
-        raise _checkpoint_error(
-            source,
-            f"has an unknown format version {version} after the format-1 magic; "
-            "the file is corrupt",
-        )
-    header_bytes = _read_header_bytes(file, length, _V1_PREFIX.size, source, size)
-    if zlib.crc32(header_bytes) != header_crc:
-        raise _checkpoint_error(source, "has a corrupt header (its checksum fails)")
-    header = _parse_json(header_bytes, source)
-    leaves = header.get("leaves") if isinstance(header, dict) else None
-    structure: Any = header.get("structure") if isinstance(header, dict) else None
-    entries = _check_entries(leaves, structure, 1, source, size)
-    arrays = [entry for entry in entries if entry["kind"] != "scalar"]
-    offset = _V1_PREFIX.size + length
-    for entry in arrays:
-        entry["offset"] = offset
-        offset += entry["nbytes"]
-    _check_size(source, size, offset + _V1_CHECKSUM.size * len(arrays))
-    file.seek(offset)
-    crcs = _V1_CHECKSUM.iter_unpack(file.read(_V1_CHECKSUM.size * len(arrays)))
-    for entry, (crc,) in zip(arrays, crcs, strict=True):
-        entry["crc"] = crc
-    return _Layout(1, entries, structure, offset)
 
 
 _ARRAY_KINDS = ("jax", "numpy", "numpy_scalar", "key")
 
 
 def _check_entries(
-    leaves: Any, structure: Any, version: int, source: str, size: int
+    leaves: Any, structure: Any, source: _Source, size: int
 ) -> list[dict[str, Any]]:
     """The leaf entries, each checked to be well formed and to fit in the file.
 
@@ -4870,45 +4722,44 @@ def _check_entries(
     accepted in time linear in its length.
     """
     if not (isinstance(leaves, list) and isinstance(structure, list)):
-        raise _checkpoint_error(source, "has a malformed header")
+        raise source.error("has a malformed header")
     entries = []
     for entry in leaves:
-        checked = _checked_entry(entry, version, size)
+        checked = _checked_entry(entry, size)
         if checked is None:
             path = entry.get("path") if isinstance(entry, dict) else None
             where = f" (the leaf at path {path})" if isinstance(path, str) else ""
-            raise _checkpoint_error(source, f"has a malformed header{where}")
+            raise source.error(f"has a malformed header{where}")
         entries.append(checked)
     return entries
 
 
-def _checked_entry(entry: Any, version: int, size: int) -> dict[str, Any] | None:
+def _checked_entry(entry: Any, size: int) -> dict[str, Any] | None:
     """A copy of a leaf entry with its sizes derived, or None if it is malformed."""
     if not (isinstance(entry, dict) and isinstance(entry.get("path"), str)):
         return None
     kind = entry.get("kind")
     if kind == "scalar":
         try:
-            value = _decode_scalar(entry.get("value"), version)
+            value = _decode_scalar(entry.get("value"))
         except (ValueError, OverflowError):
             return None
         return {"path": entry["path"], "kind": kind, "value": value}
-    allowed = _ARRAY_KINDS if version > 1 else ("jax", "numpy", "key")
     dtype = _numpy_dtype(entry.get("dtype"))
     shape: Any = entry.get("shape")
-    if kind not in allowed or dtype is None or not _is_shape(shape):
+    if kind not in _ARRAY_KINDS or dtype is None or not _is_shape(shape):
         return None
-    if _is_numpy_only(dtype) and (version == 1 or kind in ("jax", "key")):
+    if _is_numpy_only(dtype) and kind in ("jax", "key"):
         return None
     nbytes = math.prod(shape) * dtype.itemsize
-    if nbytes > size or (version == 1 and entry.get("nbytes") != nbytes):
+    if nbytes > size:
         return None
     checked = {"path": entry["path"], "kind": kind, "dtype": entry["dtype"]}
     checked.update(shape=shape, nbytes=nbytes)
     if kind == "numpy_scalar" and shape:
         return None
     if "weak_type" in entry:
-        if entry["weak_type"] is not True or kind != "jax" or version == 1:
+        if entry["weak_type"] is not True or kind != "jax":
             return None
         checked["weak_type"] = True
     if kind == "key":
@@ -4931,32 +4782,34 @@ def _is_shape(shape: Any) -> bool:
     )
 
 
-def _is_saved_leaf(leaf: Any, version: int = _FORMAT_VERSION) -> bool:
+def _is_saved_leaf(leaf: Any) -> bool:
     """Whether a leaf's value lives in the file (else the skeleton provides it)."""
-    if isinstance(leaf, jax.ShapeDtypeStruct) or eqx.is_array(leaf):
-        return True
-    if version == 1:
-        return isinstance(leaf, _PYTHON_SCALARS)
-    return type(leaf) in _PYTHON_SCALARS
+    return (
+        isinstance(leaf, jax.ShapeDtypeStruct)
+        or eqx.is_array(leaf)
+        or type(leaf) in _PYTHON_SCALARS
+    )
 
 
-def _check_against_skeleton(source: str, layout: _Layout, skeleton: Any) -> None:
+def _check_against_skeleton(source: _Source, layout: _Layout, skeleton: Any) -> None:
     """Structure and static values, then the leaf count, then each leaf's type."""
-    api = _API.get()
-    describe = _describe_static if layout.version > 1 else _describe_static_v1
+    if source.function.startswith("Serializable."):
+        name = "the skeleton"
+        built = "the skeleton built from the constructor arguments"
+        fix = "Pass the constructor arguments the model was saved with"
+    else:
+        name = built = "`like`"
+        fix = "Pass a `like` with the structure, shapes and dtypes of the saved tree"
     difference = _structure_difference_in_file(
-        layout.structure, _structure(skeleton, describe)
+        layout.structure, _structure(skeleton), name
     )
     if difference is not None:
         path, message = difference
-        raise _checkpoint_error(
-            source,
-            f"does not match {api.skeleton} {_where(path)}: {message}. {api.fix}",
-        )
+        raise source.error(f"does not match {name} {_where(path)}: {message}. {fix}")
     expected = [
         (_keystr(path), leaf)
         for path, leaf in jtu.tree_flatten_with_path(skeleton)[0]
-        if _is_saved_leaf(leaf, layout.version)
+        if _is_saved_leaf(leaf)
     ]
     leaves = layout.entries
     if len(leaves) != len(expected):
@@ -4965,21 +4818,19 @@ def _check_against_skeleton(source: str, layout: _Layout, skeleton: Any) -> None
             (p for p, (q, _) in zip(paths, expected, strict=False) if p != q),
             paths[len(expected)] if len(paths) > len(expected) else expected[-1][0],
         )
-        raise _checkpoint_error(
-            source,
-            f"holds {len(leaves)} leaves, but {api.built} has {len(expected)}; they "
-            f"first differ at path {first}. {api.fix}",
+        raise source.error(
+            f"holds {len(leaves)} leaves, but {built} has {len(expected)}; they "
+            f"first differ at path {first}. {fix}"
         )
     for entry, (path, leaf) in zip(leaves, expected, strict=True):
         if entry["path"] != path:
-            raise _checkpoint_error(
-                source,
-                f"has a leaf at path {entry['path']} where {api.skeleton} "
-                f"has one at {path}. {api.fix}",
+            raise source.error(
+                f"has a leaf at path {entry['path']} where {name} "
+                f"has one at {path}. {fix}"
             )
-        problem = _leaf_mismatch(entry, leaf, layout.version)
+        problem = _leaf_mismatch(entry, leaf, name, fix)
         if problem is not None:
-            raise _checkpoint_error(source, f"holds at path {path} {problem}")
+            raise source.error(f"holds at path {path} {problem}")
 
 
 _X64_PAIRS = (
@@ -4990,15 +4841,13 @@ _X64_PAIRS = (
 )
 
 
-def _leaf_mismatch(entry: dict[str, Any], leaf: Any, version: int) -> str | None:
+def _leaf_mismatch(
+    entry: dict[str, Any], leaf: Any, skeleton: str, fix: str
+) -> str | None:
     """How a saved leaf differs from the skeleton's, or None if it fits."""
-    skeleton, fix = _API.get().skeleton, _API.get().fix
     if entry["kind"] == "scalar":
         value = entry["value"]
-        fits = isinstance(leaf, _PYTHON_SCALARS) and (
-            type(leaf) is type(value) or version == 1
-        )
-        if fits:
+        if type(leaf) is type(value):
             return None
         return (
             f"the Python {type(value).__name__} {value!r}, where {skeleton} has "
@@ -5048,10 +4897,9 @@ def _leaf_mismatch(entry: dict[str, Any], leaf: Any, version: int) -> str | None
 
 
 def _structure_difference_in_file(
-    saved: list[Any], wanted: list[Any]
+    saved: list[Any], wanted: list[Any], skeleton: str
 ) -> tuple[str, str] | None:
     """The first `(path, message)` where two `_structure` descriptions differ."""
-    skeleton = _API.get().skeleton
     for saved_entry, wanted_entry in zip(saved, wanted, strict=False):
         if _json_sorted(saved_entry) == _json_sorted(wanted_entry):
             continue
@@ -5101,8 +4949,8 @@ def _json_sorted(value: Any) -> str:
 def _read_leaves(
     file: IO[bytes],
     layout: _Layout,
-    source: str,
-    shardings: Sequence[jax.sharding.Sharding | None] = (),
+    source: _Source,
+    shardings: Sequence[jax.sharding.Sharding | None],
 ) -> list[Any]:
     """Read every leaf's value, checking each array against its CRC-32.
 
@@ -5117,33 +4965,20 @@ def _read_leaves(
 
     def finish(index: int, data: Any, checksum: concurrent.futures.Future[int]) -> None:
         entry = leaves[index]
-        if checksum.result() != entry["crc"]:
-            raise _checkpoint_error(
-                source,
-                f"has corrupt data for the leaf at path {entry['path']} "
-                "(its checksum fails)",
-            )
-        problem = _invalid_bits(data, entry)
-        if problem is not None:
-            raise _checkpoint_error(
-                source,
-                f"holds invalid data for the leaf at path {entry['path']}: {problem}",
-            )
+        _check_crc(entry, checksum.result(), source)
+        _check_bits(entry, data, source)
         try:
             values[index] = _restore_kind(data, entry)
         except UnicodeDecodeError as err:
-            raise _checkpoint_error(
-                source,
-                f"holds invalid data for the leaf at path {entry['path']}: a "
-                f"character that is not Unicode ({err})",
-            ) from err
+            problem = f"a character that is not Unicode ({err})"
+            raise _invalid_data(entry, problem, source) from err
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as checksummer:
         for index, entry in enumerate(leaves):
             if entry["kind"] == "scalar":
                 values.append(entry["value"])
                 continue
-            sharding = shardings[index] if shardings else None
+            sharding = shardings[index]
             if sharding is not None and entry["kind"] in ("jax", "key"):
                 values.append(_read_sharded(file, entry, sharding, source))
                 continue
@@ -5154,7 +4989,7 @@ def _read_leaves(
             view = data.reshape(-1).view(np.uint8)
             file.seek(entry["offset"])
             if file.readinto(view.data) != entry["nbytes"]:  # type: ignore[attr-defined]
-                raise _checkpoint_error(source, "is truncated inside its data")
+                raise source.error("is truncated inside its data")
             values.append(None)
             pending.append((index, data, checksummer.submit(zlib.crc32, view.data)))
             if len(pending) == 2:
@@ -5268,7 +5103,7 @@ def _read_sharded(
     file: IO[bytes],
     entry: dict[str, Any],
     sharding: jax.sharding.Sharding,
-    source: str,
+    source: _Source,
 ) -> jax.Array:
     """One array leaf, created with `sharding`, each local shard read from the file.
 
@@ -5292,16 +5127,18 @@ def _read_sharded(
             for device, index in indices.items()
         }
     except Exception as err:
-        raise _sharding_error(_API.get().load, path, global_shape, err) from err
+        raise _sharding_error(source.function, path, global_shape, err) from err
     distinct = list(dict.fromkeys(regions.values()))  # A replicated shard once.
     if len(distinct) > 1:
-        _stream_into_shards(file, entry, shape, dtype, {}, source)
+        _check_crc(entry, _stream_into_shards(file, entry, {}, source), source)
     on_devices: dict[Any, jax.Array] = {}
     for region in distinct:
         host = _aligned_empty([stop - start for start, stop in region], dtype)
         # One shard (one device, or replicated): checked and read in one pass.
         box = region if len(distinct) > 1 else None
-        _stream_into_shards(file, entry, shape, dtype, {region: host}, source, box)
+        crc = _stream_into_shards(file, entry, {region: host}, source, box)
+        if box is None:
+            _check_crc(entry, crc, source)
         for device, wanted in regions.items():
             if wanted == region:
                 shard = jax.device_put(host, device)
@@ -5320,22 +5157,24 @@ def _read_sharded(
 def _stream_into_shards(
     file: IO[bytes],
     entry: dict[str, Any],
-    shape: tuple[int, ...],
-    dtype: np.dtype,
     shards: dict[_Region, np.ndarray],
-    source: str,
+    source: _Source,
     box: _Region | None = None,
-) -> None:
-    """Read a tensor in file order through one buffer and copy each piece into the
-    shards (keyed by region) that it overlaps.
+) -> int:
+    """Read a tensor (at `entry["offset"]`, of its `shape` and `dtype`) in file
+    order through one buffer and copy each piece into the shards (keyed by region)
+    that it overlaps.
 
-    Without `box`, the whole tensor is read and its CRC-32 and bits are checked.
-    With it, only the pieces that overlap `box` are read, unchecked.
+    Without `box`, the whole tensor is read, its bits are checked, and its CRC-32
+    is returned. With it, only the pieces that overlap `box` are read, unchecked.
 
     A piece is a run of whole sub-arrays along one axis (`level`): the fewest
     leading axes such that one step along `level` fits in the buffer.
     """
+    shape = tuple(entry["shape"])
+    dtype = cast(np.dtype, _numpy_dtype(entry["dtype"]))
     itemsize = dtype.itemsize
+    nbytes = math.prod(shape) * itemsize
     level = next(
         (
             axis
@@ -5346,43 +5185,32 @@ def _stream_into_shards(
     )
     step_bytes = math.prod(shape[level + 1 :]) * itemsize
     steps = max(1, _CHUNK_BYTES // max(step_bytes, 1))
-    buffer = np.empty(min(entry["nbytes"], steps * max(step_bytes, 1)), np.uint8)
+    buffer = np.empty(min(nbytes, steps * max(step_bytes, 1)), np.uint8)
     ranges = box if box is not None else tuple((0, size) for size in shape)
     low, high = ranges[level] if level < len(shape) else (0, 1)
     inner = shape[level + 1 :]
     crc = 0
     for outer in itertools.product(*(range(a, b) for a, b in ranges[:level])):
-        if not entry["nbytes"]:
+        if not nbytes:
             break
         base = sum(i * math.prod(shape[a + 1 :]) for a, i in enumerate(outer))
         for first in range(low, high, steps):
             count = min(steps, high - first)
-            nbytes = count * step_bytes
+            size = count * step_bytes
             file.seek(entry["offset"] + base * itemsize + first * step_bytes)
-            view = buffer[:nbytes]
-            if file.readinto(view.data) != nbytes:  # type: ignore[attr-defined]
-                raise _checkpoint_error(source, "is truncated inside its data")
+            view = buffer[:size]
+            if file.readinto(view.data) != size:  # type: ignore[attr-defined]
+                raise source.error("is truncated inside its data")
             piece = view.view(dtype).reshape((count, *inner))
             if box is None:
                 crc = zlib.crc32(view.data, crc)
-                problem = _invalid_bits(piece, entry)
-                if problem is not None:
-                    raise _checkpoint_error(
-                        source,
-                        f"holds invalid data for the leaf at path {entry['path']}: "
-                        f"{problem}",
-                    )
+                _check_bits(entry, piece, source)
             if level == len(shape):  # A 0-d array: one element.
                 for shard in shards.values():
                     shard[...] = piece.reshape(())
                 continue
             _copy_piece(piece, outer, first, level, shards)
-    if box is None and crc != entry["crc"]:
-        raise _checkpoint_error(
-            source,
-            f"has corrupt data for the leaf at path {entry['path']} (its checksum "
-            "fails)",
-        )
+    return crc
 
 
 def _copy_piece(
@@ -5422,16 +5250,30 @@ def _place(tree: Any, skeleton: Any) -> Any:
     return jtu.tree_map(place, tree, skeleton)
 
 
-def _invalid_bits(data: np.ndarray, entry: dict[str, Any]) -> str | None:
-    """Why a loaded array's bytes are no values of its dtype, or None if they are."""
+def _check_crc(entry: dict[str, Any], crc: int, source: _Source) -> None:
+    if crc != entry["crc"]:
+        raise source.error(
+            f"has corrupt data for the leaf at path {entry['path']} (its checksum "
+            "fails)"
+        )
+
+
+def _check_bits(entry: dict[str, Any], data: np.ndarray, source: _Source) -> None:
+    """Refuse a loaded array whose bytes are no values of its dtype."""
     view = data.reshape(-1).view(np.uint8)
     if data.dtype == np.bool_ and view.size and view.max() > 1:
-        return "a boolean byte other than 0 or 1"
+        raise _invalid_data(entry, "a boolean byte other than 0 or 1", source)
     if entry["dtype"] in _SUB_BYTE_DTYPES:
         canonical = data.astype(np.float32).astype(data.dtype)
         if not np.array_equal(canonical.reshape(-1).view(np.uint8), view):
-            return f"a {entry['dtype']} byte whose unused high bits are not zero"
-    return None
+            problem = f"a {entry['dtype']} byte whose unused high bits are not zero"
+            raise _invalid_data(entry, problem, source)
+
+
+def _invalid_data(entry: dict[str, Any], problem: str, source: _Source) -> ValueError:
+    return source.error(
+        f"holds invalid data for the leaf at path {entry['path']}: {problem}"
+    )
 
 
 def _restore_kind(data: np.ndarray, entry: dict[str, Any]) -> Any:
@@ -5465,16 +5307,16 @@ def _weak_array(array: jax.Array) -> jax.Array:
     return cast(jax.Array, weak)
 
 
-def _read_equinox_file(file: IO[bytes], skeleton: Any, source: str, size: int) -> Any:
+def _read_equinox_file(
+    file: IO[bytes], skeleton: Any, source: _Source, size: int
+) -> Any:
     """A file of plain `eqx.tree_serialise_leaves`: Equinox's own checks only."""
     try:
         model = eqx.tree_deserialise_leaves(file, skeleton)
     except Exception as err:
-        raise _checkpoint_error(
-            source, f"could not be read as a plain Equinox file: {err}"
-        ) from err
+        raise source.error(f"could not be read as a plain Equinox file: {err}") from err
     if file.tell() != size:
-        raise _checkpoint_error(
-            source, f"has {size - file.tell()} trailing bytes after its Equinox data"
+        raise source.error(
+            f"has {size - file.tell()} trailing bytes after its Equinox data"
         )
     return model

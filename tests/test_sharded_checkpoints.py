@@ -74,10 +74,10 @@ def test_each_shard_is_read_as_numpy_slices_it(case, padding):
     entry = {
         "path": ".x",
         "dtype": array.dtype.name,
+        "shape": list(array.shape),
         "offset": padding,
-        "nbytes": len(raw),
-        "crc": zlib.crc32(raw),
     }
+    source = lerax_utils._Source("f", "load")
     shards = {
         region: np.full([b - a for a, b in region], 0, array.dtype)
         for region in regions
@@ -87,13 +87,12 @@ def test_each_shard_is_read_as_numpy_slices_it(case, padding):
     lerax_utils._CHUNK_BYTES = chunk
     try:
         # All at once, checked; then each shard alone, reading only around it.
-        lerax_utils._stream_into_shards(
-            file, entry, array.shape, array.dtype, shards, "f"
-        )
+        crc = lerax_utils._stream_into_shards(file, entry, shards, source)
+        assert crc == zlib.crc32(raw)
         for region, shard in alone.items():
             file.count = 0
             lerax_utils._stream_into_shards(
-                file, entry, array.shape, array.dtype, {region: shard}, "f", region
+                file, entry, {region: shard}, source, region
             )
             # Only the rows of the shard along the first axis are read.
             if array.ndim:
@@ -127,16 +126,17 @@ def test_a_flipped_bit_fails_the_streamed_checksum(case, data):
     crc = zlib.crc32(raw)
     at = data.draw(st.integers(0, len(raw) - 1))
     raw[at] ^= 1 << data.draw(st.integers(0, 7))
-    entry = {"path": ".x", "dtype": array.dtype.name, "offset": 0}
-    entry.update(nbytes=len(raw), crc=crc)
+    entry = {"path": ".x", "dtype": array.dtype.name, "shape": list(array.shape)}
+    entry.update(offset=0, crc=crc)
+    source = lerax_utils._Source("f", "load")
     shards = {r: np.zeros([b - a for a, b in r], array.dtype) for r in regions}
     old = lerax_utils._CHUNK_BYTES
     lerax_utils._CHUNK_BYTES = chunk
     try:
         with pytest.raises(ValueError, match=r"'f' (has corrupt|holds invalid) data"):
-            lerax_utils._stream_into_shards(
-                io.BytesIO(bytes(raw)), entry, array.shape, array.dtype, shards, "f"
-            )
+            file = io.BytesIO(bytes(raw))
+            crc = lerax_utils._stream_into_shards(file, entry, shards, source)
+            lerax_utils._check_crc(entry, crc, source)
     finally:
         lerax_utils._CHUNK_BYTES = old
 
