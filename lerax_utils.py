@@ -28,7 +28,7 @@ The file is self-contained, so the copy needs nothing else from this repository.
 given as lower bounds in `pyproject.toml`.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     # Control flow
@@ -2866,14 +2866,12 @@ def _tidy_on_error(bar: _ProgressBar | None) -> Iterator[None]:
 # Checkpoints: Serializable
 #
 
-# A checkpoint is a safetensors file (the README documents it byte by byte):
-#   header length N (u64) | header: UTF-8 JSON, padded with spaces so that 8 + N is a
-#   multiple of 8 | every array leaf's bytes, back to back, in flattening order.
-# The JSON maps each array leaf's path to its safetensors dtype, shape and offsets; all
-# else of ours is in its `__metadata__` (str -> str), with a CRC-32 per tensor and one
-# of the header itself.
+# A checkpoint is a safetensors file, laid out as `FORMAT.md` specifies: a u64 header
+# length, a JSON header that maps each array leaf's path to its dtype, shape and
+# offsets, then every array leaf's bytes, back to back. All else of ours is in the
+# header's `__metadata__`, with a CRC-32 per tensor and one of the header itself.
 _FORMAT = "lerax_utils"
-_FORMAT_VERSION = 2
+_FORMAT_VERSION = 3
 _LENGTH = struct.Struct("<Q")
 _MAX_HEADER_BYTES = 64 * 1024 * 1024
 # JSON lists and objects in each part of a header (the `[` and `{` outside its
@@ -3538,25 +3536,168 @@ def _is_numpy_only(dtype: np.dtype) -> bool:
     return dtype.kind in "SUMm" or dtype.byteorder == ">"
 
 
-# Recorded constructor arguments
-#
-# In the file, the metadata entry `arguments` lists `[path, recording]` for every
-# `Serializable` in the tree that has one, where a recording is
-# `{"class": qualified name, "args": [...], "kwargs": [[name, value], ...]}`. A
-# value is None, a bool, int, float (finite) or str as itself, or an object with
-# one tag: {"float": bits} (not finite), {"complex": [bits, bits]},
-# {"list": [...]}, {"tuple": [...]}, {"dict": [[key, value], ...]},
-# {"array": [shape, dtype]}, {"numpy": [shape, dtype.str]} (a dtype JAX lacks),
-# {"key": [key shape, impl]}, or {"unrecordable": what it was}. Decoding builds
-# only these: no name in the file is ever imported or called.
+# The codec of every value in the metadata (FORMAT.md has its table): None, bools,
+# ints and strings are themselves; any other value is a list whose first item is its
+# tag. The same value has the same encoding wherever it is stored: a Python number of
+# the model, a static value described to be compared, a constructor argument.
 
-_RECORD_BUDGET = 1 << 16  # Values and string characters per argument.
-_RECORD_DEPTH = 32
+_DEPTH = 32
+_RECORD_BUDGET = 1 << 16  # Values and string characters per recorded argument.
 _TOO_MANY_DIGITS = 10**_MAX_INT_DIGITS
+_BITS = re.compile(r"[0-9a-f]{16}")
 
 
 class _Unrecordable(Exception):
     """An argument that a recording cannot hold; its message says what it is."""
+
+
+class _Malformed(Exception):
+    pass
+
+
+def _encode_value(value: Any, budget: list[int] | None = None, depth: int = 0) -> Any:
+    """`value` in the codec. With a `budget` (a one-item list: how many values and
+    string characters the encoding may still take), it is recorded to be rebuilt:
+    arrays as their shape and dtype, and what cannot be rebuilt raises
+    `_Unrecordable`. Without, it is described to be compared: exactly where it can
+    be, else by its name or type, the same in every process."""
+    kind = type(value)
+    if budget is not None:
+        budget[0] -= 1 + (len(value) if kind is str else 0)
+        if budget[0] < 0 or depth > _DEPTH:
+            raise _Unrecordable("a value too large or too deeply nested to record")
+    if value is None or kind is bool or kind is str:
+        return value
+    number: Any = value  # Exactly an int, a float or a complex below.
+    if kind is int:
+        if abs(number) < _TOO_MANY_DIGITS:
+            return number
+        if budget is not None:
+            raise _Unrecordable(f"an int of more than {_MAX_INT_DIGITS} digits")
+        return ["int", hex(number)]  # JSON and Python refuse it in decimal.
+    if kind is float:
+        return ["float", _float_bits(number)]
+    if kind is complex:
+        return ["complex", _float_bits(number.real), _float_bits(number.imag)]
+    if depth > _DEPTH:  # A deeper or cyclic value: its type alone.
+        return ["object", kind.__qualname__]
+    if isinstance(value, enum.Enum):
+        if budget is None:
+            return ["enum", kind.__qualname__, value.name]
+    elif isinstance(value, list | tuple | dict | set | frozenset):
+        if budget is None or kind in (list, tuple, dict):
+            return _encode_items(value, budget, depth)
+    elif budget is not None:
+        if isinstance(value, jax.ShapeDtypeStruct) or eqx.is_array(value):
+            return _record_array(value)
+    elif isinstance(value, type):
+        return ["type", value.__qualname__]
+    elif isinstance(value, np.dtype):
+        return ["dtype", _dtype_name(value)]
+    elif isinstance(value, np.generic | np.ndarray) and not value.dtype.hasobject:
+        shape, dtype = list(value.shape), _dtype_name(value.dtype)
+        return ["numpy", shape, dtype, value.tobytes().hex()]
+    elif dataclasses.is_dataclass(value):
+        fields = [
+            [item.name, _encode_value(getattr(value, item.name, None), None, depth + 1)]
+            for item in dataclasses.fields(value)
+        ]
+        return ["dataclass", kind.__qualname__, fields]
+    # `__name__`, not `__qualname__`: JAX has changed the latter between releases
+    # (`jax.numpy.tanh` became `tanh`).
+    name = getattr(value, "__name__", None) if callable(value) else None
+    if budget is not None:
+        if isinstance(name, str):
+            raise _Unrecordable(f"the function {name}")
+        raise _Unrecordable(f"an object of type {kind.__qualname__}")
+    if callable(value):
+        name = name or getattr(value, "__qualname__", None)
+        return ["function", name or kind.__qualname__]
+    return ["object", kind.__qualname__]
+
+
+def _encode_items(value: Any, budget: list[int] | None, depth: int) -> list[Any]:
+    """A list, tuple, dict or set (or, described, a subclass of one), by its type's
+    name: its items in order, those of a description's dict or set sorted."""
+    if isinstance(value, dict):
+        items = [
+            [_encode_value(k, budget, depth + 1), _encode_value(v, budget, depth + 1)]
+            for k, v in value.items()
+        ]
+    else:
+        items = [_encode_value(item, budget, depth + 1) for item in value]
+    if budget is None and isinstance(value, dict | set | frozenset):
+        items.sort(key=_json)
+    return [type(value).__qualname__, items]
+
+
+def _record_array(value: Any) -> list[Any]:
+    """An array argument as `["array", shape, dtype]` or `["key", shape, impl]`."""
+    if isinstance(value, np.ndarray) and type(value) is not np.ndarray:
+        raise _Unrecordable(f"a {type(value).__name__}")
+    shape, dtype = [int(size) for size in value.shape], value.dtype
+    if jnp.issubdtype(dtype, jax.dtypes.prng_key):
+        impl = getattr(getattr(dtype, "_impl", None), "name", None)
+        if impl not in _KEY_IMPLS:
+            raise _Unrecordable(f"a PRNG key of the implementation {impl!r}")
+        return ["key", shape, impl]
+    if _numpy_dtype(_dtype_name(dtype)) is None:
+        raise _Unrecordable(f"an array of dtype {dtype}")
+    return ["array", shape, _dtype_name(dtype)]
+
+
+def _decode_value(value: Any, depth: int = 0) -> Any:
+    """Inverse of `_encode_value` for what a recording or a Python number holds,
+    with arrays as `jax.ShapeDtypeStruct`s; raises `_Malformed`. It builds only
+    these values: no name in the file is ever imported or called."""
+    if value is None or type(value) in (bool, int, str):
+        return value
+    if depth > _DEPTH or not (type(value) is list and value):
+        raise _Malformed
+    tag, *body = value
+    if tag in ("float", "complex") and len(body) == (1 if tag == "float" else 2):
+        if all(type(bits) is str and _BITS.fullmatch(bits) for bits in body):
+            parts = [struct.unpack("<d", bytes.fromhex(b)[::-1])[0] for b in body]
+            return parts[0] if tag == "float" else complex(*parts)
+    if tag in ("list", "tuple", "dict") and len(body) == 1 and type(body[0]) is list:
+        if tag != "dict":
+            items = [_decode_value(item, depth + 1) for item in body[0]]
+            return items if tag == "list" else tuple(items)
+        if all(type(item) is list and len(item) == 2 for item in body[0]):
+            try:
+                return {
+                    _decode_value(k, depth + 1): _decode_value(v, depth + 1)
+                    for k, v in body[0]
+                }
+            except TypeError:  # An unhashable key.
+                raise _Malformed from None
+    if tag in ("array", "key") and len(body) == 2 and _is_shape(body[0]):
+        shape, name = tuple(body[0]), body[1]
+        if tag == "key" and name in _key_impl_types():
+            return jax.ShapeDtypeStruct(shape, _key_impl_types()[name][0])
+        dtype = _numpy_dtype(name) if tag == "array" else None
+        if dtype is not None and _is_numpy_only(dtype):
+            # A constant view: nothing of the shape is allocated.
+            return np.broadcast_to(np.zeros((), dtype), shape)
+        if dtype is not None:
+            return jax.ShapeDtypeStruct(shape, jax.dtypes.canonicalize_dtype(dtype))
+    if tag == "unrecordable":
+        what = body[0] if body and type(body[0]) is str else "not recorded"
+        raise _Unrecordable(what)
+    raise _Malformed
+
+
+def _float_bits(value: float) -> str:
+    """The IEEE 754 bits of a float, as 16 hex digits: NaN payloads and -0.0 too."""
+    return f"{struct.unpack('<Q', struct.pack('<d', value))[0]:016x}"
+
+
+# Recorded constructor arguments
+#
+# In the file, the metadata entry `arguments` lists `[path, recording]` for every
+# `Serializable` in the tree that has one, where a recording is
+# `{"class": qualified name, "args": [...], "kwargs": [[name, value], ...]}`, each
+# value in the codec above.
 
 
 def _record_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -3568,76 +3709,12 @@ def _record_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any
 
 
 def _record_argument(value: Any) -> Any:
-    budget = [_RECORD_BUDGET]
-
-    def encode(value: Any, depth: int) -> Any:
-        kind = type(value)
-        budget[0] -= 1 + (len(value) if kind is str else 0)
-        if budget[0] < 0 or depth > _RECORD_DEPTH:
-            raise _Unrecordable("a value too large or too deeply nested to record")
-        if value is None or kind is bool or kind is str:
-            return value
-        number: Any = value  # Exactly an int, a float or a complex below.
-        if kind is int:
-            if abs(number) >= _TOO_MANY_DIGITS:
-                raise _Unrecordable(f"an int of more than {_MAX_INT_DIGITS} digits")
-            return number
-        if kind is float:
-            return number if math.isfinite(number) else {"float": _float_bits(number)}
-        if kind is complex:
-            return {"complex": [_float_bits(number.real), _float_bits(number.imag)]}
-        if kind is list or kind is tuple:
-            return {kind.__name__: [encode(item, depth + 1) for item in value]}
-        if kind is dict:
-            items = cast(dict[Any, Any], value).items()
-            return {
-                "dict": [[encode(k, depth + 1), encode(v, depth + 1)] for k, v in items]
-            }
-        if isinstance(value, jax.ShapeDtypeStruct) or eqx.is_array(value):
-            return _record_array(value)
-        name = getattr(value, "__name__", None)
-        if callable(value) and isinstance(name, str):
-            raise _Unrecordable(f"the function {name}")
-        raise _Unrecordable(f"an object of type {kind.__qualname__}")
-
     try:
-        return encode(value, 0)
+        return _encode_value(value, [_RECORD_BUDGET])
     except _Unrecordable as reason:
-        return {"unrecordable": str(reason)}
+        return ["unrecordable", str(reason)]
     except Exception:  # A value whose attributes raise: never stop a constructor.
-        return {"unrecordable": f"an object of type {type(value).__qualname__}"}
-
-
-def _record_array(value: Any) -> Any:
-    if isinstance(value, np.ndarray) and type(value) is not np.ndarray:
-        raise _Unrecordable(f"a {type(value).__name__}")
-    numpy = isinstance(value, np.ndarray | np.generic)
-    tag, name = _recorded_dtype(value.dtype, numpy)
-    if tag is None:
-        raise _Unrecordable(name)
-    return {tag: [[int(size) for size in value.shape], name]}
-
-
-@functools.lru_cache(maxsize=512)
-def _recorded_dtype(dtype: Any, numpy: bool) -> tuple[str | None, str]:
-    """How a recording names an array's dtype: `(tag, name)`, or `(None, why not)`."""
-    if numpy and _is_numpy_only(dtype):
-        if _NUMPY_ONLY_DTYPE.fullmatch(dtype.str):
-            return "numpy", dtype.str
-        return None, f"an array of dtype {dtype}"
-    if jnp.issubdtype(dtype, jax.dtypes.prng_key):
-        impl = getattr(getattr(dtype, "_impl", None), "name", None)
-        if impl not in _KEY_IMPLS:
-            return None, f"a PRNG key of the implementation {impl!r}"
-        return "key", cast(str, impl)
-    name = np.dtype(dtype).name
-    if name not in _checkpoint_dtypes():
-        return None, f"an array of dtype {dtype}"
-    return "array", name
-
-
-class _Malformed(Exception):
-    pass
+        return ["unrecordable", f"an object of type {type(value).__qualname__}"]
 
 
 def _recorded_call(
@@ -3657,7 +3734,7 @@ def _recorded_call(
     args, kwargs, missing = [], {}, []
     for index, (name, value) in enumerate(arguments):
         try:
-            rebuilt = _rebuild_argument(value, 0)
+            rebuilt = _decode_value(value)
         except _Malformed:
             raise source.error(
                 "has a malformed header (its recorded arguments)"
@@ -3695,48 +3772,6 @@ def _argument_name(cls: type, index: int) -> str:
     )
     names = [p.name for p in parameters if p.kind in positional]
     return names[index] if index < len(names) else f"positional argument {index}"
-
-
-def _rebuild_argument(value: Any, depth: int) -> Any:
-    """Inverse of `_record_argument`, with arrays as shapes; raises `_Malformed`."""
-    if value is None or type(value) in (bool, int, float, str):
-        return value
-    if depth > _RECORD_DEPTH or not (type(value) is dict and len(value) == 1):
-        raise _Malformed
-    ((tag, body),) = value.items()
-    if tag == "unrecordable":
-        raise _Unrecordable(body if type(body) is str else "not recorded")
-    if tag == "float" and type(body) is str and _BITS.fullmatch(body):
-        return _decode_scalar(["float", body])
-    if tag == "complex" and type(body) is list and len(body) == 2:
-        if all(type(part) is str and _BITS.fullmatch(part) for part in body):
-            return _decode_scalar(["complex", *body])
-    if tag in ("list", "tuple") and type(body) is list:
-        items = [_rebuild_argument(item, depth + 1) for item in body]
-        return items if tag == "list" else tuple(items)
-    if tag == "dict" and type(body) is list:
-        if all(type(item) is list and len(item) == 2 for item in body):
-            pairs = [
-                (_rebuild_argument(k, depth + 1), _rebuild_argument(v, depth + 1))
-                for k, v in body
-            ]
-            try:
-                return dict(pairs)
-            except TypeError:  # An unhashable key.
-                raise _Malformed from None
-    if tag in ("array", "numpy", "key") and type(body) is list and len(body) == 2:
-        shape, name = body
-        if not _is_shape(shape) or type(name) is not str:
-            raise _Malformed
-        if tag == "array" and name in _checkpoint_dtypes():
-            dtype = jax.dtypes.canonicalize_dtype(_checkpoint_dtypes()[name])
-            return jax.ShapeDtypeStruct(tuple(shape), dtype)
-        if tag == "numpy" and _NUMPY_ONLY_DTYPE.fullmatch(name):
-            # A constant view: nothing of the shape is allocated.
-            return np.broadcast_to(np.zeros((), np.dtype(name)), tuple(shape))
-        if tag == "key" and name in _key_impl_types():
-            return jax.ShapeDtypeStruct(tuple(shape), _key_impl_types()[name][0])
-    raise _Malformed
 
 
 def _serializables(tree: Any, path: _KeyPath = ()) -> Iterator[tuple[_KeyPath, Any]]:
@@ -4279,7 +4314,7 @@ def _encode(
             data = _host_array(path, leaf, function)
         elif type(leaf) in _PYTHON_SCALARS:
             leaves.append(
-                {"path": path, "kind": "scalar", "value": _encode_scalar(leaf)}
+                {"path": path, "kind": "scalar", "value": _encode_value(leaf)}
             )
             continue
         else:
@@ -4368,7 +4403,7 @@ def _check_saveable(flat: list[tuple[_KeyPath, Any]], function: str) -> None:
                 "a jax.ShapeDtypeStruct, a shape and dtype without values. Save a "
                 "model whose arrays hold values"
             )
-        elif type(leaf) is int and abs(leaf) >= 10**_MAX_INT_DIGITS:
+        elif type(leaf) is int and abs(leaf) >= _TOO_MANY_DIGITS:
             problem = (
                 f"a Python int of more than {_MAX_INT_DIGITS} digits. Save it as "
                 "a NumPy array of its bytes, or as a static field"
@@ -4432,43 +4467,6 @@ def _key_impl_name(key: jax.Array) -> str:
     return getattr(getattr(impl, "_impl", None), "name", str(impl))
 
 
-def _float_bits(value: float) -> str:
-    return f"{struct.unpack('<Q', struct.pack('<d', value))[0]:016x}"
-
-
-def _encode_scalar(value: Any) -> list[Any]:
-    """A Python number as text that restores it bit for bit (NaN payloads too)."""
-    if isinstance(value, bool | int):
-        return [type(value).__name__, str(value)]
-    if isinstance(value, float):
-        return ["float", _float_bits(value)]
-    return ["complex", _float_bits(value.real), _float_bits(value.imag)]
-
-
-_INTEGER = re.compile(r"-?(0|[1-9][0-9]{0,4299})")
-_BITS = re.compile(r"[0-9a-f]{16}")
-
-
-def _decode_scalar(encoded: Any) -> Any:
-    """Inverse of `_encode_scalar`; ValueError if malformed."""
-    if not (isinstance(encoded, list) and encoded):
-        raise ValueError(f"unknown encoding of a Python number: {encoded!r}")
-    kind, *parts = encoded
-    if not all(isinstance(part, str) for part in parts):
-        raise ValueError(f"unknown encoding of a Python number: {encoded!r}")
-    if kind == "bool" and parts in (["True"], ["False"]):
-        return parts == ["True"]
-    if kind == "int" and len(parts) == 1 and _INTEGER.fullmatch(parts[0]):
-        return int(parts[0])
-    if kind in ("float", "complex") and len(parts) == (1 if kind == "float" else 2):
-        if all(_BITS.fullmatch(part) for part in parts):
-            values = [
-                struct.unpack("<d", int(p, 16).to_bytes(8, "little"))[0] for p in parts
-            ]
-            return values[0] if kind == "float" else complex(*values)
-    raise ValueError(f"unknown encoding of a Python number: {encoded!r}")
-
-
 def _qualified_name(obj: Any) -> str:
     return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', '?')}"
 
@@ -4494,75 +4492,24 @@ def _structure(tree: Any) -> list[list[Any]]:
             node, is_leaf=_is_strict_child(node)
         )
         if jtu.treedef_is_leaf(node_def) and node is not None:
-            entries.append([where, _describe_static(node)])
+            entries.append([where, _encode_value(node)])
             return
         description: dict[str, Any] = {"node": type(node).__qualname__}
         if isinstance(node, eqx.Module):
             description["static"] = {
-                name: _describe_static(getattr(node, name, None))
+                name: _encode_value(getattr(node, name, None))
                 for name in _static_fields(node)
                 if name != _ARGUMENTS_FIELD  # Recorded apart, under `arguments`.
             }
         elif isinstance(node, dict):  # Keys in JAX's (sorted) order, not insertion's.
             keys = [getattr(key[0], "key", key[0]) for key, _ in children]
-            description["keys"] = [_describe_static(key) for key in keys]
+            description["keys"] = [_encode_value(key) for key in keys]
         entries.append([where, description])
         for key, child in children:
             visit(child, path + key)
 
     visit(tree, ())
     return entries
-
-
-def _describe_static(value: Any, depth: int = 0) -> Any:
-    """A JSON description of a static value that is the same in every process.
-
-    Values are described exactly (float bits, dict items in a canonical order, the
-    fields of a dataclass), functions and other objects by their names.
-    """
-    if type(value) is int and abs(value) >= 10**_MAX_INT_DIGITS:
-        return ["int", hex(value)]  # JSON and Python refuse it in decimal.
-    if value is None or type(value) in (bool, int, str):
-        return value
-    if depth > 32:  # A deeper or cyclic value: its type alone.
-        return ["object", type(value).__qualname__]
-    if type(value) is float:
-        return ["float", _float_bits(value)]
-    if type(value) is complex:
-        return ["complex", _float_bits(value.real), _float_bits(value.imag)]
-    if isinstance(value, enum.Enum):
-        return ["enum", type(value).__qualname__, value.name]
-    if isinstance(value, list | tuple):
-        items = [_describe_static(item, depth + 1) for item in value]
-        return [type(value).__qualname__, items]
-    if isinstance(value, dict | set | frozenset):
-        if isinstance(value, dict):
-            items = [
-                [_describe_static(k, depth + 1), _describe_static(v, depth + 1)]
-                for k, v in value.items()
-            ]
-        else:
-            items = [_describe_static(item, depth + 1) for item in value]
-        return [type(value).__qualname__, sorted(items, key=_json)]
-    if isinstance(value, type):
-        return ["type", value.__qualname__]
-    if isinstance(value, np.dtype):
-        return ["dtype", _dtype_name(value)]
-    if isinstance(value, np.generic | np.ndarray) and not value.dtype.hasobject:
-        dtype = _dtype_name(value.dtype)
-        return ["numpy", dtype, list(value.shape), value.tobytes().hex()]
-    if dataclasses.is_dataclass(value):
-        fields = [
-            [field.name, _describe_static(getattr(value, field.name, None), depth + 1)]
-            for field in dataclasses.fields(value)
-        ]
-        return ["dataclass", type(value).__qualname__, fields]
-    if callable(value):
-        # `__name__`, not `__qualname__`: JAX has changed the latter between releases
-        # (`jax.numpy.tanh` became `tanh`).
-        name = getattr(value, "__name__", None) or getattr(value, "__qualname__", None)
-        return ["function", name or type(value).__qualname__]
-    return ["object", type(value).__qualname__]
 
 
 # Reading
@@ -4741,8 +4688,10 @@ def _checked_entry(entry: Any, size: int) -> dict[str, Any] | None:
     kind = entry.get("kind")
     if kind == "scalar":
         try:
-            value = _decode_scalar(entry.get("value"))
-        except (ValueError, OverflowError):
+            value = _decode_value(entry.get("value"))
+        except (_Malformed, _Unrecordable):
+            return None
+        if type(value) not in _PYTHON_SCALARS:
             return None
         return {"path": entry["path"], "kind": kind, "value": value}
     dtype = _numpy_dtype(entry.get("dtype"))

@@ -2718,7 +2718,7 @@ def test_checkpoint_with_a_function_in_a_static_field_loads_in_another_process(
 
 
 def _read_header(path: pathlib.Path) -> tuple[int, dict[str, Any], bytes]:
-    """Parse a checkpoint as the README describes it: the header length, the JSON
+    """Parse a checkpoint as FORMAT.md describes it: the header length, the JSON
     header, and the data."""
     data = path.read_bytes()
     (length,) = struct.unpack("<Q", data[:8])
@@ -2726,14 +2726,14 @@ def _read_header(path: pathlib.Path) -> tuple[int, dict[str, Any], bytes]:
 
 
 def _metadata_crc(header_text: bytes) -> int:
-    """The README's header checksum: the header with its own slot set to zeros."""
+    """FORMAT.md's header checksum: the header with its own slot set to zeros."""
     slot = re.search(rb'"metadata_crc32":"([0-9a-f]{8})"', header_text)
     assert slot is not None
     zeroed = header_text[: slot.start(1)] + b"00000000" + header_text[slot.end(1) :]
     return zlib.crc32(zeroed)
 
 
-def test_checkpoint_is_a_safetensors_file_laid_out_as_the_readme_says(tmp_path):
+def test_checkpoint_is_a_safetensors_file_laid_out_as_format_md_says(tmp_path):
     agent = _agent()
     agent.serialize(tmp_path / "agent")
     raw = (tmp_path / "agent.eqx").read_bytes()
@@ -2746,7 +2746,7 @@ def test_checkpoint_is_a_safetensors_file_laid_out_as_the_readme_says(tmp_path):
     metadata = header.pop("__metadata__")
     assert all(isinstance(v, str) for v in metadata.values())
     assert metadata["format"] == "lerax_utils"
-    assert metadata["format_version"] == "2"
+    assert metadata["format_version"] == "3"
     assert metadata["library_version"] == lerax_utils.__version__
     assert metadata["class"] == "test_lerax_utils.Agent"
     assert int(metadata["metadata_crc32"], 16) == _metadata_crc(raw[8 : 8 + length])
@@ -2890,7 +2890,7 @@ def test_deserialize_rejects_files_that_are_not_checkpoints(tmp_path):
     newer = _forge(
         good,
         lambda leaves, structure, header: header["__metadata__"].update(
-            format_version="3"
+            format_version="4"
         ),
     )
     cases = {
@@ -2900,7 +2900,7 @@ def test_deserialize_rejects_files_that_are_not_checkpoints(tmp_path):
         bytes(range(200)): "is not a lerax_utils checkpoint: it starts with "
         "b'\\x00\\x01\\x02\\x03\\x04\\x05\\x06\\x07', which is not a safetensors "
         "header length followed by `{`",
-        newer: "has format version 3, newer than the 2 this lerax_utils "
+        newer: "has format version 4, newer than the 3 this lerax_utils "
         f"{lerax_utils.__version__} reads. Upgrade lerax_utils to load it",
         struct.pack("<Q", 2**40) + good[8:]: "declares a header of "
         f"{2**40} bytes, more than the {64 * 1024 * 1024} allowed; the file is corrupt",
@@ -3105,14 +3105,14 @@ def test_files_of_older_formats_are_refused_naming_their_version(tmp_path):
                 "__metadata__"
             ].update(format_version=str(version)),
         )
-        for version in (0, 1)
+        for version in (0, 1, 2)
     }
     older[1] = b"LRXCKPT\x00" + struct.pack("<IQI", 1, 2, 0) + b"{}"  # Format 1.
     for version, content in older.items():
         path = _bad_file(tmp_path, content)
         assert _load_error(path) == (
             f"Serializable.deserialize: the file '{path}' has format version "
-            f"{version}, older than the 2 this lerax_utils {lerax_utils.__version__} "
+            f"{version}, older than the 3 this lerax_utils {lerax_utils.__version__} "
             "reads. Load it with the lerax_utils that wrote it, save it with "
             "`eqx.tree_serialise_leaves`, and load that file."
         )

@@ -318,9 +318,13 @@ _CRAFTED = {
     "leaves not JSON": _set_metadata("leaves", "[{"),
     "leaves nested 100k deep": _set_metadata("leaves", "[" * 100_000),
     "22M empty structure entries": _set_metadata("structure", "[" + "[]," * 1_500_000),
-    "an int with 5000 digits": lambda leaves, s, h: leaves[1].update(
-        value=["int", "9" * 5000]
+    "an int with 5000 digits": lambda leaves, s, h: h["__metadata__"].update(
+        leaves=json.dumps(leaves).replace('"value": 3', '"value": ' + "9" * 5000)
     ),
+    "an int by an unknown tag": lambda leaves, s, h: leaves[1].update(
+        value=["int", "3"]
+    ),
+    "a number as an object": lambda leaves, s, h: leaves[1].update(value={"int": 3}),
     "a float of bad bits": lambda leaves, s, h: leaves[1].update(value=["float", "x"]),
     "a bool spelt otherwise": lambda leaves, s, h: leaves[1].update(
         value=["bool", "false"]
@@ -1034,8 +1038,8 @@ def test_deserialize_without_arguments_rebuilds_the_model_from_the_file(tmp_path
         == _recording(model)
         == {
             "class": "Regressor",
-            "args": [{"tuple": [3, 4]}, -0.0],
-            "kwargs": [["key", {"key": [[], "threefry2x32"]}]],
+            "args": [["tuple", [3, 4]], ["float", "8000000000000000"]],
+            "kwargs": [["key", ["key", [], "threefry2x32"]]],
         }
     )
     # Saved again, the loaded model gives the same file.
@@ -1152,7 +1156,7 @@ def test_the_recording_survives_what_a_model_goes_through(tmp_path):
     model, _ = filter_scan(body, model, jnp.arange(3))
     other = Regressor(scale=2.0, key=jax.random.key(9))
     model = filter_cond(True, lambda: model, lambda: other)
-    rebuilt = {**original, "args": [{"tuple": [3, 2]}, 2.0]}
+    rebuilt = {**original, "args": [["tuple", [3, 2]], ["float", "4000000000000000"]]}
     assert _recording(model) in (original, rebuilt)
     model.serialize(tmp_path / "model")
     _assert_exact(Regressor.deserialize(tmp_path / "model"), model)
@@ -1329,7 +1333,10 @@ def test_nested_models_keep_each_their_own_recording(tmp_path):
         (loaded.other[0], model.other[0], like["model"].other[0]),
     ]:
         assert _recording(got) == _recording(want) != _recording(other)
-    assert _recording(loaded.inner)["args"] == [{"tuple": [3, 2]}, 3.0]
+    assert _recording(loaded.inner)["args"] == [
+        ["tuple", [3, 2]],
+        ["float", "4008000000000000"],
+    ]
 
 
 def test_older_files_without_recordings_still_load(tmp_path):
@@ -1355,7 +1362,7 @@ def test_older_files_without_recordings_still_load(tmp_path):
 def _nested_lists(depth: int) -> Any:
     value: Any = 0
     for _ in range(depth):
-        value = {"list": [value]}
+        value = ["list", [value]]
     return value
 
 
@@ -1369,14 +1376,16 @@ def _with_recording(good: bytes, recording: Any) -> bytes:
 @pytest.mark.parametrize(
     "recording",
     [
-        {"class": "Recorder", "args": [{"import": "os"}], "kwargs": []},
-        {"class": "Recorder", "args": [{"pickle": "gASV"}], "kwargs": []},
+        {"class": "Recorder", "args": [["import", "os"]], "kwargs": []},
+        {"class": "Recorder", "args": [["pickle", "gASV"]], "kwargs": []},
         {"class": "Recorder", "args": [[1, 2]], "kwargs": []},
-        {"class": "Recorder", "args": [{"array": [[-1], "float32"]}], "kwargs": []},
-        {"class": "Recorder", "args": [{"array": [[1], "object"]}], "kwargs": []},
-        {"class": "Recorder", "args": [{"key": [[1], "mine"]}], "kwargs": []},
-        {"class": "Recorder", "args": [{"dict": [[{"list": []}, 1]]}], "kwargs": []},
-        {"class": "Recorder", "args": [{"float": "nan"}], "kwargs": []},
+        {"class": "Recorder", "args": [{"list": [1]}], "kwargs": []},
+        {"class": "Recorder", "args": [1.5], "kwargs": []},
+        {"class": "Recorder", "args": [["array", [-1], "float32"]], "kwargs": []},
+        {"class": "Recorder", "args": [["array", [1], "object"]], "kwargs": []},
+        {"class": "Recorder", "args": [["key", [1], "mine"]], "kwargs": []},
+        {"class": "Recorder", "args": [["dict", [[["list", []], 1]]]], "kwargs": []},
+        {"class": "Recorder", "args": [["float", "nan"]], "kwargs": []},
         {"class": "Recorder", "args": [_nested_lists(40)], "kwargs": []},
         {"class": "Recorder", "args": [], "kwargs": [[1, 2]]},
         {"class": "Recorder", "args": []},
@@ -1460,3 +1469,34 @@ def test_a_recorded_call_that_fails_is_named(tmp_path: Any) -> None:
         "cannot build now). Pass the constructor arguments: "
         "`_Flaky.deserialize(path, *args, **kwargs)`."
     )
+
+
+class _Tagged(Serializable):
+    weight: jax.Array
+    numbers: Any
+    rate: float = eqx.field(static=True)
+
+    def __init__(self, rate, numbers):
+        self.weight = jnp.zeros(2)
+        self.numbers = numbers
+        self.rate = rate
+
+
+def test_every_value_in_the_metadata_is_in_the_one_codec():
+    numbers = {"b": True, "c": 1j, "n": 3, "x": 0.5}
+    metadata = _metadata_of(_Tagged(0.5, numbers))
+    half, one = ["float", "3fe0000000000000"], "3ff0000000000000"
+    values = [entry.get("value") for entry in json.loads(metadata["leaves"])]
+    assert values == [None, True, ["complex", "0000000000000000", one], 3, half]
+    structure = dict(json.loads(metadata["structure"]))
+    assert structure[""]["static"] == {"rate": half}
+    (path, recording), *others = json.loads(metadata["arguments"])
+    assert (path, others) == ("", [])
+    assert recording["args"] == [
+        half,
+        [
+            "dict",
+            [["b", True], ["c", ["complex", "0000000000000000", one]]]
+            + [["n", 3], ["x", half]],
+        ],
+    ]
