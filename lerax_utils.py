@@ -2978,6 +2978,16 @@ _PENDING = "_lerax_pending_arguments"
 class Serializable(eqx.Module):
     """An `eqx.Module` base class whose models save and load themselves.
 
+    `model.serialize(path)` saves as `save_pytree` does, and `Model.deserialize(path)`
+    loads the file back, checked against a skeleton of the model. Each model records
+    the arguments its constructor was called with, so the path alone is enough: JSON
+    values (None, bools, numbers, strings, and lists, tuples and dicts of them) as
+    they are, arrays and PRNG keys as their shape and dtype. Any other argument (a
+    function, an object) is noted by its type; loading then needs the arguments. The
+    recording is a static field that always compares equal: it never changes a
+    model's tree structure, equality or `jit` cache entry, and it follows the model
+    through `eqx.tree_at`, `filter_scan`, optax updates and `stack_pytree`.
+
     ```python
     import equinox as eqx
     import jax
@@ -2990,26 +3000,9 @@ class Serializable(eqx.Module):
             self.mlp = eqx.nn.MLP(size, 2, 32, 2, key=key)
 
     Policy(4, key=jax.random.key(0)).serialize("checkpoints/run.1")  # run.1.eqx
-    policy = Policy.deserialize("checkpoints/run.1")  # recorded: 4, key of shape ()
+    policy = Policy.deserialize("checkpoints/run.1")  # Built as Policy(4, key=...).
     policy = Policy.deserialize("checkpoints/run.1", 4, key=jax.random.key(1))
     ```
-
-    A checkpoint is a safetensors file: any safetensors reader lists its arrays by
-    leaf path. Its metadata holds the format version, the library version, a
-    description of the structure and static values that is the same in every
-    process, the Python numbers, the recorded constructor arguments, and CRC-32
-    checksums of every array and of the header. Loading checks all of it against a
-    skeleton of the model, so a file never loads into the wrong model silently. No
-    pickle is involved: loading never runs code from the file.
-
-    Each model records the arguments its constructor was called with, in a static
-    field that survives `eqx.tree_at`, `filter_scan`, optax updates and
-    `stack_pytree`: JSON values (None, bools, ints, floats, strings, and lists,
-    tuples and dicts of them) as they are, arrays and PRNG keys as their shape and
-    dtype only. Recordings always compare equal, so models built with different
-    keys or numbers still have the same tree structure. An argument that cannot be
-    recorded (a function, another object) is noted by its type and does not stop a
-    save; a model made without its constructor records nothing.
     """
 
     _lerax_arguments: _Arguments = eqx.field(
@@ -3035,49 +3028,9 @@ class Serializable(eqx.Module):
     def serialize(self, path: str | os.PathLike[str], no_suffix: bool = False) -> None:
         """Save this model to `path`, atomically.
 
-        **Arguments:**
-
-        - `path`: where to save. `.eqx` is appended unless the name already ends in
-            `.eqx`, so `run.1` and `run.2` are saved as `run.1.eqx` and `run.2.eqx`.
-            Missing parent folders are created.
-        - `no_suffix`: if `True`, save to exactly `path`.
-
-        The file is written to a temporary file in the same folder, flushed to disk,
-        and then renamed over `path`: whenever the process stops, even killed
-        mid-write, `path` holds either the old checkpoint or the new one. A save that
-        raises leaves the old file as it was and no temporary file behind. A new
-        file gets the mode `open()` would give it (the umask applies); an
-        overwritten one keeps its mode.
-
-        Eagerly, the file is complete when `serialize` returns. Inside any trace
-        (`jax.jit`, `eqx.filter_jit`, a `filter_scan` body, a `filter_cond` branch),
-        even for a model with no traced leaves, it is written by an ordered host
-        callback when the computation runs, in program order; call
-        `jax.effects_barrier()` before reading it. Arrays sharded over several
-        devices are gathered; arrays that span several processes
-        (`jax.distributed`) are saved by calling `serialize` in every process (see
-        the README). Under `jax.vmap` or `eqx.filter_vmap` with batched
-        leaves it raises: one path cannot hold a population member by member. Under
-        `jax.grad` the values are saved and not differentiated (jax 0.4.26 refuses
-        this with its own `ValueError: IO callbacks do not support JVP`), with two
-        limits of JAX: inside a `jax.lax.scan` body that is differentiated nothing
-        is written, silently (JAX drops the ordered callback), and under
-        `jax.grad(jax.checkpoint(...))` JAX raises its own `NotImplementedError`.
-
-        `model.serialize(path)` is `save_pytree(path, model)`, except that messages
-        name `Serializable.serialize`.
-
-        **Raises:**
-
-        - `TypeError` if `path` is not a `str` or `os.PathLike`, `no_suffix` is not
-            a bool, or a leaf cannot be restored exactly (a masked, object or
-            structured NumPy array, or one of a dtype that neither JAX nor the
-            NumPy strings and dates have, a `jax.ShapeDtypeStruct`, a Python int of
-            more than 4300 digits, or a PRNG key of a custom implementation).
-        - `ValueError` if `path` is empty, names a folder or an existing file that
-            is not a regular file (a FIFO), two array leaves have the same path, the
-            header would exceed the limits `deserialize` reads, or the model is
-            batched by `vmap`.
+        As `save_pytree(path, self, no_suffix=no_suffix)`, which documents the
+        arguments, the behaviour under `jit`, `vmap` and `grad`, and the errors,
+        except that messages name `Serializable.serialize`.
         """
         _save(path, self, no_suffix, "Serializable.serialize")
 
@@ -3089,46 +3042,36 @@ class Serializable(eqx.Module):
 
         **Arguments:**
 
-        - `path`: the path given to `serialize`, with either value of `no_suffix`:
-            `path` itself if that file exists, else `path` with `.eqx` appended.
-        - `*args`, `**kwargs`: the constructor's arguments, or none at all to use
-            the ones recorded in the file. They build a skeleton of the model with
-            `eqx.filter_eval_shape`, so no parameters are allocated or initialised;
-            the file must match it. Arguments passed here win over the recorded
-            ones. Recorded arrays and PRNG keys reach the constructor as shapes and
-            dtypes (as under `eqx.filter_eval_shape`), recorded NumPy strings and
-            dates as zeros of their shape and dtype. With recorded arguments, a
-            Python number of the skeleton that the file holds as a 0-d array (one
-            traced by a `filter_scan` after construction) is taken as that array.
+        - `path`: the path given to `serialize`: `path` itself if that file exists,
+            else `path` with `.eqx` appended.
+        - `*args`, `**kwargs`: the constructor's arguments, or none to use those
+            recorded in the file (arrays and keys reach the constructor as
+            `jax.ShapeDtypeStruct`s, NumPy strings and dates as zeros). They build a
+            skeleton under `eqx.filter_eval_shape`, so nothing is allocated, and the
+            file must match it: structure, static values, leaf count, shapes, dtypes.
 
-        **Returns:**
-
-        An instance of the class `deserialize` is called on, with the saved arrays
-        (NumPy arrays and scalars stay NumPy, with their saved dtype) and the saved
-        Python numbers in place. Every other leaf comes from the skeleton, after a
-        check that it equals the saved description. The model keeps the recording
-        of the arguments that the file holds, so saving it again writes the same
-        file.
+        **Returns:** a model of this class with the saved arrays and Python numbers;
+        every other leaf comes from the skeleton. Plain `eqx.tree_serialise_leaves`
+        files load too. Nothing in a file is ever imported, called or unpickled.
 
         **Raises:**
 
-        - `FileNotFoundError` if neither candidate file exists.
-        - `TypeError` if the skeleton cannot be built, because the constructor needs
-            concrete values of its array arguments; or, without arguments, if the
-            file recorded an argument that it could not hold (a function, an
-            object), or recorded none (a file of an older lerax_utils or of plain
-            Equinox, or a model made without its constructor) and the constructor
-            needs some. The message names the argument.
-        - `ValueError` if the file is not a checkpoint (empty, a text file, random
-            bytes, a safetensors file of another program), is truncated or has
-            trailing bytes, was written by a newer format version, is corrupt (a
-            checksum fails) or malformed, or does not match the skeleton: a
-            different leaf count, structure, static value, shape or dtype. The
-            message names the first differing leaf path and both sides. Without
-            arguments, also if the file holds a model of another class.
-
-        Files written by plain `eqx.tree_serialise_leaves` load too, with Equinox's
-        own checks only, as do files of format 1 (lerax_utils 0.1.0).
+        - `FileNotFoundError`: `Serializable.deserialize: no checkpoint at 'p' or
+            'p.eqx'. Check the path given to `serialize`.`
+        - `TypeError` if the constructor needs concrete values (`np.asarray`,
+            `float()` or `if` on an array argument), or, without arguments, if the
+            file could not record one (a function: `... could not record the
+            argument `act` (it was the function tanh) of Model, ...`) or records
+            none and `Model()` fails.
+        - `ValueError` naming the file, the first differing leaf path, both sides
+            and the fix, if the file is not a checkpoint, holds another class, is of
+            another format version (`... has format version 2, older than the 3
+            this lerax_utils 0.2.0 reads. ...`), is truncated, corrupt (`... has
+            corrupt data for the leaf at path .w (its checksum fails).`) or
+            malformed, or does not match the skeleton: `... does not match the
+            skeleton at path .mlp.width_size: the static field is 4 in the file and
+            5 in the skeleton. Pass the constructor arguments the model was saved
+            with.`
         """
         return _load(
             path,
@@ -3145,45 +3088,27 @@ class Serializable(eqx.Module):
         *args: Any,
         **kwargs: Any,
     ) -> _Model:
-        """As `deserialize`, except that the JAX arrays are created with shardings.
+        """As `deserialize`, except that each JAX array is created with a sharding.
 
-        Each process reads from the file only the shards of its own devices, straight
-        into them: a model sharded over several devices is never whole on one, nor in
-        host memory. Every checksum is still verified, by streaming each array through
-        a buffer of at most 16 MB.
+        Each process reads only the shards of its own devices, straight into them,
+        after the whole array has streamed through a 16 MB buffer for its checksum:
+        a model is never whole on one device, nor in host memory. With several
+        processes, every process calls it with the same global sharding.
 
         **Arguments:**
 
-        - `path`: as for `deserialize`.
-        - `sharding`: either one `jax.sharding.Sharding` for every JAX array and PRNG
-            key leaf, or a callable that takes the skeleton (its arrays are
-            `jax.ShapeDtypeStruct`s) and returns a pytree of the same structure with a
-            `Sharding`, or None to load as `deserialize` does, at each array leaf.
-            NumPy leaves stay NumPy arrays on the host whatever their sharding.
-        - `*args`, `**kwargs`: the constructor's arguments, as for `deserialize`.
-            `sharding` comes before them, so it never collides with a constructor
-            keyword.
+        - `sharding`: one `jax.sharding.Sharding` for every JAX array and key leaf,
+            or a callable that maps the skeleton (arrays as `jax.ShapeDtypeStruct`s)
+            to a pytree of its structure with a `Sharding`, or None to load as
+            `deserialize` does, at each array leaf. NumPy leaves stay on the host.
 
-        **Returns:**
-
-        As `deserialize`, with each JAX array's `.sharding` the one asked for.
-
-        **Raises:**
-
-        As `deserialize`, and:
-
-        - `TypeError` if `sharding` is neither a `Sharding` nor callable, or the
-            callable gives something else than a `Sharding` or None at an array leaf.
-        - `ValueError` if the callable's pytree has another structure than the
-            skeleton, or a sharding does not fit its leaf's shape (a mesh axis that
-            does not divide the dimension it shards).
-
-        With several processes (`jax.distributed`), every process calls it with the
-        same global sharding, as for any JAX computation on global arrays.
+        **Raises:** as `deserialize`, and `TypeError` if `sharding` is neither a
+        `Sharding` nor callable, or the callable gives something else at an array
+        leaf; `ValueError` if its pytree has another structure, or a sharding does not
+        fit its leaf's shape.
 
         ```python
-        mesh = Mesh(np.array(jax.devices()), ("data",))
-        by_rows = NamedSharding(mesh, PartitionSpec("data"))
+        by_rows = NamedSharding(Mesh(jax.devices(), ("data",)), PartitionSpec("data"))
         model = Model.deserialize_sharded("checkpoints/run", by_rows, 32)
         ```
         """
@@ -3199,29 +3124,36 @@ class Serializable(eqx.Module):
 def save_pytree(
     path: str | os.PathLike[str], tree: Any, *, no_suffix: bool = False
 ) -> None:
-    """Save any pytree to `path`, atomically, as `Serializable.serialize` saves a model.
+    """Save any pytree to `path`, atomically, in a checked safetensors file.
 
     **Arguments:**
 
-    - `path`: where to save. `.eqx` is appended unless the name already ends in
-        `.eqx`; missing parent folders are created.
-    - `tree`: any pytree, for example a whole training state
-        `(model, opt_state, key, step)`: Equinox modules, optax states, JAX and
-        NumPy arrays, typed PRNG keys, Python numbers, and static values.
+    - `path`: where to save. `.eqx` is appended unless the name already ends so,
+        so `run.1` and `run.2` stay apart; missing folders are created.
+    - `tree`: any pytree, such as a training state `(model, opt_state, key, step)`.
+        Arrays (JAX, NumPy, typed PRNG keys) and Python numbers are saved bit for
+        bit; every other leaf is described, to be compared when loading.
     - `no_suffix`: if `True`, save to exactly `path`.
 
-    The file format, the checks, the atomic write (a temporary file, fsync, rename)
-    and the behaviour inside `jax.jit`, a `filter_scan` body or a `filter_cond`
-    branch (an ordered host callback writes it when the computation runs; call
-    `jax.effects_barrier()` before reading it) are those of
-    `Serializable.serialize`. `Serializable` models inside `tree` keep their
-    recorded constructor arguments in the file.
+    The file is written beside `path`, flushed to disk and renamed over it, so `path`
+    holds the old file or the new one, never a torn one. Eagerly, the file is
+    complete on return. Inside `jit` or any other trace, an ordered host callback
+    writes it when the computation runs, in program order: call
+    `jax.effects_barrier()` before reading it. Under `grad` the values are saved, not
+    differentiated. Sharded arrays are gathered; arrays that span processes are saved
+    by calling `save_pytree` in every process with the same tree and path.
 
     **Raises:**
 
-    As `Serializable.serialize`, naming `save_pytree`.
-
-    **Example:**
+    - `TypeError` if `path` is not a str or `os.PathLike`, `no_suffix` is not a
+        bool, or a leaf could not load exactly: `save_pytree: the leaf at path .x
+        is a masked array, whose mask would be lost. ...` (or an object, structured
+        or unit-less datetime array, a `jax.ShapeDtypeStruct`, an int of more than
+        4300 digits, a key of a custom PRNG implementation).
+    - `ValueError` if `path` is empty or names a folder or a FIFO, two array leaves
+        have the same path, the header would be too large to load, the tree is
+        batched by `vmap`, or the processes of a save passed different trees or
+        paths; `TimeoutError` if one of them does not save within 10 minutes.
 
     ```python
     import jax
@@ -3241,33 +3173,21 @@ def save_pytree(
 def load_pytree(path: str | os.PathLike[str], like: _Tree) -> _Tree:
     """Load a pytree saved by `save_pytree` (or by `Serializable.serialize`).
 
+    As `Serializable.deserialize`, except that the skeleton is `like`, and messages
+    name `load_pytree` and `like`.
+
     **Arguments:**
 
-    - `path`: the path given to `save_pytree`, with either value of `no_suffix`:
-        `path` itself if that file exists, else `path` with `.eqx` appended.
-    - `like`: a pytree of the structure that was saved: the tree itself or one like
-        it (array values are ignored), or its shapes from `eqx.filter_eval_shape`,
-        with `jax.ShapeDtypeStruct` leaves. Its array leaves become shapes and
-        dtypes as under `eqx.filter_eval_shape` (NumPy strings and dates stay as
-        they are), and the file is checked against it exactly as
-        `Serializable.deserialize` checks a file against its skeleton: structure,
-        static values, leaf count, shapes and dtypes. A JAX array leaf sharded over
-        several devices passes its sharding on, as a `jax.ShapeDtypeStruct` leaf
-        does.
+    - `path`: the path given to `save_pytree`.
+    - `like`: a pytree of the saved structure: the tree itself or one like it
+        (array values are ignored), or its shapes from `eqx.filter_eval_shape`. A
+        JAX array sharded over several devices, or a `jax.ShapeDtypeStruct` with a
+        sharding, loads with that sharding.
 
-    **Returns:**
-
-    A pytree of the structure of `like`, with the saved arrays (JAX arrays, PRNG
-    keys of their saved impl, NumPy arrays and scalars with their saved dtype) and
-    the saved Python numbers; every other leaf comes from `like`, after a check that
-    it equals the saved description. `Serializable` models in it keep the recorded
-    constructor arguments that the file holds.
-
-    **Raises:**
-
-    As `Serializable.deserialize`, naming `load_pytree`: `FileNotFoundError` if
-    neither candidate file exists, `ValueError` if the file is not a checkpoint, is
-    damaged, or does not match `like`.
+    **Raises:** as `Serializable.deserialize`: `load_pytree: the file 'p' holds at
+    path [0] an array of shape (3,) and dtype float32, but `like` has shape (4,) and
+    dtype float32. Pass a `like` with the structure, shapes and dtypes of the saved
+    tree.`
     """
     return _load(path, "load_pytree", lambda layout, _: _like_skeleton(like, layout))
 
