@@ -111,6 +111,70 @@ _KeyPath = tuple[Any, ...]
 
 # -- Checkpoints
 
+
+# The dtypes a checkpoint may hold are those of the installed JAX: int2 and uint2
+# came in jax 0.4.3x, the float8 variants and float4 over several releases.
+@functools.cache
+def _checkpoint_dtypes() -> dict[str, np.dtype]:
+    """Every dtype a checkpoint may hold, by name."""
+    found = {}
+    for name in (*_SAFETENSORS_DTYPES, *_OTHER_DTYPES):
+        kind = getattr(jnp, name, None)
+        if kind is not None:
+            found[name] = np.dtype(kind)
+    return found
+
+
+@functools.cache
+def _key_impl_types() -> dict[str, tuple[Any, tuple[int, ...], np.dtype]]:
+    """For each PRNG implementation: its key dtype, key data shape and data dtype."""
+    found = {}
+    for name in _KEY_IMPLS:
+        key = jax.random.key(0, impl=name)
+        data = jax.random.key_data(key)
+        found[name] = (key.dtype, tuple(data.shape), np.dtype(data.dtype))
+    return found
+
+
+def _key_impl_name(dtype: Any) -> str | None:
+    """The name of a PRNG key dtype's implementation."""
+    # Private: a key dtype's `_impl` (jax 0.4.16 onward). The public
+    # `jax.random.key_impl` takes only key arrays, and before jax 0.4.3x returns a
+    # spec object whose `str` is not the name.
+    return getattr(getattr(dtype, "_impl", None), "name", None)
+
+
+def _weak_array(array: jax.Array) -> jax.Array:
+    """`array`, weakly typed."""
+    # Private: `jax._src.lax.lax._convert_element_type` (jax 0.4.26 to 0.10): JAX
+    # has no public way to set the flag.
+    from jax._src.lax import lax as lax_internal
+
+    weak = lax_internal._convert_element_type(array, array.dtype, weak_type=True)
+    return cast(jax.Array, weak)
+
+
+def _distributed_client() -> Any:
+    """The `jax.distributed` key-value store client, or None before `initialize`."""
+    # Private: `jax._src.distributed.global_state.client` (jax 0.4.26 to 0.10).
+    # `jax.experimental.multihost_utils` has collectives but no key-value store, and
+    # its waits are unbounded: a save across processes must be able to tell the
+    # others that it failed, and give up on a process that never comes.
+    from jax._src import distributed
+
+    return distributed.global_state.client
+
+
+def _is_vmap_refusal(err: ValueError) -> bool:
+    """Whether JAX refused an ordered `io_callback` because it is under `vmap`."""
+    # JAX's message text: "Cannot `vmap` ordered IO callback." (jax 0.4.26 to 0.10).
+    return "vmap" in str(err)
+
+
+# NumPy 2 renders NumPy scalars as `np.int64(1)` where NumPy 1 wrote `1`.
+_NUMPY_2 = int(np.__version__.split(".")[0]) >= 2
+
+
 # (end of compatibility)
 
 #
@@ -2923,28 +2987,6 @@ _SUB_BYTE_DTYPES = ("int4", "uint4", "int2", "uint2", "float4_e2m1fn")
 _MAX_INT_DIGITS = 4300  # Python's default limit on converting an int to text.
 
 
-@functools.cache
-def _checkpoint_dtypes() -> dict[str, np.dtype]:
-    """Every dtype a checkpoint may hold, by name: those of the installed JAX."""
-    found = {}
-    for name in (*_SAFETENSORS_DTYPES, *_OTHER_DTYPES):
-        kind = getattr(jnp, name, None)
-        if kind is not None:
-            found[name] = np.dtype(kind)
-    return found
-
-
-@functools.cache
-def _key_impl_types() -> dict[str, tuple[Any, tuple[int, ...], np.dtype]]:
-    """For each PRNG implementation: its key dtype, key data shape and data dtype."""
-    found = {}
-    for name in _KEY_IMPLS:
-        key = jax.random.key(0, impl=name)
-        data = jax.random.key_data(key)
-        found[name] = (key.dtype, tuple(data.shape), np.dtype(data.dtype))
-    return found
-
-
 class _Arguments:
     """The constructor arguments a `Serializable` was made with, ready for JSON.
 
@@ -3227,7 +3269,7 @@ def _save(path: Any, tree: Any, no_suffix: Any, function: str) -> None:
         if not is_traced:
             continue
         if _is_key_array(leaf):
-            kinds[index] = ("key", _key_impl_name(leaf))
+            kinds[index] = ("key", _key_impl_name(leaf.dtype))
             leaf = jax.random.key_data(leaf)
         else:
             kinds[index] = ("jax_weak" if _is_weak(leaf) else "jax", None)
@@ -3242,7 +3284,7 @@ def _save(path: Any, tree: Any, no_suffix: Any, function: str) -> None:
     try:
         io_callback(write, None, *operands, ordered=True)
     except ValueError as err:
-        if "vmap" not in str(err):
+        if not _is_vmap_refusal(err):
             raise
         save_call, what = _saving(function)
         raise ValueError(
@@ -3557,7 +3599,7 @@ def _record_array(value: Any) -> list[Any]:
         raise _Unrecordable(f"a {type(value).__name__}")
     shape, dtype = [int(size) for size in value.shape], value.dtype
     if jnp.issubdtype(dtype, jax.dtypes.prng_key):
-        impl = getattr(getattr(dtype, "_impl", None), "name", None)
+        impl = _key_impl_name(dtype)
         if impl not in _KEY_IMPLS:
             raise _Unrecordable(f"a PRNG key of the implementation {impl!r}")
         return ["key", shape, impl]
@@ -3975,9 +4017,7 @@ class _Spanning:
 
 
 def _client(function: str) -> Any:
-    from jax._src import distributed
-
-    client = distributed.global_state.client
+    client = _distributed_client()
     if client is None:
         raise ValueError(
             f"{function}: the {_saving(function)[1]} holds arrays that span "
@@ -4228,7 +4268,7 @@ def _encode(
             if isinstance(leaf, jax.Array):
                 kind = "jax_weak" if _is_weak(leaf) else "jax"
                 if _is_key_array(leaf):
-                    kind, impl = "key", _key_impl_name(leaf)
+                    kind, impl = "key", _key_impl_name(leaf.dtype)
             else:
                 kind = "numpy_scalar" if isinstance(leaf, np.generic) else "numpy"
             data = _host_array(path, leaf, function)
@@ -4304,9 +4344,6 @@ def _keystr(key_path: _KeyPath) -> str:
     return jtu.keystr(key_path)
 
 
-_NUMPY_2 = int(np.__version__.split(".")[0]) >= 2
-
-
 def _is_weak(leaf: Any) -> bool:
     """Whether a JAX array or tracer is weakly typed (as `jnp.asarray(2.0)`)."""
     return bool(getattr(getattr(leaf, "aval", None), "weak_type", False))
@@ -4331,9 +4368,9 @@ def _check_saveable(flat: list[tuple[_KeyPath, Any]], function: str) -> None:
         elif (
             eqx.is_array(leaf)
             and _is_key_array(leaf)
-            and _key_impl_name(cast(jax.Array, leaf)) not in _KEY_IMPLS
+            and _key_impl_name(cast(jax.Array, leaf).dtype) not in _KEY_IMPLS
         ):
-            impl = _key_impl_name(cast(jax.Array, leaf))
+            impl = _key_impl_name(cast(jax.Array, leaf).dtype)
             problem = (
                 f"a PRNG key of the custom implementation {impl!r}; "
                 f"a checkpoint holds keys of {', '.join(_KEY_IMPLS)} only. Save "
@@ -4377,14 +4414,6 @@ def _stored_type(dtype: str, shape: list[int]) -> tuple[str, list[int]]:
         return _SAFETENSORS_DTYPES[dtype], shape
     itemsize = cast(np.dtype, _numpy_dtype(dtype)).itemsize
     return "U8", shape + [itemsize] if itemsize > 1 else shape
-
-
-def _key_impl_name(key: jax.Array) -> str:
-    impl = jax.random.key_impl(key)
-    if isinstance(impl, str):
-        return impl
-    # Older JAX returns a spec object whose `str` is a short tag, not a name.
-    return getattr(getattr(impl, "_impl", None), "name", str(impl))
 
 
 def _qualified_name(obj: Any) -> str:
@@ -5166,14 +5195,6 @@ def _restore_kind(data: np.ndarray, entry: dict[str, Any]) -> Any:
             return np.str_(raw.decode("utf-32-le", "surrogatepass"))
         return data[()]
     return data
-
-
-def _weak_array(array: jax.Array) -> jax.Array:
-    """`array`, weakly typed. JAX has no public way to set the flag."""
-    from jax._src.lax import lax as lax_internal
-
-    weak = lax_internal._convert_element_type(array, array.dtype, weak_type=True)
-    return cast(jax.Array, weak)
 
 
 def _read_equinox_file(

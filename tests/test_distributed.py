@@ -197,7 +197,7 @@ _WORKER = textwrap.dedent(
         rows = global_array(values["rows"], shardings["rows"])
         jax.jit(lambda w: Row(w).serialize(folder / "jitted"))(rows)
         jax.effects_barrier()
-        lerax_utils._client("test").wait_at_barrier("test/in_jit", 60000)
+        lerax_utils._distributed_client().wait_at_barrier("test/in_jit", 60000)
         loaded = Row.deserialize_sharded(
             folder / "jitted", shardings["rows"], jnp.zeros((8, 6))
         )
@@ -267,7 +267,7 @@ _WORKER = textwrap.dedent(
             return "saved"
         return "skipped"
     attempt("alone", alone)
-    client = lerax_utils._client("test")
+    client = lerax_utils._distributed_client()
     client.key_value_set(f"test/alone/{process}", "done")
     client.blocking_key_value_get(f"test/alone/{1 - process}", 60000)
     report["files"] = sorted(p.name for p in folder.iterdir())
