@@ -3258,9 +3258,6 @@ def _save(path: Any, tree: Any, no_suffix: Any, function: str) -> None:
     # Inside a trace: the traced leaves travel to the host (typed keys as their
     # key data); the others are known now, checked now, and stay here.
     _check_saveable(leaves, function)  # Refuse at trace time, not in the callback.
-    for key_path, leaf in leaves:
-        if isinstance(leaf, np.ndarray | np.generic):
-            _host_array(_keystr(key_path), leaf, function)
     template = [
         None if t else leaf for (_, leaf), t in zip(leaves, traced, strict=True)
     ]
@@ -3819,47 +3816,16 @@ def _parse_arguments(text: Any, source: _Source) -> dict[str, Any]:
 # Writing
 
 
-def _host_array(path: str, leaf: Any, function: str) -> "np.ndarray | _Spanning":
-    """A NumPy copy or view of an array leaf, refusing what cannot load exactly.
-
-    An array that spans several processes stays where it is: each process writes
-    its own shards (`_write_from_processes`).
-    """
+def _host_array(leaf: Any) -> "np.ndarray | jax.Array":
+    """A NumPy copy or view of an array leaf that `_check_saveable` passed. An array
+    that spans several processes stays a JAX array (key data for a key): each
+    process writes its own shards (`_write_from_processes`)."""
     if isinstance(leaf, jax.Array):
         if _is_key_array(leaf):
             leaf = jax.random.key_data(leaf)
         if not leaf.is_fully_addressable:
-            return _Spanning(leaf)
+            return leaf
         return np.asarray(leaf, order="C")  # Gathers sharded arrays.
-    problem = None
-    if isinstance(leaf, np.ma.MaskedArray):
-        problem = (
-            "a masked array, whose mask would be lost. Save `x.data` and "
-            "`x.mask` as two leaves, or `x.filled()`"
-        )
-    elif isinstance(leaf, np.ndarray) and type(leaf) is not np.ndarray:
-        problem = (
-            f"a {type(leaf).__name__}, which would load as a plain ndarray. "
-            "Save `np.asarray(x)`"
-        )
-    elif leaf.dtype.hasobject:
-        problem = (
-            "an array of Python objects, which a checkpoint cannot hold without "
-            "pickle. Make the field static, or convert its items to numbers"
-        )
-    elif leaf.dtype.fields is not None or leaf.dtype.subdtype is not None:
-        problem = (
-            f"an array of structured dtype {leaf.dtype}. Save each of its fields "
-            "as an array of its own"
-        )
-    elif _numpy_dtype(_dtype_name(leaf.dtype)) is None:
-        problem = (
-            f"an array of dtype {leaf.dtype}, which a checkpoint cannot restore "
-            "exactly. Convert it to a dtype of JAX, a string or a dated dtype "
-            "with a unit"
-        )
-    if problem is not None:
-        raise TypeError(f"{function}: the leaf at path {path} is {problem}.")
     if leaf.dtype.byteorder == ">":  # Stored little-endian, as safetensors wants.
         return np.asarray(leaf, dtype=leaf.dtype.newbyteorder("<"), order="C")
     return np.asarray(leaf, order="C")
@@ -3898,7 +3864,7 @@ def _write_checkpoint(
         if _spans_processes(model):
             _fail_across_processes(err, function)
         raise
-    if any(isinstance(block, _Spanning) for block in blocks):
+    if any(isinstance(block, jax.Array) for block in blocks):
         _write_from_processes(header, blocks, target, function)
         return
 
@@ -3993,29 +3959,6 @@ _saves_across_processes = [0]
 _Region = tuple[tuple[int, int], ...]  # A shard's `(start, stop)` along each axis.
 
 
-@dataclasses.dataclass
-class _Spanning:
-    """An array leaf (key data for keys) that spans several processes."""
-
-    array: jax.Array
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.array.shape)
-
-    @property
-    def dtype(self) -> np.dtype:
-        return np.dtype(self.array.dtype)
-
-    @property
-    def ndim(self) -> int:
-        return self.array.ndim
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
-
-
 def _client(function: str) -> Any:
     client = _distributed_client()
     if client is None:
@@ -4085,7 +4028,7 @@ def _write_from_processes(
     # Each process checks that all describe the same model (structure, shapes,
     # dtypes, static values, Python numbers, and the values of the leaves that do
     # not span processes, which process 0 writes) before any writes.
-    local = [None if isinstance(b, _Spanning) else zlib.crc32(b.data) for b in blocks]
+    local = [None if isinstance(b, jax.Array) else zlib.crc32(b.data) for b in blocks]
     agreed = zlib.crc32(_json([str(target), local]).encode(), zlib.crc32(header))
     _publish(client, f"{prefix}/header/{me}", f"{agreed:08x}")
     headers = {
@@ -4120,7 +4063,7 @@ def _write_from_processes(
     def write_data(file: IO[bytes], temporary: pathlib.Path) -> list[int]:
         nonlocal published
         for block, offset in zip(blocks, offsets, strict=False):
-            if not isinstance(block, _Spanning):
+            if not isinstance(block, jax.Array):
                 file.seek(offset)
                 file.write(block.data)
         file.truncate(offsets[-1])
@@ -4150,7 +4093,7 @@ def _write_from_processes(
     _publish(client, f"{prefix}/done", "ok")
 
 
-def _spanning_entry(block: _Spanning, offset: int) -> dict[str, Any]:
+def _spanning_entry(block: jax.Array, offset: int) -> dict[str, Any]:
     """What `_stream_into_shards` needs to know of a tensor the processes wrote."""
     shape, dtype = list(block.shape), _dtype_name(block.dtype)
     return {"path": "", "dtype": dtype, "shape": shape, "offset": offset}
@@ -4173,10 +4116,10 @@ def _write_shards(
     descriptor = os.open(temporary, flags)
     try:
         for block, offset in zip(blocks, offsets, strict=False):
-            if not isinstance(block, _Spanning):
+            if not isinstance(block, jax.Array):
                 continue
             shape, itemsize = block.shape, block.dtype.itemsize
-            for shard in block.array.addressable_shards:
+            for shard in block.addressable_shards:
                 if shard.replica_id != 0:
                     continue
                 region = _region(shard.index, shape)
@@ -4271,7 +4214,7 @@ def _encode(
                     kind, impl = "key", _key_impl_name(leaf.dtype)
             else:
                 kind = "numpy_scalar" if isinstance(leaf, np.generic) else "numpy"
-            data = _host_array(path, leaf, function)
+            data = _host_array(leaf)
         elif type(leaf) in _PYTHON_SCALARS:
             leaves.append(
                 {"path": path, "kind": "scalar", "value": _encode_value(leaf)}
@@ -4292,7 +4235,7 @@ def _encode(
             entry.update(
                 impl=impl, key_shape=entry["shape"][: data.ndim - len(impl_shape)]
             )
-        block = data if isinstance(data, _Spanning) else data.reshape(-1).view(np.uint8)
+        block = data if isinstance(data, jax.Array) else data.reshape(-1).view(np.uint8)
         stored_dtype, stored_shape = _stored_type(entry["dtype"], entry["shape"])
         tensors[path] = {
             "dtype": stored_dtype,
@@ -4351,31 +4294,10 @@ def _is_weak(leaf: Any) -> bool:
 
 def _check_saveable(flat: list[tuple[_KeyPath, Any]], function: str) -> None:
     """Refuse leaves that would save a file that cannot load, naming the leaf."""
-    names: dict[str, Any] = {}
+    names = set()
     for key_path, leaf in flat:
         path = _keystr(key_path)
-        problem = None
-        if isinstance(leaf, jax.ShapeDtypeStruct):
-            problem = (
-                "a jax.ShapeDtypeStruct, a shape and dtype without values. Save a "
-                "model whose arrays hold values"
-            )
-        elif type(leaf) is int and abs(leaf) >= _TOO_MANY_DIGITS:
-            problem = (
-                f"a Python int of more than {_MAX_INT_DIGITS} digits. Save it as "
-                "a NumPy array of its bytes, or as a static field"
-            )
-        elif (
-            eqx.is_array(leaf)
-            and _is_key_array(leaf)
-            and _key_impl_name(cast(jax.Array, leaf).dtype) not in _KEY_IMPLS
-        ):
-            impl = _key_impl_name(cast(jax.Array, leaf).dtype)
-            problem = (
-                f"a PRNG key of the custom implementation {impl!r}; "
-                f"a checkpoint holds keys of {', '.join(_KEY_IMPLS)} only. Save "
-                "`jax.random.key_data(key)` instead and wrap it after loading"
-            )
+        problem = _unsaveable(leaf)
         if problem is not None:
             raise TypeError(f"{function}: the leaf at path {path} is {problem}.")
         if eqx.is_array(leaf):
@@ -4385,7 +4307,59 @@ def _check_saveable(flat: list[tuple[_KeyPath, Any]], function: str) -> None:
                     f"{path} (`jax.tree_util.keystr`), so the checkpoint would name "
                     "one tensor twice. Give the dict keys distinct reprs."
                 )
-            names[path] = leaf
+            names.add(path)
+
+
+def _unsaveable(leaf: Any) -> str | None:
+    """What a leaf is, and the fix, if a checkpoint cannot restore it exactly."""
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        return (
+            "a jax.ShapeDtypeStruct, a shape and dtype without values. Save a "
+            "model whose arrays hold values"
+        )
+    if type(leaf) is int and abs(leaf) >= _TOO_MANY_DIGITS:
+        return (
+            f"a Python int of more than {_MAX_INT_DIGITS} digits. Save it as "
+            "a NumPy array of its bytes, or as a static field"
+        )
+    if isinstance(leaf, jax.Array):
+        impl = _key_impl_name(leaf.dtype) if _is_key_array(leaf) else None
+        if impl is None or impl in _KEY_IMPLS:
+            return None
+        return (
+            f"a PRNG key of the custom implementation {impl!r}; "
+            f"a checkpoint holds keys of {', '.join(_KEY_IMPLS)} only. Save "
+            "`jax.random.key_data(key)` instead and wrap it after loading"
+        )
+    if not isinstance(leaf, np.ndarray | np.generic):
+        return None
+    if isinstance(leaf, np.ma.MaskedArray):
+        return (
+            "a masked array, whose mask would be lost. Save `x.data` and "
+            "`x.mask` as two leaves, or `x.filled()`"
+        )
+    if isinstance(leaf, np.ndarray) and type(leaf) is not np.ndarray:
+        return (
+            f"a {type(leaf).__name__}, which would load as a plain ndarray. "
+            "Save `np.asarray(x)`"
+        )
+    if leaf.dtype.hasobject:
+        return (
+            "an array of Python objects, which a checkpoint cannot hold without "
+            "pickle. Make the field static, or convert its items to numbers"
+        )
+    if leaf.dtype.fields is not None or leaf.dtype.subdtype is not None:
+        return (
+            f"an array of structured dtype {leaf.dtype}. Save each of its fields "
+            "as an array of its own"
+        )
+    if _numpy_dtype(_dtype_name(leaf.dtype)) is None:
+        return (
+            f"an array of dtype {leaf.dtype}, which a checkpoint cannot restore "
+            "exactly. Convert it to a dtype of JAX, a string or a dated dtype "
+            "with a unit"
+        )
+    return None
 
 
 def _count_containers(text: bytes) -> int:
@@ -4397,7 +4371,7 @@ def _count_containers(text: bytes) -> int:
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 
 
-def _original_dtype(leaf: Any, data: "np.ndarray | _Spanning") -> np.dtype:
+def _original_dtype(leaf: Any, data: "np.ndarray | jax.Array") -> np.dtype:
     """The dtype to restore: the leaf's own where NumPy's bytes were swapped."""
     if isinstance(leaf, np.ndarray | np.generic) and leaf.dtype.byteorder == ">":
         return leaf.dtype
