@@ -2988,14 +2988,11 @@ _MAX_INT_DIGITS = 4300  # Python's default limit on converting an int to text.
 
 
 class _Arguments:
-    """The constructor arguments a `Serializable` was made with, ready for JSON.
+    """The constructor arguments a `Serializable` was made with, in a static field.
 
-    A static field holds it, so it follows the model through every pytree operation.
-    It is history, not identity: every recording equals every other one, so two
-    models built with different arguments (different PRNG keys, different Python
-    numbers that become traced) keep the same tree structure, stack, and share
-    compiled code, as they did before arguments were recorded.
-    """
+    History, not identity: every recording equals every other one, so models built
+    with different arguments keep the same tree structure, stack, and share compiled
+    code."""
 
     __slots__ = ("recording",)
 
@@ -3265,11 +3262,9 @@ def _save(path: Any, tree: Any, no_suffix: Any, function: str) -> None:
     for index, ((_, leaf), is_traced) in enumerate(zip(leaves, traced, strict=True)):
         if not is_traced:
             continue
+        kinds[index] = _jax_kind(leaf)
         if _is_key_array(leaf):
-            kinds[index] = ("key", _key_impl_name(leaf.dtype))
             leaf = jax.random.key_data(leaf)
-        else:
-            kinds[index] = ("jax_weak" if _is_weak(leaf) else "jax", None)
         operands.append(jax.lax.stop_gradient(leaf))  # Saved, not differentiated.
 
     def write(*arrays: Any) -> None:
@@ -3399,14 +3394,9 @@ _CONCRETE_VALUE_ERRORS = (
 def _skeleton(
     cls: type, args: Any, kwargs: Any, layout: "_Layout | None", source: _Source
 ) -> Any:
-    """As `eqx.filter_eval_shape(cls, *args, **kwargs)`, except that NumPy arrays
-    JAX cannot describe (strings, dates, big-endian) stay concrete, on both sides,
-    and `jax.ShapeDtypeStruct` arguments stand for arrays.
-
-    Without arguments, those recorded in the file are used; and each `Serializable`
-    in the skeleton takes the recording that the file holds for its path, so that
-    the loaded model carries it.
-    """
+    """As `eqx.filter_eval_shape(cls, *args, **kwargs)` (or with the arguments that
+    the file recorded), except that NumPy arrays JAX cannot describe (strings, dates,
+    big-endian) stay concrete; each `Serializable` in it takes the file's recording."""
     recorded = layout.arguments if layout is not None else {}
     from_file = not args and not kwargs
     if from_file:
@@ -3468,15 +3458,11 @@ def _like_skeleton(like: Any, layout: "_Layout | None") -> Any:
     shapes = jax.eval_shape(lambda tree: tree, dynamic)
 
     def keep_sharding(shape: Any, leaf: Any) -> Any:
-        sharding = getattr(leaf, "sharding", None)
-        if (
-            isinstance(leaf, jax.ShapeDtypeStruct)
-            or not isinstance(leaf, jax.Array)
-            or isinstance(leaf, jax.core.Tracer)
-            or sharding is None
-            or len(sharding.device_set) < 2
-        ):
-            return leaf if isinstance(leaf, jax.ShapeDtypeStruct) else shape
+        if isinstance(leaf, jax.ShapeDtypeStruct):
+            return leaf
+        sharding = _leaf_sharding(leaf)
+        if sharding is None or len(sharding.device_set) < 2:
+            return shape
         return jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding)
 
     shapes = jtu.tree_map(keep_sharding, shapes, dynamic)
@@ -4206,15 +4192,11 @@ def _encode(
         if index in kinds:  # A traced leaf, now on the host.
             kind, impl = kinds[index]
             data = np.asarray(leaf, order="C")
+        elif isinstance(leaf, jax.Array):
+            (kind, impl), data = _jax_kind(leaf), _host_array(leaf)
         elif eqx.is_array(leaf):
-            impl = None
-            if isinstance(leaf, jax.Array):
-                kind = "jax_weak" if _is_weak(leaf) else "jax"
-                if _is_key_array(leaf):
-                    kind, impl = "key", _key_impl_name(leaf.dtype)
-            else:
-                kind = "numpy_scalar" if isinstance(leaf, np.generic) else "numpy"
-            data = _host_array(leaf)
+            kind = "numpy_scalar" if isinstance(leaf, np.generic) else "numpy"
+            impl, data = None, _host_array(leaf)
         elif type(leaf) in _PYTHON_SCALARS:
             leaves.append(
                 {"path": path, "kind": "scalar", "value": _encode_value(leaf)}
@@ -4274,11 +4256,8 @@ def _encode(
 
 
 def _keystr(key_path: _KeyPath) -> str:
-    """`jax.tree_util.keystr`, with NumPy scalar keys rendered as NumPy 1.x does.
-
-    NumPy 2 renders `np.int64(1)` as `np.int64(1)`, NumPy 1 as `1`; a leaf path
-    names a tensor in the file, so it must not depend on the NumPy version.
-    """
+    """`jax.tree_util.keystr`, with NumPy scalar keys rendered as NumPy 1.x does: a
+    leaf path names a tensor in the file, so it must not depend on NumPy's version."""
     if _NUMPY_2 and any(
         isinstance(getattr(key, "key", None), np.generic) for key in key_path
     ):
@@ -4287,9 +4266,12 @@ def _keystr(key_path: _KeyPath) -> str:
     return jtu.keystr(key_path)
 
 
-def _is_weak(leaf: Any) -> bool:
-    """Whether a JAX array or tracer is weakly typed (as `jnp.asarray(2.0)`)."""
-    return bool(getattr(getattr(leaf, "aval", None), "weak_type", False))
+def _jax_kind(leaf: Any) -> tuple[str, str | None]:
+    """How a JAX array or tracer is saved: its kind, and a key's implementation."""
+    if _is_key_array(leaf):
+        return "key", _key_impl_name(leaf.dtype)
+    weak = getattr(getattr(leaf, "aval", None), "weak_type", False)  # jnp.asarray(2.0)
+    return ("jax_weak" if weak else "jax"), None
 
 
 def _check_saveable(flat: list[tuple[_KeyPath, Any]], function: str) -> None:
@@ -4395,12 +4377,9 @@ def _qualified_name(obj: Any) -> str:
 
 
 def _structure(tree: Any) -> list[list[Any]]:
-    """A description of `tree` without its array and scalar values.
-
-    One `[path, description]` pair per node and leaf, in flattening order. It uses
-    type and function names, never a `repr` or an address, so the same model gives
-    the same description in every process and on every machine.
-    """
+    """`[path, description]` of every node and leaf of `tree`, in flattening order,
+    without array and scalar values: the same in every process and on every machine
+    (names, never a `repr` or an address)."""
     entries: list[list[Any]] = []
 
     def visit(node: Any, path: _KeyPath) -> None:
@@ -4586,11 +4565,8 @@ _ARRAY_KINDS = ("jax", "numpy", "numpy_scalar", "key")
 def _check_entries(
     leaves: Any, structure: Any, source: _Source, size: int
 ) -> list[dict[str, Any]]:
-    """The leaf entries, each checked to be well formed and to fit in the file.
-
-    Each check is cheap and bounded, so a header of any content is refused or
-    accepted in time linear in its length.
-    """
+    """The leaf entries, each checked to be well formed and to fit in the file, in
+    time linear in the header's length."""
     if not (isinstance(leaves, list) and isinstance(structure, list)):
         raise source.error("has a malformed header")
     entries = []
@@ -4824,13 +4800,9 @@ def _read_leaves(
     source: _Source,
     shardings: Sequence[jax.sharding.Sharding | None],
 ) -> list[Any]:
-    """Read every leaf's value, checking each array against its CRC-32.
-
-    Each checksum runs in a helper thread while the next leaf is read, and a leaf
-    leaves host memory as soon as it is checked, so at most two are held at once.
-    A JAX array or key leaf with a sharding in `shardings` (one per entry) is read
-    shard by shard instead (`_read_sharded`).
-    """
+    """Every leaf's value, each array checked against its CRC-32 in a helper thread
+    while the next is read (so at most two are held at once), or read shard by
+    shard where `shardings` (one per entry) gives a sharding."""
     leaves = layout.entries
     values: list[Any] = []
     pending: list[tuple[int, Any, concurrent.futures.Future[int]]] = []
@@ -4890,11 +4862,8 @@ _CHUNK_BYTES = 16 * 1024 * 1024
 
 
 def _with_shardings(skeleton: Any, sharding: Any) -> Any:
-    """The skeleton with each JAX array leaf asking for its sharding.
-
-    `sharding` is one `Sharding` for every such leaf, or a callable that maps the
-    skeleton to a pytree of shardings (or None) of its structure.
-    """
+    """The skeleton with each JAX array leaf asking for its sharding (see
+    `Serializable.deserialize_sharded`)."""
     name = "Serializable.deserialize_sharded"
     leaves, treedef = jtu.tree_flatten_with_path(skeleton)
     if isinstance(sharding, jax.sharding.Sharding):
@@ -4977,14 +4946,10 @@ def _read_sharded(
     sharding: jax.sharding.Sharding,
     source: _Source,
 ) -> jax.Array:
-    """One array leaf, created with `sharding`, each local shard read from the file.
-
-    First the whole tensor streams through a bounded buffer for its CRC-32 and the
-    checks of its bits, so a corrupt file fails before any device array exists.
-    Then each shard this process holds is read alone, put on its devices and freed:
-    host memory holds one shard and the buffer at a time. Where this process holds
-    one shard (one device, or a replicated array), both happen in one pass.
-    """
+    """One array leaf, created with `sharding`: the whole tensor streams through the
+    buffer for its checks first, so a corrupt file fails before any device array
+    exists; then each local shard is read alone, put on its devices and freed. Where
+    this process holds one shard (one device, or replicated), in one pass."""
     path = entry["path"]
     dtype = cast(np.dtype, _numpy_dtype(entry["dtype"]))
     shape = tuple(entry["shape"])  # Of the stored data: key data for a key.
@@ -5033,16 +4998,12 @@ def _stream_into_shards(
     source: _Source,
     box: _Region | None = None,
 ) -> int:
-    """Read a tensor (at `entry["offset"]`, of its `shape` and `dtype`) in file
-    order through one buffer and copy each piece into the shards (keyed by region)
-    that it overlaps.
-
-    Without `box`, the whole tensor is read, its bits are checked, and its CRC-32
-    is returned. With it, only the pieces that overlap `box` are read, unchecked.
-
-    A piece is a run of whole sub-arrays along one axis (`level`): the fewest
-    leading axes such that one step along `level` fits in the buffer.
-    """
+    """Read a tensor (at `entry["offset"]`, of its `shape` and `dtype`) in file order
+    through one buffer, copying each piece into the shards (keyed by region) that it
+    overlaps. Without `box`, all of it, with its bits checked: returns its CRC-32.
+    With `box`, only the pieces that overlap it, unchecked."""
+    # A piece is a run of whole sub-arrays along one axis (`level`): the fewest
+    # leading axes such that one step along `level` fits in the buffer.
     shape = tuple(entry["shape"])
     dtype = cast(np.dtype, _numpy_dtype(entry["dtype"]))
     itemsize = dtype.itemsize
