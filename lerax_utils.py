@@ -3304,13 +3304,17 @@ def _checkpoint_path(function: str, path: Any, no_suffix: Any) -> pathlib.Path:
         )
     checked = pathlib.Path(text)
     if os.path.basename(text) in ("", ".", "..") or text.endswith(("/", os.sep)):
-        raise ValueError(
-            f"{function}: `path` '{text}' names a folder, not a file. "
-            f"Pass a file name inside it, such as '{checked / 'model'}'."
-        )
+        raise _names_a_folder(function, text)
     if no_suffix or checked.name.endswith(_SUFFIX):
         return checked
     return checked.with_name(checked.name + _SUFFIX)
+
+
+def _names_a_folder(function: str, path: str | pathlib.Path) -> ValueError:
+    return ValueError(
+        f"{function}: `path` '{path}' names a folder, not a file. "
+        f"Pass a file name inside it, such as '{pathlib.Path(path) / 'model'}'."
+    )
 
 
 def _check_target(target: pathlib.Path, function: str) -> None:
@@ -3320,10 +3324,7 @@ def _check_target(target: pathlib.Path, function: str) -> None:
     except OSError:  # None there yet (or a dangling link): the save creates it.
         return
     if stat.S_ISDIR(mode):
-        raise ValueError(
-            f"{function}: `path` '{target}' names a folder, not a file. "
-            f"Pass a file name inside it, such as '{target / 'model'}'."
-        )
+        raise _names_a_folder(function, target)
     if not stat.S_ISREG(mode):
         raise ValueError(
             f"{function}: `path` '{target}' exists and is not a regular "
