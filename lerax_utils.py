@@ -28,7 +28,7 @@ The file is self-contained, so the copy needs nothing else from this repository.
 given as lower bounds in `pyproject.toml`.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     # Control flow
@@ -56,7 +56,6 @@ import atexit
 import collections
 import concurrent.futures
 import contextlib
-import contextvars
 import ctypes
 import dataclasses
 import enum
@@ -192,6 +191,70 @@ def _load_fenv() -> tuple[Any, Any] | None:
 _FENV = _load_fenv()
 
 # -- Checkpoints
+
+
+# The dtypes a checkpoint may hold are those of the installed JAX: int2 and uint2
+# came in jax 0.4.3x, the float8 variants and float4 over several releases.
+@functools.cache
+def _checkpoint_dtypes() -> dict[str, np.dtype]:
+    """Every dtype a checkpoint may hold, by name."""
+    found = {}
+    for name in (*_SAFETENSORS_DTYPES, *_OTHER_DTYPES):
+        kind = getattr(jnp, name, None)
+        if kind is not None:
+            found[name] = np.dtype(kind)
+    return found
+
+
+@functools.cache
+def _key_impl_types() -> dict[str, tuple[Any, tuple[int, ...], np.dtype]]:
+    """For each PRNG implementation: its key dtype, key data shape and data dtype."""
+    found = {}
+    for name in _KEY_IMPLS:
+        key = jax.random.key(0, impl=name)
+        data = jax.random.key_data(key)
+        found[name] = (key.dtype, tuple(data.shape), np.dtype(data.dtype))
+    return found
+
+
+def _key_impl_name(dtype: Any) -> str | None:
+    """The name of a PRNG key dtype's implementation."""
+    # Private: a key dtype's `_impl` (jax 0.4.16 onward). The public
+    # `jax.random.key_impl` takes only key arrays, and before jax 0.4.3x returns a
+    # spec object whose `str` is not the name.
+    return getattr(getattr(dtype, "_impl", None), "name", None)
+
+
+def _weak_array(array: jax.Array) -> jax.Array:
+    """`array`, weakly typed."""
+    # Private: `jax._src.lax.lax._convert_element_type` (jax 0.4.26 to 0.10): JAX
+    # has no public way to set the flag.
+    from jax._src.lax import lax as lax_internal
+
+    weak = lax_internal._convert_element_type(array, array.dtype, weak_type=True)
+    return cast(jax.Array, weak)
+
+
+def _distributed_client() -> Any:
+    """The `jax.distributed` key-value store client, or None before `initialize`."""
+    # Private: `jax._src.distributed.global_state.client` (jax 0.4.26 to 0.10).
+    # `jax.experimental.multihost_utils` has collectives but no key-value store, and
+    # its waits are unbounded: a save across processes must be able to tell the
+    # others that it failed, and give up on a process that never comes.
+    from jax._src import distributed
+
+    return distributed.global_state.client
+
+
+def _is_vmap_refusal(err: ValueError) -> bool:
+    """Whether JAX refused an ordered `io_callback` because it is under `vmap`."""
+    # JAX's message text: "Cannot `vmap` ordered IO callback." (jax 0.4.26 to 0.10).
+    return "vmap" in str(err)
+
+
+# NumPy 2 renders NumPy scalars as `np.int64(1)` where NumPy 1 wrote `1`.
+_NUMPY_2 = int(np.__version__.split(".")[0]) >= 2
+
 
 # (end of compatibility)
 
@@ -2491,16 +2554,12 @@ def _tidy_on_error(bar: _ProgressBar | None) -> Iterator[None]:
 # Checkpoints: Serializable
 #
 
-# A checkpoint is a safetensors file (the README documents it byte by byte):
-#   header length N (u64) | header: UTF-8 JSON, padded with spaces so that 8 + N is a
-#   multiple of 8 | every array leaf's bytes, back to back, in flattening order.
-# The JSON maps each array leaf's path to its safetensors dtype, shape and offsets; all
-# else of ours is in its `__metadata__` (str -> str), with a CRC-32 per tensor and one
-# of the header itself. Files of format 1 (the first release) are still read:
-#   magic (8 bytes) | format version (u32) | header length (u64) | header CRC-32 (u32)
-#   | header (UTF-8 JSON) | the array leaves' bytes | one CRC-32 (u32) per array leaf.
+# A checkpoint is a safetensors file, laid out as `FORMAT.md` specifies: a u64 header
+# length, a JSON header that maps each array leaf's path to its dtype, shape and
+# offsets, then every array leaf's bytes, back to back. All else of ours is in the
+# header's `__metadata__`, with a CRC-32 per tensor and one of the header itself.
 _FORMAT = "lerax_utils"
-_FORMAT_VERSION = 2
+_FORMAT_VERSION = 3
 _LENGTH = struct.Struct("<Q")
 _MAX_HEADER_BYTES = 64 * 1024 * 1024
 # JSON lists and objects in each part of a header (the `[` and `{` outside its
@@ -2509,9 +2568,7 @@ _MAX_CONTAINERS = 1 << 21
 _MAX_DIMENSIONS = 64  # As NumPy.
 _CRC_SLOT = b'"metadata_crc32":"'
 _ZERO_CRC = "00000000"
-_V1_MAGIC = b"LRXCKPT\x00"
-_V1_PREFIX = struct.Struct("<8sIQI")
-_V1_CHECKSUM = struct.Struct("<I")
+_V1_MAGIC = b"LRXCKPT\x00"  # Files of format 1 (lerax_utils 0.1.0) start so.
 _NUMPY_MAGIC = b"\x93NUMPY"  # Plain `eqx.tree_serialise_leaves` files start so.
 _SUFFIX = ".eqx"
 # Dtypes that safetensors names; every other dtype is stored as `U8` bytes, with its
@@ -2554,85 +2611,12 @@ _SUB_BYTE_DTYPES = ("int4", "uint4", "int2", "uint2", "float4_e2m1fn")
 _MAX_INT_DIGITS = 4300  # Python's default limit on converting an int to text.
 
 
-@functools.cache
-def _checkpoint_dtypes() -> dict[str, np.dtype]:
-    """Every dtype a checkpoint may hold, by name: those of the installed JAX."""
-    found = {}
-    for name in (*_SAFETENSORS_DTYPES, *_OTHER_DTYPES):
-        kind = getattr(jnp, name, None)
-        if kind is not None:
-            found[name] = np.dtype(kind)
-    return found
-
-
-@functools.cache
-def _key_impl_types() -> dict[str, tuple[Any, tuple[int, ...], np.dtype]]:
-    """For each PRNG implementation: its key dtype, key data shape and data dtype."""
-    found = {}
-    for name in _KEY_IMPLS:
-        key = jax.random.key(0, impl=name)
-        data = jax.random.key_data(key)
-        found[name] = (key.dtype, tuple(data.shape), np.dtype(data.dtype))
-    return found
-
-
-@dataclasses.dataclass(frozen=True)
-class _Api:
-    """How the checkpoint functions that the user called are named in messages."""
-
-    save: str
-    load: str
-    save_call: str  # What to call instead, in a message about a vmap.
-    tree: str
-    skeleton: str
-    built: str
-    fix: str
-
-
-_SERIALIZABLE_API = _Api(
-    save="Serializable.serialize",
-    load="Serializable.deserialize",
-    save_call="serialize",
-    tree="model",
-    skeleton="the skeleton",
-    built="the skeleton built from the constructor arguments",
-    fix="Pass the constructor arguments the model was saved with",
-)
-_PYTREE_API = _Api(
-    save="save_pytree",
-    load="load_pytree",
-    save_call="save_pytree",
-    tree="tree",
-    skeleton="`like`",
-    built="`like`",
-    fix="Pass a `like` with the structure, shapes and dtypes of the saved tree",
-)
-# The function the user called, for the messages of the helpers below it: those of
-# `Serializable` unless `save_pytree` or `load_pytree` set it. A save inside a trace
-# sets it again in its host callback, which runs in another thread.
-_API: contextvars.ContextVar[_Api] = contextvars.ContextVar(
-    "lerax_utils_checkpoint_api", default=_SERIALIZABLE_API
-)
-
-
-@contextlib.contextmanager
-def _calling(api: _Api) -> Iterator[None]:
-    token = _API.set(api)
-    try:
-        yield
-    finally:
-        _API.reset(token)
-
-
 class _Arguments:
-    """The constructor arguments a `Serializable` was made with, ready for JSON.
+    """The constructor arguments a `Serializable` was made with, in a static field.
 
-    A static field holds it, so it follows the model through every pytree operation.
-    It is history, not identity: every recording equals every other one, so two
-    models built with different arguments (different PRNG keys, different Python
-    numbers that become traced) keep the same tree structure, stack, and share
-    compiled code, as they did before arguments were recorded.
-    """
+    History, not identity: every recording equals every other one, so models built
+    with different arguments keep the same tree structure, stack, and share compiled
+    code."""
 
     __slots__ = ("recording",)
 
@@ -2657,6 +2641,16 @@ _PENDING = "_lerax_pending_arguments"
 class Serializable(eqx.Module):
     """An `eqx.Module` base class whose models save and load themselves.
 
+    `model.serialize(path)` saves as `save_pytree` does, and `Model.deserialize(path)`
+    loads the file back, checked against a skeleton of the model. Each model records
+    the arguments its constructor was called with, so the path alone is enough: JSON
+    values (None, bools, numbers, strings, and lists, tuples and dicts of them) as
+    they are, arrays and PRNG keys as their shape and dtype. Any other argument (a
+    function, an object) is noted by its type; loading then needs the arguments. The
+    recording is a static field that always compares equal: it never changes a
+    model's tree structure, equality or `jit` cache entry, and it follows the model
+    through `eqx.tree_at`, `filter_scan`, optax updates and `stack_pytree`.
+
     ```python
     import equinox as eqx
     import jax
@@ -2669,26 +2663,9 @@ class Serializable(eqx.Module):
             self.mlp = eqx.nn.MLP(size, 2, 32, 2, key=key)
 
     Policy(4, key=jax.random.key(0)).serialize("checkpoints/run.1")  # run.1.eqx
-    policy = Policy.deserialize("checkpoints/run.1")  # recorded: 4, key of shape ()
+    policy = Policy.deserialize("checkpoints/run.1")  # Built as Policy(4, key=...).
     policy = Policy.deserialize("checkpoints/run.1", 4, key=jax.random.key(1))
     ```
-
-    A checkpoint is a safetensors file: any safetensors reader lists its arrays by
-    leaf path. Its metadata holds the format version, the library version, a
-    description of the structure and static values that is the same in every
-    process, the Python numbers, the recorded constructor arguments, and CRC-32
-    checksums of every array and of the header. Loading checks all of it against a
-    skeleton of the model, so a file never loads into the wrong model silently. No
-    pickle is involved: loading never runs code from the file.
-
-    Each model records the arguments its constructor was called with, in a static
-    field that survives `eqx.tree_at`, `filter_scan`, optax updates and
-    `stack_pytree`: JSON values (None, bools, ints, floats, strings, and lists,
-    tuples and dicts of them) as they are, arrays and PRNG keys as their shape and
-    dtype only. Recordings always compare equal, so models built with different
-    keys or numbers still have the same tree structure. An argument that cannot be
-    recorded (a function, another object) is noted by its type and does not stop a
-    save; a model made without its constructor records nothing.
     """
 
     _lerax_arguments: _Arguments = eqx.field(
@@ -2714,52 +2691,11 @@ class Serializable(eqx.Module):
     def serialize(self, path: str | os.PathLike[str], no_suffix: bool = False) -> None:
         """Save this model to `path`, atomically.
 
-        **Arguments:**
-
-        - `path`: where to save. `.eqx` is appended unless the name already ends in
-            `.eqx`, so `run.1` and `run.2` are saved as `run.1.eqx` and `run.2.eqx`.
-            Missing parent folders are created.
-        - `no_suffix`: if `True`, save to exactly `path`.
-
-        The file is written to a temporary file in the same folder, flushed to disk,
-        and then renamed over `path`: whenever the process stops, even killed
-        mid-write, `path` holds either the old checkpoint or the new one. A save that
-        raises leaves the old file as it was and no temporary file behind. A new
-        file gets the mode `open()` would give it (the umask applies); an
-        overwritten one keeps its mode.
-
-        Eagerly, the file is complete when `serialize` returns. Inside any trace
-        (`jax.jit`, `eqx.filter_jit`, a `filter_scan` body, a `filter_cond` branch),
-        even for a model with no traced leaves, it is written by an ordered host
-        callback when the computation runs, in program order; call
-        `jax.effects_barrier()` before reading it. Arrays sharded over several
-        devices are gathered; arrays that span several processes
-        (`jax.distributed`) are saved by calling `serialize` in every process (see
-        the README). Under `jax.vmap` or `eqx.filter_vmap` with batched
-        leaves it raises: one path cannot hold a population member by member. Under
-        `jax.grad` the values are saved and not differentiated (jax 0.4.26 refuses
-        this with its own `ValueError: IO callbacks do not support JVP`), with two
-        limits of JAX: inside a `jax.lax.scan` body that is differentiated nothing
-        is written, silently (JAX drops the ordered callback), and under
-        `jax.grad(jax.checkpoint(...))` JAX raises its own `NotImplementedError`.
-
-        `model.serialize(path)` is `save_pytree(path, model)`, except that messages
-        name `Serializable.serialize`.
-
-        **Raises:**
-
-        - `TypeError` if `path` is not a `str` or `os.PathLike`, `no_suffix` is not
-            a bool, or a leaf cannot be restored exactly (a masked, object or
-            structured NumPy array, or one of a dtype that neither JAX nor the
-            NumPy strings and dates have, a `jax.ShapeDtypeStruct`, a Python int of
-            more than 4300 digits, or a PRNG key of a custom implementation).
-        - `ValueError` if `path` is empty, names a folder or an existing file that
-            is not a regular file (a FIFO), two array leaves have the same path, the
-            header would exceed the limits `deserialize` reads, or the model is
-            batched by `vmap`.
+        As `save_pytree(path, self, no_suffix=no_suffix)`, which documents the
+        arguments, the behaviour under `jit`, `vmap` and `grad`, and the errors,
+        except that messages name `Serializable.serialize`.
         """
-        with _calling(_SERIALIZABLE_API):
-            _save(path, self, no_suffix)
+        _save(path, self, no_suffix, "Serializable.serialize")
 
     @classmethod
     def deserialize(
@@ -2769,52 +2705,42 @@ class Serializable(eqx.Module):
 
         **Arguments:**
 
-        - `path`: the path given to `serialize`, with either value of `no_suffix`:
-            `path` itself if that file exists, else `path` with `.eqx` appended.
-        - `*args`, `**kwargs`: the constructor's arguments, or none at all to use
-            the ones recorded in the file. They build a skeleton of the model with
-            `eqx.filter_eval_shape`, so no parameters are allocated or initialised;
-            the file must match it. Arguments passed here win over the recorded
-            ones. Recorded arrays and PRNG keys reach the constructor as shapes and
-            dtypes (as under `eqx.filter_eval_shape`), recorded NumPy strings and
-            dates as zeros of their shape and dtype. With recorded arguments, a
-            Python number of the skeleton that the file holds as a 0-d array (one
-            traced by a `filter_scan` after construction) is taken as that array.
+        - `path`: the path given to `serialize`: `path` itself if that file exists,
+            else `path` with `.eqx` appended.
+        - `*args`, `**kwargs`: the constructor's arguments, or none to use those
+            recorded in the file (arrays and keys reach the constructor as
+            `jax.ShapeDtypeStruct`s, NumPy strings and dates as zeros). They build a
+            skeleton under `eqx.filter_eval_shape`, so nothing is allocated, and the
+            file must match it: structure, static values, leaf count, shapes, dtypes.
 
-        **Returns:**
-
-        An instance of the class `deserialize` is called on, with the saved arrays
-        (NumPy arrays and scalars stay NumPy, with their saved dtype) and the saved
-        Python numbers in place. Every other leaf comes from the skeleton, after a
-        check that it equals the saved description. The model keeps the recording
-        of the arguments that the file holds, so saving it again writes the same
-        file.
+        **Returns:** a model of this class with the saved arrays and Python numbers;
+        every other leaf comes from the skeleton. Plain `eqx.tree_serialise_leaves`
+        files load too. Nothing in a file is ever imported, called or unpickled.
 
         **Raises:**
 
-        - `FileNotFoundError` if neither candidate file exists.
-        - `TypeError` if the skeleton cannot be built, because the constructor needs
-            concrete values of its array arguments; or, without arguments, if the
-            file recorded an argument that it could not hold (a function, an
-            object), or recorded none (a file of an older lerax_utils or of plain
-            Equinox, or a model made without its constructor) and the constructor
-            needs some. The message names the argument.
-        - `ValueError` if the file is not a checkpoint (empty, a text file, random
-            bytes, a safetensors file of another program), is truncated or has
-            trailing bytes, was written by a newer format version, is corrupt (a
-            checksum fails) or malformed, or does not match the skeleton: a
-            different leaf count, structure, static value, shape or dtype. The
-            message names the first differing leaf path and both sides. Without
-            arguments, also if the file holds a model of another class.
-
-        Files written by plain `eqx.tree_serialise_leaves` load too, with Equinox's
-        own checks only, as do files of format 1 (lerax_utils 0.1.0).
+        - `FileNotFoundError`: `Serializable.deserialize: no checkpoint at 'p' or
+            'p.eqx'. Check the path given to `serialize`.`
+        - `TypeError` if the constructor needs concrete values (`np.asarray`,
+            `float()` or `if` on an array argument), or, without arguments, if the
+            file could not record one (a function: `... could not record the
+            argument `act` (it was the function tanh) of Model, ...`) or records
+            none and `Model()` fails.
+        - `ValueError` naming the file, the first differing leaf path, both sides
+            and the fix, if the file is not a checkpoint, holds another class, is of
+            another format version (`... has format version 2, older than the 3
+            this lerax_utils 0.2.0 reads. ...`), is truncated, corrupt (`... has
+            corrupt data for the leaf at path .w (its checksum fails).`) or
+            malformed, or does not match the skeleton: `... does not match the
+            skeleton at path .mlp.width_size: the static field is 4 in the file and
+            5 in the skeleton. Pass the constructor arguments the model was saved
+            with.`
         """
-        # Messages name `Serializable` by default (see `_API`).
-        source = _find_checkpoint(path)
-        skeleton = _skeleton(cls, args, kwargs, str(source))
-        with open(source, "rb") as file:
-            return _read_checkpoint(file, skeleton, str(source))
+        return _load(
+            path,
+            "Serializable.deserialize",
+            lambda layout, source: _skeleton(cls, args, kwargs, layout, source),
+        )
 
     @classmethod
     def deserialize_sharded(
@@ -2825,80 +2751,72 @@ class Serializable(eqx.Module):
         *args: Any,
         **kwargs: Any,
     ) -> _Model:
-        """As `deserialize`, except that the JAX arrays are created with shardings.
+        """As `deserialize`, except that each JAX array is created with a sharding.
 
-        Each process reads from the file only the shards of its own devices, straight
-        into them: a model sharded over several devices is never whole on one, nor in
-        host memory. Every checksum is still verified, by streaming each array through
-        a buffer of at most 16 MB.
+        Each process reads only the shards of its own devices, straight into them,
+        after the whole array has streamed through a 16 MB buffer for its checksum:
+        a model is never whole on one device, nor in host memory. With several
+        processes, every process calls it with the same global sharding.
 
         **Arguments:**
 
-        - `path`: as for `deserialize`.
-        - `sharding`: either one `jax.sharding.Sharding` for every JAX array and PRNG
-            key leaf, or a callable that takes the skeleton (its arrays are
-            `jax.ShapeDtypeStruct`s) and returns a pytree of the same structure with a
-            `Sharding`, or None to load as `deserialize` does, at each array leaf.
-            NumPy leaves stay NumPy arrays on the host whatever their sharding.
-        - `*args`, `**kwargs`: the constructor's arguments, as for `deserialize`.
-            `sharding` comes before them, so it never collides with a constructor
-            keyword.
+        - `sharding`: one `jax.sharding.Sharding` for every JAX array and key leaf,
+            or a callable that maps the skeleton (arrays as `jax.ShapeDtypeStruct`s)
+            to a pytree of its structure with a `Sharding`, or None to load as
+            `deserialize` does, at each array leaf. NumPy leaves stay on the host.
 
-        **Returns:**
-
-        As `deserialize`, with each JAX array's `.sharding` the one asked for.
-
-        **Raises:**
-
-        As `deserialize`, and:
-
-        - `TypeError` if `sharding` is neither a `Sharding` nor callable, or the
-            callable gives something else than a `Sharding` or None at an array leaf.
-        - `ValueError` if the callable's pytree has another structure than the
-            skeleton, or a sharding does not fit its leaf's shape (a mesh axis that
-            does not divide the dimension it shards).
-
-        With several processes (`jax.distributed`), every process calls it with the
-        same global sharding, as for any JAX computation on global arrays.
+        **Raises:** as `deserialize`, and `TypeError` if `sharding` is neither a
+        `Sharding` nor callable, or the callable gives something else at an array
+        leaf; `ValueError` if its pytree has another structure, or a sharding does not
+        fit its leaf's shape.
 
         ```python
-        mesh = Mesh(np.array(jax.devices()), ("data",))
-        by_rows = NamedSharding(mesh, PartitionSpec("data"))
+        by_rows = NamedSharding(Mesh(jax.devices(), ("data",)), PartitionSpec("data"))
         model = Model.deserialize_sharded("checkpoints/run", by_rows, 32)
         ```
         """
-        source = _find_checkpoint(path)
-        skeleton = _with_shardings(_skeleton(cls, args, kwargs, str(source)), sharding)
-        with open(source, "rb") as file:
-            return _read_checkpoint(file, skeleton, str(source))
+        return _load(
+            path,
+            "Serializable.deserialize",
+            lambda layout, source: _with_shardings(
+                _skeleton(cls, args, kwargs, layout, source), sharding
+            ),
+        )
 
 
 def save_pytree(
     path: str | os.PathLike[str], tree: Any, *, no_suffix: bool = False
 ) -> None:
-    """Save any pytree to `path`, atomically, as `Serializable.serialize` saves a model.
+    """Save any pytree to `path`, atomically, in a checked safetensors file.
 
     **Arguments:**
 
-    - `path`: where to save. `.eqx` is appended unless the name already ends in
-        `.eqx`; missing parent folders are created.
-    - `tree`: any pytree, for example a whole training state
-        `(model, opt_state, key, step)`: Equinox modules, optax states, JAX and
-        NumPy arrays, typed PRNG keys, Python numbers, and static values.
+    - `path`: where to save. `.eqx` is appended unless the name already ends so,
+        so `run.1` and `run.2` stay apart; missing folders are created.
+    - `tree`: any pytree, such as a training state `(model, opt_state, key, step)`.
+        Arrays (JAX, NumPy, typed PRNG keys) and Python numbers are saved bit for
+        bit; every other leaf is described, to be compared when loading.
     - `no_suffix`: if `True`, save to exactly `path`.
 
-    The file format, the checks, the atomic write (a temporary file, fsync, rename)
-    and the behaviour inside `jax.jit`, a `filter_scan` body or a `filter_cond`
-    branch (an ordered host callback writes it when the computation runs; call
-    `jax.effects_barrier()` before reading it) are those of
-    `Serializable.serialize`. `Serializable` models inside `tree` keep their
-    recorded constructor arguments in the file.
+    The file is written beside `path`, flushed to disk and renamed over it, so `path`
+    holds the old file or the new one, never a torn one. Eagerly, the file is
+    complete on return. Inside `jit` or any other trace, an ordered host callback
+    writes it when the computation runs, in program order: call
+    `jax.effects_barrier()` before reading it. Under `grad` the values are saved, not
+    differentiated. Sharded arrays are gathered; arrays that span processes are saved
+    by calling `save_pytree` in every process with the same tree and path.
 
     **Raises:**
 
-    As `Serializable.serialize`, naming `save_pytree`.
-
-    **Example:**
+    - `TypeError` if `path` is not a str or `os.PathLike`, `no_suffix` is not a
+        bool, or a leaf could not load exactly: `save_pytree: the leaf at path .x
+        is a masked array, whose mask would be lost. ...` (or an object, structured
+        or unit-less datetime array, a `jax.ShapeDtypeStruct`, an int of more than
+        4300 digits, a key of a custom PRNG implementation).
+    - `ValueError` if `path` is empty or names a folder or a FIFO, two array leaves
+        have the same path, the header would be too large to load, the tree is
+        batched by `vmap`, or the processes of a save passed different trees or
+        paths; `TimeoutError` if one of them does not save within 10 minutes.
 
     ```python
     import jax
@@ -2912,69 +2830,55 @@ def save_pytree(
     print(step)  # 100
     ```
     """
-    with _calling(_PYTREE_API):
-        _save(path, tree, no_suffix)
+    _save(path, tree, no_suffix, "save_pytree")
 
 
 def load_pytree(path: str | os.PathLike[str], like: _Tree) -> _Tree:
     """Load a pytree saved by `save_pytree` (or by `Serializable.serialize`).
 
+    As `Serializable.deserialize`, except that the skeleton is `like`, and messages
+    name `load_pytree` and `like`.
+
     **Arguments:**
 
-    - `path`: the path given to `save_pytree`, with either value of `no_suffix`:
-        `path` itself if that file exists, else `path` with `.eqx` appended.
-    - `like`: a pytree of the structure that was saved: the tree itself or one like
-        it (array values are ignored), or its shapes from `eqx.filter_eval_shape`,
-        with `jax.ShapeDtypeStruct` leaves. Its array leaves become shapes and
-        dtypes as under `eqx.filter_eval_shape` (NumPy strings and dates stay as
-        they are), and the file is checked against it exactly as
-        `Serializable.deserialize` checks a file against its skeleton: structure,
-        static values, leaf count, shapes and dtypes. A JAX array leaf sharded over
-        several devices passes its sharding on, as a `jax.ShapeDtypeStruct` leaf
-        does.
+    - `path`: the path given to `save_pytree`.
+    - `like`: a pytree of the saved structure: the tree itself or one like it
+        (array values are ignored), or its shapes from `eqx.filter_eval_shape`. A
+        JAX array sharded over several devices, or a `jax.ShapeDtypeStruct` with a
+        sharding, loads with that sharding.
 
-    **Returns:**
-
-    A pytree of the structure of `like`, with the saved arrays (JAX arrays, PRNG
-    keys of their saved impl, NumPy arrays and scalars with their saved dtype) and
-    the saved Python numbers; every other leaf comes from `like`, after a check that
-    it equals the saved description. `Serializable` models in it keep the recorded
-    constructor arguments that the file holds.
-
-    **Raises:**
-
-    As `Serializable.deserialize`, naming `load_pytree`: `FileNotFoundError` if
-    neither candidate file exists, `ValueError` if the file is not a checkpoint, is
-    damaged, or does not match `like`.
+    **Raises:** as `Serializable.deserialize`: `load_pytree: the file 'p' holds at
+    path [0] an array of shape (3,) and dtype float32, but `like` has shape (4,) and
+    dtype float32. Pass a `like` with the structure, shapes and dtypes of the saved
+    tree.`
     """
-    with _calling(_PYTREE_API):
-        checkpoint = _find_checkpoint(path)
-        skeleton = _like_skeleton(like, str(checkpoint))
-        with open(checkpoint, "rb") as opened:
-            return _read_checkpoint(opened, skeleton, str(checkpoint))
+    return _load(path, "load_pytree", lambda layout, _: _like_skeleton(like, layout))
 
 
-def _save(path: Any, tree: Any, no_suffix: Any) -> None:
+def _saving(function: str) -> tuple[str, str]:
+    """How the messages of `function` name the call that saves, and what it saves."""
+    if function.startswith("Serializable."):
+        return "serialize", "model"
+    return "save_pytree", "tree"
+
+
+def _save(path: Any, tree: Any, no_suffix: Any, function: str) -> None:
     """The body of `save_pytree` and `Serializable.serialize`."""
-    api = _API.get()
     try:
-        target = _checkpoint_path(api.save, path, no_suffix)
-        _check_target(target)
+        target = _checkpoint_path(function, path, no_suffix)
+        _check_target(target, function)
     except Exception as err:
         if _spans_processes(tree):
-            _fail_across_processes(err)
+            _fail_across_processes(err, function)
         raise
     leaves, treedef = jtu.tree_flatten_with_path(tree)
     traced = [isinstance(leaf, jax.core.Tracer) for _, leaf in leaves]
     if not any(traced) and not _inside_a_trace():
-        _write_checkpoint(tree, target)
+        _write_checkpoint(tree, target, function)
         return
     # Inside a trace: the traced leaves travel to the host (typed keys as their
     # key data); the others are known now, checked now, and stay here.
-    _check_saveable(leaves)  # Refuse at trace time, not in the callback.
-    for key_path, leaf in leaves:
-        if isinstance(leaf, np.ndarray | np.generic):
-            _host_array(_keystr(key_path), leaf)
+    _check_saveable(leaves, function)  # Refuse at trace time, not in the callback.
     template = [
         None if t else leaf for (_, leaf), t in zip(leaves, traced, strict=True)
     ]
@@ -2982,30 +2886,27 @@ def _save(path: Any, tree: Any, no_suffix: Any) -> None:
     for index, ((_, leaf), is_traced) in enumerate(zip(leaves, traced, strict=True)):
         if not is_traced:
             continue
+        kinds[index] = _jax_kind(leaf)
         if _is_key_array(leaf):
-            kinds[index] = ("key", _key_impl_name(leaf))
             leaf = jax.random.key_data(leaf)
-        else:
-            kinds[index] = ("jax_weak" if _is_weak(leaf) else "jax", None)
         operands.append(jax.lax.stop_gradient(leaf))  # Saved, not differentiated.
 
     def write(*arrays: Any) -> None:
         host = list(template)
         for index, array in zip(kinds, arrays, strict=True):
             host[index] = np.asarray(array)
-        with _calling(api):
-            _write_checkpoint(treedef.unflatten(host), target, kinds)
+        _write_checkpoint(treedef.unflatten(host), target, function, kinds)
 
     try:
         io_callback(write, None, *operands, ordered=True)
     except ValueError as err:
-        if "vmap" not in str(err):
+        if not _is_vmap_refusal(err):
             raise
+        save_call, what = _saving(function)
         raise ValueError(
-            f"{api.save}: the {api.tree} is batched by `jax.vmap` or "
+            f"{function}: the {what} is batched by `jax.vmap` or "
             "`eqx.filter_vmap`, and one path cannot hold every member of a "
-            f"batch. Call `{api.save_call}` outside the vmap, on the stacked "
-            f"{api.tree}."
+            f"batch. Call `{save_call}` outside the vmap, on the stacked {what}."
         ) from err
 
 
@@ -3027,27 +2928,27 @@ def _checkpoint_path(function: str, path: Any, no_suffix: Any) -> pathlib.Path:
         )
     checked = pathlib.Path(text)
     if os.path.basename(text) in ("", ".", "..") or text.endswith(("/", os.sep)):
-        raise ValueError(
-            f"{function}: `path` '{text}' names a folder, not a file. "
-            f"Pass a file name inside it, such as '{checked / 'model'}'."
-        )
+        raise _names_a_folder(function, text)
     if no_suffix or checked.name.endswith(_SUFFIX):
         return checked
     return checked.with_name(checked.name + _SUFFIX)
 
 
-def _check_target(target: pathlib.Path) -> None:
+def _names_a_folder(function: str, path: str | pathlib.Path) -> ValueError:
+    return ValueError(
+        f"{function}: `path` '{path}' names a folder, not a file. "
+        f"Pass a file name inside it, such as '{pathlib.Path(path) / 'model'}'."
+    )
+
+
+def _check_target(target: pathlib.Path, function: str) -> None:
     """Refuse a target that exists and is not a regular file (a folder, a FIFO)."""
     try:
         mode = os.stat(target).st_mode
     except OSError:  # None there yet (or a dangling link): the save creates it.
         return
-    function = _API.get().save
     if stat.S_ISDIR(mode):
-        raise ValueError(
-            f"{function}: `path` '{target}' names a folder, not a file. "
-            f"Pass a file name inside it, such as '{target / 'model'}'."
-        )
+        raise _names_a_folder(function, target)
     if not stat.S_ISREG(mode):
         raise ValueError(
             f"{function}: `path` '{target}' exists and is not a regular "
@@ -3055,18 +2956,51 @@ def _check_target(target: pathlib.Path) -> None:
         )
 
 
-def _find_checkpoint(path: str | os.PathLike[str]) -> pathlib.Path:
-    api = _API.get()
-    exact = _checkpoint_path(api.load, path, no_suffix=True)
-    suffixed = _checkpoint_path(api.load, path, no_suffix=False)
+def _find_checkpoint(path: Any, function: str) -> pathlib.Path:
+    exact = _checkpoint_path(function, path, no_suffix=True)
+    suffixed = _checkpoint_path(function, path, no_suffix=False)
     for candidate in (exact, suffixed):
         if candidate.is_file():
             return candidate
     tried = f"'{exact}'" if exact == suffixed else f"'{exact}' or '{suffixed}'"
     raise FileNotFoundError(
-        f"{api.load}: no checkpoint at {tried}. Check the path given "
-        f"to `{api.save_call}`."
+        f"{function}: no checkpoint at {tried}. Check the path given "
+        f"to `{_saving(function)[0]}`."
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Source:
+    """A checkpoint being read, and the function the user called to read it."""
+
+    path: str
+    function: str
+
+    def error(self, problem: str) -> ValueError:
+        return ValueError(f"{self.function}: the file '{self.path}' {problem}.")
+
+
+def _load(
+    path: Any, function: str, build: Callable[["_Layout | None", _Source], Any]
+) -> Any:
+    """The body of the loaders: the file is opened and its header parsed once;
+    `build` makes the skeleton from it (None for a plain Equinox file)."""
+    found = _find_checkpoint(path, function)
+    source = _Source(str(found), function)
+    with open(found, "rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        layout = _read_header(file, source, size)
+        skeleton = build(layout, source)
+        if layout is None:
+            file.seek(0)
+            return _place(_read_equinox_file(file, skeleton, source, size), skeleton)
+        _check_against_skeleton(source, layout, skeleton)
+        leaves, treedef = jtu.tree_flatten(skeleton)
+        shardings = [_leaf_sharding(leaf) for leaf in leaves if _is_saved_leaf(leaf)]
+        values = iter(_read_leaves(file, layout, source, shardings))
+        return treedef.unflatten(
+            [next(values) if _is_saved_leaf(leaf) else leaf for leaf in leaves]
+        )
 
 
 def _inside_a_trace() -> bool:
@@ -3082,20 +3016,16 @@ _CONCRETE_VALUE_ERRORS = (
 )
 
 
-def _skeleton(cls: type, args: Any, kwargs: Any, source: str | None = None) -> Any:
-    """As `eqx.filter_eval_shape(cls, *args, **kwargs)`, except that NumPy arrays
-    JAX cannot describe (strings, dates, big-endian) stay concrete, on both sides,
-    and `jax.ShapeDtypeStruct` arguments stand for arrays.
-
-    With the checkpoint `source`: without arguments, those recorded in it are used;
-    and each `Serializable` in the skeleton takes the recording that the file holds
-    for its path, so that the loaded model carries it.
-    """
-    metadata = _checkpoint_metadata(source) if source is not None else {}
-    recorded = _parse_arguments(metadata.get("arguments"), cast(str, source))
-    from_file = source is not None and not args and not kwargs
+def _skeleton(
+    cls: type, args: Any, kwargs: Any, layout: "_Layout | None", source: _Source
+) -> Any:
+    """As `eqx.filter_eval_shape(cls, *args, **kwargs)` (or with the arguments that
+    the file recorded), except that NumPy arrays JAX cannot describe (strings, dates,
+    big-endian) stay concrete; each `Serializable` in it takes the file's recording."""
+    recorded = layout.arguments if layout is not None else {}
+    from_file = not args and not kwargs
     if from_file:
-        args, kwargs = _recorded_call(cls, recorded.get(""), cast(str, source))
+        args, kwargs = _recorded_call(cls, recorded.get(""), source)
     dynamic, static = eqx.partition((args, kwargs), _is_dynamic_argument)
     kept = []
 
@@ -3121,7 +3051,7 @@ def _skeleton(cls: type, args: Any, kwargs: Any, source: str | None = None) -> A
     except Exception as err:
         if from_file and "" in recorded:
             raise TypeError(
-                f"{_API.get().load}: the file '{source}' records constructor "
+                f"{source.function}: the file '{source.path}' records constructor "
                 f"arguments with which `{cls.__qualname__}` failed to build "
                 f"({type(err).__name__}: {err}). Pass the constructor arguments: "
                 f"`{cls.__qualname__}.deserialize(path, *args, **kwargs)`."
@@ -3129,16 +3059,16 @@ def _skeleton(cls: type, args: Any, kwargs: Any, source: str | None = None) -> A
         if not from_file or not isinstance(err, TypeError):
             raise
         raise TypeError(
-            f"Serializable.deserialize: the file '{source}' records no constructor "
-            "arguments for its top level (it was written by an older lerax_utils or "
-            "by plain Equinox, from a model made without its constructor, or by "
-            "`save_pytree` of another pytree), and "
+            f"Serializable.deserialize: the file '{source.path}' records no "
+            "constructor arguments for its top level (it was written by an older "
+            "lerax_utils or by plain Equinox, from a model made without its "
+            "constructor, or by `save_pytree` of another pytree), and "
             f"`{cls.__qualname__}()` failed ({err}). Pass the constructor arguments: "
             f"`{cls.__qualname__}.deserialize(path, *args, **kwargs)`."
         ) from err
     skeleton = eqx.combine(shapes, kept[0])
-    if from_file and "" in recorded:
-        skeleton = _numbers_as_saved(skeleton, metadata, cast(str, source))
+    if from_file and layout is not None and "" in recorded:
+        skeleton = _numbers_as_saved(skeleton, layout.entries)
     return _graft_arguments(skeleton, recorded)
 
 
@@ -3146,27 +3076,22 @@ def _is_dynamic_argument(leaf: Any) -> bool:
     return _is_jax_describable(leaf) or isinstance(leaf, jax.ShapeDtypeStruct)
 
 
-def _like_skeleton(like: Any, source: str) -> Any:
+def _like_skeleton(like: Any, layout: "_Layout | None") -> Any:
     """The skeleton `load_pytree` checks a file against: `like` with its arrays as
     `eqx.filter_eval_shape` describes them, a sharding over several devices kept."""
     dynamic, static = eqx.partition(like, _is_dynamic_argument)
     shapes = jax.eval_shape(lambda tree: tree, dynamic)
 
     def keep_sharding(shape: Any, leaf: Any) -> Any:
-        sharding = getattr(leaf, "sharding", None)
-        if (
-            isinstance(leaf, jax.ShapeDtypeStruct)
-            or not isinstance(leaf, jax.Array)
-            or isinstance(leaf, jax.core.Tracer)
-            or sharding is None
-            or len(sharding.device_set) < 2
-        ):
-            return leaf if isinstance(leaf, jax.ShapeDtypeStruct) else shape
+        if isinstance(leaf, jax.ShapeDtypeStruct):
+            return leaf
+        sharding = _leaf_sharding(leaf)
+        if sharding is None or len(sharding.device_set) < 2:
+            return shape
         return jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding)
 
     shapes = jtu.tree_map(keep_sharding, shapes, dynamic)
-    metadata = _checkpoint_metadata(source)
-    recorded = _parse_arguments(metadata.get("arguments"), source)
+    recorded = layout.arguments if layout is not None else {}
     return _graft_arguments(eqx.combine(shapes, static), recorded)
 
 
@@ -3181,25 +3106,168 @@ def _is_numpy_only(dtype: np.dtype) -> bool:
     return dtype.kind in "SUMm" or dtype.byteorder == ">"
 
 
-# Recorded constructor arguments
-#
-# In the file, the metadata entry `arguments` lists `[path, recording]` for every
-# `Serializable` in the tree that has one, where a recording is
-# `{"class": qualified name, "args": [...], "kwargs": [[name, value], ...]}`. A
-# value is None, a bool, int, float (finite) or str as itself, or an object with
-# one tag: {"float": bits} (not finite), {"complex": [bits, bits]},
-# {"list": [...]}, {"tuple": [...]}, {"dict": [[key, value], ...]},
-# {"array": [shape, dtype]}, {"numpy": [shape, dtype.str]} (a dtype JAX lacks),
-# {"key": [key shape, impl]}, or {"unrecordable": what it was}. Decoding builds
-# only these: no name in the file is ever imported or called.
+# The codec of every value in the metadata (FORMAT.md has its table): None, bools,
+# ints and strings are themselves; any other value is a list whose first item is its
+# tag. The same value has the same encoding wherever it is stored: a Python number of
+# the model, a static value described to be compared, a constructor argument.
 
-_RECORD_BUDGET = 1 << 16  # Values and string characters per argument.
-_RECORD_DEPTH = 32
+_DEPTH = 32
+_RECORD_BUDGET = 1 << 16  # Values and string characters per recorded argument.
 _TOO_MANY_DIGITS = 10**_MAX_INT_DIGITS
+_BITS = re.compile(r"[0-9a-f]{16}")
 
 
 class _Unrecordable(Exception):
     """An argument that a recording cannot hold; its message says what it is."""
+
+
+class _Malformed(Exception):
+    pass
+
+
+def _encode_value(value: Any, budget: list[int] | None = None, depth: int = 0) -> Any:
+    """`value` in the codec. With a `budget` (a one-item list: how many values and
+    string characters the encoding may still take), it is recorded to be rebuilt:
+    arrays as their shape and dtype, and what cannot be rebuilt raises
+    `_Unrecordable`. Without, it is described to be compared: exactly where it can
+    be, else by its name or type, the same in every process."""
+    kind = type(value)
+    if budget is not None:
+        budget[0] -= 1 + (len(value) if kind is str else 0)
+        if budget[0] < 0 or depth > _DEPTH:
+            raise _Unrecordable("a value too large or too deeply nested to record")
+    if value is None or kind is bool or kind is str:
+        return value
+    number: Any = value  # Exactly an int, a float or a complex below.
+    if kind is int:
+        if abs(number) < _TOO_MANY_DIGITS:
+            return number
+        if budget is not None:
+            raise _Unrecordable(f"an int of more than {_MAX_INT_DIGITS} digits")
+        return ["int", hex(number)]  # JSON and Python refuse it in decimal.
+    if kind is float:
+        return ["float", _float_bits(number)]
+    if kind is complex:
+        return ["complex", _float_bits(number.real), _float_bits(number.imag)]
+    if depth > _DEPTH:  # A deeper or cyclic value: its type alone.
+        return ["object", kind.__qualname__]
+    if isinstance(value, enum.Enum):
+        if budget is None:
+            return ["enum", kind.__qualname__, value.name]
+    elif isinstance(value, list | tuple | dict | set | frozenset):
+        if budget is None or kind in (list, tuple, dict):
+            return _encode_items(value, budget, depth)
+    elif budget is not None:
+        if isinstance(value, jax.ShapeDtypeStruct) or eqx.is_array(value):
+            return _record_array(value)
+    elif isinstance(value, type):
+        return ["type", value.__qualname__]
+    elif isinstance(value, np.dtype):
+        return ["dtype", _dtype_name(value)]
+    elif isinstance(value, np.generic | np.ndarray) and not value.dtype.hasobject:
+        shape, dtype = list(value.shape), _dtype_name(value.dtype)
+        return ["numpy", shape, dtype, value.tobytes().hex()]
+    elif dataclasses.is_dataclass(value):
+        fields = [
+            [item.name, _encode_value(getattr(value, item.name, None), None, depth + 1)]
+            for item in dataclasses.fields(value)
+        ]
+        return ["dataclass", kind.__qualname__, fields]
+    # `__name__`, not `__qualname__`: JAX has changed the latter between releases
+    # (`jax.numpy.tanh` became `tanh`).
+    name = getattr(value, "__name__", None) if callable(value) else None
+    if budget is not None:
+        if isinstance(name, str):
+            raise _Unrecordable(f"the function {name}")
+        raise _Unrecordable(f"an object of type {kind.__qualname__}")
+    if callable(value):
+        name = name or getattr(value, "__qualname__", None)
+        return ["function", name or kind.__qualname__]
+    return ["object", kind.__qualname__]
+
+
+def _encode_items(value: Any, budget: list[int] | None, depth: int) -> list[Any]:
+    """A list, tuple, dict or set (or, described, a subclass of one), by its type's
+    name: its items in order, those of a description's dict or set sorted."""
+    if isinstance(value, dict):
+        items = [
+            [_encode_value(k, budget, depth + 1), _encode_value(v, budget, depth + 1)]
+            for k, v in value.items()
+        ]
+    else:
+        items = [_encode_value(item, budget, depth + 1) for item in value]
+    if budget is None and isinstance(value, dict | set | frozenset):
+        items.sort(key=_json)
+    return [type(value).__qualname__, items]
+
+
+def _record_array(value: Any) -> list[Any]:
+    """An array argument as `["array", shape, dtype]` or `["key", shape, impl]`."""
+    if isinstance(value, np.ndarray) and type(value) is not np.ndarray:
+        raise _Unrecordable(f"a {type(value).__name__}")
+    shape, dtype = [int(size) for size in value.shape], value.dtype
+    if jnp.issubdtype(dtype, jax.dtypes.prng_key):
+        impl = _key_impl_name(dtype)
+        if impl not in _KEY_IMPLS:
+            raise _Unrecordable(f"a PRNG key of the implementation {impl!r}")
+        return ["key", shape, impl]
+    if _numpy_dtype(_dtype_name(dtype)) is None:
+        raise _Unrecordable(f"an array of dtype {dtype}")
+    return ["array", shape, _dtype_name(dtype)]
+
+
+def _decode_value(value: Any, depth: int = 0) -> Any:
+    """Inverse of `_encode_value` for what a recording or a Python number holds,
+    with arrays as `jax.ShapeDtypeStruct`s; raises `_Malformed`. It builds only
+    these values: no name in the file is ever imported or called."""
+    if value is None or type(value) in (bool, int, str):
+        return value
+    if depth > _DEPTH or not (type(value) is list and value):
+        raise _Malformed
+    tag, *body = value
+    if tag in ("float", "complex") and len(body) == (1 if tag == "float" else 2):
+        if all(type(bits) is str and _BITS.fullmatch(bits) for bits in body):
+            parts = [struct.unpack("<d", bytes.fromhex(b)[::-1])[0] for b in body]
+            return parts[0] if tag == "float" else complex(*parts)
+    if tag in ("list", "tuple", "dict") and len(body) == 1 and type(body[0]) is list:
+        if tag != "dict":
+            items = [_decode_value(item, depth + 1) for item in body[0]]
+            return items if tag == "list" else tuple(items)
+        if all(type(item) is list and len(item) == 2 for item in body[0]):
+            try:
+                return {
+                    _decode_value(k, depth + 1): _decode_value(v, depth + 1)
+                    for k, v in body[0]
+                }
+            except TypeError:  # An unhashable key.
+                raise _Malformed from None
+    if tag in ("array", "key") and len(body) == 2 and _is_shape(body[0]):
+        shape, name = tuple(body[0]), body[1]
+        if tag == "key" and name in _key_impl_types():
+            return jax.ShapeDtypeStruct(shape, _key_impl_types()[name][0])
+        dtype = _numpy_dtype(name) if tag == "array" else None
+        if dtype is not None and _is_numpy_only(dtype):
+            # A constant view: nothing of the shape is allocated.
+            return np.broadcast_to(np.zeros((), dtype), shape)
+        if dtype is not None:
+            return jax.ShapeDtypeStruct(shape, jax.dtypes.canonicalize_dtype(dtype))
+    if tag == "unrecordable":
+        what = body[0] if body and type(body[0]) is str else "not recorded"
+        raise _Unrecordable(what)
+    raise _Malformed
+
+
+def _float_bits(value: float) -> str:
+    """The IEEE 754 bits of a float, as 16 hex digits: NaN payloads and -0.0 too."""
+    return f"{struct.unpack('<Q', struct.pack('<d', value))[0]:016x}"
+
+
+# Recorded constructor arguments
+#
+# In the file, the metadata entry `arguments` lists `[path, recording]` for every
+# `Serializable` in the tree that has one, where a recording is
+# `{"class": qualified name, "args": [...], "kwargs": [[name, value], ...]}`, each
+# value in the codec above.
 
 
 def _record_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -3211,87 +3279,22 @@ def _record_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any
 
 
 def _record_argument(value: Any) -> Any:
-    budget = [_RECORD_BUDGET]
-
-    def encode(value: Any, depth: int) -> Any:
-        kind = type(value)
-        budget[0] -= 1 + (len(value) if kind is str else 0)
-        if budget[0] < 0 or depth > _RECORD_DEPTH:
-            raise _Unrecordable("a value too large or too deeply nested to record")
-        if value is None or kind is bool or kind is str:
-            return value
-        number: Any = value  # Exactly an int, a float or a complex below.
-        if kind is int:
-            if abs(number) >= _TOO_MANY_DIGITS:
-                raise _Unrecordable(f"an int of more than {_MAX_INT_DIGITS} digits")
-            return number
-        if kind is float:
-            return number if math.isfinite(number) else {"float": _float_bits(number)}
-        if kind is complex:
-            return {"complex": [_float_bits(number.real), _float_bits(number.imag)]}
-        if kind is list or kind is tuple:
-            return {kind.__name__: [encode(item, depth + 1) for item in value]}
-        if kind is dict:
-            items = cast(dict[Any, Any], value).items()
-            return {
-                "dict": [[encode(k, depth + 1), encode(v, depth + 1)] for k, v in items]
-            }
-        if isinstance(value, jax.ShapeDtypeStruct) or eqx.is_array(value):
-            return _record_array(value)
-        name = getattr(value, "__name__", None)
-        if callable(value) and isinstance(name, str):
-            raise _Unrecordable(f"the function {name}")
-        raise _Unrecordable(f"an object of type {kind.__qualname__}")
-
     try:
-        return encode(value, 0)
+        return _encode_value(value, [_RECORD_BUDGET])
     except _Unrecordable as reason:
-        return {"unrecordable": str(reason)}
+        return ["unrecordable", str(reason)]
     except Exception:  # A value whose attributes raise: never stop a constructor.
-        return {"unrecordable": f"an object of type {type(value).__qualname__}"}
-
-
-def _record_array(value: Any) -> Any:
-    if isinstance(value, np.ndarray) and type(value) is not np.ndarray:
-        raise _Unrecordable(f"a {type(value).__name__}")
-    numpy = isinstance(value, np.ndarray | np.generic)
-    tag, name = _recorded_dtype(value.dtype, numpy)
-    if tag is None:
-        raise _Unrecordable(name)
-    return {tag: [[int(size) for size in value.shape], name]}
-
-
-@functools.lru_cache(maxsize=512)
-def _recorded_dtype(dtype: Any, numpy: bool) -> tuple[str | None, str]:
-    """How a recording names an array's dtype: `(tag, name)`, or `(None, why not)`."""
-    if numpy and _is_numpy_only(dtype):
-        if _NUMPY_ONLY_DTYPE.fullmatch(dtype.str):
-            return "numpy", dtype.str
-        return None, f"an array of dtype {dtype}"
-    if jnp.issubdtype(dtype, jax.dtypes.prng_key):
-        impl = getattr(getattr(dtype, "_impl", None), "name", None)
-        if impl not in _KEY_IMPLS:
-            return None, f"a PRNG key of the implementation {impl!r}"
-        return "key", cast(str, impl)
-    name = np.dtype(dtype).name
-    if name not in _checkpoint_dtypes():
-        return None, f"an array of dtype {dtype}"
-    return "array", name
-
-
-class _Malformed(Exception):
-    pass
+        return ["unrecordable", f"an object of type {type(value).__qualname__}"]
 
 
 def _recorded_call(
-    cls: type, recording: Any, source: str
+    cls: type, recording: Any, source: _Source
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """The arguments to rebuild `cls` with, from the recording at the file's top."""
     if recording is None:
         return (), {}  # Tried as `cls()`; a failure says that nothing was recorded.
     if recording["class"] != cls.__qualname__:
-        raise _checkpoint_error(
-            source,
+        raise source.error(
             f"holds a model of class {recording['class']}, not {cls.__qualname__}. "
             f"Call `{recording['class']}.deserialize`, or pass the constructor "
             "arguments",
@@ -3301,10 +3304,10 @@ def _recorded_call(
     args, kwargs, missing = [], {}, []
     for index, (name, value) in enumerate(arguments):
         try:
-            rebuilt = _rebuild_argument(value, 0)
+            rebuilt = _decode_value(value)
         except _Malformed:
-            raise _checkpoint_error(
-                source, "has a malformed header (its recorded arguments)"
+            raise source.error(
+                "has a malformed header (its recorded arguments)"
             ) from None
         except _Unrecordable as reason:
             which = _argument_name(cls, index) if name is None else name
@@ -3319,7 +3322,7 @@ def _recorded_call(
         if len(missing) > 1:
             which += ", ".join(missing[:-1]) + " and " + missing[-1]
         raise TypeError(
-            f"Serializable.deserialize: the file '{source}' could not record the "
+            f"Serializable.deserialize: the file '{source.path}' could not record the "
             f"{which} of {cls.__qualname__}, so the model cannot be rebuilt from "
             "the file alone. Pass the constructor arguments: "
             f"`{cls.__qualname__}.deserialize(path, *args, **kwargs)`."
@@ -3339,48 +3342,6 @@ def _argument_name(cls: type, index: int) -> str:
     )
     names = [p.name for p in parameters if p.kind in positional]
     return names[index] if index < len(names) else f"positional argument {index}"
-
-
-def _rebuild_argument(value: Any, depth: int) -> Any:
-    """Inverse of `_record_argument`, with arrays as shapes; raises `_Malformed`."""
-    if value is None or type(value) in (bool, int, float, str):
-        return value
-    if depth > _RECORD_DEPTH or not (type(value) is dict and len(value) == 1):
-        raise _Malformed
-    ((tag, body),) = value.items()
-    if tag == "unrecordable":
-        raise _Unrecordable(body if type(body) is str else "not recorded")
-    if tag == "float" and type(body) is str and _BITS.fullmatch(body):
-        return _decode_scalar(["float", body], _FORMAT_VERSION)
-    if tag == "complex" and type(body) is list and len(body) == 2:
-        if all(type(part) is str and _BITS.fullmatch(part) for part in body):
-            return _decode_scalar(["complex", *body], _FORMAT_VERSION)
-    if tag in ("list", "tuple") and type(body) is list:
-        items = [_rebuild_argument(item, depth + 1) for item in body]
-        return items if tag == "list" else tuple(items)
-    if tag == "dict" and type(body) is list:
-        if all(type(item) is list and len(item) == 2 for item in body):
-            pairs = [
-                (_rebuild_argument(k, depth + 1), _rebuild_argument(v, depth + 1))
-                for k, v in body
-            ]
-            try:
-                return dict(pairs)
-            except TypeError:  # An unhashable key.
-                raise _Malformed from None
-    if tag in ("array", "numpy", "key") and type(body) is list and len(body) == 2:
-        shape, name = body
-        if not _is_shape(shape) or type(name) is not str:
-            raise _Malformed
-        if tag == "array" and name in _checkpoint_dtypes():
-            dtype = jax.dtypes.canonicalize_dtype(_checkpoint_dtypes()[name])
-            return jax.ShapeDtypeStruct(tuple(shape), dtype)
-        if tag == "numpy" and _NUMPY_ONLY_DTYPE.fullmatch(name):
-            # A constant view: nothing of the shape is allocated.
-            return np.broadcast_to(np.zeros((), np.dtype(name)), tuple(shape))
-        if tag == "key" and name in _key_impl_types():
-            return jax.ShapeDtypeStruct(tuple(shape), _key_impl_types()[name][0])
-    raise _Malformed
 
 
 def _serializables(tree: Any, path: _KeyPath = ()) -> Iterator[tuple[_KeyPath, Any]]:
@@ -3416,46 +3377,25 @@ def _graft_arguments(skeleton: Any, recorded: dict[str, Any]) -> Any:
     return skeleton
 
 
-def _checkpoint_metadata(source: str) -> dict[str, Any]:
-    """The checked `__metadata__` of a checkpoint; empty for other files."""
-    with open(source, "rb") as file:
-        size = os.fstat(file.fileno()).st_size
-        start = file.read(_LENGTH.size + 1)
-        if not start:
-            raise _checkpoint_error(source, "is empty")
-        if start.startswith(_NUMPY_MAGIC) or _V1_MAGIC.startswith(
-            start[: len(_V1_MAGIC)]
-        ):
-            return {}
-        # Only the metadata: the leaves and the structure are checked when the file
-        # is read.
-        return _read_metadata(file, start, source, size)[2]
-
-
-def _numbers_as_saved(skeleton: Any, metadata: dict[str, Any], source: str) -> Any:
+def _numbers_as_saved(skeleton: Any, entries: list[dict[str, Any]]) -> Any:
     """`skeleton` with each Python number that the file holds as a 0-d array (a
     number that a `filter_scan` or `filter_cond` traced after construction) as
     that array's shape and dtype: the recorded call cannot know of the change."""
-    text = metadata.get("leaves", "").encode(errors="surrogatepass")
-    entries = _parse_json(text, source)
-    saved = {}
-    for entry in entries if isinstance(entries, list) else []:
-        if isinstance(entry, dict) and isinstance(entry.get("path"), str):
-            saved[entry["path"]] = entry  # Checked when the file is read.
+    saved = {entry["path"]: entry for entry in entries}
 
     def as_saved(key_path: _KeyPath, leaf: Any) -> Any:
         entry = saved.get(_keystr(key_path)) if _is_python_number(leaf) else None
-        if entry is None or entry.get("kind") not in ("jax", "numpy", "numpy_scalar"):
+        if entry is None or entry["kind"] == "scalar" or entry["shape"] != []:
             return leaf
-        dtype = _numpy_dtype(entry.get("dtype"))
-        if entry.get("shape") != [] or dtype is None or _is_numpy_only(dtype):
+        dtype = cast(np.dtype, _numpy_dtype(entry["dtype"]))
+        if entry["kind"] == "key" or _is_numpy_only(dtype):
             return leaf
         return jax.ShapeDtypeStruct((), jax.dtypes.canonicalize_dtype(dtype))
 
     return jtu.tree_map_with_path(as_saved, skeleton)
 
 
-def _parse_arguments(text: Any, source: str) -> dict[str, Any]:
+def _parse_arguments(text: Any, source: _Source) -> dict[str, Any]:
     """The `arguments` metadata entry, checked to be well formed."""
     if text is None:
         return {}
@@ -3479,9 +3419,7 @@ def _parse_arguments(text: Any, source: str) -> dict[str, Any]:
             )
         )
         if not well_formed:
-            raise _checkpoint_error(
-                source, "has a malformed header (its recorded arguments)"
-            )
+            raise source.error("has a malformed header (its recorded arguments)")
         found[item[0]] = item[1]
     return found
 
@@ -3489,47 +3427,16 @@ def _parse_arguments(text: Any, source: str) -> dict[str, Any]:
 # Writing
 
 
-def _host_array(path: str, leaf: Any) -> "np.ndarray | _Spanning":
-    """A NumPy copy or view of an array leaf, refusing what cannot load exactly.
-
-    An array that spans several processes stays where it is: each process writes
-    its own shards (`_write_from_processes`).
-    """
+def _host_array(leaf: Any) -> "np.ndarray | jax.Array":
+    """A NumPy copy or view of an array leaf that `_check_saveable` passed. An array
+    that spans several processes stays a JAX array (key data for a key): each
+    process writes its own shards (`_write_from_processes`)."""
     if isinstance(leaf, jax.Array):
         if _is_key_array(leaf):
             leaf = jax.random.key_data(leaf)
         if not leaf.is_fully_addressable:
-            return _Spanning(leaf)
+            return leaf
         return np.asarray(leaf, order="C")  # Gathers sharded arrays.
-    problem = None
-    if isinstance(leaf, np.ma.MaskedArray):
-        problem = (
-            "a masked array, whose mask would be lost. Save `x.data` and "
-            "`x.mask` as two leaves, or `x.filled()`"
-        )
-    elif isinstance(leaf, np.ndarray) and type(leaf) is not np.ndarray:
-        problem = (
-            f"a {type(leaf).__name__}, which would load as a plain ndarray. "
-            "Save `np.asarray(x)`"
-        )
-    elif leaf.dtype.hasobject:
-        problem = (
-            "an array of Python objects, which a checkpoint cannot hold without "
-            "pickle. Make the field static, or convert its items to numbers"
-        )
-    elif leaf.dtype.fields is not None or leaf.dtype.subdtype is not None:
-        problem = (
-            f"an array of structured dtype {leaf.dtype}. Save each of its fields "
-            "as an array of its own"
-        )
-    elif _numpy_dtype(_dtype_name(leaf.dtype)) is None:
-        problem = (
-            f"an array of dtype {leaf.dtype}, which a checkpoint cannot restore "
-            "exactly. Convert it to a dtype of JAX, a string or a dated dtype "
-            "with a unit"
-        )
-    if problem is not None:
-        raise TypeError(f"{_API.get().save}: the leaf at path {path} is {problem}.")
     if leaf.dtype.byteorder == ">":  # Stored little-endian, as safetensors wants.
         return np.asarray(leaf, dtype=leaf.dtype.newbyteorder("<"), order="C")
     return np.asarray(leaf, order="C")
@@ -3559,32 +3466,50 @@ def _numpy_dtype(name: Any) -> np.dtype | None:
 def _write_checkpoint(
     model: Any,
     target: pathlib.Path,
+    function: str,
     kinds: dict[int, tuple[str, str | None]] | None = None,
 ) -> None:
     try:
-        header, blocks = _encode(model, kinds or {})
+        header, blocks = _encode(model, kinds or {}, function)
     except Exception as err:
         if _spans_processes(model):
-            _fail_across_processes(err)
+            _fail_across_processes(err, function)
         raise
-    if any(isinstance(block, _Spanning) for block in blocks):
-        _write_from_processes(header, blocks, target)
+    if any(isinstance(block, jax.Array) for block in blocks):
+        _write_from_processes(header, blocks, target, function)
         return
-    target.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = _create_temporary(target)
-    try:
-        with (
-            os.fdopen(descriptor, "wb") as file,
-            concurrent.futures.ThreadPoolExecutor(max_workers=1) as checksummer,
-        ):
-            file.write(_LENGTH.pack(len(header)))
-            file.write(header)  # Its CRC slots still hold zeros.
+
+    def write_data(file: IO[bytes], temporary: pathlib.Path) -> list[int]:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as checksummer:
             checksums = []
             for block in blocks:  # Both `crc32` and `write` release the GIL.
                 checksums.append(checksummer.submit(zlib.crc32, block.data))
                 file.write(block.data)
+            return [checksum.result() for checksum in checksums]
+
+    _write_atomically(target, header, write_data)
+
+
+def _write_atomically(
+    target: pathlib.Path,
+    header: bytes,
+    write_data: Callable[[IO[bytes], pathlib.Path], list[int]],
+) -> None:
+    """Write a checkpoint to a new file beside `target`, then rename it over `target`.
+
+    `write_data(file, temporary)` writes the data after the header and returns each
+    array's CRC-32, which then fill in the header. A failure removes the temporary
+    file and leaves `target` as it was.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = _create_temporary(target)
+    try:
+        with os.fdopen(descriptor, "r+b") as file:
+            file.write(_LENGTH.pack(len(header)))
+            file.write(header)  # Its CRC slots still hold zeros.
+            checksums = write_data(file, temporary)
             file.seek(_LENGTH.size)
-            file.write(_filled_header(header, [c.result() for c in checksums]))
+            file.write(_filled_header(header, checksums))
             file.flush()
             os.fsync(file.fileno())
         _replace(temporary, target)
@@ -3645,36 +3570,11 @@ _saves_across_processes = [0]
 _Region = tuple[tuple[int, int], ...]  # A shard's `(start, stop)` along each axis.
 
 
-@dataclasses.dataclass
-class _Spanning:
-    """An array leaf (key data for keys) that spans several processes."""
-
-    array: jax.Array
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.array.shape)
-
-    @property
-    def dtype(self) -> np.dtype:
-        return np.dtype(self.array.dtype)
-
-    @property
-    def ndim(self) -> int:
-        return self.array.ndim
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
-
-
-def _client() -> Any:
-    from jax._src import distributed
-
-    client = distributed.global_state.client
+def _client(function: str) -> Any:
+    client = _distributed_client()
     if client is None:
         raise ValueError(
-            f"{_API.get().save}: the {_API.get().tree} holds arrays that span "
+            f"{function}: the {_saving(function)[1]} holds arrays that span "
             "several processes, but `jax.distributed` is not initialized here. Call "
             "`jax.distributed.initialize` in every process first."
         )
@@ -3685,20 +3585,20 @@ def _publish(client: Any, key: str, value: str) -> None:
     client.key_value_set(key, value)
 
 
-def _await(client: Any, key: str, waiting_for: str) -> str:
+def _await(client: Any, key: str, waiting_for: str, function: str) -> str:
     """The value published at `key`; raises if it is a failure or does not come."""
     try:
         value = client.blocking_key_value_get(key, int(_PROCESS_TIMEOUT_S * 1000))
     except Exception as err:  # The runtime's own error, on its deadline.
+        save_call, what = _saving(function)
         raise TimeoutError(
-            f"{_API.get().save}: process {jax.process_index()} waited "
+            f"{function}: process {jax.process_index()} waited "
             f"{_PROCESS_TIMEOUT_S:g} s for {waiting_for}, in vain. Every process "
-            f"must call `{_API.get().save_call}` on the same {_API.get().tree}, in "
-            "the same order as the other saves of arrays that span processes "
-            f"({err})."
+            f"must call `{save_call}` on the same {what}, in the same order as the "
+            f"other saves of arrays that span processes ({err})."
         ) from err
     if value.startswith(_FAILED):
-        raise ValueError(f"{_API.get().save}: {value[len(_FAILED) :]}")
+        raise ValueError(f"{function}: {value[len(_FAILED) :]}")
     return value
 
 
@@ -3718,19 +3618,20 @@ def _spans_processes(tree: Any) -> bool:
     )
 
 
-def _fail_across_processes(err: BaseException) -> None:
+def _fail_across_processes(err: BaseException, function: str) -> None:
     """Before a save across processes raises ahead of the exchange (a bad path or
     leaf here only), tell the others, so that they raise too and their next saves
     pair up with this process's next one."""
     me = jax.process_index()
-    _publish(_client(), f"{_next_prefix()}/header/{me}", _FAILED + _failure(me, err))
+    message = _FAILED + _failure(me, err, function)
+    _publish(_client(function), f"{_next_prefix()}/header/{me}", message)
 
 
 def _write_from_processes(
-    header: bytes, blocks: list[Any], target: pathlib.Path
+    header: bytes, blocks: list[Any], target: pathlib.Path, function: str
 ) -> None:
     """Write one checkpoint from every process, as described above."""
-    client = _client()
+    client = _client(function)
     me, count = jax.process_index(), jax.process_count()
     prefix = _next_prefix()
     data_at = _LENGTH.size + len(header)
@@ -3738,65 +3639,64 @@ def _write_from_processes(
     # Each process checks that all describe the same model (structure, shapes,
     # dtypes, static values, Python numbers, and the values of the leaves that do
     # not span processes, which process 0 writes) before any writes.
-    local = [None if isinstance(b, _Spanning) else zlib.crc32(b.data) for b in blocks]
+    local = [None if isinstance(b, jax.Array) else zlib.crc32(b.data) for b in blocks]
     agreed = zlib.crc32(_json([str(target), local]).encode(), zlib.crc32(header))
     _publish(client, f"{prefix}/header/{me}", f"{agreed:08x}")
     headers = {
-        _await(client, f"{prefix}/header/{other}", f"process {other}'s header")
+        _await(
+            client, f"{prefix}/header/{other}", f"process {other}'s header", function
+        )
         for other in range(count)
     }
     if len(headers) != 1:
+        what = _saving(function)[1]
         raise ValueError(
-            f"{_API.get().save}: the processes passed different paths or different "
-            f"{_API.get().tree}s (their structure, shapes, dtypes, static values, "
-            "Python numbers or the values of arrays that do not span processes "
-            f"differ). Every process must save the same {_API.get().tree} to the "
-            "same path."
+            f"{function}: the processes passed different paths or different "
+            f"{what}s (their structure, shapes, dtypes, static values, Python numbers "
+            "or the values of arrays that do not span processes differ). Every "
+            f"process must save the same {what} to the same path."
         )
     if me != 0:
-        where = _await(client, f"{prefix}/temporary", "process 0 to create the file")
+        where = _await(
+            client, f"{prefix}/temporary", "process 0 to create the file", function
+        )
         try:
             _write_shards(pathlib.Path(where), blocks, offsets)
         except BaseException as err:
-            _publish(client, f"{prefix}/written/{me}", _FAILED + _failure(me, err))
+            message = _FAILED + _failure(me, err, function)
+            _publish(client, f"{prefix}/written/{me}", message)
             raise
         _publish(client, f"{prefix}/written/{me}", "ok")
-        _await(client, f"{prefix}/done", "process 0 to finish the file")
+        _await(client, f"{prefix}/done", "process 0 to finish the file", function)
         return
-    temporary = None
     published = False
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        descriptor, temporary = _create_temporary(target)
-        with os.fdopen(descriptor, "wb") as file:
-            file.write(_LENGTH.pack(len(header)))
-            file.write(header)
-            for block, offset in zip(blocks, offsets, strict=False):
-                if not isinstance(block, _Spanning):
-                    file.seek(offset)
-                    file.write(block.data)
-            file.truncate(offsets[-1])
+
+    def write_data(file: IO[bytes], temporary: pathlib.Path) -> list[int]:
+        nonlocal published
+        for block, offset in zip(blocks, offsets, strict=False):
+            if not isinstance(block, jax.Array):
+                file.seek(offset)
+                file.write(block.data)
+        file.truncate(offsets[-1])
+        file.flush()
         _publish(client, f"{prefix}/temporary", str(temporary))
         published = True
         _write_shards(temporary, blocks, offsets)
         for other in range(1, count):
-            _await(client, f"{prefix}/written/{other}", f"process {other}'s shards")
-        with open(temporary, "r+b") as file:
-            checksums = [
-                _stream_crc(file, offset, block.nbytes) if crc is None else crc
-                for block, offset, crc in zip(blocks, offsets, local, strict=False)
-            ]
-            file.seek(_LENGTH.size)
-            file.write(_filled_header(header, checksums))
-            file.flush()
-            os.fsync(file.fileno())
-        _replace(temporary, target)
-        _fsync_folder(target.parent)
+            waiting_for = f"process {other}'s shards"
+            _await(client, f"{prefix}/written/{other}", waiting_for, function)
+        source = _Source(str(temporary), function)
+        return [
+            _stream_into_shards(file, _spanning_entry(block, offset), {}, source)
+            if crc is None
+            else crc
+            for block, offset, crc in zip(blocks, offsets, local, strict=False)
+        ]
+
+    try:
+        _write_atomically(target, header, write_data)
     except BaseException as err:
-        if temporary is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temporary)
-        message = _FAILED + _failure(0, err)
+        message = _FAILED + _failure(0, err, function)
         if not published:
             _publish(client, f"{prefix}/temporary", message)
         _publish(client, f"{prefix}/done", message)
@@ -3804,8 +3704,14 @@ def _write_from_processes(
     _publish(client, f"{prefix}/done", "ok")
 
 
-def _failure(process: int, err: BaseException) -> str:
-    text = str(err).removeprefix(f"{_API.get().save}: ")
+def _spanning_entry(block: jax.Array, offset: int) -> dict[str, Any]:
+    """What `_stream_into_shards` needs to know of a tensor the processes wrote."""
+    shape, dtype = list(block.shape), _dtype_name(block.dtype)
+    return {"path": "", "dtype": dtype, "shape": shape, "offset": offset}
+
+
+def _failure(process: int, err: BaseException, function: str) -> str:
+    text = str(err).removeprefix(f"{function}: ")
     return (
         f"process {process} failed to write its part of the checkpoint, so nothing "
         f"was saved: {type(err).__name__}: {text}"
@@ -3821,10 +3727,10 @@ def _write_shards(
     descriptor = os.open(temporary, flags)
     try:
         for block, offset in zip(blocks, offsets, strict=False):
-            if not isinstance(block, _Spanning):
+            if not isinstance(block, jax.Array):
                 continue
             shape, itemsize = block.shape, block.dtype.itemsize
-            for shard in block.array.addressable_shards:
+            for shard in block.addressable_shards:
                 if shard.replica_id != 0:
                     continue
                 region = _region(shard.index, shape)
@@ -3868,21 +3774,6 @@ def _write_region(
             )
 
 
-def _stream_crc(file: IO[bytes], offset: int, nbytes: int) -> int:
-    """The CRC-32 of `nbytes` of `file` from `offset`, through a bounded buffer."""
-    buffer = np.empty(min(nbytes, _CHUNK_BYTES), np.uint8)
-    crc = 0
-    file.seek(offset)
-    done = 0
-    while done < nbytes:
-        view = buffer[: min(buffer.size, nbytes - done)]
-        if file.readinto(view.data) != view.size:  # type: ignore[attr-defined]
-            raise ValueError("the temporary file is shorter than written")
-        crc = zlib.crc32(view.data, crc)
-        done += view.size
-    return crc
-
-
 @functools.cache
 def _closer() -> concurrent.futures.ThreadPoolExecutor:
     return concurrent.futures.ThreadPoolExecutor(max_workers=1)
@@ -3894,7 +3785,7 @@ def _create_temporary(target: pathlib.Path) -> tuple[int, pathlib.Path]:
     Its name stays short whatever the length of the target's.
     """
     stem = os.fsdecode(os.fsencode(target.name)[:64])
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
     while True:
         temporary = target.parent / f".{stem}.{secrets.token_hex(4)}.tmp"
         with contextlib.suppress(FileExistsError):
@@ -3912,7 +3803,7 @@ def _fsync_folder(folder: pathlib.Path) -> None:
 
 
 def _encode(
-    model: Any, kinds: dict[int, tuple[str, str | None]]
+    model: Any, kinds: dict[int, tuple[str, str | None]], function: str
 ) -> tuple[bytes, list[Any]]:
     """The header, with zeros in its CRC slots, and each array's bytes (as uint8)."""
     leaves: list[dict[str, Any]] = []
@@ -3920,24 +3811,20 @@ def _encode(
     blocks = []
     offset = 0
     flat = jtu.tree_flatten_with_path(model)[0]
-    _check_saveable(flat)
+    _check_saveable(flat, function)
     for index, (key_path, leaf) in enumerate(flat):
         path = _keystr(key_path)
         if index in kinds:  # A traced leaf, now on the host.
             kind, impl = kinds[index]
             data = np.asarray(leaf, order="C")
+        elif isinstance(leaf, jax.Array):
+            (kind, impl), data = _jax_kind(leaf), _host_array(leaf)
         elif eqx.is_array(leaf):
-            impl = None
-            if isinstance(leaf, jax.Array):
-                kind = "jax_weak" if _is_weak(leaf) else "jax"
-                if _is_key_array(leaf):
-                    kind, impl = "key", _key_impl_name(leaf)
-            else:
-                kind = "numpy_scalar" if isinstance(leaf, np.generic) else "numpy"
-            data = _host_array(path, leaf)
+            kind = "numpy_scalar" if isinstance(leaf, np.generic) else "numpy"
+            impl, data = None, _host_array(leaf)
         elif type(leaf) in _PYTHON_SCALARS:
             leaves.append(
-                {"path": path, "kind": "scalar", "value": _encode_scalar(leaf)}
+                {"path": path, "kind": "scalar", "value": _encode_value(leaf)}
             )
             continue
         else:
@@ -3955,7 +3842,7 @@ def _encode(
             entry.update(
                 impl=impl, key_shape=entry["shape"][: data.ndim - len(impl_shape)]
             )
-        block = data if isinstance(data, _Spanning) else data.reshape(-1).view(np.uint8)
+        block = data if isinstance(data, jax.Array) else data.reshape(-1).view(np.uint8)
         stored_dtype, stored_shape = _stored_type(entry["dtype"], entry["shape"])
         tensors[path] = {
             "dtype": stored_dtype,
@@ -3971,7 +3858,7 @@ def _encode(
         "library_version": __version__,
         "class": _qualified_name(type(model)),
         "leaves": _json(leaves),
-        "structure": _json(_structure(model, _describe_static)),
+        "structure": _json(_structure(model)),
     }
     recordings = _recordings(model)
     if recordings:
@@ -3981,12 +3868,11 @@ def _encode(
     header = _json({"__metadata__": metadata, **tensors}).encode()
     parts = [header, metadata["leaves"].encode(), metadata["structure"].encode()]
     parts.append(metadata.get("arguments", "").encode())
-    api = _API.get()
     for part in parts:
         count = _count_containers(part)
         if count > _MAX_CONTAINERS:  # As the reader would refuse it.
             raise ValueError(
-                f"{api.save}: the {api.tree} needs {count} JSON lists and "
+                f"{function}: the {_saving(function)[1]} needs {count} JSON lists and "
                 f"objects in one part of its checkpoint header, more than the "
                 f"{_MAX_CONTAINERS} a checkpoint may hold. Stack its leaves into "
                 "fewer, larger arrays (`stack_pytree`)."
@@ -3995,11 +3881,8 @@ def _encode(
 
 
 def _keystr(key_path: _KeyPath) -> str:
-    """`jax.tree_util.keystr`, with NumPy scalar keys rendered as NumPy 1.x does.
-
-    NumPy 2 renders `np.int64(1)` as `np.int64(1)`, NumPy 1 as `1`; a leaf path
-    names a tensor in the file, so it must not depend on the NumPy version.
-    """
+    """`jax.tree_util.keystr`, with NumPy scalar keys rendered as NumPy 1.x does: a
+    leaf path names a tensor in the file, so it must not depend on NumPy's version."""
     if _NUMPY_2 and any(
         isinstance(getattr(key, "key", None), np.generic) for key in key_path
     ):
@@ -4008,51 +3891,82 @@ def _keystr(key_path: _KeyPath) -> str:
     return jtu.keystr(key_path)
 
 
-_NUMPY_2 = int(np.__version__.split(".")[0]) >= 2
+def _jax_kind(leaf: Any) -> tuple[str, str | None]:
+    """How a JAX array or tracer is saved: its kind, and a key's implementation."""
+    if _is_key_array(leaf):
+        return "key", _key_impl_name(leaf.dtype)
+    weak = getattr(getattr(leaf, "aval", None), "weak_type", False)  # jnp.asarray(2.0)
+    return ("jax_weak" if weak else "jax"), None
 
 
-def _is_weak(leaf: Any) -> bool:
-    """Whether a JAX array or tracer is weakly typed (as `jnp.asarray(2.0)`)."""
-    return bool(getattr(getattr(leaf, "aval", None), "weak_type", False))
-
-
-def _check_saveable(flat: list[tuple[_KeyPath, Any]]) -> None:
+def _check_saveable(flat: list[tuple[_KeyPath, Any]], function: str) -> None:
     """Refuse leaves that would save a file that cannot load, naming the leaf."""
-    names: dict[str, Any] = {}
+    names = set()
     for key_path, leaf in flat:
         path = _keystr(key_path)
-        problem = None
-        if isinstance(leaf, jax.ShapeDtypeStruct):
-            problem = (
-                "a jax.ShapeDtypeStruct, a shape and dtype without values. Save a "
-                "model whose arrays hold values"
-            )
-        elif type(leaf) is int and abs(leaf) >= 10**_MAX_INT_DIGITS:
-            problem = (
-                f"a Python int of more than {_MAX_INT_DIGITS} digits. Save it as "
-                "a NumPy array of its bytes, or as a static field"
-            )
-        elif (
-            eqx.is_array(leaf)
-            and _is_key_array(leaf)
-            and _key_impl_name(cast(jax.Array, leaf)) not in _KEY_IMPLS
-        ):
-            impl = _key_impl_name(cast(jax.Array, leaf))
-            problem = (
-                f"a PRNG key of the custom implementation {impl!r}; "
-                f"a checkpoint holds keys of {', '.join(_KEY_IMPLS)} only. Save "
-                "`jax.random.key_data(key)` instead and wrap it after loading"
-            )
+        problem = _unsaveable(leaf)
         if problem is not None:
-            raise TypeError(f"{_API.get().save}: the leaf at path {path} is {problem}.")
+            raise TypeError(f"{function}: the leaf at path {path} is {problem}.")
         if eqx.is_array(leaf):
             if path in names:
                 raise ValueError(
-                    f"{_API.get().save}: two array leaves have the same path "
+                    f"{function}: two array leaves have the same path "
                     f"{path} (`jax.tree_util.keystr`), so the checkpoint would name "
                     "one tensor twice. Give the dict keys distinct reprs."
                 )
-            names[path] = leaf
+            names.add(path)
+
+
+def _unsaveable(leaf: Any) -> str | None:
+    """What a leaf is, and the fix, if a checkpoint cannot restore it exactly."""
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        return (
+            "a jax.ShapeDtypeStruct, a shape and dtype without values. Save a "
+            "model whose arrays hold values"
+        )
+    if type(leaf) is int and abs(leaf) >= _TOO_MANY_DIGITS:
+        return (
+            f"a Python int of more than {_MAX_INT_DIGITS} digits. Save it as "
+            "a NumPy array of its bytes, or as a static field"
+        )
+    if isinstance(leaf, jax.Array):
+        impl = _key_impl_name(leaf.dtype) if _is_key_array(leaf) else None
+        if impl is None or impl in _KEY_IMPLS:
+            return None
+        return (
+            f"a PRNG key of the custom implementation {impl!r}; "
+            f"a checkpoint holds keys of {', '.join(_KEY_IMPLS)} only. Save "
+            "`jax.random.key_data(key)` instead and wrap it after loading"
+        )
+    if not isinstance(leaf, np.ndarray | np.generic):
+        return None
+    if isinstance(leaf, np.ma.MaskedArray):
+        return (
+            "a masked array, whose mask would be lost. Save `x.data` and "
+            "`x.mask` as two leaves, or `x.filled()`"
+        )
+    if isinstance(leaf, np.ndarray) and type(leaf) is not np.ndarray:
+        return (
+            f"a {type(leaf).__name__}, which would load as a plain ndarray. "
+            "Save `np.asarray(x)`"
+        )
+    if leaf.dtype.hasobject:
+        return (
+            "an array of Python objects, which a checkpoint cannot hold without "
+            "pickle. Make the field static, or convert its items to numbers"
+        )
+    if leaf.dtype.fields is not None or leaf.dtype.subdtype is not None:
+        return (
+            f"an array of structured dtype {leaf.dtype}. Save each of its fields "
+            "as an array of its own"
+        )
+    if _numpy_dtype(_dtype_name(leaf.dtype)) is None:
+        return (
+            f"an array of dtype {leaf.dtype}, which a checkpoint cannot restore "
+            "exactly. Convert it to a dtype of JAX, a string or a dated dtype "
+            "with a unit"
+        )
+    return None
 
 
 def _count_containers(text: bytes) -> int:
@@ -4064,7 +3978,7 @@ def _count_containers(text: bytes) -> int:
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 
 
-def _original_dtype(leaf: Any, data: "np.ndarray | _Spanning") -> np.dtype:
+def _original_dtype(leaf: Any, data: "np.ndarray | jax.Array") -> np.dtype:
     """The dtype to restore: the leaf's own where NumPy's bytes were swapped."""
     if isinstance(leaf, np.ndarray | np.generic) and leaf.dtype.byteorder == ">":
         return leaf.dtype
@@ -4083,66 +3997,14 @@ def _stored_type(dtype: str, shape: list[int]) -> tuple[str, list[int]]:
     return "U8", shape + [itemsize] if itemsize > 1 else shape
 
 
-def _key_impl_name(key: jax.Array) -> str:
-    impl = jax.random.key_impl(key)
-    if isinstance(impl, str):
-        return impl
-    # Older JAX returns a spec object whose `str` is a short tag, not a name.
-    return getattr(getattr(impl, "_impl", None), "name", str(impl))
-
-
-def _float_bits(value: float) -> str:
-    return f"{struct.unpack('<Q', struct.pack('<d', value))[0]:016x}"
-
-
-def _encode_scalar(value: Any) -> list[Any]:
-    """A Python number as text that restores it bit for bit (NaN payloads too)."""
-    if isinstance(value, bool | int):
-        return [type(value).__name__, str(value)]
-    if isinstance(value, float):
-        return ["float", _float_bits(value)]
-    return ["complex", _float_bits(value.real), _float_bits(value.imag)]
-
-
-_INTEGER = re.compile(r"-?(0|[1-9][0-9]{0,4299})")
-_BITS = re.compile(r"[0-9a-f]{16}")
-
-
-def _decode_scalar(encoded: Any, version: int) -> Any:
-    """Inverse of `_encode_scalar` (or of format 1's); ValueError if malformed."""
-    if not (isinstance(encoded, list) and encoded):
-        raise ValueError(f"unknown encoding of a Python number: {encoded!r}")
-    kind, *parts = encoded
-    if not all(isinstance(part, str) for part in parts):
-        raise ValueError(f"unknown encoding of a Python number: {encoded!r}")
-    if kind == "bool" and parts in (["True"], ["False"]):
-        return parts == ["True"]
-    if kind == "int" and len(parts) == 1 and _INTEGER.fullmatch(parts[0]):
-        return int(parts[0])
-    if kind in ("float", "complex") and len(parts) == (1 if kind == "float" else 2):
-        if version == 1:
-            values = [float.fromhex(part) for part in parts]
-        elif all(_BITS.fullmatch(part) for part in parts):
-            values = [
-                struct.unpack("<d", int(p, 16).to_bytes(8, "little"))[0] for p in parts
-            ]
-        else:
-            raise ValueError(f"unknown encoding of a Python number: {encoded!r}")
-        return values[0] if kind == "float" else complex(*values)
-    raise ValueError(f"unknown encoding of a Python number: {encoded!r}")
-
-
 def _qualified_name(obj: Any) -> str:
     return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', '?')}"
 
 
-def _structure(tree: Any, describe: Callable[[Any], Any]) -> list[list[Any]]:
-    """A description of `tree` without its array and scalar values.
-
-    One `[path, description]` pair per node and leaf, in flattening order. It uses
-    type and function names, never a `repr` or an address, so the same model gives
-    the same description in every process and on every machine.
-    """
+def _structure(tree: Any) -> list[list[Any]]:
+    """`[path, description]` of every node and leaf of `tree`, in flattening order,
+    without array and scalar values: the same in every process and on every machine
+    (names, never a `repr` or an address)."""
     entries: list[list[Any]] = []
 
     def visit(node: Any, path: _KeyPath) -> None:
@@ -4150,109 +4012,31 @@ def _structure(tree: Any, describe: Callable[[Any], Any]) -> list[list[Any]]:
         if eqx.is_array(node) or isinstance(node, jax.ShapeDtypeStruct):
             entries.append([where, "array"])
             return
-        if isinstance(node, _PYTHON_SCALARS) and (
-            describe is _describe_static_v1 or type(node) in _PYTHON_SCALARS
-        ):
+        if type(node) in _PYTHON_SCALARS:
             entries.append([where, ["scalar", type(node).__name__]])
             return
         children, node_def = jtu.tree_flatten_with_path(
             node, is_leaf=_is_strict_child(node)
         )
         if jtu.treedef_is_leaf(node_def) and node is not None:
-            entries.append([where, describe(node)])
+            entries.append([where, _encode_value(node)])
             return
         description: dict[str, Any] = {"node": type(node).__qualname__}
         if isinstance(node, eqx.Module):
             description["static"] = {
-                name: describe(getattr(node, name, None))
+                name: _encode_value(getattr(node, name, None))
                 for name in _static_fields(node)
                 if name != _ARGUMENTS_FIELD  # Recorded apart, under `arguments`.
             }
         elif isinstance(node, dict):  # Keys in JAX's (sorted) order, not insertion's.
             keys = [getattr(key[0], "key", key[0]) for key, _ in children]
-            description["keys"] = [describe(key) for key in keys]
+            description["keys"] = [_encode_value(key) for key in keys]
         entries.append([where, description])
         for key, child in children:
             visit(child, path + key)
 
     visit(tree, ())
     return entries
-
-
-def _describe_static(value: Any, depth: int = 0) -> Any:
-    """A JSON description of a static value that is the same in every process.
-
-    Values are described exactly (float bits, dict items in a canonical order, the
-    fields of a dataclass), functions and other objects by their names.
-    """
-    if type(value) is int and abs(value) >= 10**_MAX_INT_DIGITS:
-        return ["int", hex(value)]  # JSON and Python refuse it in decimal.
-    if value is None or type(value) in (bool, int, str):
-        return value
-    if depth > 32:  # A deeper or cyclic value: its type alone.
-        return ["object", type(value).__qualname__]
-    if type(value) is float:
-        return ["float", _float_bits(value)]
-    if type(value) is complex:
-        return ["complex", _float_bits(value.real), _float_bits(value.imag)]
-    if isinstance(value, enum.Enum):
-        return ["enum", type(value).__qualname__, value.name]
-    if isinstance(value, list | tuple):
-        items = [_describe_static(item, depth + 1) for item in value]
-        return [type(value).__qualname__, items]
-    if isinstance(value, dict | set | frozenset):
-        if isinstance(value, dict):
-            items = [
-                [_describe_static(k, depth + 1), _describe_static(v, depth + 1)]
-                for k, v in value.items()
-            ]
-        else:
-            items = [_describe_static(item, depth + 1) for item in value]
-        return [type(value).__qualname__, sorted(items, key=_json)]
-    if isinstance(value, type):
-        return ["type", value.__qualname__]
-    if isinstance(value, np.dtype):
-        return ["dtype", _dtype_name(value)]
-    if isinstance(value, np.generic | np.ndarray) and not value.dtype.hasobject:
-        dtype = _dtype_name(value.dtype)
-        return ["numpy", dtype, list(value.shape), value.tobytes().hex()]
-    if dataclasses.is_dataclass(value):
-        fields = [
-            [field.name, _describe_static(getattr(value, field.name, None), depth + 1)]
-            for field in dataclasses.fields(value)
-        ]
-        return ["dataclass", type(value).__qualname__, fields]
-    if callable(value):
-        # `__name__`, not `__qualname__`: JAX has changed the latter between releases
-        # (`jax.numpy.tanh` became `tanh`).
-        name = getattr(value, "__name__", None) or getattr(value, "__qualname__", None)
-        return ["function", name or type(value).__qualname__]
-    return ["object", type(value).__qualname__]
-
-
-def _describe_static_v1(value: Any) -> Any:
-    """`_describe_static` of format 1, to compare format-1 files with."""
-    if value is None or isinstance(value, bool | int | str):
-        return value
-    if isinstance(value, float):
-        return ["float", value.hex()]
-    if isinstance(value, list | tuple):
-        return [type(value).__name__, [_describe_static_v1(item) for item in value]]
-    if isinstance(value, dict):
-        items = [
-            [_describe_static_v1(k), _describe_static_v1(v)] for k, v in value.items()
-        ]
-        return ["dict", items]
-    if isinstance(value, enum.Enum):
-        return ["enum", type(value).__qualname__, value.name]
-    if isinstance(value, type):
-        return ["type", value.__qualname__]
-    if isinstance(value, np.dtype):
-        return ["dtype", value.name]
-    if callable(value):
-        name = getattr(value, "__name__", None) or getattr(value, "__qualname__", None)
-        return ["function", name or type(value).__qualname__]
-    return ["object", type(value).__qualname__]
 
 
 # Reading
@@ -4262,112 +4046,47 @@ def _describe_static_v1(value: Any) -> Any:
 class _Layout:
     """What a checkpoint's header says, checked to be well formed."""
 
-    version: int
     entries: list[dict[str, Any]]  # Arrays gain "offset", "nbytes" and "crc".
     structure: list[Any]
-    data_end: int  # Where the arrays end (format 1: where the CRC-32s start).
     # Recorded constructor arguments, by the path of their `Serializable`.
-    arguments: dict[str, Any] = dataclasses.field(default_factory=dict)
+    arguments: dict[str, Any]
 
 
-def _checkpoint_error(source: str, problem: str) -> ValueError:
-    return ValueError(f"{_API.get().load}: the file '{source}' {problem}.")
-
-
-def _read_checkpoint(file: IO[bytes], skeleton: Any, source: str) -> Any:
-    size = os.fstat(file.fileno()).st_size
+def _read_header(file: IO[bytes], source: _Source, size: int) -> _Layout | None:
+    """Read and check a checkpoint's header; None for a plain Equinox file."""
     start = file.read(_LENGTH.size + 1)
     if not start:
-        raise _checkpoint_error(source, "is empty")
+        raise source.error("is empty")
     if start.startswith(_NUMPY_MAGIC):
-        file.seek(0)
-        return _place(_read_equinox_file(file, skeleton, source, size), skeleton)
-    if _V1_MAGIC.startswith(start[: len(_V1_MAGIC)]):
-        layout = _read_v1_header(file, source, size)
-    else:
-        layout = _read_header(file, start, source, size)
-    _check_against_skeleton(source, layout, skeleton)
-    skeleton_leaves, treedef = jtu.tree_flatten(skeleton)
-    saved = functools.partial(_is_saved_leaf, version=layout.version)
-    shardings = [_leaf_sharding(leaf) for leaf in skeleton_leaves if saved(leaf)]
-    values = _read_leaves(file, layout, source, shardings)
-    loaded = iter(values)
-    return treedef.unflatten(
-        [next(loaded) if saved(leaf) else leaf for leaf in skeleton_leaves]
-    )
-
-
-def _read_header(file: IO[bytes], start: bytes, source: str, size: int) -> _Layout:
-    """Read and check the header of a format-2 (safetensors) file."""
-    length, header, metadata, version = _read_metadata(file, start, source, size)
-    # A lone surrogate (from a `\ud800` escape) becomes bytes that are not UTF-8.
-    leaves = _parse_json(
-        metadata.get("leaves", "").encode(errors="surrogatepass"), source
-    )
-    structure = _parse_json(
-        metadata.get("structure", "").encode(errors="surrogatepass"), source
-    )
-    entries = _check_entries(leaves, structure, version, source, size)
-    arguments = _parse_arguments(metadata.get("arguments"), source)
-    crcs = metadata.get("crc32", "")
-    arrays = [entry for entry in entries if entry["kind"] != "scalar"]
-    tensors = {name: value for name, value in header.items() if name != "__metadata__"}
-    if not (
-        re.fullmatch("[0-9a-f]*", crcs)
-        and len(crcs) == 8 * len(arrays)
-        and len(tensors) == len(arrays)
-    ):
-        raise _checkpoint_error(source, "has a malformed header")
-    offset = 0
-    for index, entry in enumerate(arrays):
-        dtype, shape = _stored_type(entry["dtype"], entry["shape"])
-        wanted = {
-            "dtype": dtype,
-            "shape": shape,
-            "data_offsets": [offset, offset + entry["nbytes"]],
-        }
-        if tensors.get(entry["path"]) != wanted:
-            raise _checkpoint_error(
-                source,
-                f"has a malformed header: the tensor table's entry for the leaf at "
-                f"path {entry['path']} is not {_json(wanted)}",
-            )
-        entry.update(
-            offset=_LENGTH.size + length + offset,
-            crc=int(crcs[8 * index : 8 * index + 8], 16),
-        )
-        offset += entry["nbytes"]
-    data_end = _LENGTH.size + length + offset
-    _check_size(source, size, data_end)
-    return _Layout(version, entries, structure, data_end, arguments)
-
-
-def _read_metadata(
-    file: IO[bytes], start: bytes, source: str, size: int
-) -> tuple[int, dict[str, Any], dict[str, Any], int]:
-    """The header length, the header, its checked `__metadata__` and the format
-    version of a format-2 file, the header's checksum verified."""
+        return None
+    if start.startswith(_V1_MAGIC):
+        _check_version("1", source)
     if len(start) <= _LENGTH.size:
-        raise _checkpoint_error(source, f"is truncated ({size} bytes)")
+        raise source.error(f"is truncated ({size} bytes)")
     if start[_LENGTH.size :] != b"{":
-        raise _checkpoint_error(
-            source,
+        raise source.error(
             f"is not a lerax_utils checkpoint: it starts with {start[:8]!r}, which "
-            "is neither a safetensors header length followed by `{` nor the "
-            f"format-1 magic {_V1_MAGIC!r}",
+            "is not a safetensors header length followed by `{`"
         )
     (length,) = _LENGTH.unpack(start[: _LENGTH.size])
-    header_bytes = _read_header_bytes(file, length, _LENGTH.size, source, size)
+    if length > _MAX_HEADER_BYTES:
+        raise source.error(
+            f"declares a header of {length} bytes, more than the "
+            f"{_MAX_HEADER_BYTES} allowed; the file is corrupt"
+        )
+    if _LENGTH.size + length > size:
+        raise source.error(f"is truncated inside its header ({size} bytes)")
+    file.seek(_LENGTH.size)
+    header_bytes = file.read(length)
     header = _parse_json(header_bytes, source)
     metadata = header.get("__metadata__") if isinstance(header, dict) else None
     if not (isinstance(metadata, dict) and metadata.get("format") == _FORMAT):
-        raise _checkpoint_error(
-            source,
+        raise source.error(
             "is a safetensors file but not a lerax_utils checkpoint: its "
             "`__metadata__` does not name the format 'lerax_utils'. Read it with the "
-            "`safetensors` package",
+            "`safetensors` package"
         )
-    version = _check_version(metadata.get("format_version"), source)
+    _check_version(metadata.get("format_version"), source)
     stored = metadata.get("metadata_crc32")
     slot = _CRC_SLOT + str(stored).encode(errors="surrogatepass") + b'"'
     at = header_bytes.find(slot)
@@ -4378,161 +4097,142 @@ def _read_metadata(
         and header_bytes.find(slot, at + 1) < 0
         and all(isinstance(value, str) for value in metadata.values())
     ):
-        raise _checkpoint_error(source, "has a malformed header")
+        raise source.error("has a malformed header")
     zeroed = header_bytes[:at] + _CRC_SLOT + _ZERO_CRC.encode() + b'"'
     if zlib.crc32(zeroed + header_bytes[at + len(slot) :]) != int(stored, 16):
-        raise _checkpoint_error(source, "has a corrupt header (its checksum fails)")
-    return length, header, metadata, version
-
-
-def _read_header_bytes(
-    file: IO[bytes], length: int, start: int, source: str, size: int
-) -> bytes:
-    if length > _MAX_HEADER_BYTES:
-        raise _checkpoint_error(
-            source,
-            f"declares a header of {length} bytes, more than the "
-            f"{_MAX_HEADER_BYTES} allowed; the file is corrupt",
+        raise source.error("has a corrupt header (its checksum fails)")
+    # A lone surrogate (from a `\ud800` escape) becomes bytes that are not UTF-8.
+    leaves = _parse_json(
+        metadata.get("leaves", "").encode(errors="surrogatepass"), source
+    )
+    structure = _parse_json(
+        metadata.get("structure", "").encode(errors="surrogatepass"), source
+    )
+    entries = _check_entries(leaves, structure, source, size)
+    arguments = _parse_arguments(metadata.get("arguments"), source)
+    crcs = metadata.get("crc32", "")
+    arrays = [entry for entry in entries if entry["kind"] != "scalar"]
+    tensors = {name: value for name, value in header.items() if name != "__metadata__"}
+    if not (
+        re.fullmatch("[0-9a-f]*", crcs)
+        and len(crcs) == 8 * len(arrays)
+        and len(tensors) == len(arrays)
+    ):
+        raise source.error("has a malformed header")
+    offset = 0
+    for index, entry in enumerate(arrays):
+        dtype, shape = _stored_type(entry["dtype"], entry["shape"])
+        wanted = {
+            "dtype": dtype,
+            "shape": shape,
+            "data_offsets": [offset, offset + entry["nbytes"]],
+        }
+        if tensors.get(entry["path"]) != wanted:
+            raise source.error(
+                f"has a malformed header: the tensor table's entry for the leaf at "
+                f"path {entry['path']} is not {_json(wanted)}"
+            )
+        entry.update(
+            offset=_LENGTH.size + length + offset,
+            crc=int(crcs[8 * index : 8 * index + 8], 16),
         )
-    if start + length > size:
-        raise _checkpoint_error(
-            source, f"is truncated inside its header ({size} bytes)"
+        offset += entry["nbytes"]
+    expected = _LENGTH.size + length + offset
+    if size < expected:
+        raise source.error(
+            f"is truncated: it has {size} bytes, and its header needs {expected}"
         )
-    file.seek(start)
-    return file.read(length)
+    if size > expected:
+        raise source.error(
+            f"has {size - expected} trailing bytes after the data its header "
+            "describes; it was not written by `serialize` in one piece"
+        )
+    return _Layout(entries, structure, arguments)
 
 
-def _parse_json(text: bytes, source: str) -> Any:
+def _parse_json(text: bytes, source: _Source) -> Any:
     """JSON, with the nesting and the number of containers bounded first."""
     if _count_containers(text) > _MAX_CONTAINERS:
-        raise _checkpoint_error(
-            source,
+        raise source.error(
             f"has a header with more than {_MAX_CONTAINERS} lists and objects; the "
-            "file is corrupt",
+            "file is corrupt"
         )
     try:
         return json.loads(text.decode("utf-8"), parse_constant=_refuse_constant)
     except (ValueError, RecursionError) as err:
-        raise _checkpoint_error(source, f"has an unreadable header ({err})") from err
+        raise source.error(f"has an unreadable header ({err})") from err
 
 
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not allowed in a checkpoint header")
 
 
-def _check_version(version: Any, source: str) -> int:
+def _check_version(version: Any, source: _Source) -> None:
     if not (isinstance(version, str) and re.fullmatch("[0-9]{1,9}", version)):
-        raise _checkpoint_error(source, "has a malformed header")
+        raise source.error("has a malformed header")
     number = int(version)
     if number > _FORMAT_VERSION:
-        raise _checkpoint_error(
-            source,
+        raise source.error(
             f"has format version {number}, newer than the {_FORMAT_VERSION} this "
-            f"lerax_utils {__version__} reads. Upgrade lerax_utils to load it",
+            f"lerax_utils {__version__} reads. Upgrade lerax_utils to load it"
         )
-    if number != _FORMAT_VERSION:
-        raise _checkpoint_error(source, f"has an unknown format version {number}")
-    return number
-
-
-def _check_size(source: str, size: int, expected: int) -> None:
-    if size < expected:
-        raise _checkpoint_error(
-            source,
-            f"is truncated: it has {size} bytes, and its header needs {expected}",
+    if number < _FORMAT_VERSION:
+        raise source.error(
+            f"has format version {number}, older than the {_FORMAT_VERSION} this "
+            f"lerax_utils {__version__} reads. Load it with the lerax_utils that "
+            "wrote it, save it with `eqx.tree_serialise_leaves`, and load that file"
         )
-    if size > expected:
-        raise _checkpoint_error(
-            source,
-            f"has {size - expected} trailing bytes after the data its header "
-            "describes; it was not written by `serialize` in one piece",
-        )
-
-
-def _read_v1_header(file: IO[bytes], source: str, size: int) -> _Layout:
-    """Read and check the header of a format-1 file."""
-    file.seek(0)
-    start = file.read(_V1_PREFIX.size)
-    if len(start) < _V1_PREFIX.size:
-        raise _checkpoint_error(source, f"is truncated ({size} bytes)")
-    _, version, length, header_crc = _V1_PREFIX.unpack(start)
-    if version != 1:
-        raise _checkpoint_error(
-            source,
-            f"has an unknown format version {version} after the format-1 magic; "
-            "the file is corrupt",
-        )
-    header_bytes = _read_header_bytes(file, length, _V1_PREFIX.size, source, size)
-    if zlib.crc32(header_bytes) != header_crc:
-        raise _checkpoint_error(source, "has a corrupt header (its checksum fails)")
-    header = _parse_json(header_bytes, source)
-    leaves = header.get("leaves") if isinstance(header, dict) else None
-    structure: Any = header.get("structure") if isinstance(header, dict) else None
-    entries = _check_entries(leaves, structure, 1, source, size)
-    arrays = [entry for entry in entries if entry["kind"] != "scalar"]
-    offset = _V1_PREFIX.size + length
-    for entry in arrays:
-        entry["offset"] = offset
-        offset += entry["nbytes"]
-    _check_size(source, size, offset + _V1_CHECKSUM.size * len(arrays))
-    file.seek(offset)
-    crcs = _V1_CHECKSUM.iter_unpack(file.read(_V1_CHECKSUM.size * len(arrays)))
-    for entry, (crc,) in zip(arrays, crcs, strict=True):
-        entry["crc"] = crc
-    return _Layout(1, entries, structure, offset)
 
 
 _ARRAY_KINDS = ("jax", "numpy", "numpy_scalar", "key")
 
 
 def _check_entries(
-    leaves: Any, structure: Any, version: int, source: str, size: int
+    leaves: Any, structure: Any, source: _Source, size: int
 ) -> list[dict[str, Any]]:
-    """The leaf entries, each checked to be well formed and to fit in the file.
-
-    Each check is cheap and bounded, so a header of any content is refused or
-    accepted in time linear in its length.
-    """
+    """The leaf entries, each checked to be well formed and to fit in the file, in
+    time linear in the header's length."""
     if not (isinstance(leaves, list) and isinstance(structure, list)):
-        raise _checkpoint_error(source, "has a malformed header")
+        raise source.error("has a malformed header")
     entries = []
     for entry in leaves:
-        checked = _checked_entry(entry, version, size)
+        checked = _checked_entry(entry, size)
         if checked is None:
             path = entry.get("path") if isinstance(entry, dict) else None
             where = f" (the leaf at path {path})" if isinstance(path, str) else ""
-            raise _checkpoint_error(source, f"has a malformed header{where}")
+            raise source.error(f"has a malformed header{where}")
         entries.append(checked)
     return entries
 
 
-def _checked_entry(entry: Any, version: int, size: int) -> dict[str, Any] | None:
+def _checked_entry(entry: Any, size: int) -> dict[str, Any] | None:
     """A copy of a leaf entry with its sizes derived, or None if it is malformed."""
     if not (isinstance(entry, dict) and isinstance(entry.get("path"), str)):
         return None
     kind = entry.get("kind")
     if kind == "scalar":
         try:
-            value = _decode_scalar(entry.get("value"), version)
-        except (ValueError, OverflowError):
+            value = _decode_value(entry.get("value"))
+        except (_Malformed, _Unrecordable):
+            return None
+        if type(value) not in _PYTHON_SCALARS:
             return None
         return {"path": entry["path"], "kind": kind, "value": value}
-    allowed = _ARRAY_KINDS if version > 1 else ("jax", "numpy", "key")
     dtype = _numpy_dtype(entry.get("dtype"))
     shape: Any = entry.get("shape")
-    if kind not in allowed or dtype is None or not _is_shape(shape):
+    if kind not in _ARRAY_KINDS or dtype is None or not _is_shape(shape):
         return None
-    if _is_numpy_only(dtype) and (version == 1 or kind in ("jax", "key")):
+    if _is_numpy_only(dtype) and kind in ("jax", "key"):
         return None
     nbytes = math.prod(shape) * dtype.itemsize
-    if nbytes > size or (version == 1 and entry.get("nbytes") != nbytes):
+    if nbytes > size:
         return None
     checked = {"path": entry["path"], "kind": kind, "dtype": entry["dtype"]}
     checked.update(shape=shape, nbytes=nbytes)
     if kind == "numpy_scalar" and shape:
         return None
     if "weak_type" in entry:
-        if entry["weak_type"] is not True or kind != "jax" or version == 1:
+        if entry["weak_type"] is not True or kind != "jax":
             return None
         checked["weak_type"] = True
     if kind == "key":
@@ -4555,32 +4255,34 @@ def _is_shape(shape: Any) -> bool:
     )
 
 
-def _is_saved_leaf(leaf: Any, version: int = _FORMAT_VERSION) -> bool:
+def _is_saved_leaf(leaf: Any) -> bool:
     """Whether a leaf's value lives in the file (else the skeleton provides it)."""
-    if isinstance(leaf, jax.ShapeDtypeStruct) or eqx.is_array(leaf):
-        return True
-    if version == 1:
-        return isinstance(leaf, _PYTHON_SCALARS)
-    return type(leaf) in _PYTHON_SCALARS
+    return (
+        isinstance(leaf, jax.ShapeDtypeStruct)
+        or eqx.is_array(leaf)
+        or type(leaf) in _PYTHON_SCALARS
+    )
 
 
-def _check_against_skeleton(source: str, layout: _Layout, skeleton: Any) -> None:
+def _check_against_skeleton(source: _Source, layout: _Layout, skeleton: Any) -> None:
     """Structure and static values, then the leaf count, then each leaf's type."""
-    api = _API.get()
-    describe = _describe_static if layout.version > 1 else _describe_static_v1
+    if source.function.startswith("Serializable."):
+        name = "the skeleton"
+        built = "the skeleton built from the constructor arguments"
+        fix = "Pass the constructor arguments the model was saved with"
+    else:
+        name = built = "`like`"
+        fix = "Pass a `like` with the structure, shapes and dtypes of the saved tree"
     difference = _structure_difference_in_file(
-        layout.structure, _structure(skeleton, describe)
+        layout.structure, _structure(skeleton), name
     )
     if difference is not None:
         path, message = difference
-        raise _checkpoint_error(
-            source,
-            f"does not match {api.skeleton} {_where(path)}: {message}. {api.fix}",
-        )
+        raise source.error(f"does not match {name} {_where(path)}: {message}. {fix}")
     expected = [
         (_keystr(path), leaf)
         for path, leaf in jtu.tree_flatten_with_path(skeleton)[0]
-        if _is_saved_leaf(leaf, layout.version)
+        if _is_saved_leaf(leaf)
     ]
     leaves = layout.entries
     if len(leaves) != len(expected):
@@ -4589,21 +4291,19 @@ def _check_against_skeleton(source: str, layout: _Layout, skeleton: Any) -> None
             (p for p, (q, _) in zip(paths, expected, strict=False) if p != q),
             paths[len(expected)] if len(paths) > len(expected) else expected[-1][0],
         )
-        raise _checkpoint_error(
-            source,
-            f"holds {len(leaves)} leaves, but {api.built} has {len(expected)}; they "
-            f"first differ at path {first}. {api.fix}",
+        raise source.error(
+            f"holds {len(leaves)} leaves, but {built} has {len(expected)}; they "
+            f"first differ at path {first}. {fix}"
         )
     for entry, (path, leaf) in zip(leaves, expected, strict=True):
         if entry["path"] != path:
-            raise _checkpoint_error(
-                source,
-                f"has a leaf at path {entry['path']} where {api.skeleton} "
-                f"has one at {path}. {api.fix}",
+            raise source.error(
+                f"has a leaf at path {entry['path']} where {name} "
+                f"has one at {path}. {fix}"
             )
-        problem = _leaf_mismatch(entry, leaf, layout.version)
+        problem = _leaf_mismatch(entry, leaf, name, fix)
         if problem is not None:
-            raise _checkpoint_error(source, f"holds at path {path} {problem}")
+            raise source.error(f"holds at path {path} {problem}")
 
 
 _X64_PAIRS = (
@@ -4614,15 +4314,13 @@ _X64_PAIRS = (
 )
 
 
-def _leaf_mismatch(entry: dict[str, Any], leaf: Any, version: int) -> str | None:
+def _leaf_mismatch(
+    entry: dict[str, Any], leaf: Any, skeleton: str, fix: str
+) -> str | None:
     """How a saved leaf differs from the skeleton's, or None if it fits."""
-    skeleton, fix = _API.get().skeleton, _API.get().fix
     if entry["kind"] == "scalar":
         value = entry["value"]
-        fits = isinstance(leaf, _PYTHON_SCALARS) and (
-            type(leaf) is type(value) or version == 1
-        )
-        if fits:
+        if type(leaf) is type(value):
             return None
         return (
             f"the Python {type(value).__name__} {value!r}, where {skeleton} has "
@@ -4672,10 +4370,9 @@ def _leaf_mismatch(entry: dict[str, Any], leaf: Any, version: int) -> str | None
 
 
 def _structure_difference_in_file(
-    saved: list[Any], wanted: list[Any]
+    saved: list[Any], wanted: list[Any], skeleton: str
 ) -> tuple[str, str] | None:
     """The first `(path, message)` where two `_structure` descriptions differ."""
-    skeleton = _API.get().skeleton
     for saved_entry, wanted_entry in zip(saved, wanted, strict=False):
         if _json_sorted(saved_entry) == _json_sorted(wanted_entry):
             continue
@@ -4725,49 +4422,32 @@ def _json_sorted(value: Any) -> str:
 def _read_leaves(
     file: IO[bytes],
     layout: _Layout,
-    source: str,
-    shardings: Sequence[jax.sharding.Sharding | None] = (),
+    source: _Source,
+    shardings: Sequence[jax.sharding.Sharding | None],
 ) -> list[Any]:
-    """Read every leaf's value, checking each array against its CRC-32.
-
-    Each checksum runs in a helper thread while the next leaf is read, and a leaf
-    leaves host memory as soon as it is checked, so at most two are held at once.
-    A JAX array or key leaf with a sharding in `shardings` (one per entry) is read
-    shard by shard instead (`_read_sharded`).
-    """
+    """Every leaf's value, each array checked against its CRC-32 in a helper thread
+    while the next is read (so at most two are held at once), or read shard by
+    shard where `shardings` (one per entry) gives a sharding."""
     leaves = layout.entries
     values: list[Any] = []
     pending: list[tuple[int, Any, concurrent.futures.Future[int]]] = []
 
     def finish(index: int, data: Any, checksum: concurrent.futures.Future[int]) -> None:
         entry = leaves[index]
-        if checksum.result() != entry["crc"]:
-            raise _checkpoint_error(
-                source,
-                f"has corrupt data for the leaf at path {entry['path']} "
-                "(its checksum fails)",
-            )
-        problem = _invalid_bits(data, entry)
-        if problem is not None:
-            raise _checkpoint_error(
-                source,
-                f"holds invalid data for the leaf at path {entry['path']}: {problem}",
-            )
+        _check_crc(entry, checksum.result(), source)
+        _check_bits(entry, data, source)
         try:
             values[index] = _restore_kind(data, entry)
         except UnicodeDecodeError as err:
-            raise _checkpoint_error(
-                source,
-                f"holds invalid data for the leaf at path {entry['path']}: a "
-                f"character that is not Unicode ({err})",
-            ) from err
+            problem = f"a character that is not Unicode ({err})"
+            raise _invalid_data(entry, problem, source) from err
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as checksummer:
         for index, entry in enumerate(leaves):
             if entry["kind"] == "scalar":
                 values.append(entry["value"])
                 continue
-            sharding = shardings[index] if shardings else None
+            sharding = shardings[index]
             if sharding is not None and entry["kind"] in ("jax", "key"):
                 values.append(_read_sharded(file, entry, sharding, source))
                 continue
@@ -4778,7 +4458,7 @@ def _read_leaves(
             view = data.reshape(-1).view(np.uint8)
             file.seek(entry["offset"])
             if file.readinto(view.data) != entry["nbytes"]:  # type: ignore[attr-defined]
-                raise _checkpoint_error(source, "is truncated inside its data")
+                raise source.error("is truncated inside its data")
             values.append(None)
             pending.append((index, data, checksummer.submit(zlib.crc32, view.data)))
             if len(pending) == 2:
@@ -4807,11 +4487,8 @@ _CHUNK_BYTES = 16 * 1024 * 1024
 
 
 def _with_shardings(skeleton: Any, sharding: Any) -> Any:
-    """The skeleton with each JAX array leaf asking for its sharding.
-
-    `sharding` is one `Sharding` for every such leaf, or a callable that maps the
-    skeleton to a pytree of shardings (or None) of its structure.
-    """
+    """The skeleton with each JAX array leaf asking for its sharding (see
+    `Serializable.deserialize_sharded`)."""
     name = "Serializable.deserialize_sharded"
     leaves, treedef = jtu.tree_flatten_with_path(skeleton)
     if isinstance(sharding, jax.sharding.Sharding):
@@ -4892,16 +4569,12 @@ def _read_sharded(
     file: IO[bytes],
     entry: dict[str, Any],
     sharding: jax.sharding.Sharding,
-    source: str,
+    source: _Source,
 ) -> jax.Array:
-    """One array leaf, created with `sharding`, each local shard read from the file.
-
-    First the whole tensor streams through a bounded buffer for its CRC-32 and the
-    checks of its bits, so a corrupt file fails before any device array exists.
-    Then each shard this process holds is read alone, put on its devices and freed:
-    host memory holds one shard and the buffer at a time. Where this process holds
-    one shard (one device, or a replicated array), both happen in one pass.
-    """
+    """One array leaf, created with `sharding`: the whole tensor streams through the
+    buffer for its checks first, so a corrupt file fails before any device array
+    exists; then each local shard is read alone, put on its devices and freed. Where
+    this process holds one shard (one device, or replicated), in one pass."""
     path = entry["path"]
     dtype = cast(np.dtype, _numpy_dtype(entry["dtype"]))
     shape = tuple(entry["shape"])  # Of the stored data: key data for a key.
@@ -4916,16 +4589,18 @@ def _read_sharded(
             for device, index in indices.items()
         }
     except Exception as err:
-        raise _sharding_error(_API.get().load, path, global_shape, err) from err
+        raise _sharding_error(source.function, path, global_shape, err) from err
     distinct = list(dict.fromkeys(regions.values()))  # A replicated shard once.
     if len(distinct) > 1:
-        _stream_into_shards(file, entry, shape, dtype, {}, source)
+        _check_crc(entry, _stream_into_shards(file, entry, {}, source), source)
     on_devices: dict[Any, jax.Array] = {}
     for region in distinct:
         host = _aligned_empty([stop - start for start, stop in region], dtype)
         # One shard (one device, or replicated): checked and read in one pass.
         box = region if len(distinct) > 1 else None
-        _stream_into_shards(file, entry, shape, dtype, {region: host}, source, box)
+        crc = _stream_into_shards(file, entry, {region: host}, source, box)
+        if box is None:
+            _check_crc(entry, crc, source)
         for device, wanted in regions.items():
             if wanted == region:
                 shard = jax.device_put(host, device)
@@ -4944,22 +4619,20 @@ def _read_sharded(
 def _stream_into_shards(
     file: IO[bytes],
     entry: dict[str, Any],
-    shape: tuple[int, ...],
-    dtype: np.dtype,
     shards: dict[_Region, np.ndarray],
-    source: str,
+    source: _Source,
     box: _Region | None = None,
-) -> None:
-    """Read a tensor in file order through one buffer and copy each piece into the
-    shards (keyed by region) that it overlaps.
-
-    Without `box`, the whole tensor is read and its CRC-32 and bits are checked.
-    With it, only the pieces that overlap `box` are read, unchecked.
-
-    A piece is a run of whole sub-arrays along one axis (`level`): the fewest
-    leading axes such that one step along `level` fits in the buffer.
-    """
+) -> int:
+    """Read a tensor (at `entry["offset"]`, of its `shape` and `dtype`) in file order
+    through one buffer, copying each piece into the shards (keyed by region) that it
+    overlaps. Without `box`, all of it, with its bits checked: returns its CRC-32.
+    With `box`, only the pieces that overlap it, unchecked."""
+    # A piece is a run of whole sub-arrays along one axis (`level`): the fewest
+    # leading axes such that one step along `level` fits in the buffer.
+    shape = tuple(entry["shape"])
+    dtype = cast(np.dtype, _numpy_dtype(entry["dtype"]))
     itemsize = dtype.itemsize
+    nbytes = math.prod(shape) * itemsize
     level = next(
         (
             axis
@@ -4970,43 +4643,32 @@ def _stream_into_shards(
     )
     step_bytes = math.prod(shape[level + 1 :]) * itemsize
     steps = max(1, _CHUNK_BYTES // max(step_bytes, 1))
-    buffer = np.empty(min(entry["nbytes"], steps * max(step_bytes, 1)), np.uint8)
+    buffer = np.empty(min(nbytes, steps * max(step_bytes, 1)), np.uint8)
     ranges = box if box is not None else tuple((0, size) for size in shape)
     low, high = ranges[level] if level < len(shape) else (0, 1)
     inner = shape[level + 1 :]
     crc = 0
     for outer in itertools.product(*(range(a, b) for a, b in ranges[:level])):
-        if not entry["nbytes"]:
+        if not nbytes:
             break
         base = sum(i * math.prod(shape[a + 1 :]) for a, i in enumerate(outer))
         for first in range(low, high, steps):
             count = min(steps, high - first)
-            nbytes = count * step_bytes
+            size = count * step_bytes
             file.seek(entry["offset"] + base * itemsize + first * step_bytes)
-            view = buffer[:nbytes]
-            if file.readinto(view.data) != nbytes:  # type: ignore[attr-defined]
-                raise _checkpoint_error(source, "is truncated inside its data")
+            view = buffer[:size]
+            if file.readinto(view.data) != size:  # type: ignore[attr-defined]
+                raise source.error("is truncated inside its data")
             piece = view.view(dtype).reshape((count, *inner))
             if box is None:
                 crc = zlib.crc32(view.data, crc)
-                problem = _invalid_bits(piece, entry)
-                if problem is not None:
-                    raise _checkpoint_error(
-                        source,
-                        f"holds invalid data for the leaf at path {entry['path']}: "
-                        f"{problem}",
-                    )
+                _check_bits(entry, piece, source)
             if level == len(shape):  # A 0-d array: one element.
                 for shard in shards.values():
                     shard[...] = piece.reshape(())
                 continue
             _copy_piece(piece, outer, first, level, shards)
-    if box is None and crc != entry["crc"]:
-        raise _checkpoint_error(
-            source,
-            f"has corrupt data for the leaf at path {entry['path']} (its checksum "
-            "fails)",
-        )
+    return crc
 
 
 def _copy_piece(
@@ -5046,16 +4708,30 @@ def _place(tree: Any, skeleton: Any) -> Any:
     return jtu.tree_map(place, tree, skeleton)
 
 
-def _invalid_bits(data: np.ndarray, entry: dict[str, Any]) -> str | None:
-    """Why a loaded array's bytes are no values of its dtype, or None if they are."""
+def _check_crc(entry: dict[str, Any], crc: int, source: _Source) -> None:
+    if crc != entry["crc"]:
+        raise source.error(
+            f"has corrupt data for the leaf at path {entry['path']} (its checksum "
+            "fails)"
+        )
+
+
+def _check_bits(entry: dict[str, Any], data: np.ndarray, source: _Source) -> None:
+    """Refuse a loaded array whose bytes are no values of its dtype."""
     view = data.reshape(-1).view(np.uint8)
     if data.dtype == np.bool_ and view.size and view.max() > 1:
-        return "a boolean byte other than 0 or 1"
+        raise _invalid_data(entry, "a boolean byte other than 0 or 1", source)
     if entry["dtype"] in _SUB_BYTE_DTYPES:
         canonical = data.astype(np.float32).astype(data.dtype)
         if not np.array_equal(canonical.reshape(-1).view(np.uint8), view):
-            return f"a {entry['dtype']} byte whose unused high bits are not zero"
-    return None
+            problem = f"a {entry['dtype']} byte whose unused high bits are not zero"
+            raise _invalid_data(entry, problem, source)
+
+
+def _invalid_data(entry: dict[str, Any], problem: str, source: _Source) -> ValueError:
+    return source.error(
+        f"holds invalid data for the leaf at path {entry['path']}: {problem}"
+    )
 
 
 def _restore_kind(data: np.ndarray, entry: dict[str, Any]) -> Any:
@@ -5081,24 +4757,16 @@ def _restore_kind(data: np.ndarray, entry: dict[str, Any]) -> Any:
     return data
 
 
-def _weak_array(array: jax.Array) -> jax.Array:
-    """`array`, weakly typed. JAX has no public way to set the flag."""
-    from jax._src.lax import lax as lax_internal
-
-    weak = lax_internal._convert_element_type(array, array.dtype, weak_type=True)
-    return cast(jax.Array, weak)
-
-
-def _read_equinox_file(file: IO[bytes], skeleton: Any, source: str, size: int) -> Any:
+def _read_equinox_file(
+    file: IO[bytes], skeleton: Any, source: _Source, size: int
+) -> Any:
     """A file of plain `eqx.tree_serialise_leaves`: Equinox's own checks only."""
     try:
         model = eqx.tree_deserialise_leaves(file, skeleton)
     except Exception as err:
-        raise _checkpoint_error(
-            source, f"could not be read as a plain Equinox file: {err}"
-        ) from err
+        raise source.error(f"could not be read as a plain Equinox file: {err}") from err
     if file.tell() != size:
-        raise _checkpoint_error(
-            source, f"has {size - file.tell()} trailing bytes after its Equinox data"
+        raise source.error(
+            f"has {size - file.tell()} trailing bytes after its Equinox data"
         )
     return model

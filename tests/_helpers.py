@@ -6,18 +6,22 @@ import json
 import math
 import os
 import pathlib
+import struct
 import subprocess
 import sys
-from collections.abc import Iterator
+import zlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, settings
 
 import lerax_utils
+from lerax_utils import Serializable
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -100,7 +104,7 @@ def run_on_four_devices(code: str, *args: str, timeout: float = 300) -> Any:
     env = {
         **os.environ,
         "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-        "PYTHONPATH": str(ROOT),
+        "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}",
     }
     result = subprocess.run(
         [sys.executable, "-c", code, *args],
@@ -156,5 +160,110 @@ def assert_delivered(actual: Any, expected: Any) -> None:
 
 
 # -- Checkpoints
+
+
+class Checkpointed(Serializable):
+    """A model whose parameters are any pytree, for round-trip tests."""
+
+    params: Any
+    activation: Callable[..., Any]
+    temperature: float
+    label: str = eqx.field(static=True)
+
+    def __init__(self, params, activation=jax.nn.relu, temperature=0.5, label="run"):
+        self.params = params
+        self.activation = activation
+        self.temperature = temperature
+        self.label = label
+
+
+class Agent(Serializable):
+    """A realistic model: an MLP, a typed PRNG key and a function in a static field."""
+
+    mlp: eqx.nn.MLP
+    key: jax.Array
+    squash: Callable[..., Any] = eqx.field(static=True)
+
+    def __init__(self, width, *, key, squash=jnp.tanh):
+        self.mlp = eqx.nn.MLP(3, 2, width, 2, key=key)
+        self.key = jax.random.split(key, 2)
+        self.squash = squash
+
+
+class WithStatic(Serializable):
+    """A model with a static dict."""
+
+    weight: jax.Array
+    options: Any = eqx.field(static=True)
+
+
+def agent(width=4, seed=0, **kwargs):
+    return Agent(width, key=jax.random.key(seed), **kwargs)
+
+
+def assert_exact(actual: Any, expected: Any) -> None:
+    """Same structure and leaf types, and every array or number bit for bit (NumPy
+    leaves compared as NumPy, so no dtype is narrowed on the way)."""
+    actual_leaves, actual_def = jax.tree_util.tree_flatten_with_path(actual)
+    expected_leaves, expected_def = jax.tree_util.tree_flatten(expected)
+    assert actual_def == expected_def
+    for (path, a), e in zip(actual_leaves, expected_leaves, strict=True):
+        where = jax.tree_util.keystr(path)
+        assert type(a) is type(e), where
+        if isinstance(e, np.ndarray | np.generic):
+            assert (a.dtype, a.shape) == (e.dtype, e.shape), where
+            assert a.tobytes() == e.tobytes(), where
+        elif isinstance(e, float | complex):
+            assert struct.pack("<2d", complex(a).real, complex(a).imag) == struct.pack(
+                "<2d", complex(e).real, complex(e).imag
+            ), where
+        else:
+            assert_identical(a, e)
+
+
+def forge(good: bytes, edit: Callable[[Any, Any, Any], Any]) -> bytes:
+    """A checkpoint with its header edited by `edit(leaves, structure, header)`, and
+    every checksum made valid again, as a hostile user would craft it."""
+    (length,) = struct.unpack("<Q", good[:8])
+    header = json.loads(good[8 : 8 + length])
+    metadata = header["__metadata__"]
+    leaves = json.loads(metadata["leaves"])
+    structure = json.loads(metadata["structure"])
+    texts = metadata["leaves"], metadata["structure"]
+    edit(leaves, structure, header)
+    if metadata["leaves"] == texts[0]:  # Else `edit` replaced the text itself.
+        metadata["leaves"] = json.dumps(leaves)
+    if metadata["structure"] == texts[1]:
+        metadata["structure"] = json.dumps(structure)
+    metadata["metadata_crc32"] = "00000000"
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % 8)
+    crc = f"{zlib.crc32(text):08x}".encode()
+    text = text.replace(
+        b'"metadata_crc32":"00000000"', b'"metadata_crc32":"' + crc + b'"'
+    )
+    return struct.pack("<Q", len(text)) + text + good[8 + length :]
+
+
+def load_error(path: Any, *args: Any, cls: Any = Agent, **kwargs: Any) -> str:
+    """The message of the ValueError that loading `path` raises."""
+    if cls is Agent:
+        args = args or (4,)
+        kwargs.setdefault("key", jax.random.key(0))
+    with pytest.raises(ValueError) as info:
+        cls.deserialize(path, *args, **kwargs)
+    return str(info.value)
+
+
+def bad_file(tmp_path: pathlib.Path, content: bytes) -> pathlib.Path:
+    path = tmp_path / "bad.eqx"
+    path.write_bytes(content)
+    return path
+
+
+def checkpoint_bytes(tmp_path: pathlib.Path) -> bytes:
+    agent().serialize(tmp_path / "good")
+    return (tmp_path / "good.eqx").read_bytes()
+
 
 # (end of helpers)
