@@ -25,7 +25,11 @@ into your project (for example as `yourpackage/_lerax_utils.py`) and import from
 The file is self-contained, so the copy needs nothing else from this repository.
 
 **Supported versions.** Python 3.11 or newer, with the jax, equinox and numpy versions
-given as lower bounds in `pyproject.toml`.
+given as lower bounds in `pyproject.toml`. Every feature test of those libraries, and
+every use of their private APIs, sits in the compatibility block below the imports.
+
+**Sections**, each under a banner comment: Compatibility; Pytree comparison; Control
+flow; Batches of pytrees; Host callbacks; Progress bars; Checkpoints.
 """
 
 __version__ = "0.2.0"
