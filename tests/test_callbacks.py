@@ -104,7 +104,7 @@ def test_print_callback_prints_sharded_arrays_eagerly_and_under_jit():
     assert sorted(report["scan"].splitlines(keepends=True)) == lines
     assert report["text"] == "hi\n"  # No traced argument: printed unordered.
     if report["recorded"]:
-        # Only constants traced: nothing shows the sharding (as the README says).
+        # Only constants traced: nothing shows the sharding (as the docstring says).
         assert report["constant"].startswith(
             "ValueError: The following ordered effects are not supported for more "
             "than 1 device"
@@ -145,7 +145,7 @@ def test_ordered_wrappers_gather_eagerly_and_explain_the_fix_under_jit():
             "with `ordered=False` (calls may then arrive in any order), or keep this "
             "computation on one device."
         )
-    else:  # Older JAX: its own message, which the README quotes with the fix.
+    else:  # Older JAX: its own message, which the docstring quotes with the fix.
         assert report["error"].startswith(
             "ValueError: The following ordered effects are not supported for more "
             "than 1 device"

@@ -491,7 +491,7 @@ def test_gradients_bit_identical_with_and_without_bar(
         return
     # Batched, `w @ h` is a matrix product, which XLA may round differently in two
     # different programs (as it does for `jax.lax.scan` with and without any host
-    # call in its step): the README says so.
+    # call in its step): the README and the docstrings say so.
     assert jax.tree.structure(with_bar) == jax.tree.structure(without)
     for a, b in zip(jax.tree.leaves(with_bar), jax.tree.leaves(without), strict=True):
         assert a.dtype == b.dtype and a.shape == b.shape
@@ -564,7 +564,7 @@ def test_prng_key_in_carry_under_grad() -> None:
 
 
 # Older jax has no public, batchable `jax.lax.optimization_barrier`, and there sums of
-# a chunked loop's outputs may round differently (the README says so).
+# a chunked loop's outputs may round differently.
 _HAS_BARRIER = hasattr(jax.lax, "optimization_barrier")
 
 
