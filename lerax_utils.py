@@ -61,6 +61,7 @@ import ctypes
 import dataclasses
 import enum
 import functools
+import importlib
 import inspect
 import itertools
 import json
@@ -75,6 +76,7 @@ import struct
 import sys
 import threading
 import time
+import weakref
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import IO, Any, ParamSpec, Self, TypeVar, cast
@@ -377,6 +379,191 @@ def _check_callable(function: str, name: str, fun: Any) -> None:
 
 
 #
+# Eager calls: the compiled program of a call, kept for the next call like it
+#
+# Outside any trace, `jax.lax` keeps a loop's traced program by its functions'
+# identity. So do we, for a whole call: a call whose functions (by identity), tree
+# structures, static leaves (by equality) and array types match an earlier one's
+# runs that call's compiled program, so a closure is read when first traced, as
+# under `jax.lax`. Inside a trace, the same keys remember which Python numbers a loop
+# promoted, so that a loop traced again (inside an outer loop) starts from them.
+
+_CACHE_SIZE = 64  # Calls kept, in each of the two caches; least recently used go.
+_UNCACHED = object()
+_UNTRACEABLE = object()  # A call whose tracing raised: it runs uncached, as before.
+# Private: whether no trace is active (public as `jax.core.trace_state_clean` in
+# jax 0.4.26, since moved).
+_trace_state_clean = (
+    getattr(jax.core, "trace_state_clean", None)
+    or importlib.import_module("jax._src.core").trace_state_clean
+)
+
+
+class _Cache:
+    """A bounded, thread-safe map; an entry goes as soon as one of the objects its
+    key refers to weakly dies."""
+
+    def __init__(self) -> None:
+        self.entries: collections.OrderedDict[Any, Any] = collections.OrderedDict()
+        self.lock = threading.Lock()
+        self.dead: list[Any] = []  # Keys whose objects died while it was locked.
+
+    def get(self, key: Any) -> Any:
+        with self.lock:
+            while self.dead:
+                self.entries.pop(self.dead.pop(), None)
+            found = self.entries.get(key)
+            if found is not None:
+                self.entries.move_to_end(key)
+                return found[0]
+            return None
+
+    def put(self, key: Any, value: Any, referents: list[Any]) -> None:
+        drop = functools.partial(self._drop, key)
+        entry = (value, [weakref.ref(x, drop) for x in referents])
+        with self.lock:
+            self.entries[key] = entry
+            self.entries.move_to_end(key)
+            while len(self.entries) > _CACHE_SIZE:
+                self.entries.popitem(last=False)
+
+    def _drop(self, key: Any, _: Any) -> None:
+        if self.lock.acquire(blocking=False):  # Never wait: this runs from gc.
+            self.entries.pop(key, None)
+            self.lock.release()
+        else:
+            self.dead.append(key)
+
+
+_PROGRAMS, _PROMOTIONS = _Cache(), _Cache()
+_promotion_key = threading.local()  # Set for `_with_promoted_numbers`, per call.
+
+
+def _call_key(trees: Any) -> tuple[list[Any], list[Any], list[Any]] | None:
+    """The parts of a call's key, its leaves, and the objects that the key refers to
+    weakly; `None` if a static leaf cannot be hashed, or compares to itself as
+    anything but `True`."""
+    leaves, treedef = jtu.tree_flatten(trees)
+    parts: list[Any] = [treedef]
+    referents = []
+    for leaf in leaves:
+        if type(leaf) in (float, complex):  # By bits, as `_same_python_number`.
+            parts.append((type(leaf), struct.pack("<dd", leaf.real, leaf.imag)))
+        elif _is_python_number(leaf):
+            parts.append((type(leaf), leaf))
+        elif eqx.is_array(leaf):
+            parts.append(getattr(leaf, "aval", None) or (leaf.shape, leaf.dtype))
+        elif _is_jax_value(leaf):
+            return None
+        else:
+            try:
+                hash(leaf)
+                if (leaf == leaf) is not True:
+                    return None
+            except Exception:
+                return None
+            try:
+                ref = weakref.WeakMethod if inspect.ismethod(leaf) else weakref.ref
+                parts.append(ref(leaf))
+                referents.append(leaf)
+            except TypeError:  # Not weakly referable: a value, kept as it is.
+                parts.append(leaf)
+    return parts, leaves, referents
+
+
+def _eager_call(
+    function: str, trees: tuple[Any, ...], options: tuple[Any, ...], call: Any
+) -> Any:
+    """`call(*trees)`, run by the compiled program of an earlier call like it, or
+    `_UNCACHED` where the caller must run it itself (inside a trace, or with a static
+    leaf that cannot be compared safely). `options` are static, compared with their
+    types."""
+    _promotion_key.value = None
+    found = _call_key(trees) if _CACHE_SIZE > 0 else None
+    if found is None:
+        return _UNCACHED
+    parts, leaves, referents = found
+    try:
+        key = (function, *((type(x), x) for x in options), *parts)
+        hash(key)
+    except Exception:
+        return _UNCACHED
+    if not _trace_state_clean() or jax.config.jax_disable_jit:  # pyright: ignore[reportAttributeAccessIssue]
+        _promotion_key.value = (key, referents)
+        return _UNCACHED
+    arrays = [i for i, leaf in enumerate(leaves) if eqx.is_array(leaf)]
+    try:
+        entry = _PROGRAMS.get(key)
+    except Exception:  # An `__eq__` that raises, between two static leaves.
+        return _UNCACHED
+    if entry is None:
+        try:
+            entry = _compile_call(trees, leaves, arrays, call)
+        except Exception:
+            _PROGRAMS.put(key, _UNTRACEABLE, referents)
+            raise
+        _PROGRAMS.put(key, entry, referents)
+    if entry is _UNTRACEABLE:
+        return _UNCACHED
+    run, consts, out_def, places = entry
+    try:
+        values = iter(run(consts, *(leaves[i] for i in arrays)))
+    except BaseException:
+        if function in ("filter_scan", "filter_fori_loop", "filter_map"):
+            _end_open_lines()  # As `_tidy_on_error`, for a progress bar's line.
+        raise
+    return out_def.unflatten(
+        [
+            next(values) if p is None else leaves[p] if type(p) is int else p[0]
+            for p in places
+        ]
+    )
+
+
+def _as_array(value: Any) -> Any:
+    """A Python number as the weakly typed array `jax.lax` makes of it (an index or
+    predicate is traced, so one program serves every value)."""
+    try:
+        return jnp.asarray(value) if _is_python_number(value) else value
+    except Exception:
+        return value  # Left as it is, for `jax.lax` to complain of.
+
+
+def _compile_call(trees: Any, leaves: list[Any], arrays: list[int], call: Any) -> Any:
+    """Trace `call` with the array leaves of `trees` traced; its closure's arrays
+    are arguments of the compiled program, as `jax.lax` passes them."""
+    treedef, out = jtu.tree_structure(trees), []
+    static = {id(leaf): i for i, leaf in enumerate(leaves) if not eqx.is_array(leaf)}
+
+    def program(*traced: Any) -> list[Any]:
+        inputs = list(leaves)
+        for i, x in zip(arrays, traced, strict=True):
+            inputs[i] = x
+        out_leaves, out_def = jtu.tree_flatten(call(*treedef.unflatten(inputs)))
+        # Each output leaf: traced (`None`), an input's static leaf (its index), or
+        # a value made while tracing (in a 1-tuple).
+        out.append(out_def)
+        out.append(
+            [
+                None if isinstance(x, jax.core.Tracer) else static.get(id(x), (x,))
+                for x in out_leaves
+            ]
+        )
+        return [x for x in out_leaves if isinstance(x, jax.core.Tracer)]
+
+    try:
+        closed = jax.make_jaxpr(program)(*(leaves[i] for i in arrays))
+    except Exception as error:
+        # Only arrays in a function (a module's parameters), traced here and not
+        # uncached, can make the difference; then the call runs uncached.
+        if not _complains_of_tracing(error):
+            raise
+        return _UNTRACEABLE
+    run = jax.jit(lambda consts, *xs: jax.core.eval_jaxpr(closed.jaxpr, consts, *xs))
+    return run, list(closed.consts), out[0], out[1]
+
+
+#
 # Loop carries: Python numbers are static until the body changes them
 #
 
@@ -435,12 +622,20 @@ def _with_promoted_numbers(
     starts.setdefault(numbers, "every number traced")
     starts.setdefault(frozenset(), "every number a Python value")
     errors: dict[frozenset[int], Exception] = {}
+    hint, _promotion_key.value = getattr(_promotion_key, "value", None), None
+    with contextlib.suppress(Exception):  # An `__eq__` that raises: no hint.
+        known = hint and _PROMOTIONS.get(hint[0])
+        if known:  # What this loop promoted when last traced: try that first.
+            starts = {known: "the numbers it promoted before", **starts}
     for start in starts:
         promoted = start
         try:
             while True:
                 try:
-                    return attempt(promoted)
+                    result = attempt(promoted)
+                    if hint:
+                        _PROMOTIONS.put(hint[0], promoted, hint[1])
+                    return result
                 except _PromoteCarryNumbers as request:
                     promoted |= request.indices
         except RuntimeError:
@@ -799,6 +994,15 @@ def filter_scan(
     ```
     """
     _check_callable("filter_scan", "f", f)
+    args = (length, reverse, unroll, _split_transpose)
+    cached = _eager_call(
+        "filter_scan",
+        (f, init, xs),
+        (*args, progress),
+        lambda f, init, xs: filter_scan(f, init, xs, *args, progress=progress),
+    )
+    if cached is not _UNCACHED:
+        return cached
     description = _progress_description("filter_scan", progress)
     length = _scan_length(xs, length)
     unroll = _scan_unroll(unroll)
@@ -1255,6 +1459,14 @@ def filter_cond(
         pred,
         "Reduce it first, for example with `jnp.any` or `jnp.all`.",
     )
+    cached = _eager_call(
+        "filter_cond",
+        (_as_array(pred), true_fun, false_fun, operands),
+        (),
+        lambda p, t, f, ops: filter_cond(p, t, f, *ops),
+    )
+    if cached is not _UNCACHED:
+        return cached
 
     def attempt(promoted: frozenset[int]) -> Any:
         branches = _Branches("filter_cond", operands, promoted)
@@ -1347,6 +1559,14 @@ def filter_switch(
         )
     operands = _one_operand_form("filter_switch", operands, operand)
     _check_scalar("filter_switch", "index", index, "Pass a single integer index.")
+    cached = _eager_call(
+        "filter_switch",
+        (_as_array(index), branches, operands),
+        (),
+        lambda i, funs, ops: filter_switch(i, funs, *ops),
+    )
+    if cached is not _UNCACHED:
+        return cached
 
     def attempt(promoted: frozenset[int]) -> Any:
         wrapped = _Branches("filter_switch", operands, promoted)
@@ -1430,6 +1650,10 @@ def filter_while_loop(
     """
     _check_callable("filter_while_loop", "cond_fun", cond_fun)
     _check_callable("filter_while_loop", "body_fun", body_fun)
+    trees = (cond_fun, body_fun, init_val)
+    cached = _eager_call("filter_while_loop", trees, (), filter_while_loop)
+    if cached is not _UNCACHED:
+        return cached
 
     def attempt(promoted: frozenset[int]) -> Any:
         carry = _LoopCarry(init_val, promoted, _WHILE_NAMES)
@@ -1496,6 +1720,16 @@ def filter_fori_loop(
     ```
     """
     _check_callable("filter_fori_loop", "body_fun", body_fun)
+    cached = _eager_call(
+        "filter_fori_loop",
+        (body_fun, init_val),
+        (lower, upper, unroll, progress),
+        lambda body, init: filter_fori_loop(
+            lower, upper, body, init, unroll=unroll, progress=progress
+        ),
+    )
+    if cached is not _UNCACHED:
+        return cached
     description = _progress_description("filter_fori_loop", progress)
     bar, first, total = None, 0, 0
     if description is not None:
@@ -1597,6 +1831,14 @@ def filter_map(
     ```
     """
     _check_callable("filter_map", "f", f)
+    cached = _eager_call(
+        "filter_map",
+        (f, xs),
+        (batch_size, progress),
+        lambda f, xs: filter_map(f, xs, batch_size=batch_size, progress=progress),
+    )
+    if cached is not _UNCACHED:
+        return cached
     description = _progress_description("filter_map", progress)
     options = {}
     if batch_size is not None and description is not None:
