@@ -581,11 +581,12 @@ class _LoopNames:
 
 class _PromoteCarryNumbers(Exception):
     """Raised from inside a trace of a loop body: these carry leaves are Python numbers
-    that the body changed, so they must be traced. Never reaches the user."""
+    that the body changed, so they must be traced; `unproven` adds those it may have
+    changed (all but those it passed on as they came). Never reaches the user."""
 
-    def __init__(self, indices: frozenset[int]):
+    def __init__(self, indices: frozenset[int], unproven: frozenset[int]):
         super().__init__(indices)
-        self.indices = indices
+        self.indices, self.unproven = indices, unproven | indices
 
 
 def _with_promoted_numbers(
@@ -628,7 +629,7 @@ def _with_promoted_numbers(
         if known:  # What this loop promoted when last traced: try that first.
             starts = {known: "the numbers it promoted before", **starts}
     for start in starts:
-        promoted = start
+        promoted, rounds, narrow = start, 0, None
         try:
             while True:
                 try:
@@ -637,7 +638,16 @@ def _with_promoted_numbers(
                         _PROMOTIONS.put(hint[0], promoted, hint[1])
                     return result
                 except _PromoteCarryNumbers as request:
-                    promoted |= request.indices
+                    rounds += 1
+                    if rounds == 2:  # Else each trace may find one more number.
+                        narrow = promoted | request.indices
+                        promoted |= request.unproven
+                    else:
+                        promoted |= request.indices
+                except Exception as error:  # Numbers needed as Python values: go
+                    if narrow is None or isinstance(error, RuntimeError):
+                        raise
+                    promoted, narrow = narrow, None  # one round at a time.
         except RuntimeError:
             raise
         except Exception as error:
@@ -726,7 +736,22 @@ class _LoopCarry(_Split):
             if message is not None:
                 raise ValueError(self._error(self.path(i), message, "static"))
         if to_promote:
-            raise _PromoteCarryNumbers(frozenset(to_promote))
+            # Passed on as the very object that came in, and not one that Python
+            # shares between equal values (small ints, bools), it is unchanged.
+            unproven = {
+                i
+                for i, (old, new) in enumerate(
+                    zip(self.leaves, new_leaves, strict=True)
+                )
+                if not self.traced[i]
+                and _is_python_number(old)
+                and not (
+                    new is self.body_inputs[i]
+                    and type(old) is not bool
+                    and not (type(old) is int and -5 <= old <= 256)
+                )
+            }
+            raise _PromoteCarryNumbers(frozenset(to_promote), frozenset(unproven))
         return new_def.unflatten(
             [x if t else None for x, t in zip(new_leaves, self.traced, strict=True)]
         )

@@ -415,3 +415,59 @@ def test_memory_does_not_grow_over_a_thousand_eager_calls(name: str) -> None:
     gc.collect()
     assert len(jax.live_arrays()) <= arrays
     assert _rss_bytes() - before < 5 * 2**20
+
+
+def test_chained_counters_are_traced_at_most_three_times() -> None:
+    n, traces = 160, []
+
+    def step(c: list[Any], x: Any) -> Any:
+        traces.append(None)
+        return [c[0] + 1] + [c[i] + c[i - 1] for i in range(1, n)], None
+
+    final, _ = filter_scan(step, [0] * n, None, length=4)
+    expected, _ = jax.lax.scan(step, [0] * n, None, length=4)
+    assert len(traces) <= 3 + 1  # Ours, then `jax.lax.scan`'s one trace.
+    _same(final, expected)
+
+
+def test_numbers_needed_as_python_values_keep_working_over_two_rounds() -> None:
+    traces = []
+
+    def step(c: Any, x: Any) -> Any:
+        traces.append(None)
+        size, a, b, h = c
+        return (size, a + 1, b + a, h + jnp.ones(size)), None
+
+    (size, a, b, h), _ = filter_scan(step, (3, 0, 0, jnp.zeros(3)), None, length=4)
+    assert size == 3 and type(size) is int
+    assert (int(a), int(b)) == (4, 6)
+    np.testing.assert_array_equal(h, jnp.full(3, 4.0))
+    assert len(traces) <= 4
+
+
+def _nested(depth: int, traces: list[int]) -> Callable[..., Any]:
+    """A loop body that counts its traces and runs the next level's loop, `depth`
+    levels deep; each level promotes a counter of its own."""
+
+    def body(i: Any, carry: Any) -> Any:
+        traces[depth] += 1
+        count, x = carry
+        if depth + 1 < len(traces):
+            _, x = filter_fori_loop(0, 2, _bodies[depth + 1], (0, x))
+        return count + 1, x + 1.0
+
+    return body
+
+
+_bodies: list[Callable[..., Any]] = []
+
+
+def test_nested_loops_retrace_a_bounded_number_of_times_per_level() -> None:
+    traces = [0] * 4
+    _bodies[:] = [_nested(depth, traces) for depth in range(4)]
+    count, x = filter_fori_loop(0, 2, _bodies[0], (0, jnp.zeros(())))
+    assert int(count) == 2 and float(x) == 2 + 4 + 8 + 16
+    # Each level's body: twice for its own counter, then once per retrace of the
+    # levels around it (2 ** (depth + 1) times before).
+    assert traces == [2, 3, 4, 5]
+
