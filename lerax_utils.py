@@ -378,6 +378,20 @@ def _check_callable(function: str, name: str, fun: Any) -> None:
         )
 
 
+def _lax_says(function: str, run: Callable[..., Any], *args: Any) -> str:
+    """`jax.lax`'s own message for the same mistake, made by `run(*args)` on stand-ins
+    of the same structure, to follow ours (code that matches it keeps working)."""
+    try:
+        jax.eval_shape(run, *args)
+    except Exception as error:
+        return f"\n\njax.lax.{function} says: {error}"
+    return ""
+
+
+def _stand_in(tree: Any) -> Any:
+    return jtu.tree_map(lambda x: x if eqx.is_array(x) else 0.0, tree)
+
+
 #
 # Eager calls: the compiled program of a call, kept for the next call like it
 #
@@ -713,7 +727,22 @@ class _LoopCarry(_Split):
         if new_def != self.treedef:
             path, message = _structure_difference(self.tree, new_carry, ())
             kind = "static" if message.startswith("is a static field") else "structure"
-            raise TypeError(self._error(path, message, kind))
+            old, new = _stand_in(self.tree), _stand_in(new_carry)
+            lax = {
+                "filter_scan": lambda: jax.lax.scan(
+                    lambda c, x: (new, x), old, None, 1
+                ),
+                "filter_while_loop": lambda: jax.lax.while_loop(
+                    lambda c: True, lambda c: new, old
+                ),
+                "filter_fori_loop": lambda: jax.lax.fori_loop(
+                    0, 1, lambda i, c: new, old
+                ),
+            }[self.names.function]
+            raise TypeError(
+                self._error(path, message, kind)
+                + (_lax_says(self.names.function[7:], lax) if kind != "static" else "")
+            )
         to_promote: set[int] = set()
         self.passed_through = {
             i
@@ -856,7 +885,17 @@ class _Branches:
         out_leaves, out_def = jtu.tree_flatten(out)
         if first_def != out_def:
             path, message = _structure_difference(first, out, ())
-            raise TypeError(self._error(first_name, name, path, message))
+            a, b = _stand_in(first), _stand_in(out)
+            if self.function == "filter_switch":
+                lax = lambda: jax.lax.switch(0, [lambda: a, lambda: b])  # noqa: E731
+            elif first_name == "true_fun":
+                lax = lambda: jax.lax.cond(True, lambda: a, lambda: b)  # noqa: E731
+            else:
+                lax = lambda: jax.lax.cond(True, lambda: b, lambda: a)  # noqa: E731
+            raise TypeError(
+                self._error(first_name, name, path, message)
+                + _lax_says(self.function[7:], lax)
+            )
         for (path, a), b in zip(first_leaves, out_leaves, strict=True):
             a_traced, b_traced = _outputs_traced(0, a), _outputs_traced(0, b)
             if a_traced and b_traced:
@@ -1051,6 +1090,12 @@ def filter_scan(
                 raise TypeError(
                     "filter_scan: `f` must return a pair `(new_carry, y)`; got "
                     f"{_describe_leaf(out)}."
+                    + _lax_says(
+                        "scan",
+                        lambda: jax.lax.scan(
+                            lambda c, x: _stand_in(out), None, None, 1
+                        ),
+                    )
                 )
             pair_defs.append(pair_def)
             new_carry, y = pair
@@ -1348,6 +1393,11 @@ def _scan_length(xs: Any, length: Any) -> int:
         raise ValueError(
             f"filter_scan: `length={length}` disagrees with the leading size {size} of "
             f"the arrays in `xs`. Pass `length={size}` or leave it out."
+            + _lax_says(
+                "scan",
+                lambda xs: jax.lax.scan(lambda c, x: (c, x), None, xs, length),
+                jax.ShapeDtypeStruct((size,), np.float32),
+            )
         )
     return size
 
@@ -1370,7 +1420,10 @@ def _whole_number(name: str, value: Any) -> int:
                 f"filter_scan: `{name}` must be concrete, but it is traced. Pass a "
                 "Python int, or compute it outside `jax.jit` (mark it static with "
                 "`static_argnums`). For a loop whose length is only known inside the "
-                "computation, use `jax.lax.while_loop`.",
+                "computation, use `jax.lax.while_loop`."
+                + _lax_says(
+                    "scan", lambda: jax.lax.scan(lambda c, x: (c, x), 0, None, value)
+                ),
             ) from None
         except (TypeError, ValueError, OverflowError):
             whole = None

@@ -471,3 +471,78 @@ def test_nested_loops_retrace_a_bounded_number_of_times_per_level() -> None:
     # levels around it (2 ** (depth + 1) times before).
     assert traces == [2, 3, 4, 5]
 
+
+_TWO = jnp.ones(2)
+_ANY: Any = lambda c: True  # noqa: E731
+_NOT_A_PAIR: Any = lambda c, x: c  # noqa: E731
+# Mistakes that `jax.lax` also rejects: ours, the same with `jax.lax`, and the start
+# of our message, which stays as it was.
+_MISTAKES: dict[str, tuple[Callable[[], Any], Callable[[], Any], str]] = {
+    "scan carry structure": (
+        lambda: filter_scan(lambda c, x: ((c, c), x), 0.0, None, 2),
+        lambda: jax.lax.scan(lambda c, x: ((c, c), x), 0.0, None, 2),
+        "filter_scan: `f` returned a carry that differs from `init` at the top "
+        "level: it was float 0.0 and is now a tuple. The carry must keep the "
+        "structure of `init` from step to step.",
+    ),
+    "while carry structure": (
+        lambda: filter_while_loop(_ANY, lambda c: [c], 0.0),
+        lambda: jax.lax.while_loop(_ANY, lambda c: [c], 0.0),
+        "filter_while_loop: `body_fun` returned a carry that differs from "
+        "`init_val` at the top level: it was float 0.0 and is now a list.",
+    ),
+    "fori carry structure": (
+        lambda: filter_fori_loop(0, 2, lambda i, c: [c], 0.0),
+        lambda: jax.lax.fori_loop(0, 2, lambda i, c: [c], 0.0),
+        "filter_fori_loop: `body_fun` returned a carry that differs from "
+        "`init_val` at the top level: it was float 0.0 and is now a list.",
+    ),
+    "body output not a pair": (
+        lambda: filter_scan(_NOT_A_PAIR, _TWO, None, 2),
+        lambda: jax.lax.scan(_NOT_A_PAIR, _TWO, None, 2),
+        "filter_scan: `f` must return a pair `(new_carry, y)`; got an array of "
+        "shape (2,) and dtype float32.",
+    ),
+    "length disagreeing with xs": (
+        lambda: filter_scan(lambda c, x: (c, x), 0.0, jnp.ones(5), 3),
+        lambda: jax.lax.scan(lambda c, x: (c, x), 0.0, jnp.ones(5), 3),
+        "filter_scan: `length=3` disagrees with the leading size 5 of the arrays "
+        "in `xs`. Pass `length=5` or leave it out.",
+    ),
+    "traced length": (
+        lambda: jax.jit(lambda n: filter_scan(lambda c, x: (c, x), 0, None, n))(3),
+        lambda: jax.jit(lambda n: jax.lax.scan(lambda c, x: (c, x), 0, None, n))(3),
+        "Abstract tracer value encountered where concrete value is expected: traced "
+        "array with shape int32[]\nfilter_scan: `length` must be concrete, but it is "
+        "traced.",
+    ),
+    "cond branch structure": (
+        lambda: filter_cond(True, lambda x: (x, x), lambda x: x, _TWO),
+        lambda: jax.lax.cond(True, lambda x: (x, x), lambda x: x, _TWO),
+        "filter_cond: the branches' outputs disagree at the top level: compared "
+        "with `true_fun`'s output, `false_fun`'s was a tuple and is now an array of "
+        "shape (2,) and dtype float32.",
+    ),
+    "switch branch structure": (
+        lambda: filter_switch(0, [lambda x: x, lambda x: [x]], _TWO),
+        lambda: jax.lax.switch(0, [lambda x: x, lambda x: [x]], _TWO),
+        "filter_switch: the branches' outputs disagree at the top level: compared "
+        "with `branches[0]`'s output, `branches[1]`'s was an array of shape (2,) "
+        "and dtype float32 and is now a list.",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(_MISTAKES))
+def test_our_messages_hold_lax_messages(name: str) -> None:
+    ours, theirs, start = _MISTAKES[name]
+    with pytest.raises(Exception) as lax_error:
+        theirs()
+    with pytest.raises(type(lax_error.value)) as our_error:
+        ours()
+    assert type(our_error.value) is type(lax_error.value)
+    message = str(our_error.value)
+    assert message.startswith(start)
+    lines = str(lax_error.value).splitlines()
+    for line in lines[: 2 if name == "traced length" else 1]:
+        assert line in message
