@@ -534,6 +534,35 @@ def _eager_call(
     )
 
 
+def _cached_eagerly(*static: str) -> Callable[[_Function], _Function]:
+    """Run eager calls of the decorated function through `_eager_call`: the arguments
+    named in `static` are compared whole, the others split into leaves."""
+
+    def decorate(function: _Function) -> _Function:
+        signature = inspect.signature(function)
+
+        @functools.wraps(function)
+        def cached(*args: Any, **kwargs: Any) -> Any:
+            arguments = signature.bind(*args, **kwargs).arguments
+            trees = {
+                name: _as_array(value) if name in ("pred", "index") else value
+                for name, value in arguments.items()
+                if name not in static
+            }
+
+            def call(trees: dict[str, Any]) -> Any:
+                bound = inspect.BoundArguments(signature, {**arguments, **trees})
+                return function(*bound.args, **bound.kwargs)
+
+            options = tuple(arguments.get(name, _UNCACHED) for name in static)
+            out = _eager_call(function.__name__, (trees,), options, call)
+            return function(*args, **kwargs) if out is _UNCACHED else out
+
+        return cast(_Function, cached)
+
+    return decorate
+
+
 def _as_array(value: Any) -> Any:
     """A Python number as the weakly typed array `jax.lax` makes of it (an index or
     predicate is traced, so one program serves every value)."""
@@ -954,6 +983,7 @@ _SCAN_NAMES = _LoopNames(
 )
 
 
+@_cached_eagerly("length", "reverse", "unroll", "_split_transpose", "progress")
 def filter_scan(
     f: Callable[[_Carry, _X], tuple[_Carry, _Y]],
     init: _Carry,
@@ -1058,15 +1088,6 @@ def filter_scan(
     ```
     """
     _check_callable("filter_scan", "f", f)
-    args = (length, reverse, unroll, _split_transpose)
-    cached = _eager_call(
-        "filter_scan",
-        (f, init, xs),
-        (*args, progress),
-        lambda f, init, xs: filter_scan(f, init, xs, *args, progress=progress),
-    )
-    if cached is not _UNCACHED:
-        return cached
     description = _progress_description("filter_scan", progress)
     length = _scan_length(xs, length)
     unroll = _scan_unroll(unroll)
@@ -1458,6 +1479,7 @@ def _scan_unroll(unroll: Any) -> Any:
 #
 
 
+@_cached_eagerly()
 def filter_cond(
     pred: Any,
     true_fun: Callable[..., _Out],
@@ -1537,14 +1559,6 @@ def filter_cond(
         pred,
         "Reduce it first, for example with `jnp.any` or `jnp.all`.",
     )
-    cached = _eager_call(
-        "filter_cond",
-        (_as_array(pred), true_fun, false_fun, operands),
-        (),
-        lambda p, t, f, ops: filter_cond(p, t, f, *ops),
-    )
-    if cached is not _UNCACHED:
-        return cached
 
     def attempt(promoted: frozenset[int]) -> Any:
         branches = _Branches("filter_cond", operands, promoted)
@@ -1567,6 +1581,7 @@ def _check_scalar(function: str, name: str, value: Any, fix: str) -> None:
         )
 
 
+@_cached_eagerly()
 def filter_switch(
     index: Any,
     branches: Sequence[Callable[..., _Out]],
@@ -1637,14 +1652,6 @@ def filter_switch(
         )
     operands = _one_operand_form("filter_switch", operands, operand)
     _check_scalar("filter_switch", "index", index, "Pass a single integer index.")
-    cached = _eager_call(
-        "filter_switch",
-        (_as_array(index), branches, operands),
-        (),
-        lambda i, funs, ops: filter_switch(i, funs, *ops),
-    )
-    if cached is not _UNCACHED:
-        return cached
 
     def attempt(promoted: frozenset[int]) -> Any:
         wrapped = _Branches("filter_switch", operands, promoted)
@@ -1670,6 +1677,7 @@ _FORI_NAMES = _LoopNames(
 )
 
 
+@_cached_eagerly()
 def filter_while_loop(
     cond_fun: Callable[[_Carry], Any],
     body_fun: Callable[[_Carry], _Carry],
@@ -1728,10 +1736,6 @@ def filter_while_loop(
     """
     _check_callable("filter_while_loop", "cond_fun", cond_fun)
     _check_callable("filter_while_loop", "body_fun", body_fun)
-    trees = (cond_fun, body_fun, init_val)
-    cached = _eager_call("filter_while_loop", trees, (), filter_while_loop)
-    if cached is not _UNCACHED:
-        return cached
 
     def attempt(promoted: frozenset[int]) -> Any:
         carry = _LoopCarry(init_val, promoted, _WHILE_NAMES)
@@ -1749,6 +1753,7 @@ def filter_while_loop(
     return _with_promoted_numbers("filter_while_loop", attempt, init_val)
 
 
+@_cached_eagerly("lower", "upper", "unroll", "progress")
 def filter_fori_loop(
     lower: Any,
     upper: Any,
@@ -1798,16 +1803,6 @@ def filter_fori_loop(
     ```
     """
     _check_callable("filter_fori_loop", "body_fun", body_fun)
-    cached = _eager_call(
-        "filter_fori_loop",
-        (body_fun, init_val),
-        (lower, upper, unroll, progress),
-        lambda body, init: filter_fori_loop(
-            lower, upper, body, init, unroll=unroll, progress=progress
-        ),
-    )
-    if cached is not _UNCACHED:
-        return cached
     description = _progress_description("filter_fori_loop", progress)
     bar, first, total = None, 0, 0
     if description is not None:
@@ -1861,6 +1856,7 @@ def filter_fori_loop(
 _MAP_TAKES_BATCH_SIZE = "batch_size" in inspect.signature(jax.lax.map).parameters
 
 
+@_cached_eagerly("batch_size", "progress")
 def filter_map(
     f: Callable[[_X], _Y],
     xs: _X,
@@ -1909,14 +1905,6 @@ def filter_map(
     ```
     """
     _check_callable("filter_map", "f", f)
-    cached = _eager_call(
-        "filter_map",
-        (f, xs),
-        (batch_size, progress),
-        lambda f, xs: filter_map(f, xs, batch_size=batch_size, progress=progress),
-    )
-    if cached is not _UNCACHED:
-        return cached
     description = _progress_description("filter_map", progress)
     options = {}
     if batch_size is not None and description is not None:
