@@ -502,8 +502,8 @@ def _eager_call(
         hash(key)
     except Exception:
         return _UNCACHED
+    _promotion_key.value = (key, referents)  # For `_with_promoted_numbers`.
     if not _trace_state_clean() or jax.config.jax_disable_jit:  # pyright: ignore[reportAttributeAccessIssue]
-        _promotion_key.value = (key, referents)
         return _UNCACHED
     arrays = [i for i, leaf in enumerate(leaves) if eqx.is_array(leaf)]
     try:

@@ -173,12 +173,12 @@ def test_counter_in_the_carry_stays_promoted_without_retracing() -> None:
         h, steps, fixed = carry
         return (h + x, steps + 1, fixed), steps * fixed
 
-    for start in (0, 0, 5):
+    for start in (0, 0, 0, 5):
         (h, steps, fixed), ys = filter_scan(step, (0.0, start, 7), jnp.ones(3))
         assert int(steps) == start + 3 and isinstance(steps, jax.Array)
         assert fixed == 7 and type(fixed) is int  # Passed through: a Python number.
         np.testing.assert_array_equal(ys, [7 * (start + i) for i in range(3)])
-    assert len(traces) == 4  # Two for the first call, none for the second, two more.
+    assert len(traces) == 4  # Two for the first call, none for the next, two more.
 
 
 def _cached_refs() -> list[Any]:
