@@ -20,6 +20,12 @@
 - `save_pytree`, `load_pytree`: the same checkpoints for any pytree, such as a whole
   training state `(model, opt_state, key, step)`.
 
+**Eager calls.** Outside `jax.jit`, the control-flow functions keep the compiled
+programs of their last 64 distinct calls, keyed on the functions (by identity), the
+tree structures, the static leaves (by equality) and the arrays' shapes and dtypes,
+as `jax.lax` keeps its traced programs: so a function's closure is read when it is
+first traced. A loop body is traced at most three times for its Python numbers.
+
 **Installing.** Either `pip install git+<repository url>`, or vendor it: copy this file
 into your project (for example as `yourpackage/_lerax_utils.py`) and import from there.
 The file is self-contained, so the copy needs nothing else from this repository.
@@ -64,6 +70,7 @@ import ctypes
 import dataclasses
 import enum
 import functools
+import importlib
 import inspect
 import itertools
 import json
@@ -78,6 +85,7 @@ import struct
 import sys
 import threading
 import time
+import weakref
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import IO, Any, ParamSpec, Self, TypeVar, cast
@@ -108,6 +116,13 @@ _KeyPath = tuple[Any, ...]
 # loudly when a new release changes one of them again.
 
 # -- Control flow
+
+# Whether no trace is active: public as `jax.core.trace_state_clean` up to jax 0.4.x,
+# private (`jax._src.core`) since it left `jax.core`.
+_trace_state_clean = (
+    getattr(jax.core, "trace_state_clean", None)
+    or importlib.import_module("jax._src.core").trace_state_clean
+)
 
 # `jax.lax.scan`'s experimental `_split_transpose` (in jax 0.4.30 to 0.10 at least) may
 # go in a later release. It never changes results, so it is passed only where taken.
@@ -510,6 +525,228 @@ def _check_callable(function: str, name: str, fun: Any) -> None:
         )
 
 
+def _lax_says(function: str, run: Callable[..., Any], *args: Any) -> str:
+    """`jax.lax`'s own message for the same mistake, made by `run(*args)` on stand-ins
+    of the same structure, to follow ours (code that matches it keeps working)."""
+    try:
+        jax.eval_shape(run, *args)
+    except Exception as error:
+        return f"\n\njax.lax.{function} says: {error}"
+    return ""
+
+
+def _stand_in(tree: Any) -> Any:
+    return jtu.tree_map(lambda x: x if eqx.is_array(x) else 0.0, tree)
+
+
+#
+# Eager calls: the compiled program of a call, kept for the next call like it
+#
+# Outside any trace, `jax.lax` keeps a loop's traced program by its functions'
+# identity. So do we, for a whole call: a call whose functions (by identity), tree
+# structures, static leaves (by equality) and array types match an earlier one's
+# runs that call's compiled program, so a closure is read when first traced, as
+# under `jax.lax`. Inside a trace, the same keys remember which Python numbers a loop
+# promoted, so that a loop traced again (inside an outer loop) starts from them.
+
+_CACHE_SIZE = 64  # Calls kept, in each of the two caches; least recently used go.
+_UNCACHED = object()
+_UNTRACEABLE = object()  # A call whose tracing raised: it runs uncached, as before.
+
+
+class _Cache:
+    """A bounded, thread-safe map; an entry goes as soon as one of the objects its
+    key refers to weakly dies."""
+
+    def __init__(self) -> None:
+        self.entries: collections.OrderedDict[Any, Any] = collections.OrderedDict()
+        self.lock = threading.Lock()
+        self.dead: list[Any] = []  # Keys whose objects died while it was locked.
+
+    def get(self, key: Any) -> Any:
+        with self.lock:
+            while self.dead:
+                self.entries.pop(self.dead.pop(), None)
+            found = self.entries.get(key)
+            if found is not None:
+                self.entries.move_to_end(key)
+                return found[0]
+            return None
+
+    def put(self, key: Any, value: Any, referents: list[Any]) -> None:
+        drop = functools.partial(self._drop, key)
+        entry = (value, [weakref.ref(x, drop) for x in referents])
+        with self.lock:
+            self.entries[key] = entry
+            self.entries.move_to_end(key)
+            while len(self.entries) > _CACHE_SIZE:
+                self.entries.popitem(last=False)
+
+    def _drop(self, key: Any, _: Any) -> None:
+        if self.lock.acquire(blocking=False):  # Never wait: this runs from gc.
+            self.entries.pop(key, None)
+            self.lock.release()
+        else:
+            self.dead.append(key)
+
+
+_PROGRAMS, _PROMOTIONS = _Cache(), _Cache()
+_promotion_key = threading.local()  # Set for `_with_promoted_numbers`, per call.
+
+
+def _call_key(trees: Any) -> tuple[list[Any], list[Any], list[Any]] | None:
+    """The parts of a call's key, its leaves, and the objects that the key refers to
+    weakly; `None` if a static leaf cannot be hashed, or compares to itself as
+    anything but `True`."""
+    leaves, treedef = jtu.tree_flatten(trees)
+    parts: list[Any] = [treedef]
+    referents = []
+    for leaf in leaves:
+        if type(leaf) in (float, complex):  # By bits, as `_same_python_number`.
+            parts.append((type(leaf), struct.pack("<dd", leaf.real, leaf.imag)))
+        elif _is_python_number(leaf):
+            parts.append((type(leaf), leaf))
+        elif eqx.is_array(leaf):
+            parts.append(getattr(leaf, "aval", None) or (leaf.shape, leaf.dtype))
+        elif _is_jax_value(leaf):
+            return None
+        else:
+            try:
+                hash(leaf)
+                if (leaf == leaf) is not True:
+                    return None
+            except Exception:
+                return None
+            try:
+                ref = weakref.WeakMethod if inspect.ismethod(leaf) else weakref.ref
+                parts.append(ref(leaf))
+                referents.append(leaf)
+            except TypeError:  # Not weakly referable: a value, kept as it is.
+                parts.append(leaf)
+    return parts, leaves, referents
+
+
+def _eager_call(
+    function: str, trees: tuple[Any, ...], options: tuple[Any, ...], call: Any
+) -> Any:
+    """`call(*trees)`, run by the compiled program of an earlier call like it, or
+    `_UNCACHED` where the caller must run it itself (inside a trace, or with a static
+    leaf that cannot be compared safely). `options` are static, compared with their
+    types."""
+    _promotion_key.value = None
+    found = _call_key(trees) if _CACHE_SIZE > 0 else None
+    if found is None:
+        return _UNCACHED
+    parts, leaves, referents = found
+    try:
+        key = (function, *((type(x), x) for x in options), *parts)
+        hash(key)
+    except Exception:
+        return _UNCACHED
+    _promotion_key.value = (key, referents)  # For `_with_promoted_numbers`.
+    if not _trace_state_clean() or jax.config.jax_disable_jit:  # pyright: ignore[reportAttributeAccessIssue]
+        return _UNCACHED
+    arrays = [i for i, leaf in enumerate(leaves) if eqx.is_array(leaf)]
+    try:
+        entry = _PROGRAMS.get(key)
+    except Exception:  # An `__eq__` that raises, between two static leaves.
+        return _UNCACHED
+    if entry is None:
+        try:
+            entry = _compile_call(trees, leaves, arrays, call)
+        except Exception:
+            _PROGRAMS.put(key, _UNTRACEABLE, referents)
+            raise
+        _PROGRAMS.put(key, entry, referents)
+    if entry is _UNTRACEABLE:
+        return _UNCACHED
+    run, consts, out_def, places = entry
+    try:
+        values = iter(run(consts, *(leaves[i] for i in arrays)))
+    except BaseException:
+        if function in ("filter_scan", "filter_fori_loop", "filter_map"):
+            _end_open_lines()  # As `_tidy_on_error`, for a progress bar's line.
+        raise
+    return out_def.unflatten(
+        [
+            next(values) if p is None else leaves[p] if type(p) is int else p[0]
+            for p in places
+        ]
+    )
+
+
+def _cached_eagerly(*static: str) -> Callable[[_Function], _Function]:
+    """Run eager calls of the decorated function through `_eager_call`: the arguments
+    named in `static` are compared whole, the others split into leaves."""
+
+    def decorate(function: _Function) -> _Function:
+        signature = inspect.signature(function)
+
+        @functools.wraps(function)
+        def cached(*args: Any, **kwargs: Any) -> Any:
+            arguments = signature.bind(*args, **kwargs).arguments
+            trees = {
+                name: _as_array(value) if name in ("pred", "index") else value
+                for name, value in arguments.items()
+                if name not in static
+            }
+
+            def call(trees: dict[str, Any]) -> Any:
+                bound = inspect.BoundArguments(signature, {**arguments, **trees})
+                return function(*bound.args, **bound.kwargs)
+
+            options = tuple(arguments.get(name, _UNCACHED) for name in static)
+            out = _eager_call(function.__name__, (trees,), options, call)
+            return function(*args, **kwargs) if out is _UNCACHED else out
+
+        return cast(_Function, cached)
+
+    return decorate
+
+
+def _as_array(value: Any) -> Any:
+    """A Python number as the weakly typed array `jax.lax` makes of it (an index or
+    predicate is traced, so one program serves every value)."""
+    try:
+        return jnp.asarray(value) if _is_python_number(value) else value
+    except Exception:
+        return value  # Left as it is, for `jax.lax` to complain of.
+
+
+def _compile_call(trees: Any, leaves: list[Any], arrays: list[int], call: Any) -> Any:
+    """Trace `call` with the array leaves of `trees` traced; its closure's arrays
+    are arguments of the compiled program, as `jax.lax` passes them."""
+    treedef, out = jtu.tree_structure(trees), []
+    static = {id(leaf): i for i, leaf in enumerate(leaves) if not eqx.is_array(leaf)}
+
+    def program(*traced: Any) -> list[Any]:
+        inputs = list(leaves)
+        for i, x in zip(arrays, traced, strict=True):
+            inputs[i] = x
+        out_leaves, out_def = jtu.tree_flatten(call(*treedef.unflatten(inputs)))
+        # Each output leaf: traced (`None`), an input's static leaf (its index), or
+        # a value made while tracing (in a 1-tuple).
+        out.append(out_def)
+        out.append(
+            [
+                None if isinstance(x, jax.core.Tracer) else static.get(id(x), (x,))
+                for x in out_leaves
+            ]
+        )
+        return [x for x in out_leaves if isinstance(x, jax.core.Tracer)]
+
+    try:
+        closed = jax.make_jaxpr(program)(*(leaves[i] for i in arrays))
+    except Exception as error:
+        # Only arrays in a function (a module's parameters), traced here and not
+        # uncached, can make the difference; then the call runs uncached.
+        if not _complains_of_tracing(error):
+            raise
+        return _UNTRACEABLE
+    run = jax.jit(lambda consts, *xs: jax.core.eval_jaxpr(closed.jaxpr, consts, *xs))
+    return run, list(closed.consts), out[0], out[1]
+
+
 #
 # Loop carries: Python numbers are static until the body changes them
 #
@@ -528,11 +765,12 @@ class _LoopNames:
 
 class _PromoteCarryNumbers(Exception):
     """Raised from inside a trace of a loop body: these carry leaves are Python numbers
-    that the body changed, so they must be traced. Never reaches the user."""
+    that the body changed, so they must be traced; `unproven` adds those it may have
+    changed (all but those it passed on as they came). Never reaches the user."""
 
-    def __init__(self, indices: frozenset[int]):
+    def __init__(self, indices: frozenset[int], unproven: frozenset[int]):
         super().__init__(indices)
-        self.indices = indices
+        self.indices, self.unproven = indices, unproven | indices
 
 
 def _with_promoted_numbers(
@@ -562,14 +800,31 @@ def _with_promoted_numbers(
     starts.setdefault(numbers, "every number traced")
     starts.setdefault(frozenset(), "every number a Python value")
     errors: dict[frozenset[int], Exception] = {}
+    hint, _promotion_key.value = getattr(_promotion_key, "value", None), None
+    with contextlib.suppress(Exception):  # An `__eq__` that raises: no hint.
+        known = hint and _PROMOTIONS.get(hint[0])
+        if known:  # What this loop promoted when last traced: try that first.
+            starts = {known: "the numbers it promoted before", **starts}
     for start in starts:
-        promoted = start
+        promoted, rounds, narrow = start, 0, None
         try:
             while True:
                 try:
-                    return attempt(promoted)
+                    result = attempt(promoted)
+                    if hint:
+                        _PROMOTIONS.put(hint[0], promoted, hint[1])
+                    return result
                 except _PromoteCarryNumbers as request:
-                    promoted |= request.indices
+                    rounds += 1
+                    if rounds == 2:  # Else each trace may find one more number.
+                        narrow = promoted | request.indices
+                        promoted |= request.unproven
+                    else:
+                        promoted |= request.indices
+                except Exception as error:  # Numbers needed as Python values: go
+                    if narrow is None or isinstance(error, RuntimeError):
+                        raise
+                    promoted, narrow = narrow, None  # one round at a time.
         except RuntimeError:
             raise
         except Exception as error:
@@ -635,7 +890,22 @@ class _LoopCarry(_Split):
         if new_def != self.treedef:
             path, message = _structure_difference(self.tree, new_carry, ())
             kind = "static" if message.startswith("is a static field") else "structure"
-            raise TypeError(self._error(path, message, kind))
+            old, new = _stand_in(self.tree), _stand_in(new_carry)
+            lax = {
+                "filter_scan": lambda: jax.lax.scan(
+                    lambda c, x: (new, x), old, None, 1
+                ),
+                "filter_while_loop": lambda: jax.lax.while_loop(
+                    lambda c: True, lambda c: new, old
+                ),
+                "filter_fori_loop": lambda: jax.lax.fori_loop(
+                    0, 1, lambda i, c: new, old
+                ),
+            }[self.names.function]
+            raise TypeError(
+                self._error(path, message, kind)
+                + (_lax_says(self.names.function[7:], lax) if kind != "static" else "")
+            )
         to_promote: set[int] = set()
         self.passed_through = {
             i
@@ -658,7 +928,22 @@ class _LoopCarry(_Split):
             if message is not None:
                 raise ValueError(self._error(self.path(i), message, "static"))
         if to_promote:
-            raise _PromoteCarryNumbers(frozenset(to_promote))
+            # Passed on as the very object that came in, and not one that Python
+            # shares between equal values (small ints, bools), it is unchanged.
+            unproven = {
+                i
+                for i, (old, new) in enumerate(
+                    zip(self.leaves, new_leaves, strict=True)
+                )
+                if not self.traced[i]
+                and _is_python_number(old)
+                and not (
+                    new is self.body_inputs[i]
+                    and type(old) is not bool
+                    and not (type(old) is int and -5 <= old <= 256)
+                )
+            }
+            raise _PromoteCarryNumbers(frozenset(to_promote), frozenset(unproven))
         return new_def.unflatten(
             [x if t else None for x, t in zip(new_leaves, self.traced, strict=True)]
         )
@@ -763,7 +1048,17 @@ class _Branches:
         out_leaves, out_def = jtu.tree_flatten(out)
         if first_def != out_def:
             path, message = _structure_difference(first, out, ())
-            raise TypeError(self._error(first_name, name, path, message))
+            a, b = _stand_in(first), _stand_in(out)
+            if self.function == "filter_switch":
+                lax = lambda: jax.lax.switch(0, [lambda: a, lambda: b])  # noqa: E731
+            elif first_name == "true_fun":
+                lax = lambda: jax.lax.cond(True, lambda: a, lambda: b)  # noqa: E731
+            else:
+                lax = lambda: jax.lax.cond(True, lambda: b, lambda: a)  # noqa: E731
+            raise TypeError(
+                self._error(first_name, name, path, message)
+                + _lax_says(self.function[7:], lax)
+            )
         for (path, a), b in zip(first_leaves, out_leaves, strict=True):
             a_traced, b_traced = _outputs_traced(0, a), _outputs_traced(0, b)
             if a_traced and b_traced:
@@ -819,6 +1114,7 @@ _SCAN_NAMES = _LoopNames(
 )
 
 
+@_cached_eagerly("length", "reverse", "unroll", "_split_transpose", "progress")
 def filter_scan(
     f: Callable[[_Carry, _X], tuple[_Carry, _Y]],
     init: _Carry,
@@ -838,6 +1134,8 @@ def filter_scan(
     start. Every other leaf (functions, strings, static fields) is static, and `f`
     must return it unchanged. On a tree of arrays it builds `jax.lax.scan`'s program,
     so `jax.jit`, `jax.vmap` and `jax.grad` see no difference.
+Called eagerly, it reuses the compiled program of an earlier call like it (see
+the module docstring).
 
     **Arguments:** as `jax.lax.scan`, and:
 
@@ -914,6 +1212,12 @@ def filter_scan(
                 raise TypeError(
                     "filter_scan: `f` must return a pair `(new_carry, y)`; got "
                     f"{_describe_leaf(out)}."
+                    + _lax_says(
+                        "scan",
+                        lambda: jax.lax.scan(
+                            lambda c, x: _stand_in(out), None, None, 1
+                        ),
+                    )
                 )
             pair_defs.append(pair_def)
             new_carry, y = pair
@@ -1150,6 +1454,11 @@ def _scan_length(xs: Any, length: Any) -> int:
         raise ValueError(
             f"filter_scan: `length={length}` disagrees with the leading size {size} of "
             f"the arrays in `xs`. Pass `length={size}` or leave it out."
+            + _lax_says(
+                "scan",
+                lambda xs: jax.lax.scan(lambda c, x: (c, x), None, xs, length),
+                jax.ShapeDtypeStruct((size,), np.float32),
+            )
         )
     return size
 
@@ -1187,7 +1496,10 @@ def _whole_number(name: str, value: Any) -> int:
                 f"filter_scan: `{name}` must be concrete, but it is traced. Pass a "
                 "Python int, or compute it outside `jax.jit` (mark it static with "
                 "`static_argnums`). For a loop whose length is only known inside the "
-                "computation, use `jax.lax.while_loop`.",
+                "computation, use `jax.lax.while_loop`."
+                + _lax_says(
+                    "scan", lambda: jax.lax.scan(lambda c, x: (c, x), 0, None, value)
+                ),
             ) from None
         except (TypeError, ValueError, OverflowError):
             whole = None
@@ -1222,6 +1534,7 @@ def _scan_unroll(unroll: Any) -> Any:
 #
 
 
+@_cached_eagerly()
 def filter_cond(
     pred: Any,
     true_fun: Callable[..., _Out],
@@ -1304,6 +1617,7 @@ def _check_scalar(function: str, name: str, value: Any, fix: str) -> None:
         )
 
 
+@_cached_eagerly()
 def filter_switch(
     index: Any,
     branches: Sequence[Callable[..., _Out]],
@@ -1377,6 +1691,7 @@ _FORI_NAMES = _LoopNames(
 )
 
 
+@_cached_eagerly()
 def filter_while_loop(
     cond_fun: Callable[[_Carry], Any],
     body_fun: Callable[[_Carry], _Carry],
@@ -1432,6 +1747,7 @@ def filter_while_loop(
     return _with_promoted_numbers("filter_while_loop", attempt, init_val)
 
 
+@_cached_eagerly("lower", "upper", "unroll", "progress")
 def filter_fori_loop(
     lower: Any,
     upper: Any,
@@ -1520,6 +1836,7 @@ def filter_fori_loop(
 #
 
 
+@_cached_eagerly("batch_size", "progress")
 def filter_map(
     f: Callable[[_X], _Y],
     xs: _X,

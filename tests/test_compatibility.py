@@ -21,6 +21,15 @@ def _jax_version() -> tuple[int, ...]:
     return tuple(int(part) for part in jax.__version__.split(".")[:3])
 
 
+def test_trace_state_clean_tells_eager_from_traced():
+    # `jax.core.trace_state_clean` up to jax 0.4.x, `jax._src.core` later: a release
+    # that moves or renames it again fails here (and every eager call would trace).
+    assert lerax_utils._trace_state_clean() is True
+    seen = []
+    jax.make_jaxpr(lambda x: seen.append(lerax_utils._trace_state_clean()) or x)(1.0)
+    assert seen == [False]
+
+
 def test_scan_split_transpose_is_passed_only_where_lax_scan_takes_it():
     takes = "_split_transpose" in inspect.signature(jax.lax.scan).parameters
     assert lerax_utils._SCAN_TAKES_SPLIT_TRANSPOSE is takes
