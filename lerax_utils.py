@@ -1133,9 +1133,8 @@ def filter_scan(
     again with it traced, as `jax.lax.scan` traces it. Bools are traced from the
     start. Every other leaf (functions, strings, static fields) is static, and `f`
     must return it unchanged. On a tree of arrays it builds `jax.lax.scan`'s program,
-    so `jax.jit`, `jax.vmap` and `jax.grad` see no difference.
-Called eagerly, it reuses the compiled program of an earlier call like it (see
-the module docstring).
+    so `jax.jit`, `jax.vmap` and `jax.grad` see no difference. Called eagerly, it
+    reuses the compiled program of an earlier call like it (see the module docstring).
 
     **Arguments:** as `jax.lax.scan`, and:
 
