@@ -527,7 +527,8 @@ def _check_callable(function: str, name: str, fun: Any) -> None:
 
 def _lax_says(function: str, run: Callable[..., Any], *args: Any) -> str:
     """`jax.lax`'s own message for the same mistake, made by `run(*args)` on stand-ins
-    of the same structure, to follow ours (code that matches it keeps working)."""
+    of the same structure (traced here, so no tracer of ours reaches `jax.lax`), to
+    follow ours: code that matches it keeps working."""
     try:
         jax.eval_shape(run, *args)
     except Exception as error:
@@ -536,7 +537,10 @@ def _lax_says(function: str, run: Callable[..., Any], *args: Any) -> str:
 
 
 def _stand_in(tree: Any) -> Any:
-    return jtu.tree_map(lambda x: x if eqx.is_array(x) else 0.0, tree)
+    return jtu.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if eqx.is_array(x) else 0.0,
+        tree,
+    )
 
 
 #
@@ -890,21 +894,22 @@ class _LoopCarry(_Split):
         if new_def != self.treedef:
             path, message = _structure_difference(self.tree, new_carry, ())
             kind = "static" if message.startswith("is a static field") else "structure"
-            old, new = _stand_in(self.tree), _stand_in(new_carry)
             lax = {
-                "filter_scan": lambda: jax.lax.scan(
+                "filter_scan": lambda old, new: jax.lax.scan(
                     lambda c, x: (new, x), old, None, 1
                 ),
-                "filter_while_loop": lambda: jax.lax.while_loop(
+                "filter_while_loop": lambda old, new: jax.lax.while_loop(
                     lambda c: True, lambda c: new, old
                 ),
-                "filter_fori_loop": lambda: jax.lax.fori_loop(
+                "filter_fori_loop": lambda old, new: jax.lax.fori_loop(
                     0, 1, lambda i, c: new, old
                 ),
             }[self.names.function]
+            says = _lax_says(
+                self.names.function[7:], lax, _stand_in(self.tree), _stand_in(new_carry)
+            )
             raise TypeError(
-                self._error(path, message, kind)
-                + (_lax_says(self.names.function[7:], lax) if kind != "static" else "")
+                self._error(path, message, kind) + (says if kind != "static" else "")
             )
         to_promote: set[int] = set()
         self.passed_through = {
@@ -1048,16 +1053,15 @@ class _Branches:
         out_leaves, out_def = jtu.tree_flatten(out)
         if first_def != out_def:
             path, message = _structure_difference(first, out, ())
-            a, b = _stand_in(first), _stand_in(out)
             if self.function == "filter_switch":
-                lax = lambda: jax.lax.switch(0, [lambda: a, lambda: b])  # noqa: E731
+                lax = lambda a, b: jax.lax.switch(0, [lambda: a, lambda: b])  # noqa: E731
             elif first_name == "true_fun":
-                lax = lambda: jax.lax.cond(True, lambda: a, lambda: b)  # noqa: E731
+                lax = lambda a, b: jax.lax.cond(True, lambda: a, lambda: b)  # noqa: E731
             else:
-                lax = lambda: jax.lax.cond(True, lambda: b, lambda: a)  # noqa: E731
+                lax = lambda a, b: jax.lax.cond(True, lambda: b, lambda: a)  # noqa: E731
             raise TypeError(
                 self._error(first_name, name, path, message)
-                + _lax_says(self.function[7:], lax)
+                + _lax_says(self.function[7:], lax, _stand_in(first), _stand_in(out))
             )
         for (path, a), b in zip(first_leaves, out_leaves, strict=True):
             a_traced, b_traced = _outputs_traced(0, a), _outputs_traced(0, b)
@@ -1213,9 +1217,8 @@ def filter_scan(
                     f"{_describe_leaf(out)}."
                     + _lax_says(
                         "scan",
-                        lambda: jax.lax.scan(
-                            lambda c, x: _stand_in(out), None, None, 1
-                        ),
+                        lambda out: jax.lax.scan(lambda c, x: out, None, None, 1),
+                        _stand_in(out),
                     )
                 )
             pair_defs.append(pair_def)

@@ -2234,7 +2234,10 @@ def test_our_messages_hold_lax_messages(name: str) -> None:
         ours()
     assert type(our_error.value) is type(lax_error.value)
     message = str(our_error.value)
-    assert message.startswith(start)
+    if name == "traced length":  # JAX's own message comes first, and varies.
+        assert start.split("\n")[1] in message
+    else:
+        assert message.startswith(start)
     lines = str(lax_error.value).splitlines()
     for line in lines[: 2 if name == "traced length" else 1]:
         assert line in message
