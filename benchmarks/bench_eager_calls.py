@@ -89,6 +89,9 @@ def workloads() -> dict[str, tuple[Callable[[], Any], Callable[[], Any]]]:
     def double(x: Any) -> Any:
         return x * 2.0
 
+    def apply_mlp(h: Any) -> Any:
+        return MLP(h)
+
     def lax_mlp(x: Any) -> Any:
         return lax_apply(PARAMS, x)
 
@@ -141,7 +144,7 @@ def workloads() -> dict[str, tuple[Callable[[], Any], Callable[[], Any]]]:
             lambda: jax.lax.map(double, XS),
         ),
         "map, MLP": (
-            lambda: filter_map(MLP, ROWS),
+            lambda: filter_map(apply_mlp, ROWS),
             lambda: jax.lax.map(lax_mlp, ROWS),
         ),
     }
