@@ -5,9 +5,12 @@ set, a streamed checksum that restarts at each buffer, trailing bytes after a pl
 Equinox file, an extra static leaf in the skeleton, static floats that JSON cannot
 hold, empty bool leaves, and `functools.partial`s of different lengths. The property
 of the same family (what saves loads back; what differs from the skeleton is refused)
-is in `test_lerax_utils.py`.
+is in `test_lerax_utils.py`. The tests at the end catch the survivors of a blind
+campaign on the checkpoint section: dtypes and static values compared only in part,
+crafted header entries, recordings, and sharded loads.
 """
 
+import enum
 import functools
 import json
 import struct
@@ -20,10 +23,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _helpers import Checkpointed, assert_exact, bad_file, forge, load_error
+from _helpers import (
+    Checkpointed,
+    assert_exact,
+    bad_file,
+    forge,
+    load_error,
+    run_on_four_devices,
+)
 
 import lerax_utils
-from lerax_utils import filter_cond, filter_scan, load_pytree, save_pytree
+from lerax_utils import Serializable, filter_cond, filter_scan, load_pytree, save_pytree
 
 
 def _with_data(good: bytes, edit_data: Callable[[bytearray], None]) -> bytes:
@@ -300,3 +310,248 @@ def test_a_static_partial_with_other_arguments_is_refused(tmp_path):
     save_pytree(tmp_path / "p", _Scaled(jnp.ones(2), functools.partial(_f, 1)))
     with pytest.raises(ValueError, match="does not match `like` at path .scale"):
         load_pytree(tmp_path / "p", _Scaled(jnp.ones(2), functools.partial(_f, 1, 2)))
+
+
+# Found by a blind mutation campaign on the checkpoint section: bugs that no test
+# caught. Each test below fails with one of them planted.
+
+
+@pytest.mark.parametrize(
+    ("saved", "other"),
+    [
+        (np.array(["ab", "cd"]), np.array(["abc", "d"])),
+        (np.array([b"ab"]), np.array(["ab"])),
+        (np.array([1], "datetime64[D]"), np.array([1], "datetime64[s]")),
+        (np.array([1], ">i4"), np.array([1], ">i8")),
+    ],
+)
+def test_numpy_only_arrays_of_another_dtype_are_refused(tmp_path, saved, other):
+    save_pytree(tmp_path / "n", {"a": saved})
+    with pytest.raises(ValueError) as info:
+        load_pytree(tmp_path / "n", {"a": other})
+    assert str(info.value) == (
+        f"load_pytree: the file '{tmp_path / 'n.eqx'}' holds at path ['a'] an array "
+        f"of shape {saved.shape} and dtype {saved.dtype.str}, but `like` has shape "
+        f"{other.shape} and dtype {other.dtype.str}. Pass a `like` with the "
+        "structure, shapes and dtypes of the saved tree."
+    )
+
+
+class _NumpyTagged(eqx.Module):
+    weight: jax.Array
+    tag: Any = eqx.field(static=True)
+
+
+@pytest.mark.parametrize(
+    ("saved", "other"),
+    [
+        (np.float32(0), np.int32(0)),
+        (np.uint8(1), np.int8(1)),
+        (np.float16(1), np.float16(2)),
+    ],
+)
+@pytest.mark.filterwarnings("ignore:A JAX array is being set as static")
+def test_static_numpy_values_are_compared_by_dtype_and_bytes(tmp_path, saved, other):
+    save_pytree(tmp_path / "m", _NumpyTagged(jnp.ones(2), saved))
+    assert load_pytree(tmp_path / "m", _NumpyTagged(jnp.ones(2), saved)).tag is saved
+    with pytest.raises(ValueError, match=r"at path \.tag: the static field is "):
+        load_pytree(tmp_path / "m", _NumpyTagged(jnp.ones(2), other))
+
+
+class _Counted(eqx.Module):
+    weight: jax.Array
+    count: int = eqx.field(static=True)
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+def test_huge_static_ints_of_either_sign_save_and_are_compared(tmp_path, sign):
+    big = sign * 10**5000
+    save_pytree(tmp_path / "m", _Counted(jnp.ones(2), big))
+    assert load_pytree(tmp_path / "m", _Counted(jnp.ones(2), big)).count == big
+    with pytest.raises(ValueError, match=r"at path \.count: the static field is "):
+        load_pytree(tmp_path / "m", _Counted(jnp.ones(2), big - 1))
+
+
+class _Labelled(Serializable):
+    weight: jax.Array
+    label: str = eqx.field(static=True)
+
+    def __init__(self, label):
+        self.weight = jnp.ones(2)
+        self.label = label
+
+
+def test_a_file_that_records_one_model_twice_is_refused(tmp_path):
+    _Labelled("a").serialize(tmp_path / "good")
+    good = (tmp_path / "good.eqx").read_bytes()
+    recording = {"class": "_Labelled", "args": ["a"], "kwargs": []}
+    assert _Labelled.deserialize(tmp_path / "good").label == "a"
+
+    def edit(leaves: Any, structure: Any, header: Any) -> None:
+        twice = [["", recording], ["", dict(recording, args=["b"])]]
+        header["__metadata__"]["arguments"] = json.dumps(twice)
+
+    path = bad_file(tmp_path, forge(good, edit))
+    with pytest.raises(ValueError) as info:
+        _Labelled.deserialize(path)
+    assert str(info.value) == (
+        f"Serializable.deserialize: the file '{path}' has a malformed header (its "
+        "recorded arguments)."
+    )
+
+
+def test_a_string_argument_too_long_to_record_is_named_when_loading(tmp_path):
+    long = "x" * (1 << 16)
+    _Labelled(long).serialize(tmp_path / "m")
+    with pytest.raises(TypeError) as info:
+        _Labelled.deserialize(tmp_path / "m")
+    assert str(info.value) == (
+        f"Serializable.deserialize: the file '{tmp_path / 'm.eqx'}' could not record "
+        "the argument `label` (it was a value too large or too deeply nested to "
+        "record) of _Labelled, so the model cannot be rebuilt from the file alone. "
+        "Pass the constructor arguments: `_Labelled.deserialize(path, *args, "
+        "**kwargs)`."
+    )
+    assert _Labelled.deserialize(tmp_path / "m", long).label == long
+    shorter = "x" * ((1 << 16) - 2)  # The string and the call's list fit.
+    _Labelled(shorter).serialize(tmp_path / "s")
+    assert _Labelled.deserialize(tmp_path / "s").label == shorter
+
+
+def test_a_module_description_with_another_key_is_refused(tmp_path):
+    save_pytree(tmp_path / "good", _Scaled(jnp.ones(2), 0.5))
+    good = (tmp_path / "good.eqx").read_bytes()
+
+    def edit(leaves: Any, structure: Any, header: Any) -> None:
+        structure[0][1]["extra"] = 1
+
+    path = bad_file(tmp_path, forge(good, edit))
+    with pytest.raises(ValueError) as info:
+        load_pytree(path, _Scaled(jnp.ones(2), 0.5))
+    assert str(info.value).startswith(
+        f"load_pytree: the file '{path}' does not match `like` at the top level: the "
+        "file has {"
+    )
+
+
+def _small(tmp_path: Any) -> bytes:
+    model = Checkpointed({"k": jax.random.key(0), "n": 3, "w": jnp.arange(4.0)})
+    model.serialize(tmp_path / "small")
+    return (tmp_path / "small.eqx").read_bytes()
+
+
+_SMALL = {"k": jax.random.key(1), "n": 0, "w": jnp.zeros(4)}
+
+
+def _tensor(path: str, **change: Any) -> Any:
+    def edit(leaves: Any, structure: Any, header: Any) -> None:
+        header[path].update(change)
+
+    return edit
+
+
+def _entry(index: int, **change: Any) -> Any:
+    def edit(leaves: Any, structure: Any, header: Any) -> None:
+        leaves[index].update(change)
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("edit", "problem"),
+    [
+        (
+            _tensor(".params['w']", dtype="I32"),
+            "has a malformed header: the tensor table's entry for the leaf at path "
+            ".params['w'] is not "
+            '{"dtype":"F32","shape":[4],"data_offsets":[8,24]}.',
+        ),
+        (
+            _tensor(".params['w']", shape=[2, 2]),
+            "has a malformed header: the tensor table's entry for the leaf at path "
+            ".params['w'] is not ",
+        ),
+        (_entry(2, kind="numpy_scalar"), "has a malformed header (the leaf at path "),
+        (_entry(2, kind="numpy", weak_type=True), "has a malformed header (the leaf "),
+        (_entry(0, dtype="int32"), "has a malformed header (the leaf at path "),
+        (_entry(2, shape=[-4]), "has a malformed header (the leaf at path "),
+    ],
+    ids=["table dtype", "table shape", "scalar shape", "weak numpy", "key dtype", "-4"],
+)
+def test_a_crafted_entry_is_refused_as_malformed(tmp_path, edit, problem):
+    path = bad_file(tmp_path, forge(_small(tmp_path), edit))
+    assert load_error(path, _SMALL, cls=Checkpointed).startswith(
+        f"Serializable.deserialize: the file '{path}' {problem}"
+    )
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_a_header_with_a_json_constant_is_unreadable(tmp_path, constant):
+    def edit(leaves: Any, structure: Any, header: Any) -> None:
+        text = json.dumps(leaves).replace('"value": 3', f'"value": {constant}')
+        header["__metadata__"]["leaves"] = text
+
+    path = bad_file(tmp_path, forge(_small(tmp_path), edit))
+    assert load_error(path, _SMALL, cls=Checkpointed) == (
+        f"Serializable.deserialize: the file '{path}' has an unreadable header "
+        f"({constant} is not allowed in a checkpoint header)."
+    )
+
+
+_PLAIN_FILE_SHARDED = r"""
+import json, pathlib, sys
+import equinox as eqx, jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from lerax_utils import load_pytree
+
+folder = pathlib.Path(sys.argv[1])
+tree = {"w": jnp.arange(8.0), "n": jnp.arange(4)}
+eqx.tree_serialise_leaves(folder / "plain.eqx", tree)
+rows = NamedSharding(Mesh(np.array(jax.devices()), ("x",)), P("x"))
+like = {"w": jax.ShapeDtypeStruct((8,), jnp.float32, sharding=rows), "n": tree["n"]}
+loaded = load_pytree(folder / "plain", like)
+print(json.dumps([
+    loaded["w"].sharding == rows,
+    np.asarray(loaded["w"]).tolist() == list(range(8)),
+    np.asarray(loaded["n"]).tolist() == list(range(4)),
+]))
+"""
+
+
+def test_a_plain_equinox_file_loads_into_the_shardings_asked_for(tmp_path):
+    assert run_on_four_devices(_PLAIN_FILE_SHARDED, str(tmp_path)) == [True] * 3
+
+
+@pytest.mark.parametrize("shape", [(6,), ()])
+def test_a_corrupt_array_loaded_onto_one_device_fails_its_checksum(tmp_path, shape):
+    tree = {"w": jnp.arange(float(np.prod(shape))).reshape(shape)}
+    save_pytree(tmp_path / "t", tree)
+    raw = bytearray((tmp_path / "t.eqx").read_bytes())
+    raw[-1] ^= 0x40  # The last byte of the only array.
+    path = bad_file(tmp_path, bytes(raw))
+    like = {"w": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=_one_device())}
+    with pytest.raises(ValueError) as info:
+        load_pytree(path, like)
+    assert str(info.value) == (
+        f"load_pytree: the file '{path}' has corrupt data for the leaf at path "
+        "['w'] (its checksum fails)."
+    )
+
+
+class _Mode(enum.Enum):
+    TRAIN = 1
+    EVAL = 2
+
+
+def test_static_enum_members_are_compared_by_name(tmp_path):
+    save_pytree(tmp_path / "m", _Scaled(jnp.ones(2), _Mode.TRAIN))
+    assert load_pytree(tmp_path / "m", _Scaled(jnp.ones(2), _Mode.TRAIN)).scale is (
+        _Mode.TRAIN
+    )
+    with pytest.raises(ValueError) as info:
+        load_pytree(tmp_path / "m", _Scaled(jnp.ones(2), _Mode.EVAL))
+    assert str(info.value).startswith(
+        f"load_pytree: the file '{tmp_path / 'm.eqx'}' does not match `like` at path "
+        ".scale: the static field is ['enum', '_Mode', 'TRAIN'] in the file and "
+        "['enum', '_Mode', 'EVAL'] in `like`."
+    )
