@@ -5,6 +5,7 @@ variable is set; `dev` is random and quicker. Set `HYPOTHESIS_PROFILE` to pick o
 """
 
 import contextlib
+import functools
 import inspect
 import io
 import json
@@ -1205,6 +1206,131 @@ def test_save_pytree_inside_jit_round_trips_what_the_trace_saw(params, shapes):
         lambda x: jnp.asarray(x) if isinstance(x, np.ndarray | np.generic) else x, tree
     )
     assert_identical(_save_and_load(tree, shapes, traced=True), expected)
+
+
+# One family of checks: what saves loads back, and what differs from the skeleton is
+# refused. Empty arrays of every dtype, static floats of every kind, partials, and
+# skeletons with one static leaf more or less at any depth, or a static float changed.
+
+_EMPTY_DTYPES = [
+    name
+    for name in [
+        "bool",
+        "int8",
+        "uint16",
+        "float16",
+        "bfloat16",
+        "float64",
+        "complex64",
+        "int4",
+        "uint4",
+        "int2",
+        "uint2",
+        "float4_e2m1fn",
+        "float8_e4m3fn",
+        "float8_e5m2",
+    ]
+    if hasattr(jnp, name)
+]
+_STATIC_FLOATS = [
+    float("inf"),
+    float("-inf"),
+    float("nan"),
+    struct.unpack("<d", struct.pack("<Q", 0x7FF8000000000123))[0],  # A NaN payload.
+    -0.0,
+    0.0,
+    1e-310,
+]
+
+
+class _Tagged(eqx.Module):
+    """An array with a static value."""
+
+    value: Any
+    tag: Any = eqx.field(static=True)
+
+
+@st.composite
+def _empty_arrays(draw: st.DrawFn) -> Any:
+    dtype = getattr(jnp, draw(st.sampled_from(_EMPTY_DTYPES)))
+    shape = list(draw(hnp.array_shapes(min_dims=1, max_dims=3, max_side=2)))
+    shape[draw(st.integers(0, len(shape) - 1))] = 0
+    empty = np.zeros(shape, dtype)
+    return empty if draw(st.booleans()) else jnp.asarray(empty)
+
+
+_static_values = st.one_of(
+    st.sampled_from(_STATIC_FLOATS),
+    st.builds(functools.partial, st.just(_double), st.integers(-2, 2)),
+    st.builds(
+        functools.partial, st.just(_double), st.integers(0, 1), st.integers(0, 1)
+    ),
+    st.sampled_from(["s", None, (0.5, -0.0)]),
+)
+_family_leaves = st.one_of(
+    _empty_arrays(),
+    arrays(),
+    st.sampled_from(_STATIC_FLOATS),  # Python numbers: saved, not static.
+    st.sampled_from(["s", "t"]),  # Static leaves.
+    st.builds(_Tagged, _empty_arrays(), _static_values),
+)
+_family_trees = st.recursive(
+    _family_leaves,
+    lambda children: st.one_of(
+        st.lists(children, max_size=3),
+        st.tuples(children, children),
+        st.dictionaries(st.sampled_from("abc"), children, max_size=3),
+    ),
+    max_leaves=8,
+)
+
+
+def _differing_skeletons(tree: Any) -> list[Any]:
+    """`tree` with one static leaf more at the end of each list, tuple and dict, or
+    one less where one ends it, or one static float of a `_Tagged` changed."""
+    if isinstance(tree, _Tagged):
+        if type(tree.tag) is not float:
+            return []
+        return [_Tagged(tree.value, 0.0 if math.isnan(tree.tag) else -tree.tag)]
+    if isinstance(tree, dict):
+        found = [dict(tree, **{"~": "extra"})]  # "~" sorts after every key.
+        if tree and isinstance(tree[max(tree)], str):
+            found.append({k: v for k, v in tree.items() if k != max(tree)})
+        for key, child in tree.items():
+            found += [
+                dict(tree, **{key: other}) for other in _differing_skeletons(child)
+            ]
+        return found
+    if isinstance(tree, list | tuple):
+        kind = type(tree)
+        found = [kind([*tree, "extra"])]
+        if tree and isinstance(tree[-1], str):
+            found.append(kind(tree[:-1]))
+        for index, child in enumerate(tree):
+            for other in _differing_skeletons(child):
+                found.append(kind([*tree[:index], other, *tree[index + 1 :]]))
+        return found
+    return []
+
+
+def _numbers_as_bits(tree: Any) -> Any:
+    """Python numbers as their type and bits, so that NaNs compare equal."""
+    return jax.tree_util.tree_map(
+        lambda x: (type(x).__name__, struct.pack("<d", x)) if type(x) is float else x,
+        tree,
+    )
+
+
+@given(tree=_family_trees)
+def test_what_saves_loads_back_and_what_differs_from_the_skeleton_is_refused(tree):
+    with tempfile.TemporaryDirectory() as folder:
+        path = pathlib.Path(folder) / "tree"
+        save_pytree(path, tree)
+        loaded = load_pytree(path, tree)
+        assert_identical(_numbers_as_bits(loaded), _numbers_as_bits(tree))
+        for like in _differing_skeletons(tree):
+            with pytest.raises(ValueError, match="does not match `like` at "):
+                load_pytree(path, like)
 
 
 def _load_error(path: Any, *args: Any, cls: Any = Agent, **kwargs: Any) -> str:
