@@ -123,6 +123,9 @@ _trace_state_clean = (
     getattr(jax.core, "trace_state_clean", None)
     or importlib.import_module("jax._src.core").trace_state_clean
 )
+# Private: the configuration that changes what a trace gives (x64, dtype promotion,
+# default precision...), which `jax.jit` keys its cache on; in jax 0.4.26 to 0.10.
+_trace_context = importlib.import_module("jax._src.config").trace_context
 
 # `jax.lax.scan`'s experimental `_split_transpose` (in jax 0.4.30 to 0.10 at least) may
 # go in a later release. It never changes results, so it is passed only where taken.
@@ -598,13 +601,50 @@ _PROGRAMS, _PROMOTIONS = _Cache(), _Cache()
 _promotion_key = threading.local()  # Set for `_with_promoted_numbers`, per call.
 
 
+def _structure_key(treedef: Any, referents: list[Any]) -> Any:
+    """`treedef` as a key that tells apart what its `==` does not: static fields of
+    other types or bits (`1`, `1.0`, `True`; `0.0`, `-0.0`)."""
+    node = treedef.node_data()
+    children = tuple(_structure_key(c, referents) for c in treedef.children())
+    return None if node is None else (node[0], _exact_key(node[1], referents), children)
+
+
+def _exact_key(value: Any, referents: list[Any]) -> Any:
+    """A hashable stand-in for `value`: Python numbers by type and bits, containers
+    item by item, other objects by weak reference (then kept in `referents`) or, where
+    none can be taken, by type and value."""
+    kind = type(value)
+    if kind in (float, complex):
+        return (kind, struct.pack("<dd", value.real, value.imag))
+    if kind in (bool, int, str, bytes, type(None)):
+        return (kind, value)
+    if isinstance(value, tuple | list):
+        return (kind, tuple(_exact_key(v, referents) for v in value))
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = dataclasses.fields(value)
+        return (
+            kind,
+            tuple(_exact_key(getattr(value, f.name), referents) for f in fields),
+        )
+    try:
+        key = (weakref.WeakMethod if inspect.ismethod(value) else weakref.ref)(value)
+    except TypeError:
+        hash(value)
+        return (kind, value)
+    referents.append(value)
+    return key
+
+
 def _call_key(trees: Any) -> tuple[list[Any], list[Any], list[Any]] | None:
     """The parts of a call's key, its leaves, and the objects that the key refers to
     weakly; `None` if a static leaf cannot be hashed, or compares to itself as
     anything but `True`."""
     leaves, treedef = jtu.tree_flatten(trees)
-    parts: list[Any] = [treedef]
-    referents = []
+    referents: list[Any] = []
+    try:
+        parts: list[Any] = [_trace_context(), _structure_key(treedef, referents)]
+    except TypeError:  # An unhashable static field.
+        return None
     for leaf in leaves:
         if type(leaf) in (float, complex):  # By bits, as `_same_python_number`.
             parts.append((type(leaf), struct.pack("<dd", leaf.real, leaf.imag)))
@@ -747,8 +787,14 @@ def _compile_call(trees: Any, leaves: list[Any], arrays: list[int], call: Any) -
         if not _complains_of_tracing(error):
             raise
         return _UNTRACEABLE
+    made = [p[0] for p in out[1] if type(p) is tuple]
+    if not all(type(x) in _IMMUTABLE for x in made):
+        return _UNTRACEABLE  # Each call must get its own new objects, as uncached.
     run = jax.jit(lambda consts, *xs: jax.core.eval_jaxpr(closed.jaxpr, consts, *xs))
     return run, list(closed.consts), out[0], out[1]
+
+
+_IMMUTABLE = (bool, int, float, complex, str, bytes, type(None))
 
 
 #

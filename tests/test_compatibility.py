@@ -30,6 +30,16 @@ def test_trace_state_clean_tells_eager_from_traced():
     assert seen == [False]
 
 
+def test_trace_context_tells_apart_the_configurations_that_change_a_trace():
+    # `jax._src.config.trace_context`, what `jax.jit` keys its cache on (jax 0.4.26
+    # to 0.10): a release that moves it fails here.
+    default = lerax_utils._trace_context()
+    hash(default)
+    with jax.numpy_dtype_promotion("strict"):
+        assert lerax_utils._trace_context() != default
+    assert lerax_utils._trace_context() == default
+
+
 def test_scan_split_transpose_is_passed_only_where_lax_scan_takes_it():
     takes = "_split_transpose" in inspect.signature(jax.lax.scan).parameters
     assert lerax_utils._SCAN_TAKES_SPLIT_TRANSPOSE is takes

@@ -6,6 +6,7 @@ result with ours. Each message that a `**Raises:**` section quotes is raised by 
 mistake. The property tests of the family are in `test_lerax_utils.py`.
 """
 
+import dataclasses
 import enum
 import functools
 import gc
@@ -2241,3 +2242,47 @@ def test_our_messages_hold_lax_messages(name: str) -> None:
     lines = str(lax_error.value).splitlines()
     for line in lines[: 2 if name == "traced length" else 1]:
         assert line in message
+
+
+def test_a_cached_call_follows_the_configuration_it_runs_under():
+    step = lambda c, x: (c + x, c)  # noqa: E731
+    init, xs = jnp.float32(0), jnp.arange(2)
+    filter_scan(step, init, xs)  # Cached under the default promotion rules.
+    with jax.numpy_dtype_promotion("strict"), pytest.raises(Exception) as ours:
+        filter_scan(step, init, xs)
+    with jax.numpy_dtype_promotion("strict"), pytest.raises(Exception) as lax:
+        jax.lax.scan(step, init, xs)
+    assert type(ours.value) is type(lax.value)
+
+
+class _Scale(eqx.Module):
+    s: Any = eqx.field(static=True)
+
+    def __call__(self, c: Any, x: Any) -> Any:
+        return c, c * self.s
+
+
+@pytest.mark.parametrize(("first", "then"), [(1, 1.0), (1.0, True), (0.0, -0.0)])
+def test_static_fields_equal_by_eq_but_not_by_type_or_bits_get_their_own_program(
+    monkeypatch, first, then
+):
+    xs = jnp.arange(2)
+    filter_scan(_Scale(first), xs, None, length=2)
+    ours = filter_scan(_Scale(then), xs, None, length=2)[1]
+    monkeypatch.setattr(lerax_utils, "_CACHE_SIZE", 0)
+    expected = filter_scan(_Scale(then), xs, None, length=2)[1]
+    assert ours.dtype == expected.dtype
+    assert np.asarray(ours).tobytes() == np.asarray(expected).tobytes()
+
+
+@dataclasses.dataclass
+class _Log:
+    items: list[str] = dataclasses.field(default_factory=list)
+
+
+def test_objects_made_while_tracing_are_new_on_every_call():
+    branch = lambda x: (x, _Log())  # noqa: E731
+    first = filter_cond(True, branch, branch, jnp.float32(1))[1]
+    first.items.append("first call's")
+    second = filter_cond(True, branch, branch, jnp.float32(2))[1]
+    assert second is not first and second.items == []
