@@ -620,6 +620,14 @@ def _exact_key(value: Any, referents: list[Any]) -> Any:
         return (kind, value)
     if isinstance(value, tuple | list):
         return (kind, tuple(_exact_key(v, referents) for v in value))
+    if isinstance(value, dict):
+        items = value.items()
+        return (
+            kind,
+            tuple(
+                (_exact_key(k, referents), _exact_key(v, referents)) for k, v in items
+            ),
+        )
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         fields = dataclasses.fields(value)
         return (
