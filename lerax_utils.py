@@ -628,7 +628,7 @@ def _exact_key(value: Any, referents: list[Any]) -> Any:
                 (_exact_key(k, referents), _exact_key(v, referents)) for k, v in items
             ),
         )
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+    if dataclasses.is_dataclass(value) and type(value).__eq__ is not object.__eq__:
         fields = dataclasses.fields(value)
         return (
             kind,
@@ -654,27 +654,17 @@ def _call_key(trees: Any) -> tuple[list[Any], list[Any], list[Any]] | None:
     except TypeError:  # An unhashable static field.
         return None
     for leaf in leaves:
-        if type(leaf) in (float, complex):  # By bits, as `_same_python_number`.
-            parts.append((type(leaf), struct.pack("<dd", leaf.real, leaf.imag)))
-        elif _is_python_number(leaf):
-            parts.append((type(leaf), leaf))
-        elif eqx.is_array(leaf):
+        if eqx.is_array(leaf):
             parts.append(getattr(leaf, "aval", None) or (leaf.shape, leaf.dtype))
-        elif _is_jax_value(leaf):
+            continue
+        if _is_jax_value(leaf):
             return None
-        else:
-            try:
-                hash(leaf)
-                if (leaf == leaf) is not True:
-                    return None
-            except Exception:
+        try:
+            if not _is_python_number(leaf) and (leaf == leaf) is not True:
                 return None
-            try:
-                ref = weakref.WeakMethod if inspect.ismethod(leaf) else weakref.ref
-                parts.append(ref(leaf))
-                referents.append(leaf)
-            except TypeError:  # Not weakly referable: a value, kept as it is.
-                parts.append(leaf)
+            parts.append(_exact_key(leaf, referents))
+        except Exception:
+            return None
     return parts, leaves, referents
 
 
