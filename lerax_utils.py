@@ -628,7 +628,10 @@ def _exact_key(value: Any, referents: list[Any]) -> Any:
                 (_exact_key(k, referents), _exact_key(v, referents)) for k, v in items
             ),
         )
-    if dataclasses.is_dataclass(value) and type(value).__eq__ is not object.__eq__:
+    compared_by_fields = (  # A dataclass without its own `__eq__` is by identity.
+        dataclasses.is_dataclass(kind) and kind.__eq__ is not object.__eq__
+    )
+    if compared_by_fields:
         fields = dataclasses.fields(value)
         return (
             kind,
