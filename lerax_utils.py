@@ -2924,10 +2924,9 @@ def _tidy_on_error(bar: _ProgressBar | None) -> Iterator[None]:
 # Checkpoints: Serializable
 #
 
-# A checkpoint is a safetensors file, laid out as `FORMAT.md` specifies: a u64 header
-# length, a JSON header that maps each array leaf's path to its dtype, shape and
-# offsets, then every array leaf's bytes, back to back. All else of ours is in the
-# header's `__metadata__`, with a CRC-32 per tensor and one of the header itself.
+# A checkpoint is a safetensors file, laid out as `FORMAT.md` specifies. All else of
+# ours is in the header's `__metadata__`, with a CRC-32 per tensor and one of the
+# header itself.
 _FORMAT = "lerax_utils"
 _FORMAT_VERSION = 3
 _LENGTH = struct.Struct("<Q")
@@ -2941,8 +2940,7 @@ _ZERO_CRC = "00000000"
 _V1_MAGIC = b"LRXCKPT\x00"  # Files of format 1 (lerax_utils 0.1.0) start so.
 _NUMPY_MAGIC = b"\x93NUMPY"  # Plain `eqx.tree_serialise_leaves` files start so.
 _SUFFIX = ".eqx"
-# Dtypes that safetensors names; every other dtype is stored as `U8` bytes, with its
-# true name in our metadata.
+# Dtypes that safetensors names; every other dtype is stored as `U8` bytes.
 _SAFETENSORS_DTYPES = {
     "bool": "BOOL",
     "uint8": "U8",
@@ -2982,11 +2980,8 @@ _MAX_INT_DIGITS = 4300  # Python's default limit on converting an int to text.
 
 
 class _Arguments:
-    """The constructor arguments a `Serializable` was made with, in a static field.
-
-    History, not identity: every recording equals every other one, so models built
-    with different arguments keep the same tree structure, stack, and share compiled
-    code."""
+    """A `Serializable`'s recorded constructor call, as a static field that equals
+    every other: models built with different arguments keep one tree structure."""
 
     __slots__ = ("recording",)
 
@@ -3009,17 +3004,13 @@ _PENDING = "_lerax_pending_arguments"
 
 
 class Serializable(eqx.Module):
-    """An `eqx.Module` base class whose models save and load themselves.
+    """An `eqx.Module` whose models save themselves, and load back from the path alone.
 
-    `model.serialize(path)` saves as `save_pytree` does, and `Model.deserialize(path)`
-    loads the file back, checked against a skeleton of the model. Each model records
-    the arguments its constructor was called with, so the path alone is enough: JSON
-    values (None, bools, numbers, strings, and lists, tuples and dicts of them) as
-    they are, arrays and PRNG keys as their shape and dtype. Any other argument (a
-    function, an object) is noted by its type; loading then needs the arguments. The
-    recording is a static field that always compares equal: it never changes a
-    model's tree structure, equality or `jit` cache entry, and it follows the model
-    through `eqx.tree_at`, `filter_scan`, optax updates and `stack_pytree`.
+    `model.serialize(path)` saves as `save_pytree` does. Each model records its
+    constructor's arguments (JSON-like values as they are, arrays by shape and dtype,
+    anything else by its type), so that `Model.deserialize(path)` can rebuild a
+    skeleton to load into. The recording is a static field that always compares
+    equal: it never changes a model's tree structure, equality or `jit` cache entry.
 
     ```python
     import equinox as eqx
@@ -3043,10 +3034,8 @@ class Serializable(eqx.Module):
     )
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Self:
-        # Only the outermost constructor call gets here: a `super().__init__(...)`
-        # inside `__init__` does not, nor does unflattening a pytree. Copying and
-        # unpickling get here without arguments, and without `__init__`: they must
-        # leave nothing behind.
+        # Only the outermost constructor call gets here with arguments: not a
+        # `super().__init__(...)`, nor unflattening, copying or unpickling.
         self = super().__new__(cls)
         if args or kwargs:
             object.__setattr__(self, _PENDING, _record_call(args, kwargs))
@@ -3059,12 +3048,8 @@ class Serializable(eqx.Module):
         object.__setattr__(self, _ARGUMENTS_FIELD, _Arguments(recording))
 
     def serialize(self, path: str | os.PathLike[str], no_suffix: bool = False) -> None:
-        """Save this model to `path`, atomically.
-
-        As `save_pytree(path, self, no_suffix=no_suffix)`, which documents the
-        arguments, the behaviour under `jit`, `vmap` and `grad`, and the errors,
-        except that messages name `Serializable.serialize`.
-        """
+        """Save this model to `path`, atomically: as `save_pytree(path, self,
+        no_suffix=no_suffix)`, except that messages name `Serializable.serialize`."""
         _save(path, self, no_suffix, "Serializable.serialize")
 
     @classmethod
@@ -3073,38 +3058,23 @@ class Serializable(eqx.Module):
     ) -> _Model:
         """Load a model saved by `serialize` (or by `save_pytree`).
 
-        **Arguments:**
-
-        - `path`: the path given to `serialize`: `path` itself if that file exists,
-            else `path` with `.eqx` appended.
-        - `*args`, `**kwargs`: the constructor's arguments, or none to use those
-            recorded in the file (arrays and keys reach the constructor as
-            `jax.ShapeDtypeStruct`s, NumPy strings and dates as zeros). They build a
-            skeleton under `eqx.filter_eval_shape`, so nothing is allocated, and the
-            file must match it: structure, static values, leaf count, shapes, dtypes.
-
-        **Returns:** a model of this class with the saved arrays and Python numbers;
-        every other leaf comes from the skeleton. Plain `eqx.tree_serialise_leaves`
-        files load too. Nothing in a file is ever imported, called or unpickled.
+        As `eqx.tree_deserialise_leaves`, except that the skeleton is built here, as
+        `eqx.filter_eval_shape(cls, *args, **kwargs)` or, given no arguments, from
+        those recorded in the file; and the file must match it: structure, static
+        values, shapes and dtypes. Plain `eqx.tree_serialise_leaves` files load too.
+        Nothing in a file is ever imported, called or unpickled.
 
         **Raises:**
 
         - `FileNotFoundError`: `Serializable.deserialize: no checkpoint at 'p' or
-            'p.eqx'. Check the path given to `serialize`.`
-        - `TypeError` if the constructor needs concrete values (`np.asarray`,
-            `float()` or `if` on an array argument), or, without arguments, if the
-            file could not record one (a function: `... could not record the
-            argument `act` (it was the function tanh) of Model, ...`) or records
-            none and `Model()` fails.
-        - `ValueError` naming the file, the first differing leaf path, both sides
-            and the fix, if the file is not a checkpoint, holds another class, is of
-            another format version (`... has format version 2, older than the 3
-            this lerax_utils 0.2.0 reads. ...`), is truncated, corrupt (`... has
-            corrupt data for the leaf at path .w (its checksum fails).`) or
-            malformed, or does not match the skeleton: `... does not match the
-            skeleton at path .mlp.width_size: the static field is 4 in the file and
-            5 in the skeleton. Pass the constructor arguments the model was saved
-            with.`
+            'p.eqx'. ...`
+        - `TypeError` if the constructor needs concrete values, or, given no
+            arguments, the file could not record one: `... could not record the
+            argument `act` (it was the function tanh) of Model, ...`
+        - `ValueError` naming the file, if it is not a checkpoint of this class and
+            format version, is damaged, or does not match the skeleton: `... does
+            not match the skeleton at path .mlp.width_size: the static field is 4 in
+            the file and 5 in the skeleton. ...`
         """
         return _load(
             path,
@@ -3121,29 +3091,17 @@ class Serializable(eqx.Module):
         *args: Any,
         **kwargs: Any,
     ) -> _Model:
-        """As `deserialize`, except that each JAX array is created with a sharding.
-
-        Each process reads only the shards of its own devices, straight into them,
-        after the whole array has streamed through a 16 MB buffer for its checksum:
-        a model is never whole on one device, nor in host memory. With several
-        processes, every process calls it with the same global sharding.
+        """As `deserialize`, except that each process reads only the shards of its
+        own devices, straight into them.
 
         **Arguments:**
 
-        - `sharding`: one `jax.sharding.Sharding` for every JAX array and key leaf,
-            or a callable that maps the skeleton (arrays as `jax.ShapeDtypeStruct`s)
-            to a pytree of its structure with a `Sharding`, or None to load as
-            `deserialize` does, at each array leaf. NumPy leaves stay on the host.
+        - `sharding`: a `jax.sharding.Sharding` for every JAX array, or a callable
+            that maps the skeleton to a pytree of shardings (or None) at its arrays.
+            With several processes, each passes the same global sharding.
 
-        **Raises:** as `deserialize`, and `TypeError` if `sharding` is neither a
-        `Sharding` nor callable, or the callable gives something else at an array
-        leaf; `ValueError` if its pytree has another structure, or a sharding does not
-        fit its leaf's shape.
-
-        ```python
-        by_rows = NamedSharding(Mesh(jax.devices(), ("data",)), PartitionSpec("data"))
-        model = Model.deserialize_sharded("checkpoints/run", by_rows, 32)
-        ```
+        **Raises:** as `deserialize`; `TypeError` or `ValueError` if `sharding` does
+        not fit the skeleton.
         """
         return _load(
             path,
@@ -3159,34 +3117,22 @@ def save_pytree(
 ) -> None:
     """Save any pytree to `path`, atomically, in a checked safetensors file.
 
-    **Arguments:**
-
-    - `path`: where to save. `.eqx` is appended unless the name already ends so,
-        so `run.1` and `run.2` stay apart; missing folders are created.
-    - `tree`: any pytree, such as a training state `(model, opt_state, key, step)`.
-        Arrays (JAX, NumPy, typed PRNG keys) and Python numbers are saved bit for
-        bit; every other leaf is described, to be compared when loading.
-    - `no_suffix`: if `True`, save to exactly `path`.
-
-    The file is written beside `path`, flushed to disk and renamed over it, so `path`
-    holds the old file or the new one, never a torn one. Eagerly, the file is
-    complete on return. Inside `jit` or any other trace, an ordered host callback
-    writes it when the computation runs, in program order: call
-    `jax.effects_barrier()` before reading it. Under `grad` the values are saved, not
-    differentiated. Sharded arrays are gathered; arrays that span processes are saved
-    by calling `save_pytree` in every process with the same tree and path.
+    As `eqx.tree_serialise_leaves`, except that arrays and Python numbers are saved
+    bit for bit with checksums, other leaves are described to be compared on load,
+    and `path` holds the old file or the new one, never a torn one. `.eqx` is
+    appended to `path` unless `no_suffix` or the name ends so. Inside `jit`, the file
+    is written when the computation runs (see `jax.effects_barrier`); under `grad`,
+    the values are saved. Arrays that span processes are saved by calling
+    `save_pytree` in every process with the same tree and path.
 
     **Raises:**
 
-    - `TypeError` if `path` is not a str or `os.PathLike`, `no_suffix` is not a
-        bool, or a leaf could not load exactly: `save_pytree: the leaf at path .x
-        is a masked array, whose mask would be lost. ...` (or an object, structured
-        or unit-less datetime array, a `jax.ShapeDtypeStruct`, an int of more than
-        4300 digits, a key of a custom PRNG implementation).
-    - `ValueError` if `path` is empty or names a folder or a FIFO, two array leaves
-        have the same path, the header would be too large to load, the tree is
-        batched by `vmap`, or the processes of a save passed different trees or
-        paths; `TimeoutError` if one of them does not save within 10 minutes.
+    - `TypeError` if `path` is not a str or `os.PathLike`, or a leaf could not load
+        exactly: `save_pytree: the leaf at path .x is a masked array, whose mask
+        would be lost. ...`
+    - `ValueError` if `path` is empty or names a folder, two array leaves have the
+        same path, or the tree is batched by `vmap`; `TimeoutError` if a process of
+        the save does not save in time.
 
     ```python
     import jax
@@ -3206,21 +3152,9 @@ def save_pytree(
 def load_pytree(path: str | os.PathLike[str], like: _Tree) -> _Tree:
     """Load a pytree saved by `save_pytree` (or by `Serializable.serialize`).
 
-    As `Serializable.deserialize`, except that the skeleton is `like`, and messages
-    name `load_pytree` and `like`.
-
-    **Arguments:**
-
-    - `path`: the path given to `save_pytree`.
-    - `like`: a pytree of the saved structure: the tree itself or one like it
-        (array values are ignored), or its shapes from `eqx.filter_eval_shape`. A
-        JAX array sharded over several devices, or a `jax.ShapeDtypeStruct` with a
-        sharding, loads with that sharding.
-
-    **Raises:** as `Serializable.deserialize`: `load_pytree: the file 'p' holds at
-    path [0] an array of shape (3,) and dtype float32, but `like` has shape (4,) and
-    dtype float32. Pass a `like` with the structure, shapes and dtypes of the saved
-    tree.`
+    As `Serializable.deserialize`, except that the skeleton is `like` (array values
+    are ignored; shapes from `eqx.filter_eval_shape` do), and a multi-device
+    sharding in `like` is kept.
     """
     return _load(path, "load_pytree", lambda layout, _: _like_skeleton(like, layout))
 
@@ -3233,7 +3167,6 @@ def _saving(function: str) -> tuple[str, str]:
 
 
 def _save(path: Any, tree: Any, no_suffix: Any, function: str) -> None:
-    """The body of `save_pytree` and `Serializable.serialize`."""
     try:
         target = _checkpoint_path(function, path, no_suffix)
         _check_target(target, function)
@@ -3242,24 +3175,24 @@ def _save(path: Any, tree: Any, no_suffix: Any, function: str) -> None:
             _fail_across_processes(err, function)
         raise
     leaves, treedef = jtu.tree_flatten_with_path(tree)
-    traced = [isinstance(leaf, jax.core.Tracer) for _, leaf in leaves]
-    if not any(traced) and not _inside_a_trace():
+    traced = {
+        index: leaf
+        for index, (_, leaf) in enumerate(leaves)
+        if isinstance(leaf, jax.core.Tracer)
+    }
+    # Eagerly (no tracer, and no trace around), the file is written now.
+    if not traced and not isinstance(jnp.zeros((), jnp.uint8), jax.core.Tracer):
         _write_checkpoint(tree, target, function)
         return
-    # Inside a trace: the traced leaves travel to the host (typed keys as their
-    # key data); the others are known now, checked now, and stay here.
+    # In a trace, the traced leaves travel to the host (typed keys as their key
+    # data); the others are checked now, and stay here.
     _check_saveable(leaves, function)  # Refuse at trace time, not in the callback.
-    template = [
-        None if t else leaf for (_, leaf), t in zip(leaves, traced, strict=True)
+    kinds = {index: _jax_kind(leaf) for index, leaf in traced.items()}
+    template = [None if i in traced else leaf for i, (_, leaf) in enumerate(leaves)]
+    operands = [  # Saved, not differentiated.
+        jax.lax.stop_gradient(jax.random.key_data(x) if _is_key_array(x) else x)
+        for x in traced.values()
     ]
-    operands, kinds = [], {}
-    for index, ((_, leaf), is_traced) in enumerate(zip(leaves, traced, strict=True)):
-        if not is_traced:
-            continue
-        kinds[index] = _jax_kind(leaf)
-        if _is_key_array(leaf):
-            leaf = jax.random.key_data(leaf)
-        operands.append(jax.lax.stop_gradient(leaf))  # Saved, not differentiated.
 
     def write(*arrays: Any) -> None:
         host = list(template)
@@ -3326,19 +3259,6 @@ def _check_target(target: pathlib.Path, function: str) -> None:
         )
 
 
-def _find_checkpoint(path: Any, function: str) -> pathlib.Path:
-    exact = _checkpoint_path(function, path, no_suffix=True)
-    suffixed = _checkpoint_path(function, path, no_suffix=False)
-    for candidate in (exact, suffixed):
-        if candidate.is_file():
-            return candidate
-    tried = f"'{exact}'" if exact == suffixed else f"'{exact}' or '{suffixed}'"
-    raise FileNotFoundError(
-        f"{function}: no checkpoint at {tried}. Check the path given "
-        f"to `{_saving(function)[0]}`."
-    )
-
-
 @dataclasses.dataclass(frozen=True)
 class _Source:
     """A checkpoint being read, and the function the user called to read it."""
@@ -3353,9 +3273,17 @@ class _Source:
 def _load(
     path: Any, function: str, build: Callable[["_Layout | None", _Source], Any]
 ) -> Any:
-    """The body of the loaders: the file is opened and its header parsed once;
-    `build` makes the skeleton from it (None for a plain Equinox file)."""
-    found = _find_checkpoint(path, function)
+    """Open the file and parse its header once; `build` makes the skeleton from it
+    (None for a plain Equinox file)."""
+    exact = _checkpoint_path(function, path, no_suffix=True)
+    suffixed = _checkpoint_path(function, path, no_suffix=False)
+    found = exact if exact.is_file() else suffixed
+    if not found.is_file():
+        tried = f"'{exact}'" if exact == suffixed else f"'{exact}' or '{suffixed}'"
+        raise FileNotFoundError(
+            f"{function}: no checkpoint at {tried}. Check the path given "
+            f"to `{_saving(function)[0]}`."
+        )
     source = _Source(str(found), function)
     with open(found, "rb") as file:
         size = os.fstat(file.fileno()).st_size
@@ -3373,25 +3301,12 @@ def _load(
         )
 
 
-def _inside_a_trace() -> bool:
-    """Whether JAX is tracing here, even if no argument is a tracer."""
-    return isinstance(jnp.zeros((), jnp.uint8), jax.core.Tracer)
-
-
-_CONCRETE_VALUE_ERRORS = (
-    jax.errors.ConcretizationTypeError,
-    jax.errors.TracerArrayConversionError,
-    jax.errors.TracerBoolConversionError,
-    jax.errors.TracerIntegerConversionError,
-)
-
-
 def _skeleton(
     cls: type, args: Any, kwargs: Any, layout: "_Layout | None", source: _Source
 ) -> Any:
-    """As `eqx.filter_eval_shape(cls, *args, **kwargs)` (or with the arguments that
-    the file recorded), except that NumPy arrays JAX cannot describe (strings, dates,
-    big-endian) stay concrete; each `Serializable` in it takes the file's recording."""
+    """`eqx.filter_eval_shape(cls, *args, **kwargs)`, with the file's recorded
+    arguments if none are given, NumPy-only arrays kept concrete, and the file's
+    recordings grafted on."""
     recorded = layout.arguments if layout is not None else {}
     from_file = not args and not kwargs
     if from_file:
@@ -3409,7 +3324,12 @@ def _skeleton(
 
     try:
         shapes = jax.eval_shape(build, dynamic)
-    except _CONCRETE_VALUE_ERRORS as err:
+    except (
+        jax.errors.ConcretizationTypeError,
+        jax.errors.TracerArrayConversionError,
+        jax.errors.TracerBoolConversionError,
+        jax.errors.TracerIntegerConversionError,
+    ) as err:
         raise TypeError(
             f"Serializable.deserialize: could not build a skeleton of "
             f"{cls.__qualname__}: its constructor, called with the given arguments "
@@ -3442,13 +3362,9 @@ def _skeleton(
     return _graft_arguments(skeleton, recorded)
 
 
-def _is_dynamic_argument(leaf: Any) -> bool:
-    return _is_jax_describable(leaf) or isinstance(leaf, jax.ShapeDtypeStruct)
-
-
 def _like_skeleton(like: Any, layout: "_Layout | None") -> Any:
-    """The skeleton `load_pytree` checks a file against: `like` with its arrays as
-    `eqx.filter_eval_shape` describes them, a sharding over several devices kept."""
+    """`like` with its arrays as `eqx.filter_eval_shape` describes them, keeping a
+    sharding over several devices, and the file's recordings grafted on."""
     dynamic, static = eqx.partition(like, _is_dynamic_argument)
     shapes = jax.eval_shape(lambda tree: tree, dynamic)
 
@@ -3465,6 +3381,10 @@ def _like_skeleton(like: Any, layout: "_Layout | None") -> Any:
     return _graft_arguments(eqx.combine(shapes, static), recorded)
 
 
+def _is_dynamic_argument(leaf: Any) -> bool:
+    return _is_jax_describable(leaf) or isinstance(leaf, jax.ShapeDtypeStruct)
+
+
 def _is_jax_describable(leaf: Any) -> bool:
     """An array leaf whose dtype JAX has (as opposed to NumPy strings, dates...)."""
     return eqx.is_array(leaf) and not (
@@ -3476,10 +3396,9 @@ def _is_numpy_only(dtype: np.dtype) -> bool:
     return dtype.kind in "SUMm" or dtype.byteorder == ">"
 
 
-# The codec of every value in the metadata (FORMAT.md has its table): None, bools,
-# ints and strings are themselves; any other value is a list whose first item is its
-# tag. The same value has the same encoding wherever it is stored: a Python number of
-# the model, a static value described to be compared, a constructor argument.
+# The codec of every value in the metadata (FORMAT.md has its table): the same value
+# has the same encoding wherever it is stored, whether a Python number of the model,
+# a static value described to be compared, or a constructor argument.
 
 _DEPTH = 32
 _RECORD_BUDGET = 1 << 16  # Values and string characters per recorded argument.
@@ -3498,9 +3417,9 @@ class _Malformed(Exception):
 def _encode_value(value: Any, budget: list[int] | None = None, depth: int = 0) -> Any:
     """`value` in the codec. With a `budget` (a one-item list: how many values and
     string characters the encoding may still take), it is recorded to be rebuilt:
-    arrays as their shape and dtype, and what cannot be rebuilt raises
-    `_Unrecordable`. Without, it is described to be compared: exactly where it can
-    be, else by its name or type, the same in every process."""
+    arrays by shape and dtype, and what cannot be rebuilt raises `_Unrecordable`.
+    Without, it is described to be compared: exactly where it can be, else by its
+    name or type, the same in every process."""
     kind = type(value)
     if budget is not None:
         budget[0] -= 1 + (len(value) if kind is str else 0)
@@ -3508,82 +3427,72 @@ def _encode_value(value: Any, budget: list[int] | None = None, depth: int = 0) -
             raise _Unrecordable("a value too large or too deeply nested to record")
     if value is None or kind is bool or kind is str:
         return value
-    number: Any = value  # Exactly an int, a float or a complex below.
     if kind is int:
-        if abs(number) < _TOO_MANY_DIGITS:
-            return number
+        if abs(value) < _TOO_MANY_DIGITS:
+            return value
         if budget is not None:
             raise _Unrecordable(f"an int of more than {_MAX_INT_DIGITS} digits")
-        return ["int", hex(number)]  # JSON and Python refuse it in decimal.
-    if kind is float:
-        return ["float", _float_bits(number)]
+        return ["int", hex(value)]  # JSON and Python refuse it in decimal.
+    if kind is float:  # By its IEEE 754 bits: NaN payloads and -0.0 too.
+        return ["float", struct.pack(">d", value).hex()]
     if kind is complex:
-        return ["complex", _float_bits(number.real), _float_bits(number.imag)]
+        bits = struct.pack(">dd", value.real, value.imag).hex()
+        return ["complex", bits[:16], bits[16:]]
     if depth > _DEPTH:  # A deeper or cyclic value: its type alone.
         return ["object", kind.__qualname__]
-    if isinstance(value, enum.Enum):
-        if budget is None:
-            return ["enum", kind.__qualname__, value.name]
-    elif isinstance(value, list | tuple | dict | set | frozenset):
-        if budget is None or kind in (list, tuple, dict):
-            return _encode_items(value, budget, depth)
-    elif budget is not None:
-        if isinstance(value, jax.ShapeDtypeStruct) or eqx.is_array(value):
-            return _record_array(value)
-    elif isinstance(value, type):
+    if budget is None and isinstance(value, enum.Enum):
+        return ["enum", kind.__qualname__, value.name]
+    if budget is not None and (
+        isinstance(value, jax.ShapeDtypeStruct) or eqx.is_array(value)
+    ):
+        if isinstance(value, np.ndarray) and kind is not np.ndarray:
+            raise _Unrecordable(f"a {kind.__name__}")
+        shape, dtype = [int(size) for size in value.shape], value.dtype
+        if jnp.issubdtype(dtype, jax.dtypes.prng_key):
+            impl = _key_impl_name(dtype)
+            if impl not in _KEY_IMPLS:
+                raise _Unrecordable(f"a PRNG key of the implementation {impl!r}")
+            return ["key", shape, impl]
+        if _numpy_dtype(_dtype_name(dtype)) is None:
+            raise _Unrecordable(f"an array of dtype {dtype}")
+        return ["array", shape, _dtype_name(dtype)]
+    if isinstance(value, list | tuple | dict | set | frozenset) and (
+        budget is None or kind in (list, tuple, dict)
+    ):  # By its type's name, with a description's dict or set sorted.
+        if isinstance(value, dict):
+            items = [
+                [_encode_value(part, budget, depth + 1) for part in pair]
+                for pair in value.items()
+            ]
+        else:
+            items = [_encode_value(item, budget, depth + 1) for item in value]
+        if budget is None and isinstance(value, dict | set | frozenset):
+            items.sort(key=_json)
+        return [kind.__qualname__, items]
+    if budget is not None:
+        name = getattr(value, "__name__", None) if callable(value) else None
+        if isinstance(name, str):
+            raise _Unrecordable(f"the function {name}")
+        raise _Unrecordable(f"an object of type {kind.__qualname__}")
+    if isinstance(value, type):
         return ["type", value.__qualname__]
-    elif isinstance(value, np.dtype):
+    if isinstance(value, np.dtype):
         return ["dtype", _dtype_name(value)]
-    elif isinstance(value, np.generic | np.ndarray) and not value.dtype.hasobject:
+    if isinstance(value, np.generic | np.ndarray) and not value.dtype.hasobject:
         shape, dtype = list(value.shape), _dtype_name(value.dtype)
         return ["numpy", shape, dtype, value.tobytes().hex()]
-    elif dataclasses.is_dataclass(value):
+    if dataclasses.is_dataclass(value):
         fields = [
             [item.name, _encode_value(getattr(value, item.name, None), None, depth + 1)]
             for item in dataclasses.fields(value)
         ]
         return ["dataclass", kind.__qualname__, fields]
-    # `__name__`, not `__qualname__`: JAX has changed the latter between releases
-    # (`jax.numpy.tanh` became `tanh`).
-    name = getattr(value, "__name__", None) if callable(value) else None
-    if budget is not None:
-        if isinstance(name, str):
-            raise _Unrecordable(f"the function {name}")
-        raise _Unrecordable(f"an object of type {kind.__qualname__}")
     if callable(value):
-        name = name or getattr(value, "__qualname__", None)
+        # `__name__` first: JAX has changed `__qualname__`s between releases
+        # (`jax.numpy.tanh` became `tanh`).
+        name = getattr(value, "__name__", None) or getattr(value, "__qualname__", None)
         return ["function", name or kind.__qualname__]
     return ["object", kind.__qualname__]
-
-
-def _encode_items(value: Any, budget: list[int] | None, depth: int) -> list[Any]:
-    """A list, tuple, dict or set (or, described, a subclass of one), by its type's
-    name: its items in order, those of a description's dict or set sorted."""
-    if isinstance(value, dict):
-        items = [
-            [_encode_value(k, budget, depth + 1), _encode_value(v, budget, depth + 1)]
-            for k, v in value.items()
-        ]
-    else:
-        items = [_encode_value(item, budget, depth + 1) for item in value]
-    if budget is None and isinstance(value, dict | set | frozenset):
-        items.sort(key=_json)
-    return [type(value).__qualname__, items]
-
-
-def _record_array(value: Any) -> list[Any]:
-    """An array argument as `["array", shape, dtype]` or `["key", shape, impl]`."""
-    if isinstance(value, np.ndarray) and type(value) is not np.ndarray:
-        raise _Unrecordable(f"a {type(value).__name__}")
-    shape, dtype = [int(size) for size in value.shape], value.dtype
-    if jnp.issubdtype(dtype, jax.dtypes.prng_key):
-        impl = _key_impl_name(dtype)
-        if impl not in _KEY_IMPLS:
-            raise _Unrecordable(f"a PRNG key of the implementation {impl!r}")
-        return ["key", shape, impl]
-    if _numpy_dtype(_dtype_name(dtype)) is None:
-        raise _Unrecordable(f"an array of dtype {dtype}")
-    return ["array", shape, _dtype_name(dtype)]
 
 
 def _decode_value(value: Any, depth: int = 0) -> Any:
@@ -3597,7 +3506,7 @@ def _decode_value(value: Any, depth: int = 0) -> Any:
     tag, *body = value
     if tag in ("float", "complex") and len(body) == (1 if tag == "float" else 2):
         if all(type(bits) is str and _BITS.fullmatch(bits) for bits in body):
-            parts = [struct.unpack("<d", bytes.fromhex(b)[::-1])[0] for b in body]
+            parts = [struct.unpack(">d", bytes.fromhex(bits))[0] for bits in body]
             return parts[0] if tag == "float" else complex(*parts)
     if tag in ("list", "tuple", "dict") and len(body) == 1 and type(body[0]) is list:
         if tag != "dict":
@@ -3622,39 +3531,31 @@ def _decode_value(value: Any, depth: int = 0) -> Any:
         if dtype is not None:
             return jax.ShapeDtypeStruct(shape, jax.dtypes.canonicalize_dtype(dtype))
     if tag == "unrecordable":
-        what = body[0] if body and type(body[0]) is str else "not recorded"
-        raise _Unrecordable(what)
+        raise _Unrecordable(
+            body[0] if body and type(body[0]) is str else "not recorded"
+        )
     raise _Malformed
 
 
-def _float_bits(value: float) -> str:
-    """The IEEE 754 bits of a float, as 16 hex digits: NaN payloads and -0.0 too."""
-    return f"{struct.unpack('<Q', struct.pack('<d', value))[0]:016x}"
-
-
-# Recorded constructor arguments
-#
-# In the file, the metadata entry `arguments` lists `[path, recording]` for every
-# `Serializable` in the tree that has one, where a recording is
-# `{"class": qualified name, "args": [...], "kwargs": [[name, value], ...]}`, each
-# value in the codec above.
+# Recorded constructor arguments: the metadata entry `arguments` lists
+# `[path, recording]` for each `Serializable` in the tree that has one.
 
 
 def _record_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     """The `args` and `kwargs` of a recording."""
+
+    def record(value: Any) -> Any:
+        try:
+            return _encode_value(value, [_RECORD_BUDGET])
+        except _Unrecordable as reason:
+            return ["unrecordable", str(reason)]
+        except Exception:  # A value whose attributes raise: never stop a constructor.
+            return ["unrecordable", f"an object of type {type(value).__qualname__}"]
+
     return {
-        "args": [_record_argument(value) for value in args],
-        "kwargs": [[name, _record_argument(value)] for name, value in kwargs.items()],
+        "args": [record(value) for value in args],
+        "kwargs": [[name, record(value)] for name, value in kwargs.items()],
     }
-
-
-def _record_argument(value: Any) -> Any:
-    try:
-        return _encode_value(value, [_RECORD_BUDGET])
-    except _Unrecordable as reason:
-        return ["unrecordable", str(reason)]
-    except Exception:  # A value whose attributes raise: never stop a constructor.
-        return ["unrecordable", f"an object of type {type(value).__qualname__}"]
 
 
 def _recorded_call(
@@ -3669,10 +3570,10 @@ def _recorded_call(
             f"Call `{recording['class']}.deserialize`, or pass the constructor "
             "arguments",
         )
-    arguments = [(None, value) for value in recording["args"]]
-    arguments += [(name, value) for name, value in recording["kwargs"]]
     args, kwargs, missing = [], {}, []
-    for index, (name, value) in enumerate(arguments):
+    for index, (name, value) in enumerate(
+        [(None, value) for value in recording["args"]] + recording["kwargs"]
+    ):
         try:
             rebuilt = _decode_value(value)
         except _Malformed:
@@ -3706,42 +3607,36 @@ def _argument_name(cls: type, index: int) -> str:
         parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]
     except (TypeError, ValueError):
         parameters = []
-    positional = (
-        inspect.Parameter.POSITIONAL_ONLY,
-        inspect.Parameter.POSITIONAL_OR_KEYWORD,
-    )
-    names = [p.name for p in parameters if p.kind in positional]
+    names = [p.name for p in parameters if p.kind <= p.POSITIONAL_OR_KEYWORD]
     return names[index] if index < len(names) else f"positional argument {index}"
 
 
-def _serializables(tree: Any, path: _KeyPath = ()) -> Iterator[tuple[_KeyPath, Any]]:
-    """Every `Serializable` in `tree` (itself included), with its key path."""
-    if isinstance(tree, Serializable) and not path:
-        yield (), tree
+def _serializables(tree: Any, path: _KeyPath = ()) -> Iterator[tuple[str, Any]]:
+    """Every `Serializable` in `tree` (itself included), with its leaf path."""
+    if isinstance(tree, Serializable):
+        yield _keystr(path), tree
     inner = jtu.tree_flatten_with_path(
         tree, is_leaf=lambda node: node is not tree and isinstance(node, Serializable)
     )[0]
     for key, node in inner:
         if isinstance(node, Serializable) and node is not tree:
-            yield path + key, node
             yield from _serializables(node, path + key)
 
 
 def _recordings(tree: Any) -> list[list[Any]]:
     """`[leaf path, recording]` of every `Serializable` in `tree` that has one."""
-    found = []
-    for key_path, node in _serializables(tree):
-        recording = getattr(node, _ARGUMENTS_FIELD, _NOT_RECORDED).recording
-        if recording is not None:
-            found.append([_keystr(key_path), recording])
-    return found
+    found = [
+        [where, getattr(node, _ARGUMENTS_FIELD, _NOT_RECORDED).recording]
+        for where, node in _serializables(tree)
+    ]
+    return [item for item in found if item[1] is not None]
 
 
 def _graft_arguments(skeleton: Any, recorded: dict[str, Any]) -> Any:
     """`skeleton` (built here, so free to change) with the file's recordings."""
     if recorded:
-        for key_path, node in _serializables(skeleton):
-            recording = recorded.get(_keystr(key_path))
+        for where, node in _serializables(skeleton):
+            recording = recorded.get(where)
             if recording is not None:
                 object.__setattr__(node, _ARGUMENTS_FIELD, _Arguments(recording))
     return skeleton
@@ -3771,26 +3666,19 @@ def _parse_arguments(text: Any, source: _Source) -> dict[str, Any]:
         return {}
     parsed = _parse_json(str(text).encode(errors="surrogatepass"), source)
     found: dict[str, Any] = {}
-    items: list[Any] = parsed if isinstance(parsed, list) else [None]
-    for item in items:
-        well_formed = (
-            isinstance(item, list)
-            and len(item) == 2
-            and isinstance(item[0], str)
-            and item[0] not in found
-            and isinstance(item[1], dict)
-            and set(item[1]) == {"class", "args", "kwargs"}
-            and isinstance(item[1]["class"], str)
-            and isinstance(item[1]["args"], list)
-            and isinstance(item[1]["kwargs"], list)
-            and all(
-                isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str)
-                for pair in item[1]["kwargs"]
-            )
-        )
-        if not well_formed:
-            raise source.error("has a malformed header (its recorded arguments)")
-        found[item[0]] = item[1]
+    for item in parsed if isinstance(parsed, list) else [None]:
+        match item:
+            case [str(where), {"class": str(), "args": list(), "kwargs": list()}] if (
+                where not in found
+                and len(item[1]) == 3
+                and all(
+                    type(pair) is list and len(pair) == 2 and type(pair[0]) is str
+                    for pair in item[1]["kwargs"]
+                )
+            ):
+                found[where] = item[1]
+            case _:
+                raise source.error("has a malformed header (its recorded arguments)")
     return found
 
 
