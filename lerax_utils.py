@@ -219,13 +219,8 @@ _FENV = _load_fenv()
 # came in jax 0.4.3x, the float8 variants and float4 over several releases.
 @functools.cache
 def _checkpoint_dtypes() -> dict[str, np.dtype]:
-    """Every dtype a checkpoint may hold, by name."""
-    found = {}
-    for name in (*_SAFETENSORS_DTYPES, *_OTHER_DTYPES):
-        kind = getattr(jnp, name, None)
-        if kind is not None:
-            found[name] = np.dtype(kind)
-    return found
+    names = (*_SAFETENSORS_DTYPES, *_OTHER_DTYPES)
+    return {name: np.dtype(getattr(jnp, name)) for name in names if hasattr(jnp, name)}
 
 
 @functools.cache
@@ -240,7 +235,6 @@ def _key_impl_types() -> dict[str, tuple[Any, tuple[int, ...], np.dtype]]:
 
 
 def _key_impl_name(dtype: Any) -> str | None:
-    """The name of a PRNG key dtype's implementation."""
     # Private: a key dtype's `_impl` (jax 0.4.16 onward). The public
     # `jax.random.key_impl` takes only key arrays, and before jax 0.4.3x returns a
     # spec object whose `str` is not the name.
@@ -248,7 +242,6 @@ def _key_impl_name(dtype: Any) -> str | None:
 
 
 def _weak_array(array: jax.Array) -> jax.Array:
-    """`array`, weakly typed."""
     # Private: `jax._src.lax.lax._convert_element_type` (jax 0.4.26 to 0.10): JAX
     # has no public way to set the flag.
     from jax._src.lax import lax as lax_internal
@@ -2924,9 +2917,8 @@ def _tidy_on_error(bar: _ProgressBar | None) -> Iterator[None]:
 # Checkpoints: Serializable
 #
 
-# A checkpoint is a safetensors file, laid out as `FORMAT.md` specifies. All else of
-# ours is in the header's `__metadata__`, with a CRC-32 per tensor and one of the
-# header itself.
+# A checkpoint is a safetensors file, as `FORMAT.md` specifies, with all else of ours
+# in its header's `__metadata__`.
 _FORMAT = "lerax_utils"
 _FORMAT_VERSION = 3
 _LENGTH = struct.Struct("<Q")
@@ -3304,9 +3296,8 @@ def _load(
 def _skeleton(
     cls: type, args: Any, kwargs: Any, layout: "_Layout | None", source: _Source
 ) -> Any:
-    """`eqx.filter_eval_shape(cls, *args, **kwargs)`, with the file's recorded
-    arguments if none are given, NumPy-only arrays kept concrete, and the file's
-    recordings grafted on."""
+    """`eqx.filter_eval_shape(cls, *args, **kwargs)`, or with the file's arguments,
+    keeping NumPy-only arrays concrete."""
     recorded = layout.arguments if layout is not None else {}
     from_file = not args and not kwargs
     if from_file:
@@ -3363,8 +3354,7 @@ def _skeleton(
 
 
 def _like_skeleton(like: Any, layout: "_Layout | None") -> Any:
-    """`like` with its arrays as `eqx.filter_eval_shape` describes them, keeping a
-    sharding over several devices, and the file's recordings grafted on."""
+    """`like` as `eqx.filter_eval_shape` sees it, keeping multi-device shardings."""
     dynamic, static = eqx.partition(like, _is_dynamic_argument)
     shapes = jax.eval_shape(lambda tree: tree, dynamic)
 
@@ -3415,11 +3405,9 @@ class _Malformed(Exception):
 
 
 def _encode_value(value: Any, budget: list[int] | None = None, depth: int = 0) -> Any:
-    """`value` in the codec. With a `budget` (a one-item list: how many values and
-    string characters the encoding may still take), it is recorded to be rebuilt:
-    arrays by shape and dtype, and what cannot be rebuilt raises `_Unrecordable`.
-    Without, it is described to be compared: exactly where it can be, else by its
-    name or type, the same in every process."""
+    """`value` in the codec. With a `budget` (a one-item list: values and string
+    characters left), recorded to be rebuilt, or `_Unrecordable`; without, described
+    to be compared: exactly where it can be, else by its name or type."""
     kind = type(value)
     if budget is not None:
         budget[0] -= 1 + (len(value) if kind is str else 0)
@@ -3496,9 +3484,8 @@ def _encode_value(value: Any, budget: list[int] | None = None, depth: int = 0) -
 
 
 def _decode_value(value: Any, depth: int = 0) -> Any:
-    """Inverse of `_encode_value` for what a recording or a Python number holds,
-    with arrays as `jax.ShapeDtypeStruct`s; raises `_Malformed`. It builds only
-    these values: no name in the file is ever imported or called."""
+    """Inverse of `_encode_value` for what a recording or a Python number holds
+    (arrays as `jax.ShapeDtypeStruct`s), or `_Malformed`. Nothing is imported."""
     if value is None or type(value) in (bool, int, str):
         return value
     if depth > _DEPTH or not (type(value) is list and value):
@@ -3643,9 +3630,8 @@ def _graft_arguments(skeleton: Any, recorded: dict[str, Any]) -> Any:
 
 
 def _numbers_as_saved(skeleton: Any, entries: list[dict[str, Any]]) -> Any:
-    """`skeleton` with each Python number that the file holds as a 0-d array (a
-    number that a `filter_scan` or `filter_cond` traced after construction) as
-    that array's shape and dtype: the recorded call cannot know of the change."""
+    """`skeleton` with each Python number that the file holds as a 0-d array (one
+    that a loop traced after construction, unknown to the recording) as such."""
     saved = {entry["path"]: entry for entry in entries}
 
     def as_saved(key_path: _KeyPath, leaf: Any) -> Any:
