@@ -3030,7 +3030,11 @@ class Serializable(eqx.Module):
         # `super().__init__(...)`, nor unflattening, copying or unpickling.
         self = super().__new__(cls)
         if args or kwargs:
-            object.__setattr__(self, _PENDING, _record_call(args, kwargs))
+            recorded = {
+                "args": [_record(value) for value in args],
+                "kwargs": [[name, _record(value)] for name, value in kwargs.items()],
+            }
+            object.__setattr__(self, _PENDING, recorded)
         return self
 
     def __check_init__(self) -> None:
@@ -3528,21 +3532,14 @@ def _decode_value(value: Any, depth: int = 0) -> Any:
 # `[path, recording]` for each `Serializable` in the tree that has one.
 
 
-def _record_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The `args` and `kwargs` of a recording."""
-
-    def record(value: Any) -> Any:
-        try:
-            return _encode_value(value, [_RECORD_BUDGET])
-        except _Unrecordable as reason:
-            return ["unrecordable", str(reason)]
-        except Exception:  # A value whose attributes raise: never stop a constructor.
-            return ["unrecordable", f"an object of type {type(value).__qualname__}"]
-
-    return {
-        "args": [record(value) for value in args],
-        "kwargs": [[name, record(value)] for name, value in kwargs.items()],
-    }
+def _record(value: Any) -> Any:
+    """A constructor argument in the codec, or what it was if it cannot be."""
+    try:
+        return _encode_value(value, [_RECORD_BUDGET])
+    except _Unrecordable as reason:
+        return ["unrecordable", str(reason)]
+    except Exception:  # A value whose attributes raise: never stop a constructor.
+        return ["unrecordable", f"an object of type {type(value).__qualname__}"]
 
 
 def _recorded_call(
