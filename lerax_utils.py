@@ -3055,9 +3055,10 @@ class Serializable(eqx.Module):
         """Load a model saved by `serialize` (or by `save_pytree`).
 
         As `eqx.tree_deserialise_leaves`, except that the skeleton is built here, as
-        `eqx.filter_eval_shape(cls, *args, **kwargs)` or, given no arguments, from
-        those recorded in the file; and the file must match it: structure, static
-        values, shapes and dtypes. Plain `eqx.tree_serialise_leaves` files load too.
+        `eqx.filter_eval_shape(cls, *args, **kwargs)` (array arguments as
+        `jax.ShapeDtypeStruct`s) with the given arguments or, given none, those
+        recorded in the file; and the file must match it: structure, static values,
+        shapes and dtypes. Plain `eqx.tree_serialise_leaves` files load too.
         Nothing in a file is ever imported, called or unpickled.
 
         **Raises:**
@@ -3088,7 +3089,8 @@ class Serializable(eqx.Module):
         **kwargs: Any,
     ) -> _Model:
         """As `deserialize`, except that each process reads only the shards of its
-        own devices, straight into them.
+        own devices, straight into them: a model is never whole on one device, nor
+        in host memory. NumPy leaves stay on the host.
 
         **Arguments:**
 
@@ -3116,19 +3118,20 @@ def save_pytree(
     As `eqx.tree_serialise_leaves`, except that arrays and Python numbers are saved
     bit for bit with checksums, other leaves are described to be compared on load,
     and `path` holds the old file or the new one, never a torn one. `.eqx` is
-    appended to `path` unless `no_suffix` or the name ends so. Inside `jit`, the file
-    is written when the computation runs (see `jax.effects_barrier`); under `grad`,
-    the values are saved. Arrays that span processes are saved by calling
-    `save_pytree` in every process with the same tree and path.
+    appended to `path` unless `no_suffix` or the name ends so; missing folders are
+    created. Eagerly, the file is complete on return; inside `jit`, it is written
+    when the computation runs (see `jax.effects_barrier`); under `grad`, the values
+    are saved. Arrays that span processes are saved by calling `save_pytree` in
+    every process with the same tree and path.
 
     **Raises:**
 
-    - `TypeError` if `path` is not a str or `os.PathLike`, or a leaf could not load
-        exactly: `save_pytree: the leaf at path .x is a masked array, whose mask
-        would be lost. ...`
-    - `ValueError` if `path` is empty or names a folder, two array leaves have the
-        same path, or the tree is batched by `vmap`; `TimeoutError` if a process of
-        the save does not save in time.
+    - `TypeError` if `path` is not a str or `os.PathLike`, `no_suffix` not a bool,
+        or a leaf could not load exactly: `save_pytree: the leaf at path .x is a
+        masked array, whose mask would be lost. ...`
+    - `ValueError` if `path` is empty or names a folder or a FIFO, two array leaves
+        have the same path, or the tree is batched by `vmap`; `TimeoutError` if a
+        process of the save does not save in time.
 
     ```python
     import jax
@@ -3225,12 +3228,10 @@ def _checkpoint_path(function: str, path: Any, no_suffix: Any) -> pathlib.Path:
         raise ValueError(
             f"{function}: `path` is empty. Pass a file name, such as 'checkpoints/run'."
         )
-    checked = pathlib.Path(text)
     if os.path.basename(text) in ("", ".", "..") or text.endswith(("/", os.sep)):
         raise _names_a_folder(function, text)
-    if no_suffix or checked.name.endswith(_SUFFIX):
-        return checked
-    return checked.with_name(checked.name + _SUFFIX)
+    suffix = "" if no_suffix or text.endswith(_SUFFIX) else _SUFFIX
+    return pathlib.Path(text + suffix)
 
 
 def _names_a_folder(function: str, path: str | pathlib.Path) -> ValueError:
