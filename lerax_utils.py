@@ -3862,11 +3862,8 @@ def _write_atomically(
     header: bytes,
     write_data: Callable[[IO[bytes], pathlib.Path], list[int]],
 ) -> None:
-    """Write a checkpoint beside `target`, flush it and rename it over `target`.
-
-    `write_data(file, temporary)` writes the data after the header and returns each
-    array's CRC-32. A failure removes the new file and leaves `target` as it was.
-    """
+    """Write a checkpoint beside `target`, flush it and rename it over `target`;
+    `write_data(file, temporary)` writes the data and returns each array's CRC-32."""
     target.parent.mkdir(parents=True, exist_ok=True)
     stem = os.fsdecode(os.fsencode(target.name)[:64])  # Short, whatever the target.
     flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
@@ -3923,18 +3920,13 @@ def _closer() -> concurrent.futures.ThreadPoolExecutor:
     return concurrent.futures.ThreadPoolExecutor(max_workers=1)
 
 
-# Several processes (`jax.distributed`). An array that spans processes cannot be
-# fetched whole by any of them, so every process calls `serialize`, and:
-#   1. process 0 creates the temporary file, writes the header (its checksums still
-#      zeros) and every leaf that is not such an array, and publishes the file's
-#      name in the distributed runtime's key-value store;
-#   2. every process writes the shards of its own devices whose `replica_id` is 0
-#      (so each byte once) at their offsets, flushes them to disk, and says so;
-#   3. process 0 streams the finished data to compute each tensor's CRC-32, fills
-#      in the header, renames the file over the target and says so; every process
-#      returns only then.
-# Every wait is bounded by `_PROCESS_TIMEOUT_S`, and a failure in any process is
-# published, so the others raise instead of waiting.
+# Several processes (`jax.distributed`): no process can fetch an array that spans
+# them, so each calls `serialize`. Process 0 creates the temporary file, writes the
+# header and the other leaves, and publishes the file's name in the runtime's
+# key-value store; each process writes its replica-0 shards there (so each byte
+# once), flushes them and says so; process 0 streams the data for the CRC-32s, fills
+# in the header, renames the file and says so. Every wait is bounded, and a failure
+# anywhere is published, so that the others raise instead of waiting.
 _PROCESS_TIMEOUT_S = 600.0
 _FAILED = "!"  # A published value that starts so is the message of a failure.
 _saves_across_processes = [0]
@@ -3994,8 +3986,7 @@ def _failure(process: int, err: BaseException, function: str) -> str:
 
 
 def _fail_across_processes(err: BaseException, function: str) -> None:
-    """Tell the other processes that this one failed before the exchange (a bad path
-    or leaf), so that they raise too and the next saves stay paired."""
+    """Tell the others of a failure before the exchange, so that they raise too."""
     me = jax.process_index()
     key = f"{_next_prefix()}/header/{me}"
     _client(function).key_value_set(key, _failure(me, err, function))
@@ -4010,9 +4001,8 @@ def _write_from_processes(
     prefix = _next_prefix()
     data_at = _LENGTH.size + len(header)
     offsets = list(itertools.accumulate([b.nbytes for b in blocks], initial=data_at))
-    # Each process checks that all describe the same model (structure, shapes,
-    # dtypes, static values, Python numbers, and the values of the leaves that do
-    # not span processes, which process 0 writes) before any writes.
+    # All must save the same path and header, and the same leaves where process 0
+    # writes them, before any writes.
     local = [None if isinstance(b, jax.Array) else zlib.crc32(b.data) for b in blocks]
     agreed = zlib.crc32(_json([str(target), local]).encode(), zlib.crc32(header))
     client.key_value_set(f"{prefix}/header/{me}", f"{agreed:08x}")
@@ -4076,8 +4066,7 @@ def _write_from_processes(
 def _write_shards(
     temporary: pathlib.Path, blocks: list[Any], offsets: list[int]
 ) -> None:
-    """Write this process's replica-0 shards of the spanning arrays at their
-    offsets in the shared file, and flush them to disk."""
+    """Write this process's replica-0 shards into the shared file, durably."""
     descriptor = os.open(temporary, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
     try:
         for block, offset in zip(blocks, offsets, strict=False):
@@ -4156,12 +4145,7 @@ def _encode(
                 impl=impl, key_shape=entry["shape"][: data.ndim - len(impl_shape)]
             )
         block = data if isinstance(data, jax.Array) else data.reshape(-1).view(np.uint8)
-        stored_dtype, stored_shape = _stored_type(entry["dtype"], entry["shape"])
-        tensors[path] = {
-            "dtype": stored_dtype,
-            "shape": stored_shape,
-            "data_offsets": [offset, offset + block.nbytes],
-        }
+        tensors[path] = _tensor_entry(entry, offset, block.nbytes)
         offset += block.nbytes
         leaves.append(entry)
         blocks.append(block)
@@ -4293,17 +4277,17 @@ def _json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
 
 
-def _stored_type(dtype: str, shape: list[int]) -> tuple[str, list[int]]:
-    """The safetensors dtype and shape of a tensor: its own, or bytes."""
-    if dtype in _SAFETENSORS_DTYPES:
-        return _SAFETENSORS_DTYPES[dtype], shape
-    itemsize = cast(np.dtype, _numpy_dtype(dtype)).itemsize
-    return "U8", shape + [itemsize] if itemsize > 1 else shape
+def _tensor_entry(entry: dict[str, Any], offset: int, nbytes: int) -> dict[str, Any]:
+    """An array's entry in the safetensors table: its own dtype, or bytes."""
+    dtype, shape = _SAFETENSORS_DTYPES.get(entry["dtype"]), entry["shape"]
+    if dtype is None:  # The item size is a last dimension, if more than one byte.
+        itemsize = cast(np.dtype, _numpy_dtype(entry["dtype"])).itemsize
+        dtype, shape = "U8", shape + [itemsize] if itemsize > 1 else shape
+    return {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + nbytes]}
 
 
 def _structure(tree: Any) -> list[list[Any]]:
-    """`[path, description]` of every node and leaf of `tree`, in flattening order,
-    the same in every process (no array or scalar values, `repr`s or addresses)."""
+    """`[path, description]` of every node and leaf, the same in every process."""
     entries: list[list[Any]] = []
 
     def visit(node: Any, path: _KeyPath) -> None:
@@ -4424,12 +4408,7 @@ def _read_header(file: IO[bytes], source: _Source, size: int) -> _Layout | None:
         raise source.error("has a malformed header")
     offset = 0
     for index, entry in enumerate(arrays):
-        dtype, shape = _stored_type(entry["dtype"], entry["shape"])
-        wanted = {
-            "dtype": dtype,
-            "shape": shape,
-            "data_offsets": [offset, offset + entry["nbytes"]],
-        }
+        wanted = _tensor_entry(entry, offset, entry["nbytes"])
         if tensors.get(entry["path"]) != wanted:
             raise source.error(
                 f"has a malformed header: the tensor table's entry for the leaf at "
@@ -4700,8 +4679,7 @@ def _read_leaves(
     source: _Source,
     shardings: Sequence[jax.sharding.Sharding | None],
 ) -> list[Any]:
-    """Every leaf's value; an array is checked against its CRC-32 in a helper thread
-    while the next is read, or read shard by shard where `shardings` gives one."""
+    """Every leaf's value, each array read whole or into the sharding it is given."""
     leaves = layout.entries
     values: list[Any] = []
     pending: list[tuple[int, Any, concurrent.futures.Future[int]]] = []
@@ -4734,8 +4712,9 @@ def _read_leaves(
             if file.readinto(view.data) != entry["nbytes"]:  # type: ignore[attr-defined]
                 raise source.error("is truncated inside its data")
             values.append(None)
+            # Checked in a helper thread while the next is read: two held at most.
             pending.append((index, data, checksummer.submit(zlib.crc32, view.data)))
-            if len(pending) == 2:  # So at most two arrays are held at once.
+            if len(pending) == 2:
                 finish(*pending.pop(0))
         for item in pending:
             finish(*item)
@@ -4750,10 +4729,8 @@ def _aligned_empty(shape: list[int], dtype: np.dtype) -> np.ndarray:
     return raw[offset : offset + nbytes].view(dtype).reshape(shape)
 
 
-# Loading into shardings. Each array is streamed through one buffer of at most this
-# many bytes, in file order, for its checksum; each piece is copied from the buffer
-# into the shards of this process's devices that it overlaps. So a process holds its
-# own shards and one buffer, never a whole array it does not own.
+# Loading into shardings: an array streams through one buffer of at most this many
+# bytes, so a process holds its own shards and one buffer, never a whole array.
 _CHUNK_BYTES = 16 * 1024 * 1024
 
 
@@ -4813,13 +4790,12 @@ def _sharding_error(
 
 def _leaf_sharding(leaf: Any) -> jax.sharding.Sharding | None:
     """The sharding of a skeleton's `jax.ShapeDtypeStruct` or concrete `jax.Array`."""
-    if isinstance(leaf, jax.ShapeDtypeStruct | jax.Array) and not isinstance(
-        leaf, jax.core.Tracer
+    if isinstance(leaf, jax.core.Tracer) or not isinstance(
+        leaf, jax.ShapeDtypeStruct | jax.Array
     ):
-        sharding = getattr(leaf, "sharding", None)
-        if isinstance(sharding, jax.sharding.Sharding):
-            return sharding
-    return None
+        return None
+    sharding = getattr(leaf, "sharding", None)
+    return sharding if isinstance(sharding, jax.sharding.Sharding) else None
 
 
 def _region(index: Any, shape: Sequence[int]) -> _Region:
@@ -4841,10 +4817,9 @@ def _read_sharded(
     source: _Source,
 ) -> jax.Array:
     """One array leaf, created with `sharding`."""
-    # The whole tensor streams through the buffer for its checks first, so a corrupt
-    # file fails before any device array exists; then each local shard is read
-    # alone, put on its devices and freed. One shard (one device, or replicated) is
-    # checked and read in one pass.
+    # The whole tensor is checked first, so a corrupt file fails before any device
+    # array exists; then each local shard is read alone, put on its devices and
+    # freed. One shard (one device, or replicated) is checked and read in one pass.
     path = entry["path"]
     dtype = cast(np.dtype, _numpy_dtype(entry["dtype"]))
     shape = tuple(entry["shape"])  # Of the stored data: key data for a key.
@@ -4890,9 +4865,8 @@ def _stream_into_shards(
     source: _Source,
     box: _Region | None = None,
 ) -> int:
-    """Stream a tensor (at `entry["offset"]`) in file order through one buffer,
-    copying each piece into the shards it overlaps: all of it, checking its bits and
-    returning its CRC-32, or with `box` only the pieces that overlap it, unchecked."""
+    """Stream a tensor in file order into the shards (by region) it overlaps: all of
+    it, checked, for its CRC-32; or with `box`, only what overlaps it, unchecked."""
     # A piece is a run of whole sub-arrays along one axis (`level`): the fewest
     # leading axes such that one step along `level` fits in the buffer.
     shape = tuple(entry["shape"])
