@@ -3933,7 +3933,9 @@ _saves_across_processes = [0]
 _Region = tuple[tuple[int, int], ...]  # A shard's `(start, stop)` along each axis.
 
 
-def _client(function: str) -> Any:
+def _next_save(function: str) -> tuple[Any, str]:
+    """The key-value store, and this save's folder in it (paired by count, as every
+    process counts its saves, failed ones too)."""
     client = _distributed_client()
     if client is None:
         raise ValueError(
@@ -3941,7 +3943,8 @@ def _client(function: str) -> Any:
             "several processes, but `jax.distributed` is not initialized here. Call "
             "`jax.distributed.initialize` in every process first."
         )
-    return client
+    _saves_across_processes[0] += 1
+    return client, f"lerax_utils/serialize/{_saves_across_processes[0]}"
 
 
 def _await(client: Any, key: str, waiting_for: str, function: str) -> str:
@@ -3959,12 +3962,6 @@ def _await(client: Any, key: str, waiting_for: str, function: str) -> str:
     if value.startswith(_FAILED):
         raise ValueError(f"{function}: {value[len(_FAILED) :]}")
     return value
-
-
-def _next_prefix() -> str:
-    """The keys of this save: every process counts its saves, failed ones too."""
-    _saves_across_processes[0] += 1
-    return f"lerax_utils/serialize/{_saves_across_processes[0]}"
 
 
 def _spans_processes(tree: Any) -> bool:
@@ -3987,18 +3984,17 @@ def _failure(process: int, err: BaseException, function: str) -> str:
 
 def _fail_across_processes(err: BaseException, function: str) -> None:
     """Tell the others of a failure before the exchange, so that they raise too."""
+    client, prefix = _next_save(function)
     me = jax.process_index()
-    key = f"{_next_prefix()}/header/{me}"
-    _client(function).key_value_set(key, _failure(me, err, function))
+    client.key_value_set(f"{prefix}/header/{me}", _failure(me, err, function))
 
 
 def _write_from_processes(
     header: bytes, blocks: list[Any], target: pathlib.Path, function: str
 ) -> None:
     """Write one checkpoint from every process, as described above."""
-    client = _client(function)
+    client, prefix = _next_save(function)
     me, count = jax.process_index(), jax.process_count()
-    prefix = _next_prefix()
     data_at = _LENGTH.size + len(header)
     offsets = list(itertools.accumulate([b.nbytes for b in blocks], initial=data_at))
     # All must save the same path and header, and the same leaves where process 0
@@ -4966,11 +4962,9 @@ def _invalid_data(entry: dict[str, Any], problem: str, source: _Source) -> Value
 
 def _restore_kind(data: np.ndarray, entry: dict[str, Any]) -> Any:
     """A loaded NumPy array as the kind of leaf it was saved from."""
-    if entry["kind"] == "jax":
+    if entry["kind"] == "jax":  # A weak type is restored, as `jnp.asarray(2.0)` has.
         array = jax.device_put(data)
-        if entry.get("weak_type"):  # As `jnp.asarray(2.0)`: restore the exact aval.
-            array = _weak_array(array)
-        return array
+        return _weak_array(array) if entry.get("weak_type") else array
     if entry["kind"] == "key":
         return jax.random.wrap_key_data(jax.device_put(data), impl=entry["impl"])
     dtype = cast(np.dtype, _numpy_dtype(entry["dtype"]))
