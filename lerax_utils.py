@@ -4580,36 +4580,35 @@ def _leaf_mismatch(
             f"the Python {type(value).__name__} {value!r}, where {skeleton} has "
             f"{_describe_leaf(leaf)}. {fix}"
         )
+    shape = tuple(entry["shape"])
     if isinstance(leaf, np.ndarray | np.generic) and _is_numpy_only(leaf.dtype):
-        saved = (tuple(entry["shape"]), entry["dtype"])
-        if saved == (leaf.shape, _dtype_name(leaf.dtype)):
-            return None
-        return (
-            f"an array of shape {saved[0]} and dtype {saved[1]}, but {skeleton} has "
-            f"shape {leaf.shape} and dtype {_dtype_name(leaf.dtype)}. {fix}"
+        dtype, wanted = entry["dtype"], (leaf.shape, _dtype_name(leaf.dtype))
+        fits = (shape, dtype) == wanted
+    elif isinstance(leaf, jax.ShapeDtypeStruct):
+        if entry["kind"] == "key":
+            shape = tuple(entry["key_shape"])
+            dtype = _key_impl_types()[entry["impl"]][0]
+        else:
+            dtype = cast(np.dtype, _numpy_dtype(entry["dtype"]))
+        wanted = (tuple(leaf.shape), leaf.dtype)
+        fits = shape == wanted[0] and (
+            dtype == leaf.dtype
+            or (
+                entry["kind"] in ("numpy", "numpy_scalar")
+                and not _is_numpy_only(dtype)
+                and jax.dtypes.canonicalize_dtype(dtype) == leaf.dtype
+            )
         )
-    if not isinstance(leaf, jax.ShapeDtypeStruct):
-        return f"an array, where {skeleton} has {_describe_leaf(leaf)}. {fix}"
-    if entry["kind"] == "key":
-        shape, dtype = tuple(entry["key_shape"]), _key_impl_types()[entry["impl"]][0]
     else:
-        shape = tuple(entry["shape"])
-        dtype = cast(np.dtype, _numpy_dtype(entry["dtype"]))
-    if shape == tuple(leaf.shape) and (
-        dtype == leaf.dtype
-        or (
-            entry["kind"] in ("numpy", "numpy_scalar")
-            and not _is_numpy_only(dtype)
-            and jax.dtypes.canonicalize_dtype(dtype) == leaf.dtype
-        )
-    ):
+        return f"an array, where {skeleton} has {_describe_leaf(leaf)}. {fix}"
+    if fits:
         return None
     message = (
         f"an array of shape {shape} and dtype {dtype}, but {skeleton} has shape "
-        f"{tuple(leaf.shape)} and dtype {leaf.dtype}"
+        f"{wanted[0]} and dtype {wanted[1]}"
     )
-    pair = {str(dtype), str(leaf.dtype)}
-    if shape == tuple(leaf.shape) and any(pair == set(p.split()) for p in _X64_PAIRS):
+    pair = {str(dtype), str(wanted[1])}
+    if shape == wanted[0] and any(pair == set(p.split()) for p in _X64_PAIRS):
         numpy = ", or save the leaf as a NumPy array, which keeps its dtype"
         return (
             f"{message}. The dtypes differ only in width: the file was probably "
