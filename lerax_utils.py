@@ -3670,18 +3670,15 @@ def _parse_arguments(text: Any, source: _Source) -> dict[str, Any]:
 
 
 def _host_array(leaf: Any) -> "np.ndarray | jax.Array":
-    """A NumPy copy or view of an array leaf that `_check_saveable` passed. An array
-    that spans several processes stays a JAX array (key data for a key): each
-    process writes its own shards (`_write_from_processes`)."""
+    """A leaf's C-ordered little-endian bytes on the host (key data for a key)."""
     if isinstance(leaf, jax.Array):
         if _is_key_array(leaf):
             leaf = jax.random.key_data(leaf)
         if not leaf.is_fully_addressable:
-            return leaf
+            return leaf  # Spans processes: each writes its own shards.
         return np.asarray(leaf, order="C")  # Gathers sharded arrays.
-    if leaf.dtype.byteorder == ">":  # Stored little-endian, as safetensors wants.
-        return np.asarray(leaf, dtype=leaf.dtype.newbyteorder("<"), order="C")
-    return np.asarray(leaf, order="C")
+    swapped = leaf.dtype.newbyteorder("<") if leaf.dtype.byteorder == ">" else None
+    return np.asarray(leaf, dtype=swapped, order="C")
 
 
 def _dtype_name(dtype: np.dtype) -> str:
@@ -3737,82 +3734,80 @@ def _write_atomically(
     header: bytes,
     write_data: Callable[[IO[bytes], pathlib.Path], list[int]],
 ) -> None:
-    """Write a checkpoint to a new file beside `target`, then rename it over `target`.
-
-    `write_data(file, temporary)` writes the data after the header and returns each
-    array's CRC-32, which then fill in the header. A failure removes the temporary
-    file and leaves `target` as it was.
-    """
+    """Write a checkpoint beside `target`, flush it and rename it over `target`;
+    `write_data(file, temporary)` writes the data and returns each array's CRC-32."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = _create_temporary(target)
+    stem = os.fsdecode(os.fsencode(target.name)[:64])  # Short, whatever the target.
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    while True:
+        temporary = target.parent / f".{stem}.{secrets.token_hex(4)}.tmp"
+        with contextlib.suppress(FileExistsError):
+            descriptor = os.open(temporary, flags, 0o666)  # As `open()`: umask applies.
+            break
     try:
         with os.fdopen(descriptor, "r+b") as file:
             file.write(_LENGTH.pack(len(header)))
             file.write(header)  # Its CRC slots still hold zeros.
-            checksums = write_data(file, temporary)
+            crcs = "".join(f"{crc:08x}" for crc in write_data(file, temporary))
+            filled = bytearray(header)
+            at = header.index(b'"crc32":"') + len(b'"crc32":"')
+            filled[at : at + len(crcs)] = crcs.encode()
+            at = header.index(_CRC_SLOT) + len(_CRC_SLOT)
+            filled[at : at + 8] = f"{zlib.crc32(filled):08x}".encode()
             file.seek(_LENGTH.size)
-            file.write(_filled_header(header, checksums))
+            file.write(filled)
             file.flush()
             os.fsync(file.fileno())
-        _replace(temporary, target)
+        # The old file, held open past the rename, is closed (and its blocks freed)
+        # in a helper thread; the new one takes its mode.
+        try:
+            flags = (
+                os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
+            )
+            previous = os.open(target, flags)
+        except OSError:  # None there, or not readable.
+            previous = None
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                kept = os.fstat(previous) if previous is not None else os.stat(target)
+                os.chmod(temporary, stat.S_IMODE(kept.st_mode))
+            os.replace(temporary, target)
+        finally:
+            if previous is not None:
+                _closer().submit(os.close, previous)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
         raise
-    _fsync_folder(target.parent)
+    with contextlib.suppress(OSError):  # The rename is durable too, where it can be.
+        folder = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
 
 
-def _filled_header(header: bytes, checksums: list[int]) -> bytes:
-    """The header with the arrays' CRC-32s and then its own in their slots."""
-    crc_at = header.index(b'"crc32":"') + len(b'"crc32":"')
-    slot_at = header.index(_CRC_SLOT) + len(_CRC_SLOT)
-    filled = bytearray(header)
-    crcs = "".join(f"{checksum:08x}" for checksum in checksums)
-    filled[crc_at : crc_at + len(crcs)] = crcs.encode()
-    filled[slot_at : slot_at + 8] = f"{zlib.crc32(filled):08x}".encode()
-    return bytes(filled)
+@functools.cache
+def _closer() -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(max_workers=1)
 
 
-def _replace(temporary: pathlib.Path, target: pathlib.Path) -> None:
-    """Rename the finished temporary file over `target`, keeping the target's mode."""
-    # Holding the old file open past the rename moves the freeing of its blocks
-    # out of this call, to a helper thread that closes it.
-    try:
-        previous = os.open(
-            target,
-            os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0),
-        )
-    except OSError:  # None there, or not readable.
-        previous = None
-    try:
-        with contextlib.suppress(FileNotFoundError):
-            kept = os.fstat(previous) if previous is not None else os.stat(target)
-            os.chmod(temporary, stat.S_IMODE(kept.st_mode))
-        os.replace(temporary, target)
-    finally:
-        if previous is not None:
-            _closer().submit(os.close, previous)
-
-
-# Several processes (`jax.distributed`). An array that spans processes cannot be
-# fetched whole by any of them, so every process calls `serialize`, and:
-#   1. process 0 creates the temporary file, writes the header (its checksums still
-#      zeros) and every leaf that is not such an array, and publishes the file's
-#      name in the distributed runtime's key-value store;
-#   2. every process writes the shards of its own devices whose `replica_id` is 0
-#      (so each byte once) at their offsets, flushes them to disk, and says so;
-#   3. process 0 streams the finished data to compute each tensor's CRC-32, fills
-#      in the header, renames the file over the target and says so; every process
-#      returns only then.
-# Every wait is bounded by `_PROCESS_TIMEOUT_S`, and a failure in any process is
-# published, so the others raise instead of waiting.
+# Several processes (`jax.distributed`): no process can fetch an array that spans
+# them, so each calls `serialize`. Process 0 creates the temporary file, writes the
+# header and the other leaves, and publishes the file's name in the runtime's
+# key-value store; each process writes its replica-0 shards there (so each byte
+# once), flushes them and says so; process 0 streams the data for the CRC-32s, fills
+# in the header, renames the file and says so. Every wait is bounded, and a failure
+# anywhere is published, so that the others raise instead of waiting.
 _PROCESS_TIMEOUT_S = 600.0
 _FAILED = "!"  # A published value that starts so is the message of a failure.
 _saves_across_processes = [0]
 _Region = tuple[tuple[int, int], ...]  # A shard's `(start, stop)` along each axis.
 
 
-def _client(function: str) -> Any:
+def _next_save(function: str) -> tuple[Any, str]:
+    """The key-value store, and this save's folder in it (paired by count, as every
+    process counts its saves, failed ones too)."""
     client = _distributed_client()
     if client is None:
         raise ValueError(
@@ -3820,11 +3815,8 @@ def _client(function: str) -> Any:
             "several processes, but `jax.distributed` is not initialized here. Call "
             "`jax.distributed.initialize` in every process first."
         )
-    return client
-
-
-def _publish(client: Any, key: str, value: str) -> None:
-    client.key_value_set(key, value)
+    _saves_across_processes[0] += 1
+    return client, f"lerax_utils/serialize/{_saves_across_processes[0]}"
 
 
 def _await(client: Any, key: str, waiting_for: str, function: str) -> str:
@@ -3844,13 +3836,6 @@ def _await(client: Any, key: str, waiting_for: str, function: str) -> str:
     return value
 
 
-def _next_prefix() -> str:
-    """The key-value store's folder for this process's next save across processes:
-    every process counts its saves, failed ones included, so the folders pair up."""
-    _saves_across_processes[0] += 1
-    return f"lerax_utils/serialize/{_saves_across_processes[0]}"
-
-
 def _spans_processes(tree: Any) -> bool:
     return jax.process_count() > 1 and any(
         isinstance(leaf, jax.Array)
@@ -3860,35 +3845,38 @@ def _spans_processes(tree: Any) -> bool:
     )
 
 
+def _failure(process: int, err: BaseException, function: str) -> str:
+    """What a process publishes when it fails."""
+    text = str(err).removeprefix(f"{function}: ")
+    return (
+        f"{_FAILED}process {process} failed to write its part of the checkpoint, so "
+        f"nothing was saved: {type(err).__name__}: {text}"
+    )
+
+
 def _fail_across_processes(err: BaseException, function: str) -> None:
-    """Before a save across processes raises ahead of the exchange (a bad path or
-    leaf here only), tell the others, so that they raise too and their next saves
-    pair up with this process's next one."""
+    """Tell the others of a failure before the exchange, so that they raise too."""
+    client, prefix = _next_save(function)
     me = jax.process_index()
-    message = _FAILED + _failure(me, err, function)
-    _publish(_client(function), f"{_next_prefix()}/header/{me}", message)
+    client.key_value_set(f"{prefix}/header/{me}", _failure(me, err, function))
 
 
 def _write_from_processes(
     header: bytes, blocks: list[Any], target: pathlib.Path, function: str
 ) -> None:
     """Write one checkpoint from every process, as described above."""
-    client = _client(function)
+    client, prefix = _next_save(function)
     me, count = jax.process_index(), jax.process_count()
-    prefix = _next_prefix()
     data_at = _LENGTH.size + len(header)
     offsets = list(itertools.accumulate([b.nbytes for b in blocks], initial=data_at))
-    # Each process checks that all describe the same model (structure, shapes,
-    # dtypes, static values, Python numbers, and the values of the leaves that do
-    # not span processes, which process 0 writes) before any writes.
+    # All must save the same path and header, and the same leaves where process 0
+    # writes them, before any writes.
     local = [None if isinstance(b, jax.Array) else zlib.crc32(b.data) for b in blocks]
     agreed = zlib.crc32(_json([str(target), local]).encode(), zlib.crc32(header))
-    _publish(client, f"{prefix}/header/{me}", f"{agreed:08x}")
+    client.key_value_set(f"{prefix}/header/{me}", f"{agreed:08x}")
     headers = {
-        _await(
-            client, f"{prefix}/header/{other}", f"process {other}'s header", function
-        )
-        for other in range(count)
+        _await(client, f"{prefix}/header/{i}", f"process {i}'s header", function)
+        for i in range(count)
     }
     if len(headers) != 1:
         what = _saving(function)[1]
@@ -3899,16 +3887,14 @@ def _write_from_processes(
             f"process must save the same {what} to the same path."
         )
     if me != 0:
-        where = _await(
-            client, f"{prefix}/temporary", "process 0 to create the file", function
-        )
+        waiting_for = "process 0 to create the file"
+        where = _await(client, f"{prefix}/temporary", waiting_for, function)
         try:
             _write_shards(pathlib.Path(where), blocks, offsets)
         except BaseException as err:
-            message = _FAILED + _failure(me, err, function)
-            _publish(client, f"{prefix}/written/{me}", message)
+            client.key_value_set(f"{prefix}/written/{me}", _failure(me, err, function))
             raise
-        _publish(client, f"{prefix}/written/{me}", "ok")
+        client.key_value_set(f"{prefix}/written/{me}", "ok")
         _await(client, f"{prefix}/done", "process 0 to finish the file", function)
         return
     published = False
@@ -3921,127 +3907,69 @@ def _write_from_processes(
                 file.write(block.data)
         file.truncate(offsets[-1])
         file.flush()
-        _publish(client, f"{prefix}/temporary", str(temporary))
+        client.key_value_set(f"{prefix}/temporary", str(temporary))
         published = True
         _write_shards(temporary, blocks, offsets)
-        for other in range(1, count):
-            waiting_for = f"process {other}'s shards"
-            _await(client, f"{prefix}/written/{other}", waiting_for, function)
+        for i in range(1, count):
+            _await(client, f"{prefix}/written/{i}", f"process {i}'s shards", function)
         source = _Source(str(temporary), function)
-        return [
-            _stream_into_shards(file, _spanning_entry(block, offset), {}, source)
-            if crc is None
-            else crc
-            for block, offset, crc in zip(blocks, offsets, local, strict=False)
-        ]
+        for index, (block, offset) in enumerate(zip(blocks, offsets, strict=False)):
+            if local[index] is None:
+                entry: dict[str, Any] = {"path": "", "dtype": _dtype_name(block.dtype)}
+                entry.update(shape=list(block.shape), offset=offset)
+                local[index] = _stream_into_shards(file, entry, {}, source)
+        return cast(list[int], local)
 
     try:
         _write_atomically(target, header, write_data)
     except BaseException as err:
-        message = _FAILED + _failure(0, err, function)
+        message = _failure(0, err, function)
         if not published:
-            _publish(client, f"{prefix}/temporary", message)
-        _publish(client, f"{prefix}/done", message)
+            client.key_value_set(f"{prefix}/temporary", message)
+        client.key_value_set(f"{prefix}/done", message)
         raise
-    _publish(client, f"{prefix}/done", "ok")
-
-
-def _spanning_entry(block: jax.Array, offset: int) -> dict[str, Any]:
-    """What `_stream_into_shards` needs to know of a tensor the processes wrote."""
-    shape, dtype = list(block.shape), _dtype_name(block.dtype)
-    return {"path": "", "dtype": dtype, "shape": shape, "offset": offset}
-
-
-def _failure(process: int, err: BaseException, function: str) -> str:
-    text = str(err).removeprefix(f"{function}: ")
-    return (
-        f"process {process} failed to write its part of the checkpoint, so nothing "
-        f"was saved: {type(err).__name__}: {text}"
-    )
+    client.key_value_set(f"{prefix}/done", "ok")
 
 
 def _write_shards(
     temporary: pathlib.Path, blocks: list[Any], offsets: list[int]
 ) -> None:
-    """Write this process's replica-0 shards of the spanning arrays at their
-    offsets in the shared temporary file, and flush them to disk."""
-    flags = os.O_WRONLY | getattr(os, "O_CLOEXEC", 0)
-    descriptor = os.open(temporary, flags)
+    """Write this process's replica-0 shards into the shared file, durably."""
+    descriptor = os.open(temporary, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
     try:
         for block, offset in zip(blocks, offsets, strict=False):
             if not isinstance(block, jax.Array):
                 continue
-            shape, itemsize = block.shape, block.dtype.itemsize
+            shape = block.shape
+            strides = [
+                math.prod(shape[axis + 1 :]) * block.dtype.itemsize
+                for axis in range(len(shape))
+            ]
             for shard in block.addressable_shards:
-                if shard.replica_id != 0:
+                if shard.replica_id != 0 or shard.data.size == 0:
                     continue
                 region = _region(shard.index, shape)
-                data = np.ascontiguousarray(np.asarray(shard.data))
-                _write_region(descriptor, offset, shape, itemsize, region, data)
+                data = np.asarray(shard.data)
+                # Axes after `split` are whole in the shard, so each step along the
+                # axes up to `split` is one contiguous run of the file.
+                split = max(len(shape) - 1, 0)
+                while split > 0 and region[split] == (0, shape[split]):
+                    split -= 1
+                for outer in np.ndindex(*data.shape[:split]):
+                    corner = [start for start, _ in region]
+                    corner[:split] = [
+                        c + i for c, i in zip(corner, outer, strict=False)
+                    ]
+                    at = offset + sum(map(operator.mul, corner, strides))
+                    run = np.ascontiguousarray(data[outer]).reshape(-1).view(np.uint8)
+                    written = 0
+                    while written < run.nbytes:
+                        written += os.pwrite(
+                            descriptor, run.data[written:], at + written
+                        )
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
-
-
-def _write_region(
-    descriptor: int,
-    offset: int,
-    shape: tuple[int, ...],
-    itemsize: int,
-    region: _Region,
-    data: np.ndarray,
-) -> None:
-    """Write `data`, the box `region` of a C-ordered tensor at `offset`, in runs."""
-    # Axes after `split` are whole in the box, so each step along the leading
-    # axes up to `split` is one contiguous run of the file.
-    split = len(shape) - 1
-    while split > 0 and region[split] == (0, shape[split]):
-        split -= 1
-    strides = [math.prod(shape[axis + 1 :]) for axis in range(len(shape))]
-    if data.size == 0:
-        return
-    if not shape:
-        os.pwrite(descriptor, data.tobytes(), offset)
-        return
-    for outer in np.ndindex(*data.shape[:split]):
-        first = (
-            sum((i + region[axis][0]) * strides[axis] for axis, i in enumerate(outer))
-            + region[split][0] * strides[split]
-        )
-        run = np.ascontiguousarray(data[outer]).reshape(-1).view(np.uint8).data
-        written = 0
-        while written < run.nbytes:
-            written += os.pwrite(
-                descriptor, run[written:], offset + first * itemsize + written
-            )
-
-
-@functools.cache
-def _closer() -> concurrent.futures.ThreadPoolExecutor:
-    return concurrent.futures.ThreadPoolExecutor(max_workers=1)
-
-
-def _create_temporary(target: pathlib.Path) -> tuple[int, pathlib.Path]:
-    """Open a new file beside `target`, as `open()` would create it (umask applies).
-
-    Its name stays short whatever the length of the target's.
-    """
-    stem = os.fsdecode(os.fsencode(target.name)[:64])
-    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-    while True:
-        temporary = target.parent / f".{stem}.{secrets.token_hex(4)}.tmp"
-        with contextlib.suppress(FileExistsError):
-            return os.open(temporary, flags, 0o666), temporary
-
-
-def _fsync_folder(folder: pathlib.Path) -> None:
-    """Make the rename durable too, where the platform allows it."""
-    with contextlib.suppress(OSError):
-        descriptor = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
 
 
 def _encode(
@@ -4057,24 +3985,24 @@ def _encode(
     for index, (key_path, leaf) in enumerate(flat):
         path = _keystr(key_path)
         if index in kinds:  # A traced leaf, now on the host.
-            kind, impl = kinds[index]
-            data = np.asarray(leaf, order="C")
+            (kind, impl), data = kinds[index], np.asarray(leaf, order="C")
         elif isinstance(leaf, jax.Array):
             (kind, impl), data = _jax_kind(leaf), _host_array(leaf)
         elif eqx.is_array(leaf):
             kind = "numpy_scalar" if isinstance(leaf, np.generic) else "numpy"
             impl, data = None, _host_array(leaf)
         elif type(leaf) in _PYTHON_SCALARS:
-            leaves.append(
-                {"path": path, "kind": "scalar", "value": _encode_value(leaf)}
-            )
+            value = _encode_value(leaf)
+            leaves.append({"path": path, "kind": "scalar", "value": value})
             continue
         else:
             continue  # Described by the structure; restored from the skeleton.
+        # A NumPy leaf keeps its own dtype, big-endian where its bytes were swapped.
+        dtype = leaf.dtype if kind.startswith("numpy") else data.dtype
         entry: dict[str, Any] = {
             "path": path,
             "kind": "jax" if kind == "jax_weak" else kind,
-            "dtype": _dtype_name(_original_dtype(leaf, data)),
+            "dtype": _dtype_name(dtype),
             "shape": list(data.shape),
         }
         if kind == "jax_weak":
@@ -4085,12 +4013,7 @@ def _encode(
                 impl=impl, key_shape=entry["shape"][: data.ndim - len(impl_shape)]
             )
         block = data if isinstance(data, jax.Array) else data.reshape(-1).view(np.uint8)
-        stored_dtype, stored_shape = _stored_type(entry["dtype"], entry["shape"])
-        tensors[path] = {
-            "dtype": stored_dtype,
-            "shape": stored_shape,
-            "data_offsets": [offset, offset + block.nbytes],
-        }
+        tensors[path] = _tensor_entry(entry, offset, block.nbytes)
         offset += block.nbytes
         leaves.append(entry)
         blocks.append(block)
@@ -4098,7 +4021,7 @@ def _encode(
         "format": _FORMAT,
         "format_version": str(_FORMAT_VERSION),
         "library_version": __version__,
-        "class": _qualified_name(type(model)),
+        "class": f"{type(model).__module__}.{type(model).__qualname__}",
         "leaves": _json(leaves),
         "structure": _json(_structure(model)),
     }
@@ -4108,9 +4031,8 @@ def _encode(
     metadata["crc32"] = _ZERO_CRC * len(blocks)  # Filled in once the data is written.
     metadata["metadata_crc32"] = _ZERO_CRC
     header = _json({"__metadata__": metadata, **tensors}).encode()
-    parts = [header, metadata["leaves"].encode(), metadata["structure"].encode()]
-    parts.append(metadata.get("arguments", "").encode())
-    for part in parts:
+    parts = [metadata.get(k, "").encode() for k in ("leaves", "structure", "arguments")]
+    for part in (header, *parts):
         count = _count_containers(part)
         if count > _MAX_CONTAINERS:  # As the reader would refuse it.
             raise ValueError(
@@ -4123,8 +4045,7 @@ def _encode(
 
 
 def _keystr(key_path: _KeyPath) -> str:
-    """`jax.tree_util.keystr`, with NumPy scalar keys rendered as NumPy 1.x does: a
-    leaf path names a tensor in the file, so it must not depend on NumPy's version."""
+    """`jax.tree_util.keystr`, with NumPy scalar keys as NumPy 1.x writes them."""
     if _NUMPY_2 and any(
         isinstance(getattr(key, "key", None), np.generic) for key in key_path
     ):
@@ -4220,33 +4141,21 @@ def _count_containers(text: bytes) -> int:
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 
 
-def _original_dtype(leaf: Any, data: "np.ndarray | jax.Array") -> np.dtype:
-    """The dtype to restore: the leaf's own where NumPy's bytes were swapped."""
-    if isinstance(leaf, np.ndarray | np.generic) and leaf.dtype.byteorder == ">":
-        return leaf.dtype
-    return data.dtype
-
-
 def _json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
 
 
-def _stored_type(dtype: str, shape: list[int]) -> tuple[str, list[int]]:
-    """The safetensors dtype and shape of a tensor: its own, or bytes."""
-    if dtype in _SAFETENSORS_DTYPES:
-        return _SAFETENSORS_DTYPES[dtype], shape
-    itemsize = cast(np.dtype, _numpy_dtype(dtype)).itemsize
-    return "U8", shape + [itemsize] if itemsize > 1 else shape
-
-
-def _qualified_name(obj: Any) -> str:
-    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', '?')}"
+def _tensor_entry(entry: dict[str, Any], offset: int, nbytes: int) -> dict[str, Any]:
+    """An array's entry in the safetensors table: its own dtype, or bytes."""
+    dtype, shape = _SAFETENSORS_DTYPES.get(entry["dtype"]), entry["shape"]
+    if dtype is None:  # The item size is a last dimension, if more than one byte.
+        itemsize = cast(np.dtype, _numpy_dtype(entry["dtype"])).itemsize
+        dtype, shape = "U8", shape + [itemsize] if itemsize > 1 else shape
+    return {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + nbytes]}
 
 
 def _structure(tree: Any) -> list[list[Any]]:
-    """`[path, description]` of every node and leaf of `tree`, in flattening order,
-    without array and scalar values: the same in every process and on every machine
-    (names, never a `repr` or an address)."""
+    """`[path, description]` of every node and leaf, the same in every process."""
     entries: list[list[Any]] = []
 
     def visit(node: Any, path: _KeyPath) -> None:
@@ -4286,12 +4195,11 @@ def _structure(tree: Any) -> list[list[Any]]:
 
 @dataclasses.dataclass
 class _Layout:
-    """What a checkpoint's header says, checked to be well formed."""
+    """A checkpoint's header, checked."""
 
     entries: list[dict[str, Any]]  # Arrays gain "offset", "nbytes" and "crc".
     structure: list[Any]
-    # Recorded constructor arguments, by the path of their `Serializable`.
-    arguments: dict[str, Any]
+    arguments: dict[str, Any]  # Recordings, by the path of their `Serializable`.
 
 
 def _read_header(file: IO[bytes], source: _Source, size: int) -> _Layout | None:
@@ -4331,26 +4239,31 @@ def _read_header(file: IO[bytes], source: _Source, size: int) -> _Layout | None:
     _check_version(metadata.get("format_version"), source)
     stored = metadata.get("metadata_crc32")
     slot = _CRC_SLOT + str(stored).encode(errors="surrogatepass") + b'"'
-    at = header_bytes.find(slot)
     if not (
         isinstance(stored, str)
         and re.fullmatch("[0-9a-f]{8}", stored)
-        and at >= 0
-        and header_bytes.find(slot, at + 1) < 0
+        and header_bytes.count(slot) == 1
         and all(isinstance(value, str) for value in metadata.values())
     ):
         raise source.error("has a malformed header")
-    zeroed = header_bytes[:at] + _CRC_SLOT + _ZERO_CRC.encode() + b'"'
-    if zlib.crc32(zeroed + header_bytes[at + len(slot) :]) != int(stored, 16):
+    zeroed = header_bytes.replace(slot, _CRC_SLOT + _ZERO_CRC.encode() + b'"')
+    if zlib.crc32(zeroed) != int(stored, 16):
         raise source.error("has a corrupt header (its checksum fails)")
     # A lone surrogate (from a `\ud800` escape) becomes bytes that are not UTF-8.
-    leaves = _parse_json(
-        metadata.get("leaves", "").encode(errors="surrogatepass"), source
+    leaves, structure = (
+        _parse_json(metadata.get(key, "").encode(errors="surrogatepass"), source)
+        for key in ("leaves", "structure")
     )
-    structure = _parse_json(
-        metadata.get("structure", "").encode(errors="surrogatepass"), source
-    )
-    entries = _check_entries(leaves, structure, source, size)
+    if not (isinstance(leaves, list) and isinstance(structure, list)):
+        raise source.error("has a malformed header")
+    entries = []
+    for entry in leaves:  # In time linear in the header's length.
+        checked = _checked_entry(entry, size)
+        if checked is None:
+            path = entry.get("path") if isinstance(entry, dict) else None
+            where = f" (the leaf at path {path})" if isinstance(path, str) else ""
+            raise source.error(f"has a malformed header{where}")
+        entries.append(checked)
     arguments = _parse_arguments(metadata.get("arguments"), source)
     crcs = metadata.get("crc32", "")
     arrays = [entry for entry in entries if entry["kind"] != "scalar"]
@@ -4363,12 +4276,7 @@ def _read_header(file: IO[bytes], source: _Source, size: int) -> _Layout | None:
         raise source.error("has a malformed header")
     offset = 0
     for index, entry in enumerate(arrays):
-        dtype, shape = _stored_type(entry["dtype"], entry["shape"])
-        wanted = {
-            "dtype": dtype,
-            "shape": shape,
-            "data_offsets": [offset, offset + entry["nbytes"]],
-        }
+        wanted = _tensor_entry(entry, offset, entry["nbytes"])
         if tensors.get(entry["path"]) != wanted:
             raise source.error(
                 f"has a malformed header: the tensor table's entry for the leaf at "
@@ -4393,7 +4301,7 @@ def _read_header(file: IO[bytes], source: _Source, size: int) -> _Layout | None:
 
 
 def _parse_json(text: bytes, source: _Source) -> Any:
-    """JSON, with the nesting and the number of containers bounded first."""
+    """JSON, with the number of containers bounded first."""
     if _count_containers(text) > _MAX_CONTAINERS:
         raise source.error(
             f"has a header with more than {_MAX_CONTAINERS} lists and objects; the "
@@ -4426,29 +4334,8 @@ def _check_version(version: Any, source: _Source) -> None:
         )
 
 
-_ARRAY_KINDS = ("jax", "numpy", "numpy_scalar", "key")
-
-
-def _check_entries(
-    leaves: Any, structure: Any, source: _Source, size: int
-) -> list[dict[str, Any]]:
-    """The leaf entries, each checked to be well formed and to fit in the file, in
-    time linear in the header's length."""
-    if not (isinstance(leaves, list) and isinstance(structure, list)):
-        raise source.error("has a malformed header")
-    entries = []
-    for entry in leaves:
-        checked = _checked_entry(entry, size)
-        if checked is None:
-            path = entry.get("path") if isinstance(entry, dict) else None
-            where = f" (the leaf at path {path})" if isinstance(path, str) else ""
-            raise source.error(f"has a malformed header{where}")
-        entries.append(checked)
-    return entries
-
-
 def _checked_entry(entry: Any, size: int) -> dict[str, Any] | None:
-    """A copy of a leaf entry with its sizes derived, or None if it is malformed."""
+    """A copy of a leaf entry with its byte count, or None if it is malformed."""
     if not (isinstance(entry, dict) and isinstance(entry.get("path"), str)):
         return None
     kind = entry.get("kind")
@@ -4460,30 +4347,32 @@ def _checked_entry(entry: Any, size: int) -> dict[str, Any] | None:
         if type(value) not in _PYTHON_SCALARS:
             return None
         return {"path": entry["path"], "kind": kind, "value": value}
-    dtype = _numpy_dtype(entry.get("dtype"))
-    shape: Any = entry.get("shape")
-    if kind not in _ARRAY_KINDS or dtype is None or not _is_shape(shape):
-        return None
-    if _is_numpy_only(dtype) and kind in ("jax", "key"):
+    dtype, shape = _numpy_dtype(entry.get("dtype")), cast(Any, entry.get("shape"))
+    if (
+        kind not in ("jax", "numpy", "numpy_scalar", "key")
+        or dtype is None
+        or not _is_shape(shape)
+        or (_is_numpy_only(dtype) and kind in ("jax", "key"))
+        or (kind == "numpy_scalar" and shape)
+        or ("weak_type" in entry and (entry["weak_type"] is not True or kind != "jax"))
+    ):
         return None
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes > size:
         return None
     checked = {"path": entry["path"], "kind": kind, "dtype": entry["dtype"]}
     checked.update(shape=shape, nbytes=nbytes)
-    if kind == "numpy_scalar" and shape:
-        return None
     if "weak_type" in entry:
-        if entry["weak_type"] is not True or kind != "jax":
-            return None
         checked["weak_type"] = True
     if kind == "key":
-        impl, key_shape = entry.get("impl"), entry.get("key_shape")
-        key_shape = cast(list[int], key_shape)
+        impl, key_shape = entry.get("impl"), cast(Any, entry.get("key_shape"))
         types = _key_impl_types().get(impl) if isinstance(impl, str) else None
-        if types is None or not _is_shape(key_shape):
-            return None
-        if shape != key_shape + list(types[1]) or dtype != types[2]:
+        if not (
+            types is not None
+            and _is_shape(key_shape)
+            and shape == key_shape + list(types[1])
+            and dtype == types[2]
+        ):
             return None
         checked.update(impl=impl, key_shape=key_shape)
     return checked
@@ -4548,12 +4437,7 @@ def _check_against_skeleton(source: _Source, layout: _Layout, skeleton: Any) -> 
             raise source.error(f"holds at path {path} {problem}")
 
 
-_X64_PAIRS = (
-    ("float64", "float32"),
-    ("int64", "int32"),
-    ("uint64", "uint32"),
-    ("complex128", "complex64"),
-)
+_X64_PAIRS = ("float64 float32", "int64 int32", "uint64 uint32", "complex128 complex64")
 
 
 def _leaf_mismatch(
@@ -4568,45 +4452,40 @@ def _leaf_mismatch(
             f"the Python {type(value).__name__} {value!r}, where {skeleton} has "
             f"{_describe_leaf(leaf)}. {fix}"
         )
+    shape = tuple(entry["shape"])
     if isinstance(leaf, np.ndarray | np.generic) and _is_numpy_only(leaf.dtype):
-        saved = (tuple(entry["shape"]), entry["dtype"])
-        if saved == (leaf.shape, _dtype_name(leaf.dtype)):
-            return None
-        return (
-            f"an array of shape {saved[0]} and dtype {saved[1]}, but {skeleton} has "
-            f"shape {leaf.shape} and dtype {_dtype_name(leaf.dtype)}. {fix}"
+        dtype, wanted = entry["dtype"], (leaf.shape, _dtype_name(leaf.dtype))
+        fits = (shape, dtype) == wanted
+    elif isinstance(leaf, jax.ShapeDtypeStruct):
+        if entry["kind"] == "key":
+            shape = tuple(entry["key_shape"])
+            dtype = _key_impl_types()[entry["impl"]][0]
+        else:
+            dtype = cast(np.dtype, _numpy_dtype(entry["dtype"]))
+        wanted = (tuple(leaf.shape), leaf.dtype)
+        fits = shape == wanted[0] and (
+            dtype == leaf.dtype
+            or (
+                entry["kind"] in ("numpy", "numpy_scalar")
+                and not _is_numpy_only(dtype)
+                and jax.dtypes.canonicalize_dtype(dtype) == leaf.dtype
+            )
         )
-    if not isinstance(leaf, jax.ShapeDtypeStruct):
-        return f"an array, where {skeleton} has {_describe_leaf(leaf)}. {fix}"
-    if entry["kind"] == "key":
-        shape, dtype = tuple(entry["key_shape"]), _key_impl_types()[entry["impl"]][0]
     else:
-        shape = tuple(entry["shape"])
-        dtype = cast(np.dtype, _numpy_dtype(entry["dtype"]))
-    if shape == tuple(leaf.shape) and (
-        dtype == leaf.dtype
-        or (
-            entry["kind"] in ("numpy", "numpy_scalar")
-            and not _is_numpy_only(dtype)
-            and jax.dtypes.canonicalize_dtype(dtype) == leaf.dtype
-        )
-    ):
+        return f"an array, where {skeleton} has {_describe_leaf(leaf)}. {fix}"
+    if fits:
         return None
     message = (
         f"an array of shape {shape} and dtype {dtype}, but {skeleton} has shape "
-        f"{tuple(leaf.shape)} and dtype {leaf.dtype}"
+        f"{wanted[0]} and dtype {wanted[1]}"
     )
-    pair = {str(dtype), str(leaf.dtype)}
-    if shape == tuple(leaf.shape) and any(pair == set(p) for p in _X64_PAIRS):
+    pair = {str(dtype), str(wanted[1])}
+    if shape == wanted[0] and any(pair == set(p.split()) for p in _X64_PAIRS):
+        numpy = ", or save the leaf as a NumPy array, which keeps its dtype"
         return (
             f"{message}. The dtypes differ only in width: the file was probably "
             "saved with `jax_enable_x64` set otherwise than now. Set it as when "
-            "saving"
-            + (
-                ", or save the leaf as a NumPy array, which keeps its dtype"
-                if entry["kind"] == "jax"
-                else ""
-            )
+            f"saving{numpy if entry['kind'] == 'jax' else ''}"
         )
     return f"{message}. {fix}"
 
@@ -4667,9 +4546,7 @@ def _read_leaves(
     source: _Source,
     shardings: Sequence[jax.sharding.Sharding | None],
 ) -> list[Any]:
-    """Every leaf's value, each array checked against its CRC-32 in a helper thread
-    while the next is read (so at most two are held at once), or read shard by
-    shard where `shardings` (one per entry) gives a sharding."""
+    """Every leaf's value, each array read whole or into the sharding it is given."""
     leaves = layout.entries
     values: list[Any] = []
     pending: list[tuple[int, Any, concurrent.futures.Future[int]]] = []
@@ -4702,6 +4579,7 @@ def _read_leaves(
             if file.readinto(view.data) != entry["nbytes"]:  # type: ignore[attr-defined]
                 raise source.error("is truncated inside its data")
             values.append(None)
+            # Checked in a helper thread while the next is read: two held at most.
             pending.append((index, data, checksummer.submit(zlib.crc32, view.data)))
             if len(pending) == 2:
                 finish(*pending.pop(0))
@@ -4711,26 +4589,20 @@ def _read_leaves(
 
 
 def _aligned_empty(shape: list[int], dtype: np.dtype) -> np.ndarray:
-    """An uninitialised array whose data starts on a 64-byte boundary.
-
-    `jax.device_put` can then hand it to the CPU backend without a copy.
-    """
+    """An empty array on a 64-byte boundary, which `jax.device_put` need not copy."""
     nbytes = math.prod(shape) * dtype.itemsize
     raw = np.empty(nbytes + 64, np.uint8)
     offset = -raw.ctypes.data % 64
     return raw[offset : offset + nbytes].view(dtype).reshape(shape)
 
 
-# Loading into shardings. Each array is streamed through one buffer of at most this
-# many bytes, in file order, for its checksum; each piece is copied from the buffer
-# into the shards of this process's devices that it overlaps. So a process holds its
-# own shards and one buffer, never a whole array it does not own.
+# Loading into shardings: an array streams through one buffer of at most this many
+# bytes, so a process holds its own shards and one buffer, never a whole array.
 _CHUNK_BYTES = 16 * 1024 * 1024
 
 
 def _with_shardings(skeleton: Any, sharding: Any) -> Any:
-    """The skeleton with each JAX array leaf asking for its sharding (see
-    `Serializable.deserialize_sharded`)."""
+    """The skeleton with each JAX array leaf asking for its sharding."""
     name = "Serializable.deserialize_sharded"
     leaves, treedef = jtu.tree_flatten_with_path(skeleton)
     if isinstance(sharding, jax.sharding.Sharding):
@@ -4784,15 +4656,13 @@ def _sharding_error(
 
 
 def _leaf_sharding(leaf: Any) -> jax.sharding.Sharding | None:
-    """The sharding a skeleton leaf asks for: that of a `jax.ShapeDtypeStruct` or of a
-    concrete `jax.Array`, or None."""
-    if isinstance(leaf, jax.ShapeDtypeStruct | jax.Array) and not isinstance(
-        leaf, jax.core.Tracer
+    """The sharding of a skeleton's `jax.ShapeDtypeStruct` or concrete `jax.Array`."""
+    if isinstance(leaf, jax.core.Tracer) or not isinstance(
+        leaf, jax.ShapeDtypeStruct | jax.Array
     ):
-        sharding = getattr(leaf, "sharding", None)
-        if isinstance(sharding, jax.sharding.Sharding):
-            return sharding
-    return None
+        return None
+    sharding = getattr(leaf, "sharding", None)
+    return sharding if isinstance(sharding, jax.sharding.Sharding) else None
 
 
 def _region(index: Any, shape: Sequence[int]) -> _Region:
@@ -4813,10 +4683,10 @@ def _read_sharded(
     sharding: jax.sharding.Sharding,
     source: _Source,
 ) -> jax.Array:
-    """One array leaf, created with `sharding`: the whole tensor streams through the
-    buffer for its checks first, so a corrupt file fails before any device array
-    exists; then each local shard is read alone, put on its devices and freed. Where
-    this process holds one shard (one device, or replicated), in one pass."""
+    """One array leaf, created with `sharding`."""
+    # The whole tensor is checked first, so a corrupt file fails before any device
+    # array exists; then each local shard is read alone, put on its devices and
+    # freed. One shard (one device, or replicated) is checked and read in one pass.
     path = entry["path"]
     dtype = cast(np.dtype, _numpy_dtype(entry["dtype"]))
     shape = tuple(entry["shape"])  # Of the stored data: key data for a key.
@@ -4838,7 +4708,6 @@ def _read_sharded(
     on_devices: dict[Any, jax.Array] = {}
     for region in distinct:
         host = _aligned_empty([stop - start for start, stop in region], dtype)
-        # One shard (one device, or replicated): checked and read in one pass.
         box = region if len(distinct) > 1 else None
         crc = _stream_into_shards(file, entry, {region: host}, source, box)
         if box is None:
@@ -4853,9 +4722,7 @@ def _read_sharded(
     array = jax.make_array_from_single_device_arrays(
         global_shape, sharding, [on_devices[device] for device in regions]
     )
-    if entry.get("weak_type"):
-        array = _weak_array(array)
-    return array
+    return _weak_array(array) if entry.get("weak_type") else array
 
 
 def _stream_into_shards(
@@ -4865,10 +4732,8 @@ def _stream_into_shards(
     source: _Source,
     box: _Region | None = None,
 ) -> int:
-    """Read a tensor (at `entry["offset"]`, of its `shape` and `dtype`) in file order
-    through one buffer, copying each piece into the shards (keyed by region) that it
-    overlaps. Without `box`, all of it, with its bits checked: returns its CRC-32.
-    With `box`, only the pieces that overlap it, unchecked."""
+    """Stream a tensor in file order into the shards (by region) it overlaps: all of
+    it, checked, for its CRC-32; or with `box`, only what overlaps it, unchecked."""
     # A piece is a run of whole sub-arrays along one axis (`level`): the fewest
     # leading axes such that one step along `level` fits in the buffer.
     shape = tuple(entry["shape"])
@@ -4905,37 +4770,27 @@ def _stream_into_shards(
             if box is None:
                 crc = zlib.crc32(view.data, crc)
                 _check_bits(entry, piece, source)
-            if level == len(shape):  # A 0-d array: one element.
-                for shard in shards.values():
+            for region, shard in shards.items():
+                if level == len(shape):  # A 0-d array: one element.
                     shard[...] = piece.reshape(())
-                continue
-            _copy_piece(piece, outer, first, level, shards)
+                    continue
+                # Copy `piece` (indices `outer` on the leading axes, `first` onward
+                # along `level`, whole along the rest) where it overlaps the shard.
+                if not all(
+                    a <= i < b for i, (a, b) in zip(outer, region, strict=False)
+                ):
+                    continue
+                start, stop = region[level]
+                lo, hi = max(start, first), min(stop, first + count)
+                if lo >= hi:
+                    continue
+                part = piece[
+                    (slice(lo - first, hi - first),)
+                    + tuple(slice(a, b) for a, b in region[level + 1 :])
+                ]
+                target = tuple(i - a for i, (a, _) in zip(outer, region, strict=False))
+                shard[(*target, slice(lo - start, hi - start))] = part
     return crc
-
-
-def _copy_piece(
-    piece: np.ndarray,
-    outer: tuple[int, ...],
-    first: int,
-    level: int,
-    shards: dict[_Region, np.ndarray],
-) -> None:
-    """Copy `piece` (indices `outer` on the leading axes, `first` onward along
-    `level`, whole along the rest) into each shard it overlaps."""
-    count = piece.shape[0]
-    for region, shard in shards.items():
-        if not all(a <= i < b for i, (a, b) in zip(outer, region, strict=False)):
-            continue
-        start, stop = region[level]
-        low, high = max(start, first), min(stop, first + count)
-        if low >= high:
-            continue
-        source = piece[
-            (slice(low - first, high - first),)
-            + tuple(slice(a, b) for a, b in region[level + 1 :])
-        ]
-        target = tuple(i - a for i, (a, _) in zip(outer, region, strict=False))
-        shard[(*target, slice(low - start, high - start))] = source
 
 
 def _place(tree: Any, skeleton: Any) -> Any:
@@ -4978,11 +4833,9 @@ def _invalid_data(entry: dict[str, Any], problem: str, source: _Source) -> Value
 
 def _restore_kind(data: np.ndarray, entry: dict[str, Any]) -> Any:
     """A loaded NumPy array as the kind of leaf it was saved from."""
-    if entry["kind"] == "jax":
+    if entry["kind"] == "jax":  # A weak type is restored, as `jnp.asarray(2.0)` has.
         array = jax.device_put(data)
-        if entry.get("weak_type"):  # As `jnp.asarray(2.0)`: restore the exact aval.
-            array = _weak_array(array)
-        return array
+        return _weak_array(array) if entry.get("weak_type") else array
     if entry["kind"] == "key":
         return jax.random.wrap_key_data(jax.device_put(data), impl=entry["impl"])
     dtype = cast(np.dtype, _numpy_dtype(entry["dtype"]))
