@@ -281,8 +281,7 @@ def _is_jax_value(leaf: Any) -> bool:
 
 
 def _same_python_number(old: Any, new: Any) -> bool:
-    """Python numbers of one type and value, floats by their bits (so two NaNs of one
-    payload are the same, and `0.0` and `-0.0` are not)."""
+    """Python numbers of one type and value, floats by bits (NaN payloads, `-0.0`)."""
     if type(old) is not type(new) or type(old) not in _PYTHON_SCALARS:
         return False
     if type(old) in (float, complex):
@@ -309,8 +308,7 @@ def _describe_leaf(leaf: Any) -> str:
 
 
 def _static_leaves_equal(old: Any, new: Any) -> bool:
-    """Whether two non-array leaves are the same static value, type included: Python
-    numbers by bits, `functools.partial` objects part by part."""
+    """Whether two non-array leaves are the same static value, type included."""
     if old is new:
         return True
     if type(old) is not type(new):
@@ -330,8 +328,7 @@ def _static_leaves_equal(old: Any, new: Any) -> bool:
 
 
 def _leaf_difference(old: Any, new: Any) -> str | None:
-    """How `new` differs from `old`, or `None` if it may stand in its place: array
-    leaves may hold any values, other leaves must be equal."""
+    """How `new` differs from `old`, or `None` if it may stand in its place."""
     if eqx.is_array(old):
         if eqx.is_array(new):
             return None
@@ -359,8 +356,7 @@ def _static_fields(module: eqx.Module) -> list[str]:
 
 
 def _tree_difference(old: Any, new: Any) -> tuple[str, str] | None:
-    """The first place where `new` may not stand in for `old`, as `(path, message)`
-    with the path by `jax.tree_util.keystr`, or `None`."""
+    """`(path, message)` of the first place where `new` may not stand in for `old`."""
     old_leaves, old_def = jtu.tree_flatten_with_path(old)
     new_leaves, new_def = jtu.tree_flatten(new)
     if old_def != new_def:
@@ -1931,18 +1927,17 @@ def unstack_pytree(tree: _Tree, *, axis: int = 0) -> list[_Tree]:
     """Split a batched pytree into one pytree per index along `axis`.
 
     As `jnp.unstack` on every array leaf at once, except that it returns a list of
-    pytrees and copies the non-array leaves (functions, strings, Python numbers) into
-    each. NumPy leaves split into NumPy views. JAX slices keep their leaf's dtype, weak
-    type, device and commitment, and the partition spec of its other axes. `axis` is
-    static and may be negative. It works under `jit`; eagerly, nothing that grows with
-    the number of slices is compiled. The inverse is `stack_pytree`.
+    pytrees, each with the non-array leaves (functions, strings, Python numbers). NumPy
+    leaves split into NumPy views; JAX slices keep their leaf's dtype, weak type,
+    device, commitment and the partition spec of its other axes. `axis` is static and
+    may be negative. Eagerly, nothing that grows with the number of slices is compiled.
 
     **Raises:**
 
     - `TypeError` if `axis` is not an int.
     - `ValueError`, naming leaf paths and sizes, if the array leaves differ in size
         along `axis`, if `axis` is out of range for a leaf, or if `tree` has no array
-        leaves (the number of slices is undefined).
+        leaves.
 
     **Example:**
 
@@ -1950,9 +1945,8 @@ def unstack_pytree(tree: _Tree, *, axis: int = 0) -> list[_Tree]:
     import jax.numpy as jnp
     from lerax_utils import unstack_pytree
 
-    batch = {"obs": jnp.zeros((3, 2)), "done": jnp.array([False, False, True])}
-    steps = unstack_pytree(batch)
-    print(len(steps), steps[2]["done"])  # 3 True
+    steps = unstack_pytree({"obs": jnp.zeros((3, 2)), "done": jnp.array([0, 0, 1])})
+    print(len(steps), steps[2]["done"])  # 3 1
     ```
     """
     _check_axis_is_int("unstack_pytree", axis)
@@ -2031,7 +2025,16 @@ def _slice_columns(
     # Rows a call: 8 a leaf, up to 32 rows and 32 KiB.
     count = min(8 * len(group), 32, 32 * 1024 // max(row_bytes, 1), length)
     count = max(1, count)
-    if _host_transfers_allowed() and all(_slices_on_host(leaf) for leaf in group):
+    # Through NumPy, slices are what a program gives, but for weak types and keys.
+    sharding = group[0].sharding  # The group's, as is its commitment.
+    if (
+        _host_transfers_allowed()
+        and sharding.is_fully_addressable
+        and isinstance(
+            sharding, jax.sharding.SingleDeviceSharding | jax.sharding.NamedSharding
+        )
+        and not any(x.aval.weak_type or _is_key_array(x) for x in group)
+    ):
         signature = (tuple((x.shape, x.dtype, x.sharding) for x in group), axes)
         fixed, per_row, per_output = _UNSTACK_COMPILE_SECONDS
         compile_seconds = fixed + count * (per_row + len(group) * per_output)
@@ -2042,19 +2045,22 @@ def _slice_columns(
             _unstack_host_seconds[signature] = math.inf if compiled else spent
             while len(_unstack_host_seconds) > _UNSTACK_SIGNATURES_KEPT:
                 _unstack_host_seconds.popitem(last=False)
-        if not compiled:  # Through NumPy, placed as the program would place them.
+        if not compiled:  # Placed as the program would place them.
+            committed = _is_committed(group[0])
             columns = []
             for leaf, axis in zip(group, axes, strict=True):
                 host = np.moveaxis(np.asarray(jax.device_get(leaf)), axis, 0)
-                committed = _is_committed(leaf)
-                sharding = _slice_sharding(leaf.sharding, axis) if committed else None
-                columns.append(
-                    jax.device_put(
-                        [host[index, ...] for index in range(length)], sharding
-                    )
-                )
+                place = _respec(leaf.sharding, axis, []) if committed else None
+                slices = [host[index, ...] for index in range(length)]
+                columns.append(jax.device_put(slices, place))
             return columns
-    group = [_unshard_axis(leaf, axis) for leaf, axis in zip(group, axes, strict=True)]
+    # Whole along `axis`: explicit meshes refuse slices that live on some devices only.
+    group = [
+        jax.device_put(x, _respec(x.sharding, a, [None]))
+        if _splits(x.sharding, a)
+        else x
+        for x, a in zip(group, axes, strict=True)
+    ]
     columns = [[] for _ in group]
     done = 0
     for start in _chunk_starts(length, count):
@@ -2065,48 +2071,23 @@ def _slice_columns(
     return columns
 
 
-def _slices_on_host(leaf: jax.Array) -> bool:
-    """Whether slicing `leaf` through NumPy gives exactly what a program would."""
-    return (
-        not leaf.aval.weak_type  # pyright: ignore[reportAttributeAccessIssue]
-        and not _is_key_array(leaf)
-        and leaf.is_fully_addressable
-        and isinstance(
-            leaf.sharding,
-            jax.sharding.SingleDeviceSharding | jax.sharding.NamedSharding,
-        )
-    )
+def _splits(sharding: Any, axis: int) -> bool:
+    """Whether `sharding` is named, and splits `axis` between devices."""
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        return False
+    spec = list(sharding.spec)
+    return axis < len(spec) and spec[axis] is not None
 
 
-def _slice_sharding(sharding: Any, axis: int) -> Any:
-    """Where a slice along `axis` goes: the sharding of the other axes, kept."""
+def _respec(sharding: Any, axis: int, part: list[Any]) -> Any:
+    """`sharding`, with `part` in the place of `axis` in its spec if it is named."""
     if not isinstance(sharding, jax.sharding.NamedSharding):
         return sharding
     spec = list(sharding.spec)
-    del spec[axis : axis + 1]
-    return _named_sharding(sharding, spec)
-
-
-def _unshard_axis(leaf: jax.Array, axis: int) -> jax.Array:
-    """`leaf`, whole along `axis`: explicit meshes refuse to make a slice that would
-    live on some of the devices only."""
-    sharding = leaf.sharding
-    if not isinstance(sharding, jax.sharding.NamedSharding):
-        return leaf
-    spec = list(sharding.spec)
-    if axis >= len(spec) or spec[axis] is None:
-        return leaf
-    spec[axis] = None
-    return jax.device_put(leaf, _named_sharding(sharding, spec))
-
-
-def _named_sharding(sharding: Any, spec: list[Any]) -> Any:
+    spec[axis : axis + 1] = part
     spec_object = jax.sharding.PartitionSpec(*spec)
-    if sharding.memory_kind is None:
-        return jax.sharding.NamedSharding(sharding.mesh, spec_object)
-    return jax.sharding.NamedSharding(
-        sharding.mesh, spec_object, memory_kind=sharding.memory_kind
-    )
+    kind = sharding.memory_kind
+    return jax.sharding.NamedSharding(sharding.mesh, spec_object, memory_kind=kind)
 
 
 @functools.partial(jax.jit, static_argnames=("axes", "count"))
@@ -2124,15 +2105,13 @@ def _index_rows(
 
 
 def stack_pytree(trees: Sequence[_Tree], *, axis: int = 0) -> _Tree:
-    """Join pytrees of the same structure into one, stacking array leaves on `axis`.
+    """Join pytrees of one structure into one, stacking their array leaves on `axis`.
 
-    As `jnp.stack` on every array leaf at once, except that it takes a list or tuple
-    of pytrees and keeps the non-array leaves (which must be equal) of `trees[0]`. A
-    leaf that is NumPy in every tree stays NumPy; slices with a `NamedSharding` give a
-    result sharded as they are, with the new axis whole. `axis` is static, and a
-    negative one counts from the end of the result. It works under `jit`; eagerly,
-    stacking thousands of trees compiles nothing large. The inverse of
-    `unstack_pytree`.
+    As `jnp.stack` on every array leaf at once, except that it takes a list or tuple of
+    pytrees and keeps the non-array leaves (which must be equal) of `trees[0]`. A leaf
+    that is NumPy in every tree stays NumPy; slices with a `NamedSharding` give a result
+    sharded as they are. `axis` is static and may be negative. Eagerly, stacking
+    thousands of trees compiles nothing large. The inverse of `unstack_pytree`.
 
     **Raises:**
 
@@ -2235,8 +2214,8 @@ def _stack_chunk_into(
 
 
 def _chunk_starts(length: int, size: int) -> list[int]:
-    """Starts of chunks of `size <= length` items that cover `range(length)`; a last,
-    short chunk overlaps the one before it, so one program serves every chunk."""
+    """Chunks of `size <= length` items that cover `range(length)`, the last one
+    overlapping the one before it, so that one program serves every chunk."""
     return [min(start, length - size) for start in range(0, length, size)]
 
 
@@ -2299,14 +2278,6 @@ def _check_host_function(function: str, func: Callable[..., Any]) -> None:
             )
 
 
-def _signature_or_none(func: Callable[..., Any]) -> inspect.Signature | None:
-    """`func`'s signature, or `None` where Python cannot tell (some builtins)."""
-    try:
-        return inspect.signature(func)
-    except (TypeError, ValueError):
-        return None
-
-
 @contextlib.contextmanager
 def _keeping_subnormals() -> Iterator[None]:
     """Where the C library lets us, run in the default floating-point environment:
@@ -2337,7 +2308,10 @@ def _host_caller(
     and `conversions` hand `func` each of them (with the PRNG impl of a typed key) and
     each NumPy value. `ordered=None` orders calls unless they may span devices."""
     to_host, host_side = conversions
-    signature = _signature_or_none(func)
+    try:
+        signature = inspect.signature(func)
+    except (TypeError, ValueError):  # Python cannot tell (some builtins): unchecked.
+        signature = None
 
     def call(*args: Any, **kwargs: Any) -> None:
         if signature is not None:
@@ -2453,29 +2427,28 @@ def callback_wrapper(
 
     As `jax.debug.callback(func, ...)`, except that the wrapper takes `func`'s own
     arguments, checked against its signature at the call (at trace time under `jit`).
-    JAX arrays anywhere in them reach `func` as `jax.Array`s (typed keys still typed);
-    NumPy values, and every other leaf, arrive as the very objects passed, without
-    going through a device. On Linux `func` sees the subnormal floats that XLA's CPU
-    runtime flushes. Under `jax.vmap` it runs once per element, under `jax.grad` on
-    the forward pass, and under `jit` when the computation runs
-    (`jax.effects_barrier()` waits for it).
+    JAX arrays in them reach `func` as `jax.Array`s (typed keys still typed); NumPy
+    values and other leaves arrive as the objects passed, without going through a
+    device. On Linux `func` sees the subnormal floats that XLA's CPU runtime flushes.
+    It runs once per element under `jax.vmap`, on the forward pass under `jax.grad`,
+    and under `jit` when the computation runs (`jax.effects_barrier()` waits for it).
 
     **Arguments:**
 
     - `func`: the host function; its result is ignored. The wrapper keeps its name,
         docstring and parameters.
-    - `ordered`: as in `jax.debug.callback`. JAX orders calls only on one device, so
-        under `jit` an argument that spans several devices raises `ValueError`.
-    - `partitioned`: as in `jax.debug.callback`, where the installed JAX takes it;
-        elsewhere `True` raises `ValueError`.
+    - `ordered`, `partitioned`: as in `jax.debug.callback`. JAX orders calls only on
+        one device, so under `jit` an ordered call with an argument that spans several
+        devices raises `ValueError`, as does `partitioned=True` where the installed JAX
+        does not take it.
 
     **Raises:**
 
-    `TypeError` at once if `ordered` or `partitioned` is not a bool, or if `func` is
-    not callable, or is a generator, `async def` or async generator function (its
-    body would never run). The wrapper raises `TypeError` for arguments that `func`
-    would refuse (unchecked where Python cannot read its signature). What `func`
-    raises reaches the caller: eagerly at once, under `jit` as JAX's runtime error.
+    `TypeError` at once if `ordered` or `partitioned` is not a bool, or if `func` is not
+    callable, or is a generator, `async def` or async generator function (its body would
+    never run). The wrapper raises `TypeError` for arguments that `func` would refuse.
+    What `func` raises reaches the caller: eagerly at once, under `jit` as JAX's runtime
+    error.
 
     **Example:**
 
@@ -2491,7 +2464,7 @@ def callback_wrapper(
     jax.jit(lambda x: log("x", x * 2, scale))(jnp.arange(3.0))
     jax.effects_barrier()  # Wait for the callback before reading `seen`.
     tag, x, received = seen[0]
-    assert tag == "x" and isinstance(x, jax.Array) and x.tolist() == [0.0, 2.0, 4.0]
+    assert isinstance(x, jax.Array) and x.tolist() == [0.0, 2.0, 4.0]
     assert received is scale  # NumPy values never go through the device.
     ```
     """
@@ -2518,9 +2491,8 @@ def callback_with_numpy_wrapper(
     big = np.int64(3_000_000_000)
     jax.jit(lambda p: log(loss=jnp.sum(p**2), steps=big))(jnp.array([1.0, 2.0]))
     jax.effects_barrier()
-    loss, steps = metrics[0]["loss"], metrics[0]["steps"]
-    assert loss.dtype == np.float32 and loss == 5.0
-    assert steps.dtype == np.int64 and steps == 3_000_000_000  # Not cast to 32 bits.
+    assert metrics[0]["loss"].dtype == np.float32 and metrics[0]["loss"] == 5.0
+    assert metrics[0]["steps"] == 3_000_000_000  # Not cast to 32 bits.
     ```
     """
     return _wrap_for_host("callback_with_numpy_wrapper", func, ordered, partitioned)
@@ -2564,14 +2536,12 @@ _print_on_host = _host_caller(
 def print_callback(*args: Any, **kwargs: Any) -> None:
     """`print`, from anywhere: eagerly, or inside `jax.jit`, `filter_scan` and friends.
 
-    As `jax.debug.print`, except that it takes the arguments of `print` (`sep`,
-    `end`, `file`, `flush`; no format string). Arrays, JAX or NumPy, print as their
-    `.tolist()` (a 0-d array as a number), and other objects as `print` prints them;
-    NumPy values never go through a device. Calls print in program order, except
-    inside `jit` on several devices, where JAX refuses ordered callbacks: there lines
-    may interleave unless the traced arguments show a computation on one device.
-    Under `jit` printing happens when the computation runs; `jax.effects_barrier()`
-    waits for it.
+    As `jax.debug.print`, except that it takes the arguments of `print` (no format
+    string). Arrays, JAX or NumPy, print as their `.tolist()`, and other objects as
+    `print` prints them; NumPy values never go through a device. Calls print in program
+    order, except under `jit` on several devices (JAX refuses ordered callbacks there),
+    unless the traced arguments show a computation on one device. Under `jit` printing
+    happens when the computation runs; `jax.effects_barrier()` waits for it.
 
     **Raises:**
 
@@ -2584,11 +2554,7 @@ def print_callback(*args: Any, **kwargs: Any) -> None:
     import jax.numpy as jnp
     from lerax_utils import print_callback
 
-    @jax.jit
-    def step(x):
-        print_callback("x =", x, "sum =", x.sum())
-        return x + 1
-
+    step = jax.jit(lambda x: print_callback("x =", x, "sum =", x.sum()))
     step(jnp.arange(3.0))
     jax.effects_barrier()  # x = [0.0, 1.0, 2.0] sum = 3.0
     ```
