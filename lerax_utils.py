@@ -2416,29 +2416,23 @@ def callback_wrapper(
     """Wrap the host function `func` so that traced code can call it.
 
     As `jax.debug.callback(func, ...)`, except that the wrapper takes `func`'s own
-    arguments, checked against its signature when it is called (or traced). JAX arrays
-    in them reach `func` as `jax.Array`s, typed keys still typed; NumPy values and other
-    leaves arrive as passed, never through a device. On Linux `func` sees the subnormal
-    floats that XLA's CPU runtime flushes. It runs once per element under `jax.vmap`, on
-    the forward pass under `jax.grad`, and under `jit` when the computation runs
-    (`jax.effects_barrier()` waits for it).
+    arguments, checked against its signature when it is called or traced. JAX arrays in
+    them reach `func` as `jax.Array`s (typed keys still typed), and every other leaf,
+    NumPy values included, as it was passed. On Linux `func` sees the subnormal floats
+    that XLA's CPU runtime flushes. Under `jit` it runs when the computation runs, under
+    `jax.vmap` once per element, and under `jax.grad` on the forward pass. What `func`
+    raises reaches the caller (under `jit`, as JAX's runtime error).
 
-    **Arguments:**
-
-    - `func`: the host function; its result is ignored. The wrapper keeps its name,
-        docstring and parameters.
-    - `ordered`, `partitioned`: as in `jax.debug.callback`.
+    `ordered` and `partitioned` are as in `jax.debug.callback`. The wrapper keeps
+    `func`'s name, docstring and parameters, and returns `None`.
 
     **Raises:**
 
-    - `TypeError` at once if `func` is not callable, or is a generator, `async def`
-        or async generator function (its body would never run), or if `ordered` or
-        `partitioned` is not a bool; from the wrapper, for arguments that `func`
-        would refuse.
-    - `ValueError` for `partitioned=True` where the installed JAX does not take it,
-        and under `jit` for an ordered call with an argument on several devices.
-
-    What `func` raises reaches the caller: under `jit` as JAX's runtime error.
+    - `TypeError` at once if `func` is not callable, or is a generator, `async def` or
+        async generator function, or if `ordered` or `partitioned` is not a bool; and
+        for arguments that `func` would refuse.
+    - `ValueError` for `partitioned=True` where the installed JAX does not take it, and
+        under `jit` for an ordered call with an argument on several devices.
 
     **Example:**
 
@@ -2447,11 +2441,9 @@ def callback_wrapper(
     import jax.numpy as jnp
     from lerax_utils import callback_wrapper
 
-    seen = []
-    log = callback_wrapper(lambda tag, x: seen.append((tag, x)))
+    log = callback_wrapper(lambda tag, x: print(tag, x))
     jax.jit(lambda x: log("x", x * 2))(jnp.arange(3.0))
-    jax.effects_barrier()  # Wait for the callback before reading `seen`.
-    assert seen[0][0] == "x" and seen[0][1].tolist() == [0.0, 2.0, 4.0]
+    jax.effects_barrier()  # x [0. 2. 4.]
     ```
     """
     return _wrap_for_host("callback_wrapper", func, ordered, partitioned)
@@ -2469,14 +2461,11 @@ def callback_with_numpy_wrapper(
     ```python
     import jax
     import jax.numpy as jnp
-    import numpy as np
     from lerax_utils import callback_with_numpy_wrapper
 
-    seen = []
-    log = callback_with_numpy_wrapper(lambda **values: seen.append(values))
-    jax.jit(lambda p: log(loss=jnp.sum(p**2), steps=np.int64(2**40)))(jnp.ones(2))
-    jax.effects_barrier()
-    assert seen[0]["loss"] == 2.0 and seen[0]["steps"].dtype == np.int64
+    log = callback_with_numpy_wrapper(lambda loss: print(type(loss).__name__, loss))
+    jax.jit(lambda p: log(jnp.sum(p**2)))(jnp.ones(2))
+    jax.effects_barrier()  # ndarray 2.0
     ```
     """
     return _wrap_for_host("callback_with_numpy_wrapper", func, ordered, partitioned)
@@ -2496,14 +2485,9 @@ def callback_with_list_wrapper(
     import jax.numpy as jnp
     from lerax_utils import callback_with_list_wrapper
 
-    history = []
-    log = callback_with_list_wrapper(lambda *row: history.append(row), ordered=True)
-    train_step = jax.jit(lambda step, p: (log(step, jnp.sum(p**2)), p * 0.5)[1])
-    params = jnp.array([1.0, 2.0])
-    for step in range(3):
-        params = train_step(step, params)
-    jax.effects_barrier()
-    assert history == [(0, 5.0), (1, 1.25), (2, 0.3125)]  # In order: ordered=True.
+    log = callback_with_list_wrapper(lambda step, x: print(step, x), ordered=True)
+    jax.jit(lambda x: log(0, x * 2))(jnp.arange(3.0))
+    jax.effects_barrier()  # 0 [0.0, 2.0, 4.0]
     ```
     """
     return _wrap_for_host("callback_with_list_wrapper", func, ordered, partitioned)
@@ -2518,13 +2502,12 @@ _print_on_host = _host_caller(
 
 
 def print_callback(*args: Any, **kwargs: Any) -> None:
-    """`print`, from anywhere: eagerly, or inside `jax.jit`, `filter_scan` and friends.
+    """`print`, callable from traced code: inside `jax.jit`, `filter_scan` and friends.
 
-    As `jax.debug.print`, except that it takes the arguments of `print` (no format
-    string). Arrays, JAX or NumPy, print as their `.tolist()`, and other objects as
-    `print` prints them. Calls print in program order, except under `jit` on several
-    devices unless the traced arguments show a computation on one device (JAX refuses
-    ordered callbacks there). Under `jit` printing happens when the computation runs.
+    As `jax.debug.print`, except that it takes the arguments of `print` rather than a
+    format string. Arrays, JAX or NumPy, print as their `.tolist()`. Calls print in
+    program order, except under `jit` on several devices unless the traced arguments
+    show a computation on one device (JAX refuses ordered callbacks there).
 
     **Raises:**
 
@@ -2553,7 +2536,7 @@ def print_callback(*args: Any, **kwargs: Any) -> None:
 _PROGRESS_MAX_CALLBACKS = 200
 _PROGRESS_MIN_INTERVAL = 0.1  # Seconds between two redraws of a line.
 _progress_tracing = threading.local()  # `.depth`: loops with a bar being traced.
-_progress_lock = threading.Lock()
+_progress_lock = threading.RLock()
 _open_bars: "set[_ProgressBar]" = set()
 
 
@@ -2632,9 +2615,7 @@ def _progress_update(bar: _ProgressBar, count: int) -> None:
     now = time.monotonic()
     with _progress_lock:
         if count == 0 or bar not in _open_bars:
-            if _open_bars:
-                sys.stderr.write("\n")
-            _open_bars.clear()
+            _end_open_lines()
             _open_bars.add(bar)
             bar.start, bar.count, bar.width, bar.last_draw = now, 0, 0, -math.inf
         bar.count = max(bar.count, count)  # Counts never go backwards.
