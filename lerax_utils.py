@@ -168,8 +168,8 @@ _DEBUG_CALLBACK_TAKES_PARTITIONED = (
 )
 
 
-# How many devices a traced value's abstract sharding spans (0 for none), where the
-# jax records one on `aval.sharding` (newer jax, with sharding in types); else `None`.
+# How many devices a tracer's `aval.sharding` spans (0 for none), in newer jax that
+# records one; else `None`.
 def _traced_mesh_size(tracer: Any) -> int | None:
     mesh = getattr(getattr(tracer.aval, "sharding", None), "mesh", None)
     size = getattr(mesh, "size", None)
@@ -1921,10 +1921,10 @@ def unstack_pytree(tree: _Tree, *, axis: int = 0) -> list[_Tree]:
     """Split a batched pytree into one pytree per index along `axis`.
 
     As `jnp.unstack` on every array leaf at once, except that it returns a list of
-    pytrees, each with the non-array leaves. NumPy leaves split into NumPy views; JAX
-    slices keep their leaf's dtype, weak type, device, commitment and the partition spec
-    of its other axes. `axis` is static. Eagerly, nothing that grows with the number of
-    slices is compiled.
+    pytrees, each with the non-array leaves. NumPy leaves split into NumPy views, and
+    JAX slices keep their leaf's dtype, weak type, placement and sharding of the other
+    axes. `axis` is static. Eagerly, nothing that grows with the number of slices is
+    compiled.
 
     **Raises:**
 
@@ -1996,11 +1996,9 @@ def unstack_pytree(tree: _Tree, *, axis: int = 0) -> list[_Tree]:
     return [treedef.unflatten(row) for row in rows]
 
 
-# Concrete JAX leaves are sliced on the host (nothing compiled, ~40 µs a slice) until
-# the time so spent on a set of shapes would pass the estimated time to compile a
-# program that slices `count` rows of every leaf a call (a few µs a slice); then that
-# program is compiled: ski rental, never much more than twice the cheaper way. On
-# XLA:CPU a compile takes 50 ms + 15 ms a row + 1 ms an output.
+# Ski rental: concrete JAX leaves are sliced on the host (~40 µs a slice) until that
+# time, for a set of shapes, reaches the time to compile a program that slices them
+# (on XLA:CPU 50 ms + 15 ms a row + 1 ms an output), which is then compiled.
 _UNSTACK_HOST_SECONDS_PER_SLICE = 40e-6
 _UNSTACK_COMPILE_SECONDS = (0.05, 0.015, 0.001)
 _UNSTACK_SIGNATURES_KEPT = 4096  # Sets of shapes whose host time is remembered.
@@ -2104,9 +2102,9 @@ def stack_pytree(trees: Sequence[_Tree], *, axis: int = 0) -> _Tree:
 
     As `jnp.stack` on every array leaf at once, except that it takes a list or tuple of
     pytrees and keeps the non-array leaves, which must be equal, of `trees[0]`. A leaf
-    that is NumPy in every tree stays NumPy; slices with a `NamedSharding` give a result
-    sharded as they are. `axis` is static. Eagerly, stacking thousands of trees compiles
-    nothing large. The inverse of `unstack_pytree`.
+    that is NumPy in every tree stays NumPy, and sharded slices give a result sharded
+    as they are. `axis` is static. Eagerly, stacking thousands of trees compiles
+    nothing large.
 
     **Raises:**
 
@@ -2237,8 +2235,7 @@ def _leaf_axis(function: str, axis: int, leaf: Any, path: str, ndim: int) -> int
 # Host callbacks: callback_wrapper and friends, print_callback
 #
 
-# (test, what `func` is, what calling it creates, what nothing here would do to that):
-# such functions never run their body.
+# Functions whose body never runs: (test, what it is, what it creates, what it needs).
 _BODY_NEVER_RUNS = (
     (inspect.isasyncgenfunction, "an async generator", "an async generator", "iterate"),
     (inspect.iscoroutinefunction, "an `async def`", "a coroutine", "await"),
@@ -2268,20 +2265,20 @@ def _check_host_function(function: str, func: Callable[..., Any]) -> None:
             )
 
 
-@contextlib.contextmanager
-def _keeping_subnormals() -> Iterator[None]:
-    """Where the C library lets us, run in the default floating-point environment:
-    XLA's CPU runtime flushes subnormal floats to zero around its callbacks (even
-    `repr(1e-310)` then shows `0.0`). XLA's environment is restored after."""
+_DEFAULT_FENV = ctypes.c_void_p(-1)  # FE_DFL_ENV
+
+
+def _keeping_subnormals(body: Callable[[], None]) -> None:
+    """`body()` in the default floating-point environment where the C library lets us:
+    XLA's CPU runtime flushes subnormal floats (even `repr(1e-310)` shows `0.0`)."""
     if _FENV is None or sys.float_info.min / 2 != 0.0:
-        yield
-        return
+        return body()
     get_environment, set_environment = _FENV
     saved = ctypes.create_string_buffer(256)  # Larger than any `fenv_t`.
     get_environment(saved)
-    set_environment(ctypes.c_void_p(-1))  # FE_DFL_ENV
+    set_environment(_DEFAULT_FENV)
     try:
-        yield
+        body()
     finally:
         set_environment(saved)
 
@@ -2294,9 +2291,8 @@ def _host_caller(
     options: dict[str, bool],
     conversions: tuple[Callable[[Any, Any], Any], Callable[[Any], Any]],
 ) -> Callable[..., None]:
-    """`func`, callable from traced code: JAX arrays go through `jax.debug.callback`,
-    and `conversions` hand `func` each of them (with the PRNG impl of a typed key) and
-    each NumPy value. `ordered=None` orders calls unless they may span devices."""
+    """`func`, callable from traced code, its JAX arrays sent by `jax.debug.callback`.
+    `ordered=None` orders calls unless they may span devices."""
     to_host, host_side = conversions
     try:
         signature = inspect.signature(func)
@@ -2320,30 +2316,31 @@ def _host_caller(
         # The template holds no array: a tracer must not outlive its trace.
         template = [None if isinstance(x, jax.Array) else x for x in leaves]
         arrays = [leaves[i] for i in positions]
-        devices = {
-            i: _traced_mesh_size(leaves[i])
-            for i in positions
-            if isinstance(leaves[i], jax.core.Tracer)
-        }
-        if ordered is None:  # `print_callback`: in order where JAX allows it.
-            in_order = jax.device_count() == 1 or (
-                bool(devices)
-                and all(n is not None and n <= 1 for n in devices.values())
-            )
-        else:
-            in_order = ordered
-        wide = [i for i, n in devices.items() if ordered and n is not None and n > 1]
-        if wide:  # Refused now, naming the argument, as JAX would when compiling.
-            path = jtu.tree_flatten_with_path((args, kwargs))[0][wide[0]][0]
-            kind = "positional" if path[0] == jtu.SequenceKey(0) else "keyword"
-            raise ValueError(
-                f"{caller}: made with `ordered=True`, and called inside `jit` with the "
-                f"{kind} argument at path {jtu.keystr(path[1:])}, an array of shape "
-                f"{tuple(leaves[wide[0]].shape)} that spans {devices[wide[0]]} "
-                "devices; JAX runs ordered callbacks only in computations on one "
-                "device. Make the wrapper with `ordered=False` (calls may then "
-                "arrive in any order), or keep this computation on one device."
-            )
+        in_order = bool(ordered)
+        if ordered is not False:  # Devices that each traced argument spans, if known.
+            spans = {
+                i: _traced_mesh_size(leaves[i])
+                for i in positions
+                if isinstance(leaves[i], jax.core.Tracer)
+            }
+            if ordered is None:  # `print_callback`: in order where JAX allows it.
+                in_order = jax.device_count() == 1 or (
+                    bool(spans)
+                    and all(n is not None and n <= 1 for n in spans.values())
+                )
+            wide = [i for i, n in spans.items() if ordered and n is not None and n > 1]
+            if wide:  # Refused now, naming the argument, as JAX would when compiling.
+                path = jtu.tree_flatten_with_path((args, kwargs))[0][wide[0]][0]
+                kind = "positional" if path[0] == jtu.SequenceKey(0) else "keyword"
+                raise ValueError(
+                    f"{caller}: made with `ordered=True`, and called inside `jit` "
+                    f"with the {kind} argument at path {jtu.keystr(path[1:])}, an "
+                    f"array of shape {tuple(leaves[wide[0]].shape)} that spans "
+                    f"{spans[wide[0]]} devices; JAX runs ordered callbacks only in "
+                    "computations on one device. Make the wrapper with "
+                    "`ordered=False` (calls may then arrive in any order), or keep "
+                    "this computation on one device."
+                )
         # Typed PRNG keys cross to the host as their raw data, wrapped again there.
         impls = [jax.random.key_impl(x) if _is_key_array(x) else None for x in arrays]
         sent = [
@@ -2351,16 +2348,18 @@ def _host_caller(
             for x, impl in zip(arrays, impls, strict=True)
         ]
 
+        def call_func(host_arrays: tuple[Any, ...]) -> None:
+            row = list(template)
+            for i, array, impl in zip(positions, host_arrays, impls, strict=True):
+                row[i] = to_host(array, impl)
+            for i in on_the_host:
+                row[i] = host_side(row[i])
+            host_args, host_kwargs = treedef.unflatten(row)
+            func(*host_args, **host_kwargs)
+
         def on_host(*host_arrays: Any) -> None:
             # The conversions too: `.tolist()` would flush subnormal floats.
-            with _keeping_subnormals():
-                row = list(template)
-                for i, array, impl in zip(positions, host_arrays, impls, strict=True):
-                    row[i] = to_host(array, impl)
-                for i in on_the_host:
-                    row[i] = host_side(row[i])
-                host_args, host_kwargs = treedef.unflatten(row)
-                func(*host_args, **host_kwargs)
+            _keeping_subnormals(functools.partial(call_func, host_arrays))
 
         jax.debug.callback(on_host, *sent, **options, ordered=in_order)
 
@@ -2649,10 +2648,10 @@ def _divisors(number: int) -> list[int]:
 def _progress_callbacks(
     bar: _ProgressBar, stride: int, reports: int
 ) -> tuple[Callable[[], None], Callable[[], None], Callable[[], None]]:
-    """A loop's host calls: first, then every `stride` steps, and last. Unordered and
-    without operands (either costs several times more), they are counted as they come:
-    the `n`-th shows `n * stride` steps, the `reports`-th the total. A second `first`
-    before that starts a new run (the one before stopped on an error)."""
+    """A loop's host calls: first, every `stride` steps, and last. Unordered and with
+    no operands (either costs several times more), they count as they come: the `n`-th
+    shows `n * stride` steps, the `reports`-th the total, and a second `first` before
+    that starts a new run (the one before stopped on an error)."""
 
     def report(kind: str) -> Callable[[], None]:
         def call() -> None:
