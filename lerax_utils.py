@@ -1,41 +1,21 @@
-"""Small utilities for JAX and Equinox: loops and branches over any pytree.
+"""Small utilities for JAX and Equinox, in one file that needs only `jax`, `equinox`
+and `numpy`: copy it into your project, or `pip install git+<repository url>`.
 
-`lerax_utils` is one file with no dependencies beyond `jax`, `equinox` and `numpy`.
-
-- `filter_scan`: `jax.lax.scan` whose carry, inputs and outputs may hold anything
-  (Equinox modules with function fields, strings, Python scalars, PRNG keys). Arrays
-  are traced; Python numbers are traced once they change; every other leaf is static.
-- `filter_cond`: `jax.lax.cond` for any pytree. Only the chosen branch runs.
-- `filter_while_loop`, `filter_fori_loop`, `filter_switch`, `filter_map`: the rest of
-  the `jax.lax` control-flow family, by the same rules. `filter_scan`,
-  `filter_fori_loop` and `filter_map` take `progress=` to draw a progress bar on
-  stderr while they run, even under `jit`.
-- `unstack_pytree`, `stack_pytree`: split a batched pytree into one pytree per index
-  along an axis, and join such pytrees back.
+- `filter_scan`, `filter_cond`, `filter_switch`, `filter_while_loop`,
+  `filter_fori_loop`, `filter_map`: the `jax.lax` control flow for pytrees that hold
+  anything. Arrays are traced, Python numbers once they change, and other leaves are
+  static. `progress=` draws a progress bar, even under `jit`.
+- `unstack_pytree`, `stack_pytree`: split a batched pytree into one pytree per index,
+  and join them back.
 - `callback_wrapper`, `callback_with_numpy_wrapper`, `callback_with_list_wrapper`,
-  `print_callback`: call host Python (logging, printing, plotting) from inside `jit`.
-- `Serializable`: an `eqx.Module` base class whose models save and load themselves, in
-  a checked, versioned safetensors file, atomically, even from inside `jit`; they
-  record their constructor arguments, so loading needs only the path.
-- `save_pytree`, `load_pytree`: the same checkpoints for any pytree, such as a whole
-  training state `(model, opt_state, key, step)`.
+  `print_callback`: call host Python (logging, printing) from inside `jit`.
+- `Serializable`, `save_pytree`, `load_pytree`: checked, atomic safetensors
+  checkpoints of models that record their constructor arguments, or of any pytree.
 
-**Eager calls.** Outside `jax.jit`, the control-flow functions keep the compiled
-programs of their last 64 distinct calls, keyed on the functions (by identity), the
-tree structures, the static leaves (by equality) and the arrays' shapes and dtypes,
-as `jax.lax` keeps its traced programs: so a function's closure is read when it is
-first traced. A loop body is traced at most three times for its Python numbers.
-
-**Installing.** Either `pip install git+<repository url>`, or vendor it: copy this file
-into your project (for example as `yourpackage/_lerax_utils.py`) and import from there.
-The file is self-contained, so the copy needs nothing else from this repository.
-
-**Supported versions.** Python 3.11 or newer, with the jax, equinox and numpy versions
-given as lower bounds in `pyproject.toml`. Every feature test of those libraries, and
-every use of their private APIs, sits in the compatibility block below the imports.
-
-**Sections**, each under a banner comment: Compatibility; Pytree comparison; Control
-flow; Batches of pytrees; Host callbacks; Progress bars; Checkpoints.
+It needs Python 3.11 or newer, and jax, equinox and numpy at the lower bounds that
+`pyproject.toml` gives or newer. Sections, each under a banner comment:
+Compatibility; Pytree comparison; Control flow; Batches of pytrees; Host callbacks;
+Progress bars; Checkpoints.
 """
 
 __version__ = "0.2.0"
@@ -188,8 +168,8 @@ _DEBUG_CALLBACK_TAKES_PARTITIONED = (
 )
 
 
-# How many devices a traced value's abstract sharding spans (0 for none), where the
-# jax records one on `aval.sharding` (newer jax, with sharding in types); else `None`.
+# How many devices a tracer's `aval.sharding` spans (0 for none), in newer jax that
+# records one; else `None`.
 def _traced_mesh_size(tracer: Any) -> int | None:
     mesh = getattr(getattr(tracer.aval, "sharding", None), "mesh", None)
     size = getattr(mesh, "size", None)
@@ -199,14 +179,11 @@ def _traced_mesh_size(tracer: Any) -> int | None:
 # A platform gate: `fegetenv` and `fesetenv` from the C library on Linux, where glibc
 # and musl both take `(fenv_t *)-1` as the default environment; else `None`.
 def _load_fenv() -> tuple[Any, Any] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    for library in ("libm.so.6", None):  # `None`: what the process has loaded.
-        try:
-            found = ctypes.CDLL(library)
-            return found.fegetenv, found.fesetenv
-        except (OSError, AttributeError):
-            continue
+    if sys.platform.startswith("linux"):
+        for library in ("libm.so.6", None):  # `None`: what the process has loaded.
+            with contextlib.suppress(OSError, AttributeError):
+                found = ctypes.CDLL(library)
+                return found.fegetenv, found.fesetenv
     return None
 
 
@@ -281,8 +258,7 @@ _PYTHON_SCALARS = (bool, int, float, complex)
 
 
 def _is_python_number(leaf: Any) -> bool:
-    """Whether `leaf` is a plain Python bool, int, float or complex (not a subclass
-    such as an `IntEnum`, which stays an ordinary static value)."""
+    """A plain Python number (a subclass such as an `IntEnum` stays a static value)."""
     return type(leaf) in _PYTHON_SCALARS
 
 
@@ -292,9 +268,7 @@ def _is_jax_value(leaf: Any) -> bool:
 
 
 def _same_python_number(old: Any, new: Any) -> bool:
-    """Whether `old` and `new` are Python numbers of the same type and value, floats
-    compared by their bits: two NaNs with the same payload are the same, and `0.0`
-    and `-0.0` are not."""
+    """Python numbers of one type and value, floats by bits (NaN payloads, `-0.0`)."""
     if type(old) is not type(new) or type(old) not in _PYTHON_SCALARS:
         return False
     if type(old) in (float, complex):
@@ -310,26 +284,18 @@ def _is_key_array(array: Any) -> bool:
     return jnp.issubdtype(array.dtype, jax.dtypes.prng_key)
 
 
-def _safe_repr(value: Any) -> str:
-    """`repr(value)`, or a placeholder naming its type if that `__repr__` raises."""
-    try:
-        return repr(value)
-    except Exception:
-        return f"<{type(value).__name__} object whose repr raised>"
-
-
 def _describe_leaf(leaf: Any) -> str:
     if eqx.is_array(leaf):
         return f"an array of shape {tuple(leaf.shape)} and dtype {leaf.dtype}"
-    return f"{type(leaf).__name__} {_safe_repr(leaf)}"
+    try:
+        text = repr(leaf)
+    except Exception:
+        text = f"<{type(leaf).__name__} object whose repr raised>"
+    return f"{type(leaf).__name__} {text}"
 
 
 def _static_leaves_equal(old: Any, new: Any) -> bool:
-    """Whether two non-array leaves are the same static value, type included.
-
-    Python numbers compare by bits (see `_same_python_number`), and
-    `functools.partial` objects by their function, arguments and keywords.
-    """
+    """Whether two non-array leaves are the same static value, type included."""
     if old is new:
         return True
     if type(old) is not type(new):
@@ -337,16 +303,11 @@ def _static_leaves_equal(old: Any, new: Any) -> bool:
     if _is_python_number(old):
         return _same_python_number(old, new)
     if isinstance(old, functools.partial):
-        return (
-            _static_leaves_equal(old.func, new.func)
-            and len(old.args) == len(new.args)
-            and all(map(_static_leaves_equal, old.args, new.args))
-            and old.keywords.keys() == new.keywords.keys()
-            and all(
-                _static_leaves_equal(value, new.keywords[name])
-                for name, value in old.keywords.items()
-            )
-        )
+        if len(old.args) != len(new.args) or old.keywords.keys() != new.keywords.keys():
+            return False
+        olds = [old.func, *old.args, *old.keywords.values()]
+        news = [new.func, *new.args, *map(new.keywords.get, old.keywords)]
+        return all(map(_static_leaves_equal, olds, news))
     try:
         return bool(old == new)
     except Exception:  # An `__eq__` that raises or returns something ambiguous.
@@ -354,17 +315,12 @@ def _static_leaves_equal(old: Any, new: Any) -> bool:
 
 
 def _leaf_difference(old: Any, new: Any) -> str | None:
-    """Describe how `new` differs from `old`, or `None` if it may stand in its place.
-
-    Array leaves may hold any values; non-array leaves must be equal.
-    """
-    old_is_array = eqx.is_array(old)
-    new_is_array = eqx.is_array(new)
-    if old_is_array and new_is_array:
-        return None
-    if old_is_array:
+    """How `new` differs from `old`, or `None` if it may stand in its place."""
+    if eqx.is_array(old):
+        if eqx.is_array(new):
+            return None
         return f"was {_describe_leaf(old)} and is now {_describe_leaf(new)}"
-    if new_is_array:
+    if eqx.is_array(new):
         return (
             f"was the static (non-array) {_describe_leaf(old)} and is now "
             f"{_describe_leaf(new)}"
@@ -372,12 +328,6 @@ def _leaf_difference(old: Any, new: Any) -> str | None:
     if _static_leaves_equal(old, new):
         return None
     return f"changed from {_describe_leaf(old)} to {_describe_leaf(new)}"
-
-
-def _describe_node(node: Any) -> str:
-    if jtu.treedef_is_leaf(jtu.tree_structure(node)) and node is not None:
-        return _describe_leaf(node)
-    return f"a {type(node).__name__}"
 
 
 def _where(path: str) -> str:
@@ -388,67 +338,59 @@ def _is_strict_child(root: Any) -> Callable[[Any], bool]:
     return lambda node: node is not root
 
 
-def _node_difference(old: Any, new: Any) -> tuple[str, str] | None:
-    """Compare the top nodes of two pytrees: `(key suffix, message)`, or None."""
-    old_def = jtu.tree_structure(old, is_leaf=_is_strict_child(old))
-    new_def = jtu.tree_structure(new, is_leaf=_is_strict_child(new))
-    if old_def == new_def:
-        return None
-    if type(old) is not type(new):
-        return "", f"was {_describe_node(old)} and is now {_describe_node(new)}"
-    if isinstance(old, eqx.Module):
-        for field in _static_fields(old):
-            old_value = getattr(old, field, None)
-            new_value = getattr(new, field, None)
-            if not _static_leaves_equal(old_value, new_value):
-                return f".{field}", (
-                    f"is a static field that changed from {_describe_leaf(old_value)} "
-                    f"to {_describe_leaf(new_value)}"
-                )
-    if isinstance(old, dict):
-        return (
-            "",
-            f"had keys {sorted(old, key=repr)} and now has {sorted(new, key=repr)}",
-        )
-    if isinstance(old, list | tuple):
-        return "", f"had length {len(old)} and now has length {len(new)}"
-    return "", f"changed structure from {old_def} to {new_def}"
-
-
 def _static_fields(module: eqx.Module) -> list[str]:
     return [f.name for f in dataclasses.fields(module) if f.metadata.get("static")]
 
 
 def _tree_difference(old: Any, new: Any) -> tuple[str, str] | None:
-    """Find the first place where `new` may not stand in for `old`.
-
-    Returns `(path, message)`, where `path` is rendered by `jax.tree_util.keystr`, or
-    `None` when both trees have the same structure and the same non-array leaves.
-    """
+    """`(path, message)` of the first place where `new` may not stand in for `old`."""
     old_leaves, old_def = jtu.tree_flatten_with_path(old)
     new_leaves, new_def = jtu.tree_flatten(new)
-    if old_def == new_def:
-        for (path, old_leaf), new_leaf in zip(old_leaves, new_leaves, strict=True):
-            message = _leaf_difference(old_leaf, new_leaf)
-            if message is not None:
-                return jtu.keystr(path), message
-        return None
-    return _structure_difference(old, new, ())
+    if old_def != new_def:
+        return _structure_difference(old, new, ())
+    for (path, old_leaf), new_leaf in zip(old_leaves, new_leaves, strict=True):
+        message = _leaf_difference(old_leaf, new_leaf)
+        if message is not None:
+            return jtu.keystr(path), message
+    return None
 
 
 def _structure_difference(old: Any, new: Any, path: _KeyPath) -> tuple[str, str]:
     """Walk two trees of different structure down to the first node that differs."""
-    found = _node_difference(old, new)
-    if found is not None:
-        suffix, message = found
-        return jtu.keystr(path) + suffix, message
-    old_children = jtu.tree_flatten_with_path(old, is_leaf=_is_strict_child(old))[0]
-    new_children = jtu.tree_leaves(new, is_leaf=_is_strict_child(new))
-    for (key, old_child), new_child in zip(old_children, new_children, strict=True):
-        if jtu.tree_structure(old_child) != jtu.tree_structure(new_child):
-            return _structure_difference(old_child, new_child, path + key)
-    # Same node and same child structures means the same structure overall.
-    raise RuntimeError("internal error: trees of different structure compared equal")
+    old_def = jtu.tree_structure(old, is_leaf=_is_strict_child(old))
+    new_def = jtu.tree_structure(new, is_leaf=_is_strict_child(new))
+    where = jtu.keystr(path)
+    if old_def == new_def:  # The same node: descend into the child that differs.
+        children = jtu.tree_flatten_with_path(old, is_leaf=_is_strict_child(old))[0]
+        new_children = jtu.tree_leaves(new, is_leaf=_is_strict_child(new))
+        for (key, old_child), new_child in zip(children, new_children, strict=True):
+            if jtu.tree_structure(old_child) != jtu.tree_structure(new_child):
+                return _structure_difference(old_child, new_child, path + key)
+        raise RuntimeError(
+            "internal error: trees of different structure compared equal"
+        )
+    if type(old) is not type(new):
+        return where, f"was {_describe_node(old)} and is now {_describe_node(new)}"
+    if isinstance(old, eqx.Module):
+        for field in _static_fields(old):
+            old_value, new_value = getattr(old, field, None), getattr(new, field, None)
+            if not _static_leaves_equal(old_value, new_value):
+                return f"{where}.{field}", (
+                    f"is a static field that changed from {_describe_leaf(old_value)} "
+                    f"to {_describe_leaf(new_value)}"
+                )
+    if isinstance(old, dict):
+        keys = sorted(old, key=repr), sorted(new, key=repr)
+        return where, f"had keys {keys[0]} and now has {keys[1]}"
+    if isinstance(old, list | tuple):
+        return where, f"had length {len(old)} and now has length {len(new)}"
+    return where, f"changed structure from {old_def} to {new_def}"
+
+
+def _describe_node(node: Any) -> str:
+    if jtu.treedef_is_leaf(jtu.tree_structure(node)) and node is not None:
+        return _describe_leaf(node)
+    return f"a {type(node).__name__}"
 
 
 #
@@ -1971,22 +1913,18 @@ def filter_map(
 def unstack_pytree(tree: _Tree, *, axis: int = 0) -> list[_Tree]:
     """Split a batched pytree into one pytree per index along `axis`.
 
-    As `jnp.unstack` applied to every array leaf at once, except that it returns a
-    list of pytrees, copies non-array leaves (functions, strings, Python numbers) into
-    every slice, and splits NumPy leaves into NumPy views (no copy, no transfer). JAX
-    slices keep their leaf's dtype, weak type and device, committed or not; a leaf
-    with a `NamedSharding` gives slices with its partition spec less the entry for
-    `axis` (a sharded `axis` becomes whole on the devices that held it). `axis` is
-    static and may be negative. It works under `jit`; outside it, nothing that grows
-    with the number of slices is compiled. The inverse is `stack_pytree`.
+    As `jnp.unstack` on every array leaf at once, except that it returns a list of
+    pytrees, each with the non-array leaves. NumPy leaves split into NumPy views, and
+    JAX slices keep their leaf's dtype, weak type, placement and sharding of the other
+    axes. `axis` is static. Eagerly, nothing that grows with the number of slices is
+    compiled.
 
     **Raises:**
 
     - `TypeError` if `axis` is not an int.
-    - `ValueError`, naming leaf paths and sizes: the array leaves differ in size along
-        `axis` ("every array leaf must have the same size along `axis=0`, but the
-        sizes differ (['act'][0]: 4, ['obs']: 3)"), `axis` is out of range for a leaf,
-        or `tree` has no array leaves (the number of slices is undefined).
+    - `ValueError`, naming leaf paths and sizes, if the array leaves differ in size
+        along `axis`, if `axis` is out of range for a leaf, or if `tree` has no array
+        leaves.
 
     **Example:**
 
@@ -1994,9 +1932,8 @@ def unstack_pytree(tree: _Tree, *, axis: int = 0) -> list[_Tree]:
     import jax.numpy as jnp
     from lerax_utils import unstack_pytree
 
-    batch = {"obs": jnp.zeros((3, 2)), "done": jnp.array([False, False, True])}
-    steps = unstack_pytree(batch)
-    print(len(steps), steps[2]["done"])  # 3 True
+    steps = unstack_pytree({"obs": jnp.zeros((3, 2)), "done": jnp.array([0, 0, 1])})
+    print(len(steps), steps[2]["done"])  # 3 1
     ```
     """
     _check_axis_is_int("unstack_pytree", axis)
@@ -2010,9 +1947,10 @@ def unstack_pytree(tree: _Tree, *, axis: int = 0) -> list[_Tree]:
             axes[position] = _leaf_axis("unstack_pytree", axis, leaf, where, leaf.ndim)
             sizes[where] = leaf.shape[axes[position]]
     if not sizes:
+        shown = ", ".join(map(repr, leaves[:3])) + (", ..." if len(leaves) > 3 else "")
         raise ValueError(
             "unstack_pytree: `tree` has no array leaves, so the number of slices is "
-            f"undefined (its leaves are {_short_list(leaves)}). Pass a tree with at "
+            f"undefined (its leaves are [{shown}]). Pass a tree with at "
             "least one array."
         )
     if len(set(sizes.values())) > 1:
@@ -2023,7 +1961,27 @@ def unstack_pytree(tree: _Tree, *, axis: int = 0) -> list[_Tree]:
             "or unstack the parts separately."
         )
     length = next(iter(sizes.values()))
-    columns = _unstack_columns(leaves, axes, length)
+    columns: dict[int, Sequence[Any]] = {}
+    jax_groups: dict[Any, list[int]] = {}
+    for position, leaf_axis in axes.items():
+        leaf = leaves[position]
+        if isinstance(leaf, np.ndarray):
+            moved = np.moveaxis(leaf, leaf_axis, 0)
+            # `moved[i, ...]` is a view even when it has no dimensions left.
+            columns[position] = [moved[index, ...] for index in range(length)]
+        elif isinstance(leaf, jax.core.Tracer):
+            columns[position] = [
+                jax.lax.index_in_dim(leaf, index, leaf_axis, keepdims=False)
+                for index in range(length)
+            ]
+        else:  # Concrete: sliced with the others on the same devices, committed or not
+            # (a program's outputs are all committed if any input is).
+            group = (leaf.sharding, _is_committed(leaf))
+            jax_groups.setdefault(group, []).append(position)
+    for positions in jax_groups.values():
+        group = [leaves[position] for position in positions]
+        sliced = _slice_columns(group, tuple(axes[i] for i in positions), length)
+        columns.update(zip(positions, sliced, strict=True))
     rows = zip(
         *(columns.get(i) or [leaf] * length for i, leaf in enumerate(leaves)),
         strict=True,
@@ -2031,46 +1989,9 @@ def unstack_pytree(tree: _Tree, *, axis: int = 0) -> list[_Tree]:
     return [treedef.unflatten(row) for row in rows]
 
 
-def _unstack_columns(
-    leaves: list[Any], axes: dict[int, int], length: int
-) -> dict[int, Sequence[Any]]:
-    """Split each array leaf into its `length` slices, keyed by leaf position."""
-    columns: dict[int, Sequence[Any]] = {}
-    jax_groups: dict[Any, list[int]] = {}
-    for position, axis in axes.items():
-        leaf = leaves[position]
-        if isinstance(leaf, np.ndarray):
-            moved = np.moveaxis(leaf, axis, 0)
-            # `moved[i, ...]` is a view even when it has no dimensions left.
-            columns[position] = [moved[index, ...] for index in range(length)]
-        elif isinstance(leaf, jax.core.Tracer):
-            columns[position] = [
-                jax.lax.index_in_dim(leaf, index, axis, keepdims=False)
-                for index in range(length)
-            ]
-        else:  # A concrete JAX array: slice it with the others on the same devices.
-            # (A program's outputs are all committed to their devices if any input
-            # is, so committed and uncommitted leaves are sliced apart.)
-            group = (leaf.sharding, _is_committed(leaf))
-            jax_groups.setdefault(group, []).append(position)
-    for positions in jax_groups.values():
-        group = [leaves[position] for position in positions]
-        sliced = _slice_columns(group, tuple(axes[i] for i in positions), length)
-        columns.update(zip(positions, sliced, strict=True))
-    return columns
-
-
-# Concrete JAX leaves are sliced on the host (one read of each leaf, one batched
-# `device_put` of its slices: nothing compiled, but ~40 µs a slice), until that time
-# for a set of shapes would pass the estimated time to compile a program that takes
-# up to `_UNSTACK_ROWS_PER_CALL` slices of every leaf per call (a few µs a slice); then
-# that program is compiled (ski rental: never more than about twice the cheaper way).
-# Measured on XLA:CPU: 8 rows a call for one leaf, 8 more per extra leaf up to 32,
-# within `_UNSTACK_BYTES_PER_CALL`; a compile takes 50 ms + 15 ms a row + 1 ms an
-# output.
-_UNSTACK_ROWS_PER_LEAF = 8
-_UNSTACK_ROWS_PER_CALL = 32
-_UNSTACK_BYTES_PER_CALL = 32 * 1024
+# Ski rental: concrete JAX leaves are sliced on the host (~40 µs a slice) until that
+# time, for a set of shapes, reaches the time to compile a program that slices them
+# (on XLA:CPU 50 ms + 15 ms a row + 1 ms an output), which is then compiled.
 _UNSTACK_HOST_SECONDS_PER_SLICE = 40e-6
 _UNSTACK_COMPILE_SECONDS = (0.05, 0.015, 0.001)
 _UNSTACK_SIGNATURES_KEPT = 4096  # Sets of shapes whose host time is remembered.
@@ -2087,20 +2008,45 @@ def _slice_columns(
     # A typed key counts as the two uint32 words of a default key.
     sizes = [8 if _is_key_array(x) else x.dtype.itemsize for x in group]
     row_bytes = sum(x.size * n for x, n in zip(group, sizes, strict=True)) // length
-    count = min(_UNSTACK_ROWS_PER_LEAF * len(group), _UNSTACK_ROWS_PER_CALL)
-    count = min(count, _UNSTACK_BYTES_PER_CALL // max(row_bytes, 1), length)
+    # Rows a call: 8 a leaf, up to 32 rows and 32 KiB.
+    count = min(8 * len(group), 32, 32 * 1024 // max(row_bytes, 1), length)
     count = max(1, count)
-    if _host_transfers_allowed() and all(_slices_on_host(leaf) for leaf in group):
-        signature = (
-            tuple((leaf.shape, leaf.dtype, leaf.sharding) for leaf in group),
-            axes,
+    # Through NumPy, slices are what a program gives, but for weak types and keys.
+    sharding = group[0].sharding  # The group's, as is its commitment.
+    if (
+        _host_transfers_allowed()
+        and sharding.is_fully_addressable
+        and isinstance(
+            sharding, jax.sharding.SingleDeviceSharding | jax.sharding.NamedSharding
         )
-        host_seconds = length * len(group) * _UNSTACK_HOST_SECONDS_PER_SLICE
+        and not any(x.aval.weak_type or _is_key_array(x) for x in group)
+    ):
+        signature = (tuple((x.shape, x.dtype, x.sharding) for x in group), axes)
         fixed, per_row, per_output = _UNSTACK_COMPILE_SECONDS
         compile_seconds = fixed + count * (per_row + len(group) * per_output)
-        if not _pays_to_compile(signature, host_seconds, compile_seconds):
-            return _slice_columns_on_host(group, axes, length)
-    group = [_unshard_axis(leaf, axis) for leaf, axis in zip(group, axes, strict=True)]
+        with _unstack_host_seconds_lock:  # `inf` once compiled.
+            spent = _unstack_host_seconds.pop(signature, 0.0)
+            spent += length * len(group) * _UNSTACK_HOST_SECONDS_PER_SLICE
+            compiled = spent >= compile_seconds
+            _unstack_host_seconds[signature] = math.inf if compiled else spent
+            while len(_unstack_host_seconds) > _UNSTACK_SIGNATURES_KEPT:
+                _unstack_host_seconds.popitem(last=False)
+        if not compiled:  # Placed as the program would place them.
+            committed = _is_committed(group[0])
+            columns = []
+            for leaf, axis in zip(group, axes, strict=True):
+                host = np.moveaxis(np.asarray(jax.device_get(leaf)), axis, 0)
+                place = _respec(leaf.sharding, axis, []) if committed else None
+                slices = [host[index, ...] for index in range(length)]
+                columns.append(jax.device_put(slices, place))
+            return columns
+    # Whole along `axis`: explicit meshes refuse slices that live on some devices only.
+    group = [
+        jax.device_put(x, _respec(x.sharding, a, [None]))
+        if _splits(x.sharding, a)
+        else x
+        for x, a in zip(group, axes, strict=True)
+    ]
     columns = [[] for _ in group]
     done = 0
     for start in _chunk_starts(length, count):
@@ -2111,77 +2057,23 @@ def _slice_columns(
     return columns
 
 
-def _pays_to_compile(
-    signature: Any, host_seconds: float, compile_seconds: float
-) -> bool:
-    """Whether to compile for `signature` now; records the host time of this call if
-    not, and `inf` for a signature that has been compiled."""
-    with _unstack_host_seconds_lock:
-        spent = _unstack_host_seconds.pop(signature, 0.0) + host_seconds
-        compile_now = spent >= compile_seconds
-        _unstack_host_seconds[signature] = math.inf if compile_now else spent
-        while len(_unstack_host_seconds) > _UNSTACK_SIGNATURES_KEPT:
-            _unstack_host_seconds.popitem(last=False)
-    return compile_now
+def _splits(sharding: Any, axis: int) -> bool:
+    """Whether `sharding` is named, and splits `axis` between devices."""
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        return False
+    spec = list(sharding.spec)
+    return axis < len(spec) and spec[axis] is not None
 
 
-def _slices_on_host(leaf: jax.Array) -> bool:
-    """Whether slicing `leaf` through NumPy gives exactly what a program would."""
-    return (
-        not leaf.aval.weak_type  # pyright: ignore[reportAttributeAccessIssue]
-        and not _is_key_array(leaf)
-        and leaf.is_fully_addressable
-        and isinstance(
-            leaf.sharding,
-            jax.sharding.SingleDeviceSharding | jax.sharding.NamedSharding,
-        )
-    )
-
-
-def _slice_columns_on_host(
-    group: list[jax.Array], axes: tuple[int, ...], length: int
-) -> list[list[jax.Array]]:
-    """The slices of `group`, by way of NumPy, placed as a program would place them:
-    committed where `_slice_sharding` says, or uncommitted on the default device."""
-    columns = []
-    for leaf, axis in zip(group, axes, strict=True):
-        host = np.moveaxis(np.asarray(jax.device_get(leaf)), axis, 0)
-        sharding = _slice_sharding(leaf.sharding, axis) if _is_committed(leaf) else None
-        columns.append(
-            jax.device_put([host[index, ...] for index in range(length)], sharding)
-        )
-    return columns
-
-
-def _slice_sharding(sharding: Any, axis: int) -> Any:
-    """Where a slice along `axis` goes: the sharding of the other axes, kept."""
+def _respec(sharding: Any, axis: int, part: list[Any]) -> Any:
+    """`sharding`, with `part` in the place of `axis` in its spec if it is named."""
     if not isinstance(sharding, jax.sharding.NamedSharding):
         return sharding
     spec = list(sharding.spec)
-    del spec[axis : axis + 1]
-    return _named_sharding(sharding, spec)
-
-
-def _unshard_axis(leaf: jax.Array, axis: int) -> jax.Array:
-    """`leaf`, laid out whole along `axis` if a named sharding splits it there: a
-    slice would live on some devices only, and explicit meshes refuse to make it."""
-    sharding = leaf.sharding
-    if not isinstance(sharding, jax.sharding.NamedSharding):
-        return leaf
-    spec = list(sharding.spec)
-    if axis >= len(spec) or spec[axis] is None:
-        return leaf
-    spec[axis] = None
-    return jax.device_put(leaf, _named_sharding(sharding, spec))
-
-
-def _named_sharding(sharding: Any, spec: list[Any]) -> Any:
+    spec[axis : axis + 1] = part
     spec_object = jax.sharding.PartitionSpec(*spec)
-    if sharding.memory_kind is None:
-        return jax.sharding.NamedSharding(sharding.mesh, spec_object)
-    return jax.sharding.NamedSharding(
-        sharding.mesh, spec_object, memory_kind=sharding.memory_kind
-    )
+    kind = sharding.memory_kind
+    return jax.sharding.NamedSharding(sharding.mesh, spec_object, memory_kind=kind)
 
 
 @functools.partial(jax.jit, static_argnames=("axes", "count"))
@@ -2199,23 +2091,20 @@ def _index_rows(
 
 
 def stack_pytree(trees: Sequence[_Tree], *, axis: int = 0) -> _Tree:
-    """Join pytrees of the same structure into one, stacking array leaves on `axis`.
+    """Join pytrees of one structure into one, stacking their array leaves on `axis`.
 
-    As `jnp.stack` applied to every array leaf at once, except that it takes a list
-    or tuple of pytrees, keeps non-array leaves (which must be equal) from
-    `trees[0]`, and keeps a leaf that is NumPy in every tree NumPy. Slices with a
-    `NamedSharding` give a result sharded as they are, with the new axis whole.
-    `axis` is static; negative values count from the end of the result. It works
-    under `jit`; outside it, stacking thousands of trees compiles nothing large. The
-    inverse of `unstack_pytree`.
+    As `jnp.stack` on every array leaf at once, except that it takes a list or tuple of
+    pytrees and keeps the non-array leaves, which must be equal, of `trees[0]`. A leaf
+    that is NumPy in every tree stays NumPy, and sharded slices give a result sharded
+    as they are. `axis` is static. Eagerly, stacking thousands of trees compiles
+    nothing large.
 
     **Raises:**
 
     - `TypeError` if `trees` is not a list or tuple, or `axis` is not an int.
     - `ValueError` if `trees` is empty, if `axis` is out of range, or if a tree
-        differs from `trees[0]` in structure, shape, dtype or a non-array leaf; the
-        message names the tree's index and the leaf path ("trees[2] differs from
-        trees[0] at path ['w']: it has shape (3,) ...").
+        differs from `trees[0]` in structure, shape, dtype or a non-array leaf
+        ("trees[2] differs from trees[0] at path ['w']: it has shape (3,) ...").
 
     **Example:**
 
@@ -2288,37 +2177,31 @@ def _stack_column(column: list[Any], axis: int) -> Any:
     length = len(column)
     if length <= _STACK_CHUNK or any(isinstance(x, jax.core.Tracer) for x in column):
         return jnp.stack(column, axis=axis)
-    # Fill the result in fixed-size chunks, so only two small programs are compiled.
-    out = _stack_first_chunk(*column[:_STACK_CHUNK], length=length, axis=axis)
-    for start in _chunk_starts(length, _STACK_CHUNK)[1:]:
+    # Filled in chunks of a fixed size, so that two small programs serve any length.
+    out = None
+    for start in _chunk_starts(length, _STACK_CHUNK):
         chunk = column[start : start + _STACK_CHUNK]
-        out = _stack_chunk_into(out, start, *chunk, axis=axis)
+        out = _stack_chunk_into(out, start, *chunk, axis=axis, length=length)
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("length", "axis"))
-def _stack_first_chunk(*chunk: jax.Array, length: int, axis: int) -> jax.Array:
-    stacked = jnp.stack(chunk, axis=axis)
-    shape = list(stacked.shape)
-    shape[axis] = length
-    # Every row is overwritten by a later chunk. Broadcasting a row (rather than
-    # `jnp.zeros`) keeps the other axes' sharding, which explicit meshes require.
-    first_row = jax.lax.index_in_dim(stacked, 0, axis, keepdims=True)
-    out = jnp.broadcast_to(first_row, shape)
-    return jax.lax.dynamic_update_slice_in_dim(out, stacked, 0, axis)
-
-
-@functools.partial(jax.jit, static_argnames="axis", donate_argnums=0)
+@functools.partial(jax.jit, static_argnames=("axis", "length"), donate_argnums=0)
 def _stack_chunk_into(
-    out: jax.Array, start: int, *chunk: jax.Array, axis: int
+    out: jax.Array | None, start: int, *chunk: jax.Array, axis: int, length: int
 ) -> jax.Array:
+    """`out` (made for the first chunk) with `chunk` stacked into it at `start`."""
     stacked = jnp.stack(chunk, axis=axis)
+    if out is None:  # A row broadcast (not `jnp.zeros`) keeps the other axes' sharding.
+        shape = list(stacked.shape)
+        shape[axis] = length
+        row = jax.lax.index_in_dim(stacked, 0, axis, keepdims=True)
+        out = jnp.broadcast_to(row, shape)
     return jax.lax.dynamic_update_slice_in_dim(out, stacked, start, axis)
 
 
 def _chunk_starts(length: int, size: int) -> list[int]:
-    """Starts of chunks of `size <= length` items that cover `range(length)`; a last,
-    short chunk overlaps the one before it, so one program serves every chunk."""
+    """Chunks of `size <= length` items that cover `range(length)`, the last one
+    overlapping the one before it, so that one program serves every chunk."""
     return [min(start, length - size) for start in range(0, length, size)]
 
 
@@ -2341,17 +2224,11 @@ def _leaf_axis(function: str, axis: int, leaf: Any, path: str, ndim: int) -> int
     )
 
 
-def _short_list(leaves: list[Any], limit: int = 3) -> str:
-    shown = ", ".join(repr(leaf) for leaf in leaves[:limit])
-    return f"[{shown}{', ...' if len(leaves) > limit else ''}]"
-
-
 #
 # Host callbacks: callback_wrapper and friends, print_callback
 #
 
-# (test, what `func` is, what calling it creates, what nothing here would do to that):
-# such functions never run their body.
+# Functions whose body never runs: (test, what it is, what it creates, what it needs).
 _BODY_NEVER_RUNS = (
     (inspect.isasyncgenfunction, "an async generator", "an async generator", "iterate"),
     (inspect.iscoroutinefunction, "an `async def`", "a coroutine", "await"),
@@ -2381,25 +2258,14 @@ def _check_host_function(function: str, func: Callable[..., Any]) -> None:
             )
 
 
-def _signature_or_none(func: Callable[..., Any]) -> inspect.Signature | None:
-    """`func`'s signature, or `None` where Python cannot tell (some builtins)."""
-    try:
-        return inspect.signature(func)
-    except (TypeError, ValueError):
-        return None
-
-
 _DEFAULT_FENV = ctypes.c_void_p(-1)  # FE_DFL_ENV
-_SMALLEST_NORMAL = sys.float_info.min
 
 
 def _keeping_subnormals(body: Callable[[], None]) -> None:
-    """Run `body()` in the default floating-point environment, where the C library
-    lets us: XLA's CPU runtime flushes subnormal floats to zero around its callbacks,
-    and even `repr(1e-310)` then shows `0.0`. XLA's environment is restored after."""
-    if _FENV is None or _SMALLEST_NORMAL / 2 != 0.0:
-        body()
-        return
+    """`body()` in the default floating-point environment where the C library lets us:
+    XLA's CPU runtime flushes subnormal floats (even `repr(1e-310)` shows `0.0`)."""
+    if _FENV is None or sys.float_info.min / 2 != 0.0:
+        return body()
     get_environment, set_environment = _FENV
     saved = ctypes.create_string_buffer(256)  # Larger than any `fenv_t`.
     get_environment(saved)
@@ -2410,146 +2276,113 @@ def _keeping_subnormals(body: Callable[[], None]) -> None:
         set_environment(saved)
 
 
-def _send_to_host(
+def _host_caller(
     caller: str,
     fix: str,
     func: Callable[..., Any],
-    signature: inspect.Signature | None,
     ordered: bool | None,
     options: dict[str, bool],
     conversions: tuple[Callable[[Any, Any], Any], Callable[[Any], Any]],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-) -> None:
-    """Call `func(*args, **kwargs)` on the host, with JAX arrays sent through
-    `jax.debug.callback`, each kind of leaf converted as `conversions` says.
-    `ordered=None` (`print_callback`) orders calls unless they may span devices."""
+) -> Callable[..., None]:
+    """`func`, callable from traced code, its JAX arrays sent by `jax.debug.callback`.
+    `ordered=None` orders calls unless they may span devices."""
     to_host, host_side = conversions
-    if signature is not None:
-        try:
-            signature.bind(*args, **kwargs)
-        except TypeError as err:
-            raise TypeError(
-                f"{caller}: the arguments do not fit the signature "
-                f"{_callable_name(func)}{signature}: {err}. {fix}"
-            ) from err
-    leaves, treedef = jtu.tree_flatten((args, kwargs))
-    positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, jax.Array)]
-    on_the_host = [
-        i for i, leaf in enumerate(leaves) if isinstance(leaf, np.ndarray | np.generic)
-    ]
-    arrays = [leaves[i] for i in positions]
-    # The template holds no array: a tracer must not outlive its trace.
-    template = [None if isinstance(leaf, jax.Array) else leaf for leaf in leaves]
-    if ordered is None:
-        ordered = _may_order(arrays)
-    elif ordered:
-        _check_ordered_on_one_device(caller, (args, kwargs), leaves, positions)
-    # Typed PRNG keys cross to the host as raw key data: send the data, and wrap it
-    # again there. Keyed by the index in `arrays`, as `on_host` looks them up.
-    key_impls = {
-        index: jax.random.key_impl(array)
-        for index, array in enumerate(arrays)
-        if _is_key_array(array)
-    }
-    arrays = [
-        jax.random.key_data(array) if index in key_impls else array
-        for index, array in enumerate(arrays)
-    ]
+    try:
+        signature = inspect.signature(func)
+    except (TypeError, ValueError):  # Python cannot tell (some builtins): unchecked.
+        signature = None
 
-    def call_func(host_arrays: tuple[Any, ...]) -> None:
-        row = list(template)
-        for index, position in enumerate(positions):
-            row[position] = to_host(host_arrays[index], key_impls.get(index))
-        for position in on_the_host:
-            row[position] = host_side(row[position])
-        host_args, host_kwargs = treedef.unflatten(row)
-        func(*host_args, **host_kwargs)
+    def call(*args: Any, **kwargs: Any) -> None:
+        if signature is not None:
+            try:
+                signature.bind(*args, **kwargs)
+            except TypeError as err:
+                raise TypeError(
+                    f"{caller}: the arguments do not fit the signature "
+                    f"{_callable_name(func)}{signature}: {err}. {fix}"
+                ) from err
+        leaves, treedef = jtu.tree_flatten((args, kwargs))
+        positions = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array)]
+        on_the_host = [
+            i for i, x in enumerate(leaves) if isinstance(x, np.ndarray | np.generic)
+        ]
+        # The template holds no array: a tracer must not outlive its trace.
+        template = [None if isinstance(x, jax.Array) else x for x in leaves]
+        arrays = [leaves[i] for i in positions]
+        in_order = bool(ordered)
+        if ordered is not False:  # Devices that each traced argument spans, if known.
+            spans = {
+                i: _traced_mesh_size(leaves[i])
+                for i in positions
+                if isinstance(leaves[i], jax.core.Tracer)
+            }
+            if ordered is None:  # `print_callback`: in order where JAX allows it.
+                in_order = jax.device_count() == 1 or (
+                    bool(spans)
+                    and all(n is not None and n <= 1 for n in spans.values())
+                )
+            wide = [i for i, n in spans.items() if ordered and n is not None and n > 1]
+            if wide:  # Refused now, naming the argument, as JAX would when compiling.
+                path = jtu.tree_flatten_with_path((args, kwargs))[0][wide[0]][0]
+                kind = "positional" if path[0] == jtu.SequenceKey(0) else "keyword"
+                raise ValueError(
+                    f"{caller}: made with `ordered=True`, and called inside `jit` "
+                    f"with the {kind} argument at path {jtu.keystr(path[1:])}, an "
+                    f"array of shape {tuple(leaves[wide[0]].shape)} that spans "
+                    f"{spans[wide[0]]} devices; JAX runs ordered callbacks only in "
+                    "computations on one device. Make the wrapper with "
+                    "`ordered=False` (calls may then arrive in any order), or keep "
+                    "this computation on one device."
+                )
+        # Typed PRNG keys cross to the host as their raw data, wrapped again there.
+        impls = [jax.random.key_impl(x) if _is_key_array(x) else None for x in arrays]
+        sent = [
+            x if impl is None else jax.random.key_data(x)
+            for x, impl in zip(arrays, impls, strict=True)
+        ]
 
-    def on_host(*host_arrays: Any) -> None:
-        # The conversions too: `.tolist()` would flush subnormal floats.
-        _keeping_subnormals(functools.partial(call_func, host_arrays))
+        def call_func(host_arrays: tuple[Any, ...]) -> None:
+            row = list(template)
+            for i, array, impl in zip(positions, host_arrays, impls, strict=True):
+                row[i] = to_host(array, impl)
+            for i in on_the_host:
+                row[i] = host_side(row[i])
+            host_args, host_kwargs = treedef.unflatten(row)
+            func(*host_args, **host_kwargs)
 
-    jax.debug.callback(on_host, *arrays, **options, ordered=ordered)
+        def on_host(*host_arrays: Any) -> None:
+            # The conversions too: `.tolist()` would flush subnormal floats.
+            _keeping_subnormals(functools.partial(call_func, host_arrays))
 
+        jax.debug.callback(on_host, *sent, **options, ordered=in_order)
 
-def _spread_over(array: Any) -> int | None:
-    """How many devices `array` spans (for a tracer, where JAX records it)."""
-    if isinstance(array, jax.core.Tracer):
-        return _traced_mesh_size(array)
-    return len(array.sharding.device_set)
-
-
-def _check_ordered_on_one_device(
-    caller: str, arguments: Any, leaves: list[Any], positions: list[int]
-) -> None:
-    """Inside `jit`, refuse an ordered callback with an argument that spans several
-    devices now, as JAX would when compiling, naming no function. (Eagerly the call
-    happens at once, with sharded arrays gathered.)"""
-    for position in positions:
-        array = leaves[position]
-        if not isinstance(array, jax.core.Tracer):
-            continue
-        devices = _spread_over(array)
-        if devices is not None and devices > 1:
-            path = jtu.tree_flatten_with_path(arguments)[0][position][0]
-            kind = "positional" if path[0] == jtu.SequenceKey(0) else "keyword"
-            raise ValueError(
-                f"{caller}: made with `ordered=True`, and called inside `jit` with "
-                f"the {kind} argument at path {jtu.keystr(path[1:])}, an array of "
-                f"shape {tuple(array.shape)} that spans {devices} devices; JAX runs "
-                "ordered callbacks only in computations on one device. Make the "
-                "wrapper with `ordered=False` (calls may then arrive in any order), "
-                "or keep this computation on one device."
-            )
-
-
-def _may_order(arrays: list[Any]) -> bool:
-    """Whether `print_callback` may ask for order: on a single device, or where the
-    traced arguments show a computation on one device (eagerly it does not matter)."""
-    if jax.device_count() == 1:
-        return True
-    tracers = [array for array in arrays if isinstance(array, jax.core.Tracer)]
-    counts = [_spread_over(tracer) for tracer in tracers]
-    return bool(counts) and all(count is not None and count <= 1 for count in counts)
+    return call
 
 
 def _wrap_for_host(
-    function: str,
-    func: Callable[..., Any],
-    ordered: bool,
-    partitioned: bool,
+    function: str, func: Callable[..., Any], ordered: bool, partitioned: bool
 ) -> Callable[..., None]:
-    """Make `func` callable from traced code, its arguments converted as for
-    `function`, the public function that wraps it."""
+    """`func`, made callable from traced code by `function`, one of the wrappers."""
     _check_host_function(function, func)
     for name, flag in (("ordered", ordered), ("partitioned", partitioned)):
         if not isinstance(flag, bool):
             raise TypeError(
                 f"{function}: `{name}` must be a bool; got {_describe_leaf(flag)}."
             )
-    options = {}
-    if _DEBUG_CALLBACK_TAKES_PARTITIONED:
-        options["partitioned"] = partitioned
-    elif partitioned:
+    if partitioned and not _DEBUG_CALLBACK_TAKES_PARTITIONED:
         raise ValueError(
             f"{function}: `partitioned=True` needs a `jax.debug.callback` that takes "
             f"`partitioned`, and the installed jax {jax.__version__} does not. "
             "Upgrade jax, or pass `partitioned=False`."
         )
+    options = {"partitioned": partitioned} if _DEBUG_CALLBACK_TAKES_PARTITIONED else {}
     name = _callable_name(func)
-    caller = f"{name} (made by {function})"
-    fix = f"Pass the arguments that `{name}` itself takes."
-    signature = _signature_or_none(func)
-    conversions = _CONVERSIONS[function]
-
-    @functools.wraps(func)
-    def wrapped(*args: Any, **kwargs: Any) -> None:
-        _send_to_host(
-            caller, fix, func, signature, ordered, options, conversions, args, kwargs
-        )
-
-    return wrapped
+    call = _host_caller(
+        f"{name} (made by {function})",
+        f"Pass the arguments that `{name}` itself takes.",
+        func, ordered, options, _CONVERSIONS[function],
+    )  # fmt: skip
+    return functools.wraps(func)(call)
 
 
 def _as_jax(array: Any, key_impl: Any) -> jax.Array:
@@ -2557,9 +2390,8 @@ def _as_jax(array: Any, key_impl: Any) -> jax.Array:
     return array if key_impl is None else jax.random.wrap_key_data(array, impl=key_impl)
 
 
-# How each function hands `func` a JAX array (as it reached the host, with the PRNG
-# impl of a typed key, which travels as its raw key data) and a NumPy value (which
-# never leaves the host).
+# How each wrapper hands `func` an array that came back from the device (with the
+# PRNG impl of a typed key), and a NumPy value, which never left the host.
 _CONVERSIONS: dict[str, tuple[Callable[[Any, Any], Any], Callable[[Any], Any]]] = {
     "callback_wrapper": (_as_jax, lambda value: value),
     "callback_with_numpy_wrapper": (lambda array, _: np.asarray(array), np.asarray),
@@ -2573,50 +2405,37 @@ _CONVERSIONS: dict[str, tuple[Callable[[Any, Any], Any], Callable[[Any], Any]]] 
 def callback_wrapper(
     func: Callable[_Params, Any], ordered: bool = False, partitioned: bool = False
 ) -> Callable[_Params, None]:
-    """Wrap the host function `func` so that it can be called from inside `jax.jit`.
+    """Wrap the host function `func` so that traced code can call it.
 
     As `jax.debug.callback(func, ...)`, except that the wrapper takes `func`'s own
-    arguments, checked against its signature at the call (at trace time under `jit`).
-    JAX arrays anywhere in them arrive as `jax.Array`s (typed keys still typed); NumPy
-    values never touch a device and arrive as the same objects, as does every other
-    leaf: `log(step=3)` hands `func` the int `3`. On Linux `func` sees the subnormal
-    floats that XLA's CPU runtime flushes. Under `jax.vmap` it runs once per element,
-    under `jax.grad` on the forward pass; under `jit` when the computation runs
-    (`jax.effects_barrier()` waits for it).
+    arguments, checked against its signature when it is called or traced. JAX arrays in
+    them reach `func` as `jax.Array`s (typed keys still typed), and every other leaf,
+    NumPy values included, as it was passed. On Linux `func` sees the subnormal floats
+    that XLA's CPU runtime flushes. Under `jit` it runs when the computation runs, under
+    `jax.vmap` once per element, and under `jax.grad` on the forward pass. What `func`
+    raises reaches the caller (under `jit`, as JAX's runtime error).
 
-    **Arguments:**
-
-    - `func`: the host function, whose result is ignored. The wrapper keeps its
-        name, docstring and parameters.
-    - `ordered`: as in `jax.debug.callback`. JAX orders calls only on one device, so
-        inside `jit` an argument that spans several devices raises `ValueError`.
-    - `partitioned`: passed on to `jax.debug.callback` where the installed JAX takes
-        it; elsewhere `True` raises `ValueError`.
+    `ordered` and `partitioned` are as in `jax.debug.callback`. The wrapper keeps
+    `func`'s name, docstring and parameters, and returns `None`.
 
     **Raises:**
 
-    `TypeError` at once if `ordered` or `partitioned` is not a bool, or if `func` is
-    not callable, or is a generator, `async def` or async generator function (its
-    body would never run). The wrapper raises `TypeError` for arguments that `func`
-    would refuse (unchecked where Python cannot read its signature). What `func`
-    raises reaches the caller: eagerly at once, under `jit` as JAX's runtime error.
+    - `TypeError` at once if `func` is not callable, or is a generator, `async def` or
+        async generator function, or if `ordered` or `partitioned` is not a bool; and
+        for arguments that `func` would refuse.
+    - `ValueError` for `partitioned=True` where the installed JAX does not take it, and
+        under `jit` for an ordered call with an argument on several devices.
 
     **Example:**
 
     ```python
     import jax
     import jax.numpy as jnp
-    import numpy as np
     from lerax_utils import callback_wrapper
 
-    seen = []
-    log = callback_wrapper(lambda tag, x, scale: seen.append((tag, x, scale)))
-    scale = np.float64(0.1)
-    jax.jit(lambda x: log("x", x * 2, scale))(jnp.arange(3.0))
-    jax.effects_barrier()  # Wait for the callback before reading `seen`.
-    tag, x, received = seen[0]
-    assert tag == "x" and isinstance(x, jax.Array) and x.tolist() == [0.0, 2.0, 4.0]
-    assert received is scale  # NumPy values never go through the device.
+    log = callback_wrapper(lambda tag, x: print(tag, x))
+    jax.jit(lambda x: log("x", x * 2))(jnp.arange(3.0))
+    jax.effects_barrier()  # x [0. 2. 4.]
     ```
     """
     return _wrap_for_host("callback_wrapper", func, ordered, partitioned)
@@ -2634,17 +2453,11 @@ def callback_with_numpy_wrapper(
     ```python
     import jax
     import jax.numpy as jnp
-    import numpy as np
     from lerax_utils import callback_with_numpy_wrapper
 
-    metrics = []
-    log = callback_with_numpy_wrapper(lambda **values: metrics.append(values))
-    big = np.int64(3_000_000_000)
-    jax.jit(lambda p: log(loss=jnp.sum(p**2), steps=big))(jnp.array([1.0, 2.0]))
-    jax.effects_barrier()
-    loss, steps = metrics[0]["loss"], metrics[0]["steps"]
-    assert loss.dtype == np.float32 and loss == 5.0
-    assert steps.dtype == np.int64 and steps == 3_000_000_000  # Not cast to 32 bits.
+    log = callback_with_numpy_wrapper(lambda loss: print(type(loss).__name__, loss))
+    jax.jit(lambda p: log(jnp.sum(p**2)))(jnp.ones(2))
+    jax.effects_barrier()  # ndarray 2.0
     ```
     """
     return _wrap_for_host("callback_with_numpy_wrapper", func, ordered, partitioned)
@@ -2664,44 +2477,29 @@ def callback_with_list_wrapper(
     import jax.numpy as jnp
     from lerax_utils import callback_with_list_wrapper
 
-    history = []
-    log = callback_with_list_wrapper(
-        lambda step, loss: history.append((step, loss)), ordered=True
-    )
-
-    @jax.jit
-    def train_step(step, params):
-        log(step, jnp.sum(params**2))
-        return params * 0.5
-
-    params = jnp.array([1.0, 2.0])
-    for step in range(3):
-        params = train_step(step, params)
-    jax.effects_barrier()
-    assert history == [(0, 5.0), (1, 1.25), (2, 0.3125)]  # In order: ordered=True.
+    log = callback_with_list_wrapper(lambda step, x: print(step, x), ordered=True)
+    jax.jit(lambda x: log(0, x * 2))(jnp.arange(3.0))
+    jax.effects_barrier()  # 0 [0.0, 2.0, 4.0]
     ```
     """
     return _wrap_for_host("callback_with_list_wrapper", func, ordered, partitioned)
 
 
-_PRINT_SIGNATURE = _signature_or_none(print)
-_PRINT_FIX = (
+_print_on_host = _host_caller(
+    "print_callback",
     "Pass what `print` takes: any positional arguments, and the keywords `sep`, "
-    "`end`, `file` and `flush`."
-)
+    "`end`, `file` and `flush`.",
+    print, None, {}, _CONVERSIONS["callback_with_list_wrapper"],
+)  # fmt: skip
 
 
 def print_callback(*args: Any, **kwargs: Any) -> None:
-    """`print`, from anywhere: eagerly, or inside `jax.jit`, `filter_scan` and friends.
+    """`print`, callable from traced code: inside `jax.jit`, `filter_scan` and friends.
 
-    As `jax.debug.print`, except that it takes the arguments of `print` (`sep`,
-    `end`, `file`, `flush`; no format string). Arrays print as lists (a 0-d array as
-    a number); NumPy values never touch a device and print as `print` prints their
-    `.tolist()`; other objects print as `print` prints them. Calls print in program
-    order, except inside `jit` on several devices, where JAX refuses ordered
-    callbacks: there lines may interleave unless the traced arguments show a
-    computation on one device. Under `jit` printing happens when the computation
-    runs; `jax.effects_barrier()` waits for it.
+    As `jax.debug.print`, except that it takes the arguments of `print` rather than a
+    format string. Arrays, JAX or NumPy, print as their `.tolist()`. Calls print in
+    program order, except under `jit` on several devices unless the traced arguments
+    show a computation on one device (JAX refuses ordered callbacks there).
 
     **Raises:**
 
@@ -2714,19 +2512,11 @@ def print_callback(*args: Any, **kwargs: Any) -> None:
     import jax.numpy as jnp
     from lerax_utils import print_callback
 
-    @jax.jit
-    def step(x):
-        print_callback("x =", x, "sum =", x.sum())
-        return x + 1
-
-    step(jnp.arange(3.0))
+    jax.jit(lambda x: print_callback("x =", x, "sum =", x.sum()))(jnp.arange(3.0))
     jax.effects_barrier()  # x = [0.0, 1.0, 2.0] sum = 3.0
     ```
     """
-    _send_to_host(
-        "print_callback", _PRINT_FIX, print, _PRINT_SIGNATURE, None, {},
-        _CONVERSIONS["callback_with_list_wrapper"], args, kwargs,
-    )  # fmt: skip
+    _print_on_host(*args, **kwargs)
 
 
 #
@@ -2736,12 +2526,9 @@ def print_callback(*args: Any, **kwargs: Any) -> None:
 # steps and at the end, at most `_PROGRESS_MAX_CALLBACKS` times however long it is.
 
 _PROGRESS_MAX_CALLBACKS = 200
-_PROGRESS_MIN_REPORTS = 5
-_PROGRESS_STEPS_PER_REPORT = 2000
 _PROGRESS_MIN_INTERVAL = 0.1  # Seconds between two redraws of a line.
-# How many loops with a bar are being traced around this point, per thread.
-_progress_tracing = threading.local()
-_progress_lock = threading.Lock()
+_progress_tracing = threading.local()  # `.depth`: loops with a bar being traced.
+_progress_lock = threading.RLock()
 _open_bars: "set[_ProgressBar]" = set()
 
 
@@ -2758,13 +2545,9 @@ def _progress_description(function: str, progress: Any) -> str | None:
 
 
 def _progress_stride(total: int) -> int:
-    """Report every `k`-th step. A host call costs tens of microseconds, as much as
-    thousands of small steps, so a loop reports `_PROGRESS_MIN_REPORTS` times, and
-    once more per `_PROGRESS_STEPS_PER_REPORT` steps, up to the bound."""
-    reports = max(
-        min(total, _PROGRESS_MIN_REPORTS), total // _PROGRESS_STEPS_PER_REPORT
-    )
-    reports = min(reports, _PROGRESS_MAX_CALLBACKS - 1)
+    """Report every `k`-th step. A host call costs as much as thousands of small
+    steps, so a loop reports 5 times, and once more per 2000 steps, up to the bound."""
+    reports = min(max(min(total, 5), total // 2000), _PROGRESS_MAX_CALLBACKS - 1)
     return max(1, -(-total // reports))
 
 
@@ -2776,19 +2559,19 @@ def _format_seconds(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
 
 
+@dataclasses.dataclass(eq=False)
 class _ProgressBar:
-    """One loop's bar: what it shows, and its state on the host. A compiled loop
-    reuses it on every run; a report of count 0 starts a new run."""
+    """One loop's bar and its state on the host. A compiled loop reuses it on every
+    run; a report of count 0 starts a new run."""
 
-    def __init__(self, description: str, total: int):
-        self.description = description
-        self.total = total
-        self.count = 0
-        self.start = 0.0
-        self.last_draw = -math.inf
-        self.width = 0  # Of the last line: a shorter one must blank it out.
-        self.reports = 0  # Of the current run, so far.
-        self.started = False  # Whether the current run's first report came.
+    description: str
+    total: int
+    count: int = 0
+    start: float = 0.0
+    last_draw: float = -math.inf
+    width: int = 0  # Of the last line: a shorter one must blank it out.
+    reports: int = 0  # Of the current run, so far.
+    started: bool = False  # Whether the current run's first report came.
 
     def draw(self, now: float, end: str) -> None:
         elapsed = now - self.start
@@ -2824,9 +2607,7 @@ def _progress_update(bar: _ProgressBar, count: int) -> None:
     now = time.monotonic()
     with _progress_lock:
         if count == 0 or bar not in _open_bars:
-            if _open_bars:
-                sys.stderr.write("\n")
-            _open_bars.clear()
+            _end_open_lines()
             _open_bars.add(bar)
             bar.start, bar.count, bar.width, bar.last_draw = now, 0, 0, -math.inf
         bar.count = max(bar.count, count)  # Counts never go backwards.
@@ -2860,10 +2641,10 @@ def _divisors(number: int) -> list[int]:
 def _progress_callbacks(
     bar: _ProgressBar, stride: int, reports: int
 ) -> tuple[Callable[[], None], Callable[[], None], Callable[[], None]]:
-    """A loop's host calls, first, then every `stride` steps, and last. Unordered
-    and without operands (either costs several times more), they are counted as they
-    come: the `n`-th shows `n * stride` steps, the `reports`-th the total. A second
-    `first` before that starts a new run (the one before stopped on an error)."""
+    """A loop's host calls: first, every `stride` steps, and last. Unordered and with
+    no operands (either costs several times more), they count as they come: the `n`-th
+    shows `n * stride` steps, the `reports`-th the total, and a second `first` before
+    that starts a new run (the one before stopped on an error)."""
 
     def report(kind: str) -> Callable[[], None]:
         def call() -> None:
