@@ -468,11 +468,7 @@ def _structure_difference(old: Any, new: Any, path: _KeyPath) -> tuple[str, str]
 
 
 class _Split:
-    """A pytree as a flat list of leaves, and which of them JAX traces.
-
-    A leaf's place in the user's tree is its index in the list, so the traced part
-    (`None` at static places) and the rebuilt tree line up with the original.
-    """
+    """A pytree as flat leaves, and which of them JAX traces (by flat index)."""
 
     def __init__(self, tree: Any, is_traced: Callable[[int, Any], bool]):
         self.tree = tree
@@ -480,20 +476,16 @@ class _Split:
         self.traced = [is_traced(i, leaf) for i, leaf in enumerate(self.leaves)]
 
     def traced_part(self) -> Any:
-        """The traced leaves, with `None` in place of every static one."""
         return self.treedef.unflatten(
             [x if t else None for x, t in zip(self.leaves, self.traced, strict=True)]
         )
 
     def static_part(self) -> Any:
-        """The static leaves, with `None` in place of every traced one."""
         return self.treedef.unflatten(
             [None if t else x for x, t in zip(self.leaves, self.traced, strict=True)]
         )
 
     def rebuild(self, traced_part: Any) -> Any:
-        """The whole tree: traced leaves from `traced_part`, in order, and static
-        leaves from here."""
         values = iter(jtu.tree_leaves(traced_part))
         return self.treedef.unflatten(
             [
@@ -510,9 +502,7 @@ def _arrays_traced(index: int, leaf: Any) -> bool:
     return _is_jax_value(leaf)
 
 
-def _outputs_traced(index: int, leaf: Any) -> bool:
-    """Outputs that JAX itself accepts are traced: arrays, and Python numbers (which
-    it makes weakly typed arrays)."""
+def _outputs_traced(index: int, leaf: Any) -> bool:  # What JAX takes as outputs.
     return _is_jax_value(leaf) or _is_python_number(leaf)
 
 
@@ -529,9 +519,7 @@ def _check_callable(function: str, name: str, fun: Any) -> None:
 
 
 def _lax_says(function: str, run: Callable[..., Any], *args: Any) -> str:
-    """`jax.lax`'s own message for the same mistake, made by `run(*args)` on stand-ins
-    of the same structure (traced here, so no tracer of ours reaches `jax.lax`), to
-    follow ours: code that matches it keeps working."""
+    """`jax.lax`'s message for the mistake that `run(*args)` makes, to follow ours."""
     try:
         jax.eval_shape(run, *args)
     except Exception as error:
@@ -549,12 +537,10 @@ def _stand_in(tree: Any) -> Any:
 #
 # Eager calls: the compiled program of a call, kept for the next call like it
 #
-# Outside any trace, `jax.lax` keeps a loop's traced program by its functions'
-# identity. So do we, for a whole call: a call whose functions (by identity), tree
-# structures, static leaves (by equality) and array types match an earlier one's
-# runs that call's compiled program, so a closure is read when first traced, as
-# under `jax.lax`. Inside a trace, the same keys remember which Python numbers a loop
-# promoted, so that a loop traced again (inside an outer loop) starts from them.
+# As `jax.lax` keeps a loop's traced program by its functions' identity, a call
+# whose functions (by identity), tree structures, static leaves (by equality) and
+# array types match an earlier one's runs that call's compiled program. Inside a
+# trace, the same keys remember which Python numbers a loop promoted.
 
 _CACHE_SIZE = 64  # Calls kept, in each of the two caches; least recently used go.
 _UNCACHED = object()
@@ -562,8 +548,7 @@ _UNTRACEABLE = object()  # A call whose tracing raised: it runs uncached, as bef
 
 
 class _Cache:
-    """A bounded, thread-safe map; an entry goes as soon as one of the objects its
-    key refers to weakly dies."""
+    """A bounded, thread-safe LRU map whose entries go when a weak referent dies."""
 
     def __init__(self) -> None:
         self.entries: collections.OrderedDict[Any, Any] = collections.OrderedDict()
@@ -602,32 +587,23 @@ _promotion_key = threading.local()  # Set for `_with_promoted_numbers`, per call
 
 
 def _structure_key(treedef: Any, referents: list[Any]) -> Any:
-    """`treedef` as a key that tells apart what its `==` does not: static fields of
-    other types or bits (`1`, `1.0`, `True`; `0.0`, `-0.0`)."""
+    """`treedef`, with its static fields by `_exact_key` (`1`, `1.0`, `True` differ)."""
     node = treedef.node_data()
     children = tuple(_structure_key(c, referents) for c in treedef.children())
     return None if node is None else (node[0], _exact_key(node[1], referents), children)
 
 
 def _exact_key(value: Any, referents: list[Any]) -> Any:
-    """A hashable stand-in for `value`: Python numbers by type and bits, containers
-    item by item, other objects by weak reference (then kept in `referents`) or, where
-    none can be taken, by type and value."""
+    """A hashable stand-in for `value`: numbers by type and bits, containers item by
+    item, other objects by weak reference (kept in `referents`) or else by value."""
     kind = type(value)
     if kind in (float, complex):
         return (kind, struct.pack("<dd", value.real, value.imag))
     if kind in (bool, int, str, bytes, type(None)):
         return (kind, value)
-    if isinstance(value, tuple | list):
-        return (kind, tuple(_exact_key(v, referents) for v in value))
-    if isinstance(value, dict):
-        items = value.items()
-        return (
-            kind,
-            tuple(
-                (_exact_key(k, referents), _exact_key(v, referents)) for k, v in items
-            ),
-        )
+    if isinstance(value, tuple | list | dict):
+        items = value.items() if isinstance(value, dict) else value
+        return (kind, tuple(_exact_key(item, referents) for item in items))
     compared_by_fields = (  # A dataclass without its own `__eq__` is by identity.
         dataclasses.is_dataclass(kind) and kind.__eq__ is not object.__eq__
     )
@@ -647,9 +623,8 @@ def _exact_key(value: Any, referents: list[Any]) -> Any:
 
 
 def _call_key(trees: Any) -> tuple[list[Any], list[Any], list[Any]] | None:
-    """The parts of a call's key, its leaves, and the objects that the key refers to
-    weakly; `None` if a static leaf cannot be hashed, or compares to itself as
-    anything but `True`."""
+    """A call's key parts, leaves and weak referents; `None` if a static leaf cannot
+    be hashed, or compares to itself as anything but `True`."""
     leaves, treedef = jtu.tree_flatten(trees)
     referents: list[Any] = []
     try:
@@ -674,10 +649,8 @@ def _call_key(trees: Any) -> tuple[list[Any], list[Any], list[Any]] | None:
 def _eager_call(
     function: str, trees: tuple[Any, ...], options: tuple[Any, ...], call: Any
 ) -> Any:
-    """`call(*trees)`, run by the compiled program of an earlier call like it, or
-    `_UNCACHED` where the caller must run it itself (inside a trace, or with a static
-    leaf that cannot be compared safely). `options` are static, compared with their
-    types."""
+    """`call(*trees)` by the compiled program of an earlier call like it, or
+    `_UNCACHED` where the caller must run it itself. `options` are static."""
     _promotion_key.value = None
     found = _call_key(trees) if _CACHE_SIZE > 0 else None
     if found is None:
@@ -721,8 +694,8 @@ def _eager_call(
 
 
 def _cached_eagerly(*static: str) -> Callable[[_Function], _Function]:
-    """Run eager calls of the decorated function through `_eager_call`: the arguments
-    named in `static` are compared whole, the others split into leaves."""
+    """Run eager calls through `_eager_call`; the arguments named in `static` are
+    compared whole, the others split into leaves."""
 
     def decorate(function: _Function) -> _Function:
         signature = inspect.signature(function)
@@ -750,8 +723,7 @@ def _cached_eagerly(*static: str) -> Callable[[_Function], _Function]:
 
 
 def _as_array(value: Any) -> Any:
-    """A Python number as the weakly typed array `jax.lax` makes of it (an index or
-    predicate is traced, so one program serves every value)."""
+    """A Python number as the weakly typed array that `jax.lax` makes of it."""
     try:
         return jnp.asarray(value) if _is_python_number(value) else value
     except Exception:
@@ -759,8 +731,7 @@ def _as_array(value: Any) -> Any:
 
 
 def _compile_call(trees: Any, leaves: list[Any], arrays: list[int], call: Any) -> Any:
-    """Trace `call` with the array leaves of `trees` traced; its closure's arrays
-    are arguments of the compiled program, as `jax.lax` passes them."""
+    """Trace `call` with the array leaves of `trees` traced."""
     treedef, out = jtu.tree_structure(trees), []
     static = {id(leaf): i for i, leaf in enumerate(leaves) if not eqx.is_array(leaf)}
 
@@ -804,10 +775,7 @@ _IMMUTABLE = (bool, int, float, complex, str, bytes, type(None))
 
 
 @dataclasses.dataclass(frozen=True)
-class _LoopNames:
-    """How messages name a loop's parts: `filter_scan`, `f`, `init`, and where else
-    a static value could live."""
-
+class _LoopNames:  # How messages name a loop's parts.
     function: str
     body: str
     init: str
@@ -815,9 +783,8 @@ class _LoopNames:
 
 
 class _PromoteCarryNumbers(Exception):
-    """Raised from inside a trace of a loop body: these carry leaves are Python numbers
-    that the body changed, so they must be traced; `unproven` adds those it may have
-    changed (all but those it passed on as they came). Never reaches the user."""
+    """From a trace of a loop body: the carry's Python numbers that it changed (and,
+    in `unproven`, those it may have changed) must be traced."""
 
     def __init__(self, indices: frozenset[int], unproven: frozenset[int]):
         super().__init__(indices)
@@ -827,17 +794,9 @@ class _PromoteCarryNumbers(Exception):
 def _with_promoted_numbers(
     function: str, attempt: Callable[[frozenset[int]], _Out], tree: Any
 ) -> _Out:
-    """Run `attempt(promoted)`, with the Python numbers of `tree` at the flat indices
-    `promoted` traced and the others kept as Python values.
-
-    Bools start traced, as `jax.lax` traces them (`~True` is -2 in Python); other
-    numbers start as Python values, and a body that changes one asks for it to be
-    traced (`_PromoteCarryNumbers`). An attempt that raises is repeated with every
-    number traced (code for `jax.lax` may need arrays: `c.shape`), then with none
-    (`if self.training:` needs Python values); the first success stands. Failing all,
-    the error with every number traced is `jax.lax`'s and is raised, unless it only
-    complains of tracing. A `RuntimeError` (from the running computation) is final.
-    """
+    """`attempt(promoted)`, with the Python numbers of `tree` at the flat indices
+    `promoted` traced: first bools only (as `jax.lax` traces them), adding those a
+    body changes; on an error, every number (`c.shape`), then none (`if training:`)."""
     leaves = jtu.tree_leaves(tree)
     bools = frozenset(i for i, leaf in enumerate(leaves) if type(leaf) is bool)
     numbers = frozenset(i for i, leaf in enumerate(leaves) if _is_python_number(leaf))
@@ -906,8 +865,7 @@ def _complains_of_tracing(error: Exception) -> bool:
 
 
 class _LoopCarry(_Split):
-    """A loop carry: its arrays are traced, and so are the Python numbers at the flat
-    indices `promoted`; every other leaf is static."""
+    """A loop carry: arrays and the numbers at the indices `promoted` are traced."""
 
     def __init__(self, init: Any, promoted: frozenset[int], names: _LoopNames):
         super().__init__(init, lambda i, leaf: _is_jax_value(leaf) or i in promoted)
@@ -918,25 +876,18 @@ class _LoopCarry(_Split):
         self.body_inputs: list[Any] = []
 
     def enter(self, traced_part: Any) -> Any:
-        """The carry as the body sees it, from the traced part that JAX passes in."""
         tree = self.rebuild(traced_part)
         self.body_inputs = jtu.tree_leaves(tree)
         return tree
 
     def finish(self, traced_part: Any) -> Any:
-        """The final carry, from the traced part that JAX returns."""
         leaves = jtu.tree_leaves(self.rebuild(traced_part))
         for i in self.passed_through:
             leaves[i] = self.leaves[i]
         return self.treedef.unflatten(leaves)
 
     def check(self, new_carry: Any) -> Any:
-        """Check the body's new carry against `init`, and return its traced part.
-
-        Traced places may hold any array or Python number (`jax.lax` then checks
-        shapes and dtypes). A Python number that changed asks for a new trace with
-        that leaf traced. Every other leaf must be unchanged.
-        """
+        """The traced part of the body's new carry, checked against `init`."""
         new_leaves, new_def = jtu.tree_flatten(new_carry)
         if new_def != self.treedef:
             path, message = _structure_difference(self.tree, new_carry, ())
@@ -1032,8 +983,7 @@ class _LoopCarry(_Split):
 def _static_outputs_agree(
     function: str, what: str, fun: str, traces: list[_Split]
 ) -> None:
-    """JAX may trace a function more than once; each trace must give the same static
-    outputs."""
+    """Each trace of a function must give the same static outputs."""
     first = traces[0].static_part()
     for trace in traces[1:]:
         difference = _tree_difference(first, trace.static_part())
@@ -1049,8 +999,7 @@ def _static_outputs_agree(
 
 
 class _Branches:
-    """The branches of a `cond` or `switch`, wrapped to take the traced operands and
-    return the traced part of their outputs, which must agree between branches."""
+    """The branches of a `cond` or `switch`, on the traced parts of their trees."""
 
     def __init__(
         self, function: str, operands: tuple[Any, ...], promoted: frozenset[int]
@@ -1077,8 +1026,7 @@ class _Branches:
         return self.operands.traced_part()
 
     def rebuild(self, traced_out: Any) -> Any:
-        """The output, from what `jax.lax` returned. A Python number that every traced
-        branch returns unchanged stays that number."""
+        # A Python number that every branch returns unchanged stays that number.
         first, *others = self.outputs.values()
         values = iter(jtu.tree_leaves(traced_out))
         leaves = []
@@ -1144,8 +1092,7 @@ _NO_OPERAND = object()
 def _one_operand_form(
     function: str, operands: tuple[Any, ...], operand: Any
 ) -> tuple[Any, ...]:
-    """`operand=x`, which `jax.lax.cond` and `jax.lax.switch` accept instead of
-    positional operands."""
+    """The operands, given positionally or as `operand=x`, as `jax.lax` takes them."""
     if operand is _NO_OPERAND:
         return operands
     if operands:
@@ -1179,47 +1126,38 @@ def filter_scan(
 ) -> tuple[_Carry, _Y]:
     """As `jax.lax.scan`, except that the carry, inputs and outputs may be any pytree.
 
-    Array leaves are traced. A Python number in the carry stays a Python value while
-    `f` returns it unchanged (same type and bits); once `f` changes it, `f` is traced
-    again with it traced, as `jax.lax.scan` traces it. Bools are traced from the
-    start. Every other leaf (functions, strings, static fields) is static, and `f`
-    must return it unchanged. On a tree of arrays it builds `jax.lax.scan`'s program,
-    so `jax.jit`, `jax.vmap` and `jax.grad` see no difference. Called eagerly, it
-    reuses the compiled program of an earlier call like it (see the module docstring).
+    Arrays are traced. A Python number in the carry stays a Python value until `f`
+    changes it, and is traced from then on; bools are traced from the start. Every
+    other leaf is static, and `f` must return it unchanged. On a tree of arrays this
+    is `jax.lax.scan`'s own program, under `jax.jit`, `jax.vmap` and `jax.grad` alike.
 
-    **Arguments:** as `jax.lax.scan`, and:
+    **Arguments:** as `jax.lax.scan`, except:
 
-    - `xs`: array leaves are sliced along their leading axis; other leaves reach every
-        step unchanged. When `xs` holds no arrays, `length` is required.
-    - `length`: a Python or NumPy integer, or a concrete 0-d integer array.
+    - `xs`: its arrays are sliced along their leading axis; its other leaves reach
+        every step unchanged. When `xs` holds no arrays, pass `length`.
+    - `length`: a concrete whole number (Python, NumPy, or a 0-d array).
     - `progress`: `True`, or a description, draws a progress bar on stderr while the
-        loop runs, even under `jax.jit`. Results are as without it, up to XLA's
-        rounding of matrix products.
+        loop runs, even under `jax.jit`.
 
-    **Returns:** `(final_carry, ys)`, where the non-array leaves of `y` come once,
-    unstacked (as `eqx.filter_vmap` returns a batch of modules).
+    **Returns:** `(final_carry, ys)`; the static leaves of `y` come once, unstacked.
 
-    **Raises:** the exception types of `jax.lax.scan` for the same mistakes, with
-    messages that begin as quoted and go on to name the leaf path and the fix.
+    **Raises:** the exception types of `jax.lax.scan` for the same mistakes, with:
 
     - `TypeError`: ``filter_scan: `f` must be callable``; ``filter_scan: `f` must
         return a pair``; ``filter_scan: `f` returned a carry that differs from `init` ``
-        when the carry changes structure (a static field of a module too) or a traced
-        leaf comes back as neither an array nor a number; ``filter_scan: `length` must
-        be a whole number``; ``filter_scan: `unroll` must be a bool or a non-negative
-        int``; ``filter_scan: `progress` must be a bool or a string``. JAX's own when
-        a carry leaf changes shape or dtype.
+        (its structure, or a traced leaf); ``filter_scan: `length` must be a whole
+        number``; ``filter_scan: `unroll` must be a bool or a non-negative int``;
+        ``filter_scan: `progress` must be a bool or a string``.
     - `ValueError`: ``filter_scan: `f` returned a carry that differs from `init` ``
-        when a static leaf changes; ``filter_scan: every array in `xs` must have the
-        same leading size``; ``filter_scan: `length=…` disagrees with the leading
-        size``; ``filter_scan: cannot tell how many steps to run``; ``filter_scan: the
-        array at `xs` path … is a scalar`` (an `IndexError` too, as in
-        `jax.lax.scan`); ``filter_scan: `length` must be non-negative``;
-        ``filter_scan: `unroll` must be a bool or a non-negative int`` when negative;
-        ``filter_scan: the non-array part of `f`'s output `y` differs between two
-        traces``.
-    - `jax.errors.ConcretizationTypeError` when `length` is traced: JAX's message,
-        then ``filter_scan: `length` must be concrete``.
+        (a static leaf); ``filter_scan: every array in `xs` must have the same leading
+        size``; ``filter_scan: `length=…` disagrees with the leading size``;
+        ``filter_scan: cannot tell how many steps to run``; ``filter_scan: the array
+        at `xs` path … is a scalar`` (an `IndexError` too); ``filter_scan: `length`
+        must be non-negative``; ``filter_scan: `unroll` must be a bool or a
+        non-negative int``; ``filter_scan: the non-array part of `f`'s output `y`
+        differs between two traces``.
+    - `jax.errors.ConcretizationTypeError`: ``filter_scan: `length` must be
+        concrete``, after JAX's message.
 
     **Example:**
 
@@ -1300,17 +1238,10 @@ def filter_scan(
 def _scan_with_bar(
     bar: "_ProgressBar", step: Callable[..., Any], init: Any, xs: Any, options: Any
 ) -> tuple[Any, Any]:
-    """`jax.lax.scan(step, init, xs, **options)`, reporting its progress to `bar`;
-    `options` holds at least `length` and `unroll`.
-
-    A check in every step keeps XLA from simplifying the step, so where it can the
-    loop runs as an outer scan over chunks of `_chunk_size(length)` steps, reporting
-    between them, with one `jax.lax.scan`'s results bit for bit. Under differentiation
-    (where chunks would sum cotangents in another order), and where chunks do not
-    apply (no divisor near the stride, an `unroll`, effects, a carry whose type
-    changes, keys that a `jax.custom_jvp` cannot pass), it is one scan that checks
-    its step count in every step.
-    """
+    """`jax.lax.scan(step, init, xs, **options)`, reporting its progress to `bar`."""
+    # A check in every step keeps XLA from simplifying the step, so where it can (not
+    # under differentiation, which would sum cotangents in another order) this is an
+    # outer scan over chunks, reporting between them, bit for bit one scan's results.
     length, unroll = options["length"], options["unroll"]
     with _progress_body():  # Loops traced inside `step` draw no bar.
         as_bool = isinstance(unroll, bool | np.bool_)
@@ -1384,8 +1315,7 @@ def _scan_in_chunks(
     stride: int,
     options: Any,
 ) -> tuple[Any, Any]:
-    """The steps in chunks of `stride` (which divides `length`), with a host call
-    before the first chunk and one after each."""
+    """The steps in chunks of `stride` steps, reporting before and after each."""
     length = options["length"]
     chunks = length // stride
     options = {**options, "unroll": 1}
@@ -1417,10 +1347,9 @@ def _scan_in_chunks(
 
 
 def _after_arrays_of(tree: list[Any], index: jax.Array) -> tuple[jax.Array, Any]:
-    """`index`, and an operand for the branch that reports, which XLA computes only
-    once the arrays of `tree` are: an optimization barrier ties `index` to the
-    smallest array, whole (so any sharding works), or without one, a value of that
-    array is the operand."""
+    """`index`, and an operand for the reporting branch, computed only after `tree`:
+    tied to its smallest array whole by a barrier (for any sharding), or else to one
+    of its values."""
     leaves = [leaf for leaf in jtu.tree_leaves(tree) if leaf.size]
     if not leaves:
         return index, index
@@ -1435,8 +1364,7 @@ def _after_arrays_of(tree: list[Any], index: jax.Array) -> tuple[jax.Array, Any]
 def _scan_reporting_every_step(
     bar: "_ProgressBar", step: Callable[..., Any], init: Any, xs: Any, options: Any
 ) -> tuple[Any, Any]:
-    """`jax.lax.scan(step, init, xs, **options)` with a step counter in the carry,
-    which `step` never sees, reporting to `bar`. It counts up in either direction."""
+    """`jax.lax.scan(step, init, xs, **options)`, checking a step count in each step."""
     length = options["length"]
     stride = _progress_stride(length)
     reported = {*range(0, length, stride), length - 1}
@@ -1470,7 +1398,6 @@ def _scan_reporting_every_step(
 
 
 def _scan_length(xs: Any, length: Any) -> int:
-    """The number of steps, checked against the leading sizes of `xs`'s arrays."""
     if length is not None:
         length = _whole_number("length", length)
         if length < 0:
@@ -1513,12 +1440,10 @@ def _scan_length(xs: Any, length: Any) -> int:
 
 
 class _ScalarToScanError(ValueError, IndexError):
-    """A 0-d array in `xs`. A `ValueError`, and an `IndexError` as well, since that is
-    what `jax.lax.scan` and `jax.lax.map` raise for it."""
+    """A 0-d array in `xs`: `jax.lax.scan` and `jax.lax.map` raise an `IndexError`."""
 
 
 def _check_leading_axes(function: str, xs: Any, leaves: list[Any]) -> None:
-    """Every array among `leaves` (those of `xs`) has a leading axis to slice."""
     for i, leaf in enumerate(leaves):
         if eqx.is_array(leaf) and leaf.ndim == 0:
             path = jtu.keystr(jtu.tree_flatten_with_path(xs)[0][i][0])
@@ -1533,7 +1458,6 @@ def _check_leading_axes(function: str, xs: Any, leaves: list[Any]) -> None:
 
 
 def _whole_number(name: str, value: Any) -> int:
-    """A concrete whole number from a Python or NumPy number or a 0-d array."""
     if isinstance(value, str | bytes):
         whole = None
     else:
@@ -1561,7 +1485,6 @@ def _whole_number(name: str, value: Any) -> int:
 
 
 def _scan_unroll(unroll: Any) -> Any:
-    """`unroll` as `jax.lax.scan` takes it: a bool, or a whole number it checks."""
     if isinstance(unroll, bool | np.bool_ | jax.core.Tracer):
         return unroll  # `jax.lax.scan` interprets bools, and rejects tracers itself.
     try:
@@ -1593,20 +1516,18 @@ def filter_cond(
 ) -> _Out:
     """As `jax.lax.cond`, except that the operands and outputs may be any pytree.
 
-    Array leaves of the operands are traced, and so are bools, as by `jax.lax.cond`;
-    every other leaf, numbers included, reaches the branch unchanged. Only the chosen
-    branch runs. At each leaf the branches return arrays or numbers (of one shape and
-    dtype, as `jax.lax.cond` requires) or equal static values; a number that both
-    return unchanged stays a Python number.
+    Arrays and bools among the operands are traced; every other leaf reaches the
+    branch unchanged. Only the chosen branch runs. At each leaf the branches return
+    arrays or numbers (traced), or equal static values; a number that every branch
+    returns unchanged stays a Python number.
 
-    **Raises:** the exception types of `jax.lax.cond` for the same mistakes.
+    **Raises:** the exception types of `jax.lax.cond` for the same mistakes, with:
 
-    - `TypeError`: ``filter_cond: `true_fun` must be callable`` (or `false_fun`);
-        ``filter_cond: `pred` must be a scalar``; ``filter_cond: the branches' outputs
-        disagree`` on their structure, or where one returns an array or number and the
-        other does not; ``filter_cond: pass the operands either positionally or as
-        `operand=`, not both``.
-    - `ValueError`: ``filter_cond: the branches' outputs disagree`` on a static value.
+    - `TypeError`: ``filter_cond: `true_fun` must be callable``; ``filter_cond:
+        `pred` must be a scalar``; ``filter_cond: the branches' outputs disagree``
+        (structure, or traced against static); ``filter_cond: pass the operands
+        either positionally or as `operand=`, not both``.
+    - `ValueError`: ``filter_cond: the branches' outputs disagree`` (a static value).
 
     **Example:**
 
@@ -1673,21 +1594,18 @@ def filter_switch(
     *operands: Any,
     operand: Any = _NO_OPERAND,
 ) -> _Out:
-    """As `jax.lax.switch`, except that the operands and outputs may be any pytree.
+    """As `jax.lax.switch`, except that the operands and outputs may be any pytree,
+    split as by `filter_cond`.
 
-    Operands and outputs are split as in `filter_cond`. `index` is clamped to the
-    branches, as by `jax.lax.switch`, and only the chosen branch runs.
-
-    **Raises:** the exception types of `jax.lax.switch` for the same mistakes.
+    **Raises:** the exception types of `jax.lax.switch` for the same mistakes, with:
 
     - `TypeError`: ``filter_switch: `branches` must be a sequence of functions``;
         ``filter_switch: `branches[…]` must be callable``; ``filter_switch: `index`
-        must be a scalar``; ``filter_switch: the branches' outputs disagree`` on their
-        structure, or where one returns an array or number and another does not;
-        ``filter_switch: pass the operands either positionally or as `operand=`, not
-        both``.
+        must be a scalar``; ``filter_switch: the branches' outputs disagree``
+        (structure, or traced against static); ``filter_switch: pass the operands
+        either positionally or as `operand=`, not both``.
     - `ValueError`: ``filter_switch: `branches` is empty``; ``filter_switch: the
-        branches' outputs disagree`` on a static value.
+        branches' outputs disagree`` (a static value).
 
     **Example:**
 
@@ -1746,22 +1664,17 @@ def filter_while_loop(
     body_fun: Callable[[_Carry], _Carry],
     init_val: _Carry,
 ) -> _Carry:
-    """As `jax.lax.while_loop`, except that the carry may be any pytree.
+    """As `jax.lax.while_loop`, except that the carry may be any pytree, split as by
+    `filter_scan`.
 
-    The carry is split as in `filter_scan`: arrays are traced, Python numbers are
-    static until `body_fun` changes them, and every other leaf is static and must come
-    back unchanged. As `jax.lax.while_loop`, it cannot be differentiated in reverse:
-    use `filter_fori_loop` with concrete bounds for that.
+    **Raises:** the exception types of `jax.lax.while_loop` for the same mistakes,
+    with:
 
-    **Raises:** the exception types of `jax.lax.while_loop` for the same mistakes.
-
-    - `TypeError`: ``filter_while_loop: `cond_fun` must be callable`` (or `body_fun`);
-        ``filter_while_loop: `body_fun` returned a carry that differs from
-        `init_val` `` when the carry changes structure or a traced leaf comes back as
-        neither an array nor a number. JAX's own when a leaf changes shape or dtype,
-        or `cond_fun` does not return a scalar boolean.
+    - `TypeError`: ``filter_while_loop: `cond_fun` must be callable`` (or
+        `body_fun`); ``filter_while_loop: `body_fun` returned a carry that differs
+        from `init_val` `` (its structure, or a traced leaf).
     - `ValueError`: ``filter_while_loop: `body_fun` returned a carry that differs
-        from `init_val` `` when a static leaf changes.
+        from `init_val` `` (a static leaf).
 
     **Example:**
 
@@ -1806,22 +1719,20 @@ def filter_fori_loop(
     unroll: int | bool | None = None,
     progress: bool | str = False,
 ) -> _Carry:
-    """As `jax.lax.fori_loop`, except that the carry may be any pytree.
+    """As `jax.lax.fori_loop`, except that the carry may be any pytree, split as by
+    `filter_scan`.
 
-    The carry is split as in `filter_scan`. With concrete bounds the loop is a scan,
-    which can be differentiated in reverse; with traced bounds, a while loop.
-
-    **Arguments:** as `jax.lax.fori_loop`, and `progress`, as in `filter_scan`, which
+    **Arguments:** as `jax.lax.fori_loop`, and `progress` as in `filter_scan`, which
     needs concrete bounds.
 
-    **Raises:** the exception types of `jax.lax.fori_loop` for the same mistakes.
+    **Raises:** the exception types of `jax.lax.fori_loop` for the same mistakes, with:
 
     - `TypeError`: ``filter_fori_loop: `body_fun` must be callable``;
         ``filter_fori_loop: `body_fun` returned a carry that differs from `init_val` ``
-        as in `filter_while_loop`; ``filter_fori_loop: `progress` needs concrete
-        bounds``. JAX's own for bounds of different integer types.
+        (its structure, or a traced leaf); ``filter_fori_loop: `progress` needs
+        concrete bounds``.
     - `ValueError`: ``filter_fori_loop: `body_fun` returned a carry that differs from
-        `init_val` `` when a static leaf changes.
+        `init_val` `` (a static leaf).
 
     **Example:**
 
@@ -1895,21 +1806,20 @@ def filter_map(
 ) -> _Y:
     """As `jax.lax.map`, except that `xs` and the outputs of `f` may be any pytree.
 
-    Array leaves of `xs` are sliced along their leading axis and traced; other leaves
-    reach every call unchanged. Array and Python-number leaves of the outputs are
-    stacked, as by `jax.lax.map`; every other leaf is returned once.
+    The arrays of `xs` are sliced along their leading axis; its other leaves reach
+    every call unchanged. The arrays and numbers that `f` returns are stacked; its
+    other leaves come once.
 
-    **Arguments:** as `jax.lax.map`, and `progress`, as in `filter_scan` (not with
-    `batch_size`).
+    **Arguments:** as `jax.lax.map`, and `progress` as in `filter_scan`.
 
-    **Raises:** the exception types of `jax.lax.map` for the same mistakes.
+    **Raises:** the exception types of `jax.lax.map` for the same mistakes, with:
 
     - `TypeError`: ``filter_map: `f` must be callable``; ``filter_map: `progress`
         cannot be combined with `batch_size` ``; ``filter_map: `batch_size` needs a
-        JAX whose `jax.lax.map` takes it``. JAX's own when the leading sizes differ.
+        JAX whose `jax.lax.map` takes it``.
     - `ValueError`: ``filter_map: `xs` holds no arrays``; ``filter_map: the array at
-        `xs` path … is a scalar`` (an `IndexError` too, as in `jax.lax.map`);
-        ``filter_map: the non-array part of `f`'s output differs between two traces``.
+        `xs` path … is a scalar`` (an `IndexError` too); ``filter_map: the non-array
+        part of `f`'s output differs between two traces``.
 
     **Example:**
 
