@@ -774,14 +774,6 @@ _IMMUTABLE = (bool, int, float, complex, str, bytes, type(None))
 #
 
 
-@dataclasses.dataclass(frozen=True)
-class _LoopNames:  # How messages name a loop's parts.
-    function: str
-    body: str
-    init: str
-    elsewhere: str
-
-
 class _PromoteCarryNumbers(Exception):
     """From a trace of a loop body: the carry's Python numbers that it changed (and,
     in `unproven`, those it may have changed) must be traced."""
@@ -867,9 +859,9 @@ def _complains_of_tracing(error: Exception) -> bool:
 class _LoopCarry(_Split):
     """A loop carry: arrays and the numbers at the indices `promoted` are traced."""
 
-    def __init__(self, init: Any, promoted: frozenset[int], names: _LoopNames):
+    def __init__(self, init: Any, promoted: frozenset[int], function: str):
         super().__init__(init, lambda i, leaf: _is_jax_value(leaf) or i in promoted)
-        self.names = names
+        self.function = function
         # Traced numbers that every trace of the body passes through untouched come
         # back as the Python values they were.
         self.passed_through = set(promoted)
@@ -902,9 +894,9 @@ class _LoopCarry(_Split):
                 "filter_fori_loop": lambda old, new: jax.lax.fori_loop(
                     0, 1, lambda i, c: new, old
                 ),
-            }[self.names.function]
+            }[self.function]
             says = _lax_says(
-                self.names.function[7:], lax, _stand_in(self.tree), _stand_in(new_carry)
+                self.function[7:], lax, _stand_in(self.tree), _stand_in(new_carry)
             )
             raise TypeError(
                 self._error(path, message, kind) + (says if kind != "static" else "")
@@ -952,26 +944,21 @@ class _LoopCarry(_Split):
         )
 
     def _error(self, path: str, message: str, kind: str) -> str:
-        names = self.names
+        scan = self.function == "filter_scan"
+        body, init = ("f", "init") if scan else ("body_fun", "init_val")
         fix = {
-            "structure": (
-                f"The carry must keep the structure of `{names.init}` from step to "
-                "step."
-            ),
-            "traced": (
-                "Return an array or a Python number there, with the same shape and "
-                f"dtype as in `{names.init}`."
-            ),
-            "static": (
-                "Only arrays and Python numbers in the carry may change from step to "
-                "step. If this value must change, make it an array in "
-                f"`{names.init}` with `jnp.asarray`; otherwise keep it out of the "
-                f"carry ({names.elsewhere})."
-            ),
+            "structure": f"The carry must keep the structure of `{init}` from step to "
+            "step.",
+            "traced": "Return an array or a Python number there, with the same shape "
+            f"and dtype as in `{init}`.",
+            "static": "Only arrays and Python numbers in the carry may change from "
+            f"step to step. If this value must change, make it an array in `{init}` "
+            "with `jnp.asarray`; otherwise keep it out of the carry (close over it in "
+            f"`{body}`{', or pass it in `xs`' if scan else ''}).",
         }[kind]
         return (
-            f"{names.function}: `{names.body}` returned a carry that differs from "
-            f"`{names.init}` {_where(path)}: it {message}. {fix}"
+            f"{self.function}: `{body}` returned a carry that differs from "
+            f"`{init}` {_where(path)}: it {message}. {fix}"
         )
 
 
@@ -1026,21 +1013,12 @@ class _Branches:
         return self.operands.traced_part()
 
     def rebuild(self, traced_out: Any) -> Any:
-        # A Python number that every branch returns unchanged stays that number.
         first, *others = self.outputs.values()
-        values = iter(jtu.tree_leaves(traced_out))
-        leaves = []
-        for i, (leaf, is_traced) in enumerate(
-            zip(first.leaves, first.traced, strict=True)
-        ):
-            if not is_traced:
-                leaves.append(leaf)
-                continue
-            value = next(values)
-            same = others and all(
-                _same_python_number(leaf, other.leaves[i]) for other in others
-            )
-            leaves.append(leaf if same else value)
+        leaves = jtu.tree_leaves(first.rebuild(traced_out))
+        for i, leaf in enumerate(first.leaves):
+            # A Python number that every branch returns unchanged stays that number.
+            if others and all(_same_python_number(leaf, o.leaves[i]) for o in others):
+                leaves[i] = leaf
         return first.treedef.unflatten(leaves)
 
     def _check_agree(self, first_name: str, first: Any, name: str, out: Any) -> None:
@@ -1048,15 +1026,14 @@ class _Branches:
         out_leaves, out_def = jtu.tree_flatten(out)
         if first_def != out_def:
             path, message = _structure_difference(first, out, ())
-            if self.function == "filter_switch":
-                lax = lambda a, b: jax.lax.switch(0, [lambda: a, lambda: b])  # noqa: E731
-            elif first_name == "true_fun":
+            # `jax.lax`'s message names the true branch first.
+            pair = (out, first) if first_name == "false_fun" else (first, out)
+            lax = lambda a, b: jax.lax.switch(0, [lambda: a, lambda: b])  # noqa: E731
+            if self.function == "filter_cond":
                 lax = lambda a, b: jax.lax.cond(True, lambda: a, lambda: b)  # noqa: E731
-            else:
-                lax = lambda a, b: jax.lax.cond(True, lambda: b, lambda: a)  # noqa: E731
             raise TypeError(
                 self._error(first_name, name, path, message)
-                + _lax_says(self.function[7:], lax, _stand_in(first), _stand_in(out))
+                + _lax_says(self.function[7:], lax, *map(_stand_in, pair))
             )
         for (path, a), b in zip(first_leaves, out_leaves, strict=True):
             a_traced, b_traced = _outputs_traced(0, a), _outputs_traced(0, b)
@@ -1106,10 +1083,6 @@ def _one_operand_form(
 #
 # filter_scan
 #
-
-_SCAN_NAMES = _LoopNames(
-    "filter_scan", "f", "init", "close over it in `f`, or pass it in `xs`"
-)
 
 
 @_cached_eagerly("length", "reverse", "unroll", "_split_transpose", "progress")
@@ -1181,13 +1154,13 @@ def filter_scan(
     length = _scan_length(xs, length)
     unroll = _scan_unroll(unroll)
     bar = _make_bar(description, length)
-    options = (
-        {"_split_transpose": _split_transpose} if _SCAN_TAKES_SPLIT_TRANSPOSE else {}
-    )
+    options = {"length": length, "reverse": reverse, "unroll": unroll}
+    if _SCAN_TAKES_SPLIT_TRANSPOSE:
+        options["_split_transpose"] = _split_transpose
     inputs = _Split(xs, _arrays_traced)
 
     def attempt(promoted: frozenset[int]) -> Any:
-        carry = _LoopCarry(init, promoted, _SCAN_NAMES)
+        carry = _LoopCarry(init, promoted, "filter_scan")
         outputs: list[_Split] = []
         pair_defs: list[Any] = []
 
@@ -1211,21 +1184,7 @@ def filter_scan(
             outputs.append(_Split(y, _outputs_traced))
             return carry.check(new_carry), outputs[-1].traced_part()
 
-        if bar is None:
-            final, ys = jax.lax.scan(
-                step,
-                carry.traced_part(),
-                inputs.traced_part(),
-                length=length,
-                reverse=reverse,
-                unroll=unroll,
-                **options,
-            )
-        else:
-            final, ys = _scan_with_bar(
-                bar, step, carry.traced_part(), inputs.traced_part(),
-                {"length": length, "reverse": reverse, "unroll": unroll, **options},
-            )  # fmt: skip
+        final, ys = _scan(bar, step, carry.traced_part(), inputs.traced_part(), options)
         _static_outputs_agree("filter_scan", "`f`'s output `y`", "f", outputs)
         final, ys = carry.finish(final), outputs[0].rebuild(ys)
         # `jax.lax.scan` gives back the pair in the container that `f` used.
@@ -1235,10 +1194,16 @@ def filter_scan(
         return _with_promoted_numbers("filter_scan", attempt, init)
 
 
-def _scan_with_bar(
-    bar: "_ProgressBar", step: Callable[..., Any], init: Any, xs: Any, options: Any
+def _scan(
+    bar: "_ProgressBar | None",
+    step: Callable[..., Any],
+    init: Any,
+    xs: Any,
+    options: Any,
 ) -> tuple[Any, Any]:
     """`jax.lax.scan(step, init, xs, **options)`, reporting its progress to `bar`."""
+    if bar is None:
+        return jax.lax.scan(step, init, xs, **options)
     # A check in every step keeps XLA from simplifying the step, so where it can (not
     # under differentiation, which would sum cotangents in another order) this is an
     # outer scan over chunks, reporting between them, bit for bit one scan's results.
@@ -1650,13 +1615,6 @@ def filter_switch(
 # filter_while_loop, filter_fori_loop
 #
 
-_WHILE_NAMES = _LoopNames(
-    "filter_while_loop", "body_fun", "init_val", "close over it in `body_fun`"
-)
-_FORI_NAMES = _LoopNames(
-    "filter_fori_loop", "body_fun", "init_val", "close over it in `body_fun`"
-)
-
 
 @_cached_eagerly()
 def filter_while_loop(
@@ -1694,7 +1652,7 @@ def filter_while_loop(
     _check_callable("filter_while_loop", "body_fun", body_fun)
 
     def attempt(promoted: frozenset[int]) -> Any:
-        carry = _LoopCarry(init_val, promoted, _WHILE_NAMES)
+        carry = _LoopCarry(init_val, promoted, "filter_while_loop")
 
         @_named_after(cond_fun)
         def cond(traced: Any) -> Any:
@@ -1762,7 +1720,7 @@ def filter_fori_loop(
         bar = _make_bar(description, total)
 
     def attempt(promoted: frozenset[int]) -> Any:
-        carry = _LoopCarry(init_val, promoted, _FORI_NAMES)
+        carry = _LoopCarry(init_val, promoted, "filter_fori_loop")
 
         @_named_after(body_fun)
         def body(i: Any, traced: Any) -> Any:
@@ -1781,7 +1739,7 @@ def filter_fori_loop(
             i, traced = state
             return (i + 1, body(i, traced)), None
 
-        (_, final), _ = _scan_with_bar(
+        (_, final), _ = _scan(
             bar, counted, (first, carry.traced_part()), None,
             {"length": total, "unroll": 1 if unroll is None else unroll},
         )  # fmt: skip
@@ -1863,19 +1821,17 @@ def filter_map(
         return outputs[-1].traced_part()
 
     traced_xs = inputs.traced_part()
+    sizes = {jnp.shape(leaf)[:1] for leaf in jtu.tree_leaves(traced_xs)}
     bar = None
-    if description is not None:
-        sizes = {jnp.shape(leaf)[:1] for leaf in jtu.tree_leaves(traced_xs)}
-        if len(sizes) == 1 and () not in sizes:  # Else `jax.lax.map` raises.
-            bar = _make_bar(description, sizes.pop()[0])
+    if len(sizes) == 1 and () not in sizes:  # Else `jax.lax.map` raises.
+        (length,) = sizes.pop()
+        bar = _make_bar(description, length)
     if bar is None:
         ys = jax.lax.map(mapped, traced_xs, **options)
     else:
         with _tidy_on_error(bar):
-            _, ys = _scan_with_bar(
-                bar, lambda c, x: (c, mapped(x)), None, traced_xs,
-                {"length": jtu.tree_leaves(traced_xs)[0].shape[0], "unroll": 1},
-            )  # fmt: skip
+            step = lambda c, x: (c, mapped(x))  # noqa: E731
+            _, ys = _scan(bar, step, None, traced_xs, {"length": length, "unroll": 1})
     _static_outputs_agree("filter_map", "`f`'s output", "f", outputs)
     return outputs[0].rebuild(ys)
 
