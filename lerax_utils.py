@@ -1824,14 +1824,14 @@ def filter_map(
     sizes = {jnp.shape(leaf)[:1] for leaf in jtu.tree_leaves(traced_xs)}
     bar = None
     if len(sizes) == 1 and () not in sizes:  # Else `jax.lax.map` raises.
-        (length,) = sizes.pop()
-        bar = _make_bar(description, length)
+        bar = _make_bar(description, sizes.pop()[0])
     if bar is None:
         ys = jax.lax.map(mapped, traced_xs, **options)
     else:
         with _tidy_on_error(bar):
             step = lambda c, x: (c, mapped(x))  # noqa: E731
-            _, ys = _scan(bar, step, None, traced_xs, {"length": length, "unroll": 1})
+            options = {"length": bar.total, "unroll": 1}
+            _, ys = _scan(bar, step, None, traced_xs, options)
     _static_outputs_agree("filter_map", "`f`'s output", "f", outputs)
     return outputs[0].rebuild(ys)
 
