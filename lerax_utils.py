@@ -1009,9 +1009,6 @@ class _Branches:
 
         return branch
 
-    def traced_operands(self) -> tuple[Any, ...]:
-        return self.operands.traced_part()
-
     def rebuild(self, traced_out: Any) -> Any:
         first, *others = self.outputs.values()
         leaves = jtu.tree_leaves(first.rebuild(traced_out))
@@ -1066,18 +1063,36 @@ class _Branches:
 _NO_OPERAND = object()
 
 
-def _one_operand_form(
-    function: str, operands: tuple[Any, ...], operand: Any
-) -> tuple[Any, ...]:
-    """The operands, given positionally or as `operand=x`, as `jax.lax` takes them."""
-    if operand is _NO_OPERAND:
-        return operands
-    if operands:
+def _branch(
+    function: str,
+    selector: tuple[str, Any, str],
+    branches: dict[str, Callable[..., Any]],
+    operands: tuple[Any, ...],
+    operand: Any,
+    run: Callable[..., Any],
+) -> Any:
+    """`run(branches, *operands)`, by `jax.lax.cond` or `jax.lax.switch`, on the
+    traced parts, after the checks that both make."""
+    if operand is not _NO_OPERAND:  # `operand=x`, which `jax.lax` also takes.
+        if operands:
+            raise TypeError(
+                f"{function}: pass the operands either positionally or as `operand=`, "
+                f"not both; got `operand=` and {len(operands)} positional operand(s)."
+            )
+        operands = (operand,)
+    name, value, fix = selector
+    if eqx.is_array(value) and value.shape != ():
         raise TypeError(
-            f"{function}: pass the operands either positionally or as `operand=`, not "
-            f"both; got `operand=` and {len(operands)} positional operand(s)."
+            f"{function}: `{name}` must be a scalar; got an array of shape "
+            f"{tuple(value.shape)}. {fix}"
         )
-    return (operand,)
+
+    def attempt(promoted: frozenset[int]) -> Any:
+        split = _Branches(function, operands, promoted)
+        wrapped = [split.wrap(name, fun) for name, fun in branches.items()]
+        return split.rebuild(run(wrapped, *split.operands.traced_part()))
+
+    return _with_promoted_numbers(function, attempt, operands)
 
 
 #
@@ -1509,47 +1524,19 @@ def filter_cond(
         if callable(false_fun) and len(operands) == 2 and callable(operands[1]):
             # The older form `cond(pred, true_operand, true_fun, false_operand,
             # false_fun)`, which `jax.lax.cond` still accepts.
-            true_operand, old_true_fun, false_operand, old_false_fun = (
-                true_fun,
-                false_fun,
-                *operands,
-            )
-            return filter_cond(
-                pred,
-                lambda x, _: old_true_fun(x),
-                lambda _, x: old_false_fun(x),
-                true_operand,
-                false_operand,
-            )
+            old_true, (false_operand, old_false) = false_fun, operands
+            new_true, new_false = lambda x, _: old_true(x), lambda _, x: old_false(x)
+            return filter_cond(pred, new_true, new_false, true_fun, false_operand)
         _check_callable("filter_cond", "true_fun", true_fun)
         _check_callable("filter_cond", "false_fun", false_fun)
-    operands = _one_operand_form("filter_cond", operands, operand)
-    _check_scalar(
+    return _branch(
         "filter_cond",
-        "pred",
-        pred,
-        "Reduce it first, for example with `jnp.any` or `jnp.all`.",
+        ("pred", pred, "Reduce it first, for example with `jnp.any` or `jnp.all`."),
+        {"true_fun": true_fun, "false_fun": false_fun},
+        operands,
+        operand,
+        lambda branches, *traced: jax.lax.cond(pred, *branches, *traced),
     )
-
-    def attempt(promoted: frozenset[int]) -> Any:
-        branches = _Branches("filter_cond", operands, promoted)
-        out = jax.lax.cond(
-            pred,
-            branches.wrap("true_fun", true_fun),
-            branches.wrap("false_fun", false_fun),
-            *branches.traced_operands(),
-        )
-        return branches.rebuild(out)
-
-    return _with_promoted_numbers("filter_cond", attempt, operands)
-
-
-def _check_scalar(function: str, name: str, value: Any, fix: str) -> None:
-    if eqx.is_array(value) and value.shape != ():
-        raise TypeError(
-            f"{function}: `{name}` must be a scalar; got an array of shape "
-            f"{tuple(value.shape)}. {fix}"
-        )
 
 
 @_cached_eagerly()
@@ -1596,19 +1583,14 @@ def filter_switch(
         raise ValueError(
             "filter_switch: `branches` is empty; give at least one function."
         )
-    operands = _one_operand_form("filter_switch", operands, operand)
-    _check_scalar("filter_switch", "index", index, "Pass a single integer index.")
-
-    def attempt(promoted: frozenset[int]) -> Any:
-        wrapped = _Branches("filter_switch", operands, promoted)
-        out = jax.lax.switch(
-            index,
-            [wrapped.wrap(f"branches[{i}]", fun) for i, fun in enumerate(branches)],
-            *wrapped.traced_operands(),
-        )
-        return wrapped.rebuild(out)
-
-    return _with_promoted_numbers("filter_switch", attempt, operands)
+    return _branch(
+        "filter_switch",
+        ("index", index, "Pass a single integer index."),
+        {f"branches[{i}]": fun for i, fun in enumerate(branches)},
+        operands,
+        operand,
+        lambda branches, *traced: jax.lax.switch(index, branches, *traced),
+    )
 
 
 #
