@@ -604,15 +604,10 @@ def _exact_key(value: Any, referents: list[Any]) -> Any:
     if isinstance(value, tuple | list | dict):
         items = value.items() if isinstance(value, dict) else value
         return (kind, tuple(_exact_key(item, referents) for item in items))
-    compared_by_fields = (  # A dataclass without its own `__eq__` is by identity.
-        dataclasses.is_dataclass(kind) and kind.__eq__ is not object.__eq__
-    )
-    if compared_by_fields:
-        fields = dataclasses.fields(value)
-        return (
-            kind,
-            tuple(_exact_key(getattr(value, f.name), referents) for f in fields),
-        )
+    # A dataclass without its own `__eq__` compares by identity, as other objects.
+    if dataclasses.is_dataclass(kind) and kind.__eq__ is not object.__eq__:
+        fields = [getattr(value, field.name) for field in dataclasses.fields(value)]
+        return (kind, tuple(_exact_key(field, referents) for field in fields))
     try:
         key = (weakref.WeakMethod if inspect.ismethod(value) else weakref.ref)(value)
     except TypeError:
@@ -792,15 +787,11 @@ def _with_promoted_numbers(
     leaves = jtu.tree_leaves(tree)
     bools = frozenset(i for i, leaf in enumerate(leaves) if type(leaf) is bool)
     numbers = frozenset(i for i, leaf in enumerate(leaves) if _is_python_number(leaf))
-    starts = {
-        bools: "every number traced"
-        if bools == numbers
-        else "bools traced and other numbers as Python values"
-        if bools
-        else "every number a Python value"
+    starts = {  # In this order; a later description wins where two sets are equal.
+        bools: "bools traced and other numbers as Python values",
+        numbers: "every number traced",
+        frozenset(): "every number a Python value",
     }
-    starts.setdefault(numbers, "every number traced")
-    starts.setdefault(frozenset(), "every number a Python value")
     errors: dict[frozenset[int], Exception] = {}
     hint, _promotion_key.value = getattr(_promotion_key, "value", None), None
     with contextlib.suppress(Exception):  # An `__eq__` that raises: no hint.
@@ -907,6 +898,7 @@ class _LoopCarry(_Split):
             for i in self.passed_through
             if self.body_inputs and new_leaves[i] is self.body_inputs[i]
         }
+        unproven: set[int] = set()
         for i, (old, new, is_traced) in enumerate(
             zip(self.leaves, new_leaves, self.traced, strict=True)
         ):
@@ -916,28 +908,20 @@ class _LoopCarry(_Split):
                         f"was {_describe_leaf(old)} and is now {_describe_leaf(new)}"
                     )
                     raise TypeError(self._error(self.path(i), message, "traced"))
-                if not is_traced and not _same_python_number(old, new):
+                if is_traced:
+                    continue
+                if not _same_python_number(old, new):
                     to_promote.add(i)
+                # Passed on as the very object that came in, and not one that Python
+                # shares between equal values (small ints, bools), it is unchanged.
+                shared = type(old) is bool or (type(old) is int and -5 <= old <= 256)
+                if new is not self.body_inputs[i] or shared:
+                    unproven.add(i)
                 continue
             message = _leaf_difference(old, new)
             if message is not None:
                 raise ValueError(self._error(self.path(i), message, "static"))
         if to_promote:
-            # Passed on as the very object that came in, and not one that Python
-            # shares between equal values (small ints, bools), it is unchanged.
-            unproven = {
-                i
-                for i, (old, new) in enumerate(
-                    zip(self.leaves, new_leaves, strict=True)
-                )
-                if not self.traced[i]
-                and _is_python_number(old)
-                and not (
-                    new is self.body_inputs[i]
-                    and type(old) is not bool
-                    and not (type(old) is int and -5 <= old <= 256)
-                )
-            }
             raise _PromoteCarryNumbers(frozenset(to_promote), frozenset(unproven))
         return new_def.unflatten(
             [x if t else None for x, t in zip(new_leaves, self.traced, strict=True)]
