@@ -1259,55 +1259,40 @@ def _scan(
             consts, xs_leaves = list(closed.consts), jtu.tree_leaves(xs)
             final, ys = every_step(consts, init_leaves, xs_leaves)
         else:
+            chunks = length // stride
+            inner = {**options, "unroll": 1, "length": stride}
+            outer = {**options, "unroll": 1, "length": chunks}
 
-            def in_chunks(consts: list[Any], carry: list[Any], xs: list[Any]) -> Any:
-                return _scan_in_chunks(
-                    bar, functools.partial(replay, consts), carry, xs, stride, options
-                )
+            def in_chunks(consts: list[Any], init: list[Any], xs: list[Any]) -> Any:
+                first, then, last = _progress_callbacks(bar, stride, chunks + 1)
+                jax.debug.callback(first)
+
+                def chunk(state: tuple[Any, Any], x: Any) -> tuple[Any, Any]:
+                    index, carry = state
+                    step = functools.partial(replay, consts)
+                    carry, ys = jax.lax.scan(step, carry, x, **inner)
+                    # Tied to this chunk's arrays, so that it runs after its steps.
+                    done, operand = _after_arrays_of([carry, ys], index)
+                    jax.lax.cond(
+                        done == chunks - 1,
+                        lambda _: jax.debug.callback(last),
+                        lambda _: jax.debug.callback(then),
+                        operand,
+                    )
+                    return (index + 1, carry), ys
+
+                index = jnp.zeros((), jnp.int32)
+                xs = [x.reshape(chunks, stride, *x.shape[1:]) for x in xs]
+                (_, carry), ys = jax.lax.scan(chunk, (index, init), xs, **outer)
+                # Else XLA folds the reshapes into what consumes `ys` (a sum over two
+                # axes instead of one, say), which then rounds differently.
+                ys = [y.reshape(length, *y.shape[2:]) for y in ys]
+                return carry, _optimization_barrier(ys)
 
             scan = jax.custom_jvp(in_chunks)
             scan.defjvp(lambda primals, dots: jax.jvp(every_step, primals, dots))
             final, ys = scan(list(closed.consts), init_leaves, jtu.tree_leaves(xs))
         return carry_def.unflatten(final), jtu.tree_structure(y_shape).unflatten(ys)
-
-
-def _scan_in_chunks(
-    bar: "_ProgressBar",
-    step: Callable[..., Any],
-    init: list[Any],
-    xs: list[Any],
-    stride: int,
-    options: Any,
-) -> tuple[Any, Any]:
-    """The steps in chunks of `stride` steps, reporting before and after each."""
-    length = options["length"]
-    chunks = length // stride
-    options = {**options, "unroll": 1}
-    first, then, last = _progress_callbacks(bar, stride, chunks + 1)
-    jax.debug.callback(first)
-
-    def chunk(state: tuple[Any, Any], x: Any) -> tuple[Any, Any]:
-        index, carry = state
-        carry, ys = jax.lax.scan(step, carry, x, **{**options, "length": stride})
-        # Tied to this chunk's arrays, so that it runs after its steps.
-        done, operand = _after_arrays_of([carry, ys], index)
-        jax.lax.cond(
-            done == chunks - 1,
-            lambda _: jax.debug.callback(last),
-            lambda _: jax.debug.callback(then),
-            operand,
-        )
-        return (index + 1, carry), ys
-
-    (_, carry), ys = jax.lax.scan(
-        chunk,
-        (jnp.zeros((), jnp.int32), init),
-        [x.reshape(chunks, stride, *x.shape[1:]) for x in xs],
-        **{**options, "length": chunks},
-    )
-    # Else XLA folds the reshapes into what consumes `ys` (a sum over two axes
-    # instead of one, say), which then rounds differently than without the bar.
-    return carry, _optimization_barrier([y.reshape(length, *y.shape[2:]) for y in ys])
 
 
 def _after_arrays_of(tree: list[Any], index: jax.Array) -> tuple[jax.Array, Any]:
