@@ -617,49 +617,37 @@ def _exact_key(value: Any, referents: list[Any]) -> Any:
     return key
 
 
-def _call_key(trees: Any) -> tuple[list[Any], list[Any], list[Any]] | None:
-    """A call's key parts, leaves and weak referents; `None` if a static leaf cannot
-    be hashed, or compares to itself as anything but `True`."""
-    leaves, treedef = jtu.tree_flatten(trees)
-    referents: list[Any] = []
-    try:
-        parts: list[Any] = [_trace_context(), _structure_key(treedef, referents)]
-    except TypeError:  # An unhashable static field.
-        return None
-    for leaf in leaves:
-        if eqx.is_array(leaf):
-            parts.append(getattr(leaf, "aval", None) or (leaf.shape, leaf.dtype))
-            continue
-        if _is_jax_value(leaf):
-            return None
-        try:
-            if not _is_python_number(leaf) and (leaf == leaf) is not True:
-                return None
-            parts.append(_exact_key(leaf, referents))
-        except Exception:
-            return None
-    return parts, leaves, referents
-
-
 def _eager_call(
     function: str, trees: tuple[Any, ...], options: tuple[Any, ...], call: Any
 ) -> Any:
     """`call(*trees)` by the compiled program of an earlier call like it, or
     `_UNCACHED` where the caller must run it itself. `options` are static."""
     _promotion_key.value = None
-    found = _call_key(trees) if _CACHE_SIZE > 0 else None
-    if found is None:
+    if _CACHE_SIZE <= 0:
         return _UNCACHED
-    parts, leaves, referents = found
-    try:
-        key = (function, *((type(x), x) for x in options), *parts)
+    leaves, treedef = jtu.tree_flatten(trees)
+    referents: list[Any] = []
+    arrays: list[int] = []
+    try:  # Uncached where a static leaf cannot be hashed, or compared safely.
+        key: Any = [function, *((type(x), x) for x in options), _trace_context()]
+        key.append(_structure_key(treedef, referents))
+        for i, leaf in enumerate(leaves):
+            if eqx.is_array(leaf):
+                arrays.append(i)
+                key.append(getattr(leaf, "aval", None) or (leaf.shape, leaf.dtype))
+            elif _is_jax_value(leaf) or (
+                not _is_python_number(leaf) and (leaf == leaf) is not True
+            ):
+                return _UNCACHED
+            else:
+                key.append(_exact_key(leaf, referents))
+        key = tuple(key)
         hash(key)
     except Exception:
         return _UNCACHED
     _promotion_key.value = (key, referents)  # For `_with_promoted_numbers`.
     if not _trace_state_clean() or jax.config.jax_disable_jit:  # pyright: ignore[reportAttributeAccessIssue]
         return _UNCACHED
-    arrays = [i for i, leaf in enumerate(leaves) if eqx.is_array(leaf)]
     try:
         entry = _PROGRAMS.get(key)
     except Exception:  # An `__eq__` that raises, between two static leaves.
