@@ -475,15 +475,9 @@ class _Split:
         self.leaves, self.treedef = jtu.tree_flatten(tree)
         self.traced = [is_traced(i, leaf) for i, leaf in enumerate(self.leaves)]
 
-    def traced_part(self) -> Any:
-        return self.treedef.unflatten(
-            [x if t else None for x, t in zip(self.leaves, self.traced, strict=True)]
-        )
-
-    def static_part(self) -> Any:
-        return self.treedef.unflatten(
-            [None if t else x for x, t in zip(self.leaves, self.traced, strict=True)]
-        )
+    def traced_part(self, traced: bool = True) -> Any:  # `None` at the other leaves.
+        pairs = zip(self.leaves, self.traced, strict=True)
+        return self.treedef.unflatten([x if t == traced else None for x, t in pairs])
 
     def rebuild(self, traced_part: Any) -> Any:
         values = iter(jtu.tree_leaves(traced_part))
@@ -509,6 +503,11 @@ def _outputs_traced(index: int, leaf: Any) -> bool:  # What JAX takes as outputs
 # Gives a wrapper `fun`'s name, signature and source location, so that JAX's own
 # messages about the wrapper speak of the user's function and parameter names.
 _named_after = functools.partial(functools.wraps, updated=())
+_TRACING_ERRORS = (  # The errors that say only that a tracer was used as a value.
+    jax.errors.ConcretizationTypeError,
+    jax.errors.TracerIntegerConversionError,
+    jax.errors.TracerArrayConversionError,
+)
 
 
 def _check_callable(function: str, name: str, fun: Any) -> None:
@@ -739,7 +738,7 @@ def _compile_call(trees: Any, leaves: list[Any], arrays: list[int], call: Any) -
     except Exception as error:
         # Only arrays in a function (a module's parameters), traced here and not
         # uncached, can make the difference; then the call runs uncached.
-        if not _complains_of_tracing(error):
+        if not isinstance(error, _TRACING_ERRORS):
             raise
         return _UNTRACEABLE
     made = [p[0] for p in out[1] if type(p) is tuple]
@@ -810,11 +809,12 @@ def _with_promoted_numbers(
             raise
         except Exception as error:
             errors[start] = error
-            if start == numbers and not _complains_of_tracing(error):
+            if start == numbers and not isinstance(error, _TRACING_ERRORS):
                 break
     as_lax = errors[numbers]
     chosen = next(
-        (e for e in [as_lax, *errors.values()] if not _complains_of_tracing(e)), as_lax
+        (e for e in [as_lax, *errors.values()] if not isinstance(e, _TRACING_ERRORS)),
+        as_lax,
     )
     for start, other in errors.items():
         if other is not chosen and str(other) != str(chosen):
@@ -823,16 +823,6 @@ def _with_promoted_numbers(
                 f"{type(other).__name__}: {other}"
             )
     raise chosen
-
-
-def _complains_of_tracing(error: Exception) -> bool:
-    """Whether `error` says only that a traced value was used as a Python value."""
-    return isinstance(
-        error,
-        jax.errors.ConcretizationTypeError
-        | jax.errors.TracerIntegerConversionError
-        | jax.errors.TracerArrayConversionError,
-    )
 
 
 class _LoopCarry(_Split):
@@ -943,9 +933,9 @@ def _static_outputs_agree(
     function: str, what: str, fun: str, traces: list[_Split]
 ) -> None:
     """Each trace of a function must give the same static outputs."""
-    first = traces[0].static_part()
+    first = traces[0].traced_part(False)
     for trace in traces[1:]:
-        difference = _tree_difference(first, trace.static_part())
+        difference = _tree_difference(first, trace.traced_part(False))
         if difference is not None:
             path, message = difference
             raise ValueError(
@@ -1065,11 +1055,6 @@ def _branch(
         return split.rebuild(run(wrapped, *split.operands.traced_part()))
 
     return _with_promoted_numbers(function, attempt, operands)
-
-
-#
-# filter_scan
-#
 
 
 @_cached_eagerly("length", "reverse", "unroll", "_split_transpose", "progress")
@@ -1336,7 +1321,30 @@ def _scan_reporting_every_step(
 
 def _scan_length(xs: Any, length: Any) -> int:
     if length is not None:
-        length = _whole_number("length", length)
+        whole = None
+        if not isinstance(length, str | bytes):
+            try:
+                whole = int(length)
+            except jax.errors.ConcretizationTypeError:
+                raise jax.errors.ConcretizationTypeError(
+                    length,
+                    "filter_scan: `length` must be concrete, but it is traced. Pass a "
+                    "Python int, or compute it outside `jax.jit` (mark it static with "
+                    "`static_argnums`). For a loop whose length is only known inside "
+                    "the computation, use `jax.lax.while_loop`."
+                    + _lax_says(
+                        "scan",
+                        lambda: jax.lax.scan(lambda c, x: (c, x), 0, None, length),
+                    ),
+                ) from None
+            except (TypeError, ValueError, OverflowError):
+                pass
+        if whole is None or bool(whole != length):
+            raise TypeError(
+                "filter_scan: `length` must be a whole number (a Python int, a NumPy "
+                f"integer or a 0-d integer array); got {_describe_leaf(length)}."
+            )
+        length = whole
         if length < 0:
             raise ValueError(
                 f"filter_scan: `length` must be non-negative; got {length}."
@@ -1394,33 +1402,6 @@ def _check_leading_axes(function: str, xs: Any, leaves: list[Any]) -> None:
             )
 
 
-def _whole_number(name: str, value: Any) -> int:
-    if isinstance(value, str | bytes):
-        whole = None
-    else:
-        try:
-            whole = int(value)
-        except jax.errors.ConcretizationTypeError:
-            raise jax.errors.ConcretizationTypeError(
-                value,
-                f"filter_scan: `{name}` must be concrete, but it is traced. Pass a "
-                "Python int, or compute it outside `jax.jit` (mark it static with "
-                "`static_argnums`). For a loop whose length is only known inside the "
-                "computation, use `jax.lax.while_loop`."
-                + _lax_says(
-                    "scan", lambda: jax.lax.scan(lambda c, x: (c, x), 0, None, value)
-                ),
-            ) from None
-        except (TypeError, ValueError, OverflowError):
-            whole = None
-    if whole is None or bool(whole != value):
-        raise TypeError(
-            f"filter_scan: `{name}` must be a whole number (a Python int, a NumPy "
-            f"integer or a 0-d integer array); got {_describe_leaf(value)}."
-        )
-    return whole
-
-
 def _scan_unroll(unroll: Any) -> Any:
     if isinstance(unroll, bool | np.bool_ | jax.core.Tracer):
         return unroll  # `jax.lax.scan` interprets bools, and rejects tracers itself.
@@ -1436,11 +1417,6 @@ def _scan_unroll(unroll: Any) -> Any:
             f"filter_scan: `unroll` must be a bool or a non-negative int; got {as_int}."
         )
     return as_int
-
-
-#
-# filter_cond, filter_switch
-#
 
 
 @_cached_eagerly()
@@ -1548,11 +1524,6 @@ def filter_switch(
         operand,
         lambda branches, *traced: jax.lax.switch(index, branches, *traced),
     )
-
-
-#
-# filter_while_loop, filter_fori_loop
-#
 
 
 @_cached_eagerly()
@@ -1686,11 +1657,6 @@ def filter_fori_loop(
 
     with _tidy_on_error(bar):
         return _with_promoted_numbers("filter_fori_loop", attempt, init_val)
-
-
-#
-# filter_map
-#
 
 
 @_cached_eagerly("batch_size", "progress")
