@@ -1351,7 +1351,7 @@ def _scan_length(xs: Any, length: Any) -> int:
             )
     leaves = jtu.tree_leaves(xs)
     _check_leading_axes("filter_scan", xs, leaves)
-    sizes = [leaf.shape[0] for leaf in leaves if eqx.is_array(leaf)]
+    sizes = {leaf.shape[0] for leaf in leaves if eqx.is_array(leaf)}
     if not sizes:
         if length is None:
             raise ValueError(
@@ -1359,8 +1359,7 @@ def _scan_length(xs: Any, length: Any) -> int:
                 "arrays. Pass `length=`."
             )
         return length
-    distinct = set(sizes)
-    if len(distinct) > 1:
+    if len(sizes) > 1:
         listing = ", ".join(
             f"{jtu.keystr(path)}: {leaf.shape[0]}"
             for path, leaf in jtu.tree_flatten_with_path(xs)[0]
@@ -1370,7 +1369,7 @@ def _scan_length(xs: Any, length: Any) -> int:
             "filter_scan: every array in `xs` must have the same leading size, but the "
             f"leading sizes differ ({listing}). Slice or pad them to one length."
         )
-    (size,) = distinct
+    (size,) = sizes
     if length is not None and length != size:
         raise ValueError(
             f"filter_scan: `length={length}` disagrees with the leading size {size} of "
@@ -1697,20 +1696,18 @@ def filter_map(
     """
     _check_callable("filter_map", "f", f)
     description = _progress_description("filter_map", progress)
-    options = {}
     if batch_size is not None and description is not None:
         raise TypeError(
             "filter_map: `progress` cannot be combined with `batch_size`. Leave one "
             "of them out."
         )
-    if batch_size is not None:
-        if not _MAP_TAKES_BATCH_SIZE:
-            raise TypeError(
-                "filter_map: `batch_size` needs a JAX whose `jax.lax.map` takes it "
-                f"(0.4.31 or newer); this is jax {jax.__version__}. Upgrade JAX, or "
-                "leave `batch_size` out."
-            )
-        options["batch_size"] = batch_size
+    if batch_size is not None and not _MAP_TAKES_BATCH_SIZE:
+        raise TypeError(
+            "filter_map: `batch_size` needs a JAX whose `jax.lax.map` takes it "
+            f"(0.4.31 or newer); this is jax {jax.__version__}. Upgrade JAX, or "
+            "leave `batch_size` out."
+        )
+    options = {} if batch_size is None else {"batch_size": batch_size}
     inputs = _Split(xs, _arrays_traced)
     _check_leading_axes("filter_map", xs, inputs.leaves)
     if not any(inputs.traced):
