@@ -805,12 +805,14 @@ def _with_promoted_numbers(
                     if narrow is None or isinstance(error, RuntimeError):
                         raise
                     promoted, narrow = narrow, None  # one round at a time.
-        except RuntimeError:
+        except RuntimeError:  # From the running computation: final.
             raise
         except Exception as error:
             errors[start] = error
             if start == numbers and not isinstance(error, _TRACING_ERRORS):
                 break
+    # Failing all: `jax.lax`'s error (every number traced), unless it only complains
+    # of tracing where another start's error says more.
     as_lax = errors[numbers]
     chosen = next(
         (e for e in [as_lax, *errors.values()] if not isinstance(e, _TRACING_ERRORS)),
@@ -1229,8 +1231,7 @@ def _scan(
             or closed.effects
             or (keys and not _custom_jvp_takes_keys())
         ):
-            consts, xs_leaves = list(closed.consts), jtu.tree_leaves(xs)
-            final, ys = every_step(consts, init_leaves, xs_leaves)
+            scan: Callable[..., Any] = every_step
         else:
             chunks = length // stride
             inner = {**options, "unroll": 1, "length": stride}
@@ -1264,7 +1265,7 @@ def _scan(
 
             scan = jax.custom_jvp(in_chunks)
             scan.defjvp(lambda primals, dots: jax.jvp(every_step, primals, dots))
-            final, ys = scan(list(closed.consts), init_leaves, jtu.tree_leaves(xs))
+        final, ys = scan(list(closed.consts), init_leaves, jtu.tree_leaves(xs))
         return carry_def.unflatten(final), jtu.tree_structure(y_shape).unflatten(ys)
 
 
