@@ -935,9 +935,9 @@ def _static_outputs_agree(
     function: str, what: str, fun: str, traces: list[_Split]
 ) -> None:
     """Each trace of a function must give the same static outputs."""
-    first = traces[0].traced_part(False)
+    first = traces[0].traced_part(traced=False)
     for trace in traces[1:]:
-        difference = _tree_difference(first, trace.traced_part(False))
+        difference = _tree_difference(first, trace.traced_part(traced=False))
         if difference is not None:
             path, message = difference
             raise ValueError(
@@ -1191,8 +1191,7 @@ def _scan(
             # together with what surrounds it, so any report inside would change the
             # results' bits. One report, after it.
             out = jax.lax.scan(step, init, xs, **options)
-            last = _progress_callbacks(bar, 1, 1)[2]
-            jax.debug.callback(last)
+            jax.debug.callback(_progress_callbacks(bar, 1, 1)[2])
             return out
         try:
             first_x = jax.tree.map(lambda x: x[0], xs)
@@ -1270,9 +1269,9 @@ def _scan(
 
 
 def _after_arrays_of(tree: list[Any], index: jax.Array) -> tuple[jax.Array, Any]:
-    """`index`, and an operand for the reporting branch, computed only after `tree`:
-    tied to its smallest array whole by a barrier (for any sharding), or else to one
-    of its values."""
+    """`index`, and an operand for the reporting branch, computed after `tree`."""
+    # A barrier ties `index` to the smallest array, whole (for any sharding); without
+    # one, a value of that array is the operand.
     leaves = [leaf for leaf in jtu.tree_leaves(tree) if leaf.size]
     if not leaves:
         return index, index
