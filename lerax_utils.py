@@ -712,6 +712,9 @@ def _as_array(value: Any) -> Any:
         return value  # Left as it is, for `jax.lax` to complain of.
 
 
+_IMMUTABLE = (bool, int, float, complex, str, bytes, type(None))
+
+
 def _compile_call(trees: Any, leaves: list[Any], arrays: list[int], call: Any) -> Any:
     """Trace `call` with the array leaves of `trees` traced."""
     treedef, out = jtu.tree_structure(trees), []
@@ -724,14 +727,12 @@ def _compile_call(trees: Any, leaves: list[Any], arrays: list[int], call: Any) -
         out_leaves, out_def = jtu.tree_flatten(call(*treedef.unflatten(inputs)))
         # Each output leaf: traced (`None`), an input's static leaf (its index), or
         # a value made while tracing (in a 1-tuple).
-        out.append(out_def)
-        out.append(
-            [
-                None if isinstance(x, jax.core.Tracer) else static.get(id(x), (x,))
-                for x in out_leaves
-            ]
-        )
-        return [x for x in out_leaves if isinstance(x, jax.core.Tracer)]
+        places = [
+            None if isinstance(x, jax.core.Tracer) else static.get(id(x), (x,))
+            for x in out_leaves
+        ]
+        out[:] = [out_def, places]
+        return [x for x, p in zip(out_leaves, places, strict=True) if p is None]
 
     try:
         closed = jax.make_jaxpr(program)(*(leaves[i] for i in arrays))
@@ -741,14 +742,10 @@ def _compile_call(trees: Any, leaves: list[Any], arrays: list[int], call: Any) -
         if not isinstance(error, _TRACING_ERRORS):
             raise
         return _UNTRACEABLE
-    made = [p[0] for p in out[1] if type(p) is tuple]
-    if not all(type(x) in _IMMUTABLE for x in made):
+    if any(type(p) is tuple and type(p[0]) not in _IMMUTABLE for p in out[1]):
         return _UNTRACEABLE  # Each call must get its own new objects, as uncached.
     run = jax.jit(lambda consts, *xs: jax.core.eval_jaxpr(closed.jaxpr, consts, *xs))
     return run, list(closed.consts), out[0], out[1]
-
-
-_IMMUTABLE = (bool, int, float, complex, str, bytes, type(None))
 
 
 #
