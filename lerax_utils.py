@@ -994,10 +994,8 @@ class _Branches:
                 + _lax_says(self.function[7:], lax, *map(_stand_in, pair))
             )
         for (path, a), b in zip(first_leaves, out_leaves, strict=True):
-            a_traced, b_traced = _outputs_traced(0, a), _outputs_traced(0, b)
-            if a_traced and b_traced:
-                continue  # `jax.lax` checks shapes and dtypes.
-            if a_traced or b_traced:
+            a_traced = _outputs_traced(0, a)
+            if a_traced != _outputs_traced(0, b):
                 message = (
                     f"is {_describe_leaf(b)}, where `{first_name}` returns "
                     f"{_describe_leaf(a)}"
@@ -1005,7 +1003,8 @@ class _Branches:
                 raise TypeError(
                     self._error(first_name, name, jtu.keystr(path), message)
                 )
-            message = _leaf_difference(a, b)
+            # Where both are traced, `jax.lax` checks shapes and dtypes.
+            message = None if a_traced else _leaf_difference(a, b)
             if message is not None:
                 raise ValueError(
                     self._error(first_name, name, jtu.keystr(path), message)
