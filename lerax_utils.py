@@ -403,32 +403,18 @@ def _describe_node(node: Any) -> str:
 
 
 class _Split:
-    """A pytree as a flat list of leaves, and which of them JAX traces.
-
-    A leaf's place in the user's tree is its index in the list, so the traced part
-    (`None` at static places) and the rebuilt tree line up with the original.
-    """
+    """A pytree as flat leaves, and which of them JAX traces (by flat index)."""
 
     def __init__(self, tree: Any, is_traced: Callable[[int, Any], bool]):
         self.tree = tree
         self.leaves, self.treedef = jtu.tree_flatten(tree)
         self.traced = [is_traced(i, leaf) for i, leaf in enumerate(self.leaves)]
 
-    def traced_part(self) -> Any:
-        """The traced leaves, with `None` in place of every static one."""
-        return self.treedef.unflatten(
-            [x if t else None for x, t in zip(self.leaves, self.traced, strict=True)]
-        )
-
-    def static_part(self) -> Any:
-        """The static leaves, with `None` in place of every traced one."""
-        return self.treedef.unflatten(
-            [None if t else x for x, t in zip(self.leaves, self.traced, strict=True)]
-        )
+    def traced_part(self, traced: bool = True) -> Any:  # `None` at the other leaves.
+        pairs = zip(self.leaves, self.traced, strict=True)
+        return self.treedef.unflatten([x if t == traced else None for x, t in pairs])
 
     def rebuild(self, traced_part: Any) -> Any:
-        """The whole tree: traced leaves from `traced_part`, in order, and static
-        leaves from here."""
         values = iter(jtu.tree_leaves(traced_part))
         return self.treedef.unflatten(
             [
@@ -445,15 +431,18 @@ def _arrays_traced(index: int, leaf: Any) -> bool:
     return _is_jax_value(leaf)
 
 
-def _outputs_traced(index: int, leaf: Any) -> bool:
-    """Outputs that JAX itself accepts are traced: arrays, and Python numbers (which
-    it makes weakly typed arrays)."""
+def _outputs_traced(index: int, leaf: Any) -> bool:  # What JAX takes as outputs.
     return _is_jax_value(leaf) or _is_python_number(leaf)
 
 
 # Gives a wrapper `fun`'s name, signature and source location, so that JAX's own
 # messages about the wrapper speak of the user's function and parameter names.
 _named_after = functools.partial(functools.wraps, updated=())
+_TRACING_ERRORS = (  # The errors that say only that a tracer was used as a value.
+    jax.errors.ConcretizationTypeError,
+    jax.errors.TracerIntegerConversionError,
+    jax.errors.TracerArrayConversionError,
+)
 
 
 def _check_callable(function: str, name: str, fun: Any) -> None:
@@ -464,9 +453,7 @@ def _check_callable(function: str, name: str, fun: Any) -> None:
 
 
 def _lax_says(function: str, run: Callable[..., Any], *args: Any) -> str:
-    """`jax.lax`'s own message for the same mistake, made by `run(*args)` on stand-ins
-    of the same structure (traced here, so no tracer of ours reaches `jax.lax`), to
-    follow ours: code that matches it keeps working."""
+    """`jax.lax`'s message for the mistake that `run(*args)` makes, to follow ours."""
     try:
         jax.eval_shape(run, *args)
     except Exception as error:
@@ -484,12 +471,10 @@ def _stand_in(tree: Any) -> Any:
 #
 # Eager calls: the compiled program of a call, kept for the next call like it
 #
-# Outside any trace, `jax.lax` keeps a loop's traced program by its functions'
-# identity. So do we, for a whole call: a call whose functions (by identity), tree
-# structures, static leaves (by equality) and array types match an earlier one's
-# runs that call's compiled program, so a closure is read when first traced, as
-# under `jax.lax`. Inside a trace, the same keys remember which Python numbers a loop
-# promoted, so that a loop traced again (inside an outer loop) starts from them.
+# As `jax.lax` keeps a loop's traced program by its functions' identity, a call
+# whose functions (by identity), tree structures, static leaves (by equality) and
+# array types match an earlier one's runs that call's compiled program. Inside a
+# trace, the same keys remember which Python numbers a loop promoted.
 
 _CACHE_SIZE = 64  # Calls kept, in each of the two caches; least recently used go.
 _UNCACHED = object()
@@ -497,8 +482,7 @@ _UNTRACEABLE = object()  # A call whose tracing raised: it runs uncached, as bef
 
 
 class _Cache:
-    """A bounded, thread-safe map; an entry goes as soon as one of the objects its
-    key refers to weakly dies."""
+    """A bounded, thread-safe LRU map whose entries go when a weak referent dies."""
 
     def __init__(self) -> None:
         self.entries: collections.OrderedDict[Any, Any] = collections.OrderedDict()
@@ -537,41 +521,27 @@ _promotion_key = threading.local()  # Set for `_with_promoted_numbers`, per call
 
 
 def _structure_key(treedef: Any, referents: list[Any]) -> Any:
-    """`treedef` as a key that tells apart what its `==` does not: static fields of
-    other types or bits (`1`, `1.0`, `True`; `0.0`, `-0.0`)."""
+    """`treedef`, with its static fields by `_exact_key` (`1`, `1.0`, `True` differ)."""
     node = treedef.node_data()
     children = tuple(_structure_key(c, referents) for c in treedef.children())
     return None if node is None else (node[0], _exact_key(node[1], referents), children)
 
 
 def _exact_key(value: Any, referents: list[Any]) -> Any:
-    """A hashable stand-in for `value`: Python numbers by type and bits, containers
-    item by item, other objects by weak reference (then kept in `referents`) or, where
-    none can be taken, by type and value."""
+    """A hashable stand-in for `value`: numbers by type and bits, containers item by
+    item, other objects by weak reference (kept in `referents`) or else by value."""
     kind = type(value)
     if kind in (float, complex):
         return (kind, struct.pack("<dd", value.real, value.imag))
     if kind in (bool, int, str, bytes, type(None)):
         return (kind, value)
-    if isinstance(value, tuple | list):
-        return (kind, tuple(_exact_key(v, referents) for v in value))
-    if isinstance(value, dict):
-        items = value.items()
-        return (
-            kind,
-            tuple(
-                (_exact_key(k, referents), _exact_key(v, referents)) for k, v in items
-            ),
-        )
-    compared_by_fields = (  # A dataclass without its own `__eq__` is by identity.
-        dataclasses.is_dataclass(kind) and kind.__eq__ is not object.__eq__
-    )
-    if compared_by_fields:
-        fields = dataclasses.fields(value)
-        return (
-            kind,
-            tuple(_exact_key(getattr(value, f.name), referents) for f in fields),
-        )
+    if isinstance(value, tuple | list | dict):
+        items = value.items() if isinstance(value, dict) else value
+        return (kind, tuple(_exact_key(item, referents) for item in items))
+    # A dataclass without its own `__eq__` compares by identity, as other objects.
+    if dataclasses.is_dataclass(kind) and kind.__eq__ is not object.__eq__:
+        fields = [getattr(value, field.name) for field in dataclasses.fields(value)]
+        return (kind, tuple(_exact_key(field, referents) for field in fields))
     try:
         key = (weakref.WeakMethod if inspect.ismethod(value) else weakref.ref)(value)
     except TypeError:
@@ -581,52 +551,37 @@ def _exact_key(value: Any, referents: list[Any]) -> Any:
     return key
 
 
-def _call_key(trees: Any) -> tuple[list[Any], list[Any], list[Any]] | None:
-    """The parts of a call's key, its leaves, and the objects that the key refers to
-    weakly; `None` if a static leaf cannot be hashed, or compares to itself as
-    anything but `True`."""
-    leaves, treedef = jtu.tree_flatten(trees)
-    referents: list[Any] = []
-    try:
-        parts: list[Any] = [_trace_context(), _structure_key(treedef, referents)]
-    except TypeError:  # An unhashable static field.
-        return None
-    for leaf in leaves:
-        if eqx.is_array(leaf):
-            parts.append(getattr(leaf, "aval", None) or (leaf.shape, leaf.dtype))
-            continue
-        if _is_jax_value(leaf):
-            return None
-        try:
-            if not _is_python_number(leaf) and (leaf == leaf) is not True:
-                return None
-            parts.append(_exact_key(leaf, referents))
-        except Exception:
-            return None
-    return parts, leaves, referents
-
-
 def _eager_call(
     function: str, trees: tuple[Any, ...], options: tuple[Any, ...], call: Any
 ) -> Any:
-    """`call(*trees)`, run by the compiled program of an earlier call like it, or
-    `_UNCACHED` where the caller must run it itself (inside a trace, or with a static
-    leaf that cannot be compared safely). `options` are static, compared with their
-    types."""
+    """`call(*trees)` by the compiled program of an earlier call like it, or
+    `_UNCACHED` where the caller must run it itself. `options` are static."""
     _promotion_key.value = None
-    found = _call_key(trees) if _CACHE_SIZE > 0 else None
-    if found is None:
+    if _CACHE_SIZE <= 0:
         return _UNCACHED
-    parts, leaves, referents = found
-    try:
-        key = (function, *((type(x), x) for x in options), *parts)
+    leaves, treedef = jtu.tree_flatten(trees)
+    referents: list[Any] = []
+    arrays: list[int] = []
+    try:  # Uncached where a static leaf cannot be hashed, or compared safely.
+        key: Any = [function, *((type(x), x) for x in options), _trace_context()]
+        key.append(_structure_key(treedef, referents))
+        for i, leaf in enumerate(leaves):
+            if eqx.is_array(leaf):
+                arrays.append(i)
+                key.append(getattr(leaf, "aval", None) or (leaf.shape, leaf.dtype))
+            elif _is_jax_value(leaf) or (
+                not _is_python_number(leaf) and (leaf == leaf) is not True
+            ):
+                return _UNCACHED
+            else:
+                key.append(_exact_key(leaf, referents))
+        key = tuple(key)
         hash(key)
     except Exception:
         return _UNCACHED
     _promotion_key.value = (key, referents)  # For `_with_promoted_numbers`.
     if not _trace_state_clean() or jax.config.jax_disable_jit:  # pyright: ignore[reportAttributeAccessIssue]
         return _UNCACHED
-    arrays = [i for i, leaf in enumerate(leaves) if eqx.is_array(leaf)]
     try:
         entry = _PROGRAMS.get(key)
     except Exception:  # An `__eq__` that raises, between two static leaves.
@@ -656,8 +611,8 @@ def _eager_call(
 
 
 def _cached_eagerly(*static: str) -> Callable[[_Function], _Function]:
-    """Run eager calls of the decorated function through `_eager_call`: the arguments
-    named in `static` are compared whole, the others split into leaves."""
+    """Run eager calls through `_eager_call`; the arguments named in `static` are
+    compared whole, the others split into leaves."""
 
     def decorate(function: _Function) -> _Function:
         signature = inspect.signature(function)
@@ -685,17 +640,18 @@ def _cached_eagerly(*static: str) -> Callable[[_Function], _Function]:
 
 
 def _as_array(value: Any) -> Any:
-    """A Python number as the weakly typed array `jax.lax` makes of it (an index or
-    predicate is traced, so one program serves every value)."""
+    """A Python number as the weakly typed array that `jax.lax` makes of it."""
     try:
         return jnp.asarray(value) if _is_python_number(value) else value
     except Exception:
         return value  # Left as it is, for `jax.lax` to complain of.
 
 
+_IMMUTABLE = (bool, int, float, complex, str, bytes, type(None))
+
+
 def _compile_call(trees: Any, leaves: list[Any], arrays: list[int], call: Any) -> Any:
-    """Trace `call` with the array leaves of `trees` traced; its closure's arrays
-    are arguments of the compiled program, as `jax.lax` passes them."""
+    """Trace `call` with the array leaves of `trees` traced."""
     treedef, out = jtu.tree_structure(trees), []
     static = {id(leaf): i for i, leaf in enumerate(leaves) if not eqx.is_array(leaf)}
 
@@ -706,31 +662,25 @@ def _compile_call(trees: Any, leaves: list[Any], arrays: list[int], call: Any) -
         out_leaves, out_def = jtu.tree_flatten(call(*treedef.unflatten(inputs)))
         # Each output leaf: traced (`None`), an input's static leaf (its index), or
         # a value made while tracing (in a 1-tuple).
-        out.append(out_def)
-        out.append(
-            [
-                None if isinstance(x, jax.core.Tracer) else static.get(id(x), (x,))
-                for x in out_leaves
-            ]
-        )
-        return [x for x in out_leaves if isinstance(x, jax.core.Tracer)]
+        places = [
+            None if isinstance(x, jax.core.Tracer) else static.get(id(x), (x,))
+            for x in out_leaves
+        ]
+        out[:] = [out_def, places]
+        return [x for x, p in zip(out_leaves, places, strict=True) if p is None]
 
     try:
         closed = jax.make_jaxpr(program)(*(leaves[i] for i in arrays))
     except Exception as error:
         # Only arrays in a function (a module's parameters), traced here and not
         # uncached, can make the difference; then the call runs uncached.
-        if not _complains_of_tracing(error):
+        if not isinstance(error, _TRACING_ERRORS):
             raise
         return _UNTRACEABLE
-    made = [p[0] for p in out[1] if type(p) is tuple]
-    if not all(type(x) in _IMMUTABLE for x in made):
+    if any(type(p) is tuple and type(p[0]) not in _IMMUTABLE for p in out[1]):
         return _UNTRACEABLE  # Each call must get its own new objects, as uncached.
     run = jax.jit(lambda consts, *xs: jax.core.eval_jaxpr(closed.jaxpr, consts, *xs))
     return run, list(closed.consts), out[0], out[1]
-
-
-_IMMUTABLE = (bool, int, float, complex, str, bytes, type(None))
 
 
 #
@@ -738,21 +688,9 @@ _IMMUTABLE = (bool, int, float, complex, str, bytes, type(None))
 #
 
 
-@dataclasses.dataclass(frozen=True)
-class _LoopNames:
-    """How messages name a loop's parts: `filter_scan`, `f`, `init`, and where else
-    a static value could live."""
-
-    function: str
-    body: str
-    init: str
-    elsewhere: str
-
-
 class _PromoteCarryNumbers(Exception):
-    """Raised from inside a trace of a loop body: these carry leaves are Python numbers
-    that the body changed, so they must be traced; `unproven` adds those it may have
-    changed (all but those it passed on as they came). Never reaches the user."""
+    """From a trace of a loop body: the carry's Python numbers that it changed (and,
+    in `unproven`, those it may have changed) must be traced."""
 
     def __init__(self, indices: frozenset[int], unproven: frozenset[int]):
         super().__init__(indices)
@@ -762,29 +700,17 @@ class _PromoteCarryNumbers(Exception):
 def _with_promoted_numbers(
     function: str, attempt: Callable[[frozenset[int]], _Out], tree: Any
 ) -> _Out:
-    """Run `attempt(promoted)`, with the Python numbers of `tree` at the flat indices
-    `promoted` traced and the others kept as Python values.
-
-    Bools start traced, as `jax.lax` traces them (`~True` is -2 in Python); other
-    numbers start as Python values, and a body that changes one asks for it to be
-    traced (`_PromoteCarryNumbers`). An attempt that raises is repeated with every
-    number traced (code for `jax.lax` may need arrays: `c.shape`), then with none
-    (`if self.training:` needs Python values); the first success stands. Failing all,
-    the error with every number traced is `jax.lax`'s and is raised, unless it only
-    complains of tracing. A `RuntimeError` (from the running computation) is final.
-    """
+    """`attempt(promoted)`, with the Python numbers of `tree` at the flat indices
+    `promoted` traced: first bools only (as `jax.lax` traces them), adding those a
+    body changes; on an error, every number (`c.shape`), then none (`if training:`)."""
     leaves = jtu.tree_leaves(tree)
     bools = frozenset(i for i, leaf in enumerate(leaves) if type(leaf) is bool)
     numbers = frozenset(i for i, leaf in enumerate(leaves) if _is_python_number(leaf))
-    starts = {
-        bools: "every number traced"
-        if bools == numbers
-        else "bools traced and other numbers as Python values"
-        if bools
-        else "every number a Python value"
+    starts = {  # In this order; a later description wins where two sets are equal.
+        bools: "bools traced and other numbers as Python values",
+        numbers: "every number traced",
+        frozenset(): "every number a Python value",
     }
-    starts.setdefault(numbers, "every number traced")
-    starts.setdefault(frozenset(), "every number a Python value")
     errors: dict[frozenset[int], Exception] = {}
     hint, _promotion_key.value = getattr(_promotion_key, "value", None), None
     with contextlib.suppress(Exception):  # An `__eq__` that raises: no hint.
@@ -811,15 +737,18 @@ def _with_promoted_numbers(
                     if narrow is None or isinstance(error, RuntimeError):
                         raise
                     promoted, narrow = narrow, None  # one round at a time.
-        except RuntimeError:
+        except RuntimeError:  # From the running computation: final.
             raise
         except Exception as error:
             errors[start] = error
-            if start == numbers and not _complains_of_tracing(error):
+            if start == numbers and not isinstance(error, _TRACING_ERRORS):
                 break
+    # Failing all: `jax.lax`'s error (every number traced), unless it only complains
+    # of tracing where another start's error says more.
     as_lax = errors[numbers]
     chosen = next(
-        (e for e in [as_lax, *errors.values()] if not _complains_of_tracing(e)), as_lax
+        (e for e in [as_lax, *errors.values()] if not isinstance(e, _TRACING_ERRORS)),
+        as_lax,
     )
     for start, other in errors.items():
         if other is not chosen and str(other) != str(chosen):
@@ -830,48 +759,30 @@ def _with_promoted_numbers(
     raise chosen
 
 
-def _complains_of_tracing(error: Exception) -> bool:
-    """Whether `error` says only that a traced value was used as a Python value."""
-    return isinstance(
-        error,
-        jax.errors.ConcretizationTypeError
-        | jax.errors.TracerIntegerConversionError
-        | jax.errors.TracerArrayConversionError,
-    )
-
-
 class _LoopCarry(_Split):
-    """A loop carry: its arrays are traced, and so are the Python numbers at the flat
-    indices `promoted`; every other leaf is static."""
+    """A loop carry: arrays and the numbers at the indices `promoted` are traced."""
 
-    def __init__(self, init: Any, promoted: frozenset[int], names: _LoopNames):
+    def __init__(self, init: Any, promoted: frozenset[int], function: str):
         super().__init__(init, lambda i, leaf: _is_jax_value(leaf) or i in promoted)
-        self.names = names
+        self.function = function
         # Traced numbers that every trace of the body passes through untouched come
         # back as the Python values they were.
         self.passed_through = set(promoted)
         self.body_inputs: list[Any] = []
 
     def enter(self, traced_part: Any) -> Any:
-        """The carry as the body sees it, from the traced part that JAX passes in."""
         tree = self.rebuild(traced_part)
         self.body_inputs = jtu.tree_leaves(tree)
         return tree
 
     def finish(self, traced_part: Any) -> Any:
-        """The final carry, from the traced part that JAX returns."""
         leaves = jtu.tree_leaves(self.rebuild(traced_part))
         for i in self.passed_through:
             leaves[i] = self.leaves[i]
         return self.treedef.unflatten(leaves)
 
     def check(self, new_carry: Any) -> Any:
-        """Check the body's new carry against `init`, and return its traced part.
-
-        Traced places may hold any array or Python number (`jax.lax` then checks
-        shapes and dtypes). A Python number that changed asks for a new trace with
-        that leaf traced. Every other leaf must be unchanged.
-        """
+        """The traced part of the body's new carry, checked against `init`."""
         new_leaves, new_def = jtu.tree_flatten(new_carry)
         if new_def != self.treedef:
             path, message = _structure_difference(self.tree, new_carry, ())
@@ -886,9 +797,9 @@ class _LoopCarry(_Split):
                 "filter_fori_loop": lambda old, new: jax.lax.fori_loop(
                     0, 1, lambda i, c: new, old
                 ),
-            }[self.names.function]
+            }[self.function]
             says = _lax_says(
-                self.names.function[7:], lax, _stand_in(self.tree), _stand_in(new_carry)
+                self.function[7:], lax, _stand_in(self.tree), _stand_in(new_carry)
             )
             raise TypeError(
                 self._error(path, message, kind) + (says if kind != "static" else "")
@@ -899,6 +810,7 @@ class _LoopCarry(_Split):
             for i in self.passed_through
             if self.body_inputs and new_leaves[i] is self.body_inputs[i]
         }
+        unproven: set[int] = set()
         for i, (old, new, is_traced) in enumerate(
             zip(self.leaves, new_leaves, self.traced, strict=True)
         ):
@@ -908,54 +820,41 @@ class _LoopCarry(_Split):
                         f"was {_describe_leaf(old)} and is now {_describe_leaf(new)}"
                     )
                     raise TypeError(self._error(self.path(i), message, "traced"))
-                if not is_traced and not _same_python_number(old, new):
+                if is_traced:
+                    continue
+                if not _same_python_number(old, new):
                     to_promote.add(i)
+                # Passed on as the very object that came in, and not one that Python
+                # shares between equal values (small ints, bools), it is unchanged.
+                shared = type(old) is bool or (type(old) is int and -5 <= old <= 256)
+                if new is not self.body_inputs[i] or shared:
+                    unproven.add(i)
                 continue
             message = _leaf_difference(old, new)
             if message is not None:
                 raise ValueError(self._error(self.path(i), message, "static"))
         if to_promote:
-            # Passed on as the very object that came in, and not one that Python
-            # shares between equal values (small ints, bools), it is unchanged.
-            unproven = {
-                i
-                for i, (old, new) in enumerate(
-                    zip(self.leaves, new_leaves, strict=True)
-                )
-                if not self.traced[i]
-                and _is_python_number(old)
-                and not (
-                    new is self.body_inputs[i]
-                    and type(old) is not bool
-                    and not (type(old) is int and -5 <= old <= 256)
-                )
-            }
             raise _PromoteCarryNumbers(frozenset(to_promote), frozenset(unproven))
         return new_def.unflatten(
             [x if t else None for x, t in zip(new_leaves, self.traced, strict=True)]
         )
 
     def _error(self, path: str, message: str, kind: str) -> str:
-        names = self.names
+        scan = self.function == "filter_scan"
+        body, init = ("f", "init") if scan else ("body_fun", "init_val")
         fix = {
-            "structure": (
-                f"The carry must keep the structure of `{names.init}` from step to "
-                "step."
-            ),
-            "traced": (
-                "Return an array or a Python number there, with the same shape and "
-                f"dtype as in `{names.init}`."
-            ),
-            "static": (
-                "Only arrays and Python numbers in the carry may change from step to "
-                "step. If this value must change, make it an array in "
-                f"`{names.init}` with `jnp.asarray`; otherwise keep it out of the "
-                f"carry ({names.elsewhere})."
-            ),
+            "structure": f"The carry must keep the structure of `{init}` from step to "
+            "step.",
+            "traced": "Return an array or a Python number there, with the same shape "
+            f"and dtype as in `{init}`.",
+            "static": "Only arrays and Python numbers in the carry may change from "
+            f"step to step. If this value must change, make it an array in `{init}` "
+            "with `jnp.asarray`; otherwise keep it out of the carry (close over it in "
+            f"`{body}`{', or pass it in `xs`' if scan else ''}).",
         }[kind]
         return (
-            f"{names.function}: `{names.body}` returned a carry that differs from "
-            f"`{names.init}` {_where(path)}: it {message}. {fix}"
+            f"{self.function}: `{body}` returned a carry that differs from "
+            f"`{init}` {_where(path)}: it {message}. {fix}"
         )
 
 
@@ -967,11 +866,10 @@ class _LoopCarry(_Split):
 def _static_outputs_agree(
     function: str, what: str, fun: str, traces: list[_Split]
 ) -> None:
-    """JAX may trace a function more than once; each trace must give the same static
-    outputs."""
-    first = traces[0].static_part()
+    """Each trace of a function must give the same static outputs."""
+    first = traces[0].traced_part(traced=False)
     for trace in traces[1:]:
-        difference = _tree_difference(first, trace.static_part())
+        difference = _tree_difference(first, trace.traced_part(traced=False))
         if difference is not None:
             path, message = difference
             raise ValueError(
@@ -984,8 +882,7 @@ def _static_outputs_agree(
 
 
 class _Branches:
-    """The branches of a `cond` or `switch`, wrapped to take the traced operands and
-    return the traced part of their outputs, which must agree between branches."""
+    """The branches of a `cond` or `switch`, on the traced parts of their trees."""
 
     def __init__(
         self, function: str, operands: tuple[Any, ...], promoted: frozenset[int]
@@ -1008,26 +905,13 @@ class _Branches:
 
         return branch
 
-    def traced_operands(self) -> tuple[Any, ...]:
-        return self.operands.traced_part()
-
     def rebuild(self, traced_out: Any) -> Any:
-        """The output, from what `jax.lax` returned. A Python number that every traced
-        branch returns unchanged stays that number."""
         first, *others = self.outputs.values()
-        values = iter(jtu.tree_leaves(traced_out))
-        leaves = []
-        for i, (leaf, is_traced) in enumerate(
-            zip(first.leaves, first.traced, strict=True)
-        ):
-            if not is_traced:
-                leaves.append(leaf)
-                continue
-            value = next(values)
-            same = others and all(
-                _same_python_number(leaf, other.leaves[i]) for other in others
-            )
-            leaves.append(leaf if same else value)
+        leaves = jtu.tree_leaves(first.rebuild(traced_out))
+        for i, leaf in enumerate(first.leaves):
+            # A Python number that every branch returns unchanged stays that number.
+            if others and all(_same_python_number(leaf, o.leaves[i]) for o in others):
+                leaves[i] = leaf
         return first.treedef.unflatten(leaves)
 
     def _check_agree(self, first_name: str, first: Any, name: str, out: Any) -> None:
@@ -1035,21 +919,18 @@ class _Branches:
         out_leaves, out_def = jtu.tree_flatten(out)
         if first_def != out_def:
             path, message = _structure_difference(first, out, ())
-            if self.function == "filter_switch":
-                lax = lambda a, b: jax.lax.switch(0, [lambda: a, lambda: b])  # noqa: E731
-            elif first_name == "true_fun":
+            # `jax.lax`'s message names the true branch first.
+            pair = (out, first) if first_name == "false_fun" else (first, out)
+            lax = lambda a, b: jax.lax.switch(0, [lambda: a, lambda: b])  # noqa: E731
+            if self.function == "filter_cond":
                 lax = lambda a, b: jax.lax.cond(True, lambda: a, lambda: b)  # noqa: E731
-            else:
-                lax = lambda a, b: jax.lax.cond(True, lambda: b, lambda: a)  # noqa: E731
             raise TypeError(
                 self._error(first_name, name, path, message)
-                + _lax_says(self.function[7:], lax, _stand_in(first), _stand_in(out))
+                + _lax_says(self.function[7:], lax, *map(_stand_in, pair))
             )
         for (path, a), b in zip(first_leaves, out_leaves, strict=True):
-            a_traced, b_traced = _outputs_traced(0, a), _outputs_traced(0, b)
-            if a_traced and b_traced:
-                continue  # `jax.lax` checks shapes and dtypes.
-            if a_traced or b_traced:
+            a_traced = _outputs_traced(0, a)
+            if a_traced != _outputs_traced(0, b):
                 message = (
                     f"is {_describe_leaf(b)}, where `{first_name}` returns "
                     f"{_describe_leaf(a)}"
@@ -1057,7 +938,8 @@ class _Branches:
                 raise TypeError(
                     self._error(first_name, name, jtu.keystr(path), message)
                 )
-            message = _leaf_difference(a, b)
+            # Where both are traced, `jax.lax` checks shapes and dtypes.
+            message = None if a_traced else _leaf_difference(a, b)
             if message is not None:
                 raise ValueError(
                     self._error(first_name, name, jtu.keystr(path), message)
@@ -1076,28 +958,36 @@ class _Branches:
 _NO_OPERAND = object()
 
 
-def _one_operand_form(
-    function: str, operands: tuple[Any, ...], operand: Any
-) -> tuple[Any, ...]:
-    """`operand=x`, which `jax.lax.cond` and `jax.lax.switch` accept instead of
-    positional operands."""
-    if operand is _NO_OPERAND:
-        return operands
-    if operands:
+def _branch(
+    function: str,
+    selector: tuple[str, Any, str],
+    branches: dict[str, Callable[..., Any]],
+    operands: tuple[Any, ...],
+    operand: Any,
+    run: Callable[..., Any],
+) -> Any:
+    """`run(branches, *operands)`, by `jax.lax.cond` or `jax.lax.switch`, on the
+    traced parts, after the checks that both make."""
+    if operand is not _NO_OPERAND:  # `operand=x`, which `jax.lax` also takes.
+        if operands:
+            raise TypeError(
+                f"{function}: pass the operands either positionally or as `operand=`, "
+                f"not both; got `operand=` and {len(operands)} positional operand(s)."
+            )
+        operands = (operand,)
+    name, value, fix = selector
+    if eqx.is_array(value) and value.shape != ():
         raise TypeError(
-            f"{function}: pass the operands either positionally or as `operand=`, not "
-            f"both; got `operand=` and {len(operands)} positional operand(s)."
+            f"{function}: `{name}` must be a scalar; got an array of shape "
+            f"{tuple(value.shape)}. {fix}"
         )
-    return (operand,)
 
+    def attempt(promoted: frozenset[int]) -> Any:
+        split = _Branches(function, operands, promoted)
+        wrapped = [split.wrap(name, fun) for name, fun in branches.items()]
+        return split.rebuild(run(wrapped, *split.operands.traced_part()))
 
-#
-# filter_scan
-#
-
-_SCAN_NAMES = _LoopNames(
-    "filter_scan", "f", "init", "close over it in `f`, or pass it in `xs`"
-)
+    return _with_promoted_numbers(function, attempt, operands)
 
 
 @_cached_eagerly("length", "reverse", "unroll", "_split_transpose", "progress")
@@ -1114,47 +1004,38 @@ def filter_scan(
 ) -> tuple[_Carry, _Y]:
     """As `jax.lax.scan`, except that the carry, inputs and outputs may be any pytree.
 
-    Array leaves are traced. A Python number in the carry stays a Python value while
-    `f` returns it unchanged (same type and bits); once `f` changes it, `f` is traced
-    again with it traced, as `jax.lax.scan` traces it. Bools are traced from the
-    start. Every other leaf (functions, strings, static fields) is static, and `f`
-    must return it unchanged. On a tree of arrays it builds `jax.lax.scan`'s program,
-    so `jax.jit`, `jax.vmap` and `jax.grad` see no difference. Called eagerly, it
-    reuses the compiled program of an earlier call like it (see the module docstring).
+    Arrays are traced. A Python number in the carry stays a Python value until `f`
+    changes it, and is traced from then on; bools are traced from the start. Every
+    other leaf is static, and `f` must return it unchanged. On a tree of arrays this
+    is `jax.lax.scan`'s own program, under `jax.jit`, `jax.vmap` and `jax.grad` alike.
 
-    **Arguments:** as `jax.lax.scan`, and:
+    **Arguments:** as `jax.lax.scan`, except:
 
-    - `xs`: array leaves are sliced along their leading axis; other leaves reach every
-        step unchanged. When `xs` holds no arrays, `length` is required.
-    - `length`: a Python or NumPy integer, or a concrete 0-d integer array.
+    - `xs`: its arrays are sliced along their leading axis; its other leaves reach
+        every step unchanged. When `xs` holds no arrays, pass `length`.
+    - `length`: a concrete whole number (Python, NumPy, or a 0-d array).
     - `progress`: `True`, or a description, draws a progress bar on stderr while the
-        loop runs, even under `jax.jit`. Results are as without it, up to XLA's
-        rounding of matrix products.
+        loop runs, even under `jax.jit`.
 
-    **Returns:** `(final_carry, ys)`, where the non-array leaves of `y` come once,
-    unstacked (as `eqx.filter_vmap` returns a batch of modules).
+    **Returns:** `(final_carry, ys)`; the static leaves of `y` come once, unstacked.
 
-    **Raises:** the exception types of `jax.lax.scan` for the same mistakes, with
-    messages that begin as quoted and go on to name the leaf path and the fix.
+    **Raises:** the exception types of `jax.lax.scan` for the same mistakes, with:
 
     - `TypeError`: ``filter_scan: `f` must be callable``; ``filter_scan: `f` must
         return a pair``; ``filter_scan: `f` returned a carry that differs from `init` ``
-        when the carry changes structure (a static field of a module too) or a traced
-        leaf comes back as neither an array nor a number; ``filter_scan: `length` must
-        be a whole number``; ``filter_scan: `unroll` must be a bool or a non-negative
-        int``; ``filter_scan: `progress` must be a bool or a string``. JAX's own when
-        a carry leaf changes shape or dtype.
+        (its structure, or a traced leaf); ``filter_scan: `length` must be a whole
+        number``; ``filter_scan: `unroll` must be a bool or a non-negative int``;
+        ``filter_scan: `progress` must be a bool or a string``.
     - `ValueError`: ``filter_scan: `f` returned a carry that differs from `init` ``
-        when a static leaf changes; ``filter_scan: every array in `xs` must have the
-        same leading size``; ``filter_scan: `length=…` disagrees with the leading
-        size``; ``filter_scan: cannot tell how many steps to run``; ``filter_scan: the
-        array at `xs` path … is a scalar`` (an `IndexError` too, as in
-        `jax.lax.scan`); ``filter_scan: `length` must be non-negative``;
-        ``filter_scan: `unroll` must be a bool or a non-negative int`` when negative;
-        ``filter_scan: the non-array part of `f`'s output `y` differs between two
-        traces``.
-    - `jax.errors.ConcretizationTypeError` when `length` is traced: JAX's message,
-        then ``filter_scan: `length` must be concrete``.
+        (a static leaf); ``filter_scan: every array in `xs` must have the same leading
+        size``; ``filter_scan: `length=…` disagrees with the leading size``;
+        ``filter_scan: cannot tell how many steps to run``; ``filter_scan: the array
+        at `xs` path … is a scalar`` (an `IndexError` too); ``filter_scan: `length`
+        must be non-negative``; ``filter_scan: `unroll` must be a bool or a
+        non-negative int``; ``filter_scan: the non-array part of `f`'s output `y`
+        differs between two traces``.
+    - `jax.errors.ConcretizationTypeError`: ``filter_scan: `length` must be
+        concrete``, after JAX's message.
 
     **Example:**
 
@@ -1178,13 +1059,13 @@ def filter_scan(
     length = _scan_length(xs, length)
     unroll = _scan_unroll(unroll)
     bar = _make_bar(description, length)
-    options = (
-        {"_split_transpose": _split_transpose} if _SCAN_TAKES_SPLIT_TRANSPOSE else {}
-    )
+    options = {"length": length, "reverse": reverse, "unroll": unroll}
+    if _SCAN_TAKES_SPLIT_TRANSPOSE:
+        options["_split_transpose"] = _split_transpose
     inputs = _Split(xs, _arrays_traced)
 
     def attempt(promoted: frozenset[int]) -> Any:
-        carry = _LoopCarry(init, promoted, _SCAN_NAMES)
+        carry = _LoopCarry(init, promoted, "filter_scan")
         outputs: list[_Split] = []
         pair_defs: list[Any] = []
 
@@ -1208,21 +1089,7 @@ def filter_scan(
             outputs.append(_Split(y, _outputs_traced))
             return carry.check(new_carry), outputs[-1].traced_part()
 
-        if bar is None:
-            final, ys = jax.lax.scan(
-                step,
-                carry.traced_part(),
-                inputs.traced_part(),
-                length=length,
-                reverse=reverse,
-                unroll=unroll,
-                **options,
-            )
-        else:
-            final, ys = _scan_with_bar(
-                bar, step, carry.traced_part(), inputs.traced_part(),
-                {"length": length, "reverse": reverse, "unroll": unroll, **options},
-            )  # fmt: skip
+        final, ys = _scan(bar, step, carry.traced_part(), inputs.traced_part(), options)
         _static_outputs_agree("filter_scan", "`f`'s output `y`", "f", outputs)
         final, ys = carry.finish(final), outputs[0].rebuild(ys)
         # `jax.lax.scan` gives back the pair in the container that `f` used.
@@ -1232,20 +1099,19 @@ def filter_scan(
         return _with_promoted_numbers("filter_scan", attempt, init)
 
 
-def _scan_with_bar(
-    bar: "_ProgressBar", step: Callable[..., Any], init: Any, xs: Any, options: Any
+def _scan(
+    bar: "_ProgressBar | None",
+    step: Callable[..., Any],
+    init: Any,
+    xs: Any,
+    options: Any,
 ) -> tuple[Any, Any]:
-    """`jax.lax.scan(step, init, xs, **options)`, reporting its progress to `bar`;
-    `options` holds at least `length` and `unroll`.
-
-    A check in every step keeps XLA from simplifying the step, so where it can the
-    loop runs as an outer scan over chunks of `_chunk_size(length)` steps, reporting
-    between them, with one `jax.lax.scan`'s results bit for bit. Under differentiation
-    (where chunks would sum cotangents in another order), and where chunks do not
-    apply (no divisor near the stride, an `unroll`, effects, a carry whose type
-    changes, keys that a `jax.custom_jvp` cannot pass), it is one scan that checks
-    its step count in every step.
-    """
+    """`jax.lax.scan(step, init, xs, **options)`, reporting its progress to `bar`."""
+    if bar is None:
+        return jax.lax.scan(step, init, xs, **options)
+    # A check in every step keeps XLA from simplifying the step, so where it can (not
+    # under differentiation, which would sum cotangents in another order) this is an
+    # outer scan over chunks, reporting between them, bit for bit one scan's results.
     length, unroll = options["length"], options["unroll"]
     with _progress_body():  # Loops traced inside `step` draw no bar.
         as_bool = isinstance(unroll, bool | np.bool_)
@@ -1256,8 +1122,7 @@ def _scan_with_bar(
             # together with what surrounds it, so any report inside would change the
             # results' bits. One report, after it.
             out = jax.lax.scan(step, init, xs, **options)
-            last = _progress_callbacks(bar, 1, 1)[2]
-            jax.debug.callback(last)
+            jax.debug.callback(_progress_callbacks(bar, 1, 1)[2])
             return out
         try:
             first_x = jax.tree.map(lambda x: x[0], xs)
@@ -1296,66 +1161,48 @@ def _scan_with_bar(
             or closed.effects
             or (keys and not _custom_jvp_takes_keys())
         ):
-            consts, xs_leaves = list(closed.consts), jtu.tree_leaves(xs)
-            final, ys = every_step(consts, init_leaves, xs_leaves)
+            scan: Callable[..., Any] = every_step
         else:
+            chunks = length // stride
+            inner = {**options, "unroll": 1, "length": stride}
+            outer = {**options, "unroll": 1, "length": chunks}
 
-            def in_chunks(consts: list[Any], carry: list[Any], xs: list[Any]) -> Any:
-                return _scan_in_chunks(
-                    bar, functools.partial(replay, consts), carry, xs, stride, options
-                )
+            def in_chunks(consts: list[Any], init: list[Any], xs: list[Any]) -> Any:
+                first, then, last = _progress_callbacks(bar, stride, chunks + 1)
+                jax.debug.callback(first)
+
+                def chunk(state: tuple[Any, Any], x: Any) -> tuple[Any, Any]:
+                    index, carry = state
+                    step = functools.partial(replay, consts)
+                    carry, ys = jax.lax.scan(step, carry, x, **inner)
+                    # Tied to this chunk's arrays, so that it runs after its steps.
+                    done, operand = _after_arrays_of([carry, ys], index)
+                    jax.lax.cond(
+                        done == chunks - 1,
+                        lambda _: jax.debug.callback(last),
+                        lambda _: jax.debug.callback(then),
+                        operand,
+                    )
+                    return (index + 1, carry), ys
+
+                index = jnp.zeros((), jnp.int32)
+                xs = [x.reshape(chunks, stride, *x.shape[1:]) for x in xs]
+                (_, carry), ys = jax.lax.scan(chunk, (index, init), xs, **outer)
+                # Else XLA folds the reshapes into what consumes `ys` (a sum over two
+                # axes instead of one, say), which then rounds differently.
+                ys = [y.reshape(length, *y.shape[2:]) for y in ys]
+                return carry, _optimization_barrier(ys)
 
             scan = jax.custom_jvp(in_chunks)
             scan.defjvp(lambda primals, dots: jax.jvp(every_step, primals, dots))
-            final, ys = scan(list(closed.consts), init_leaves, jtu.tree_leaves(xs))
+        final, ys = scan(list(closed.consts), init_leaves, jtu.tree_leaves(xs))
         return carry_def.unflatten(final), jtu.tree_structure(y_shape).unflatten(ys)
 
 
-def _scan_in_chunks(
-    bar: "_ProgressBar",
-    step: Callable[..., Any],
-    init: list[Any],
-    xs: list[Any],
-    stride: int,
-    options: Any,
-) -> tuple[Any, Any]:
-    """The steps in chunks of `stride` (which divides `length`), with a host call
-    before the first chunk and one after each."""
-    length = options["length"]
-    chunks = length // stride
-    options = {**options, "unroll": 1}
-    first, then, last = _progress_callbacks(bar, stride, chunks + 1)
-    jax.debug.callback(first)
-
-    def chunk(state: tuple[Any, Any], x: Any) -> tuple[Any, Any]:
-        index, carry = state
-        carry, ys = jax.lax.scan(step, carry, x, **{**options, "length": stride})
-        # Tied to this chunk's arrays, so that it runs after its steps.
-        done, operand = _after_arrays_of([carry, ys], index)
-        jax.lax.cond(
-            done == chunks - 1,
-            lambda _: jax.debug.callback(last),
-            lambda _: jax.debug.callback(then),
-            operand,
-        )
-        return (index + 1, carry), ys
-
-    (_, carry), ys = jax.lax.scan(
-        chunk,
-        (jnp.zeros((), jnp.int32), init),
-        [x.reshape(chunks, stride, *x.shape[1:]) for x in xs],
-        **{**options, "length": chunks},
-    )
-    # Else XLA folds the reshapes into what consumes `ys` (a sum over two axes
-    # instead of one, say), which then rounds differently than without the bar.
-    return carry, _optimization_barrier([y.reshape(length, *y.shape[2:]) for y in ys])
-
-
 def _after_arrays_of(tree: list[Any], index: jax.Array) -> tuple[jax.Array, Any]:
-    """`index`, and an operand for the branch that reports, which XLA computes only
-    once the arrays of `tree` are: an optimization barrier ties `index` to the
-    smallest array, whole (so any sharding works), or without one, a value of that
-    array is the operand."""
+    """`index`, and an operand for the reporting branch, computed after `tree`."""
+    # A barrier ties `index` to the smallest array, whole (for any sharding); without
+    # one, a value of that array is the operand.
     leaves = [leaf for leaf in jtu.tree_leaves(tree) if leaf.size]
     if not leaves:
         return index, index
@@ -1370,8 +1217,7 @@ def _after_arrays_of(tree: list[Any], index: jax.Array) -> tuple[jax.Array, Any]
 def _scan_reporting_every_step(
     bar: "_ProgressBar", step: Callable[..., Any], init: Any, xs: Any, options: Any
 ) -> tuple[Any, Any]:
-    """`jax.lax.scan(step, init, xs, **options)` with a step counter in the carry,
-    which `step` never sees, reporting to `bar`. It counts up in either direction."""
+    """`jax.lax.scan(step, init, xs, **options)`, checking a step count in each step."""
     length = options["length"]
     stride = _progress_stride(length)
     reported = {*range(0, length, stride), length - 1}
@@ -1405,16 +1251,38 @@ def _scan_reporting_every_step(
 
 
 def _scan_length(xs: Any, length: Any) -> int:
-    """The number of steps, checked against the leading sizes of `xs`'s arrays."""
     if length is not None:
-        length = _whole_number("length", length)
+        whole = None
+        if not isinstance(length, str | bytes):
+            try:
+                whole = int(length)
+            except jax.errors.ConcretizationTypeError:
+                raise jax.errors.ConcretizationTypeError(
+                    length,
+                    "filter_scan: `length` must be concrete, but it is traced. Pass a "
+                    "Python int, or compute it outside `jax.jit` (mark it static with "
+                    "`static_argnums`). For a loop whose length is only known inside "
+                    "the computation, use `jax.lax.while_loop`."
+                    + _lax_says(
+                        "scan",
+                        lambda: jax.lax.scan(lambda c, x: (c, x), 0, None, length),
+                    ),
+                ) from None
+            except (TypeError, ValueError, OverflowError):
+                pass
+        if whole is None or bool(whole != length):
+            raise TypeError(
+                "filter_scan: `length` must be a whole number (a Python int, a NumPy "
+                f"integer or a 0-d integer array); got {_describe_leaf(length)}."
+            )
+        length = whole
         if length < 0:
             raise ValueError(
                 f"filter_scan: `length` must be non-negative; got {length}."
             )
     leaves = jtu.tree_leaves(xs)
     _check_leading_axes("filter_scan", xs, leaves)
-    sizes = [leaf.shape[0] for leaf in leaves if eqx.is_array(leaf)]
+    sizes = {leaf.shape[0] for leaf in leaves if eqx.is_array(leaf)}
     if not sizes:
         if length is None:
             raise ValueError(
@@ -1422,8 +1290,7 @@ def _scan_length(xs: Any, length: Any) -> int:
                 "arrays. Pass `length=`."
             )
         return length
-    distinct = set(sizes)
-    if len(distinct) > 1:
+    if len(sizes) > 1:
         listing = ", ".join(
             f"{jtu.keystr(path)}: {leaf.shape[0]}"
             for path, leaf in jtu.tree_flatten_with_path(xs)[0]
@@ -1433,7 +1300,7 @@ def _scan_length(xs: Any, length: Any) -> int:
             "filter_scan: every array in `xs` must have the same leading size, but the "
             f"leading sizes differ ({listing}). Slice or pad them to one length."
         )
-    (size,) = distinct
+    (size,) = sizes
     if length is not None and length != size:
         raise ValueError(
             f"filter_scan: `length={length}` disagrees with the leading size {size} of "
@@ -1448,12 +1315,10 @@ def _scan_length(xs: Any, length: Any) -> int:
 
 
 class _ScalarToScanError(ValueError, IndexError):
-    """A 0-d array in `xs`. A `ValueError`, and an `IndexError` as well, since that is
-    what `jax.lax.scan` and `jax.lax.map` raise for it."""
+    """A 0-d array in `xs`: `jax.lax.scan` and `jax.lax.map` raise an `IndexError`."""
 
 
 def _check_leading_axes(function: str, xs: Any, leaves: list[Any]) -> None:
-    """Every array among `leaves` (those of `xs`) has a leading axis to slice."""
     for i, leaf in enumerate(leaves):
         if eqx.is_array(leaf) and leaf.ndim == 0:
             path = jtu.keystr(jtu.tree_flatten_with_path(xs)[0][i][0])
@@ -1467,36 +1332,7 @@ def _check_leading_axes(function: str, xs: Any, leaves: list[Any]) -> None:
             )
 
 
-def _whole_number(name: str, value: Any) -> int:
-    """A concrete whole number from a Python or NumPy number or a 0-d array."""
-    if isinstance(value, str | bytes):
-        whole = None
-    else:
-        try:
-            whole = int(value)
-        except jax.errors.ConcretizationTypeError:
-            raise jax.errors.ConcretizationTypeError(
-                value,
-                f"filter_scan: `{name}` must be concrete, but it is traced. Pass a "
-                "Python int, or compute it outside `jax.jit` (mark it static with "
-                "`static_argnums`). For a loop whose length is only known inside the "
-                "computation, use `jax.lax.while_loop`."
-                + _lax_says(
-                    "scan", lambda: jax.lax.scan(lambda c, x: (c, x), 0, None, value)
-                ),
-            ) from None
-        except (TypeError, ValueError, OverflowError):
-            whole = None
-    if whole is None or bool(whole != value):
-        raise TypeError(
-            f"filter_scan: `{name}` must be a whole number (a Python int, a NumPy "
-            f"integer or a 0-d integer array); got {_describe_leaf(value)}."
-        )
-    return whole
-
-
 def _scan_unroll(unroll: Any) -> Any:
-    """`unroll` as `jax.lax.scan` takes it: a bool, or a whole number it checks."""
     if isinstance(unroll, bool | np.bool_ | jax.core.Tracer):
         return unroll  # `jax.lax.scan` interprets bools, and rejects tracers itself.
     try:
@@ -1513,11 +1349,6 @@ def _scan_unroll(unroll: Any) -> Any:
     return as_int
 
 
-#
-# filter_cond, filter_switch
-#
-
-
 @_cached_eagerly()
 def filter_cond(
     pred: Any,
@@ -1528,20 +1359,18 @@ def filter_cond(
 ) -> _Out:
     """As `jax.lax.cond`, except that the operands and outputs may be any pytree.
 
-    Array leaves of the operands are traced, and so are bools, as by `jax.lax.cond`;
-    every other leaf, numbers included, reaches the branch unchanged. Only the chosen
-    branch runs. At each leaf the branches return arrays or numbers (of one shape and
-    dtype, as `jax.lax.cond` requires) or equal static values; a number that both
-    return unchanged stays a Python number.
+    Arrays and bools among the operands are traced; every other leaf reaches the
+    branch unchanged. Only the chosen branch runs. At each leaf the branches return
+    arrays or numbers (traced), or equal static values; a number that every branch
+    returns unchanged stays a Python number.
 
-    **Raises:** the exception types of `jax.lax.cond` for the same mistakes.
+    **Raises:** the exception types of `jax.lax.cond` for the same mistakes, with:
 
-    - `TypeError`: ``filter_cond: `true_fun` must be callable`` (or `false_fun`);
-        ``filter_cond: `pred` must be a scalar``; ``filter_cond: the branches' outputs
-        disagree`` on their structure, or where one returns an array or number and the
-        other does not; ``filter_cond: pass the operands either positionally or as
-        `operand=`, not both``.
-    - `ValueError`: ``filter_cond: the branches' outputs disagree`` on a static value.
+    - `TypeError`: ``filter_cond: `true_fun` must be callable``; ``filter_cond:
+        `pred` must be a scalar``; ``filter_cond: the branches' outputs disagree``
+        (structure, or traced against static); ``filter_cond: pass the operands
+        either positionally or as `operand=`, not both``.
+    - `ValueError`: ``filter_cond: the branches' outputs disagree`` (a static value).
 
     **Example:**
 
@@ -1558,47 +1387,19 @@ def filter_cond(
         if callable(false_fun) and len(operands) == 2 and callable(operands[1]):
             # The older form `cond(pred, true_operand, true_fun, false_operand,
             # false_fun)`, which `jax.lax.cond` still accepts.
-            true_operand, old_true_fun, false_operand, old_false_fun = (
-                true_fun,
-                false_fun,
-                *operands,
-            )
-            return filter_cond(
-                pred,
-                lambda x, _: old_true_fun(x),
-                lambda _, x: old_false_fun(x),
-                true_operand,
-                false_operand,
-            )
+            old_true, (false_operand, old_false) = false_fun, operands
+            new_true, new_false = lambda x, _: old_true(x), lambda _, x: old_false(x)
+            return filter_cond(pred, new_true, new_false, true_fun, false_operand)
         _check_callable("filter_cond", "true_fun", true_fun)
         _check_callable("filter_cond", "false_fun", false_fun)
-    operands = _one_operand_form("filter_cond", operands, operand)
-    _check_scalar(
+    return _branch(
         "filter_cond",
-        "pred",
-        pred,
-        "Reduce it first, for example with `jnp.any` or `jnp.all`.",
+        ("pred", pred, "Reduce it first, for example with `jnp.any` or `jnp.all`."),
+        {"true_fun": true_fun, "false_fun": false_fun},
+        operands,
+        operand,
+        lambda branches, *traced: jax.lax.cond(pred, *branches, *traced),
     )
-
-    def attempt(promoted: frozenset[int]) -> Any:
-        branches = _Branches("filter_cond", operands, promoted)
-        out = jax.lax.cond(
-            pred,
-            branches.wrap("true_fun", true_fun),
-            branches.wrap("false_fun", false_fun),
-            *branches.traced_operands(),
-        )
-        return branches.rebuild(out)
-
-    return _with_promoted_numbers("filter_cond", attempt, operands)
-
-
-def _check_scalar(function: str, name: str, value: Any, fix: str) -> None:
-    if eqx.is_array(value) and value.shape != ():
-        raise TypeError(
-            f"{function}: `{name}` must be a scalar; got an array of shape "
-            f"{tuple(value.shape)}. {fix}"
-        )
 
 
 @_cached_eagerly()
@@ -1608,21 +1409,18 @@ def filter_switch(
     *operands: Any,
     operand: Any = _NO_OPERAND,
 ) -> _Out:
-    """As `jax.lax.switch`, except that the operands and outputs may be any pytree.
+    """As `jax.lax.switch`, except that the operands and outputs may be any pytree,
+    split as by `filter_cond`.
 
-    Operands and outputs are split as in `filter_cond`. `index` is clamped to the
-    branches, as by `jax.lax.switch`, and only the chosen branch runs.
-
-    **Raises:** the exception types of `jax.lax.switch` for the same mistakes.
+    **Raises:** the exception types of `jax.lax.switch` for the same mistakes, with:
 
     - `TypeError`: ``filter_switch: `branches` must be a sequence of functions``;
         ``filter_switch: `branches[…]` must be callable``; ``filter_switch: `index`
-        must be a scalar``; ``filter_switch: the branches' outputs disagree`` on their
-        structure, or where one returns an array or number and another does not;
-        ``filter_switch: pass the operands either positionally or as `operand=`, not
-        both``.
+        must be a scalar``; ``filter_switch: the branches' outputs disagree``
+        (structure, or traced against static); ``filter_switch: pass the operands
+        either positionally or as `operand=`, not both``.
     - `ValueError`: ``filter_switch: `branches` is empty``; ``filter_switch: the
-        branches' outputs disagree`` on a static value.
+        branches' outputs disagree`` (a static value).
 
     **Example:**
 
@@ -1648,31 +1446,14 @@ def filter_switch(
         raise ValueError(
             "filter_switch: `branches` is empty; give at least one function."
         )
-    operands = _one_operand_form("filter_switch", operands, operand)
-    _check_scalar("filter_switch", "index", index, "Pass a single integer index.")
-
-    def attempt(promoted: frozenset[int]) -> Any:
-        wrapped = _Branches("filter_switch", operands, promoted)
-        out = jax.lax.switch(
-            index,
-            [wrapped.wrap(f"branches[{i}]", fun) for i, fun in enumerate(branches)],
-            *wrapped.traced_operands(),
-        )
-        return wrapped.rebuild(out)
-
-    return _with_promoted_numbers("filter_switch", attempt, operands)
-
-
-#
-# filter_while_loop, filter_fori_loop
-#
-
-_WHILE_NAMES = _LoopNames(
-    "filter_while_loop", "body_fun", "init_val", "close over it in `body_fun`"
-)
-_FORI_NAMES = _LoopNames(
-    "filter_fori_loop", "body_fun", "init_val", "close over it in `body_fun`"
-)
+    return _branch(
+        "filter_switch",
+        ("index", index, "Pass a single integer index."),
+        {f"branches[{i}]": fun for i, fun in enumerate(branches)},
+        operands,
+        operand,
+        lambda branches, *traced: jax.lax.switch(index, branches, *traced),
+    )
 
 
 @_cached_eagerly()
@@ -1681,22 +1462,17 @@ def filter_while_loop(
     body_fun: Callable[[_Carry], _Carry],
     init_val: _Carry,
 ) -> _Carry:
-    """As `jax.lax.while_loop`, except that the carry may be any pytree.
+    """As `jax.lax.while_loop`, except that the carry may be any pytree, split as by
+    `filter_scan`.
 
-    The carry is split as in `filter_scan`: arrays are traced, Python numbers are
-    static until `body_fun` changes them, and every other leaf is static and must come
-    back unchanged. As `jax.lax.while_loop`, it cannot be differentiated in reverse:
-    use `filter_fori_loop` with concrete bounds for that.
+    **Raises:** the exception types of `jax.lax.while_loop` for the same mistakes,
+    with:
 
-    **Raises:** the exception types of `jax.lax.while_loop` for the same mistakes.
-
-    - `TypeError`: ``filter_while_loop: `cond_fun` must be callable`` (or `body_fun`);
-        ``filter_while_loop: `body_fun` returned a carry that differs from
-        `init_val` `` when the carry changes structure or a traced leaf comes back as
-        neither an array nor a number. JAX's own when a leaf changes shape or dtype,
-        or `cond_fun` does not return a scalar boolean.
+    - `TypeError`: ``filter_while_loop: `cond_fun` must be callable`` (or
+        `body_fun`); ``filter_while_loop: `body_fun` returned a carry that differs
+        from `init_val` `` (its structure, or a traced leaf).
     - `ValueError`: ``filter_while_loop: `body_fun` returned a carry that differs
-        from `init_val` `` when a static leaf changes.
+        from `init_val` `` (a static leaf).
 
     **Example:**
 
@@ -1716,7 +1492,7 @@ def filter_while_loop(
     _check_callable("filter_while_loop", "body_fun", body_fun)
 
     def attempt(promoted: frozenset[int]) -> Any:
-        carry = _LoopCarry(init_val, promoted, _WHILE_NAMES)
+        carry = _LoopCarry(init_val, promoted, "filter_while_loop")
 
         @_named_after(cond_fun)
         def cond(traced: Any) -> Any:
@@ -1741,22 +1517,20 @@ def filter_fori_loop(
     unroll: int | bool | None = None,
     progress: bool | str = False,
 ) -> _Carry:
-    """As `jax.lax.fori_loop`, except that the carry may be any pytree.
+    """As `jax.lax.fori_loop`, except that the carry may be any pytree, split as by
+    `filter_scan`.
 
-    The carry is split as in `filter_scan`. With concrete bounds the loop is a scan,
-    which can be differentiated in reverse; with traced bounds, a while loop.
-
-    **Arguments:** as `jax.lax.fori_loop`, and `progress`, as in `filter_scan`, which
+    **Arguments:** as `jax.lax.fori_loop`, and `progress` as in `filter_scan`, which
     needs concrete bounds.
 
-    **Raises:** the exception types of `jax.lax.fori_loop` for the same mistakes.
+    **Raises:** the exception types of `jax.lax.fori_loop` for the same mistakes, with:
 
     - `TypeError`: ``filter_fori_loop: `body_fun` must be callable``;
         ``filter_fori_loop: `body_fun` returned a carry that differs from `init_val` ``
-        as in `filter_while_loop`; ``filter_fori_loop: `progress` needs concrete
-        bounds``. JAX's own for bounds of different integer types.
+        (its structure, or a traced leaf); ``filter_fori_loop: `progress` needs
+        concrete bounds``.
     - `ValueError`: ``filter_fori_loop: `body_fun` returned a carry that differs from
-        `init_val` `` when a static leaf changes.
+        `init_val` `` (a static leaf).
 
     **Example:**
 
@@ -1786,7 +1560,7 @@ def filter_fori_loop(
         bar = _make_bar(description, total)
 
     def attempt(promoted: frozenset[int]) -> Any:
-        carry = _LoopCarry(init_val, promoted, _FORI_NAMES)
+        carry = _LoopCarry(init_val, promoted, "filter_fori_loop")
 
         @_named_after(body_fun)
         def body(i: Any, traced: Any) -> Any:
@@ -1805,7 +1579,7 @@ def filter_fori_loop(
             i, traced = state
             return (i + 1, body(i, traced)), None
 
-        (_, final), _ = _scan_with_bar(
+        (_, final), _ = _scan(
             bar, counted, (first, carry.traced_part()), None,
             {"length": total, "unroll": 1 if unroll is None else unroll},
         )  # fmt: skip
@@ -1813,11 +1587,6 @@ def filter_fori_loop(
 
     with _tidy_on_error(bar):
         return _with_promoted_numbers("filter_fori_loop", attempt, init_val)
-
-
-#
-# filter_map
-#
 
 
 @_cached_eagerly("batch_size", "progress")
@@ -1830,21 +1599,20 @@ def filter_map(
 ) -> _Y:
     """As `jax.lax.map`, except that `xs` and the outputs of `f` may be any pytree.
 
-    Array leaves of `xs` are sliced along their leading axis and traced; other leaves
-    reach every call unchanged. Array and Python-number leaves of the outputs are
-    stacked, as by `jax.lax.map`; every other leaf is returned once.
+    The arrays of `xs` are sliced along their leading axis; its other leaves reach
+    every call unchanged. The arrays and numbers that `f` returns are stacked; its
+    other leaves come once.
 
-    **Arguments:** as `jax.lax.map`, and `progress`, as in `filter_scan` (not with
-    `batch_size`).
+    **Arguments:** as `jax.lax.map`, and `progress` as in `filter_scan`.
 
-    **Raises:** the exception types of `jax.lax.map` for the same mistakes.
+    **Raises:** the exception types of `jax.lax.map` for the same mistakes, with:
 
     - `TypeError`: ``filter_map: `f` must be callable``; ``filter_map: `progress`
         cannot be combined with `batch_size` ``; ``filter_map: `batch_size` needs a
-        JAX whose `jax.lax.map` takes it``. JAX's own when the leading sizes differ.
+        JAX whose `jax.lax.map` takes it``.
     - `ValueError`: ``filter_map: `xs` holds no arrays``; ``filter_map: the array at
-        `xs` path … is a scalar`` (an `IndexError` too, as in `jax.lax.map`);
-        ``filter_map: the non-array part of `f`'s output differs between two traces``.
+        `xs` path … is a scalar`` (an `IndexError` too); ``filter_map: the non-array
+        part of `f`'s output differs between two traces``.
 
     **Example:**
 
@@ -1859,20 +1627,18 @@ def filter_map(
     """
     _check_callable("filter_map", "f", f)
     description = _progress_description("filter_map", progress)
-    options = {}
     if batch_size is not None and description is not None:
         raise TypeError(
             "filter_map: `progress` cannot be combined with `batch_size`. Leave one "
             "of them out."
         )
-    if batch_size is not None:
-        if not _MAP_TAKES_BATCH_SIZE:
-            raise TypeError(
-                "filter_map: `batch_size` needs a JAX whose `jax.lax.map` takes it "
-                f"(0.4.31 or newer); this is jax {jax.__version__}. Upgrade JAX, or "
-                "leave `batch_size` out."
-            )
-        options["batch_size"] = batch_size
+    if batch_size is not None and not _MAP_TAKES_BATCH_SIZE:
+        raise TypeError(
+            "filter_map: `batch_size` needs a JAX whose `jax.lax.map` takes it "
+            f"(0.4.31 or newer); this is jax {jax.__version__}. Upgrade JAX, or "
+            "leave `batch_size` out."
+        )
+    options = {} if batch_size is None else {"batch_size": batch_size}
     inputs = _Split(xs, _arrays_traced)
     _check_leading_axes("filter_map", xs, inputs.leaves)
     if not any(inputs.traced):
@@ -1888,19 +1654,17 @@ def filter_map(
         return outputs[-1].traced_part()
 
     traced_xs = inputs.traced_part()
+    sizes = {jnp.shape(leaf)[:1] for leaf in jtu.tree_leaves(traced_xs)}
     bar = None
-    if description is not None:
-        sizes = {jnp.shape(leaf)[:1] for leaf in jtu.tree_leaves(traced_xs)}
-        if len(sizes) == 1 and () not in sizes:  # Else `jax.lax.map` raises.
-            bar = _make_bar(description, sizes.pop()[0])
+    if len(sizes) == 1 and () not in sizes:  # Else `jax.lax.map` raises.
+        bar = _make_bar(description, sizes.pop()[0])
     if bar is None:
         ys = jax.lax.map(mapped, traced_xs, **options)
     else:
         with _tidy_on_error(bar):
-            _, ys = _scan_with_bar(
-                bar, lambda c, x: (c, mapped(x)), None, traced_xs,
-                {"length": jtu.tree_leaves(traced_xs)[0].shape[0], "unroll": 1},
-            )  # fmt: skip
+            step = lambda c, x: (c, mapped(x))  # noqa: E731
+            options = {"length": bar.total, "unroll": 1}
+            _, ys = _scan(bar, step, None, traced_xs, options)
     _static_outputs_agree("filter_map", "`f`'s output", "f", outputs)
     return outputs[0].rebuild(ys)
 
