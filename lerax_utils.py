@@ -2998,11 +2998,10 @@ _PENDING = "_lerax_pending_arguments"
 class Serializable(eqx.Module):
     """An `eqx.Module` whose models save themselves, and load back from the path alone.
 
-    `model.serialize(path)` saves as `save_pytree` does. Each model records its
-    constructor's arguments (JSON-like values as they are, arrays by shape and dtype,
-    anything else by its type), so that `Model.deserialize(path)` can rebuild a
-    skeleton to load into. The recording is a static field that always compares
-    equal: it never changes a model's tree structure, equality or `jit` cache entry.
+    `model.serialize(path)` saves as `save_pytree` does, with the constructor's
+    arguments (arrays by shape and dtype, objects by type), from which
+    `Model.deserialize(path)` rebuilds a skeleton. The recording never changes a
+    model's tree structure, equality or `jit` cache entry.
 
     ```python
     import equinox as eqx
@@ -3054,12 +3053,10 @@ class Serializable(eqx.Module):
     ) -> _Model:
         """Load a model saved by `serialize` (or by `save_pytree`).
 
-        As `eqx.tree_deserialise_leaves`, except that the skeleton is built here, as
-        `eqx.filter_eval_shape(cls, *args, **kwargs)` (array arguments as
-        `jax.ShapeDtypeStruct`s) with the given arguments or, given none, those
-        recorded in the file; and the file must match it: structure, static values,
-        shapes and dtypes. Plain `eqx.tree_serialise_leaves` files load too.
-        Nothing in a file is ever imported, called or unpickled.
+        As `eqx.tree_deserialise_leaves`, except that the skeleton is
+        `eqx.filter_eval_shape(cls, *args, **kwargs)`, with the arguments recorded
+        in the file if none are given, and must match the file's structure, static
+        values, shapes and dtypes. Nothing in a file is imported, called or unpickled.
 
         **Raises:**
 
@@ -3088,15 +3085,15 @@ class Serializable(eqx.Module):
         *args: Any,
         **kwargs: Any,
     ) -> _Model:
-        """As `deserialize`, except that each process reads only the shards of its
-        own devices, straight into them: a model is never whole on one device, nor
-        in host memory. NumPy leaves stay on the host.
+        """As `deserialize`, except that each process reads only its own devices'
+        shards, straight into them: a model is never whole on one device, nor in
+        host memory.
 
         **Arguments:**
 
         - `sharding`: a `jax.sharding.Sharding` for every JAX array, or a callable
-            that maps the skeleton to a pytree of shardings (or None) at its arrays.
-            With several processes, each passes the same global sharding.
+            from the skeleton to a pytree of shardings (or None) at its arrays; the
+            same global sharding in every process.
 
         **Raises:** as `deserialize`; `TypeError` or `ValueError` if `sharding` does
         not fit the skeleton.
@@ -3117,12 +3114,11 @@ def save_pytree(
 
     As `eqx.tree_serialise_leaves`, except that arrays and Python numbers are saved
     bit for bit with checksums, other leaves are described to be compared on load,
-    and `path` holds the old file or the new one, never a torn one. `.eqx` is
-    appended to `path` unless `no_suffix` or the name ends so; missing folders are
-    created. Eagerly, the file is complete on return; inside `jit`, it is written
-    when the computation runs (see `jax.effects_barrier`); under `grad`, the values
-    are saved. Arrays that span processes are saved by calling `save_pytree` in
-    every process with the same tree and path.
+    and `path` never holds a torn file. `.eqx` is appended unless `no_suffix` or
+    the name ends so; missing folders are created. Eagerly, the file is complete on
+    return; inside `jit`, it is written when the computation runs (see
+    `jax.effects_barrier`). Arrays that span processes are saved by calling
+    `save_pytree` in every process alike.
 
     **Raises:**
 
@@ -4256,14 +4252,11 @@ def _read_header(file: IO[bytes], source: _Source, size: int) -> _Layout | None:
     )
     if not (isinstance(leaves, list) and isinstance(structure, list)):
         raise source.error("has a malformed header")
-    entries = []
-    for entry in leaves:  # In time linear in the header's length.
-        checked = _checked_entry(entry, size)
-        if checked is None:
-            path = entry.get("path") if isinstance(entry, dict) else None
-            where = f" (the leaf at path {path})" if isinstance(path, str) else ""
-            raise source.error(f"has a malformed header{where}")
-        entries.append(checked)
+    try:  # In time linear in the header's length.
+        entries = [_checked_entry(entry, size) for entry in leaves]
+    except _Malformed as err:
+        where = f" (the leaf at path {err})" if err.args else ""
+        raise source.error(f"has a malformed header{where}") from None
     arguments = _parse_arguments(metadata.get("arguments"), source)
     crcs = metadata.get("crc32", "")
     arrays = [entry for entry in entries if entry["kind"] != "scalar"]
@@ -4334,18 +4327,18 @@ def _check_version(version: Any, source: _Source) -> None:
         )
 
 
-def _checked_entry(entry: Any, size: int) -> dict[str, Any] | None:
-    """A copy of a leaf entry with its byte count, or None if it is malformed."""
+def _checked_entry(entry: Any, size: int) -> dict[str, Any]:
+    """A copy of a leaf entry with its byte count, or `_Malformed(its path)`."""
     if not (isinstance(entry, dict) and isinstance(entry.get("path"), str)):
-        return None
+        raise _Malformed
     kind = entry.get("kind")
     if kind == "scalar":
         try:
             value = _decode_value(entry.get("value"))
         except (_Malformed, _Unrecordable):
-            return None
+            raise _Malformed(entry["path"]) from None
         if type(value) not in _PYTHON_SCALARS:
-            return None
+            raise _Malformed(entry["path"])
         return {"path": entry["path"], "kind": kind, "value": value}
     dtype, shape = _numpy_dtype(entry.get("dtype")), cast(Any, entry.get("shape"))
     if (
@@ -4356,10 +4349,10 @@ def _checked_entry(entry: Any, size: int) -> dict[str, Any] | None:
         or (kind == "numpy_scalar" and shape)
         or ("weak_type" in entry and (entry["weak_type"] is not True or kind != "jax"))
     ):
-        return None
+        raise _Malformed(entry["path"])
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes > size:
-        return None
+        raise _Malformed(entry["path"])
     checked = {"path": entry["path"], "kind": kind, "dtype": entry["dtype"]}
     checked.update(shape=shape, nbytes=nbytes)
     if "weak_type" in entry:
@@ -4373,7 +4366,7 @@ def _checked_entry(entry: Any, size: int) -> dict[str, Any] | None:
             and shape == key_shape + list(types[1])
             and dtype == types[2]
         ):
-            return None
+            raise _Malformed(entry["path"])
         checked.update(impl=impl, key_shape=key_shape)
     return checked
 
@@ -4494,38 +4487,32 @@ def _structure_difference_in_file(
     saved: list[Any], wanted: list[Any], skeleton: str
 ) -> tuple[str, str] | None:
     """The first `(path, message)` where two `_structure` descriptions differ."""
-    for saved_entry, wanted_entry in zip(saved, wanted, strict=False):
-        if _json_sorted(saved_entry) == _json_sorted(wanted_entry):
+    for saved_entry, (path, want) in zip(saved, wanted, strict=False):
+        if _json_sorted(saved_entry) == _json_sorted([path, want]):
             continue
-        if not (
-            isinstance(saved_entry, list)
-            and len(saved_entry) == 2
-            and isinstance(saved_entry[0], str)
-        ):
-            return wanted_entry[0], "the file's structure description is malformed"
-        path, (was, want) = wanted_entry[0], (saved_entry[1], wanted_entry[1])
-        if saved_entry[0] != path:
-            return path, f"the file has a node at path {saved_entry[0]} instead"
-        if (
-            isinstance(was, dict)
-            and isinstance(was.get("static"), dict)
-            and isinstance(want, dict)
-            and "static" in want
-            and was.get("node") == want["node"]
-            and set(was) == set(want)
-        ):
-            for field, value in want["static"].items():
-                if field in was["static"] and _json_sorted(
-                    was["static"][field]
-                ) != _json_sorted(value):
-                    return f"{path}.{field}", (
-                        f"the static field is {was['static'][field]!r} in the file "
-                        f"and {value!r} in {skeleton}"
-                    )
-            # Only a field that one side lacks differs: the class gained or lost a
-            # static field between versions (Equinox's MLP gained `scan`).
-            continue
-        return path, f"the file has {was!r}, {skeleton} has {want!r}"
+        match saved_entry:
+            case [str() as elsewhere, _] if elsewhere != path:
+                return path, f"the file has a node at path {elsewhere} instead"
+            case [str(), {"node": node, "static": dict(static)} as was] if (
+                isinstance(want, dict)
+                and "static" in want
+                and node == want["node"]
+                and set(was) == set(want)
+            ):
+                for field, value in want["static"].items():
+                    if field in static and _json_sorted(static[field]) != _json_sorted(
+                        value
+                    ):
+                        return f"{path}.{field}", (
+                            f"the static field is {static[field]!r} in the file "
+                            f"and {value!r} in {skeleton}"
+                        )
+                # Only a field that one side lacks differs: the class gained or lost
+                # a static field between versions (Equinox's MLP gained `scan`).
+                continue
+            case [str(), was]:
+                return path, f"the file has {was!r}, {skeleton} has {want!r}"
+        return path, "the file's structure description is malformed"
     if len(saved) != len(wanted):
         longer = saved if len(saved) > len(wanted) else wanted
         side = "the file" if longer is saved else skeleton
