@@ -3284,7 +3284,7 @@ def _load(
         skeleton = build(layout, source)
         if layout is None:
             file.seek(0)
-            return _place(_read_equinox_file(file, skeleton, source, size), skeleton)
+            return _read_equinox_file(file, skeleton, source, size)
         _check_against_skeleton(source, layout, skeleton)
         leaves, treedef = jtu.tree_flatten(skeleton)
         shardings = [_leaf_sharding(leaf) for leaf in leaves if _is_saved_leaf(leaf)]
@@ -3630,10 +3630,10 @@ def _numbers_as_saved(skeleton: Any, entries: list[dict[str, Any]]) -> Any:
 
     def as_saved(key_path: _KeyPath, leaf: Any) -> Any:
         entry = saved.get(_keystr(key_path)) if _is_python_number(leaf) else None
-        if entry is None or entry["kind"] == "scalar" or entry["shape"] != []:
+        if entry is None or entry["kind"] in ("scalar", "key") or entry["shape"]:
             return leaf
         dtype = cast(np.dtype, _numpy_dtype(entry["dtype"]))
-        if entry["kind"] == "key" or _is_numpy_only(dtype):
+        if _is_numpy_only(dtype):
             return leaf
         return jax.ShapeDtypeStruct((), jax.dtypes.canonicalize_dtype(dtype))
 
@@ -4260,17 +4260,16 @@ def _read_header(file: IO[bytes], source: _Source, size: int) -> _Layout | None:
     arguments = _parse_arguments(metadata.get("arguments"), source)
     crcs = metadata.get("crc32", "")
     arrays = [entry for entry in entries if entry["kind"] != "scalar"]
-    tensors = {name: value for name, value in header.items() if name != "__metadata__"}
     if not (
         re.fullmatch("[0-9a-f]*", crcs)
         and len(crcs) == 8 * len(arrays)
-        and len(tensors) == len(arrays)
+        and len(header) - 1 == len(arrays)  # Its tensor table and `__metadata__`.
     ):
         raise source.error("has a malformed header")
     offset = 0
     for index, entry in enumerate(arrays):
         wanted = _tensor_entry(entry, offset, entry["nbytes"])
-        if tensors.get(entry["path"]) != wanted:
+        if header.get(entry["path"]) != wanted:  # Never `__metadata__`: all str.
             raise source.error(
                 f"has a malformed header: the tensor table's entry for the leaf at "
                 f"path {entry['path']} is not {_json(wanted)}"
@@ -4780,18 +4779,6 @@ def _stream_into_shards(
     return crc
 
 
-def _place(tree: Any, skeleton: Any) -> Any:
-    """`tree` with each JAX array put on the sharding its skeleton leaf asks for."""
-
-    def place(leaf: Any, like: Any) -> Any:
-        sharding = _leaf_sharding(like)
-        if sharding is None or not isinstance(leaf, jax.Array):
-            return leaf
-        return jax.device_put(leaf, sharding)
-
-    return jtu.tree_map(place, tree, skeleton)
-
-
 def _check_crc(entry: dict[str, Any], crc: int, source: _Source) -> None:
     if crc != entry["crc"]:
         raise source.error(
@@ -4842,7 +4829,8 @@ def _restore_kind(data: np.ndarray, entry: dict[str, Any]) -> Any:
 def _read_equinox_file(
     file: IO[bytes], skeleton: Any, source: _Source, size: int
 ) -> Any:
-    """A file of plain `eqx.tree_serialise_leaves`: Equinox's own checks only."""
+    """A file of plain `eqx.tree_serialise_leaves` (Equinox's own checks only), with
+    each JAX array put on the sharding its skeleton leaf asks for."""
     try:
         model = eqx.tree_deserialise_leaves(file, skeleton)
     except Exception as err:
@@ -4851,4 +4839,11 @@ def _read_equinox_file(
         raise source.error(
             f"has {size - file.tell()} trailing bytes after its Equinox data"
         )
-    return model
+
+    def place(leaf: Any, like: Any) -> Any:
+        sharding = _leaf_sharding(like)
+        if sharding is None or not isinstance(leaf, jax.Array):
+            return leaf
+        return jax.device_put(leaf, sharding)
+
+    return jtu.tree_map(place, model, skeleton)
