@@ -3931,41 +3931,29 @@ def _write_shards(
     temporary: pathlib.Path, blocks: list[Any], offsets: list[int]
 ) -> None:
     """Write this process's replica-0 shards into the shared file, durably."""
-    descriptor = os.open(temporary, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
-    try:
+    with os.fdopen(os.open(temporary, os.O_WRONLY), "wb") as file:  # Not truncated.
         for block, offset in zip(blocks, offsets, strict=False):
             if not isinstance(block, jax.Array):
                 continue
-            shape = block.shape
-            strides = [
-                math.prod(shape[axis + 1 :]) * block.dtype.itemsize
-                for axis in range(len(shape))
-            ]
             for shard in block.addressable_shards:
                 if shard.replica_id != 0 or shard.data.size == 0:
                     continue
-                region = _region(shard.index, shape)
+                region = _region(shard.index, block.shape)
                 data = np.asarray(shard.data)
                 # Axes after `split` are whole in the shard, so each step along the
                 # axes up to `split` is one contiguous run of the file.
-                split = max(len(shape) - 1, 0)
-                while split > 0 and region[split] == (0, shape[split]):
+                split = max(block.ndim - 1, 0)
+                while split > 0 and region[split] == (0, block.shape[split]):
                     split -= 1
+                starts = [start for start, _ in region]
                 for outer in np.ndindex(*data.shape[:split]):
-                    corner = [start for start, _ in region]
-                    corner[:split] = [
-                        c + i for c, i in zip(corner, outer, strict=False)
-                    ]
-                    at = offset + sum(map(operator.mul, corner, strides))
-                    run = np.ascontiguousarray(data[outer]).reshape(-1).view(np.uint8)
-                    written = 0
-                    while written < run.nbytes:
-                        written += os.pwrite(
-                            descriptor, run.data[written:], at + written
-                        )
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+                    corner = [*np.add(starts[:split], outer), *starts[split:]]
+                    at = np.ravel_multi_index(corner, block.shape) * data.itemsize
+                    file.seek(offset + int(at))
+                    run = np.ascontiguousarray(data[outer]).reshape(-1)
+                    file.write(run.view(np.uint8).data)
+        file.flush()
+        os.fsync(file.fileno())
 
 
 def _encode(
