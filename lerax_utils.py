@@ -2917,14 +2917,12 @@ def _tidy_on_error(bar: _ProgressBar | None) -> Iterator[None]:
 # Checkpoints: Serializable
 #
 
-# A checkpoint is a safetensors file, as `FORMAT.md` specifies, with all else of ours
-# in its header's `__metadata__`.
+# A checkpoint is a safetensors file with all else in `__metadata__` (FORMAT.md).
 _FORMAT = "lerax_utils"
 _FORMAT_VERSION = 3
 _LENGTH = struct.Struct("<Q")
 _MAX_HEADER_BYTES = 64 * 1024 * 1024
-# JSON lists and objects in each part of a header (the `[` and `{` outside its
-# strings), which bound the memory and time to parse it: about 6 per array leaf.
+# JSON lists and objects in a part of a header, to bound parsing: ~6 per array leaf.
 _MAX_CONTAINERS = 1 << 21
 _MAX_DIMENSIONS = 64  # As NumPy.
 _CRC_SLOT = b'"metadata_crc32":"'
@@ -3179,8 +3177,7 @@ def _save(path: Any, tree: Any, no_suffix: Any, function: str) -> None:
     if not traced and not isinstance(jnp.zeros((), jnp.uint8), jax.core.Tracer):
         _write_checkpoint(tree, target, function)
         return
-    # In a trace, the traced leaves travel to the host (typed keys as their key
-    # data); the others are checked now, and stay here.
+    # In a trace, traced leaves go to the host (keys as key data); others stay here.
     _check_saveable(leaves, function)  # Refuse at trace time, not in the callback.
     kinds = {index: _jax_kind(leaf) for index, leaf in traced.items()}
     template = [None if i in traced else leaf for i, (_, leaf) in enumerate(leaves)]
@@ -3387,9 +3384,7 @@ def _is_numpy_only(dtype: np.dtype) -> bool:
     return dtype.kind in "SUMm" or dtype.byteorder == ">"
 
 
-# The codec of every value in the metadata (FORMAT.md has its table): the same value
-# has the same encoding wherever it is stored, whether a Python number of the model,
-# a static value described to be compared, or a constructor argument.
+# The one codec of every value in the metadata (FORMAT.md has its table).
 
 _DEPTH = 32
 _RECORD_BUDGET = 1 << 16  # Values and string characters per recorded argument.
@@ -3525,8 +3520,7 @@ def _decode_value(value: Any, depth: int = 0) -> Any:
     raise _Malformed
 
 
-# Recorded constructor arguments: the metadata entry `arguments` lists
-# `[path, recording]` for each `Serializable` in the tree that has one.
+# Recorded constructor arguments: `arguments` is `[path, recording]` of each.
 
 
 def _record(value: Any) -> Any:
@@ -3602,15 +3596,6 @@ def _serializables(tree: Any, path: _KeyPath = ()) -> Iterator[tuple[str, Any]]:
     for key, node in inner:
         if isinstance(node, Serializable) and node is not tree:
             yield from _serializables(node, path + key)
-
-
-def _recordings(tree: Any) -> list[list[Any]]:
-    """`[leaf path, recording]` of every `Serializable` in `tree` that has one."""
-    found = [
-        [where, getattr(node, _ARGUMENTS_FIELD, _NOT_RECORDED).recording]
-        for where, node in _serializables(tree)
-    ]
-    return [item for item in found if item[1] is not None]
 
 
 def _graft_arguments(skeleton: Any, recorded: dict[str, Any]) -> Any:
@@ -3788,13 +3773,11 @@ def _closer() -> concurrent.futures.ThreadPoolExecutor:
     return concurrent.futures.ThreadPoolExecutor(max_workers=1)
 
 
-# Several processes (`jax.distributed`): no process can fetch an array that spans
-# them, so each calls `serialize`. Process 0 creates the temporary file, writes the
-# header and the other leaves, and publishes the file's name in the runtime's
-# key-value store; each process writes its replica-0 shards there (so each byte
-# once), flushes them and says so; process 0 streams the data for the CRC-32s, fills
-# in the header, renames the file and says so. Every wait is bounded, and a failure
-# anywhere is published, so that the others raise instead of waiting.
+# Several processes (`jax.distributed`) each call `serialize`. Process 0 creates the
+# temporary file with the header and the other leaves and publishes its name in the
+# key-value store; each process writes its replica-0 shards there and says so;
+# process 0 streams the data for the CRC-32s, fills in the header and renames the
+# file. Every wait is bounded; a failure is published, so that the others raise.
 _PROCESS_TIMEOUT_S = 600.0
 _FAILED = "!"  # A published value that starts so is the message of a failure.
 _saves_across_processes = [0]
@@ -3865,8 +3848,7 @@ def _write_from_processes(
     me, count = jax.process_index(), jax.process_count()
     data_at = _LENGTH.size + len(header)
     offsets = list(itertools.accumulate([b.nbytes for b in blocks], initial=data_at))
-    # All must save the same path and header, and the same leaves where process 0
-    # writes them, before any writes.
+    # All agree on the path, the header and process 0's leaves before any writes.
     local = [None if isinstance(b, jax.Array) else zlib.crc32(b.data) for b in blocks]
     agreed = zlib.crc32(_json([str(target), local]).encode(), zlib.crc32(header))
     client.key_value_set(f"{prefix}/header/{me}", f"{agreed:08x}")
@@ -4009,7 +3991,11 @@ def _encode(
         "leaves": _json(leaves),
         "structure": _json(_structure(model)),
     }
-    recordings = _recordings(model)
+    recordings = [
+        [where, recorded]
+        for where, node in _serializables(model)
+        if (recorded := getattr(node, _ARGUMENTS_FIELD).recording) is not None
+    ]
     if recordings:
         metadata["arguments"] = _json(recordings)
     metadata["crc32"] = _ZERO_CRC * len(blocks)  # Filled in once the data is written.
@@ -4661,7 +4647,6 @@ def _read_sharded(
     # The whole tensor is checked first, so a corrupt file fails before any device
     # array exists; then each local shard is read alone, put on its devices and
     # freed. One shard (one device, or replicated) is checked and read in one pass.
-    path = entry["path"]
     dtype = cast(np.dtype, _numpy_dtype(entry["dtype"]))
     shape = tuple(entry["shape"])  # Of the stored data: key data for a key.
     is_key = entry["kind"] == "key"
@@ -4675,7 +4660,9 @@ def _read_sharded(
             for device, index in indices.items()
         }
     except Exception as err:
-        raise _sharding_error(source.function, path, global_shape, err) from err
+        raise _sharding_error(
+            source.function, entry["path"], global_shape, err
+        ) from err
     distinct = list(dict.fromkeys(regions.values()))  # A replicated shard once.
     if len(distinct) > 1:
         _check_crc(entry, _stream_into_shards(file, entry, {}, source), source)
