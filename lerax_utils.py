@@ -3687,7 +3687,7 @@ def _write_checkpoint(
     model: Any,
     target: pathlib.Path,
     function: str,
-    kinds: dict[int, tuple[str, str | None]] | None = None,
+    kinds: dict[int, tuple[str, dict[str, Any]]] | None = None,
 ) -> None:
     try:
         header, blocks = _encode(model, kinds or {}, function)
@@ -3742,10 +3742,8 @@ def _write_atomically(
         # The old file, held open past the rename, is closed (and its blocks freed)
         # in a helper thread; the new one takes its mode.
         try:
-            flags = (
-                os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
-            )
-            previous = os.open(target, flags)
+            # Not inherited, as every descriptor Python opens (PEP 446).
+            previous = os.open(target, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
         except OSError:  # None there, or not readable.
             previous = None
         try:
@@ -3939,7 +3937,7 @@ def _write_shards(
 
 
 def _encode(
-    model: Any, kinds: dict[int, tuple[str, str | None]], function: str
+    model: Any, kinds: dict[int, tuple[str, dict[str, Any]]], function: str
 ) -> tuple[bytes, list[Any]]:
     """The header, with zeros in its CRC slots, and each array's bytes (as uint8)."""
     leaves: list[dict[str, Any]] = []
@@ -3951,12 +3949,12 @@ def _encode(
     for index, (key_path, leaf) in enumerate(flat):
         path = _keystr(key_path)
         if index in kinds:  # A traced leaf, now on the host.
-            (kind, impl), data = kinds[index], np.asarray(leaf, order="C")
+            (kind, extra), data = kinds[index], np.asarray(leaf, order="C")
         elif isinstance(leaf, jax.Array):
-            (kind, impl), data = _jax_kind(leaf), _host_array(leaf)
+            (kind, extra), data = _jax_kind(leaf), _host_array(leaf)
         elif eqx.is_array(leaf):
             kind = "numpy_scalar" if isinstance(leaf, np.generic) else "numpy"
-            impl, data = None, _host_array(leaf)
+            extra, data = {}, _host_array(leaf)
         elif type(leaf) in _PYTHON_SCALARS:
             value = _encode_value(leaf)
             leaves.append({"path": path, "kind": "scalar", "value": value})
@@ -3965,19 +3963,8 @@ def _encode(
             continue  # Described by the structure; restored from the skeleton.
         # A NumPy leaf keeps its own dtype, big-endian where its bytes were swapped.
         dtype = leaf.dtype if kind.startswith("numpy") else data.dtype
-        entry: dict[str, Any] = {
-            "path": path,
-            "kind": "jax" if kind == "jax_weak" else kind,
-            "dtype": _dtype_name(dtype),
-            "shape": list(data.shape),
-        }
-        if kind == "jax_weak":
-            entry["weak_type"] = True
-        if impl is not None:
-            impl_shape = _key_impl_types()[impl][1]
-            entry.update(
-                impl=impl, key_shape=entry["shape"][: data.ndim - len(impl_shape)]
-            )
+        entry: dict[str, Any] = {"path": path, "kind": kind}
+        entry.update(dtype=_dtype_name(dtype), shape=list(data.shape), **extra)
         block = data if isinstance(data, jax.Array) else data.reshape(-1).view(np.uint8)
         tensors[path] = _tensor_entry(entry, offset, block.nbytes)
         offset += block.nbytes
@@ -4024,12 +4011,12 @@ def _keystr(key_path: _KeyPath) -> str:
     return jtu.keystr(key_path)
 
 
-def _jax_kind(leaf: Any) -> tuple[str, str | None]:
-    """How a JAX array or tracer is saved: its kind, and a key's implementation."""
+def _jax_kind(leaf: Any) -> tuple[str, dict[str, Any]]:
+    """How a JAX array or tracer is saved: its kind, and its entry's extra fields."""
     if _is_key_array(leaf):
-        return "key", _key_impl_name(leaf.dtype)
+        return "key", {"impl": _key_impl_name(leaf.dtype), "key_shape": [*leaf.shape]}
     weak = getattr(getattr(leaf, "aval", None), "weak_type", False)  # jnp.asarray(2.0)
-    return ("jax_weak" if weak else "jax"), None
+    return "jax", {"weak_type": True} if weak else {}
 
 
 def _check_saveable(flat: list[tuple[_KeyPath, Any]], function: str) -> None:
