@@ -3054,7 +3054,8 @@ class Serializable(eqx.Module):
         As `eqx.tree_deserialise_leaves`, except that the skeleton is
         `eqx.filter_eval_shape(cls, *args, **kwargs)`, with the arguments recorded
         in the file if none are given, and must match the file's structure, static
-        values, shapes and dtypes. Nothing in a file is imported, called or unpickled.
+        values, shapes and dtypes. Plain `eqx.tree_serialise_leaves` files load too.
+        Nothing in a file is imported, called or unpickled.
 
         **Raises:**
 
@@ -3085,7 +3086,7 @@ class Serializable(eqx.Module):
     ) -> _Model:
         """As `deserialize`, except that each process reads only its own devices'
         shards, straight into them: a model is never whole on one device, nor in
-        host memory.
+        host memory. NumPy leaves stay on the host.
 
         **Arguments:**
 
@@ -3115,8 +3116,8 @@ def save_pytree(
     and `path` never holds a torn file. `.eqx` is appended unless `no_suffix` or
     the name ends so; missing folders are created. Eagerly, the file is complete on
     return; inside `jit`, it is written when the computation runs (see
-    `jax.effects_barrier`). Arrays that span processes are saved by calling
-    `save_pytree` in every process alike.
+    `jax.effects_barrier`); under `grad`, the values are saved. Arrays that span
+    processes are saved by calling `save_pytree` in every process alike.
 
     **Raises:**
 
@@ -4230,7 +4231,7 @@ def _read_header(file: IO[bytes], source: _Source, size: int) -> _Layout | None:
     offset = 0
     for index, entry in enumerate(arrays):
         wanted = _tensor_entry(entry, offset, entry["nbytes"])
-        if header.get(entry["path"]) != wanted:  # Never `__metadata__`: all str.
+        if header.get(entry["path"]) != wanted:  # `__metadata__` holds only strings.
             raise source.error(
                 f"has a malformed header: the tensor table's entry for the leaf at "
                 f"path {entry['path']} is not {_json(wanted)}"
