@@ -2462,14 +2462,12 @@ def _tidy_on_error(bar: _ProgressBar | None) -> Iterator[None]:
 # Checkpoints: Serializable
 #
 
-# A checkpoint is a safetensors file, as `FORMAT.md` specifies, with all else of ours
-# in its header's `__metadata__`.
+# A checkpoint is a safetensors file with all else in `__metadata__` (FORMAT.md).
 _FORMAT = "lerax_utils"
 _FORMAT_VERSION = 3
 _LENGTH = struct.Struct("<Q")
 _MAX_HEADER_BYTES = 64 * 1024 * 1024
-# JSON lists and objects in each part of a header (the `[` and `{` outside its
-# strings), which bound the memory and time to parse it: about 6 per array leaf.
+# JSON lists and objects in a part of a header, to bound parsing: ~6 per array leaf.
 _MAX_CONTAINERS = 1 << 21
 _MAX_DIMENSIONS = 64  # As NumPy.
 _CRC_SLOT = b'"metadata_crc32":"'
@@ -2543,11 +2541,10 @@ _PENDING = "_lerax_pending_arguments"
 class Serializable(eqx.Module):
     """An `eqx.Module` whose models save themselves, and load back from the path alone.
 
-    `model.serialize(path)` saves as `save_pytree` does. Each model records its
-    constructor's arguments (JSON-like values as they are, arrays by shape and dtype,
-    anything else by its type), so that `Model.deserialize(path)` can rebuild a
-    skeleton to load into. The recording is a static field that always compares
-    equal: it never changes a model's tree structure, equality or `jit` cache entry.
+    `model.serialize(path)` saves as `save_pytree` does, with the constructor's
+    arguments (arrays by shape and dtype, objects by type), from which
+    `Model.deserialize(path)` rebuilds a skeleton. The recording never changes a
+    model's tree structure, equality or `jit` cache entry.
 
     ```python
     import equinox as eqx
@@ -2599,12 +2596,11 @@ class Serializable(eqx.Module):
     ) -> _Model:
         """Load a model saved by `serialize` (or by `save_pytree`).
 
-        As `eqx.tree_deserialise_leaves`, except that the skeleton is built here, as
-        `eqx.filter_eval_shape(cls, *args, **kwargs)` (array arguments as
-        `jax.ShapeDtypeStruct`s) with the given arguments or, given none, those
-        recorded in the file; and the file must match it: structure, static values,
-        shapes and dtypes. Plain `eqx.tree_serialise_leaves` files load too.
-        Nothing in a file is ever imported, called or unpickled.
+        As `eqx.tree_deserialise_leaves`, except that the skeleton is
+        `eqx.filter_eval_shape(cls, *args, **kwargs)`, with the arguments recorded
+        in the file if none are given, and must match the file's structure, static
+        values, shapes and dtypes. Plain `eqx.tree_serialise_leaves` files load too.
+        Nothing in a file is imported, called or unpickled.
 
         **Raises:**
 
@@ -2633,15 +2629,15 @@ class Serializable(eqx.Module):
         *args: Any,
         **kwargs: Any,
     ) -> _Model:
-        """As `deserialize`, except that each process reads only the shards of its
-        own devices, straight into them: a model is never whole on one device, nor
-        in host memory. NumPy leaves stay on the host.
+        """As `deserialize`, except that each process reads only its own devices'
+        shards, straight into them: a model is never whole on one device, nor in
+        host memory. NumPy leaves stay on the host.
 
         **Arguments:**
 
         - `sharding`: a `jax.sharding.Sharding` for every JAX array, or a callable
-            that maps the skeleton to a pytree of shardings (or None) at its arrays.
-            With several processes, each passes the same global sharding.
+            from the skeleton to a pytree of shardings (or None) at its arrays; the
+            same global sharding in every process.
 
         **Raises:** as `deserialize`; `TypeError` or `ValueError` if `sharding` does
         not fit the skeleton.
@@ -2662,12 +2658,11 @@ def save_pytree(
 
     As `eqx.tree_serialise_leaves`, except that arrays and Python numbers are saved
     bit for bit with checksums, other leaves are described to be compared on load,
-    and `path` holds the old file or the new one, never a torn one. `.eqx` is
-    appended to `path` unless `no_suffix` or the name ends so; missing folders are
-    created. Eagerly, the file is complete on return; inside `jit`, it is written
-    when the computation runs (see `jax.effects_barrier`); under `grad`, the values
-    are saved. Arrays that span processes are saved by calling `save_pytree` in
-    every process with the same tree and path.
+    and `path` never holds a torn file. `.eqx` is appended unless `no_suffix` or
+    the name ends so; missing folders are created. Eagerly, the file is complete on
+    return; inside `jit`, it is written when the computation runs (see
+    `jax.effects_barrier`); under `grad`, the values are saved. Arrays that span
+    processes are saved by calling `save_pytree` in every process alike.
 
     **Raises:**
 
@@ -2728,8 +2723,7 @@ def _save(path: Any, tree: Any, no_suffix: Any, function: str) -> None:
     if not traced and not isinstance(jnp.zeros((), jnp.uint8), jax.core.Tracer):
         _write_checkpoint(tree, target, function)
         return
-    # In a trace, the traced leaves travel to the host (typed keys as their key
-    # data); the others are checked now, and stay here.
+    # In a trace, traced leaves go to the host (keys as key data); others stay here.
     _check_saveable(leaves, function)  # Refuse at trace time, not in the callback.
     kinds = {index: _jax_kind(leaf) for index, leaf in traced.items()}
     template = [None if i in traced else leaf for i, (_, leaf) in enumerate(leaves)]
@@ -2833,7 +2827,7 @@ def _load(
         skeleton = build(layout, source)
         if layout is None:
             file.seek(0)
-            return _place(_read_equinox_file(file, skeleton, source, size), skeleton)
+            return _read_equinox_file(file, skeleton, source, size)
         _check_against_skeleton(source, layout, skeleton)
         leaves, treedef = jtu.tree_flatten(skeleton)
         shardings = [_leaf_sharding(leaf) for leaf in leaves if _is_saved_leaf(leaf)]
@@ -2936,9 +2930,7 @@ def _is_numpy_only(dtype: np.dtype) -> bool:
     return dtype.kind in "SUMm" or dtype.byteorder == ">"
 
 
-# The codec of every value in the metadata (FORMAT.md has its table): the same value
-# has the same encoding wherever it is stored, whether a Python number of the model,
-# a static value described to be compared, or a constructor argument.
+# The one codec of every value in the metadata (FORMAT.md has its table).
 
 _DEPTH = 32
 _RECORD_BUDGET = 1 << 16  # Values and string characters per recorded argument.
@@ -3074,8 +3066,7 @@ def _decode_value(value: Any, depth: int = 0) -> Any:
     raise _Malformed
 
 
-# Recorded constructor arguments: the metadata entry `arguments` lists
-# `[path, recording]` for each `Serializable` in the tree that has one.
+# Recorded constructor arguments: `arguments` is `[path, recording]` of each.
 
 
 def _record(value: Any) -> Any:
@@ -3153,15 +3144,6 @@ def _serializables(tree: Any, path: _KeyPath = ()) -> Iterator[tuple[str, Any]]:
             yield from _serializables(node, path + key)
 
 
-def _recordings(tree: Any) -> list[list[Any]]:
-    """`[leaf path, recording]` of every `Serializable` in `tree` that has one."""
-    found = [
-        [where, getattr(node, _ARGUMENTS_FIELD, _NOT_RECORDED).recording]
-        for where, node in _serializables(tree)
-    ]
-    return [item for item in found if item[1] is not None]
-
-
 def _graft_arguments(skeleton: Any, recorded: dict[str, Any]) -> Any:
     """`skeleton` (built here, so free to change) with the file's recordings."""
     if recorded:
@@ -3179,10 +3161,10 @@ def _numbers_as_saved(skeleton: Any, entries: list[dict[str, Any]]) -> Any:
 
     def as_saved(key_path: _KeyPath, leaf: Any) -> Any:
         entry = saved.get(_keystr(key_path)) if _is_python_number(leaf) else None
-        if entry is None or entry["kind"] == "scalar" or entry["shape"] != []:
+        if entry is None or entry["kind"] in ("scalar", "key") or entry["shape"]:
             return leaf
         dtype = cast(np.dtype, _numpy_dtype(entry["dtype"]))
-        if entry["kind"] == "key" or _is_numpy_only(dtype):
+        if _is_numpy_only(dtype):
             return leaf
         return jax.ShapeDtypeStruct((), jax.dtypes.canonicalize_dtype(dtype))
 
@@ -3251,7 +3233,7 @@ def _write_checkpoint(
     model: Any,
     target: pathlib.Path,
     function: str,
-    kinds: dict[int, tuple[str, str | None]] | None = None,
+    kinds: dict[int, tuple[str, dict[str, Any]]] | None = None,
 ) -> None:
     try:
         header, blocks = _encode(model, kinds or {}, function)
@@ -3306,10 +3288,8 @@ def _write_atomically(
         # The old file, held open past the rename, is closed (and its blocks freed)
         # in a helper thread; the new one takes its mode.
         try:
-            flags = (
-                os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
-            )
-            previous = os.open(target, flags)
+            # Not inherited, as every descriptor Python opens (PEP 446).
+            previous = os.open(target, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
         except OSError:  # None there, or not readable.
             previous = None
         try:
@@ -3337,13 +3317,11 @@ def _closer() -> concurrent.futures.ThreadPoolExecutor:
     return concurrent.futures.ThreadPoolExecutor(max_workers=1)
 
 
-# Several processes (`jax.distributed`): no process can fetch an array that spans
-# them, so each calls `serialize`. Process 0 creates the temporary file, writes the
-# header and the other leaves, and publishes the file's name in the runtime's
-# key-value store; each process writes its replica-0 shards there (so each byte
-# once), flushes them and says so; process 0 streams the data for the CRC-32s, fills
-# in the header, renames the file and says so. Every wait is bounded, and a failure
-# anywhere is published, so that the others raise instead of waiting.
+# Several processes (`jax.distributed`) each call `serialize`. Process 0 creates the
+# temporary file with the header and the other leaves and publishes its name in the
+# key-value store; each process writes its replica-0 shards there and says so;
+# process 0 streams the data for the CRC-32s, fills in the header and renames the
+# file. Every wait is bounded; a failure is published, so that the others raise.
 _PROCESS_TIMEOUT_S = 600.0
 _FAILED = "!"  # A published value that starts so is the message of a failure.
 _saves_across_processes = [0]
@@ -3414,8 +3392,7 @@ def _write_from_processes(
     me, count = jax.process_index(), jax.process_count()
     data_at = _LENGTH.size + len(header)
     offsets = list(itertools.accumulate([b.nbytes for b in blocks], initial=data_at))
-    # All must save the same path and header, and the same leaves where process 0
-    # writes them, before any writes.
+    # All agree on the path, the header and process 0's leaves before any writes.
     local = [None if isinstance(b, jax.Array) else zlib.crc32(b.data) for b in blocks]
     agreed = zlib.crc32(_json([str(target), local]).encode(), zlib.crc32(header))
     client.key_value_set(f"{prefix}/header/{me}", f"{agreed:08x}")
@@ -3480,45 +3457,33 @@ def _write_shards(
     temporary: pathlib.Path, blocks: list[Any], offsets: list[int]
 ) -> None:
     """Write this process's replica-0 shards into the shared file, durably."""
-    descriptor = os.open(temporary, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
-    try:
+    with os.fdopen(os.open(temporary, os.O_WRONLY), "wb") as file:  # Not truncated.
         for block, offset in zip(blocks, offsets, strict=False):
             if not isinstance(block, jax.Array):
                 continue
-            shape = block.shape
-            strides = [
-                math.prod(shape[axis + 1 :]) * block.dtype.itemsize
-                for axis in range(len(shape))
-            ]
             for shard in block.addressable_shards:
                 if shard.replica_id != 0 or shard.data.size == 0:
                     continue
-                region = _region(shard.index, shape)
+                region = _region(shard.index, block.shape)
                 data = np.asarray(shard.data)
                 # Axes after `split` are whole in the shard, so each step along the
                 # axes up to `split` is one contiguous run of the file.
-                split = max(len(shape) - 1, 0)
-                while split > 0 and region[split] == (0, shape[split]):
+                split = max(block.ndim - 1, 0)
+                while split > 0 and region[split] == (0, block.shape[split]):
                     split -= 1
+                starts = [start for start, _ in region]
                 for outer in np.ndindex(*data.shape[:split]):
-                    corner = [start for start, _ in region]
-                    corner[:split] = [
-                        c + i for c, i in zip(corner, outer, strict=False)
-                    ]
-                    at = offset + sum(map(operator.mul, corner, strides))
-                    run = np.ascontiguousarray(data[outer]).reshape(-1).view(np.uint8)
-                    written = 0
-                    while written < run.nbytes:
-                        written += os.pwrite(
-                            descriptor, run.data[written:], at + written
-                        )
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+                    corner = [*np.add(starts[:split], outer), *starts[split:]]
+                    at = np.ravel_multi_index(corner, block.shape) * data.itemsize
+                    file.seek(offset + int(at))
+                    run = np.ascontiguousarray(data[outer]).reshape(-1)
+                    file.write(run.view(np.uint8).data)
+        file.flush()
+        os.fsync(file.fileno())
 
 
 def _encode(
-    model: Any, kinds: dict[int, tuple[str, str | None]], function: str
+    model: Any, kinds: dict[int, tuple[str, dict[str, Any]]], function: str
 ) -> tuple[bytes, list[Any]]:
     """The header, with zeros in its CRC slots, and each array's bytes (as uint8)."""
     leaves: list[dict[str, Any]] = []
@@ -3530,12 +3495,12 @@ def _encode(
     for index, (key_path, leaf) in enumerate(flat):
         path = _keystr(key_path)
         if index in kinds:  # A traced leaf, now on the host.
-            (kind, impl), data = kinds[index], np.asarray(leaf, order="C")
+            (kind, extra), data = kinds[index], np.asarray(leaf, order="C")
         elif isinstance(leaf, jax.Array):
-            (kind, impl), data = _jax_kind(leaf), _host_array(leaf)
+            (kind, extra), data = _jax_kind(leaf), _host_array(leaf)
         elif eqx.is_array(leaf):
             kind = "numpy_scalar" if isinstance(leaf, np.generic) else "numpy"
-            impl, data = None, _host_array(leaf)
+            extra, data = {}, _host_array(leaf)
         elif type(leaf) in _PYTHON_SCALARS:
             value = _encode_value(leaf)
             leaves.append({"path": path, "kind": "scalar", "value": value})
@@ -3544,19 +3509,8 @@ def _encode(
             continue  # Described by the structure; restored from the skeleton.
         # A NumPy leaf keeps its own dtype, big-endian where its bytes were swapped.
         dtype = leaf.dtype if kind.startswith("numpy") else data.dtype
-        entry: dict[str, Any] = {
-            "path": path,
-            "kind": "jax" if kind == "jax_weak" else kind,
-            "dtype": _dtype_name(dtype),
-            "shape": list(data.shape),
-        }
-        if kind == "jax_weak":
-            entry["weak_type"] = True
-        if impl is not None:
-            impl_shape = _key_impl_types()[impl][1]
-            entry.update(
-                impl=impl, key_shape=entry["shape"][: data.ndim - len(impl_shape)]
-            )
+        entry: dict[str, Any] = {"path": path, "kind": kind}
+        entry.update(dtype=_dtype_name(dtype), shape=list(data.shape), **extra)
         block = data if isinstance(data, jax.Array) else data.reshape(-1).view(np.uint8)
         tensors[path] = _tensor_entry(entry, offset, block.nbytes)
         offset += block.nbytes
@@ -3570,7 +3524,11 @@ def _encode(
         "leaves": _json(leaves),
         "structure": _json(_structure(model)),
     }
-    recordings = _recordings(model)
+    recordings = [
+        [where, recorded]
+        for where, node in _serializables(model)
+        if (recorded := getattr(node, _ARGUMENTS_FIELD).recording) is not None
+    ]
     if recordings:
         metadata["arguments"] = _json(recordings)
     metadata["crc32"] = _ZERO_CRC * len(blocks)  # Filled in once the data is written.
@@ -3599,12 +3557,12 @@ def _keystr(key_path: _KeyPath) -> str:
     return jtu.keystr(key_path)
 
 
-def _jax_kind(leaf: Any) -> tuple[str, str | None]:
-    """How a JAX array or tracer is saved: its kind, and a key's implementation."""
+def _jax_kind(leaf: Any) -> tuple[str, dict[str, Any]]:
+    """How a JAX array or tracer is saved: its kind, and its entry's extra fields."""
     if _is_key_array(leaf):
-        return "key", _key_impl_name(leaf.dtype)
+        return "key", {"impl": _key_impl_name(leaf.dtype), "key_shape": [*leaf.shape]}
     weak = getattr(getattr(leaf, "aval", None), "weak_type", False)  # jnp.asarray(2.0)
-    return ("jax_weak" if weak else "jax"), None
+    return "jax", {"weak_type": True} if weak else {}
 
 
 def _check_saveable(flat: list[tuple[_KeyPath, Any]], function: str) -> None:
@@ -3801,28 +3759,24 @@ def _read_header(file: IO[bytes], source: _Source, size: int) -> _Layout | None:
     )
     if not (isinstance(leaves, list) and isinstance(structure, list)):
         raise source.error("has a malformed header")
-    entries = []
-    for entry in leaves:  # In time linear in the header's length.
-        checked = _checked_entry(entry, size)
-        if checked is None:
-            path = entry.get("path") if isinstance(entry, dict) else None
-            where = f" (the leaf at path {path})" if isinstance(path, str) else ""
-            raise source.error(f"has a malformed header{where}")
-        entries.append(checked)
+    try:  # In time linear in the header's length.
+        entries = [_checked_entry(entry, size) for entry in leaves]
+    except _Malformed as err:
+        where = f" (the leaf at path {err})" if err.args else ""
+        raise source.error(f"has a malformed header{where}") from None
     arguments = _parse_arguments(metadata.get("arguments"), source)
     crcs = metadata.get("crc32", "")
     arrays = [entry for entry in entries if entry["kind"] != "scalar"]
-    tensors = {name: value for name, value in header.items() if name != "__metadata__"}
     if not (
         re.fullmatch("[0-9a-f]*", crcs)
         and len(crcs) == 8 * len(arrays)
-        and len(tensors) == len(arrays)
+        and len(header) - 1 == len(arrays)  # Its tensor table and `__metadata__`.
     ):
         raise source.error("has a malformed header")
     offset = 0
     for index, entry in enumerate(arrays):
         wanted = _tensor_entry(entry, offset, entry["nbytes"])
-        if tensors.get(entry["path"]) != wanted:
+        if header.get(entry["path"]) != wanted:  # `__metadata__` holds only strings.
             raise source.error(
                 f"has a malformed header: the tensor table's entry for the leaf at "
                 f"path {entry['path']} is not {_json(wanted)}"
@@ -3879,18 +3833,18 @@ def _check_version(version: Any, source: _Source) -> None:
         )
 
 
-def _checked_entry(entry: Any, size: int) -> dict[str, Any] | None:
-    """A copy of a leaf entry with its byte count, or None if it is malformed."""
+def _checked_entry(entry: Any, size: int) -> dict[str, Any]:
+    """A copy of a leaf entry with its byte count, or `_Malformed(its path)`."""
     if not (isinstance(entry, dict) and isinstance(entry.get("path"), str)):
-        return None
+        raise _Malformed
     kind = entry.get("kind")
     if kind == "scalar":
         try:
             value = _decode_value(entry.get("value"))
         except (_Malformed, _Unrecordable):
-            return None
+            raise _Malformed(entry["path"]) from None
         if type(value) not in _PYTHON_SCALARS:
-            return None
+            raise _Malformed(entry["path"])
         return {"path": entry["path"], "kind": kind, "value": value}
     dtype, shape = _numpy_dtype(entry.get("dtype")), cast(Any, entry.get("shape"))
     if (
@@ -3901,10 +3855,10 @@ def _checked_entry(entry: Any, size: int) -> dict[str, Any] | None:
         or (kind == "numpy_scalar" and shape)
         or ("weak_type" in entry and (entry["weak_type"] is not True or kind != "jax"))
     ):
-        return None
+        raise _Malformed(entry["path"])
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes > size:
-        return None
+        raise _Malformed(entry["path"])
     checked = {"path": entry["path"], "kind": kind, "dtype": entry["dtype"]}
     checked.update(shape=shape, nbytes=nbytes)
     if "weak_type" in entry:
@@ -3918,7 +3872,7 @@ def _checked_entry(entry: Any, size: int) -> dict[str, Any] | None:
             and shape == key_shape + list(types[1])
             and dtype == types[2]
         ):
-            return None
+            raise _Malformed(entry["path"])
         checked.update(impl=impl, key_shape=key_shape)
     return checked
 
@@ -4039,38 +3993,32 @@ def _structure_difference_in_file(
     saved: list[Any], wanted: list[Any], skeleton: str
 ) -> tuple[str, str] | None:
     """The first `(path, message)` where two `_structure` descriptions differ."""
-    for saved_entry, wanted_entry in zip(saved, wanted, strict=False):
-        if _json_sorted(saved_entry) == _json_sorted(wanted_entry):
+    for saved_entry, (path, want) in zip(saved, wanted, strict=False):
+        if _json_sorted(saved_entry) == _json_sorted([path, want]):
             continue
-        if not (
-            isinstance(saved_entry, list)
-            and len(saved_entry) == 2
-            and isinstance(saved_entry[0], str)
-        ):
-            return wanted_entry[0], "the file's structure description is malformed"
-        path, (was, want) = wanted_entry[0], (saved_entry[1], wanted_entry[1])
-        if saved_entry[0] != path:
-            return path, f"the file has a node at path {saved_entry[0]} instead"
-        if (
-            isinstance(was, dict)
-            and isinstance(was.get("static"), dict)
-            and isinstance(want, dict)
-            and "static" in want
-            and was.get("node") == want["node"]
-            and set(was) == set(want)
-        ):
-            for field, value in want["static"].items():
-                if field in was["static"] and _json_sorted(
-                    was["static"][field]
-                ) != _json_sorted(value):
-                    return f"{path}.{field}", (
-                        f"the static field is {was['static'][field]!r} in the file "
-                        f"and {value!r} in {skeleton}"
-                    )
-            # Only a field that one side lacks differs: the class gained or lost a
-            # static field between versions (Equinox's MLP gained `scan`).
-            continue
-        return path, f"the file has {was!r}, {skeleton} has {want!r}"
+        match saved_entry:
+            case [str() as elsewhere, _] if elsewhere != path:
+                return path, f"the file has a node at path {elsewhere} instead"
+            case [str(), {"node": node, "static": dict(static)} as was] if (
+                isinstance(want, dict)
+                and "static" in want
+                and node == want["node"]
+                and set(was) == set(want)
+            ):
+                for field, value in want["static"].items():
+                    if field in static and _json_sorted(static[field]) != _json_sorted(
+                        value
+                    ):
+                        return f"{path}.{field}", (
+                            f"the static field is {static[field]!r} in the file "
+                            f"and {value!r} in {skeleton}"
+                        )
+                # Only a field that one side lacks differs: the class gained or lost
+                # a static field between versions (Equinox's MLP gained `scan`).
+                continue
+            case [str(), was]:
+                return path, f"the file has {was!r}, {skeleton} has {want!r}"
+        return path, "the file's structure description is malformed"
     if len(saved) != len(wanted):
         longer = saved if len(saved) > len(wanted) else wanted
         side = "the file" if longer is saved else skeleton
@@ -4232,7 +4180,6 @@ def _read_sharded(
     # The whole tensor is checked first, so a corrupt file fails before any device
     # array exists; then each local shard is read alone, put on its devices and
     # freed. One shard (one device, or replicated) is checked and read in one pass.
-    path = entry["path"]
     dtype = cast(np.dtype, _numpy_dtype(entry["dtype"]))
     shape = tuple(entry["shape"])  # Of the stored data: key data for a key.
     is_key = entry["kind"] == "key"
@@ -4246,7 +4193,9 @@ def _read_sharded(
             for device, index in indices.items()
         }
     except Exception as err:
-        raise _sharding_error(source.function, path, global_shape, err) from err
+        raise _sharding_error(
+            source.function, entry["path"], global_shape, err
+        ) from err
     distinct = list(dict.fromkeys(regions.values()))  # A replicated shard once.
     if len(distinct) > 1:
         _check_crc(entry, _stream_into_shards(file, entry, {}, source), source)
@@ -4338,18 +4287,6 @@ def _stream_into_shards(
     return crc
 
 
-def _place(tree: Any, skeleton: Any) -> Any:
-    """`tree` with each JAX array put on the sharding its skeleton leaf asks for."""
-
-    def place(leaf: Any, like: Any) -> Any:
-        sharding = _leaf_sharding(like)
-        if sharding is None or not isinstance(leaf, jax.Array):
-            return leaf
-        return jax.device_put(leaf, sharding)
-
-    return jtu.tree_map(place, tree, skeleton)
-
-
 def _check_crc(entry: dict[str, Any], crc: int, source: _Source) -> None:
     if crc != entry["crc"]:
         raise source.error(
@@ -4400,7 +4337,8 @@ def _restore_kind(data: np.ndarray, entry: dict[str, Any]) -> Any:
 def _read_equinox_file(
     file: IO[bytes], skeleton: Any, source: _Source, size: int
 ) -> Any:
-    """A file of plain `eqx.tree_serialise_leaves`: Equinox's own checks only."""
+    """A file of plain `eqx.tree_serialise_leaves` (Equinox's own checks only), with
+    each JAX array put on the sharding its skeleton leaf asks for."""
     try:
         model = eqx.tree_deserialise_leaves(file, skeleton)
     except Exception as err:
@@ -4409,4 +4347,11 @@ def _read_equinox_file(
         raise source.error(
             f"has {size - file.tell()} trailing bytes after its Equinox data"
         )
-    return model
+
+    def place(leaf: Any, like: Any) -> Any:
+        sharding = _leaf_sharding(like)
+        if sharding is None or not isinstance(leaf, jax.Array):
+            return leaf
+        return jax.device_put(leaf, sharding)
+
+    return jtu.tree_map(place, model, skeleton)
