@@ -2584,18 +2584,24 @@ class _ProgressBar:
             f"{label}{percent:3d}% {self.count}/{self.total} "
             f"[{_format_seconds(elapsed)}<{_format_seconds(left)}, {rate_text}]"
         )
-        sys.stderr.write("\r" + text.ljust(self.width) + end)
-        sys.stderr.flush()
+        _write_stderr("\r" + text.ljust(self.width) + end)
         self.width = len(text)
         self.last_draw = now
+
+
+def _write_stderr(text: str) -> None:
+    """Every write of a bar: where stderr cannot take it (`None`, closed, a broken
+    pipe), nothing is drawn, and the loop runs on."""
+    with contextlib.suppress(Exception):
+        sys.stderr.write(text)
+        sys.stderr.flush()
 
 
 def _end_open_lines() -> None:
     """End the line of a bar left part-way (its loop stopped on an error)."""
     with _progress_lock:
         if _open_bars:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
+            _write_stderr("\n")
         _open_bars.clear()
 
 
