@@ -287,11 +287,14 @@ def _is_key_array(array: Any) -> bool:
 def _describe_leaf(leaf: Any) -> str:
     if eqx.is_array(leaf):
         return f"an array of shape {tuple(leaf.shape)} and dtype {leaf.dtype}"
+    return f"{type(leaf).__name__} {_repr(leaf)}"
+
+
+def _repr(value: Any) -> str:
     try:
-        text = repr(leaf)
+        return repr(value)
     except Exception:
-        text = f"<{type(leaf).__name__} object whose repr raised>"
-    return f"{type(leaf).__name__} {text}"
+        return f"<{type(value).__name__} object whose repr raised>"
 
 
 def _static_leaves_equal(old: Any, new: Any) -> bool:
@@ -1947,7 +1950,7 @@ def unstack_pytree(tree: _Tree, *, axis: int = 0) -> list[_Tree]:
             axes[position] = _leaf_axis("unstack_pytree", axis, leaf, where, leaf.ndim)
             sizes[where] = leaf.shape[axes[position]]
     if not sizes:
-        shown = ", ".join(map(repr, leaves[:3])) + (", ..." if len(leaves) > 3 else "")
+        shown = ", ".join(map(_repr, leaves[:3])) + (", ..." if len(leaves) > 3 else "")
         raise ValueError(
             "unstack_pytree: `tree` has no array leaves, so the number of slices is "
             f"undefined (its leaves are [{shown}]). Pass a tree with at "

@@ -259,6 +259,11 @@ def test_unstack_pytree_splits_a_filter_scan_rollout_into_steps():
         assert_identical(state, expected)
 
 
+class _ReprRaises:
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr")
+
+
 def test_unstack_pytree_errors():
     cases = [
         (
@@ -288,6 +293,13 @@ def test_unstack_pytree_errors():
             "unstack_pytree: `tree` has no array leaves, so the number of slices is "
             "undefined (its leaves are [0.1, 'adam']). Pass a tree with at least one "
             "array.",
+        ),
+        (
+            (_ReprRaises(), "label"),
+            0,
+            "unstack_pytree: `tree` has no array leaves, so the number of slices is "
+            "undefined (its leaves are [<_ReprRaises object whose repr raised>, "
+            "'label']). Pass a tree with at least one array.",
         ),
     ]
     for tree, axis, message in cases:
