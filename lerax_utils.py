@@ -2199,7 +2199,9 @@ def _stack_chunk_into(
         shape[axis] = length
         row = jax.lax.index_in_dim(stacked, 0, axis, keepdims=True)
         out = jnp.broadcast_to(row, shape)
-    return jax.lax.dynamic_update_slice_in_dim(out, stacked, start, axis)
+    weak = out.aval.weak_type and stacked.aval.weak_type  # As `jnp.stack`'s result.
+    out = jax.lax.dynamic_update_slice_in_dim(out, stacked, start, axis)
+    return _weak_array(out) if weak else out  # (The update drops the weak type.)
 
 
 def _chunk_starts(length: int, size: int) -> list[int]:
