@@ -2233,11 +2233,16 @@ def _leaf_axis(function: str, axis: int, leaf: Any, path: str, ndim: int) -> int
 # Host callbacks: callback_wrapper and friends, print_callback
 #
 
-# Functions whose body never runs: (test, what it is, what it creates, what it needs).
+# Functions whose body never runs: (tests of the function and of what a call returns,
+# what it is, what it creates, what that needs).
 _BODY_NEVER_RUNS = (
-    (inspect.isasyncgenfunction, "an async generator", "an async generator", "iterate"),
-    (inspect.iscoroutinefunction, "an `async def`", "a coroutine", "await"),
-    (inspect.isgeneratorfunction, "a generator", "a generator", "iterate"),
+    (inspect.isasyncgenfunction, inspect.isasyncgen, "an async generator", "iterate"),
+    (inspect.iscoroutinefunction, inspect.isawaitable, "an `async def`", "await"),
+    (inspect.isgeneratorfunction, inspect.isgenerator, "a generator", "iterate"),
+)
+_NEVER_RUNS_FIX = (
+    "Wrap a plain function that does the work instead, for example one that runs it "
+    "to completion."
 )
 
 
@@ -2252,14 +2257,16 @@ def _check_host_function(function: str, func: Callable[..., Any]) -> None:
         raise TypeError(
             f"{function}: `func` must be callable; got {_describe_leaf(func)}."
         )
+    while isinstance(func, functools.partial | eqx.Partial):
+        func = func.func
     call = type(func).__call__  # For an object with an `async def __call__`.
-    for is_kind, kind, creates, verb in _BODY_NEVER_RUNS:
+    for is_kind, _, kind, verb in _BODY_NEVER_RUNS:
         if is_kind(func) or (not inspect.isroutine(func) and is_kind(call)):
+            creates = "a coroutine" if verb == "await" else kind
             raise TypeError(
                 f"{function}: `func` ({_callable_name(func)}) is {kind} function. "
                 f"Calling it only creates {creates}, which nothing here would {verb}, "
-                "so its body would never run. Wrap a plain function that does the "
-                "work instead, for example one that runs it to completion."
+                f"so its body would never run. {_NEVER_RUNS_FIX}"
             )
 
 
@@ -2353,7 +2360,15 @@ def _host_caller(
             for i in on_the_host:
                 row[i] = host_side(row[i])
             host_args, host_kwargs = treedef.unflatten(row)
-            func(*host_args, **host_kwargs)
+            returned = func(*host_args, **host_kwargs)
+            for _, is_kind, _, verb in _BODY_NEVER_RUNS:
+                if is_kind(returned):  # Known only now: refused as when wrapping.
+                    getattr(returned, "close", lambda: None)()  # Unwarned.
+                    raise TypeError(
+                        f"{caller}: `func` returned a {type(returned).__name__!r} "
+                        f"object, which nothing here would {verb}, so its body never "
+                        f"ran. {_NEVER_RUNS_FIX}"
+                    )
 
         def on_host(*host_arrays: Any) -> None:
             # The conversions too: `.tolist()` would flush subnormal floats.
@@ -2425,9 +2440,10 @@ def callback_wrapper(
 
     **Raises:**
 
-    - `TypeError` at once if `func` is not callable, or is a generator, `async def` or
-        async generator function, or if `ordered` or `partitioned` is not a bool; and
-        for arguments that `func` would refuse.
+    - `TypeError` at once if `func` is not callable, or is (or partially applies, or
+        has as `__call__`) a generator, `async def` or async generator function, or if
+        `ordered` or `partitioned` is not a bool; for arguments that `func` would
+        refuse; and on the host if a call returns an awaitable or a generator.
     - `ValueError` for `partitioned=True` where the installed JAX does not take it, and
         under `jit` for an ordered call with an argument on several devices.
 

@@ -6,12 +6,15 @@ JAX starts), as the four-device test in `test_lerax_utils.py` does, and bounds t
 wait with a timeout.
 """
 
+import functools
 import inspect
 import io
+import re
 import textwrap
 from collections.abc import Callable
 from typing import Any
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -562,6 +565,11 @@ class _AsyncCall:
         return x
 
 
+class _GeneratorCall:
+    def __call__(self, x):
+        yield x
+
+
 @pytest.mark.parametrize("name", sorted(WRAPPERS))
 @pytest.mark.parametrize(
     ("func", "shown", "kind", "creates"),
@@ -574,6 +582,12 @@ class _AsyncCall:
          "an async generator, which nothing here would iterate"),
         (_AsyncCall(), "_AsyncCall", "an `async def` function", "a coroutine, which "
          "nothing here would await"),
+        (eqx.Partial(_coroutine, 1), "_coroutine", "an `async def` function",
+         "a coroutine, which nothing here would await"),
+        (functools.partial(functools.partial(_AsyncCall())), "_AsyncCall",
+         "an `async def` function", "a coroutine, which nothing here would await"),
+        (functools.partial(_GeneratorCall(), 1), "_GeneratorCall",
+         "a generator function", "a generator, which nothing here would iterate"),
     ],
 )  # fmt: skip
 def test_functions_whose_body_would_never_run_are_refused(
@@ -586,3 +600,28 @@ def test_functions_whose_body_would_never_run_are_refused(
         f"{creates}, so its body would never run. Wrap a plain function that does "
         "the work instead, for example one that runs it to completion."
     )
+
+
+@pytest.mark.parametrize("name", sorted(WRAPPERS))
+@pytest.mark.parametrize(
+    ("func", "returned", "verb"),
+    [
+        (lambda x: _coroutine(x), "coroutine", "await"),
+        (lambda x: _generator(x), "generator", "iterate"),
+        (lambda x: _async_generator(x), "async_generator", "iterate"),
+    ],
+)
+@pytest.mark.parametrize("jit", [False, True])
+def test_a_call_that_returns_what_never_runs_raises_on_the_host(
+    name, func, returned, verb, jit
+):
+    call = WRAPPERS[name](func)
+    message = (
+        f"<lambda> (made by {name_of(name)}): `func` returned a {returned!r} object, "
+        f"which nothing here would {verb}, so its body never ran. Wrap a plain "
+        "function that does the work instead, for example one that runs it to "
+        "completion."
+    )
+    with pytest.raises(TypeError if not jit else Exception, match=re.escape(message)):
+        (jax.jit(call) if jit else call)(jnp.ones(()))
+        jax.effects_barrier()
