@@ -2360,7 +2360,8 @@ def _host_caller(
             for i in on_the_host:
                 row[i] = host_side(row[i])
             host_args, host_kwargs = treedef.unflatten(row)
-            returned = func(*host_args, **host_kwargs)
+            with _bar_lines_cleared():
+                returned = func(*host_args, **host_kwargs)
             for _, is_kind, _, verb in _BODY_NEVER_RUNS:
                 if is_kind(returned):  # Known only now: refused as when wrapping.
                     getattr(returned, "close", lambda: None)()  # Unwarned.
@@ -2433,7 +2434,9 @@ def callback_wrapper(
     NumPy values included, as it was passed. On Linux `func` sees the subnormal floats
     that XLA's CPU runtime flushes. Under `jit` it runs when the computation runs, under
     `jax.vmap` once per element, and under `jax.grad` on the forward pass. What `func`
-    raises reaches the caller (under `jit`, as JAX's runtime error).
+    raises reaches the caller (under `jit`, as JAX's runtime error). While a progress
+    bar is drawn, `func` runs with the bar's line cleared, and the bar is drawn again
+    after, so that what it prints has lines of its own.
 
     `ordered` and `partitioned` are as in `jax.debug.callback`. The wrapper keeps
     `func`'s name, docstring and parameters, and returns `None`.
@@ -2520,7 +2523,8 @@ def print_callback(*args: Any, **kwargs: Any) -> None:
     As `jax.debug.print`, except that it takes the arguments of `print` rather than a
     format string. Arrays, JAX or NumPy, print as their `.tolist()`. Calls print in
     program order, except under `jit` on several devices unless the traced arguments
-    show a computation on one device (JAX refuses ordered callbacks there).
+    show a computation on one device (JAX refuses ordered callbacks there). Lines
+    printed while a progress bar is drawn appear above the bar, as with `tqdm.write`.
 
     **Raises:**
 
@@ -2627,6 +2631,25 @@ def _end_open_lines() -> None:
 
 
 atexit.register(_end_open_lines)
+
+
+@contextlib.contextmanager
+def _bar_lines_cleared() -> Iterator[None]:
+    """While a host function runs: the open bars' line blanked out, and drawn again
+    after, so that what it prints gets lines of its own (as `tqdm.write` does)."""
+    with _progress_lock:
+        bars = [bar for bar in _open_bars if bar.width]
+        for bar in bars:
+            _write_stderr("\r" + " " * bar.width + "\r")
+    try:
+        yield
+    finally:
+        if bars:  # What was printed comes first, then the bars.
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
+        with _progress_lock:
+            for bar in _open_bars.intersection(bars):
+                bar.draw(time.monotonic(), "")
 
 
 def _progress_update(bar: _ProgressBar, count: int) -> None:

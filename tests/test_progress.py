@@ -25,7 +25,13 @@ from _helpers import run_on_four_devices
 from hypothesis import given, settings
 
 import lerax_utils
-from lerax_utils import filter_fori_loop, filter_map, filter_scan
+from lerax_utils import (
+    callback_wrapper,
+    filter_fori_loop,
+    filter_map,
+    filter_scan,
+    print_callback,
+)
 
 _COUNT = re.compile(r"(\d+)/(\d+) \[")
 _LINE = re.compile(
@@ -806,3 +812,26 @@ except Exception:
         command, capture_output=True, text=True, timeout=120, env=env
     )
     assert (result.returncode, result.stdout) == (0, "100.0\nraised\n")
+
+
+@pytest.mark.parametrize("wrapper", ["print_callback", "callback_wrapper"])
+def test_printed_lines_get_lines_of_their_own_and_the_bar_is_redrawn(
+    monkeypatch: pytest.MonkeyPatch, wrapper: str
+) -> None:
+    terminal = io.StringIO()  # Both streams, as a terminal shows them.
+    monkeypatch.setattr(sys, "stdout", terminal)
+    monkeypatch.setattr(sys, "stderr", terminal)
+    show = print_callback if wrapper == "print_callback" else callback_wrapper(print)
+
+    def step(c: Any, x: Any) -> Any:
+        show("update", x)
+        return c + x, None
+
+    jax.jit(lambda xs: filter_scan(step, 0.0, xs, progress="training"))(jnp.arange(9.0))
+    jax.effects_barrier()
+    lines = _drawn(terminal.getvalue())
+    updates = [i for i, line in enumerate(lines) if "update" in line]
+    assert [lines[i] for i in updates] == [f"update {float(x)}" for x in range(9)]
+    assert all(_LINE.match(lines[i + 1]) for i in updates)  # Drawn again after.
+    assert lines[-1].startswith("training: 100% 9/9 ")
+    assert terminal.getvalue().endswith("\n")
