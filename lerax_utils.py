@@ -2318,8 +2318,12 @@ def _host_caller(
         on_the_host = [
             i for i, x in enumerate(leaves) if isinstance(x, np.ndarray | np.generic)
         ]
-        # The template holds no array: a tracer must not outlive its trace.
+        # The template holds no JAX array (a tracer must not outlive its trace), and
+        # NumPy arrays as they are now, as a traced program holds its constants.
         template = [None if isinstance(x, jax.Array) else x for x in leaves]
+        copied = [i for i in on_the_host if isinstance(leaves[i], np.ndarray)]
+        for i in copied:
+            template[i] = leaves[i].copy()
         arrays = [leaves[i] for i in positions]
         in_order = bool(ordered)
         if ordered is not False:  # Devices that each traced argument spans, if known.
@@ -2354,9 +2358,11 @@ def _host_caller(
         ]
 
         def call_func(host_arrays: tuple[Any, ...]) -> None:
-            row = list(template)
+            row: list[Any] = list(template)
             for i, array, impl in zip(positions, host_arrays, impls, strict=True):
                 row[i] = to_host(array, impl)
+            for i in copied:  # Copied again: `func` may change what it is given.
+                row[i] = row[i].copy()
             for i in on_the_host:
                 row[i] = host_side(row[i])
             host_args, host_kwargs = treedef.unflatten(row)
@@ -2430,13 +2436,14 @@ def callback_wrapper(
 
     As `jax.debug.callback(func, ...)`, except that the wrapper takes `func`'s own
     arguments, checked against its signature when it is called or traced. JAX arrays in
-    them reach `func` as `jax.Array`s (typed keys still typed), and every other leaf,
-    NumPy values included, as it was passed. On Linux `func` sees the subnormal floats
-    that XLA's CPU runtime flushes. Under `jit` it runs when the computation runs, under
-    `jax.vmap` once per element, and under `jax.grad` on the forward pass. What `func`
-    raises reaches the caller (under `jit`, as JAX's runtime error). While a progress
-    bar is drawn, `func` runs with the bar's line cleared, and the bar is drawn again
-    after, so that what it prints has lines of its own.
+    them reach `func` as `jax.Array`s (typed keys still typed), and every other leaf as
+    it was passed, but NumPy arrays as copies made when the call is traced (eagerly,
+    when it is made), as JAX reads a NumPy constant. On Linux `func` sees the subnormal
+    floats that XLA's CPU runtime flushes. Under `jit` it runs when the computation
+    runs, under `jax.vmap` once per element, and under `jax.grad` on the forward pass.
+    What `func` raises reaches the caller (under `jit`, as JAX's runtime error). While
+    a progress bar is drawn, `func` runs with the bar's line cleared, and the bar is
+    drawn again after, so that what it prints has lines of its own.
 
     `ordered` and `partitioned` are as in `jax.debug.callback`. The wrapper keeps
     `func`'s name, docstring and parameters, and returns `None`.

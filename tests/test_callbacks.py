@@ -448,8 +448,9 @@ def test_every_numpy_dtype_in_either_byte_order_reaches_func_exactly(kind):
     assert len(received) == 2
     for got in received:
         assert_delivered(got, expected)
-        if kind == "jax":
-            assert all(a is e for a, e in zip(got, values, strict=True))
+        if kind == "jax":  # Arrays as copies, made when the call was traced or made.
+            pairs = zip(got, values, strict=True)
+            assert all((a is e) != isinstance(e, np.ndarray) for a, e in pairs)
     printed, reference = io.StringIO(), io.StringIO()
     print(*(v.tolist() for v in values), file=reference)
     jax.jit(lambda x: print_callback(*values, file=printed) or x)(jnp.ones(()))
@@ -625,3 +626,26 @@ def test_a_call_that_returns_what_never_runs_raises_on_the_host(
     with pytest.raises(TypeError if not jit else Exception, match=re.escape(message)):
         (jax.jit(call) if jit else call)(jnp.ones(()))
         jax.effects_barrier()
+
+
+@pytest.mark.parametrize("name", sorted(WRAPPERS))
+def test_numpy_values_are_read_when_the_call_is_staged(name):
+    # As a NumPy constant closed over in a jitted function is read when it is traced.
+    scale, seen = np.array([1.0]), []
+
+    def record(value):
+        seen.append(np.array(value).tolist())
+        if isinstance(value, np.ndarray):
+            value[0] = -1.0  # Not seen by the next run of the same program.
+
+    log = WRAPPERS[name](record)
+    run = jax.jit(lambda x: (log(scale), x * scale[0])[1])
+    run(1.0)
+    scale[0] = 2.0
+    assert run(1.0) == 1.0
+    jax.effects_barrier()
+    assert seen == [[1.0], [1.0]]
+    log(scale)  # Eagerly: read when called.
+    scale[0] = 3.0
+    jax.effects_barrier()
+    assert seen[-1] == [2.0]
