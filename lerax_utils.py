@@ -2270,20 +2270,17 @@ def _check_host_function(function: str, func: Callable[..., Any]) -> None:
             )
 
 
-_DEFAULT_FENV = ctypes.c_void_p(-1)  # FE_DFL_ENV
-
-
-def _keeping_subnormals(body: Callable[[], None]) -> None:
-    """`body()` in the default floating-point environment where the C library lets us:
-    XLA's CPU runtime flushes subnormal floats (even `repr(1e-310)` shows `0.0`)."""
+def _keeping_subnormals(body: Callable[..., None], *args: Any) -> None:
+    """`body(*args)` in the default floating-point environment where the C library lets
+    us: XLA's CPU runtime flushes subnormal floats (even `repr(1e-310)` shows `0.0`)."""
     if _FENV is None or sys.float_info.min / 2 != 0.0:
-        return body()
+        return body(*args)
     get_environment, set_environment = _FENV
     saved = ctypes.create_string_buffer(256)  # Larger than any `fenv_t`.
     get_environment(saved)
-    set_environment(_DEFAULT_FENV)
+    set_environment(ctypes.c_void_p(-1))  # FE_DFL_ENV
     try:
-        body()
+        body(*args)
     finally:
         set_environment(saved)
 
@@ -2357,7 +2354,7 @@ def _host_caller(
             for x, impl in zip(arrays, impls, strict=True)
         ]
 
-        def call_func(host_arrays: tuple[Any, ...]) -> None:
+        def call_func(*host_arrays: Any) -> None:
             row: list[Any] = list(template)
             for i, array, impl in zip(positions, host_arrays, impls, strict=True):
                 row[i] = to_host(array, impl)
@@ -2377,10 +2374,8 @@ def _host_caller(
                         f"ran. {_NEVER_RUNS_FIX}"
                     )
 
-        def on_host(*host_arrays: Any) -> None:
-            # The conversions too: `.tolist()` would flush subnormal floats.
-            _keeping_subnormals(functools.partial(call_func, host_arrays))
-
+        # The conversions too keep subnormals: `.tolist()` would flush them.
+        on_host = functools.partial(_keeping_subnormals, call_func)
         jax.debug.callback(on_host, *sent, **options, ordered=in_order)
 
     return call
@@ -2622,11 +2617,12 @@ class _ProgressBar:
 
 
 def _write_stderr(text: str) -> None:
-    """Every write of a bar: where stderr cannot take it (`None`, closed, a broken
-    pipe), nothing is drawn, and the loop runs on."""
-    with contextlib.suppress(Exception):
-        sys.stderr.write(text)
-        sys.stderr.flush()
+    """Every write of a bar, after what was printed: where a stream cannot take it
+    (`None`, closed, a broken pipe), nothing is written, and the loop runs on."""
+    for stream, part in ((sys.stdout, ""), (sys.stderr, text)):
+        with contextlib.suppress(Exception):
+            stream.write(part)
+            stream.flush()
 
 
 def _end_open_lines() -> None:
@@ -2651,9 +2647,6 @@ def _bar_lines_cleared() -> Iterator[None]:
     try:
         yield
     finally:
-        if bars:  # What was printed comes first, then the bars.
-            with contextlib.suppress(Exception):
-                sys.stdout.flush()
         with _progress_lock:
             for bar in _open_bars.intersection(bars):
                 bar.draw(time.monotonic(), "")
