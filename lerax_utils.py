@@ -2363,8 +2363,7 @@ def _host_caller(
             for i in on_the_host:
                 row[i] = host_side(row[i])
             host_args, host_kwargs = treedef.unflatten(row)
-            with _bar_lines_cleared():
-                returned = func(*host_args, **host_kwargs)
+            returned = _bars_cleared_around(func, *host_args, **host_kwargs)
             for _, is_kind, _, verb in _BODY_NEVER_RUNS:
                 if is_kind(returned):  # Known only now: refused as when wrapping.
                     getattr(returned, "close", lambda: None)()  # Unwarned.
@@ -2636,16 +2635,15 @@ def _end_open_lines() -> None:
 atexit.register(_end_open_lines)
 
 
-@contextlib.contextmanager
-def _bar_lines_cleared() -> Iterator[None]:
-    """While a host function runs: the open bars' line blanked out, and drawn again
+def _bars_cleared_around(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+    """`func(*args, **kwargs)` with the open bars' line blanked out, and drawn again
     after, so that what it prints gets lines of its own (as `tqdm.write` does)."""
     with _progress_lock:
         bars = [bar for bar in _open_bars if bar.width]
         for bar in bars:
             _write_stderr("\r" + " " * bar.width + "\r")
     try:
-        yield
+        return func(*args, **kwargs)
     finally:
         with _progress_lock:
             for bar in _open_bars.intersection(bars):
