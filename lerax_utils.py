@@ -2430,14 +2430,13 @@ def callback_wrapper(
 
     As `jax.debug.callback(func, ...)`, except that the wrapper takes `func`'s own
     arguments, checked against its signature when it is called or traced. JAX arrays in
-    them reach `func` as `jax.Array`s (typed keys still typed), and every other leaf as
-    it was passed, but NumPy arrays as copies made when the call is traced (eagerly,
-    when it is made), as JAX reads a NumPy constant. On Linux `func` sees the subnormal
-    floats that XLA's CPU runtime flushes. Under `jit` it runs when the computation
-    runs, under `jax.vmap` once per element, and under `jax.grad` on the forward pass.
-    What `func` raises reaches the caller (under `jit`, as JAX's runtime error). While
-    a progress bar is drawn, `func` runs with the bar's line cleared, and the bar is
-    drawn again after, so that what it prints has lines of its own.
+    them reach `func` as `jax.Array`s (typed keys still typed), NumPy arrays as copies
+    taken when the call is traced (eagerly, when made), as JAX reads a NumPy constant,
+    and every other leaf as it was passed. On Linux `func` sees the subnormal floats
+    that XLA's CPU runtime flushes. Under `jit` it runs when the computation runs, under
+    `jax.vmap` once per element, and under `jax.grad` on the forward pass. What `func`
+    raises reaches the caller (under `jit`, as JAX's runtime error). What it prints
+    lands above an open progress bar, as with `tqdm.write`.
 
     `ordered` and `partitioned` are as in `jax.debug.callback`. The wrapper keeps
     `func`'s name, docstring and parameters, and returns `None`.
