@@ -287,11 +287,14 @@ def _is_key_array(array: Any) -> bool:
 def _describe_leaf(leaf: Any) -> str:
     if eqx.is_array(leaf):
         return f"an array of shape {tuple(leaf.shape)} and dtype {leaf.dtype}"
+    return f"{type(leaf).__name__} {_repr(leaf)}"
+
+
+def _repr(value: Any) -> str:
     try:
-        text = repr(leaf)
+        return repr(value)
     except Exception:
-        text = f"<{type(leaf).__name__} object whose repr raised>"
-    return f"{type(leaf).__name__} {text}"
+        return f"<{type(value).__name__} object whose repr raised>"
 
 
 def _static_leaves_equal(old: Any, new: Any) -> bool:
@@ -1711,7 +1714,7 @@ def unstack_pytree(tree: _Tree, *, axis: int = 0) -> list[_Tree]:
             axes[position] = _leaf_axis("unstack_pytree", axis, leaf, where, leaf.ndim)
             sizes[where] = leaf.shape[axes[position]]
     if not sizes:
-        shown = ", ".join(map(repr, leaves[:3])) + (", ..." if len(leaves) > 3 else "")
+        shown = ", ".join(map(_repr, leaves[:3])) + (", ..." if len(leaves) > 3 else "")
         raise ValueError(
             "unstack_pytree: `tree` has no array leaves, so the number of slices is "
             f"undefined (its leaves are [{shown}]). Pass a tree with at "
@@ -1960,7 +1963,9 @@ def _stack_chunk_into(
         shape[axis] = length
         row = jax.lax.index_in_dim(stacked, 0, axis, keepdims=True)
         out = jnp.broadcast_to(row, shape)
-    return jax.lax.dynamic_update_slice_in_dim(out, stacked, start, axis)
+    weak = out.aval.weak_type and stacked.aval.weak_type  # As `jnp.stack`'s result.
+    out = jax.lax.dynamic_update_slice_in_dim(out, stacked, start, axis)
+    return _weak_array(out) if weak else out  # (The update drops the weak type.)
 
 
 def _chunk_starts(length: int, size: int) -> list[int]:
@@ -1992,11 +1997,16 @@ def _leaf_axis(function: str, axis: int, leaf: Any, path: str, ndim: int) -> int
 # Host callbacks: callback_wrapper and friends, print_callback
 #
 
-# Functions whose body never runs: (test, what it is, what it creates, what it needs).
+# Functions whose body never runs: (tests of the function and of what a call returns,
+# what it is, what it creates, what that needs).
 _BODY_NEVER_RUNS = (
-    (inspect.isasyncgenfunction, "an async generator", "an async generator", "iterate"),
-    (inspect.iscoroutinefunction, "an `async def`", "a coroutine", "await"),
-    (inspect.isgeneratorfunction, "a generator", "a generator", "iterate"),
+    (inspect.isasyncgenfunction, inspect.isasyncgen, "an async generator", "iterate"),
+    (inspect.iscoroutinefunction, inspect.isawaitable, "an `async def`", "await"),
+    (inspect.isgeneratorfunction, inspect.isgenerator, "a generator", "iterate"),
+)
+_NEVER_RUNS_FIX = (
+    "Wrap a plain function that does the work instead, for example one that runs it "
+    "to completion."
 )
 
 
@@ -2011,31 +2021,30 @@ def _check_host_function(function: str, func: Callable[..., Any]) -> None:
         raise TypeError(
             f"{function}: `func` must be callable; got {_describe_leaf(func)}."
         )
+    while isinstance(func, functools.partial | eqx.Partial):
+        func = func.func
     call = type(func).__call__  # For an object with an `async def __call__`.
-    for is_kind, kind, creates, verb in _BODY_NEVER_RUNS:
+    for is_kind, _, kind, verb in _BODY_NEVER_RUNS:
         if is_kind(func) or (not inspect.isroutine(func) and is_kind(call)):
+            creates = "a coroutine" if verb == "await" else kind
             raise TypeError(
                 f"{function}: `func` ({_callable_name(func)}) is {kind} function. "
                 f"Calling it only creates {creates}, which nothing here would {verb}, "
-                "so its body would never run. Wrap a plain function that does the "
-                "work instead, for example one that runs it to completion."
+                f"so its body would never run. {_NEVER_RUNS_FIX}"
             )
 
 
-_DEFAULT_FENV = ctypes.c_void_p(-1)  # FE_DFL_ENV
-
-
-def _keeping_subnormals(body: Callable[[], None]) -> None:
-    """`body()` in the default floating-point environment where the C library lets us:
-    XLA's CPU runtime flushes subnormal floats (even `repr(1e-310)` shows `0.0`)."""
+def _keeping_subnormals(body: Callable[..., None], *args: Any) -> None:
+    """`body(*args)` in the default floating-point environment where the C library lets
+    us: XLA's CPU runtime flushes subnormal floats (even `repr(1e-310)` shows `0.0`)."""
     if _FENV is None or sys.float_info.min / 2 != 0.0:
-        return body()
+        return body(*args)
     get_environment, set_environment = _FENV
     saved = ctypes.create_string_buffer(256)  # Larger than any `fenv_t`.
     get_environment(saved)
-    set_environment(_DEFAULT_FENV)
+    set_environment(ctypes.c_void_p(-1))  # FE_DFL_ENV
     try:
-        body()
+        body(*args)
     finally:
         set_environment(saved)
 
@@ -2070,8 +2079,12 @@ def _host_caller(
         on_the_host = [
             i for i, x in enumerate(leaves) if isinstance(x, np.ndarray | np.generic)
         ]
-        # The template holds no array: a tracer must not outlive its trace.
+        # The template holds no JAX array (a tracer must not outlive its trace), and
+        # NumPy arrays as they are now, as a traced program holds its constants.
         template = [None if isinstance(x, jax.Array) else x for x in leaves]
+        copied = [i for i in on_the_host if isinstance(leaves[i], np.ndarray)]
+        for i in copied:
+            template[i] = leaves[i].copy()
         arrays = [leaves[i] for i in positions]
         in_order = bool(ordered)
         if ordered is not False:  # Devices that each traced argument spans, if known.
@@ -2105,19 +2118,27 @@ def _host_caller(
             for x, impl in zip(arrays, impls, strict=True)
         ]
 
-        def call_func(host_arrays: tuple[Any, ...]) -> None:
-            row = list(template)
+        def call_func(*host_arrays: Any) -> None:
+            row: list[Any] = list(template)
             for i, array, impl in zip(positions, host_arrays, impls, strict=True):
                 row[i] = to_host(array, impl)
+            for i in copied:  # Copied again: `func` may change what it is given.
+                row[i] = row[i].copy()
             for i in on_the_host:
                 row[i] = host_side(row[i])
             host_args, host_kwargs = treedef.unflatten(row)
-            func(*host_args, **host_kwargs)
+            returned = _bars_cleared_around(func, *host_args, **host_kwargs)
+            for _, is_kind, _, verb in _BODY_NEVER_RUNS:
+                if is_kind(returned):  # Known only now: refused as when wrapping.
+                    getattr(returned, "close", lambda: None)()  # Unwarned.
+                    raise TypeError(
+                        f"{caller}: `func` returned a {type(returned).__name__!r} "
+                        f"object, which nothing here would {verb}, so its body never "
+                        f"ran. {_NEVER_RUNS_FIX}"
+                    )
 
-        def on_host(*host_arrays: Any) -> None:
-            # The conversions too: `.tolist()` would flush subnormal floats.
-            _keeping_subnormals(functools.partial(call_func, host_arrays))
-
+        # The conversions too keep subnormals: `.tolist()` would flush them.
+        on_host = functools.partial(_keeping_subnormals, call_func)
         jax.debug.callback(on_host, *sent, **options, ordered=in_order)
 
     return call
@@ -2173,20 +2194,23 @@ def callback_wrapper(
 
     As `jax.debug.callback(func, ...)`, except that the wrapper takes `func`'s own
     arguments, checked against its signature when it is called or traced. JAX arrays in
-    them reach `func` as `jax.Array`s (typed keys still typed), and every other leaf,
-    NumPy values included, as it was passed. On Linux `func` sees the subnormal floats
+    them reach `func` as `jax.Array`s (typed keys still typed), NumPy arrays as copies
+    taken when the call is traced (eagerly, when made), as JAX reads a NumPy constant,
+    and every other leaf as it was passed. On Linux `func` sees the subnormal floats
     that XLA's CPU runtime flushes. Under `jit` it runs when the computation runs, under
     `jax.vmap` once per element, and under `jax.grad` on the forward pass. What `func`
-    raises reaches the caller (under `jit`, as JAX's runtime error).
+    raises reaches the caller (under `jit`, as JAX's runtime error). What it prints
+    lands above an open progress bar, as with `tqdm.write`.
 
     `ordered` and `partitioned` are as in `jax.debug.callback`. The wrapper keeps
     `func`'s name, docstring and parameters, and returns `None`.
 
     **Raises:**
 
-    - `TypeError` at once if `func` is not callable, or is a generator, `async def` or
-        async generator function, or if `ordered` or `partitioned` is not a bool; and
-        for arguments that `func` would refuse.
+    - `TypeError` at once if `func` is not callable, or is (or partially applies, or
+        has as `__call__`) a generator, `async def` or async generator function, or if
+        `ordered` or `partitioned` is not a bool; for arguments that `func` would
+        refuse; and on the host if a call returns an awaitable or a generator.
     - `ValueError` for `partitioned=True` where the installed JAX does not take it, and
         under `jit` for an ordered call with an argument on several devices.
 
@@ -2263,7 +2287,8 @@ def print_callback(*args: Any, **kwargs: Any) -> None:
     As `jax.debug.print`, except that it takes the arguments of `print` rather than a
     format string. Arrays, JAX or NumPy, print as their `.tolist()`. Calls print in
     program order, except under `jit` on several devices unless the traced arguments
-    show a computation on one device (JAX refuses ordered callbacks there).
+    show a computation on one device (JAX refuses ordered callbacks there). Lines
+    printed while a progress bar is drawn appear above the bar, as with `tqdm.write`.
 
     **Raises:**
 
@@ -2348,22 +2373,44 @@ class _ProgressBar:
             f"{label}{percent:3d}% {self.count}/{self.total} "
             f"[{_format_seconds(elapsed)}<{_format_seconds(left)}, {rate_text}]"
         )
-        sys.stderr.write("\r" + text.ljust(self.width) + end)
-        sys.stderr.flush()
+        _write_stderr("\r" + text.ljust(self.width) + end)
         self.width = len(text)
         self.last_draw = now
+
+
+def _write_stderr(text: str) -> None:
+    """Every write of a bar, after what was printed: where a stream cannot take it
+    (`None`, closed, a broken pipe), nothing is written, and the loop runs on."""
+    for stream, part in ((sys.stdout, ""), (sys.stderr, text)):
+        with contextlib.suppress(Exception):
+            stream.write(part)
+            stream.flush()
 
 
 def _end_open_lines() -> None:
     """End the line of a bar left part-way (its loop stopped on an error)."""
     with _progress_lock:
         if _open_bars:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
+            _write_stderr("\n")
         _open_bars.clear()
 
 
 atexit.register(_end_open_lines)
+
+
+def _bars_cleared_around(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+    """`func(*args, **kwargs)` with the open bars' line blanked out, and drawn again
+    after, so that what it prints gets lines of its own (as `tqdm.write` does)."""
+    with _progress_lock:
+        bars = [bar for bar in _open_bars if bar.width]
+        for bar in bars:
+            _write_stderr("\r" + " " * bar.width + "\r")
+    try:
+        return func(*args, **kwargs)
+    finally:
+        with _progress_lock:
+            for bar in _open_bars.intersection(bars):
+                bar.draw(time.monotonic(), "")
 
 
 def _progress_update(bar: _ProgressBar, count: int) -> None:

@@ -6,12 +6,15 @@ JAX starts), as the four-device test in `test_lerax_utils.py` does, and bounds t
 wait with a timeout.
 """
 
+import functools
 import inspect
 import io
+import re
 import textwrap
 from collections.abc import Callable
 from typing import Any
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -445,8 +448,9 @@ def test_every_numpy_dtype_in_either_byte_order_reaches_func_exactly(kind):
     assert len(received) == 2
     for got in received:
         assert_delivered(got, expected)
-        if kind == "jax":
-            assert all(a is e for a, e in zip(got, values, strict=True))
+        if kind == "jax":  # Arrays as copies, made when the call was traced or made.
+            pairs = zip(got, values, strict=True)
+            assert all((a is e) != isinstance(e, np.ndarray) for a, e in pairs)
     printed, reference = io.StringIO(), io.StringIO()
     print(*(v.tolist() for v in values), file=reference)
     jax.jit(lambda x: print_callback(*values, file=printed) or x)(jnp.ones(()))
@@ -562,6 +566,11 @@ class _AsyncCall:
         return x
 
 
+class _GeneratorCall:
+    def __call__(self, x):
+        yield x
+
+
 @pytest.mark.parametrize("name", sorted(WRAPPERS))
 @pytest.mark.parametrize(
     ("func", "shown", "kind", "creates"),
@@ -574,6 +583,12 @@ class _AsyncCall:
          "an async generator, which nothing here would iterate"),
         (_AsyncCall(), "_AsyncCall", "an `async def` function", "a coroutine, which "
          "nothing here would await"),
+        (eqx.Partial(_coroutine, 1), "_coroutine", "an `async def` function",
+         "a coroutine, which nothing here would await"),
+        (functools.partial(functools.partial(_AsyncCall())), "_AsyncCall",
+         "an `async def` function", "a coroutine, which nothing here would await"),
+        (functools.partial(_GeneratorCall(), 1), "_GeneratorCall",
+         "a generator function", "a generator, which nothing here would iterate"),
     ],
 )  # fmt: skip
 def test_functions_whose_body_would_never_run_are_refused(
@@ -586,3 +601,51 @@ def test_functions_whose_body_would_never_run_are_refused(
         f"{creates}, so its body would never run. Wrap a plain function that does "
         "the work instead, for example one that runs it to completion."
     )
+
+
+@pytest.mark.parametrize("name", sorted(WRAPPERS))
+@pytest.mark.parametrize(
+    ("func", "returned", "verb"),
+    [
+        (lambda x: _coroutine(x), "coroutine", "await"),
+        (lambda x: _generator(x), "generator", "iterate"),
+        (lambda x: _async_generator(x), "async_generator", "iterate"),
+    ],
+)
+@pytest.mark.parametrize("jit", [False, True])
+def test_a_call_that_returns_what_never_runs_raises_on_the_host(
+    name, func, returned, verb, jit
+):
+    call = WRAPPERS[name](func)
+    message = (
+        f"<lambda> (made by {name_of(name)}): `func` returned a {returned!r} object, "
+        f"which nothing here would {verb}, so its body never ran. Wrap a plain "
+        "function that does the work instead, for example one that runs it to "
+        "completion."
+    )
+    with pytest.raises(TypeError if not jit else Exception, match=re.escape(message)):
+        (jax.jit(call) if jit else call)(jnp.ones(()))
+        jax.effects_barrier()
+
+
+@pytest.mark.parametrize("name", sorted(WRAPPERS))
+def test_numpy_values_are_read_when_the_call_is_staged(name):
+    # As a NumPy constant closed over in a jitted function is read when it is traced.
+    scale, seen = np.array([1.0]), []
+
+    def record(value):
+        seen.append(np.array(value).tolist())
+        if isinstance(value, np.ndarray):
+            value[0] = -1.0  # Not seen by the next run of the same program.
+
+    log = WRAPPERS[name](record)
+    run = jax.jit(lambda x: (log(scale), x * scale[0])[1])
+    run(1.0)
+    scale[0] = 2.0
+    assert run(1.0) == 1.0
+    jax.effects_barrier()
+    assert seen == [[1.0], [1.0]]
+    log(scale)  # Eagerly: read when called.
+    scale[0] = 3.0
+    jax.effects_barrier()
+    assert seen[-1] == [2.0]

@@ -6,8 +6,13 @@ The bar is drawn by a host callback. The tests read what it wrote to stderr (aft
 reports that reach the host by patching `lerax_utils._progress_update`.
 """
 
+import functools
+import io
 import math
+import os
 import re
+import subprocess
+import sys
 from typing import Any, cast
 
 import equinox as eqx
@@ -20,7 +25,13 @@ from _helpers import run_on_four_devices
 from hypothesis import given, settings
 
 import lerax_utils
-from lerax_utils import filter_fori_loop, filter_map, filter_scan
+from lerax_utils import (
+    callback_wrapper,
+    filter_fori_loop,
+    filter_map,
+    filter_scan,
+    print_callback,
+)
 
 _COUNT = re.compile(r"(\d+)/(\d+) \[")
 _LINE = re.compile(
@@ -744,3 +755,85 @@ def test_run_after_a_failed_run_counts_from_zero(
     run(jnp.arange(100.0) + 100)  # The same program; no step fails now.
     jax.effects_barrier()
     assert [c for c, _ in reports] == _expected_counts(100, chunked=False)
+
+
+class _BrokenPipe:
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self) -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def _closed() -> Any:
+    stream = io.StringIO()
+    stream.close()
+    return stream
+
+
+@pytest.mark.parametrize("stream", [None, _closed, _BrokenPipe])
+@pytest.mark.parametrize("jit", [False, True])
+def test_unusable_stderr_never_stops_the_run(
+    monkeypatch: pytest.MonkeyPatch, stream: Any, jit: bool
+) -> None:
+    monkeypatch.setattr(sys, "stderr", stream and stream())
+    run = functools.partial(filter_scan, _step, 0.0, progress="s")
+    run = jax.jit(run) if jit else run
+    for length in (3, 3, 1000):  # A second run ends the line of the one before.
+        assert _identical(
+            run(jnp.ones(length)), jax.lax.scan(_step, 0.0, jnp.ones(length))
+        )
+    with pytest.raises(Exception, match="boom"):  # A bar left open, ended at exit.
+        filter_scan(_fails_at_step_50, 0.0, jnp.arange(100.0), progress=True)
+        jax.effects_barrier()
+    jax.effects_barrier()
+    lerax_utils._end_open_lines()
+
+
+def test_closed_stderr_file_descriptor_never_stops_the_run() -> None:
+    script = """
+import jax, jax.numpy as jnp
+from lerax_utils import filter_scan
+step = lambda c, x: (c + x, c)
+run = jax.jit(lambda xs: filter_scan(step, 0.0, xs, progress=True))
+print(float(run(jnp.ones(100))[0]))
+def boom(x):
+    assert x != 50
+fails = lambda c, x: (c + x, jax.debug.callback(boom, x))
+try:  # A bar left open, its line ended at exit.
+    jax.jit(lambda xs: filter_scan(fails, 0.0, xs, progress=True))(jnp.arange(99.0))
+    jax.effects_barrier()
+except Exception:
+    print("raised")
+"""
+    command = ["sh", "-c", 'exec "$0" -c "$1" 2>&-', sys.executable, script]
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=120, env=env
+    )
+    assert (result.returncode, result.stdout) == (0, "100.0\nraised\n")
+
+
+@pytest.mark.parametrize("wrapper", ["print_callback", "callback_wrapper"])
+def test_printed_lines_get_lines_of_their_own_and_the_bar_is_redrawn(
+    monkeypatch: pytest.MonkeyPatch, wrapper: str
+) -> None:
+    terminal = io.StringIO()  # Both streams, as a terminal shows them.
+    monkeypatch.setattr(sys, "stdout", terminal)
+    monkeypatch.setattr(sys, "stderr", terminal)
+    show = print_callback if wrapper == "print_callback" else callback_wrapper(print)
+
+    def step(c: Any, x: Any) -> Any:
+        show("update", x)
+        return c + x, None
+
+    jax.jit(lambda xs: filter_scan(step, 0.0, xs, progress="training"))(jnp.arange(9.0))
+    jax.effects_barrier()
+    lines = _drawn(terminal.getvalue())
+    updates = [i for i, line in enumerate(lines) if "update" in line]
+    assert [lines[i] for i in updates] == [f"update {float(x)}" for x in range(9)]
+    # Drawn again after each while it is open (the last report may come first).
+    final = [i for i, line in enumerate(lines) if line.startswith("training: 100%")]
+    assert len(final) == 1 and updates[0] < final[0]
+    assert all(_LINE.match(lines[i + 1]) for i in updates if i < final[0])
+    assert terminal.getvalue().endswith("\n")

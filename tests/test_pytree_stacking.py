@@ -205,6 +205,15 @@ def test_stack_pytree_of_many_trees_matches_numpy(count, axis):
     assert_identical(unstack_pytree(stacked, axis=axis), trees)
 
 
+@pytest.mark.parametrize("count", [1, 64, 65, 200])
+@pytest.mark.parametrize("strong", [(), (0,), (-1,), "all"])
+def test_stack_pytree_keeps_weak_types_as_jnp_stack(count, strong):
+    leaves = [jnp.asarray(float(i)) for i in range(count)]  # Weakly typed.
+    for i in range(count) if strong == "all" else strong:
+        leaves[i] = jnp.float32(leaves[i])
+    assert_identical(stack_pytree(leaves), jnp.stack(leaves), weak_types=True)
+
+
 def test_stack_pytree_compiles_two_programs_for_any_number_of_trees():
     # Per result shape, one program fills the first chunk and one every later chunk:
     # the last chunk overlaps the one before it rather than being shorter.
@@ -259,6 +268,11 @@ def test_unstack_pytree_splits_a_filter_scan_rollout_into_steps():
         assert_identical(state, expected)
 
 
+class _ReprRaises:
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr")
+
+
 def test_unstack_pytree_errors():
     cases = [
         (
@@ -288,6 +302,13 @@ def test_unstack_pytree_errors():
             "unstack_pytree: `tree` has no array leaves, so the number of slices is "
             "undefined (its leaves are [0.1, 'adam']). Pass a tree with at least one "
             "array.",
+        ),
+        (
+            (_ReprRaises(), "label"),
+            0,
+            "unstack_pytree: `tree` has no array leaves, so the number of slices is "
+            "undefined (its leaves are [<_ReprRaises object whose repr raised>, "
+            "'label']). Pass a tree with at least one array.",
         ),
     ]
     for tree, axis, message in cases:
