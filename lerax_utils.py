@@ -403,12 +403,20 @@ def _describe_node(node: Any) -> str:
 
 
 class _Split:
-    """A pytree as flat leaves, and which of them JAX traces (by flat index)."""
+    """A pytree as flat leaves, and which of them JAX traces: those `is_traced`
+    picks, and those at the flat indices `promoted`."""
 
-    def __init__(self, tree: Any, is_traced: Callable[[int, Any], bool]):
+    def __init__(
+        self,
+        tree: Any,
+        is_traced: Callable[[Any], bool],
+        promoted: frozenset[int] = frozenset(),
+    ):
         self.tree = tree
         self.leaves, self.treedef = jtu.tree_flatten(tree)
-        self.traced = [is_traced(i, leaf) for i, leaf in enumerate(self.leaves)]
+        self.traced = [
+            i in promoted or is_traced(leaf) for i, leaf in enumerate(self.leaves)
+        ]
 
     def traced_part(self, traced: bool = True) -> Any:  # `None` at the other leaves.
         pairs = zip(self.leaves, self.traced, strict=True)
@@ -427,11 +435,7 @@ class _Split:
         return jtu.keystr(jtu.tree_flatten_with_path(self.tree)[0][index][0])
 
 
-def _arrays_traced(index: int, leaf: Any) -> bool:
-    return _is_jax_value(leaf)
-
-
-def _outputs_traced(index: int, leaf: Any) -> bool:  # What JAX takes as outputs.
+def _outputs_traced(leaf: Any) -> bool:  # What JAX takes as outputs.
     return _is_jax_value(leaf) or _is_python_number(leaf)
 
 
@@ -445,27 +449,27 @@ _TRACING_ERRORS = (  # The errors that say only that a tracer was used as a valu
 )
 
 
-def _check_callable(function: str, name: str, fun: Any) -> None:
-    if not callable(fun):
-        raise TypeError(
-            f"{function}: `{name}` must be callable; got {_describe_leaf(fun)}."
-        )
+def _check_callable(function: str, **functions: Any) -> None:
+    for name, fun in functions.items():
+        if not callable(fun):
+            message = f"`{name}` must be callable; got {_describe_leaf(fun)}."
+            raise TypeError(f"{function}: {message}")
 
 
-def _lax_says(function: str, run: Callable[..., Any], *args: Any) -> str:
-    """`jax.lax`'s message for the mistake that `run(*args)` makes, to follow ours."""
+def _lax_says(function: str, run: Callable[..., Any], *trees: Any) -> str:
+    """`jax.lax`'s message for the mistake that `run(*trees)` makes, to follow ours;
+    `trees` by the shapes and dtypes of their arrays, with `0.0` at other leaves."""
+
+    def stand_in(x: Any) -> Any:
+        if eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype)
+        return 0.0
+
     try:
-        jax.eval_shape(run, *args)
+        jax.eval_shape(run, *jtu.tree_map(stand_in, trees))
     except Exception as error:
         return f"\n\njax.lax.{function} says: {error}"
     return ""
-
-
-def _stand_in(tree: Any) -> Any:
-    return jtu.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if eqx.is_array(x) else 0.0,
-        tree,
-    )
 
 
 #
@@ -551,19 +555,30 @@ def _exact_key(value: Any, referents: list[Any]) -> Any:
     return key
 
 
-def _eager_call(
-    function: str, trees: tuple[Any, ...], options: tuple[Any, ...], call: Any
-) -> Any:
-    """`call(*trees)` by the compiled program of an earlier call like it, or
-    `_UNCACHED` where the caller must run it itself. `options` are static."""
+def _eager_call(function: Any, bound: inspect.BoundArguments, static: Any) -> Any:
+    """The call `bound` of `function` by the compiled program of an earlier call like
+    it, or `_UNCACHED` where the caller must run it itself. The arguments named in
+    `static` are compared whole, the others leaf by leaf."""
     _promotion_key.value = None
     if _CACHE_SIZE <= 0:
         return _UNCACHED
+    arguments = bound.arguments
+    trees = {
+        name: _as_array(value) if name in ("pred", "index") else value
+        for name, value in arguments.items()
+        if name not in static
+    }
+
+    def call(trees: dict[str, Any]) -> Any:
+        call = inspect.BoundArguments(bound.signature, {**arguments, **trees})
+        return function(*call.args, **call.kwargs)
+
     leaves, treedef = jtu.tree_flatten(trees)
     referents: list[Any] = []
     arrays: list[int] = []
     try:  # Uncached where a static leaf cannot be hashed, or compared safely.
-        key: Any = [function, *((type(x), x) for x in options), _trace_context()]
+        options = (arguments.get(name, _UNCACHED) for name in static)
+        key: Any = [function, _trace_context(), *((type(x), x) for x in options)]
         key.append(_structure_key(treedef, referents))
         for i, leaf in enumerate(leaves):
             if eqx.is_array(leaf):
@@ -577,18 +592,15 @@ def _eager_call(
                 key.append(_exact_key(leaf, referents))
         key = tuple(key)
         hash(key)
+        _promotion_key.value = (key, referents)  # For `_with_promoted_numbers`.
+        if not _trace_state_clean() or jax.config.jax_disable_jit:  # pyright: ignore[reportAttributeAccessIssue]
+            return _UNCACHED
+        entry = _PROGRAMS.get(key)  # Raises for an `__eq__` that raises.
     except Exception:
-        return _UNCACHED
-    _promotion_key.value = (key, referents)  # For `_with_promoted_numbers`.
-    if not _trace_state_clean() or jax.config.jax_disable_jit:  # pyright: ignore[reportAttributeAccessIssue]
-        return _UNCACHED
-    try:
-        entry = _PROGRAMS.get(key)
-    except Exception:  # An `__eq__` that raises, between two static leaves.
         return _UNCACHED
     if entry is None:
         try:
-            entry = _compile_call(trees, leaves, arrays, call)
+            entry = _compile_call(treedef, leaves, arrays, call)
         except Exception:
             _PROGRAMS.put(key, _UNTRACEABLE, referents)
             raise
@@ -599,7 +611,7 @@ def _eager_call(
     try:
         values = iter(run(consts, *(leaves[i] for i in arrays)))
     except BaseException:
-        if function in ("filter_scan", "filter_fori_loop", "filter_map"):
+        if "progress" in static:
             _end_open_lines()  # As `_tidy_on_error`, for a progress bar's line.
         raise
     return out_def.unflatten(
@@ -611,27 +623,14 @@ def _eager_call(
 
 
 def _cached_eagerly(*static: str) -> Callable[[_Function], _Function]:
-    """Run eager calls through `_eager_call`; the arguments named in `static` are
-    compared whole, the others split into leaves."""
+    """Run eager calls through `_eager_call`."""
 
     def decorate(function: _Function) -> _Function:
         signature = inspect.signature(function)
 
         @functools.wraps(function)
         def cached(*args: Any, **kwargs: Any) -> Any:
-            arguments = signature.bind(*args, **kwargs).arguments
-            trees = {
-                name: _as_array(value) if name in ("pred", "index") else value
-                for name, value in arguments.items()
-                if name not in static
-            }
-
-            def call(trees: dict[str, Any]) -> Any:
-                bound = inspect.BoundArguments(signature, {**arguments, **trees})
-                return function(*bound.args, **bound.kwargs)
-
-            options = tuple(arguments.get(name, _UNCACHED) for name in static)
-            out = _eager_call(function.__name__, (trees,), options, call)
+            out = _eager_call(function, signature.bind(*args, **kwargs), static)
             return function(*args, **kwargs) if out is _UNCACHED else out
 
         return cast(_Function, cached)
@@ -650,16 +649,16 @@ def _as_array(value: Any) -> Any:
 _IMMUTABLE = (bool, int, float, complex, str, bytes, type(None))
 
 
-def _compile_call(trees: Any, leaves: list[Any], arrays: list[int], call: Any) -> Any:
-    """Trace `call` with the array leaves of `trees` traced."""
-    treedef, out = jtu.tree_structure(trees), []
+def _compile_call(treedef: Any, leaves: list[Any], arrays: list[int], call: Any) -> Any:
+    """Trace `call` on `treedef.unflatten(leaves)` with its array leaves traced."""
+    out: list[Any] = []
     static = {id(leaf): i for i, leaf in enumerate(leaves) if not eqx.is_array(leaf)}
 
     def program(*traced: Any) -> list[Any]:
         inputs = list(leaves)
         for i, x in zip(arrays, traced, strict=True):
             inputs[i] = x
-        out_leaves, out_def = jtu.tree_flatten(call(*treedef.unflatten(inputs)))
+        out_leaves, out_def = jtu.tree_flatten(call(treedef.unflatten(inputs)))
         # Each output leaf: traced (`None`), an input's static leaf (its index), or
         # a value made while tracing (in a 1-tuple).
         places = [
@@ -681,11 +680,6 @@ def _compile_call(trees: Any, leaves: list[Any], arrays: list[int], call: Any) -
         return _UNTRACEABLE  # Each call must get its own new objects, as uncached.
     run = jax.jit(lambda consts, *xs: jax.core.eval_jaxpr(closed.jaxpr, consts, *xs))
     return run, list(closed.consts), out[0], out[1]
-
-
-#
-# Loop carries: Python numbers are static until the body changes them
-#
 
 
 class _PromoteCarryNumbers(Exception):
@@ -763,7 +757,7 @@ class _LoopCarry(_Split):
     """A loop carry: arrays and the numbers at the indices `promoted` are traced."""
 
     def __init__(self, init: Any, promoted: frozenset[int], function: str):
-        super().__init__(init, lambda i, leaf: _is_jax_value(leaf) or i in promoted)
+        super().__init__(init, _is_jax_value, promoted)
         self.function = function
         # Traced numbers that every trace of the body passes through untouched come
         # back as the Python values they were.
@@ -798,9 +792,7 @@ class _LoopCarry(_Split):
                     0, 1, lambda i, c: new, old
                 ),
             }[self.function]
-            says = _lax_says(
-                self.function[7:], lax, _stand_in(self.tree), _stand_in(new_carry)
-            )
+            says = _lax_says(self.function[7:], lax, self.tree, new_carry)
             raise TypeError(
                 self._error(path, message, kind) + (says if kind != "static" else "")
             )
@@ -815,7 +807,7 @@ class _LoopCarry(_Split):
             zip(self.leaves, new_leaves, self.traced, strict=True)
         ):
             if is_traced or _is_python_number(old):
-                if not _outputs_traced(i, new):
+                if not _outputs_traced(new):
                     message = (
                         f"was {_describe_leaf(old)} and is now {_describe_leaf(new)}"
                     )
@@ -858,11 +850,6 @@ class _LoopCarry(_Split):
         )
 
 
-#
-# Outputs: arrays and numbers are traced; the rest must agree between traces
-#
-
-
 def _static_outputs_agree(
     function: str, what: str, fun: str, traces: list[_Split]
 ) -> None:
@@ -888,9 +875,7 @@ class _Branches:
         self, function: str, operands: tuple[Any, ...], promoted: frozenset[int]
     ):
         self.function = function
-        self.operands = _Split(
-            operands, lambda i, leaf: eqx.is_array(leaf) or i in promoted
-        )
+        self.operands = _Split(operands, eqx.is_array, promoted)
         self.outputs: dict[str, _Split] = {}
 
     def wrap(self, name: str, fun: Callable[..., Any]) -> Callable[..., Any]:
@@ -926,11 +911,11 @@ class _Branches:
                 lax = lambda a, b: jax.lax.cond(True, lambda: a, lambda: b)  # noqa: E731
             raise TypeError(
                 self._error(first_name, name, path, message)
-                + _lax_says(self.function[7:], lax, *map(_stand_in, pair))
+                + _lax_says(self.function[7:], lax, *pair)
             )
         for (path, a), b in zip(first_leaves, out_leaves, strict=True):
-            a_traced = _outputs_traced(0, a)
-            if a_traced != _outputs_traced(0, b):
+            a_traced = _outputs_traced(a)
+            if a_traced != _outputs_traced(b):
                 message = (
                     f"is {_describe_leaf(b)}, where `{first_name}` returns "
                     f"{_describe_leaf(a)}"
@@ -1004,10 +989,9 @@ def filter_scan(
 ) -> tuple[_Carry, _Y]:
     """As `jax.lax.scan`, except that the carry, inputs and outputs may be any pytree.
 
-    Arrays are traced. A Python number in the carry stays a Python value until `f`
-    changes it, and is traced from then on; bools are traced from the start. Every
-    other leaf is static, and `f` must return it unchanged. On a tree of arrays this
-    is `jax.lax.scan`'s own program, under `jax.jit`, `jax.vmap` and `jax.grad` alike.
+    Arrays are traced, and so are bools; a Python number in the carry from the step
+    that changes it. Other leaves are static: `f` returns them unchanged. On arrays
+    this is `jax.lax.scan`'s own program, under `jit`, `vmap` and `grad` alike.
 
     **Arguments:** as `jax.lax.scan`, except:
 
@@ -1019,23 +1003,23 @@ def filter_scan(
 
     **Returns:** `(final_carry, ys)`; the static leaves of `y` come once, unstacked.
 
-    **Raises:** the exception types of `jax.lax.scan` for the same mistakes, with:
+    **Raises:** `jax.lax.scan`'s exception types, with these messages:
 
-    - `TypeError`: ``filter_scan: `f` must be callable``; ``filter_scan: `f` must
-        return a pair``; ``filter_scan: `f` returned a carry that differs from `init` ``
-        (its structure, or a traced leaf); ``filter_scan: `length` must be a whole
-        number``; ``filter_scan: `unroll` must be a bool or a non-negative int``;
-        ``filter_scan: `progress` must be a bool or a string``.
+    - `TypeError`: ``filter_scan: `f` must be callable``, ``filter_scan: `f` must
+        return a pair``, ``filter_scan: `f` returned a carry that differs from
+        `init` ``, ``filter_scan: `length` must be a whole number``, ``filter_scan:
+        `unroll` must be a bool or a non-negative int``, ``filter_scan: `progress`
+        must be a bool or a string``.
     - `ValueError`: ``filter_scan: `f` returned a carry that differs from `init` ``
-        (a static leaf); ``filter_scan: every array in `xs` must have the same leading
-        size``; ``filter_scan: `length=…` disagrees with the leading size``;
-        ``filter_scan: cannot tell how many steps to run``; ``filter_scan: the array
-        at `xs` path … is a scalar`` (an `IndexError` too); ``filter_scan: `length`
-        must be non-negative``; ``filter_scan: `unroll` must be a bool or a
-        non-negative int``; ``filter_scan: the non-array part of `f`'s output `y`
-        differs between two traces``.
+        (a static leaf), ``filter_scan: every array in `xs` must have the same
+        leading size``, ``filter_scan: `length=…` disagrees with the leading size``,
+        ``filter_scan: cannot tell how many steps to run``, ``filter_scan: the array
+        at `xs` path … is a scalar`` (an `IndexError` too), ``filter_scan: `length`
+        must be non-negative``, ``filter_scan: `unroll` must be a bool or a
+        non-negative int``, ``filter_scan: the non-array part of `f`'s output `y`
+        differs``.
     - `jax.errors.ConcretizationTypeError`: ``filter_scan: `length` must be
-        concrete``, after JAX's message.
+        concrete``.
 
     **Example:**
 
@@ -1045,16 +1029,13 @@ def filter_scan(
     import jax.numpy as jnp
     from lerax_utils import filter_scan
 
-    def step(carry, _):
-        model, x, steps = carry
-        return (model, model(x), steps + 1), x
-
     mlp = eqx.nn.MLP(2, 2, width_size=8, depth=1, key=jax.random.key(0))
+    step = lambda c, _: ((c[0], c[0](c[1]), c[2] + 1), c[1])  # (model, x, steps)
     (mlp, x, steps), xs = filter_scan(step, (mlp, jnp.ones(2), 0), length=5)
     print(xs.shape, steps)  # (5, 2) 5
     ```
     """
-    _check_callable("filter_scan", "f", f)
+    _check_callable("filter_scan", f=f)
     description = _progress_description("filter_scan", progress)
     length = _scan_length(xs, length)
     unroll = _scan_unroll(unroll)
@@ -1062,7 +1043,7 @@ def filter_scan(
     options = {"length": length, "reverse": reverse, "unroll": unroll}
     if _SCAN_TAKES_SPLIT_TRANSPOSE:
         options["_split_transpose"] = _split_transpose
-    inputs = _Split(xs, _arrays_traced)
+    inputs = _Split(xs, _is_jax_value)
 
     def attempt(promoted: frozenset[int]) -> Any:
         carry = _LoopCarry(init, promoted, "filter_scan")
@@ -1081,7 +1062,7 @@ def filter_scan(
                     + _lax_says(
                         "scan",
                         lambda out: jax.lax.scan(lambda c, x: out, None, None, 1),
-                        _stand_in(out),
+                        out,
                     )
                 )
             pair_defs.append(pair_def)
@@ -1252,34 +1233,31 @@ def _scan_reporting_every_step(
 
 def _scan_length(xs: Any, length: Any) -> int:
     if length is not None:
-        whole = None
-        if not isinstance(length, str | bytes):
-            try:
-                whole = int(length)
-            except jax.errors.ConcretizationTypeError:
-                raise jax.errors.ConcretizationTypeError(
-                    length,
-                    "filter_scan: `length` must be concrete, but it is traced. Pass a "
-                    "Python int, or compute it outside `jax.jit` (mark it static with "
-                    "`static_argnums`). For a loop whose length is only known inside "
-                    "the computation, use `jax.lax.while_loop`."
-                    + _lax_says(
-                        "scan",
-                        lambda: jax.lax.scan(lambda c, x: (c, x), 0, None, length),
-                    ),
-                ) from None
-            except (TypeError, ValueError, OverflowError):
-                pass
+        try:
+            whole = int(length)  # A string then differs from `whole`.
+        except jax.errors.ConcretizationTypeError:
+            raise jax.errors.ConcretizationTypeError(
+                length,
+                "filter_scan: `length` must be concrete, but it is traced. Pass a "
+                "Python int, or compute it outside `jax.jit` (mark it static with "
+                "`static_argnums`). For a loop whose length is only known inside "
+                "the computation, use `jax.lax.while_loop`."
+                + _lax_says(
+                    "scan", lambda: jax.lax.scan(lambda c, x: (c, x), 0, None, length)
+                ),
+            ) from None
+        except (TypeError, ValueError, OverflowError):
+            whole = None
         if whole is None or bool(whole != length):
             raise TypeError(
                 "filter_scan: `length` must be a whole number (a Python int, a NumPy "
                 f"integer or a 0-d integer array); got {_describe_leaf(length)}."
             )
-        length = whole
-        if length < 0:
+        if whole < 0:
             raise ValueError(
-                f"filter_scan: `length` must be non-negative; got {length}."
+                f"filter_scan: `length` must be non-negative; got {whole}."
             )
+        length = whole
     leaves = jtu.tree_leaves(xs)
     _check_leading_axes("filter_scan", xs, leaves)
     sizes = {leaf.shape[0] for leaf in leaves if eqx.is_array(leaf)}
@@ -1335,17 +1313,13 @@ def _check_leading_axes(function: str, xs: Any, leaves: list[Any]) -> None:
 def _scan_unroll(unroll: Any) -> Any:
     if isinstance(unroll, bool | np.bool_ | jax.core.Tracer):
         return unroll  # `jax.lax.scan` interprets bools, and rejects tracers itself.
+    must = "filter_scan: `unroll` must be a bool or a non-negative int; got"
     try:
         as_int = operator.index(unroll)
     except TypeError:
-        raise TypeError(
-            "filter_scan: `unroll` must be a bool or a non-negative int; got "
-            f"{_describe_leaf(unroll)}."
-        ) from None
+        raise TypeError(f"{must} {_describe_leaf(unroll)}.") from None
     if as_int < 0:
-        raise ValueError(
-            f"filter_scan: `unroll` must be a bool or a non-negative int; got {as_int}."
-        )
+        raise ValueError(f"{must} {as_int}.")
     return as_int
 
 
@@ -1359,17 +1333,16 @@ def filter_cond(
 ) -> _Out:
     """As `jax.lax.cond`, except that the operands and outputs may be any pytree.
 
-    Arrays and bools among the operands are traced; every other leaf reaches the
-    branch unchanged. Only the chosen branch runs. At each leaf the branches return
-    arrays or numbers (traced), or equal static values; a number that every branch
-    returns unchanged stays a Python number.
+    Arrays and bools among the operands are traced; other leaves reach the branch
+    unchanged. The branches return arrays or numbers (traced), or equal static values,
+    at each leaf; a number that every branch returns unchanged stays a Python number.
 
-    **Raises:** the exception types of `jax.lax.cond` for the same mistakes, with:
+    **Raises:** `jax.lax.cond`'s exception types, with these messages:
 
-    - `TypeError`: ``filter_cond: `true_fun` must be callable``; ``filter_cond:
-        `pred` must be a scalar``; ``filter_cond: the branches' outputs disagree``
-        (structure, or traced against static); ``filter_cond: pass the operands
-        either positionally or as `operand=`, not both``.
+    - `TypeError`: ``filter_cond: `true_fun` must be callable``, ``filter_cond:
+        `pred` must be a scalar``, ``filter_cond: the branches' outputs disagree``,
+        ``filter_cond: pass the operands either positionally or as `operand=`, not
+        both``.
     - `ValueError`: ``filter_cond: the branches' outputs disagree`` (a static value).
 
     **Example:**
@@ -1390,8 +1363,7 @@ def filter_cond(
             old_true, (false_operand, old_false) = false_fun, operands
             new_true, new_false = lambda x, _: old_true(x), lambda _, x: old_false(x)
             return filter_cond(pred, new_true, new_false, true_fun, false_operand)
-        _check_callable("filter_cond", "true_fun", true_fun)
-        _check_callable("filter_cond", "false_fun", false_fun)
+        _check_callable("filter_cond", true_fun=true_fun, false_fun=false_fun)
     return _branch(
         "filter_cond",
         ("pred", pred, "Reduce it first, for example with `jnp.any` or `jnp.all`."),
@@ -1412,14 +1384,14 @@ def filter_switch(
     """As `jax.lax.switch`, except that the operands and outputs may be any pytree,
     split as by `filter_cond`.
 
-    **Raises:** the exception types of `jax.lax.switch` for the same mistakes, with:
+    **Raises:** `jax.lax.switch`'s exception types, with these messages:
 
-    - `TypeError`: ``filter_switch: `branches` must be a sequence of functions``;
-        ``filter_switch: `branches[…]` must be callable``; ``filter_switch: `index`
-        must be a scalar``; ``filter_switch: the branches' outputs disagree``
-        (structure, or traced against static); ``filter_switch: pass the operands
-        either positionally or as `operand=`, not both``.
-    - `ValueError`: ``filter_switch: `branches` is empty``; ``filter_switch: the
+    - `TypeError`: ``filter_switch: `branches` must be a sequence of functions``,
+        ``filter_switch: `branches[…]` must be callable``, ``filter_switch: `index`
+        must be a scalar``, ``filter_switch: the branches' outputs disagree``,
+        ``filter_switch: pass the operands either positionally or as `operand=`, not
+        both``.
+    - `ValueError`: ``filter_switch: `branches` is empty``, ``filter_switch: the
         branches' outputs disagree`` (a static value).
 
     **Example:**
@@ -1440,8 +1412,8 @@ def filter_switch(
             "filter_switch: `branches` must be a sequence of functions; got "
             f"{_describe_leaf(branches)}."
         ) from None
-    for i, branch in enumerate(branches):
-        _check_callable("filter_switch", f"branches[{i}]", branch)
+    named = {f"branches[{i}]": fun for i, fun in enumerate(branches)}
+    _check_callable("filter_switch", **named)
     if not branches:
         raise ValueError(
             "filter_switch: `branches` is empty; give at least one function."
@@ -1449,7 +1421,7 @@ def filter_switch(
     return _branch(
         "filter_switch",
         ("index", index, "Pass a single integer index."),
-        {f"branches[{i}]": fun for i, fun in enumerate(branches)},
+        named,
         operands,
         operand,
         lambda branches, *traced: jax.lax.switch(index, branches, *traced),
@@ -1465,14 +1437,13 @@ def filter_while_loop(
     """As `jax.lax.while_loop`, except that the carry may be any pytree, split as by
     `filter_scan`.
 
-    **Raises:** the exception types of `jax.lax.while_loop` for the same mistakes,
-    with:
+    **Raises:** `jax.lax.while_loop`'s exception types, with these messages:
 
     - `TypeError`: ``filter_while_loop: `cond_fun` must be callable`` (or
-        `body_fun`); ``filter_while_loop: `body_fun` returned a carry that differs
-        from `init_val` `` (its structure, or a traced leaf).
-    - `ValueError`: ``filter_while_loop: `body_fun` returned a carry that differs
-        from `init_val` `` (a static leaf).
+        `body_fun`), ``filter_while_loop: `body_fun` returned a carry that differs
+        from `init_val` ``.
+    - `ValueError`: the same carry message, for a static leaf: ``filter_while_loop:
+        `body_fun` returned a carry that differs from `init_val` ``.
 
     **Example:**
 
@@ -1488,8 +1459,7 @@ def filter_while_loop(
     print(carry[1:])  # (4, 'a')
     ```
     """
-    _check_callable("filter_while_loop", "cond_fun", cond_fun)
-    _check_callable("filter_while_loop", "body_fun", body_fun)
+    _check_callable("filter_while_loop", cond_fun=cond_fun, body_fun=body_fun)
 
     def attempt(promoted: frozenset[int]) -> Any:
         carry = _LoopCarry(init_val, promoted, "filter_while_loop")
@@ -1523,14 +1493,13 @@ def filter_fori_loop(
     **Arguments:** as `jax.lax.fori_loop`, and `progress` as in `filter_scan`, which
     needs concrete bounds.
 
-    **Raises:** the exception types of `jax.lax.fori_loop` for the same mistakes, with:
+    **Raises:** `jax.lax.fori_loop`'s exception types, with these messages:
 
-    - `TypeError`: ``filter_fori_loop: `body_fun` must be callable``;
-        ``filter_fori_loop: `body_fun` returned a carry that differs from `init_val` ``
-        (its structure, or a traced leaf); ``filter_fori_loop: `progress` needs
-        concrete bounds``.
-    - `ValueError`: ``filter_fori_loop: `body_fun` returned a carry that differs from
-        `init_val` `` (a static leaf).
+    - `TypeError`: ``filter_fori_loop: `body_fun` must be callable``,
+        ``filter_fori_loop: `body_fun` returned a carry that differs from `init_val` ``,
+        ``filter_fori_loop: `progress` needs concrete bounds``.
+    - `ValueError`: the same carry message, for a static leaf: ``filter_fori_loop:
+        `body_fun` returned a carry that differs from `init_val` ``.
 
     **Example:**
 
@@ -1542,7 +1511,7 @@ def filter_fori_loop(
     print(total, label)  # 10.0 sum
     ```
     """
-    _check_callable("filter_fori_loop", "body_fun", body_fun)
+    _check_callable("filter_fori_loop", body_fun=body_fun)
     description = _progress_description("filter_fori_loop", progress)
     bar, first, total = None, 0, 0
     if description is not None:
@@ -1605,14 +1574,14 @@ def filter_map(
 
     **Arguments:** as `jax.lax.map`, and `progress` as in `filter_scan`.
 
-    **Raises:** the exception types of `jax.lax.map` for the same mistakes, with:
+    **Raises:** `jax.lax.map`'s exception types, with these messages:
 
-    - `TypeError`: ``filter_map: `f` must be callable``; ``filter_map: `progress`
-        cannot be combined with `batch_size` ``; ``filter_map: `batch_size` needs a
+    - `TypeError`: ``filter_map: `f` must be callable``, ``filter_map: `progress`
+        cannot be combined with `batch_size` ``, ``filter_map: `batch_size` needs a
         JAX whose `jax.lax.map` takes it``.
-    - `ValueError`: ``filter_map: `xs` holds no arrays``; ``filter_map: the array at
-        `xs` path … is a scalar`` (an `IndexError` too); ``filter_map: the non-array
-        part of `f`'s output differs between two traces``.
+    - `ValueError`: ``filter_map: `xs` holds no arrays``, ``filter_map: the array at
+        `xs` path … is a scalar`` (an `IndexError` too), ``filter_map: the non-array
+        part of `f`'s output differs``.
 
     **Example:**
 
@@ -1625,7 +1594,7 @@ def filter_map(
     print(sums, unit)  # [4. 4. 4.] m
     ```
     """
-    _check_callable("filter_map", "f", f)
+    _check_callable("filter_map", f=f)
     description = _progress_description("filter_map", progress)
     if batch_size is not None and description is not None:
         raise TypeError(
@@ -1639,7 +1608,7 @@ def filter_map(
             "leave `batch_size` out."
         )
     options = {} if batch_size is None else {"batch_size": batch_size}
-    inputs = _Split(xs, _arrays_traced)
+    inputs = _Split(xs, _is_jax_value)
     _check_leading_axes("filter_map", xs, inputs.leaves)
     if not any(inputs.traced):
         raise ValueError(
@@ -1655,9 +1624,8 @@ def filter_map(
 
     traced_xs = inputs.traced_part()
     sizes = {jnp.shape(leaf)[:1] for leaf in jtu.tree_leaves(traced_xs)}
-    bar = None
-    if len(sizes) == 1 and () not in sizes:  # Else `jax.lax.map` raises.
-        bar = _make_bar(description, sizes.pop()[0])
+    one_size = len(sizes) == 1 and () not in sizes  # Else `jax.lax.map` raises.
+    bar = _make_bar(description, sizes.pop()[0]) if one_size else None
     if bar is None:
         ys = jax.lax.map(mapped, traced_xs, **options)
     else:
