@@ -753,6 +753,15 @@ def _with_promoted_numbers(
     raise chosen
 
 
+_LAX_LOOPS = {  # Each loop of `jax.lax`, on a body that turns the carry `old` to `new`.
+    "filter_scan": lambda old, new: jax.lax.scan(lambda c, x: (new, x), old, None, 1),
+    "filter_while_loop": lambda old, new: jax.lax.while_loop(
+        lambda c: True, lambda c: new, old
+    ),
+    "filter_fori_loop": lambda old, new: jax.lax.fori_loop(0, 1, lambda i, c: new, old),
+}
+
+
 class _LoopCarry(_Split):
     """A loop carry: arrays and the numbers at the indices `promoted` are traced."""
 
@@ -781,17 +790,7 @@ class _LoopCarry(_Split):
         if new_def != self.treedef:
             path, message = _structure_difference(self.tree, new_carry, ())
             kind = "static" if message.startswith("is a static field") else "structure"
-            lax = {
-                "filter_scan": lambda old, new: jax.lax.scan(
-                    lambda c, x: (new, x), old, None, 1
-                ),
-                "filter_while_loop": lambda old, new: jax.lax.while_loop(
-                    lambda c: True, lambda c: new, old
-                ),
-                "filter_fori_loop": lambda old, new: jax.lax.fori_loop(
-                    0, 1, lambda i, c: new, old
-                ),
-            }[self.function]
+            lax = _LAX_LOOPS[self.function]
             says = _lax_says(self.function[7:], lax, self.tree, new_carry)
             raise TypeError(
                 self._error(path, message, kind) + (says if kind != "static" else "")
@@ -868,76 +867,42 @@ def _static_outputs_agree(
             )
 
 
-class _Branches:
-    """The branches of a `cond` or `switch`, on the traced parts of their trees."""
+def _check_branches_agree(
+    function: str, first_name: str, first: Any, name: str, out: Any
+) -> None:
+    """Branch `name`'s output `out` against `first_name`'s, `first`."""
 
-    def __init__(
-        self, function: str, operands: tuple[Any, ...], promoted: frozenset[int]
-    ):
-        self.function = function
-        self.operands = _Split(operands, eqx.is_array, promoted)
-        self.outputs: dict[str, _Split] = {}
-
-    def wrap(self, name: str, fun: Callable[..., Any]) -> Callable[..., Any]:
-        @_named_after(fun)
-        def branch(*traced: Any) -> Any:
-            out = _Split(fun(*self.operands.rebuild(traced)), _outputs_traced)
-            if self.outputs:
-                first_name, first = next(iter(self.outputs.items()))
-                self._check_agree(first_name, first.tree, name, out.tree)
-            self.outputs[name] = out
-            return out.traced_part()
-
-        return branch
-
-    def rebuild(self, traced_out: Any) -> Any:
-        first, *others = self.outputs.values()
-        leaves = jtu.tree_leaves(first.rebuild(traced_out))
-        for i, leaf in enumerate(first.leaves):
-            # A Python number that every branch returns unchanged stays that number.
-            if others and all(_same_python_number(leaf, o.leaves[i]) for o in others):
-                leaves[i] = leaf
-        return first.treedef.unflatten(leaves)
-
-    def _check_agree(self, first_name: str, first: Any, name: str, out: Any) -> None:
-        first_leaves, first_def = jtu.tree_flatten_with_path(first)
-        out_leaves, out_def = jtu.tree_flatten(out)
-        if first_def != out_def:
-            path, message = _structure_difference(first, out, ())
-            # `jax.lax`'s message names the true branch first.
-            pair = (out, first) if first_name == "false_fun" else (first, out)
-            lax = lambda a, b: jax.lax.switch(0, [lambda: a, lambda: b])  # noqa: E731
-            if self.function == "filter_cond":
-                lax = lambda a, b: jax.lax.cond(True, lambda: a, lambda: b)  # noqa: E731
-            raise TypeError(
-                self._error(first_name, name, path, message)
-                + _lax_says(self.function[7:], lax, *pair)
-            )
-        for (path, a), b in zip(first_leaves, out_leaves, strict=True):
-            a_traced = _outputs_traced(a)
-            if a_traced != _outputs_traced(b):
-                message = (
-                    f"is {_describe_leaf(b)}, where `{first_name}` returns "
-                    f"{_describe_leaf(a)}"
-                )
-                raise TypeError(
-                    self._error(first_name, name, jtu.keystr(path), message)
-                )
-            # Where both are traced, `jax.lax` checks shapes and dtypes.
-            message = None if a_traced else _leaf_difference(a, b)
-            if message is not None:
-                raise ValueError(
-                    self._error(first_name, name, jtu.keystr(path), message)
-                )
-
-    def _error(self, first_name: str, name: str, path: str, message: str) -> str:
+    def error(path: str, message: str) -> str:
         return (
-            f"{self.function}: the branches' outputs disagree {_where(path)}: compared "
+            f"{function}: the branches' outputs disagree {_where(path)}: compared "
             f"with `{first_name}`'s output, `{name}`'s {message}. Every branch must "
             "return the same structure, arrays or Python numbers in the same places, "
             "and equal static values elsewhere; return arrays for values that differ "
             "between branches."
         )
+
+    first_leaves, first_def = jtu.tree_flatten_with_path(first)
+    out_leaves, out_def = jtu.tree_flatten(out)
+    if first_def != out_def:
+        path, message = _structure_difference(first, out, ())
+        # `jax.lax`'s message names the true branch first.
+        pair = (out, first) if first_name == "false_fun" else (first, out)
+        lax = lambda a, b: jax.lax.switch(0, [lambda: a, lambda: b])  # noqa: E731
+        if function == "filter_cond":
+            lax = lambda a, b: jax.lax.cond(True, lambda: a, lambda: b)  # noqa: E731
+        raise TypeError(error(path, message) + _lax_says(function[7:], lax, *pair))
+    for (path, a), b in zip(first_leaves, out_leaves, strict=True):
+        a_traced = _outputs_traced(a)
+        if a_traced != _outputs_traced(b):
+            message = (
+                f"is {_describe_leaf(b)}, where `{first_name}` returns "
+                f"{_describe_leaf(a)}"
+            )
+            raise TypeError(error(jtu.keystr(path), message))
+        # Where both are traced, `jax.lax` checks shapes and dtypes.
+        message = None if a_traced else _leaf_difference(a, b)
+        if message is not None:
+            raise ValueError(error(jtu.keystr(path), message))
 
 
 _NO_OPERAND = object()
@@ -968,9 +933,32 @@ def _branch(
         )
 
     def attempt(promoted: frozenset[int]) -> Any:
-        split = _Branches(function, operands, promoted)
-        wrapped = [split.wrap(name, fun) for name, fun in branches.items()]
-        return split.rebuild(run(wrapped, *split.operands.traced_part()))
+        inputs = _Split(operands, eqx.is_array, promoted)
+        outputs: dict[str, _Split] = {}
+
+        def wrap(name: str, fun: Callable[..., Any]) -> Callable[..., Any]:
+            @_named_after(fun)
+            def branch(*traced: Any) -> Any:
+                out = _Split(fun(*inputs.rebuild(traced)), _outputs_traced)
+                if outputs:
+                    first_name, first = next(iter(outputs.items()))
+                    _check_branches_agree(
+                        function, first_name, first.tree, name, out.tree
+                    )
+                outputs[name] = out
+                return out.traced_part()
+
+            return branch
+
+        wrapped = [wrap(name, fun) for name, fun in branches.items()]
+        traced_out = run(wrapped, *inputs.traced_part())
+        first, *others = outputs.values()
+        leaves = jtu.tree_leaves(first.rebuild(traced_out))
+        for i, leaf in enumerate(first.leaves):
+            # A Python number that every branch returns unchanged stays that number.
+            if others and all(_same_python_number(leaf, o.leaves[i]) for o in others):
+                leaves[i] = leaf
+        return first.treedef.unflatten(leaves)
 
     return _with_promoted_numbers(function, attempt, operands)
 
@@ -1096,9 +1084,8 @@ def _scan(
     length, unroll = options["length"], options["unroll"]
     with _progress_body():  # Loops traced inside `step` draw no bar.
         as_bool = isinstance(unroll, bool | np.bool_)
-        whole = bool(unroll) if as_bool else unroll >= length
-        one_step_at_a_time = (not unroll) if as_bool else unroll == 1
-        if length == 1 or whole:
+        steps = (length if unroll else 1) if as_bool else unroll  # Unrolled at once.
+        if length == 1 or steps >= length:
             # XLA inlines a loop of one step (or one wholly unrolled) and compiles it
             # together with what surrounds it, so any report inside would change the
             # results' bits. One report, after it.
@@ -1138,7 +1125,7 @@ def _scan(
         )
         if (
             stride is None
-            or not one_step_at_a_time
+            or steps != 1
             or closed.effects
             or (keys and not _custom_jvp_takes_keys())
         ):
@@ -1213,15 +1200,10 @@ def _scan_reporting_every_step(
             3,
             jnp.where(index == 0, 1, jnp.where(index % stride == 0, 2, 0)),
         )
-        jax.lax.switch(
-            kind,
-            [
-                lambda: None,
-                lambda: jax.debug.callback(first),
-                lambda: jax.debug.callback(then),
-                lambda: jax.debug.callback(last),
-            ],
-        )
+        reports = [
+            functools.partial(jax.debug.callback, c) for c in (first, then, last)
+        ]
+        jax.lax.switch(kind, [lambda: None, *reports])
         new_carry, y = step(traced_carry, x)
         return (index + 1, new_carry), y
 
