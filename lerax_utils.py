@@ -599,12 +599,11 @@ def _eager_call(function: Any, bound: inspect.BoundArguments, static: Any) -> An
     except Exception:
         return _UNCACHED
     if entry is None:
+        entry: Any = _UNTRACEABLE  # Kept if tracing raises.
         try:
             entry = _compile_call(treedef, leaves, arrays, call)
-        except Exception:
-            _PROGRAMS.put(key, _UNTRACEABLE, referents)
-            raise
-        _PROGRAMS.put(key, entry, referents)
+        finally:
+            _PROGRAMS.put(key, entry, referents)
     if entry is _UNTRACEABLE:
         return _UNCACHED
     run, consts, out_def, places = entry
@@ -670,11 +669,9 @@ def _compile_call(treedef: Any, leaves: list[Any], arrays: list[int], call: Any)
 
     try:
         closed = jax.make_jaxpr(program)(*(leaves[i] for i in arrays))
-    except Exception as error:
+    except _TRACING_ERRORS:
         # Only arrays in a function (a module's parameters), traced here and not
         # uncached, can make the difference; then the call runs uncached.
-        if not isinstance(error, _TRACING_ERRORS):
-            raise
         return _UNTRACEABLE
     if any(type(p) is tuple and type(p[0]) not in _IMMUTABLE for p in out[1]):
         return _UNTRACEABLE  # Each call must get its own new objects, as uncached.
@@ -805,14 +802,14 @@ class _LoopCarry(_Split):
         for i, (old, new, is_traced) in enumerate(
             zip(self.leaves, new_leaves, self.traced, strict=True)
         ):
-            if is_traced or _is_python_number(old):
-                if not _outputs_traced(new):
-                    message = (
-                        f"was {_describe_leaf(old)} and is now {_describe_leaf(new)}"
-                    )
-                    raise TypeError(self._error(self.path(i), message, "traced"))
-                if is_traced:
-                    continue
+            if not (is_traced or _is_python_number(old)):
+                message = _leaf_difference(old, new)
+                if message is not None:
+                    raise ValueError(self._error(self.path(i), message, "static"))
+            elif not _outputs_traced(new):
+                message = f"was {_describe_leaf(old)} and is now {_describe_leaf(new)}"
+                raise TypeError(self._error(self.path(i), message, "traced"))
+            elif not is_traced:
                 if not _same_python_number(old, new):
                     to_promote.add(i)
                 # Passed on as the very object that came in, and not one that Python
@@ -820,10 +817,6 @@ class _LoopCarry(_Split):
                 shared = type(old) is bool or (type(old) is int and -5 <= old <= 256)
                 if new is not self.body_inputs[i] or shared:
                     unproven.add(i)
-                continue
-            message = _leaf_difference(old, new)
-            if message is not None:
-                raise ValueError(self._error(self.path(i), message, "static"))
         if to_promote:
             raise _PromoteCarryNumbers(frozenset(to_promote), frozenset(unproven))
         return new_def.unflatten(
@@ -1025,13 +1018,13 @@ def filter_scan(
     """
     _check_callable("filter_scan", f=f)
     description = _progress_description("filter_scan", progress)
-    length = _scan_length(xs, length)
+    inputs = _Split(xs, _is_jax_value)
+    length = _scan_length(inputs, length)
     unroll = _scan_unroll(unroll)
     bar = _make_bar(description, length)
     options = {"length": length, "reverse": reverse, "unroll": unroll}
     if _SCAN_TAKES_SPLIT_TRANSPOSE:
         options["_split_transpose"] = _split_transpose
-    inputs = _Split(xs, _is_jax_value)
 
     def attempt(promoted: frozenset[int]) -> Any:
         carry = _LoopCarry(init, promoted, "filter_scan")
@@ -1213,10 +1206,10 @@ def _scan_reporting_every_step(
     return final, ys
 
 
-def _scan_length(xs: Any, length: Any) -> int:
+def _scan_length(inputs: _Split, length: Any) -> int:
     if length is not None:
         try:
-            whole = int(length)  # A string then differs from `whole`.
+            n = int(length)  # A string then differs from `n`.
         except jax.errors.ConcretizationTypeError:
             raise jax.errors.ConcretizationTypeError(
                 length,
@@ -1229,20 +1222,17 @@ def _scan_length(xs: Any, length: Any) -> int:
                 ),
             ) from None
         except (TypeError, ValueError, OverflowError):
-            whole = None
-        if whole is None or bool(whole != length):
+            n = None
+        if n is None or bool(n != length):
             raise TypeError(
                 "filter_scan: `length` must be a whole number (a Python int, a NumPy "
                 f"integer or a 0-d integer array); got {_describe_leaf(length)}."
             )
-        if whole < 0:
-            raise ValueError(
-                f"filter_scan: `length` must be non-negative; got {whole}."
-            )
-        length = whole
-    leaves = jtu.tree_leaves(xs)
-    _check_leading_axes("filter_scan", xs, leaves)
-    sizes = {leaf.shape[0] for leaf in leaves if eqx.is_array(leaf)}
+        if n < 0:
+            raise ValueError(f"filter_scan: `length` must be non-negative; got {n}.")
+        length = n
+    _check_leading_axes("filter_scan", inputs)
+    sizes = {leaf.shape[0] for leaf in inputs.leaves if eqx.is_array(leaf)}
     if not sizes:
         if length is None:
             raise ValueError(
@@ -1251,11 +1241,8 @@ def _scan_length(xs: Any, length: Any) -> int:
             )
         return length
     if len(sizes) > 1:
-        listing = ", ".join(
-            f"{jtu.keystr(path)}: {leaf.shape[0]}"
-            for path, leaf in jtu.tree_flatten_with_path(xs)[0]
-            if eqx.is_array(leaf)
-        )
+        arrays = [(i, x) for i, x in enumerate(inputs.leaves) if eqx.is_array(x)]
+        listing = ", ".join(f"{inputs.path(i)}: {x.shape[0]}" for i, x in arrays)
         raise ValueError(
             "filter_scan: every array in `xs` must have the same leading size, but the "
             f"leading sizes differ ({listing}). Slice or pad them to one length."
@@ -1278,11 +1265,10 @@ class _ScalarToScanError(ValueError, IndexError):
     """A 0-d array in `xs`: `jax.lax.scan` and `jax.lax.map` raise an `IndexError`."""
 
 
-def _check_leading_axes(function: str, xs: Any, leaves: list[Any]) -> None:
-    for i, leaf in enumerate(leaves):
+def _check_leading_axes(function: str, inputs: _Split) -> None:
+    for i, leaf in enumerate(inputs.leaves):
         if eqx.is_array(leaf) and leaf.ndim == 0:
-            path = jtu.keystr(jtu.tree_flatten_with_path(xs)[0][i][0])
-            scan = function == "filter_scan"
+            path, scan = inputs.path(i), function == "filter_scan"
             raise _ScalarToScanError(
                 f"{function}: the array at `xs` path {path} is a scalar (shape ()), so "
                 f"it has no leading axis to {'scan' if scan else 'map'} over. Give it "
@@ -1433,10 +1419,7 @@ def filter_while_loop(
     import jax.numpy as jnp
     from lerax_utils import filter_while_loop
 
-    def step(carry):
-        position, steps, name = carry
-        return position + 0.3, steps + 1, name
-
+    step = lambda c: (c[0] + 0.3, c[1] + 1, c[2])  # (position, steps, name)
     carry = filter_while_loop(lambda c: c[0] < 1, step, (jnp.zeros(()), 0, "a"))
     print(carry[1:])  # (4, 'a')
     ```
@@ -1518,22 +1501,19 @@ def filter_fori_loop(
             return carry.check(body_fun(i, carry.enter(traced)))
 
         if bar is None:
-            final = jax.lax.fori_loop(
+            traced = jax.lax.fori_loop(
                 lower, upper, body, carry.traced_part(), unroll=unroll
             )
-            return carry.finish(final)
+            return carry.finish(traced)
 
         # As `jax.lax.fori_loop` runs a loop of known length: a scan whose carry
         # holds the index, a Python int (so weakly typed).
         @_named_after(body_fun)
         def counted(state: tuple[Any, Any], _: Any) -> tuple[Any, None]:
-            i, traced = state
-            return (i + 1, body(i, traced)), None
+            return (state[0] + 1, body(*state)), None
 
-        (_, final), _ = _scan(
-            bar, counted, (first, carry.traced_part()), None,
-            {"length": total, "unroll": 1 if unroll is None else unroll},
-        )  # fmt: skip
+        options = {"length": total, "unroll": 1 if unroll is None else unroll}
+        (_, final), _ = _scan(bar, counted, (first, carry.traced_part()), None, options)
         return carry.finish(final)
 
     with _tidy_on_error(bar):
@@ -1591,7 +1571,7 @@ def filter_map(
         )
     options = {} if batch_size is None else {"batch_size": batch_size}
     inputs = _Split(xs, _is_jax_value)
-    _check_leading_axes("filter_map", xs, inputs.leaves)
+    _check_leading_axes("filter_map", inputs)
     if not any(inputs.traced):
         raise ValueError(
             "filter_map: `xs` holds no arrays, so there is nothing to map over. Give "
