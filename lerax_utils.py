@@ -424,12 +424,8 @@ class _Split:
 
     def rebuild(self, traced_part: Any) -> Any:
         values = iter(jtu.tree_leaves(traced_part))
-        return self.treedef.unflatten(
-            [
-                next(values) if t else x
-                for x, t in zip(self.leaves, self.traced, strict=True)
-            ]
-        )
+        pairs = zip(self.leaves, self.traced, strict=True)
+        return self.treedef.unflatten([next(values) if t else x for x, t in pairs])
 
     def path(self, index: int) -> str:
         return jtu.keystr(jtu.tree_flatten_with_path(self.tree)[0][index][0])
@@ -710,30 +706,29 @@ def _with_promoted_numbers(
             starts = {known: "the numbers it promoted before", **starts}
     for start in starts:
         promoted, rounds, narrow = start, 0, None
-        try:
-            while True:
-                try:
-                    result = attempt(promoted)
-                    if hint:
-                        _PROMOTIONS.put(hint[0], promoted, hint[1])
-                    return result
-                except _PromoteCarryNumbers as request:
-                    rounds += 1
-                    if rounds == 2:  # Else each trace may find one more number.
-                        narrow = promoted | request.indices
-                        promoted |= request.unproven
-                    else:
-                        promoted |= request.indices
-                except Exception as error:  # Numbers needed as Python values: go
-                    if narrow is None or isinstance(error, RuntimeError):
-                        raise
-                    promoted, narrow = narrow, None  # one round at a time.
-        except RuntimeError:  # From the running computation: final.
-            raise
-        except Exception as error:
-            errors[start] = error
-            if start == numbers and not isinstance(error, _TRACING_ERRORS):
-                break
+        while True:
+            try:
+                result = attempt(promoted)
+                if hint:
+                    _PROMOTIONS.put(hint[0], promoted, hint[1])
+                return result
+            except _PromoteCarryNumbers as request:
+                rounds += 1
+                if rounds == 2:  # Else each trace may find one more number.
+                    narrow = promoted | request.indices
+                    promoted |= request.unproven
+                else:
+                    promoted |= request.indices
+            except RuntimeError:  # From the running computation: final.
+                raise
+            except Exception as error:
+                if narrow is None:
+                    errors[start] = error
+                    break
+                # Numbers needed as Python values: go one round at a time.
+                promoted, narrow = narrow, None
+        if start == numbers and not isinstance(errors[start], _TRACING_ERRORS):
+            break
     # Failing all: `jax.lax`'s error (every number traced), unless it only complains
     # of tracing where another start's error says more.
     as_lax = errors[numbers]
@@ -842,10 +837,8 @@ class _LoopCarry(_Split):
         )
 
 
-def _static_outputs_agree(
-    function: str, what: str, fun: str, traces: list[_Split]
-) -> None:
-    """Each trace of a function must give the same static outputs."""
+def _static_outputs_agree(function: str, what: str, traces: list[_Split]) -> None:
+    """Each trace of `f` must give the same static outputs."""
     first = traces[0].traced_part(traced=False)
     for trace in traces[1:]:
         difference = _tree_difference(first, trace.traced_part(traced=False))
@@ -853,10 +846,10 @@ def _static_outputs_agree(
             path, message = difference
             raise ValueError(
                 f"{function}: the non-array part of {what} differs between two traces "
-                f"of `{fun}`: {_where(path)} it {message}. JAX may trace `{fun}` more "
-                "than once, and each trace must give the same static outputs. Return "
-                "arrays for values that vary, or make the static values independent of "
-                f"how often `{fun}` is called."
+                f"of `f`: {_where(path)} it {message}. JAX may trace `f` more than "
+                "once, and each trace must give the same static outputs. Return arrays "
+                "for values that vary, or make the static values independent of how "
+                "often `f` is called."
             )
 
 
@@ -1052,7 +1045,7 @@ def filter_scan(
             return carry.check(new_carry), outputs[-1].traced_part()
 
         final, ys = _scan(bar, step, carry.traced_part(), inputs.traced_part(), options)
-        _static_outputs_agree("filter_scan", "`f`'s output `y`", "f", outputs)
+        _static_outputs_agree("filter_scan", "`f`'s output `y`", outputs)
         final, ys = carry.finish(final), outputs[0].rebuild(ys)
         # `jax.lax.scan` gives back the pair in the container that `f` used.
         return pair_defs[0].unflatten([final, ys])
@@ -1094,10 +1087,9 @@ def _scan(
         )
         init_leaves, carry_def = jtu.tree_flatten(init)
         carries = len(init_leaves)
-        in_avals, out_avals = closed.in_avals[:carries], closed.out_avals[:carries]
         if jtu.tree_structure(carry_shape) != carry_def or any(
             (a.shape, a.dtype, a.weak_type) != (b.shape, b.dtype, b.weak_type)
-            for a, b in zip(in_avals, out_avals, strict=True)
+            for a, b in zip(closed.in_avals, closed.out_avals[:carries], strict=False)
         ):  # Let `jax.lax.scan` promote the carry, or raise, as it does.
             return _scan_reporting_every_step(bar, step, init, xs, options)
 
@@ -1112,15 +1104,12 @@ def _scan(
 
         stride = _chunk_size(length)
         const_avals = [var.aval for var in closed.jaxpr.constvars]
-        keys = any(
-            jnp.issubdtype(aval.dtype, jax.dtypes.prng_key)
-            for aval in (*closed.in_avals, *closed.out_avals, *const_avals)
-        )
+        avals = (*closed.in_avals, *closed.out_avals, *const_avals)
         if (
             stride is None
             or steps != 1
             or closed.effects
-            or (keys and not _custom_jvp_takes_keys())
+            or (any(map(_is_key_array, avals)) and not _custom_jvp_takes_keys())
         ):
             scan: Callable[..., Any] = every_step
         else:
@@ -1182,7 +1171,8 @@ def _scan_reporting_every_step(
     length = options["length"]
     stride = _progress_stride(length)
     reported = {*range(0, length, stride), length - 1}
-    first, then, last = _progress_callbacks(bar, stride, len(reported))
+    callbacks = _progress_callbacks(bar, stride, len(reported))
+    reports = [functools.partial(jax.debug.callback, c) for c in callbacks]
 
     @_named_after(step)
     def counted(state: tuple[Any, Any], x: Any) -> tuple[Any, Any]:
@@ -1193,9 +1183,6 @@ def _scan_reporting_every_step(
             3,
             jnp.where(index == 0, 1, jnp.where(index % stride == 0, 2, 0)),
         )
-        reports = [
-            functools.partial(jax.debug.callback, c) for c in (first, then, last)
-        ]
         jax.lax.switch(kind, [lambda: None, *reports])
         new_carry, y = step(traced_carry, x)
         return (index + 1, new_carry), y
@@ -1595,7 +1582,7 @@ def filter_map(
             step = lambda c, x: (c, mapped(x))  # noqa: E731
             options = {"length": bar.total, "unroll": 1}
             _, ys = _scan(bar, step, None, traced_xs, options)
-    _static_outputs_agree("filter_map", "`f`'s output", "f", outputs)
+    _static_outputs_agree("filter_map", "`f`'s output", outputs)
     return outputs[0].rebuild(ys)
 
 
