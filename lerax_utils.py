@@ -457,9 +457,7 @@ def _lax_says(function: str, run: Callable[..., Any], *trees: Any) -> str:
     `trees` by the shapes and dtypes of their arrays, with `0.0` at other leaves."""
 
     def stand_in(x: Any) -> Any:
-        if eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct):
-            return jax.ShapeDtypeStruct(x.shape, x.dtype)
-        return 0.0
+        return jax.ShapeDtypeStruct(x.shape, x.dtype) if eqx.is_array(x) else 0.0
 
     try:
         jax.eval_shape(run, *jtu.tree_map(stand_in, trees))
@@ -468,12 +466,9 @@ def _lax_says(function: str, run: Callable[..., Any], *trees: Any) -> str:
     return ""
 
 
-#
-# Eager calls: the compiled program of a call, kept for the next call like it
-#
-# As `jax.lax` keeps a loop's traced program by its functions' identity, a call
-# whose functions (by identity), tree structures, static leaves (by equality) and
-# array types match an earlier one's runs that call's compiled program. Inside a
+# Eager calls: as `jax.lax` keeps a loop's traced program by its functions' identity,
+# a call whose functions (by identity), tree structures, static leaves (by equality)
+# and array types match an earlier one's runs that call's compiled program. Inside a
 # trace, the same keys remember which Python numbers a loop promoted.
 
 _CACHE_SIZE = 64  # Calls kept, in each of the two caches; least recently used go.
@@ -854,9 +849,11 @@ def _static_outputs_agree(function: str, what: str, traces: list[_Split]) -> Non
 
 
 def _check_branches_agree(
-    function: str, first_name: str, first: Any, name: str, out: Any
+    function: str, outputs: dict[str, _Split], name: str, out: Any
 ) -> None:
-    """Branch `name`'s output `out` against `first_name`'s, `first`."""
+    """Branch `name`'s output `out` against the first branch's, in `outputs`."""
+    first_name, first = next(iter(outputs.items()))
+    first = first.tree
 
     def error(path: str, message: str) -> str:
         return (
@@ -896,14 +893,13 @@ _NO_OPERAND = object()
 
 def _branch(
     function: str,
-    selector: tuple[str, Any, str],
+    selector: Any,
     branches: dict[str, Callable[..., Any]],
     operands: tuple[Any, ...],
     operand: Any,
-    run: Callable[..., Any],
 ) -> Any:
-    """`run(branches, *operands)`, by `jax.lax.cond` or `jax.lax.switch`, on the
-    traced parts, after the checks that both make."""
+    """`jax.lax.cond` or `jax.lax.switch` on `selector` (`pred` or `index`), on the
+    traced parts of the operands and outputs, after the checks that both make."""
     if operand is not _NO_OPERAND:  # `operand=x`, which `jax.lax` also takes.
         if operands:
             raise TypeError(
@@ -911,11 +907,13 @@ def _branch(
                 f"not both; got `operand=` and {len(operands)} positional operand(s)."
             )
         operands = (operand,)
-    name, value, fix = selector
-    if eqx.is_array(value) and value.shape != ():
+    cond = function == "filter_cond"
+    if eqx.is_array(selector) and selector.shape != ():
+        fix = "Reduce it first, for example with `jnp.any` or `jnp.all`."
         raise TypeError(
-            f"{function}: `{name}` must be a scalar; got an array of shape "
-            f"{tuple(value.shape)}. {fix}"
+            f"{function}: `{'pred' if cond else 'index'}` must be a scalar; got an "
+            f"array of shape {tuple(selector.shape)}. "
+            f"{fix if cond else 'Pass a single integer index.'}"
         )
 
     def attempt(promoted: frozenset[int]) -> Any:
@@ -927,17 +925,17 @@ def _branch(
             def branch(*traced: Any) -> Any:
                 out = _Split(fun(*inputs.rebuild(traced)), _outputs_traced)
                 if outputs:
-                    first_name, first = next(iter(outputs.items()))
-                    _check_branches_agree(
-                        function, first_name, first.tree, name, out.tree
-                    )
+                    _check_branches_agree(function, outputs, name, out.tree)
                 outputs[name] = out
                 return out.traced_part()
 
             return branch
 
         wrapped = [wrap(name, fun) for name, fun in branches.items()]
-        traced_out = run(wrapped, *inputs.traced_part())
+        if cond:
+            traced_out = jax.lax.cond(selector, *wrapped, *inputs.traced_part())
+        else:
+            traced_out = jax.lax.switch(selector, wrapped, *inputs.traced_part())
         first, *others = outputs.values()
         leaves = jtu.tree_leaves(first.rebuild(traced_out))
         for i, leaf in enumerate(first.leaves):
@@ -1242,7 +1240,7 @@ def _scan_length(inputs: _Split, length: Any) -> int:
             + _lax_says(
                 "scan",
                 lambda xs: jax.lax.scan(lambda c, x: (c, x), None, xs, length),
-                jax.ShapeDtypeStruct((size,), np.float32),
+                np.broadcast_to(np.float32(0), (size,)),
             )
         )
     return size
@@ -1319,14 +1317,8 @@ def filter_cond(
             new_true, new_false = lambda x, _: old_true(x), lambda _, x: old_false(x)
             return filter_cond(pred, new_true, new_false, true_fun, false_operand)
         _check_callable("filter_cond", true_fun=true_fun, false_fun=false_fun)
-    return _branch(
-        "filter_cond",
-        ("pred", pred, "Reduce it first, for example with `jnp.any` or `jnp.all`."),
-        {"true_fun": true_fun, "false_fun": false_fun},
-        operands,
-        operand,
-        lambda branches, *traced: jax.lax.cond(pred, *branches, *traced),
-    )
+    named = {"true_fun": true_fun, "false_fun": false_fun}
+    return _branch("filter_cond", pred, named, operands, operand)
 
 
 @_cached_eagerly()
@@ -1373,14 +1365,7 @@ def filter_switch(
         raise ValueError(
             "filter_switch: `branches` is empty; give at least one function."
         )
-    return _branch(
-        "filter_switch",
-        ("index", index, "Pass a single integer index."),
-        named,
-        operands,
-        operand,
-        lambda branches, *traced: jax.lax.switch(index, branches, *traced),
-    )
+    return _branch("filter_switch", index, named, operands, operand)
 
 
 @_cached_eagerly()
