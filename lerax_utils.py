@@ -435,8 +435,7 @@ def _outputs_traced(leaf: Any) -> bool:  # What JAX takes as outputs.
     return _is_jax_value(leaf) or _is_python_number(leaf)
 
 
-# Gives a wrapper `fun`'s name, signature and source location, so that JAX's own
-# messages about the wrapper speak of the user's function and parameter names.
+# A wrapper with `fun`'s name, signature and source, for JAX's messages to name.
 _named_after = functools.partial(functools.wraps, updated=())
 _TRACING_ERRORS = (  # The errors that say only that a tracer was used as a value.
     jax.errors.ConcretizationTypeError,
@@ -452,17 +451,29 @@ def _check_callable(function: str, **functions: Any) -> None:
             raise TypeError(f"{function}: {message}")
 
 
-def _lax_says(function: str, run: Callable[..., Any], *trees: Any) -> str:
-    """`jax.lax`'s message for the mistake that `run(*trees)` makes, to follow ours;
-    `trees` by the shapes and dtypes of their arrays, with `0.0` at other leaves."""
+_LAX_CALLS = {  # Each `jax.lax` function, on a body or branches that give `old`, `new`.
+    "filter_scan": lambda old, new: jax.lax.scan(lambda c, x: (new, x), old, None, 1),
+    "filter_while_loop": lambda old, new: jax.lax.while_loop(
+        lambda c: True, lambda c: new, old
+    ),
+    "filter_fori_loop": lambda old, new: jax.lax.fori_loop(0, 1, lambda i, c: new, old),
+    "filter_cond": lambda old, new: jax.lax.cond(True, lambda: old, lambda: new),
+    "filter_switch": lambda old, new: jax.lax.switch(0, [lambda: old, lambda: new]),
+}
+
+
+def _lax_says(function: str, *trees: Any, run: Callable[..., Any] | None = None) -> str:
+    """`jax.lax`'s message, to follow ours, for the mistake that `run(*trees)` makes
+    (by default `function`'s entry in `_LAX_CALLS`); `trees` by the shapes and dtypes
+    of their arrays, with `0.0` at other leaves."""
 
     def stand_in(x: Any) -> Any:
         return jax.ShapeDtypeStruct(x.shape, x.dtype) if eqx.is_array(x) else 0.0
 
     try:
-        jax.eval_shape(run, *jtu.tree_map(stand_in, trees))
+        jax.eval_shape(run or _LAX_CALLS[function], *jtu.tree_map(stand_in, trees))
     except Exception as error:
-        return f"\n\njax.lax.{function} says: {error}"
+        return f"\n\njax.lax.{function[7:]} says: {error}"
     return ""
 
 
@@ -491,8 +502,7 @@ class _Cache:
             found = self.entries.get(key)
             if found is not None:
                 self.entries.move_to_end(key)
-                return found[0]
-            return None
+            return found and found[0]
 
     def put(self, key: Any, value: Any, referents: list[Any]) -> None:
         drop = functools.partial(self._drop, key)
@@ -671,12 +681,8 @@ def _compile_call(treedef: Any, leaves: list[Any], arrays: list[int], call: Any)
 
 
 class _PromoteCarryNumbers(Exception):
-    """From a trace of a loop body: the carry's Python numbers that it changed (and,
-    in `unproven`, those it may have changed) must be traced."""
-
-    def __init__(self, indices: frozenset[int], unproven: frozenset[int]):
-        super().__init__(indices)
-        self.indices, self.unproven = indices, unproven | indices
+    """From a trace of a loop body, in `args`: the carry's Python numbers that it
+    changed, and those it may have changed (a superset), which must be traced."""
 
 
 def _with_promoted_numbers(
@@ -708,12 +714,13 @@ def _with_promoted_numbers(
                     _PROMOTIONS.put(hint[0], promoted, hint[1])
                 return result
             except _PromoteCarryNumbers as request:
+                changed, unproven = request.args
                 rounds += 1
                 if rounds == 2:  # Else each trace may find one more number.
-                    narrow = promoted | request.indices
-                    promoted |= request.unproven
+                    narrow = promoted | changed
+                    promoted |= unproven
                 else:
-                    promoted |= request.indices
+                    promoted |= changed
             except RuntimeError:  # From the running computation: final.
                 raise
             except Exception as error:
@@ -738,15 +745,6 @@ def _with_promoted_numbers(
                 f"{type(other).__name__}: {other}"
             )
     raise chosen
-
-
-_LAX_LOOPS = {  # Each loop of `jax.lax`, on a body that turns the carry `old` to `new`.
-    "filter_scan": lambda old, new: jax.lax.scan(lambda c, x: (new, x), old, None, 1),
-    "filter_while_loop": lambda old, new: jax.lax.while_loop(
-        lambda c: True, lambda c: new, old
-    ),
-    "filter_fori_loop": lambda old, new: jax.lax.fori_loop(0, 1, lambda i, c: new, old),
-}
 
 
 class _LoopCarry(_Split):
@@ -777,8 +775,7 @@ class _LoopCarry(_Split):
         if new_def != self.treedef:
             path, message = _structure_difference(self.tree, new_carry, ())
             kind = "static" if message.startswith("is a static field") else "structure"
-            lax = _LAX_LOOPS[self.function]
-            says = _lax_says(self.function[7:], lax, self.tree, new_carry)
+            says = _lax_says(self.function, self.tree, new_carry)
             raise TypeError(
                 self._error(path, message, kind) + (says if kind != "static" else "")
             )
@@ -808,7 +805,8 @@ class _LoopCarry(_Split):
                 if new is not self.body_inputs[i] or shared:
                     unproven.add(i)
         if to_promote:
-            raise _PromoteCarryNumbers(frozenset(to_promote), frozenset(unproven))
+            changed = frozenset(to_promote)
+            raise _PromoteCarryNumbers(changed, changed | unproven)
         return new_def.unflatten(
             [x if t else None for x, t in zip(new_leaves, self.traced, strict=True)]
         )
@@ -870,10 +868,7 @@ def _check_branches_agree(
         path, message = _structure_difference(first, out, ())
         # `jax.lax`'s message names the true branch first.
         pair = (out, first) if first_name == "false_fun" else (first, out)
-        lax = lambda a, b: jax.lax.switch(0, [lambda: a, lambda: b])  # noqa: E731
-        if function == "filter_cond":
-            lax = lambda a, b: jax.lax.cond(True, lambda: a, lambda: b)  # noqa: E731
-        raise TypeError(error(path, message) + _lax_says(function[7:], lax, *pair))
+        raise TypeError(error(path, message) + _lax_says(function, *pair))
     for (path, a), b in zip(first_leaves, out_leaves, strict=True):
         a_traced = _outputs_traced(a)
         if a_traced != _outputs_traced(b):
@@ -1032,9 +1027,9 @@ def filter_scan(
                     "filter_scan: `f` must return a pair `(new_carry, y)`; got "
                     f"{_describe_leaf(out)}."
                     + _lax_says(
-                        "scan",
-                        lambda out: jax.lax.scan(lambda c, x: out, None, None, 1),
+                        "filter_scan",
                         out,
+                        run=lambda out: jax.lax.scan(lambda c, x: out, None, None, 1),
                     )
                 )
             pair_defs.append(pair_def)
@@ -1203,7 +1198,8 @@ def _scan_length(inputs: _Split, length: Any) -> int:
                 "`static_argnums`). For a loop whose length is only known inside "
                 "the computation, use `jax.lax.while_loop`."
                 + _lax_says(
-                    "scan", lambda: jax.lax.scan(lambda c, x: (c, x), 0, None, length)
+                    "filter_scan",
+                    run=lambda: jax.lax.scan(lambda c, x: (c, x), 0, None, length),
                 ),
             ) from None
         except (TypeError, ValueError, OverflowError):
@@ -1238,9 +1234,9 @@ def _scan_length(inputs: _Split, length: Any) -> int:
             f"filter_scan: `length={length}` disagrees with the leading size {size} of "
             f"the arrays in `xs`. Pass `length={size}` or leave it out."
             + _lax_says(
-                "scan",
-                lambda xs: jax.lax.scan(lambda c, x: (c, x), None, xs, length),
+                "filter_scan",
                 np.broadcast_to(np.float32(0), (size,)),
+                run=lambda xs: jax.lax.scan(lambda c, x: (c, x), None, xs, length),
             )
         )
     return size
