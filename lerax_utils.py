@@ -406,17 +406,10 @@ class _Split:
     """A pytree as flat leaves, and which of them JAX traces: those `is_traced`
     picks, and those at the flat indices `promoted`."""
 
-    def __init__(
-        self,
-        tree: Any,
-        is_traced: Callable[[Any], bool],
-        promoted: frozenset[int] = frozenset(),
-    ):
+    def __init__(self, tree: Any, is_traced: Callable[[Any], bool], promoted: Any = ()):
         self.tree = tree
         self.leaves, self.treedef = jtu.tree_flatten(tree)
-        self.traced = [
-            i in promoted or is_traced(leaf) for i, leaf in enumerate(self.leaves)
-        ]
+        self.traced = [i in promoted or is_traced(x) for i, x in enumerate(self.leaves)]
 
     def traced_part(self, traced: bool = True) -> Any:  # `None` at the other leaves.
         pairs = zip(self.leaves, self.traced, strict=True)
@@ -463,9 +456,8 @@ _LAX_CALLS = {  # Each `jax.lax` function, on a body or branches that give `old`
 
 
 def _lax_says(function: str, *trees: Any, run: Callable[..., Any] | None = None) -> str:
-    """`jax.lax`'s message, to follow ours, for the mistake that `run(*trees)` makes
-    (by default `function`'s entry in `_LAX_CALLS`); `trees` by the shapes and dtypes
-    of their arrays, with `0.0` at other leaves."""
+    """`jax.lax`'s message, to follow ours, for the mistake `run(*trees)` makes (by
+    default `_LAX_CALLS[function]`), on stand-ins: arrays' shapes, `0.0` elsewhere."""
 
     def stand_in(x: Any) -> Any:
         return jax.ShapeDtypeStruct(x.shape, x.dtype) if eqx.is_array(x) else 0.0
@@ -557,9 +549,8 @@ def _exact_key(value: Any, referents: list[Any]) -> Any:
 
 
 def _eager_call(function: Any, bound: inspect.BoundArguments, static: Any) -> Any:
-    """The call `bound` of `function` by the compiled program of an earlier call like
-    it, or `_UNCACHED` where the caller must run it itself. The arguments named in
-    `static` are compared whole, the others leaf by leaf."""
+    """`function` called as `bound` by the compiled program of an earlier call like it,
+    or `_UNCACHED`; the arguments named in `static` compared whole, others by leaf."""
     _promotion_key.value = None
     if _CACHE_SIZE <= 0:
         return _UNCACHED
@@ -733,11 +724,8 @@ def _with_promoted_numbers(
             break
     # Failing all: `jax.lax`'s error (every number traced), unless it only complains
     # of tracing where another start's error says more.
-    as_lax = errors[numbers]
-    chosen = next(
-        (e for e in [as_lax, *errors.values()] if not isinstance(e, _TRACING_ERRORS)),
-        as_lax,
-    )
+    tried = [errors[numbers], *errors.values()]
+    chosen = next((e for e in tried if not isinstance(e, _TRACING_ERRORS)), tried[0])
     for start, other in errors.items():
         if other is not chosen and str(other) != str(chosen):
             chosen.add_note(
@@ -1033,9 +1021,8 @@ def filter_scan(
                     )
                 )
             pair_defs.append(pair_def)
-            new_carry, y = pair
-            outputs.append(_Split(y, _outputs_traced))
-            return carry.check(new_carry), outputs[-1].traced_part()
+            outputs.append(_Split(pair[1], _outputs_traced))  # `y`
+            return carry.check(pair[0]), outputs[-1].traced_part()
 
         final, ys = _scan(bar, step, carry.traced_part(), inputs.traced_part(), options)
         _static_outputs_agree("filter_scan", "`f`'s output `y`", outputs)
