@@ -743,7 +743,7 @@ class _LoopCarry(_Split):
         self.function = function
         # Traced numbers that every trace of the body passes through untouched come
         # back as the Python values they were.
-        self.passed_through = set(promoted)
+        self.untouched = set(promoted)
         self.body_inputs: list[Any] = []
 
     def enter(self, traced_part: Any) -> Any:
@@ -753,7 +753,7 @@ class _LoopCarry(_Split):
 
     def finish(self, traced_part: Any) -> Any:
         leaves = jtu.tree_leaves(self.rebuild(traced_part))
-        for i in self.passed_through:
+        for i in self.untouched:
             leaves[i] = self.leaves[i]
         return self.treedef.unflatten(leaves)
 
@@ -768,11 +768,8 @@ class _LoopCarry(_Split):
                 self._error(path, message, kind) + (says if kind != "static" else "")
             )
         to_promote: set[int] = set()
-        self.passed_through = {
-            i
-            for i in self.passed_through
-            if self.body_inputs and new_leaves[i] is self.body_inputs[i]
-        }
+        inputs = self.body_inputs  # From `enter`, which each body calls first.
+        self.untouched = {i for i in self.untouched if new_leaves[i] is inputs[i]}
         unproven: set[int] = set()
         for i, (old, new, is_traced) in enumerate(
             zip(self.leaves, new_leaves, self.traced, strict=True)
