@@ -435,6 +435,7 @@ _TRACING_ERRORS = (  # The errors that say only that a tracer was used as a valu
     jax.errors.TracerIntegerConversionError,
     jax.errors.TracerArrayConversionError,
 )
+_NO_OPERAND = object()  # The default of `operand=`, which `jax.lax` also takes.
 
 
 def _check_callable(function: str, **functions: Any) -> None:
@@ -741,8 +742,7 @@ class _LoopCarry(_Split):
     def __init__(self, init: Any, promoted: frozenset[int], function: str):
         super().__init__(init, _is_jax_value, promoted)
         self.function = function
-        # Traced numbers that every trace of the body passes through untouched come
-        # back as the Python values they were.
+        # Numbers that every trace of the body passes on untouched stay as they were.
         self.untouched = set(promoted)
         self.body_inputs: list[Any] = []
 
@@ -792,9 +792,8 @@ class _LoopCarry(_Split):
         if to_promote:
             changed = frozenset(to_promote)
             raise _PromoteCarryNumbers(changed, changed | unproven)
-        return new_def.unflatten(
-            [x if t else None for x, t in zip(new_leaves, self.traced, strict=True)]
-        )
+        pairs = zip(new_leaves, self.traced, strict=True)
+        return new_def.unflatten([x if t else None for x, t in pairs])
 
     def _error(self, path: str, message: str, kind: str) -> str:
         scan = self.function == "filter_scan"
@@ -835,8 +834,7 @@ def _check_branches_agree(
     function: str, outputs: dict[str, _Split], name: str, out: Any
 ) -> None:
     """Branch `name`'s output `out` against the first branch's, in `outputs`."""
-    first_name, first = next(iter(outputs.items()))
-    first = first.tree
+    first_name, first = next((k, split.tree) for k, split in outputs.items())
 
     def error(path: str, message: str) -> str:
         return (
@@ -866,9 +864,6 @@ def _check_branches_agree(
         message = None if a_traced else _leaf_difference(a, b)
         if message is not None:
             raise ValueError(error(jtu.keystr(path), message))
-
-
-_NO_OPERAND = object()
 
 
 def _branch(
@@ -1023,9 +1018,8 @@ def filter_scan(
 
         final, ys = _scan(bar, step, carry.traced_part(), inputs.traced_part(), options)
         _static_outputs_agree("filter_scan", "`f`'s output `y`", outputs)
-        final, ys = carry.finish(final), outputs[0].rebuild(ys)
         # `jax.lax.scan` gives back the pair in the container that `f` used.
-        return pair_defs[0].unflatten([final, ys])
+        return pair_defs[0].unflatten([carry.finish(final), outputs[0].rebuild(ys)])
 
     with _tidy_on_error(bar):
         return _with_promoted_numbers("filter_scan", attempt, init)
@@ -1049,9 +1043,8 @@ def _scan(
         as_bool = isinstance(unroll, bool | np.bool_)
         steps = (length if unroll else 1) if as_bool else unroll  # Unrolled at once.
         if length == 1 or steps >= length:
-            # XLA inlines a loop of one step (or one wholly unrolled) and compiles it
-            # together with what surrounds it, so any report inside would change the
-            # results' bits. One report, after it.
+            # XLA compiles a loop of one step (or wholly unrolled) into what surrounds
+            # it, where any report inside would change the results' bits: one after it.
             out = jax.lax.scan(step, init, xs, **options)
             jax.debug.callback(_progress_callbacks(bar, 1, 1)[2])
             return out
@@ -1059,9 +1052,8 @@ def _scan(
             first_x = jax.tree.map(lambda x: x[0], xs)
         except Exception:  # An explicitly sharded scan axis, say: lax's error, then.
             return jax.lax.scan(step, init, xs, **options)
-        closed, (carry_shape, y_shape) = jax.make_jaxpr(step, return_shape=True)(
-            init, first_x
-        )
+        trace = jax.make_jaxpr(step, return_shape=True)
+        closed, (carry_shape, y_shape) = trace(init, first_x)
         init_leaves, carry_def = jtu.tree_flatten(init)
         carries = len(init_leaves)
         if jtu.tree_structure(carry_shape) != carry_def or any(
@@ -1164,9 +1156,8 @@ def _scan_reporting_every_step(
         new_carry, y = step(traced_carry, x)
         return (index + 1, new_carry), y
 
-    (_, final), ys = jax.lax.scan(
-        counted, (jnp.zeros((), jnp.int32), init), xs, **options
-    )
+    index = jnp.zeros((), jnp.int32)
+    (_, final), ys = jax.lax.scan(counted, (index, init), xs, **options)
     return final, ys
 
 
@@ -1333,15 +1324,14 @@ def filter_switch(
     ```
     """
     try:
-        branches = tuple(branches)
+        named = {f"branches[{i}]": fun for i, fun in enumerate(branches)}
     except TypeError:
         raise TypeError(
             "filter_switch: `branches` must be a sequence of functions; got "
             f"{_describe_leaf(branches)}."
         ) from None
-    named = {f"branches[{i}]": fun for i, fun in enumerate(branches)}
     _check_callable("filter_switch", **named)
-    if not branches:
+    if not named:
         raise ValueError(
             "filter_switch: `branches` is empty; give at least one function."
         )
@@ -1452,20 +1442,18 @@ def filter_fori_loop(
         def body(i: Any, traced: Any) -> Any:
             return carry.check(body_fun(i, carry.enter(traced)))
 
+        init = carry.traced_part()
         if bar is None:
-            traced = jax.lax.fori_loop(
-                lower, upper, body, carry.traced_part(), unroll=unroll
-            )
-            return carry.finish(traced)
+            final = jax.lax.fori_loop(lower, upper, body, init, unroll=unroll)
+            return carry.finish(final)
 
-        # As `jax.lax.fori_loop` runs a loop of known length: a scan whose carry
-        # holds the index, a Python int (so weakly typed).
+        # As `jax.lax.fori_loop` does: a scan whose carry holds the (weak) index.
         @_named_after(body_fun)
         def counted(state: tuple[Any, Any], _: Any) -> tuple[Any, None]:
             return (state[0] + 1, body(*state)), None
 
         options = {"length": total, "unroll": 1 if unroll is None else unroll}
-        (_, final), _ = _scan(bar, counted, (first, carry.traced_part()), None, options)
+        (_, final), _ = _scan(bar, counted, (first, init), None, options)
         return carry.finish(final)
 
     with _tidy_on_error(bar):
