@@ -406,12 +406,13 @@ def _describe_node(node: Any) -> str:
 
 
 class _Split:
-    """A pytree as flat leaves, and which of them JAX traces (by flat index)."""
+    """A pytree as flat leaves, and which of them JAX traces: those `is_traced`
+    picks, and those at the flat indices `promoted`."""
 
-    def __init__(self, tree: Any, is_traced: Callable[[int, Any], bool]):
+    def __init__(self, tree: Any, is_traced: Callable[[Any], bool], promoted: Any = ()):
         self.tree = tree
         self.leaves, self.treedef = jtu.tree_flatten(tree)
-        self.traced = [is_traced(i, leaf) for i, leaf in enumerate(self.leaves)]
+        self.traced = [i in promoted or is_traced(x) for i, x in enumerate(self.leaves)]
 
     def traced_part(self, traced: bool = True) -> Any:  # `None` at the other leaves.
         pairs = zip(self.leaves, self.traced, strict=True)
@@ -419,64 +420,62 @@ class _Split:
 
     def rebuild(self, traced_part: Any) -> Any:
         values = iter(jtu.tree_leaves(traced_part))
-        return self.treedef.unflatten(
-            [
-                next(values) if t else x
-                for x, t in zip(self.leaves, self.traced, strict=True)
-            ]
-        )
+        pairs = zip(self.leaves, self.traced, strict=True)
+        return self.treedef.unflatten([next(values) if t else x for x, t in pairs])
 
     def path(self, index: int) -> str:
         return jtu.keystr(jtu.tree_flatten_with_path(self.tree)[0][index][0])
 
 
-def _arrays_traced(index: int, leaf: Any) -> bool:
-    return _is_jax_value(leaf)
-
-
-def _outputs_traced(index: int, leaf: Any) -> bool:  # What JAX takes as outputs.
+def _outputs_traced(leaf: Any) -> bool:  # What JAX takes as outputs.
     return _is_jax_value(leaf) or _is_python_number(leaf)
 
 
-# Gives a wrapper `fun`'s name, signature and source location, so that JAX's own
-# messages about the wrapper speak of the user's function and parameter names.
+# A wrapper with `fun`'s name, signature and source, for JAX's messages to name.
 _named_after = functools.partial(functools.wraps, updated=())
 _TRACING_ERRORS = (  # The errors that say only that a tracer was used as a value.
     jax.errors.ConcretizationTypeError,
     jax.errors.TracerIntegerConversionError,
     jax.errors.TracerArrayConversionError,
 )
+_NO_OPERAND = object()  # The default of `operand=`, which `jax.lax` also takes.
 
 
-def _check_callable(function: str, name: str, fun: Any) -> None:
-    if not callable(fun):
-        raise TypeError(
-            f"{function}: `{name}` must be callable; got {_describe_leaf(fun)}."
-        )
+def _check_callable(function: str, **functions: Any) -> None:
+    for name, fun in functions.items():
+        if not callable(fun):
+            message = f"`{name}` must be callable; got {_describe_leaf(fun)}."
+            raise TypeError(f"{function}: {message}")
 
 
-def _lax_says(function: str, run: Callable[..., Any], *args: Any) -> str:
-    """`jax.lax`'s message for the mistake that `run(*args)` makes, to follow ours."""
+_LAX_CALLS = {  # Each `jax.lax` function, on a body or branches that give `old`, `new`.
+    "filter_scan": lambda old, new: jax.lax.scan(lambda c, x: (new, x), old, None, 1),
+    "filter_while_loop": lambda old, new: jax.lax.while_loop(
+        lambda c: True, lambda c: new, old
+    ),
+    "filter_fori_loop": lambda old, new: jax.lax.fori_loop(0, 1, lambda i, c: new, old),
+    "filter_cond": lambda old, new: jax.lax.cond(True, lambda: old, lambda: new),
+    "filter_switch": lambda old, new: jax.lax.switch(0, [lambda: old, lambda: new]),
+}
+
+
+def _lax_says(function: str, *trees: Any, run: Callable[..., Any] | None = None) -> str:
+    """`jax.lax`'s message, to follow ours, for the mistake `run(*trees)` makes (by
+    default `_LAX_CALLS[function]`), on stand-ins: arrays' shapes, `0.0` elsewhere."""
+
+    def stand_in(x: Any) -> Any:
+        return jax.ShapeDtypeStruct(x.shape, x.dtype) if eqx.is_array(x) else 0.0
+
     try:
-        jax.eval_shape(run, *args)
+        jax.eval_shape(run or _LAX_CALLS[function], *jtu.tree_map(stand_in, trees))
     except Exception as error:
-        return f"\n\njax.lax.{function} says: {error}"
+        return f"\n\njax.lax.{function[7:]} says: {error}"
     return ""
 
 
-def _stand_in(tree: Any) -> Any:
-    return jtu.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if eqx.is_array(x) else 0.0,
-        tree,
-    )
-
-
-#
-# Eager calls: the compiled program of a call, kept for the next call like it
-#
-# As `jax.lax` keeps a loop's traced program by its functions' identity, a call
-# whose functions (by identity), tree structures, static leaves (by equality) and
-# array types match an earlier one's runs that call's compiled program. Inside a
+# Eager calls: as `jax.lax` keeps a loop's traced program by its functions' identity,
+# a call whose functions (by identity), tree structures, static leaves (by equality)
+# and array types match an earlier one's runs that call's compiled program. Inside a
 # trace, the same keys remember which Python numbers a loop promoted.
 
 _CACHE_SIZE = 64  # Calls kept, in each of the two caches; least recently used go.
@@ -499,8 +498,7 @@ class _Cache:
             found = self.entries.get(key)
             if found is not None:
                 self.entries.move_to_end(key)
-                return found[0]
-            return None
+            return found and found[0]
 
     def put(self, key: Any, value: Any, referents: list[Any]) -> None:
         drop = functools.partial(self._drop, key)
@@ -554,19 +552,29 @@ def _exact_key(value: Any, referents: list[Any]) -> Any:
     return key
 
 
-def _eager_call(
-    function: str, trees: tuple[Any, ...], options: tuple[Any, ...], call: Any
-) -> Any:
-    """`call(*trees)` by the compiled program of an earlier call like it, or
-    `_UNCACHED` where the caller must run it itself. `options` are static."""
+def _eager_call(function: Any, bound: inspect.BoundArguments, static: Any) -> Any:
+    """`function` called as `bound` by the compiled program of an earlier call like it,
+    or `_UNCACHED`; the arguments named in `static` compared whole, others by leaf."""
     _promotion_key.value = None
     if _CACHE_SIZE <= 0:
         return _UNCACHED
+    arguments = bound.arguments
+    trees = {
+        name: _as_array(value) if name in ("pred", "index") else value
+        for name, value in arguments.items()
+        if name not in static
+    }
+
+    def call(trees: dict[str, Any]) -> Any:
+        call = inspect.BoundArguments(bound.signature, {**arguments, **trees})
+        return function(*call.args, **call.kwargs)
+
     leaves, treedef = jtu.tree_flatten(trees)
     referents: list[Any] = []
     arrays: list[int] = []
     try:  # Uncached where a static leaf cannot be hashed, or compared safely.
-        key: Any = [function, *((type(x), x) for x in options), _trace_context()]
+        options = (arguments.get(name, _UNCACHED) for name in static)
+        key: Any = [function, _trace_context(), *((type(x), x) for x in options)]
         key.append(_structure_key(treedef, referents))
         for i, leaf in enumerate(leaves):
             if eqx.is_array(leaf):
@@ -580,29 +588,25 @@ def _eager_call(
                 key.append(_exact_key(leaf, referents))
         key = tuple(key)
         hash(key)
+        _promotion_key.value = (key, referents)  # For `_with_promoted_numbers`.
+        if not _trace_state_clean() or jax.config.jax_disable_jit:  # pyright: ignore[reportAttributeAccessIssue]
+            return _UNCACHED
+        entry = _PROGRAMS.get(key)  # Raises for an `__eq__` that raises.
     except Exception:
         return _UNCACHED
-    _promotion_key.value = (key, referents)  # For `_with_promoted_numbers`.
-    if not _trace_state_clean() or jax.config.jax_disable_jit:  # pyright: ignore[reportAttributeAccessIssue]
-        return _UNCACHED
-    try:
-        entry = _PROGRAMS.get(key)
-    except Exception:  # An `__eq__` that raises, between two static leaves.
-        return _UNCACHED
     if entry is None:
+        entry: Any = _UNTRACEABLE  # Kept if tracing raises.
         try:
-            entry = _compile_call(trees, leaves, arrays, call)
-        except Exception:
-            _PROGRAMS.put(key, _UNTRACEABLE, referents)
-            raise
-        _PROGRAMS.put(key, entry, referents)
+            entry = _compile_call(treedef, leaves, arrays, call)
+        finally:
+            _PROGRAMS.put(key, entry, referents)
     if entry is _UNTRACEABLE:
         return _UNCACHED
     run, consts, out_def, places = entry
     try:
         values = iter(run(consts, *(leaves[i] for i in arrays)))
     except BaseException:
-        if function in ("filter_scan", "filter_fori_loop", "filter_map"):
+        if "progress" in static:
             _end_open_lines()  # As `_tidy_on_error`, for a progress bar's line.
         raise
     return out_def.unflatten(
@@ -614,27 +618,14 @@ def _eager_call(
 
 
 def _cached_eagerly(*static: str) -> Callable[[_Function], _Function]:
-    """Run eager calls through `_eager_call`; the arguments named in `static` are
-    compared whole, the others split into leaves."""
+    """Run eager calls through `_eager_call`."""
 
     def decorate(function: _Function) -> _Function:
         signature = inspect.signature(function)
 
         @functools.wraps(function)
         def cached(*args: Any, **kwargs: Any) -> Any:
-            arguments = signature.bind(*args, **kwargs).arguments
-            trees = {
-                name: _as_array(value) if name in ("pred", "index") else value
-                for name, value in arguments.items()
-                if name not in static
-            }
-
-            def call(trees: dict[str, Any]) -> Any:
-                bound = inspect.BoundArguments(signature, {**arguments, **trees})
-                return function(*bound.args, **bound.kwargs)
-
-            options = tuple(arguments.get(name, _UNCACHED) for name in static)
-            out = _eager_call(function.__name__, (trees,), options, call)
+            out = _eager_call(function, signature.bind(*args, **kwargs), static)
             return function(*args, **kwargs) if out is _UNCACHED else out
 
         return cast(_Function, cached)
@@ -653,16 +644,16 @@ def _as_array(value: Any) -> Any:
 _IMMUTABLE = (bool, int, float, complex, str, bytes, type(None))
 
 
-def _compile_call(trees: Any, leaves: list[Any], arrays: list[int], call: Any) -> Any:
-    """Trace `call` with the array leaves of `trees` traced."""
-    treedef, out = jtu.tree_structure(trees), []
+def _compile_call(treedef: Any, leaves: list[Any], arrays: list[int], call: Any) -> Any:
+    """Trace `call` on `treedef.unflatten(leaves)` with its array leaves traced."""
+    out: list[Any] = []
     static = {id(leaf): i for i, leaf in enumerate(leaves) if not eqx.is_array(leaf)}
 
     def program(*traced: Any) -> list[Any]:
         inputs = list(leaves)
         for i, x in zip(arrays, traced, strict=True):
             inputs[i] = x
-        out_leaves, out_def = jtu.tree_flatten(call(*treedef.unflatten(inputs)))
+        out_leaves, out_def = jtu.tree_flatten(call(treedef.unflatten(inputs)))
         # Each output leaf: traced (`None`), an input's static leaf (its index), or
         # a value made while tracing (in a 1-tuple).
         places = [
@@ -674,11 +665,9 @@ def _compile_call(trees: Any, leaves: list[Any], arrays: list[int], call: Any) -
 
     try:
         closed = jax.make_jaxpr(program)(*(leaves[i] for i in arrays))
-    except Exception as error:
+    except _TRACING_ERRORS:
         # Only arrays in a function (a module's parameters), traced here and not
         # uncached, can make the difference; then the call runs uncached.
-        if not isinstance(error, _TRACING_ERRORS):
-            raise
         return _UNTRACEABLE
     if any(type(p) is tuple and type(p[0]) not in _IMMUTABLE for p in out[1]):
         return _UNTRACEABLE  # Each call must get its own new objects, as uncached.
@@ -686,18 +675,9 @@ def _compile_call(trees: Any, leaves: list[Any], arrays: list[int], call: Any) -
     return run, list(closed.consts), out[0], out[1]
 
 
-#
-# Loop carries: Python numbers are static until the body changes them
-#
-
-
 class _PromoteCarryNumbers(Exception):
-    """From a trace of a loop body: the carry's Python numbers that it changed (and,
-    in `unproven`, those it may have changed) must be traced."""
-
-    def __init__(self, indices: frozenset[int], unproven: frozenset[int]):
-        super().__init__(indices)
-        self.indices, self.unproven = indices, unproven | indices
+    """From a trace of a loop body, in `args`: the carry's Python numbers that it
+    changed, and those it may have changed (a superset), which must be traced."""
 
 
 def _with_promoted_numbers(
@@ -722,37 +702,34 @@ def _with_promoted_numbers(
             starts = {known: "the numbers it promoted before", **starts}
     for start in starts:
         promoted, rounds, narrow = start, 0, None
-        try:
-            while True:
-                try:
-                    result = attempt(promoted)
-                    if hint:
-                        _PROMOTIONS.put(hint[0], promoted, hint[1])
-                    return result
-                except _PromoteCarryNumbers as request:
-                    rounds += 1
-                    if rounds == 2:  # Else each trace may find one more number.
-                        narrow = promoted | request.indices
-                        promoted |= request.unproven
-                    else:
-                        promoted |= request.indices
-                except Exception as error:  # Numbers needed as Python values: go
-                    if narrow is None or isinstance(error, RuntimeError):
-                        raise
-                    promoted, narrow = narrow, None  # one round at a time.
-        except RuntimeError:  # From the running computation: final.
-            raise
-        except Exception as error:
-            errors[start] = error
-            if start == numbers and not isinstance(error, _TRACING_ERRORS):
-                break
+        while True:
+            try:
+                result = attempt(promoted)
+                if hint:
+                    _PROMOTIONS.put(hint[0], promoted, hint[1])
+                return result
+            except _PromoteCarryNumbers as request:
+                changed, unproven = request.args
+                rounds += 1
+                if rounds == 2:  # Else each trace may find one more number.
+                    narrow = promoted | changed
+                    promoted |= unproven
+                else:
+                    promoted |= changed
+            except RuntimeError:  # From the running computation: final.
+                raise
+            except Exception as error:
+                if narrow is None:
+                    errors[start] = error
+                    break
+                # Numbers needed as Python values: go one round at a time.
+                promoted, narrow = narrow, None
+        if start == numbers and not isinstance(errors[start], _TRACING_ERRORS):
+            break
     # Failing all: `jax.lax`'s error (every number traced), unless it only complains
     # of tracing where another start's error says more.
-    as_lax = errors[numbers]
-    chosen = next(
-        (e for e in [as_lax, *errors.values()] if not isinstance(e, _TRACING_ERRORS)),
-        as_lax,
-    )
+    tried = [errors[numbers], *errors.values()]
+    chosen = next((e for e in tried if not isinstance(e, _TRACING_ERRORS)), tried[0])
     for start, other in errors.items():
         if other is not chosen and str(other) != str(chosen):
             chosen.add_note(
@@ -766,11 +743,10 @@ class _LoopCarry(_Split):
     """A loop carry: arrays and the numbers at the indices `promoted` are traced."""
 
     def __init__(self, init: Any, promoted: frozenset[int], function: str):
-        super().__init__(init, lambda i, leaf: _is_jax_value(leaf) or i in promoted)
+        super().__init__(init, _is_jax_value, promoted)
         self.function = function
-        # Traced numbers that every trace of the body passes through untouched come
-        # back as the Python values they were.
-        self.passed_through = set(promoted)
+        # Numbers that every trace of the body passes on untouched stay as they were.
+        self.untouched = set(promoted)
         self.body_inputs: list[Any] = []
 
     def enter(self, traced_part: Any) -> Any:
@@ -780,7 +756,7 @@ class _LoopCarry(_Split):
 
     def finish(self, traced_part: Any) -> Any:
         leaves = jtu.tree_leaves(self.rebuild(traced_part))
-        for i in self.passed_through:
+        for i in self.untouched:
             leaves[i] = self.leaves[i]
         return self.treedef.unflatten(leaves)
 
@@ -790,41 +766,25 @@ class _LoopCarry(_Split):
         if new_def != self.treedef:
             path, message = _structure_difference(self.tree, new_carry, ())
             kind = "static" if message.startswith("is a static field") else "structure"
-            lax = {
-                "filter_scan": lambda old, new: jax.lax.scan(
-                    lambda c, x: (new, x), old, None, 1
-                ),
-                "filter_while_loop": lambda old, new: jax.lax.while_loop(
-                    lambda c: True, lambda c: new, old
-                ),
-                "filter_fori_loop": lambda old, new: jax.lax.fori_loop(
-                    0, 1, lambda i, c: new, old
-                ),
-            }[self.function]
-            says = _lax_says(
-                self.function[7:], lax, _stand_in(self.tree), _stand_in(new_carry)
-            )
+            says = _lax_says(self.function, self.tree, new_carry)
             raise TypeError(
                 self._error(path, message, kind) + (says if kind != "static" else "")
             )
         to_promote: set[int] = set()
-        self.passed_through = {
-            i
-            for i in self.passed_through
-            if self.body_inputs and new_leaves[i] is self.body_inputs[i]
-        }
+        inputs = self.body_inputs  # From `enter`, which each body calls first.
+        self.untouched = {i for i in self.untouched if new_leaves[i] is inputs[i]}
         unproven: set[int] = set()
         for i, (old, new, is_traced) in enumerate(
             zip(self.leaves, new_leaves, self.traced, strict=True)
         ):
-            if is_traced or _is_python_number(old):
-                if not _outputs_traced(i, new):
-                    message = (
-                        f"was {_describe_leaf(old)} and is now {_describe_leaf(new)}"
-                    )
-                    raise TypeError(self._error(self.path(i), message, "traced"))
-                if is_traced:
-                    continue
+            if not (is_traced or _is_python_number(old)):
+                message = _leaf_difference(old, new)
+                if message is not None:
+                    raise ValueError(self._error(self.path(i), message, "static"))
+            elif not _outputs_traced(new):
+                message = f"was {_describe_leaf(old)} and is now {_describe_leaf(new)}"
+                raise TypeError(self._error(self.path(i), message, "traced"))
+            elif not is_traced:
                 if not _same_python_number(old, new):
                     to_promote.add(i)
                 # Passed on as the very object that came in, and not one that Python
@@ -832,15 +792,11 @@ class _LoopCarry(_Split):
                 shared = type(old) is bool or (type(old) is int and -5 <= old <= 256)
                 if new is not self.body_inputs[i] or shared:
                     unproven.add(i)
-                continue
-            message = _leaf_difference(old, new)
-            if message is not None:
-                raise ValueError(self._error(self.path(i), message, "static"))
         if to_promote:
-            raise _PromoteCarryNumbers(frozenset(to_promote), frozenset(unproven))
-        return new_def.unflatten(
-            [x if t else None for x, t in zip(new_leaves, self.traced, strict=True)]
-        )
+            changed = frozenset(to_promote)
+            raise _PromoteCarryNumbers(changed, changed | unproven)
+        pairs = zip(new_leaves, self.traced, strict=True)
+        return new_def.unflatten([x if t else None for x, t in pairs])
 
     def _error(self, path: str, message: str, kind: str) -> str:
         scan = self.function == "filter_scan"
@@ -861,15 +817,8 @@ class _LoopCarry(_Split):
         )
 
 
-#
-# Outputs: arrays and numbers are traced; the rest must agree between traces
-#
-
-
-def _static_outputs_agree(
-    function: str, what: str, fun: str, traces: list[_Split]
-) -> None:
-    """Each trace of a function must give the same static outputs."""
+def _static_outputs_agree(function: str, what: str, traces: list[_Split]) -> None:
+    """Each trace of `f` must give the same static outputs."""
     first = traces[0].traced_part(traced=False)
     for trace in traces[1:]:
         difference = _tree_difference(first, trace.traced_part(traced=False))
@@ -877,100 +826,58 @@ def _static_outputs_agree(
             path, message = difference
             raise ValueError(
                 f"{function}: the non-array part of {what} differs between two traces "
-                f"of `{fun}`: {_where(path)} it {message}. JAX may trace `{fun}` more "
-                "than once, and each trace must give the same static outputs. Return "
-                "arrays for values that vary, or make the static values independent of "
-                f"how often `{fun}` is called."
+                f"of `f`: {_where(path)} it {message}. JAX may trace `f` more than "
+                "once, and each trace must give the same static outputs. Return arrays "
+                "for values that vary, or make the static values independent of how "
+                "often `f` is called."
             )
 
 
-class _Branches:
-    """The branches of a `cond` or `switch`, on the traced parts of their trees."""
+def _check_branches_agree(
+    function: str, outputs: dict[str, _Split], name: str, out: Any
+) -> None:
+    """Branch `name`'s output `out` against the first branch's, in `outputs`."""
+    first_name, first = next((k, split.tree) for k, split in outputs.items())
 
-    def __init__(
-        self, function: str, operands: tuple[Any, ...], promoted: frozenset[int]
-    ):
-        self.function = function
-        self.operands = _Split(
-            operands, lambda i, leaf: eqx.is_array(leaf) or i in promoted
-        )
-        self.outputs: dict[str, _Split] = {}
-
-    def wrap(self, name: str, fun: Callable[..., Any]) -> Callable[..., Any]:
-        @_named_after(fun)
-        def branch(*traced: Any) -> Any:
-            out = _Split(fun(*self.operands.rebuild(traced)), _outputs_traced)
-            if self.outputs:
-                first_name, first = next(iter(self.outputs.items()))
-                self._check_agree(first_name, first.tree, name, out.tree)
-            self.outputs[name] = out
-            return out.traced_part()
-
-        return branch
-
-    def rebuild(self, traced_out: Any) -> Any:
-        first, *others = self.outputs.values()
-        leaves = jtu.tree_leaves(first.rebuild(traced_out))
-        for i, leaf in enumerate(first.leaves):
-            # A Python number that every branch returns unchanged stays that number.
-            if others and all(_same_python_number(leaf, o.leaves[i]) for o in others):
-                leaves[i] = leaf
-        return first.treedef.unflatten(leaves)
-
-    def _check_agree(self, first_name: str, first: Any, name: str, out: Any) -> None:
-        first_leaves, first_def = jtu.tree_flatten_with_path(first)
-        out_leaves, out_def = jtu.tree_flatten(out)
-        if first_def != out_def:
-            path, message = _structure_difference(first, out, ())
-            # `jax.lax`'s message names the true branch first.
-            pair = (out, first) if first_name == "false_fun" else (first, out)
-            lax = lambda a, b: jax.lax.switch(0, [lambda: a, lambda: b])  # noqa: E731
-            if self.function == "filter_cond":
-                lax = lambda a, b: jax.lax.cond(True, lambda: a, lambda: b)  # noqa: E731
-            raise TypeError(
-                self._error(first_name, name, path, message)
-                + _lax_says(self.function[7:], lax, *map(_stand_in, pair))
-            )
-        for (path, a), b in zip(first_leaves, out_leaves, strict=True):
-            a_traced = _outputs_traced(0, a)
-            if a_traced != _outputs_traced(0, b):
-                message = (
-                    f"is {_describe_leaf(b)}, where `{first_name}` returns "
-                    f"{_describe_leaf(a)}"
-                )
-                raise TypeError(
-                    self._error(first_name, name, jtu.keystr(path), message)
-                )
-            # Where both are traced, `jax.lax` checks shapes and dtypes.
-            message = None if a_traced else _leaf_difference(a, b)
-            if message is not None:
-                raise ValueError(
-                    self._error(first_name, name, jtu.keystr(path), message)
-                )
-
-    def _error(self, first_name: str, name: str, path: str, message: str) -> str:
+    def error(path: str, message: str) -> str:
         return (
-            f"{self.function}: the branches' outputs disagree {_where(path)}: compared "
+            f"{function}: the branches' outputs disagree {_where(path)}: compared "
             f"with `{first_name}`'s output, `{name}`'s {message}. Every branch must "
             "return the same structure, arrays or Python numbers in the same places, "
             "and equal static values elsewhere; return arrays for values that differ "
             "between branches."
         )
 
-
-_NO_OPERAND = object()
+    first_leaves, first_def = jtu.tree_flatten_with_path(first)
+    out_leaves, out_def = jtu.tree_flatten(out)
+    if first_def != out_def:
+        path, message = _structure_difference(first, out, ())
+        # `jax.lax`'s message names the true branch first.
+        pair = (out, first) if first_name == "false_fun" else (first, out)
+        raise TypeError(error(path, message) + _lax_says(function, *pair))
+    for (path, a), b in zip(first_leaves, out_leaves, strict=True):
+        a_traced = _outputs_traced(a)
+        if a_traced != _outputs_traced(b):
+            message = (
+                f"is {_describe_leaf(b)}, where `{first_name}` returns "
+                f"{_describe_leaf(a)}"
+            )
+            raise TypeError(error(jtu.keystr(path), message))
+        # Where both are traced, `jax.lax` checks shapes and dtypes.
+        message = None if a_traced else _leaf_difference(a, b)
+        if message is not None:
+            raise ValueError(error(jtu.keystr(path), message))
 
 
 def _branch(
     function: str,
-    selector: tuple[str, Any, str],
+    selector: Any,
     branches: dict[str, Callable[..., Any]],
     operands: tuple[Any, ...],
     operand: Any,
-    run: Callable[..., Any],
 ) -> Any:
-    """`run(branches, *operands)`, by `jax.lax.cond` or `jax.lax.switch`, on the
-    traced parts, after the checks that both make."""
+    """`jax.lax.cond` or `jax.lax.switch` on `selector` (`pred` or `index`), on the
+    traced parts of the operands and outputs, after the checks that both make."""
     if operand is not _NO_OPERAND:  # `operand=x`, which `jax.lax` also takes.
         if operands:
             raise TypeError(
@@ -978,17 +885,42 @@ def _branch(
                 f"not both; got `operand=` and {len(operands)} positional operand(s)."
             )
         operands = (operand,)
-    name, value, fix = selector
-    if eqx.is_array(value) and value.shape != ():
+    cond = function == "filter_cond"
+    if eqx.is_array(selector) and selector.shape != ():
+        fix = "Reduce it first, for example with `jnp.any` or `jnp.all`."
         raise TypeError(
-            f"{function}: `{name}` must be a scalar; got an array of shape "
-            f"{tuple(value.shape)}. {fix}"
+            f"{function}: `{'pred' if cond else 'index'}` must be a scalar; got an "
+            f"array of shape {tuple(selector.shape)}. "
+            f"{fix if cond else 'Pass a single integer index.'}"
         )
 
     def attempt(promoted: frozenset[int]) -> Any:
-        split = _Branches(function, operands, promoted)
-        wrapped = [split.wrap(name, fun) for name, fun in branches.items()]
-        return split.rebuild(run(wrapped, *split.operands.traced_part()))
+        inputs = _Split(operands, eqx.is_array, promoted)
+        outputs: dict[str, _Split] = {}
+
+        def wrap(name: str, fun: Callable[..., Any]) -> Callable[..., Any]:
+            @_named_after(fun)
+            def branch(*traced: Any) -> Any:
+                out = _Split(fun(*inputs.rebuild(traced)), _outputs_traced)
+                if outputs:
+                    _check_branches_agree(function, outputs, name, out.tree)
+                outputs[name] = out
+                return out.traced_part()
+
+            return branch
+
+        wrapped = [wrap(name, fun) for name, fun in branches.items()]
+        if cond:
+            traced_out = jax.lax.cond(selector, *wrapped, *inputs.traced_part())
+        else:
+            traced_out = jax.lax.switch(selector, wrapped, *inputs.traced_part())
+        first, *others = outputs.values()
+        leaves = jtu.tree_leaves(first.rebuild(traced_out))
+        for i, leaf in enumerate(first.leaves):
+            # A Python number that every branch returns unchanged stays that number.
+            if others and all(_same_python_number(leaf, o.leaves[i]) for o in others):
+                leaves[i] = leaf
+        return first.treedef.unflatten(leaves)
 
     return _with_promoted_numbers(function, attempt, operands)
 
@@ -1007,10 +939,9 @@ def filter_scan(
 ) -> tuple[_Carry, _Y]:
     """As `jax.lax.scan`, except that the carry, inputs and outputs may be any pytree.
 
-    Arrays are traced. A Python number in the carry stays a Python value until `f`
-    changes it, and is traced from then on; bools are traced from the start. Every
-    other leaf is static, and `f` must return it unchanged. On a tree of arrays this
-    is `jax.lax.scan`'s own program, under `jax.jit`, `jax.vmap` and `jax.grad` alike.
+    Arrays are traced, and so are bools; a Python number in the carry from the step
+    that changes it. Other leaves are static: `f` returns them unchanged. On arrays
+    this is `jax.lax.scan`'s own program, under `jit`, `vmap` and `grad` alike.
 
     **Arguments:** as `jax.lax.scan`, except:
 
@@ -1022,23 +953,23 @@ def filter_scan(
 
     **Returns:** `(final_carry, ys)`; the static leaves of `y` come once, unstacked.
 
-    **Raises:** the exception types of `jax.lax.scan` for the same mistakes, with:
+    **Raises:** `jax.lax.scan`'s exception types, with these messages:
 
-    - `TypeError`: ``filter_scan: `f` must be callable``; ``filter_scan: `f` must
-        return a pair``; ``filter_scan: `f` returned a carry that differs from `init` ``
-        (its structure, or a traced leaf); ``filter_scan: `length` must be a whole
-        number``; ``filter_scan: `unroll` must be a bool or a non-negative int``;
-        ``filter_scan: `progress` must be a bool or a string``.
+    - `TypeError`: ``filter_scan: `f` must be callable``, ``filter_scan: `f` must
+        return a pair``, ``filter_scan: `f` returned a carry that differs from
+        `init` ``, ``filter_scan: `length` must be a whole number``, ``filter_scan:
+        `unroll` must be a bool or a non-negative int``, ``filter_scan: `progress`
+        must be a bool or a string``.
     - `ValueError`: ``filter_scan: `f` returned a carry that differs from `init` ``
-        (a static leaf); ``filter_scan: every array in `xs` must have the same leading
-        size``; ``filter_scan: `length=…` disagrees with the leading size``;
-        ``filter_scan: cannot tell how many steps to run``; ``filter_scan: the array
-        at `xs` path … is a scalar`` (an `IndexError` too); ``filter_scan: `length`
-        must be non-negative``; ``filter_scan: `unroll` must be a bool or a
-        non-negative int``; ``filter_scan: the non-array part of `f`'s output `y`
-        differs between two traces``.
+        (a static leaf), ``filter_scan: every array in `xs` must have the same
+        leading size``, ``filter_scan: `length=…` disagrees with the leading size``,
+        ``filter_scan: cannot tell how many steps to run``, ``filter_scan: the array
+        at `xs` path … is a scalar`` (an `IndexError` too), ``filter_scan: `length`
+        must be non-negative``, ``filter_scan: `unroll` must be a bool or a
+        non-negative int``, ``filter_scan: the non-array part of `f`'s output `y`
+        differs``.
     - `jax.errors.ConcretizationTypeError`: ``filter_scan: `length` must be
-        concrete``, after JAX's message.
+        concrete``.
 
     **Example:**
 
@@ -1048,24 +979,21 @@ def filter_scan(
     import jax.numpy as jnp
     from lerax_utils import filter_scan
 
-    def step(carry, _):
-        model, x, steps = carry
-        return (model, model(x), steps + 1), x
-
     mlp = eqx.nn.MLP(2, 2, width_size=8, depth=1, key=jax.random.key(0))
+    step = lambda c, _: ((c[0], c[0](c[1]), c[2] + 1), c[1])  # (model, x, steps)
     (mlp, x, steps), xs = filter_scan(step, (mlp, jnp.ones(2), 0), length=5)
     print(xs.shape, steps)  # (5, 2) 5
     ```
     """
-    _check_callable("filter_scan", "f", f)
+    _check_callable("filter_scan", f=f)
     description = _progress_description("filter_scan", progress)
-    length = _scan_length(xs, length)
+    inputs = _Split(xs, _is_jax_value)
+    length = _scan_length(inputs, length)
     unroll = _scan_unroll(unroll)
     bar = _make_bar(description, length)
     options = {"length": length, "reverse": reverse, "unroll": unroll}
     if _SCAN_TAKES_SPLIT_TRANSPOSE:
         options["_split_transpose"] = _split_transpose
-    inputs = _Split(xs, _arrays_traced)
 
     def attempt(promoted: frozenset[int]) -> Any:
         carry = _LoopCarry(init, promoted, "filter_scan")
@@ -1082,21 +1010,19 @@ def filter_scan(
                     "filter_scan: `f` must return a pair `(new_carry, y)`; got "
                     f"{_describe_leaf(out)}."
                     + _lax_says(
-                        "scan",
-                        lambda out: jax.lax.scan(lambda c, x: out, None, None, 1),
-                        _stand_in(out),
+                        "filter_scan",
+                        out,
+                        run=lambda out: jax.lax.scan(lambda c, x: out, None, None, 1),
                     )
                 )
             pair_defs.append(pair_def)
-            new_carry, y = pair
-            outputs.append(_Split(y, _outputs_traced))
-            return carry.check(new_carry), outputs[-1].traced_part()
+            outputs.append(_Split(pair[1], _outputs_traced))  # `y`
+            return carry.check(pair[0]), outputs[-1].traced_part()
 
         final, ys = _scan(bar, step, carry.traced_part(), inputs.traced_part(), options)
-        _static_outputs_agree("filter_scan", "`f`'s output `y`", "f", outputs)
-        final, ys = carry.finish(final), outputs[0].rebuild(ys)
+        _static_outputs_agree("filter_scan", "`f`'s output `y`", outputs)
         # `jax.lax.scan` gives back the pair in the container that `f` used.
-        return pair_defs[0].unflatten([final, ys])
+        return pair_defs[0].unflatten([carry.finish(final), outputs[0].rebuild(ys)])
 
     with _tidy_on_error(bar):
         return _with_promoted_numbers("filter_scan", attempt, init)
@@ -1118,12 +1044,10 @@ def _scan(
     length, unroll = options["length"], options["unroll"]
     with _progress_body():  # Loops traced inside `step` draw no bar.
         as_bool = isinstance(unroll, bool | np.bool_)
-        whole = bool(unroll) if as_bool else unroll >= length
-        one_step_at_a_time = (not unroll) if as_bool else unroll == 1
-        if length == 1 or whole:
-            # XLA inlines a loop of one step (or one wholly unrolled) and compiles it
-            # together with what surrounds it, so any report inside would change the
-            # results' bits. One report, after it.
+        steps = (length if unroll else 1) if as_bool else unroll  # Unrolled at once.
+        if length == 1 or steps >= length:
+            # XLA compiles a loop of one step (or wholly unrolled) into what surrounds
+            # it, where any report inside would change the results' bits: one after it.
             out = jax.lax.scan(step, init, xs, **options)
             jax.debug.callback(_progress_callbacks(bar, 1, 1)[2])
             return out
@@ -1131,15 +1055,13 @@ def _scan(
             first_x = jax.tree.map(lambda x: x[0], xs)
         except Exception:  # An explicitly sharded scan axis, say: lax's error, then.
             return jax.lax.scan(step, init, xs, **options)
-        closed, (carry_shape, y_shape) = jax.make_jaxpr(step, return_shape=True)(
-            init, first_x
-        )
+        trace = jax.make_jaxpr(step, return_shape=True)
+        closed, (carry_shape, y_shape) = trace(init, first_x)
         init_leaves, carry_def = jtu.tree_flatten(init)
         carries = len(init_leaves)
-        in_avals, out_avals = closed.in_avals[:carries], closed.out_avals[:carries]
         if jtu.tree_structure(carry_shape) != carry_def or any(
             (a.shape, a.dtype, a.weak_type) != (b.shape, b.dtype, b.weak_type)
-            for a, b in zip(in_avals, out_avals, strict=True)
+            for a, b in zip(closed.in_avals, closed.out_avals[:carries], strict=False)
         ):  # Let `jax.lax.scan` promote the carry, or raise, as it does.
             return _scan_reporting_every_step(bar, step, init, xs, options)
 
@@ -1154,15 +1076,12 @@ def _scan(
 
         stride = _chunk_size(length)
         const_avals = [var.aval for var in closed.jaxpr.constvars]
-        keys = any(
-            jnp.issubdtype(aval.dtype, jax.dtypes.prng_key)
-            for aval in (*closed.in_avals, *closed.out_avals, *const_avals)
-        )
+        avals = (*closed.in_avals, *closed.out_avals, *const_avals)
         if (
             stride is None
-            or not one_step_at_a_time
+            or steps != 1
             or closed.effects
-            or (keys and not _custom_jvp_takes_keys())
+            or (any(map(_is_key_array, avals)) and not _custom_jvp_takes_keys())
         ):
             scan: Callable[..., Any] = every_step
         else:
@@ -1224,7 +1143,8 @@ def _scan_reporting_every_step(
     length = options["length"]
     stride = _progress_stride(length)
     reported = {*range(0, length, stride), length - 1}
-    first, then, last = _progress_callbacks(bar, stride, len(reported))
+    callbacks = _progress_callbacks(bar, stride, len(reported))
+    reports = [functools.partial(jax.debug.callback, c) for c in callbacks]
 
     @_named_after(step)
     def counted(state: tuple[Any, Any], x: Any) -> tuple[Any, Any]:
@@ -1235,57 +1155,43 @@ def _scan_reporting_every_step(
             3,
             jnp.where(index == 0, 1, jnp.where(index % stride == 0, 2, 0)),
         )
-        jax.lax.switch(
-            kind,
-            [
-                lambda: None,
-                lambda: jax.debug.callback(first),
-                lambda: jax.debug.callback(then),
-                lambda: jax.debug.callback(last),
-            ],
-        )
+        jax.lax.switch(kind, [lambda: None, *reports])
         new_carry, y = step(traced_carry, x)
         return (index + 1, new_carry), y
 
-    (_, final), ys = jax.lax.scan(
-        counted, (jnp.zeros((), jnp.int32), init), xs, **options
-    )
+    index = jnp.zeros((), jnp.int32)
+    (_, final), ys = jax.lax.scan(counted, (index, init), xs, **options)
     return final, ys
 
 
-def _scan_length(xs: Any, length: Any) -> int:
+def _scan_length(inputs: _Split, length: Any) -> int:
     if length is not None:
-        whole = None
-        if not isinstance(length, str | bytes):
-            try:
-                whole = int(length)
-            except jax.errors.ConcretizationTypeError:
-                raise jax.errors.ConcretizationTypeError(
-                    length,
-                    "filter_scan: `length` must be concrete, but it is traced. Pass a "
-                    "Python int, or compute it outside `jax.jit` (mark it static with "
-                    "`static_argnums`). For a loop whose length is only known inside "
-                    "the computation, use `jax.lax.while_loop`."
-                    + _lax_says(
-                        "scan",
-                        lambda: jax.lax.scan(lambda c, x: (c, x), 0, None, length),
-                    ),
-                ) from None
-            except (TypeError, ValueError, OverflowError):
-                pass
-        if whole is None or bool(whole != length):
+        try:
+            n = int(length)  # A string then differs from `n`.
+        except jax.errors.ConcretizationTypeError:
+            raise jax.errors.ConcretizationTypeError(
+                length,
+                "filter_scan: `length` must be concrete, but it is traced. Pass a "
+                "Python int, or compute it outside `jax.jit` (mark it static with "
+                "`static_argnums`). For a loop whose length is only known inside "
+                "the computation, use `jax.lax.while_loop`."
+                + _lax_says(
+                    "filter_scan",
+                    run=lambda: jax.lax.scan(lambda c, x: (c, x), 0, None, length),
+                ),
+            ) from None
+        except (TypeError, ValueError, OverflowError):
+            n = None
+        if n is None or bool(n != length):
             raise TypeError(
                 "filter_scan: `length` must be a whole number (a Python int, a NumPy "
                 f"integer or a 0-d integer array); got {_describe_leaf(length)}."
             )
-        length = whole
-        if length < 0:
-            raise ValueError(
-                f"filter_scan: `length` must be non-negative; got {length}."
-            )
-    leaves = jtu.tree_leaves(xs)
-    _check_leading_axes("filter_scan", xs, leaves)
-    sizes = {leaf.shape[0] for leaf in leaves if eqx.is_array(leaf)}
+        if n < 0:
+            raise ValueError(f"filter_scan: `length` must be non-negative; got {n}.")
+        length = n
+    _check_leading_axes("filter_scan", inputs)
+    sizes = {leaf.shape[0] for leaf in inputs.leaves if eqx.is_array(leaf)}
     if not sizes:
         if length is None:
             raise ValueError(
@@ -1294,11 +1200,8 @@ def _scan_length(xs: Any, length: Any) -> int:
             )
         return length
     if len(sizes) > 1:
-        listing = ", ".join(
-            f"{jtu.keystr(path)}: {leaf.shape[0]}"
-            for path, leaf in jtu.tree_flatten_with_path(xs)[0]
-            if eqx.is_array(leaf)
-        )
+        arrays = [(i, x) for i, x in enumerate(inputs.leaves) if eqx.is_array(x)]
+        listing = ", ".join(f"{inputs.path(i)}: {x.shape[0]}" for i, x in arrays)
         raise ValueError(
             "filter_scan: every array in `xs` must have the same leading size, but the "
             f"leading sizes differ ({listing}). Slice or pad them to one length."
@@ -1309,9 +1212,9 @@ def _scan_length(xs: Any, length: Any) -> int:
             f"filter_scan: `length={length}` disagrees with the leading size {size} of "
             f"the arrays in `xs`. Pass `length={size}` or leave it out."
             + _lax_says(
-                "scan",
-                lambda xs: jax.lax.scan(lambda c, x: (c, x), None, xs, length),
-                jax.ShapeDtypeStruct((size,), np.float32),
+                "filter_scan",
+                np.broadcast_to(np.float32(0), (size,)),
+                run=lambda xs: jax.lax.scan(lambda c, x: (c, x), None, xs, length),
             )
         )
     return size
@@ -1321,11 +1224,10 @@ class _ScalarToScanError(ValueError, IndexError):
     """A 0-d array in `xs`: `jax.lax.scan` and `jax.lax.map` raise an `IndexError`."""
 
 
-def _check_leading_axes(function: str, xs: Any, leaves: list[Any]) -> None:
-    for i, leaf in enumerate(leaves):
+def _check_leading_axes(function: str, inputs: _Split) -> None:
+    for i, leaf in enumerate(inputs.leaves):
         if eqx.is_array(leaf) and leaf.ndim == 0:
-            path = jtu.keystr(jtu.tree_flatten_with_path(xs)[0][i][0])
-            scan = function == "filter_scan"
+            path, scan = inputs.path(i), function == "filter_scan"
             raise _ScalarToScanError(
                 f"{function}: the array at `xs` path {path} is a scalar (shape ()), so "
                 f"it has no leading axis to {'scan' if scan else 'map'} over. Give it "
@@ -1338,17 +1240,13 @@ def _check_leading_axes(function: str, xs: Any, leaves: list[Any]) -> None:
 def _scan_unroll(unroll: Any) -> Any:
     if isinstance(unroll, bool | np.bool_ | jax.core.Tracer):
         return unroll  # `jax.lax.scan` interprets bools, and rejects tracers itself.
+    must = "filter_scan: `unroll` must be a bool or a non-negative int; got"
     try:
         as_int = operator.index(unroll)
     except TypeError:
-        raise TypeError(
-            "filter_scan: `unroll` must be a bool or a non-negative int; got "
-            f"{_describe_leaf(unroll)}."
-        ) from None
+        raise TypeError(f"{must} {_describe_leaf(unroll)}.") from None
     if as_int < 0:
-        raise ValueError(
-            f"filter_scan: `unroll` must be a bool or a non-negative int; got {as_int}."
-        )
+        raise ValueError(f"{must} {as_int}.")
     return as_int
 
 
@@ -1362,17 +1260,16 @@ def filter_cond(
 ) -> _Out:
     """As `jax.lax.cond`, except that the operands and outputs may be any pytree.
 
-    Arrays and bools among the operands are traced; every other leaf reaches the
-    branch unchanged. Only the chosen branch runs. At each leaf the branches return
-    arrays or numbers (traced), or equal static values; a number that every branch
-    returns unchanged stays a Python number.
+    Arrays and bools among the operands are traced; other leaves reach the branch
+    unchanged. The branches return arrays or numbers (traced), or equal static values,
+    at each leaf; a number that every branch returns unchanged stays a Python number.
 
-    **Raises:** the exception types of `jax.lax.cond` for the same mistakes, with:
+    **Raises:** `jax.lax.cond`'s exception types, with these messages:
 
-    - `TypeError`: ``filter_cond: `true_fun` must be callable``; ``filter_cond:
-        `pred` must be a scalar``; ``filter_cond: the branches' outputs disagree``
-        (structure, or traced against static); ``filter_cond: pass the operands
-        either positionally or as `operand=`, not both``.
+    - `TypeError`: ``filter_cond: `true_fun` must be callable``, ``filter_cond:
+        `pred` must be a scalar``, ``filter_cond: the branches' outputs disagree``,
+        ``filter_cond: pass the operands either positionally or as `operand=`, not
+        both``.
     - `ValueError`: ``filter_cond: the branches' outputs disagree`` (a static value).
 
     **Example:**
@@ -1393,16 +1290,9 @@ def filter_cond(
             old_true, (false_operand, old_false) = false_fun, operands
             new_true, new_false = lambda x, _: old_true(x), lambda _, x: old_false(x)
             return filter_cond(pred, new_true, new_false, true_fun, false_operand)
-        _check_callable("filter_cond", "true_fun", true_fun)
-        _check_callable("filter_cond", "false_fun", false_fun)
-    return _branch(
-        "filter_cond",
-        ("pred", pred, "Reduce it first, for example with `jnp.any` or `jnp.all`."),
-        {"true_fun": true_fun, "false_fun": false_fun},
-        operands,
-        operand,
-        lambda branches, *traced: jax.lax.cond(pred, *branches, *traced),
-    )
+        _check_callable("filter_cond", true_fun=true_fun, false_fun=false_fun)
+    named = {"true_fun": true_fun, "false_fun": false_fun}
+    return _branch("filter_cond", pred, named, operands, operand)
 
 
 @_cached_eagerly()
@@ -1415,14 +1305,14 @@ def filter_switch(
     """As `jax.lax.switch`, except that the operands and outputs may be any pytree,
     split as by `filter_cond`.
 
-    **Raises:** the exception types of `jax.lax.switch` for the same mistakes, with:
+    **Raises:** `jax.lax.switch`'s exception types, with these messages:
 
-    - `TypeError`: ``filter_switch: `branches` must be a sequence of functions``;
-        ``filter_switch: `branches[…]` must be callable``; ``filter_switch: `index`
-        must be a scalar``; ``filter_switch: the branches' outputs disagree``
-        (structure, or traced against static); ``filter_switch: pass the operands
-        either positionally or as `operand=`, not both``.
-    - `ValueError`: ``filter_switch: `branches` is empty``; ``filter_switch: the
+    - `TypeError`: ``filter_switch: `branches` must be a sequence of functions``,
+        ``filter_switch: `branches[…]` must be callable``, ``filter_switch: `index`
+        must be a scalar``, ``filter_switch: the branches' outputs disagree``,
+        ``filter_switch: pass the operands either positionally or as `operand=`, not
+        both``.
+    - `ValueError`: ``filter_switch: `branches` is empty``, ``filter_switch: the
         branches' outputs disagree`` (a static value).
 
     **Example:**
@@ -1437,26 +1327,18 @@ def filter_switch(
     ```
     """
     try:
-        branches = tuple(branches)
+        named = {f"branches[{i}]": fun for i, fun in enumerate(branches)}
     except TypeError:
         raise TypeError(
             "filter_switch: `branches` must be a sequence of functions; got "
             f"{_describe_leaf(branches)}."
         ) from None
-    for i, branch in enumerate(branches):
-        _check_callable("filter_switch", f"branches[{i}]", branch)
-    if not branches:
+    _check_callable("filter_switch", **named)
+    if not named:
         raise ValueError(
             "filter_switch: `branches` is empty; give at least one function."
         )
-    return _branch(
-        "filter_switch",
-        ("index", index, "Pass a single integer index."),
-        {f"branches[{i}]": fun for i, fun in enumerate(branches)},
-        operands,
-        operand,
-        lambda branches, *traced: jax.lax.switch(index, branches, *traced),
-    )
+    return _branch("filter_switch", index, named, operands, operand)
 
 
 @_cached_eagerly()
@@ -1468,14 +1350,13 @@ def filter_while_loop(
     """As `jax.lax.while_loop`, except that the carry may be any pytree, split as by
     `filter_scan`.
 
-    **Raises:** the exception types of `jax.lax.while_loop` for the same mistakes,
-    with:
+    **Raises:** `jax.lax.while_loop`'s exception types, with these messages:
 
     - `TypeError`: ``filter_while_loop: `cond_fun` must be callable`` (or
-        `body_fun`); ``filter_while_loop: `body_fun` returned a carry that differs
-        from `init_val` `` (its structure, or a traced leaf).
-    - `ValueError`: ``filter_while_loop: `body_fun` returned a carry that differs
-        from `init_val` `` (a static leaf).
+        `body_fun`), ``filter_while_loop: `body_fun` returned a carry that differs
+        from `init_val` ``.
+    - `ValueError`: the same carry message, for a static leaf: ``filter_while_loop:
+        `body_fun` returned a carry that differs from `init_val` ``.
 
     **Example:**
 
@@ -1483,16 +1364,12 @@ def filter_while_loop(
     import jax.numpy as jnp
     from lerax_utils import filter_while_loop
 
-    def step(carry):
-        position, steps, name = carry
-        return position + 0.3, steps + 1, name
-
+    step = lambda c: (c[0] + 0.3, c[1] + 1, c[2])  # (position, steps, name)
     carry = filter_while_loop(lambda c: c[0] < 1, step, (jnp.zeros(()), 0, "a"))
     print(carry[1:])  # (4, 'a')
     ```
     """
-    _check_callable("filter_while_loop", "cond_fun", cond_fun)
-    _check_callable("filter_while_loop", "body_fun", body_fun)
+    _check_callable("filter_while_loop", cond_fun=cond_fun, body_fun=body_fun)
 
     def attempt(promoted: frozenset[int]) -> Any:
         carry = _LoopCarry(init_val, promoted, "filter_while_loop")
@@ -1526,14 +1403,13 @@ def filter_fori_loop(
     **Arguments:** as `jax.lax.fori_loop`, and `progress` as in `filter_scan`, which
     needs concrete bounds.
 
-    **Raises:** the exception types of `jax.lax.fori_loop` for the same mistakes, with:
+    **Raises:** `jax.lax.fori_loop`'s exception types, with these messages:
 
-    - `TypeError`: ``filter_fori_loop: `body_fun` must be callable``;
-        ``filter_fori_loop: `body_fun` returned a carry that differs from `init_val` ``
-        (its structure, or a traced leaf); ``filter_fori_loop: `progress` needs
-        concrete bounds``.
-    - `ValueError`: ``filter_fori_loop: `body_fun` returned a carry that differs from
-        `init_val` `` (a static leaf).
+    - `TypeError`: ``filter_fori_loop: `body_fun` must be callable``,
+        ``filter_fori_loop: `body_fun` returned a carry that differs from `init_val` ``,
+        ``filter_fori_loop: `progress` needs concrete bounds``.
+    - `ValueError`: the same carry message, for a static leaf: ``filter_fori_loop:
+        `body_fun` returned a carry that differs from `init_val` ``.
 
     **Example:**
 
@@ -1545,7 +1421,7 @@ def filter_fori_loop(
     print(total, label)  # 10.0 sum
     ```
     """
-    _check_callable("filter_fori_loop", "body_fun", body_fun)
+    _check_callable("filter_fori_loop", body_fun=body_fun)
     description = _progress_description("filter_fori_loop", progress)
     bar, first, total = None, 0, 0
     if description is not None:
@@ -1569,23 +1445,18 @@ def filter_fori_loop(
         def body(i: Any, traced: Any) -> Any:
             return carry.check(body_fun(i, carry.enter(traced)))
 
+        init = carry.traced_part()
         if bar is None:
-            final = jax.lax.fori_loop(
-                lower, upper, body, carry.traced_part(), unroll=unroll
-            )
+            final = jax.lax.fori_loop(lower, upper, body, init, unroll=unroll)
             return carry.finish(final)
 
-        # As `jax.lax.fori_loop` runs a loop of known length: a scan whose carry
-        # holds the index, a Python int (so weakly typed).
+        # As `jax.lax.fori_loop` does: a scan whose carry holds the (weak) index.
         @_named_after(body_fun)
         def counted(state: tuple[Any, Any], _: Any) -> tuple[Any, None]:
-            i, traced = state
-            return (i + 1, body(i, traced)), None
+            return (state[0] + 1, body(*state)), None
 
-        (_, final), _ = _scan(
-            bar, counted, (first, carry.traced_part()), None,
-            {"length": total, "unroll": 1 if unroll is None else unroll},
-        )  # fmt: skip
+        options = {"length": total, "unroll": 1 if unroll is None else unroll}
+        (_, final), _ = _scan(bar, counted, (first, init), None, options)
         return carry.finish(final)
 
     with _tidy_on_error(bar):
@@ -1608,14 +1479,14 @@ def filter_map(
 
     **Arguments:** as `jax.lax.map`, and `progress` as in `filter_scan`.
 
-    **Raises:** the exception types of `jax.lax.map` for the same mistakes, with:
+    **Raises:** `jax.lax.map`'s exception types, with these messages:
 
-    - `TypeError`: ``filter_map: `f` must be callable``; ``filter_map: `progress`
-        cannot be combined with `batch_size` ``; ``filter_map: `batch_size` needs a
+    - `TypeError`: ``filter_map: `f` must be callable``, ``filter_map: `progress`
+        cannot be combined with `batch_size` ``, ``filter_map: `batch_size` needs a
         JAX whose `jax.lax.map` takes it``.
-    - `ValueError`: ``filter_map: `xs` holds no arrays``; ``filter_map: the array at
-        `xs` path … is a scalar`` (an `IndexError` too); ``filter_map: the non-array
-        part of `f`'s output differs between two traces``.
+    - `ValueError`: ``filter_map: `xs` holds no arrays``, ``filter_map: the array at
+        `xs` path … is a scalar`` (an `IndexError` too), ``filter_map: the non-array
+        part of `f`'s output differs``.
 
     **Example:**
 
@@ -1628,7 +1499,7 @@ def filter_map(
     print(sums, unit)  # [4. 4. 4.] m
     ```
     """
-    _check_callable("filter_map", "f", f)
+    _check_callable("filter_map", f=f)
     description = _progress_description("filter_map", progress)
     if batch_size is not None and description is not None:
         raise TypeError(
@@ -1642,8 +1513,8 @@ def filter_map(
             "leave `batch_size` out."
         )
     options = {} if batch_size is None else {"batch_size": batch_size}
-    inputs = _Split(xs, _arrays_traced)
-    _check_leading_axes("filter_map", xs, inputs.leaves)
+    inputs = _Split(xs, _is_jax_value)
+    _check_leading_axes("filter_map", inputs)
     if not any(inputs.traced):
         raise ValueError(
             "filter_map: `xs` holds no arrays, so there is nothing to map over. Give "
@@ -1658,9 +1529,8 @@ def filter_map(
 
     traced_xs = inputs.traced_part()
     sizes = {jnp.shape(leaf)[:1] for leaf in jtu.tree_leaves(traced_xs)}
-    bar = None
-    if len(sizes) == 1 and () not in sizes:  # Else `jax.lax.map` raises.
-        bar = _make_bar(description, sizes.pop()[0])
+    one_size = len(sizes) == 1 and () not in sizes  # Else `jax.lax.map` raises.
+    bar = _make_bar(description, sizes.pop()[0]) if one_size else None
     if bar is None:
         ys = jax.lax.map(mapped, traced_xs, **options)
     else:
@@ -1668,7 +1538,7 @@ def filter_map(
             step = lambda c, x: (c, mapped(x))  # noqa: E731
             options = {"length": bar.total, "unroll": 1}
             _, ys = _scan(bar, step, None, traced_xs, options)
-    _static_outputs_agree("filter_map", "`f`'s output", "f", outputs)
+    _static_outputs_agree("filter_map", "`f`'s output", outputs)
     return outputs[0].rebuild(ys)
 
 
