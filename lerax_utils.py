@@ -602,9 +602,9 @@ def _eager_call(function: Any, bound: inspect.BoundArguments, static: Any) -> An
             _PROGRAMS.put(key, entry, referents)
     if entry is _UNTRACEABLE:
         return _UNCACHED
-    run, consts, out_def, places = entry
+    jaxpr, consts, out_def, places = entry
     try:
-        values = iter(run(consts, *(leaves[i] for i in arrays)))
+        values = iter(jaxpr(consts, *(leaves[i] for i in arrays)))
     except BaseException:
         if "progress" in static:
             _end_open_lines()  # As `_tidy_on_error`, for a progress bar's line.
@@ -671,8 +671,32 @@ def _compile_call(treedef: Any, leaves: list[Any], arrays: list[int], call: Any)
         return _UNTRACEABLE
     if any(type(p) is tuple and type(p[0]) not in _IMMUTABLE for p in out[1]):
         return _UNTRACEABLE  # Each call must get its own new objects, as uncached.
-    run = jax.jit(lambda consts, *xs: jax.core.eval_jaxpr(closed.jaxpr, consts, *xs))
-    return run, list(closed.consts), out[0], out[1]
+    return _Program(closed.jaxpr), list(closed.consts), out[0], out[1]
+
+
+class _Program:
+    """A traced call. Its first run goes op by op, as `jax.lax`'s eager calls do (so
+    a call made once, with new functions, costs what it did uncached); from its
+    second, it runs compiled."""
+
+    def __init__(self, jaxpr: Any) -> None:
+        self.jaxpr, self.compiled = jaxpr, None
+
+    def __call__(self, consts: list[Any], *arrays: Any) -> Any:
+        if self.compiled is not None:
+            return self.compiled(consts, *arrays)
+        self.compiled = jax.jit(functools.partial(jax.core.eval_jaxpr, self.jaxpr))
+        out = jax.core.eval_jaxpr(self.jaxpr, consts, *arrays)
+        # A literal output comes back as a Python or NumPy scalar: typed as by `jit`.
+        return [
+            x if isinstance(x, jax.Array) else _typed_as(x, var.aval)
+            for x, var in zip(out, self.jaxpr.outvars, strict=True)
+        ]
+
+
+def _typed_as(value: Any, aval: Any) -> jax.Array:
+    array = jnp.asarray(value, aval.dtype)
+    return _weak_array(array) if aval.weak_type else array
 
 
 class _PromoteCarryNumbers(Exception):

@@ -1833,7 +1833,9 @@ def test_repeated_eager_calls_give_the_uncached_results_and_compile_once(
         patch.setattr(lerax_utils, "_CACHE_SIZE", 0)
         for k in (1.0, 2.0, 3.0):
             expected.append(call(k))
-    call(0.5)  # Compiled here, if not already.
+    first = call(0.5)  # Traced, and run op by op: nothing of its own compiled.
+    assert _compiled_by(lambda: call(0.5)) == 1  # Compiled on its second call.
+    _same(call(0.5), first)
     for k, want in zip((1.0, 2.0, 3.0), expected, strict=True):
         assert _compiled_by(lambda k=k: call(k)) == 0
         _same(call(k), want)
@@ -1963,14 +1965,14 @@ def test_bound_methods_and_module_parameters_are_read_on_every_call() -> None:
     # An Equinox module's arrays are traced: new parameters need no new program.
     mlp = eqx.nn.MLP(2, 2, 4, 1, key=jax.random.key(1))
     arrays, rest = eqx.partition(mlp, eqx.is_array)
-    for scale in (1.0, 2.0, 3.0):
+    for scale in (1.0, 2.0, 3.0, 4.0):
         model = eqx.combine(jax.tree.map(lambda w, s=scale: w * s, arrays), rest)
         expected = jax.lax.scan(
             lambda c, x, m=model: (m(c), None), jnp.ones(2), None, 3
         )
         step = eqx.Partial(_apply, model)
         run = functools.partial(filter_scan, step, jnp.ones(2), None, 3)
-        if scale > 1:
+        if scale > 2:  # The first call runs op by op, the second compiles.
             assert _compiled_by(run) == 0
         _same(run(), expected)
 
