@@ -597,7 +597,7 @@ def _eager_call(function: Any, bound: inspect.BoundArguments, static: Any) -> An
     if entry is None:
         entry: Any = _UNTRACEABLE  # Kept if tracing raises.
         try:
-            entry = _compile_call(treedef, leaves, arrays, call)
+            entry = _trace_call(treedef, leaves, arrays, call)
         finally:
             _PROGRAMS.put(key, entry, referents)
     if entry is _UNTRACEABLE:
@@ -644,7 +644,7 @@ def _as_array(value: Any) -> Any:
 _IMMUTABLE = (bool, int, float, complex, str, bytes, type(None))
 
 
-def _compile_call(treedef: Any, leaves: list[Any], arrays: list[int], call: Any) -> Any:
+def _trace_call(treedef: Any, leaves: list[Any], arrays: list[int], call: Any) -> Any:
     """Trace `call` on `treedef.unflatten(leaves)` with its array leaves traced."""
     out: list[Any] = []
     static = {id(leaf): i for i, leaf in enumerate(leaves) if not eqx.is_array(leaf)}
@@ -2293,18 +2293,15 @@ atexit.register(_end_open_lines)
 
 
 def _bars_cleared_around(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-    """`func(*args, **kwargs)` with the open bars' line blanked out, and drawn again
-    after, so that what it prints gets lines of its own (as `tqdm.write` does)."""
+    """`func(*args, **kwargs)` with the open bars' line blanked out first, so that
+    what it prints gets lines of its own; the bar's next report draws it again. A
+    line is blanked once per drawing, so callbacks that print nothing add little."""
     with _progress_lock:
-        bars = [bar for bar in _open_bars if bar.width]
-        for bar in bars:
-            _write_stderr("\r" + " " * bar.width + "\r")
-    try:
-        return func(*args, **kwargs)
-    finally:
-        with _progress_lock:
-            for bar in _open_bars.intersection(bars):
-                bar.draw(time.monotonic(), "")
+        for bar in _open_bars:
+            if bar.width:
+                _write_stderr("\r" + " " * bar.width + "\r")
+                bar.width, bar.last_draw = 0, -math.inf
+    return func(*args, **kwargs)
 
 
 def _progress_update(bar: _ProgressBar, count: int) -> None:

@@ -832,8 +832,29 @@ def test_printed_lines_get_lines_of_their_own_and_the_bar_is_redrawn(
     lines = _drawn(terminal.getvalue())
     updates = [i for i, line in enumerate(lines) if "update" in line]
     assert [lines[i] for i in updates] == [f"update {float(x)}" for x in range(9)]
-    # Drawn again after each while it is open (the last report may come first).
+    # Every line is printed or the bar's, never both; after printing, the bar's next
+    # report draws it again (the last report may come before the last print).
+    assert all(i in updates or _LINE.match(line) for i, line in enumerate(lines))
     final = [i for i, line in enumerate(lines) if line.startswith("training: 100%")]
     assert len(final) == 1 and updates[0] < final[0]
-    assert all(_LINE.match(lines[i + 1]) for i in updates if i < final[0])
+    assert any(_LINE.match(line) for line in lines[updates[0] + 1 : final[0]])
     assert terminal.getvalue().endswith("\n")
+
+
+def test_callbacks_that_print_nothing_do_not_redraw_the_bar(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    terminal = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    seen: list[float] = []
+    log = callback_wrapper(lambda x: seen.append(float(x)))
+
+    def step(c: Any, x: Any) -> Any:
+        log(x)
+        return c + x, None
+
+    jax.jit(lambda xs: filter_scan(step, 0.0, xs, progress=True))(jnp.arange(100.0))
+    jax.effects_barrier()
+    assert seen == [float(x) for x in range(100)]
+    # Drawn at the loop's own reports (6 at most here), not after every callback.
+    assert 1 <= len(_counts(terminal.getvalue())) <= 6
