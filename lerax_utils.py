@@ -475,8 +475,9 @@ def _lax_says(function: str, *trees: Any, run: Callable[..., Any] | None = None)
 
 # Eager calls: as `jax.lax` keeps a loop's traced program by its functions' identity,
 # a call whose functions (by identity), tree structures, static leaves (by equality)
-# and array types match an earlier one's runs that call's compiled program. Inside a
-# trace, the same keys remember which Python numbers a loop promoted.
+# and array types match an earlier one's runs that call's traced program (compiled
+# from its second run). Inside a trace, the same keys remember which Python numbers
+# a loop promoted.
 
 _CACHE_SIZE = 64  # Calls kept, in each of the two caches; least recently used go.
 _UNCACHED = object()
