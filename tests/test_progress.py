@@ -135,6 +135,17 @@ def test_shorter_line_blanks_out_the_longer(capsys: pytest.CaptureFixture[str]) 
     assert len(last) == 201 and last.endswith("\n")
 
 
+def test_a_late_report_never_takes_the_count_back(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Unordered host calls may arrive out of order: the bar keeps the highest count.
+    monkeypatch.setattr(lerax_utils, "_PROGRESS_MIN_INTERVAL", 0.0)
+    bar = lerax_utils._ProgressBar("x", 10)
+    for count in (0, 6, 4, 10):
+        lerax_utils._progress_update(bar, count)
+    assert [c for c, _ in _counts(capsys.readouterr().err)] == [0, 6, 6, 10]
+
+
 #
 # How often the host is called
 #
