@@ -146,6 +146,22 @@ def test_a_late_report_never_takes_the_count_back(
     assert [c for c, _ in _counts(capsys.readouterr().err)] == [0, 6, 6, 10]
 
 
+def test_a_callback_blanks_an_open_line_before_it_prints(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    bar = lerax_utils._ProgressBar("x", 10)
+    try:
+        lerax_utils._progress_update(bar, 0)
+        width = len(_drawn(capsys.readouterr().err)[-1])
+        print_callback("hi")
+        jax.effects_barrier()
+        captured = capsys.readouterr()
+    finally:
+        lerax_utils._end_open_lines()
+    assert captured.out == "hi\n"
+    assert captured.err == "\r" + " " * width + "\r"
+
+
 #
 # How often the host is called
 #
