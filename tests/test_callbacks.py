@@ -155,6 +155,24 @@ def test_ordered_wrappers_gather_eagerly_and_explain_the_fix_under_jit():
         )
 
 
+def test_an_ordered_call_with_an_array_on_two_devices_is_refused_under_jit():
+    report = _run_on_four_devices(
+        """
+        pair = Mesh(np.array(jax.devices()[:2]), ("d",))
+        y = jax.device_put(jnp.arange(4.0), NamedSharding(pair, PartitionSpec("d")))
+        log = callback_wrapper(lambda v: None, ordered=True)
+        report["error"] = error(lambda: jax.jit(log)(y))
+        """
+    )
+    if report["recorded"]:  # Tracers record their sharding: our message.
+        assert "an array of shape (4,) that spans 2 devices" in report["error"]
+    else:  # Older JAX: its own message.
+        assert report["error"].startswith(
+            "ValueError: The following ordered effects are not supported for more "
+            "than 1 device"
+        )
+
+
 def test_callback_wrapper_keeps_python_scalars_where_debug_callback_would_not():
     seen = []
     log = callback_with_list_wrapper(lambda step, loss: seen.append((step, loss)))
@@ -311,6 +329,9 @@ def test_callback_wrappers_check_their_arguments_at_once(name):
     with pytest.raises(TypeError) as info:
         wrapper(print, ordered="yes")  # type: ignore[arg-type]
     assert str(info.value) == f"{function}: `ordered` must be a bool; got str 'yes'."
+    with pytest.raises(TypeError) as info:
+        wrapper(print, partitioned=1)  # type: ignore[arg-type]
+    assert str(info.value) == f"{function}: `partitioned` must be a bool; got int 1."
 
 
 @pytest.mark.parametrize("supported", [True, False])

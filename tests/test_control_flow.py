@@ -228,6 +228,9 @@ SCAN_CALLS: dict[str, Callable[[Any], Any]] = {
         _sum_step, 0.0, jnp.arange(4.0), unroll=np.int32(2)
     ),
     "unroll=0": lambda scan: scan(_sum_step, 0.0, jnp.arange(4.0), unroll=0),
+    "NumPy bool unroll": lambda scan: scan(
+        _sum_step, 0.0, jnp.arange(4.0), unroll=np.True_
+    ),
     "truthy non-bool reverse": lambda scan: scan(
         _sum_step, 0.0, jnp.arange(4.0), reverse=1
     ),
@@ -1949,6 +1952,31 @@ def test_the_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
         carry, _ = filter_scan(step, 0.0, jnp.ones(n))
         assert float(carry) == n
     assert len(lerax_utils._PROGRAMS.entries) <= 5
+
+
+def test_the_cache_drops_the_least_recently_used_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(lerax_utils, "_CACHE_SIZE", 3)
+    traces: list[int] = []
+
+    def step(c: Any, x: Any) -> Any:
+        traces.append(x.shape[0] if x.ndim else 0)
+        return c + x, None
+
+    def run(n: int) -> list[int]:
+        traces.clear()
+        carry, _ = filter_scan(step, jnp.zeros(n), jnp.ones((2, n)))
+        np.testing.assert_array_equal(carry, np.full(n, 2.0))
+        return list(traces)
+
+    for n in (1, 2, 3):
+        assert run(n)  # Traced: each is new.
+    assert run(1) == []  # Cached, and now the most recently used.
+    assert run(4)  # New: it drops the least recently used, n=2.
+    assert run(1) == []
+    assert run(3) == []
+    assert run(2)
 
 
 def test_bound_methods_and_module_parameters_are_read_on_every_call() -> None:

@@ -135,6 +135,33 @@ def test_shorter_line_blanks_out_the_longer(capsys: pytest.CaptureFixture[str]) 
     assert len(last) == 201 and last.endswith("\n")
 
 
+def test_a_late_report_never_takes_the_count_back(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Unordered host calls may arrive out of order: the bar keeps the highest count.
+    monkeypatch.setattr(lerax_utils, "_PROGRESS_MIN_INTERVAL", 0.0)
+    bar = lerax_utils._ProgressBar("x", 10)
+    for count in (0, 6, 4, 10):
+        lerax_utils._progress_update(bar, count)
+    assert [c for c, _ in _counts(capsys.readouterr().err)] == [0, 6, 6, 10]
+
+
+def test_a_callback_blanks_an_open_line_before_it_prints(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    bar = lerax_utils._ProgressBar("x", 10)
+    try:
+        lerax_utils._progress_update(bar, 0)
+        width = len(_drawn(capsys.readouterr().err)[-1])
+        print_callback("hi")
+        jax.effects_barrier()
+        captured = capsys.readouterr()
+    finally:
+        lerax_utils._end_open_lines()
+    assert captured.out == "hi\n"
+    assert captured.err == "\r" + " " * width + "\r"
+
+
 #
 # How often the host is called
 #

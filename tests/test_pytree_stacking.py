@@ -45,6 +45,16 @@ def test_unstack_pytree_keeps_numpy_leaves_as_views():
     assert all(np.shares_memory(column, data) for column in columns)
 
 
+def test_the_lowest_negative_axis_is_in_range():
+    data = jnp.arange(6.0).reshape(2, 3)
+    rows = unstack_pytree({"x": data, "n": np.arange(6).reshape(2, 3)}, axis=-2)
+    assert len(rows) == 2
+    np.testing.assert_array_equal(rows[1]["x"], data[1])
+    np.testing.assert_array_equal(rows[1]["n"], [3, 4, 5])
+    stacked = stack_pytree([jnp.ones(3), jnp.zeros(3)], axis=-2)
+    np.testing.assert_array_equal(stacked, [[1.0] * 3, [0.0] * 3])
+
+
 def test_unstack_pytree_keeps_jax_leaves_on_their_device():
     device = jax.devices()[-1]
     tree = {"a": jax.device_put(jnp.arange(6.0).reshape(3, 2), device)}
