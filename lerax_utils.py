@@ -1974,12 +1974,14 @@ def _host_caller(
         on_the_host = [
             i for i, x in enumerate(leaves) if isinstance(x, np.ndarray | np.generic)
         ]
-        # The template holds no JAX array (a tracer must not outlive its trace), and
-        # NumPy arrays as they are now, as a traced program holds its constants.
+        # The template holds no JAX array (a tracer must not outlive its trace), and,
+        # when staged, NumPy arrays as they are now, as a traced program holds its
+        # constants. Eagerly the call runs now, and its one copy is made there.
         template = [None if isinstance(x, jax.Array) else x for x in leaves]
         copied = [i for i in on_the_host if isinstance(leaves[i], np.ndarray)]
-        for i in copied:
-            template[i] = leaves[i].copy()
+        if not _trace_state_clean():
+            for i in copied:
+                template[i] = leaves[i].copy()
         arrays = [leaves[i] for i in positions]
         in_order = bool(ordered)
         if ordered is not False:  # Devices that each traced argument spans, if known.
