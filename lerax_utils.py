@@ -475,9 +475,8 @@ def _lax_says(function: str, *trees: Any, run: Callable[..., Any] | None = None)
 
 # Eager calls: as `jax.lax` keeps a loop's traced program by its functions' identity,
 # a call whose functions (by identity), tree structures, static leaves (by equality)
-# and array types match an earlier one's runs that call's traced program (compiled
-# from its second run). Inside a trace, the same keys remember which Python numbers
-# a loop promoted.
+# and array types match an earlier one's runs that call's compiled program. Inside a
+# trace, the same keys remember which Python numbers a loop promoted.
 
 _CACHE_SIZE = 64  # Calls kept, in each of the two caches; least recently used go.
 _UNCACHED = object()
@@ -598,14 +597,14 @@ def _eager_call(function: Any, bound: inspect.BoundArguments, static: Any) -> An
     if entry is None:
         entry: Any = _UNTRACEABLE  # Kept if tracing raises.
         try:
-            entry = _trace_call(treedef, leaves, arrays, call)
+            entry = _compile_call(treedef, leaves, arrays, call)
         finally:
             _PROGRAMS.put(key, entry, referents)
     if entry is _UNTRACEABLE:
         return _UNCACHED
-    jaxpr, consts, out_def, places = entry
+    run, consts, out_def, places = entry
     try:
-        values = iter(jaxpr(consts, *(leaves[i] for i in arrays)))
+        values = iter(run(consts, *(leaves[i] for i in arrays)))
     except BaseException:
         if "progress" in static:
             _end_open_lines()  # As `_tidy_on_error`, for a progress bar's line.
@@ -645,7 +644,7 @@ def _as_array(value: Any) -> Any:
 _IMMUTABLE = (bool, int, float, complex, str, bytes, type(None))
 
 
-def _trace_call(treedef: Any, leaves: list[Any], arrays: list[int], call: Any) -> Any:
+def _compile_call(treedef: Any, leaves: list[Any], arrays: list[int], call: Any) -> Any:
     """Trace `call` on `treedef.unflatten(leaves)` with its array leaves traced."""
     out: list[Any] = []
     static = {id(leaf): i for i, leaf in enumerate(leaves) if not eqx.is_array(leaf)}
@@ -672,32 +671,8 @@ def _trace_call(treedef: Any, leaves: list[Any], arrays: list[int], call: Any) -
         return _UNTRACEABLE
     if any(type(p) is tuple and type(p[0]) not in _IMMUTABLE for p in out[1]):
         return _UNTRACEABLE  # Each call must get its own new objects, as uncached.
-    return _Program(closed.jaxpr), list(closed.consts), out[0], out[1]
-
-
-class _Program:
-    """A traced call. Its first run goes op by op, as `jax.lax`'s eager calls do (so
-    a call made once, with new functions, costs what it did uncached); from its
-    second, it runs compiled."""
-
-    def __init__(self, jaxpr: Any) -> None:
-        self.jaxpr, self.compiled = jaxpr, None
-
-    def __call__(self, consts: list[Any], *arrays: Any) -> Any:
-        if self.compiled is not None:
-            return self.compiled(consts, *arrays)
-        self.compiled = jax.jit(functools.partial(jax.core.eval_jaxpr, self.jaxpr))
-        out = jax.core.eval_jaxpr(self.jaxpr, consts, *arrays)
-        # A literal output comes back as a Python or NumPy scalar: typed as by `jit`.
-        return [
-            x if isinstance(x, jax.Array) else _typed_as(x, var.aval)
-            for x, var in zip(out, self.jaxpr.outvars, strict=True)
-        ]
-
-
-def _typed_as(value: Any, aval: Any) -> jax.Array:
-    array = jnp.asarray(value, aval.dtype)
-    return _weak_array(array) if aval.weak_type else array
+    run = jax.jit(lambda consts, *xs: jax.core.eval_jaxpr(closed.jaxpr, consts, *xs))
+    return run, list(closed.consts), out[0], out[1]
 
 
 class _PromoteCarryNumbers(Exception):
