@@ -10,8 +10,10 @@ partitioned by hand). The script prints, per workload:
   the cache of compiled programs, which is how every call ran before it (target at
   most 1.05).
 
-Then the worst ratio of each kind. Timings on a shared machine are noisy: run it on
-a quiet one, and compare ratios, not times.
+Then the worst ratio of each kind and, where `flax` is installed (the `bench` extra),
+the module-carry scan next to `flax.nnx.scan` with an `nnx` MLP of the same sizes in
+its carry (target: ours at or below nnx's). Timings on a shared machine are noisy:
+run it on a quiet one, and compare ratios, not times.
 
 Usage: `python benchmarks/bench_eager_calls.py [--repeats N] [--calls N]`.
 """
@@ -20,7 +22,7 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import equinox as eqx
 import jax
@@ -169,6 +171,35 @@ def first_call(name: str, cached: bool) -> float:
         lerax_utils._CACHE_SIZE = 64
 
 
+def nnx_scan_per_call(calls: int) -> float | None:
+    """`flax.nnx.scan`'s eager time per call on the "scan, MLP" workload."""
+    try:
+        from flax import nnx  # pyright: ignore[reportMissingImports]
+    except ImportError:
+        return None
+
+    class Policy(nnx.Module):
+        def __init__(self, rngs: Any) -> None:
+            self.layers = nnx.List(
+                [nnx.Linear(4, 16, rngs=rngs), nnx.Linear(16, 16, rngs=rngs)]
+            )
+            self.out = nnx.Linear(16, 4, rngs=rngs)
+
+        def __call__(self, h: Any) -> Any:
+            for layer in self.layers:
+                h = jax.nn.relu(layer(h))
+            return self.out(h)
+
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))
+    def step(carry: Any, x: Any) -> Any:
+        policy, h = carry
+        return (policy, jnp.tanh(policy(h) + x)), h[0]
+
+    policy = Policy(nnx.Rngs(0))
+    jax.block_until_ready(step((policy, H), XS))
+    return per_call(lambda: step((policy, H), XS), calls)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
@@ -195,6 +226,15 @@ def main() -> None:
     print(f"worst repeated-call ratio: {repeated[worst]:.2f} ({worst}; target 1.5)")
     worst = max(first, key=first.__getitem__)
     print(f"worst first-call ratio: {first[worst]:.3f} ({worst}; target 1.05)")
+    nnx_times = [nnx_scan_per_call(args.calls) for _ in range(args.repeats)]
+    if None not in nnx_times:
+        ours, lax = workloads()["scan, MLP"]
+        ours_m = statistics.median(per_call(ours, args.calls) for _ in nnx_times)
+        nnx_m = statistics.median(cast(list[float], nnx_times))
+        print(
+            f"scan, MLP: ours {ours_m * 1e3:.3f}ms, flax.nnx.scan {nnx_m * 1e3:.3f}ms, "
+            f"ratio {ours_m / nnx_m:.2f} (target 1.0)"
+        )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,10 @@ a branch never taken): the floor for any bar drawn through JAX's host callbacks.
 dispatches every program that holds a host callback through its Python path, and on
 CPU runs it synchronously; that alone costs about as much as the target allows.
 
+Where `jax-tqdm` is installed (the `bench` extra), its `scan_tqdm` bar on the same
+loop (written with `jax.lax.scan` and the module partitioned by hand) is timed
+alongside too: the target is our bar at most 0.5x its time.
+
 Usage: `python benchmarks/bench_progress.py [--repeats N] [--steps N [N ...]]`.
 """
 
@@ -53,6 +57,25 @@ def measure(steps: int, repeats: int) -> None:
         return filter_scan(mlp_step, (mlp, jnp.zeros(16)), xs)
 
     runs = {"with bar": make(True), "without": make(False), "floor": floor}
+    try:
+        from jax_tqdm import scan_tqdm  # pyright: ignore[reportMissingImports]
+    except ImportError:
+        scan_tqdm = None
+    if scan_tqdm is not None:
+        static = eqx.filter(mlp, eqx.is_array, inverse=True)
+
+        @scan_tqdm(steps)
+        def tqdm_step(carry: Any, indexed_x: Any) -> Any:
+            mlp = eqx.combine(carry[0], static)
+            (mlp, hidden), y = mlp_step((mlp, carry[1]), indexed_x[1])
+            return (eqx.filter(mlp, eqx.is_array), hidden), y
+
+        @eqx.filter_jit
+        def with_jax_tqdm(mlp: Any, xs: jax.Array) -> Any:
+            init = (eqx.filter(mlp, eqx.is_array), jnp.zeros(16))
+            return jax.lax.scan(tqdm_step, init, (jnp.arange(steps), xs))
+
+        runs["jax-tqdm"] = with_jax_tqdm
     times: dict[str, list[float]] = {name: [] for name in runs}
     with contextlib.redirect_stderr(io.StringIO()):
         for run in runs.values():  # Compile, and warm up.
@@ -75,6 +98,11 @@ def measure(steps: int, repeats: int) -> None:
         f"{medians['with bar'] / medians['without']:.3f}{target}; "
         f"paired ratios: best {min(ratios):.3f}, worst {max(ratios):.3f}"
     )
+    if "jax-tqdm" in medians:
+        print(
+            f"  with bar / jax-tqdm: {medians['with bar'] / medians['jax-tqdm']:.3f} "
+            "(target <= 0.5)"
+        )
     print(
         f"  floor (a host call that never runs / without): "
         f"{medians['floor'] / medians['without']:.3f}; "
