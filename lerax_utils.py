@@ -1551,17 +1551,14 @@ def unstack_pytree(tree: _Tree, *, axis: int = 0) -> list[_Tree]:
     """Split a batched pytree into one pytree per index along `axis`.
 
     As `jnp.unstack` on every array leaf at once, except that it returns a list of
-    pytrees, each with the non-array leaves. NumPy leaves split into NumPy views, and
-    JAX slices keep their leaf's dtype, weak type, placement and sharding of the other
-    axes. `axis` is static. Eagerly, nothing that grows with the number of slices is
-    compiled.
+    pytrees, each with the non-array leaves. NumPy leaves split into NumPy views; JAX
+    slices keep their leaf's dtype, weak type, placement and sharding. `axis` is static.
 
     **Raises:**
 
     - `TypeError` if `axis` is not an int.
-    - `ValueError`, naming leaf paths and sizes, if the array leaves differ in size
-        along `axis`, if `axis` is out of range for a leaf, or if `tree` has no array
-        leaves.
+    - `ValueError` if the array leaves differ in size along `axis`, if `axis` is out
+        of range for a leaf, or if `tree` has no array leaves.
 
     **Example:**
 
@@ -1680,7 +1677,9 @@ def _slice_columns(
     # Whole along `axis`: explicit meshes refuse slices that live on some devices only.
     group = [
         jax.device_put(x, _respec(x.sharding, a, [None]))
-        if _splits(x.sharding, a)
+        if isinstance(x.sharding, jax.sharding.NamedSharding)
+        and a < len(x.sharding.spec)
+        and x.sharding.spec[a] is not None
         else x
         for x, a in zip(group, axes, strict=True)
     ]
@@ -1692,14 +1691,6 @@ def _slice_columns(
             column.extend(pieces[done - start :])
         done = start + count
     return columns
-
-
-def _splits(sharding: Any, axis: int) -> bool:
-    """Whether `sharding` is named, and splits `axis` between devices."""
-    if not isinstance(sharding, jax.sharding.NamedSharding):
-        return False
-    spec = list(sharding.spec)
-    return axis < len(spec) and spec[axis] is not None
 
 
 def _respec(sharding: Any, axis: int, part: list[Any]) -> Any:
@@ -1732,16 +1723,13 @@ def stack_pytree(trees: Sequence[_Tree], *, axis: int = 0) -> _Tree:
 
     As `jnp.stack` on every array leaf at once, except that it takes a list or tuple of
     pytrees and keeps the non-array leaves, which must be equal, of `trees[0]`. A leaf
-    that is NumPy in every tree stays NumPy, and sharded slices give a result sharded
-    as they are. `axis` is static. Eagerly, stacking thousands of trees compiles
-    nothing large.
+    that is NumPy in every tree stays NumPy. `axis` is static.
 
     **Raises:**
 
     - `TypeError` if `trees` is not a list or tuple, or `axis` is not an int.
     - `ValueError` if `trees` is empty, if `axis` is out of range, or if a tree
-        differs from `trees[0]` in structure, shape, dtype or a non-array leaf
-        ("trees[2] differs from trees[0] at path ['w']: it has shape (3,) ...").
+        differs from `trees[0]` in structure, shape, dtype or a non-array leaf.
 
     **Example:**
 
@@ -1886,24 +1874,6 @@ def _callable_name(func: Callable[..., Any]) -> str:
     return name if isinstance(name, str) else type(func).__name__
 
 
-def _check_host_function(function: str, func: Callable[..., Any]) -> None:
-    if not callable(func):
-        raise TypeError(
-            f"{function}: `func` must be callable; got {_describe_leaf(func)}."
-        )
-    while isinstance(func, functools.partial | eqx.Partial):
-        func = func.func
-    call = type(func).__call__  # For an object with an `async def __call__`.
-    for is_kind, _, kind, verb in _BODY_NEVER_RUNS:
-        if is_kind(func) or (not inspect.isroutine(func) and is_kind(call)):
-            creates = "a coroutine" if verb == "await" else kind
-            raise TypeError(
-                f"{function}: `func` ({_callable_name(func)}) is {kind} function. "
-                f"Calling it only creates {creates}, which nothing here would {verb}, "
-                f"so its body would never run. {_NEVER_RUNS_FIX}"
-            )
-
-
 def _keeping_subnormals(body: Callable[..., None], *args: Any) -> None:
     """`body(*args)` in the default floating-point environment where the C library lets
     us: XLA's CPU runtime flushes subnormal floats (even `repr(1e-310)` shows `0.0`)."""
@@ -1949,9 +1919,8 @@ def _host_caller(
         on_the_host = [
             i for i, x in enumerate(leaves) if isinstance(x, np.ndarray | np.generic)
         ]
-        # The template holds no JAX array (a tracer must not outlive its trace), and,
-        # when staged, NumPy arrays as they are now, as a traced program holds its
-        # constants. Eagerly the call runs now, and its one copy is made there.
+        # No JAX array is kept (a tracer must not outlive its trace); a staged call
+        # keeps NumPy arrays as they are now, as a traced program keeps its constants.
         template = [None if isinstance(x, jax.Array) else x for x in leaves]
         copied = [i for i in on_the_host if isinstance(leaves[i], np.ndarray)]
         if not _trace_state_clean():
@@ -1978,10 +1947,9 @@ def _host_caller(
                     f"{caller}: made with `ordered=True`, and called inside `jit` "
                     f"with the {kind} argument at path {jtu.keystr(path[1:])}, an "
                     f"array of shape {tuple(leaves[wide[0]].shape)} that spans "
-                    f"{spans[wide[0]]} devices; JAX runs ordered callbacks only in "
-                    "computations on one device. Make the wrapper with "
-                    "`ordered=False` (calls may then arrive in any order), or keep "
-                    "this computation on one device."
+                    f"{spans[wide[0]]} devices; JAX orders callbacks on one device "
+                    "only. Make the wrapper with `ordered=False` (calls may arrive "
+                    "in any order), or keep this computation on one device."
                 )
         # Typed PRNG keys cross to the host as their raw data, wrapped again there.
         impls = [jax.random.key_impl(x) if _is_key_array(x) else None for x in arrays]
@@ -2020,7 +1988,22 @@ def _wrap_for_host(
     function: str, func: Callable[..., Any], ordered: bool, partitioned: bool
 ) -> Callable[..., None]:
     """`func`, made callable from traced code by `function`, one of the wrappers."""
-    _check_host_function(function, func)
+    if not callable(func):
+        raise TypeError(
+            f"{function}: `func` must be callable; got {_describe_leaf(func)}."
+        )
+    inner = func
+    while isinstance(inner, functools.partial | eqx.Partial):
+        inner = inner.func
+    method = type(inner).__call__  # For an object with an `async def __call__`.
+    for is_kind, _, kind, verb in _BODY_NEVER_RUNS:
+        if is_kind(inner) or (not inspect.isroutine(inner) and is_kind(method)):
+            creates = "a coroutine" if verb == "await" else kind
+            raise TypeError(
+                f"{function}: `func` ({_callable_name(inner)}) is {kind} function. "
+                f"Calling it only creates {creates}, which nothing here would {verb}, "
+                f"so its body would never run. {_NEVER_RUNS_FIX}"
+            )
     for name, flag in (("ordered", ordered), ("partitioned", partitioned)):
         if not isinstance(flag, bool):
             raise TypeError(
@@ -2065,24 +2048,17 @@ def callback_wrapper(
     """Wrap the host function `func` so that traced code can call it.
 
     As `jax.debug.callback(func, ...)`, except that the wrapper takes `func`'s own
-    arguments, checked against its signature when it is called or traced. JAX arrays in
-    them reach `func` as `jax.Array`s (typed keys still typed), NumPy arrays as copies
-    taken when the call is traced (eagerly, when made), as JAX reads a NumPy constant,
-    and every other leaf as it was passed. On Linux `func` sees the subnormal floats
-    that XLA's CPU runtime flushes. Under `jit` it runs when the computation runs, under
-    `jax.vmap` once per element, and under `jax.grad` on the forward pass. What `func`
-    raises reaches the caller (under `jit`, as JAX's runtime error). What it prints
-    lands above an open progress bar, as with `tqdm.write`.
-
-    `ordered` and `partitioned` are as in `jax.debug.callback`. The wrapper keeps
-    `func`'s name, docstring and parameters, and returns `None`.
+    arguments, checked against its signature. JAX arrays reach `func` as `jax.Array`s
+    (typed keys still typed), NumPy arrays as copies taken when the call is traced, and
+    other leaves as passed. On Linux `func` sees subnormal floats, which XLA's CPU
+    runtime flushes. What `func` prints lands above an open progress bar. `ordered` and
+    `partitioned` are as in `jax.debug.callback`. The wrapper returns `None`.
 
     **Raises:**
 
-    - `TypeError` at once if `func` is not callable, or is (or partially applies, or
-        has as `__call__`) a generator, `async def` or async generator function, or if
-        `ordered` or `partitioned` is not a bool; for arguments that `func` would
-        refuse; and on the host if a call returns an awaitable or a generator.
+    - `TypeError` if `func` is not callable or makes a generator or coroutine, if
+        `ordered` or `partitioned` is not a bool, or if `func` would refuse a call's
+        arguments.
     - `ValueError` for `partitioned=True` where the installed JAX does not take it, and
         under `jit` for an ordered call with an argument on several devices.
 
@@ -2104,9 +2080,8 @@ def callback_wrapper(
 def callback_with_numpy_wrapper(
     func: Callable[..., Any], ordered: bool = False, partitioned: bool = False
 ) -> Callable[..., None]:
-    """As `callback_wrapper`, except that array arguments, JAX and NumPy alike, reach
-    `func` as `numpy.ndarray`s of their dtype (a NumPy scalar as a 0-d array, a typed
-    PRNG key as its raw key data).
+    """As `callback_wrapper`, except that array arguments reach `func` as NumPy arrays
+    (a typed PRNG key as its key data).
 
     **Example:**
 
@@ -2126,9 +2101,8 @@ def callback_with_numpy_wrapper(
 def callback_with_list_wrapper(
     func: Callable[..., Any], ordered: bool = False, partitioned: bool = False
 ) -> Callable[..., None]:
-    """As `callback_wrapper`, except that array arguments, JAX and NumPy alike, reach
-    `func` as nested Python lists (by `.tolist()`: a 0-d array or a NumPy scalar
-    becomes a Python number, a typed PRNG key its raw key data).
+    """As `callback_wrapper`, except that array arguments reach `func` as
+    `.tolist()` gives them (a typed PRNG key as its key data).
 
     **Example:**
 
@@ -2157,14 +2131,12 @@ def print_callback(*args: Any, **kwargs: Any) -> None:
     """`print`, callable from traced code: inside `jax.jit`, `filter_scan` and friends.
 
     As `jax.debug.print`, except that it takes the arguments of `print` rather than a
-    format string. Arrays, JAX or NumPy, print as their `.tolist()`. Calls print in
-    program order, except under `jit` on several devices unless the traced arguments
-    show a computation on one device (JAX refuses ordered callbacks there). Lines
-    printed while a progress bar is drawn appear above the bar, as with `tqdm.write`.
+    format string, and prints arrays as their `.tolist()`. Calls print in program order
+    unless they may span several devices, and above an open progress bar.
 
     **Raises:**
 
-    `TypeError` at the call if `print` would not take the arguments.
+    `TypeError` if `print` would not take the arguments.
 
     **Example:**
 
@@ -2271,9 +2243,8 @@ atexit.register(_end_open_lines)
 
 
 def _bars_cleared_around(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-    """`func(*args, **kwargs)` with the open bars' line blanked out first, so that
-    what it prints gets lines of its own; the bar's next report draws it again. A
-    line is blanked once per drawing, so callbacks that print nothing add little."""
+    """`func(*args, **kwargs)` with the open bars' line blanked out first (once per
+    drawing), so that what it prints gets lines of its own."""
     with _progress_lock:
         for bar in _open_bars:
             if bar.width:
@@ -2322,9 +2293,8 @@ def _progress_callbacks(
     bar: _ProgressBar, stride: int, reports: int
 ) -> tuple[Callable[[], None], Callable[[], None], Callable[[], None]]:
     """A loop's host calls: first, every `stride` steps, and last. Unordered and with
-    no operands (either costs several times more), they count as they come: the `n`-th
-    shows `n * stride` steps, the `reports`-th the total, and a second `first` before
-    that starts a new run (the one before stopped on an error)."""
+    no operands (cheaper), they count as they come: the `n`-th shows `n * stride` steps,
+    the `reports`-th the total; a second `first` before that starts a new run."""
 
     def report(kind: str) -> Callable[[], None]:
         def call() -> None:
