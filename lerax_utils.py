@@ -1608,8 +1608,7 @@ def unstack_pytree(tree: _Tree, *, axis: int = 0) -> list[_Tree]:
                 jax.lax.index_in_dim(leaf, index, leaf_axis, keepdims=False)
                 for index in range(length)
             ]
-        else:  # Concrete: sliced with the others on the same devices, committed or not
-            # (a program's outputs are all committed if any input is).
+        else:  # Concrete: grouped by sharding and by commitment, as programs give it.
             group = (leaf.sharding, _is_committed(leaf))
             jax_groups.setdefault(group, []).append(position)
     for positions in jax_groups.values():
@@ -1643,8 +1642,7 @@ def _slice_columns(
     sizes = [8 if _is_key_array(x) else x.dtype.itemsize for x in group]
     row_bytes = sum(x.size * n for x, n in zip(group, sizes, strict=True)) // length
     # Rows a call: 8 a leaf, up to 32 rows and 32 KiB.
-    count = min(8 * len(group), 32, 32 * 1024 // max(row_bytes, 1), length)
-    count = max(1, count)
+    count = max(1, min(8 * len(group), 32, 32 * 1024 // max(row_bytes, 1), length))
     # Through NumPy, slices are what a program gives, but for weak types and keys.
     sharding = group[0].sharding  # The group's, as is its commitment.
     if (
@@ -1827,8 +1825,7 @@ def _stack_chunk_into(
 
 
 def _chunk_starts(length: int, size: int) -> list[int]:
-    """Chunks of `size <= length` items that cover `range(length)`, the last one
-    overlapping the one before it, so that one program serves every chunk."""
+    """Starts of chunks of `size <= length` that cover `range(length)`, all full."""
     return [min(start, length - size) for start in range(0, length, size)]
 
 
@@ -1967,7 +1964,14 @@ def _host_caller(
             for i in on_the_host:
                 row[i] = host_side(row[i])
             host_args, host_kwargs = treedef.unflatten(row)
-            returned = _bars_cleared_around(func, *host_args, **host_kwargs)
+            # Open bars' lines are blanked (once per drawing): what `func` prints gets
+            # lines of its own.
+            with _progress_lock:
+                for bar in _open_bars:
+                    if bar.width:
+                        _write_stderr("\r" + " " * bar.width + "\r")
+                        bar.width, bar.last_draw = 0, -math.inf
+            returned = func(*host_args, **host_kwargs)
             for _, is_kind, _, verb in _BODY_NEVER_RUNS:
                 if is_kind(returned):  # Known only now: refused as when wrapping.
                     getattr(returned, "close", lambda: None)()  # Unwarned.
@@ -2086,13 +2090,11 @@ def callback_with_numpy_wrapper(
     **Example:**
 
     ```python
-    import jax
     import jax.numpy as jnp
     from lerax_utils import callback_with_numpy_wrapper
 
     log = callback_with_numpy_wrapper(lambda loss: print(type(loss).__name__, loss))
-    jax.jit(lambda p: log(jnp.sum(p**2)))(jnp.ones(2))
-    jax.effects_barrier()  # ndarray 2.0
+    log(jnp.sum(jnp.ones(2)))  # ndarray 2.0
     ```
     """
     return _wrap_for_host("callback_with_numpy_wrapper", func, ordered, partitioned)
@@ -2107,13 +2109,11 @@ def callback_with_list_wrapper(
     **Example:**
 
     ```python
-    import jax
     import jax.numpy as jnp
     from lerax_utils import callback_with_list_wrapper
 
-    log = callback_with_list_wrapper(lambda step, x: print(step, x), ordered=True)
-    jax.jit(lambda x: log(0, x * 2))(jnp.arange(3.0))
-    jax.effects_barrier()  # 0 [0.0, 2.0, 4.0]
+    log = callback_with_list_wrapper(lambda step, x: print(step, x))
+    log(0, jnp.arange(3.0))  # 0 [0.0, 1.0, 2.0]
     ```
     """
     return _wrap_for_host("callback_with_list_wrapper", func, ordered, partitioned)
@@ -2194,8 +2194,7 @@ def _format_seconds(seconds: float) -> str:
 
 @dataclasses.dataclass(eq=False)
 class _ProgressBar:
-    """One loop's bar and its state on the host. A compiled loop reuses it on every
-    run; a report of count 0 starts a new run."""
+    """One loop's bar on the host, reused by each run; a count of 0 starts a run."""
 
     description: str
     total: int
@@ -2223,8 +2222,7 @@ class _ProgressBar:
 
 
 def _write_stderr(text: str) -> None:
-    """Every write of a bar, after what was printed: where a stream cannot take it
-    (`None`, closed, a broken pipe), nothing is written, and the loop runs on."""
+    """A bar's write, after what was printed; a failing stream is skipped."""
     for stream, part in ((sys.stdout, ""), (sys.stderr, text)):
         with contextlib.suppress(Exception):
             stream.write(part)
@@ -2240,17 +2238,6 @@ def _end_open_lines() -> None:
 
 
 atexit.register(_end_open_lines)
-
-
-def _bars_cleared_around(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-    """`func(*args, **kwargs)` with the open bars' line blanked out first (once per
-    drawing), so that what it prints gets lines of its own."""
-    with _progress_lock:
-        for bar in _open_bars:
-            if bar.width:
-                _write_stderr("\r" + " " * bar.width + "\r")
-                bar.width, bar.last_draw = 0, -math.inf
-    return func(*args, **kwargs)
 
 
 def _progress_update(bar: _ProgressBar, count: int) -> None:
@@ -2296,22 +2283,20 @@ def _progress_callbacks(
     no operands (cheaper), they count as they come: the `n`-th shows `n * stride` steps,
     the `reports`-th the total; a second `first` before that starts a new run."""
 
-    def report(kind: str) -> Callable[[], None]:
-        def call() -> None:
-            with _progress_lock:
-                if kind == "first":
-                    if bar.started:
-                        bar.reports = 0
-                    bar.started = True
-                index = bar.reports
-                bar.reports += 1
-                if bar.reports == reports:
-                    bar.reports, bar.started = 0, False
-            _progress_update(bar, bar.total if index == reports - 1 else index * stride)
+    def report(first: bool) -> None:
+        with _progress_lock:
+            if first:
+                if bar.started:
+                    bar.reports = 0
+                bar.started = True
+            index = bar.reports
+            bar.reports += 1
+            if bar.reports == reports:
+                bar.reports, bar.started = 0, False
+        _progress_update(bar, bar.total if index == reports - 1 else index * stride)
 
-        return call
-
-    return report("first"), report("then"), report("last")
+    then = functools.partial(report, False)
+    return functools.partial(report, True), then, then
 
 
 @contextlib.contextmanager
