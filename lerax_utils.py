@@ -168,8 +168,7 @@ _DEBUG_CALLBACK_TAKES_PARTITIONED = (
 )
 
 
-# How many devices a tracer's `aval.sharding` spans (0 for none), in newer jax that
-# records one; else `None`.
+# How many devices a tracer's `aval.sharding` spans, in newer jax that records one.
 def _traced_mesh_size(tracer: Any) -> int | None:
     mesh = getattr(getattr(tracer.aval, "sharding", None), "mesh", None)
     size = getattr(mesh, "size", None)
@@ -2229,15 +2228,13 @@ def _write_stderr(text: str) -> None:
             stream.flush()
 
 
+@atexit.register
 def _end_open_lines() -> None:
     """End the line of a bar left part-way (its loop stopped on an error)."""
     with _progress_lock:
         if _open_bars:
             _write_stderr("\n")
         _open_bars.clear()
-
-
-atexit.register(_end_open_lines)
 
 
 def _progress_update(bar: _ProgressBar, count: int) -> None:
@@ -2260,12 +2257,8 @@ def _chunk_size(length: int) -> int | None:
     """Steps per chunk: the divisor of `length` nearest `_progress_stride(length)`
     within a factor of two and the bound on host calls, or `None`."""
     target = _progress_stride(length)
-    fewest = -(-length // (_PROGRESS_MAX_CALLBACKS - 1))
-    near = [
-        size
-        for size in _divisors(length)
-        if max(fewest, target // 2) <= size <= 2 * target
-    ]
+    smallest = max(-(-length // (_PROGRESS_MAX_CALLBACKS - 1)), target // 2)
+    near = [size for size in _divisors(length) if smallest <= size <= 2 * target]
     return min(near, key=lambda size: (abs(size - target), size), default=None)
 
 
