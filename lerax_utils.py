@@ -1871,8 +1871,7 @@ def _callable_name(func: Callable[..., Any]) -> str:
 
 
 def _keeping_subnormals(body: Callable[..., None], *args: Any) -> None:
-    """`body(*args)` in the default floating-point environment where the C library lets
-    us: XLA's CPU runtime flushes subnormal floats (even `repr(1e-310)` shows `0.0`)."""
+    """`body(*args)` keeping the subnormal floats that XLA's CPU runtime flushes."""
     if _FENV is None or sys.float_info.min / 2 != 0.0:
         return body(*args)
     get_environment, set_environment = _FENV
@@ -1990,11 +1989,7 @@ def _host_caller(
 def _wrap_for_host(
     function: str, func: Callable[..., Any], ordered: bool, partitioned: bool
 ) -> Callable[..., None]:
-    """`func`, made callable from traced code by `function`, one of the wrappers."""
-    if not callable(func):
-        raise TypeError(
-            f"{function}: `func` must be callable; got {_describe_leaf(func)}."
-        )
+    _check_callable(function, func=func)
     inner = func
     while isinstance(inner, functools.partial | eqx.Partial):
         inner = inner.func
@@ -2054,14 +2049,12 @@ def callback_wrapper(
     arguments, checked against its signature. JAX arrays reach `func` as `jax.Array`s
     (typed keys still typed), NumPy arrays as copies taken when the call is traced, and
     other leaves as passed. On Linux `func` sees subnormal floats, which XLA's CPU
-    runtime flushes. What `func` prints lands above an open progress bar. `ordered` and
-    `partitioned` are as in `jax.debug.callback`. The wrapper returns `None`.
+    runtime flushes. What `func` prints lands above an open progress bar.
 
     **Raises:**
 
     - `TypeError` if `func` is not callable or makes a generator or coroutine, if
-        `ordered` or `partitioned` is not a bool, or if `func` would refuse a call's
-        arguments.
+        `ordered` or `partitioned` is not a bool, or for arguments `func` refuses.
     - `ValueError` for `partitioned=True` where the installed JAX does not take it, and
         under `jit` for an ordered call with an argument on several devices.
 
@@ -2264,7 +2257,6 @@ def _chunk_size(length: int) -> int | None:
 
 @functools.lru_cache(maxsize=256)
 def _divisors(number: int) -> list[int]:
-    """Every divisor of `number` (at least 1), in increasing order."""
     small = [d for d in range(1, math.isqrt(number) + 1) if number % d == 0]
     return small + [number // d for d in reversed(small) if d * d != number]
 
