@@ -2209,8 +2209,7 @@ class _ProgressBar:
             f"[{_format_seconds(elapsed)}<{_format_seconds(left)}, {rate_text}]"
         )
         _write_stderr("\r" + text.ljust(self.width) + end)
-        self.width = len(text)
-        self.last_draw = now
+        self.width, self.last_draw = len(text), now
 
 
 def _write_stderr(text: str) -> None:
