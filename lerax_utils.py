@@ -168,8 +168,7 @@ _DEBUG_CALLBACK_TAKES_PARTITIONED = (
 )
 
 
-# How many devices a tracer's `aval.sharding` spans (0 for none), in newer jax that
-# records one; else `None`.
+# How many devices a tracer's `aval.sharding` spans, in newer jax that records one.
 def _traced_mesh_size(tracer: Any) -> int | None:
     mesh = getattr(getattr(tracer.aval, "sharding", None), "mesh", None)
     size = getattr(mesh, "size", None)
@@ -1551,17 +1550,14 @@ def unstack_pytree(tree: _Tree, *, axis: int = 0) -> list[_Tree]:
     """Split a batched pytree into one pytree per index along `axis`.
 
     As `jnp.unstack` on every array leaf at once, except that it returns a list of
-    pytrees, each with the non-array leaves. NumPy leaves split into NumPy views, and
-    JAX slices keep their leaf's dtype, weak type, placement and sharding of the other
-    axes. `axis` is static. Eagerly, nothing that grows with the number of slices is
-    compiled.
+    pytrees, each with the non-array leaves. NumPy leaves split into NumPy views; JAX
+    slices keep their leaf's dtype, weak type, placement and sharding. `axis` is static.
 
     **Raises:**
 
     - `TypeError` if `axis` is not an int.
-    - `ValueError`, naming leaf paths and sizes, if the array leaves differ in size
-        along `axis`, if `axis` is out of range for a leaf, or if `tree` has no array
-        leaves.
+    - `ValueError` if the array leaves differ in size along `axis`, if `axis` is out
+        of range for a leaf, or if `tree` has no array leaves.
 
     **Example:**
 
@@ -1611,8 +1607,7 @@ def unstack_pytree(tree: _Tree, *, axis: int = 0) -> list[_Tree]:
                 jax.lax.index_in_dim(leaf, index, leaf_axis, keepdims=False)
                 for index in range(length)
             ]
-        else:  # Concrete: sliced with the others on the same devices, committed or not
-            # (a program's outputs are all committed if any input is).
+        else:  # Concrete: grouped by sharding and by commitment, as programs give it.
             group = (leaf.sharding, _is_committed(leaf))
             jax_groups.setdefault(group, []).append(position)
     for positions in jax_groups.values():
@@ -1646,8 +1641,7 @@ def _slice_columns(
     sizes = [8 if _is_key_array(x) else x.dtype.itemsize for x in group]
     row_bytes = sum(x.size * n for x, n in zip(group, sizes, strict=True)) // length
     # Rows a call: 8 a leaf, up to 32 rows and 32 KiB.
-    count = min(8 * len(group), 32, 32 * 1024 // max(row_bytes, 1), length)
-    count = max(1, count)
+    count = max(1, min(8 * len(group), 32, 32 * 1024 // max(row_bytes, 1), length))
     # Through NumPy, slices are what a program gives, but for weak types and keys.
     sharding = group[0].sharding  # The group's, as is its commitment.
     if (
@@ -1680,7 +1674,9 @@ def _slice_columns(
     # Whole along `axis`: explicit meshes refuse slices that live on some devices only.
     group = [
         jax.device_put(x, _respec(x.sharding, a, [None]))
-        if _splits(x.sharding, a)
+        if isinstance(x.sharding, jax.sharding.NamedSharding)
+        and a < len(x.sharding.spec)
+        and x.sharding.spec[a] is not None
         else x
         for x, a in zip(group, axes, strict=True)
     ]
@@ -1692,14 +1688,6 @@ def _slice_columns(
             column.extend(pieces[done - start :])
         done = start + count
     return columns
-
-
-def _splits(sharding: Any, axis: int) -> bool:
-    """Whether `sharding` is named, and splits `axis` between devices."""
-    if not isinstance(sharding, jax.sharding.NamedSharding):
-        return False
-    spec = list(sharding.spec)
-    return axis < len(spec) and spec[axis] is not None
 
 
 def _respec(sharding: Any, axis: int, part: list[Any]) -> Any:
@@ -1732,16 +1720,13 @@ def stack_pytree(trees: Sequence[_Tree], *, axis: int = 0) -> _Tree:
 
     As `jnp.stack` on every array leaf at once, except that it takes a list or tuple of
     pytrees and keeps the non-array leaves, which must be equal, of `trees[0]`. A leaf
-    that is NumPy in every tree stays NumPy, and sharded slices give a result sharded
-    as they are. `axis` is static. Eagerly, stacking thousands of trees compiles
-    nothing large.
+    that is NumPy in every tree stays NumPy. `axis` is static.
 
     **Raises:**
 
     - `TypeError` if `trees` is not a list or tuple, or `axis` is not an int.
     - `ValueError` if `trees` is empty, if `axis` is out of range, or if a tree
-        differs from `trees[0]` in structure, shape, dtype or a non-array leaf
-        ("trees[2] differs from trees[0] at path ['w']: it has shape (3,) ...").
+        differs from `trees[0]` in structure, shape, dtype or a non-array leaf.
 
     **Example:**
 
@@ -1839,8 +1824,7 @@ def _stack_chunk_into(
 
 
 def _chunk_starts(length: int, size: int) -> list[int]:
-    """Chunks of `size <= length` items that cover `range(length)`, the last one
-    overlapping the one before it, so that one program serves every chunk."""
+    """Starts of chunks of `size <= length` that cover `range(length)`, all full."""
     return [min(start, length - size) for start in range(0, length, size)]
 
 
@@ -1886,27 +1870,8 @@ def _callable_name(func: Callable[..., Any]) -> str:
     return name if isinstance(name, str) else type(func).__name__
 
 
-def _check_host_function(function: str, func: Callable[..., Any]) -> None:
-    if not callable(func):
-        raise TypeError(
-            f"{function}: `func` must be callable; got {_describe_leaf(func)}."
-        )
-    while isinstance(func, functools.partial | eqx.Partial):
-        func = func.func
-    call = type(func).__call__  # For an object with an `async def __call__`.
-    for is_kind, _, kind, verb in _BODY_NEVER_RUNS:
-        if is_kind(func) or (not inspect.isroutine(func) and is_kind(call)):
-            creates = "a coroutine" if verb == "await" else kind
-            raise TypeError(
-                f"{function}: `func` ({_callable_name(func)}) is {kind} function. "
-                f"Calling it only creates {creates}, which nothing here would {verb}, "
-                f"so its body would never run. {_NEVER_RUNS_FIX}"
-            )
-
-
 def _keeping_subnormals(body: Callable[..., None], *args: Any) -> None:
-    """`body(*args)` in the default floating-point environment where the C library lets
-    us: XLA's CPU runtime flushes subnormal floats (even `repr(1e-310)` shows `0.0`)."""
+    """`body(*args)` keeping the subnormal floats that XLA's CPU runtime flushes."""
     if _FENV is None or sys.float_info.min / 2 != 0.0:
         return body(*args)
     get_environment, set_environment = _FENV
@@ -1949,9 +1914,8 @@ def _host_caller(
         on_the_host = [
             i for i, x in enumerate(leaves) if isinstance(x, np.ndarray | np.generic)
         ]
-        # The template holds no JAX array (a tracer must not outlive its trace), and,
-        # when staged, NumPy arrays as they are now, as a traced program holds its
-        # constants. Eagerly the call runs now, and its one copy is made there.
+        # No JAX array is kept (a tracer must not outlive its trace); a staged call
+        # keeps NumPy arrays as they are now, as a traced program keeps its constants.
         template = [None if isinstance(x, jax.Array) else x for x in leaves]
         copied = [i for i in on_the_host if isinstance(leaves[i], np.ndarray)]
         if not _trace_state_clean():
@@ -1978,10 +1942,9 @@ def _host_caller(
                     f"{caller}: made with `ordered=True`, and called inside `jit` "
                     f"with the {kind} argument at path {jtu.keystr(path[1:])}, an "
                     f"array of shape {tuple(leaves[wide[0]].shape)} that spans "
-                    f"{spans[wide[0]]} devices; JAX runs ordered callbacks only in "
-                    "computations on one device. Make the wrapper with "
-                    "`ordered=False` (calls may then arrive in any order), or keep "
-                    "this computation on one device."
+                    f"{spans[wide[0]]} devices; JAX orders callbacks on one device "
+                    "only. Make the wrapper with `ordered=False` (calls may arrive "
+                    "in any order), or keep this computation on one device."
                 )
         # Typed PRNG keys cross to the host as their raw data, wrapped again there.
         impls = [jax.random.key_impl(x) if _is_key_array(x) else None for x in arrays]
@@ -1999,7 +1962,14 @@ def _host_caller(
             for i in on_the_host:
                 row[i] = host_side(row[i])
             host_args, host_kwargs = treedef.unflatten(row)
-            returned = _bars_cleared_around(func, *host_args, **host_kwargs)
+            # Open bars' lines are blanked (once per drawing): what `func` prints gets
+            # lines of its own.
+            with _progress_lock:
+                for bar in _open_bars:
+                    if bar.width:
+                        _write_stderr("\r" + " " * bar.width + "\r")
+                        bar.width, bar.last_draw = 0, -math.inf
+            returned = func(*host_args, **host_kwargs)
             for _, is_kind, _, verb in _BODY_NEVER_RUNS:
                 if is_kind(returned):  # Known only now: refused as when wrapping.
                     getattr(returned, "close", lambda: None)()  # Unwarned.
@@ -2019,8 +1989,19 @@ def _host_caller(
 def _wrap_for_host(
     function: str, func: Callable[..., Any], ordered: bool, partitioned: bool
 ) -> Callable[..., None]:
-    """`func`, made callable from traced code by `function`, one of the wrappers."""
-    _check_host_function(function, func)
+    _check_callable(function, func=func)
+    inner = func
+    while isinstance(inner, functools.partial | eqx.Partial):
+        inner = inner.func
+    method = type(inner).__call__  # For an object with an `async def __call__`.
+    for is_kind, _, kind, verb in _BODY_NEVER_RUNS:
+        if is_kind(inner) or (not inspect.isroutine(inner) and is_kind(method)):
+            creates = "a coroutine" if verb == "await" else kind
+            raise TypeError(
+                f"{function}: `func` ({_callable_name(inner)}) is {kind} function. "
+                f"Calling it only creates {creates}, which nothing here would {verb}, "
+                f"so its body would never run. {_NEVER_RUNS_FIX}"
+            )
     for name, flag in (("ordered", ordered), ("partitioned", partitioned)):
         if not isinstance(flag, bool):
             raise TypeError(
@@ -2065,24 +2046,15 @@ def callback_wrapper(
     """Wrap the host function `func` so that traced code can call it.
 
     As `jax.debug.callback(func, ...)`, except that the wrapper takes `func`'s own
-    arguments, checked against its signature when it is called or traced. JAX arrays in
-    them reach `func` as `jax.Array`s (typed keys still typed), NumPy arrays as copies
-    taken when the call is traced (eagerly, when made), as JAX reads a NumPy constant,
-    and every other leaf as it was passed. On Linux `func` sees the subnormal floats
-    that XLA's CPU runtime flushes. Under `jit` it runs when the computation runs, under
-    `jax.vmap` once per element, and under `jax.grad` on the forward pass. What `func`
-    raises reaches the caller (under `jit`, as JAX's runtime error). What it prints
-    lands above an open progress bar, as with `tqdm.write`.
-
-    `ordered` and `partitioned` are as in `jax.debug.callback`. The wrapper keeps
-    `func`'s name, docstring and parameters, and returns `None`.
+    arguments, checked against its signature. JAX arrays reach `func` as `jax.Array`s
+    (typed keys still typed), NumPy arrays as copies taken when the call is traced, and
+    other leaves as passed. On Linux `func` sees subnormal floats, which XLA's CPU
+    runtime flushes. What `func` prints lands above an open progress bar.
 
     **Raises:**
 
-    - `TypeError` at once if `func` is not callable, or is (or partially applies, or
-        has as `__call__`) a generator, `async def` or async generator function, or if
-        `ordered` or `partitioned` is not a bool; for arguments that `func` would
-        refuse; and on the host if a call returns an awaitable or a generator.
+    - `TypeError` if `func` is not callable or makes a generator or coroutine, if
+        `ordered` or `partitioned` is not a bool, or for arguments `func` refuses.
     - `ValueError` for `partitioned=True` where the installed JAX does not take it, and
         under `jit` for an ordered call with an argument on several devices.
 
@@ -2104,20 +2076,17 @@ def callback_wrapper(
 def callback_with_numpy_wrapper(
     func: Callable[..., Any], ordered: bool = False, partitioned: bool = False
 ) -> Callable[..., None]:
-    """As `callback_wrapper`, except that array arguments, JAX and NumPy alike, reach
-    `func` as `numpy.ndarray`s of their dtype (a NumPy scalar as a 0-d array, a typed
-    PRNG key as its raw key data).
+    """As `callback_wrapper`, except that array arguments reach `func` as NumPy arrays
+    (a typed PRNG key as its key data).
 
     **Example:**
 
     ```python
-    import jax
     import jax.numpy as jnp
     from lerax_utils import callback_with_numpy_wrapper
 
     log = callback_with_numpy_wrapper(lambda loss: print(type(loss).__name__, loss))
-    jax.jit(lambda p: log(jnp.sum(p**2)))(jnp.ones(2))
-    jax.effects_barrier()  # ndarray 2.0
+    log(jnp.sum(jnp.ones(2)))  # ndarray 2.0
     ```
     """
     return _wrap_for_host("callback_with_numpy_wrapper", func, ordered, partitioned)
@@ -2126,20 +2095,17 @@ def callback_with_numpy_wrapper(
 def callback_with_list_wrapper(
     func: Callable[..., Any], ordered: bool = False, partitioned: bool = False
 ) -> Callable[..., None]:
-    """As `callback_wrapper`, except that array arguments, JAX and NumPy alike, reach
-    `func` as nested Python lists (by `.tolist()`: a 0-d array or a NumPy scalar
-    becomes a Python number, a typed PRNG key its raw key data).
+    """As `callback_wrapper`, except that array arguments reach `func` as
+    `.tolist()` gives them (a typed PRNG key as its key data).
 
     **Example:**
 
     ```python
-    import jax
     import jax.numpy as jnp
     from lerax_utils import callback_with_list_wrapper
 
-    log = callback_with_list_wrapper(lambda step, x: print(step, x), ordered=True)
-    jax.jit(lambda x: log(0, x * 2))(jnp.arange(3.0))
-    jax.effects_barrier()  # 0 [0.0, 2.0, 4.0]
+    log = callback_with_list_wrapper(lambda step, x: print(step, x))
+    log(0, jnp.arange(3.0))  # 0 [0.0, 1.0, 2.0]
     ```
     """
     return _wrap_for_host("callback_with_list_wrapper", func, ordered, partitioned)
@@ -2157,14 +2123,12 @@ def print_callback(*args: Any, **kwargs: Any) -> None:
     """`print`, callable from traced code: inside `jax.jit`, `filter_scan` and friends.
 
     As `jax.debug.print`, except that it takes the arguments of `print` rather than a
-    format string. Arrays, JAX or NumPy, print as their `.tolist()`. Calls print in
-    program order, except under `jit` on several devices unless the traced arguments
-    show a computation on one device (JAX refuses ordered callbacks there). Lines
-    printed while a progress bar is drawn appear above the bar, as with `tqdm.write`.
+    format string, and prints arrays as their `.tolist()`. Calls print in program order
+    unless they may span several devices, and above an open progress bar.
 
     **Raises:**
 
-    `TypeError` at the call if `print` would not take the arguments.
+    `TypeError` if `print` would not take the arguments.
 
     **Example:**
 
@@ -2222,8 +2186,7 @@ def _format_seconds(seconds: float) -> str:
 
 @dataclasses.dataclass(eq=False)
 class _ProgressBar:
-    """One loop's bar and its state on the host. A compiled loop reuses it on every
-    run; a report of count 0 starts a new run."""
+    """One loop's bar on the host, reused by each run; a count of 0 starts a run."""
 
     description: str
     total: int
@@ -2246,40 +2209,24 @@ class _ProgressBar:
             f"[{_format_seconds(elapsed)}<{_format_seconds(left)}, {rate_text}]"
         )
         _write_stderr("\r" + text.ljust(self.width) + end)
-        self.width = len(text)
-        self.last_draw = now
+        self.width, self.last_draw = len(text), now
 
 
 def _write_stderr(text: str) -> None:
-    """Every write of a bar, after what was printed: where a stream cannot take it
-    (`None`, closed, a broken pipe), nothing is written, and the loop runs on."""
+    """A bar's write, after what was printed; a failing stream is skipped."""
     for stream, part in ((sys.stdout, ""), (sys.stderr, text)):
         with contextlib.suppress(Exception):
             stream.write(part)
             stream.flush()
 
 
+@atexit.register
 def _end_open_lines() -> None:
     """End the line of a bar left part-way (its loop stopped on an error)."""
     with _progress_lock:
         if _open_bars:
             _write_stderr("\n")
         _open_bars.clear()
-
-
-atexit.register(_end_open_lines)
-
-
-def _bars_cleared_around(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-    """`func(*args, **kwargs)` with the open bars' line blanked out first, so that
-    what it prints gets lines of its own; the bar's next report draws it again. A
-    line is blanked once per drawing, so callbacks that print nothing add little."""
-    with _progress_lock:
-        for bar in _open_bars:
-            if bar.width:
-                _write_stderr("\r" + " " * bar.width + "\r")
-                bar.width, bar.last_draw = 0, -math.inf
-    return func(*args, **kwargs)
 
 
 def _progress_update(bar: _ProgressBar, count: int) -> None:
@@ -2302,18 +2249,13 @@ def _chunk_size(length: int) -> int | None:
     """Steps per chunk: the divisor of `length` nearest `_progress_stride(length)`
     within a factor of two and the bound on host calls, or `None`."""
     target = _progress_stride(length)
-    fewest = -(-length // (_PROGRESS_MAX_CALLBACKS - 1))
-    near = [
-        size
-        for size in _divisors(length)
-        if max(fewest, target // 2) <= size <= 2 * target
-    ]
+    smallest = max(-(-length // (_PROGRESS_MAX_CALLBACKS - 1)), target // 2)
+    near = [size for size in _divisors(length) if smallest <= size <= 2 * target]
     return min(near, key=lambda size: (abs(size - target), size), default=None)
 
 
 @functools.lru_cache(maxsize=256)
 def _divisors(number: int) -> list[int]:
-    """Every divisor of `number` (at least 1), in increasing order."""
     small = [d for d in range(1, math.isqrt(number) + 1) if number % d == 0]
     return small + [number // d for d in reversed(small) if d * d != number]
 
@@ -2322,26 +2264,23 @@ def _progress_callbacks(
     bar: _ProgressBar, stride: int, reports: int
 ) -> tuple[Callable[[], None], Callable[[], None], Callable[[], None]]:
     """A loop's host calls: first, every `stride` steps, and last. Unordered and with
-    no operands (either costs several times more), they count as they come: the `n`-th
-    shows `n * stride` steps, the `reports`-th the total, and a second `first` before
-    that starts a new run (the one before stopped on an error)."""
+    no operands (cheaper), they count as they come: the `n`-th shows `n * stride` steps,
+    the `reports`-th the total; a second `first` before that starts a new run."""
 
-    def report(kind: str) -> Callable[[], None]:
-        def call() -> None:
-            with _progress_lock:
-                if kind == "first":
-                    if bar.started:
-                        bar.reports = 0
-                    bar.started = True
-                index = bar.reports
-                bar.reports += 1
-                if bar.reports == reports:
-                    bar.reports, bar.started = 0, False
-            _progress_update(bar, bar.total if index == reports - 1 else index * stride)
+    def report(first: bool) -> None:
+        with _progress_lock:
+            if first:
+                if bar.started:
+                    bar.reports = 0
+                bar.started = True
+            index = bar.reports
+            bar.reports += 1
+            if bar.reports == reports:
+                bar.reports, bar.started = 0, False
+        _progress_update(bar, bar.total if index == reports - 1 else index * stride)
 
-        return call
-
-    return report("first"), report("then"), report("last")
+    then = functools.partial(report, False)
+    return functools.partial(report, True), then, then
 
 
 @contextlib.contextmanager

@@ -143,10 +143,9 @@ def test_ordered_wrappers_gather_eagerly_and_explain_the_fix_under_jit():
         assert report["error"] == (
             "ValueError: log_metrics (made by callback_with_list_wrapper): made with "
             "`ordered=True`, and called inside `jit` with the positional argument at "
-            "path [1]['loss'], an array of shape () that spans 4 devices; JAX runs "
-            "ordered callbacks only in computations on one device. Make the wrapper "
-            "with `ordered=False` (calls may then arrive in any order), or keep this "
-            "computation on one device."
+            "path [1]['loss'], an array of shape () that spans 4 devices; JAX orders "
+            "callbacks on one device only. Make the wrapper with `ordered=False` "
+            "(calls may arrive in any order), or keep this computation on one device."
         )
     else:  # Older JAX: its own message, which the docstring quotes with the fix.
         assert report["error"].startswith(
