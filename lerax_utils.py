@@ -939,35 +939,32 @@ def filter_scan(
 ) -> tuple[_Carry, _Y]:
     """As `jax.lax.scan`, except that the carry, inputs and outputs may be any pytree.
 
-    Arrays are traced, and so are bools; a Python number in the carry from the step
-    that changes it. Other leaves are static: `f` returns them unchanged. On arrays
-    this is `jax.lax.scan`'s own program, under `jit`, `vmap` and `grad` alike.
+    Arrays are traced, and so are the carry's bools, and its other Python numbers from
+    the step that changes them. Other leaves are static: `f` returns them unchanged.
+    On arrays this is `jax.lax.scan`'s own program, under `jit`, `vmap` and `grad`.
 
     **Arguments:** as `jax.lax.scan`, except:
 
     - `xs`: its arrays are sliced along their leading axis; its other leaves reach
-        every step unchanged. When `xs` holds no arrays, pass `length`.
-    - `length`: a concrete whole number (Python, NumPy, or a 0-d array).
-    - `progress`: `True`, or a description, draws a progress bar on stderr while the
-        loop runs, even under `jax.jit`.
+        every step whole. Pass `length` when it holds no arrays.
+    - `length`: a concrete whole number.
+    - `progress`: `True`, or a description, draws a progress bar on stderr, even
+        under `jax.jit`.
 
     **Returns:** `(final_carry, ys)`; the static leaves of `y` come once, unstacked.
 
-    **Raises:** `jax.lax.scan`'s exception types, with these messages:
+    **Raises:** `jax.lax.scan`'s exception types, with messages that begin:
 
     - `TypeError`: ``filter_scan: `f` must be callable``, ``filter_scan: `f` must
-        return a pair``, ``filter_scan: `f` returned a carry that differs from
-        `init` ``, ``filter_scan: `length` must be a whole number``, ``filter_scan:
-        `unroll` must be a bool or a non-negative int``, ``filter_scan: `progress`
-        must be a bool or a string``.
-    - `ValueError`: ``filter_scan: `f` returned a carry that differs from `init` ``
-        (a static leaf), ``filter_scan: every array in `xs` must have the same
-        leading size``, ``filter_scan: `length=…` disagrees with the leading size``,
-        ``filter_scan: cannot tell how many steps to run``, ``filter_scan: the array
-        at `xs` path … is a scalar`` (an `IndexError` too), ``filter_scan: `length`
-        must be non-negative``, ``filter_scan: `unroll` must be a bool or a
-        non-negative int``, ``filter_scan: the non-array part of `f`'s output `y`
-        differs``.
+        return a pair``, ``filter_scan: `f` returned a carry``, ``filter_scan:
+        `length` must be a whole number``, ``filter_scan: `unroll` must be``,
+        ``filter_scan: `progress` must be``.
+    - `ValueError`: ``filter_scan: `f` returned a carry`` (a static leaf),
+        ``filter_scan: every array in `xs` must``, ``filter_scan: `length=…`
+        disagrees``, ``filter_scan: cannot tell how many steps``, ``filter_scan:
+        the array at `xs` path … is a scalar`` (an `IndexError` too), ``filter_scan:
+        `length` must be non-negative``, ``filter_scan: `unroll` must be``,
+        ``filter_scan: the non-array part of `f`'s output``.
     - `jax.errors.ConcretizationTypeError`: ``filter_scan: `length` must be
         concrete``.
 
@@ -1260,17 +1257,16 @@ def filter_cond(
 ) -> _Out:
     """As `jax.lax.cond`, except that the operands and outputs may be any pytree.
 
-    Arrays and bools among the operands are traced; other leaves reach the branch
-    unchanged. The branches return arrays or numbers (traced), or equal static values,
-    at each leaf; a number that every branch returns unchanged stays a Python number.
+    The operands' arrays and bools are traced; other leaves reach the branches whole.
+    At each leaf the branches return arrays or numbers (traced), or equal static
+    values; a number that every branch returns unchanged stays a Python number.
 
-    **Raises:** `jax.lax.cond`'s exception types, with these messages:
+    **Raises:** `jax.lax.cond`'s exception types, with messages that begin:
 
     - `TypeError`: ``filter_cond: `true_fun` must be callable``, ``filter_cond:
         `pred` must be a scalar``, ``filter_cond: the branches' outputs disagree``,
-        ``filter_cond: pass the operands either positionally or as `operand=`, not
-        both``.
-    - `ValueError`: ``filter_cond: the branches' outputs disagree`` (a static value).
+        ``filter_cond: pass the operands either positionally or as `operand=` ``.
+    - `ValueError`: ``filter_cond: the branches' outputs disagree`` (static values).
 
     **Example:**
 
@@ -1305,15 +1301,14 @@ def filter_switch(
     """As `jax.lax.switch`, except that the operands and outputs may be any pytree,
     split as by `filter_cond`.
 
-    **Raises:** `jax.lax.switch`'s exception types, with these messages:
+    **Raises:** `jax.lax.switch`'s exception types, with messages that begin:
 
-    - `TypeError`: ``filter_switch: `branches` must be a sequence of functions``,
-        ``filter_switch: `branches[…]` must be callable``, ``filter_switch: `index`
-        must be a scalar``, ``filter_switch: the branches' outputs disagree``,
-        ``filter_switch: pass the operands either positionally or as `operand=`, not
-        both``.
+    - `TypeError`: ``filter_switch: `branches` must be a sequence``, ``filter_switch:
+        `branches[…]` must be callable``, ``filter_switch: `index` must be a
+        scalar``, ``filter_switch: the branches' outputs disagree``, ``filter_switch:
+        pass the operands either positionally or as `operand=` ``.
     - `ValueError`: ``filter_switch: `branches` is empty``, ``filter_switch: the
-        branches' outputs disagree`` (a static value).
+        branches' outputs disagree`` (static values).
 
     **Example:**
 
@@ -1350,13 +1345,11 @@ def filter_while_loop(
     """As `jax.lax.while_loop`, except that the carry may be any pytree, split as by
     `filter_scan`.
 
-    **Raises:** `jax.lax.while_loop`'s exception types, with these messages:
+    **Raises:** `jax.lax.while_loop`'s exception types, with messages that begin:
 
     - `TypeError`: ``filter_while_loop: `cond_fun` must be callable`` (or
-        `body_fun`), ``filter_while_loop: `body_fun` returned a carry that differs
-        from `init_val` ``.
-    - `ValueError`: the same carry message, for a static leaf: ``filter_while_loop:
-        `body_fun` returned a carry that differs from `init_val` ``.
+        `body_fun`), ``filter_while_loop: `body_fun` returned a carry``.
+    - `ValueError`: ``filter_while_loop: `body_fun` returned a carry`` (a static leaf).
 
     **Example:**
 
@@ -1398,18 +1391,14 @@ def filter_fori_loop(
     progress: bool | str = False,
 ) -> _Carry:
     """As `jax.lax.fori_loop`, except that the carry may be any pytree, split as by
-    `filter_scan`.
+    `filter_scan`; `progress` as in `filter_scan`, with concrete bounds.
 
-    **Arguments:** as `jax.lax.fori_loop`, and `progress` as in `filter_scan`, which
-    needs concrete bounds.
-
-    **Raises:** `jax.lax.fori_loop`'s exception types, with these messages:
+    **Raises:** `jax.lax.fori_loop`'s exception types, with messages that begin:
 
     - `TypeError`: ``filter_fori_loop: `body_fun` must be callable``,
-        ``filter_fori_loop: `body_fun` returned a carry that differs from `init_val` ``,
-        ``filter_fori_loop: `progress` needs concrete bounds``.
-    - `ValueError`: the same carry message, for a static leaf: ``filter_fori_loop:
-        `body_fun` returned a carry that differs from `init_val` ``.
+        ``filter_fori_loop: `body_fun` returned a carry``, ``filter_fori_loop:
+        `progress` needs concrete bounds``.
+    - `ValueError`: ``filter_fori_loop: `body_fun` returned a carry`` (a static leaf).
 
     **Example:**
 
@@ -1471,22 +1460,20 @@ def filter_map(
     batch_size: int | None = None,
     progress: bool | str = False,
 ) -> _Y:
-    """As `jax.lax.map`, except that `xs` and the outputs of `f` may be any pytree.
+    """As `jax.lax.map`, except that `xs` and the outputs of `f` may be any pytree;
+    `progress` as in `filter_scan`.
 
-    The arrays of `xs` are sliced along their leading axis; its other leaves reach
-    every call unchanged. The arrays and numbers that `f` returns are stacked; its
-    other leaves come once.
+    The arrays of `xs` are sliced along their leading axis, and its other leaves reach
+    every call whole. The arrays and numbers that `f` returns are stacked; its other
+    leaves come once.
 
-    **Arguments:** as `jax.lax.map`, and `progress` as in `filter_scan`.
-
-    **Raises:** `jax.lax.map`'s exception types, with these messages:
+    **Raises:** `jax.lax.map`'s exception types, with messages that begin:
 
     - `TypeError`: ``filter_map: `f` must be callable``, ``filter_map: `progress`
-        cannot be combined with `batch_size` ``, ``filter_map: `batch_size` needs a
-        JAX whose `jax.lax.map` takes it``.
+        cannot be combined with `batch_size` ``, ``filter_map: `batch_size` needs``.
     - `ValueError`: ``filter_map: `xs` holds no arrays``, ``filter_map: the array at
         `xs` path … is a scalar`` (an `IndexError` too), ``filter_map: the non-array
-        part of `f`'s output differs``.
+        part of `f`'s output``.
 
     **Example:**
 
