@@ -271,12 +271,7 @@ def _same_python_number(old: Any, new: Any) -> bool:
     """Python numbers of one type and value, floats by bits (NaN payloads, `-0.0`)."""
     if type(old) is not type(new) or type(old) not in _PYTHON_SCALARS:
         return False
-    if type(old) in (float, complex):
-        old, new = complex(old), complex(new)
-        return struct.pack("<2d", old.real, old.imag) == struct.pack(
-            "<2d", new.real, new.imag
-        )
-    return old == new
+    return _exact_key(old, []) == _exact_key(new, [])
 
 
 def _is_key_array(array: Any) -> bool:
@@ -793,8 +788,7 @@ class _LoopCarry(_Split):
                 if new is not self.body_inputs[i] or shared:
                     unproven.add(i)
         if to_promote:
-            changed = frozenset(to_promote)
-            raise _PromoteCarryNumbers(changed, changed | unproven)
+            raise _PromoteCarryNumbers(to_promote, to_promote | unproven)
         pairs = zip(new_leaves, self.traced, strict=True)
         return new_def.unflatten([x if t else None for x, t in pairs])
 
@@ -986,7 +980,15 @@ def filter_scan(
     description = _progress_description("filter_scan", progress)
     inputs = _Split(xs, _is_jax_value)
     length = _scan_length(inputs, length)
-    unroll = _scan_unroll(unroll)
+    # `jax.lax.scan` interprets bools, and rejects tracers itself.
+    if not isinstance(unroll, bool | np.bool_ | jax.core.Tracer):
+        must = "filter_scan: `unroll` must be a bool or a non-negative int; got"
+        try:
+            unroll = operator.index(unroll)
+        except TypeError:
+            raise TypeError(f"{must} {_describe_leaf(unroll)}.") from None
+        if unroll < 0:
+            raise ValueError(f"{must} {unroll}.")
     bar = _make_bar(description, length)
     options = {"length": length, "reverse": reverse, "unroll": unroll}
     if _SCAN_TAKES_SPLIT_TRANSPOSE:
@@ -1094,8 +1096,18 @@ def _scan(
                     index, carry = state
                     step = functools.partial(replay, consts)
                     carry, ys = jax.lax.scan(step, carry, x, **inner)
-                    # Tied to this chunk's arrays, so that it runs after its steps.
-                    done, operand = _after_arrays_of([carry, ys], index)
+                    # Tied to this chunk's smallest array, whole (for any sharding),
+                    # so that it runs after its steps: by a barrier, or as operand.
+                    done, operand = index, index
+                    leaves = [x for x in jtu.tree_leaves([carry, ys]) if x.size]
+                    if leaves:
+                        smallest = min(leaves, key=lambda leaf: leaf.size)
+                        if _is_key_array(smallest):
+                            smallest = jax.random.key_data(smallest)
+                        if _HAS_OPTIMIZATION_BARRIER:
+                            done = _optimization_barrier((index, smallest))[0]
+                        else:
+                            operand = jnp.ravel(smallest)[0]
                     jax.lax.cond(
                         done == chunks - 1,
                         lambda _: jax.debug.callback(last),
@@ -1116,21 +1128,6 @@ def _scan(
             scan.defjvp(lambda primals, dots: jax.jvp(every_step, primals, dots))
         final, ys = scan(list(closed.consts), init_leaves, jtu.tree_leaves(xs))
         return carry_def.unflatten(final), jtu.tree_structure(y_shape).unflatten(ys)
-
-
-def _after_arrays_of(tree: list[Any], index: jax.Array) -> tuple[jax.Array, Any]:
-    """`index`, and an operand for the reporting branch, computed after `tree`."""
-    # A barrier ties `index` to the smallest array, whole (for any sharding); without
-    # one, a value of that array is the operand.
-    leaves = [leaf for leaf in jtu.tree_leaves(tree) if leaf.size]
-    if not leaves:
-        return index, index
-    smallest = min(leaves, key=lambda leaf: leaf.size)
-    if _is_key_array(smallest):
-        smallest = jax.random.key_data(smallest)
-    if _HAS_OPTIMIZATION_BARRIER:
-        return _optimization_barrier((index, smallest))[0], index
-    return index, jnp.ravel(smallest)[0]
 
 
 def _scan_reporting_every_step(
@@ -1189,13 +1186,6 @@ def _scan_length(inputs: _Split, length: Any) -> int:
         length = n
     _check_leading_axes("filter_scan", inputs)
     sizes = {leaf.shape[0] for leaf in inputs.leaves if eqx.is_array(leaf)}
-    if not sizes:
-        if length is None:
-            raise ValueError(
-                "filter_scan: cannot tell how many steps to run, because `xs` holds no "
-                "arrays. Pass `length=`."
-            )
-        return length
     if len(sizes) > 1:
         arrays = [(i, x) for i, x in enumerate(inputs.leaves) if eqx.is_array(x)]
         listing = ", ".join(f"{inputs.path(i)}: {x.shape[0]}" for i, x in arrays)
@@ -1203,7 +1193,12 @@ def _scan_length(inputs: _Split, length: Any) -> int:
             "filter_scan: every array in `xs` must have the same leading size, but the "
             f"leading sizes differ ({listing}). Slice or pad them to one length."
         )
-    (size,) = sizes
+    size = sizes.pop() if sizes else length
+    if size is None:
+        raise ValueError(
+            "filter_scan: cannot tell how many steps to run, because `xs` holds no "
+            "arrays. Pass `length=`."
+        )
     if length is not None and length != size:
         raise ValueError(
             f"filter_scan: `length={length}` disagrees with the leading size {size} of "
@@ -1232,19 +1227,6 @@ def _check_leading_axes(function: str, inputs: _Split) -> None:
                 "Python scalar to pass it unchanged to every "
                 f"{'step' if scan else 'call'}."
             )
-
-
-def _scan_unroll(unroll: Any) -> Any:
-    if isinstance(unroll, bool | np.bool_ | jax.core.Tracer):
-        return unroll  # `jax.lax.scan` interprets bools, and rejects tracers itself.
-    must = "filter_scan: `unroll` must be a bool or a non-negative int; got"
-    try:
-        as_int = operator.index(unroll)
-    except TypeError:
-        raise TypeError(f"{must} {_describe_leaf(unroll)}.") from None
-    if as_int < 0:
-        raise ValueError(f"{must} {as_int}.")
-    return as_int
 
 
 @_cached_eagerly()
