@@ -121,8 +121,7 @@ _optimization_barrier = getattr(jax.lax, "optimization_barrier", lambda x: x)
 
 
 def _is_number_typed_by_jax(leaf: Any) -> bool:
-    """A number of a subclass that JAX defines, such as the `TypedFloat` that jax 0.10
-    gives a `jax.custom_vjp` forward function for a Python float."""
+    """A number of a subclass that JAX defines (jax 0.10's `TypedFloat`, say)."""
     kind = type(leaf)
     return (
         issubclass(kind, (int, float, complex))
@@ -314,15 +313,12 @@ def _static_leaves_equal(old: Any, new: Any) -> bool:
 
 def _leaf_difference(old: Any, new: Any) -> str | None:
     """How `new` differs from `old`, or `None` if it may stand in its place."""
-    if eqx.is_array(old):
-        if eqx.is_array(new):
-            return None
-        return f"was {_describe_leaf(old)} and is now {_describe_leaf(new)}"
-    if eqx.is_array(new):
-        return (
-            f"was the static (non-array) {_describe_leaf(old)} and is now "
-            f"{_describe_leaf(new)}"
-        )
+    old_is_array, new_is_array = eqx.is_array(old), eqx.is_array(new)
+    if old_is_array and new_is_array:
+        return None
+    if old_is_array or new_is_array:
+        static = "" if old_is_array else "the static (non-array) "
+        return f"was {static}{_describe_leaf(old)} and is now {_describe_leaf(new)}"
     if _static_leaves_equal(old, new):
         return None
     return f"changed from {_describe_leaf(old)} to {_describe_leaf(new)}"
@@ -364,9 +360,7 @@ def _structure_difference(old: Any, new: Any, path: _KeyPath) -> tuple[str, str]
         for (key, old_child), new_child in zip(children, new_children, strict=True):
             if jtu.tree_structure(old_child) != jtu.tree_structure(new_child):
                 return _structure_difference(old_child, new_child, path + key)
-        raise RuntimeError(
-            "internal error: trees of different structure compared equal"
-        )
+        raise RuntimeError("internal error: no child of two equal nodes differs")
     if type(old) is not type(new):
         return where, f"was {_describe_node(old)} and is now {_describe_node(new)}"
     if isinstance(old, eqx.Module):
@@ -401,8 +395,7 @@ def _describe_node(node: Any) -> str:
 
 
 class _Split:
-    """A pytree as flat leaves, and which of them JAX traces: those `is_traced`
-    picks, and those at the flat indices `promoted`."""
+    """A pytree's flat leaves, traced where `is_traced` says or at `promoted`."""
 
     def __init__(self, tree: Any, is_traced: Callable[[Any], bool], promoted: Any = ()):
         self.tree = tree
@@ -474,8 +467,7 @@ def _lax_says(function: str, *trees: Any, run: Callable[..., Any] | None = None)
 # trace, the same keys remember which Python numbers a loop promoted.
 
 _CACHE_SIZE = 64  # Calls kept, in each of the two caches; least recently used go.
-_UNCACHED = object()
-_UNTRACEABLE = object()  # A call whose tracing raised: it runs uncached, as before.
+_UNCACHED = object()  # Also the entry of a call that cannot be traced.
 
 
 class _Cache:
@@ -590,12 +582,12 @@ def _eager_call(function: Any, bound: inspect.BoundArguments, static: Any) -> An
     except Exception:
         return _UNCACHED
     if entry is None:
-        entry: Any = _UNTRACEABLE  # Kept if tracing raises.
+        entry: Any = _UNCACHED  # Kept if tracing raises.
         try:
             entry = _compile_call(treedef, leaves, arrays, call)
         finally:
             _PROGRAMS.put(key, entry, referents)
-    if entry is _UNTRACEABLE:
+    if entry is _UNCACHED:
         return _UNCACHED
     run, consts, out_def, places = entry
     try:
@@ -663,9 +655,9 @@ def _compile_call(treedef: Any, leaves: list[Any], arrays: list[int], call: Any)
     except _TRACING_ERRORS:
         # Only arrays in a function (a module's parameters), traced here and not
         # uncached, can make the difference; then the call runs uncached.
-        return _UNTRACEABLE
+        return _UNCACHED
     if any(type(p) is tuple and type(p[0]) not in _IMMUTABLE for p in out[1]):
-        return _UNTRACEABLE  # Each call must get its own new objects, as uncached.
+        return _UNCACHED  # Each call must get its own new objects, as uncached.
     run = jax.jit(lambda consts, *xs: jax.core.eval_jaxpr(closed.jaxpr, consts, *xs))
     return run, list(closed.consts), out[0], out[1]
 
@@ -765,10 +757,9 @@ class _LoopCarry(_Split):
             raise TypeError(
                 self._error(path, message, kind) + (says if kind != "static" else "")
             )
-        to_promote: set[int] = set()
+        to_promote, unproven = set[int](), set[int]()
         inputs = self.body_inputs  # From `enter`, which each body calls first.
         self.untouched = {i for i in self.untouched if new_leaves[i] is inputs[i]}
-        unproven: set[int] = set()
         for i, (old, new, is_traced) in enumerate(
             zip(self.leaves, new_leaves, self.traced, strict=True)
         ):
@@ -785,7 +776,7 @@ class _LoopCarry(_Split):
                 # Passed on as the very object that came in, and not one that Python
                 # shares between equal values (small ints, bools), it is unchanged.
                 shared = type(old) is bool or (type(old) is int and -5 <= old <= 256)
-                if new is not self.body_inputs[i] or shared:
+                if new is not inputs[i] or shared:
                     unproven.add(i)
         if to_promote:
             raise _PromoteCarryNumbers(to_promote, to_promote | unproven)
@@ -941,9 +932,7 @@ def filter_scan(
 
     - `xs`: its arrays are sliced along their leading axis; its other leaves reach
         every step whole. Pass `length` when it holds no arrays.
-    - `length`: a concrete whole number.
-    - `progress`: `True`, or a description, draws a progress bar on stderr, even
-        under `jax.jit`.
+    - `progress`: `True` or a description draws a progress bar on stderr, even in `jit`.
 
     **Returns:** `(final_carry, ys)`; the static leaves of `y` come once, unstacked.
 
@@ -1166,9 +1155,8 @@ def _scan_length(inputs: _Split, length: Any) -> int:
             raise jax.errors.ConcretizationTypeError(
                 length,
                 "filter_scan: `length` must be concrete, but it is traced. Pass a "
-                "Python int, or compute it outside `jax.jit` (mark it static with "
-                "`static_argnums`). For a loop whose length is only known inside "
-                "the computation, use `jax.lax.while_loop`."
+                "Python int (static under `jax.jit`), or use `jax.lax.while_loop` "
+                "for a length known only inside the computation."
                 + _lax_says(
                     "filter_scan",
                     run=lambda: jax.lax.scan(lambda c, x: (c, x), 0, None, length),
@@ -1385,7 +1373,6 @@ def filter_fori_loop(
     **Example:**
 
     ```python
-    import jax.numpy as jnp
     from lerax_utils import filter_fori_loop
 
     total, label = filter_fori_loop(0, 5, lambda i, c: (c[0] + i, c[1]), (0.0, "sum"))
@@ -1445,9 +1432,8 @@ def filter_map(
     """As `jax.lax.map`, except that `xs` and the outputs of `f` may be any pytree;
     `progress` as in `filter_scan`.
 
-    The arrays of `xs` are sliced along their leading axis, and its other leaves reach
-    every call whole. The arrays and numbers that `f` returns are stacked; its other
-    leaves come once.
+    `xs` is split as by `filter_scan`. The arrays and numbers that `f` returns are
+    stacked; its other leaves come once.
 
     **Raises:** `jax.lax.map`'s exception types, with messages that begin:
 
