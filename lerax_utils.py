@@ -1324,12 +1324,11 @@ def filter_while_loop(
     **Example:**
 
     ```python
-    import jax.numpy as jnp
     from lerax_utils import filter_while_loop
 
     step = lambda c: (c[0] + 0.3, c[1] + 1, c[2])  # (position, steps, name)
-    carry = filter_while_loop(lambda c: c[0] < 1, step, (jnp.zeros(()), 0, "a"))
-    print(carry[1:])  # (4, 'a')
+    _, steps, name = filter_while_loop(lambda c: c[0] < 1, step, (0.0, 0, "a"))
+    print(steps, name)  # 4 a
     ```
     """
     _check_callable("filter_while_loop", cond_fun=cond_fun, body_fun=body_fun)
