@@ -812,9 +812,8 @@ def _static_outputs_agree(function: str, what: str, traces: list[_Split]) -> Non
             raise ValueError(
                 f"{function}: the non-array part of {what} differs between two traces "
                 f"of `f`: {_where(path)} it {message}. JAX may trace `f` more than "
-                "once, and each trace must give the same static outputs. Return arrays "
-                "for values that vary, or make the static values independent of how "
-                "often `f` is called."
+                "once: return arrays for values that vary, and static values that do "
+                "not depend on how often `f` is called."
             )
 
 
@@ -1212,8 +1211,7 @@ def _check_leading_axes(function: str, inputs: _Split) -> None:
                 f"{function}: the array at `xs` path {path} is a scalar (shape ()), so "
                 f"it has no leading axis to {'scan' if scan else 'map'} over. Give it "
                 f"a leading axis{' of size `length`' if scan else ''}, or make it a "
-                "Python scalar to pass it unchanged to every "
-                f"{'step' if scan else 'call'}."
+                f"Python scalar, which every {'step' if scan else 'call'} gets as is."
             )
 
 
