@@ -860,8 +860,7 @@ def _branch(
     operands: tuple[Any, ...],
     operand: Any,
 ) -> Any:
-    """`jax.lax.cond` or `jax.lax.switch` on `selector` (`pred` or `index`), on the
-    traced parts of the operands and outputs, after the checks that both make."""
+    """`jax.lax.cond` or `switch` on the traced parts, after the checks both make."""
     if operand is not _NO_OPERAND:  # `operand=x`, which `jax.lax` also takes.
         if operands:
             raise TypeError(
