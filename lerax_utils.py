@@ -121,8 +121,7 @@ _optimization_barrier = getattr(jax.lax, "optimization_barrier", lambda x: x)
 
 
 def _is_number_typed_by_jax(leaf: Any) -> bool:
-    """A number of a subclass that JAX defines, such as the `TypedFloat` that jax 0.10
-    gives a `jax.custom_vjp` forward function for a Python float."""
+    """A number of a subclass that JAX defines (jax 0.10's `TypedFloat`, say)."""
     kind = type(leaf)
     return (
         issubclass(kind, (int, float, complex))
@@ -270,12 +269,7 @@ def _same_python_number(old: Any, new: Any) -> bool:
     """Python numbers of one type and value, floats by bits (NaN payloads, `-0.0`)."""
     if type(old) is not type(new) or type(old) not in _PYTHON_SCALARS:
         return False
-    if type(old) in (float, complex):
-        old, new = complex(old), complex(new)
-        return struct.pack("<2d", old.real, old.imag) == struct.pack(
-            "<2d", new.real, new.imag
-        )
-    return old == new
+    return _exact_key(old, []) == _exact_key(new, [])
 
 
 def _is_key_array(array: Any) -> bool:
@@ -318,15 +312,12 @@ def _static_leaves_equal(old: Any, new: Any) -> bool:
 
 def _leaf_difference(old: Any, new: Any) -> str | None:
     """How `new` differs from `old`, or `None` if it may stand in its place."""
-    if eqx.is_array(old):
-        if eqx.is_array(new):
-            return None
-        return f"was {_describe_leaf(old)} and is now {_describe_leaf(new)}"
-    if eqx.is_array(new):
-        return (
-            f"was the static (non-array) {_describe_leaf(old)} and is now "
-            f"{_describe_leaf(new)}"
-        )
+    old_is_array, new_is_array = eqx.is_array(old), eqx.is_array(new)
+    if old_is_array and new_is_array:
+        return None
+    if old_is_array or new_is_array:
+        static = "" if old_is_array else "the static (non-array) "
+        return f"was {static}{_describe_leaf(old)} and is now {_describe_leaf(new)}"
     if _static_leaves_equal(old, new):
         return None
     return f"changed from {_describe_leaf(old)} to {_describe_leaf(new)}"
@@ -368,9 +359,7 @@ def _structure_difference(old: Any, new: Any, path: _KeyPath) -> tuple[str, str]
         for (key, old_child), new_child in zip(children, new_children, strict=True):
             if jtu.tree_structure(old_child) != jtu.tree_structure(new_child):
                 return _structure_difference(old_child, new_child, path + key)
-        raise RuntimeError(
-            "internal error: trees of different structure compared equal"
-        )
+        raise RuntimeError("internal error: no child of two equal nodes differs")
     if type(old) is not type(new):
         return where, f"was {_describe_node(old)} and is now {_describe_node(new)}"
     if isinstance(old, eqx.Module):
@@ -405,8 +394,7 @@ def _describe_node(node: Any) -> str:
 
 
 class _Split:
-    """A pytree as flat leaves, and which of them JAX traces: those `is_traced`
-    picks, and those at the flat indices `promoted`."""
+    """A pytree's flat leaves, traced where `is_traced` says or at `promoted`."""
 
     def __init__(self, tree: Any, is_traced: Callable[[Any], bool], promoted: Any = ()):
         self.tree = tree
@@ -478,8 +466,7 @@ def _lax_says(function: str, *trees: Any, run: Callable[..., Any] | None = None)
 # trace, the same keys remember which Python numbers a loop promoted.
 
 _CACHE_SIZE = 64  # Calls kept, in each of the two caches; least recently used go.
-_UNCACHED = object()
-_UNTRACEABLE = object()  # A call whose tracing raised: it runs uncached, as before.
+_UNCACHED = object()  # Also the entry of a call that cannot be traced.
 
 
 class _Cache:
@@ -594,12 +581,12 @@ def _eager_call(function: Any, bound: inspect.BoundArguments, static: Any) -> An
     except Exception:
         return _UNCACHED
     if entry is None:
-        entry: Any = _UNTRACEABLE  # Kept if tracing raises.
+        entry: Any = _UNCACHED  # Kept if tracing raises.
         try:
             entry = _compile_call(treedef, leaves, arrays, call)
         finally:
             _PROGRAMS.put(key, entry, referents)
-    if entry is _UNTRACEABLE:
+    if entry is _UNCACHED:
         return _UNCACHED
     run, consts, out_def, places = entry
     try:
@@ -667,9 +654,9 @@ def _compile_call(treedef: Any, leaves: list[Any], arrays: list[int], call: Any)
     except _TRACING_ERRORS:
         # Only arrays in a function (a module's parameters), traced here and not
         # uncached, can make the difference; then the call runs uncached.
-        return _UNTRACEABLE
+        return _UNCACHED
     if any(type(p) is tuple and type(p[0]) not in _IMMUTABLE for p in out[1]):
-        return _UNTRACEABLE  # Each call must get its own new objects, as uncached.
+        return _UNCACHED  # Each call must get its own new objects, as uncached.
     run = jax.jit(lambda consts, *xs: jax.core.eval_jaxpr(closed.jaxpr, consts, *xs))
     return run, list(closed.consts), out[0], out[1]
 
@@ -769,10 +756,9 @@ class _LoopCarry(_Split):
             raise TypeError(
                 self._error(path, message, kind) + (says if kind != "static" else "")
             )
-        to_promote: set[int] = set()
+        to_promote, unproven = set[int](), set[int]()
         inputs = self.body_inputs  # From `enter`, which each body calls first.
         self.untouched = {i for i in self.untouched if new_leaves[i] is inputs[i]}
-        unproven: set[int] = set()
         for i, (old, new, is_traced) in enumerate(
             zip(self.leaves, new_leaves, self.traced, strict=True)
         ):
@@ -789,11 +775,10 @@ class _LoopCarry(_Split):
                 # Passed on as the very object that came in, and not one that Python
                 # shares between equal values (small ints, bools), it is unchanged.
                 shared = type(old) is bool or (type(old) is int and -5 <= old <= 256)
-                if new is not self.body_inputs[i] or shared:
+                if new is not inputs[i] or shared:
                     unproven.add(i)
         if to_promote:
-            changed = frozenset(to_promote)
-            raise _PromoteCarryNumbers(changed, changed | unproven)
+            raise _PromoteCarryNumbers(to_promote, to_promote | unproven)
         pairs = zip(new_leaves, self.traced, strict=True)
         return new_def.unflatten([x if t else None for x, t in pairs])
 
@@ -826,9 +811,8 @@ def _static_outputs_agree(function: str, what: str, traces: list[_Split]) -> Non
             raise ValueError(
                 f"{function}: the non-array part of {what} differs between two traces "
                 f"of `f`: {_where(path)} it {message}. JAX may trace `f` more than "
-                "once, and each trace must give the same static outputs. Return arrays "
-                "for values that vary, or make the static values independent of how "
-                "often `f` is called."
+                "once: return arrays for values that vary, and static values that do "
+                "not depend on how often `f` is called."
             )
 
 
@@ -875,8 +859,7 @@ def _branch(
     operands: tuple[Any, ...],
     operand: Any,
 ) -> Any:
-    """`jax.lax.cond` or `jax.lax.switch` on `selector` (`pred` or `index`), on the
-    traced parts of the operands and outputs, after the checks that both make."""
+    """`jax.lax.cond` or `switch` on the traced parts, after the checks both make."""
     if operand is not _NO_OPERAND:  # `operand=x`, which `jax.lax` also takes.
         if operands:
             raise TypeError(
@@ -938,35 +921,30 @@ def filter_scan(
 ) -> tuple[_Carry, _Y]:
     """As `jax.lax.scan`, except that the carry, inputs and outputs may be any pytree.
 
-    Arrays are traced, and so are bools; a Python number in the carry from the step
-    that changes it. Other leaves are static: `f` returns them unchanged. On arrays
-    this is `jax.lax.scan`'s own program, under `jit`, `vmap` and `grad` alike.
+    Arrays are traced, and so are the carry's bools, and its other Python numbers from
+    the step that changes them. Other leaves are static: `f` returns them unchanged.
+    On arrays this is `jax.lax.scan`'s own program, under `jit`, `vmap` and `grad`.
 
     **Arguments:** as `jax.lax.scan`, except:
 
     - `xs`: its arrays are sliced along their leading axis; its other leaves reach
-        every step unchanged. When `xs` holds no arrays, pass `length`.
-    - `length`: a concrete whole number (Python, NumPy, or a 0-d array).
-    - `progress`: `True`, or a description, draws a progress bar on stderr while the
-        loop runs, even under `jax.jit`.
+        every step whole. Pass `length` when it holds no arrays.
+    - `progress`: `True` or a description draws a progress bar on stderr, even in `jit`.
 
     **Returns:** `(final_carry, ys)`; the static leaves of `y` come once, unstacked.
 
-    **Raises:** `jax.lax.scan`'s exception types, with these messages:
+    **Raises:** `jax.lax.scan`'s exception types, with messages that begin:
 
     - `TypeError`: ``filter_scan: `f` must be callable``, ``filter_scan: `f` must
-        return a pair``, ``filter_scan: `f` returned a carry that differs from
-        `init` ``, ``filter_scan: `length` must be a whole number``, ``filter_scan:
-        `unroll` must be a bool or a non-negative int``, ``filter_scan: `progress`
-        must be a bool or a string``.
-    - `ValueError`: ``filter_scan: `f` returned a carry that differs from `init` ``
-        (a static leaf), ``filter_scan: every array in `xs` must have the same
-        leading size``, ``filter_scan: `length=…` disagrees with the leading size``,
-        ``filter_scan: cannot tell how many steps to run``, ``filter_scan: the array
-        at `xs` path … is a scalar`` (an `IndexError` too), ``filter_scan: `length`
-        must be non-negative``, ``filter_scan: `unroll` must be a bool or a
-        non-negative int``, ``filter_scan: the non-array part of `f`'s output `y`
-        differs``.
+        return a pair``, ``filter_scan: `f` returned a carry``, ``filter_scan:
+        `length` must be a whole number``, ``filter_scan: `unroll` must be``,
+        ``filter_scan: `progress` must be``.
+    - `ValueError`: ``filter_scan: `f` returned a carry`` (a static leaf),
+        ``filter_scan: every array in `xs` must``, ``filter_scan: `length=…`
+        disagrees``, ``filter_scan: cannot tell how many steps``, ``filter_scan:
+        the array at `xs` path … is a scalar`` (an `IndexError` too), ``filter_scan:
+        `length` must be non-negative``, ``filter_scan: `unroll` must be``,
+        ``filter_scan: the non-array part of `f`'s output``.
     - `jax.errors.ConcretizationTypeError`: ``filter_scan: `length` must be
         concrete``.
 
@@ -988,7 +966,15 @@ def filter_scan(
     description = _progress_description("filter_scan", progress)
     inputs = _Split(xs, _is_jax_value)
     length = _scan_length(inputs, length)
-    unroll = _scan_unroll(unroll)
+    # `jax.lax.scan` interprets bools, and rejects tracers itself.
+    if not isinstance(unroll, bool | np.bool_ | jax.core.Tracer):
+        must = "filter_scan: `unroll` must be a bool or a non-negative int; got"
+        try:
+            unroll = operator.index(unroll)
+        except TypeError:
+            raise TypeError(f"{must} {_describe_leaf(unroll)}.") from None
+        if unroll < 0:
+            raise ValueError(f"{must} {unroll}.")
     bar = _make_bar(description, length)
     options = {"length": length, "reverse": reverse, "unroll": unroll}
     if _SCAN_TAKES_SPLIT_TRANSPOSE:
@@ -1096,8 +1082,18 @@ def _scan(
                     index, carry = state
                     step = functools.partial(replay, consts)
                     carry, ys = jax.lax.scan(step, carry, x, **inner)
-                    # Tied to this chunk's arrays, so that it runs after its steps.
-                    done, operand = _after_arrays_of([carry, ys], index)
+                    # Tied to this chunk's smallest array, whole (for any sharding),
+                    # so that it runs after its steps: by a barrier, or as operand.
+                    done, operand = index, index
+                    leaves = [x for x in jtu.tree_leaves([carry, ys]) if x.size]
+                    if leaves:
+                        smallest = min(leaves, key=lambda leaf: leaf.size)
+                        if _is_key_array(smallest):
+                            smallest = jax.random.key_data(smallest)
+                        if _HAS_OPTIMIZATION_BARRIER:
+                            done = _optimization_barrier((index, smallest))[0]
+                        else:
+                            operand = jnp.ravel(smallest)[0]
                     jax.lax.cond(
                         done == chunks - 1,
                         lambda _: jax.debug.callback(last),
@@ -1118,21 +1114,6 @@ def _scan(
             scan.defjvp(lambda primals, dots: jax.jvp(every_step, primals, dots))
         final, ys = scan(list(closed.consts), init_leaves, jtu.tree_leaves(xs))
         return carry_def.unflatten(final), jtu.tree_structure(y_shape).unflatten(ys)
-
-
-def _after_arrays_of(tree: list[Any], index: jax.Array) -> tuple[jax.Array, Any]:
-    """`index`, and an operand for the reporting branch, computed after `tree`."""
-    # A barrier ties `index` to the smallest array, whole (for any sharding); without
-    # one, a value of that array is the operand.
-    leaves = [leaf for leaf in jtu.tree_leaves(tree) if leaf.size]
-    if not leaves:
-        return index, index
-    smallest = min(leaves, key=lambda leaf: leaf.size)
-    if _is_key_array(smallest):
-        smallest = jax.random.key_data(smallest)
-    if _HAS_OPTIMIZATION_BARRIER:
-        return _optimization_barrier((index, smallest))[0], index
-    return index, jnp.ravel(smallest)[0]
 
 
 def _scan_reporting_every_step(
@@ -1171,9 +1152,8 @@ def _scan_length(inputs: _Split, length: Any) -> int:
             raise jax.errors.ConcretizationTypeError(
                 length,
                 "filter_scan: `length` must be concrete, but it is traced. Pass a "
-                "Python int, or compute it outside `jax.jit` (mark it static with "
-                "`static_argnums`). For a loop whose length is only known inside "
-                "the computation, use `jax.lax.while_loop`."
+                "Python int (static under `jax.jit`), or use `jax.lax.while_loop` "
+                "for a length known only inside the computation."
                 + _lax_says(
                     "filter_scan",
                     run=lambda: jax.lax.scan(lambda c, x: (c, x), 0, None, length),
@@ -1191,13 +1171,6 @@ def _scan_length(inputs: _Split, length: Any) -> int:
         length = n
     _check_leading_axes("filter_scan", inputs)
     sizes = {leaf.shape[0] for leaf in inputs.leaves if eqx.is_array(leaf)}
-    if not sizes:
-        if length is None:
-            raise ValueError(
-                "filter_scan: cannot tell how many steps to run, because `xs` holds no "
-                "arrays. Pass `length=`."
-            )
-        return length
     if len(sizes) > 1:
         arrays = [(i, x) for i, x in enumerate(inputs.leaves) if eqx.is_array(x)]
         listing = ", ".join(f"{inputs.path(i)}: {x.shape[0]}" for i, x in arrays)
@@ -1205,7 +1178,12 @@ def _scan_length(inputs: _Split, length: Any) -> int:
             "filter_scan: every array in `xs` must have the same leading size, but the "
             f"leading sizes differ ({listing}). Slice or pad them to one length."
         )
-    (size,) = sizes
+    size = sizes.pop() if sizes else length
+    if size is None:
+        raise ValueError(
+            "filter_scan: cannot tell how many steps to run, because `xs` holds no "
+            "arrays. Pass `length=`."
+        )
     if length is not None and length != size:
         raise ValueError(
             f"filter_scan: `length={length}` disagrees with the leading size {size} of "
@@ -1231,22 +1209,8 @@ def _check_leading_axes(function: str, inputs: _Split) -> None:
                 f"{function}: the array at `xs` path {path} is a scalar (shape ()), so "
                 f"it has no leading axis to {'scan' if scan else 'map'} over. Give it "
                 f"a leading axis{' of size `length`' if scan else ''}, or make it a "
-                "Python scalar to pass it unchanged to every "
-                f"{'step' if scan else 'call'}."
+                f"Python scalar, which every {'step' if scan else 'call'} gets as is."
             )
-
-
-def _scan_unroll(unroll: Any) -> Any:
-    if isinstance(unroll, bool | np.bool_ | jax.core.Tracer):
-        return unroll  # `jax.lax.scan` interprets bools, and rejects tracers itself.
-    must = "filter_scan: `unroll` must be a bool or a non-negative int; got"
-    try:
-        as_int = operator.index(unroll)
-    except TypeError:
-        raise TypeError(f"{must} {_describe_leaf(unroll)}.") from None
-    if as_int < 0:
-        raise ValueError(f"{must} {as_int}.")
-    return as_int
 
 
 @_cached_eagerly()
@@ -1259,17 +1223,16 @@ def filter_cond(
 ) -> _Out:
     """As `jax.lax.cond`, except that the operands and outputs may be any pytree.
 
-    Arrays and bools among the operands are traced; other leaves reach the branch
-    unchanged. The branches return arrays or numbers (traced), or equal static values,
-    at each leaf; a number that every branch returns unchanged stays a Python number.
+    The operands' arrays and bools are traced; other leaves reach the branches whole.
+    At each leaf the branches return arrays or numbers (traced), or equal static
+    values; a number that every branch returns unchanged stays a Python number.
 
-    **Raises:** `jax.lax.cond`'s exception types, with these messages:
+    **Raises:** `jax.lax.cond`'s exception types, with messages that begin:
 
     - `TypeError`: ``filter_cond: `true_fun` must be callable``, ``filter_cond:
         `pred` must be a scalar``, ``filter_cond: the branches' outputs disagree``,
-        ``filter_cond: pass the operands either positionally or as `operand=`, not
-        both``.
-    - `ValueError`: ``filter_cond: the branches' outputs disagree`` (a static value).
+        ``filter_cond: pass the operands either positionally or as `operand=` ``.
+    - `ValueError`: ``filter_cond: the branches' outputs disagree`` (static values).
 
     **Example:**
 
@@ -1304,15 +1267,14 @@ def filter_switch(
     """As `jax.lax.switch`, except that the operands and outputs may be any pytree,
     split as by `filter_cond`.
 
-    **Raises:** `jax.lax.switch`'s exception types, with these messages:
+    **Raises:** `jax.lax.switch`'s exception types, with messages that begin:
 
-    - `TypeError`: ``filter_switch: `branches` must be a sequence of functions``,
-        ``filter_switch: `branches[…]` must be callable``, ``filter_switch: `index`
-        must be a scalar``, ``filter_switch: the branches' outputs disagree``,
-        ``filter_switch: pass the operands either positionally or as `operand=`, not
-        both``.
+    - `TypeError`: ``filter_switch: `branches` must be a sequence``, ``filter_switch:
+        `branches[…]` must be callable``, ``filter_switch: `index` must be a
+        scalar``, ``filter_switch: the branches' outputs disagree``, ``filter_switch:
+        pass the operands either positionally or as `operand=` ``.
     - `ValueError`: ``filter_switch: `branches` is empty``, ``filter_switch: the
-        branches' outputs disagree`` (a static value).
+        branches' outputs disagree`` (static values).
 
     **Example:**
 
@@ -1349,23 +1311,20 @@ def filter_while_loop(
     """As `jax.lax.while_loop`, except that the carry may be any pytree, split as by
     `filter_scan`.
 
-    **Raises:** `jax.lax.while_loop`'s exception types, with these messages:
+    **Raises:** `jax.lax.while_loop`'s exception types, with messages that begin:
 
     - `TypeError`: ``filter_while_loop: `cond_fun` must be callable`` (or
-        `body_fun`), ``filter_while_loop: `body_fun` returned a carry that differs
-        from `init_val` ``.
-    - `ValueError`: the same carry message, for a static leaf: ``filter_while_loop:
-        `body_fun` returned a carry that differs from `init_val` ``.
+        `body_fun`), ``filter_while_loop: `body_fun` returned a carry``.
+    - `ValueError`: ``filter_while_loop: `body_fun` returned a carry`` (a static leaf).
 
     **Example:**
 
     ```python
-    import jax.numpy as jnp
     from lerax_utils import filter_while_loop
 
     step = lambda c: (c[0] + 0.3, c[1] + 1, c[2])  # (position, steps, name)
-    carry = filter_while_loop(lambda c: c[0] < 1, step, (jnp.zeros(()), 0, "a"))
-    print(carry[1:])  # (4, 'a')
+    _, steps, name = filter_while_loop(lambda c: c[0] < 1, step, (0.0, 0, "a"))
+    print(steps, name)  # 4 a
     ```
     """
     _check_callable("filter_while_loop", cond_fun=cond_fun, body_fun=body_fun)
@@ -1397,23 +1356,18 @@ def filter_fori_loop(
     progress: bool | str = False,
 ) -> _Carry:
     """As `jax.lax.fori_loop`, except that the carry may be any pytree, split as by
-    `filter_scan`.
+    `filter_scan`; `progress` as in `filter_scan`, with concrete bounds.
 
-    **Arguments:** as `jax.lax.fori_loop`, and `progress` as in `filter_scan`, which
-    needs concrete bounds.
-
-    **Raises:** `jax.lax.fori_loop`'s exception types, with these messages:
+    **Raises:** `jax.lax.fori_loop`'s exception types, with messages that begin:
 
     - `TypeError`: ``filter_fori_loop: `body_fun` must be callable``,
-        ``filter_fori_loop: `body_fun` returned a carry that differs from `init_val` ``,
-        ``filter_fori_loop: `progress` needs concrete bounds``.
-    - `ValueError`: the same carry message, for a static leaf: ``filter_fori_loop:
-        `body_fun` returned a carry that differs from `init_val` ``.
+        ``filter_fori_loop: `body_fun` returned a carry``, ``filter_fori_loop:
+        `progress` needs concrete bounds``.
+    - `ValueError`: ``filter_fori_loop: `body_fun` returned a carry`` (a static leaf).
 
     **Example:**
 
     ```python
-    import jax.numpy as jnp
     from lerax_utils import filter_fori_loop
 
     total, label = filter_fori_loop(0, 5, lambda i, c: (c[0] + i, c[1]), (0.0, "sum"))
@@ -1470,22 +1424,19 @@ def filter_map(
     batch_size: int | None = None,
     progress: bool | str = False,
 ) -> _Y:
-    """As `jax.lax.map`, except that `xs` and the outputs of `f` may be any pytree.
+    """As `jax.lax.map`, except that `xs` and the outputs of `f` may be any pytree;
+    `progress` as in `filter_scan`.
 
-    The arrays of `xs` are sliced along their leading axis; its other leaves reach
-    every call unchanged. The arrays and numbers that `f` returns are stacked; its
-    other leaves come once.
+    `xs` is split as by `filter_scan`. The arrays and numbers that `f` returns are
+    stacked; its other leaves come once.
 
-    **Arguments:** as `jax.lax.map`, and `progress` as in `filter_scan`.
-
-    **Raises:** `jax.lax.map`'s exception types, with these messages:
+    **Raises:** `jax.lax.map`'s exception types, with messages that begin:
 
     - `TypeError`: ``filter_map: `f` must be callable``, ``filter_map: `progress`
-        cannot be combined with `batch_size` ``, ``filter_map: `batch_size` needs a
-        JAX whose `jax.lax.map` takes it``.
+        cannot be combined with `batch_size` ``, ``filter_map: `batch_size` needs``.
     - `ValueError`: ``filter_map: `xs` holds no arrays``, ``filter_map: the array at
         `xs` path … is a scalar`` (an `IndexError` too), ``filter_map: the non-array
-        part of `f`'s output differs``.
+        part of `f`'s output``.
 
     **Example:**
 

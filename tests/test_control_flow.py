@@ -1226,10 +1226,8 @@ def test_filter_scan_static_output_that_differs_between_traces_is_an_error():
     assert str(info.value) == (
         "filter_scan: the non-array part of `f`'s output `y` differs between two "
         "traces of `f`: at path ['trace'] it changed from str 'trace 1' to str "
-        "'trace 2'. JAX may "
-        "trace `f` more than once, and each trace must give the same static outputs. "
-        "Return arrays for values that vary, or make the static values independent "
-        "of how often `f` is called."
+        "'trace 2'. JAX may trace `f` more than once: return arrays for values that "
+        "vary, and static values that do not depend on how often `f` is called."
     )
 
 
