@@ -2319,7 +2319,7 @@ def test_memory_stays_flat_when_every_call_brings_new_functions() -> None:
     # must drop their programs. (Run op by op, each would stay in JAX's own cache of
     # compiled primitives, as `jax.lax.cond` with new lambdas does: 1.5 MB a call.)
     x = jnp.ones(100)
-    for _ in range(20):
+    for _ in range(lerax_utils._CACHE_SIZE + 20):  # The cache full, as in a long run.
         jax.block_until_ready(filter_cond(True, lambda a: a + 1, lambda a: a - 1, x))
     gc.collect()
     before = _rss_bytes()
