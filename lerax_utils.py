@@ -1082,18 +1082,7 @@ def _scan(
                     index, carry = state
                     step = functools.partial(replay, consts)
                     carry, ys = jax.lax.scan(step, carry, x, **inner)
-                    # Tied to this chunk's smallest array, whole (for any sharding),
-                    # so that it runs after its steps: by a barrier, or as operand.
-                    done, operand = index, index
-                    leaves = [x for x in jtu.tree_leaves([carry, ys]) if x.size]
-                    if leaves:
-                        smallest = min(leaves, key=lambda leaf: leaf.size)
-                        if _is_key_array(smallest):
-                            smallest = jax.random.key_data(smallest)
-                        if _HAS_OPTIMIZATION_BARRIER:
-                            done = _optimization_barrier((index, smallest))[0]
-                        else:
-                            operand = jnp.ravel(smallest)[0]
+                    done, operand = _tied(index, [carry, ys])  # After its steps.
                     jax.lax.cond(
                         done == chunks - 1,
                         lambda _: jax.debug.callback(last),
@@ -1116,6 +1105,20 @@ def _scan(
         return carry_def.unflatten(final), jtu.tree_structure(y_shape).unflatten(ys)
 
 
+def _tied(index: jax.Array, tree: Any) -> tuple[jax.Array, Any]:
+    """`index`, and an operand for a reporting branch, made to depend on the smallest
+    array of `tree` (whole, for any sharding): by a barrier, or as the operand."""
+    leaves = [x for x in jtu.tree_leaves(tree) if x.size]
+    if not leaves:
+        return index, index
+    smallest = min(leaves, key=lambda leaf: leaf.size)
+    if _is_key_array(smallest):
+        smallest = jax.random.key_data(smallest)
+    if _HAS_OPTIMIZATION_BARRIER:
+        return _optimization_barrier((index, smallest))[0], index
+    return index, jnp.ravel(smallest)[0]
+
+
 def _scan_reporting_every_step(
     bar: "_ProgressBar", step: Callable[..., Any], init: Any, xs: Any, options: Any
 ) -> tuple[Any, Any]:
@@ -1124,18 +1127,21 @@ def _scan_reporting_every_step(
     stride = _progress_stride(length)
     reported = {*range(0, length, stride), length - 1}
     callbacks = _progress_callbacks(bar, stride, len(reported))
-    reports = [functools.partial(jax.debug.callback, c) for c in callbacks]
+    reports = [lambda _, c=c: jax.debug.callback(c) for c in callbacks]
 
     @_named_after(step)
     def counted(state: tuple[Any, Any], x: Any) -> tuple[Any, Any]:
         index, traced_carry = state
+        # Tied to the carry: else differentiation hoists the reports, which depend on
+        # no data, out of an enclosing loop, and they run once instead of every time.
+        tied, operand = _tied(index, traced_carry)
         # 0: no report; 1: the first; 2: every `stride` steps; 3: the last.
         kind = jnp.where(
-            index == length - 1,
+            tied == length - 1,
             3,
-            jnp.where(index == 0, 1, jnp.where(index % stride == 0, 2, 0)),
+            jnp.where(tied == 0, 1, jnp.where(tied % stride == 0, 2, 0)),
         )
-        jax.lax.switch(kind, [lambda: None, *reports])
+        jax.lax.switch(kind, [lambda _: None, *reports], operand)
         new_carry, y = step(traced_carry, x)
         return (index + 1, new_carry), y
 

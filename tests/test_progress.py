@@ -291,6 +291,35 @@ def test_grad_sees_one_forward_pass(reports: list[tuple[int, int]]) -> None:
     assert [c for c, _ in reports].count(0) == 1
 
 
+_DIFFERENTIATED = {
+    "grad": jax.grad,
+    "vjp": lambda f: lambda w: jax.vjp(f, w)[1](1.0),
+    "linearize": lambda f: lambda w: jax.linearize(f, w)[1](1.0),
+}
+
+
+@pytest.mark.parametrize("transform", sorted(_DIFFERENTIATED))
+def test_reverse_mode_reports_every_run_inside_an_outer_loop(
+    transform: str, reports: list[tuple[int, int]]
+) -> None:
+    def loss(w: Any, progress: bool = True) -> Any:
+        def outer(c: Any, _: Any) -> Any:
+            step = lambda c, x: (jnp.tanh(c * w + x), c)  # noqa: E731
+            return filter_scan(step, c, jnp.ones(10), progress=progress)[0], None
+
+        return jnp.sum(jax.lax.scan(outer, jnp.ones(3), None, length=4)[0])
+
+    differentiated = _DIFFERENTIATED[transform]
+    with_bar = jax.block_until_ready(differentiated(loss)(0.7))
+    jax.effects_barrier()
+    without = differentiated(functools.partial(loss, progress=False))(0.7)
+    assert _identical(with_bar, without)
+    if not _jax_keeps_callbacks_in_scan_under_grad():
+        return  # JAX drops the callbacks: no bar, and the same results.
+    counts = [c for c, _ in reports]
+    assert counts.count(0) == 4 and counts.count(10) == 4
+
+
 def test_inner_bar_is_suppressed(reports: list[tuple[int, int]]) -> None:
     def outer(c: Any, _: Any) -> Any:
         c = filter_fori_loop(0, 10, lambda i, a: a + 1.0, c, progress="inner")
