@@ -2428,12 +2428,13 @@ _KEY_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 # Dtypes narrower than their byte: the unused high bits of each byte must be zero.
 _SUB_BYTE_DTYPES = ("int4", "uint4", "int2", "uint2", "float4_e2m1fn")
 _MAX_INT_DIGITS = 4300  # Python's default limit on converting an int to text.
+_Kinds = dict[int, tuple[str, dict[str, Any]]]  # A traced leaf's kind, by its index.
 
 
 @dataclasses.dataclass(slots=True)  # Its own `__eq__`, `__hash__` and `__repr__`.
 class _Arguments:
-    """A `Serializable`'s recorded constructor call, as a static field that equals
-    every other: models built with different arguments keep one tree structure."""
+    """A recorded constructor call: a static field equal to every other, so that
+    the recording never changes a model's tree structure."""
 
     recording: dict[str, Any] | None
 
@@ -2517,8 +2518,7 @@ class Serializable(eqx.Module):
 
         - `FileNotFoundError` if neither `path` nor `path.eqx` exists.
         - `TypeError` if the constructor needs concrete values, or, given no
-            arguments, the file could not record one: `... could not record the
-            argument `act` (it was the function tanh) of Model, ...`
+            arguments, the file could not record one (a function, say).
         - `ValueError` naming the file, if it is not a checkpoint of this class and
             format version, is damaged, or does not match the skeleton.
         """
@@ -2572,8 +2572,7 @@ def save_pytree(
     **Raises:**
 
     - `TypeError` if `path` is not a str or `os.PathLike`, `no_suffix` not a bool,
-        or a leaf could not load exactly: `save_pytree: the leaf at path .x is a
-        masked array, whose mask would be lost. ...`
+        or a leaf could not load exactly (a masked array, say).
     - `ValueError` if `path` is empty or names a folder or a FIFO, two array leaves
         have the same path, or the tree is batched by `vmap`; `TimeoutError` if a
         process of the save does not save in time.
@@ -2596,7 +2595,7 @@ def load_pytree(path: str | os.PathLike[str], like: _Tree) -> _Tree:
     are ignored; shapes from `eqx.filter_eval_shape` do), and a multi-device
     sharding in `like` is kept.
     """
-    return _load(path, "load_pytree", lambda layout, _: _like_skeleton(like, layout))
+    return _load(path, "load_pytree", lambda *_: _like_skeleton(like))
 
 
 def _saving(function: str) -> tuple[str, str]:
@@ -2631,7 +2630,7 @@ def _save(path: Any, tree: Any, no_suffix: Any, function: str) -> None:
     }
     # Eagerly (no tracer, and no trace around), the file is written now.
     if not traced and not isinstance(jnp.zeros((), jnp.uint8), jax.core.Tracer):
-        _write_checkpoint(tree, target, function)
+        _write_checkpoint(tree, target, function, {})
         return
     # In a trace, traced leaves go to the host (keys as key data); others stay here.
     _check_saveable(leaves, function)  # Refuse at trace time, not in the callback.
@@ -2723,6 +2722,10 @@ def _load(
             file.seek(0)
             return _read_equinox_file(file, skeleton, source, size)
         _check_against_skeleton(source, layout, skeleton)
+        # The skeleton, built here, takes the file's recordings.
+        for where, node in _serializables(skeleton) if layout.arguments else ():
+            if (recording := layout.arguments.get(where)) is not None:
+                object.__setattr__(node, _ARGUMENTS_FIELD, _Arguments(recording))
         leaves, treedef = jtu.tree_flatten(skeleton)
         shardings = [_leaf_sharding(leaf) for leaf in leaves if _is_saved_leaf(leaf)]
         values = iter(_read_leaves(file, layout, source, shardings))
@@ -2783,10 +2786,10 @@ def _skeleton(
     skeleton = eqx.combine(shapes, kept[0])
     if recorded_here and layout is not None:
         skeleton = _numbers_as_saved(skeleton, layout.entries)
-    return _graft_arguments(skeleton, recorded)
+    return skeleton
 
 
-def _like_skeleton(like: Any, layout: "_Layout | None") -> Any:
+def _like_skeleton(like: Any) -> Any:
     """`like` as `eqx.filter_eval_shape` sees it, keeping multi-device shardings."""
     dynamic, static = eqx.partition(like, _is_dynamic_argument)
     shapes = jax.eval_shape(lambda tree: tree, dynamic)
@@ -2799,9 +2802,7 @@ def _like_skeleton(like: Any, layout: "_Layout | None") -> Any:
             return shape
         return jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding)
 
-    shapes = jtu.tree_map(keep_sharding, shapes, dynamic)
-    recorded = layout.arguments if layout is not None else {}
-    return _graft_arguments(eqx.combine(shapes, static), recorded)
+    return eqx.combine(jtu.tree_map(keep_sharding, shapes, dynamic), static)
 
 
 def _is_dynamic_argument(leaf: Any) -> bool:
@@ -2836,9 +2837,8 @@ class _Malformed(Exception):
 
 
 def _encode_value(value: Any, budget: list[int] | None = None, depth: int = 0) -> Any:
-    """`value` in the codec. With a `budget` (a one-item list: values and string
-    characters left), recorded to be rebuilt, or `_Unrecordable`; without, described
-    to be compared: exactly where it can be, else by its name or type."""
+    """`value` in the codec: with a `budget` (values and string characters left),
+    recorded to be rebuilt, or `_Unrecordable`; without, described to be compared."""
     kind = type(value)
     if budget is not None:
         budget[0] -= 1 + (len(value) if kind is str else 0)
@@ -2878,13 +2878,11 @@ def _encode_value(value: Any, budget: list[int] | None = None, depth: int = 0) -
     if isinstance(value, list | tuple | dict | set | frozenset) and (
         budget is None or kind in (list, tuple, dict)
     ):  # By its type's name, with a description's dict or set sorted.
+        inner = functools.partial(_encode_value, budget=budget, depth=depth + 1)
         if isinstance(value, dict):
-            items = [
-                [_encode_value(part, budget, depth + 1) for part in pair]
-                for pair in value.items()
-            ]
+            items = [[inner(key), inner(item)] for key, item in value.items()]
         else:
-            items = [_encode_value(item, budget, depth + 1) for item in value]
+            items = [inner(item) for item in value]
         if budget is None and isinstance(value, dict | set | frozenset):
             items.sort(key=_json)
         return [kind.__qualname__, items]
@@ -2907,16 +2905,14 @@ def _encode_value(value: Any, budget: list[int] | None = None, depth: int = 0) -
         ]
         return ["dataclass", kind.__qualname__, fields]
     if callable(value):
-        # `__name__` first: JAX has changed `__qualname__`s between releases
-        # (`jax.numpy.tanh` became `tanh`).
+        # `__name__` first: JAX has changed `__qualname__`s (`jax.numpy.tanh`).
         name = getattr(value, "__name__", None) or getattr(value, "__qualname__", None)
         return ["function", name or kind.__qualname__]
     return ["object", kind.__qualname__]
 
 
 def _decode_value(value: Any, depth: int = 0) -> Any:
-    """Inverse of `_encode_value` for what a recording or a Python number holds
-    (arrays as `jax.ShapeDtypeStruct`s), or `_Malformed`. Nothing is imported."""
+    """A recorded argument or a Python number back from the codec, or `_Malformed`."""
     if value is None or type(value) in (bool, int, str):
         return value
     if depth > _DEPTH or not (type(value) is list and value):
@@ -2927,15 +2923,13 @@ def _decode_value(value: Any, depth: int = 0) -> Any:
             parts = [struct.unpack(">d", bytes.fromhex(bits))[0] for bits in body]
             return parts[0] if tag == "float" else complex(*parts)
     if tag in ("list", "tuple", "dict") and len(body) == 1 and type(body[0]) is list:
+        inner = functools.partial(_decode_value, depth=depth + 1)
         if tag != "dict":
-            items = [_decode_value(item, depth + 1) for item in body[0]]
+            items = [inner(item) for item in body[0]]
             return items if tag == "list" else tuple(items)
         if all(type(item) is list and len(item) == 2 for item in body[0]):
             try:
-                return {
-                    _decode_value(k, depth + 1): _decode_value(v, depth + 1)
-                    for k, v in body[0]
-                }
+                return {inner(key): inner(item) for key, item in body[0]}
             except TypeError:  # An unhashable key.
                 raise _Malformed from None
     if tag in ("array", "key") and len(body) == 2 and _is_shape(body[0]):
@@ -3027,19 +3021,9 @@ def _serializables(tree: Any, path: _KeyPath = ()) -> Iterator[tuple[str, Any]]:
             yield from _serializables(node, path + key)
 
 
-def _graft_arguments(skeleton: Any, recorded: dict[str, Any]) -> Any:
-    """`skeleton` (built here, so free to change) with the file's recordings."""
-    if recorded:
-        for where, node in _serializables(skeleton):
-            recording = recorded.get(where)
-            if recording is not None:
-                object.__setattr__(node, _ARGUMENTS_FIELD, _Arguments(recording))
-    return skeleton
-
-
 def _numbers_as_saved(skeleton: Any, entries: list[dict[str, Any]]) -> Any:
-    """`skeleton` with each Python number that the file holds as a 0-d array (one
-    that a loop traced after construction, unknown to the recording) as such."""
+    """`skeleton` with the Python numbers that the file holds as 0-d arrays as such
+    (a loop traced them after construction)."""
     saved = {entry["path"]: entry for entry in entries}
 
     def as_saved(key_path: _KeyPath, leaf: Any) -> Any:
@@ -3113,13 +3097,10 @@ def _numpy_dtype(name: Any) -> np.dtype | None:
 
 
 def _write_checkpoint(
-    model: Any,
-    target: pathlib.Path,
-    function: str,
-    kinds: dict[int, tuple[str, dict[str, Any]]] | None = None,
+    model: Any, target: pathlib.Path, function: str, kinds: _Kinds
 ) -> None:
     try:
-        header, blocks = _encode(model, kinds or {}, function)
+        header, blocks = _encode(model, kinds, function)
     except Exception as err:
         _fail_across_processes(err, model, function)
         raise
@@ -3146,8 +3127,8 @@ def _write_atomically(
     header: bytes,
     write_data: Callable[[IO[bytes], pathlib.Path], list[int]],
 ) -> None:
-    """Write a checkpoint beside `target`, flush it and rename it over `target`;
-    `write_data(file, temporary)` writes the data and returns each array's CRC-32."""
+    """Write a checkpoint beside `target` and rename it over `target`; `write_data`
+    writes the data and returns each array's CRC-32."""
     target.parent.mkdir(parents=True, exist_ok=True)
     stem = os.fsdecode(os.fsencode(target.name)[:64])  # Short, whatever the target.
     flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
@@ -3246,8 +3227,7 @@ def _failure(process: int, err: BaseException, function: str) -> str:
 
 
 def _fail_across_processes(err: BaseException, tree: Any, function: str) -> None:
-    """If `tree` spans processes, tell the others of a failure before the exchange,
-    so that they raise too."""
+    """If `tree` spans processes, tell the others of a failure, so they raise too."""
     if jax.process_count() > 1 and any(
         isinstance(leaf, jax.Array)
         and not isinstance(leaf, jax.core.Tracer)
@@ -3357,9 +3337,7 @@ def _write_shards(
         os.fsync(file.fileno())
 
 
-def _encode(
-    model: Any, kinds: dict[int, tuple[str, dict[str, Any]]], function: str
-) -> tuple[bytes, list[Any]]:
+def _encode(model: Any, kinds: _Kinds, function: str) -> tuple[bytes, list[Any]]:
     """The header, with zeros in its CRC slots, and each array's bytes (as uint8)."""
     leaves: list[dict[str, Any]] = []
     tensors: dict[str, Any] = {}

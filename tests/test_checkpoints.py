@@ -2398,7 +2398,7 @@ _FOUR_DEVICES = textwrap.dedent(
     with tempfile.TemporaryDirectory() as folder:
         lerax_utils.save_pytree(folder + "/tree", {"t": table, "n": 3})
         like = {"t": table, "n": 0}
-        skeleton = lerax_utils._like_skeleton(like, None)
+        skeleton = lerax_utils._like_skeleton(like)
         tree = lerax_utils.load_pytree(folder + "/tree", like)
     report["pytree"] = bool(
         np.array_equal(tree["t"], grid) and tree["n"] == 3
