@@ -230,9 +230,8 @@ def _weak_array(array: jax.Array) -> jax.Array:
 def _distributed_client() -> Any:
     """The `jax.distributed` key-value store client, or None before `initialize`."""
     # Private: `jax._src.distributed.global_state.client` (jax 0.4.26 to 0.10).
-    # `jax.experimental.multihost_utils` has collectives but no key-value store, and
-    # its waits are unbounded: a save across processes must be able to tell the
-    # others that it failed, and give up on a process that never comes.
+    # `jax.experimental.multihost_utils` has no key-value store, and its waits are
+    # unbounded: a failed save could neither tell the others nor give up on them.
     from jax._src import distributed
 
     return distributed.global_state.client
@@ -2522,11 +2521,8 @@ class Serializable(eqx.Module):
         - `ValueError` naming the file, if it is not a checkpoint of this class and
             format version, is damaged, or does not match the skeleton.
         """
-        return _load(
-            path,
-            "Serializable.deserialize",
-            lambda layout, source: _skeleton(cls, args, kwargs, layout, source),
-        )
+        build = functools.partial(_skeleton, cls, args, kwargs)
+        return _load(path, "Serializable.deserialize", build)
 
     @classmethod
     def deserialize_sharded(
@@ -2548,12 +2544,11 @@ class Serializable(eqx.Module):
         **Raises:** as `deserialize`; `TypeError` or `ValueError` if `sharding` does
         not fit the skeleton.
         """
+        build = functools.partial(_skeleton, cls, args, kwargs)
         return _load(
             path,
             "Serializable.deserialize",
-            lambda layout, source: _with_shardings(
-                _skeleton(cls, args, kwargs, layout, source), sharding
-            ),
+            lambda layout, source: _with_shardings(build(layout, source), sharding),
         )
 
 
@@ -2784,9 +2779,22 @@ def _skeleton(
             f"constructor arguments: `{name}.deserialize(path, *args, **kwargs)`."
         ) from err
     skeleton = eqx.combine(shapes, kept[0])
-    if recorded_here and layout is not None:
-        skeleton = _numbers_as_saved(skeleton, layout.entries)
-    return skeleton
+    if not recorded_here or layout is None:
+        return skeleton
+    # A Python number that the file holds as a 0-d array (a loop traced it after
+    # construction) is one in the skeleton too.
+    saved = {entry["path"]: entry for entry in layout.entries}
+
+    def as_saved(key_path: _KeyPath, leaf: Any) -> Any:
+        entry = saved.get(_keystr(key_path)) if _is_python_number(leaf) else None
+        if entry is None or entry["kind"] in ("scalar", "key") or entry["shape"]:
+            return leaf
+        dtype = cast(np.dtype, _numpy_dtype(entry["dtype"]))
+        if _is_numpy_only(dtype):
+            return leaf
+        return jax.ShapeDtypeStruct((), jax.dtypes.canonicalize_dtype(dtype))
+
+    return jtu.tree_map_with_path(as_saved, skeleton)
 
 
 def _like_skeleton(like: Any) -> Any:
@@ -3021,23 +3029,6 @@ def _serializables(tree: Any, path: _KeyPath = ()) -> Iterator[tuple[str, Any]]:
             yield from _serializables(node, path + key)
 
 
-def _numbers_as_saved(skeleton: Any, entries: list[dict[str, Any]]) -> Any:
-    """`skeleton` with the Python numbers that the file holds as 0-d arrays as such
-    (a loop traced them after construction)."""
-    saved = {entry["path"]: entry for entry in entries}
-
-    def as_saved(key_path: _KeyPath, leaf: Any) -> Any:
-        entry = saved.get(_keystr(key_path)) if _is_python_number(leaf) else None
-        if entry is None or entry["kind"] in ("scalar", "key") or entry["shape"]:
-            return leaf
-        dtype = cast(np.dtype, _numpy_dtype(entry["dtype"]))
-        if _is_numpy_only(dtype):
-            return leaf
-        return jax.ShapeDtypeStruct((), jax.dtypes.canonicalize_dtype(dtype))
-
-    return jtu.tree_map_with_path(as_saved, skeleton)
-
-
 def _parse_arguments(text: Any, source: _Source) -> dict[str, Any]:
     """The `arguments` metadata entry, checked to be well formed."""
     if text is None:
@@ -3177,11 +3168,10 @@ def _write_atomically(
             os.close(folder)
 
 
-# Several processes (`jax.distributed`) each call `serialize`. Process 0 creates the
-# temporary file with the header and the other leaves and publishes its name in the
-# key-value store; each process writes its replica-0 shards there and says so;
-# process 0 streams the data for the CRC-32s, fills in the header and renames the
-# file. Every wait is bounded; a failure is published, so that the others raise.
+# Several processes (`jax.distributed`) each call `serialize`: process 0 writes the
+# header and other leaves to a temporary file and publishes its name; each process
+# writes its replica-0 shards there and says so; process 0 checksums the data, fills
+# in the header and renames the file. Every wait is bounded; failures are published.
 _PROCESS_TIMEOUT_S = 600.0
 _FAILED = "!"  # A published value that starts so is the message of a failure.
 _SAVE_NUMBERS = itertools.count(1)  # Every process counts its saves, failed ones too.
