@@ -2384,6 +2384,7 @@ _LENGTH = struct.Struct("<Q")
 _MAX_HEADER_BYTES = 64 * 1024 * 1024
 # JSON lists and objects in a part of a header, to bound parsing: ~6 per array leaf.
 _MAX_CONTAINERS = 1 << 21
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 _MAX_DIMENSIONS = 64  # As NumPy.
 _CRC_SLOT = b'"metadata_crc32":"'
 _ZERO_CRC = "00000000"
@@ -2422,6 +2423,10 @@ _OTHER_DTYPES = (
     "float8_e4m3",
     "float8_e8m0fnu",
     "float4_e2m1fn",
+)
+_NUMPY_ONLY_DTYPE = re.compile(
+    r"[|<>][SU][1-9][0-9]{0,5}|[<>][mM]8\[(Y|M|W|D|h|m|s|ms|us|ns|ps|fs|as)\]"
+    r"|>([iuf][248]|c(8|16))"
 )
 _KEY_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 # Dtypes narrower than their byte: the unused high bits of each byte must be zero.
@@ -2586,9 +2591,8 @@ def save_pytree(
 def load_pytree(path: str | os.PathLike[str], like: _Tree) -> _Tree:
     """Load a pytree saved by `save_pytree` (or by `Serializable.serialize`).
 
-    As `Serializable.deserialize`, except that the skeleton is `like` (array values
-    are ignored; shapes from `eqx.filter_eval_shape` do), and a multi-device
-    sharding in `like` is kept.
+    As `Serializable.deserialize`, except that the skeleton is `like`: its array
+    values are ignored (shapes do) and its multi-device shardings kept.
     """
     return _load(path, "load_pytree", lambda *_: _like_skeleton(like))
 
@@ -2618,15 +2622,10 @@ def _save(path: Any, tree: Any, no_suffix: Any, function: str) -> None:
         _fail_across_processes(err, tree, function)
         raise
     leaves, treedef = jtu.tree_flatten_with_path(tree)
-    traced = {
-        index: leaf
-        for index, (_, leaf) in enumerate(leaves)
-        if isinstance(leaf, jax.core.Tracer)
-    }
+    traced = {i: x for i, (_, x) in enumerate(leaves) if isinstance(x, jax.core.Tracer)}
     # Eagerly (no tracer, and no trace around), the file is written now.
     if not traced and not isinstance(jnp.zeros((), jnp.uint8), jax.core.Tracer):
-        _write_checkpoint(tree, target, function, {})
-        return
+        return _write_checkpoint(tree, target, function, {})
     # In a trace, traced leaves go to the host (keys as key data); others stay here.
     _check_saveable(leaves, function)  # Refuse at trace time, not in the callback.
     kinds = {index: _jax_kind(leaf) for index, leaf in traced.items()}
@@ -2946,8 +2945,7 @@ def _decode_value(value: Any, depth: int = 0) -> Any:
             return jax.ShapeDtypeStruct(shape, _key_impl_types()[name][0])
         dtype = _numpy_dtype(name) if tag == "array" else None
         if dtype is not None and _is_numpy_only(dtype):
-            # A constant view: nothing of the shape is allocated.
-            return np.broadcast_to(np.zeros((), dtype), shape)
+            return np.broadcast_to(np.zeros((), dtype), shape)  # Nothing allocated.
         if dtype is not None:
             return jax.ShapeDtypeStruct(shape, jax.dtypes.canonicalize_dtype(dtype))
     if tag == "unrecordable":
@@ -2982,7 +2980,7 @@ def _recorded_call(
             f"Call `{recording['class']}.deserialize`, or pass the constructor "
             "arguments",
         )
-    missing: list[str] = []
+    positional, missing = recording["args"], []
 
     def decode(name: str, value: Any) -> Any:
         try:
@@ -2999,10 +2997,8 @@ def _recorded_call(
     except (TypeError, ValueError):
         parameters = []
     names = [p.name for p in parameters if p.kind <= p.POSITIONAL_OR_KEYWORD]
-    names += [
-        f"positional argument {i}" for i in range(len(names), len(recording["args"]))
-    ]
-    args = [decode(*pair) for pair in zip(names, recording["args"], strict=False)]
+    names += [f"positional argument {i}" for i in range(len(names), len(positional))]
+    args = [decode(*pair) for pair in zip(names, positional, strict=False)]
     kwargs = {name: decode(name, value) for name, value in recording["kwargs"]}
     if missing:
         which = f"argument {missing[0]}" if len(missing) == 1 else "arguments "
@@ -3071,12 +3067,6 @@ def _dtype_name(dtype: np.dtype) -> str:
     return dtype.str if _is_numpy_only(dtype) else dtype.name
 
 
-_NUMPY_ONLY_DTYPE = re.compile(
-    r"[|<>][SU][1-9][0-9]{0,5}|[<>][mM]8\[(Y|M|W|D|h|m|s|ms|us|ns|ps|fs|as)\]"
-    r"|>([iuf][248]|c(8|16))"
-)
-
-
 def _numpy_dtype(name: Any) -> np.dtype | None:
     """The dtype a checkpoint names, or None if it names none it may hold."""
     if not isinstance(name, str):
@@ -3096,8 +3086,7 @@ def _write_checkpoint(
         _fail_across_processes(err, model, function)
         raise
     if any(isinstance(block, jax.Array) for block in blocks):
-        _write_from_processes(header, blocks, target, function)
-        return
+        return _write_from_processes(header, blocks, target, function)
 
     def write_data(file: IO[bytes], temporary: pathlib.Path) -> list[int]:
         with concurrent.futures.ThreadPoolExecutor(max_workers=1) as checksummer:
@@ -3142,8 +3131,7 @@ def _write_atomically(
             file.write(filled)
             file.flush()
             os.fsync(file.fileno())
-        # The old file, held open past the rename, is closed (and its blocks freed)
-        # in a helper thread; the new one takes its mode.
+        # The new file takes the old one's mode; the old is closed (freed) in a thread.
         try:
             previous = os.open(target, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
         except OSError:  # None there, or not readable.
@@ -3482,9 +3470,6 @@ def _count_containers(text: bytes) -> int:
     """The JSON lists and objects in `text`: its `[` and `{` outside strings."""
     outside = _JSON_STRING.sub(b"", text)
     return outside.count(b"[") + outside.count(b"{")
-
-
-_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 
 
 def _json(value: Any) -> str:
