@@ -2516,7 +2516,7 @@ class Serializable(eqx.Module):
         As `eqx.tree_deserialise_leaves`, except that the skeleton is
         `eqx.filter_eval_shape(cls, *args, **kwargs)`, with the file's recorded
         arguments if none are given, and must match the file's structure, static
-        values, shapes and dtypes. Nothing in a file is imported or unpickled.
+        values, shapes and dtypes. Equinox's own files load too; nothing is unpickled.
 
         **Raises:**
 
@@ -2565,9 +2565,9 @@ def save_pytree(
     As `eqx.tree_serialise_leaves`, except that arrays and Python numbers are saved
     bit for bit with checksums, other leaves are described to be compared on load,
     and `path` never holds a torn file. `.eqx` is appended unless `no_suffix` or
-    the name ends so. Inside `jit`, the file is written when the computation runs
-    (see `jax.effects_barrier`); under `grad`, the values are saved. Arrays that
-    span processes are saved by calling `save_pytree` in every process alike.
+    the name ends so; folders are created. Inside `jit`, the file is written when
+    the computation runs (see `jax.effects_barrier`); under `grad`, the values are
+    saved. Arrays that span processes are saved by calling it in every process.
 
     **Raises:**
 
