@@ -2885,11 +2885,13 @@ def _encode_value(value: Any, budget: list[int] | None = None, depth: int = 0) -
     if isinstance(value, list | tuple | dict | set | frozenset) and (
         budget is None or kind in (list, tuple, dict)
     ):  # By its type's name, with a description's dict or set sorted.
-        inner = functools.partial(_encode_value, budget=budget, depth=depth + 1)
         if isinstance(value, dict):
-            items = [[inner(key), inner(item)] for key, item in value.items()]
+            items = [
+                [_encode_value(part, budget, depth + 1) for part in pair]
+                for pair in value.items()
+            ]
         else:
-            items = [inner(item) for item in value]
+            items = [_encode_value(item, budget, depth + 1) for item in value]
         if budget is None and isinstance(value, dict | set | frozenset):
             items.sort(key=_json)
         return [kind.__qualname__, items]
