@@ -228,9 +228,8 @@ def _weak_array(array: jax.Array) -> jax.Array:
 def _distributed_client() -> Any:
     """The `jax.distributed` key-value store client, or None before `initialize`."""
     # Private: `jax._src.distributed.global_state.client` (jax 0.4.26 to 0.10).
-    # `jax.experimental.multihost_utils` has collectives but no key-value store, and
-    # its waits are unbounded: a save across processes must be able to tell the
-    # others that it failed, and give up on a process that never comes.
+    # `jax.experimental.multihost_utils` has no key-value store, and its waits are
+    # unbounded: a failed save could neither tell the others nor give up on them.
     from jax._src import distributed
 
     return distributed.global_state.client
@@ -2281,6 +2280,7 @@ _LENGTH = struct.Struct("<Q")
 _MAX_HEADER_BYTES = 64 * 1024 * 1024
 # JSON lists and objects in a part of a header, to bound parsing: ~6 per array leaf.
 _MAX_CONTAINERS = 1 << 21
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 _MAX_DIMENSIONS = 64  # As NumPy.
 _CRC_SLOT = b'"metadata_crc32":"'
 _ZERO_CRC = "00000000"
@@ -2320,20 +2320,23 @@ _OTHER_DTYPES = (
     "float8_e8m0fnu",
     "float4_e2m1fn",
 )
+_NUMPY_ONLY_DTYPE = re.compile(
+    r"[|<>][SU][1-9][0-9]{0,5}|[<>][mM]8\[(Y|M|W|D|h|m|s|ms|us|ns|ps|fs|as)\]"
+    r"|>([iuf][248]|c(8|16))"
+)
 _KEY_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 # Dtypes narrower than their byte: the unused high bits of each byte must be zero.
 _SUB_BYTE_DTYPES = ("int4", "uint4", "int2", "uint2", "float4_e2m1fn")
 _MAX_INT_DIGITS = 4300  # Python's default limit on converting an int to text.
+_Kinds = dict[int, tuple[str, dict[str, Any]]]  # A traced leaf's kind, by its index.
 
 
+@dataclasses.dataclass(slots=True)  # Its own `__eq__`, `__hash__` and `__repr__`.
 class _Arguments:
-    """A `Serializable`'s recorded constructor call, as a static field that equals
-    every other: models built with different arguments keep one tree structure."""
+    """A recorded constructor call: a static field equal to every other, so that
+    the recording never changes a model's tree structure."""
 
-    __slots__ = ("recording",)
-
-    def __init__(self, recording: dict[str, Any] | None) -> None:
-        self.recording = recording
+    recording: dict[str, Any] | None
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, _Arguments)
@@ -2351,12 +2354,11 @@ _PENDING = "_lerax_pending_arguments"
 
 
 class Serializable(eqx.Module):
-    """An `eqx.Module` whose models save themselves, and load back from the path alone.
+    """An `eqx.Module` that saves itself, and loads back from the path alone.
 
-    `model.serialize(path)` saves as `save_pytree` does, with the constructor's
-    arguments (arrays by shape and dtype, objects by type), from which
-    `Model.deserialize(path)` rebuilds a skeleton. The recording never changes a
-    model's tree structure, equality or `jit` cache entry.
+    `serialize` saves as `save_pytree` does, with the constructor's arguments (arrays
+    as shapes and dtypes), from which `deserialize` rebuilds the skeleton. The
+    recording never changes a model's tree structure, equality or `jit` cache entry.
 
     ```python
     import equinox as eqx
@@ -2371,7 +2373,6 @@ class Serializable(eqx.Module):
 
     Policy(4, key=jax.random.key(0)).serialize("checkpoints/run.1")  # run.1.eqx
     policy = Policy.deserialize("checkpoints/run.1")  # Built as Policy(4, key=...).
-    policy = Policy.deserialize("checkpoints/run.1", 4, key=jax.random.key(1))
     ```
     """
 
@@ -2409,28 +2410,20 @@ class Serializable(eqx.Module):
         """Load a model saved by `serialize` (or by `save_pytree`).
 
         As `eqx.tree_deserialise_leaves`, except that the skeleton is
-        `eqx.filter_eval_shape(cls, *args, **kwargs)`, with the arguments recorded
-        in the file if none are given, and must match the file's structure, static
-        values, shapes and dtypes. Plain `eqx.tree_serialise_leaves` files load too.
-        Nothing in a file is imported, called or unpickled.
+        `eqx.filter_eval_shape(cls, *args, **kwargs)`, with the file's recorded
+        arguments if none are given, and must match the file's structure, static
+        values, shapes and dtypes. Equinox's own files load too; nothing is unpickled.
 
         **Raises:**
 
-        - `FileNotFoundError`: `Serializable.deserialize: no checkpoint at 'p' or
-            'p.eqx'. ...`
+        - `FileNotFoundError` if neither `path` nor `path.eqx` exists.
         - `TypeError` if the constructor needs concrete values, or, given no
-            arguments, the file could not record one: `... could not record the
-            argument `act` (it was the function tanh) of Model, ...`
+            arguments, the file could not record one (a function, say).
         - `ValueError` naming the file, if it is not a checkpoint of this class and
-            format version, is damaged, or does not match the skeleton: `... does
-            not match the skeleton at path .mlp.width_size: the static field is 4 in
-            the file and 5 in the skeleton. ...`
+            format version, is damaged, or does not match the skeleton.
         """
-        return _load(
-            path,
-            "Serializable.deserialize",
-            lambda layout, source: _skeleton(cls, args, kwargs, layout, source),
-        )
+        build = functools.partial(_skeleton, cls, args, kwargs)
+        return _load(path, "Serializable.deserialize", build)
 
     @classmethod
     def deserialize_sharded(
@@ -2442,24 +2435,21 @@ class Serializable(eqx.Module):
         **kwargs: Any,
     ) -> _Model:
         """As `deserialize`, except that each process reads only its own devices'
-        shards, straight into them: a model is never whole on one device, nor in
-        host memory. NumPy leaves stay on the host.
+        shards, straight into them: a model is never whole on one device or host.
 
         **Arguments:**
 
         - `sharding`: a `jax.sharding.Sharding` for every JAX array, or a callable
-            from the skeleton to a pytree of shardings (or None) at its arrays; the
-            same global sharding in every process.
+            from the skeleton to a pytree of shardings (or None) at its arrays.
 
         **Raises:** as `deserialize`; `TypeError` or `ValueError` if `sharding` does
         not fit the skeleton.
         """
+        build = functools.partial(_skeleton, cls, args, kwargs)
         return _load(
             path,
             "Serializable.deserialize",
-            lambda layout, source: _with_shardings(
-                _skeleton(cls, args, kwargs, layout, source), sharding
-            ),
+            lambda layout, source: _with_shardings(build(layout, source), sharding),
         )
 
 
@@ -2471,30 +2461,24 @@ def save_pytree(
     As `eqx.tree_serialise_leaves`, except that arrays and Python numbers are saved
     bit for bit with checksums, other leaves are described to be compared on load,
     and `path` never holds a torn file. `.eqx` is appended unless `no_suffix` or
-    the name ends so; missing folders are created. Eagerly, the file is complete on
-    return; inside `jit`, it is written when the computation runs (see
-    `jax.effects_barrier`); under `grad`, the values are saved. Arrays that span
-    processes are saved by calling `save_pytree` in every process alike.
+    the name ends so; folders are created. Inside `jit`, the file is written when
+    the computation runs (see `jax.effects_barrier`); under `grad`, the values are
+    saved. Arrays that span processes are saved by calling it in every process.
 
     **Raises:**
 
     - `TypeError` if `path` is not a str or `os.PathLike`, `no_suffix` not a bool,
-        or a leaf could not load exactly: `save_pytree: the leaf at path .x is a
-        masked array, whose mask would be lost. ...`
+        or a leaf could not load exactly (a masked array, say).
     - `ValueError` if `path` is empty or names a folder or a FIFO, two array leaves
         have the same path, or the tree is batched by `vmap`; `TimeoutError` if a
         process of the save does not save in time.
 
     ```python
-    import jax
     import jax.numpy as jnp
-    import numpy as np
     from lerax_utils import load_pytree, save_pytree
 
-    state = {"w": jnp.ones(3), "seen": np.arange(2), "key": jax.random.key(0)}
-    save_pytree("checkpoints/state", (state, 100))  # checkpoints/state.eqx
-    state, step = load_pytree("checkpoints/state", (state, 0))
-    print(step)  # 100
+    save_pytree("checkpoints/state", ({"w": jnp.ones(3)}, 100))  # state.eqx
+    state, step = load_pytree("checkpoints/state", ({"w": jnp.zeros(3)}, 0))
     ```
     """
     _save(path, tree, no_suffix, "save_pytree")
@@ -2503,11 +2487,10 @@ def save_pytree(
 def load_pytree(path: str | os.PathLike[str], like: _Tree) -> _Tree:
     """Load a pytree saved by `save_pytree` (or by `Serializable.serialize`).
 
-    As `Serializable.deserialize`, except that the skeleton is `like` (array values
-    are ignored; shapes from `eqx.filter_eval_shape` do), and a multi-device
-    sharding in `like` is kept.
+    As `Serializable.deserialize`, except that the skeleton is `like`: its array
+    values are ignored (shapes do) and its multi-device shardings kept.
     """
-    return _load(path, "load_pytree", lambda layout, _: _like_skeleton(like, layout))
+    return _load(path, "load_pytree", lambda *_: _like_skeleton(like))
 
 
 def _saving(function: str) -> tuple[str, str]:
@@ -2520,21 +2503,25 @@ def _saving(function: str) -> tuple[str, str]:
 def _save(path: Any, tree: Any, no_suffix: Any, function: str) -> None:
     try:
         target = _checkpoint_path(function, path, no_suffix)
-        _check_target(target, function)
+        try:
+            mode = os.stat(target).st_mode
+        except OSError:  # None there yet (or a dangling link): the save creates it.
+            mode = stat.S_IFREG
+        if stat.S_ISDIR(mode):
+            raise _names_a_folder(function, target)
+        if not stat.S_ISREG(mode):
+            raise ValueError(
+                f"{function}: `path` '{target}' exists and is not a regular file (a "
+                "FIFO, socket or device). Pass the name of a new or regular file."
+            )
     except Exception as err:
-        if _spans_processes(tree):
-            _fail_across_processes(err, function)
+        _fail_across_processes(err, tree, function)
         raise
     leaves, treedef = jtu.tree_flatten_with_path(tree)
-    traced = {
-        index: leaf
-        for index, (_, leaf) in enumerate(leaves)
-        if isinstance(leaf, jax.core.Tracer)
-    }
+    traced = {i: x for i, (_, x) in enumerate(leaves) if isinstance(x, jax.core.Tracer)}
     # Eagerly (no tracer, and no trace around), the file is written now.
     if not traced and not isinstance(jnp.zeros((), jnp.uint8), jax.core.Tracer):
-        _write_checkpoint(tree, target, function)
-        return
+        return _write_checkpoint(tree, target, function, {})
     # In a trace, traced leaves go to the host (keys as key data); others stay here.
     _check_saveable(leaves, function)  # Refuse at trace time, not in the callback.
     kinds = {index: _jax_kind(leaf) for index, leaf in traced.items()}
@@ -2592,21 +2579,6 @@ def _names_a_folder(function: str, path: str | pathlib.Path) -> ValueError:
     )
 
 
-def _check_target(target: pathlib.Path, function: str) -> None:
-    """Refuse a target that exists and is not a regular file (a folder, a FIFO)."""
-    try:
-        mode = os.stat(target).st_mode
-    except OSError:  # None there yet (or a dangling link): the save creates it.
-        return
-    if stat.S_ISDIR(mode):
-        raise _names_a_folder(function, target)
-    if not stat.S_ISREG(mode):
-        raise ValueError(
-            f"{function}: `path` '{target}' exists and is not a regular "
-            "file (a FIFO, socket or device). Pass the name of a new or regular file."
-        )
-
-
 @dataclasses.dataclass(frozen=True)
 class _Source:
     """A checkpoint being read, and the function the user called to read it."""
@@ -2621,8 +2593,7 @@ class _Source:
 def _load(
     path: Any, function: str, build: Callable[["_Layout | None", _Source], Any]
 ) -> Any:
-    """Open the file and parse its header once; `build` makes the skeleton from it
-    (None for a plain Equinox file)."""
+    """Read a checkpoint into the skeleton that `build` makes from its header."""
     exact = _checkpoint_path(function, path, no_suffix=True)
     suffixed = _checkpoint_path(function, path, no_suffix=False)
     found = exact if exact.is_file() else suffixed
@@ -2641,6 +2612,10 @@ def _load(
             file.seek(0)
             return _read_equinox_file(file, skeleton, source, size)
         _check_against_skeleton(source, layout, skeleton)
+        # The skeleton, built here, takes the file's recordings.
+        for where, node in _serializables(skeleton) if layout.arguments else ():
+            if (recording := layout.arguments.get(where)) is not None:
+                object.__setattr__(node, _ARGUMENTS_FIELD, _Arguments(recording))
         leaves, treedef = jtu.tree_flatten(skeleton)
         shardings = [_leaf_sharding(leaf) for leaf in leaves if _is_saved_leaf(leaf)]
         values = iter(_read_leaves(file, layout, source, shardings))
@@ -2652,10 +2627,10 @@ def _load(
 def _skeleton(
     cls: type, args: Any, kwargs: Any, layout: "_Layout | None", source: _Source
 ) -> Any:
-    """`eqx.filter_eval_shape(cls, *args, **kwargs)`, or with the file's arguments,
-    keeping NumPy-only arrays concrete."""
-    recorded = layout.arguments if layout is not None else {}
+    """`eqx.filter_eval_shape(cls, *args, **kwargs)`, or with the file's arguments."""
+    name, recorded = cls.__qualname__, layout.arguments if layout else {}
     from_file = not args and not kwargs
+    recorded_here = from_file and "" in recorded
     if from_file:
         args, kwargs = _recorded_call(cls, recorded.get(""), source)
     dynamic, static = eqx.partition((args, kwargs), _is_dynamic_argument)
@@ -2674,42 +2649,50 @@ def _skeleton(
     except (
         jax.errors.ConcretizationTypeError,
         jax.errors.TracerArrayConversionError,
-        jax.errors.TracerBoolConversionError,
         jax.errors.TracerIntegerConversionError,
     ) as err:
         raise TypeError(
-            f"Serializable.deserialize: could not build a skeleton of "
-            f"{cls.__qualname__}: its constructor, called with the given arguments "
-            "under `eqx.filter_eval_shape` (arrays as shapes and dtypes, without "
-            f"values), needs a concrete value ({type(err).__name__}). Keep JAX "
-            "values as JAX arrays in the constructor (no `np.asarray`, `float()` or "
-            "`if` on them), or compute such values after loading."
+            f"Serializable.deserialize: could not build a skeleton of {name}: its "
+            "constructor, under `eqx.filter_eval_shape` (arrays without values), needs "
+            f"a concrete value ({type(err).__name__}). Keep JAX values as JAX arrays "
+            "in the constructor (no `np.asarray`, `float()` or `if` on them), or "
+            "compute such values after loading."
         ) from err
     except Exception as err:
-        if from_file and "" in recorded:
-            raise TypeError(
-                f"{source.function}: the file '{source.path}' records constructor "
-                f"arguments with which `{cls.__qualname__}` failed to build "
-                f"({type(err).__name__}: {err}). Pass the constructor arguments: "
-                f"`{cls.__qualname__}.deserialize(path, *args, **kwargs)`."
-            ) from err
-        if not from_file or not isinstance(err, TypeError):
+        if not recorded_here and not (from_file and isinstance(err, TypeError)):
             raise
+        problem = (
+            f"records constructor arguments with which `{name}` failed to build "
+            f"({type(err).__name__}: {err})"
+            if recorded_here
+            else "records no constructor arguments for its top level (as from plain "
+            "Equinox, from `save_pytree` of another pytree, or from a model made "
+            f"without its constructor), and `{name}()` failed ({err})"
+        )
         raise TypeError(
-            f"Serializable.deserialize: the file '{source.path}' records no "
-            "constructor arguments for its top level (it was written by an older "
-            "lerax_utils or by plain Equinox, from a model made without its "
-            "constructor, or by `save_pytree` of another pytree), and "
-            f"`{cls.__qualname__}()` failed ({err}). Pass the constructor arguments: "
-            f"`{cls.__qualname__}.deserialize(path, *args, **kwargs)`."
+            f"Serializable.deserialize: the file '{source.path}' {problem}. Pass the "
+            f"constructor arguments: `{name}.deserialize(path, *args, **kwargs)`."
         ) from err
     skeleton = eqx.combine(shapes, kept[0])
-    if from_file and layout is not None and "" in recorded:
-        skeleton = _numbers_as_saved(skeleton, layout.entries)
-    return _graft_arguments(skeleton, recorded)
+    if not recorded_here or layout is None:
+        return skeleton
+    # A Python number that the file holds as a 0-d array (a loop traced it after
+    # construction) is one in the skeleton too.
+    saved = {entry["path"]: entry for entry in layout.entries}
+
+    def as_saved(key_path: _KeyPath, leaf: Any) -> Any:
+        entry = saved.get(_keystr(key_path)) if _is_python_number(leaf) else None
+        if entry is None or entry["kind"] in ("scalar", "key") or entry["shape"]:
+            return leaf
+        dtype = cast(np.dtype, _numpy_dtype(entry["dtype"]))
+        if _is_numpy_only(dtype):
+            return leaf
+        return jax.ShapeDtypeStruct((), jax.dtypes.canonicalize_dtype(dtype))
+
+    return jtu.tree_map_with_path(as_saved, skeleton)
 
 
-def _like_skeleton(like: Any, layout: "_Layout | None") -> Any:
+def _like_skeleton(like: Any) -> Any:
     """`like` as `eqx.filter_eval_shape` sees it, keeping multi-device shardings."""
     dynamic, static = eqx.partition(like, _is_dynamic_argument)
     shapes = jax.eval_shape(lambda tree: tree, dynamic)
@@ -2722,9 +2705,7 @@ def _like_skeleton(like: Any, layout: "_Layout | None") -> Any:
             return shape
         return jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding)
 
-    shapes = jtu.tree_map(keep_sharding, shapes, dynamic)
-    recorded = layout.arguments if layout is not None else {}
-    return _graft_arguments(eqx.combine(shapes, static), recorded)
+    return eqx.combine(jtu.tree_map(keep_sharding, shapes, dynamic), static)
 
 
 def _is_dynamic_argument(leaf: Any) -> bool:
@@ -2759,9 +2740,8 @@ class _Malformed(Exception):
 
 
 def _encode_value(value: Any, budget: list[int] | None = None, depth: int = 0) -> Any:
-    """`value` in the codec. With a `budget` (a one-item list: values and string
-    characters left), recorded to be rebuilt, or `_Unrecordable`; without, described
-    to be compared: exactly where it can be, else by its name or type."""
+    """`value` in the codec: with a `budget` (values and string characters left),
+    recorded to be rebuilt, or `_Unrecordable`; without, described to be compared."""
     kind = type(value)
     if budget is not None:
         budget[0] -= 1 + (len(value) if kind is str else 0)
@@ -2830,16 +2810,14 @@ def _encode_value(value: Any, budget: list[int] | None = None, depth: int = 0) -
         ]
         return ["dataclass", kind.__qualname__, fields]
     if callable(value):
-        # `__name__` first: JAX has changed `__qualname__`s between releases
-        # (`jax.numpy.tanh` became `tanh`).
+        # `__name__` first: JAX has changed `__qualname__`s (`jax.numpy.tanh`).
         name = getattr(value, "__name__", None) or getattr(value, "__qualname__", None)
         return ["function", name or kind.__qualname__]
     return ["object", kind.__qualname__]
 
 
 def _decode_value(value: Any, depth: int = 0) -> Any:
-    """Inverse of `_encode_value` for what a recording or a Python number holds
-    (arrays as `jax.ShapeDtypeStruct`s), or `_Malformed`. Nothing is imported."""
+    """A recorded argument or a Python number back from the codec, or `_Malformed`."""
     if value is None or type(value) in (bool, int, str):
         return value
     if depth > _DEPTH or not (type(value) is list and value):
@@ -2850,15 +2828,13 @@ def _decode_value(value: Any, depth: int = 0) -> Any:
             parts = [struct.unpack(">d", bytes.fromhex(bits))[0] for bits in body]
             return parts[0] if tag == "float" else complex(*parts)
     if tag in ("list", "tuple", "dict") and len(body) == 1 and type(body[0]) is list:
+        inner = functools.partial(_decode_value, depth=depth + 1)
         if tag != "dict":
-            items = [_decode_value(item, depth + 1) for item in body[0]]
+            items = [inner(item) for item in body[0]]
             return items if tag == "list" else tuple(items)
         if all(type(item) is list and len(item) == 2 for item in body[0]):
             try:
-                return {
-                    _decode_value(k, depth + 1): _decode_value(v, depth + 1)
-                    for k, v in body[0]
-                }
+                return {inner(key): inner(item) for key, item in body[0]}
             except TypeError:  # An unhashable key.
                 raise _Malformed from None
     if tag in ("array", "key") and len(body) == 2 and _is_shape(body[0]):
@@ -2867,8 +2843,7 @@ def _decode_value(value: Any, depth: int = 0) -> Any:
             return jax.ShapeDtypeStruct(shape, _key_impl_types()[name][0])
         dtype = _numpy_dtype(name) if tag == "array" else None
         if dtype is not None and _is_numpy_only(dtype):
-            # A constant view: nothing of the shape is allocated.
-            return np.broadcast_to(np.zeros((), dtype), shape)
+            return np.broadcast_to(np.zeros((), dtype), shape)  # Nothing allocated.
         if dtype is not None:
             return jax.ShapeDtypeStruct(shape, jax.dtypes.canonicalize_dtype(dtype))
     if tag == "unrecordable":
@@ -2903,24 +2878,26 @@ def _recorded_call(
             f"Call `{recording['class']}.deserialize`, or pass the constructor "
             "arguments",
         )
-    args, kwargs, missing = [], {}, []
-    for index, (name, value) in enumerate(
-        [(None, value) for value in recording["args"]] + recording["kwargs"]
-    ):
+    positional, missing = recording["args"], []
+
+    def decode(name: str, value: Any) -> Any:
         try:
-            rebuilt = _decode_value(value)
+            return _decode_value(value)
         except _Malformed:
             raise source.error(
                 "has a malformed header (its recorded arguments)"
             ) from None
         except _Unrecordable as reason:
-            which = _argument_name(cls, index) if name is None else name
-            missing.append(f"`{which}` (it was {reason})")
-            continue
-        if name is None:
-            args.append(rebuilt)
-        else:
-            kwargs[name] = rebuilt
+            missing.append(f"`{name}` (it was {reason})")
+
+    try:
+        parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    except (TypeError, ValueError):
+        parameters = []
+    names = [p.name for p in parameters if p.kind <= p.POSITIONAL_OR_KEYWORD]
+    names += [f"positional argument {i}" for i in range(len(names), len(positional))]
+    args = [decode(*pair) for pair in zip(names, positional, strict=False)]
+    kwargs = {name: decode(name, value) for name, value in recording["kwargs"]}
     if missing:
         which = f"argument {missing[0]}" if len(missing) == 1 else "arguments "
         if len(missing) > 1:
@@ -2934,16 +2911,6 @@ def _recorded_call(
     return tuple(args), kwargs
 
 
-def _argument_name(cls: type, index: int) -> str:
-    """The name of the constructor's positional parameter number `index`."""
-    try:
-        parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]
-    except (TypeError, ValueError):
-        parameters = []
-    names = [p.name for p in parameters if p.kind <= p.POSITIONAL_OR_KEYWORD]
-    return names[index] if index < len(names) else f"positional argument {index}"
-
-
 def _serializables(tree: Any, path: _KeyPath = ()) -> Iterator[tuple[str, Any]]:
     """Every `Serializable` in `tree` (itself included), with its leaf path."""
     if isinstance(tree, Serializable):
@@ -2954,33 +2921,6 @@ def _serializables(tree: Any, path: _KeyPath = ()) -> Iterator[tuple[str, Any]]:
     for key, node in inner:
         if isinstance(node, Serializable) and node is not tree:
             yield from _serializables(node, path + key)
-
-
-def _graft_arguments(skeleton: Any, recorded: dict[str, Any]) -> Any:
-    """`skeleton` (built here, so free to change) with the file's recordings."""
-    if recorded:
-        for where, node in _serializables(skeleton):
-            recording = recorded.get(where)
-            if recording is not None:
-                object.__setattr__(node, _ARGUMENTS_FIELD, _Arguments(recording))
-    return skeleton
-
-
-def _numbers_as_saved(skeleton: Any, entries: list[dict[str, Any]]) -> Any:
-    """`skeleton` with each Python number that the file holds as a 0-d array (one
-    that a loop traced after construction, unknown to the recording) as such."""
-    saved = {entry["path"]: entry for entry in entries}
-
-    def as_saved(key_path: _KeyPath, leaf: Any) -> Any:
-        entry = saved.get(_keystr(key_path)) if _is_python_number(leaf) else None
-        if entry is None or entry["kind"] in ("scalar", "key") or entry["shape"]:
-            return leaf
-        dtype = cast(np.dtype, _numpy_dtype(entry["dtype"]))
-        if _is_numpy_only(dtype):
-            return leaf
-        return jax.ShapeDtypeStruct((), jax.dtypes.canonicalize_dtype(dtype))
-
-    return jtu.tree_map_with_path(as_saved, skeleton)
 
 
 def _parse_arguments(text: Any, source: _Source) -> dict[str, Any]:
@@ -3025,12 +2965,6 @@ def _dtype_name(dtype: np.dtype) -> str:
     return dtype.str if _is_numpy_only(dtype) else dtype.name
 
 
-_NUMPY_ONLY_DTYPE = re.compile(
-    r"[|<>][SU][1-9][0-9]{0,5}|[<>][mM]8\[(Y|M|W|D|h|m|s|ms|us|ns|ps|fs|as)\]"
-    r"|>([iuf][248]|c(8|16))"
-)
-
-
 def _numpy_dtype(name: Any) -> np.dtype | None:
     """The dtype a checkpoint names, or None if it names none it may hold."""
     if not isinstance(name, str):
@@ -3042,20 +2976,15 @@ def _numpy_dtype(name: Any) -> np.dtype | None:
 
 
 def _write_checkpoint(
-    model: Any,
-    target: pathlib.Path,
-    function: str,
-    kinds: dict[int, tuple[str, dict[str, Any]]] | None = None,
+    model: Any, target: pathlib.Path, function: str, kinds: _Kinds
 ) -> None:
     try:
-        header, blocks = _encode(model, kinds or {}, function)
+        header, blocks = _encode(model, kinds, function)
     except Exception as err:
-        if _spans_processes(model):
-            _fail_across_processes(err, function)
+        _fail_across_processes(err, model, function)
         raise
     if any(isinstance(block, jax.Array) for block in blocks):
-        _write_from_processes(header, blocks, target, function)
-        return
+        return _write_from_processes(header, blocks, target, function)
 
     def write_data(file: IO[bytes], temporary: pathlib.Path) -> list[int]:
         with concurrent.futures.ThreadPoolExecutor(max_workers=1) as checksummer:
@@ -3068,13 +2997,16 @@ def _write_checkpoint(
     _write_atomically(target, header, write_data)
 
 
+_CLOSER = concurrent.futures.ThreadPoolExecutor(max_workers=1)  # Starts on first use.
+
+
 def _write_atomically(
     target: pathlib.Path,
     header: bytes,
     write_data: Callable[[IO[bytes], pathlib.Path], list[int]],
 ) -> None:
-    """Write a checkpoint beside `target`, flush it and rename it over `target`;
-    `write_data(file, temporary)` writes the data and returns each array's CRC-32."""
+    """Write a checkpoint beside `target` and rename it over `target`; `write_data`
+    writes the data and returns each array's CRC-32."""
     target.parent.mkdir(parents=True, exist_ok=True)
     stem = os.fsdecode(os.fsencode(target.name)[:64])  # Short, whatever the target.
     flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
@@ -3097,10 +3029,8 @@ def _write_atomically(
             file.write(filled)
             file.flush()
             os.fsync(file.fileno())
-        # The old file, held open past the rename, is closed (and its blocks freed)
-        # in a helper thread; the new one takes its mode.
+        # The new file takes the old one's mode; the old is closed (freed) in a thread.
         try:
-            # Not inherited, as every descriptor Python opens (PEP 446).
             previous = os.open(target, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
         except OSError:  # None there, or not readable.
             previous = None
@@ -3111,7 +3041,7 @@ def _write_atomically(
             os.replace(temporary, target)
         finally:
             if previous is not None:
-                _closer().submit(os.close, previous)
+                _CLOSER.submit(os.close, previous)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
@@ -3124,25 +3054,18 @@ def _write_atomically(
             os.close(folder)
 
 
-@functools.cache
-def _closer() -> concurrent.futures.ThreadPoolExecutor:
-    return concurrent.futures.ThreadPoolExecutor(max_workers=1)
-
-
-# Several processes (`jax.distributed`) each call `serialize`. Process 0 creates the
-# temporary file with the header and the other leaves and publishes its name in the
-# key-value store; each process writes its replica-0 shards there and says so;
-# process 0 streams the data for the CRC-32s, fills in the header and renames the
-# file. Every wait is bounded; a failure is published, so that the others raise.
+# Several processes (`jax.distributed`) each call `serialize`: process 0 writes the
+# header and other leaves to a temporary file and publishes its name; each process
+# writes its replica-0 shards there and says so; process 0 checksums the data, fills
+# in the header and renames the file. Every wait is bounded; failures are published.
 _PROCESS_TIMEOUT_S = 600.0
 _FAILED = "!"  # A published value that starts so is the message of a failure.
-_saves_across_processes = [0]
+_SAVE_NUMBERS = itertools.count(1)  # Every process counts its saves, failed ones too.
 _Region = tuple[tuple[int, int], ...]  # A shard's `(start, stop)` along each axis.
 
 
 def _next_save(function: str) -> tuple[Any, str]:
-    """The key-value store, and this save's folder in it (paired by count, as every
-    process counts its saves, failed ones too)."""
+    """The key-value store, and this save's folder in it."""
     client = _distributed_client()
     if client is None:
         raise ValueError(
@@ -3150,8 +3073,7 @@ def _next_save(function: str) -> tuple[Any, str]:
             "several processes, but `jax.distributed` is not initialized here. Call "
             "`jax.distributed.initialize` in every process first."
         )
-    _saves_across_processes[0] += 1
-    return client, f"lerax_utils/serialize/{_saves_across_processes[0]}"
+    return client, f"lerax_utils/serialize/{next(_SAVE_NUMBERS)}"
 
 
 def _await(client: Any, key: str, waiting_for: str, function: str) -> str:
@@ -3171,15 +3093,6 @@ def _await(client: Any, key: str, waiting_for: str, function: str) -> str:
     return value
 
 
-def _spans_processes(tree: Any) -> bool:
-    return jax.process_count() > 1 and any(
-        isinstance(leaf, jax.Array)
-        and not isinstance(leaf, jax.core.Tracer)
-        and not leaf.is_fully_addressable
-        for leaf in jtu.tree_leaves(tree)
-    )
-
-
 def _failure(process: int, err: BaseException, function: str) -> str:
     """What a process publishes when it fails."""
     text = str(err).removeprefix(f"{function}: ")
@@ -3189,11 +3102,17 @@ def _failure(process: int, err: BaseException, function: str) -> str:
     )
 
 
-def _fail_across_processes(err: BaseException, function: str) -> None:
-    """Tell the others of a failure before the exchange, so that they raise too."""
-    client, prefix = _next_save(function)
-    me = jax.process_index()
-    client.key_value_set(f"{prefix}/header/{me}", _failure(me, err, function))
+def _fail_across_processes(err: BaseException, tree: Any, function: str) -> None:
+    """If `tree` spans processes, tell the others of a failure, so they raise too."""
+    if jax.process_count() > 1 and any(
+        isinstance(leaf, jax.Array)
+        and not isinstance(leaf, jax.core.Tracer)
+        and not leaf.is_fully_addressable
+        for leaf in jtu.tree_leaves(tree)
+    ):
+        client, prefix = _next_save(function)
+        me = jax.process_index()
+        client.key_value_set(f"{prefix}/header/{me}", _failure(me, err, function))
 
 
 def _write_from_processes(
@@ -3294,9 +3213,7 @@ def _write_shards(
         os.fsync(file.fileno())
 
 
-def _encode(
-    model: Any, kinds: dict[int, tuple[str, dict[str, Any]]], function: str
-) -> tuple[bytes, list[Any]]:
+def _encode(model: Any, kinds: _Kinds, function: str) -> tuple[bytes, list[Any]]:
     """The header, with zeros in its CRC slots, and each array's bytes (as uint8)."""
     leaves: list[dict[str, Any]] = []
     tensors: dict[str, Any] = {}
@@ -3451,9 +3368,6 @@ def _count_containers(text: bytes) -> int:
     """The JSON lists and objects in `text`: its `[` and `{` outside strings."""
     outside = _JSON_STRING.sub(b"", text)
     return outside.count(b"[") + outside.count(b"{")
-
-
-_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 
 
 def _json(value: Any) -> str:
