@@ -15,7 +15,8 @@ and `numpy`: copy it into your project, or `pip install git+<repository url>`.
 It needs Python 3.11 or newer, and jax, equinox and numpy at the lower bounds that
 `pyproject.toml` gives or newer. Sections, each under a banner comment:
 Compatibility; Pytree comparison; Control flow; Batches of pytrees; Host callbacks;
-Progress bars; Checkpoints.
+Progress bars; Checkpoints. The examples assume `import equinox as eqx`, `import jax`,
+`import jax.numpy as jnp` and `from lerax_utils import *`.
 """
 
 __version__ = "0.2.0"
@@ -950,11 +951,6 @@ def filter_scan(
     **Example:**
 
     ```python
-    import equinox as eqx
-    import jax
-    import jax.numpy as jnp
-    from lerax_utils import filter_scan
-
     mlp = eqx.nn.MLP(2, 2, width_size=8, depth=1, key=jax.random.key(0))
     step = lambda c, _: ((c[0], c[0](c[1]), c[2] + 1), c[1])  # (model, x, steps)
     (mlp, x, steps), xs = filter_scan(step, (mlp, jnp.ones(2), 0), length=5)
@@ -1242,9 +1238,6 @@ def filter_cond(
     **Example:**
 
     ```python
-    import jax.numpy as jnp
-    from lerax_utils import filter_cond
-
     grow, shrink = lambda x, s: (x + 1.0, s), lambda x, s: (x - 1.0, s)
     value, label = filter_cond(jnp.array(True), grow, shrink, jnp.zeros(3), "act")
     print(value, label)  # [1. 1. 1.] act
@@ -1284,9 +1277,6 @@ def filter_switch(
     **Example:**
 
     ```python
-    import jax.numpy as jnp
-    from lerax_utils import filter_switch
-
     gaits = [lambda x, mode: (x + 1.0, mode), lambda x, mode: (x + 2.0, mode)]
     value, mode = filter_switch(jnp.array(1), gaits, jnp.zeros(2), "gait")
     print(value, mode)  # [2. 2.] gait
@@ -1325,8 +1315,6 @@ def filter_while_loop(
     **Example:**
 
     ```python
-    from lerax_utils import filter_while_loop
-
     step = lambda c: (c[0] + 0.3, c[1] + 1, c[2])  # (position, steps, name)
     _, steps, name = filter_while_loop(lambda c: c[0] < 1, step, (0.0, 0, "a"))
     print(steps, name)  # 4 a
@@ -1373,8 +1361,6 @@ def filter_fori_loop(
     **Example:**
 
     ```python
-    from lerax_utils import filter_fori_loop
-
     total, label = filter_fori_loop(0, 5, lambda i, c: (c[0] + i, c[1]), (0.0, "sum"))
     print(total, label)  # 10.0 sum
     ```
@@ -1446,9 +1432,6 @@ def filter_map(
     **Example:**
 
     ```python
-    import jax.numpy as jnp
-    from lerax_utils import filter_map
-
     xs = {"obs": jnp.ones((3, 4)), "unit": "m"}
     sums, unit = filter_map(lambda x: (jnp.sum(x["obs"]), x["unit"]), xs)
     print(sums, unit)  # [4. 4. 4.] m
@@ -1518,9 +1501,6 @@ def unstack_pytree(tree: _Tree, *, axis: int = 0) -> list[_Tree]:
     **Example:**
 
     ```python
-    import jax.numpy as jnp
-    from lerax_utils import unstack_pytree
-
     steps = unstack_pytree({"obs": jnp.zeros((3, 2)), "done": jnp.array([0, 0, 1])})
     print(len(steps), steps[2]["done"])  # 3 1
     ```
@@ -1687,10 +1667,6 @@ def stack_pytree(trees: Sequence[_Tree], *, axis: int = 0) -> _Tree:
     **Example:**
 
     ```python
-    import equinox as eqx
-    import jax
-    from lerax_utils import stack_pytree
-
     keys = jax.random.split(jax.random.key(0), 4)
     population = stack_pytree([eqx.nn.Linear(3, 2, key=k) for k in keys])
     print(population.weight.shape)  # (4, 2, 3)
@@ -2017,10 +1993,6 @@ def callback_wrapper(
     **Example:**
 
     ```python
-    import jax
-    import jax.numpy as jnp
-    from lerax_utils import callback_wrapper
-
     log = callback_wrapper(lambda tag, x: print(tag, x))
     jax.jit(lambda x: log("x", x * 2))(jnp.arange(3.0))
     jax.effects_barrier()  # x [0. 2. 4.]
@@ -2038,9 +2010,6 @@ def callback_with_numpy_wrapper(
     **Example:**
 
     ```python
-    import jax.numpy as jnp
-    from lerax_utils import callback_with_numpy_wrapper
-
     log = callback_with_numpy_wrapper(lambda loss: print(type(loss).__name__, loss))
     log(jnp.sum(jnp.ones(2)))  # ndarray 2.0
     ```
@@ -2057,9 +2026,6 @@ def callback_with_list_wrapper(
     **Example:**
 
     ```python
-    import jax.numpy as jnp
-    from lerax_utils import callback_with_list_wrapper
-
     log = callback_with_list_wrapper(lambda step, x: print(step, x))
     log(0, jnp.arange(3.0))  # 0 [0.0, 1.0, 2.0]
     ```
@@ -2089,10 +2055,6 @@ def print_callback(*args: Any, **kwargs: Any) -> None:
     **Example:**
 
     ```python
-    import jax
-    import jax.numpy as jnp
-    from lerax_utils import print_callback
-
     jax.jit(lambda x: print_callback("x =", x, "sum =", x.sum()))(jnp.arange(3.0))
     jax.effects_barrier()  # x = [0.0, 1.0, 2.0] sum = 3.0
     ```
@@ -2361,10 +2323,6 @@ class Serializable(eqx.Module):
     recording never changes a model's tree structure, equality or `jit` cache entry.
 
     ```python
-    import equinox as eqx
-    import jax
-    from lerax_utils import Serializable
-
     class Policy(Serializable):
         mlp: eqx.nn.MLP
 
@@ -2474,9 +2432,6 @@ def save_pytree(
         process of the save does not save in time.
 
     ```python
-    import jax.numpy as jnp
-    from lerax_utils import load_pytree, save_pytree
-
     save_pytree("checkpoints/state", ({"w": jnp.ones(3)}, 100))  # state.eqx
     state, step = load_pytree("checkpoints/state", ({"w": jnp.zeros(3)}, 0))
     ```

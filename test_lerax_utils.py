@@ -1455,6 +1455,18 @@ def _docstring_examples() -> list[tuple[str, str]]:
 
 
 @pytest.mark.parametrize(("name", "code"), _docstring_examples())
-def test_docstring_examples_run(name, code, tmp_path, monkeypatch):
+def test_docstring_examples_print_what_they_say(name, code, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # Examples may write checkpoints.
-    exec(compile(code, f"{name} docstring example", "exec"), {})
+    # With what the module docstring says that the examples assume.
+    assumed = {name: getattr(lerax_utils, name) for name in lerax_utils.__all__}
+    assumed.update(eqx=eqx, jax=jax, jnp=jnp)
+    assert "`import jax.numpy as jnp` and `from lerax_utils import *`" in " ".join(
+        (lerax_utils.__doc__ or "").split()
+    )
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output):
+        exec(compile(code, f"{name} docstring example", "exec"), assumed)
+        jax.effects_barrier()
+    if output.getvalue():  # What it prints is its last line's comment.
+        comment = code.strip().splitlines()[-1].split("  # ")[1]
+        assert output.getvalue() == comment + "\n"
