@@ -3830,29 +3830,19 @@ def _check_against_skeleton(source: _Source, layout: _Layout, skeleton: Any) -> 
         for path, leaf in jtu.tree_flatten_with_path(skeleton)[0]
         if _is_saved_leaf(leaf)
     ]
-    leaves = layout.entries
-    if len(leaves) != len(expected):
-        paths = [entry["path"] for entry in leaves]
-        first = next(
-            (p for p, (q, _) in zip(paths, expected, strict=False) if p != q),
-            paths[len(expected)] if len(paths) > len(expected) else expected[-1][0],
-        )
+    paths = [entry["path"] for entry in layout.entries]
+    wanted = [path for path, _ in expected]
+    if paths != wanted:
+        pairs = itertools.zip_longest(paths, wanted)
+        first = next(q if p is None else p for p, q in pairs if p != q)
         raise source.error(
-            f"holds {len(leaves)} leaves, but {built} has {len(expected)}; they "
+            f"holds {len(paths)} leaves, and {built} has {len(wanted)}; they "
             f"first differ at path {first}. {fix}"
         )
-    for entry, (path, leaf) in zip(leaves, expected, strict=True):
-        if entry["path"] != path:
-            raise source.error(
-                f"has a leaf at path {entry['path']} where {name} "
-                f"has one at {path}. {fix}"
-            )
+    for entry, (path, leaf) in zip(layout.entries, expected, strict=True):
         problem = _leaf_mismatch(entry, leaf, name, fix)
         if problem is not None:
             raise source.error(f"holds at path {path} {problem}")
-
-
-_X64_PAIRS = ("float64 float32", "int64 int32", "uint64 uint32", "complex128 complex64")
 
 
 def _leaf_mismatch(
@@ -3894,8 +3884,9 @@ def _leaf_mismatch(
         f"an array of shape {shape} and dtype {dtype}, but {skeleton} has shape "
         f"{wanted[0]} and dtype {wanted[1]}"
     )
-    pair = {str(dtype), str(wanted[1])}
-    if shape == wanted[0] and any(pair == set(p.split()) for p in _X64_PAIRS):
+    pair = " ".join(sorted({str(dtype), str(wanted[1])}))
+    x64 = ("float32 float64", "int32 int64", "uint32 uint64", "complex128 complex64")
+    if shape == wanted[0] and pair in x64:
         numpy = ", or save the leaf as a NumPy array, which keeps its dtype"
         return (
             f"{message}. The dtypes differ only in width: the file was probably "
@@ -3909,8 +3900,9 @@ def _structure_difference_in_file(
     saved: list[Any], wanted: list[Any], skeleton: str
 ) -> tuple[str, str] | None:
     """The first `(path, message)` where two `_structure` descriptions differ."""
+    canonical = functools.partial(json.dumps, sort_keys=True)  # `True` is not `1`.
     for saved_entry, (path, want) in zip(saved, wanted, strict=False):
-        if _json_sorted(saved_entry) == _json_sorted([path, want]):
+        if canonical(saved_entry) == canonical([path, want]):
             continue
         match saved_entry:
             case [str() as elsewhere, _] if elsewhere != path:
@@ -3922,9 +3914,7 @@ def _structure_difference_in_file(
                 and set(was) == set(want)
             ):
                 for field, value in want["static"].items():
-                    if field in static and _json_sorted(static[field]) != _json_sorted(
-                        value
-                    ):
+                    if field in static and canonical(static[field]) != canonical(value):
                         return f"{path}.{field}", (
                             f"the static field is {static[field]!r} in the file "
                             f"and {value!r} in {skeleton}"
@@ -3942,11 +3932,6 @@ def _structure_difference_in_file(
         where = extra[0] if isinstance(extra, list) and extra else ""
         return str(where), f"only {side} has a node here"
     return None
-
-
-def _json_sorted(value: Any) -> str:
-    """Canonical JSON: `True` and `1` differ, as do `1` and `1.0`."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
 def _read_leaves(
@@ -3967,8 +3952,10 @@ def _read_leaves(
         try:
             values[index] = _restore_kind(data, entry)
         except UnicodeDecodeError as err:
-            problem = f"a character that is not Unicode ({err})"
-            raise _invalid_data(entry, problem, source) from err
+            raise source.error(
+                f"holds invalid data for the leaf at path {entry['path']}: a "
+                f"character that is not Unicode ({err})"
+            ) from err
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as checksummer:
         for index, entry in enumerate(leaves):
@@ -4215,16 +4202,14 @@ def _check_bits(entry: dict[str, Any], data: np.ndarray, source: _Source) -> Non
     """Refuse a loaded array whose bytes are no values of its dtype."""
     view = data.reshape(-1).view(np.uint8)
     if data.dtype == np.bool_ and view.size and view.max() > 1:
-        raise _invalid_data(entry, "a boolean byte other than 0 or 1", source)
-    if entry["dtype"] in _SUB_BYTE_DTYPES:
-        canonical = data.astype(np.float32).astype(data.dtype)
-        if not np.array_equal(canonical.reshape(-1).view(np.uint8), view):
-            problem = f"a {entry['dtype']} byte whose unused high bits are not zero"
-            raise _invalid_data(entry, problem, source)
-
-
-def _invalid_data(entry: dict[str, Any], problem: str, source: _Source) -> ValueError:
-    return source.error(
+        problem = "a boolean byte other than 0 or 1"
+    elif entry["dtype"] in _SUB_BYTE_DTYPES and not np.array_equal(
+        data.astype(np.float32).astype(data.dtype).reshape(-1).view(np.uint8), view
+    ):
+        problem = f"a {entry['dtype']} byte whose unused high bits are not zero"
+    else:
+        return
+    raise source.error(
         f"holds invalid data for the leaf at path {entry['path']}: {problem}"
     )
 

@@ -1699,7 +1699,7 @@ def test_deserialize_rejects_a_different_leaf_count(tmp_path, monkeypatch):
     monkeypatch.setattr(lerax_utils, "_structure_difference_in_file", lambda *a: None)
     error = load_error(path, [jnp.ones(2)], cls=Checkpointed)
     assert error == (
-        f"Serializable.deserialize: the file '{path}' holds 3 leaves, but the "
+        f"Serializable.deserialize: the file '{path}' holds 3 leaves, and the "
         "skeleton built from the constructor arguments has 2; they first differ at "
         "path .params[1]" + _FIX
     )
