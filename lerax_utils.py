@@ -3676,7 +3676,7 @@ def _read_header(file: IO[bytes], source: _Source, size: int) -> _Layout | None:
     if not (isinstance(leaves, list) and isinstance(structure, list)):
         raise source.error("has a malformed header")
     try:  # In time linear in the header's length.
-        entries = [_checked_entry(entry, size) for entry in leaves]
+        entries = [_checked_entry(entry) for entry in leaves]
     except _Malformed as err:
         where = f" (the leaf at path {err})" if err.args else ""
         raise source.error(f"has a malformed header{where}") from None
@@ -3749,7 +3749,7 @@ def _check_version(version: Any, source: _Source) -> None:
         )
 
 
-def _checked_entry(entry: Any, size: int) -> dict[str, Any]:
+def _checked_entry(entry: Any) -> dict[str, Any]:
     """A copy of a leaf entry with its byte count, or `_Malformed(its path)`."""
     if not (isinstance(entry, dict) and isinstance(entry.get("path"), str)):
         raise _Malformed
@@ -3758,7 +3758,7 @@ def _checked_entry(entry: Any, size: int) -> dict[str, Any]:
         try:
             value = _decode_value(entry.get("value"))
         except (_Malformed, _Unrecordable):
-            raise _Malformed(entry["path"]) from None
+            value = None
         if type(value) not in _PYTHON_SCALARS:
             raise _Malformed(entry["path"])
         return {"path": entry["path"], "kind": kind, "value": value}
@@ -3772,11 +3772,8 @@ def _checked_entry(entry: Any, size: int) -> dict[str, Any]:
         or ("weak_type" in entry and (entry["weak_type"] is not True or kind != "jax"))
     ):
         raise _Malformed(entry["path"])
-    nbytes = math.prod(shape) * dtype.itemsize
-    if nbytes > size:
-        raise _Malformed(entry["path"])
     checked = {"path": entry["path"], "kind": kind, "dtype": entry["dtype"]}
-    checked.update(shape=shape, nbytes=nbytes)
+    checked.update(shape=shape, nbytes=math.prod(shape) * dtype.itemsize)
     if "weak_type" in entry:
         checked["weak_type"] = True
     if kind == "key":
@@ -3814,10 +3811,9 @@ def _check_against_skeleton(source: _Source, layout: _Layout, skeleton: Any) -> 
     """Structure and static values, then the leaf count, then each leaf's type."""
     if source.function.startswith("Serializable."):
         name = "the skeleton"
-        built = "the skeleton built from the constructor arguments"
         fix = "Pass the constructor arguments the model was saved with"
     else:
-        name = built = "`like`"
+        name = "`like`"
         fix = "Pass a `like` with the structure, shapes and dtypes of the saved tree"
     difference = _structure_difference_in_file(
         layout.structure, _structure(skeleton), name
@@ -3836,7 +3832,7 @@ def _check_against_skeleton(source: _Source, layout: _Layout, skeleton: Any) -> 
         pairs = itertools.zip_longest(paths, wanted)
         first = next(q if p is None else p for p, q in pairs if p != q)
         raise source.error(
-            f"holds {len(paths)} leaves, and {built} has {len(wanted)}; they "
+            f"holds {len(paths)} leaves, and {name} has {len(wanted)}; they "
             f"first differ at path {first}. {fix}"
         )
     for entry, (path, leaf) in zip(layout.entries, expected, strict=True):
@@ -4057,8 +4053,7 @@ def _leaf_sharding(leaf: Any) -> jax.sharding.Sharding | None:
         leaf, jax.ShapeDtypeStruct | jax.Array
     ):
         return None
-    sharding = getattr(leaf, "sharding", None)
-    return sharding if isinstance(sharding, jax.sharding.Sharding) else None
+    return leaf.sharding if isinstance(leaf.sharding, jax.sharding.Sharding) else None
 
 
 def _region(index: Any, shape: Sequence[int]) -> _Region:
@@ -4079,10 +4074,9 @@ def _read_sharded(
     sharding: jax.sharding.Sharding,
     source: _Source,
 ) -> jax.Array:
-    """One array leaf, created with `sharding`."""
-    # The whole tensor is checked first, so a corrupt file fails before any device
-    # array exists; then each local shard is read alone, put on its devices and
-    # freed. One shard (one device, or replicated) is checked and read in one pass.
+    """One array leaf, created with `sharding`: checked whole first (a corrupt file
+    fails before any device array exists), then each local shard read alone, put on
+    its devices and freed; a single shard is checked and read in one pass."""
     dtype = cast(np.dtype, _numpy_dtype(entry["dtype"]))
     shape = tuple(entry["shape"])  # Of the stored data: key data for a key.
     is_key = entry["kind"] == "key"
@@ -4238,8 +4232,8 @@ def _restore_kind(data: np.ndarray, entry: dict[str, Any]) -> Any:
 def _read_equinox_file(
     file: IO[bytes], skeleton: Any, source: _Source, size: int
 ) -> Any:
-    """A file of plain `eqx.tree_serialise_leaves` (Equinox's own checks only), with
-    each JAX array put on the sharding its skeleton leaf asks for."""
+    """A plain `eqx.tree_serialise_leaves` file, each JAX array put on the sharding
+    its skeleton leaf asks for."""
     try:
         model = eqx.tree_deserialise_leaves(file, skeleton)
     except Exception as err:

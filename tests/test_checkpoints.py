@@ -1700,8 +1700,7 @@ def test_deserialize_rejects_a_different_leaf_count(tmp_path, monkeypatch):
     error = load_error(path, [jnp.ones(2)], cls=Checkpointed)
     assert error == (
         f"Serializable.deserialize: the file '{path}' holds 3 leaves, and the "
-        "skeleton built from the constructor arguments has 2; they first differ at "
-        "path .params[1]" + _FIX
+        "skeleton has 2; they first differ at path .params[1]" + _FIX
     )
 
 
