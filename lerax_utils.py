@@ -3845,7 +3845,8 @@ def _leaf_mismatch(
     entry: dict[str, Any], leaf: Any, skeleton: str, fix: str
 ) -> str | None:
     """How a saved leaf differs from the skeleton's, or None if it fits."""
-    if entry["kind"] == "scalar":
+    kind = entry["kind"]
+    if kind == "scalar":
         value = entry["value"]
         if type(leaf) is type(value):
             return None
@@ -3853,28 +3854,23 @@ def _leaf_mismatch(
             f"the Python {type(value).__name__} {value!r}, where {skeleton} has "
             f"{_describe_leaf(leaf)}. {fix}"
         )
-    shape = tuple(entry["shape"])
-    if isinstance(leaf, np.ndarray | np.generic) and _is_numpy_only(leaf.dtype):
-        dtype, wanted = entry["dtype"], (leaf.shape, _dtype_name(leaf.dtype))
-        fits = (shape, dtype) == wanted
-    elif isinstance(leaf, jax.ShapeDtypeStruct):
-        if entry["kind"] == "key":
-            shape = tuple(entry["key_shape"])
-            dtype = _key_impl_types()[entry["impl"]][0]
-        else:
-            dtype = cast(np.dtype, _numpy_dtype(entry["dtype"]))
-        wanted = (tuple(leaf.shape), leaf.dtype)
-        fits = shape == wanted[0] and (
-            dtype == leaf.dtype
-            or (
-                entry["kind"] in ("numpy", "numpy_scalar")
-                and not _is_numpy_only(dtype)
-                and jax.dtypes.canonicalize_dtype(dtype) == leaf.dtype
-            )
-        )
-    else:
+    if not isinstance(leaf, jax.ShapeDtypeStruct) and not (
+        isinstance(leaf, np.ndarray | np.generic) and _is_numpy_only(leaf.dtype)
+    ):
         return f"an array, where {skeleton} has {_describe_leaf(leaf)}. {fix}"
-    if fits:
+    if kind == "key":
+        shape, dtype = tuple(entry["key_shape"]), _key_impl_types()[entry["impl"]][0]
+    else:
+        shape, dtype = tuple(entry["shape"]), cast(Any, _numpy_dtype(entry["dtype"]))
+    wanted = (tuple(leaf.shape), leaf.dtype)
+    if shape == wanted[0] and (
+        dtype == leaf.dtype
+        or (  # A NumPy leaf saved with a dtype JAX narrows, as `jnp.asarray` does.
+            kind in ("numpy", "numpy_scalar")
+            and not _is_numpy_only(dtype)
+            and jax.dtypes.canonicalize_dtype(dtype) == leaf.dtype
+        )
+    ):
         return None
     message = (
         f"an array of shape {shape} and dtype {dtype}, but {skeleton} has shape "
@@ -3887,7 +3883,7 @@ def _leaf_mismatch(
         return (
             f"{message}. The dtypes differ only in width: the file was probably "
             "saved with `jax_enable_x64` set otherwise than now. Set it as when "
-            f"saving{numpy if entry['kind'] == 'jax' else ''}"
+            f"saving{numpy if kind == 'jax' else ''}"
         )
     return f"{message}. {fix}"
 
