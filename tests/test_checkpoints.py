@@ -3645,8 +3645,8 @@ def test_numpy_only_arrays_of_another_dtype_are_refused(tmp_path, saved, other):
         load_pytree(tmp_path / "n", {"a": other})
     assert str(info.value) == (
         f"load_pytree: the file '{tmp_path / 'n.eqx'}' holds at path ['a'] an array "
-        f"of shape {saved.shape} and dtype {saved.dtype.str}, but `like` has shape "
-        f"{other.shape} and dtype {other.dtype.str}. Pass a `like` with the "
+        f"of shape {saved.shape} and dtype {saved.dtype}, but `like` has shape "
+        f"{other.shape} and dtype {other.dtype}. Pass a `like` with the "
         "structure, shapes and dtypes of the saved tree."
     )
 
