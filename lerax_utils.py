@@ -3656,13 +3656,12 @@ def _read_header(file: IO[bytes], source: _Source, size: int) -> _Layout | None:
             "`safetensors` package"
         )
     _check_version(metadata.get("format_version"), source)
-    stored = metadata.get("metadata_crc32")
+    stored = metadata.get("metadata_crc32", "")
     slot = _CRC_SLOT + str(stored).encode(errors="surrogatepass") + b'"'
     if not (
-        isinstance(stored, str)
+        all(isinstance(value, str) for value in metadata.values())
         and re.fullmatch("[0-9a-f]{8}", stored)
         and header_bytes.count(slot) == 1
-        and all(isinstance(value, str) for value in metadata.values())
     ):
         raise source.error("has a malformed header")
     zeroed = header_bytes.replace(slot, _CRC_SLOT + _ZERO_CRC.encode() + b'"')
@@ -3736,16 +3735,14 @@ def _check_version(version: Any, source: _Source) -> None:
     if not (isinstance(version, str) and re.fullmatch("[0-9]{1,9}", version)):
         raise source.error("has a malformed header")
     number = int(version)
-    if number > _FORMAT_VERSION:
+    if number != _FORMAT_VERSION:
+        age, fix = "newer", "Upgrade lerax_utils to load it"
+        if number < _FORMAT_VERSION:
+            age, fix = "older", "Load it with the lerax_utils that wrote it, save it "
+            fix += "with `eqx.tree_serialise_leaves`, and load that file"
         raise source.error(
-            f"has format version {number}, newer than the {_FORMAT_VERSION} this "
-            f"lerax_utils {__version__} reads. Upgrade lerax_utils to load it"
-        )
-    if number < _FORMAT_VERSION:
-        raise source.error(
-            f"has format version {number}, older than the {_FORMAT_VERSION} this "
-            f"lerax_utils {__version__} reads. Load it with the lerax_utils that "
-            "wrote it, save it with `eqx.tree_serialise_leaves`, and load that file"
+            f"has format version {number}, {age} than the {_FORMAT_VERSION} this "
+            f"lerax_utils {__version__} reads. {fix}"
         )
 
 
@@ -3901,9 +3898,8 @@ def _structure_difference_in_file(
                 return path, f"the file has a node at path {elsewhere} instead"
             case [str(), {"node": node, "static": dict(static)} as was] if (
                 isinstance(want, dict)
-                and "static" in want
-                and node == want["node"]
                 and set(was) == set(want)
+                and node == want["node"]
             ):
                 for field, value in want["static"].items():
                     if field in static and canonical(static[field]) != canonical(value):
