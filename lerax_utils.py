@@ -3805,7 +3805,7 @@ def _is_saved_leaf(leaf: Any) -> bool:
 
 
 def _check_against_skeleton(source: _Source, layout: _Layout, skeleton: Any) -> None:
-    """Structure and static values, then the leaf count, then each leaf's type."""
+    """Structure and static values, then the leaves' paths, then their types."""
     if source.function.startswith("Serializable."):
         name = "the skeleton"
         fix = "Pass the constructor arguments the model was saved with"
@@ -3859,8 +3859,7 @@ def _leaf_mismatch(
         shape, dtype = tuple(entry["key_shape"]), _key_impl_types()[entry["impl"]][0]
     else:
         shape, dtype = tuple(entry["shape"]), cast(Any, _numpy_dtype(entry["dtype"]))
-    wanted = (tuple(leaf.shape), leaf.dtype)
-    if shape == wanted[0] and (
+    if shape == tuple(leaf.shape) and (
         dtype == leaf.dtype
         or (  # A NumPy leaf saved with a dtype JAX narrows, as `jnp.asarray` does.
             kind in ("numpy", "numpy_scalar")
@@ -3869,20 +3868,17 @@ def _leaf_mismatch(
         )
     ):
         return None
-    message = (
-        f"an array of shape {shape} and dtype {dtype}, but {skeleton} has shape "
-        f"{wanted[0]} and dtype {wanted[1]}"
-    )
-    pair = " ".join(sorted({str(dtype), str(wanted[1])}))
+    pair = " ".join(sorted({str(dtype), str(leaf.dtype)}))
     x64 = ("float32 float64", "int32 int64", "uint32 uint64", "complex128 complex64")
-    if shape == wanted[0] and pair in x64:
-        numpy = ", or save the leaf as a NumPy array, which keeps its dtype"
-        return (
-            f"{message}. The dtypes differ only in width: the file was probably "
-            "saved with `jax_enable_x64` set otherwise than now. Set it as when "
-            f"saving{numpy if kind == 'jax' else ''}"
-        )
-    return f"{message}. {fix}"
+    if shape == tuple(leaf.shape) and pair in x64:
+        fix = "The dtypes differ only in width: the file was probably saved with "
+        fix += "`jax_enable_x64` set otherwise than now. Set it as when saving"
+        if kind == "jax":
+            fix += ", or save the leaf as a NumPy array, which keeps its dtype"
+    return (
+        f"an array of shape {shape} and dtype {dtype}, but {skeleton} has shape "
+        f"{tuple(leaf.shape)} and dtype {leaf.dtype}. {fix}"
+    )
 
 
 def _structure_difference_in_file(
