@@ -4204,17 +4204,14 @@ def _restore_kind(data: np.ndarray, entry: dict[str, Any]) -> Any:
     if entry["kind"] == "key":
         return jax.random.wrap_key_data(jax.device_put(data), impl=entry["impl"])
     dtype = cast(np.dtype, _numpy_dtype(entry["dtype"]))
-    if dtype.byteorder == ">":
-        data = data.astype(dtype)
-    if entry["kind"] == "numpy_scalar":
-        # `data[()]` would drop trailing NULs of a bytes or str scalar.
+    if entry["kind"] == "numpy_scalar" and dtype.kind in "SU":
+        # `data[()]` would drop trailing NULs. `data` is little-endian until cast.
         if dtype.kind == "S":
             return np.bytes_(data.tobytes())
-        if dtype.kind == "U":
-            raw = data.astype(dtype.newbyteorder("<")).tobytes()
-            return np.str_(raw.decode("utf-32-le", "surrogatepass"))
-        return data[()]
-    return data
+        return np.str_(data.tobytes().decode("utf-32-le", "surrogatepass"))
+    if dtype.byteorder == ">":
+        data = data.astype(dtype)
+    return data[()] if entry["kind"] == "numpy_scalar" else data
 
 
 def _read_equinox_file(
