@@ -3611,12 +3611,14 @@ def _structure(tree: Any) -> list[list[Any]]:
 
 # Reading
 
+_Entry = dict[str, Any]  # A leaf's entry in the header, checked.
+
 
 @dataclasses.dataclass
 class _Layout:
     """A checkpoint's header, checked."""
 
-    entries: list[dict[str, Any]]  # Arrays gain "offset", "nbytes" and "crc".
+    entries: list[_Entry]  # Arrays gain "offset", "nbytes" and "crc".
     structure: list[Any]
     arguments: dict[str, Any]  # Recordings, by the path of their `Serializable`.
 
@@ -3746,7 +3748,7 @@ def _check_version(version: Any, source: _Source) -> None:
         )
 
 
-def _checked_entry(entry: Any) -> dict[str, Any]:
+def _checked_entry(entry: Any) -> _Entry:
     """A copy of a leaf entry with its byte count, or `_Malformed(its path)`."""
     if not (isinstance(entry, dict) and isinstance(entry.get("path"), str)):
         raise _Malformed
@@ -3838,9 +3840,7 @@ def _check_against_skeleton(source: _Source, layout: _Layout, skeleton: Any) -> 
             raise source.error(f"holds at path {path} {problem}")
 
 
-def _leaf_mismatch(
-    entry: dict[str, Any], leaf: Any, skeleton: str, fix: str
-) -> str | None:
+def _leaf_mismatch(entry: _Entry, leaf: Any, skeleton: str, fix: str) -> str | None:
     """How a saved leaf differs from the skeleton's, or None if it fits."""
     kind = entry["kind"]
     if kind == "scalar":
@@ -4057,10 +4057,7 @@ def _region(index: Any, shape: Sequence[int]) -> _Region:
 
 
 def _read_sharded(
-    file: IO[bytes],
-    entry: dict[str, Any],
-    sharding: jax.sharding.Sharding,
-    source: _Source,
+    file: IO[bytes], entry: _Entry, sharding: jax.sharding.Sharding, source: _Source
 ) -> jax.Array:
     """One array leaf, created with `sharding`: checked whole first (a corrupt file
     fails before any device array exists), then each local shard read alone, put on
@@ -4106,7 +4103,7 @@ def _read_sharded(
 
 def _stream_into_shards(
     file: IO[bytes],
-    entry: dict[str, Any],
+    entry: _Entry,
     shards: dict[_Region, np.ndarray],
     source: _Source,
     box: _Region | None = None,
@@ -4172,7 +4169,7 @@ def _stream_into_shards(
     return crc
 
 
-def _check_crc(entry: dict[str, Any], crc: int, source: _Source) -> None:
+def _check_crc(entry: _Entry, crc: int, source: _Source) -> None:
     if crc != entry["crc"]:
         raise source.error(
             f"has corrupt data for the leaf at path {entry['path']} (its checksum "
@@ -4180,7 +4177,7 @@ def _check_crc(entry: dict[str, Any], crc: int, source: _Source) -> None:
         )
 
 
-def _check_bits(entry: dict[str, Any], data: np.ndarray, source: _Source) -> None:
+def _check_bits(entry: _Entry, data: np.ndarray, source: _Source) -> None:
     """Refuse a loaded array whose bytes are no values of its dtype."""
     view = data.reshape(-1).view(np.uint8)
     if data.dtype == np.bool_ and view.size and view.max() > 1:
@@ -4196,7 +4193,7 @@ def _check_bits(entry: dict[str, Any], data: np.ndarray, source: _Source) -> Non
     )
 
 
-def _restore_kind(data: np.ndarray, entry: dict[str, Any]) -> Any:
+def _restore_kind(data: np.ndarray, entry: _Entry) -> Any:
     """A loaded NumPy array as the kind of leaf it was saved from."""
     if entry["kind"] == "jax":  # A weak type is restored, as `jnp.asarray(2.0)` has.
         array = jax.device_put(data)
