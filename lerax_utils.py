@@ -3653,9 +3653,8 @@ def _read_header(file: IO[bytes], source: _Source, size: int) -> _Layout | None:
     metadata = header.get("__metadata__") if isinstance(header, dict) else None
     if not (isinstance(metadata, dict) and metadata.get("format") == _FORMAT):
         raise source.error(
-            "is a safetensors file but not a lerax_utils checkpoint: its "
-            "`__metadata__` does not name the format 'lerax_utils'. Read it with the "
-            "`safetensors` package"
+            "is a safetensors file but not a lerax_utils checkpoint (its "
+            "`__metadata__` names no format 'lerax_utils'). Read it with `safetensors`"
         )
     _check_version(metadata.get("format_version"), source)
     stored = metadata.get("metadata_crc32", "")
@@ -3995,8 +3994,7 @@ def _with_shardings(skeleton: Any, sharding: Any) -> Any:
             raise ValueError(
                 f"{name}: the pytree returned by `sharding` does not have the "
                 f"structure of the skeleton ({err}). Return one with a Sharding or "
-                "None at each of its array leaves, for example "
-                "`jax.tree_util.tree_map(choose, skeleton)`."
+                "None at each array leaf."
             ) from err
     else:
         raise TypeError(
@@ -4029,9 +4027,8 @@ def _sharding_error(
 ) -> ValueError:
     return ValueError(
         f"{function}: the sharding asked for the leaf at path {path} does not fit "
-        f"its shape {tuple(shape)}: {str(err).rstrip('.')}. Pass a sharding of at "
-        "most as many axes as the leaf whose mesh axes divide the dimensions they "
-        "shard, or None for this leaf."
+        f"its shape {tuple(shape)}: {str(err).rstrip('.')}. Pass a sharding that "
+        "fits it, or None for this leaf."
     )
 
 
