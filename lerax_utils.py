@@ -4061,16 +4061,12 @@ def _read_sharded(
     its devices and freed; a single shard is checked and read in one pass."""
     dtype = cast(np.dtype, _numpy_dtype(entry["dtype"]))
     shape = tuple(entry["shape"])  # Of the stored data: key data for a key.
-    is_key = entry["kind"] == "key"
-    global_shape = tuple(entry["key_shape"]) if is_key else shape
+    global_shape = tuple(entry.get("key_shape", shape))
     try:
         sharding.shard_shape(global_shape)  # Refuses an axis it does not divide.
         indices = sharding.addressable_devices_indices_map(global_shape)
-        regions = {
-            device: _region(index, global_shape)
-            + tuple((0, size) for size in shape[len(global_shape) :])
-            for device, index in indices.items()
-        }
+        # A key's data axes are whole in every shard.
+        regions = {device: _region(index, shape) for device, index in indices.items()}
     except Exception as err:
         raise _sharding_error(
             source.function, entry["path"], global_shape, err
@@ -4088,7 +4084,7 @@ def _read_sharded(
         for device, wanted in regions.items():
             if wanted == region:
                 shard = jax.device_put(host, device)
-                if is_key:
+                if entry["kind"] == "key":
                     shard = jax.random.wrap_key_data(shard, impl=entry["impl"])
                 on_devices[device] = shard
         del host
