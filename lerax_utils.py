@@ -4106,22 +4106,22 @@ def _stream_into_shards(
     # A piece is a run of whole sub-arrays along one axis (`level`): the fewest
     # leading axes such that one step along `level` fits in the buffer.
     shape = tuple(entry["shape"])
+    if not shape:  # A 0-d array streams as one of shape (1,).
+        shape = (1,)
+        shards = {((0, 1),): shards[()].reshape(1)} if shards else {}
     dtype = cast(np.dtype, _numpy_dtype(entry["dtype"]))
     itemsize = dtype.itemsize
     nbytes = math.prod(shape) * itemsize
     level = next(
-        (
-            axis
-            for axis in range(len(shape))
-            if math.prod(shape[axis + 1 :]) * itemsize <= max(_CHUNK_BYTES, itemsize)
-        ),
-        len(shape),
+        axis
+        for axis in range(len(shape))
+        if math.prod(shape[axis + 1 :]) * itemsize <= max(_CHUNK_BYTES, itemsize)
     )
     step_bytes = math.prod(shape[level + 1 :]) * itemsize
     steps = max(1, _CHUNK_BYTES // max(step_bytes, 1))
     buffer = np.empty(min(nbytes, steps * max(step_bytes, 1)), np.uint8)
-    ranges = box if box is not None else tuple((0, size) for size in shape)
-    low, high = ranges[level] if level < len(shape) else (0, 1)
+    ranges = box or tuple((0, size) for size in shape)
+    low, high = ranges[level]
     inner = shape[level + 1 :]
     crc = 0
     for outer in itertools.product(*(range(a, b) for a, b in ranges[:level])):
@@ -4140,9 +4140,6 @@ def _stream_into_shards(
                 crc = zlib.crc32(view.data, crc)
                 _check_bits(entry, piece, source)
             for region, shard in shards.items():
-                if level == len(shape):  # A 0-d array: one element.
-                    shard[...] = piece.reshape(())
-                    continue
                 # Copy `piece` (indices `outer` on the leading axes, `first` onward
                 # along `level`, whole along the rest) where it overlaps the shard.
                 if not all(
