@@ -3975,8 +3975,7 @@ def _aligned_empty(shape: list[int], dtype: np.dtype) -> np.ndarray:
     return raw[offset : offset + nbytes].view(dtype).reshape(shape)
 
 
-# Loading into shardings: an array streams through one buffer of at most this many
-# bytes, so a process holds its own shards and one buffer, never a whole array.
+# A sharded load streams each array through one buffer of at most this many bytes.
 _CHUNK_BYTES = 16 * 1024 * 1024
 
 
@@ -4060,12 +4059,11 @@ def _read_sharded(
     fails before any device array exists), then each local shard read alone, put on
     its devices and freed; a single shard is checked and read in one pass."""
     dtype = cast(np.dtype, _numpy_dtype(entry["dtype"]))
-    shape = tuple(entry["shape"])  # Of the stored data: key data for a key.
+    shape = tuple(entry["shape"])  # A key's data, whose own axes no shard splits.
     global_shape = tuple(entry.get("key_shape", shape))
     try:
         sharding.shard_shape(global_shape)  # Refuses an axis it does not divide.
         indices = sharding.addressable_devices_indices_map(global_shape)
-        # A key's data axes are whole in every shard.
         regions = {device: _region(index, shape) for device, index in indices.items()}
     except Exception as err:
         raise _sharding_error(
