@@ -3689,27 +3689,23 @@ def _read_header(file: IO[bytes], source: _Source, size: int) -> _Layout | None:
         and len(header) - 1 == len(arrays)  # Its tensor table and `__metadata__`.
     ):
         raise source.error("has a malformed header")
-    offset = 0
+    offset = data_start = _LENGTH.size + length
     for index, entry in enumerate(arrays):
-        wanted = _tensor_entry(entry, offset, entry["nbytes"])
+        wanted = _tensor_entry(entry, offset - data_start, entry["nbytes"])
         if header.get(entry["path"]) != wanted:  # `__metadata__` holds only strings.
             raise source.error(
                 f"has a malformed header: the tensor table's entry for the leaf at "
                 f"path {entry['path']} is not {_json(wanted)}"
             )
-        entry.update(
-            offset=_LENGTH.size + length + offset,
-            crc=int(crcs[8 * index : 8 * index + 8], 16),
-        )
+        entry.update(offset=offset, crc=int(crcs[8 * index : 8 * index + 8], 16))
         offset += entry["nbytes"]
-    expected = _LENGTH.size + length + offset
-    if size < expected:
+    if size < offset:
         raise source.error(
-            f"is truncated: it has {size} bytes, and its header needs {expected}"
+            f"is truncated: it has {size} bytes, and its header needs {offset}"
         )
-    if size > expected:
+    if size > offset:
         raise source.error(
-            f"has {size - expected} trailing bytes after the data its header "
+            f"has {size - offset} trailing bytes after the data its header "
             "describes; it was not written by `serialize` in one piece"
         )
     return _Layout(entries, structure, arguments)
