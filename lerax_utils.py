@@ -3376,12 +3376,14 @@ def _structure(tree: Any) -> list[list[Any]]:
 
 # Reading
 
+_Entry = dict[str, Any]  # A leaf's entry in the header, checked.
+
 
 @dataclasses.dataclass
 class _Layout:
     """A checkpoint's header, checked."""
 
-    entries: list[dict[str, Any]]  # Arrays gain "offset", "nbytes" and "crc".
+    entries: list[_Entry]  # Arrays gain "offset", "nbytes" and "crc".
     structure: list[Any]
     arguments: dict[str, Any]  # Recordings, by the path of their `Serializable`.
 
@@ -3416,18 +3418,16 @@ def _read_header(file: IO[bytes], source: _Source, size: int) -> _Layout | None:
     metadata = header.get("__metadata__") if isinstance(header, dict) else None
     if not (isinstance(metadata, dict) and metadata.get("format") == _FORMAT):
         raise source.error(
-            "is a safetensors file but not a lerax_utils checkpoint: its "
-            "`__metadata__` does not name the format 'lerax_utils'. Read it with the "
-            "`safetensors` package"
+            "is a safetensors file but not a lerax_utils checkpoint (its "
+            "`__metadata__` names no format 'lerax_utils'). Read it with `safetensors`"
         )
     _check_version(metadata.get("format_version"), source)
-    stored = metadata.get("metadata_crc32")
+    stored = metadata.get("metadata_crc32", "")
     slot = _CRC_SLOT + str(stored).encode(errors="surrogatepass") + b'"'
     if not (
-        isinstance(stored, str)
+        all(isinstance(value, str) for value in metadata.values())
         and re.fullmatch("[0-9a-f]{8}", stored)
         and header_bytes.count(slot) == 1
-        and all(isinstance(value, str) for value in metadata.values())
     ):
         raise source.error("has a malformed header")
     zeroed = header_bytes.replace(slot, _CRC_SLOT + _ZERO_CRC.encode() + b'"')
@@ -3441,7 +3441,7 @@ def _read_header(file: IO[bytes], source: _Source, size: int) -> _Layout | None:
     if not (isinstance(leaves, list) and isinstance(structure, list)):
         raise source.error("has a malformed header")
     try:  # In time linear in the header's length.
-        entries = [_checked_entry(entry, size) for entry in leaves]
+        entries = [_checked_entry(entry) for entry in leaves]
     except _Malformed as err:
         where = f" (the leaf at path {err})" if err.args else ""
         raise source.error(f"has a malformed header{where}") from None
@@ -3454,27 +3454,23 @@ def _read_header(file: IO[bytes], source: _Source, size: int) -> _Layout | None:
         and len(header) - 1 == len(arrays)  # Its tensor table and `__metadata__`.
     ):
         raise source.error("has a malformed header")
-    offset = 0
+    offset = data_start = _LENGTH.size + length
     for index, entry in enumerate(arrays):
-        wanted = _tensor_entry(entry, offset, entry["nbytes"])
+        wanted = _tensor_entry(entry, offset - data_start, entry["nbytes"])
         if header.get(entry["path"]) != wanted:  # `__metadata__` holds only strings.
             raise source.error(
                 f"has a malformed header: the tensor table's entry for the leaf at "
                 f"path {entry['path']} is not {_json(wanted)}"
             )
-        entry.update(
-            offset=_LENGTH.size + length + offset,
-            crc=int(crcs[8 * index : 8 * index + 8], 16),
-        )
+        entry.update(offset=offset, crc=int(crcs[8 * index : 8 * index + 8], 16))
         offset += entry["nbytes"]
-    expected = _LENGTH.size + length + offset
-    if size < expected:
+    if size < offset:
         raise source.error(
-            f"is truncated: it has {size} bytes, and its header needs {expected}"
+            f"is truncated: it has {size} bytes, and its header needs {offset}"
         )
-    if size > expected:
+    if size > offset:
         raise source.error(
-            f"has {size - expected} trailing bytes after the data its header "
+            f"has {size - offset} trailing bytes after the data its header "
             "describes; it was not written by `serialize` in one piece"
         )
     return _Layout(entries, structure, arguments)
@@ -3501,20 +3497,18 @@ def _check_version(version: Any, source: _Source) -> None:
     if not (isinstance(version, str) and re.fullmatch("[0-9]{1,9}", version)):
         raise source.error("has a malformed header")
     number = int(version)
-    if number > _FORMAT_VERSION:
+    if number != _FORMAT_VERSION:
+        age, fix = "newer", "Upgrade lerax_utils to load it"
+        if number < _FORMAT_VERSION:
+            age, fix = "older", "Load it with the lerax_utils that wrote it, save it "
+            fix += "with `eqx.tree_serialise_leaves`, and load that file"
         raise source.error(
-            f"has format version {number}, newer than the {_FORMAT_VERSION} this "
-            f"lerax_utils {__version__} reads. Upgrade lerax_utils to load it"
-        )
-    if number < _FORMAT_VERSION:
-        raise source.error(
-            f"has format version {number}, older than the {_FORMAT_VERSION} this "
-            f"lerax_utils {__version__} reads. Load it with the lerax_utils that "
-            "wrote it, save it with `eqx.tree_serialise_leaves`, and load that file"
+            f"has format version {number}, {age} than the {_FORMAT_VERSION} this "
+            f"lerax_utils {__version__} reads. {fix}"
         )
 
 
-def _checked_entry(entry: Any, size: int) -> dict[str, Any]:
+def _checked_entry(entry: Any) -> _Entry:
     """A copy of a leaf entry with its byte count, or `_Malformed(its path)`."""
     if not (isinstance(entry, dict) and isinstance(entry.get("path"), str)):
         raise _Malformed
@@ -3523,7 +3517,7 @@ def _checked_entry(entry: Any, size: int) -> dict[str, Any]:
         try:
             value = _decode_value(entry.get("value"))
         except (_Malformed, _Unrecordable):
-            raise _Malformed(entry["path"]) from None
+            value = None
         if type(value) not in _PYTHON_SCALARS:
             raise _Malformed(entry["path"])
         return {"path": entry["path"], "kind": kind, "value": value}
@@ -3537,11 +3531,8 @@ def _checked_entry(entry: Any, size: int) -> dict[str, Any]:
         or ("weak_type" in entry and (entry["weak_type"] is not True or kind != "jax"))
     ):
         raise _Malformed(entry["path"])
-    nbytes = math.prod(shape) * dtype.itemsize
-    if nbytes > size:
-        raise _Malformed(entry["path"])
     checked = {"path": entry["path"], "kind": kind, "dtype": entry["dtype"]}
-    checked.update(shape=shape, nbytes=nbytes)
+    checked.update(shape=shape, nbytes=math.prod(shape) * dtype.itemsize)
     if "weak_type" in entry:
         checked["weak_type"] = True
     if kind == "key":
@@ -3576,13 +3567,12 @@ def _is_saved_leaf(leaf: Any) -> bool:
 
 
 def _check_against_skeleton(source: _Source, layout: _Layout, skeleton: Any) -> None:
-    """Structure and static values, then the leaf count, then each leaf's type."""
+    """Structure and static values, then the leaves' paths, then their types."""
     if source.function.startswith("Serializable."):
         name = "the skeleton"
-        built = "the skeleton built from the constructor arguments"
         fix = "Pass the constructor arguments the model was saved with"
     else:
-        name = built = "`like`"
+        name = "`like`"
         fix = "Pass a `like` with the structure, shapes and dtypes of the saved tree"
     difference = _structure_difference_in_file(
         layout.structure, _structure(skeleton), name
@@ -3595,36 +3585,25 @@ def _check_against_skeleton(source: _Source, layout: _Layout, skeleton: Any) -> 
         for path, leaf in jtu.tree_flatten_with_path(skeleton)[0]
         if _is_saved_leaf(leaf)
     ]
-    leaves = layout.entries
-    if len(leaves) != len(expected):
-        paths = [entry["path"] for entry in leaves]
-        first = next(
-            (p for p, (q, _) in zip(paths, expected, strict=False) if p != q),
-            paths[len(expected)] if len(paths) > len(expected) else expected[-1][0],
-        )
+    paths = [entry["path"] for entry in layout.entries]
+    wanted = [path for path, _ in expected]
+    if paths != wanted:
+        pairs = itertools.zip_longest(paths, wanted)
+        first = next(q if p is None else p for p, q in pairs if p != q)
         raise source.error(
-            f"holds {len(leaves)} leaves, but {built} has {len(expected)}; they "
+            f"holds {len(paths)} leaves, and {name} has {len(wanted)}; they "
             f"first differ at path {first}. {fix}"
         )
-    for entry, (path, leaf) in zip(leaves, expected, strict=True):
-        if entry["path"] != path:
-            raise source.error(
-                f"has a leaf at path {entry['path']} where {name} "
-                f"has one at {path}. {fix}"
-            )
+    for entry, (path, leaf) in zip(layout.entries, expected, strict=True):
         problem = _leaf_mismatch(entry, leaf, name, fix)
         if problem is not None:
             raise source.error(f"holds at path {path} {problem}")
 
 
-_X64_PAIRS = ("float64 float32", "int64 int32", "uint64 uint32", "complex128 complex64")
-
-
-def _leaf_mismatch(
-    entry: dict[str, Any], leaf: Any, skeleton: str, fix: str
-) -> str | None:
+def _leaf_mismatch(entry: _Entry, leaf: Any, skeleton: str, fix: str) -> str | None:
     """How a saved leaf differs from the skeleton's, or None if it fits."""
-    if entry["kind"] == "scalar":
+    kind = entry["kind"]
+    if kind == "scalar":
         value = entry["value"]
         if type(leaf) is type(value):
             return None
@@ -3632,64 +3611,54 @@ def _leaf_mismatch(
             f"the Python {type(value).__name__} {value!r}, where {skeleton} has "
             f"{_describe_leaf(leaf)}. {fix}"
         )
-    shape = tuple(entry["shape"])
-    if isinstance(leaf, np.ndarray | np.generic) and _is_numpy_only(leaf.dtype):
-        dtype, wanted = entry["dtype"], (leaf.shape, _dtype_name(leaf.dtype))
-        fits = (shape, dtype) == wanted
-    elif isinstance(leaf, jax.ShapeDtypeStruct):
-        if entry["kind"] == "key":
-            shape = tuple(entry["key_shape"])
-            dtype = _key_impl_types()[entry["impl"]][0]
-        else:
-            dtype = cast(np.dtype, _numpy_dtype(entry["dtype"]))
-        wanted = (tuple(leaf.shape), leaf.dtype)
-        fits = shape == wanted[0] and (
-            dtype == leaf.dtype
-            or (
-                entry["kind"] in ("numpy", "numpy_scalar")
-                and not _is_numpy_only(dtype)
-                and jax.dtypes.canonicalize_dtype(dtype) == leaf.dtype
-            )
-        )
-    else:
+    if not isinstance(leaf, jax.ShapeDtypeStruct) and not (
+        isinstance(leaf, np.ndarray | np.generic) and _is_numpy_only(leaf.dtype)
+    ):
         return f"an array, where {skeleton} has {_describe_leaf(leaf)}. {fix}"
-    if fits:
-        return None
-    message = (
-        f"an array of shape {shape} and dtype {dtype}, but {skeleton} has shape "
-        f"{wanted[0]} and dtype {wanted[1]}"
-    )
-    pair = {str(dtype), str(wanted[1])}
-    if shape == wanted[0] and any(pair == set(p.split()) for p in _X64_PAIRS):
-        numpy = ", or save the leaf as a NumPy array, which keeps its dtype"
-        return (
-            f"{message}. The dtypes differ only in width: the file was probably "
-            "saved with `jax_enable_x64` set otherwise than now. Set it as when "
-            f"saving{numpy if entry['kind'] == 'jax' else ''}"
+    if kind == "key":
+        shape, dtype = tuple(entry["key_shape"]), _key_impl_types()[entry["impl"]][0]
+    else:
+        shape, dtype = tuple(entry["shape"]), cast(Any, _numpy_dtype(entry["dtype"]))
+    if shape == tuple(leaf.shape) and (
+        dtype == leaf.dtype
+        or (  # A NumPy leaf saved with a dtype JAX narrows, as `jnp.asarray` does.
+            kind in ("numpy", "numpy_scalar")
+            and not _is_numpy_only(dtype)
+            and jax.dtypes.canonicalize_dtype(dtype) == leaf.dtype
         )
-    return f"{message}. {fix}"
+    ):
+        return None
+    pair = " ".join(sorted({str(dtype), str(leaf.dtype)}))
+    x64 = ("float32 float64", "int32 int64", "uint32 uint64", "complex128 complex64")
+    if shape == tuple(leaf.shape) and pair in x64:
+        fix = "The dtypes differ only in width: the file was probably saved with "
+        fix += "`jax_enable_x64` set otherwise than now. Set it as when saving"
+        if kind == "jax":
+            fix += ", or save the leaf as a NumPy array, which keeps its dtype"
+    return (
+        f"an array of shape {shape} and dtype {dtype}, but {skeleton} has shape "
+        f"{tuple(leaf.shape)} and dtype {leaf.dtype}. {fix}"
+    )
 
 
 def _structure_difference_in_file(
     saved: list[Any], wanted: list[Any], skeleton: str
 ) -> tuple[str, str] | None:
     """The first `(path, message)` where two `_structure` descriptions differ."""
+    canonical = functools.partial(json.dumps, sort_keys=True)  # `True` is not `1`.
     for saved_entry, (path, want) in zip(saved, wanted, strict=False):
-        if _json_sorted(saved_entry) == _json_sorted([path, want]):
+        if canonical(saved_entry) == canonical([path, want]):
             continue
         match saved_entry:
             case [str() as elsewhere, _] if elsewhere != path:
                 return path, f"the file has a node at path {elsewhere} instead"
             case [str(), {"node": node, "static": dict(static)} as was] if (
                 isinstance(want, dict)
-                and "static" in want
-                and node == want["node"]
                 and set(was) == set(want)
+                and node == want["node"]
             ):
                 for field, value in want["static"].items():
-                    if field in static and _json_sorted(static[field]) != _json_sorted(
-                        value
-                    ):
+                    if field in static and canonical(static[field]) != canonical(value):
                         return f"{path}.{field}", (
                             f"the static field is {static[field]!r} in the file "
                             f"and {value!r} in {skeleton}"
@@ -3707,11 +3676,6 @@ def _structure_difference_in_file(
         where = extra[0] if isinstance(extra, list) and extra else ""
         return str(where), f"only {side} has a node here"
     return None
-
-
-def _json_sorted(value: Any) -> str:
-    """Canonical JSON: `True` and `1` differ, as do `1` and `1.0`."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
 def _read_leaves(
@@ -3732,8 +3696,10 @@ def _read_leaves(
         try:
             values[index] = _restore_kind(data, entry)
         except UnicodeDecodeError as err:
-            problem = f"a character that is not Unicode ({err})"
-            raise _invalid_data(entry, problem, source) from err
+            raise source.error(
+                f"holds invalid data for the leaf at path {entry['path']}: a "
+                f"character that is not Unicode ({err})"
+            ) from err
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as checksummer:
         for index, entry in enumerate(leaves):
@@ -3770,8 +3736,7 @@ def _aligned_empty(shape: list[int], dtype: np.dtype) -> np.ndarray:
     return raw[offset : offset + nbytes].view(dtype).reshape(shape)
 
 
-# Loading into shardings: an array streams through one buffer of at most this many
-# bytes, so a process holds its own shards and one buffer, never a whole array.
+# A sharded load streams each array through one buffer of at most this many bytes.
 _CHUNK_BYTES = 16 * 1024 * 1024
 
 
@@ -3789,8 +3754,7 @@ def _with_shardings(skeleton: Any, sharding: Any) -> Any:
             raise ValueError(
                 f"{name}: the pytree returned by `sharding` does not have the "
                 f"structure of the skeleton ({err}). Return one with a Sharding or "
-                "None at each of its array leaves, for example "
-                "`jax.tree_util.tree_map(choose, skeleton)`."
+                "None at each array leaf."
             ) from err
     else:
         raise TypeError(
@@ -3823,9 +3787,8 @@ def _sharding_error(
 ) -> ValueError:
     return ValueError(
         f"{function}: the sharding asked for the leaf at path {path} does not fit "
-        f"its shape {tuple(shape)}: {str(err).rstrip('.')}. Pass a sharding of at "
-        "most as many axes as the leaf whose mesh axes divide the dimensions they "
-        "shard, or None for this leaf."
+        f"its shape {tuple(shape)}: {str(err).rstrip('.')}. Pass a sharding that "
+        "fits it, or None for this leaf."
     )
 
 
@@ -3835,8 +3798,7 @@ def _leaf_sharding(leaf: Any) -> jax.sharding.Sharding | None:
         leaf, jax.ShapeDtypeStruct | jax.Array
     ):
         return None
-    sharding = getattr(leaf, "sharding", None)
-    return sharding if isinstance(sharding, jax.sharding.Sharding) else None
+    return leaf.sharding if isinstance(leaf.sharding, jax.sharding.Sharding) else None
 
 
 def _region(index: Any, shape: Sequence[int]) -> _Region:
@@ -3852,27 +3814,18 @@ def _region(index: Any, shape: Sequence[int]) -> _Region:
 
 
 def _read_sharded(
-    file: IO[bytes],
-    entry: dict[str, Any],
-    sharding: jax.sharding.Sharding,
-    source: _Source,
+    file: IO[bytes], entry: _Entry, sharding: jax.sharding.Sharding, source: _Source
 ) -> jax.Array:
-    """One array leaf, created with `sharding`."""
-    # The whole tensor is checked first, so a corrupt file fails before any device
-    # array exists; then each local shard is read alone, put on its devices and
-    # freed. One shard (one device, or replicated) is checked and read in one pass.
+    """One array leaf, created with `sharding`: checked whole first (a corrupt file
+    fails before any device array exists), then each local shard read alone, put on
+    its devices and freed; a single shard is checked and read in one pass."""
     dtype = cast(np.dtype, _numpy_dtype(entry["dtype"]))
-    shape = tuple(entry["shape"])  # Of the stored data: key data for a key.
-    is_key = entry["kind"] == "key"
-    global_shape = tuple(entry["key_shape"]) if is_key else shape
+    shape = tuple(entry["shape"])  # A key's data, whose own axes no shard splits.
+    global_shape = tuple(entry.get("key_shape", shape))
     try:
         sharding.shard_shape(global_shape)  # Refuses an axis it does not divide.
         indices = sharding.addressable_devices_indices_map(global_shape)
-        regions = {
-            device: _region(index, global_shape)
-            + tuple((0, size) for size in shape[len(global_shape) :])
-            for device, index in indices.items()
-        }
+        regions = {device: _region(index, shape) for device, index in indices.items()}
     except Exception as err:
         raise _sharding_error(
             source.function, entry["path"], global_shape, err
@@ -3890,7 +3843,7 @@ def _read_sharded(
         for device, wanted in regions.items():
             if wanted == region:
                 shard = jax.device_put(host, device)
-                if is_key:
+                if entry["kind"] == "key":
                     shard = jax.random.wrap_key_data(shard, impl=entry["impl"])
                 on_devices[device] = shard
         del host
@@ -3902,7 +3855,7 @@ def _read_sharded(
 
 def _stream_into_shards(
     file: IO[bytes],
-    entry: dict[str, Any],
+    entry: _Entry,
     shards: dict[_Region, np.ndarray],
     source: _Source,
     box: _Region | None = None,
@@ -3912,22 +3865,22 @@ def _stream_into_shards(
     # A piece is a run of whole sub-arrays along one axis (`level`): the fewest
     # leading axes such that one step along `level` fits in the buffer.
     shape = tuple(entry["shape"])
+    if not shape:  # A 0-d array streams as one of shape (1,).
+        shape = (1,)
+        shards = {((0, 1),): shards[()].reshape(1)} if shards else {}
     dtype = cast(np.dtype, _numpy_dtype(entry["dtype"]))
     itemsize = dtype.itemsize
     nbytes = math.prod(shape) * itemsize
     level = next(
-        (
-            axis
-            for axis in range(len(shape))
-            if math.prod(shape[axis + 1 :]) * itemsize <= max(_CHUNK_BYTES, itemsize)
-        ),
-        len(shape),
+        axis
+        for axis in range(len(shape))
+        if math.prod(shape[axis + 1 :]) * itemsize <= max(_CHUNK_BYTES, itemsize)
     )
     step_bytes = math.prod(shape[level + 1 :]) * itemsize
     steps = max(1, _CHUNK_BYTES // max(step_bytes, 1))
     buffer = np.empty(min(nbytes, steps * max(step_bytes, 1)), np.uint8)
-    ranges = box if box is not None else tuple((0, size) for size in shape)
-    low, high = ranges[level] if level < len(shape) else (0, 1)
+    ranges = box or tuple((0, size) for size in shape)
+    low, high = ranges[level]
     inner = shape[level + 1 :]
     crc = 0
     for outer in itertools.product(*(range(a, b) for a, b in ranges[:level])):
@@ -3946,9 +3899,6 @@ def _stream_into_shards(
                 crc = zlib.crc32(view.data, crc)
                 _check_bits(entry, piece, source)
             for region, shard in shards.items():
-                if level == len(shape):  # A 0-d array: one element.
-                    shard[...] = piece.reshape(())
-                    continue
                 # Copy `piece` (indices `outer` on the leading axes, `first` onward
                 # along `level`, whole along the rest) where it overlaps the shard.
                 if not all(
@@ -3968,7 +3918,7 @@ def _stream_into_shards(
     return crc
 
 
-def _check_crc(entry: dict[str, Any], crc: int, source: _Source) -> None:
+def _check_crc(entry: _Entry, crc: int, source: _Source) -> None:
     if crc != entry["crc"]:
         raise source.error(
             f"has corrupt data for the leaf at path {entry['path']} (its checksum "
@@ -3976,25 +3926,23 @@ def _check_crc(entry: dict[str, Any], crc: int, source: _Source) -> None:
         )
 
 
-def _check_bits(entry: dict[str, Any], data: np.ndarray, source: _Source) -> None:
+def _check_bits(entry: _Entry, data: np.ndarray, source: _Source) -> None:
     """Refuse a loaded array whose bytes are no values of its dtype."""
     view = data.reshape(-1).view(np.uint8)
     if data.dtype == np.bool_ and view.size and view.max() > 1:
-        raise _invalid_data(entry, "a boolean byte other than 0 or 1", source)
-    if entry["dtype"] in _SUB_BYTE_DTYPES:
-        canonical = data.astype(np.float32).astype(data.dtype)
-        if not np.array_equal(canonical.reshape(-1).view(np.uint8), view):
-            problem = f"a {entry['dtype']} byte whose unused high bits are not zero"
-            raise _invalid_data(entry, problem, source)
-
-
-def _invalid_data(entry: dict[str, Any], problem: str, source: _Source) -> ValueError:
-    return source.error(
+        problem = "a boolean byte other than 0 or 1"
+    elif entry["dtype"] in _SUB_BYTE_DTYPES and not np.array_equal(
+        data.astype(np.float32).astype(data.dtype).reshape(-1).view(np.uint8), view
+    ):
+        problem = f"a {entry['dtype']} byte whose unused high bits are not zero"
+    else:
+        return
+    raise source.error(
         f"holds invalid data for the leaf at path {entry['path']}: {problem}"
     )
 
 
-def _restore_kind(data: np.ndarray, entry: dict[str, Any]) -> Any:
+def _restore_kind(data: np.ndarray, entry: _Entry) -> Any:
     """A loaded NumPy array as the kind of leaf it was saved from."""
     if entry["kind"] == "jax":  # A weak type is restored, as `jnp.asarray(2.0)` has.
         array = jax.device_put(data)
@@ -4002,24 +3950,21 @@ def _restore_kind(data: np.ndarray, entry: dict[str, Any]) -> Any:
     if entry["kind"] == "key":
         return jax.random.wrap_key_data(jax.device_put(data), impl=entry["impl"])
     dtype = cast(np.dtype, _numpy_dtype(entry["dtype"]))
-    if dtype.byteorder == ">":
-        data = data.astype(dtype)
-    if entry["kind"] == "numpy_scalar":
-        # `data[()]` would drop trailing NULs of a bytes or str scalar.
+    if entry["kind"] == "numpy_scalar" and dtype.kind in "SU":
+        # `data[()]` would drop trailing NULs. `data` is little-endian until cast.
         if dtype.kind == "S":
             return np.bytes_(data.tobytes())
-        if dtype.kind == "U":
-            raw = data.astype(dtype.newbyteorder("<")).tobytes()
-            return np.str_(raw.decode("utf-32-le", "surrogatepass"))
-        return data[()]
-    return data
+        return np.str_(data.tobytes().decode("utf-32-le", "surrogatepass"))
+    if dtype.byteorder == ">":
+        data = data.astype(dtype)
+    return data[()] if entry["kind"] == "numpy_scalar" else data
 
 
 def _read_equinox_file(
     file: IO[bytes], skeleton: Any, source: _Source, size: int
 ) -> Any:
-    """A file of plain `eqx.tree_serialise_leaves` (Equinox's own checks only), with
-    each JAX array put on the sharding its skeleton leaf asks for."""
+    """A plain `eqx.tree_serialise_leaves` file, each JAX array put on the sharding
+    its skeleton leaf asks for."""
     try:
         model = eqx.tree_deserialise_leaves(file, skeleton)
     except Exception as err:
