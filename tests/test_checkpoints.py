@@ -666,6 +666,79 @@ def test_a_str_scalar_of_no_unicode_character_is_refused(tmp_path):
     )
 
 
+def test_a_str_array_of_a_code_point_above_unicode_is_refused(tmp_path):
+    leaf = np.array(["ab", "c"])
+    Checkpointed([leaf]).serialize(tmp_path / "good")
+
+    def edit(data):
+        data[4:8] = struct.pack("<I", 0x110000)
+
+    path = bad_file(tmp_path, _with_data((tmp_path / "good.eqx").read_bytes(), edit))
+    assert load_error(path, [leaf], cls=Checkpointed) == (
+        f"Serializable.deserialize: the file '{path}' holds invalid data for the leaf "
+        "at path .params[0]: a character that is not Unicode (a code point above "
+        "U+10FFFF)."
+    )
+
+
+@pytest.mark.parametrize("shape", [[2**61, 2**61], [0, 2**61, 2**61]])
+def test_a_shape_too_big_for_any_array_is_refused_naming_the_file(tmp_path, shape):
+    tree = {"v": jnp.ones(2), "w": jnp.zeros(0)}
+    save_pytree(tmp_path / "good", tree)
+
+    def edit(leaves, structure, header):
+        leaves[1]["shape"] = header["['w']"]["shape"] = shape
+
+    path = bad_file(tmp_path, forge((tmp_path / "good.eqx").read_bytes(), edit))
+    like = {"v": jnp.ones(2), "w": jax.ShapeDtypeStruct(tuple(shape), jnp.float32)}
+    with pytest.raises(ValueError) as info:
+        load_pytree(path, like)
+    assert str(info.value) == (
+        f"load_pytree: the file '{path}' has a malformed header (the leaf at path "
+        "['w'])."
+    )
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(alphabet='[]{}"\\ab,:'),
+    lambda inner: st.lists(inner) | st.dictionaries(st.text(alphabet='[{"\\a'), inner),
+    max_leaves=20,
+)
+
+
+def _containers(value: Any) -> int:
+    if isinstance(value, list):
+        return 1 + sum(map(_containers, value))
+    if isinstance(value, dict):
+        return 1 + sum(map(_containers, value.values()))
+    return 0
+
+
+@given(_JSON)
+def test_json_containers_are_counted_outside_strings(value):
+    text = json.dumps(value, ensure_ascii=False).encode()
+    assert lerax_utils._count_containers(text) == _containers(value)
+
+
+def test_a_header_left_open_is_refused_in_time_linear_in_its_size(tmp_path):
+    # `{"` and 2 MiB of escaped quotes: scanning from every quote to the end took
+    # time quadratic in the size (about an hour here); the bound only stops a hang.
+    text = b'{"' + b'\\"' * 2**20
+    path = bad_file(tmp_path, struct.pack("<Q", len(text)) + text)
+    code = (
+        "import sys, jax.numpy as jnp, lerax_utils\n"
+        "try:\n    lerax_utils.load_pytree(sys.argv[1], jnp.zeros(1))\n"
+        "except ValueError as err:\n    print(err)\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code, str(path)],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert run.stdout.startswith(
+        f"load_pytree: the file '{path}' has an unreadable header (Unterminated string"
+    ), run.stderr
+
+
 def test_a_header_too_large_to_load_is_refused_at_save(tmp_path, monkeypatch):
     monkeypatch.setattr(lerax_utils, "_MAX_CONTAINERS", 40)
     with pytest.raises(ValueError) as info:
@@ -794,6 +867,16 @@ def test_paths_that_are_no_regular_file_are_refused_up_front(tmp_path):
     )
     assert not (tmp_path / "runs.eqx").exists()
     assert list((tmp_path / "folder").iterdir()) == []
+
+
+def test_a_save_through_a_symbolic_link_replaces_its_target(tmp_path):
+    (tmp_path / "run-100.eqx").write_bytes(b"older")
+    os.symlink("run-100.eqx", tmp_path / "latest.eqx")
+    save_pytree(tmp_path / "latest", {"w": jnp.arange(3.0)})
+    assert os.readlink(tmp_path / "latest.eqx") == "run-100.eqx"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.eqx", "run-100.eqx"]
+    loaded = load_pytree(tmp_path / "run-100", {"w": jnp.zeros(3)})
+    assert_exact(loaded, {"w": jnp.arange(3.0)})
 
 
 def test_undecodable_file_names_save_and_load(tmp_path):
