@@ -198,6 +198,22 @@ def test_safetensors_reads_every_tensor_we_write(tmp_path_factory, leaves):
                 assert read.dtype == data.dtype
 
 
+def test_the_readers_the_readme_names_read_what_it_says(tmp_path):
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert "`safetensors.numpy.load_file` (as of safetensors 0.8) refuses" in readme
+    leaves = {"f": np.arange(3.0, dtype=np.float32), "b": jnp.ones(2, jnp.bfloat16)}
+    save_pytree(tmp_path / "plain", leaves)
+    read = safetensors.numpy.load_file(tmp_path / "plain.eqx")
+    expected = jax.tree.map(np.asarray, leaves)
+    assert_exact({k: read[f"['{k}']"] for k in leaves}, expected)
+    eight = {"e": jnp.arange(3.0).astype(jnp.float8_e4m3fn)}
+    save_pytree(tmp_path / "eight", eight)
+    tensors = dict(safetensors.deserialize((tmp_path / "eight.eqx").read_bytes()))
+    assert bytes(tensors["['e']"]["data"]) == np.asarray(eight["e"]).tobytes()
+    with pytest.raises(AttributeError):
+        safetensors.numpy.load_file(tmp_path / "eight.eqx")
+
+
 def test_every_dtype_is_stored_under_its_safetensors_name_or_as_bytes(tmp_path):
     leaves = {name: np.zeros((2, 3), dtype) for name, dtype in _dtypes().items()}
     Checkpointed(leaves).serialize(tmp_path / "all")
