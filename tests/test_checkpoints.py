@@ -61,7 +61,7 @@ from _helpers import (
     load_error,
     run_on_four_devices,
 )
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import lerax_utils
@@ -733,6 +733,28 @@ def _containers(value: Any) -> int:
 @given(_JSON)
 def test_json_containers_are_counted_outside_strings(value):
     text = json.dumps(value, ensure_ascii=False).encode()
+    assert lerax_utils._count_containers(text) == _containers(value)
+
+
+# Escapes: a string ending in backslashes, or holding escaped quotes, still closes
+# where JSON closes it, so the containers after it are counted.
+_ESCAPED_TEXT = st.lists(st.sampled_from(["\\", '"', "[", "{", "a"]), max_size=6)
+
+
+@given(
+    st.recursive(
+        st.none() | _ESCAPED_TEXT.map("".join),
+        lambda inner: (
+            st.lists(inner, max_size=3)
+            | st.dictionaries(_ESCAPED_TEXT.map("".join), inner, max_size=3)
+        ),
+        max_leaves=12,
+    )
+)
+@example(["\\", []])
+@example({"\\\\": [{}], '\\"': [[]]})
+def test_escaped_backslashes_and_quotes_hide_no_container(value):
+    text = json.dumps(value).encode()
     assert lerax_utils._count_containers(text) == _containers(value)
 
 
