@@ -682,6 +682,27 @@ def test_a_str_scalar_of_no_unicode_character_is_refused(tmp_path):
     )
 
 
+# Every code point, U+10FFFF and the surrogates included, loads back (NumPy drops a
+# trailing NUL from a str array, so none is drawn).
+@given(
+    st.lists(
+        st.text(
+            st.characters(codec=None, exclude_characters="\0"), min_size=1, max_size=3
+        ),
+        min_size=1,
+    )
+)
+@example(["\U0010ffff", "\ud800"])
+def test_str_arrays_of_every_code_point_round_trip(texts):
+    tree = {"array": np.array(texts), "scalar": np.str_(texts[0])}
+    with tempfile.TemporaryDirectory() as folder:
+        save_pytree(pathlib.Path(folder) / "texts", tree)
+        loaded = load_pytree(pathlib.Path(folder) / "texts", tree)
+    assert loaded["array"].dtype == tree["array"].dtype
+    assert loaded["array"].tolist() == texts
+    assert type(loaded["scalar"]) is np.str_ and loaded["scalar"] == texts[0]
+
+
 def test_a_str_array_of_a_code_point_above_unicode_is_refused(tmp_path):
     leaf = np.array(["ab", "c"])
     Checkpointed([leaf]).serialize(tmp_path / "good")
