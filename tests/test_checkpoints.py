@@ -2441,6 +2441,40 @@ def test_a_dtype_that_differs_only_in_width_names_x64(tmp_path):
     )
 
 
+# The width hint: only where the shapes agree, and a JAX leaf saved wide never loads
+# narrowed.
+def test_a_dtype_of_another_width_and_another_shape_names_no_x64(tmp_path):
+    Checkpointed(jnp.zeros(3)).serialize(tmp_path / "narrow")
+    jax.config.update("jax_enable_x64", True)
+    try:
+        error = load_error(tmp_path / "narrow", jnp.zeros(2, float), cls=Checkpointed)
+    finally:
+        jax.config.update("jax_enable_x64", False)
+    assert error == (
+        f"Serializable.deserialize: the file '{tmp_path}/narrow.eqx' holds at path "
+        ".params an array of shape (3,) and dtype float32, but the skeleton has "
+        "shape (2,) and dtype float64. Pass the constructor arguments the model was "
+        "saved with."
+    )
+
+
+def test_a_wide_jax_leaf_never_loads_narrowed(tmp_path):
+    jax.config.update("jax_enable_x64", True)
+    try:
+        save_pytree(tmp_path / "wide", {"j": jnp.zeros(3, float), "n": np.zeros(3)})
+    finally:
+        jax.config.update("jax_enable_x64", False)
+    with pytest.raises(ValueError) as info:
+        load_pytree(tmp_path / "wide", {"j": jnp.zeros(3), "n": np.zeros(3)})
+    assert str(info.value) == (
+        f"load_pytree: the file '{tmp_path}/wide.eqx' holds at path ['j'] an array of "
+        "shape (3,) and dtype float64, but `like` has shape (3,) and dtype float32. "
+        "The dtypes differ only in width: the file was probably saved with "
+        "`jax_enable_x64` set otherwise than now. Set it as when saving, or save the "
+        "leaf as a NumPy array, which keeps its dtype."
+    )
+
+
 def test_a_forged_key_or_scalar_never_loads_into_another_type(tmp_path):
     Checkpointed({"k": jax.random.key(0), "n": 3}).serialize(tmp_path / "good")
     good = (tmp_path / "good.eqx").read_bytes()
