@@ -2328,3 +2328,51 @@ def test_memory_stays_flat_when_every_call_brings_new_functions() -> None:
         jax.block_until_ready(out)
     gc.collect()
     assert _rss_bytes() - before < 20 * 2**20
+
+
+# The eager-call cache: entries whose objects died while it was locked all go at the
+# next lookup.
+def test_every_entry_whose_object_died_during_a_lookup_goes() -> None:
+    cache = lerax_utils._Cache()
+
+    class Referent:
+        pass
+
+    referents = [Referent() for _ in range(3)]
+    for i, referent in enumerate(referents):
+        cache.put(i, i + 1, [referent])
+    with cache.lock:  # As when the collector runs inside a lookup.
+        del referents[:2]
+        gc.collect()
+    assert cache.get(2) == 3
+    assert list(cache.entries) == [2]
+
+
+# The eager-call cache keys a static field's containers by type: a list and a tuple
+# of the same items run different programs.
+class _StaticField(eqx.Module):
+    value: Any = eqx.field(static=True)
+
+
+def test_a_static_list_and_tuple_of_the_same_items_are_different_calls() -> None:
+    def kind(module: _StaticField, x: jax.Array) -> jax.Array:
+        return x * (2.0 if type(module.value) is list else 3.0)
+
+    for value, factor in (([1], 2.0), ((1,), 3.0), ([1], 2.0), ({"a": 1}, 3.0)):
+        out = filter_cond(True, kind, kind, _StaticField(value), jnp.ones(()))
+        assert float(out) == factor
+
+
+# Partials compare by their keywords' values, whatever order they were given in.
+@pytest.mark.parametrize("changed", [None, "a", "b"])
+def test_partials_compare_by_keyword_whatever_their_order(changed: str | None) -> None:
+    def f(a: Any, b: Any) -> None:
+        pass
+
+    new = {"b": 2.0, "a": [1]}
+    if changed is not None:
+        new[changed] = -0.0
+    equal = lerax_utils._static_leaves_equal(
+        functools.partial(f, a=[1], b=2.0), functools.partial(f, **new)
+    )
+    assert equal is (changed is None)
