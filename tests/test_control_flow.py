@@ -2376,3 +2376,34 @@ def test_partials_compare_by_keyword_whatever_their_order(changed: str | None) -
         functools.partial(f, a=[1], b=2.0), functools.partial(f, **new)
     )
     assert equal is (changed is None)
+
+
+# Eager calls under `jax.disable_jit` run the Python of their functions every time.
+def test_every_call_under_disable_jit_runs_its_functions() -> None:
+    calls: list[int] = []
+
+    def branch(x: jax.Array) -> jax.Array:
+        calls.append(1)
+        return x + 1
+
+    with jax.disable_jit():
+        for _ in range(3):
+            filter_cond(True, branch, branch, jnp.ones(2))
+    assert len(calls) == 3
+
+
+# A call after `jax_enable_x64` changes runs a program traced under the new setting.
+def test_a_call_after_x64_changes_gets_a_program_of_the_new_dtypes() -> None:
+    x = jnp.arange(3)
+
+    def double(x: jax.Array) -> jax.Array:
+        return x * 2.0
+
+    dtypes = [filter_cond(True, double, double, x).dtype]
+    jax.config.update("jax_enable_x64", True)
+    try:
+        dtypes.append(filter_cond(True, double, double, x).dtype)
+    finally:
+        jax.config.update("jax_enable_x64", False)
+    dtypes.append(filter_cond(True, double, double, x).dtype)
+    assert dtypes == [jnp.float32, jnp.float64, jnp.float32]
