@@ -2407,3 +2407,19 @@ def test_a_call_after_x64_changes_gets_a_program_of_the_new_dtypes() -> None:
         jax.config.update("jax_enable_x64", False)
     dtypes.append(filter_cond(True, double, double, x).dtype)
     assert dtypes == [jnp.float32, jnp.float64, jnp.float32]
+
+
+# Static leaves of different types are different, however `==` compares them.
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("a", np.str_("a")),
+        (b"a", np.bytes_(b"a")),
+        (frozenset({1}), {1}),
+        (np.float32(1), np.float64(1)),
+    ],
+)
+def test_static_leaves_of_different_types_differ(old: Any, new: Any) -> None:
+    assert old == new
+    assert not lerax_utils._static_leaves_equal(old, new)
+    assert not lerax_utils._static_leaves_equal(new, old)
