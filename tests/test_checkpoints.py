@@ -61,7 +61,7 @@ from _helpers import (
     load_error,
     run_on_four_devices,
 )
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import lerax_utils
@@ -682,6 +682,27 @@ def test_a_str_scalar_of_no_unicode_character_is_refused(tmp_path):
     )
 
 
+# Every code point, U+10FFFF and the surrogates included, loads back (NumPy drops a
+# trailing NUL from a str array, so none is drawn).
+@given(
+    st.lists(
+        st.text(
+            st.characters(codec=None, exclude_characters="\0"), min_size=1, max_size=3
+        ),
+        min_size=1,
+    )
+)
+@example(["\U0010ffff", "\ud800"])
+def test_str_arrays_of_every_code_point_round_trip(texts):
+    tree = {"array": np.array(texts), "scalar": np.str_(texts[0])}
+    with tempfile.TemporaryDirectory() as folder:
+        save_pytree(pathlib.Path(folder) / "texts", tree)
+        loaded = load_pytree(pathlib.Path(folder) / "texts", tree)
+    assert loaded["array"].dtype == tree["array"].dtype
+    assert loaded["array"].tolist() == texts
+    assert type(loaded["scalar"]) is np.str_ and loaded["scalar"] == texts[0]
+
+
 def test_a_str_array_of_a_code_point_above_unicode_is_refused(tmp_path):
     leaf = np.array(["ab", "c"])
     Checkpointed([leaf]).serialize(tmp_path / "good")
@@ -733,6 +754,28 @@ def _containers(value: Any) -> int:
 @given(_JSON)
 def test_json_containers_are_counted_outside_strings(value):
     text = json.dumps(value, ensure_ascii=False).encode()
+    assert lerax_utils._count_containers(text) == _containers(value)
+
+
+# Escapes: a string ending in backslashes, or holding escaped quotes, still closes
+# where JSON closes it, so the containers after it are counted.
+_ESCAPED_TEXT = st.lists(st.sampled_from(["\\", '"', "[", "{", "a"]), max_size=6)
+
+
+@given(
+    st.recursive(
+        st.none() | _ESCAPED_TEXT.map("".join),
+        lambda inner: (
+            st.lists(inner, max_size=3)
+            | st.dictionaries(_ESCAPED_TEXT.map("".join), inner, max_size=3)
+        ),
+        max_leaves=12,
+    )
+)
+@example(["\\", []])
+@example({"\\\\": [{}], '\\"': [[]]})
+def test_escaped_backslashes_and_quotes_hide_no_container(value):
+    text = json.dumps(value).encode()
     assert lerax_utils._count_containers(text) == _containers(value)
 
 
@@ -2395,6 +2438,40 @@ def test_a_dtype_that_differs_only_in_width_names_x64(tmp_path):
         "shape (3,) and dtype float64. The dtypes differ only in width: the file "
         "was probably saved with `jax_enable_x64` set otherwise than now. Set it as "
         "when saving, or save the leaf as a NumPy array, which keeps its dtype."
+    )
+
+
+# The width hint: only where the shapes agree, and a JAX leaf saved wide never loads
+# narrowed.
+def test_a_dtype_of_another_width_and_another_shape_names_no_x64(tmp_path):
+    Checkpointed(jnp.zeros(3)).serialize(tmp_path / "narrow")
+    jax.config.update("jax_enable_x64", True)
+    try:
+        error = load_error(tmp_path / "narrow", jnp.zeros(2, float), cls=Checkpointed)
+    finally:
+        jax.config.update("jax_enable_x64", False)
+    assert error == (
+        f"Serializable.deserialize: the file '{tmp_path}/narrow.eqx' holds at path "
+        ".params an array of shape (3,) and dtype float32, but the skeleton has "
+        "shape (2,) and dtype float64. Pass the constructor arguments the model was "
+        "saved with."
+    )
+
+
+def test_a_wide_jax_leaf_never_loads_narrowed(tmp_path):
+    jax.config.update("jax_enable_x64", True)
+    try:
+        save_pytree(tmp_path / "wide", {"j": jnp.zeros(3, float), "n": np.zeros(3)})
+    finally:
+        jax.config.update("jax_enable_x64", False)
+    with pytest.raises(ValueError) as info:
+        load_pytree(tmp_path / "wide", {"j": jnp.zeros(3), "n": np.zeros(3)})
+    assert str(info.value) == (
+        f"load_pytree: the file '{tmp_path}/wide.eqx' holds at path ['j'] an array of "
+        "shape (3,) and dtype float64, but `like` has shape (3,) and dtype float32. "
+        "The dtypes differ only in width: the file was probably saved with "
+        "`jax_enable_x64` set otherwise than now. Set it as when saving, or save the "
+        "leaf as a NumPy array, which keeps its dtype."
     )
 
 

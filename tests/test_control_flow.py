@@ -2328,3 +2328,98 @@ def test_memory_stays_flat_when_every_call_brings_new_functions() -> None:
         jax.block_until_ready(out)
     gc.collect()
     assert _rss_bytes() - before < 20 * 2**20
+
+
+# The eager-call cache: entries whose objects died while it was locked all go at the
+# next lookup.
+def test_every_entry_whose_object_died_during_a_lookup_goes() -> None:
+    cache = lerax_utils._Cache()
+
+    class Referent:
+        pass
+
+    referents = [Referent() for _ in range(3)]
+    for i, referent in enumerate(referents):
+        cache.put(i, i + 1, [referent])
+    with cache.lock:  # As when the collector runs inside a lookup.
+        del referents[:2]
+        gc.collect()
+    assert cache.get(2) == 3
+    assert list(cache.entries) == [2]
+
+
+# The eager-call cache keys a static field's containers by type: a list and a tuple
+# of the same items run different programs.
+class _StaticField(eqx.Module):
+    value: Any = eqx.field(static=True)
+
+
+def test_a_static_list_and_tuple_of_the_same_items_are_different_calls() -> None:
+    def kind(module: _StaticField, x: jax.Array) -> jax.Array:
+        return x * (2.0 if type(module.value) is list else 3.0)
+
+    for value, factor in (([1], 2.0), ((1,), 3.0), ([1], 2.0), ({"a": 1}, 3.0)):
+        out = filter_cond(True, kind, kind, _StaticField(value), jnp.ones(()))
+        assert float(out) == factor
+
+
+# Partials compare by their keywords' values, whatever order they were given in.
+@pytest.mark.parametrize("changed", [None, "a", "b"])
+def test_partials_compare_by_keyword_whatever_their_order(changed: str | None) -> None:
+    def f(a: Any, b: Any) -> None:
+        pass
+
+    new = {"b": 2.0, "a": [1]}
+    if changed is not None:
+        new[changed] = -0.0
+    equal = lerax_utils._static_leaves_equal(
+        functools.partial(f, a=[1], b=2.0), functools.partial(f, **new)
+    )
+    assert equal is (changed is None)
+
+
+# Eager calls under `jax.disable_jit` run the Python of their functions every time.
+def test_every_call_under_disable_jit_runs_its_functions() -> None:
+    calls: list[int] = []
+
+    def branch(x: jax.Array) -> jax.Array:
+        calls.append(1)
+        return x + 1
+
+    with jax.disable_jit():
+        for _ in range(3):
+            filter_cond(True, branch, branch, jnp.ones(2))
+    assert len(calls) == 3
+
+
+# A call after `jax_enable_x64` changes runs a program traced under the new setting.
+def test_a_call_after_x64_changes_gets_a_program_of_the_new_dtypes() -> None:
+    x = jnp.arange(3)
+
+    def double(x: jax.Array) -> jax.Array:
+        return x * 2.0
+
+    dtypes = [filter_cond(True, double, double, x).dtype]
+    jax.config.update("jax_enable_x64", True)
+    try:
+        dtypes.append(filter_cond(True, double, double, x).dtype)
+    finally:
+        jax.config.update("jax_enable_x64", False)
+    dtypes.append(filter_cond(True, double, double, x).dtype)
+    assert dtypes == [jnp.float32, jnp.float64, jnp.float32]
+
+
+# Static leaves of different types are different, however `==` compares them.
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("a", np.str_("a")),
+        (b"a", np.bytes_(b"a")),
+        (frozenset({1}), {1}),
+        (np.float32(1), np.float64(1)),
+    ],
+)
+def test_static_leaves_of_different_types_differ(old: Any, new: Any) -> None:
+    assert old == new
+    assert not lerax_utils._static_leaves_equal(old, new)
+    assert not lerax_utils._static_leaves_equal(new, old)

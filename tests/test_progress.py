@@ -6,6 +6,7 @@ The bar is drawn by a host callback. The tests read what it wrote to stderr (aft
 reports that reach the host by patching `lerax_utils._progress_update`.
 """
 
+import contextlib
 import functools
 import io
 import math
@@ -914,3 +915,20 @@ def test_callbacks_that_print_nothing_do_not_redraw_the_bar(
     assert seen == [float(x) for x in range(100)]
     # Drawn at the loop's own reports (6 at most here), not after every callback.
     assert 1 <= len(_counts(terminal.getvalue())) <= 6
+
+
+# The percentage: the whole part of the share done, from 0 to 100.
+@given(
+    st.integers(1, 10**9).flatmap(lambda t: st.tuples(st.integers(0, t), st.just(t)))
+)
+def test_the_percentage_is_the_whole_part_of_the_share_done(
+    count_total: tuple[int, int],
+) -> None:
+    count, total = count_total
+    bar = lerax_utils._ProgressBar("x", total, count=count)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        bar.draw(10.0, "")
+    assert err.getvalue().startswith(
+        f"\rx: {100 * count // total:3d}% {count}/{total} ["
+    )
