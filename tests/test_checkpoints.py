@@ -2425,39 +2425,35 @@ def test_deserialize_names_a_constructor_that_needs_concrete_values(tmp_path):
     )
 
 
-def test_a_dtype_that_differs_only_in_width_names_x64(tmp_path):
+# The width hint only where the shapes agree.
+@pytest.mark.parametrize(
+    ("shape", "fix"),
+    [
+        (
+            3,
+            "The dtypes differ only in width: the file was probably saved with "
+            "`jax_enable_x64` set otherwise than now. Set it as when saving, or save "
+            "the leaf as a NumPy array, which keeps its dtype.",
+        ),
+        (2, "Pass the constructor arguments the model was saved with."),
+    ],
+)
+def test_a_dtype_that_differs_only_in_width_names_x64(tmp_path, shape, fix):
     Checkpointed(jnp.zeros(3)).serialize(tmp_path / "narrow")
     jax.config.update("jax_enable_x64", True)
     try:
-        error = load_error(tmp_path / "narrow", jnp.zeros(3, float), cls=Checkpointed)
+        skeleton = jnp.zeros(shape, float)
+        error = load_error(tmp_path / "narrow", skeleton, cls=Checkpointed)
     finally:
         jax.config.update("jax_enable_x64", False)
     assert error == (
         f"Serializable.deserialize: the file '{tmp_path}/narrow.eqx' holds at path "
         ".params an array of shape (3,) and dtype float32, but the skeleton has "
-        "shape (3,) and dtype float64. The dtypes differ only in width: the file "
-        "was probably saved with `jax_enable_x64` set otherwise than now. Set it as "
-        "when saving, or save the leaf as a NumPy array, which keeps its dtype."
+        f"shape ({shape},) and dtype float64. {fix}"
     )
 
 
-# The width hint: only where the shapes agree, and a JAX leaf saved wide never loads
-# narrowed.
-def test_a_dtype_of_another_width_and_another_shape_names_no_x64(tmp_path):
-    Checkpointed(jnp.zeros(3)).serialize(tmp_path / "narrow")
-    jax.config.update("jax_enable_x64", True)
-    try:
-        error = load_error(tmp_path / "narrow", jnp.zeros(2, float), cls=Checkpointed)
-    finally:
-        jax.config.update("jax_enable_x64", False)
-    assert error == (
-        f"Serializable.deserialize: the file '{tmp_path}/narrow.eqx' holds at path "
-        ".params an array of shape (3,) and dtype float32, but the skeleton has "
-        "shape (2,) and dtype float64. Pass the constructor arguments the model was "
-        "saved with."
-    )
-
-
+# A JAX leaf saved wide never loads narrowed.
 def test_a_wide_jax_leaf_never_loads_narrowed(tmp_path):
     jax.config.update("jax_enable_x64", True)
     try:
