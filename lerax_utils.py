@@ -2292,21 +2292,11 @@ _MAX_INT_DIGITS = 4300  # Python's default limit on converting an int to text.
 _Kinds = dict[int, tuple[str, dict[str, Any]]]  # A traced leaf's kind, by its index.
 
 
-@dataclasses.dataclass(slots=True)  # Its own `__eq__`, `__hash__` and `__repr__`.
+@dataclasses.dataclass(frozen=True, slots=True)
 class _Arguments:
-    """A recorded constructor call: a static field equal to every other, so that
-    the recording never changes a model's tree structure."""
+    """A recorded constructor call, equal to every other: it never changes a treedef."""
 
-    recording: dict[str, Any] | None
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Arguments)
-
-    def __hash__(self) -> int:
-        return hash(_Arguments)
-
-    def __repr__(self) -> str:
-        return "<recorded constructor arguments>"
+    recording: dict[str, Any] | None = dataclasses.field(compare=False, repr=False)
 
 
 _NOT_RECORDED = _Arguments(None)
@@ -2356,8 +2346,7 @@ class Serializable(eqx.Module):
         object.__setattr__(self, _ARGUMENTS_FIELD, _Arguments(recording))
 
     def serialize(self, path: str | os.PathLike[str], no_suffix: bool = False) -> None:
-        """Save this model to `path`, atomically: as `save_pytree(path, self,
-        no_suffix=no_suffix)`, except that messages name `Serializable.serialize`."""
+        """Save this model to `path`, as `save_pytree` saves any pytree."""
         _save(path, self, no_suffix, "Serializable.serialize")
 
     @classmethod
@@ -2502,9 +2491,8 @@ def _save(path: Any, tree: Any, no_suffix: Any, function: str) -> None:
             raise
         save_call, what = _saving(function)
         raise ValueError(
-            f"{function}: the {what} is batched by `jax.vmap` or "
-            "`eqx.filter_vmap`, and one path cannot hold every member of a "
-            f"batch. Call `{save_call}` outside the vmap, on the stacked {what}."
+            f"{function}: the {what} is batched by `vmap`, so one path cannot hold "
+            f"it. Call `{save_call}` outside the vmap, on the stacked {what}."
         ) from err
 
 
@@ -2544,8 +2532,8 @@ class _Source:
     path: str
     function: str
 
-    def error(self, problem: str) -> ValueError:
-        return ValueError(f"{self.function}: the file '{self.path}' {problem}.")
+    def error(self, problem: str, kind: type[Exception] = ValueError) -> Exception:
+        return kind(f"{self.function}: the file '{self.path}' {problem}.")
 
 
 def _load(
@@ -2566,9 +2554,26 @@ def _load(
         size = os.fstat(file.fileno()).st_size
         layout = _read_header(file, source, size)
         skeleton = build(layout, source)
-        if layout is None:
+        if layout is None:  # A plain `eqx.tree_serialise_leaves` file.
             file.seek(0)
-            return _read_equinox_file(file, skeleton, source, size)
+            try:
+                model = eqx.tree_deserialise_leaves(file, skeleton)
+            except Exception as err:
+                problem = f"could not be read as a plain Equinox file: {err}"
+                raise source.error(problem) from err
+            if file.tell() != size:
+                trailing = size - file.tell()
+                raise source.error(
+                    f"has {trailing} trailing bytes after its Equinox data"
+                )
+
+            def place(leaf: Any, like: Any) -> Any:  # On the sharding `like` asks for.
+                sharding = _leaf_sharding(like)
+                if sharding is None or not isinstance(leaf, jax.Array):
+                    return leaf
+                return jax.device_put(leaf, sharding)
+
+            return jtu.tree_map(place, model, skeleton)
         _check_against_skeleton(source, layout, skeleton)
         # The skeleton, built here, takes the file's recordings.
         for where, node in _serializables(skeleton) if layout.arguments else ():
@@ -2611,10 +2616,9 @@ def _skeleton(
     ) as err:
         raise TypeError(
             f"Serializable.deserialize: could not build a skeleton of {name}: its "
-            "constructor, under `eqx.filter_eval_shape` (arrays without values), needs "
-            f"a concrete value ({type(err).__name__}). Keep JAX values as JAX arrays "
-            "in the constructor (no `np.asarray`, `float()` or `if` on them), or "
-            "compute such values after loading."
+            "constructor needs a concrete value under `eqx.filter_eval_shape` "
+            f"({type(err).__name__}). Keep JAX values as JAX arrays in it (no "
+            "`np.asarray`, `float()` or `if` on them)."
         ) from err
     except Exception as err:
         if not recorded_here and not (from_file and isinstance(err, TypeError)):
@@ -2623,19 +2627,17 @@ def _skeleton(
             f"records constructor arguments with which `{name}` failed to build "
             f"({type(err).__name__}: {err})"
             if recorded_here
-            else "records no constructor arguments for its top level (as from plain "
-            "Equinox, from `save_pytree` of another pytree, or from a model made "
-            f"without its constructor), and `{name}()` failed ({err})"
+            else f"records no constructor arguments, and `{name}()` failed ({err})"
         )
-        raise TypeError(
-            f"Serializable.deserialize: the file '{source.path}' {problem}. Pass the "
-            f"constructor arguments: `{name}.deserialize(path, *args, **kwargs)`."
+        raise source.error(
+            f"{problem}. Pass the constructor arguments: "
+            f"`{name}.deserialize(path, *args, **kwargs)`",
+            TypeError,
         ) from err
     skeleton = eqx.combine(shapes, kept[0])
     if not recorded_here or layout is None:
         return skeleton
-    # A Python number that the file holds as a 0-d array (a loop traced it after
-    # construction) is one in the skeleton too.
+    # A Python number that the file holds as a 0-d array is one in the skeleton too.
     saved = {entry["path"]: entry for entry in layout.entries}
 
     def as_saved(key_path: _KeyPath, leaf: Any) -> Any:
@@ -2857,14 +2859,12 @@ def _recorded_call(
     args = [decode(*pair) for pair in zip(names, positional, strict=False)]
     kwargs = {name: decode(name, value) for name, value in recording["kwargs"]}
     if missing:
-        which = f"argument {missing[0]}" if len(missing) == 1 else "arguments "
-        if len(missing) > 1:
-            which += ", ".join(missing[:-1]) + " and " + missing[-1]
-        raise TypeError(
-            f"Serializable.deserialize: the file '{source.path}' could not record the "
-            f"{which} of {cls.__qualname__}, so the model cannot be rebuilt from "
-            "the file alone. Pass the constructor arguments: "
-            f"`{cls.__qualname__}.deserialize(path, *args, **kwargs)`."
+        which = ", ".join(missing[:-1]) + " and " * (len(missing) > 1) + missing[-1]
+        raise source.error(
+            f"could not record the argument{'s' * (len(missing) > 1)} {which} of "
+            f"{cls.__qualname__}. Pass the constructor arguments: "
+            f"`{cls.__qualname__}.deserialize(path, *args, **kwargs)`",
+            TypeError,
         )
     return tuple(args), kwargs
 
@@ -2881,11 +2881,8 @@ def _serializables(tree: Any, path: _KeyPath = ()) -> Iterator[tuple[str, Any]]:
             yield from _serializables(node, path + key)
 
 
-def _parse_arguments(text: Any, source: _Source) -> dict[str, Any]:
-    """The `arguments` metadata entry, checked to be well formed."""
-    if text is None:
-        return {}
-    parsed = _parse_json(str(text).encode(errors="surrogatepass"), source)
+def _parse_arguments(parsed: Any, source: _Source) -> dict[str, Any]:
+    """The parsed `arguments` metadata entry, checked to be well formed."""
     found: dict[str, Any] = {}
     for item in parsed if isinstance(parsed, list) else [None]:
         match item:
@@ -2904,18 +2901,6 @@ def _parse_arguments(text: Any, source: _Source) -> dict[str, Any]:
 
 
 # Writing
-
-
-def _host_array(leaf: Any) -> "np.ndarray | jax.Array":
-    """A leaf's C-ordered little-endian bytes on the host (key data for a key)."""
-    if isinstance(leaf, jax.Array):
-        if _is_key_array(leaf):
-            leaf = jax.random.key_data(leaf)
-        if not leaf.is_fully_addressable:
-            return leaf  # Spans processes: each writes its own shards.
-        return np.asarray(leaf, order="C")  # Gathers sharded arrays.
-    swapped = leaf.dtype.newbyteorder("<") if leaf.dtype.byteorder == ">" else None
-    return np.asarray(leaf, dtype=swapped, order="C")
 
 
 def _dtype_name(dtype: np.dtype) -> str:
@@ -3092,10 +3077,9 @@ def _write_from_processes(
     if len(headers) != 1:
         what = _saving(function)[1]
         raise ValueError(
-            f"{function}: the processes passed different paths or different "
-            f"{what}s (their structure, shapes, dtypes, static values, Python numbers "
-            "or the values of arrays that do not span processes differ). Every "
-            f"process must save the same {what} to the same path."
+            f"{function}: the processes passed different paths or {what}s (structure, "
+            "shapes, dtypes, static values, Python numbers or arrays that do not span "
+            f"processes). Every process must save the same {what} to the same path."
         )
     if me != 0:
         waiting_for = "process 0 to create the file"
@@ -3184,10 +3168,16 @@ def _encode(model: Any, kinds: _Kinds, function: str) -> tuple[bytes, list[Any]]
         if index in kinds:  # A traced leaf, now on the host.
             (kind, extra), data = kinds[index], np.asarray(leaf, order="C")
         elif isinstance(leaf, jax.Array):
-            (kind, extra), data = _jax_kind(leaf), _host_array(leaf)
-        elif eqx.is_array(leaf):
+            kind, extra = _jax_kind(leaf)
+            data = jax.random.key_data(leaf) if kind == "key" else leaf
+            if data.is_fully_addressable:  # Else each process writes its own shards.
+                data = np.asarray(data, order="C")  # Gathers sharded arrays.
+        elif eqx.is_array(leaf):  # Its bytes little-endian, as safetensors has them.
             kind = "numpy_scalar" if isinstance(leaf, np.generic) else "numpy"
-            extra, data = {}, _host_array(leaf)
+            swapped = (
+                leaf.dtype.newbyteorder("<") if leaf.dtype.byteorder == ">" else None
+            )
+            extra, data = {}, np.asarray(leaf, dtype=swapped, order="C")
         elif type(leaf) in _PYTHON_SCALARS:
             value = _encode_value(leaf)
             leaves.append({"path": path, "kind": "scalar", "value": value})
@@ -3223,13 +3213,11 @@ def _encode(model: Any, kinds: _Kinds, function: str) -> tuple[bytes, list[Any]]
     header = _json({"__metadata__": metadata, **tensors}).encode()
     parts = [metadata.get(k, "").encode() for k in ("leaves", "structure", "arguments")]
     for part in (header, *parts):
-        count = _count_containers(part)
-        if count > _MAX_CONTAINERS:  # As the reader would refuse it.
+        if (count := _count_containers(part)) > _MAX_CONTAINERS:  # As a reader would.
             raise ValueError(
                 f"{function}: the {_saving(function)[1]} needs {count} JSON lists and "
-                f"objects in one part of its checkpoint header, more than the "
-                f"{_MAX_CONTAINERS} a checkpoint may hold. Stack its leaves into "
-                "fewer, larger arrays (`stack_pytree`)."
+                f"objects in a part of its header, more than the {_MAX_CONTAINERS} "
+                "allowed. Stack its leaves into fewer, larger arrays (`stack_pytree`)."
             )
     return header + b" " * (-(_LENGTH.size + len(header)) % 8), blocks
 
@@ -3257,8 +3245,7 @@ def _check_saveable(flat: list[tuple[_KeyPath, Any]], function: str) -> None:
     names = set()
     for key_path, leaf in flat:
         path = _keystr(key_path)
-        problem = _unsaveable(leaf)
-        if problem is not None:
+        if (problem := _unsaveable(leaf)) is not None:
             raise TypeError(f"{function}: the leaf at path {path} is {problem}.")
         if eqx.is_array(leaf):
             if path in names:
@@ -3273,10 +3260,7 @@ def _check_saveable(flat: list[tuple[_KeyPath, Any]], function: str) -> None:
 def _unsaveable(leaf: Any) -> str | None:
     """What a leaf is, and the fix, if a checkpoint cannot restore it exactly."""
     if isinstance(leaf, jax.ShapeDtypeStruct):
-        return (
-            "a jax.ShapeDtypeStruct, a shape and dtype without values. Save a "
-            "model whose arrays hold values"
-        )
+        return "a jax.ShapeDtypeStruct, which holds no values. Save arrays with values"
     if type(leaf) is int and abs(leaf) >= _TOO_MANY_DIGITS:
         return (
             f"a Python int of more than {_MAX_INT_DIGITS} digits. Save it as "
@@ -3294,25 +3278,16 @@ def _unsaveable(leaf: Any) -> str | None:
     if not isinstance(leaf, np.ndarray | np.generic):
         return None
     if isinstance(leaf, np.ma.MaskedArray):
-        return (
-            "a masked array, whose mask would be lost. Save `x.data` and "
-            "`x.mask` as two leaves, or `x.filled()`"
-        )
+        return "a masked array, whose mask would be lost. Save `x.data` and `x.mask`"
     if isinstance(leaf, np.ndarray) and type(leaf) is not np.ndarray:
         return (
             f"a {type(leaf).__name__}, which would load as a plain ndarray. "
             "Save `np.asarray(x)`"
         )
     if leaf.dtype.hasobject:
-        return (
-            "an array of Python objects, which a checkpoint cannot hold without "
-            "pickle. Make the field static, or convert its items to numbers"
-        )
+        return "an array of Python objects, which needs pickle. Make the field static"
     if leaf.dtype.fields is not None or leaf.dtype.subdtype is not None:
-        return (
-            f"an array of structured dtype {leaf.dtype}. Save each of its fields "
-            "as an array of its own"
-        )
+        return f"an array of structured dtype {leaf.dtype}. Save each field apart"
     if _numpy_dtype(_dtype_name(leaf.dtype)) is None:
         return (
             f"an array of dtype {leaf.dtype}, which a checkpoint cannot restore "
@@ -3442,22 +3417,22 @@ def _read_header(file: IO[bytes], source: _Source, size: int) -> _Layout | None:
     if zlib.crc32(zeroed) != int(stored, 16):
         raise source.error("has a corrupt header (its checksum fails)")
     # A lone surrogate (from a `\ud800` escape) becomes bytes that are not UTF-8.
-    leaves, structure = (
-        _parse_json(metadata.get(key, "").encode(errors="surrogatepass"), source)
-        for key in ("leaves", "structure")
+    leaves, structure, recorded = (
+        _parse_json(metadata.get(key, empty).encode(errors="surrogatepass"), source)
+        for key, empty in (("leaves", ""), ("structure", ""), ("arguments", "[]"))
     )
-    if not (isinstance(leaves, list) and isinstance(structure, list)):
-        raise source.error("has a malformed header")
     try:  # In time linear in the header's length.
-        entries = [_checked_entry(entry) for entry in leaves]
+        listed = leaves if isinstance(leaves, list) else [None]
+        entries = [_checked_entry(entry) for entry in listed]
     except _Malformed as err:
         where = f" (the leaf at path {err})" if err.args else ""
         raise source.error(f"has a malformed header{where}") from None
-    arguments = _parse_arguments(metadata.get("arguments"), source)
+    arguments = _parse_arguments(recorded, source)
     crcs = metadata.get("crc32", "")
     arrays = [entry for entry in entries if entry["kind"] != "scalar"]
     if not (
-        re.fullmatch("[0-9a-f]*", crcs)
+        isinstance(structure, list)
+        and re.fullmatch("[0-9a-f]*", crcs)
         and len(crcs) == 8 * len(arrays)
         and len(header) - 1 == len(arrays)  # Its tensor table and `__metadata__`.
     ):
@@ -3672,8 +3647,7 @@ def _structure_difference_in_file(
                             f"the static field is {static[field]!r} in the file "
                             f"and {value!r} in {skeleton}"
                         )
-                # Only a field that one side lacks differs: the class gained or lost
-                # a static field between versions (Equinox's MLP gained `scan`).
+                # Only a field one side lacks differs: a class gained or lost it.
                 continue
             case [str(), was]:
                 return path, f"the file has {was!r}, {skeleton} has {want!r}"
@@ -3819,9 +3793,8 @@ def _region(index: Any, shape: Sequence[int]) -> _Region:
 def _read_sharded(
     file: IO[bytes], entry: _Entry, sharding: jax.sharding.Sharding, source: _Source
 ) -> jax.Array:
-    """One array leaf, created with `sharding`: checked whole first (a corrupt file
-    fails before any device array exists), then each local shard read alone, put on
-    its devices and freed; a single shard is checked and read in one pass."""
+    """One array leaf, made with `sharding`: checked whole first, then each local
+    shard read alone, put on its devices and freed (one shard: checked as read)."""
     dtype = cast(np.dtype, _numpy_dtype(entry["dtype"]))
     shape = tuple(entry["shape"])  # A key's data, whose own axes no shard splits.
     global_shape = tuple(entry.get("key_shape", shape))
@@ -3963,26 +3936,3 @@ def _restore_kind(data: np.ndarray, entry: _Entry) -> Any:
     if dtype.byteorder == ">":
         data = data.astype(dtype)
     return data[()] if entry["kind"] == "numpy_scalar" else data
-
-
-def _read_equinox_file(
-    file: IO[bytes], skeleton: Any, source: _Source, size: int
-) -> Any:
-    """A plain `eqx.tree_serialise_leaves` file, each JAX array put on the sharding
-    its skeleton leaf asks for."""
-    try:
-        model = eqx.tree_deserialise_leaves(file, skeleton)
-    except Exception as err:
-        raise source.error(f"could not be read as a plain Equinox file: {err}") from err
-    if file.tell() != size:
-        raise source.error(
-            f"has {size - file.tell()} trailing bytes after its Equinox data"
-        )
-
-    def place(leaf: Any, like: Any) -> Any:
-        sharding = _leaf_sharding(like)
-        if sharding is None or not isinstance(leaf, jax.Array):
-            return leaf
-        return jax.device_put(leaf, sharding)
-
-    return jtu.tree_map(place, model, skeleton)
