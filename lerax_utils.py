@@ -2596,7 +2596,11 @@ def _skeleton(
     recorded_here = from_file and "" in recorded
     if from_file:
         args, kwargs = _recorded_call(cls, recorded.get(""), source)
-    dynamic, static = eqx.partition((args, kwargs), _is_dynamic_argument)
+    # NumPy scalars stay concrete, as numbers a constructor may convert (`int(n)`).
+    dynamic, static = eqx.partition(
+        (args, kwargs),
+        lambda x: _is_dynamic_argument(x) and not isinstance(x, np.generic),
+    )
     kept = []
 
     def build(dynamic: Any) -> Any:
@@ -2724,6 +2728,8 @@ def _encode_value(value: Any, budget: list[int] | None = None, depth: int = 0) -
         return ["object", kind.__qualname__]
     if budget is None and isinstance(value, enum.Enum):
         return ["enum", kind.__qualname__, value.name]
+    if isinstance(value, np.generic) and _numpy_dtype(value.dtype.name) is not None:
+        return ["numpy", [], value.dtype.name, value.tobytes().hex()]  # By value.
     if budget is not None and (
         isinstance(value, jax.ShapeDtypeStruct) or eqx.is_array(value)
     ):
@@ -2806,10 +2812,13 @@ def _decode_value(value: Any, depth: int = 0) -> Any:
             return np.broadcast_to(np.zeros((), dtype), shape)  # Nothing allocated.
         if dtype is not None:
             return jax.ShapeDtypeStruct(shape, jax.dtypes.canonicalize_dtype(dtype))
-    if tag == "unrecordable":
-        raise _Unrecordable(
-            body[0] if body and type(body[0]) is str else "not recorded"
-        )
+    if tag == "numpy" and len(body) == 3 and body[0] == [] and type(body[2]) is str:
+        dtype = _numpy_dtype(body[1])
+        if dtype is not None and not _is_numpy_only(dtype):
+            with contextlib.suppress(ValueError):  # Not hex, or not one item.
+                return np.frombuffer(bytes.fromhex(body[2]), dtype).reshape(())[()]
+    if tag == "unrecordable" and len(body) == 1 and type(body[0]) is str:
+        raise _Unrecordable(body[0])
     raise _Malformed
 
 

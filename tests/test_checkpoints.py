@@ -1470,6 +1470,31 @@ def test_an_unrecordable_argument_saves_and_is_named_when_loading(
     assert_exact(loaded, model)
 
 
+_SIZED_CALLS: list[Any] = []
+
+
+class _Sized(Serializable):
+    """A model whose constructor needs its NumPy scalars as Python-like numbers."""
+
+    weight: jax.Array
+
+    def __init__(self, n, scalars):
+        _SIZED_CALLS.append(scalars)
+        self.weight = jnp.zeros(int(n))
+
+
+def test_numpy_scalar_arguments_come_back_by_value_and_type(tmp_path):
+    nan = np.frombuffer(bytes.fromhex("0100c07f"), np.float32)[0]  # A NaN payload.
+    scalars = (np.float32(0.5), np.bool_(True), np.float64(-0.0), nan)
+    scalars += (np.uint8(255), np.complex64(1 - 2j), np.array(1.5, jnp.bfloat16)[()])
+    _Sized(np.int64(4), scalars).serialize(tmp_path / "m")
+    _SIZED_CALLS.clear()
+    loaded = _Sized.deserialize(tmp_path / "m")
+    assert loaded.weight.shape == (4,)
+    assert [type(x) for x in _SIZED_CALLS[0]] == [type(x) for x in scalars]
+    assert [x.tobytes() for x in _SIZED_CALLS[0]] == [x.tobytes() for x in scalars]
+
+
 def test_nested_models_keep_each_their_own_recording(tmp_path):
     class Outer(Serializable):
         inner: Regressor
