@@ -3612,6 +3612,9 @@ def _leaf_mismatch(entry: _Entry, leaf: Any, skeleton: str, fix: str) -> str | N
         shape, dtype = tuple(entry["key_shape"]), _key_impl_types()[entry["impl"]][0]
     else:
         shape, dtype = tuple(entry["shape"]), cast(Any, _numpy_dtype(entry["dtype"]))
+    if kind.startswith("numpy") and getattr(leaf.dtype, "byteorder", "") != ">":
+        dtype = dtype.newbyteorder("=")  # Byte order is no type: loaded natively.
+        entry["dtype"] = _dtype_name(dtype)
     if shape == tuple(leaf.shape) and (
         dtype == leaf.dtype
         or (  # A NumPy leaf saved with a dtype JAX narrows, as `jnp.asarray` does.

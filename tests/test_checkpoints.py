@@ -2388,6 +2388,40 @@ def test_serialize_inside_jit_refuses_such_a_leaf_when_tracing(tmp_path):
     )
 
 
+class _Biased(Serializable):
+    bias: np.ndarray
+
+    def __init__(self, size):
+        self.bias = np.zeros(size, np.float32)
+
+
+def test_big_endian_leaves_load_exactly_into_a_native_skeleton(tmp_path):
+    values = np.array([1.5, -0.0, np.nan, 3e-45], ">f4")
+    eqx.tree_at(lambda m: m.bias, _Biased(4), values).serialize(tmp_path / "m")
+    loaded = _Biased.deserialize(tmp_path / "m")
+    assert loaded.bias.dtype == np.float32
+    assert loaded.bias.tobytes() == values.astype(np.float32).tobytes()
+    tree = {
+        "ints": np.array([2**40, -1], ">i8"),
+        "pairs": np.array([1 - 2j, np.nan], ">c16"),
+        "text": np.array(["ab", "ç"], ">U2"),
+    }
+    save_pytree(tmp_path / "t", tree)
+    like = {name: x.astype(x.dtype.newbyteorder("=")) for name, x in tree.items()}
+    loaded = load_pytree(tmp_path / "t", like)
+    for name, native in like.items():
+        assert loaded[name].dtype == native.dtype
+        assert loaded[name].tobytes() == native.tobytes()
+    with pytest.raises(ValueError) as info:  # Another type is still refused.
+        load_pytree(tmp_path / "t", dict(like, ints=np.zeros(2, np.float32)))
+    assert str(info.value) == (
+        f"load_pytree: the file '{tmp_path / 't.eqx'}' holds at path ['ints'] an "
+        "array of shape (2,) and dtype int64, but `like` has shape (2,) and dtype "
+        "float32. Pass a `like` with the structure, shapes and dtypes of the saved "
+        "tree."
+    )
+
+
 def test_numpy_strings_dates_and_big_endian_arrays_round_trip(tmp_path):
     params = {
         "text": np.array(["ab", "ç"]),
