@@ -211,9 +211,8 @@ def _key_impl_types() -> dict[str, tuple[Any, tuple[int, ...], np.dtype]]:
 
 
 def _key_impl_name(dtype: Any) -> str | None:
-    # Private: a key dtype's `_impl` (jax 0.4.16 onward). The public
-    # `jax.random.key_impl` takes only key arrays, and before jax 0.4.3x returns a
-    # spec object whose `str` is not the name.
+    # Private: a key dtype's `_impl` (jax 0.4.16 on). `jax.random.key_impl` takes
+    # only key arrays, and before jax 0.4.3x gives a spec whose `str` is no name.
     return getattr(getattr(dtype, "_impl", None), "name", None)
 
 
@@ -228,9 +227,8 @@ def _weak_array(array: jax.Array) -> jax.Array:
 
 def _distributed_client() -> Any:
     """The `jax.distributed` key-value store client, or None before `initialize`."""
-    # Private: `jax._src.distributed.global_state.client` (jax 0.4.26 to 0.10).
-    # `jax.experimental.multihost_utils` has no key-value store, and its waits are
-    # unbounded: a failed save could neither tell the others nor give up on them.
+    # Private: `jax._src.distributed.global_state.client` (jax 0.4.26 to 0.10); the
+    # public `multihost_utils` has no key-value store, and waits without a bound.
     from jax._src import distributed
 
     return distributed.global_state.client
@@ -2504,8 +2502,7 @@ def _checkpoint_path(function: str, path: Any, no_suffix: Any) -> pathlib.Path:
         )
     if not isinstance(no_suffix, bool):
         raise TypeError(
-            f"{function}: `no_suffix` must be True or False; got "
-            f"{_describe_leaf(no_suffix)}."
+            f"{function}: `no_suffix` must be a bool; got {_describe_leaf(no_suffix)}."
         )
     text = os.fspath(path)
     if not text:
@@ -2552,8 +2549,7 @@ def _load(
     source = _Source(str(found), function)
     with open(found, "rb") as file:
         size = os.fstat(file.fileno()).st_size
-        layout = _read_header(file, source, size)
-        skeleton = build(layout, source)
+        layout, skeleton = _read_header(file, source, size, build)
         if layout is None:  # A plain `eqx.tree_serialise_leaves` file.
             file.seek(0)
             try:
@@ -2574,7 +2570,6 @@ def _load(
                 return jax.device_put(leaf, sharding)
 
             return jtu.tree_map(place, model, skeleton)
-        _check_against_skeleton(source, layout, skeleton)
         # The skeleton, built here, takes the file's recordings.
         for where, node in _serializables(skeleton) if layout.arguments else ():
             if (recording := layout.arguments.get(where)) is not None:
@@ -2642,11 +2637,16 @@ def _skeleton(
     if not recorded_here or layout is None:
         return skeleton
     # A Python number that the file holds as a 0-d array is one in the skeleton too.
-    saved = {entry["path"]: entry for entry in layout.entries}
+    raw = {e.get("path"): e for e in layout.entries if isinstance(e, dict)}
 
     def as_saved(key_path: _KeyPath, leaf: Any) -> Any:
-        entry = saved.get(_keystr(key_path)) if _is_python_number(leaf) else None
-        if entry is None or entry["kind"] in ("scalar", "key") or entry["shape"]:
+        try:  # Entries are checked once the skeleton is built.
+            entry = _checked_entry(
+                _is_python_number(leaf) and raw.get(_keystr(key_path))
+            )
+        except _Malformed:  # None there, or refused when the header is checked.
+            return leaf
+        if entry["kind"] in ("scalar", "key") or entry["shape"]:
             return leaf
         dtype = cast(np.dtype, _numpy_dtype(entry["dtype"]))
         if _is_numpy_only(dtype):
@@ -2688,7 +2688,6 @@ def _is_numpy_only(dtype: np.dtype) -> bool:
 
 
 # The one codec of every value in the metadata (FORMAT.md has its table).
-
 _DEPTH = 32
 _RECORD_BUDGET = 1 << 16  # Values and string characters per recorded argument.
 _TOO_MANY_DIGITS = 10**_MAX_INT_DIGITS
@@ -2888,25 +2887,6 @@ def _serializables(tree: Any, path: _KeyPath = ()) -> Iterator[tuple[str, Any]]:
     for key, node in inner:
         if isinstance(node, Serializable) and node is not tree:
             yield from _serializables(node, path + key)
-
-
-def _parse_arguments(parsed: Any, source: _Source) -> dict[str, Any]:
-    """The parsed `arguments` metadata entry, checked to be well formed."""
-    found: dict[str, Any] = {}
-    for item in parsed if isinstance(parsed, list) else [None]:
-        match item:
-            case [str(where), {"class": str(), "args": list(), "kwargs": list()}] if (
-                where not in found
-                and len(item[1]) == 3
-                and all(
-                    type(pair) is list and len(pair) == 2 and type(pair[0]) is str
-                    for pair in item[1]["kwargs"]
-                )
-            ):
-                found[where] = item[1]
-            case _:
-                raise source.error("has a malformed header (its recorded arguments)")
-    return found
 
 
 # Writing
@@ -3168,8 +3148,7 @@ def _encode(model: Any, kinds: _Kinds, function: str) -> tuple[bytes, list[Any]]
     """The header, with zeros in its CRC slots, and each array's bytes (as uint8)."""
     leaves: list[dict[str, Any]] = []
     tensors: dict[str, Any] = {}
-    blocks = []
-    offset = 0
+    blocks, offset = [], 0
     flat = jtu.tree_flatten_with_path(model)[0]
     _check_saveable(flat, function)
     for index, (key_path, leaf) in enumerate(flat):
@@ -3380,13 +3359,13 @@ class _Layout:
     arguments: dict[str, Any]  # Recordings, by the path of their `Serializable`.
 
 
-def _read_header(file: IO[bytes], source: _Source, size: int) -> _Layout | None:
-    """Read and check a checkpoint's header; None for a plain Equinox file."""
+def _read_header(
+    file: IO[bytes], source: _Source, size: int, build: Callable[..., Any]
+) -> tuple[_Layout | None, Any]:
+    """The checked header and the skeleton built from it (no header: plain Equinox)."""
     start = file.read(_LENGTH.size + 1)
-    if not start:
-        raise source.error("is empty")
     if start.startswith(_NUMPY_MAGIC):
-        return None
+        return None, build(None, source)
     if start.startswith(_V1_MAGIC):
         _check_version("1", source)
     if len(start) <= _LENGTH.size:
@@ -3430,42 +3409,61 @@ def _read_header(file: IO[bytes], source: _Source, size: int) -> _Layout | None:
         _parse_json(metadata.get(key, empty).encode(errors="surrogatepass"), source)
         for key, empty in (("leaves", ""), ("structure", ""), ("arguments", "[]"))
     )
-    try:  # In time linear in the header's length.
-        listed = leaves if isinstance(leaves, list) else [None]
-        entries = [_checked_entry(entry) for entry in listed]
-    except _Malformed as err:
-        where = f" (the leaf at path {err})" if err.args else ""
-        raise source.error(f"has a malformed header{where}") from None
-    arguments = _parse_arguments(recorded, source)
-    crcs = metadata.get("crc32", "")
-    arrays = [entry for entry in entries if entry["kind"] != "scalar"]
-    if not (
-        isinstance(structure, list)
-        and re.fullmatch("[0-9a-f]*", crcs)
-        and len(crcs) == 8 * len(arrays)
-        and len(header) - 1 == len(arrays)  # Its tensor table and `__metadata__`.
-    ):
+    arguments: dict[str, Any] = {}  # Recordings, checked to be well formed.
+    for item in recorded if isinstance(recorded, list) else [None]:
+        match item:
+            case [str(where), {"class": str(), "args": list(), "kwargs": list()}] if (
+                where not in arguments
+                and len(item[1]) == 3
+                and all(
+                    type(pair) is list and len(pair) == 2 and type(pair[0]) is str
+                    for pair in item[1]["kwargs"]
+                )
+            ):
+                arguments[where] = item[1]
+            case _:
+                raise source.error("has a malformed header (its recorded arguments)")
+    if not (isinstance(leaves, list) and isinstance(structure, list)):
         raise source.error("has a malformed header")
-    offset = data_start = _LENGTH.size + length
-    for index, entry in enumerate(arrays):
-        wanted = _tensor_entry(entry, offset - data_start, entry["nbytes"])
-        if header.get(entry["path"]) != wanted:  # `__metadata__` holds only strings.
+    layout = _Layout(leaves, structure, arguments)  # Its entries not yet checked.
+    skeleton = build(layout, source)
+
+    def decode() -> None:  # Once the counts agree: too many entries are not decoded.
+        try:  # In time linear in the header's length.
+            layout.entries = entries = [_checked_entry(entry) for entry in leaves]
+        except _Malformed as err:
+            where = f" (the leaf at path {err})" if err.args else ""
+            raise source.error(f"has a malformed header{where}") from None
+        crcs = metadata.get("crc32", "")
+        arrays = [entry for entry in entries if entry["kind"] != "scalar"]
+        if not (
+            re.fullmatch("[0-9a-f]*", crcs)
+            and len(crcs) == 8 * len(arrays)
+            and len(header) - 1 == len(arrays)  # Its tensor table and `__metadata__`.
+        ):
+            raise source.error("has a malformed header")
+        offset = data_start = _LENGTH.size + length
+        for index, entry in enumerate(arrays):
+            wanted = _tensor_entry(entry, offset - data_start, entry["nbytes"])
+            if header.get(entry["path"]) != wanted:  # `__metadata__` never matches.
+                raise source.error(
+                    f"has a malformed header: the tensor table's entry for the leaf at "
+                    f"path {entry['path']} is not {_json(wanted)}"
+                )
+            entry.update(offset=offset, crc=int(crcs[8 * index : 8 * index + 8], 16))
+            offset += entry["nbytes"]
+        if size < offset:
             raise source.error(
-                f"has a malformed header: the tensor table's entry for the leaf at "
-                f"path {entry['path']} is not {_json(wanted)}"
+                f"is truncated: it has {size} bytes, and its header needs {offset}"
             )
-        entry.update(offset=offset, crc=int(crcs[8 * index : 8 * index + 8], 16))
-        offset += entry["nbytes"]
-    if size < offset:
-        raise source.error(
-            f"is truncated: it has {size} bytes, and its header needs {offset}"
-        )
-    if size > offset:
-        raise source.error(
-            f"has {size - offset} trailing bytes after the data its header "
-            "describes; it was not written by `serialize` in one piece"
-        )
-    return _Layout(entries, structure, arguments)
+        if size > offset:
+            raise source.error(
+                f"has {size - offset} trailing bytes after the data its header "
+                "describes; it was not written by `serialize` in one piece"
+            )
+
+    _check_against_skeleton(source, layout, skeleton, decode)
+    return layout, skeleton
 
 
 def _parse_json(text: bytes, source: _Source) -> Any:
@@ -3559,8 +3557,10 @@ def _is_saved_leaf(leaf: Any) -> bool:
     )
 
 
-def _check_against_skeleton(source: _Source, layout: _Layout, skeleton: Any) -> None:
-    """Structure and static values, then the leaves' paths, then their types."""
+def _check_against_skeleton(
+    source: _Source, layout: _Layout, skeleton: Any, decode: Callable[[], None]
+) -> None:
+    """Structure and static values, then the leaves' count, paths and types."""
     if source.function.startswith("Serializable."):
         name = "the skeleton"
         fix = "Pass the constructor arguments the model was saved with"
@@ -3578,11 +3578,13 @@ def _check_against_skeleton(source: _Source, layout: _Layout, skeleton: Any) -> 
         for path, leaf in jtu.tree_flatten_with_path(skeleton)[0]
         if _is_saved_leaf(leaf)
     ]
-    paths = [entry["path"] for entry in layout.entries]
     wanted = [path for path, _ in expected]
+    if len(layout.entries) == len(wanted):
+        decode()
+    paths = [e.get("path") if isinstance(e, dict) else None for e in layout.entries]
     if paths != wanted:
         pairs = itertools.zip_longest(paths, wanted)
-        first = next(q if p is None else p for p, q in pairs if p != q)
+        first = next((q if p is None else p for p, q in pairs if p != q), "")
         raise source.error(
             f"holds {len(paths)} leaves, and {name} has {len(wanted)}; they "
             f"first differ at path {first}. {fix}"
@@ -3699,10 +3701,8 @@ def _read_leaves(
             if sharding is not None and entry["kind"] in ("jax", "key"):
                 values.append(_read_sharded(file, entry, sharding, source))
                 continue
-            dtype = cast(np.dtype, _numpy_dtype(entry["dtype"]))
-            if dtype.byteorder == ">":  # Stored little-endian.
-                dtype = dtype.newbyteorder("<")
-            data = _aligned_empty(entry["shape"], dtype)
+            dtype = cast(np.dtype, _numpy_dtype(entry["dtype"])).newbyteorder("<")
+            data = _aligned_empty(entry["shape"], dtype)  # Stored little-endian.
             view = data.reshape(-1).view(np.uint8)
             file.seek(entry["offset"])
             if file.readinto(view.data) != entry["nbytes"]:  # type: ignore[attr-defined]

@@ -481,6 +481,35 @@ def test_a_header_of_too_many_lists_is_refused_before_parsing(tmp_path):
     )
 
 
+def test_a_header_of_far_too_many_entries_is_refused_before_they_are_decoded(
+    tmp_path, monkeypatch
+):
+    save_pytree(tmp_path / "good", {"w": jnp.ones(2)})
+    extra = 200_000
+
+    def pad(leaves: Any, structure: Any, header: Any) -> None:
+        for i in range(extra):  # Empty arrays, each with a valid table entry.
+            leaves.append({"path": f"['x{i}']", "kind": "numpy", "dtype": "float32"})
+            leaves[-1]["shape"] = [0]
+            header[f"['x{i}']"] = {"dtype": "F32", "shape": [0], "data_offsets": [8, 8]}
+        header["__metadata__"]["crc32"] += "00000000" * extra
+
+    path = bad_file(tmp_path, forge((tmp_path / "good.eqx").read_bytes(), pad))
+    decoded = []
+    checked_entry = lerax_utils._checked_entry
+    monkeypatch.setattr(
+        lerax_utils, "_checked_entry", lambda e: decoded.append(e) or checked_entry(e)
+    )
+    with pytest.raises(ValueError) as info:
+        load_pytree(path, {"w": jnp.zeros(2)})
+    assert str(info.value) == (
+        f"load_pytree: the file '{path}' holds {extra + 1} leaves, and `like` has 1; "
+        "they first differ at path ['x0']. Pass a `like` with the structure, shapes "
+        "and dtypes of the saved tree."
+    )
+    assert decoded == []
+
+
 _WRITER = textwrap.dedent(
     """
     import sys
@@ -1878,7 +1907,7 @@ def test_deserialize_rejects_files_that_are_not_checkpoints(tmp_path):
         ),
     )
     cases = {
-        b"": "is empty",
+        b"": "is truncated (0 bytes)",
         b"step,loss\n1,0.5\n": "is not a lerax_utils checkpoint: it starts with "
         "b'step,los', which is not a safetensors header length followed by `{`",
         bytes(range(200)): "is not a lerax_utils checkpoint: it starts with "
@@ -2208,7 +2237,7 @@ def test_serialize_refuses_a_no_suffix_that_is_not_a_bool(tmp_path):
     with pytest.raises(TypeError) as info:
         agent().serialize(tmp_path / "a", no_suffix="False")  # type: ignore[arg-type]
     assert str(info.value) == (
-        "Serializable.serialize: `no_suffix` must be True or False; got str 'False'."
+        "Serializable.serialize: `no_suffix` must be a bool; got str 'False'."
     )
     assert list(tmp_path.iterdir()) == []
 
