@@ -2558,9 +2558,8 @@ def _load(
                 problem = f"could not be read as a plain Equinox file: {err}"
                 raise source.error(problem) from err
             if file.tell() != size:
-                trailing = size - file.tell()
                 raise source.error(
-                    f"has {trailing} trailing bytes after its Equinox data"
+                    f"has {size - file.tell()} trailing bytes after its Equinox data"
                 )
 
             def place(leaf: Any, like: Any) -> Any:  # On the sharding `like` asks for.
@@ -2591,8 +2590,7 @@ def _skeleton(
     recorded_here = from_file and "" in recorded
     if from_file:
         args, kwargs = _recorded_call(cls, recorded.get(""), source)
-    # NumPy scalars stay concrete, as numbers a constructor may convert (`int(n)`).
-    dynamic, static = eqx.partition(
+    dynamic, static = eqx.partition(  # NumPy scalars stay concrete: `int(n)` works.
         (args, kwargs),
         lambda x: _is_dynamic_argument(x) and not isinstance(x, np.generic),
     )
@@ -3614,9 +3612,9 @@ def _leaf_mismatch(entry: _Entry, leaf: Any, skeleton: str, fix: str) -> str | N
         shape, dtype = tuple(entry["key_shape"]), _key_impl_types()[entry["impl"]][0]
     else:
         shape, dtype = tuple(entry["shape"]), cast(Any, _numpy_dtype(entry["dtype"]))
-    if kind.startswith("numpy") and getattr(leaf.dtype, "byteorder", "") != ">":
-        dtype = dtype.newbyteorder("=")  # Byte order is no type: loaded natively.
-        entry["dtype"] = _dtype_name(dtype)
+        if dtype.byteorder == ">" and getattr(leaf.dtype, "byteorder", "") != ">":
+            dtype = dtype.newbyteorder("=")  # Byte order is no type: loaded natively.
+            entry["dtype"] = _dtype_name(dtype)
     if shape == tuple(leaf.shape) and (
         dtype == leaf.dtype
         or (  # A NumPy leaf saved with a dtype JAX narrows, as `jnp.asarray` does.
@@ -3701,8 +3699,10 @@ def _read_leaves(
             if sharding is not None and entry["kind"] in ("jax", "key"):
                 values.append(_read_sharded(file, entry, sharding, source))
                 continue
-            dtype = cast(np.dtype, _numpy_dtype(entry["dtype"])).newbyteorder("<")
-            data = _aligned_empty(entry["shape"], dtype)  # Stored little-endian.
+            dtype = cast(np.dtype, _numpy_dtype(entry["dtype"]))
+            if dtype.byteorder == ">":  # Stored little-endian.
+                dtype = dtype.newbyteorder("<")
+            data = _aligned_empty(entry["shape"], dtype)
             view = data.reshape(-1).view(np.uint8)
             file.seek(entry["offset"])
             if file.readinto(view.data) != entry["nbytes"]:  # type: ignore[attr-defined]
