@@ -2635,7 +2635,7 @@ def _skeleton(
     if not recorded_here or layout is None:
         return skeleton
     # A Python number that the file holds as a 0-d array is one in the skeleton too.
-    raw = {e.get("path"): e for e in layout.entries if isinstance(e, dict)}
+    raw = {str(e.get("path")): e for e in layout.entries if isinstance(e, dict)}
 
     def as_saved(key_path: _KeyPath, leaf: Any) -> Any:
         try:  # Entries are checked once the skeleton is built.
