@@ -1145,6 +1145,45 @@ def _scan_reporting_every_step(
     return final, ys
 
 
+def _while_reporting(
+    bar: "_ProgressBar", cond: Callable[..., Any], body: Callable[..., Any], init: Any
+) -> Any:
+    """`jax.lax.while_loop(cond, body, init)`, reporting its step count to `bar` at
+    0, powers of two, every `_PROGRESS_WHILE_STRIDE` steps, and the end. A callback
+    in a loop changes how XLA compiles it: the steps run in an inner loop without."""
+    stride = _PROGRESS_WHILE_STRIDE
+
+    def report(count: Any, *_: Any) -> None:
+        _progress_update(bar, int(count))
+
+    def chunk(state: tuple[Any, Any]) -> tuple[Any, Any]:
+        count, traced = state
+        jax.debug.callback(report, *_tied(count, traced))  # Else hoisted out of loops.
+        stop = jnp.where(count < stride, 2 * count, count + stride - count % stride)
+        return jax.lax.while_loop(
+            lambda s: jnp.logical_and(s[0] < jnp.maximum(stop, 1), cond(s[1])),
+            lambda s: (s[0] + 1, body(s[1])),
+            state,
+        )
+
+    state = (jnp.zeros((), jnp.int32), init)
+    count, final = jax.lax.while_loop(lambda s: cond(s[1]), chunk, state)
+    (count, _) = _once(count >= 0, report, *_tied(count, final))  # Each element's.
+    _once(count >= 0, lambda: _progress_update(bar, None))
+    return final
+
+
+def _once(due: Any, callback: Callable[..., None], *operands: Any) -> Any:
+    """`callback(*operands)` on the host if `due`, then `operands`, for what must come
+    after. Under `vmap`, once if any element is due (with each element's operands)."""
+
+    def body(state: tuple[Any, ...]) -> tuple[Any, ...]:
+        jax.debug.callback(callback, *state[1:])
+        return (jnp.zeros_like(state[0]), *_optimization_barrier(state[1:]))
+
+    return jax.lax.while_loop(lambda s: s[0], body, (due, *operands))[1:]
+
+
 def _scan_length(inputs: _Split, length: Any) -> int:
     if length is not None:
         try:
@@ -1297,19 +1336,22 @@ def filter_switch(
     return _branch("filter_switch", index, named, operands, operand)
 
 
-@_cached_eagerly()
+@_cached_eagerly("progress")
 def filter_while_loop(
     cond_fun: Callable[[_Carry], Any],
     body_fun: Callable[[_Carry], _Carry],
     init_val: _Carry,
+    *,
+    progress: bool | str = False,
 ) -> _Carry:
     """As `jax.lax.while_loop`, except that the carry may be any pytree, split as by
-    `filter_scan`.
+    `filter_scan`; `progress` draws a bar with no total: the count, time and rate.
 
     **Raises:** `jax.lax.while_loop`'s exception types, with messages that begin:
 
     - `TypeError`: ``filter_while_loop: `cond_fun` must be callable`` (or
-        `body_fun`), ``filter_while_loop: `body_fun` returned a carry``.
+        `body_fun`), ``filter_while_loop: `body_fun` returned a carry``,
+        ``filter_while_loop: `progress` must be``.
     - `ValueError`: ``filter_while_loop: `body_fun` returned a carry`` (a static leaf).
 
     **Example:**
@@ -1321,6 +1363,7 @@ def filter_while_loop(
     ```
     """
     _check_callable("filter_while_loop", cond_fun=cond_fun, body_fun=body_fun)
+    bar = _make_bar(_progress_description("filter_while_loop", progress), None)
 
     def attempt(promoted: frozenset[int]) -> Any:
         carry = _LoopCarry(init_val, promoted, "filter_while_loop")
@@ -1333,9 +1376,13 @@ def filter_while_loop(
         def body(traced: Any) -> Any:
             return carry.check(body_fun(carry.enter(traced)))
 
-        return carry.finish(jax.lax.while_loop(cond, body, carry.traced_part()))
+        if bar is None:
+            return carry.finish(jax.lax.while_loop(cond, body, carry.traced_part()))
+        with _progress_body():
+            return carry.finish(_while_reporting(bar, cond, body, carry.traced_part()))
 
-    return _with_promoted_numbers("filter_while_loop", attempt, init_val)
+    with _tidy_on_error(bar):
+        return _with_promoted_numbers("filter_while_loop", attempt, init_val)
 
 
 @_cached_eagerly("lower", "upper", "unroll", "progress")
@@ -2070,6 +2117,7 @@ def print_callback(*args: Any, **kwargs: Any) -> None:
 
 _PROGRESS_MAX_CALLBACKS = 200
 _PROGRESS_MIN_INTERVAL = 0.1  # Seconds between two redraws of a line.
+_PROGRESS_WHILE_STRIDE = 2048  # Steps between two reports of a while loop.
 _progress_tracing = threading.local()  # `.depth`: loops with a bar being traced.
 _progress_lock = threading.RLock()
 _open_bars: "set[_ProgressBar]" = set()
@@ -2107,7 +2155,7 @@ class _ProgressBar:
     """One loop's bar on the host, reused by each run; a count of 0 starts a run."""
 
     description: str
-    total: int
+    total: int | None  # `None`: a while loop's.
     count: int = 0
     start: float = 0.0
     last_draw: float = -math.inf
@@ -2118,14 +2166,17 @@ class _ProgressBar:
     def draw(self, now: float, end: str) -> None:
         elapsed = now - self.start
         rate = self.count / elapsed if elapsed > 0 else math.nan
-        left = (self.total - self.count) / rate if rate > 0 else math.nan
-        percent = 100 * self.count // self.total
         label = f"{self.description}: " if self.description else ""
         rate_text = f"{rate:.2f} it/s" if math.isfinite(rate) else "? it/s"
-        text = (
-            f"{label}{percent:3d}% {self.count}/{self.total} "
-            f"[{_format_seconds(elapsed)}<{_format_seconds(left)}, {rate_text}]"
-        )
+        if self.total is None:
+            text = f"{label}{self.count} it [{_format_seconds(elapsed)}, {rate_text}]"
+        else:
+            left = (self.total - self.count) / rate if rate > 0 else math.nan
+            text = (
+                f"{label}{100 * self.count // self.total:3d}% {self.count}/"
+                f"{self.total} [{_format_seconds(elapsed)}<{_format_seconds(left)}, "
+                f"{rate_text}]"
+            )
         _write_stderr("\r" + text.ljust(self.width) + end)
         self.width, self.last_draw = len(text), now
 
@@ -2147,16 +2198,18 @@ def _end_open_lines() -> None:
         _open_bars.clear()
 
 
-def _progress_update(bar: _ProgressBar, count: int) -> None:
-    """On the host: the loop of `bar` has reached step `count`."""
+def _progress_update(bar: _ProgressBar, count: int | None) -> None:
+    """On the host: the loop of `bar` has reached step `count` (`None`: it ended)."""
     now = time.monotonic()
     with _progress_lock:
-        if count == 0 or bar not in _open_bars:
+        if bar not in _open_bars and count != 0 and (count is None or not bar.total):
+            return  # A while loop's end, or a report after it (under `vmap`).
+        if (count == 0 and bar.count) or bar not in _open_bars:
             _end_open_lines()
             _open_bars.add(bar)
             bar.start, bar.count, bar.width, bar.last_draw = now, 0, 0, -math.inf
-        bar.count = max(bar.count, count)  # Counts never go backwards.
-        if bar.count >= bar.total:
+        bar.count = max(bar.count, count or 0)  # Counts never go backwards.
+        if count is None or bar.count == bar.total:
             bar.draw(now, "\n")
             _open_bars.discard(bar)
         elif now - bar.last_draw >= _PROGRESS_MIN_INTERVAL:
@@ -2212,8 +2265,12 @@ def _progress_body() -> Iterator[None]:
         _progress_tracing.depth = depth
 
 
-def _make_bar(description: str | None, total: int) -> _ProgressBar | None:
-    if description is None or total <= 0 or getattr(_progress_tracing, "depth", 0):
+def _make_bar(description: str | None, total: int | None) -> _ProgressBar | None:
+    if (
+        description is None
+        or (total is not None and total <= 0)
+        or getattr(_progress_tracing, "depth", 0)
+    ):
         return None
     return _ProgressBar(description, total)
 
