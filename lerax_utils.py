@@ -589,12 +589,8 @@ def _eager_call(function: Any, bound: inspect.BoundArguments, static: Any) -> An
     if entry is _UNCACHED:
         return _UNCACHED
     run, consts, out_def, places = entry
-    try:
+    with _tidy_on_error("progress" in static):
         values = iter(run(consts, *(leaves[i] for i in arrays)))
-    except BaseException:
-        if "progress" in static:
-            _end_open_lines()  # As `_tidy_on_error`, for a progress bar's line.
-        raise
     return out_def.unflatten(
         [
             next(values) if p is None else leaves[p] if type(p) is int else p[0]
@@ -2204,7 +2200,7 @@ def _progress_update(bar: _ProgressBar, count: int | None) -> None:
     with _progress_lock:
         if bar not in _open_bars and count != 0 and (count is None or not bar.total):
             return  # A while loop's end, or a report after it (under `vmap`).
-        if (count == 0 and bar.count) or bar not in _open_bars:
+        if (count == 0 and bar.total) or bar not in _open_bars:
             _end_open_lines()
             _open_bars.add(bar)
             bar.start, bar.count, bar.width, bar.last_draw = now, 0, 0, -math.inf
@@ -2276,12 +2272,12 @@ def _make_bar(description: str | None, total: int | None) -> _ProgressBar | None
 
 
 @contextlib.contextmanager
-def _tidy_on_error(bar: _ProgressBar | None) -> Iterator[None]:
+def _tidy_on_error(bar: _ProgressBar | bool | None) -> Iterator[None]:
     """End a part-drawn line when the loop raises (eagerly, a host error in a step)."""
     try:
         yield
     except BaseException:
-        if bar is not None:
+        if bar:
             with contextlib.suppress(Exception):
                 jax.effects_barrier()
             _end_open_lines()
