@@ -1145,39 +1145,33 @@ def _while_reporting(
     bar: "_ProgressBar", cond: Callable[..., Any], body: Callable[..., Any], init: Any
 ) -> Any:
     """`jax.lax.while_loop(cond, body, init)`, reporting its step count to `bar` at
-    0, powers of two, every `_PROGRESS_WHILE_STRIDE` steps, and the end. A callback
-    in a loop changes how XLA compiles it: the steps run in an inner loop without."""
+    powers of two, then every `_PROGRESS_WHILE_STRIDE` steps, and its end. A callback
+    in a loop changes how XLA compiles it, so the steps run in inner loops."""
     stride = _PROGRESS_WHILE_STRIDE
 
     def report(count: Any, *_: Any) -> None:
         _progress_update(bar, int(count))
 
     def chunk(state: tuple[Any, Any]) -> tuple[Any, Any]:
-        count, traced = state
-        jax.debug.callback(report, *_tied(count, traced))  # Else hoisted out of loops.
-        stop = jnp.where(count < stride, 2 * count, count + stride - count % stride)
-        return jax.lax.while_loop(
-            lambda s: jnp.logical_and(s[0] < jnp.maximum(stop, 1), cond(s[1])),
+        count = state[0]
+        stop = jnp.where(count < stride, jnp.maximum(2 * count, 1), count + stride)
+        count, traced = jax.lax.while_loop(
+            lambda s: jnp.logical_and(s[0] < stop, cond(s[1])),
             lambda s: (s[0] + 1, body(s[1])),
             state,
         )
+        jax.debug.callback(report, *_tied(count, traced))  # Else hoisted out of loops.
+        return count, traced
 
     state = (jnp.zeros((), jnp.int32), init)
     count, final = jax.lax.while_loop(lambda s: cond(s[1]), chunk, state)
-    (count, _) = _once(count >= 0, report, *_tied(count, final))  # Each element's.
-    _once(count >= 0, lambda: _progress_update(bar, None))
+
+    def end(due: Any) -> Any:  # In a loop: under `vmap`, `jax.lax.cond` runs both.
+        jax.debug.callback(lambda: _progress_update(bar, None))
+        return jnp.zeros_like(due)
+
+    jax.lax.while_loop(lambda due: due, end, count >= 0)  # Once, after the loop.
     return final
-
-
-def _once(due: Any, callback: Callable[..., None], *operands: Any) -> Any:
-    """`callback(*operands)` on the host if `due`, then `operands`, for what must come
-    after. Under `vmap`, once if any element is due (with each element's operands)."""
-
-    def body(state: tuple[Any, ...]) -> tuple[Any, ...]:
-        jax.debug.callback(callback, *state[1:])
-        return (jnp.zeros_like(state[0]), *_optimization_barrier(state[1:]))
-
-    return jax.lax.while_loop(lambda s: s[0], body, (due, *operands))[1:]
 
 
 def _scan_length(inputs: _Split, length: Any) -> int:
@@ -2198,8 +2192,8 @@ def _progress_update(bar: _ProgressBar, count: int | None) -> None:
     """On the host: the loop of `bar` has reached step `count` (`None`: it ended)."""
     now = time.monotonic()
     with _progress_lock:
-        if bar not in _open_bars and count != 0 and (count is None or not bar.total):
-            return  # A while loop's end, or a report after it (under `vmap`).
+        if count is None and bar not in _open_bars:
+            return  # The end of a while loop that did not run.
         if (count == 0 and bar.total) or bar not in _open_bars:
             _end_open_lines()
             _open_bars.add(bar)
