@@ -955,7 +955,7 @@ def test_while_reports_powers_of_two_then_every_stride(
     jax.jit(_episode)(n, jnp.zeros(3))
     jax.effects_barrier()
     assert reports == [(c, None) for c in _while_reports(n)]
-    counts = [c for c, _ in reports[:-1]]
+    counts = [0, *(c for c, _ in reports[:-1])]
     assert counts == sorted(counts) and counts[-1] == n
     assert len(reports) <= 14 + n // lerax_utils._PROGRESS_WHILE_STRIDE
     reports.clear()
