@@ -1025,7 +1025,7 @@ def _scan(
             # XLA compiles a loop of one step (or wholly unrolled) into what surrounds
             # it, where any report inside would change the results' bits: one after it.
             out = jax.lax.scan(step, init, xs, **options)
-            jax.debug.callback(_progress_callbacks(bar, 1, 1)[2])
+            jax.debug.callback(_progress_callbacks(bar, 1, 1)[1])
             return out
         try:
             first_x = jax.tree.map(lambda x: x[0], xs)
@@ -1066,7 +1066,7 @@ def _scan(
             outer = {**options, "unroll": 1, "length": chunks}
 
             def in_chunks(consts: list[Any], init: list[Any], xs: list[Any]) -> Any:
-                first, then, last = _progress_callbacks(bar, stride, chunks + 1)
+                first, then = _progress_callbacks(bar, stride, chunks + 1)
                 jax.debug.callback(first)
 
                 def chunk(state: tuple[Any, Any], x: Any) -> tuple[Any, Any]:
@@ -1074,12 +1074,8 @@ def _scan(
                     step = functools.partial(replay, consts)
                     carry, ys = jax.lax.scan(step, carry, x, **inner)
                     done, operand = _tied(index, [carry, ys])  # After its steps.
-                    jax.lax.cond(
-                        done == chunks - 1,
-                        lambda _: jax.debug.callback(last),
-                        lambda _: jax.debug.callback(then),
-                        operand,
-                    )
+                    report = lambda _: jax.debug.callback(then)  # noqa: E731
+                    jax.lax.cond(done >= 0, report, lambda _: None, operand)
                     return (index + 1, carry), ys
 
                 index = jnp.zeros((), jnp.int32)
@@ -1126,12 +1122,9 @@ def _scan_reporting_every_step(
         # Tied to the carry: else differentiation hoists the reports, which depend on
         # no data, out of an enclosing loop, and they run once instead of every time.
         tied, operand = _tied(index, traced_carry)
-        # 0: no report; 1: the first; 2: every `stride` steps; 3: the last.
-        kind = jnp.where(
-            tied == length - 1,
-            3,
-            jnp.where(tied == 0, 1, jnp.where(tied % stride == 0, 2, 0)),
-        )
+        # 0: no report; 1: the first; 2: every `stride` steps, and the last.
+        later = (tied % stride == 0) | (tied == length - 1)
+        kind = jnp.where(tied == 0, 1, jnp.where(later, 2, 0))
         jax.lax.switch(kind, [lambda _: None, *reports], operand)
         new_carry, y = step(traced_carry, x)
         return (index + 1, new_carry), y
@@ -1149,9 +1142,7 @@ def _while_reporting(
     in a loop changes how XLA compiles it, so the steps run in inner loops."""
     stride = _PROGRESS_WHILE_STRIDE
 
-    def report(count: Any, *_: Any) -> None:
-        _progress_update(bar, int(count))
-
+    @_progress_body()  # Loops traced inside `body` draw no bar.
     def chunk(state: tuple[Any, Any]) -> tuple[Any, Any]:
         count = state[0]
         stop = jnp.where(count < stride, jnp.maximum(2 * count, 1), count + stride)
@@ -1160,7 +1151,10 @@ def _while_reporting(
             lambda s: (s[0] + 1, body(s[1])),
             state,
         )
-        jax.debug.callback(report, *_tied(count, traced))  # Else hoisted out of loops.
+        # Tied to the carry: else it may be hoisted out of an enclosing loop.
+        jax.debug.callback(
+            lambda n, _: _progress_update(bar, int(n)), *_tied(count, traced)
+        )
         return count, traced
 
     state = (jnp.zeros((), jnp.int32), init)
@@ -1366,10 +1360,8 @@ def filter_while_loop(
         def body(traced: Any) -> Any:
             return carry.check(body_fun(carry.enter(traced)))
 
-        if bar is None:
-            return carry.finish(jax.lax.while_loop(cond, body, carry.traced_part()))
-        with _progress_body():
-            return carry.finish(_while_reporting(bar, cond, body, carry.traced_part()))
+        loop = functools.partial(_while_reporting, bar) if bar else jax.lax.while_loop
+        return carry.finish(loop(cond, body, carry.traced_part()))
 
     with _tidy_on_error(bar):
         return _with_promoted_numbers("filter_while_loop", attempt, init_val)
@@ -2100,10 +2092,12 @@ def print_callback(*args: Any, **kwargs: Any) -> None:
 
 
 #
-# Progress bars: the `progress=` option of filter_scan, filter_fori_loop, filter_map
+# Progress bars: the `progress=` option of filter_scan, filter_fori_loop, filter_map,
+# filter_while_loop
 #
 # A loop with a bar (see the control-flow section) reports to the host every `k`
-# steps and at the end, at most `_PROGRESS_MAX_CALLBACKS` times however long it is.
+# steps and at the end: at most `_PROGRESS_MAX_CALLBACKS` times however long it is,
+# or for a while loop, every `_PROGRESS_WHILE_STRIDE` steps.
 
 _PROGRESS_MAX_CALLBACKS = 200
 _PROGRESS_MIN_INTERVAL = 0.1  # Seconds between two redraws of a line.
@@ -2156,17 +2150,14 @@ class _ProgressBar:
     def draw(self, now: float, end: str) -> None:
         elapsed = now - self.start
         rate = self.count / elapsed if elapsed > 0 else math.nan
+        count, times = f"{self.count} it", _format_seconds(elapsed)  # With no total.
+        if self.total is not None:
+            left = (self.total - self.count) / rate if rate > 0 else math.nan
+            count = f"{100 * self.count // self.total:3d}% {self.count}/{self.total}"
+            times += f"<{_format_seconds(left)}"
         label = f"{self.description}: " if self.description else ""
         rate_text = f"{rate:.2f} it/s" if math.isfinite(rate) else "? it/s"
-        if self.total is None:
-            text = f"{label}{self.count} it [{_format_seconds(elapsed)}, {rate_text}]"
-        else:
-            left = (self.total - self.count) / rate if rate > 0 else math.nan
-            text = (
-                f"{label}{100 * self.count // self.total:3d}% {self.count}/"
-                f"{self.total} [{_format_seconds(elapsed)}<{_format_seconds(left)}, "
-                f"{rate_text}]"
-            )
+        text = f"{label}{count} [{times}, {rate_text}]"
         _write_stderr("\r" + text.ljust(self.width) + end)
         self.width, self.last_draw = len(text), now
 
@@ -2223,8 +2214,8 @@ def _divisors(number: int) -> list[int]:
 
 def _progress_callbacks(
     bar: _ProgressBar, stride: int, reports: int
-) -> tuple[Callable[[], None], Callable[[], None], Callable[[], None]]:
-    """A loop's host calls: first, every `stride` steps, and last. Unordered and with
+) -> tuple[Callable[[], None], Callable[[], None]]:
+    """A loop's host calls: first, then every `stride` steps and last. Unordered, with
     no operands (cheaper), they count as they come: the `n`-th shows `n * stride` steps,
     the `reports`-th the total; a second `first` before that starts a new run."""
 
@@ -2240,8 +2231,7 @@ def _progress_callbacks(
                 bar.reports, bar.started = 0, False
         _progress_update(bar, bar.total if index == reports - 1 else index * stride)
 
-    then = functools.partial(report, False)
-    return functools.partial(report, True), then, then
+    return functools.partial(report, True), functools.partial(report, False)
 
 
 @contextlib.contextmanager
