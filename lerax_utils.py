@@ -1401,7 +1401,7 @@ def filter_fori_loop(
         # The checks of `jax.lax.fori_loop` on the bounds' types, first.
         jax.eval_shape(lambda: jax.lax.fori_loop(lower, upper, lambda i, c: c, 0))
         try:
-            first, total = int(lower), int(upper) - int(lower)
+            first, total = int(lower), max(0, int(upper) - int(lower))
         except TypeError as err:
             raise TypeError(
                 "filter_fori_loop: `progress` needs concrete bounds, so that the "
@@ -2180,11 +2180,9 @@ def _end_open_lines() -> None:
 
 
 def _progress_update(bar: _ProgressBar, count: int | None) -> None:
-    """On the host: the loop of `bar` has reached step `count` (`None`: it ended)."""
+    """On the host: the loop of `bar` has reached step `count` (`None`: its end)."""
     now = time.monotonic()
     with _progress_lock:
-        if count is None and bar not in _open_bars:
-            return  # The end of a while loop that did not run.
         if (count == 0 and bar.total) or bar not in _open_bars:
             _end_open_lines()
             _open_bars.add(bar)
@@ -2237,20 +2235,15 @@ def _progress_callbacks(
 @contextlib.contextmanager
 def _progress_body() -> Iterator[None]:
     """While a loop body with a bar is traced: loops inside it draw no bar."""
-    depth = getattr(_progress_tracing, "depth", 0)
-    _progress_tracing.depth = depth + 1
+    _progress_tracing.depth = getattr(_progress_tracing, "depth", 0) + 1
     try:
         yield
     finally:
-        _progress_tracing.depth = depth
+        _progress_tracing.depth -= 1
 
 
 def _make_bar(description: str | None, total: int | None) -> _ProgressBar | None:
-    if (
-        description is None
-        or (total is not None and total <= 0)
-        or getattr(_progress_tracing, "depth", 0)
-    ):
+    if description is None or total == 0 or getattr(_progress_tracing, "depth", 0):
         return None
     return _ProgressBar(description, total)
 

@@ -996,9 +996,12 @@ def test_while_line_has_no_total(capsys: pytest.CaptureFixture[str]) -> None:
     assert all(lines), _drawn(err)
     assert lines[-1] is not None and lines[-1]["label"] == "episode"
     assert lines[-1]["count"] == "3000" and not _COUNT.search(err)
-    _episode(0, jnp.zeros(3))  # No step: as for an empty scan, no line.
+    _episode(0, jnp.zeros(3))  # No step: a line that says so.
     jax.effects_barrier()
-    assert capsys.readouterr().err == ""
+    err = capsys.readouterr().err
+    last = _WHILE_LINE.match(_drawn(err)[-1])
+    assert last is not None and last["count"] == "0" and last["label"] is None
+    assert err.endswith("\n") and err.count("\n") == 1
 
 
 def test_while_under_vmap_draws_one_bar(capsys: pytest.CaptureFixture[str]) -> None:
