@@ -589,8 +589,12 @@ def _eager_call(function: Any, bound: inspect.BoundArguments, static: Any) -> An
     if entry is _UNCACHED:
         return _UNCACHED
     run, consts, out_def, places = entry
-    with _tidy_on_error("progress" in static):
+    try:
         values = iter(run(consts, *(leaves[i] for i in arrays)))
+    except BaseException:
+        if "progress" in static:
+            _end_open_lines()  # As `_tidy_on_error`, for a progress bar's line.
+        raise
     return out_def.unflatten(
         [
             next(values) if p is None else leaves[p] if type(p) is int else p[0]
@@ -2249,12 +2253,12 @@ def _make_bar(description: str | None, total: int | None) -> _ProgressBar | None
 
 
 @contextlib.contextmanager
-def _tidy_on_error(bar: _ProgressBar | bool | None) -> Iterator[None]:
+def _tidy_on_error(bar: _ProgressBar | None) -> Iterator[None]:
     """End a part-drawn line when the loop raises (eagerly, a host error in a step)."""
     try:
         yield
     except BaseException:
-        if bar:
+        if bar is not None:
             with contextlib.suppress(Exception):
                 jax.effects_barrier()
             _end_open_lines()
