@@ -1086,8 +1086,12 @@ def test_while_run_after_a_jitted_error_counts_from_zero(
 ) -> None:
     failing = [True]
 
+    def check(i: Any) -> None:
+        if failing:
+            _raise_at_50(i)
+
     def body(c: Any) -> Any:
-        jax.debug.callback(lambda i: failing and _raise_at_50(i), c[1])
+        jax.debug.callback(check, c[1])
         return c[0] + 1.0, c[1] + 1
 
     def run(n: Any) -> Any:
