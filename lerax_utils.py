@@ -1144,15 +1144,16 @@ def _while_reporting(
     """`jax.lax.while_loop(cond, body, init)`, reporting its step count to `bar` at
     powers of two, then every `_PROGRESS_WHILE_STRIDE` steps, and its end. A callback
     in a loop changes how XLA compiles it, so the steps run in inner loops."""
-    stride = _PROGRESS_WHILE_STRIDE
+    stride, most = _PROGRESS_WHILE_STRIDE, _PROGRESS_MAX_COUNT
 
     @_progress_body()  # Loops traced inside `body` draw no bar.
     def chunk(state: tuple[Any, Any, Any]) -> tuple[Any, Any, Any]:
         count, first, traced = state  # `first`: the run's first chunk, even of none.
-        stop = jnp.where(count < stride, jnp.maximum(2 * count, 1), count + stride)
-        count, traced = jax.lax.while_loop(
-            lambda s: jnp.logical_and(s[0] < stop, cond(s[1])),
-            lambda s: (s[0] + 1, body(s[1])),
+        step = jnp.where(count < stride, jnp.maximum(count, 1), stride)
+        stop = count + jnp.minimum(step, most - count)
+        count, traced = jax.lax.while_loop(  # At `most`, it steps on unreported.
+            lambda s: jnp.where((s[0] < stop) | (s[0] == most), cond(s[1]), False),
+            lambda s: (s[0] + (s[0] < most), body(s[1])),
             (count, traced),
         )
         # Tied to the carry: else it may be hoisted out of an enclosing loop.
@@ -2106,6 +2107,7 @@ def print_callback(*args: Any, **kwargs: Any) -> None:
 _PROGRESS_MAX_CALLBACKS = 200
 _PROGRESS_MIN_INTERVAL = 0.1  # Seconds between two redraws of a line.
 _PROGRESS_WHILE_STRIDE = 2048  # Steps between two reports of a while loop.
+_PROGRESS_MAX_COUNT = 2**31 - 1  # A while loop's count stops there (int32's largest).
 _progress_tracing = threading.local()  # `.depth`: loops with a bar being traced.
 _progress_lock = threading.RLock()
 _open_bars: "set[_ProgressBar]" = set()

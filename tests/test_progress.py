@@ -1107,3 +1107,27 @@ def test_while_run_after_a_jitted_error_counts_from_zero(
         jax.effects_barrier()
         last = _WHILE_LINE.match(_drawn(capsys.readouterr().err)[-1])
         assert last is not None and last["count"] == str(n)
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.float32])
+def test_while_bar_refuses_a_cond_that_is_not_boolean_as_lax_does(dtype: Any) -> None:
+    def cond(c: Any) -> Any:
+        return (c < 3).astype(dtype)
+
+    with pytest.raises(TypeError) as by_lax:
+        jax.lax.while_loop(cond, lambda c: c + 1, jnp.int32(0))
+    with pytest.raises(TypeError) as by_ours:
+        filter_while_loop(cond, lambda c: c + 1, jnp.int32(0), progress=True)
+    assert str(by_ours.value) == str(by_lax.value)
+
+
+def test_while_count_stops_at_its_largest_and_the_steps_go_on(
+    reports: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(lerax_utils, "_PROGRESS_MAX_COUNT", 100)  # int32's, else.
+    x = jnp.linspace(-1.0, 1.0, 5)
+    steps = jax.jit(lambda: _episode(300, x))()
+    without = jax.jit(lambda: _episode(300, x, progress=False))()
+    jax.effects_barrier()
+    assert _identical(steps, without) and int(steps[1]) == 300
+    assert reports == [(c, None) for c in [1, 2, 4, 8, 16, 32, 64, 100, None]]
