@@ -1027,7 +1027,7 @@ def _scan(
             # XLA compiles a loop of one step (or wholly unrolled) into what surrounds
             # it, where any report inside would change the results' bits: one after it.
             out = jax.lax.scan(step, init, xs, **options)
-            jax.debug.callback(_progress_callbacks(bar, 1, 1)[2])
+            jax.debug.callback(_progress_callbacks(bar, 1, 1)[1])
             return out
         try:
             first_x = jax.tree.map(lambda x: x[0], xs)
@@ -1068,7 +1068,7 @@ def _scan(
             outer = {**options, "unroll": 1, "length": chunks}
 
             def in_chunks(consts: list[Any], init: list[Any], xs: list[Any]) -> Any:
-                first, then, last = _progress_callbacks(bar, stride, chunks + 1)
+                first, then = _progress_callbacks(bar, stride, chunks + 1)
                 jax.debug.callback(first)
 
                 def chunk(state: tuple[Any, Any], x: Any) -> tuple[Any, Any]:
@@ -1076,12 +1076,8 @@ def _scan(
                     step = functools.partial(replay, consts)
                     carry, ys = jax.lax.scan(step, carry, x, **inner)
                     done, operand = _tied(index, [carry, ys])  # After its steps.
-                    jax.lax.cond(
-                        done == chunks - 1,
-                        lambda _: jax.debug.callback(last),
-                        lambda _: jax.debug.callback(then),
-                        operand,
-                    )
+                    report = lambda _: jax.debug.callback(then)  # noqa: E731
+                    jax.lax.cond(done >= 0, report, lambda _: None, operand)
                     return (index + 1, carry), ys
 
                 index = jnp.zeros((), jnp.int32)
@@ -1128,12 +1124,9 @@ def _scan_reporting_every_step(
         # Tied to the carry: else differentiation hoists the reports, which depend on
         # no data, out of an enclosing loop, and they run once instead of every time.
         tied, operand = _tied(index, traced_carry)
-        # 0: no report; 1: the first; 2: every `stride` steps; 3: the last.
-        kind = jnp.where(
-            tied == length - 1,
-            3,
-            jnp.where(tied == 0, 1, jnp.where(tied % stride == 0, 2, 0)),
-        )
+        # 0: no report; 1: the first; 2: every `stride` steps, and the last.
+        later = (tied % stride == 0) | (tied == length - 1)
+        kind = jnp.where(tied == 0, 1, jnp.where(later, 2, 0))
         jax.lax.switch(kind, [lambda _: None, *reports], operand)
         new_carry, y = step(traced_carry, x)
         return (index + 1, new_carry), y
@@ -1141,6 +1134,41 @@ def _scan_reporting_every_step(
     index = jnp.zeros((), jnp.int32)
     (_, final), ys = jax.lax.scan(counted, (index, init), xs, **options)
     return final, ys
+
+
+def _while_reporting(
+    bar: "_ProgressBar", cond: Callable[..., Any], body: Callable[..., Any], init: Any
+) -> Any:
+    """`jax.lax.while_loop(cond, body, init)`, reporting its step count to `bar` at
+    powers of two, then every `_PROGRESS_WHILE_STRIDE` steps, and its end. A callback
+    in a loop changes how XLA compiles it, so the steps run in inner loops."""
+    stride, most = _PROGRESS_WHILE_STRIDE, _PROGRESS_MAX_COUNT
+
+    @_progress_body()  # Loops traced inside `body` draw no bar.
+    def chunk(state: tuple[Any, Any, Any]) -> tuple[Any, Any, Any]:
+        count, first, traced = state  # `first`: the run's first chunk, even of none.
+        step = jnp.where(count < stride, jnp.maximum(count, 1), stride)
+        stop = count + jnp.minimum(step, most - count)
+        count, traced = jax.lax.while_loop(  # At `most`, it steps on unreported.
+            lambda s: jnp.where((s[0] < stop) | (s[0] == most), cond(s[1]), False),
+            lambda s: (s[0] + (s[0] < most), body(s[1])),
+            (count, traced),
+        )
+        # Tied to the carry: else it may be hoisted out of an enclosing loop.
+        report = lambda n, _, new: _progress_update(bar, int(n), bool(new))  # noqa: E731
+        jax.debug.callback(report, *_tied(count, traced), first)
+        return count, jnp.zeros_like(first), traced
+
+    state = (jnp.zeros((), jnp.int32), jnp.ones((), bool), init)
+    run_chunk = lambda s: jnp.logical_or(s[1], cond(s[2]))  # noqa: E731
+    count, _, final = jax.lax.while_loop(run_chunk, chunk, state)
+
+    def end(due: Any) -> Any:  # In a loop: under `vmap`, `jax.lax.cond` runs both.
+        jax.debug.callback(lambda: _progress_update(bar, None))
+        return jnp.zeros_like(due)
+
+    jax.lax.while_loop(lambda due: due, end, count >= 0)  # Once, after the loop.
+    return final
 
 
 def _scan_length(inputs: _Split, length: Any) -> int:
@@ -1295,19 +1323,22 @@ def filter_switch(
     return _branch("filter_switch", index, named, operands, operand)
 
 
-@_cached_eagerly()
+@_cached_eagerly("progress")
 def filter_while_loop(
     cond_fun: Callable[[_Carry], Any],
     body_fun: Callable[[_Carry], _Carry],
     init_val: _Carry,
+    *,
+    progress: bool | str = False,
 ) -> _Carry:
     """As `jax.lax.while_loop`, except that the carry may be any pytree, split as by
-    `filter_scan`.
+    `filter_scan`; `progress` draws a bar with no total: the count, time and rate.
 
     **Raises:** `jax.lax.while_loop`'s exception types, with messages that begin:
 
     - `TypeError`: ``filter_while_loop: `cond_fun` must be callable`` (or
-        `body_fun`), ``filter_while_loop: `body_fun` returned a carry``.
+        `body_fun`), ``filter_while_loop: `body_fun` returned a carry``,
+        ``filter_while_loop: `progress` must be``.
     - `ValueError`: ``filter_while_loop: `body_fun` returned a carry`` (a static leaf).
 
     **Example:**
@@ -1319,6 +1350,7 @@ def filter_while_loop(
     ```
     """
     _check_callable("filter_while_loop", cond_fun=cond_fun, body_fun=body_fun)
+    bar = _make_bar(_progress_description("filter_while_loop", progress), None)
 
     def attempt(promoted: frozenset[int]) -> Any:
         carry = _LoopCarry(init_val, promoted, "filter_while_loop")
@@ -1331,9 +1363,11 @@ def filter_while_loop(
         def body(traced: Any) -> Any:
             return carry.check(body_fun(carry.enter(traced)))
 
-        return carry.finish(jax.lax.while_loop(cond, body, carry.traced_part()))
+        loop = functools.partial(_while_reporting, bar) if bar else jax.lax.while_loop
+        return carry.finish(loop(cond, body, carry.traced_part()))
 
-    return _with_promoted_numbers("filter_while_loop", attempt, init_val)
+    with _tidy_on_error(bar):
+        return _with_promoted_numbers("filter_while_loop", attempt, init_val)
 
 
 @_cached_eagerly("lower", "upper", "unroll", "progress")
@@ -1370,7 +1404,7 @@ def filter_fori_loop(
         # The checks of `jax.lax.fori_loop` on the bounds' types, first.
         jax.eval_shape(lambda: jax.lax.fori_loop(lower, upper, lambda i, c: c, 0))
         try:
-            first, total = int(lower), int(upper) - int(lower)
+            first, total = int(lower), max(0, int(upper) - int(lower))
         except TypeError as err:
             raise TypeError(
                 "filter_fori_loop: `progress` needs concrete bounds, so that the "
@@ -2061,13 +2095,17 @@ def print_callback(*args: Any, **kwargs: Any) -> None:
 
 
 #
-# Progress bars: the `progress=` option of filter_scan, filter_fori_loop, filter_map
+# Progress bars: the `progress=` option of filter_scan, filter_fori_loop, filter_map,
+# filter_while_loop
 #
 # A loop with a bar (see the control-flow section) reports to the host every `k`
-# steps and at the end, at most `_PROGRESS_MAX_CALLBACKS` times however long it is.
+# steps and at the end: at most `_PROGRESS_MAX_CALLBACKS` times however long it is,
+# or for a while loop, every `_PROGRESS_WHILE_STRIDE` steps.
 
 _PROGRESS_MAX_CALLBACKS = 200
 _PROGRESS_MIN_INTERVAL = 0.1  # Seconds between two redraws of a line.
+_PROGRESS_WHILE_STRIDE = 2048  # Steps between two reports of a while loop.
+_PROGRESS_MAX_COUNT = 2**31 - 1  # A while loop's count stops there (int32's largest).
 _progress_tracing = threading.local()  # `.depth`: loops with a bar being traced.
 _progress_lock = threading.RLock()
 _open_bars: "set[_ProgressBar]" = set()
@@ -2102,10 +2140,10 @@ def _format_seconds(seconds: float) -> str:
 
 @dataclasses.dataclass(eq=False)
 class _ProgressBar:
-    """One loop's bar on the host, reused by each run; a count of 0 starts a run."""
+    """One loop's bar on the host, reused by each run."""
 
     description: str
-    total: int
+    total: int | None  # `None`: a while loop's.
     count: int = 0
     start: float = 0.0
     last_draw: float = -math.inf
@@ -2116,14 +2154,14 @@ class _ProgressBar:
     def draw(self, now: float, end: str) -> None:
         elapsed = now - self.start
         rate = self.count / elapsed if elapsed > 0 else math.nan
-        left = (self.total - self.count) / rate if rate > 0 else math.nan
-        percent = 100 * self.count // self.total
+        count, times = f"{self.count} it", _format_seconds(elapsed)  # With no total.
+        if self.total is not None:
+            left = (self.total - self.count) / rate if rate > 0 else math.nan
+            count = f"{100 * self.count // self.total:3d}% {self.count}/{self.total}"
+            times += f"<{_format_seconds(left)}"
         label = f"{self.description}: " if self.description else ""
         rate_text = f"{rate:.2f} it/s" if math.isfinite(rate) else "? it/s"
-        text = (
-            f"{label}{percent:3d}% {self.count}/{self.total} "
-            f"[{_format_seconds(elapsed)}<{_format_seconds(left)}, {rate_text}]"
-        )
+        text = f"{label}{count} [{times}, {rate_text}]"
         _write_stderr("\r" + text.ljust(self.width) + end)
         self.width, self.last_draw = len(text), now
 
@@ -2145,16 +2183,21 @@ def _end_open_lines() -> None:
         _open_bars.clear()
 
 
-def _progress_update(bar: _ProgressBar, count: int) -> None:
-    """On the host: the loop of `bar` has reached step `count`."""
+def _progress_update(
+    bar: _ProgressBar, count: int | None, restart: bool = False
+) -> None:
+    """On the host: the loop of `bar` has reached step `count` (`None`: its end), in
+    a new run if `restart`."""
     now = time.monotonic()
     with _progress_lock:
-        if count == 0 or bar not in _open_bars:
+        if bar not in _open_bars:
             _end_open_lines()
             _open_bars.add(bar)
-            bar.start, bar.count, bar.width, bar.last_draw = now, 0, 0, -math.inf
-        bar.count = max(bar.count, count)  # Counts never go backwards.
-        if bar.count >= bar.total:
+            bar.width, restart = 0, True
+        if restart:  # Over the line of a run that stopped on an error, if any.
+            bar.start, bar.count, bar.last_draw = now, 0, -math.inf
+        bar.count = max(bar.count, count or 0)  # Counts never go backwards.
+        if count is None or bar.count == bar.total:
             bar.draw(now, "\n")
             _open_bars.discard(bar)
         elif now - bar.last_draw >= _PROGRESS_MIN_INTERVAL:
@@ -2178,8 +2221,8 @@ def _divisors(number: int) -> list[int]:
 
 def _progress_callbacks(
     bar: _ProgressBar, stride: int, reports: int
-) -> tuple[Callable[[], None], Callable[[], None], Callable[[], None]]:
-    """A loop's host calls: first, every `stride` steps, and last. Unordered and with
+) -> tuple[Callable[[], None], Callable[[], None]]:
+    """A loop's host calls: first, then every `stride` steps and last. Unordered, with
     no operands (cheaper), they count as they come: the `n`-th shows `n * stride` steps,
     the `reports`-th the total; a second `first` before that starts a new run."""
 
@@ -2193,25 +2236,24 @@ def _progress_callbacks(
             bar.reports += 1
             if bar.reports == reports:
                 bar.reports, bar.started = 0, False
-        _progress_update(bar, bar.total if index == reports - 1 else index * stride)
+        count = bar.total if index == reports - 1 else index * stride
+        _progress_update(bar, count, restart=index == 0)
 
-    then = functools.partial(report, False)
-    return functools.partial(report, True), then, then
+    return functools.partial(report, True), functools.partial(report, False)
 
 
 @contextlib.contextmanager
 def _progress_body() -> Iterator[None]:
     """While a loop body with a bar is traced: loops inside it draw no bar."""
-    depth = getattr(_progress_tracing, "depth", 0)
-    _progress_tracing.depth = depth + 1
+    _progress_tracing.depth = getattr(_progress_tracing, "depth", 0) + 1
     try:
         yield
     finally:
-        _progress_tracing.depth = depth
+        _progress_tracing.depth -= 1
 
 
-def _make_bar(description: str | None, total: int) -> _ProgressBar | None:
-    if description is None or total <= 0 or getattr(_progress_tracing, "depth", 0):
+def _make_bar(description: str | None, total: int | None) -> _ProgressBar | None:
+    if description is None or total == 0 or getattr(_progress_tracing, "depth", 0):
         return None
     return _ProgressBar(description, total)
 

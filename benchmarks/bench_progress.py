@@ -17,6 +17,9 @@ Where `jax-tqdm` is installed (the `bench` extra), its `scan_tqdm` bar on the sa
 loop (written with `jax.lax.scan` and the module partitioned by hand) is timed
 alongside too: the target is our bar at most 0.5x its time.
 
+Last, `filter_while_loop`'s bar (no total: the count, time and rate) on the same step
+run as a while loop of the same length, with and without the bar; no target is set.
+
 Usage: `python benchmarks/bench_progress.py [--repeats N] [--steps N [N ...]]`.
 """
 
@@ -32,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from bench_control_flow import mlp_step
 
-from lerax_utils import filter_scan
+from lerax_utils import filter_scan, filter_while_loop
 
 
 def measure(steps: int, repeats: int) -> None:
@@ -110,6 +113,42 @@ def measure(steps: int, repeats: int) -> None:
     )
 
 
+def measure_while(steps: int, repeats: int) -> None:
+    mlp = eqx.nn.MLP(16, 16, width_size=32, depth=2, key=jax.random.key(0))
+    xs = jax.random.normal(jax.random.key(1), (steps, 16))
+
+    def make(progress: bool) -> Any:
+        def body(state: Any) -> Any:
+            carry, i = state
+            return mlp_step(carry, xs[i])[0], i + 1
+
+        @eqx.filter_jit
+        def run(mlp: Any) -> Any:
+            init = ((mlp, jnp.zeros(16)), 0)
+            return filter_while_loop(
+                lambda s: s[1] < steps, body, init, progress=progress
+            )
+
+        return run
+
+    runs = {"with bar": make(True), "without": make(False)}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    with contextlib.redirect_stderr(io.StringIO()):
+        for run in runs.values():
+            jax.block_until_ready(run(mlp))
+            jax.effects_barrier()
+        for _ in range(repeats):
+            for name, run in runs.items():
+                start = time.perf_counter()
+                jax.block_until_ready(run(mlp))
+                jax.effects_barrier()
+                times[name].append(time.perf_counter() - start)
+    with_bar, without = (statistics.median(times[n]) for n in ("with bar", "without"))
+    print(f"{steps}-step jitted filter_while_loop, MLP carry, {repeats} repeats")
+    print(f"  with bar {with_bar * 1e3:.2f} ms, without {without * 1e3:.2f} ms")
+    print(f"  ratio of medians (with / without): {with_bar / without:.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="The cost of a progress bar.")
     parser.add_argument("--repeats", type=int, default=100)
@@ -117,6 +156,10 @@ def main() -> None:
     args = parser.parse_args()
     for steps in args.steps:
         measure(steps, args.repeats if steps <= 10_000 else max(args.repeats // 5, 5))
+    for steps in args.steps:
+        measure_while(
+            steps, args.repeats if steps <= 10_000 else max(args.repeats // 5, 5)
+        )
 
 
 if __name__ == "__main__":

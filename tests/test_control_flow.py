@@ -571,6 +571,12 @@ _RAISES: list[tuple[Callable[[], Any], type[Exception], str]] = [
         "got int 1.",
     ),
     (
+        lambda: filter_while_loop(lambda c: c < 1, lambda c: c, 0, progress=1),  # type: ignore[arg-type]
+        TypeError,
+        "filter_while_loop: `progress` must be a bool or a string (the bar's "
+        "description); got int 1.",
+    ),
+    (
         lambda: filter_switch(0, 3),  # type: ignore[arg-type]
         TypeError,
         "filter_switch: `branches` must be a sequence of functions; got int 3.",
@@ -1812,6 +1818,9 @@ _CALLS: dict[str, Callable[[float], Any]] = {
     ),
     "while": lambda k: filter_while_loop(
         _while_cond, _while_body, (jnp.asarray(k), 0, "d")
+    ),
+    "while with a bar": lambda k: filter_while_loop(
+        _while_cond, _while_body, (jnp.asarray(k), 0, "d"), progress=True
     ),
     "fori": lambda k: filter_fori_loop(0, 4, _fori_body, (jnp.asarray(k), 2.0, "e")),
     "fori with a bar": lambda k: filter_fori_loop(

@@ -1,5 +1,5 @@
-"""Progress bars: the `progress=` option of filter_scan, filter_fori_loop and
-filter_map.
+"""Progress bars: the `progress=` option of filter_scan, filter_fori_loop,
+filter_map and filter_while_loop.
 
 The bar is drawn by a host callback. The tests read what it wrote to stderr (after
 `jax.effects_barrier()`, since callbacks may run on another thread), or count the
@@ -31,6 +31,7 @@ from lerax_utils import (
     filter_fori_loop,
     filter_map,
     filter_scan,
+    filter_while_loop,
     print_callback,
 )
 
@@ -38,6 +39,10 @@ _COUNT = re.compile(r"(\d+)/(\d+) \[")
 _LINE = re.compile(
     r"^(?:(?P<label>.+): )?(?P<percent>[ \d]{3})% (?P<count>\d+)/(?P<total>\d+) "
     r"\[(?P<elapsed>\d\d:\d\d|\d+:\d\d:\d\d)<(?P<left>\d\d:\d\d|\d+:\d\d:\d\d|\?), "
+    r"(?P<rate>[\d.]+|\?) it/s\]\s*$"
+)
+_WHILE_LINE = re.compile(  # A while loop's: no total.
+    r"^(?:(?P<label>.+): )?(?P<count>\d+) it \[(?P<elapsed>\d\d:\d\d|\d+:\d\d:\d\d), "
     r"(?P<rate>[\d.]+|\?) it/s\]\s*$"
 )
 
@@ -56,7 +61,7 @@ def reports(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
     """Every report that reaches the host, as `(count, total)`; nothing is drawn."""
     seen: list[tuple[int, int]] = []
 
-    def record(bar: Any, count: int) -> None:
+    def record(bar: Any, count: int, restart: bool = False) -> None:
         seen.append((count, bar.total))
 
     monkeypatch.setattr(lerax_utils, "_progress_update", record)
@@ -385,6 +390,7 @@ def test_progress_must_be_bool_or_str(bad: Any) -> None:
         lambda: filter_scan(_step, 0.0, jnp.ones(2), progress=bad),
         lambda: filter_fori_loop(0, 2, lambda i, c: c, 0.0, progress=bad),
         lambda: filter_map(jnp.sin, jnp.ones(2), progress=bad),
+        lambda: filter_while_loop(lambda c: c < 2, lambda c: c + 1, 0, progress=bad),
     ):
         with pytest.raises(TypeError, match="`progress` must be a bool or a string"):
             call()
@@ -434,6 +440,10 @@ def test_progress_false_adds_nothing() -> None:
     assert _jaxpr(lambda x: filter_map(jnp.sin, x, progress=False), xs) == _jaxpr(
         lambda x: jax.lax.map(jnp.sin, x), xs
     )
+    cond, body = lambda c: c[0, 0] < 5, lambda c: c + 1
+    assert _jaxpr(
+        lambda x: filter_while_loop(cond, body, x, progress=False), xs
+    ) == _jaxpr(lambda x: jax.lax.while_loop(cond, body, x), xs)
     # And with a bar, a callback is added.
     assert "debug_callback" in _jaxpr(
         lambda x: filter_scan(_step, x[0], x, progress=True), xs
@@ -932,3 +942,192 @@ def test_the_percentage_is_the_whole_part_of_the_share_done(
     assert err.getvalue().startswith(
         f"\rx: {100 * count // total:3d}% {count}/{total} ["
     )
+
+
+#
+# filter_while_loop: a bar with no total
+#
+
+
+def _episode(limit: Any, x: Any, progress: bool | str = True) -> Any:
+    """Runs until the step count reaches `limit` (traced or not)."""
+    return filter_while_loop(
+        lambda c: c[1] < limit,
+        lambda c: (_step(c[0], 1.0)[0], c[1] + 1),
+        (x, 0),
+        progress=progress,
+    )
+
+
+def _while_reports(n: int) -> list[Any]:
+    """The counts a loop of `n` steps reports (a first even with none), then its end
+    (`None`)."""
+    stride = lerax_utils._PROGRESS_WHILE_STRIDE
+    points = [2**k for k in range(stride.bit_length())] + list(range(stride, n, stride))
+    return [*sorted({p for p in points if p < n}), n, None]
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 5, 64, 1000, 2048, 5000, 20_000])
+def test_while_reports_powers_of_two_then_every_stride(
+    reports: list[Any], n: int
+) -> None:
+    jax.jit(_episode)(n, jnp.zeros(3))
+    jax.effects_barrier()
+    assert reports == [(c, None) for c in _while_reports(n)]
+    counts = [0, *(c for c, _ in reports[:-1])]
+    assert counts == sorted(counts) and counts[-1] == n
+    assert len(reports) <= 14 + n // lerax_utils._PROGRESS_WHILE_STRIDE
+    reports.clear()
+    _episode(n, jnp.zeros(3))  # Eagerly (the program runs from the cache).
+    jax.effects_barrier()
+    assert reports == [(c, None) for c in _while_reports(n)]
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 7, 97, 3000])
+def test_while_results_bit_identical_with_and_without_bar(n: int) -> None:
+    x = jnp.linspace(-2.0, 2.0, 37)
+
+    def run(progress: bool, n: Any, x: Any) -> Any:
+        def body(c: Any) -> Any:
+            y = jnp.tanh(c[0]) * 0.75 + c[0] * 0.5 + 0.1
+            return jnp.sin(y) * y, c[1] + 1
+
+        return filter_while_loop(lambda c: c[1] < n, body, (x, 0), progress=progress)
+
+    for bar in (False, True):  # Jitted, with the length traced; vmapped; eager.
+        with_bar, without = functools.partial(run, bar), functools.partial(run, False)
+        assert _identical(jax.jit(with_bar)(n, x), jax.jit(without)(n, x))
+        lengths = jnp.arange(37) % (n + 1)
+        vmapped = [jax.jit(jax.vmap(f))(lengths, x) for f in (with_bar, without)]
+        assert _identical(*vmapped)
+        # Eagerly with the length traced: XLA inlines a loop that it can tell runs
+        # once, and the chunked loop it cannot, so there the bits may differ.
+        assert _identical(with_bar(jnp.asarray(n), x), without(jnp.asarray(n), x))
+    jax.effects_barrier()
+
+
+def test_while_line_has_no_total(capsys: pytest.CaptureFixture[str]) -> None:
+    jax.jit(functools.partial(_episode, progress="episode"))(3000, jnp.zeros(3))
+    jax.effects_barrier()
+    err = capsys.readouterr().err
+    assert err.endswith("\n") and err.count("\n") == 1
+    lines = [_WHILE_LINE.match(line) for line in _drawn(err)]
+    assert all(lines), _drawn(err)
+    assert lines[-1] is not None and lines[-1]["label"] == "episode"
+    assert lines[-1]["count"] == "3000" and not _COUNT.search(err)
+    _episode(0, jnp.zeros(3))  # No step: a line that says so.
+    jax.effects_barrier()
+    err = capsys.readouterr().err
+    last = _WHILE_LINE.match(_drawn(err)[-1])
+    assert last is not None and last["count"] == "0" and last["label"] is None
+    assert err.endswith("\n") and err.count("\n") == 1
+
+
+def test_while_under_vmap_draws_one_bar(capsys: pytest.CaptureFixture[str]) -> None:
+    limits = jnp.array([3, 5000, 0, 100])
+    _, steps = jax.jit(jax.vmap(lambda n: _episode(n, 0.0)))(limits)
+    jax.effects_barrier()
+    err = capsys.readouterr().err
+    assert np.array_equal(steps, limits)
+    assert err.endswith("\n") and err.count("\n") == 1
+    last = _WHILE_LINE.match(_drawn(err)[-1])
+    assert last is not None and last["count"] == "5000"
+
+
+def test_while_bar_inside_a_bar_and_a_bar_inside_it_are_suppressed(
+    reports: list[Any],
+) -> None:
+    def outer(c: Any, _: Any) -> Any:
+        return _episode(10, c, progress="inner")[0], None
+
+    jax.jit(lambda: filter_scan(outer, 0.0, length=20, progress="outer"))()
+    jax.effects_barrier()
+    assert {t for _, t in reports} == {20}
+    reports.clear()
+
+    def body(c: Any) -> Any:
+        x = filter_fori_loop(0, 10, lambda i, a: a + 1.0, c[0], progress=True)
+        return x, c[1] + 1
+
+    jax.jit(
+        lambda: filter_while_loop(lambda c: c[1] < 5, body, (0.0, 0), progress=True)
+    )()
+    jax.effects_barrier()
+    assert reports == [(c, None) for c in _while_reports(5)]
+
+
+def test_while_exception_ends_the_line(capsys: pytest.CaptureFixture[str]) -> None:
+    def body(c: Any) -> Any:
+        jax.debug.callback(_raise_at_50, c[1])
+        return c[0] + 1.0, c[1] + 1
+
+    def run() -> Any:
+        return filter_while_loop(lambda c: c[1] < 100, body, (0.0, 0), progress="a")
+
+    with pytest.raises(Exception, match="boom"):
+        run()
+        jax.effects_barrier()
+    jax.effects_barrier()
+    err = capsys.readouterr().err
+    assert err.startswith("\r") and err.endswith("\n") and err.count("\n") == 1
+    assert lerax_utils._open_bars == set()
+    # Under `jit` the error comes later: the next bar ends the line.
+    with pytest.raises(Exception, match="boom"):
+        jax.jit(run)()
+        jax.effects_barrier()
+    _episode(3, 0.0, progress="b")
+    jax.effects_barrier()
+    first, second = capsys.readouterr().err.split("b:", 1)
+    assert first.rstrip("\r").endswith("\n") and second.endswith("\n")
+
+
+def test_while_run_after_a_jitted_error_counts_from_zero(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    failing = [True]
+
+    def check(i: Any) -> None:
+        if failing:
+            _raise_at_50(i)
+
+    def body(c: Any) -> Any:
+        jax.debug.callback(check, c[1])
+        return c[0] + 1.0, c[1] + 1
+
+    def run(n: Any) -> Any:
+        return filter_while_loop(lambda c: c[1] < n, body, (0.0, 0), progress="a")
+
+    with pytest.raises(Exception, match="boom"):
+        jax.jit(run)(3000)
+        jax.effects_barrier()
+    failing.clear()
+    for n in (3, 0):  # The same program, with and without steps.
+        capsys.readouterr()
+        jax.jit(run)(n)
+        jax.effects_barrier()
+        last = _WHILE_LINE.match(_drawn(capsys.readouterr().err)[-1])
+        assert last is not None and last["count"] == str(n)
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.float32])
+def test_while_bar_refuses_a_cond_that_is_not_boolean_as_lax_does(dtype: Any) -> None:
+    def cond(c: Any) -> Any:
+        return (c < 3).astype(dtype)
+
+    with pytest.raises(TypeError) as by_lax:
+        jax.lax.while_loop(cond, lambda c: c + 1, jnp.int32(0))
+    with pytest.raises(TypeError) as by_ours:
+        filter_while_loop(cond, lambda c: c + 1, jnp.int32(0), progress=True)
+    assert str(by_ours.value) == str(by_lax.value)
+
+
+def test_while_count_stops_at_its_largest_and_the_steps_go_on(
+    reports: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(lerax_utils, "_PROGRESS_MAX_COUNT", 100)  # int32's, else.
+    x = jnp.linspace(-1.0, 1.0, 5)
+    steps = jax.jit(lambda: _episode(300, x))()
+    without = jax.jit(lambda: _episode(300, x, progress=False))()
+    jax.effects_barrier()
+    assert _identical(steps, without) and int(steps[1]) == 300
+    assert reports == [(c, None) for c in [1, 2, 4, 8, 16, 32, 64, 100, None]]
