@@ -2814,6 +2814,12 @@ def _encode_value(value: Any, budget: list[int] | None = None, depth: int = 0) -
             for item in dataclasses.fields(value)
         ]
         return ["dataclass", kind.__qualname__, fields]
+    if isinstance(value, functools.partial | slice | range):  # By their parts.
+        names = ("func", "args", "keywords", "start", "stop", "step")
+        parts = [getattr(value, name) for name in names if hasattr(value, name)]
+        return [kind.__qualname__, [_encode_value(p, None, depth + 1) for p in parts]]
+    if isinstance(value, bytes | bytearray):
+        return [kind.__qualname__, value.hex()]
     if callable(value):
         # `__name__` first: JAX has changed `__qualname__`s (`jax.numpy.tanh`).
         name = getattr(value, "__name__", None) or getattr(value, "__qualname__", None)

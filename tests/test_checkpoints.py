@@ -3860,16 +3860,29 @@ def test_partials_of_different_lengths_differ_in_filter_cond_and_filter_scan(
     assert (carry.func, carry.args, carry.keywords) == (_f, first, {})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a static functools.partial is described in a checkpoint by its type "
-    "name only (`['function', 'partial']`), so its function and arguments are "
-    "not compared when loading",
+@pytest.mark.parametrize(
+    ("saved", "other"),
+    [
+        (functools.partial(_f, 1), functools.partial(_f, 1, 2)),
+        (functools.partial(_f, 1), functools.partial(_f, 2)),
+        (
+            functools.partial(jax.nn.leaky_relu, negative_slope=0.2),
+            functools.partial(jax.nn.leaky_relu, negative_slope=0.01),
+        ),
+        (functools.partial(_f, 1), functools.partial(jnp.tanh, 1)),
+        (slice(0, 2), slice(0, 3)),
+        (slice(0, 2), slice(0, 2, 1)),
+        (range(3), range(4)),
+        (range(3), slice(0, 3)),
+        (b"ab", b"ac"),
+        (b"ab", bytearray(b"ab")),
+    ],
 )
-def test_a_static_partial_with_other_arguments_is_refused(tmp_path):
-    save_pytree(tmp_path / "p", _Scaled(jnp.ones(2), functools.partial(_f, 1)))
+def test_static_values_are_compared_by_their_parts(tmp_path, saved, other):
+    save_pytree(tmp_path / "p", _Scaled(jnp.ones(2), saved))
+    assert load_pytree(tmp_path / "p", _Scaled(jnp.ones(2), saved)).scale is saved
     with pytest.raises(ValueError, match="does not match `like` at path .scale"):
-        load_pytree(tmp_path / "p", _Scaled(jnp.ones(2), functools.partial(_f, 1, 2)))
+        load_pytree(tmp_path / "p", _Scaled(jnp.ones(2), other))
 
 
 # Found by a blind mutation campaign on the checkpoint section: bugs that no test
