@@ -13,10 +13,8 @@ and `numpy`: copy it into your project, or `pip install git+<repository url>`.
   checkpoints of models that record their constructor arguments, or of any pytree.
 
 It needs Python 3.11 or newer, and jax, equinox and numpy at the lower bounds that
-`pyproject.toml` gives or newer. Sections, each under a banner comment:
-Compatibility; Pytree comparison; Control flow; Batches of pytrees; Host callbacks;
-Progress bars; Checkpoints. The examples assume `import equinox as eqx`, `import jax`,
-`import jax.numpy as jnp` and `from lerax_utils import *`.
+`pyproject.toml` gives or newer. The examples assume `import equinox as eqx`,
+`import jax`, `import jax.numpy as jnp` and `from lerax_utils import *`.
 """
 
 __version__ = "0.2.0"
@@ -333,19 +331,6 @@ def _static_fields(module: eqx.Module) -> list[str]:
     return [f.name for f in dataclasses.fields(module) if f.metadata.get("static")]
 
 
-def _tree_difference(old: Any, new: Any) -> tuple[str, str] | None:
-    """`(path, message)` of the first place where `new` may not stand in for `old`."""
-    old_leaves, old_def = jtu.tree_flatten_with_path(old)
-    new_leaves, new_def = jtu.tree_flatten(new)
-    if old_def != new_def:
-        return _structure_difference(old, new, ())
-    for (path, old_leaf), new_leaf in zip(old_leaves, new_leaves, strict=True):
-        message = _leaf_difference(old_leaf, new_leaf)
-        if message is not None:
-            return jtu.keystr(path), message
-    return None
-
-
 def _structure_difference(old: Any, new: Any, path: _KeyPath) -> tuple[str, str]:
     """Walk two trees of different structure down to the first node that differs."""
     old_def = jtu.tree_structure(old, is_leaf=_is_strict_child(old))
@@ -387,8 +372,7 @@ def _describe_node(node: Any) -> str:
 # filter_switch, filter_map
 #
 # Each function splits its pytrees into the leaves that JAX traces and the rest,
-# which stay Python values, runs the `jax.lax` primitive on the traced part, and puts
-# the two back together. The machinery below is shared by all of them.
+# runs the `jax.lax` primitive on the traced part, and puts the two back together.
 
 
 class _Split:
@@ -445,8 +429,7 @@ _LAX_CALLS = {  # Each `jax.lax` function, on a body or branches that give `old`
 
 
 def _lax_says(function: str, *trees: Any, run: Callable[..., Any] | None = None) -> str:
-    """`jax.lax`'s message, to follow ours, for the mistake `run(*trees)` makes (by
-    default `_LAX_CALLS[function]`), on stand-ins: arrays' shapes, `0.0` elsewhere."""
+    """`jax.lax`'s message for the mistake `run(*trees)` (or `_LAX_CALLS`) makes."""
 
     def stand_in(x: Any) -> Any:
         return jax.ShapeDtypeStruct(x.shape, x.dtype) if eqx.is_array(x) else 0.0
@@ -485,20 +468,19 @@ class _Cache:
             return found and found[0]
 
     def put(self, key: Any, value: Any, referents: list[Any]) -> None:
-        drop = functools.partial(self._drop, key)
+        def drop(_: Any) -> None:
+            if self.lock.acquire(blocking=False):  # Never wait: this runs from gc.
+                self.entries.pop(key, None)
+                self.lock.release()
+            else:
+                self.dead.append(key)
+
         entry = (value, [weakref.ref(x, drop) for x in referents])
         with self.lock:
             self.entries[key] = entry
             self.entries.move_to_end(key)
             while len(self.entries) > _CACHE_SIZE:
                 self.entries.popitem(last=False)
-
-    def _drop(self, key: Any, _: Any) -> None:
-        if self.lock.acquire(blocking=False):  # Never wait: this runs from gc.
-            self.entries.pop(key, None)
-            self.lock.release()
-        else:
-            self.dead.append(key)
 
 
 _PROGRAMS, _PROMOTIONS = _Cache(), _Cache()
@@ -660,8 +642,7 @@ def _compile_call(treedef: Any, leaves: list[Any], arrays: list[int], call: Any)
 
 
 class _PromoteCarryNumbers(Exception):
-    """From a trace of a loop body, in `args`: the carry's Python numbers that it
-    changed, and those it may have changed (a superset), which must be traced."""
+    """`args`: the carry's numbers a body changed, and those it may have changed."""
 
 
 def _with_promoted_numbers(
@@ -802,10 +783,20 @@ class _LoopCarry(_Split):
 def _static_outputs_agree(function: str, what: str, traces: list[_Split]) -> None:
     """Each trace of `f` must give the same static outputs."""
     first = traces[0].traced_part(traced=False)
+    first_leaves, first_def = jtu.tree_flatten_with_path(first)
     for trace in traces[1:]:
-        difference = _tree_difference(first, trace.traced_part(traced=False))
-        if difference is not None:
-            path, message = difference
+        other = trace.traced_part(traced=False)
+        leaves, other_def = jtu.tree_flatten(other)
+        if other_def != first_def:
+            differences = [_structure_difference(first, other, ())]
+        else:
+            differences = [
+                (jtu.keystr(path), message)
+                for (path, old), new in zip(first_leaves, leaves, strict=True)
+                if (message := _leaf_difference(old, new)) is not None
+            ]
+        if differences:
+            path, message = differences[0]
             raise ValueError(
                 f"{function}: the non-array part of {what} differs between two traces "
                 f"of `f`: {_where(path)} it {message}. JAX may trace `f` more than "
@@ -958,7 +949,56 @@ def filter_scan(
     _check_callable("filter_scan", f=f)
     description = _progress_description("filter_scan", progress)
     inputs = _Split(xs, _is_jax_value)
-    length = _scan_length(inputs, length)
+    if length is not None:
+        try:
+            n = int(length)  # A string then differs from `n`.
+        except jax.errors.ConcretizationTypeError:
+            raise jax.errors.ConcretizationTypeError(
+                length,  # pyright: ignore[reportArgumentType]
+                "filter_scan: `length` must be concrete, but it is traced. Pass a "
+                "Python int (static under `jax.jit`), or use `jax.lax.while_loop` "
+                "for a length known only inside the computation."
+                + _lax_says(
+                    "filter_scan",
+                    run=lambda: jax.lax.scan(lambda c, x: (c, x), 0, None, length),
+                ),
+            ) from None
+        except (TypeError, ValueError, OverflowError):
+            n = None
+        if n is None or bool(n != length):
+            raise TypeError(
+                "filter_scan: `length` must be a whole number (a Python int, a NumPy "
+                f"integer or a 0-d integer array); got {_describe_leaf(length)}."
+            )
+        if n < 0:
+            raise ValueError(f"filter_scan: `length` must be non-negative; got {n}.")
+        length = n
+    _check_leading_axes("filter_scan", inputs)
+    sizes = {leaf.shape[0] for leaf in inputs.leaves if eqx.is_array(leaf)}
+    if len(sizes) > 1:
+        arrays = [(i, x) for i, x in enumerate(inputs.leaves) if eqx.is_array(x)]
+        listing = ", ".join(f"{inputs.path(i)}: {x.shape[0]}" for i, x in arrays)
+        raise ValueError(
+            "filter_scan: every array in `xs` must have the same leading size, but the "
+            f"leading sizes differ ({listing}). Slice or pad them to one length."
+        )
+    size = sizes.pop() if sizes else length
+    if size is None:
+        raise ValueError(
+            "filter_scan: cannot tell how many steps to run, because `xs` holds no "
+            "arrays. Pass `length=`."
+        )
+    if length is not None and length != size:
+        raise ValueError(
+            f"filter_scan: `length={length}` disagrees with the leading size {size} of "
+            f"the arrays in `xs`. Pass `length={size}` or leave it out."
+            + _lax_says(
+                "filter_scan",
+                np.broadcast_to(np.float32(0), (size,)),
+                run=lambda xs: jax.lax.scan(lambda c, x: (c, x), None, xs, length),
+            )
+        )
+    length = size
     # `jax.lax.scan` interprets bools, and rejects tracers itself.
     if not isinstance(unroll, bool | np.bool_ | jax.core.Tracer):
         must = "filter_scan: `unroll` must be a bool or a non-negative int; got"
@@ -1095,8 +1135,7 @@ def _scan(
 
 
 def _tied(index: jax.Array, tree: Any) -> tuple[jax.Array, Any]:
-    """`index`, and an operand for a reporting branch, made to depend on the smallest
-    array of `tree` (whole, for any sharding): by a barrier, or as the operand."""
+    """`index`, and a reporting branch's operand, made to depend on `tree`."""
     leaves = [x for x in jtu.tree_leaves(tree) if x.size]
     if not leaves:
         return index, index
@@ -1139,9 +1178,8 @@ def _scan_reporting_every_step(
 def _while_reporting(
     bar: "_ProgressBar", cond: Callable[..., Any], body: Callable[..., Any], init: Any
 ) -> Any:
-    """`jax.lax.while_loop(cond, body, init)`, reporting its step count to `bar` at
-    powers of two, then every `_PROGRESS_WHILE_STRIDE` steps, and its end. A callback
-    in a loop changes how XLA compiles it, so the steps run in inner loops."""
+    """`jax.lax.while_loop(cond, body, init)`, reporting to `bar` at powers of two,
+    then every `_PROGRESS_WHILE_STRIDE` steps (in inner loops), and at its end."""
     stride, most = _PROGRESS_WHILE_STRIDE, _PROGRESS_MAX_COUNT
 
     @_progress_body()  # Loops traced inside `body` draw no bar.
@@ -1169,59 +1207,6 @@ def _while_reporting(
 
     jax.lax.while_loop(lambda due: due, end, count >= 0)  # Once, after the loop.
     return final
-
-
-def _scan_length(inputs: _Split, length: Any) -> int:
-    if length is not None:
-        try:
-            n = int(length)  # A string then differs from `n`.
-        except jax.errors.ConcretizationTypeError:
-            raise jax.errors.ConcretizationTypeError(
-                length,
-                "filter_scan: `length` must be concrete, but it is traced. Pass a "
-                "Python int (static under `jax.jit`), or use `jax.lax.while_loop` "
-                "for a length known only inside the computation."
-                + _lax_says(
-                    "filter_scan",
-                    run=lambda: jax.lax.scan(lambda c, x: (c, x), 0, None, length),
-                ),
-            ) from None
-        except (TypeError, ValueError, OverflowError):
-            n = None
-        if n is None or bool(n != length):
-            raise TypeError(
-                "filter_scan: `length` must be a whole number (a Python int, a NumPy "
-                f"integer or a 0-d integer array); got {_describe_leaf(length)}."
-            )
-        if n < 0:
-            raise ValueError(f"filter_scan: `length` must be non-negative; got {n}.")
-        length = n
-    _check_leading_axes("filter_scan", inputs)
-    sizes = {leaf.shape[0] for leaf in inputs.leaves if eqx.is_array(leaf)}
-    if len(sizes) > 1:
-        arrays = [(i, x) for i, x in enumerate(inputs.leaves) if eqx.is_array(x)]
-        listing = ", ".join(f"{inputs.path(i)}: {x.shape[0]}" for i, x in arrays)
-        raise ValueError(
-            "filter_scan: every array in `xs` must have the same leading size, but the "
-            f"leading sizes differ ({listing}). Slice or pad them to one length."
-        )
-    size = sizes.pop() if sizes else length
-    if size is None:
-        raise ValueError(
-            "filter_scan: cannot tell how many steps to run, because `xs` holds no "
-            "arrays. Pass `length=`."
-        )
-    if length is not None and length != size:
-        raise ValueError(
-            f"filter_scan: `length={length}` disagrees with the leading size {size} of "
-            f"the arrays in `xs`. Pass `length={size}` or leave it out."
-            + _lax_says(
-                "filter_scan",
-                np.broadcast_to(np.float32(0), (size,)),
-                run=lambda xs: jax.lax.scan(lambda c, x: (c, x), None, xs, length),
-            )
-        )
-    return size
 
 
 class _ScalarToScanError(ValueError, IndexError):
@@ -1432,8 +1417,7 @@ def filter_fori_loop(
             return (state[0] + 1, body(*state)), None
 
         options = {"length": total, "unroll": 1 if unroll is None else unroll}
-        (_, final), _ = _scan(bar, counted, (first, init), None, options)
-        return carry.finish(final)
+        return carry.finish(_scan(bar, counted, (first, init), None, options)[0][1])
 
     with _tidy_on_error(bar):
         return _with_promoted_numbers("filter_fori_loop", attempt, init_val)
@@ -2098,9 +2082,6 @@ def print_callback(*args: Any, **kwargs: Any) -> None:
 # Progress bars: the `progress=` option of filter_scan, filter_fori_loop, filter_map,
 # filter_while_loop
 #
-# A loop with a bar (see the control-flow section) reports to the host every `k`
-# steps and at the end: at most `_PROGRESS_MAX_CALLBACKS` times however long it is,
-# or for a while loop, every `_PROGRESS_WHILE_STRIDE` steps.
 
 _PROGRESS_MAX_CALLBACKS = 200
 _PROGRESS_MIN_INTERVAL = 0.1  # Seconds between two redraws of a line.
@@ -2186,8 +2167,7 @@ def _end_open_lines() -> None:
 def _progress_update(
     bar: _ProgressBar, count: int | None, restart: bool = False
 ) -> None:
-    """On the host: the loop of `bar` has reached step `count` (`None`: its end), in
-    a new run if `restart`."""
+    """On the host: `bar`'s loop reached step `count` (`None`: its end)."""
     now = time.monotonic()
     with _progress_lock:
         if bar not in _open_bars:
