@@ -96,14 +96,12 @@ _KeyPath = tuple[Any, ...]
 
 # -- Control flow
 
-# Whether no trace is active: public as `jax.core.trace_state_clean` up to jax 0.4.x,
-# private (`jax._src.core`) since it left `jax.core`.
+# Whether no trace is active: in `jax.core` up to jax 0.4.x, then `jax._src.core`.
 _trace_state_clean = (
     getattr(jax.core, "trace_state_clean", None)
     or importlib.import_module("jax._src.core").trace_state_clean
 )
-# Private: the configuration that changes what a trace gives (x64, dtype promotion,
-# default precision...), which `jax.jit` keys its cache on; in jax 0.4.26 to 0.10.
+# Private (jax 0.4.26 to 0.10): the configuration that `jax.jit` keys its cache on.
 _trace_context = importlib.import_module("jax._src.config").trace_context
 
 # `jax.lax.scan`'s experimental `_split_transpose` (in jax 0.4.30 to 0.10 at least) may
@@ -441,10 +439,9 @@ def _lax_says(function: str, *trees: Any, run: Callable[..., Any] | None = None)
     return ""
 
 
-# Eager calls: as `jax.lax` keeps a loop's traced program by its functions' identity,
-# a call whose functions (by identity), tree structures, static leaves (by equality)
-# and array types match an earlier one's runs that call's compiled program. Inside a
-# trace, the same keys remember which Python numbers a loop promoted.
+# Eager calls: a call whose functions (by identity), tree structures, static leaves
+# (by equality) and array types match an earlier one's runs that call's compiled
+# program. Inside a trace, the same keys remember which numbers a loop promoted.
 
 _CACHE_SIZE = 64  # Calls kept, in each of the two caches; least recently used go.
 _UNCACHED = object()  # Also the entry of a call that cannot be traced.
@@ -495,8 +492,7 @@ def _structure_key(treedef: Any, referents: list[Any]) -> Any:
 
 
 def _exact_key(value: Any, referents: list[Any]) -> Any:
-    """A hashable stand-in for `value`: numbers by type and bits, containers item by
-    item, other objects by weak reference (kept in `referents`) or else by value."""
+    """A hashable stand-in for `value`: numbers by bits, objects by weak reference."""
     kind = type(value)
     if kind in (float, complex):
         return (kind, struct.pack("<dd", value.real, value.imag))
@@ -632,8 +628,7 @@ def _compile_call(treedef: Any, leaves: list[Any], arrays: list[int], call: Any)
     try:
         closed = jax.make_jaxpr(program)(*(leaves[i] for i in arrays))
     except _TRACING_ERRORS:
-        # Only arrays in a function (a module's parameters), traced here and not
-        # uncached, can make the difference; then the call runs uncached.
+        # Arrays in a function (a module's parameters) traced here: run uncached.
         return _UNCACHED
     if any(type(p) is tuple and type(p[0]) not in _IMMUTABLE for p in out[1]):
         return _UNCACHED  # Each call must get its own new objects, as uncached.
@@ -1799,8 +1794,7 @@ def _leaf_axis(function: str, axis: int, leaf: Any, path: str, ndim: int) -> int
 # Host callbacks: callback_wrapper and friends, print_callback
 #
 
-# Functions whose body never runs: (tests of the function and of what a call returns,
-# what it is, what it creates, what that needs).
+# Functions whose body never runs: (tests of the function and of its result, names).
 _BODY_NEVER_RUNS = (
     (inspect.isasyncgenfunction, inspect.isasyncgen, "an async generator", "iterate"),
     (inspect.iscoroutinefunction, inspect.isawaitable, "an `async def`", "await"),
@@ -1840,8 +1834,7 @@ def _host_caller(
     options: dict[str, bool],
     conversions: tuple[Callable[[Any, Any], Any], Callable[[Any], Any]],
 ) -> Callable[..., None]:
-    """`func`, callable from traced code, its JAX arrays sent by `jax.debug.callback`.
-    `ordered=None` orders calls unless they may span devices."""
+    """`func` for traced code to call; `ordered=None` orders calls on one device."""
     to_host, host_side = conversions
     try:
         signature = inspect.signature(func)
@@ -1910,8 +1903,7 @@ def _host_caller(
             for i in on_the_host:
                 row[i] = host_side(row[i])
             host_args, host_kwargs = treedef.unflatten(row)
-            # Open bars' lines are blanked (once per drawing): what `func` prints gets
-            # lines of its own.
+            # Open bars' lines are blanked: what `func` prints gets lines of its own.
             with _progress_lock:
                 for bar in _open_bars:
                     if bar.width:
@@ -1976,8 +1968,7 @@ def _as_jax(array: Any, key_impl: Any) -> jax.Array:
     return array if key_impl is None else jax.random.wrap_key_data(array, impl=key_impl)
 
 
-# How each wrapper hands `func` an array that came back from the device (with the
-# PRNG impl of a typed key), and a NumPy value, which never left the host.
+# How each wrapper hands `func` an array from the device, and a NumPy value.
 _CONVERSIONS: dict[str, tuple[Callable[[Any, Any], Any], Callable[[Any], Any]]] = {
     "callback_wrapper": (_as_jax, lambda value: value),
     "callback_with_numpy_wrapper": (lambda array, _: np.asarray(array), np.asarray),
@@ -2185,8 +2176,7 @@ def _progress_update(
 
 
 def _chunk_size(length: int) -> int | None:
-    """Steps per chunk: the divisor of `length` nearest `_progress_stride(length)`
-    within a factor of two and the bound on host calls, or `None`."""
+    """Steps per chunk: a divisor of `length` near its stride, or `None`."""
     target = _progress_stride(length)
     smallest = max(-(-length // (_PROGRESS_MAX_CALLBACKS - 1)), target // 2)
     near = [size for size in _divisors(length) if smallest <= size <= 2 * target]
@@ -2202,9 +2192,8 @@ def _divisors(number: int) -> list[int]:
 def _progress_callbacks(
     bar: _ProgressBar, stride: int, reports: int
 ) -> tuple[Callable[[], None], Callable[[], None]]:
-    """A loop's host calls: first, then every `stride` steps and last. Unordered, with
-    no operands (cheaper), they count as they come: the `n`-th shows `n * stride` steps,
-    the `reports`-th the total; a second `first` before that starts a new run."""
+    """A loop's host calls: first, then every `stride` steps and last. Unordered and
+    without operands, they count as they come; a second `first` starts a new run."""
 
     def report(first: bool) -> None:
         with _progress_lock:
