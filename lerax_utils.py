@@ -1251,8 +1251,7 @@ def filter_cond(
     """
     if not (callable(true_fun) and callable(false_fun)):
         if callable(false_fun) and len(operands) == 2 and callable(operands[1]):
-            # The older form `cond(pred, true_operand, true_fun, false_operand,
-            # false_fun)`, which `jax.lax.cond` still accepts.
+            # The older `cond(pred, true_operand, true_fun, false_operand, false_fun)`.
             old_true, (false_operand, old_false) = false_fun, operands
             new_true, new_false = lambda x, _: old_true(x), lambda _, x: old_false(x)
             return filter_cond(pred, new_true, new_false, true_fun, false_operand)
@@ -2055,9 +2054,7 @@ def print_callback(*args: Any, **kwargs: Any) -> None:
     format string, and prints arrays as their `.tolist()`. Calls print in program order
     unless they may span several devices, and above an open progress bar.
 
-    **Raises:**
-
-    `TypeError` if `print` would not take the arguments.
+    **Raises:** `TypeError` if `print` would not take the arguments.
 
     **Example:**
 
