@@ -2673,7 +2673,8 @@ def _like_skeleton(like: Any) -> Any:
         sharding = _leaf_sharding(leaf)
         if sharding is None or len(sharding.device_set) < 2:
             return shape
-        return jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding)
+        weak = {"weak_type": True} if getattr(shape, "weak_type", False) else {}
+        return jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding, **weak)
 
     return eqx.combine(jtu.tree_map(keep_sharding, shapes, dynamic), static)
 
@@ -3637,6 +3638,8 @@ def _leaf_mismatch(entry: _Entry, leaf: Any, skeleton: str, fix: str) -> str | N
             and jax.dtypes.canonicalize_dtype(dtype) == leaf.dtype
         )
     ):
+        if kind == "jax" and hasattr(leaf, "weak_type"):  # The skeleton's, if known.
+            entry["weak_type"] = leaf.weak_type
         return None
     pair = " ".join(sorted({str(dtype), str(leaf.dtype)}))
     x64 = ("float32 float64", "int32 int64", "uint32 uint64", "complex128 complex64")
