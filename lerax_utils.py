@@ -3638,8 +3638,9 @@ def _leaf_mismatch(entry: _Entry, leaf: Any, skeleton: str, fix: str) -> str | N
             and jax.dtypes.canonicalize_dtype(dtype) == leaf.dtype
         )
     ):
-        if kind == "jax" and hasattr(leaf, "weak_type"):  # The skeleton's, if known.
-            entry["weak_type"] = leaf.weak_type
+        if kind == "jax" and isinstance(leaf, jax.ShapeDtypeStruct):
+            # The skeleton's weak type, where it has one (not in jax 0.4.26).
+            entry["weak_type"] = getattr(leaf, "weak_type", entry.get("weak_type"))
         return None
     pair = " ".join(sorted({str(dtype), str(leaf.dtype)}))
     x64 = ("float32 float64", "int32 int64", "uint32 uint64", "complex128 complex64")
