@@ -28,6 +28,8 @@ from _helpers import (
     is_key,
     run_on_four_devices,
 )
+from hypothesis import given
+from hypothesis import strategies as st
 
 import lerax_utils
 from lerax_utils import (
@@ -669,3 +671,33 @@ def test_numpy_values_are_read_when_the_call_is_staged(name):
     scale[0] = 3.0
     jax.effects_barrier()
     assert seen[-1] == [2.0]
+
+
+_BODIES_THAT_NEVER_RUN = [  # (function, what it is, what a call creates, the verb)
+    (_generator, "a generator", "a generator", "iterate"),
+    (_coroutine, "an `async def`", "a coroutine", "await"),
+    (_async_generator, "an async generator", "an async generator", "iterate"),
+]
+
+
+@given(
+    body=st.sampled_from(_BODIES_THAT_NEVER_RUN),
+    layers=st.lists(st.booleans(), max_size=4),
+    kind=st.sampled_from(sorted(WRAPPERS)),
+)
+def test_a_body_that_never_runs_is_refused_inside_any_partials(
+    body: Any, layers: list[bool], kind: str
+) -> None:
+    # However many `functools.partial` and `eqx.Partial` layers wrap it, in any order.
+    func, what, creates, verb = body
+    wrapped = func
+    for index, equinox in enumerate(layers):
+        wrapped = (eqx.Partial if equinox else functools.partial)(wrapped, index)
+    with pytest.raises(TypeError) as caught:
+        WRAPPERS[kind](wrapped)
+    assert str(caught.value) == (
+        f"{WRAPPERS[kind].__name__}: `func` ({func.__name__}) is {what} function. "
+        f"Calling it only creates {creates}, which nothing here would {verb}, so its "
+        "body would never run. Wrap a plain function that does the work instead, for "
+        "example one that runs it to completion."
+    )

@@ -4143,3 +4143,72 @@ def test_static_enum_members_are_compared_by_name(tmp_path):
         ".scale: the static field is ['enum', '_Mode', 'TRAIN'] in the file and "
         "['enum', '_Mode', 'EVAL'] in `like`."
     )
+
+
+_CORRUPT_SHARDS = """
+import json, pathlib, sys
+import jax, jax.numpy as jnp, numpy as np
+from lerax_utils import load_pytree, save_pytree
+
+folder, failures = pathlib.Path(sys.argv[1]), []
+for devices in (2, 3, 4):
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:devices]), ("x",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x"))
+    value = jnp.arange(devices * 6, dtype=jnp.float32).reshape(devices * 2, 3)
+    like = {"a": jax.device_put(jnp.zeros_like(value), sharding)}
+    for shard in range(devices):
+        path = folder / f"{devices}-{shard}.eqx"
+        save_pytree(path, {"a": value})
+        loaded = load_pytree(path, like)["a"]
+        if not (loaded.sharding == sharding and np.array_equal(loaded, value)):
+            failures.append(f"{devices} devices: the intact file loads otherwise")
+        raw = bytearray(path.read_bytes())  # The data ends the file.
+        raw[len(raw) - value.nbytes + shard * value.nbytes // devices] ^= 1
+        path.write_bytes(bytes(raw))
+        try:
+            load_pytree(path, like)
+            failures.append(f"{devices} devices: shard {shard}, corrupt, loaded")
+        except ValueError as err:
+            expected = (
+                f"load_pytree: the file '{path}' has corrupt data for the leaf at "
+                "path ['a'] (its checksum fails)."
+            )
+            if str(err) != expected:
+                failures.append(str(err))
+print(json.dumps(failures))
+"""
+
+
+def test_a_sharded_load_refuses_a_corrupt_byte_in_any_shard(tmp_path):
+    # Each device reads only its own shard, and the whole array's CRC is still
+    # checked, whichever shard holds the corrupt byte.
+    assert run_on_four_devices(_CORRUPT_SHARDS, str(tmp_path)) == []
+
+
+class _Outer:
+    class Inner(Serializable):
+        weight: jax.Array
+
+        def __init__(self, size: int):
+            self.weight = jnp.arange(float(size))
+
+
+def _local_model_class() -> type[Serializable]:
+    class Local(Serializable):
+        weight: jax.Array
+
+        def __init__(self, size: int):
+            self.weight = jnp.arange(float(size))
+
+    return Local
+
+
+@pytest.mark.parametrize("make", [lambda: _Outer.Inner, _local_model_class])
+def test_a_nested_class_loads_from_the_file_alone(tmp_path, make):
+    # A class inside a class or a function is recorded by its qualified name.
+    cls = make()
+    model = cls(3)
+    model.serialize(tmp_path / "model")
+    loaded = cls.deserialize(tmp_path / "model")
+    assert type(loaded) is cls
+    assert eqx.tree_equal(loaded, model, typematch=True)

@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from _helpers import ROOT, assert_identical
+from hypothesis import given
+from hypothesis import strategies as st
 from jax.experimental import io_callback
 
 import lerax_utils
@@ -2432,3 +2434,36 @@ def test_static_leaves_of_different_types_differ(old: Any, new: Any) -> None:
     assert old == new
     assert not lerax_utils._static_leaves_equal(old, new)
     assert not lerax_utils._static_leaves_equal(new, old)
+
+
+@given(
+    values=st.lists(st.sampled_from([0.0, -0.0, 1.0, 2.5]), min_size=1, max_size=4),
+    index=st.integers(0, 3),
+    traced=st.booleans(),
+)
+def test_numbers_from_branches_are_the_chosen_branchs_number(
+    values: list[float], index: int, traced: bool
+) -> None:
+    # A number stays a Python number only where every branch returns it, bit for
+    # bit; else it is traced, and the chosen branch's, as `jax.lax.switch` gives.
+    index = min(index, len(values) - 1)
+    branches = [lambda v=v: v for v in values]
+    reference = jax.lax.switch(index, [lambda v=v: jnp.asarray(v) for v in values])
+    if traced:
+        out = jax.jit(lambda i: filter_switch(i, branches))(index)
+    else:
+        out = filter_switch(index, branches)
+    if len(values) == 2:
+        if traced:
+            other = jax.jit(lambda p: filter_cond(p, *branches))(index == 0)
+        else:
+            other = filter_cond(index == 0, *branches)
+        assert np.array_equal(np.signbit(out), np.signbit(other))
+    bits = {struct.pack("<d", v) for v in values}
+    if len(bits) == 1 and not traced:
+        assert type(out) is float and struct.pack("<d", out) == bits.pop()
+    else:
+        assert isinstance(out, jax.Array) and out.dtype == reference.dtype
+        assert out.aval.weak_type == reference.aval.weak_type
+    assert float(out) == float(reference)
+    assert np.signbit(out) == np.signbit(reference)

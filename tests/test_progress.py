@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from _helpers import run_on_four_devices
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 
 import lerax_utils
 from lerax_utils import (
@@ -1131,3 +1131,57 @@ def test_while_count_stops_at_its_largest_and_the_steps_go_on(
     jax.effects_barrier()
     assert _identical(steps, without) and int(steps[1]) == 300
     assert reports == [(c, None) for c in [1, 2, 4, 8, 16, 32, 64, 100, None]]
+
+
+@settings(max_examples=10)
+@given(
+    length=st.integers(1, 400),
+    flag=st.booleans(),
+    count=st.integers(-1000, 1000),
+    scale=st.floats(allow_nan=False),
+)
+def test_numbers_a_loop_passes_on_stay_python_numbers_with_a_bar(
+    length: int, flag: bool, count: int, scale: float
+) -> None:
+    # The carry's bools are traced from the start; passed on unchanged, each comes
+    # back the Python value it was, with a bar as without one.
+    init = (flag, count, scale, jnp.zeros(()))
+    expected = (flag, count, scale, jnp.full((), float(length)))
+
+    def body(carry: Any) -> Any:
+        return (*carry[:3], carry[3] + 1)
+
+    with contextlib.redirect_stderr(io.StringIO()):
+        for progress in (False, True, "bar"):
+            outs = [
+                filter_scan(
+                    lambda c, _: (body(c), None), init, length=length, progress=progress
+                )[0],
+                filter_fori_loop(
+                    0, length, lambda i, c: body(c), init, progress=progress
+                ),
+            ]
+            jax.effects_barrier()
+            for out in outs:
+                assert eqx.tree_equal(out, expected, typematch=True), (progress, out)
+
+
+@given(
+    hours=st.integers(0, 1000),
+    minutes=st.integers(0, 59),
+    seconds=st.integers(0, 59),
+    fraction=st.floats(0, 0.99),
+)
+@example(hours=1, minutes=0, seconds=0, fraction=0.0)
+@example(hours=1, minutes=1, seconds=1, fraction=0.5)
+def test_a_bars_times_show_hours_only_when_there_are_any(
+    hours: int, minutes: int, seconds: int, fraction: float
+) -> None:
+    # `[h:]mm:ss` of the whole seconds: the hours only when there are any.
+    total = hours * 3600 + minutes * 60 + seconds
+    shown = f"{minutes:02d}:{seconds:02d}"
+    assert lerax_utils._format_seconds(total + fraction) == (
+        f"{hours}:{shown}" if hours else shown
+    )
+    assert lerax_utils._format_seconds(math.inf) == "?"
+    assert lerax_utils._format_seconds(math.nan) == "?"
