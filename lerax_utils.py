@@ -1173,14 +1173,14 @@ def _scan_reporting_every_step(
 def _while_reporting(
     bar: "_ProgressBar", cond: Callable[..., Any], body: Callable[..., Any], init: Any
 ) -> Any:
-    """`jax.lax.while_loop(cond, body, init)`, reporting to `bar` at powers of two,
+    """`jax.lax.while_loop(cond, body, init)`, reporting to `bar` at powers of four,
     then every `_PROGRESS_WHILE_STRIDE` steps (in inner loops), and at its end."""
     stride, most = _PROGRESS_WHILE_STRIDE, _PROGRESS_MAX_COUNT
 
     @_progress_body()  # Loops traced inside `body` draw no bar.
     def chunk(state: tuple[Any, Any, Any]) -> tuple[Any, Any, Any]:
         count, first, traced = state  # `first`: the run's first chunk, even of none.
-        step = jnp.where(count < stride, jnp.maximum(count, 1), stride)
+        step = jnp.where(count < stride, jnp.clip(3 * count, 1, stride - count), stride)
         stop = count + jnp.minimum(step, most - count)
         count, traced = jax.lax.while_loop(  # At `most`, it steps on unreported.
             lambda s: jnp.where((s[0] < stop) | (s[0] == most), cond(s[1]), False),
