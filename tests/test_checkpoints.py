@@ -19,6 +19,7 @@ import copy
 import dataclasses
 import enum
 import functools
+import inspect
 import io
 import json
 import os
@@ -4212,3 +4213,80 @@ def test_a_nested_class_loads_from_the_file_alone(tmp_path, make):
     loaded = cls.deserialize(tmp_path / "model")
     assert type(loaded) is cls
     assert eqx.tree_equal(loaded, model, typematch=True)
+
+
+# A process killed during a multi-process save.
+
+
+_DEAD_PEER = textwrap.dedent(
+    r"""
+    import os, pathlib, signal, sys
+    process, port, folder = int(sys.argv[1]), sys.argv[2], pathlib.Path(sys.argv[3])
+    import jax
+    if "jax_cpu_collectives_implementation" in jax.config.values:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    else:
+        jax.config.update("jax_cpu_enable_gloo_collectives", True)
+    jax.distributed.initialize(
+        f"127.0.0.1:{port}", num_processes=2, process_id=process,
+        initialization_timeout=60, heartbeat_timeout_seconds=5,
+    )
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    import lerax_utils
+
+    value = np.arange(4.0 * jax.device_count(), dtype=np.float32)
+    sharding = NamedSharding(Mesh(np.array(jax.devices()), ("x",)), P("x"))
+    rows = jax.make_array_from_callback(value.shape, sharding, lambda i: value[i])
+    if process == 1:  # Killed while writing its shards.
+        lerax_utils._write_shards = lambda *a: os.kill(os.getpid(), signal.SIGKILL)
+    lerax_utils.save_pytree(folder / "run", {"rows": rows})
+    print("saved")
+    """
+)
+
+
+@pytest.mark.skipif(
+    "heartbeat_timeout_seconds"
+    not in inspect.signature(jax.distributed.initialize).parameters,
+    reason="this JAX's coordination service takes no heartbeat timeout",
+)
+def test_a_peer_killed_during_a_save_leaves_the_old_file_intact(tmp_path):
+    save_pytree(tmp_path / "run", {"rows": np.zeros(3)})
+    before = (tmp_path / "run.eqx").read_bytes()
+    env = {
+        **os.environ,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={_DEVICES_PER_PROCESS}",
+        "PYTHONPATH": str(ROOT),
+        "JAX_PLATFORMS": "cpu",
+    }
+    port = str(_free_port())
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", _DEAD_PEER, str(i), port, str(tmp_path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env=env,
+        )
+        for i in range(2)
+    ]
+    deadline = time.monotonic() + 180
+    try:
+        outputs = [
+            process.communicate(timeout=max(deadline - time.monotonic(), 1))
+            for process in processes
+        ]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+    assert processes[1].returncode == -signal.SIGKILL, outputs[1][1][-3000:]
+    # The survivor is ended by the coordination service (SIGABRT, at its heartbeat
+    # timeout), never having renamed its temporary file over the old one.
+    assert processes[0].returncode == -signal.SIGABRT and "saved" not in outputs[0][0]
+    assert (tmp_path / "run.eqx").read_bytes() == before
+    left = sorted(path.name for path in tmp_path.iterdir())
+    assert left[1] == "run.eqx" and re.fullmatch(r"\.run\.eqx\.\w+\.tmp", left[0])
