@@ -2860,16 +2860,25 @@ def _recorded_call(
             "arguments",
         )
     positional, missing = recording["args"], []
+    size = os.path.getsize(source.path)
 
     def decode(name: str, value: Any) -> Any:
         try:
-            return _decode_value(value)
+            decoded = _decode_value(value)
         except _Malformed:
             raise source.error(
                 "has a malformed header (its recorded arguments)"
             ) from None
         except _Unrecordable as reason:
-            missing.append(f"`{name}` (it was {reason})")
+            return missing.append(f"`{name}` (it was {reason})")
+        for leaf in jtu.tree_leaves(decoded):  # Not built bigger than the file.
+            if hasattr(leaf, "shape") and leaf.dtype.itemsize * leaf.size > size:
+                raise source.error(
+                    f"records the argument `{name}` as an array of shape "
+                    f"{leaf.shape}, more bytes than the whole file, so it is not "
+                    "rebuilt from the file. Pass the constructor arguments"
+                )
+        return decoded
 
     try:
         parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]

@@ -4290,3 +4290,32 @@ def test_a_peer_killed_during_a_save_leaves_the_old_file_intact(tmp_path):
     assert (tmp_path / "run.eqx").read_bytes() == before
     left = sorted(path.name for path in tmp_path.iterdir())
     assert left[1] == "run.eqx" and re.fullmatch(r"\.run\.eqx\.\w+\.tmp", left[0])
+
+
+class _WithNames(Serializable):
+    count: jax.Array
+    names: np.ndarray
+
+    def __init__(self, names: Any):
+        self.names = np.array(names)  # A copy: its whole size, allocated.
+        self.count = jnp.asarray(len(self.names))
+
+
+@pytest.mark.parametrize("size", [4_000, 10**8, 10**12])
+def test_a_recorded_argument_larger_than_the_file_is_not_built(tmp_path, size):
+    _WithNames(np.array(["ab", "cd"])).serialize(tmp_path / "good")
+    assert _WithNames.deserialize(tmp_path / "good").names.tolist() == ["ab", "cd"]
+
+    def enlarge(leaves, structure, header):
+        metadata = header["__metadata__"]
+        metadata["arguments"] = metadata["arguments"].replace("[2]", f"[{size}]", 1)
+
+    path = tmp_path / "forged.eqx"
+    path.write_bytes(forge((tmp_path / "good.eqx").read_bytes(), enlarge))
+    with pytest.raises(ValueError) as info:
+        _WithNames.deserialize(path)
+    assert str(info.value) == (
+        f"Serializable.deserialize: the file '{path}' records the argument `names` "
+        f"as an array of shape ({size},), more bytes than the whole file, so it is "
+        "not rebuilt from the file. Pass the constructor arguments."
+    )
