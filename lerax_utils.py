@@ -3359,6 +3359,10 @@ def _structure(tree: Any) -> list[list[Any]]:
         elif isinstance(node, dict):  # Keys in JAX's (sorted) order, not insertion's.
             keys = [getattr(key[0], "key", key[0]) for key, _ in children]
             description["keys"] = [_encode_value(key) for key in keys]
+        elif (
+            aux := node_def.node_data()[1]
+        ) is not None:  # Another node's static data.
+            description["aux"] = _encode_value(aux)
         entries.append([where, description])
         for key, child in children:
             visit(child, path + key)
@@ -3688,6 +3692,13 @@ def _structure_difference_in_file(
                         )
                 # Only a field one side lacks differs: a class gained or lost it.
                 continue
+            case [str(), {"node": _} as was] if (
+                isinstance(want, dict)
+                and "aux" not in was
+                and canonical({k: v for k, v in want.items() if k != "aux"})
+                == canonical(was)
+            ):
+                continue  # Written before other nodes' static data was described.
             case [str(), was]:
                 return path, f"the file has {was!r}, {skeleton} has {want!r}"
         return path, "the file's structure description is malformed"

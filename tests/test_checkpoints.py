@@ -4319,3 +4319,43 @@ def test_a_recorded_argument_larger_than_the_file_is_not_built(tmp_path, size):
         f"as an array of shape ({size},), more bytes than the whole file, so it is "
         "not rebuilt from the file. Pass the constructor arguments."
     )
+
+
+class _Activation:
+    """A pytree node whose static data (its activation's name) JAX keeps as aux."""
+
+    def __init__(self, weight: Any, name: str):
+        self.weight, self.name = weight, name
+
+
+jax.tree_util.register_pytree_node(
+    _Activation,
+    lambda a: ((a.weight,), a.name),
+    lambda name, c: _Activation(c[0], name),
+)
+
+
+@pytest.mark.parametrize(
+    ("saved", "other"),
+    [
+        (_Activation(jnp.ones(2), "relu"), _Activation(jnp.ones(2), "tanh")),
+        (
+            jax.tree_util.Partial(jnp.tanh, jnp.ones(2)),
+            jax.tree_util.Partial(jnp.sin, jnp.ones(2)),
+        ),
+    ],
+)
+def test_the_static_data_of_any_pytree_node_is_compared(tmp_path, saved, other):
+    save_pytree(tmp_path / "n", saved)
+    loaded = load_pytree(tmp_path / "n", saved)
+    assert jax.tree.structure(loaded) == jax.tree.structure(saved)
+    assert_identical(jax.tree.leaves(loaded), jax.tree.leaves(saved))
+    with pytest.raises(ValueError, match="does not match `like` at the top level"):
+        load_pytree(tmp_path / "n", other)
+
+    def undescribed(leaves, structure, header):  # As written before it was described.
+        del structure[0][1]["aux"]
+
+    path = tmp_path / "older.eqx"
+    path.write_bytes(forge((tmp_path / "n.eqx").read_bytes(), undescribed))
+    assert jax.tree.structure(load_pytree(path, other)) == jax.tree.structure(other)
