@@ -1155,8 +1155,7 @@ def _scan_reporting_every_step(
     @_named_after(step)
     def counted(state: tuple[Any, Any], x: Any) -> tuple[Any, Any]:
         index, traced_carry = state
-        # Tied to the carry: else differentiation hoists the reports, which depend on
-        # no data, out of an enclosing loop, and they run once instead of every time.
+        # Tied to the carry, or differentiation hoists the reports out of outer loops.
         tied, operand = _tied(index, traced_carry)
         # 0: no report; 1: the first; 2: every `stride` steps, and the last.
         later = (tied % stride == 0) | (tied == length - 1)
@@ -1177,13 +1176,21 @@ def _while_reporting(
     then every `_PROGRESS_WHILE_STRIDE` steps (in inner loops), and at its end."""
     stride, most = _PROGRESS_WHILE_STRIDE, _PROGRESS_MAX_COUNT
 
+    def joined(join: Callable[..., Any], flag: Any, out: Any) -> Any:
+        """`join(flag, out)`; anything but a boolean scalar `out` is left to lax."""
+        if getattr(out, "shape", None) != () or getattr(out, "dtype", None) != np.bool_:
+            return out
+        return join(flag, out)
+
     @_progress_body()  # Loops traced inside `body` draw no bar.
     def chunk(state: tuple[Any, Any, Any]) -> tuple[Any, Any, Any]:
         count, first, traced = state  # `first`: the run's first chunk, even of none.
         step = jnp.where(count < stride, jnp.clip(3 * count, 1, stride - count), stride)
         stop = count + jnp.minimum(step, most - count)
         count, traced = jax.lax.while_loop(  # At `most`, it steps on unreported.
-            lambda s: jnp.where((s[0] < stop) | (s[0] == most), cond(s[1]), False),
+            lambda s: joined(
+                jnp.logical_and, (s[0] < stop) | (s[0] == most), cond(s[1])
+            ),
             lambda s: (s[0] + (s[0] < most), body(s[1])),
             (count, traced),
         )
@@ -1192,8 +1199,12 @@ def _while_reporting(
         jax.debug.callback(report, *_tied(count, traced), first)
         return count, jnp.zeros_like(first), traced
 
+    @_named_after(cond)
+    @_progress_body()  # Loops traced inside `cond` draw no bar either.
+    def run_chunk(state: tuple[Any, Any, Any]) -> Any:
+        return joined(jnp.logical_or, state[1], cond(state[2]))
+
     state = (jnp.zeros((), jnp.int32), jnp.ones((), bool), init)
-    run_chunk = lambda s: jnp.logical_or(s[1], cond(s[2]))  # noqa: E731
     count, _, final = jax.lax.while_loop(run_chunk, chunk, state)
 
     def end(due: Any) -> Any:  # In a loop: under `vmap`, `jax.lax.cond` runs both.
@@ -2874,9 +2885,8 @@ def _recorded_call(
         for leaf in jtu.tree_leaves(decoded):  # Not built bigger than the file.
             if hasattr(leaf, "shape") and leaf.dtype.itemsize * leaf.size > size:
                 raise source.error(
-                    f"records the argument `{name}` as an array of shape "
-                    f"{leaf.shape}, more bytes than the whole file, so it is not "
-                    "rebuilt from the file. Pass the constructor arguments"
+                    f"records the argument `{name}` as an array of shape {leaf.shape}"
+                    ", larger than the whole file. Pass the constructor arguments"
                 )
         return decoded
 
@@ -3692,12 +3702,9 @@ def _structure_difference_in_file(
                         )
                 # Only a field one side lacks differs: a class gained or lost it.
                 continue
-            case [str(), {"node": _} as was] if (
-                isinstance(want, dict)
-                and "aux" not in was
-                and canonical({k: v for k, v in want.items() if k != "aux"})
-                == canonical(was)
-            ):
+            case [str(), {"node": _} as was] if isinstance(want, dict) and canonical(
+                {k: v for k, v in want.items() if k != "aux"}
+            ) == canonical(was):
                 continue  # Written before other nodes' static data was described.
             case [str(), was]:
                 return path, f"the file has {was!r}, {skeleton} has {want!r}"

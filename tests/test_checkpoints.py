@@ -4316,8 +4316,8 @@ def test_a_recorded_argument_larger_than_the_file_is_not_built(tmp_path, size):
         _WithNames.deserialize(path)
     assert str(info.value) == (
         f"Serializable.deserialize: the file '{path}' records the argument `names` "
-        f"as an array of shape ({size},), more bytes than the whole file, so it is "
-        "not rebuilt from the file. Pass the constructor arguments."
+        f"as an array of shape ({size},), larger than the whole file. Pass the "
+        "constructor arguments."
     )
 
 

@@ -1185,3 +1185,30 @@ def test_a_bars_times_show_hours_only_when_there_are_any(
     )
     assert lerax_utils._format_seconds(math.inf) == "?"
     assert lerax_utils._format_seconds(math.nan) == "?"
+
+
+@pytest.mark.parametrize("out", [None, "tuple", "str"])
+def test_while_bar_refuses_a_cond_of_no_array_as_lax_does(out: Any) -> None:
+    def cond(c: Any) -> Any:
+        return {"tuple": (c < 3,), "str": "yes"}.get(out)
+
+    with pytest.raises(TypeError) as by_lax:
+        jax.lax.while_loop(cond, lambda c: c + 1, jnp.int32(0))
+    with pytest.raises(TypeError) as by_ours:
+        filter_while_loop(cond, lambda c: c + 1, jnp.int32(0), progress=True)
+    assert str(by_ours.value) == str(by_lax.value)
+
+
+def test_while_bar_suppresses_a_bar_inside_its_cond(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    def cond(c: Any) -> Any:
+        inner = filter_while_loop(lambda u: u < 4, lambda u: u + 1, 0, progress="in")
+        return c < 3 + 0 * inner
+
+    assert filter_while_loop(cond, lambda c: c + 1, 0, progress="out") == 3
+    jax.effects_barrier()
+    err = capsys.readouterr().err
+    last = _WHILE_LINE.match(_drawn(err)[-1])
+    assert "in:" not in err and err.count("\n") == 1
+    assert last is not None and last["label"] == "out" and last["count"] == "3"
