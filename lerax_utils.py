@@ -221,6 +221,13 @@ def _weak_array(array: jax.Array) -> jax.Array:
     return cast(jax.Array, weak)
 
 
+def _placed_shape(shape: Any, sharding: Any) -> jax.ShapeDtypeStruct:
+    """`shape` on `sharding`, weakly typed if it is. A ShapeDtypeStruct has no
+    `weak_type` in jax 0.4.26, so it is read with a default, here and on load."""
+    weak = {"weak_type": True} if getattr(shape, "weak_type", False) else {}
+    return jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding, **weak)
+
+
 def _distributed_client() -> Any:
     """The `jax.distributed` key-value store client, or None before `initialize`."""
     # Private: `jax._src.distributed.global_state.client` (jax 0.4.26 to 0.10); the
@@ -2608,7 +2615,7 @@ def _skeleton(
     from_file = not args and not kwargs
     recorded_here = from_file and "" in recorded
     if from_file:
-        args, kwargs = _recorded_call(cls, recorded.get(""), source)
+        args, kwargs = _recorded_call(cls, recorded.get(""), source, layout)
     dynamic, static = eqx.partition(  # NumPy scalars stay concrete: `int(n)` works.
         (args, kwargs),
         lambda x: _is_dynamic_argument(x) and not isinstance(x, np.generic),
@@ -2684,8 +2691,7 @@ def _like_skeleton(like: Any) -> Any:
         sharding = _leaf_sharding(leaf)
         if sharding is None or len(sharding.device_set) < 2:
             return shape
-        weak = {"weak_type": True} if getattr(shape, "weak_type", False) else {}
-        return jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding, **weak)
+        return _placed_shape(shape, sharding)
 
     return eqx.combine(jtu.tree_map(keep_sharding, shapes, dynamic), static)
 
@@ -2859,10 +2865,10 @@ def _record(value: Any) -> Any:
 
 
 def _recorded_call(
-    cls: type, recording: Any, source: _Source
+    cls: type, recording: Any, source: _Source, layout: "_Layout | None"
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """The arguments to rebuild `cls` with, from the recording at the file's top."""
-    if recording is None:
+    if recording is None or layout is None:
         return (), {}  # Tried as `cls()`; a failure says that nothing was recorded.
     if recording["class"] != cls.__qualname__:
         raise source.error(
@@ -2871,7 +2877,6 @@ def _recorded_call(
             "arguments",
         )
     positional, missing = recording["args"], []
-    size = os.path.getsize(source.path)
 
     def decode(name: str, value: Any) -> Any:
         try:
@@ -2881,9 +2886,10 @@ def _recorded_call(
                 "has a malformed header (its recorded arguments)"
             ) from None
         except _Unrecordable as reason:
-            return missing.append(f"`{name}` (it was {reason})")
+            missing.append(f"`{name}` (it was {reason})")
+            return None
         for leaf in jtu.tree_leaves(decoded):  # Not built bigger than the file.
-            if hasattr(leaf, "shape") and leaf.dtype.itemsize * leaf.size > size:
+            if hasattr(leaf, "shape") and leaf.dtype.itemsize * leaf.size > layout.size:
                 raise source.error(
                     f"records the argument `{name}` as an array of shape {leaf.shape}"
                     ", larger than the whole file. Pass the constructor arguments"
@@ -3369,10 +3375,8 @@ def _structure(tree: Any) -> list[list[Any]]:
         elif isinstance(node, dict):  # Keys in JAX's (sorted) order, not insertion's.
             keys = [getattr(key[0], "key", key[0]) for key, _ in children]
             description["keys"] = [_encode_value(key) for key in keys]
-        elif (
-            aux := node_def.node_data()[1]
-        ) is not None:  # Another node's static data.
-            description["aux"] = _encode_value(aux)
+        elif (aux := node_def.node_data()[1]) is not None:
+            description["aux"] = _encode_value(aux)  # Another node's static data.
         entries.append([where, description])
         for key, child in children:
             visit(child, path + key)
@@ -3393,6 +3397,7 @@ class _Layout:
     entries: list[_Entry]  # Arrays gain "offset", "nbytes" and "crc".
     structure: list[Any]
     arguments: dict[str, Any]  # Recordings, by the path of their `Serializable`.
+    size: int  # The file's, in bytes.
 
 
 def _read_header(
@@ -3461,7 +3466,7 @@ def _read_header(
                 raise source.error("has a malformed header (its recorded arguments)")
     if not (isinstance(leaves, list) and isinstance(structure, list)):
         raise source.error("has a malformed header")
-    layout = _Layout(leaves, structure, arguments)  # Its entries not yet checked.
+    layout = _Layout(leaves, structure, arguments, size)  # Entries not yet checked.
     skeleton = build(layout, source)
 
     def decode() -> None:  # Once the counts agree: too many entries are not decoded.
@@ -3662,7 +3667,7 @@ def _leaf_mismatch(entry: _Entry, leaf: Any, skeleton: str, fix: str) -> str | N
         )
     ):
         if kind == "jax" and isinstance(leaf, jax.ShapeDtypeStruct):
-            # The skeleton's weak type, where it has one (not in jax 0.4.26).
+            # The skeleton's weak type, where it has one (see `_placed_shape`).
             entry["weak_type"] = getattr(leaf, "weak_type", entry.get("weak_type"))
         return None
     pair = " ".join(sorted({str(dtype), str(leaf.dtype)}))
@@ -3806,11 +3811,8 @@ def _with_shardings(skeleton: Any, sharding: Any) -> Any:
                 f"leaf at path {_keystr(key_path)}; give a jax.sharding.Sharding, or "
                 "None to load it unsharded."
             )
-        weak = {"weak_type": True} if getattr(leaf, "weak_type", False) else {}
         try:
-            placed.append(
-                jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=choice, **weak)
-            )
+            placed.append(_placed_shape(leaf, choice))
         except ValueError as err:
             raise _sharding_error(name, _keystr(key_path), leaf.shape, err) from err
     return treedef.unflatten(placed)
