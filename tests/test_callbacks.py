@@ -593,6 +593,15 @@ class _GeneratorCall:
         yield x
 
 
+def _never_runs(name: str, shown: str, kind: str, creates: str) -> str:
+    """The exact refusal of a `func` whose body a call would never run."""
+    return (
+        f"{name_of(name)}: `func` ({shown}) is {kind}. Calling it only creates "
+        f"{creates}, so its body would never run. Wrap a plain function that does "
+        "the work instead, for example one that runs it to completion."
+    )
+
+
 @pytest.mark.parametrize("name", sorted(WRAPPERS))
 @pytest.mark.parametrize(
     ("func", "shown", "kind", "creates"),
@@ -618,11 +627,7 @@ def test_functions_whose_body_would_never_run_are_refused(
 ):
     with pytest.raises(TypeError) as info:
         WRAPPERS[name](func)
-    assert str(info.value) == (
-        f"{name_of(name)}: `func` ({shown}) is {kind}. Calling it only creates "
-        f"{creates}, so its body would never run. Wrap a plain function that does "
-        "the work instead, for example one that runs it to completion."
-    )
+    assert str(info.value) == _never_runs(name, shown, kind, creates)
 
 
 @pytest.mark.parametrize("name", sorted(WRAPPERS))
@@ -695,9 +700,9 @@ def test_a_body_that_never_runs_is_refused_inside_any_partials(
         wrapped = (eqx.Partial if equinox else functools.partial)(wrapped, index)
     with pytest.raises(TypeError) as caught:
         WRAPPERS[kind](wrapped)
-    assert str(caught.value) == (
-        f"{WRAPPERS[kind].__name__}: `func` ({func.__name__}) is {what} function. "
-        f"Calling it only creates {creates}, which nothing here would {verb}, so its "
-        "body would never run. Wrap a plain function that does the work instead, for "
-        "example one that runs it to completion."
+    assert str(caught.value) == _never_runs(
+        kind,
+        func.__name__,
+        f"{what} function",
+        f"{creates}, which nothing here would {verb}",
     )

@@ -3477,8 +3477,11 @@ _DEVICES_PER_PROCESS = (
 )
 
 
-def _run_two_processes(folder: str, timeout: float = 240) -> list[dict[str, Any]]:
-    """Start both processes, wait for both within `timeout`, kill both otherwise."""
+def _two_processes(
+    script: str, folder: str, timeout: float
+) -> list[tuple[int, str, str]]:
+    """Run `script` as processes 0 and 1 of a `jax.distributed` pair; each one's
+    return code, stdout and stderr. Both are killed if they outlast `timeout`."""
     env = {
         **os.environ,
         "XLA_FLAGS": f"--xla_force_host_platform_device_count={_DEVICES_PER_PROCESS}",
@@ -3489,7 +3492,7 @@ def _run_two_processes(folder: str, timeout: float = 240) -> list[dict[str, Any]
     processes = [
         subprocess.Popen(
             [
-                *(sys.executable, "-c", _WORKER),
+                *(sys.executable, "-c", script),
                 *(str(i), port, folder, str(_DEVICES_PER_PROCESS)),
             ],
             stdout=subprocess.PIPE,
@@ -3511,9 +3514,17 @@ def _run_two_processes(folder: str, timeout: float = 240) -> list[dict[str, Any]
             if process.poll() is None:
                 process.kill()
                 process.communicate()
+    return [
+        (process.returncode, out, err)
+        for process, (out, err) in zip(processes, outputs, strict=True)
+    ]
+
+
+def _run_two_processes(folder: str, timeout: float = 240) -> list[dict[str, Any]]:
+    """The two processes' reports; each must succeed."""
     reports = []
-    for process, (out, err) in zip(processes, outputs, strict=True):
-        assert process.returncode == 0, err[-5000:]
+    for code, out, err in _two_processes(_WORKER, folder, timeout):
+        assert code == 0, err[-5000:]
         reports.append(json.loads(out.strip().splitlines()[-1]))
     return reports
 
@@ -4254,39 +4265,13 @@ _DEAD_PEER = textwrap.dedent(
 def test_a_peer_killed_during_a_save_leaves_the_old_file_intact(tmp_path):
     save_pytree(tmp_path / "run", {"rows": np.zeros(3)})
     before = (tmp_path / "run.eqx").read_bytes()
-    env = {
-        **os.environ,
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={_DEVICES_PER_PROCESS}",
-        "PYTHONPATH": str(ROOT),
-        "JAX_PLATFORMS": "cpu",
-    }
-    port = str(_free_port())
-    processes = [
-        subprocess.Popen(
-            [sys.executable, "-c", _DEAD_PEER, str(i), port, str(tmp_path)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=ROOT,
-            env=env,
-        )
-        for i in range(2)
-    ]
-    deadline = time.monotonic() + 180
-    try:
-        outputs = [
-            process.communicate(timeout=max(deadline - time.monotonic(), 1))
-            for process in processes
-        ]
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.communicate()
-    assert processes[1].returncode == -signal.SIGKILL, outputs[1][1][-3000:]
+    (code0, out0, _), (code1, _, err1) = _two_processes(
+        _DEAD_PEER, str(tmp_path), timeout=180
+    )
+    assert code1 == -signal.SIGKILL, err1[-3000:]
     # The survivor is ended by the coordination service (SIGABRT, at its heartbeat
     # timeout), never having renamed its temporary file over the old one.
-    assert processes[0].returncode == -signal.SIGABRT and "saved" not in outputs[0][0]
+    assert code0 == -signal.SIGABRT and "saved" not in out0
     assert (tmp_path / "run.eqx").read_bytes() == before
     left = sorted(path.name for path in tmp_path.iterdir())
     assert left[1] == "run.eqx" and re.fullmatch(r"\.run\.eqx\.\w+\.tmp", left[0])
