@@ -314,12 +314,10 @@ def _static_leaves_equal(old: Any, new: Any) -> bool:
 def _leaf_difference(old: Any, new: Any) -> str | None:
     """How `new` differs from `old`, or `None` if it may stand in its place."""
     old_is_array, new_is_array = eqx.is_array(old), eqx.is_array(new)
-    if old_is_array and new_is_array:
-        return None
-    if old_is_array or new_is_array:
+    if old_is_array != new_is_array:
         static = "" if old_is_array else "the static (non-array) "
         return f"was {static}{_describe_leaf(old)} and is now {_describe_leaf(new)}"
-    if _static_leaves_equal(old, new):
+    if old_is_array or _static_leaves_equal(old, new):
         return None
     return f"changed from {_describe_leaf(old)} to {_describe_leaf(new)}"
 
@@ -732,11 +730,10 @@ class _LoopCarry(_Split):
         new_leaves, new_def = jtu.tree_flatten(new_carry)
         if new_def != self.treedef:
             path, message = _structure_difference(self.tree, new_carry, ())
-            kind = "static" if message.startswith("is a static field") else "structure"
+            if message.startswith("is a static field"):
+                raise TypeError(self._error(path, message, "static"))
             says = _lax_says(self.function, self.tree, new_carry)
-            raise TypeError(
-                self._error(path, message, kind) + (says if kind != "static" else "")
-            )
+            raise TypeError(self._error(path, message, "structure") + says)
         to_promote, unproven = set[int](), set[int]()
         inputs = self.body_inputs  # From `enter`, which each body calls first.
         self.untouched = {i for i in self.untouched if new_leaves[i] is inputs[i]}
@@ -771,10 +768,9 @@ class _LoopCarry(_Split):
             "step.",
             "traced": "Return an array or a Python number there, with the same shape "
             f"and dtype as in `{init}`.",
-            "static": "Only arrays and Python numbers in the carry may change from "
-            f"step to step. If this value must change, make it an array in `{init}` "
-            "with `jnp.asarray`; otherwise keep it out of the carry (close over it in "
-            f"`{body}`{', or pass it in `xs`' if scan else ''}).",
+            "static": "Only arrays and Python numbers in the carry may change: make "
+            f"it an array in `{init}` with `jnp.asarray`, or keep it out of the carry "
+            f"(close over it in `{body}`{', or pass it in `xs`' if scan else ''}).",
         }[kind]
         return (
             f"{self.function}: `{body}` returned a carry that differs from "
@@ -802,8 +798,7 @@ def _static_outputs_agree(function: str, what: str, traces: list[_Split]) -> Non
             raise ValueError(
                 f"{function}: the non-array part of {what} differs between two traces "
                 f"of `f`: {_where(path)} it {message}. JAX may trace `f` more than "
-                "once: return arrays for values that vary, and static values that do "
-                "not depend on how often `f` is called."
+                "once: return arrays for values that vary between traces."
             )
 
 
@@ -817,9 +812,8 @@ def _check_branches_agree(
         return (
             f"{function}: the branches' outputs disagree {_where(path)}: compared "
             f"with `{first_name}`'s output, `{name}`'s {message}. Every branch must "
-            "return the same structure, arrays or Python numbers in the same places, "
-            "and equal static values elsewhere; return arrays for values that differ "
-            "between branches."
+            "return the same structure, with arrays or Python numbers in the same "
+            "places; return arrays for values that differ between branches."
         )
 
     first_leaves, first_def = jtu.tree_flatten_with_path(first)
@@ -958,8 +952,7 @@ def filter_scan(
             raise jax.errors.ConcretizationTypeError(
                 length,  # pyright: ignore[reportArgumentType]
                 "filter_scan: `length` must be concrete, but it is traced. Pass a "
-                "Python int (static under `jax.jit`), or use `jax.lax.while_loop` "
-                "for a length known only inside the computation."
+                "static Python int, or use `jax.lax.while_loop` for a traced length."
                 + _lax_says(
                     "filter_scan",
                     run=lambda: jax.lax.scan(lambda c, x: (c, x), 0, None, length),
@@ -1404,10 +1397,8 @@ def filter_fori_loop(
             first, total = int(lower), max(0, int(upper) - int(lower))
         except TypeError as err:
             raise TypeError(
-                "filter_fori_loop: `progress` needs concrete bounds, so that the "
-                "number of steps is known before the loop runs, but `lower` or "
-                "`upper` is traced. Pass Python ints as the bounds (mark them static "
-                "under `jax.jit`), or leave `progress` out."
+                "filter_fori_loop: `progress` needs concrete bounds, but `lower` or "
+                "`upper` is traced. Pass static Python ints, or leave `progress` out."
             ) from err
         bar = _make_bar(description, total)
 
@@ -1469,14 +1460,12 @@ def filter_map(
     description = _progress_description("filter_map", progress)
     if batch_size is not None and description is not None:
         raise TypeError(
-            "filter_map: `progress` cannot be combined with `batch_size`. Leave one "
-            "of them out."
+            "filter_map: `progress` cannot be combined with `batch_size`; drop one."
         )
     if batch_size is not None and not _MAP_TAKES_BATCH_SIZE:
         raise TypeError(
-            "filter_map: `batch_size` needs a JAX whose `jax.lax.map` takes it "
-            f"(0.4.31 or newer); this is jax {jax.__version__}. Upgrade JAX, or "
-            "leave `batch_size` out."
+            "filter_map: `batch_size` needs jax 0.4.31 or newer; this is jax "
+            f"{jax.__version__}. Upgrade JAX, or leave `batch_size` out."
         )
     options = {} if batch_size is None else {"batch_size": batch_size}
     inputs = _Split(xs, _is_jax_value)
@@ -1817,10 +1806,7 @@ _BODY_NEVER_RUNS = (
     (inspect.iscoroutinefunction, inspect.isawaitable, "an `async def`", "await"),
     (inspect.isgeneratorfunction, inspect.isgenerator, "a generator", "iterate"),
 )
-_NEVER_RUNS_FIX = (
-    "Wrap a plain function that does the work instead, for example one that runs it "
-    "to completion."
-)
+_NEVER_RUNS_FIX = "Wrap instead a plain function that runs it to completion."
 
 
 def _callable_name(func: Callable[..., Any]) -> str:
@@ -1901,8 +1887,7 @@ def _host_caller(
                     f"with the {kind} argument at path {jtu.keystr(path[1:])}, an "
                     f"array of shape {tuple(leaves[wide[0]].shape)} that spans "
                     f"{spans[wide[0]]} devices; JAX orders callbacks on one device "
-                    "only. Make the wrapper with `ordered=False` (calls may arrive "
-                    "in any order), or keep this computation on one device."
+                    "only. Make the wrapper with `ordered=False`, or use one device."
                 )
         # Typed PRNG keys cross to the host as their raw data, wrapped again there.
         impls = [jax.random.key_impl(x) if _is_key_array(x) else None for x in arrays]
@@ -1966,9 +1951,8 @@ def _wrap_for_host(
             )
     if partitioned and not _DEBUG_CALLBACK_TAKES_PARTITIONED:
         raise ValueError(
-            f"{function}: `partitioned=True` needs a `jax.debug.callback` that takes "
-            f"`partitioned`, and the installed jax {jax.__version__} does not. "
-            "Upgrade jax, or pass `partitioned=False`."
+            f"{function}: `partitioned=True` needs a newer jax than the installed "
+            f"{jax.__version__}. Upgrade jax, or pass `partitioned=False`."
         )
     options = {"partitioned": partitioned} if _DEBUG_CALLBACK_TAKES_PARTITIONED else {}
     name = _callable_name(func)

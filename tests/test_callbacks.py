@@ -146,8 +146,8 @@ def test_ordered_wrappers_gather_eagerly_and_explain_the_fix_under_jit():
             "ValueError: log_metrics (made by callback_with_list_wrapper): made with "
             "`ordered=True`, and called inside `jit` with the positional argument at "
             "path [1]['loss'], an array of shape () that spans 4 devices; JAX orders "
-            "callbacks on one device only. Make the wrapper with `ordered=False` "
-            "(calls may arrive in any order), or keep this computation on one device."
+            "callbacks on one device only. Make the wrapper with `ordered=False`, or "
+            "use one device."
         )
     else:  # Older JAX: its own message, which the docstring quotes with the fix.
         assert report["error"].startswith(
@@ -366,9 +366,8 @@ def test_partitioned_is_passed_on_only_where_jax_takes_it(monkeypatch, supported
         with pytest.raises(ValueError) as info:
             callback_wrapper(print, partitioned=True)
         assert str(info.value) == (
-            "callback_wrapper: `partitioned=True` needs a `jax.debug.callback` that "
-            f"takes `partitioned`, and the installed jax {jax.__version__} does not. "
-            "Upgrade jax, or pass `partitioned=False`."
+            "callback_wrapper: `partitioned=True` needs a newer jax than the "
+            f"installed {jax.__version__}. Upgrade jax, or pass `partitioned=False`."
         )
 
 
@@ -597,8 +596,8 @@ def _never_runs(name: str, shown: str, kind: str, creates: str) -> str:
     """The exact refusal of a `func` whose body a call would never run."""
     return (
         f"{name_of(name)}: `func` ({shown}) is {kind}. Calling it only creates "
-        f"{creates}, so its body would never run. Wrap a plain function that does "
-        "the work instead, for example one that runs it to completion."
+        f"{creates}, so its body would never run. Wrap instead a plain function "
+        "that runs it to completion."
     )
 
 
@@ -646,9 +645,8 @@ def test_a_call_that_returns_what_never_runs_raises_on_the_host(
     call = WRAPPERS[name](func)
     message = (
         f"<lambda> (made by {name_of(name)}): `func` returned a {returned!r} object, "
-        f"which nothing here would {verb}, so its body never ran. Wrap a plain "
-        "function that does the work instead, for example one that runs it to "
-        "completion."
+        f"which nothing here would {verb}, so its body never ran. Wrap instead a "
+        "plain function that runs it to completion."
     )
     with pytest.raises(TypeError if not jit else Exception, match=re.escape(message)):
         (jax.jit(call) if jit else call)(jnp.ones(()))

@@ -666,8 +666,8 @@ _RAISES: list[tuple[Callable[[], Any], type[Exception], str]] = [
     (
         lambda: jax.jit(lambda n: filter_fori_loop(0, n, _keep, 0.0, progress=True))(3),
         TypeError,
-        "filter_fori_loop: `progress` needs concrete bounds, so that the number of "
-        "steps is known before the loop runs, but `lower` or `upper` is traced.",
+        "filter_fori_loop: `progress` needs concrete bounds, but `lower` or `upper` "
+        "is traced. Pass static Python ints, or leave `progress` out.",
     ),
     (
         lambda: filter_map(None, jnp.ones(3)),  # type: ignore[arg-type]
@@ -677,14 +677,12 @@ _RAISES: list[tuple[Callable[[], Any], type[Exception], str]] = [
     (
         lambda: filter_map(_keep, jnp.ones(3), batch_size=2, progress=True),
         TypeError,
-        "filter_map: `progress` cannot be combined with `batch_size`. Leave one of "
-        "them out.",
+        "filter_map: `progress` cannot be combined with `batch_size`; drop one.",
     ),
     (
         _map_without_batch_size,
         TypeError,
-        "filter_map: `batch_size` needs a JAX whose `jax.lax.map` takes it (0.4.31 "
-        "or newer); this is jax ",
+        "filter_map: `batch_size` needs jax 0.4.31 or newer; this is jax ",
     ),
     (
         lambda: filter_map(_keep, {"mode": "eval"}),
@@ -1102,9 +1100,8 @@ def test_filter_scan_static_carry_leaf_that_changes_is_an_error():
     assert str(info.value) == (
         "filter_scan: `f` returned a carry that differs from `init` at path ['tag']: "
         "it changed from str 'start' to str 'renamed'. Only arrays and Python numbers "
-        "in the carry may change from step to step. If this value must change, make "
-        "it an array in `init` with `jnp.asarray`; otherwise keep it out of the carry "
-        "(close over it in `f`, or pass it in `xs`)."
+        "in the carry may change: make it an array in `init` with `jnp.asarray`, or "
+        "keep it out of the carry (close over it in `f`, or pass it in `xs`)."
     )
 
 
@@ -1235,7 +1232,7 @@ def test_filter_scan_static_output_that_differs_between_traces_is_an_error():
         "filter_scan: the non-array part of `f`'s output `y` differs between two "
         "traces of `f`: at path ['trace'] it changed from str 'trace 1' to str "
         "'trace 2'. JAX may trace `f` more than once: return arrays for values that "
-        "vary, and static values that do not depend on how often `f` is called."
+        "vary between traces."
     )
 
 
@@ -1450,9 +1447,8 @@ def test_filter_cond_branches_with_different_static_outputs_are_an_error():
     assert str(info.value) == (
         "filter_cond: the branches' outputs disagree at path ['m']: compared with "
         "`true_fun`'s output, `false_fun`'s changed from str 'train' to str 'eval'. "
-        "Every branch must return the same structure, arrays or Python numbers in "
-        "the same places, and equal static values elsewhere; return arrays for values "
-        "that differ between branches."
+        "Every branch must return the same structure, with arrays or Python numbers "
+        "in the same places; return arrays for values that differ between branches."
     )
 
 
