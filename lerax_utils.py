@@ -2,9 +2,8 @@
 and `numpy`: copy it into your project, or `pip install git+<repository url>`.
 
 - `filter_scan`, `filter_cond`, `filter_switch`, `filter_while_loop`,
-  `filter_fori_loop`, `filter_map`: the `jax.lax` control flow for pytrees that hold
-  anything. Arrays are traced, Python numbers once they change, and other leaves are
-  static. `progress=` draws a progress bar, even under `jit`.
+  `filter_fori_loop`, `filter_map`: the `jax.lax` control flow for any pytree, with
+  a progress bar (`progress=`) even under `jit`.
 - `unstack_pytree`, `stack_pytree`: split a batched pytree into one pytree per index,
   and join them back.
 - `callback_wrapper`, `callback_with_numpy_wrapper`, `callback_with_list_wrapper`,
@@ -171,14 +170,13 @@ def _traced_mesh_size(tracer: Any) -> int | None:
     return size if isinstance(size, int) else None
 
 
-# A platform gate: `fegetenv` and `fesetenv` from the C library on Linux, where glibc
-# and musl both take `(fenv_t *)-1` as the default environment; else `None`.
+# A platform gate: `fegetenv` and `fesetenv` from libm or the loaded libraries on
+# Linux, where glibc and musl both take `(fenv_t *)-1` as the default; else `None`.
 def _load_fenv() -> tuple[Any, Any] | None:
-    if sys.platform.startswith("linux"):
-        for library in ("libm.so.6", None):  # `None`: what the process has loaded.
-            with contextlib.suppress(OSError, AttributeError):
-                found = ctypes.CDLL(library)
-                return found.fegetenv, found.fesetenv
+    for library in ("libm.so.6", None) if sys.platform.startswith("linux") else ():
+        with contextlib.suppress(OSError, AttributeError):
+            found = ctypes.CDLL(library)
+            return found.fegetenv, found.fesetenv
     return None
 
 
@@ -520,8 +518,7 @@ def _exact_key(value: Any, referents: list[Any]) -> Any:
 
 
 def _eager_call(function: Any, bound: inspect.BoundArguments, static: Any) -> Any:
-    """`function` called as `bound` by the compiled program of an earlier call like it,
-    or `_UNCACHED`; the arguments named in `static` compared whole, others by leaf."""
+    """`function` called as `bound` by an earlier call's program, or `_UNCACHED`."""
     _promotion_key.value = None
     if _CACHE_SIZE <= 0:
         return _UNCACHED
@@ -1226,8 +1223,7 @@ def _check_leading_axes(function: str, inputs: _Split) -> None:
             raise _ScalarToScanError(
                 f"{function}: the array at `xs` path {path} is a scalar (shape ()), so "
                 f"it has no leading axis to {'scan' if scan else 'map'} over. Give it "
-                f"a leading axis{' of size `length`' if scan else ''}, or make it a "
-                f"Python scalar, which every {'step' if scan else 'call'} gets as is."
+                "a leading axis, or make it a Python scalar."
             )
 
 
@@ -1307,9 +1303,7 @@ def filter_switch(
         ) from None
     _check_callable("filter_switch", **named)
     if not named:
-        raise ValueError(
-            "filter_switch: `branches` is empty; give at least one function."
-        )
+        raise ValueError("filter_switch: `branches` is empty; give it a function.")
     return _branch("filter_switch", index, named, operands, operand)
 
 
@@ -1435,10 +1429,8 @@ def filter_map(
     progress: bool | str = False,
 ) -> _Y:
     """As `jax.lax.map`, except that `xs` and the outputs of `f` may be any pytree;
-    `progress` as in `filter_scan`.
-
-    `xs` is split as by `filter_scan`. The arrays and numbers that `f` returns are
-    stacked; its other leaves come once.
+    `progress` as in `filter_scan`. `xs` is split as by `filter_scan`; the arrays and
+    numbers that `f` returns are stacked, and its other leaves come once.
 
     **Raises:** `jax.lax.map`'s exception types, with messages that begin:
 
@@ -1471,10 +1463,7 @@ def filter_map(
     inputs = _Split(xs, _is_jax_value)
     _check_leading_axes("filter_map", inputs)
     if not any(inputs.traced):
-        raise ValueError(
-            "filter_map: `xs` holds no arrays, so there is nothing to map over. Give "
-            "it at least one array with a leading axis."
-        )
+        raise ValueError("filter_map: `xs` holds no arrays to map over; give it one.")
     outputs: list[_Split] = []
 
     @_named_after(f)
@@ -1535,9 +1524,8 @@ def unstack_pytree(tree: _Tree, *, axis: int = 0) -> list[_Tree]:
     if not sizes:
         shown = ", ".join(map(_repr, leaves[:3])) + (", ..." if len(leaves) > 3 else "")
         raise ValueError(
-            "unstack_pytree: `tree` has no array leaves, so the number of slices is "
-            f"undefined (its leaves are [{shown}]). Pass a tree with at "
-            "least one array."
+            "unstack_pytree: `tree` has no array leaves to slice (its leaves are "
+            f"[{shown}]). Pass a tree with at least one array."
         )
     if len(set(sizes.values())) > 1:
         listing = ", ".join(f"{path}: {size}" for path, size in sizes.items())
@@ -1696,10 +1684,7 @@ def stack_pytree(trees: Sequence[_Tree], *, axis: int = 0) -> _Tree:
             f"{type(trees).__name__}. Wrap a single pytree in a list."
         )
     if len(trees) == 0:
-        raise ValueError(
-            "stack_pytree: `trees` is empty, so there is no structure to stack into. "
-            "Pass at least one pytree."
-        )
+        raise ValueError("stack_pytree: `trees` is empty; pass at least one pytree.")
     first_paths_and_leaves, treedef = jtu.tree_flatten_with_path(trees[0])
     first = [leaf for _, leaf in first_paths_and_leaves]
     columns: dict[int, list[Any]] = {}

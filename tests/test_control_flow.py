@@ -591,7 +591,7 @@ _RAISES: list[tuple[Callable[[], Any], type[Exception], str]] = [
     (
         lambda: filter_switch(0, []),
         ValueError,
-        "filter_switch: `branches` is empty; give at least one function.",
+        "filter_switch: `branches` is empty; give it a function.",
     ),
     (
         lambda: filter_switch(jnp.zeros(2, int), [jnp.sin], 1.0),
@@ -687,7 +687,7 @@ _RAISES: list[tuple[Callable[[], Any], type[Exception], str]] = [
     (
         lambda: filter_map(_keep, {"mode": "eval"}),
         ValueError,
-        "filter_map: `xs` holds no arrays, so there is nothing to map over.",
+        "filter_map: `xs` holds no arrays to map over; give it one.",
     ),
     (
         lambda: filter_map(_keep, {"lr": jnp.float32(0.1)}),

@@ -309,16 +309,15 @@ def test_unstack_pytree_errors():
         (
             {"lr": 0.1, "name": "adam"},
             0,
-            "unstack_pytree: `tree` has no array leaves, so the number of slices is "
-            "undefined (its leaves are [0.1, 'adam']). Pass a tree with at least one "
-            "array.",
+            "unstack_pytree: `tree` has no array leaves to slice (its leaves are "
+            "[0.1, 'adam']). Pass a tree with at least one array.",
         ),
         (
             (_ReprRaises(), "label"),
             0,
-            "unstack_pytree: `tree` has no array leaves, so the number of slices is "
-            "undefined (its leaves are [<_ReprRaises object whose repr raised>, "
-            "'label']). Pass a tree with at least one array.",
+            "unstack_pytree: `tree` has no array leaves to slice (its leaves are "
+            "[<_ReprRaises object whose repr raised>, 'label']). Pass a tree with at "
+            "least one array.",
         ),
     ]
     for tree, axis, message in cases:
@@ -377,8 +376,7 @@ def test_stack_pytree_argument_errors():
     with pytest.raises(ValueError) as info:
         stack_pytree([])
     assert str(info.value) == (
-        "stack_pytree: `trees` is empty, so there is no structure to stack into. Pass "
-        "at least one pytree."
+        "stack_pytree: `trees` is empty; pass at least one pytree."
     )
     with pytest.raises(TypeError) as info:
         stack_pytree({"w": jnp.ones(2)})  # type: ignore[arg-type]
