@@ -823,10 +823,7 @@ def _check_branches_agree(
     for (path, a), b in zip(first_leaves, out_leaves, strict=True):
         a_traced = _outputs_traced(a)
         if a_traced != _outputs_traced(b):
-            message = (
-                f"is {_describe_leaf(b)}, where `{first_name}` returns "
-                f"{_describe_leaf(a)}"
-            )
+            message = f"was {_describe_leaf(a)} and is now {_describe_leaf(b)}"
             raise TypeError(error(jtu.keystr(path), message))
         # Where both are traced, `jax.lax` checks shapes and dtypes.
         message = None if a_traced else _leaf_difference(a, b)
@@ -1530,9 +1527,8 @@ def unstack_pytree(tree: _Tree, *, axis: int = 0) -> list[_Tree]:
     if len(set(sizes.values())) > 1:
         listing = ", ".join(f"{path}: {size}" for path, size in sizes.items())
         raise ValueError(
-            f"unstack_pytree: every array leaf must have the same size along "
-            f"`axis={axis}`, but the sizes differ ({listing}). Slice them to one size, "
-            "or unstack the parts separately."
+            f"unstack_pytree: the array leaves' sizes along `axis={axis}` differ "
+            f"({listing}). Slice them to one size, or unstack the parts separately."
         )
     length = next(iter(sizes.values()))
     columns: dict[int, Sequence[Any]] = {}
@@ -1775,9 +1771,8 @@ def _leaf_axis(function: str, axis: int, leaf: Any, path: str, ndim: int) -> int
         return axis % ndim
     allowed = f"axes run from {-ndim} to {ndim - 1}" if ndim else "it has no axes"
     raise ValueError(
-        f"{function}: `axis={axis}` is out of range for the array {_where(path)}, "
-        f"which has shape {tuple(leaf.shape)} ({allowed}). Pick an axis that every "
-        "array leaf has."
+        f"{function}: `axis={axis}` is out of range for the array {_where(path)} "
+        f"of shape {tuple(leaf.shape)} ({allowed}). Pick an axis all arrays have."
     )
 
 

@@ -544,8 +544,8 @@ _RAISES: list[tuple[Callable[[], Any], type[Exception], str]] = [
         ),
         TypeError,
         "filter_cond: the branches' outputs disagree at path [1]: compared with "
-        "`true_fun`'s output, `false_fun`'s is an array of shape () and dtype int32, "
-        "where `true_fun` returns str 'a'.",
+        "`true_fun`'s output, `false_fun`'s was str 'a' and is now an array of "
+        "shape () and dtype int32.",
     ),
     (
         lambda: filter_cond(True, lambda x: (x, x), lambda x: (x,), 1.0),
@@ -1457,8 +1457,8 @@ def test_filter_cond_branch_returning_array_for_a_string_is_a_type_error():
         filter_cond(True, lambda x: (x, "a"), lambda x: (x, jnp.int32(0)), jnp.ones(()))
     assert str(info.value).startswith(
         "filter_cond: the branches' outputs disagree at path [1]: compared with "
-        "`true_fun`'s output, `false_fun`'s is an array of shape () and dtype int32, "
-        "where `true_fun` returns str 'a'."
+        "`true_fun`'s output, `false_fun`'s was str 'a' and is now an array of "
+        "shape () and dtype int32."
     )
 
 

@@ -288,23 +288,22 @@ def test_unstack_pytree_errors():
         (
             {"obs": jnp.ones((3, 2)), "act": [jnp.ones(4)]},
             0,
-            "unstack_pytree: every array leaf must have the same size along `axis=0`, "
-            "but the sizes differ (['act'][0]: 4, ['obs']: 3). Slice them to one "
-            "size, or unstack the parts separately.",
+            "unstack_pytree: the array leaves' sizes along `axis=0` differ "
+            "(['act'][0]: 4, ['obs']: 3). Slice them to one size, or unstack the parts "
+            "separately.",
         ),
         (
             {"obs": jnp.ones((3, 2)), "reward": jnp.ones(3)},
             1,
             "unstack_pytree: `axis=1` is out of range for the array at path "
-            "['reward'], which has shape (3,) (axes run from -1 to 0). Pick an axis "
-            "that every array leaf has.",
+            "['reward'] of shape (3,) (axes run from -1 to 0). Pick an axis all arrays "
+            "have.",
         ),
         (
             {"step": jnp.float32(1.0)},
             0,
-            "unstack_pytree: `axis=0` is out of range for the array at path ['step'], "
-            "which has shape () (it has no axes). Pick an axis that every array leaf "
-            "has.",
+            "unstack_pytree: `axis=0` is out of range for the array at path ['step'] "
+            "of shape () (it has no axes). Pick an axis all arrays have.",
         ),
         (
             {"lr": 0.1, "name": "adam"},
@@ -387,9 +386,8 @@ def test_stack_pytree_argument_errors():
     with pytest.raises(ValueError) as info:
         stack_pytree([{"w": jnp.ones(2)}], axis=2)
     assert str(info.value) == (
-        "stack_pytree: `axis=2` is out of range for the array at path ['w'], which "
-        "has shape (2,) (axes run from -2 to 1). Pick an axis that every array leaf "
-        "has."
+        "stack_pytree: `axis=2` is out of range for the array at path ['w'] of shape "
+        "(2,) (axes run from -2 to 1). Pick an axis all arrays have."
     )
 
 
