@@ -848,11 +848,10 @@ def _branch(
         operands = (operand,)
     cond = function == "filter_cond"
     if eqx.is_array(selector) and selector.shape != ():
-        fix = "Reduce it first, for example with `jnp.any` or `jnp.all`."
+        fix = "Reduce it with `jnp.any` or `jnp.all`." if cond else "Pass one index."
         raise TypeError(
             f"{function}: `{'pred' if cond else 'index'}` must be a scalar; got an "
-            f"array of shape {tuple(selector.shape)}. "
-            f"{fix if cond else 'Pass a single integer index.'}"
+            f"array of shape {tuple(selector.shape)}. {fix}"
         )
 
     def attempt(promoted: frozenset[int]) -> Any:
@@ -1714,8 +1713,7 @@ def stack_pytree(trees: Sequence[_Tree], *, axis: int = 0) -> _Tree:
 def _stack_error(index: int, path: str, message: str) -> str:
     return (
         f"stack_pytree: trees[{index}] differs from trees[0] {_where(path)}: it "
-        f"{message}. Every tree must have the same structure, the same shape and "
-        "dtype at each array leaf, and equal non-array leaves."
+        f"{message}. Match its structure, array shapes and dtypes, and static leaves."
     )
 
 

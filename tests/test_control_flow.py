@@ -596,8 +596,8 @@ _RAISES: list[tuple[Callable[[], Any], type[Exception], str]] = [
     (
         lambda: filter_switch(jnp.zeros(2, int), [jnp.sin], 1.0),
         TypeError,
-        "filter_switch: `index` must be a scalar; got an array of shape (2,). Pass a "
-        "single integer index.",
+        "filter_switch: `index` must be a scalar; got an array of shape (2,). Pass "
+        "one index.",
     ),
     (
         lambda: filter_switch(0, [lambda x: (x, x), lambda x: (x,)], 1.0),
@@ -1472,7 +1472,7 @@ def test_filter_cond_bad_arguments_are_errors():
         filter_cond(jnp.array([True, False]), jnp.sin, jnp.cos, 1.0)
     assert str(info.value) == (
         "filter_cond: `pred` must be a scalar; got an array of shape (2,). Reduce it "
-        "first, for example with `jnp.any` or `jnp.all`."
+        "with `jnp.any` or `jnp.all`."
     )
 
 

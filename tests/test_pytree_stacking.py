@@ -328,10 +328,7 @@ def test_unstack_pytree_errors():
     assert str(info.value) == "unstack_pytree: `axis` must be an int; got float 0.0."
 
 
-_STACK_ERROR_END = (
-    ". Every tree must have the same structure, the same shape and dtype at each "
-    "array leaf, and equal non-array leaves."
-)
+_STACK_ERROR_END = ". Match its structure, array shapes and dtypes, and static leaves."
 
 
 @pytest.mark.parametrize(
