@@ -147,8 +147,7 @@ def _is_committed(leaf: jax.Array) -> bool:
     return getattr(leaf, "committed", getattr(leaf, "_committed", True))
 
 
-# Whether no `jax.transfer_guard` would refuse or log an explicit transfer. The guards
-# are read from `jax.config` by name; `tests/test_compatibility.py` checks the names.
+# Whether no `jax.transfer_guard` (read by name) refuses or logs explicit transfers.
 def _host_transfers_allowed() -> bool:
     guards = ("", "_device_to_host", "_host_to_device")
     levels = {getattr(jax.config, f"jax_transfer_guard{name}", None) for name in guards}
@@ -761,10 +760,8 @@ class _LoopCarry(_Split):
         scan = self.function == "filter_scan"
         body, init = ("f", "init") if scan else ("body_fun", "init_val")
         fix = {
-            "structure": f"The carry must keep the structure of `{init}` from step to "
-            "step.",
-            "traced": "Return an array or a Python number there, with the same shape "
-            f"and dtype as in `{init}`.",
+            "structure": f"Keep the structure of `{init}` from step to step.",
+            "traced": f"Return an array or number of the shape and dtype in `{init}`.",
             "static": "Only arrays and Python numbers in the carry may change: make "
             f"it an array in `{init}` with `jnp.asarray`, or keep it out of the carry "
             f"(close over it in `{body}`{', or pass it in `xs`' if scan else ''}).",
@@ -809,8 +806,7 @@ def _check_branches_agree(
         return (
             f"{function}: the branches' outputs disagree {_where(path)}: compared "
             f"with `{first_name}`'s output, `{name}`'s {message}. Every branch must "
-            "return the same structure, with arrays or Python numbers in the same "
-            "places; return arrays for values that differ between branches."
+            "return the same structure, with arrays where values differ."
         )
 
     first_leaves, first_def = jtu.tree_flatten_with_path(first)
@@ -2047,8 +2043,7 @@ def print_callback(*args: Any, **kwargs: Any) -> None:
 
 
 #
-# Progress bars: the `progress=` option of filter_scan, filter_fori_loop, filter_map,
-# filter_while_loop
+# Progress bars: the `progress=` option of the loops
 #
 
 _PROGRESS_MAX_CALLBACKS = 200

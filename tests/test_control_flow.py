@@ -632,8 +632,8 @@ _RAISES: list[tuple[Callable[[], Any], type[Exception], str]] = [
         ),
         TypeError,
         "filter_while_loop: `body_fun` returned a carry that differs from `init_val` "
-        "at the top level: it had length 2 and now has length 1. The carry must keep "
-        "the structure of `init_val` from step to step.",
+        "at the top level: it had length 2 and now has length 1. Keep the structure "
+        "of `init_val` from step to step.",
     ),
     (
         lambda: filter_while_loop(
@@ -1121,14 +1121,13 @@ def test_filter_scan_array_carry_leaf_returned_as_object_is_an_error():
     assert str(info.value) == (
         "filter_scan: `f` returned a carry that differs from `init` at path [1]: it "
         "was an array of shape (2,) and dtype float32 and is now str 'done'. Return "
-        "an array or a Python number there, with the same shape and dtype as in "
-        "`init`."
+        "an array or number of the shape and dtype in `init`."
     )
     with pytest.raises(TypeError) as info:
         filter_scan(lambda c, x: ("done", None), 0, length=2)  # type: ignore[arg-type]
     assert str(info.value).startswith(
         "filter_scan: `f` returned a carry that differs from `init` at the top level: "
-        "it was int 0 and is now str 'done'. Return an array or a Python number there"
+        "it was int 0 and is now str 'done'. Return an array or number of the shape"
     )
 
 
@@ -1160,8 +1159,8 @@ def test_filter_scan_changed_carry_structure_is_an_error():
         filter_scan(lambda c, _: ({"a": c["a"], "b": 1}, None), {"a": 1}, length=1)
     assert str(info.value).startswith(
         "filter_scan: `f` returned a carry that differs from `init` at the top level: "
-        "it had keys ['a'] and now has ['a', 'b']. The carry must keep the structure "
-        "of `init` from step to step.\n\njax.lax.scan says: "
+        "it had keys ['a'] and now has ['a', 'b']. Keep the structure of `init` from "
+        "step to step.\n\njax.lax.scan says: "
     )
     with pytest.raises(TypeError) as info:
         filter_scan(lambda c, _: (c[:1], None), [jnp.ones(()), 2], length=1)
@@ -1447,8 +1446,8 @@ def test_filter_cond_branches_with_different_static_outputs_are_an_error():
     assert str(info.value) == (
         "filter_cond: the branches' outputs disagree at path ['m']: compared with "
         "`true_fun`'s output, `false_fun`'s changed from str 'train' to str 'eval'. "
-        "Every branch must return the same structure, with arrays or Python numbers "
-        "in the same places; return arrays for values that differ between branches."
+        "Every branch must return the same structure, with arrays where values "
+        "differ."
     )
 
 
@@ -2208,8 +2207,8 @@ _MISTAKES: dict[str, tuple[Callable[[], Any], Callable[[], Any], str]] = {
         lambda: filter_scan(lambda c, x: ((c, c), x), 0.0, None, 2),
         lambda: jax.lax.scan(lambda c, x: ((c, c), x), 0.0, None, 2),
         "filter_scan: `f` returned a carry that differs from `init` at the top "
-        "level: it was float 0.0 and is now a tuple. The carry must keep the "
-        "structure of `init` from step to step.",
+        "level: it was float 0.0 and is now a tuple. Keep the structure of `init` "
+        "from step to step.",
     ),
     "while carry structure": (
         lambda: filter_while_loop(_ANY, lambda c: [c], 0.0),
