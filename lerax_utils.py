@@ -1211,11 +1211,10 @@ class _ScalarToScanError(ValueError, IndexError):
 def _check_leading_axes(function: str, inputs: _Split) -> None:
     for i, leaf in enumerate(inputs.leaves):
         if eqx.is_array(leaf) and leaf.ndim == 0:
-            path, scan = inputs.path(i), function == "filter_scan"
             raise _ScalarToScanError(
-                f"{function}: the array at `xs` path {path} is a scalar (shape ()), so "
-                f"it has no leading axis to {'scan' if scan else 'map'} over. Give it "
-                "a leading axis, or make it a Python scalar."
+                f"{function}: the array at `xs` path {inputs.path(i)} is a scalar "
+                f"(shape ()), so it has no leading axis to {function[7:]} over. Give "
+                "it a leading axis, or make it a Python scalar."
             )
 
 
@@ -2017,8 +2016,7 @@ def callback_with_list_wrapper(
 
 _print_on_host = _host_caller(
     "print_callback",
-    "Pass what `print` takes: any positional arguments, and the keywords `sep`, "
-    "`end`, `file` and `flush`.",
+    "Pass what `print` takes: positional arguments and `sep`, `end`, `file`, `flush`.",
     print, None, {}, _CONVERSIONS["callback_with_list_wrapper"],
 )  # fmt: skip
 

@@ -544,8 +544,8 @@ def test_print_callback_refuses_what_print_refuses_at_the_call():
     assert str(info.value) == (
         "print_callback: the arguments do not fit the signature print(*args, sep=' ', "
         "end='\\n', file=None, flush=False): got an unexpected keyword argument "
-        "'ordered'. Pass what `print` takes: any positional arguments, and the "
-        "keywords `sep`, `end`, `file` and `flush`."
+        "'ordered'. Pass what `print` takes: positional arguments and `sep`, `end`, "
+        "`file`, `flush`."
     )
 
 
