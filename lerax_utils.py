@@ -90,8 +90,7 @@ _KeyPath = tuple[Any, ...]
 #
 # Compatibility: every JAX, Equinox and NumPy feature test and private API, in one place
 #
-# Each entry names the release that changed it; `tests/test_compatibility.py` fails
-# loudly when a new release changes one of them again.
+# Each entry names the release that changed it; `tests/test_compatibility.py` checks it.
 
 # -- Control flow
 
