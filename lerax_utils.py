@@ -1446,7 +1446,7 @@ def filter_map(
         )
     if batch_size is not None and not _MAP_TAKES_BATCH_SIZE:
         raise TypeError(
-            "filter_map: `batch_size` needs jax 0.4.31 or newer; this is jax "
+            "filter_map: `batch_size` needs a JAX 0.4.31 or newer; this is jax "
             f"{jax.__version__}. Upgrade JAX, or leave `batch_size` out."
         )
     options = {} if batch_size is None else {"batch_size": batch_size}

@@ -682,7 +682,7 @@ _RAISES: list[tuple[Callable[[], Any], type[Exception], str]] = [
     (
         _map_without_batch_size,
         TypeError,
-        "filter_map: `batch_size` needs jax 0.4.31 or newer; this is jax ",
+        "filter_map: `batch_size` needs a JAX 0.4.31 or newer; this is jax ",
     ),
     (
         lambda: filter_map(_keep, {"mode": "eval"}),
