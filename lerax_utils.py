@@ -48,6 +48,7 @@ import ctypes
 import dataclasses
 import enum
 import functools
+import gc
 import importlib
 import inspect
 import itertools
@@ -217,11 +218,18 @@ def _weak_array(array: jax.Array) -> jax.Array:
     return cast(jax.Array, weak)
 
 
+_SHAPE_HAS_WEAK_TYPE = hasattr(jax.ShapeDtypeStruct((), np.float32), "weak_type")
+# `jnp.asarray` places a NumPy array as `jax.device_put` does, quicker (by copy), but
+# not under `jax.set_mesh` (from jax 0.5 or so); in jax 0.4.26 it is slower.
+_get_abstract_mesh = getattr(jax.sharding, "get_abstract_mesh", lambda: None)
+
+
 def _placed_shape(shape: Any, sharding: Any) -> jax.ShapeDtypeStruct:
-    """`shape` on `sharding`, weakly typed if it is. A ShapeDtypeStruct has no
-    `weak_type` in jax 0.4.26, so it is read with a default, here and on load."""
-    weak = {"weak_type": True} if getattr(shape, "weak_type", False) else {}
-    return jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding, **weak)
+    """`shape` on `sharding`, weakly typed if it is (a ShapeDtypeStruct has no
+    `weak_type` in jax 0.4.26: it is read with a default, here and on load)."""
+    weak = _SHAPE_HAS_WEAK_TYPE and getattr(shape, "weak_type", False)
+    extra = {"weak_type": True} if weak else {}
+    return jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding, **extra)
 
 
 def _distributed_client() -> Any:
@@ -2334,9 +2342,10 @@ class Serializable(eqx.Module):
         """Load a model saved by `serialize` (or by `save_pytree`).
 
         As `eqx.tree_deserialise_leaves`, except that the skeleton is
-        `eqx.filter_eval_shape(cls, *args, **kwargs)`, with the file's recorded
-        arguments if none are given, and must match the file's structure, static
-        values, shapes and dtypes. Equinox's own files load too; nothing is unpickled.
+        `eqx.filter_eval_shape(cls, *args, **kwargs)` (NumPy arguments passed as
+        copies and NumPy leaves kept), with the file's recorded arguments if none are
+        given, and must match the file's structure, static values, shapes and dtypes.
+        Equinox's own files load too; nothing is unpickled.
         Given no arguments, it calls the constructor with the file's recorded values:
         for a file you do not trust, pass the arguments.
 
@@ -2366,7 +2375,8 @@ class Serializable(eqx.Module):
         **Arguments:**
 
         - `sharding`: a `jax.sharding.Sharding` for every JAX array, or a callable
-            from the skeleton to a pytree of shardings (or None) at its arrays.
+            from the skeleton to a pytree of shardings (or None) at its arrays
+            (NumPy arrays in it load unsharded).
 
         **Raises:** as `deserialize`; `TypeError` or `ValueError` if `sharding` does
         not fit the skeleton.
@@ -2416,6 +2426,16 @@ def load_pytree(path: str | os.PathLike[str], like: _Tree) -> _Tree:
     return _load(path, "load_pytree", lambda *_: _like_skeleton(like))
 
 
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """The main thread without garbage collection, which many small objects slow."""
+    with contextlib.ExitStack() as restore:
+        if gc.isenabled() and threading.current_thread() is threading.main_thread():
+            gc.disable()
+            restore.callback(gc.enable)
+        yield
+
+
 def _saving(function: str) -> tuple[str, str]:
     """How the messages of `function` name the call that saves, and what it saves."""
     if function.startswith("Serializable."):
@@ -2423,6 +2443,7 @@ def _saving(function: str) -> tuple[str, str]:
     return "save_pytree", "tree"
 
 
+@_gc_paused()
 def _save(path: Any, tree: Any, no_suffix: Any, function: str) -> None:
     try:
         target = _checkpoint_path(function, path, no_suffix)
@@ -2513,6 +2534,7 @@ class _Source:
         return kind(f"{self.function}: the file '{self.path}' {problem}.")
 
 
+@_gc_paused()
 def _load(
     path: Any, function: str, build: Callable[["_Layout | None", _Source], Any]
 ) -> Any:
@@ -2568,20 +2590,27 @@ def _skeleton(
     name, recorded = cls.__qualname__, layout.arguments if layout else {}
     from_file = not args and not kwargs
     recorded_here = from_file and "" in recorded
+    if layout is not None:  # A recording holds an array's shape, not its kind.
+        layout.kinds_known = not from_file
     if from_file:
         args, kwargs = _recorded_call(cls, recorded.get(""), source, layout)
-    dynamic, static = eqx.partition(  # NumPy scalars stay concrete: `int(n)` works.
-        (args, kwargs),
-        lambda x: _is_dynamic_argument(x) and not isinstance(x, np.generic),
+    dynamic, static = eqx.partition(  # NumPy values stay concrete: `int(n)` works.
+        (args, kwargs), lambda x: isinstance(x, jax.Array | jax.ShapeDtypeStruct)
+    )
+    static = jtu.tree_map(  # The caller's own arrays are never changed.
+        lambda x: x.copy() if isinstance(x, np.ndarray) else x, static
     )
     kept = []
 
+    def without_values(x: Any) -> Any:  # A NumPy array that takes no memory.
+        is_numpy = isinstance(x, np.ndarray)
+        return np.broadcast_to(np.zeros((), x.dtype), x.shape) if is_numpy else x
+
     def build(dynamic: Any) -> Any:
         call_args, call_kwargs = eqx.combine(dynamic, static)
-        traced, concrete = eqx.partition(
-            cls(*call_args, **call_kwargs), _is_jax_describable
-        )
-        kept.append(concrete)
+        model = cls(*call_args, **call_kwargs)
+        traced, concrete = eqx.partition(model, lambda x: isinstance(x, jax.Array))
+        kept.append(jtu.tree_map(without_values, concrete))
         return traced
 
     try:
@@ -2636,29 +2665,18 @@ def _skeleton(
 
 def _like_skeleton(like: Any) -> Any:
     """`like` as `eqx.filter_eval_shape` sees it, keeping multi-device shardings."""
-    dynamic, static = eqx.partition(like, _is_dynamic_argument)
-    shapes = jax.eval_shape(lambda tree: tree, dynamic)
 
-    def keep_sharding(shape: Any, leaf: Any) -> Any:
-        if isinstance(leaf, jax.ShapeDtypeStruct):
+    def describe(leaf: Any) -> Any:
+        if isinstance(leaf, np.ndarray | np.generic) and not _is_numpy_only(leaf.dtype):
+            dtype = jax.dtypes.canonicalize_dtype(leaf.dtype)
+            return jax.ShapeDtypeStruct(leaf.shape, dtype)
+        if not isinstance(leaf, jax.Array):
             return leaf
         sharding = _leaf_sharding(leaf)
-        if sharding is None or len(sharding.device_set) < 2:
-            return shape
-        return _placed_shape(shape, sharding)
+        multi_device = sharding is not None and len(sharding.device_set) > 1
+        return _placed_shape(leaf, sharding if multi_device else None)
 
-    return eqx.combine(jtu.tree_map(keep_sharding, shapes, dynamic), static)
-
-
-def _is_dynamic_argument(leaf: Any) -> bool:
-    return _is_jax_describable(leaf) or isinstance(leaf, jax.ShapeDtypeStruct)
-
-
-def _is_jax_describable(leaf: Any) -> bool:
-    """An array leaf whose dtype JAX has (as opposed to NumPy strings, dates...)."""
-    return eqx.is_array(leaf) and not (
-        isinstance(leaf, np.ndarray | np.generic) and _is_numpy_only(leaf.dtype)
-    )
+    return jtu.tree_map(describe, like)
 
 
 def _is_numpy_only(dtype: np.dtype) -> bool:
@@ -2884,6 +2902,7 @@ def _serializables(tree: Any, path: _KeyPath = ()) -> Iterator[tuple[str, Any]]:
 # Writing
 
 
+@functools.cache  # NumPy's `dtype.name` is slow.
 def _dtype_name(dtype: np.dtype) -> str:
     """A dtype's name in a checkpoint: NumPy's name, or `str` where JAX lacks it."""
     return dtype.str if _is_numpy_only(dtype) else dtype.name
@@ -2914,9 +2933,9 @@ def _write_checkpoint(
         with concurrent.futures.ThreadPoolExecutor(max_workers=1) as checksummer:
             checksums = []
             for block in blocks:  # Both `crc32` and `write` release the GIL.
-                checksums.append(checksummer.submit(zlib.crc32, block.data))
+                checksums.append(_checksum(checksummer, block.data))
                 file.write(block.data)
-            return [checksum.result() for checksum in checksums]
+            return [checksum() for checksum in checksums]
 
     _write_atomically(target, header, write_data)
 
@@ -3138,13 +3157,10 @@ def _write_shards(
 
 def _encode(model: Any, kinds: _Kinds, function: str) -> tuple[bytes, list[Any]]:
     """The header, with zeros in its CRC slots, and each array's bytes (as uint8)."""
-    leaves: list[dict[str, Any]] = []
-    tensors: dict[str, Any] = {}
-    blocks, offset = [], 0
+    leaves, tensors, blocks, offset = [], {}, [], 0
     flat = jtu.tree_flatten_with_path(model)[0]
-    _check_saveable(flat, function)
-    for index, (key_path, leaf) in enumerate(flat):
-        path = _keystr(key_path)
+    paths = _check_saveable(flat, function)
+    for index, ((_, leaf), path) in enumerate(zip(flat, paths, strict=True)):
         if index in kinds:  # A traced leaf, now on the host.
             (kind, extra), data = kinds[index], np.asarray(leaf, order="C")
         elif isinstance(leaf, jax.Array):
@@ -3204,12 +3220,12 @@ def _encode(model: Any, kinds: _Kinds, function: str) -> tuple[bytes, list[Any]]
 
 def _keystr(key_path: _KeyPath) -> str:
     """`jax.tree_util.keystr`, with NumPy scalar keys as NumPy 1.x writes them."""
-    if _NUMPY_2 and any(
-        isinstance(getattr(key, "key", None), np.generic) for key in key_path
-    ):
+    text = jtu.keystr(key_path)
+    numpy_keys = (isinstance(getattr(k, "key", None), np.generic) for k in key_path)
+    if _NUMPY_2 and "np." in text and any(numpy_keys):  # As in `np.int64(1)`.
         with np.printoptions(legacy="1.25"):
             return jtu.keystr(key_path)
-    return jtu.keystr(key_path)
+    return text
 
 
 def _jax_kind(leaf: Any) -> tuple[str, dict[str, Any]]:
@@ -3220,11 +3236,11 @@ def _jax_kind(leaf: Any) -> tuple[str, dict[str, Any]]:
     return "jax", {"weak_type": True} if weak else {}
 
 
-def _check_saveable(flat: list[tuple[_KeyPath, Any]], function: str) -> None:
-    """Refuse leaves that would save a file that cannot load, naming the leaf."""
-    names = set()
+def _check_saveable(flat: list[tuple[_KeyPath, Any]], function: str) -> list[str]:
+    """Each leaf's path; refuses leaves that would save a file that cannot load."""
+    names, paths = set(), []
     for key_path, leaf in flat:
-        path = _keystr(key_path)
+        paths.append(path := _keystr(key_path))
         if (problem := _unsaveable(leaf)) is not None:
             raise TypeError(f"{function}: the leaf at path {path} is {problem}.")
         if eqx.is_array(leaf):
@@ -3235,6 +3251,7 @@ def _check_saveable(flat: list[tuple[_KeyPath, Any]], function: str) -> None:
                     "one tensor twice. Give the dict keys distinct reprs."
                 )
             names.add(path)
+    return paths
 
 
 def _unsaveable(leaf: Any) -> str | None:
@@ -3352,6 +3369,7 @@ class _Layout:
     structure: list[Any]
     arguments: dict[str, Any]  # Recordings, by the path of their `Serializable`.
     size: int  # The file's, in bytes.
+    kinds_known: bool = False  # Whether the skeleton tells NumPy leaves from JAX.
 
 
 def _read_header(
@@ -3585,12 +3603,14 @@ def _check_against_skeleton(
             f"first differ at path {first}. {fix}"
         )
     for entry, (path, leaf) in zip(layout.entries, expected, strict=True):
-        problem = _leaf_mismatch(entry, leaf, name, fix)
+        problem = _leaf_mismatch(entry, leaf, name, fix, layout.kinds_known)
         if problem is not None:
             raise source.error(f"holds at path {path} {problem}")
 
 
-def _leaf_mismatch(entry: _Entry, leaf: Any, skeleton: str, fix: str) -> str | None:
+def _leaf_mismatch(
+    entry: _Entry, leaf: Any, skeleton: str, fix: str, kinds_known: bool
+) -> str | None:
     """How a saved leaf differs from the skeleton's, or None if it fits."""
     kind = entry["kind"]
     if kind == "scalar":
@@ -3601,9 +3621,7 @@ def _leaf_mismatch(entry: _Entry, leaf: Any, skeleton: str, fix: str) -> str | N
             f"the Python {type(value).__name__} {value!r}, where {skeleton} has "
             f"{_describe_leaf(leaf)}. {fix}"
         )
-    if not isinstance(leaf, jax.ShapeDtypeStruct) and not (
-        isinstance(leaf, np.ndarray | np.generic) and _is_numpy_only(leaf.dtype)
-    ):
+    if not isinstance(leaf, jax.ShapeDtypeStruct | np.ndarray | np.generic):
         return f"an array, where {skeleton} has {_describe_leaf(leaf)}. {fix}"
     if kind == "key":
         shape, dtype = tuple(entry["key_shape"]), _key_impl_types()[entry["impl"]][0]
@@ -3612,12 +3630,22 @@ def _leaf_mismatch(entry: _Entry, leaf: Any, skeleton: str, fix: str) -> str | N
         if dtype.byteorder == ">" and getattr(leaf.dtype, "byteorder", "") != ">":
             dtype = dtype.newbyteorder("=")  # Byte order is no type: loaded natively.
             entry["dtype"] = _dtype_name(dtype)
-    if shape == tuple(leaf.shape) and (
-        dtype == leaf.dtype
-        or (  # A NumPy leaf saved with a dtype JAX narrows, as `jnp.asarray` does.
-            kind in ("numpy", "numpy_scalar")
-            and not _is_numpy_only(dtype)
-            and jax.dtypes.canonicalize_dtype(dtype) == leaf.dtype
+    # JAX would narrow it (`jax_enable_x64` is off): not exact.
+    narrowed = kind == "jax" and dtype != jax.dtypes.canonicalize_dtype(dtype)
+    same_shape, numpy_entry = shape == tuple(leaf.shape), kind.startswith("numpy")
+    numpy_leaf = isinstance(leaf, np.ndarray | np.generic)
+    # A NumPy array and the JAX array made of it (`jnp.asarray`) stand for each other,
+    # as in `eqx.filter_eval_shape`, unless the skeleton knows which it holds.
+    canonical = jax.dtypes.canonicalize_dtype
+    if (
+        same_shape
+        and not narrowed
+        and (
+            dtype == leaf.dtype
+            or (numpy_entry and not kinds_known and not _is_numpy_only(dtype))
+            and canonical(dtype) == leaf.dtype
+            or (numpy_leaf and kind != "key" and not _is_numpy_only(leaf.dtype))
+            and dtype == canonical(leaf.dtype)
         )
     ):
         if kind == "jax" and isinstance(leaf, jax.ShapeDtypeStruct):
@@ -3626,14 +3654,16 @@ def _leaf_mismatch(entry: _Entry, leaf: Any, skeleton: str, fix: str) -> str | N
         return None
     pair = " ".join(sorted({str(dtype), str(leaf.dtype)}))
     x64 = ("float32 float64", "int32 int64", "uint32 uint64", "complex128 complex64")
-    if shape == tuple(leaf.shape) and pair in x64:
+    if same_shape and narrowed and dtype == leaf.dtype:
+        fix = f"JAX narrows {dtype} without `jax_enable_x64`: set it as when saving"
+    elif same_shape and pair in x64 and kind == "jax":
         fix = "The dtypes differ only in width: the file was probably saved with "
-        fix += "`jax_enable_x64` set otherwise than now. Set it as when saving"
-        if kind == "jax":
-            fix += ", or save the leaf as a NumPy array, which keeps its dtype"
+        fix += "`jax_enable_x64` set otherwise than now. Set it as when saving, or "
+        fix += "save the leaf as a NumPy array, which keeps its dtype"
+    saved = "a NumPy array" if numpy_entry and kinds_known and not numpy_leaf else ""
     return (
-        f"an array of shape {shape} and dtype {dtype}, but {skeleton} has shape "
-        f"{tuple(leaf.shape)} and dtype {leaf.dtype}. {fix}"
+        f"{saved or 'an array'} of shape {shape} and dtype {dtype}, but {skeleton} has "
+        f"shape {tuple(leaf.shape)} and dtype {leaf.dtype}. {fix}"
     )
 
 
@@ -3642,6 +3672,8 @@ def _structure_difference_in_file(
 ) -> tuple[str, str] | None:
     """The first `(path, message)` where two `_structure` descriptions differ."""
     canonical = functools.partial(json.dumps, sort_keys=True)  # `True` is not `1`.
+    if canonical(saved) == canonical(wanted):
+        return None
     for saved_entry, (path, want) in zip(saved, wanted, strict=False):
         if canonical(saved_entry) == canonical([path, want]):
             continue
@@ -3686,11 +3718,11 @@ def _read_leaves(
     """Every leaf's value, each array read whole or into the sharding it is given."""
     leaves = layout.entries
     values: list[Any] = []
-    pending: list[tuple[int, Any, concurrent.futures.Future[int]]] = []
+    pending: list[tuple[int, Any, Callable[[], int]]] = []
 
-    def finish(index: int, data: Any, checksum: concurrent.futures.Future[int]) -> None:
+    def finish(index: int, data: Any, checksum: Callable[[], int]) -> None:
         entry = leaves[index]
-        _check_crc(entry, checksum.result(), source)
+        _check_crc(entry, checksum(), source)
         _check_bits(entry, data, source)
         values[index] = _restore_kind(data, entry)
 
@@ -3713,7 +3745,7 @@ def _read_leaves(
                 raise source.error("is truncated inside its data")
             values.append(None)
             # Checked in a helper thread while the next is read: two held at most.
-            pending.append((index, data, checksummer.submit(zlib.crc32, view.data)))
+            pending.append((index, data, _checksum(checksummer, view.data)))
             if len(pending) == 2:
                 finish(*pending.pop(0))
         for item in pending:
@@ -3721,9 +3753,22 @@ def _read_leaves(
     return values
 
 
+# Smaller arrays are checksummed in line, and read into unaligned buffers.
+_SMALL_BYTES = 1 << 16
+
+
+def _checksum(pool: concurrent.futures.Executor, data: memoryview) -> Callable[[], int]:
+    """The CRC-32 of `data`, computed now if it is small, else meanwhile in `pool`."""
+    if data.nbytes < _SMALL_BYTES:
+        return functools.partial(int, zlib.crc32(data))
+    return pool.submit(zlib.crc32, data).result
+
+
 def _aligned_empty(shape: list[int], dtype: np.dtype) -> np.ndarray:
     """An empty array on a 64-byte boundary, which `jax.device_put` need not copy."""
     nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes < _SMALL_BYTES:  # Copied to the device anyway.
+        return np.empty(shape, dtype)
     raw = np.empty(nbytes + 64, np.uint8)
     offset = -raw.ctypes.data % 64
     return raw[offset : offset + nbytes].view(dtype).reshape(shape)
@@ -3936,7 +3981,8 @@ def _check_bits(entry: _Entry, data: np.ndarray, source: _Source) -> None:
 def _restore_kind(data: np.ndarray, entry: _Entry) -> Any:
     """A loaded NumPy array as the kind of leaf it was saved from."""
     if entry["kind"] == "jax":  # A weak type is restored, as `jnp.asarray(2.0)` has.
-        array = jax.device_put(data)
+        quick = data.nbytes < _SMALL_BYTES and getattr(_get_abstract_mesh(), "empty", 0)
+        array = jnp.asarray(data) if quick else jax.device_put(data)
         return _weak_array(array) if entry.get("weak_type") else array
     if entry["kind"] == "key":
         return jax.random.wrap_key_data(jax.device_put(data), impl=entry["impl"])

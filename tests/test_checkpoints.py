@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 import zlib
 from collections.abc import Callable
@@ -2554,6 +2555,169 @@ def test_a_wide_jax_leaf_never_loads_narrowed(tmp_path):
         "`jax_enable_x64` set otherwise than now. Set it as when saving, or save the "
         "leaf as a NumPy array, which keeps its dtype."
     )
+
+
+# Saves and loads pause the garbage collector and leave it as they found it.
+@pytest.mark.parametrize("enabled", [True, False])
+def test_saves_and_loads_leave_the_garbage_collector_as_they_found_it(
+    tmp_path, enabled
+):
+    import gc
+
+    seen = []
+    real_keystr = lerax_utils._keystr
+
+    def spy(key_path):
+        seen.append(gc.isenabled())
+        return real_keystr(key_path)
+
+    (gc.enable if enabled else gc.disable)()
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(lerax_utils, "_keystr", spy)
+            save_pytree(tmp_path / "t", {"a": jnp.ones(2)})
+            load_pytree(tmp_path / "t", {"a": jnp.ones(2)})
+            with pytest.raises(ValueError):
+                load_pytree(tmp_path / "t", {"b": jnp.ones(2)})
+        assert seen and not any(seen)
+        assert gc.isenabled() is enabled
+        seen.clear()  # Another thread's save leaves the collector running.
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(lerax_utils, "_keystr", spy)
+            thread = threading.Thread(
+                target=save_pytree, args=(tmp_path / "u", {"a": jnp.ones(2)})
+            )
+            thread.start()
+            thread.join(timeout=60)
+        assert seen and all(flag is enabled for flag in seen)
+    finally:
+        gc.enable()
+
+
+# Small and large leaves are placed alike, and as before, whatever mesh is set.
+@pytest.mark.skipif(not hasattr(jax, "set_mesh"), reason="this JAX has no set_mesh")
+def test_leaves_of_every_size_load_placed_alike_under_set_mesh(tmp_path):
+    tree = {"small": jnp.ones(3), "large": jnp.ones(40_000), "weak": jnp.asarray(2.0)}
+    save_pytree(tmp_path / "t", tree)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("x",))
+    with jax.set_mesh(mesh):
+        loaded = load_pytree(tmp_path / "t", tree)
+    assert_exact(loaded, tree)
+    for leaf in (loaded["small"], loaded["large"]):
+        assert isinstance(leaf.sharding, jax.sharding.SingleDeviceSharding)
+        assert not leaf.committed
+
+
+class EitherKind(Serializable):
+    """A model whose one leaf is a NumPy float64 or a JAX float32 array."""
+
+    weight: Any
+
+    def __init__(self, as_numpy: bool):
+        self.weight = np.arange(3.0) if as_numpy else jnp.arange(3.0)
+
+
+# The skeleton decides: NumPy float64 never loads where the model has JAX float32.
+def test_a_numpy_leaf_loads_only_where_the_constructor_makes_one(tmp_path):
+    wide = EitherKind(as_numpy=True)
+    wide.weight[1] = 1 / 3  # Not a float32 value.
+    wide.serialize(tmp_path / "wide")
+    assert_exact(EitherKind.deserialize(tmp_path / "wide", True), wide)
+    error = load_error(tmp_path / "wide", False, cls=EitherKind)
+    assert error == (
+        f"Serializable.deserialize: the file '{tmp_path}/wide.eqx' holds at path "
+        ".weight a NumPy array of shape (3,) and dtype float64, but the skeleton has "
+        "shape (3,) and dtype float32. Pass the constructor arguments the model was "
+        "saved with."
+    )
+
+
+class MadeByNumpy(Serializable):
+    count: Any
+    weight: Any
+
+    def __init__(self, weight=None):
+        self.count = np.array(0)
+        self.weight = np.zeros(3) if weight is None else weight
+
+
+# A NumPy leaf of the constructor that training made a JAX array loads as saved.
+def test_a_numpy_leaf_that_became_a_jax_array_loads_as_saved(tmp_path):
+    trained = eqx.tree_at(
+        lambda m: (m.count, m.weight), MadeByNumpy(), (jnp.asarray(1), jnp.ones(3))
+    )
+    trained.serialize(tmp_path / "m")
+    assert_exact(MadeByNumpy.deserialize(tmp_path / "m"), trained)
+    assert_exact(MadeByNumpy.deserialize(tmp_path / "m", np.zeros(3)), trained)
+    on_host = jax.device_get(
+        trained
+    )  # NumPy float32 where the constructor has float64.
+    on_host.serialize(tmp_path / "h")
+    assert_exact(MadeByNumpy.deserialize(tmp_path / "h", np.zeros(3)), on_host)
+
+
+# A `like` that asks for a dtype JAX now narrows gets no narrowed array.
+def test_a_jax_leaf_never_loads_into_a_dtype_jax_narrows(tmp_path):
+    jax.config.update("jax_enable_x64", True)
+    try:
+        save_pytree(tmp_path / "wide", {"j": jnp.full(2, 1 / 3)})
+    finally:
+        jax.config.update("jax_enable_x64", False)
+    like = {"j": jax.ShapeDtypeStruct((2,), np.float64)}
+    with pytest.raises(ValueError) as info:
+        load_pytree(tmp_path / "wide", like)
+    assert str(info.value) == (
+        f"load_pytree: the file '{tmp_path}/wide.eqx' holds at path ['j'] an array of "
+        "shape (2,) and dtype float64, but `like` has shape (2,) and dtype float64. "
+        "JAX narrows float64 without `jax_enable_x64`: set it as when saving."
+    )
+
+
+class Stores(Serializable):
+    weight: Any
+
+    def __init__(self, weight):
+        self.weight = weight
+
+
+# A recording holds an argument's shape, not its kind: a NumPy float64 leaf still loads.
+def test_a_no_argument_load_keeps_a_wide_numpy_leaf(tmp_path):
+    model = Stores(np.array([1 / 3, 2.0]))
+    model.serialize(tmp_path / "m")
+    assert_exact(Stores.deserialize(tmp_path / "m"), model)
+    assert_exact(Stores.deserialize(tmp_path / "m", np.zeros(2)), model)
+    error = load_error(tmp_path / "m", jnp.zeros(2), cls=Stores)
+    assert "dtype float64, but the skeleton has shape (2,) and dtype float32" in error
+
+
+class FromNumpy(Serializable):
+    """A model whose constructor reads a NumPy argument on the host."""
+
+    weight: Any
+    count: int = eqx.field(static=True)
+
+    def __init__(self, weight):
+        self.weight, self.count = weight, int(np.asarray(weight).sum())
+
+
+# NumPy arguments reach the constructor as NumPy values, as at save time.
+def test_numpy_arguments_reach_the_constructor_concretely(tmp_path):
+    model = FromNumpy(np.arange(4, dtype=np.int64))
+    model.serialize(tmp_path / "m")
+    argument = np.arange(4, dtype=np.int64)
+    assert_exact(FromNumpy.deserialize(tmp_path / "m", argument), model)
+    Halves(np.ones(3)).serialize(tmp_path / "h")
+    argument = np.ones(3)
+    Halves.deserialize(tmp_path / "h", argument)
+    assert argument.tolist() == [1.0, 1.0, 1.0]  # The caller's array is unchanged.
+
+
+class Halves(Serializable):
+    weight: Any
+
+    def __init__(self, weight):
+        weight *= 0.5
+        self.weight = jnp.asarray(weight)
 
 
 def test_a_forged_key_or_scalar_never_loads_into_another_type(tmp_path):

@@ -188,6 +188,23 @@ def test_weak_array_sets_only_the_weak_type():
     assert (weak * jnp.ones(3, jnp.bfloat16)).dtype == jnp.bfloat16
 
 
+# `jnp.asarray` stands in for `jax.device_put` only where it places arrays alike.
+def test_asarray_places_as_device_put_but_under_set_mesh():
+    data = np.arange(3.0, dtype=np.float32)
+    quick, put = jnp.asarray(data), jax.device_put(data)
+    committed = lerax_utils._is_committed
+    assert (quick.sharding, committed(quick)) == (put.sharding, committed(put))
+    if not hasattr(jax, "set_mesh"):  # Nothing to ask, then: never quick.
+        assert lerax_utils._get_abstract_mesh() is None
+        return
+    assert getattr(lerax_utils._get_abstract_mesh(), "empty", None) is True
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("x",))
+    with jax.set_mesh(mesh):
+        assert getattr(lerax_utils._get_abstract_mesh(), "empty", None) is False
+        quick, put = jnp.asarray(data), jax.device_put(data)
+        assert (quick.sharding, quick.committed) != (put.sharding, put.committed)
+
+
 def test_distributed_client_is_none_before_initialize():
     assert lerax_utils._distributed_client() is None
 
