@@ -2608,6 +2608,65 @@ def test_leaves_of_every_size_load_placed_alike_under_set_mesh(tmp_path):
         assert not leaf.committed
 
 
+# A NumPy `like` stands for the JAX array JAX makes of it, a float64 one included.
+def test_a_wide_numpy_like_stands_for_the_jax_array_jax_makes_of_it(tmp_path):
+    tree = {"w": jnp.arange(3.0), "n": jnp.arange(2)}
+    save_pytree(tmp_path / "t", tree)
+    like = {"w": np.zeros(3), "n": np.zeros(2, np.int64)}
+    assert_exact(load_pytree(tmp_path / "t", like), tree)
+
+
+# A forged scalar never loads as another Python type, not even a bool for an int.
+def test_a_forged_bool_never_loads_where_like_has_an_int(tmp_path):
+    save_pytree(tmp_path / "n", {"n": 1})
+
+    def to_bool(leaves, structure, header):
+        leaves[0]["value"] = True
+
+    path = bad_file(tmp_path, forge((tmp_path / "n.eqx").read_bytes(), to_bool))
+    with pytest.raises(ValueError) as info:
+        load_pytree(path, {"n": 1})
+    assert str(info.value) == (
+        f"load_pytree: the file '{path}' holds at path ['n'] the Python bool True, "
+        "where `like` has int 1. Pass a `like` with the structure, shapes and dtypes "
+        "of the saved tree."
+    )
+
+
+# Of two corrupt leaves, the first in the file is the one named.
+def test_of_two_corrupt_leaves_the_first_is_named(tmp_path):
+    save_pytree(tmp_path / "t", {"a": jnp.ones(4), "b": jnp.ones(4), "c": jnp.ones(4)})
+    raw = bytearray((tmp_path / "t.eqx").read_bytes())
+    raw[-33] ^= 1  # In "a": "b" and "c" hold the last 32 bytes.
+    raw[-17] ^= 1  # In "b".
+    path = bad_file(tmp_path, bytes(raw))
+    with pytest.raises(ValueError) as info:
+        load_pytree(path, {"a": jnp.ones(4), "b": jnp.ones(4), "c": jnp.ones(4)})
+    assert str(info.value) == (
+        f"load_pytree: the file '{path}' has corrupt data for the leaf at path ['a'] "
+        "(its checksum fails)."
+    )
+
+
+# On a CPU, a large leaf becomes a JAX array in the very buffer it was read into.
+@pytest.mark.skipif(
+    jax.default_backend() != "cpu", reason="host memory is the device's"
+)
+def test_a_large_leaf_loads_without_a_copy(tmp_path, monkeypatch):
+    tree = {"w": jnp.arange(1 << 18, dtype=jnp.float32)}  # 1 MiB.
+    save_pytree(tmp_path / "t", tree)
+    buffers, aligned_empty = [], lerax_utils._aligned_empty
+
+    def spy(shape, dtype):
+        buffers.append(aligned_empty(shape, dtype))
+        return buffers[-1]
+
+    monkeypatch.setattr(lerax_utils, "_aligned_empty", spy)
+    loaded = load_pytree(tmp_path / "t", tree)
+    assert_exact(loaded, tree)
+    assert [b.ctypes.data for b in buffers] == [loaded["w"].unsafe_buffer_pointer()]
+
+
 class EitherKind(Serializable):
     """A model whose one leaf is a NumPy float64 or a JAX float32 array."""
 

@@ -2462,3 +2462,14 @@ def test_numbers_from_branches_are_the_chosen_branchs_number(
         assert out.aval.weak_type == reference.aval.weak_type
     assert float(out) == float(reference)
     assert np.signbit(out) == np.signbit(reference)
+
+
+# A scan of length 0 runs no step and stacks nothing, as `jax.lax.scan` does.
+@pytest.mark.parametrize("length", [0, np.int64(0)])
+def test_filter_scan_of_length_zero_matches_lax_scan(length):
+    def step(carry, x):
+        return carry + 1, carry * 2
+
+    ours = filter_scan(step, jnp.float32(2.0), None, length=length)
+    theirs = jax.lax.scan(step, jnp.float32(2.0), None, length=0)
+    assert_identical(ours, theirs, weak_types=True)
