@@ -781,26 +781,24 @@ class _LoopCarry(_Split):
 
 def _static_outputs_agree(function: str, what: str, traces: list[_Split]) -> None:
     """Each trace of `f` must give the same static outputs."""
+
+    def differs(path: str, message: str) -> ValueError:
+        return ValueError(
+            f"{function}: the non-array part of {what} differs between two traces "
+            f"of `f`: {_where(path)} it {message}. JAX may trace `f` more than "
+            "once: return arrays for values that vary between traces."
+        )
+
     first = traces[0].traced_part(traced=False)
     first_leaves, first_def = jtu.tree_flatten_with_path(first)
     for trace in traces[1:]:
         other = trace.traced_part(traced=False)
         leaves, other_def = jtu.tree_flatten(other)
         if other_def != first_def:
-            differences = [_structure_difference(first, other, ())]
-        else:
-            differences = [
-                (jtu.keystr(path), message)
-                for (path, old), new in zip(first_leaves, leaves, strict=True)
-                if (message := _leaf_difference(old, new)) is not None
-            ]
-        if differences:
-            path, message = differences[0]
-            raise ValueError(
-                f"{function}: the non-array part of {what} differs between two traces "
-                f"of `f`: {_where(path)} it {message}. JAX may trace `f` more than "
-                "once: return arrays for values that vary between traces."
-            )
+            raise differs(*_structure_difference(first, other, ()))
+        for (path, old), new in zip(first_leaves, leaves, strict=True):
+            if (message := _leaf_difference(old, new)) is not None:
+                raise differs(jtu.keystr(path), message)
 
 
 def _check_branches_agree(
