@@ -3717,12 +3717,13 @@ def _read_leaves(
     leaves = layout.entries
     values: list[Any] = []
     pending: list[tuple[int, Any, Callable[[], int]]] = []
+    no_mesh_set = getattr(_get_abstract_mesh(), "empty", False)  # Once, for all.
 
     def finish(index: int, data: Any, checksum: Callable[[], int]) -> None:
         entry = leaves[index]
         _check_crc(entry, checksum(), source)
         _check_bits(entry, data, source)
-        values[index] = _restore_kind(data, entry)
+        values[index] = _restore_kind(data, entry, no_mesh_set)
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as checksummer:
         for index, entry in enumerate(leaves):
@@ -3976,10 +3977,10 @@ def _check_bits(entry: _Entry, data: np.ndarray, source: _Source) -> None:
     )
 
 
-def _restore_kind(data: np.ndarray, entry: _Entry) -> Any:
+def _restore_kind(data: np.ndarray, entry: _Entry, no_mesh_set: bool) -> Any:
     """A loaded NumPy array as the kind of leaf it was saved from."""
     if entry["kind"] == "jax":  # A weak type is restored, as `jnp.asarray(2.0)` has.
-        quick = data.nbytes < _SMALL_BYTES and getattr(_get_abstract_mesh(), "empty", 0)
+        quick = no_mesh_set and data.nbytes < _SMALL_BYTES  # Placed alike, by copy.
         array = jnp.asarray(data) if quick else jax.device_put(data)
         return _weak_array(array) if entry.get("weak_type") else array
     if entry["kind"] == "key":
