@@ -3641,9 +3641,9 @@ def _leaf_mismatch(
         and (
             dtype == leaf.dtype
             or (numpy_entry and not kinds_known and not _is_numpy_only(dtype))
-            and canonical(dtype) == leaf.dtype
+            and canonical(dtype) == leaf.dtype  # Skeleton: the entry as JAX has it.
             or (numpy_leaf and kind != "key" and not _is_numpy_only(leaf.dtype))
-            and dtype == canonical(leaf.dtype)
+            and dtype == canonical(leaf.dtype)  # File: the NumPy leaf as JAX has it.
         )
     ):
         if kind == "jax" and isinstance(leaf, jax.ShapeDtypeStruct):
