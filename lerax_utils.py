@@ -375,8 +375,7 @@ def _describe_node(node: Any) -> str:
 
 
 #
-# Control flow: filter_scan, filter_cond, filter_while_loop, filter_fori_loop,
-# filter_switch, filter_map
+# Control flow: filter_scan, filter_cond, filter_switch, and the other filter_*s
 #
 # Each function splits its pytrees into the leaves that JAX traces and the rest,
 # runs the `jax.lax` primitive on the traced part, and puts the two back together.
@@ -489,7 +488,7 @@ class _Cache:
                 self.entries.popitem(last=False)
 
 
-_PROGRAMS, _PROMOTIONS = _Cache(), _Cache()
+_PROGRAMS, _PROMOTIONS, _PRELUDES = _Cache(), _Cache(), _Cache()
 _promotion_key = threading.local()  # Set for `_with_promoted_numbers`, per call.
 
 
@@ -572,9 +571,11 @@ def _eager_call(function: Any, bound: inspect.BoundArguments, static: Any) -> An
             _PROGRAMS.put(key, entry, referents)
     if entry is _UNCACHED:
         return _UNCACHED
-    run, consts, out_def, places = entry
+    run, (prepare, scalars), consts, out_def, places = entry
     try:
-        values = iter(run(consts, *(leaves[i] for i in arrays)))
+        xs = [leaves[i] for i in arrays]
+        made = prepare(*(xs[i] for i in scalars)) if prepare else ()
+        values = iter(run(consts, *xs, *made))
     except BaseException:
         if "progress" in static:
             _end_open_lines()  # As `_tidy_on_error`, for a progress bar's line.
@@ -640,8 +641,29 @@ def _compile_call(treedef: Any, leaves: list[Any], arrays: list[int], call: Any)
         return _UNCACHED
     if any(type(p) is tuple and type(p[0]) not in _IMMUTABLE for p in out[1]):
         return _UNCACHED  # Each call must get its own new objects, as uncached.
-    run = jax.jit(lambda consts, *xs: jax.core.eval_jaxpr(closed.jaxpr, consts, *xs))
-    return run, list(closed.consts), out[0], out[1]
+    # A selector's scalar preparation is compiled apart, once, as `jax.lax` runs it.
+    jaxpr, prelude, rest = closed.jaxpr, [], []
+    scalars = [i for i, v in enumerate(jaxpr.invars) if v.aval.shape == ()]
+    ready = {jaxpr.invars[i] for i in scalars}
+    for eqn in jaxpr.eqns:
+        early = all(hasattr(v, "val") or v in ready for v in eqn.invars)
+        if early and eqn.primitive.name in ("ne", "convert_element_type", "clamp"):
+            prelude.append(eqn)
+            ready.update(eqn.outvars)
+        else:
+            rest.append(eqn)
+    made = [v for eqn in prelude for v in eqn.outvars]
+    info = getattr(jaxpr.debug_info, "with_unknown_names", lambda: None)()
+    first = jaxpr.replace(eqns=prelude, outvars=made, constvars=[], debug_info=info)
+    first = first.replace(invars=[jaxpr.invars[i] for i in scalars])
+    rest = jaxpr.replace(invars=[*jaxpr.invars, *made], eqns=rest, debug_info=info)
+    run = jax.jit(lambda consts, *xs: jax.core.eval_jaxpr(rest, consts, *xs))
+    prepare = None
+    if prelude:  # Compiled once for each way of preparing, as `jax.lax`'s own ops.
+        prepare = jax.jit(functools.partial(jax.core.eval_jaxpr, first, []))
+        prepare = _PRELUDES.get(str(first)) or prepare
+        _PRELUDES.put(str(first), prepare, [])
+    return run, (prepare, scalars), list(closed.consts), out[0], out[1]
 
 
 class _PromoteCarryNumbers(Exception):
@@ -2233,37 +2255,17 @@ _V1_MAGIC = b"LRXCKPT\x00"  # Files of format 1 (lerax_utils 0.1.0) start so.
 _NUMPY_MAGIC = b"\x93NUMPY"  # Plain `eqx.tree_serialise_leaves` files start so.
 _SUFFIX = ".eqx"
 # Dtypes that safetensors names; every other dtype is stored as `U8` bytes.
-_SAFETENSORS_DTYPES = {
-    "bool": "BOOL",
-    "uint8": "U8",
-    "int8": "I8",
-    "uint16": "U16",
-    "int16": "I16",
-    "float16": "F16",
-    "bfloat16": "BF16",
-    "uint32": "U32",
-    "int32": "I32",
-    "float32": "F32",
-    "uint64": "U64",
-    "int64": "I64",
-    "float64": "F64",
-    "float8_e5m2": "F8_E5M2",
-    "float8_e4m3fn": "F8_E4M3",
-}
-_OTHER_DTYPES = (
-    "complex64",
-    "complex128",
-    "int4",
-    "uint4",
-    "int2",
-    "uint2",
-    "float8_e4m3fnuz",
-    "float8_e5m2fnuz",
-    "float8_e4m3b11fnuz",
-    "float8_e3m4",
-    "float8_e4m3",
-    "float8_e8m0fnu",
-    "float4_e2m1fn",
+_SAFETENSORS_DTYPES = dict(
+    pair.split(":")
+    for pair in str(
+        "bool:BOOL uint8:U8 int8:I8 uint16:U16 int16:I16 float16:F16 bfloat16:BF16 "
+        "uint32:U32 int32:I32 float32:F32 uint64:U64 int64:I64 float64:F64 "
+        "float8_e5m2:F8_E5M2 float8_e4m3fn:F8_E4M3"
+    ).split()
+)
+_OTHER_DTYPES = tuple(
+    "complex64 complex128 int4 uint4 int2 uint2 float8_e4m3fnuz float8_e5m2fnuz "
+    "float8_e4m3b11fnuz float8_e3m4 float8_e4m3 float8_e8m0fnu float4_e2m1fn".split()
 )
 _NUMPY_ONLY_DTYPE = re.compile(
     r"[|<>][SU][1-9][0-9]{0,5}|[<>][mM]8\[(Y|M|W|D|h|m|s|ms|us|ns|ps|fs|as)\]"

@@ -15,7 +15,8 @@ the module-carry scan next to `flax.nnx.scan` with an `nnx` MLP of the same size
 its carry (target: ours at or below nnx's). Timings on a shared machine are noisy:
 run it on a quiet one, and compare ratios, not times.
 
-Usage: `python benchmarks/bench_eager_calls.py [--repeats N] [--calls N]`.
+Usage: `python benchmarks/bench_eager_calls.py [--repeats N] [--calls N]
+[--first-rounds N]`.
 """
 
 import argparse
@@ -204,6 +205,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--first-rounds", type=int, default=3)  # In each repeat.
     args = parser.parse_args()
     repeated, first = {}, {}
     print(f"{'workload':<20} {'ours':>9} {'jax.lax':>9} {'ratio':>6}   first call")
@@ -213,8 +215,9 @@ def main() -> None:
         for _ in range(args.repeats):
             ours_t.append(per_call(ours, args.calls))
             lax_t.append(per_call(lax, args.calls))
-            new_t.append(first_call(name, cached=True))
-            old_t.append(first_call(name, cached=False))
+            for _ in range(args.first_rounds):
+                new_t.append(first_call(name, cached=True))
+                old_t.append(first_call(name, cached=False))
         ours_m, lax_m = statistics.median(ours_t), statistics.median(lax_t)
         repeated[name] = ours_m / lax_m
         first[name] = statistics.median(new_t) / statistics.median(old_t)

@@ -1846,6 +1846,24 @@ def test_repeated_eager_calls_give_the_uncached_results_and_compile_once(
         _same(call(k), want)
 
 
+def test_a_cached_call_prepares_its_selector_outside_its_program() -> None:
+    x = jnp.arange(2.0)
+    for branches in ([_first, _second, _third], [_third, _first, _second]):
+        for index in (jnp.int8(-4), jnp.int8(1), jnp.int8(9), jnp.int8(-4)):
+            want = branches[min(max(int(index), 0), 2)](x, "s")
+            _same(filter_switch(index, branches, x, "s"), want)
+    for pred in (jnp.float32(0.5), jnp.float32(0.0), jnp.float32(-0.0)):
+        want = (_first if pred else _second)(x, "c")
+        _same(filter_cond(pred, _first, _second, x, "c"), want)
+    texts = {id(entry[0]): key for key, entry in lerax_utils._PRELUDES.entries.items()}
+    entries = [entry for entry, _ in list(lerax_utils._PROGRAMS.entries.values())[-3:]]
+    preludes = [texts[id(prepare)] for _, (prepare, _), *_ in entries]
+    # The two switches share one compiled preparation; the cond has its own.
+    assert preludes[0] == preludes[1] and entries[0][1][0] is entries[1][1][0]
+    assert re.findall(r"= (\w+)", preludes[1]) == ["convert_element_type", "clamp"]
+    assert re.findall(r"= (\w+)", preludes[2]) == ["ne", "convert_element_type"]
+
+
 def test_static_leaves_python_numbers_and_shapes_are_part_of_the_key() -> None:
     def step(carry: Any, x: Any) -> Any:
         h, scale, label = carry
