@@ -451,7 +451,7 @@ def _lax_says(function: str, *trees: Any, run: Callable[..., Any] | None = None)
 # (by equality) and array types match an earlier one's runs that call's compiled
 # program. Inside a trace, the same keys remember which numbers a loop promoted.
 
-_CACHE_SIZE = 64  # Calls kept, in each of the two caches; least recently used go.
+_CACHE_SIZE = 64  # Entries kept in each cache; the least recently used go.
 _UNCACHED = object()  # Also the entry of a call that cannot be traced.
 
 
