@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _helpers import ROOT, assert_identical
+from _helpers import ROOT, assert_identical, run_on_four_devices
 from hypothesis import given
 from hypothesis import strategies as st
 from jax.experimental import io_callback
@@ -1862,6 +1862,46 @@ def test_a_cached_call_prepares_its_selector_outside_its_program() -> None:
     assert preludes[0] == preludes[1] and entries[0][1][0] is entries[1][1][0]
     assert re.findall(r"= (\w+)", preludes[1]) == ["convert_element_type", "clamp"]
     assert re.findall(r"= (\w+)", preludes[2]) == ["ne", "convert_element_type"]
+
+
+def test_preludes_that_print_alike_but_compute_differently_are_not_shared() -> None:
+    # A one-branch switch runs its branch at the top level, so the branch's own
+    # `clamp` and `convert_element_type` on scalars land in the prelude. Its printed
+    # text shows neither a literal's weak type nor a NaN's payload.
+    x = jnp.asarray(0.5)  # Weakly typed.
+    weak = lambda v: jax.lax.clamp(0.0, v, 1.0)  # noqa: E731
+    strong = lambda v: jax.lax.clamp(np.float32(0.0), v, np.float32(1.0))  # noqa: E731
+    for branch in (weak, strong, weak):
+        _same(filter_switch(0, [branch], x), jax.lax.switch(0, [branch], x))
+    nans = [np.array(bits, np.uint32).view(np.float32)[()] for bits in (0x7FC00001, 0x7FE00000)]
+    for nan in nans:
+        branch = lambda v, nan=nan: jax.lax.clamp(nan, v, np.float32(2.0))  # noqa: E731
+        got, want = filter_switch(0, [branch], x), jax.lax.switch(0, [branch], x)
+        assert np.asarray(got).tobytes() == np.asarray(want).tobytes()
+
+
+_PRELUDE_UNDER_MESHES = """
+import json, jax, jax.numpy as jnp, lerax_utils
+from jax.sharding import AxisType
+f, g = (lambda x: x + 1), (lambda x: x * 3)
+mesh = jax.make_mesh((2,), ("x",), axis_types=(AxisType.Explicit,), devices=jax.devices()[:2])
+with jax.set_mesh(mesh):
+    inside = lerax_utils.filter_cond(jnp.float32(2), f, g, jnp.arange(2.0)).tolist()
+outside = lerax_utils.filter_cond(jnp.float32(2), f, g, jnp.arange(3.0)).tolist()
+d0, d1 = jax.devices()[:2]
+put = [lambda v, d=d: v.astype(jnp.float16, device=d) for d in (d0, d1)]
+placed = [str(lerax_utils.filter_switch(0, [h], jnp.float32(1.5)).devices()) for h in put]
+print(json.dumps([inside, outside, placed]))
+"""
+
+
+@pytest.mark.skipif(not hasattr(jax, "set_mesh"), reason="this JAX has no set_mesh")
+def test_a_prelude_runs_only_in_the_context_it_was_traced_in() -> None:
+    # Equations keep the mesh they were traced under (`eqn.ctx`), and a sharding
+    # parameter that the printed text leaves out: neither may reach another call.
+    inside, outside, placed = run_on_four_devices(_PRELUDE_UNDER_MESHES)
+    assert inside == [1.0, 2.0] and outside == [1.0, 2.0, 3.0]
+    assert placed == ["{CpuDevice(id=0)}", "{CpuDevice(id=1)}"]
 
 
 def test_static_leaves_python_numbers_and_shapes_are_part_of_the_key() -> None:
