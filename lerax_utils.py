@@ -488,7 +488,7 @@ class _Cache:
                 self.entries.popitem(last=False)
 
 
-_PROGRAMS, _PROMOTIONS, _PRELUDES = _Cache(), _Cache(), _Cache()
+_PROGRAMS, _PROMOTIONS = _Cache(), _Cache()
 _promotion_key = threading.local()  # Set for `_with_promoted_numbers`, per call.
 
 
@@ -641,7 +641,7 @@ def _compile_call(treedef: Any, leaves: list[Any], arrays: list[int], call: Any)
         return _UNCACHED
     if any(type(p) is tuple and type(p[0]) not in _IMMUTABLE for p in out[1]):
         return _UNCACHED  # Each call must get its own new objects, as uncached.
-    # A selector's scalar preparation is compiled apart, once, as `jax.lax` runs it.
+    # The selector's preparation runs op by op, as in `jax.lax`, not in the program.
     jaxpr, prelude, rest = closed.jaxpr, [], []
     scalars = [i for i, v in enumerate(jaxpr.invars) if v.aval.shape == ()]
     ready = {jaxpr.invars[i] for i in scalars}
@@ -658,11 +658,7 @@ def _compile_call(treedef: Any, leaves: list[Any], arrays: list[int], call: Any)
     first = first.replace(invars=[jaxpr.invars[i] for i in scalars])
     rest = jaxpr.replace(invars=[*jaxpr.invars, *made], eqns=rest, debug_info=info)
     run = jax.jit(lambda consts, *xs: jax.core.eval_jaxpr(rest, consts, *xs))
-    prepare = None
-    if prelude:  # Compiled once for each way of preparing, as `jax.lax`'s own ops.
-        prepare = jax.jit(functools.partial(jax.core.eval_jaxpr, first, []))
-        prepare = _PRELUDES.get(str(first)) or prepare
-        _PRELUDES.put(str(first), prepare, [])
+    prepare = functools.partial(jax.core.eval_jaxpr, first, []) if prelude else None
     return run, (prepare, scalars), list(closed.consts), out[0], out[1]
 
 
@@ -2256,8 +2252,8 @@ _NUMPY_MAGIC = b"\x93NUMPY"  # Plain `eqx.tree_serialise_leaves` files start so.
 _SUFFIX = ".eqx"
 # Dtypes that safetensors names; every other dtype is stored as `U8` bytes.
 _SAFETENSORS_DTYPES = dict(
-    pair.split(":")
-    for pair in str(
+    cast(list[str], pair.split(":"))
+    for pair in (
         "bool:BOOL uint8:U8 int8:I8 uint16:U16 int16:I16 float16:F16 bfloat16:BF16 "
         "uint32:U32 int32:I32 float32:F32 uint64:U64 int64:I64 float64:F64 "
         "float8_e5m2:F8_E5M2 float8_e4m3fn:F8_E4M3"
