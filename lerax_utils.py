@@ -528,6 +528,10 @@ def _eager_call(function: Any, bound: inspect.BoundArguments, static: Any) -> An
     if _CACHE_SIZE <= 0:
         return _UNCACHED
     arguments = bound.arguments
+    with contextlib.suppress(Exception):  # On the host, as `jax.lax.cond` compares it.
+        pred = arguments.get("pred")
+        if not isinstance(pred, jax.Array) and np.asarray(pred).dtype.kind in "iuf":
+            arguments = {**arguments, "pred": pred != 0}  # 1e-45 is true, as there.
     trees = {
         name: _as_array(value) if name in ("pred", "index") else value
         for name, value in arguments.items()

@@ -1862,6 +1862,18 @@ def test_a_cached_call_prepares_its_selector_op_by_op() -> None:
     assert names == [switch, switch, cond]
 
 
+@pytest.mark.parametrize(
+    "pred",
+    [1e-45, 5e-324, np.float32(1e-45), np.float64(1e-300), np.array(1e-45, "f4")],
+)
+def test_a_host_pred_is_compared_on_the_host_as_lax_compares_it(pred: Any) -> None:
+    # Nonzero to NumPy and Python, but zero to XLA, which flushes subnormals.
+    x, grow, double = jnp.arange(3.0), (lambda x: x + 1), (lambda x: x * 2)
+    want = jax.lax.cond(pred, grow, double, x)
+    for _ in range(2):  # Compiled, then from the cache.
+        _same(filter_cond(pred, grow, double, x), want)
+
+
 def test_preludes_that_print_alike_but_compute_differently_are_not_shared() -> None:
     # A one-branch switch runs its branch at the top level, so the branch's own
     # `clamp` and `convert_element_type` on scalars land in the prelude. Its printed
