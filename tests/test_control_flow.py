@@ -2349,6 +2349,69 @@ def test_our_messages_hold_lax_messages(name: str) -> None:
         assert line in message
 
 
+@pytest.mark.parametrize("swap", [False, True])
+def test_lax_message_in_ours_keeps_lax_branch_order(swap: bool) -> None:
+    pair, leaf = (lambda x: (x, x)), (lambda x: x)
+    true_fun, false_fun = (leaf, pair) if swap else (pair, leaf)
+    with pytest.raises(TypeError) as lax_error:
+        jax.lax.cond(True, true_fun, false_fun, _TWO)
+    with pytest.raises(TypeError) as our_error:
+        filter_cond(True, true_fun, false_fun, _TWO)
+    # Every line but those that say where lax's stand-in functions are defined.
+    lines = str(lax_error.value).splitlines()
+    lines = [line for line in lines if not re.match(r"(true|false)_fun is ", line)]
+    assert all(line in str(our_error.value) for line in lines)
+
+
+class _Flagged(eqx.Module):
+    flag: Any = eqx.field(static=True)
+
+
+def test_static_true_and_one_are_different_keys() -> None:
+    branch = lambda x, m: (x, repr(m.flag))  # noqa: E731
+    for flag in (1, True, 1, True):
+        _, text = filter_cond(True, branch, branch, _TWO, _Flagged(flag))
+        assert text == repr(flag)
+
+
+def test_dataclasses_are_keyed_by_equality_or_identity_as_they_compare() -> None:
+    @dataclasses.dataclass(eq=False)
+    class Tag:  # Compares by identity.
+        name: str
+
+    @dataclasses.dataclass(frozen=True)
+    class Label:  # Compares by its fields.
+        name: str
+
+    first, second = Tag("a"), Tag("a")
+    branch = lambda x, t: (x, t is first)  # noqa: E731
+    assert filter_cond(True, branch, branch, _TWO, first)[1] is True
+    assert filter_cond(True, branch, branch, _TWO, second)[1] is False
+    keep = lambda x, t: (x * 2, t)  # noqa: E731
+    filter_cond(True, keep, keep, _TWO, Label("b"))
+    assert _compiled_by(lambda: filter_cond(True, keep, keep, _TWO, Label("b"))) == 0
+
+
+def test_weak_and_strong_arrays_are_different_keys() -> None:
+    double = lambda x: x * 2  # noqa: E731
+    for x in (jnp.asarray(1.0), jnp.float32(1.0), jnp.asarray(1.0)):
+        _same(
+            filter_cond(True, double, double, x), jax.lax.cond(True, double, double, x)
+        )
+
+
+def test_an_error_raised_by_a_body_is_final_and_traces_it_once() -> None:
+    traces: list[None] = []
+
+    def step(carry: Any, x: Any) -> Any:
+        traces.append(None)
+        raise RuntimeError("the simulator crashed")
+
+    with pytest.raises(RuntimeError, match="the simulator crashed"):
+        filter_scan(step, (0, 1.5), jnp.ones(3))
+    assert len(traces) == 1
+
+
 def test_a_cached_call_follows_the_configuration_it_runs_under():
     step = lambda c, x: (c + x, c)  # noqa: E731
     init, xs = jnp.float32(0), jnp.arange(2)
