@@ -513,12 +513,13 @@ def _exact_key(value: Any, referents: list[Any]) -> Any:
     if dataclasses.is_dataclass(kind) and kind.__eq__ is not object.__eq__:
         fields = [getattr(value, field.name) for field in dataclasses.fields(value)]
         return (kind, tuple(_exact_key(field, referents) for field in fields))
+    method = inspect.ismethod(value)  # Lives while its object and function do.
     try:
-        key = (weakref.WeakMethod if inspect.ismethod(value) else weakref.ref)(value)
+        key = (weakref.WeakMethod if method else weakref.ref)(value)
     except TypeError:
         hash(value)
         return (kind, value)
-    referents.append(value)
+    referents.extend((value.__self__, value.__func__) if method else (value,))
     return key
 
 
@@ -528,12 +529,8 @@ def _eager_call(function: Any, bound: inspect.BoundArguments, static: Any) -> An
     if _CACHE_SIZE <= 0:
         return _UNCACHED
     arguments = bound.arguments
-    with contextlib.suppress(Exception):  # On the host, as `jax.lax.cond` compares it.
-        pred = arguments.get("pred")
-        if not isinstance(pred, jax.Array) and np.asarray(pred).dtype.kind in "iuf":
-            arguments = {**arguments, "pred": pred != 0}  # 1e-45 is true, as there.
     trees = {
-        name: _as_array(value) if name in ("pred", "index") else value
+        name: _as_array(name, value) if name in ("pred", "index") else value
         for name, value in arguments.items()
         if name not in static
     }
@@ -575,6 +572,7 @@ def _eager_call(function: Any, bound: inspect.BoundArguments, static: Any) -> An
             _PROGRAMS.put(key, entry, referents)
     if entry is _UNCACHED:
         return _UNCACHED
+    _promotion_key.value = None  # Not traced: the call's objects are let go.
     run, (prepare, scalars), consts, out_def, places = entry
     try:
         xs = [leaves[i] for i in arrays]
@@ -608,9 +606,12 @@ def _cached_eagerly(*static: str) -> Callable[[_Function], _Function]:
     return decorate
 
 
-def _as_array(value: Any) -> Any:
-    """A Python number as the weakly typed array that `jax.lax` makes of it."""
+def _as_array(name: str, value: Any) -> Any:
+    """A selector as `jax.lax` takes it: a number as a weakly typed array, after a
+    `pred` that is not a JAX array is compared with 0 on the host (1e-45 is true)."""
     try:
+        if name == "pred" and not isinstance(value, jax.Array):
+            value = value != 0 if np.asarray(value).dtype.kind in "iuf" else value
         return jnp.asarray(value) if _is_python_number(value) else value
     except Exception:
         return value  # Left as it is, for `jax.lax` to complain of.

@@ -2392,6 +2392,21 @@ def test_dataclasses_are_keyed_by_equality_or_identity_as_they_compare() -> None
     assert _compiled_by(lambda: filter_cond(True, keep, keep, _TWO, Label("b"))) == 0
 
 
+def test_a_bound_method_is_cached_while_its_object_lives() -> None:
+    class Policy:
+        def step(self, c: Any, x: Any) -> Any:
+            return c * 3 + x, c
+
+    policy, xs = Policy(), jnp.ones(2)
+    filter_scan(policy.step, jnp.zeros(2), xs)
+    call = lambda p=policy: filter_scan(p.step, jnp.zeros(2), xs)  # noqa: E731
+    assert _compiled_by(call) == 0
+    alive = weakref.ref(policy)
+    del policy, call
+    gc.collect()
+    assert alive() is None  # Neither the cache nor the last call keeps it alive.
+
+
 def test_weak_and_strong_arrays_are_different_keys() -> None:
     double = lambda x: x * 2  # noqa: E731
     for x in (jnp.asarray(1.0), jnp.float32(1.0), jnp.asarray(1.0)):
