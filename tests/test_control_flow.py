@@ -2624,3 +2624,97 @@ def test_filter_scan_of_length_zero_matches_lax_scan(length):
     ours = filter_scan(step, jnp.float32(2.0), None, length=length)
     theirs = jax.lax.scan(step, jnp.float32(2.0), None, length=0)
     assert_identical(ours, theirs, weak_types=True)
+
+
+# A pred that `jax.lax.cond` refuses is refused eagerly too, first call and cached:
+# only a scalar number is compared with 0 on the host (a list's `!= 0` is `True`).
+class _ArrayLikeZero:
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return np.array(0)
+
+
+@pytest.mark.parametrize(
+    "pred",
+    [[0], [1], [], (0,), np.longdouble(1), _ArrayLikeZero()],
+    ids=["list0", "list1", "empty", "tuple0", "longdouble", "array_like"],
+)
+def test_filter_cond_refuses_the_preds_that_lax_cond_refuses(pred: Any) -> None:
+    with pytest.raises(TypeError):
+        jax.lax.cond(pred, lambda x: x + 1.0, lambda x: x - 1.0, jnp.float32(0.0))
+    for _ in range(2):
+        with pytest.raises(TypeError):
+            filter_cond(pred, lambda x: x + 1.0, lambda x: x - 1.0, jnp.float32(0.0))
+
+
+# Bound methods compare by their object's identity: an equal instance's method is
+# not the same function, and must not reuse the program traced for the other's.
+def test_methods_of_equal_instances_do_not_share_a_program() -> None:
+    class Loose:
+        def __init__(self, k: float) -> None:
+            self.k = k
+
+        def __eq__(self, other: object) -> bool:
+            return isinstance(other, Loose)
+
+        def __hash__(self) -> int:
+            return 0
+
+        def step(self, carry: Any, _: Any) -> Any:
+            return carry + self.k, None
+
+        def scale(self, x: Any) -> Any:
+            return x * self.k
+
+    one, five = Loose(1.0), Loose(5.0)
+    x = jnp.float32(1.0)
+    assert float(filter_scan(one.step, x, length=2)[0]) == 3.0
+    assert float(filter_scan(five.step, x, length=2)[0]) == 11.0
+    assert float(filter_cond(True, one.scale, one.scale, x)) == 1.0
+    assert float(filter_cond(True, five.scale, five.scale, x)) == 5.0
+
+    @dataclasses.dataclass(frozen=True)
+    class Sign:
+        s: float
+
+        def inv(self, x: Any) -> Any:
+            return 1.0 / (x * self.s)
+
+    plus, minus = Sign(0.0), Sign(-0.0)
+    assert plus == minus
+    assert float(filter_cond(True, plus.inv, plus.inv, x)) == math.inf
+    assert float(filter_cond(True, minus.inv, minus.inv, x)) == -math.inf
+
+
+# A method of an object that cannot be weakly referenced (`__slots__`) is not cached
+# by a strong reference that keeps the object, its class and function alive.
+def test_a_method_of_a_slotted_object_is_not_kept_alive() -> None:
+    def make() -> Any:
+        class Slotted:
+            __slots__ = ("v",)
+
+            def step(self, carry: Any, _: Any) -> Any:
+                return carry + 1.0, None
+
+        return Slotted()
+
+    obj = make()
+    kind = weakref.ref(type(obj))
+    assert float(filter_scan(obj.step, jnp.float32(0.0), length=3)[0]) == 3.0
+    del obj
+    gc.collect()
+    assert kind() is None
+
+
+# A call that raises before running lets go of its objects (the promotion hint).
+def test_a_call_that_raises_early_does_not_keep_its_functions_alive() -> None:
+    class Branch:
+        def __call__(self, x: Any) -> Any:
+            return x
+
+    branch = Branch()
+    alive = weakref.ref(branch)
+    with pytest.raises(TypeError):
+        filter_cond(True, branch, branch, jnp.float32(0.0), operand=1.0)
+    del branch
+    gc.collect()
+    assert alive() is None
