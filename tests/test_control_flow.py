@@ -2635,8 +2635,8 @@ class _ArrayLikeZero:
 
 @pytest.mark.parametrize(
     "pred",
-    [[0], [1], [], (0,), np.longdouble(1), _ArrayLikeZero()],
-    ids=["list0", "list1", "empty", "tuple0", "longdouble", "array_like"],
+    [[0], [1], [], (0,), None, np.longdouble(1), _ArrayLikeZero()],
+    ids=["list0", "list1", "empty", "tuple0", "none", "longdouble", "array_like"],
 )
 def test_filter_cond_refuses_the_preds_that_lax_cond_refuses(pred: Any) -> None:
     with pytest.raises(TypeError):
