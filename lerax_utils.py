@@ -467,8 +467,7 @@ class _Cache:
         with self.lock:
             while self.dead:
                 self.entries.pop(self.dead.pop(), None)
-            found = self.entries.get(key)
-            if found is not None:
+            if (found := self.entries.get(key)) is not None:
                 self.entries.move_to_end(key)
             return found and found[0]
 
@@ -513,13 +512,16 @@ def _exact_key(value: Any, referents: list[Any]) -> Any:
     if dataclasses.is_dataclass(kind) and kind.__eq__ is not object.__eq__:
         fields = [getattr(value, field.name) for field in dataclasses.fields(value)]
         return (kind, tuple(_exact_key(field, referents) for field in fields))
-    method = inspect.ismethod(value)  # Lives while its object and function do.
+    # A method by identity, as methods compare; uncached if its object has no weakref.
+    if inspect.ismethod(value) and weakref.ref(value.__self__):
+        referents += [value.__self__, value.__func__]  # Gone before an id is reused.
+        return (kind, id(value.__self__), id(value.__func__))
     try:
-        key = (weakref.WeakMethod if method else weakref.ref)(value)
+        key = weakref.ref(value)
     except TypeError:
         hash(value)
         return (kind, value)
-    referents.extend((value.__self__, value.__func__) if method else (value,))
+    referents.append(value)
     return key
 
 
@@ -549,7 +551,8 @@ def _eager_call(function: Any, bound: inspect.BoundArguments, static: Any) -> An
         for i, leaf in enumerate(leaves):
             if eqx.is_array(leaf):
                 arrays.append(i)
-                key.append(getattr(leaf, "aval", None) or (leaf.shape, leaf.dtype))
+                aval = getattr(leaf, "aval", None)  # `result_type` refuses longdouble.
+                key.append(aval or (leaf.shape, leaf.dtype, jnp.result_type(leaf)))
             elif _is_jax_value(leaf) or (
                 not _is_python_number(leaf) and (leaf == leaf) is not True
             ):
@@ -572,12 +575,10 @@ def _eager_call(function: Any, bound: inspect.BoundArguments, static: Any) -> An
             _PROGRAMS.put(key, entry, referents)
     if entry is _UNCACHED:
         return _UNCACHED
-    _promotion_key.value = None  # Not traced: the call's objects are let go.
-    run, (prepare, scalars), consts, out_def, places = entry
+    run, prepare, consts, out_def, places = entry
     try:
         xs = [leaves[i] for i in arrays]
-        made = prepare(*(xs[i] for i in scalars)) if prepare else ()
-        values = iter(run(consts, *xs, *made))
+        values = iter(run(consts, *xs, *(prepare(*xs) if prepare else ())))
     except BaseException:
         if "progress" in static:
             _end_open_lines()  # As `_tidy_on_error`, for a progress bar's line.
@@ -598,8 +599,11 @@ def _cached_eagerly(*static: str) -> Callable[[_Function], _Function]:
 
         @functools.wraps(function)
         def cached(*args: Any, **kwargs: Any) -> Any:
-            out = _eager_call(function, signature.bind(*args, **kwargs), static)
-            return function(*args, **kwargs) if out is _UNCACHED else out
+            try:
+                out = _eager_call(function, signature.bind(*args, **kwargs), static)
+                return function(*args, **kwargs) if out is _UNCACHED else out
+            finally:  # Also after an error: the call's objects are let go.
+                _promotion_key.value = None
 
         return cast(_Function, cached)
 
@@ -607,11 +611,11 @@ def _cached_eagerly(*static: str) -> Callable[[_Function], _Function]:
 
 
 def _as_array(name: str, value: Any) -> Any:
-    """A selector as `jax.lax` takes it: a number as a weakly typed array, after a
-    `pred` that is not a JAX array is compared with 0 on the host (1e-45 is true)."""
+    """A selector as `jax.lax` takes it: numbers as arrays, a host `pred` as `!= 0`."""
     try:
-        if name == "pred" and not isinstance(value, jax.Array):
-            value = value != 0 if np.asarray(value).dtype.kind in "iuf" else value
+        pred = name == "pred" and np.ndim(value) == 0  # Not `[0]`: its `!= 0` is True.
+        if pred and not isinstance(value, jax.Array | Sequence | None):  # As lax.
+            value = value != 0 if jnp.result_type(value).kind in "iuf" else value
         return jnp.asarray(value) if _is_python_number(value) else value
     except Exception:
         return value  # Left as it is, for `jax.lax` to complain of.
@@ -648,23 +652,19 @@ def _compile_call(treedef: Any, leaves: list[Any], arrays: list[int], call: Any)
         return _UNCACHED  # Each call must get its own new objects, as uncached.
     # The selector's preparation runs op by op, as in `jax.lax`, not in the program.
     jaxpr, prelude, rest = closed.jaxpr, [], []
-    scalars = [i for i, v in enumerate(jaxpr.invars) if v.aval.shape == ()]
-    ready = {jaxpr.invars[i] for i in scalars}
+    ready = {v for v in jaxpr.invars if v.aval.shape == ()}
     for eqn in jaxpr.eqns:
         early = all(hasattr(v, "val") or v in ready for v in eqn.invars)
-        if early and eqn.primitive.name in ("ne", "convert_element_type", "clamp"):
-            prelude.append(eqn)
-            ready.update(eqn.outvars)
-        else:
-            rest.append(eqn)
+        early &= eqn.primitive.name in ("ne", "convert_element_type", "clamp")
+        (prelude if early else rest).append(eqn)
+        ready.update(eqn.outvars if early else ())
     made = [v for eqn in prelude for v in eqn.outvars]
     info = getattr(jaxpr.debug_info, "with_unknown_names", lambda: None)()
     first = jaxpr.replace(eqns=prelude, outvars=made, constvars=[], debug_info=info)
-    first = first.replace(invars=[jaxpr.invars[i] for i in scalars])
     rest = jaxpr.replace(invars=[*jaxpr.invars, *made], eqns=rest, debug_info=info)
     run = jax.jit(lambda consts, *xs: jax.core.eval_jaxpr(rest, consts, *xs))
     prepare = functools.partial(jax.core.eval_jaxpr, first, []) if prelude else None
-    return run, (prepare, scalars), list(closed.consts), out[0], out[1]
+    return run, prepare, list(closed.consts), out[0], out[1]
 
 
 class _PromoteCarryNumbers(Exception):

@@ -1857,7 +1857,7 @@ def test_a_cached_call_prepares_its_selector_op_by_op() -> None:
         _same(filter_cond(pred, _first, _second, x, "c"), want)
     # Each call's preparation runs op by op, outside its compiled program.
     entries = [entry for entry, _ in list(lerax_utils._PROGRAMS.entries.values())[-3:]]
-    names = [[e.primitive.name for e in p.args[0].eqns] for _, (p, _), *_ in entries]
+    names = [[e.primitive.name for e in p.args[0].eqns] for _, p, *_ in entries]
     switch, cond = ["convert_element_type", "clamp"], ["ne", "convert_element_type"]
     assert names == [switch, switch, cond]
 
