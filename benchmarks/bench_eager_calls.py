@@ -215,9 +215,9 @@ def main() -> None:
         for _ in range(args.repeats):
             ours_t.append(per_call(ours, args.calls))
             lax_t.append(per_call(lax, args.calls))
-            for _ in range(args.first_rounds):
-                new_t.append(first_call(name, cached=True))
-                old_t.append(first_call(name, cached=False))
+            for i in range(args.first_rounds):  # Each side goes first in turn.
+                for cached in (i % 2 == 0, i % 2 == 1):
+                    (new_t if cached else old_t).append(first_call(name, cached))
         ours_m, lax_m = statistics.median(ours_t), statistics.median(lax_t)
         repeated[name] = ours_m / lax_m
         first[name] = statistics.median(new_t) / statistics.median(old_t)
