@@ -225,8 +225,7 @@ _get_abstract_mesh = getattr(jax.sharding, "get_abstract_mesh", lambda: None)
 
 
 def _placed_shape(shape: Any, sharding: Any) -> jax.ShapeDtypeStruct:
-    """`shape` on `sharding`, weakly typed if it is (a ShapeDtypeStruct has no
-    `weak_type` in jax 0.4.26: it is read with a default, here and on load)."""
+    """`shape` on `sharding`, weakly typed if it is (jax 0.4.26 has no `weak_type`)."""
     weak = _SHAPE_HAS_WEAK_TYPE and getattr(shape, "weak_type", False)
     extra = {"weak_type": True} if weak else {}
     return jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding, **extra)
@@ -1729,7 +1728,18 @@ def stack_pytree(trees: Sequence[_Tree], *, axis: int = 0) -> _Tree:
                 raise ValueError(_stack_error(index, path, message))
     stacked = list(first)
     for position, column in columns.items():
-        stacked[position] = _stack_column(column, axis)
+        if all(isinstance(leaf, np.ndarray | np.generic) for leaf in column):
+            stacked[position] = np.stack(column, axis=axis)
+        elif len(column) <= _STACK_CHUNK or any(
+            isinstance(x, jax.core.Tracer) for x in column
+        ):
+            stacked[position] = jnp.stack(column, axis=axis)
+        else:  # Filled in chunks of a fixed size: two small programs serve any length.
+            at, out = axis % (column[0].ndim + 1), None
+            for start in _chunk_starts(len(column), _STACK_CHUNK):
+                chunk = column[start : start + _STACK_CHUNK]
+                out = _stack_chunk_into(out, start, *chunk, axis=at, length=len(column))
+            stacked[position] = out
     return treedef.unflatten(stacked)
 
 
@@ -1741,21 +1751,6 @@ def _stack_error(index: int, path: str, message: str) -> str:
 
 
 _STACK_CHUNK = 64
-
-
-def _stack_column(column: list[Any], axis: int) -> Any:
-    if all(isinstance(leaf, np.ndarray | np.generic) for leaf in column):
-        return np.stack(column, axis=axis)
-    axis = axis if axis >= 0 else axis + column[0].ndim + 1
-    length = len(column)
-    if length <= _STACK_CHUNK or any(isinstance(x, jax.core.Tracer) for x in column):
-        return jnp.stack(column, axis=axis)
-    # Filled in chunks of a fixed size, so that two small programs serve any length.
-    out = None
-    for start in _chunk_starts(length, _STACK_CHUNK):
-        chunk = column[start : start + _STACK_CHUNK]
-        out = _stack_chunk_into(out, start, *chunk, axis=axis, length=length)
-    return out
 
 
 @functools.partial(jax.jit, static_argnames=("axis", "length"), donate_argnums=0)
@@ -2094,8 +2089,7 @@ def _progress_description(function: str, progress: Any) -> str | None:
 
 
 def _progress_stride(total: int) -> int:
-    """Report every `k`-th step. A host call costs as much as thousands of small
-    steps, so a loop reports 5 times, and once more per 2000 steps, up to the bound."""
+    """Report every `k`-th step: 5 reports, and one more per 2000 steps, at most."""
     reports = min(max(min(total, 5), total // 2000), _PROGRESS_MAX_CALLBACKS - 1)
     return max(1, -(-total // reports))
 
@@ -2344,9 +2338,8 @@ class Serializable(eqx.Module):
 
         As `eqx.tree_deserialise_leaves`, except that the skeleton is
         `eqx.filter_eval_shape(cls, *args, **kwargs)` (NumPy arguments passed as
-        copies and NumPy leaves kept), with the file's recorded arguments if none are
-        given, and must match the file's structure, static values, shapes and dtypes.
-        Equinox's own files load too; nothing is unpickled.
+        copies and NumPy leaves kept), and must match the file's structure, static
+        values, shapes and dtypes. Equinox's own files load too; nothing is unpickled.
         Given no arguments, it calls the constructor with the file's recorded values:
         for a file you do not trust, pass the arguments.
 
@@ -2949,8 +2942,7 @@ def _write_atomically(
     header: bytes,
     write_data: Callable[[IO[bytes], pathlib.Path], list[int]],
 ) -> None:
-    """Write a checkpoint beside `target` and rename it over `target`; `write_data`
-    writes the data and returns each array's CRC-32."""
+    """Write beside `target`, then rename over it; `write_data` gives the CRC-32s."""
     target.parent.mkdir(parents=True, exist_ok=True)
     stem = os.fsdecode(os.fsencode(target.name)[:64])  # Short, whatever the target.
     flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
@@ -2998,10 +2990,9 @@ def _write_atomically(
             os.close(folder)
 
 
-# Several processes (`jax.distributed`) each call `serialize`: process 0 writes the
-# header and other leaves to a temporary file and publishes its name; each process
-# writes its replica-0 shards there and says so; process 0 checksums the data, fills
-# in the header and renames the file. Every wait is bounded; failures are published.
+# Each process calls `serialize`: process 0 writes the header and other leaves to a
+# temporary file, whose name it publishes; each process writes its replica-0 shards
+# there; process 0 checksums, fills in the header and renames. Waits are bounded.
 _PROCESS_TIMEOUT_S = 600.0
 _FAILED = "!"  # A published value that starts so is the message of a failure.
 _SAVE_NUMBERS = itertools.count(1)  # Every process counts its saves, failed ones too.
@@ -3853,8 +3844,7 @@ def _region(index: Any, shape: Sequence[int]) -> _Region:
 def _read_sharded(
     file: IO[bytes], entry: _Entry, sharding: jax.sharding.Sharding, source: _Source
 ) -> jax.Array:
-    """One array leaf, made with `sharding`: checked whole first, then each local
-    shard read alone, put on its devices and freed (one shard: checked as read)."""
+    """One array leaf on `sharding`: checked, then each local shard read and placed."""
     dtype = cast(np.dtype, _numpy_dtype(entry["dtype"]))
     shape = tuple(entry["shape"])  # A key's data, whose own axes no shard splits.
     global_shape = tuple(entry.get("key_shape", shape))
