@@ -197,8 +197,7 @@ def _key_impl_types() -> dict[str, tuple[Any, tuple[int, ...], np.dtype]]:
     """For each PRNG implementation: its key dtype, key data shape and data dtype."""
     found = {}
     for name in _KEY_IMPLS:
-        key = jax.random.key(0, impl=name)
-        data = jax.random.key_data(key)
+        data = jax.random.key_data(key := jax.random.key(0, impl=name))
         found[name] = (key.dtype, tuple(data.shape), np.dtype(data.dtype))
     return found
 
@@ -210,8 +209,7 @@ def _key_impl_name(dtype: Any) -> str | None:
 
 
 def _weak_array(array: jax.Array) -> jax.Array:
-    # Private: `jax._src.lax.lax._convert_element_type` (jax 0.4.26 to 0.10): JAX
-    # has no public way to set the flag.
+    # Private (jax 0.4.26 to 0.10): JAX has no public way to set the weak type.
     from jax._src.lax import lax as lax_internal
 
     weak = lax_internal._convert_element_type(array, array.dtype, weak_type=True)
@@ -233,8 +231,7 @@ def _placed_shape(shape: Any, sharding: Any) -> jax.ShapeDtypeStruct:
 
 def _distributed_client() -> Any:
     """The `jax.distributed` key-value store client, or None before `initialize`."""
-    # Private: `jax._src.distributed.global_state.client` (jax 0.4.26 to 0.10); the
-    # public `multihost_utils` has no key-value store, and waits without a bound.
+    # Private (jax 0.4.26 to 0.10): `multihost_utils` has no bounded key-value store.
     from jax._src import distributed
 
     return distributed.global_state.client
@@ -1896,10 +1893,9 @@ def _host_caller(
             row: list[Any] = list(template)
             for i, array, impl in zip(positions, host_arrays, impls, strict=True):
                 row[i] = to_host(array, impl)
-            for i in copied:  # Copied again: `func` may change what it is given.
-                row[i] = row[i].copy()
-            for i in on_the_host:
-                row[i] = host_side(row[i])
+            for i in on_the_host:  # Copied again: `func` may change what it is given.
+                copy = isinstance(row[i], np.ndarray)
+                row[i] = host_side(row[i].copy() if copy else row[i])
             host_args, host_kwargs = treedef.unflatten(row)
             # Open bars' lines are blanked: what `func` prints gets lines of its own.
             with _progress_lock:
@@ -2189,10 +2185,9 @@ def _progress_callbacks(
 
     def report(first: bool) -> None:
         with _progress_lock:
-            if first:
-                if bar.started:
-                    bar.reports = 0
-                bar.started = True
+            if first and bar.started:
+                bar.reports = 0
+            bar.started = bar.started or first
             index = bar.reports
             bar.reports += 1
             if bar.reports == reports:
@@ -2560,9 +2555,8 @@ def _load(
 
             def place(leaf: Any, like: Any) -> Any:  # On the sharding `like` asks for.
                 sharding = _leaf_sharding(like)
-                if sharding is None or not isinstance(leaf, jax.Array):
-                    return leaf
-                return jax.device_put(leaf, sharding)
+                kept = sharding is None or not isinstance(leaf, jax.Array)
+                return leaf if kept else jax.device_put(leaf, sharding)
 
             return jtu.tree_map(place, model, skeleton)
         # The skeleton, built here, takes the file's recordings.
@@ -3432,8 +3426,26 @@ def _read_header(
         raise source.error("has a malformed header")
     layout = _Layout(leaves, structure, arguments, size)  # Entries not yet checked.
     skeleton = build(layout, source)
-
-    def decode() -> None:  # Once the counts agree: too many entries are not decoded.
+    # Structure and static values, then the leaves' count, paths and types.
+    if source.function.startswith("Serializable."):
+        name = "the skeleton"
+        fix = "Pass the constructor arguments the model was saved with"
+    else:
+        name = "`like`"
+        fix = "Pass a `like` with the structure, shapes and dtypes of the saved tree"
+    difference = _structure_difference_in_file(
+        layout.structure, _structure(skeleton), name
+    )
+    if difference is not None:
+        path, message = difference
+        raise source.error(f"does not match {name} {_where(path)}: {message}. {fix}")
+    expected = [
+        (_keystr(path), leaf)
+        for path, leaf in jtu.tree_flatten_with_path(skeleton)[0]
+        if _is_saved_leaf(leaf)
+    ]
+    wanted = [path for path, _ in expected]
+    if len(layout.entries) == len(wanted):  # Never more entries decoded than leaves.
         try:  # In time linear in the header's length.
             layout.entries = entries = [_checked_entry(entry) for entry in leaves]
         except _Malformed as err:
@@ -3449,11 +3461,11 @@ def _read_header(
             raise source.error("has a malformed header")
         offset = data_start = _LENGTH.size + length
         for index, entry in enumerate(arrays):
-            wanted = _tensor_entry(entry, offset - data_start, entry["nbytes"])
-            if header.get(entry["path"]) != wanted:  # `__metadata__` never matches.
+            table = _tensor_entry(entry, offset - data_start, entry["nbytes"])
+            if header.get(entry["path"]) != table:  # `__metadata__` never matches.
                 raise source.error(
                     f"has a malformed header: the tensor table's entry for the leaf at "
-                    f"path {entry['path']} is not {_json(wanted)}"
+                    f"path {entry['path']} is not {_json(table)}"
                 )
             entry.update(offset=offset, crc=int(crcs[8 * index : 8 * index + 8], 16))
             offset += entry["nbytes"]
@@ -3466,8 +3478,18 @@ def _read_header(
                 f"has {size - offset} trailing bytes after the data its header "
                 "describes; it was not written by `serialize` in one piece"
             )
-
-    _check_against_skeleton(source, layout, skeleton, decode)
+    paths = [e.get("path") if isinstance(e, dict) else None for e in layout.entries]
+    if paths != wanted:
+        pairs = itertools.zip_longest(paths, wanted)
+        first = next((q if p is None else p for p, q in pairs if p != q), "")
+        raise source.error(
+            f"holds {len(paths)} leaves, and {name} has {len(wanted)}; they "
+            f"first differ at path {first}. {fix}"
+        )
+    for entry, (path, leaf) in zip(layout.entries, expected, strict=True):
+        problem = _leaf_mismatch(entry, leaf, name, fix, layout.kinds_known)
+        if problem is not None:
+            raise source.error(f"holds at path {path} {problem}")
     return layout, skeleton
 
 
@@ -3560,44 +3582,6 @@ def _is_saved_leaf(leaf: Any) -> bool:
         or eqx.is_array(leaf)
         or type(leaf) in _PYTHON_SCALARS
     )
-
-
-def _check_against_skeleton(
-    source: _Source, layout: _Layout, skeleton: Any, decode: Callable[[], None]
-) -> None:
-    """Structure and static values, then the leaves' count, paths and types."""
-    if source.function.startswith("Serializable."):
-        name = "the skeleton"
-        fix = "Pass the constructor arguments the model was saved with"
-    else:
-        name = "`like`"
-        fix = "Pass a `like` with the structure, shapes and dtypes of the saved tree"
-    difference = _structure_difference_in_file(
-        layout.structure, _structure(skeleton), name
-    )
-    if difference is not None:
-        path, message = difference
-        raise source.error(f"does not match {name} {_where(path)}: {message}. {fix}")
-    expected = [
-        (_keystr(path), leaf)
-        for path, leaf in jtu.tree_flatten_with_path(skeleton)[0]
-        if _is_saved_leaf(leaf)
-    ]
-    wanted = [path for path, _ in expected]
-    if len(layout.entries) == len(wanted):
-        decode()
-    paths = [e.get("path") if isinstance(e, dict) else None for e in layout.entries]
-    if paths != wanted:
-        pairs = itertools.zip_longest(paths, wanted)
-        first = next((q if p is None else p for p, q in pairs if p != q), "")
-        raise source.error(
-            f"holds {len(paths)} leaves, and {name} has {len(wanted)}; they "
-            f"first differ at path {first}. {fix}"
-        )
-    for entry, (path, leaf) in zip(layout.entries, expected, strict=True):
-        problem = _leaf_mismatch(entry, leaf, name, fix, layout.kinds_known)
-        if problem is not None:
-            raise source.error(f"holds at path {path} {problem}")
 
 
 def _leaf_mismatch(
