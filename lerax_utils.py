@@ -2085,7 +2085,7 @@ def _progress_description(function: str, progress: Any) -> str | None:
 
 
 def _progress_stride(total: int) -> int:
-    """Report every `k`-th step: 5 reports, and one more per 2000 steps, at most."""
+    """Report every `k`-th step: 5 times, once more per 2000 steps, up to the bound."""
     reports = min(max(min(total, 5), total // 2000), _PROGRESS_MAX_CALLBACKS - 1)
     return max(1, -(-total // reports))
 
@@ -2304,8 +2304,7 @@ class Serializable(eqx.Module):
     )
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Self:
-        # Only the outermost constructor call gets here with arguments: not a
-        # `super().__init__(...)`, nor unflattening, copying or unpickling.
+        # Only constructor calls have arguments: not unflattening, copying, unpickling.
         self = super().__new__(cls)
         if args or kwargs:
             recorded = {
@@ -2513,9 +2512,7 @@ def _names_a_folder(function: str, path: str | pathlib.Path) -> ValueError:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Source:
-    """A checkpoint being read, and the function the user called to read it."""
-
+class _Source:  # A checkpoint being read, and the function the user called to read it.
     path: str
     function: str
 
@@ -2832,9 +2829,8 @@ def _recorded_call(
         return (), {}  # Tried as `cls()`; a failure says that nothing was recorded.
     if recording["class"] != cls.__qualname__:
         raise source.error(
-            f"holds a model of class {recording['class']}, not {cls.__qualname__}. "
-            f"Call `{recording['class']}.deserialize`, or pass the constructor "
-            "arguments",
+            f"holds a {recording['class']}, not a {cls.__qualname__}. Call "
+            f"`{recording['class']}.deserialize`, or pass the constructor arguments"
         )
     positional, missing = recording["args"], []
 
@@ -2998,9 +2994,8 @@ def _next_save(function: str) -> tuple[Any, str]:
     client = _distributed_client()
     if client is None:
         raise ValueError(
-            f"{function}: the {_saving(function)[1]} holds arrays that span "
-            "several processes, but `jax.distributed` is not initialized here. Call "
-            "`jax.distributed.initialize` in every process first."
+            f"{function}: the {_saving(function)[1]} spans processes without "
+            "`jax.distributed`. Call `jax.distributed.initialize` in every process."
         )
     return client, f"lerax_utils/serialize/{next(_SAVE_NUMBERS)}"
 
@@ -3427,12 +3422,10 @@ def _read_header(
     layout = _Layout(leaves, structure, arguments, size)  # Entries not yet checked.
     skeleton = build(layout, source)
     # Structure and static values, then the leaves' count, paths and types.
-    if source.function.startswith("Serializable."):
-        name = "the skeleton"
+    name = "the skeleton" if source.function.startswith("Serializable.") else "`like`"
+    fix = "Pass a `like` with the structure, shapes and dtypes of the saved tree"
+    if name == "the skeleton":
         fix = "Pass the constructor arguments the model was saved with"
-    else:
-        name = "`like`"
-        fix = "Pass a `like` with the structure, shapes and dtypes of the saved tree"
     difference = _structure_difference_in_file(
         layout.structure, _structure(skeleton), name
     )
@@ -3768,8 +3761,7 @@ def _with_shardings(skeleton: Any, sharding: Any) -> Any:
         except (ValueError, TypeError) as err:
             raise ValueError(
                 f"{name}: the pytree returned by `sharding` does not have the "
-                f"structure of the skeleton ({err}). Return one with a Sharding or "
-                "None at each array leaf."
+                f"structure of the skeleton ({err}); give a Sharding or None per array."
             ) from err
     else:
         raise TypeError(
@@ -3828,7 +3820,7 @@ def _region(index: Any, shape: Sequence[int]) -> _Region:
 def _read_sharded(
     file: IO[bytes], entry: _Entry, sharding: jax.sharding.Sharding, source: _Source
 ) -> jax.Array:
-    """One array leaf on `sharding`: checked, then each local shard read and placed."""
+    """One array leaf on `sharding`, its local shards read, checked, placed in turn."""
     dtype = cast(np.dtype, _numpy_dtype(entry["dtype"]))
     shape = tuple(entry["shape"])  # A key's data, whose own axes no shard splits.
     global_shape = tuple(entry.get("key_shape", shape))

@@ -1629,8 +1629,8 @@ def test_a_recording_of_another_class_is_refused_before_calling_anything(tmp_pat
         Recorder.deserialize(tmp_path / "model")
     assert str(info.value) == (
         f"Serializable.deserialize: the file '{tmp_path / 'model.eqx'}' holds a "
-        "model of class Regressor, not Recorder. Call `Regressor.deserialize`, or "
-        "pass the constructor arguments."
+        "Regressor, not a Recorder. Call `Regressor.deserialize`, or pass the "
+        "constructor arguments."
     )
 
 
