@@ -412,32 +412,48 @@ _TRACING_ERRORS = (  # The errors that say only that a tracer was used as a valu
 _NO_OPERAND = object()  # The default of `operand=`, which `jax.lax` also takes.
 
 
-def _check_callable(function: str, **functions: Any) -> None:
-    for name, fun in functions.items():
-        if not callable(fun):
-            message = f"`{name}` must be callable; got {_describe_leaf(fun)}."
-            raise TypeError(f"{function}: {message}")
-
-
-_LAX_CALLS = {  # Each `jax.lax` function, on a body or branches that give `old`, `new`.
-    "filter_scan": lambda old, new: jax.lax.scan(lambda c, x: (new, x), old, None, 1),
-    "filter_while_loop": lambda old, new: jax.lax.while_loop(
-        lambda c: True, lambda c: new, old
-    ),
-    "filter_fori_loop": lambda old, new: jax.lax.fori_loop(0, 1, lambda i, c: new, old),
-    "filter_cond": lambda old, new: jax.lax.cond(True, lambda: old, lambda: new),
-    "filter_switch": lambda old, new: jax.lax.switch(0, [lambda: old, lambda: new]),
+_LAX_CALLABLES = {  # Each `jax.lax` function, given the functions we were given.
+    "filter_scan": lambda f: jax.lax.scan(f, 0.0, None, 1),
+    "filter_cond": lambda true_fun, false_fun: jax.lax.cond(True, true_fun, false_fun),
+    "filter_switch": lambda *branches: jax.lax.switch(0, branches),
+    "filter_while_loop": lambda cond, body: jax.lax.while_loop(cond, body, 0.0),
+    "filter_fori_loop": lambda body: jax.lax.fori_loop(0, 1, body, 0.0),
+    "filter_map": lambda f: jax.lax.map(f, jnp.zeros(1)),
 }
 
 
-def _lax_says(function: str, *trees: Any, run: Callable[..., Any] | None = None) -> str:
-    """`jax.lax`'s message for the mistake `run(*trees)` (or `_LAX_CALLS`) makes."""
+def _check_callable(function: str, **functions: Any) -> None:
+    for name, fun in functions.items():
+        if not callable(fun):
+            check = _LAX_CALLABLES.get(function, lambda *_: None)
+            raise TypeError(
+                f"{function}: `{name}` must be callable; got {_describe_leaf(fun)}."
+                + _lax_says(function, run=functools.partial(check, *functions.values()))
+            )
+
+
+_LAX_CALLS = {  # Each `jax.lax` function, on a body `b` or branches giving `o`, `n`.
+    "filter_scan": lambda o, n, b: jax.lax.scan(b(lambda c, x: (n, x)), o, None, 1),
+    "filter_while_loop": lambda o, n, b: jax.lax.while_loop(
+        lambda c: True, b(lambda c: n), o
+    ),
+    "filter_fori_loop": lambda o, n, b: jax.lax.fori_loop(0, 1, b(lambda i, c: n), o),
+    "filter_cond": lambda o, n, _: jax.lax.cond(True, lambda: o, lambda: n),
+    "filter_switch": lambda o, n, _: jax.lax.switch(0, [lambda: o, lambda: n]),
+}
+
+
+def _lax_says(function: str, *trees: Any, run: Any = None, body: Any = None) -> str:
+    """`jax.lax`'s message for the mistake `run(*trees)` makes (by default, that in
+    `_LAX_CALLS`, with the stand-in body named after `body`)."""
 
     def stand_in(x: Any) -> Any:
         return jax.ShapeDtypeStruct(x.shape, x.dtype) if eqx.is_array(x) else 0.0
 
+    name = _named_after(body) if body else lambda stand_in_body: stand_in_body
+    run = run or (lambda *trees: _LAX_CALLS[function](*trees, name))
     try:
-        jax.eval_shape(run or _LAX_CALLS[function], *jtu.tree_map(stand_in, trees))
+        jax.eval_shape(run, *jtu.tree_map(stand_in, trees))
     except Exception as error:
         return f"\n\njax.lax.{function[7:]} says: {error}"
     return ""
@@ -537,18 +553,27 @@ def _eager_call(function: Any, bound: inspect.BoundArguments, static: Any) -> An
         call = inspect.BoundArguments(bound.signature, {**arguments, **trees})
         return function(*call.args, **call.kwargs)
 
-    leaves, treedef = jtu.tree_flatten(trees)
+    paths, treedef = jtu.tree_flatten_with_path(trees)
+    leaves = [leaf for _, leaf in paths]
     referents: list[Any] = []
     arrays: list[int] = []
+    numbers: set[int] = set()  # The operands' numbers: traced, as by `jax.lax`.
     try:  # Uncached where a static leaf cannot be hashed, or compared safely.
+        if len(arguments.get("branches", ())) != 1:  # Else lax calls it on them.
+            numbers = {
+                i
+                for i, (path, leaf) in enumerate(paths)
+                if path[0].key in ("operands", "operand") and _is_python_number(leaf)
+            }
         options = (arguments.get(name, _UNCACHED) for name in static)
         key: Any = [function, _trace_context(), *((type(x), x) for x in options)]
         key.append(_structure_key(treedef, referents))
         for i, leaf in enumerate(leaves):
-            if eqx.is_array(leaf):
+            if eqx.is_array(leaf) or i in numbers:
                 arrays.append(i)
                 aval = getattr(leaf, "aval", None)  # `result_type` refuses longdouble.
-                key.append(aval or (leaf.shape, leaf.dtype, jnp.result_type(leaf)))
+                typed = aval or i in numbers or (leaf.shape, jnp.result_type(leaf))
+                key.append((type(leaf), getattr(leaf, "dtype", None), typed))
             elif _is_jax_value(leaf) or (
                 not _is_python_number(leaf) and (leaf == leaf) is not True
             ):
@@ -567,6 +592,9 @@ def _eager_call(function: Any, bound: inspect.BoundArguments, static: Any) -> An
         entry: Any = _UNCACHED  # Kept if tracing raises.
         try:
             entry = _compile_call(treedef, leaves, arrays, call)
+        except Exception:
+            if not numbers:  # Else run uncached, where they may reach branches whole.
+                raise
         finally:
             _PROGRAMS.put(key, entry, referents)
     if entry is _UNCACHED:
@@ -623,7 +651,7 @@ _IMMUTABLE = (bool, int, float, complex, str, bytes, type(None))
 def _compile_call(treedef: Any, leaves: list[Any], arrays: list[int], call: Any) -> Any:
     """Trace `call` on `treedef.unflatten(leaves)` with its array leaves traced."""
     out: list[Any] = []
-    static = {id(leaf): i for i, leaf in enumerate(leaves) if not eqx.is_array(leaf)}
+    static = {id(leaf): i for i, leaf in enumerate(leaves) if i not in arrays}
 
     def program(*traced: Any) -> list[Any]:
         inputs = list(leaves)
@@ -668,10 +696,10 @@ class _PromoteCarryNumbers(Exception):
 
 
 def _with_promoted_numbers(
-    function: str, attempt: Callable[[frozenset[int]], _Out], tree: Any
+    function: str, attempt: Callable[[frozenset[int]], _Out], tree: Any, lax_first=False
 ) -> _Out:
     """`attempt(promoted)`, with the Python numbers of `tree` at the flat indices
-    `promoted` traced: first bools only (as `jax.lax` traces them), adding those a
+    `promoted` traced: first bools only (every number if `lax_first`), adding those a
     body changes; on an error, every number (`c.shape`), then none (`if training:`)."""
     leaves = jtu.tree_leaves(tree)
     bools = frozenset(i for i, leaf in enumerate(leaves) if type(leaf) is bool)
@@ -681,11 +709,14 @@ def _with_promoted_numbers(
         numbers: "every number traced",
         frozenset(): "every number a Python value",
     }
+    last = numbers  # After every number is traced, only tracing errors try on.
+    if lax_first:
+        starts, last = {numbers: starts.pop(numbers), **starts}, None
     errors: dict[frozenset[int], Exception] = {}
     hint, _promotion_key.value = getattr(_promotion_key, "value", None), None
     with contextlib.suppress(Exception):  # An `__eq__` that raises: no hint.
         known = hint and _PROMOTIONS.get(hint[0])
-        if known:  # What this loop promoted when last traced: try that first.
+        if known is not None:  # What this loop promoted when last traced: first.
             starts = {known: "the numbers it promoted before", **starts}
     for start in starts:
         promoted, rounds, narrow = start, 0, None
@@ -711,7 +742,7 @@ def _with_promoted_numbers(
                     break
                 # Numbers needed as Python values: go one round at a time.
                 promoted, narrow = narrow, None
-        if start == numbers and not isinstance(errors[start], _TRACING_ERRORS):
+        if start == last and not isinstance(errors[start], _TRACING_ERRORS):
             break
     # Failing all: `jax.lax`'s error (every number traced), unless it only complains
     # of tracing where another start's error says more.
@@ -729,9 +760,9 @@ def _with_promoted_numbers(
 class _LoopCarry(_Split):
     """A loop carry: arrays and the numbers at the indices `promoted` are traced."""
 
-    def __init__(self, init: Any, promoted: frozenset[int], function: str):
+    def __init__(self, init: Any, promoted: Any, function: str, body: Any) -> None:
         super().__init__(init, _is_jax_value, promoted)
-        self.function = function
+        self.function, self.body = function, body
         # Numbers that every trace of the body passes on untouched stay as they were.
         self.untouched = set(promoted)
         self.body_inputs: list[Any] = []
@@ -754,7 +785,7 @@ class _LoopCarry(_Split):
             path, message = _structure_difference(self.tree, new_carry, ())
             if message.startswith("is a static field"):
                 raise TypeError(self._error(path, message, "static"))
-            says = _lax_says(self.function, self.tree, new_carry)
+            says = _lax_says(self.function, self.tree, new_carry, body=self.body)
             raise TypeError(self._error(path, message, "structure") + says)
         to_promote, unproven = set[int](), set[int]()
         inputs = self.body_inputs  # From `enter`, which each body calls first.
@@ -894,15 +925,9 @@ def _branch(
             traced_out = jax.lax.cond(selector, *wrapped, *inputs.traced_part())
         else:
             traced_out = jax.lax.switch(selector, wrapped, *inputs.traced_part())
-        first, *others = outputs.values()
-        leaves = jtu.tree_leaves(first.rebuild(traced_out))
-        for i, leaf in enumerate(first.leaves):
-            # A Python number that every branch returns unchanged stays that number.
-            if others and all(_same_python_number(leaf, o.leaves[i]) for o in others):
-                leaves[i] = leaf
-        return first.treedef.unflatten(leaves)
+        return next(iter(outputs.values())).rebuild(traced_out)
 
-    return _with_promoted_numbers(function, attempt, operands)
+    return _with_promoted_numbers(function, attempt, operands, lax_first=True)
 
 
 @_cached_eagerly("length", "reverse", "unroll", "_split_transpose", "progress")
@@ -995,6 +1020,7 @@ def filter_scan(
         raise ValueError(
             "filter_scan: cannot tell how many steps to run, because `xs` holds no "
             "arrays. Pass `length=`."
+            + _lax_says("filter_scan", run=lambda: jax.lax.scan(lambda *a: a, 0, xs))
         )
     if length is not None and length != size:
         raise ValueError(
@@ -1022,7 +1048,7 @@ def filter_scan(
         options["_split_transpose"] = _split_transpose
 
     def attempt(promoted: frozenset[int]) -> Any:
-        carry = _LoopCarry(init, promoted, "filter_scan")
+        carry = _LoopCarry(init, promoted, "filter_scan", f)
         outputs: list[_Split] = []
         pair_defs: list[Any] = []
 
@@ -1252,9 +1278,10 @@ def filter_cond(
 ) -> _Out:
     """As `jax.lax.cond`, except that the operands and outputs may be any pytree.
 
-    The operands' arrays and bools are traced; other leaves reach the branches whole.
-    At each leaf the branches return arrays or numbers (traced), or equal static
-    values; a number that every branch returns unchanged stays a Python number.
+    The operands' arrays and Python numbers are traced, as by `jax.lax.cond`, and so
+    are the numbers the branches return; where a branch raises on a traced number
+    (`if n > 0:`), the numbers reach the branches whole. Other leaves reach the
+    branches whole, and the branches must return equal values at them.
 
     **Raises:** `jax.lax.cond`'s exception types, with messages that begin:
 
@@ -1318,7 +1345,10 @@ def filter_switch(
         ) from None
     _check_callable("filter_switch", **named)
     if not named:
-        raise ValueError("filter_switch: `branches` is empty; give it a function.")
+        raise ValueError(
+            "filter_switch: `branches` is empty; give it a function."
+            + _lax_says("filter_switch", run=lambda: jax.lax.switch(0, []))
+        )
     return _branch("filter_switch", index, named, operands, operand)
 
 
@@ -1352,7 +1382,7 @@ def filter_while_loop(
     bar = _make_bar(_progress_description("filter_while_loop", progress), None)
 
     def attempt(promoted: frozenset[int]) -> Any:
-        carry = _LoopCarry(init_val, promoted, "filter_while_loop")
+        carry = _LoopCarry(init_val, promoted, "filter_while_loop", body_fun)
 
         @_named_after(cond_fun)
         def cond(traced: Any) -> Any:
@@ -1412,7 +1442,7 @@ def filter_fori_loop(
         bar = _make_bar(description, total)
 
     def attempt(promoted: frozenset[int]) -> Any:
-        carry = _LoopCarry(init_val, promoted, "filter_fori_loop")
+        carry = _LoopCarry(init_val, promoted, "filter_fori_loop", body_fun)
 
         @_named_after(body_fun)
         def body(i: Any, traced: Any) -> Any:
@@ -1478,7 +1508,10 @@ def filter_map(
     inputs = _Split(xs, _is_jax_value)
     _check_leading_axes("filter_map", inputs)
     if not any(inputs.traced):
-        raise ValueError("filter_map: `xs` holds no arrays to map over; give it one.")
+        raise ValueError(
+            "filter_map: `xs` holds no arrays to map over; give it one."
+            + _lax_says("filter_map", run=lambda: jax.lax.map(lambda x: x, xs))
+        )
     outputs: list[_Split] = []
 
     @_named_after(f)

@@ -506,6 +506,19 @@ def test_fori_counts_from_lower(reports: list[tuple[int, int]]) -> None:
     assert counts == sorted(counts)
 
 
+@pytest.mark.parametrize("lower, upper", [(5, 2), (4, 4), (-3, -7)])
+def test_fori_bounds_that_run_no_step_draw_no_bar(
+    lower: int, upper: int, reports: list[tuple[int, int]]
+) -> None:
+    body = lambda i, c: c + i  # noqa: E731
+    want = jax.lax.fori_loop(lower, upper, body, 1.5)
+    run = lambda c: filter_fori_loop(lower, upper, body, c, progress=True)  # noqa: E731
+    for call in (run, jax.jit(run)):
+        assert _identical(call(1.5), want)
+    jax.effects_barrier()
+    assert reports == []
+
+
 def test_trace_time_errors_pass_through_with_a_bar(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
