@@ -553,17 +553,17 @@ def _eager_call(function: Any, bound: inspect.BoundArguments, static: Any) -> An
         call = inspect.BoundArguments(bound.signature, {**arguments, **trees})
         return function(*call.args, **call.kwargs)
 
-    paths, treedef = jtu.tree_flatten_with_path(trees)
-    leaves = [leaf for _, leaf in paths]
+    leaves, treedef = jtu.tree_flatten(trees)
     referents: list[Any] = []
     arrays: list[int] = []
     numbers: set[int] = set()  # The operands' numbers: traced, as by `jax.lax`.
     try:  # Uncached where a static leaf cannot be hashed, or compared safely.
-        if len(arguments.get("branches", ())) != 1:  # Else lax calls it on them.
+        lone = len(arguments.get("branches", ())) == 1  # Lax calls it on the numbers.
+        if not lone and any(map(_is_python_number, leaves)):
+            paths = jtu.tree_flatten_with_path(trees)[0]
+            operand = [path[0].key in ("operands", "operand") for path, _ in paths]
             numbers = {
-                i
-                for i, (path, leaf) in enumerate(paths)
-                if path[0].key in ("operands", "operand") and _is_python_number(leaf)
+                i for i, x in enumerate(leaves) if operand[i] and _is_python_number(x)
             }
         options = (arguments.get(name, _UNCACHED) for name in static)
         key: Any = [function, _trace_context(), *((type(x), x) for x in options)]
@@ -651,7 +651,8 @@ _IMMUTABLE = (bool, int, float, complex, str, bytes, type(None))
 def _compile_call(treedef: Any, leaves: list[Any], arrays: list[int], call: Any) -> Any:
     """Trace `call` on `treedef.unflatten(leaves)` with its array leaves traced."""
     out: list[Any] = []
-    static = {id(leaf): i for i, leaf in enumerate(leaves) if i not in arrays}
+    traced = set(arrays)
+    static = {id(leaf): i for i, leaf in enumerate(leaves) if i not in traced}
 
     def program(*traced: Any) -> list[Any]:
         inputs = list(leaves)
