@@ -444,8 +444,7 @@ _LAX_CALLS = {  # Each `jax.lax` function, on a body `b` or branches giving `o`,
 
 
 def _lax_says(function: str, *trees: Any, run: Any = None, body: Any = None) -> str:
-    """`jax.lax`'s message for the mistake `run(*trees)` makes (by default, that in
-    `_LAX_CALLS`, with the stand-in body named after `body`)."""
+    """`jax.lax`'s message for the mistake `run(*trees)` (or `_LAX_CALLS`) makes."""
 
     def stand_in(x: Any) -> Any:
         return jax.ShapeDtypeStruct(x.shape, x.dtype) if eqx.is_array(x) else 0.0
@@ -558,12 +557,13 @@ def _eager_call(function: Any, bound: inspect.BoundArguments, static: Any) -> An
     arrays: list[int] = []
     numbers: set[int] = set()  # The operands' numbers: traced, as by `jax.lax`.
     try:  # Uncached where a static leaf cannot be hashed, or compared safely.
-        lone = len(arguments.get("branches", ())) == 1  # Lax calls it on the numbers.
-        if not lone and any(map(_is_python_number, leaves)):
-            paths = jtu.tree_flatten_with_path(trees)[0]
-            operand = [path[0].key in ("operands", "operand") for path, _ in paths]
+        operands = {"operands", "operand"} & trees.keys()
+        if operands and len(arguments.get("branches", ())) != 1:  # Lax calls a lone
+            paths = jtu.tree_flatten_with_path(trees)[0]  # branch on the numbers.
             numbers = {
-                i for i, x in enumerate(leaves) if operand[i] and _is_python_number(x)
+                i
+                for i, (path, x) in enumerate(paths)
+                if path[0].key in operands and _is_python_number(x)
             }
         options = (arguments.get(name, _UNCACHED) for name in static)
         key: Any = [function, _trace_context(), *((type(x), x) for x in options)]
