@@ -640,6 +640,8 @@ def _as_array(name: str, value: Any) -> Any:
         pred = name == "pred" and np.ndim(value) == 0  # Not `[0]`: its `!= 0` is True.
         if pred and not isinstance(value, jax.Array | Sequence | None):  # As lax.
             value = value != 0 if jnp.result_type(value).kind in "iuf" else value
+        if type(value) is (bool if pred else int):  # Sent with the call's arrays,
+            return np.asarray(value, bool if pred else np.int32)  # wrapped as by lax.
         return jnp.asarray(value) if _is_python_number(value) else value
     except Exception:
         return value  # Left as it is, for `jax.lax` to complain of.
@@ -1603,11 +1605,8 @@ def unstack_pytree(tree: _Tree, *, axis: int = 0) -> list[_Tree]:
         group = [leaves[position] for position in positions]
         sliced = _slice_columns(group, tuple(axes[i] for i in positions), length)
         columns.update(zip(positions, sliced, strict=True))
-    rows = zip(
-        *(columns.get(i) or [leaf] * length for i, leaf in enumerate(leaves)),
-        strict=True,
-    )
-    return [treedef.unflatten(row) for row in rows]
+    by_leaf = [columns.get(i) or [leaf] * length for i, leaf in enumerate(leaves)]
+    return [treedef.unflatten(row) for row in zip(*by_leaf, strict=True)]
 
 
 # Ski rental: concrete JAX leaves are sliced on the host (~40 µs a slice) until that
@@ -3956,10 +3955,8 @@ def _stream_into_shards(
 
 def _check_crc(entry: _Entry, crc: int, source: _Source) -> None:
     if crc != entry["crc"]:
-        raise source.error(
-            f"has corrupt data for the leaf at path {entry['path']} (its checksum "
-            "fails)"
-        )
+        where = f"the leaf at path {entry['path']}"
+        raise source.error(f"has corrupt data for {where} (its checksum fails)")
 
 
 def _check_bits(entry: _Entry, data: np.ndarray, source: _Source) -> None:

@@ -1867,6 +1867,36 @@ def test_a_cached_call_prepares_its_selector_op_by_op() -> None:
     assert names == [switch, switch, cond]
 
 
+@given(
+    selector=st.one_of(
+        st.integers(-(2**31) - 2, -(2**31) + 2),
+        st.integers(-3, 4),
+        st.integers(2**31 - 2, 2**31 + 1),
+        st.sampled_from([2**40, 2**70, -(2**63), True, False, 0.0, 0.5, math.nan]),
+    )
+)
+def test_a_python_selector_picks_the_branch_jax_lax_picks(selector: Any) -> None:
+    # Cached calls send a host `pred` or an int `index` with the call's arrays.
+    def outcome(function: Callable[..., Any], *call: Any) -> Any:
+        try:
+            return function(selector, *call)
+        except Exception as error:
+            return type(error)
+
+    x, branches = jnp.arange(2.0), [lambda x: x + 1, lambda x: x * 3, lambda x: -x]
+    for ours, lax, *call in (
+        (filter_switch, jax.lax.switch, branches, x),
+        (filter_cond, jax.lax.cond, *branches[:2], x),
+    ):
+        want = outcome(lax, *call)
+        for _ in range(2):  # A first and a cached call.
+            got = outcome(ours, *call)
+            if isinstance(want, type):
+                assert got is want
+            else:
+                assert_identical(got, want, weak_types=True)
+
+
 @pytest.mark.parametrize(
     "pred",
     [1e-45, 5e-324, np.float32(1e-45), np.float64(1e-300), np.array(1e-45, "f4")],
