@@ -1123,6 +1123,13 @@ def test_save_pytree_keeps_the_suffix_rule_and_takes_no_suffix_by_keyword(tmp_pa
         save_pytree(tmp_path / "x", tree, True)  # type: ignore[misc]
 
 
+def test_a_save_creates_every_missing_folder_above_the_file(tmp_path):
+    tree = {"w": jnp.arange(3.0), "n": 2}
+    save_pytree(tmp_path / "runs" / "seed0" / "step100", tree)
+    assert (tmp_path / "runs" / "seed0" / "step100.eqx").is_file()
+    assert_exact(load_pytree(tmp_path / "runs" / "seed0" / "step100", tree), tree)
+
+
 def test_save_pytree_inside_jit_writes_in_program_order_when_run(tmp_path):
     path = tmp_path / "state"
 

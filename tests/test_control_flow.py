@@ -2509,6 +2509,22 @@ class _Flagged(eqx.Module):
     flag: Any = eqx.field(static=True)
 
 
+def test_numpy_arrays_of_another_shape_get_another_program() -> None:
+    double, negate = (lambda x: x * 2), (lambda x: -x)
+    total = lambda c, x: (c + x, c)  # noqa: E731
+    for n in (3, 4, 3, 5):  # The same functions each time: cached calls.
+        rows = np.arange(n, dtype=np.float32)
+        assert_identical(filter_map(double, rows), jax.lax.map(double, rows))
+        assert_identical(
+            filter_cond(True, double, negate, rows),
+            jax.lax.cond(True, double, negate, rows),
+        )
+        assert_identical(
+            filter_scan(total, np.float32(0), rows),
+            jax.lax.scan(total, np.float32(0), rows),
+        )
+
+
 def test_static_true_and_one_are_different_keys() -> None:
     branch = lambda x, m: (x, repr(m.flag))  # noqa: E731
     for flag in (1, True, 1, True):

@@ -323,9 +323,13 @@ def test_unstack_pytree_errors():
         with pytest.raises(ValueError) as info:
             unstack_pytree(tree, axis=axis)
         assert str(info.value) == message
-    with pytest.raises(TypeError) as info:
-        unstack_pytree({"a": jnp.ones(2)}, axis=0.0)  # type: ignore[arg-type]
-    assert str(info.value) == "unstack_pytree: `axis` must be an int; got float 0.0."
+    for axis, got in ((0.0, "float 0.0"), (True, "bool True"), ("0", "str '0'")):
+        with pytest.raises(TypeError) as info:  # A bool is refused, unlike NumPy.
+            unstack_pytree({"a": jnp.ones((2, 2))}, axis=axis)  # type: ignore[arg-type]
+        assert str(info.value) == f"unstack_pytree: `axis` must be an int; got {got}."
+        with pytest.raises(TypeError) as info:
+            stack_pytree([{"a": jnp.ones(2)}] * 2, axis=axis)  # type: ignore[arg-type]
+        assert str(info.value) == f"stack_pytree: `axis` must be an int; got {got}."
 
 
 _STACK_ERROR_END = ". Match its structure, array shapes and dtypes, and static leaves."
