@@ -2678,13 +2678,14 @@ def test_a_static_list_and_tuple_of_the_same_items_are_different_calls() -> None
         assert float(out) == factor
 
 
-# Partials compare by their keywords' values, whatever order they were given in.
-@pytest.mark.parametrize("changed", [None, "a", "b"])
+# Partials compare by their keywords' values, whatever order they were given in;
+# one more keyword ("c") makes another partial.
+@pytest.mark.parametrize("changed", [None, "a", "b", "c"])
 def test_partials_compare_by_keyword_whatever_their_order(changed: str | None) -> None:
-    def f(a: Any, b: Any) -> None:
+    def f(a: Any, b: Any, c: Any = None) -> None:
         pass
 
-    new = {"b": 2.0, "a": [1]}
+    new: dict[str, Any] = {"b": 2.0, "a": [1]}
     if changed is not None:
         new[changed] = -0.0
     equal = lerax_utils._static_leaves_equal(
