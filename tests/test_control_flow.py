@@ -2678,6 +2678,15 @@ def test_a_static_list_and_tuple_of_the_same_items_are_different_calls() -> None
         assert float(out) == factor
 
 
+def test_static_dicts_with_other_values_are_different_calls() -> None:
+    def scale(module: _StaticField, x: jax.Array) -> jax.Array:
+        return x * module.value["a"] + len(module.value)
+
+    for value in ({"a": 1}, {"a": 2}, {"a": 1}, {"a": 1, "b": 0}, {"b": 0, "a": 3}):
+        out = filter_cond(True, scale, scale, _StaticField(value), jnp.ones(()))
+        assert float(out) == value["a"] + len(value)
+
+
 # Partials compare by their keywords' values, whatever order they were given in;
 # one more keyword ("c") makes another partial.
 @pytest.mark.parametrize("changed", [None, "a", "b", "c"])
