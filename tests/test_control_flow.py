@@ -2304,6 +2304,15 @@ def test_operand_numbers_are_traced_as_jax_lax_traces_them(
                 assert np.asarray(out).tobytes() == np.asarray(reference).tobytes()
 
 
+def test_operand_numbers_of_another_type_get_another_program() -> None:
+    half = lambda n: n / 2  # noqa: E731  The same branches in every call.
+    for number in (1, 1.5, True, 3, 2.5, 1j, False, np.float32(0.5), 7):
+        got = filter_cond(True, half, half, number)
+        assert_identical(got, jax.lax.cond(True, half, half, number), weak_types=True)
+        got = filter_switch(1, [half, half], number)
+        assert_identical(got, jax.lax.switch(1, [half, half], number), weak_types=True)
+
+
 def test_a_number_operand_is_moved_to_the_device_as_by_jax_lax() -> None:
     def outcome(run: Callable[[], Any]) -> Any:
         try:
