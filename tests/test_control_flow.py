@@ -20,6 +20,7 @@ import textwrap
 import threading
 import types
 import weakref
+import zlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -29,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from _helpers import ROOT, assert_identical, run_on_four_devices
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.experimental import io_callback
 
@@ -2685,6 +2686,54 @@ def test_a_static_list_and_tuple_of_the_same_items_are_different_calls() -> None
     for value, factor in (([1], 2.0), ((1,), 3.0), ([1], 2.0), ({"a": 1}, 3.0)):
         out = filter_cond(True, kind, kind, _StaticField(value), jnp.ones(()))
         assert float(out) == factor
+
+
+# Static values next to one that equals them, or shares their hash or their repr.
+_NEAR_STATICS = [
+    (0.0, -0.0),
+    (1, True),
+    (1, 1.0),
+    ([1], (1,)),
+    ({"a": 1}, {"a": 2}),
+    ({"a": 1}, {"b": 1}),
+    (functools.partial(max, 1), functools.partial(max, 1, 2)),
+    (functools.partial(max, a=1), functools.partial(max, b=1)),
+    ("1", 1),
+    (None, 0),
+]
+_ARRAYS = st.builds(
+    lambda n, dtype, numpy: (np.arange if numpy else jnp.arange)(n).astype(dtype),
+    st.integers(1, 3),  # Not empty: the static factor shows.
+    st.sampled_from([np.float32, np.int32, np.bool_]),
+    st.booleans(),
+)
+_NUMBERS = st.sampled_from([1, 1.5, True, 2, 1j, -0.0])
+
+
+def _keyed_branch(module: _StaticField, x: Any, n: Any) -> Any:
+    factor = zlib.crc32(repr(module.value).encode()) % 97  # Static: traced in.
+    return x * factor + jnp.sum(x), n * 2, module
+
+
+@pytest.mark.parametrize("statics", _NEAR_STATICS + [p[::-1] for p in _NEAR_STATICS])
+@settings(max_examples=6)  # Each a few new programs, for each pair.
+@given(x=_ARRAYS, n=_NUMBERS, other=st.tuples(_ARRAYS, _NUMBERS))
+def test_a_cached_call_gives_what_an_uncached_call_gives(
+    statics: tuple[Any, Any], x: Any, n: Any, other: tuple[Any, Any]
+) -> None:
+    # After a call, calls that differ from it in one part of the key (a static value,
+    # a shape, a dtype, a NumPy or JAX array, a number's type) get their own program.
+    (static, near), (other_x, other_n) = statics, other
+    calls = [(static, x, n), (near, x, n), (static, other_x, n), (static, x, other_n)]
+    for static, x, n in calls:
+        operands = (_StaticField(static), x, n)
+        got = filter_cond(True, _keyed_branch, _keyed_branch, *operands)
+        saved, lerax_utils._CACHE_SIZE = lerax_utils._CACHE_SIZE, 0
+        try:
+            want = filter_cond(True, _keyed_branch, _keyed_branch, *operands)
+        finally:
+            lerax_utils._CACHE_SIZE = saved
+        assert_identical(got, want, weak_types=True)
 
 
 def test_static_dicts_with_other_values_are_different_calls() -> None:
