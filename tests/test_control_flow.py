@@ -2697,7 +2697,7 @@ _NEAR_STATICS = [
     ({"a": 1}, {"a": 2}),
     ({"a": 1}, {"b": 1}),
     (functools.partial(max, 1), functools.partial(max, 1, 2)),
-    (functools.partial(max, a=1), functools.partial(max, b=1)),
+    (functools.partial(dict, a=1), functools.partial(dict, b=1)),
     ("1", 1),
     (None, 0),
 ]
