@@ -2728,11 +2728,9 @@ def test_a_cached_call_gives_what_an_uncached_call_gives(
     for static, x, n in calls:
         operands = (_StaticField(static), x, n)
         got = filter_cond(True, _keyed_branch, _keyed_branch, *operands)
-        saved, lerax_utils._CACHE_SIZE = lerax_utils._CACHE_SIZE, 0
-        try:
+        with pytest.MonkeyPatch.context() as patch:  # Uncached, as in other tests.
+            patch.setattr(lerax_utils, "_CACHE_SIZE", 0)
             want = filter_cond(True, _keyed_branch, _keyed_branch, *operands)
-        finally:
-            lerax_utils._CACHE_SIZE = saved
         assert_identical(got, want, weak_types=True)
 
 
