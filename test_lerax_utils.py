@@ -453,7 +453,7 @@ _NUMBERS = st.one_of(
     st.floats(-5, 5, width=32),
     st.sampled_from([float("nan"), -0.0, 1 + 2j]),
 )
-_NUMBER_STEPS = ["keep", "add_x", "bump", "set"]
+_NUMBER_STEPS = ["keep", "add_x", "bump", "set", "remake"]
 
 
 def _number_step(action: str, replacement: Any, c: Any, x: Any) -> Any:
@@ -463,6 +463,8 @@ def _number_step(action: str, replacement: Any, c: Any, x: Any) -> Any:
         return c + x
     if action == "bump":
         return c + 1
+    if action == "remake":  # Equal (but a bool), and a new object if not shared.
+        return c * 1
     return replacement
 
 
@@ -499,6 +501,7 @@ def _assert_same_outcome(actual: Any, expected: Any, kept: Callable[[Any], bool]
 
 @given(carry=_number_carries(), length=st.integers(0, 3), jit=st.booleans())
 @example(carry=([False], [("set", False)]), length=0, jit=False)  # A bool set anew.
+@example(carry=([0.5, 2.0], [("bump", 0), ("remake", 0)]), length=2, jit=False)
 def test_filter_scan_python_numbers_in_the_carry_match_lax_scan(carry, length, jit):
     init, updates = carry
     xs = jnp.arange(length, dtype=jnp.float32)
