@@ -2734,6 +2734,63 @@ def test_a_cached_call_gives_what_an_uncached_call_gives(
         assert_identical(got, want, weak_types=True)
 
 
+# Options equal in Python but of another type, each a call `jax.lax` takes or refuses.
+def _near_options() -> dict[str, tuple[Callable[[Any], Any], int]]:
+    def step(c: Any, x: Any) -> Any:  # One function for all calls: one cache key.
+        return c + 1, c
+
+    def add(i: Any, c: Any) -> Any:
+        return c + i
+
+    def below_two(c: Any) -> Any:
+        return c < 2
+
+    def count(c: Any) -> Any:
+        return c + 1
+
+    return {
+        "scan length": (lambda n: filter_scan(step, 0.0, length=n), 2),
+        "scan reverse": (lambda r: filter_scan(step, 0, jnp.ones(2), reverse=r), 0),
+        "scan unroll": (lambda u: filter_scan(step, 0.0, jnp.ones(3), unroll=u), 1),
+        "scan progress": (lambda p: filter_scan(step, 0, None, 2, progress=p), 1),
+        "fori_loop upper": (lambda n: filter_fori_loop(0, n, add, 0), 3),
+        "fori_loop lower": (lambda n: filter_fori_loop(n, 3, add, 0), 1),
+        "map batch_size": (lambda b: filter_map(jnp.sin, jnp.ones(4), batch_size=b), 2),
+        "while_loop progress": (
+            lambda p: filter_while_loop(below_two, count, 0, progress=p),
+            0,
+        ),
+    }
+
+
+_NEAR_OPTIONS = _near_options()
+
+
+def _outcome_of(call: Callable[[], Any]) -> Any:
+    """What `call` gives, or its exception's type and message."""
+    try:
+        return call()
+    except Exception as err:
+        return type(err), str(err)
+
+
+@pytest.mark.parametrize("case", sorted(_NEAR_OPTIONS))
+@pytest.mark.parametrize("order", ["value first", "near value first"])
+def test_options_of_another_type_are_other_calls(case: str, order: str) -> None:
+    run, value = _NEAR_OPTIONS[case]
+    nears = [float(value), bool(value), np.int64(value), complex(value)]
+    for near in nears:
+        for option in [value, near][:: 1 if order == "value first" else -1]:
+            got = _outcome_of(functools.partial(run, option))
+            with pytest.MonkeyPatch.context() as patch:  # Uncached, as in other tests.
+                patch.setattr(lerax_utils, "_CACHE_SIZE", 0)
+                want = _outcome_of(functools.partial(run, option))
+            if isinstance(want, tuple) and isinstance(want[0], type):
+                assert got == want, (option, got, want)
+            else:
+                assert_identical(got, want, weak_types=True)
+
+
 def test_static_dicts_with_other_values_are_different_calls() -> None:
     def scale(module: _StaticField, x: jax.Array) -> jax.Array:
         return x * module.value["a"] + len(module.value)
