@@ -4570,6 +4570,30 @@ jax.tree_util.register_pytree_node(
 )
 
 
+class _Actor(eqx.Module):
+    w: jax.Array
+    n: int = eqx.field(static=True, default=1)
+
+
+class _Critic(eqx.Module):  # The same fields as `_Actor`, under another name.
+    w: jax.Array
+    n: int = eqx.field(static=True, default=1)
+
+
+@pytest.mark.parametrize("wrap", [lambda m: m, lambda m: {"m": [m]}])
+def test_a_module_of_another_class_with_the_same_fields_is_refused(tmp_path, wrap):
+    save_pytree(tmp_path / "a", wrap(_Actor(jnp.ones(2))))
+    with pytest.raises(ValueError) as info:
+        load_pytree(tmp_path / "a", wrap(_Critic(jnp.zeros(2))))
+    where = "the top level" if wrap(0) == 0 else "path ['m'][0]"
+    assert str(info.value) == (
+        f"load_pytree: the file '{tmp_path}/a.eqx' does not match `like` at {where}: "
+        "the file has {'node': '_Actor', 'static': {'n': 1}}, `like` has "
+        "{'node': '_Critic', 'static': {'n': 1}}. Pass a `like` with the structure, "
+        "shapes and dtypes of the saved tree."
+    )
+
+
 @pytest.mark.parametrize(
     ("saved", "other"),
     [
