@@ -463,7 +463,7 @@ def _number_step(action: str, replacement: Any, c: Any, x: Any) -> Any:
         return c + x
     if action == "bump":
         return c + 1
-    if action == "remake":  # Equal (but a bool), and a new object if not shared.
+    if action == "remake":  # Equal (a bool becomes an int); new where not shared.
         return c * 1
     return replacement
 
