@@ -333,6 +333,17 @@ def test_callback_wrappers_check_their_arguments_at_once(name):
     with pytest.raises(TypeError) as info:
         wrapper(print, partitioned=1)  # type: ignore[arg-type]
     assert str(info.value) == f"{function}: `partitioned` must be a bool; got int 1."
+    with pytest.raises(TypeError) as info:  # A partial is named by what it wraps.
+        wrapper(functools.partial(_log_pair, 1))()
+    assert str(info.value) == (
+        f"_log_pair (made by {function}): the arguments do not fit the signature "
+        "_log_pair(b: Any) -> None: missing a required argument: 'b'. Pass the "
+        "arguments that `_log_pair` itself takes."
+    )
+
+
+def _log_pair(a: Any, b: Any) -> None:
+    del a, b
 
 
 @pytest.mark.parametrize("supported", [True, False])

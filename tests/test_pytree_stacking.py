@@ -384,6 +384,12 @@ def test_stack_pytree_argument_errors():
         "stack_pytree: `trees` must be a list or tuple of pytrees; got dict. Wrap a "
         "single pytree in a list."
     )
+    with pytest.raises(TypeError) as info:  # A sequence, but of characters.
+        stack_pytree("ab")  # type: ignore[arg-type]
+    assert str(info.value) == (
+        "stack_pytree: `trees` must be a list or tuple of pytrees; got str. Wrap a "
+        "single pytree in a list."
+    )
     with pytest.raises(ValueError) as info:
         stack_pytree([{"w": jnp.ones(2)}], axis=2)
     assert str(info.value) == (
