@@ -957,6 +957,27 @@ def test_the_percentage_is_the_whole_part_of_the_share_done(
     )
 
 
+# The time left: the steps left at the rate so far (a power of two of seconds a step,
+# so that every figure is exact).
+@given(
+    st.integers(1, 10**6).flatmap(lambda t: st.tuples(st.integers(1, t), st.just(t))),
+    st.integers(0, 6).map(lambda e: 2**e),
+)
+def test_the_time_left_is_the_steps_left_at_the_rate_so_far(
+    count_total: tuple[int, int], seconds_a_step: int
+) -> None:
+    (count, total), fmt = count_total, lerax_utils._format_seconds
+    bar = lerax_utils._ProgressBar("x", total, count=count)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        bar.draw(float(count * seconds_a_step), "")
+    elapsed, left = count * seconds_a_step, (total - count) * seconds_a_step
+    assert err.getvalue() == (
+        f"\rx: {100 * count // total:3d}% {count}/{total} "
+        f"[{fmt(elapsed)}<{fmt(left)}, {1 / seconds_a_step:.2f} it/s]"
+    )
+
+
 #
 # filter_while_loop: a bar with no total
 #
