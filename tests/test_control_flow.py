@@ -2688,6 +2688,13 @@ def test_a_static_list_and_tuple_of_the_same_items_are_different_calls() -> None
         assert float(out) == factor
 
 
+def _uncached(call: Callable[[], Any]) -> Any:
+    """`call()` with the eager cache off: the reference for a cached call."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(lerax_utils, "_CACHE_SIZE", 0)
+        return call()
+
+
 # Static values next to one that equals them, or shares their hash or their repr.
 _NEAR_STATICS = [
     (0.0, -0.0),
@@ -2727,11 +2734,9 @@ def test_a_cached_call_gives_what_an_uncached_call_gives(
     calls = [(static, x, n), (near, x, n), (static, other_x, n), (static, x, other_n)]
     for static, x, n in calls:
         operands = (_StaticField(static), x, n)
-        got = filter_cond(True, _keyed_branch, _keyed_branch, *operands)
-        with pytest.MonkeyPatch.context() as patch:  # Uncached, as in other tests.
-            patch.setattr(lerax_utils, "_CACHE_SIZE", 0)
-            want = filter_cond(True, _keyed_branch, _keyed_branch, *operands)
-        assert_identical(got, want, weak_types=True)
+        call = functools.partial(filter_cond, True, *[_keyed_branch] * 2, *operands)
+        got = call()  # Cached, after the calls before it.
+        assert_identical(got, _uncached(call), weak_types=True)
 
 
 # Options equal in Python but of another type, each a call `jax.lax` takes or refuses.
@@ -2766,12 +2771,17 @@ def _near_options() -> dict[str, tuple[Callable[[Any], Any], int]]:
 _NEAR_OPTIONS = _near_options()
 
 
+class _Raised(NamedTuple):
+    kind: type[Exception]
+    message: str
+
+
 def _outcome_of(call: Callable[[], Any]) -> Any:
-    """What `call` gives, or its exception's type and message."""
+    """What `call` gives, or what it raised."""
     try:
         return call()
     except Exception as err:
-        return type(err), str(err)
+        return _Raised(type(err), str(err))
 
 
 @pytest.mark.parametrize("case", sorted(_NEAR_OPTIONS))
@@ -2781,11 +2791,9 @@ def test_options_of_another_type_are_other_calls(case: str, order: str) -> None:
     nears = [float(value), bool(value), np.int64(value), complex(value)]
     for near in nears:
         for option in [value, near][:: 1 if order == "value first" else -1]:
-            got = _outcome_of(functools.partial(run, option))
-            with pytest.MonkeyPatch.context() as patch:  # Uncached, as in other tests.
-                patch.setattr(lerax_utils, "_CACHE_SIZE", 0)
-                want = _outcome_of(functools.partial(run, option))
-            if isinstance(want, tuple) and isinstance(want[0], type):
+            call = functools.partial(_outcome_of, functools.partial(run, option))
+            got, want = call(), _uncached(call)
+            if isinstance(want, _Raised):
                 assert got == want, (option, got, want)
             else:
                 assert_identical(got, want, weak_types=True)
