@@ -1757,12 +1757,39 @@ def test_deserialize_of_a_missing_file_names_both_candidates(tmp_path):
     )
 
 
-def test_serialize_rejects_a_path_that_is_not_a_path():
-    with pytest.raises(TypeError) as info:
-        agent().serialize(3)  # type: ignore[arg-type]
-    assert str(info.value) == (
-        "Serializable.serialize: `path` must be a str or os.PathLike; got int 3."
-    )
+class _BytesPath:  # An os.PathLike of bytes, which the file names cannot use.
+    def __fspath__(self) -> bytes:
+        return b"model"
+
+    def __repr__(self) -> str:
+        return "_BytesPath()"
+
+
+@pytest.mark.parametrize(
+    ("path", "described"),
+    [
+        (3, "int 3"),
+        (b"model", "bytes b'model'"),
+        (_BytesPath(), "_BytesPath _BytesPath()"),
+    ],
+)
+def test_paths_that_are_not_str_paths_are_refused_by_every_entry(
+    tmp_path, monkeypatch, path, described
+):
+    monkeypatch.chdir(tmp_path)
+    calls = {
+        "Serializable.serialize": lambda: agent().serialize(path),
+        "Serializable.deserialize": lambda: type(agent()).deserialize(path),
+        "save_pytree": lambda: save_pytree(path, {"w": jnp.ones(2)}),
+        "load_pytree": lambda: load_pytree(path, {"w": jnp.ones(2)}),
+    }
+    for function, call in calls.items():
+        with pytest.raises(TypeError) as info:
+            call()
+        assert str(info.value) == (
+            f"{function}: `path` must be a str or os.PathLike; got {described}."
+        )
+    assert not list(tmp_path.iterdir())
 
 
 _FUNCTION_WRITER = textwrap.dedent(
@@ -1932,6 +1959,12 @@ def test_deserialize_rejects_files_that_are_not_checkpoints(tmp_path):
         f"{lerax_utils.__version__} reads. Upgrade lerax_utils to load it",
         struct.pack("<Q", 2**40) + good[8:]: "declares a header of "
         f"{2**40} bytes, more than the {64 * 1024 * 1024} allowed; the file is corrupt",
+        # The largest header allowed, and one byte more.
+        struct.pack("<Q", 64 * 1024 * 1024) + b"{}": "is truncated inside its "
+        "header (10 bytes)",
+        struct.pack("<Q", 64 * 1024 * 1024 + 1) + b"{}": "declares a header of "
+        f"{64 * 1024 * 1024 + 1} bytes, more than the {64 * 1024 * 1024} allowed; "
+        "the file is corrupt",
         good + b"\x00": "has 1 trailing bytes after the data its header describes; "
         "it was not written by `serialize` in one piece",
         good[: 8 + length] + good[9 + length :]: "is truncated: it has "
@@ -2483,6 +2516,16 @@ def test_big_endian_leaves_load_exactly_into_a_native_skeleton(tmp_path):
         "float32. Pass a `like` with the structure, shapes and dtypes of the saved "
         "tree."
     )
+
+
+def test_arrays_of_as_many_dimensions_as_numpy_allows_round_trip(tmp_path):
+    most = 64 if np.lib.NumpyVersion(np.__version__) >= "2.0.0" else 32
+    tree = {
+        "numpy": np.arange(2, dtype=np.int16).reshape((1,) * (most - 1) + (2,)),
+        "jax": jnp.arange(2.0).reshape((2,) + (1,) * (most - 1)),
+    }
+    save_pytree(tmp_path / "deep", tree)
+    assert_identical(load_pytree(tmp_path / "deep", tree), tree)
 
 
 def test_numpy_strings_dates_and_big_endian_arrays_round_trip(tmp_path):
@@ -4215,8 +4258,12 @@ class _Counted(eqx.Module):
 
 
 @pytest.mark.parametrize("sign", [1, -1])
-def test_huge_static_ints_of_either_sign_save_and_are_compared(tmp_path, sign):
-    big = sign * 10**5000
+# The most digits Python writes as text (4300), one more, and many more.
+@pytest.mark.parametrize(
+    "size", [10**4300 - 1, 10**4300, 10**5000], ids=["4300", "4301", "5001"]
+)
+def test_huge_static_ints_of_either_sign_save_and_are_compared(tmp_path, sign, size):
+    big = sign * size
     save_pytree(tmp_path / "m", _Counted(jnp.ones(2), big))
     assert load_pytree(tmp_path / "m", _Counted(jnp.ones(2), big)).count == big
     with pytest.raises(ValueError, match=r"at path \.count: the static field is "):

@@ -1300,6 +1300,17 @@ _NOT_WHOLE = "filter_scan: `length` must be a whole number (a Python int, a NumP
             _NOT_WHOLE + "integer or a 0-d integer array); got float 2.5.",
         ),
         ("3", TypeError, _NOT_WHOLE + "integer or a 0-d integer array); got str '3'."),
+        # `int()` raises OverflowError on infinity and ValueError on NaN.
+        (
+            -math.inf,
+            TypeError,
+            _NOT_WHOLE + "integer or a 0-d integer array); got float -inf.",
+        ),
+        (
+            math.nan,
+            TypeError,
+            _NOT_WHOLE + "integer or a 0-d integer array); got float nan.",
+        ),
         (jnp.array([3]), TypeError, _NOT_WHOLE),
         (jnp.array(2.5), TypeError, _NOT_WHOLE),
     ],
@@ -1513,6 +1524,30 @@ def test_filter_scan_promotes_without_retracing_when_no_number_changes():
     traces.clear()
     filter_scan(lambda c, x: step(c + 1, x), 0, jnp.ones(3))
     assert len(traces) == 2  # One trace finds the change, one traces the number.
+
+
+@pytest.mark.parametrize("number", [-6, -5, 0, 256, 257])
+@pytest.mark.parametrize("loop", ["scan", "fori_loop"])
+def test_a_remade_int_is_promoted_alike_whether_or_not_python_shares_it(loop, number):
+    """CPython shares the ints from -5 to 256, so `k * 1` may be the very object
+    that came in. Either way it is a new value, promoted like an unshared one."""
+
+    def body(c):
+        a, b, k = c
+        b = b if isinstance(a, float) else b + 1.0  # Changes once `a` is traced.
+        return a + 1.0, b, k * 1
+
+    def run(k):
+        if loop == "scan":
+            return filter_scan(lambda c, _: (body(c), None), (0.0, 0.0, k), length=3)[0]
+        return filter_fori_loop(0, 3, lambda i, c: body(c), (0.0, 0.0, k))
+
+    unshared = run(10**6)
+    assert [type(x) for x in unshared] == [type(jnp.zeros(()))] * 3
+    out = run(number)
+    assert [type(x) for x in out] == [type(x) for x in unshared]
+    assert_identical(out[2], jnp.asarray(number))
+    assert_identical(out[:2], unshared[:2])
 
 
 def test_filter_scan_equal_nans_and_partials_are_not_changes():

@@ -122,6 +122,25 @@ def test_description_and_fields(capsys: pytest.CaptureFixture[str]) -> None:
     assert matches[-1]["count"] == "30" and matches[-1]["total"] == "30"  # type: ignore[index]
 
 
+@pytest.mark.parametrize("progress", [True, ""])
+def test_an_empty_description_draws_a_bar_without_a_label(
+    capsys: pytest.CaptureFixture[str], progress: bool | str
+) -> None:
+    filter_scan(_step, 0.0, jnp.ones(10), progress=progress)
+    jax.effects_barrier()
+    lines = _drawn(capsys.readouterr().err)  # Redraws in between depend on timing.
+    assert [lines[0].split(" [")[0], lines[-1].split(" [")[0]] == [
+        "  0% 0/10",
+        "100% 10/10",
+    ]
+    assert all(_LINE.match(line)["label"] is None for line in lines), lines  # type: ignore[index]
+    filter_while_loop(lambda i: i < 3, lambda i: i + 1, 0, progress=progress)
+    jax.effects_barrier()
+    lines = _drawn(capsys.readouterr().err)
+    assert [lines[0].split(" [")[0], lines[-1].split(" [")[0]] == ["1 it", "3 it"]
+    assert all(_WHILE_LINE.match(line)["label"] is None for line in lines), lines  # type: ignore[index]
+
+
 def test_redraws_are_rate_limited(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

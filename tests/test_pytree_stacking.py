@@ -192,6 +192,25 @@ def test_unstack_pytree_of_zero_length_is_empty():
     assert unstack_pytree({"a": jnp.zeros((0, 3)), "b": np.zeros(0)}) == []
 
 
+@pytest.mark.parametrize("count", [2, 65])
+def test_stack_pytree_of_numpy_scalars_is_what_np_stack_gives(count):
+    # NumPy scalars and 0-d arrays stack into a NumPy array; a JAX leaf among them
+    # makes the column a JAX array, as `jnp.stack` makes it.
+    trees = [
+        {
+            "scalars": np.float64(i) / 3,
+            "mixed": np.int8(i) if i % 2 else np.array(i, np.int8),
+            "jax": np.float32(i) if i else jnp.float32(0),
+        }
+        for i in range(count)
+    ]
+    expected: dict[str, Any] = {
+        key: np.stack([t[key] for t in trees]) for key in ("scalars", "mixed")
+    }
+    expected["jax"] = jnp.stack([t["jax"] for t in trees])
+    assert_identical(stack_pytree(trees), expected)
+
+
 @pytest.mark.parametrize("count", [64, 65, 150])
 @pytest.mark.parametrize("axis", [0, 1, -1])
 def test_stack_pytree_of_many_trees_matches_numpy(count, axis):
