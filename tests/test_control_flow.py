@@ -789,6 +789,25 @@ def test_a_second_failure_of_another_type_notes_the_first():
     ) in info.value.__notes__
 
 
+def test_a_failure_that_every_attempt_repeats_is_raised_without_notes():
+    def step(c, x):
+        raise ValueError("no step today")
+
+    def body(c):
+        return step(c, None)[0]
+
+    calls = {
+        "scan": lambda: filter_scan(step, (0, 1.5, True), None, length=2),
+        "while": lambda: filter_while_loop(lambda c: True, body, (0, 1.5, True)),
+    }
+    for call in calls.values():
+        with pytest.raises(ValueError) as info:
+            call()
+        assert str(info.value) == "no step today"
+        notes = getattr(info.value, "__notes__", [])  # JAX may add one of its own.
+        assert not [note for note in notes if "also ran" in note], notes
+
+
 #
 # The rest of the family: filter_while_loop, filter_fori_loop, filter_switch,
 # filter_map
@@ -2844,19 +2863,22 @@ def test_static_dicts_with_other_values_are_different_calls() -> None:
 
 
 # Partials compare by their keywords' values, whatever order they were given in;
-# one more keyword ("c") makes another partial.
-@pytest.mark.parametrize("changed", [None, "a", "b", "c"])
+# one more keyword ("c"), or another function of the same code, makes another one.
+@pytest.mark.parametrize("changed", [None, "a", "b", "c", "func"])
 def test_partials_compare_by_keyword_whatever_their_order(changed: str | None) -> None:
     def f(a: Any, b: Any, c: Any = None) -> None:
         pass
 
+    def g(a: Any, b: Any, c: Any = None) -> None:
+        pass
+
     new: dict[str, Any] = {"b": 2.0, "a": [1]}
-    if changed is not None:
+    if changed in ("a", "b", "c"):
         new[changed] = -0.0
-    equal = lerax_utils._static_leaves_equal(
-        functools.partial(f, a=[1], b=2.0), functools.partial(f, **new)
-    )
-    assert equal is (changed is None)
+    old = functools.partial(f, a=[1], b=2.0)
+    other = functools.partial(g if changed == "func" else f, **new)
+    assert lerax_utils._static_leaves_equal(old, other) is (changed is None)
+    assert lerax_utils._static_leaves_equal(other, old) is (changed is None)
 
 
 # Eager calls under `jax.disable_jit` run the Python of their functions every time.

@@ -239,6 +239,23 @@ def test_chunk_size_divides_the_length(length: int) -> None:
         assert length // size + 1 <= lerax_utils._PROGRESS_MAX_CALLBACKS
 
 
+# Of two divisors as near the stride, the smaller: the bar then reports at least as
+# often as the stride asks (9 steps at stride 2: every step, not every third).
+@given(st.integers(1, 10**6))
+@example(9)
+def test_a_tie_between_chunk_sizes_goes_to_the_smaller(length: int) -> None:
+    size = lerax_utils._chunk_size(length)
+    target = lerax_utils._progress_stride(length)
+    if size is None:
+        return
+    twin = 2 * target - size  # As near the stride, on its other side.
+    assert not (
+        max(1, target // 2) <= twin < size
+        and length % twin == 0
+        and length // twin + 1 <= lerax_utils._PROGRESS_MAX_CALLBACKS
+    ), (length, size, twin)
+
+
 @given(st.integers(1, 10**12))
 def test_stride_bounds_the_calls(length: int) -> None:
     stride = lerax_utils._progress_stride(length)

@@ -381,6 +381,12 @@ _STACK_ERROR_END = ". Match its structure, array shapes and dtypes, and static l
             "at path ['w']: it was an array of shape (2,) and dtype float32 and is now "
             "float 1.0",
         ),
+        (
+            {"w": jnp.ones(2), "f": jnp.ones(1)},
+            "at path ['f']: it was the static (non-array) "
+            f"{type(jax.nn.relu).__name__} {jax.nn.relu!r} and is now an array of "
+            "shape (1,) and dtype float32",
+        ),
     ],
 )
 def test_stack_pytree_rejects_mismatched_trees(second, detail):
