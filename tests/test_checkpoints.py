@@ -754,16 +754,28 @@ def test_a_str_array_of_a_code_point_above_unicode_is_refused(tmp_path):
     )
 
 
-@pytest.mark.parametrize("shape", [[2**61, 2**61], [0, 2**61, 2**61]])
-def test_a_shape_too_big_for_any_array_is_refused_naming_the_file(tmp_path, shape):
-    tree = {"v": jnp.ones(2), "w": jnp.zeros(0)}
+@pytest.mark.parametrize(
+    ("shape", "dtype"),
+    [
+        ([2**61, 2**61], jnp.float32),
+        ([0, 2**61, 2**61], jnp.float32),
+        ([0, 2**61, 2], jnp.float32),  # Its element count fits, its bytes do not.
+        ([0, 2**62], jnp.int8),  # A dimension of 2**62 or more.
+        ([0] * 65, jnp.int8),  # More dimensions than NumPy allows.
+        ([0, -1], jnp.int8),
+    ],
+)
+def test_a_shape_too_big_for_any_array_is_refused_naming_the_file(
+    tmp_path, shape, dtype
+):
+    tree = {"v": jnp.ones(2), "w": jnp.zeros(0, dtype)}
     save_pytree(tmp_path / "good", tree)
 
     def edit(leaves, structure, header):
         leaves[1]["shape"] = header["['w']"]["shape"] = shape
 
     path = bad_file(tmp_path, forge((tmp_path / "good.eqx").read_bytes(), edit))
-    like = {"v": jnp.ones(2), "w": jax.ShapeDtypeStruct(tuple(shape), jnp.float32)}
+    like = {"v": jnp.ones(2), "w": jax.ShapeDtypeStruct(tuple(shape), dtype)}
     with pytest.raises(ValueError) as info:
         load_pytree(path, like)
     assert str(info.value) == (
@@ -845,6 +857,25 @@ def test_a_header_too_large_to_load_is_refused_at_save(tmp_path, monkeypatch):
     label = "[{" * 100
     Checkpointed([jnp.zeros(1)], label=label).serialize(tmp_path / "model")
     Checkpointed.deserialize(tmp_path / "model", [jnp.zeros(1)], label=label)
+
+
+def test_a_header_of_exactly_the_allowed_lists_saves_and_loads(tmp_path, monkeypatch):
+    model = Checkpointed([jnp.zeros(1)] * 20)
+    monkeypatch.setattr(lerax_utils, "_MAX_CONTAINERS", 40)
+    with pytest.raises(ValueError) as info:
+        model.serialize(tmp_path / "model")
+    needed = int(re.findall("needs ([0-9]+) JSON lists", str(info.value))[0])
+    monkeypatch.setattr(lerax_utils, "_MAX_CONTAINERS", needed - 1)
+    with pytest.raises(ValueError, match=f"needs {needed} JSON lists and objects"):
+        model.serialize(tmp_path / "model")
+    monkeypatch.setattr(lerax_utils, "_MAX_CONTAINERS", needed)
+    model.serialize(tmp_path / "model")
+    assert_identical(Checkpointed.deserialize(tmp_path / "model", model.params), model)
+    monkeypatch.setattr(lerax_utils, "_MAX_CONTAINERS", needed - 1)
+    assert load_error(tmp_path / "model", model.params, cls=Checkpointed) == (
+        f"Serializable.deserialize: the file '{tmp_path / 'model.eqx'}' has a header "
+        f"with more than {needed - 1} lists and objects; the file is corrupt."
+    )
 
 
 def test_a_model_of_100_000_leaves_saves_and_loads(tmp_path):
@@ -1950,6 +1981,8 @@ def test_deserialize_rejects_files_that_are_not_checkpoints(tmp_path):
     )
     cases = {
         b"": "is truncated (0 bytes)",
+        good[:8]: "is truncated (8 bytes)",
+        good[:9]: "is truncated inside its header (9 bytes)",
         b"step,loss\n1,0.5\n": "is not a lerax_utils checkpoint: it starts with "
         "b'step,los', which is not a safetensors header length followed by `{`",
         bytes(range(200)): "is not a lerax_utils checkpoint: it starts with "
@@ -4310,9 +4343,33 @@ def test_a_string_argument_too_long_to_record_is_named_when_loading(tmp_path):
         "`_Labelled.deserialize(path, *args, **kwargs)`."
     )
     assert _Labelled.deserialize(tmp_path / "m", long).label == long
-    shorter = "x" * ((1 << 16) - 2)  # The string and the call's list fit.
-    _Labelled(shorter).serialize(tmp_path / "s")
-    assert _Labelled.deserialize(tmp_path / "s").label == shorter
+    longest = long[1:]  # The string, counted as one value and its characters.
+    _Labelled(longest).serialize(tmp_path / "s")
+    assert _Labelled.deserialize(tmp_path / "s").label == longest
+
+
+def _nested(depth: int, inner: Any) -> Any:
+    for _ in range(depth):
+        inner = [inner]
+    return inner
+
+
+def test_arguments_nested_32_deep_are_recorded_and_one_deeper_are_named(tmp_path):
+    _Labelled(_nested(32, 0.5)).serialize(tmp_path / "m")  # A tagged float inside.
+    assert _Labelled.deserialize(tmp_path / "m").label == _nested(32, 0.5)
+    _Labelled(_nested(33, 0)).serialize(tmp_path / "m")
+    with pytest.raises(TypeError, match="too large or too deeply nested"):
+        _Labelled.deserialize(tmp_path / "m")
+    assert _Labelled.deserialize(tmp_path / "m", _nested(33, 0)).label == _nested(33, 0)
+
+
+@pytest.mark.parametrize("other", [1, "0", None])
+def test_a_static_value_nested_32_deep_is_compared_to_its_innermost_item(
+    tmp_path, other
+):
+    _Labelled(_nested(32, 0)).serialize(tmp_path / "m")
+    with pytest.raises(ValueError, match="Pass the constructor arguments the model"):
+        _Labelled.deserialize(tmp_path / "m", _nested(32, other))
 
 
 def test_a_module_description_with_another_key_is_refused(tmp_path):
