@@ -1498,6 +1498,11 @@ def test_a_model_made_without_its_constructor_saves_and_asks_for_arguments(
         assert_exact(leaves(loaded), leaves(model))
 
 
+class _Mode(enum.Enum):
+    TRAIN = 1
+    EVAL = 2
+
+
 class WithFunction(Serializable):
     weight: jax.Array
     act: Callable[..., Any] = eqx.field(static=True)
@@ -1520,6 +1525,11 @@ class WithFunction(Serializable):
             (2,),
             {"scale": eqx.nn.Identity()},  # Callable, but no function.
             "argument `scale` (it was an object of type Identity)",
+        ),
+        (
+            (2,),
+            {"scale": _Mode.TRAIN},  # Compared by name when static, not rebuilt.
+            "argument `scale` (it was an object of type _Mode)",
         ),
         (
             (2, jax.nn.relu),
@@ -1779,12 +1789,19 @@ def test_serialize_appends_the_suffix_so_runs_never_collide(tmp_path):
     )
 
 
-def test_deserialize_of_a_missing_file_names_both_candidates(tmp_path):
+def test_a_missing_file_names_each_candidate_path_once(tmp_path):
     with pytest.raises(FileNotFoundError) as info:
         Agent.deserialize(tmp_path / "nothing", 4, key=jax.random.key(0))
     assert str(info.value) == (
         f"Serializable.deserialize: no checkpoint at '{tmp_path}/nothing' or "
         f"'{tmp_path}/nothing.eqx'. Check the path given to `serialize`."
+    )
+    # A path that has the suffix already names one candidate, once.
+    with pytest.raises(FileNotFoundError) as info:
+        load_pytree(tmp_path / "nothing.eqx", {})
+    assert str(info.value) == (
+        f"load_pytree: no checkpoint at '{tmp_path}/nothing.eqx'. Check the path "
+        "given to `save_pytree`."
     )
 
 
@@ -1929,6 +1946,18 @@ def test_deserialize_checks_the_file_against_the_skeleton(tmp_path):
         "['function', 'tanh'] in the file and ['function', 'relu'] in the skeleton"
         + _FIX
     )
+
+
+def test_a_static_function_is_compared_by_name_not_qualified_name(
+    tmp_path, monkeypatch
+):
+    # JAX has renamed where its functions live (`jax.numpy.tanh`), never what.
+    def act(x: Any) -> Any:
+        return x
+
+    WithFunction(2, act).serialize(tmp_path / "model")
+    monkeypatch.setattr(act, "__qualname__", "elsewhere.act")
+    assert WithFunction.deserialize(tmp_path / "model", 2, act).act is act
 
 
 def test_deserialize_names_the_first_leaf_whose_shape_or_dtype_differs(tmp_path):
@@ -2598,19 +2627,36 @@ class Converts(Serializable):
 
     weight: Any
 
-    def __init__(self, weight):
-        self.weight = np.asarray(weight)
+    def __init__(self, n, how):
+        uses = {
+            "numpy": lambda: np.asarray(n),
+            "float": lambda: float(n),
+            "index": lambda: [1.0, 2.0, 3.0][n],
+            "bool": lambda: 1.0 if n else 0.0,
+        }
+        self.weight = np.asarray(uses[how]())
 
 
-def test_deserialize_names_a_constructor_that_needs_concrete_values(tmp_path):
-    Converts(jnp.ones(2)).serialize(tmp_path / "c")
+@pytest.mark.parametrize(
+    ("how", "error"),
+    [
+        ("numpy", "TracerArrayConversionError"),
+        ("float", "ConcretizationTypeError"),
+        ("index", "TracerIntegerConversionError"),
+        ("bool", "TracerBoolConversionError"),
+    ],
+)
+def test_deserialize_names_a_constructor_that_needs_concrete_values(
+    tmp_path, how, error
+):
+    Converts(jnp.array(2), how).serialize(tmp_path / "c")
     with pytest.raises(TypeError) as info:
-        Converts.deserialize(tmp_path / "c", jnp.ones(2))
+        Converts.deserialize(tmp_path / "c", jnp.array(2), how)
     assert str(info.value) == (
         "Serializable.deserialize: could not build a skeleton of Converts: its "
         "constructor needs a concrete value under `eqx.filter_eval_shape` "
-        "(TracerArrayConversionError). Keep JAX values as JAX arrays in it (no "
-        "`np.asarray`, `float()` or `if` on them)."
+        f"({error}). Keep JAX values as JAX arrays in it (no `np.asarray`, "
+        "`float()` or `if` on them)."
     )
 
 
@@ -4348,28 +4394,29 @@ def test_a_string_argument_too_long_to_record_is_named_when_loading(tmp_path):
     assert _Labelled.deserialize(tmp_path / "s").label == longest
 
 
-def _nested(depth: int, inner: Any) -> Any:
+def _in_lists(depth: int, inner: Any) -> Any:
     for _ in range(depth):
         inner = [inner]
     return inner
 
 
 def test_arguments_nested_32_deep_are_recorded_and_one_deeper_are_named(tmp_path):
-    _Labelled(_nested(32, 0.5)).serialize(tmp_path / "m")  # A tagged float inside.
-    assert _Labelled.deserialize(tmp_path / "m").label == _nested(32, 0.5)
-    _Labelled(_nested(33, 0)).serialize(tmp_path / "m")
+    _Labelled(_in_lists(32, 0.5)).serialize(tmp_path / "m")  # A tagged float inside.
+    assert _Labelled.deserialize(tmp_path / "m").label == _in_lists(32, 0.5)
+    deeper = _in_lists(33, 0)
+    _Labelled(deeper).serialize(tmp_path / "m")
     with pytest.raises(TypeError, match="too large or too deeply nested"):
         _Labelled.deserialize(tmp_path / "m")
-    assert _Labelled.deserialize(tmp_path / "m", _nested(33, 0)).label == _nested(33, 0)
+    assert _Labelled.deserialize(tmp_path / "m", deeper).label == deeper
 
 
 @pytest.mark.parametrize("other", [1, "0", None])
 def test_a_static_value_nested_32_deep_is_compared_to_its_innermost_item(
     tmp_path, other
 ):
-    _Labelled(_nested(32, 0)).serialize(tmp_path / "m")
+    _Labelled(_in_lists(32, 0)).serialize(tmp_path / "m")
     with pytest.raises(ValueError, match="Pass the constructor arguments the model"):
-        _Labelled.deserialize(tmp_path / "m", _nested(32, other))
+        _Labelled.deserialize(tmp_path / "m", _in_lists(32, other))
 
 
 def test_a_module_description_with_another_key_is_refused(tmp_path):
@@ -4490,11 +4537,6 @@ def test_a_corrupt_array_loaded_onto_one_device_fails_its_checksum(tmp_path, sha
         f"load_pytree: the file '{path}' has corrupt data for the leaf at path "
         "['w'] (its checksum fails)."
     )
-
-
-class _Mode(enum.Enum):
-    TRAIN = 1
-    EVAL = 2
 
 
 def test_static_enum_members_are_compared_by_name(tmp_path):

@@ -2174,6 +2174,37 @@ def _apply(model: Any, c: Any, x: Any) -> Any:
     return model(c), None
 
 
+class _ReadsItsArray(eqx.Module):
+    """A step that needs its array's value: as `jax.lax` runs it, the array is one."""
+
+    w: jax.Array
+    read: Callable[[jax.Array], Any] = eqx.field(static=True)
+
+    def __call__(self, c: Any, x: Any = None) -> Any:
+        return c + self.read(self.w), x
+
+
+@pytest.mark.parametrize(
+    "read",
+    [
+        lambda w: float(w),  # ConcretizationTypeError, were `w` traced.
+        lambda w: [1.0, 2.0, 3.0][w],  # TracerIntegerConversionError.
+        lambda w: float(np.asarray(w)),  # TracerArrayConversionError.
+        lambda w: 1.0 if w else 2.0,  # TracerBoolConversionError.
+    ],
+    ids=["float", "int", "numpy", "bool"],
+)
+def test_a_step_that_reads_its_arrays_as_values_runs_as_under_lax(read: Any) -> None:
+    step = _ReadsItsArray(jnp.array(2), read)
+    closure = lambda *args: step(*args)  # noqa: E731 (`jax.lax` hashes its functions)
+    for _ in range(2):  # The second call would be the cached one.
+        expected = jax.lax.scan(closure, 0.0, None, 3)
+        _same(filter_scan(step, 0.0, None, length=3), expected)
+        _same(
+            filter_cond(True, step, step, 0.5), jax.lax.cond(True, *[closure] * 2, 0.5)
+        )
+
+
 @pytest.mark.parametrize("new_function", [False, True])
 def test_closures_see_what_they_see_under_lax(new_function: bool) -> None:
     box = {"gain": 2.0, "weights": jnp.ones(2)}

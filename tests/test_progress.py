@@ -172,8 +172,9 @@ def test_a_late_report_never_takes_the_count_back(
 
 
 def test_a_callback_blanks_an_open_line_before_it_prints(
-    capsys: pytest.CaptureFixture[str],
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(lerax_utils, "_PROGRESS_MIN_INTERVAL", 3600.0)
     bar = lerax_utils._ProgressBar("x", 10)
     try:
         lerax_utils._progress_update(bar, 0)
@@ -181,10 +182,14 @@ def test_a_callback_blanks_an_open_line_before_it_prints(
         print_callback("hi")
         jax.effects_barrier()
         captured = capsys.readouterr()
+        # The blanked bar is drawn at the next report, however soon it comes.
+        lerax_utils._progress_update(bar, 1)
+        redrawn = capsys.readouterr().err
     finally:
         lerax_utils._end_open_lines()
     assert captured.out == "hi\n"
     assert captured.err == "\r" + " " * width + "\r"
+    assert _counts(redrawn) == [(1, 10)]
 
 
 #
@@ -904,6 +909,19 @@ def test_unusable_stderr_never_stops_the_run(
         jax.effects_barrier()
     jax.effects_barrier()
     lerax_utils._end_open_lines()
+
+
+@pytest.mark.parametrize("stream", [None, _closed, _BrokenPipe])
+def test_an_unusable_stdout_still_lets_the_bar_be_drawn(
+    monkeypatch: pytest.MonkeyPatch, stream: Any
+) -> None:
+    terminal = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", stream and stream())
+    monkeypatch.setattr(sys, "stderr", terminal)
+    out = filter_scan(_step, 0.0, jnp.ones(3), progress="s")
+    jax.effects_barrier()
+    assert _identical(out, jax.lax.scan(_step, 0.0, jnp.ones(3)))
+    assert _counts(terminal.getvalue())[-1] == (3, 3)
 
 
 def test_closed_stderr_file_descriptor_never_stops_the_run() -> None:

@@ -331,6 +331,18 @@ def test_unstack_pytree_errors():
             "[0.1, 'adam']). Pass a tree with at least one array.",
         ),
         (
+            (1, 2, 3),  # Three leaves are shown whole, and more are cut short.
+            0,
+            "unstack_pytree: `tree` has no array leaves to slice (its leaves are "
+            "[1, 2, 3]). Pass a tree with at least one array.",
+        ),
+        (
+            (1, 2, 3, 4),
+            0,
+            "unstack_pytree: `tree` has no array leaves to slice (its leaves are "
+            "[1, 2, 3, ...]). Pass a tree with at least one array.",
+        ),
+        (
             (_ReprRaises(), "label"),
             0,
             "unstack_pytree: `tree` has no array leaves to slice (its leaves are "
