@@ -163,15 +163,20 @@ def test_an_ordered_call_with_an_array_on_two_devices_is_refused_under_jit():
         y = jax.device_put(jnp.arange(4.0), NamedSharding(pair, PartitionSpec("d")))
         log = callback_wrapper(lambda v: None, ordered=True)
         report["error"] = error(lambda: jax.jit(log)(y))
+        report["keyword"] = error(lambda: jax.jit(lambda y: log(v={"w": y}))(y))
         """
     )
-    if report["recorded"]:  # Tracers record their sharding: our message.
-        assert "an array of shape (4,) that spans 2 devices" in report["error"]
-    else:  # Older JAX: its own message.
-        assert report["error"].startswith(
-            "ValueError: The following ordered effects are not supported for more "
-            "than 1 device"
-        )
+    calls = {"error": "positional argument at path [0]"}
+    calls["keyword"] = "keyword argument at path ['v']['w']"
+    for call, where in calls.items():
+        error = report[call]
+        if report["recorded"]:  # Tracers record their sharding: our message.
+            assert f"with the {where}, an array of shape (4,) that spans 2" in error
+        else:  # Older JAX: its own message.
+            assert error.startswith(
+                "ValueError: The following ordered effects are not supported for "
+                "more than 1 device"
+            )
 
 
 def test_callback_wrapper_keeps_python_scalars_where_debug_callback_would_not():
