@@ -365,6 +365,15 @@ _CRAFTED = {
     "a bool spelt otherwise": lambda leaves, s, h: leaves[1].update(
         value=["bool", "false"]
     ),
+    "a number marked unrecordable": lambda leaves, s, h: leaves[1].update(
+        value=["unrecordable", "a function"]
+    ),
+    "a NumPy number not in hex": lambda leaves, s, h: leaves[1].update(
+        value=["numpy", [], "int32", "zz"]
+    ),
+    "a NumPy number of two items": lambda leaves, s, h: leaves[1].update(
+        value=["numpy", [], "int32", "0" * 16]
+    ),
     "an extra tensor": lambda leaves, s, h: h.update(
         {"x": {"dtype": "U8", "shape": [0], "data_offsets": [40, 40]}}
     ),
