@@ -1512,6 +1512,17 @@ class _Mode(enum.Enum):
     EVAL = 2
 
 
+class _NameRaises:
+    """A callable whose `__name__` raises, as some proxies' attributes do."""
+
+    def __call__(self, x: Any) -> Any:
+        return x
+
+    @property
+    def __name__(self) -> str:  # type: ignore[override]
+        raise RuntimeError("no name")
+
+
 class WithFunction(Serializable):
     weight: jax.Array
     act: Callable[..., Any] = eqx.field(static=True)
@@ -1539,6 +1550,11 @@ class WithFunction(Serializable):
             (2,),
             {"scale": _Mode.TRAIN},  # Compared by name when static, not rebuilt.
             "argument `scale` (it was an object of type _Mode)",
+        ),
+        (
+            (2,),
+            {"scale": _NameRaises()},
+            "argument `scale` (it was an object of type _NameRaises)",
         ),
         (
             (2, jax.nn.relu),
@@ -1661,6 +1677,9 @@ def _with_recording(good: bytes, recording: Any) -> bytes:
         {"class": "Recorder", "args": [["array", [1], "object"]], "kwargs": []},
         {"class": "Recorder", "args": [["key", [1], "mine"]], "kwargs": []},
         {"class": "Recorder", "args": [["dict", [[["list", []], 1]]]], "kwargs": []},
+        {"class": "Recorder", "args": [["dict", [[1, 2, 3]]]], "kwargs": []},
+        {"class": "Recorder", "args": [["numpy", [], "<U1", "61000000"]], "kwargs": []},
+        {"class": "Recorder", "args": [["numpy", [], "object", "00"]], "kwargs": []},
         {"class": "Recorder", "args": [["float", "nan"]], "kwargs": []},
         {"class": "Recorder", "args": [_nested_lists(40)], "kwargs": []},
         {"class": "Recorder", "args": [], "kwargs": [[1, 2]]},
@@ -2513,6 +2532,10 @@ _REFUSED = [
     (
         np.ma.masked_array([1.0, 2.0], mask=[False, True]),
         "a masked array, whose mask would be lost. Save `x.data` and `x.mask`",
+    ),
+    (
+        np.zeros(2).view(np.recarray),  # As any other subclass of ndarray.
+        "a recarray, which would load as a plain ndarray. Save `np.asarray(x)`",
     ),
     (
         np.array([None, 1], dtype=object),
@@ -4545,6 +4568,18 @@ def test_a_corrupt_array_loaded_onto_one_device_fails_its_checksum(tmp_path, sha
     assert str(info.value) == (
         f"load_pytree: the file '{path}' has corrupt data for the leaf at path "
         "['w'] (its checksum fails)."
+    )
+
+
+def test_static_classes_are_compared_by_qualified_name(tmp_path):
+    save_pytree(tmp_path / "m", _Scaled(jnp.ones(2), int))
+    assert load_pytree(tmp_path / "m", _Scaled(jnp.ones(2), int)).scale is int
+    with pytest.raises(ValueError) as info:
+        load_pytree(tmp_path / "m", _Scaled(jnp.ones(2), float))
+    assert str(info.value).startswith(
+        f"load_pytree: the file '{tmp_path / 'm.eqx'}' does not match `like` at path "
+        ".scale: the static field is ['type', 'int'] in the file and "
+        "['type', 'float'] in `like`."
     )
 
 

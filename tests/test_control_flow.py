@@ -1126,6 +1126,56 @@ def test_filter_scan_static_carry_leaf_that_changes_is_an_error():
     )
 
 
+class _EqRaises:
+    __hash__ = object.__hash__
+
+    def __eq__(self, other: object) -> bool:
+        raise RuntimeError("not comparable")
+
+    def __repr__(self) -> str:
+        return "_EqRaises()"
+
+
+class _EqAmbiguous:
+    __hash__ = object.__hash__
+
+    def __eq__(self, other: object) -> Any:
+        return np.array([True, False])  # As a NumPy array's `==` gives.
+
+    def __repr__(self) -> str:
+        return "_EqAmbiguous()"
+
+
+def test_a_carry_node_whose_own_data_changes_is_named_by_its_tree_structure():
+    def swap(carry, _):  # The same node type, with another function in its aux data.
+        return (carry[0] + 1, jax.tree_util.Partial(jnp.cos, *carry[1].args)), None
+
+    init = (0.0, jax.tree_util.Partial(jnp.sin, jnp.ones(2)))
+    with pytest.raises(TypeError) as info:  # As `jax.lax.scan` raises.
+        filter_scan(swap, init, length=2)
+    message = str(info.value)
+    assert message.startswith(
+        "filter_scan: `f` returned a carry that differs from `init` at path [1]: it "
+        "changed structure from PyTreeDef(CustomNode(Partial["
+    )
+    assert re.search("sin at .*to PyTreeDef.*cos at", message)
+    assert "Keep the structure of `init` from step to step." in message
+
+
+@pytest.mark.parametrize("static", [_EqRaises, _EqAmbiguous])
+def test_a_new_static_carry_leaf_that_cannot_be_compared_has_changed(static):
+    def remake(carry, _):
+        return (carry[0] + 1, static()), None
+
+    with pytest.raises(ValueError) as info:
+        filter_scan(remake, (0.0, static()), length=2)
+    assert str(info.value).startswith(
+        "filter_scan: `f` returned a carry that differs from `init` at path [1]: it "
+        f"changed from {static.__name__} {static.__name__}() to {static.__name__} "
+        f"{static.__name__}(). Only arrays"
+    )
+
+
 def test_filter_scan_python_number_returned_as_array_is_traced_as_lax_scan_does():
     def count(carry, _):
         return {"steps": jnp.asarray(carry["steps"]) + 1}, None
