@@ -1126,6 +1126,22 @@ def test_filter_scan_static_carry_leaf_that_changes_is_an_error():
     )
 
 
+def test_a_carry_node_whose_own_data_changes_is_named_by_its_tree_structure():
+    def swap(carry, _):  # The same node type, with another function in its aux data.
+        return (carry[0] + 1, jax.tree_util.Partial(jnp.cos, *carry[1].args)), None
+
+    init = (0.0, jax.tree_util.Partial(jnp.sin, jnp.ones(2)))
+    with pytest.raises(TypeError) as info:  # As `jax.lax.scan` raises.
+        filter_scan(swap, init, length=2)
+    message = str(info.value)
+    assert message.startswith(
+        "filter_scan: `f` returned a carry that differs from `init` at path [1]: it "
+        "changed structure from PyTreeDef(CustomNode(Partial["
+    )
+    assert re.search("sin at .*to PyTreeDef.*cos at", message)
+    assert "Keep the structure of `init` from step to step." in message
+
+
 class _EqRaises:
     __hash__ = object.__hash__
 
@@ -1144,22 +1160,6 @@ class _EqAmbiguous:
 
     def __repr__(self) -> str:
         return "_EqAmbiguous()"
-
-
-def test_a_carry_node_whose_own_data_changes_is_named_by_its_tree_structure():
-    def swap(carry, _):  # The same node type, with another function in its aux data.
-        return (carry[0] + 1, jax.tree_util.Partial(jnp.cos, *carry[1].args)), None
-
-    init = (0.0, jax.tree_util.Partial(jnp.sin, jnp.ones(2)))
-    with pytest.raises(TypeError) as info:  # As `jax.lax.scan` raises.
-        filter_scan(swap, init, length=2)
-    message = str(info.value)
-    assert message.startswith(
-        "filter_scan: `f` returned a carry that differs from `init` at path [1]: it "
-        "changed structure from PyTreeDef(CustomNode(Partial["
-    )
-    assert re.search("sin at .*to PyTreeDef.*cos at", message)
-    assert "Keep the structure of `init` from step to step." in message
 
 
 @pytest.mark.parametrize("static", [_EqRaises, _EqAmbiguous])
