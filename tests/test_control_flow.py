@@ -1143,37 +1143,34 @@ def test_a_carry_node_whose_own_data_changes_is_named_by_its_tree_structure():
 
 
 class _EqRaises:
-    __hash__ = object.__hash__
+    def __hash__(self) -> int:
+        return 0
 
     def __eq__(self, other: object) -> bool:
-        raise RuntimeError("not comparable")
-
-    def __repr__(self) -> str:
-        return "_EqRaises()"
+        raise RuntimeError("no comparison")
 
 
-class _EqAmbiguous:
-    __hash__ = object.__hash__
+class _EqArray:
+    def __hash__(self) -> int:
+        return 0
 
     def __eq__(self, other: object) -> Any:
-        return np.array([True, False])  # As a NumPy array's `==` gives.
-
-    def __repr__(self) -> str:
-        return "_EqAmbiguous()"
+        return np.array([True, True])
 
 
-@pytest.mark.parametrize("static", [_EqRaises, _EqAmbiguous])
+@pytest.mark.parametrize("static", [_EqRaises, _EqArray])
 def test_a_new_static_carry_leaf_that_cannot_be_compared_has_changed(static):
     def remake(carry, _):
         return (carry[0] + 1, static()), None
 
     with pytest.raises(ValueError) as info:
         filter_scan(remake, (0.0, static()), length=2)
-    assert str(info.value).startswith(
+    message = str(info.value)
+    assert message.startswith(
         "filter_scan: `f` returned a carry that differs from `init` at path [1]: it "
-        f"changed from {static.__name__} {static.__name__}() to {static.__name__} "
-        f"{static.__name__}(). Only arrays"
+        f"changed from {static.__name__} <"
     )
+    assert f"> to {static.__name__} <" in message and "Only arrays" in message
 
 
 def test_filter_scan_python_number_returned_as_array_is_traced_as_lax_scan_does():
@@ -2108,22 +2105,6 @@ class _Unhashable:
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, _Unhashable)
-
-
-class _EqRaises:
-    def __hash__(self) -> int:
-        return 0
-
-    def __eq__(self, other: object) -> bool:
-        raise RuntimeError("no comparison")
-
-
-class _EqArray:
-    def __hash__(self) -> int:
-        return 0
-
-    def __eq__(self, other: object) -> Any:
-        return np.array([True, True])
 
 
 @pytest.mark.parametrize("static", [_Unhashable, _EqRaises, _EqArray])
