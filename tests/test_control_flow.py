@@ -7,7 +7,9 @@ mistake. The property tests of the family are in `test_lerax_utils.py`.
 """
 
 import dataclasses
+import decimal
 import enum
+import fractions
 import functools
 import gc
 import inspect
@@ -2823,6 +2825,7 @@ _NEAR_STATICS = [
     (functools.partial(dict, a=1), functools.partial(dict, b=1)),
     ("1", 1),
     (None, 0),
+    (decimal.Decimal(1), fractions.Fraction(1)),  # Equal, and never weakly referenced.
 ]
 _ARRAYS = st.builds(
     lambda n, dtype, numpy: (np.arange if numpy else jnp.arange)(n).astype(dtype),
