@@ -275,7 +275,10 @@ def _same_python_number(old: Any, new: Any) -> bool:
 
 def _is_key_array(array: Any) -> bool:
     """Whether `array` holds typed PRNG keys (`jax.random.key`, not raw uint32 data)."""
-    return jnp.issubdtype(array.dtype, jax.dtypes.prng_key)
+    dtype = array.dtype  # NumPy's dtypes are never keys: quick to tell apart.
+    return not isinstance(dtype, np.dtype) and jnp.issubdtype(
+        dtype, jax.dtypes.prng_key
+    )
 
 
 def _describe_leaf(leaf: Any) -> str:
@@ -2682,17 +2685,13 @@ def _skeleton(
 
 
 def _like_skeleton(like: Any) -> Any:
-    """`like` as `eqx.filter_eval_shape` sees it, keeping multi-device shardings."""
+    """`like` as `eqx.filter_eval_shape` sees it, but with its concrete JAX arrays."""
 
     def describe(leaf: Any) -> Any:
         if isinstance(leaf, np.ndarray | np.generic) and not _is_numpy_only(leaf.dtype):
             dtype = jax.dtypes.canonicalize_dtype(leaf.dtype)
             return jax.ShapeDtypeStruct(leaf.shape, dtype)
-        if not isinstance(leaf, jax.Array):
-            return leaf
-        sharding = _leaf_sharding(leaf)
-        multi_device = sharding is not None and len(sharding.device_set) > 1
-        return _placed_shape(leaf, sharding if multi_device else None)
+        return _placed_shape(leaf, None) if isinstance(leaf, jax.core.Tracer) else leaf
 
     return jtu.tree_map(describe, like)
 
@@ -3209,7 +3208,7 @@ def _encode(model: Any, kinds: _Kinds, function: str) -> tuple[bytes, list[Any]]
         "library_version": __version__,
         "class": f"{type(model).__module__}.{type(model).__qualname__}",
         "leaves": _json(leaves),
-        "structure": _json(_structure(model)),
+        "structure": _json(_structure(model, [])),
     }
     recordings = [
         [where, recorded]
@@ -3332,17 +3331,19 @@ def _tensor_entry(entry: dict[str, Any], offset: int, nbytes: int) -> dict[str, 
     return {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + nbytes]}
 
 
-def _structure(tree: Any) -> list[list[Any]]:
-    """`[path, description]` of every node and leaf, the same in every process."""
+def _structure(tree: Any, saved: list[Any]) -> list[list[Any]]:
+    """`[path, description]` of every node and leaf, the same in every process;
+    `saved` gains `(path, leaf)` for each leaf whose value a file holds, in order."""
     entries: list[list[Any]] = []
 
     def visit(node: Any, path: _KeyPath) -> None:
         where = _keystr(path)
-        if eqx.is_array(node) or isinstance(node, jax.ShapeDtypeStruct):
-            entries.append([where, "array"])
-            return
-        if type(node) in _PYTHON_SCALARS:
-            entries.append([where, ["scalar", type(node).__name__]])
+        if _is_saved_leaf(node):
+            scalar = type(node) in _PYTHON_SCALARS
+            entries.append(
+                [where, ["scalar", type(node).__name__] if scalar else "array"]
+            )
+            saved.append((where, node))
             return
         children, node_def = jtu.tree_flatten_with_path(
             node, is_leaf=_is_strict_child(node)
@@ -3459,17 +3460,13 @@ def _read_header(
     fix = "Pass a `like` with the structure, shapes and dtypes of the saved tree"
     if name == "the skeleton":
         fix = "Pass the constructor arguments the model was saved with"
+    expected: list[tuple[str, Any]] = []
     difference = _structure_difference_in_file(
-        layout.structure, _structure(skeleton), name
+        layout.structure, _structure(skeleton, expected), name
     )
     if difference is not None:
         path, message = difference
         raise source.error(f"does not match {name} {_where(path)}: {message}. {fix}")
-    expected = [
-        (_keystr(path), leaf)
-        for path, leaf in jtu.tree_flatten_with_path(skeleton)[0]
-        if _is_saved_leaf(leaf)
-    ]
     wanted = [path for path, _ in expected]
     if len(layout.entries) == len(wanted):  # Never more entries decoded than leaves.
         try:  # In time linear in the header's length.
@@ -3623,7 +3620,7 @@ def _leaf_mismatch(
             f"the Python {type(value).__name__} {value!r}, where {skeleton} has "
             f"{_describe_leaf(leaf)}. {fix}"
         )
-    if not isinstance(leaf, jax.ShapeDtypeStruct | np.ndarray | np.generic):
+    if not isinstance(leaf, jax.ShapeDtypeStruct | jax.Array | np.ndarray | np.generic):
         return f"an array, where {skeleton} has {_describe_leaf(leaf)}. {fix}"
     if kind == "key":
         shape, dtype = tuple(entry["key_shape"]), _key_impl_types()[entry["impl"]][0]
@@ -3650,7 +3647,7 @@ def _leaf_mismatch(
             and dtype == canonical(leaf.dtype)  # File: the NumPy leaf as JAX has it.
         )
     ):
-        if kind == "jax" and isinstance(leaf, jax.ShapeDtypeStruct):
+        if kind == "jax" and isinstance(leaf, jax.ShapeDtypeStruct | jax.Array):
             # The skeleton's weak type, where it has one (see `_placed_shape`).
             entry["weak_type"] = getattr(leaf, "weak_type", entry.get("weak_type"))
         return None
@@ -3830,12 +3827,15 @@ def _sharding_error(
 
 
 def _leaf_sharding(leaf: Any) -> jax.sharding.Sharding | None:
-    """The sharding of a skeleton's `jax.ShapeDtypeStruct` or concrete `jax.Array`."""
+    """The sharding a skeleton's leaf asks for (a concrete array's if multi-device)."""
     if isinstance(leaf, jax.core.Tracer) or not isinstance(
         leaf, jax.ShapeDtypeStruct | jax.Array
     ):
         return None
-    return leaf.sharding if isinstance(leaf.sharding, jax.sharding.Sharding) else None
+    sharding = leaf.sharding
+    if isinstance(leaf, jax.Array) and len(sharding.device_set) == 1:
+        return None
+    return sharding if isinstance(sharding, jax.sharding.Sharding) else None
 
 
 def _region(index: Any, shape: Sequence[int]) -> _Region:
@@ -3961,6 +3961,8 @@ def _check_crc(entry: _Entry, crc: int, source: _Source) -> None:
 
 def _check_bits(entry: _Entry, data: np.ndarray, source: _Source) -> None:
     """Refuse a loaded array whose bytes are no values of its dtype."""
+    if data.dtype.kind not in "bU" and entry["dtype"] not in _SUB_BYTE_DTYPES:
+        return  # Any bytes are values.
     view = data.reshape(-1).view(np.uint8)
     if data.dtype == np.bool_ and view.size and view.max() > 1:
         problem = "a boolean byte other than 0 or 1"

@@ -15,6 +15,7 @@ by the processes' own short timeout and by the subprocess timeout after which bo
 are killed.
 """
 
+import collections
 import copy
 import dataclasses
 import enum
@@ -37,7 +38,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import equinox as eqx
 import hypothesis.extra.numpy as hnp
@@ -1170,6 +1171,30 @@ def test_a_save_creates_every_missing_folder_above_the_file(tmp_path):
     assert_exact(load_pytree(tmp_path / "runs" / "seed0" / "step100", tree), tree)
 
 
+class _Level(enum.IntEnum):
+    LOW = 1
+    HIGH = 2
+
+
+class _Gain(float):
+    pass
+
+
+def test_subclasses_of_python_numbers_are_static_leaves(tmp_path):
+    tree = {"level": _Level.HIGH, "gain": _Gain(0.5), "x": jnp.ones(2)}
+    save_pytree(tmp_path / "t", tree)
+    loaded = load_pytree(tmp_path / "t", tree)
+    assert loaded["level"] is _Level.HIGH
+    assert type(loaded["gain"]) is _Gain and loaded["gain"] == 0.5
+    with pytest.raises(ValueError) as info:
+        load_pytree(tmp_path / "t", dict(tree, level=_Level.LOW))
+    assert str(info.value).endswith(
+        "at path ['level']: the file has ['enum', '_Level', 'HIGH'], `like` has "
+        "['enum', '_Level', 'LOW']. Pass a `like` with the structure, shapes and "
+        "dtypes of the saved tree."
+    )
+
+
 def test_save_pytree_inside_jit_writes_in_program_order_when_run(tmp_path):
     path = tmp_path / "state"
 
@@ -1523,6 +1548,11 @@ class _NameRaises:
         raise RuntimeError("no name")
 
 
+class _Pair(NamedTuple):
+    first: int
+    second: int
+
+
 class WithFunction(Serializable):
     weight: jax.Array
     act: Callable[..., Any] = eqx.field(static=True)
@@ -1555,6 +1585,16 @@ class WithFunction(Serializable):
             (2,),
             {"scale": _NameRaises()},
             "argument `scale` (it was an object of type _NameRaises)",
+        ),
+        (
+            (2,),  # Subclasses of tuple and dict would be rebuilt as the base.
+            {"scale": [_Pair(1, 2), collections.OrderedDict(a=1)]},
+            "argument `scale` (it was an object of type _Pair)",
+        ),
+        (
+            (2,),
+            {"scale": collections.OrderedDict(a=1)},
+            "argument `scale` (it was an object of type OrderedDict)",
         ),
         (
             (2, jax.nn.relu),
@@ -2546,6 +2586,11 @@ _REFUSED = [
         "an array of structured dtype [('a', '<f4')]. Save each field apart",
     ),
     (
+        np.zeros(0, "<U1000000"),
+        "an array of dtype <U1000000, which a checkpoint cannot restore exactly. "
+        "Convert it to a dtype of JAX, a string or a dated dtype with a unit",
+    ),
+    (
         np.zeros(1, "datetime64"),
         "an array of dtype datetime64, which a checkpoint cannot restore exactly. "
         "Convert it to a dtype of JAX, a string or a dated dtype with a unit",
@@ -2633,6 +2678,8 @@ def test_numpy_strings_dates_and_big_endian_arrays_round_trip(tmp_path):
         "word": np.str_("hello"),
         "minute": np.datetime64("2021-05-06T07:08", "m"),
         "w": jnp.ones(2),
+        "widest_text": np.array(["wide"], "<U999999"),  # The longest item allowed.
+        "widest_bytes": np.zeros(0, "S999999"),
     }
     model = Checkpointed(params)
     model.serialize(tmp_path / "m")
@@ -3053,16 +3100,18 @@ _FOUR_DEVICES = textwrap.dedent(
         loaded = Sharded.deserialize(folder + "/sharded", jnp.zeros((8, 4)))
     report["serialize"] = bool(np.array_equal(loaded.table, grid))
 
-    # load_pytree: a `like` leaf sharded over the devices gives the skeleton its
-    # sharding, for the reader to load into.
+    # load_pytree: a `like` leaf sharded over the devices is loaded with its
+    # sharding; one on a single device, as `jax.device_put` places it.
     with tempfile.TemporaryDirectory() as folder:
         lerax_utils.save_pytree(folder + "/tree", {"t": table, "n": 3})
-        like = {"t": table, "n": 0}
-        skeleton = lerax_utils._like_skeleton(like)
-        tree = lerax_utils.load_pytree(folder + "/tree", like)
+        tree = lerax_utils.load_pytree(folder + "/tree", {"t": table, "n": 0})
+        on_one = jax.device_put(jnp.zeros((8, 4)), jax.devices()[2])
+        single = lerax_utils.load_pytree(folder + "/tree", {"t": on_one, "n": 0})
     report["pytree"] = bool(
         np.array_equal(tree["t"], grid) and tree["n"] == 3
-        and skeleton["t"].sharding == table.sharding
+        and tree["t"].sharding == table.sharding
+        and np.array_equal(single["t"], grid)
+        and single["t"].sharding == jax.device_put(grid).sharding
     )
     print(json.dumps(report, sort_keys=True))
     """
