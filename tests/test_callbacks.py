@@ -608,6 +608,11 @@ class _GeneratorCall:
         yield x
 
 
+class _Awaitable:  # Awaitable, as an `asyncio.Future` is, but not a coroutine.
+    def __await__(self):
+        yield
+
+
 def _never_runs(name: str, shown: str, kind: str, creates: str) -> str:
     """The exact refusal of a `func` whose body a call would never run."""
     return (
@@ -650,6 +655,7 @@ def test_functions_whose_body_would_never_run_are_refused(
     ("func", "returned", "verb"),
     [
         (lambda x: _coroutine(x), "coroutine", "await"),
+        (lambda x: _Awaitable(), "_Awaitable", "await"),
         (lambda x: _generator(x), "generator", "iterate"),
         (lambda x: _async_generator(x), "async_generator", "iterate"),
     ],

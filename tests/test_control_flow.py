@@ -2513,6 +2513,28 @@ def test_numbers_needed_as_python_values_keep_working_over_two_rounds() -> None:
     assert len(traces) <= 4
 
 
+@pytest.mark.parametrize(
+    "read",
+    [
+        lambda n: float(n),  # ConcretizationTypeError, were `n` traced.
+        lambda n: len(range(n)),  # TracerIntegerConversionError.
+        lambda n: float(np.asarray(n)),  # TracerArrayConversionError.
+    ],
+    ids=["float", "int", "numpy"],
+)
+def test_carry_numbers_read_as_python_values_whatever_tracing_them_raises(
+    read: Any,
+) -> None:
+    def step(c: Any, x: Any) -> Any:
+        flag, n = c
+        value = read(n)  # With every number traced, this fails first.
+        return (flag, n), value if flag else 0.0  # `if` needs a Python bool.
+
+    (flag, n), ys = filter_scan(step, (True, 3), None, length=2)
+    assert flag is True and type(n) is int and n == 3
+    np.testing.assert_array_equal(ys, [read(3)] * 2)
+
+
 def _nested(depth: int, traces: list[int]) -> Callable[..., Any]:
     """A loop body that counts its traces and runs the next level's loop, `depth`
     levels deep; each level promotes a counter of its own."""

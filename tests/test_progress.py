@@ -180,6 +180,7 @@ def test_a_callback_blanks_an_open_line_before_it_prints(
         lerax_utils._progress_update(bar, 0)
         width = len(_drawn(capsys.readouterr().err)[-1])
         print_callback("hi")
+        print_callback("again")  # The line is blank already: nothing more to blank.
         jax.effects_barrier()
         captured = capsys.readouterr()
         # The blanked bar is drawn at the next report, however soon it comes.
@@ -187,7 +188,7 @@ def test_a_callback_blanks_an_open_line_before_it_prints(
         redrawn = capsys.readouterr().err
     finally:
         lerax_utils._end_open_lines()
-    assert captured.out == "hi\n"
+    assert captured.out == "hi\nagain\n"
     assert captured.err == "\r" + " " * width + "\r"
     assert _counts(redrawn) == [(1, 10)]
 
@@ -1030,6 +1031,21 @@ def test_the_time_left_is_the_steps_left_at_the_rate_so_far(
         f"\rx: {100 * count // total:3d}% {count}/{total} "
         f"[{fmt(elapsed)}<{fmt(left)}, {1 / seconds_a_step:.2f} it/s]"
     )
+
+
+@pytest.mark.parametrize("total", [10, None])
+@pytest.mark.parametrize("count", [0, 3])
+def test_with_no_time_elapsed_the_rate_and_the_time_left_are_unknown(
+    count: int, total: int | None
+) -> None:
+    bar = lerax_utils._ProgressBar("x", total, count=count, start=5.0)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        bar.draw(5.0, "")
+    shown = f"{count} it [00:00, ? it/s]"
+    if total is not None:
+        shown = f"{100 * count // total:3d}% {count}/{total} [00:00<?, ? it/s]"
+    assert err.getvalue() == "\rx: " + shown
 
 
 #

@@ -476,9 +476,10 @@ _SHARDED = textwrap.dedent(
             "c": jax.device_put(codes, NamedSharding(mesh, P(*spec))),
             "tag": "t",
         }
-        for axis in (0, 1):
+        for axis in (0, 1, -1):
             full = list(spec) + [None] * (len(shape) - len(spec))
-            kept = full[:axis] + full[axis + 1 :]
+            at = axis % len(shape)  # The axis, non-negative.
+            kept = full[:at] + full[at + 1 :]
             for path, per_slice in (("host", 0.0), ("compiled", float("inf"))):
                 cases += 1
                 label = f"{shape} {spec} axis={axis} {path}"
@@ -502,9 +503,7 @@ _SHARDED = textwrap.dedent(
                     check(
                         f"{label} stacked {name}",
                         np.array_equal(np.asarray(back[name]), data)
-                        and equivalent(
-                            back[name], kept[:axis] + [None] + kept[axis:]
-                        ),
+                        and equivalent(back[name], kept[:at] + [None] + kept[at:]),
                     )
     print(json.dumps({"cases": cases, "failures": failures}))
     """
@@ -520,4 +519,4 @@ def test_unstack_and_stack_pytree_on_sharded_arrays(kind):
     if kind == "explicit" and not _has_explicit_meshes():
         pytest.skip(f"jax {jax.__version__} has no explicit-sharding meshes")
     report = run_on_four_devices(_SHARDED, kind)
-    assert report == {"cases": 16, "failures": []}
+    assert report == {"cases": 24, "failures": []}
