@@ -2748,7 +2748,7 @@ def _encode_value(value: Any, budget: list[int] | None = None, depth: int = 0) -
         if isinstance(value, np.ndarray) and kind is not np.ndarray:
             raise _Unrecordable(f"a {kind.__name__}")
         shape, dtype = [int(size) for size in value.shape], value.dtype
-        if jnp.issubdtype(dtype, jax.dtypes.prng_key):
+        if _is_key_array(value):
             impl = _key_impl_name(dtype)
             if impl not in _KEY_IMPLS:
                 raise _Unrecordable(f"a PRNG key of the implementation {impl!r}")
@@ -3961,16 +3961,17 @@ def _check_crc(entry: _Entry, crc: int, source: _Source) -> None:
 
 def _check_bits(entry: _Entry, data: np.ndarray, source: _Source) -> None:
     """Refuse a loaded array whose bytes are no values of its dtype."""
-    if data.dtype.kind not in "bU" and entry["dtype"] not in _SUB_BYTE_DTYPES:
+    kind, sub_byte = data.dtype.kind, entry["dtype"] in _SUB_BYTE_DTYPES
+    if kind not in "bU" and not sub_byte:
         return  # Any bytes are values.
     view = data.reshape(-1).view(np.uint8)
-    if data.dtype == np.bool_ and view.size and view.max() > 1:
+    if kind == "b" and view.size and view.max() > 1:
         problem = "a boolean byte other than 0 or 1"
-    elif entry["dtype"] in _SUB_BYTE_DTYPES and not np.array_equal(
+    elif sub_byte and not np.array_equal(
         data.astype(np.float32).astype(data.dtype).reshape(-1).view(np.uint8), view
     ):
         problem = f"a {entry['dtype']} byte whose unused high bits are not zero"
-    elif data.dtype.kind == "U" and view.size and view.view("<u4").max() > 0x10FFFF:
+    elif kind == "U" and view.size and view.view("<u4").max() > 0x10FFFF:
         problem = "a character that is not Unicode (a code point above U+10FFFF)"
     else:
         return
