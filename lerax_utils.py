@@ -3828,9 +3828,7 @@ def _sharding_error(
 
 def _leaf_sharding(leaf: Any) -> jax.sharding.Sharding | None:
     """The sharding a skeleton's leaf asks for (a concrete array's if multi-device)."""
-    if isinstance(leaf, jax.core.Tracer) or not isinstance(
-        leaf, jax.ShapeDtypeStruct | jax.Array
-    ):
+    if not isinstance(leaf, jax.ShapeDtypeStruct | jax.Array):  # Tracers are gone.
         return None
     sharding = leaf.sharding
     if isinstance(leaf, jax.Array) and len(sharding.device_set) == 1:

@@ -340,6 +340,8 @@ _CRAFTED = {
     "key dtype |V8": _set_key("dtype", "|V8"),
     "key shape [4]": _set_key("shape", [4]),
     "key impl unknown": _set_key("impl", "os.system"),
+    "key shape of keys a str": _set_key("key_shape", "ab"),
+    "key shape of keys an int": _set_key("key_shape", 2),
     "array dtype subarray": lambda leaves, s, h: leaves[2].update(dtype="(2,)f4"),
     "structure is a str": _set_metadata("structure", '"tree"'),
     "structure is a list of ints": _set_metadata("structure", "[1, 2]"),
@@ -387,11 +389,48 @@ _CRAFTED = {
 }
 
 
+def test_an_array_entry_where_the_structure_has_a_number_is_refused(tmp_path):
+    Checkpointed({"n": jnp.asarray(3)}).serialize(tmp_path / "good")
+
+    def as_number(leaves, structure, header):
+        structure[2][1] = ["scalar", "int"]  # Its leaves entry stays an array's.
+
+    good = (tmp_path / "good.eqx").read_bytes()
+    path = bad_file(tmp_path, forge(good, as_number))
+    assert load_error(path, {"n": 0}, cls=Checkpointed) == (
+        f"Serializable.deserialize: the file '{path}' holds at path .params['n'] an "
+        "array, where the skeleton has int 0" + _FIX
+    )
+
+
 @pytest.mark.parametrize("name", list(_CRAFTED))
 def test_a_crafted_header_is_a_value_error(tmp_path, name):
     path = bad_file(tmp_path, forge(_small_bytes(tmp_path), _CRAFTED[name]))
     error = load_error(path, _SMALL_SKELETON, cls=Checkpointed)
     assert error.startswith(f"Serializable.deserialize: the file '{path}' "), error
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["a float of bad bits", "a number marked unrecordable", "a number as an object"],
+)
+def test_a_malformed_number_names_its_leaf(tmp_path, name):
+    path = bad_file(tmp_path, forge(_small_bytes(tmp_path), _CRAFTED[name]))
+    assert load_error(path, _SMALL_SKELETON, cls=Checkpointed) == (
+        f"Serializable.deserialize: the file '{path}' has a malformed header (the "
+        "leaf at path .params['n'])."
+    )
+
+
+def test_a_node_where_like_has_an_array_is_named(tmp_path):
+    save_pytree(tmp_path / "t", {"a": {"b": jnp.ones(1)}})
+    with pytest.raises(ValueError) as info:
+        load_pytree(tmp_path / "t", {"a": jnp.ones(1)})
+    assert str(info.value) == (
+        f"load_pytree: the file '{tmp_path / 't.eqx'}' does not match `like` at path "
+        "['a']: the file has {'node': 'dict', 'keys': ['b']}, `like` has 'array'. "
+        "Pass a `like` with the structure, shapes and dtypes of the saved tree."
+    )
 
 
 def test_a_64_mib_header_is_parsed(tmp_path):
@@ -978,6 +1017,12 @@ def test_keys_of_a_custom_prng_impl_are_refused_at_save(tmp_path):
             "Serializable.serialize: the leaf at path .params[0] is a PRNG key of the "
             "custom implementation "
         )
+    WithFunction(2, scale=jax.random.key(0, impl=impl)).serialize(tmp_path / "m")
+    with pytest.raises(TypeError) as info:  # As an argument: recorded as unrecordable.
+        WithFunction.deserialize(tmp_path / "m")
+    assert (
+        "argument `scale` (it was a PRNG key of the implementation 'custom_for_test')"
+    ) in str(info.value)
 
 
 def test_paths_that_are_no_regular_file_are_refused_up_front(tmp_path):
@@ -1597,6 +1642,11 @@ class WithFunction(Serializable):
             "argument `scale` (it was an object of type OrderedDict)",
         ),
         (
+            (2,),
+            {"scale": np.ma.masked_array([1.0, 2.0], [False, True])},
+            "argument `scale` (it was a MaskedArray)",
+        ),
+        (
             (2, jax.nn.relu),
             {"scale": [1, lambda x: x]},
             "arguments `act` (it was the function relu) and `scale` (it was the "
@@ -1618,6 +1668,39 @@ def test_an_unrecordable_argument_saves_and_is_named_when_loading(
     )
     loaded = WithFunction.deserialize(tmp_path / "model", *args)
     assert_exact(loaded, model)
+
+
+_ONE = "3ff0000000000000"  # The bits of 1.0.
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        ["list", _ONE, _ONE],
+        ["float", _ONE, _ONE],
+        ["complex", _ONE],
+        ["float", 3000000000000000],  # Its digits are hex digits, but not a string.
+        ["dict", ["ab"]],  # An item of two characters, not a pair.
+        ["numpy", [1], "float64", _ONE],  # A recorded NumPy value is a scalar.
+    ],
+)
+def test_a_recorded_value_of_another_form_is_malformed(tmp_path, value):
+    WithFunction(2, scale=1.0).serialize(tmp_path / "good")
+
+    def edit(leaves, structure, header):
+        metadata = header["__metadata__"]
+        compact = json.dumps(value, separators=(",", ":"))
+        recorded = metadata["arguments"].replace(f'["float","{_ONE}"]', compact)
+        assert recorded != metadata["arguments"]
+        metadata["arguments"] = recorded
+
+    path = bad_file(tmp_path, forge((tmp_path / "good.eqx").read_bytes(), edit))
+    with pytest.raises(ValueError) as info:
+        WithFunction.deserialize(path)
+    assert str(info.value) == (
+        f"Serializable.deserialize: the file '{path}' has a malformed header (its "
+        "recorded arguments)."
+    )
 
 
 _SIZED_CALLS: list[Any] = []
@@ -2302,6 +2385,19 @@ def test_writes_inside_one_jitted_loop_land_in_program_order(tmp_path):
         assert_identical(loaded.params, jnp.full(64, attempt + 23.0))
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="no /proc/self/fd")
+def test_saves_and_loads_leave_no_file_open(tmp_path):
+    tree = {"w": jnp.arange(3.0), "n": np.arange(2)}
+    save_pytree(tmp_path / "t", tree)
+    lerax_utils._CLOSER.submit(lambda: None).result()  # What it was given is closed.
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(10):
+        save_pytree(tmp_path / "t", tree)
+        load_pytree(tmp_path / "t", tree)
+    lerax_utils._CLOSER.submit(lambda: None).result()
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
 def test_a_save_that_fails_after_creating_its_temporary_removes_it(
     tmp_path, monkeypatch
 ):
@@ -2699,6 +2795,26 @@ def test_numpy_strings_dates_and_big_endian_arrays_round_trip(tmp_path):
         ".params['text'] an array of shape (2,) and dtype <U2, but the skeleton has "
         "shape (1,) and dtype <U3" + _FIX
     )
+
+
+_NUMPY_ONLY = ["<U1", "<U3", ">U2", "S1", "S4", ">f4", ">i8", ">c16", ">u2"]
+_NUMPY_ONLY += ["datetime64[D]", "datetime64[ns]", "timedelta64[ms]"]
+
+
+@given(
+    leaves=st.lists(
+        hnp.arrays(
+            st.sampled_from(_NUMPY_ONLY).map(np.dtype),
+            hnp.array_shapes(min_dims=0, max_dims=2, min_side=0, max_side=3),
+        ),
+        min_size=1,
+        max_size=4,
+    )
+)
+def test_numpy_only_dtypes_round_trip_empty_or_not(tmp_path_factory, leaves):
+    path = tmp_path_factory.mktemp("numpy_only") / "m"
+    save_pytree(path, leaves)
+    assert_exact(load_pytree(path, leaves), leaves)
 
 
 class Converts(Serializable):
@@ -3266,6 +3382,19 @@ def test_one_device_sharding_loads_as_deserialize(tmp_path):
     assert eqx.tree_equal(loaded, model, typematch=True)
     assert loaded.w.sharding == sharding
     assert type(loaded.n) is np.ndarray
+
+
+@given(leaves=st.lists(st.one_of(any_array(), any_key()), min_size=1, max_size=4))
+def test_a_one_device_sharded_load_is_the_plain_load(tmp_path_factory, leaves):
+    path = tmp_path_factory.mktemp("one") / "model"
+    model = Checkpointed(leaves, temperature=0.25)
+    model.serialize(path)
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    loaded = Checkpointed.deserialize_sharded(path, sharding, leaves)
+    assert_exact(loaded, Checkpointed.deserialize(path, leaves))
+    assert_exact(loaded, model)
+    for leaf in loaded.params:
+        assert not isinstance(leaf, jax.Array) or leaf.sharding == sharding
 
 
 def test_wrong_sharding_arguments_are_refused(tmp_path):
@@ -4646,6 +4775,22 @@ def test_static_enum_members_are_compared_by_name(tmp_path):
     )
 
 
+@pytest.mark.filterwarnings("ignore:A JAX array is being set as static")
+def test_static_numpy_values_are_compared_by_value_and_dtype(tmp_path):
+    save_pytree(tmp_path / "m", _Scaled(jnp.ones(2), np.array([1, 2], np.int16)))
+    same = _Scaled(jnp.ones(2), np.array([1, 2], np.int16))
+    assert load_pytree(tmp_path / "m", same).scale is same.scale
+    for other in (np.array([1, 3], np.int16), np.array([1, 2], np.int32)):
+        with pytest.raises(ValueError) as info:
+            load_pytree(tmp_path / "m", _Scaled(jnp.ones(2), other))
+        assert str(info.value).startswith(
+            f"load_pytree: the file '{tmp_path / 'm.eqx'}' does not match `like` at "
+            f"path .scale: the static field is ['numpy', [2], 'int16', '01000200'] in "
+            f"the file and ['numpy', [2], '{other.dtype}', '{other.tobytes().hex()}'] "
+            "in `like`."
+        )
+
+
 _CORRUPT_SHARDS = """
 import json, pathlib, sys
 import jax, jax.numpy as jnp, numpy as np
@@ -4775,10 +4920,12 @@ class _WithNames(Serializable):
         self.count = jnp.asarray(len(self.names))
 
 
-@pytest.mark.parametrize("size", [4_000, 10**8, 10**12])
+@pytest.mark.parametrize("size", [4_000, 10**8, 10**12, "fewer items than bytes"])
 def test_a_recorded_argument_larger_than_the_file_is_not_built(tmp_path, size):
     _WithNames(np.array(["ab", "cd"])).serialize(tmp_path / "good")
     assert _WithNames.deserialize(tmp_path / "good").names.tolist() == ["ab", "cd"]
+    if size == "fewer items than bytes":  # Its bytes count: 8 a `<U2` item.
+        size = (tmp_path / "good.eqx").stat().st_size // 2
 
     def enlarge(leaves, structure, header):
         metadata = header["__metadata__"]
@@ -4807,6 +4954,14 @@ jax.tree_util.register_pytree_node(
     lambda a: ((a.weight,), a.name),
     lambda name, c: _Activation(c[0], name),
 )
+
+
+def test_static_data_that_contains_itself_saves_and_loads(tmp_path):
+    loop: list[Any] = []
+    loop.append(loop)  # Described by its type from some depth on.
+    node = _Activation(jnp.ones(2), loop)  # type: ignore[arg-type]
+    save_pytree(tmp_path / "n", node)
+    assert load_pytree(tmp_path / "n", node).name is loop
 
 
 class _Actor(eqx.Module):

@@ -810,6 +810,34 @@ def test_a_failure_that_every_attempt_repeats_is_raised_without_notes():
         assert not [note for note in notes if "also ran" in note], notes
 
 
+def test_when_every_attempt_fails_to_trace_laxs_own_error_is_raised():
+    def step(c, x):  # Each attempt fails at another of these conversions.
+        return c, (float(c[0]), int(c[1]), int(x))
+
+    errors = []
+    for scan in (filter_scan, jax.lax.scan):
+        with pytest.raises(jax.errors.JAXTypeError) as info:
+            scan(step, (1.5, True), jnp.ones(2))
+        errors.append((type(info.value), str(info.value).splitlines()[0]))
+    assert errors[0] == errors[1]
+
+
+def test_no_number_is_a_python_value_after_every_number_traced_fails_otherwise():
+    def step(c, x):
+        if c[0].shape is not None:  # Only a traced number has a shape.
+            raise ValueError("not a tracing error")
+        return c, x
+
+    with pytest.raises(ValueError) as info:
+        filter_scan(step, (0, True), None, length=2)
+    assert str(info.value) == "not a tracing error"
+    notes = getattr(info.value, "__notes__", [])
+    assert [note for note in notes if "also ran" in note] == [
+        "filter_scan also ran with bools traced and other numbers as Python values, "
+        "which raised AttributeError: 'int' object has no attribute 'shape'"
+    ]
+
+
 #
 # The rest of the family: filter_while_loop, filter_fori_loop, filter_switch,
 # filter_map
@@ -2565,6 +2593,7 @@ def test_nested_loops_retrace_a_bounded_number_of_times_per_level() -> None:
 _TWO = jnp.ones(2)
 _ANY: Any = lambda c: True  # noqa: E731
 _NOT_A_PAIR: Any = lambda c, x: c  # noqa: E731
+_EMPTY_A: Any = {"a": None}
 # Mistakes that `jax.lax` also rejects: ours, the same with `jax.lax`, and the start
 # of our message, which stays as it was.
 _MISTAKES: dict[str, tuple[Callable[[], Any], Callable[[], Any], str]] = {
@@ -2574,6 +2603,13 @@ _MISTAKES: dict[str, tuple[Callable[[], Any], Callable[[], Any], str]] = {
         "filter_scan: `f` returned a carry that differs from `init` at the top "
         "level: it was float 0.0 and is now a tuple. Keep the structure of `init` "
         "from step to step.",
+    ),
+    "scan carry None filled in": (
+        lambda: filter_scan(lambda c, x: ({"a": 0.0}, x), _EMPTY_A, None, 2),
+        lambda: jax.lax.scan(lambda c, x: ({"a": 0.0}, x), _EMPTY_A, None, 2),
+        "filter_scan: `f` returned a carry that differs from `init` at path ['a']: "
+        "it was a NoneType and is now float 0.0. Keep the structure of `init` from "
+        "step to step.",
     ),
     "while carry structure": (
         lambda: filter_while_loop(_ANY, lambda c: [c], 0.0),
@@ -3108,6 +3144,20 @@ def test_methods_of_equal_instances_do_not_share_a_program() -> None:
     assert plus == minus
     assert float(filter_cond(True, plus.inv, plus.inv, x)) == math.inf
     assert float(filter_cond(True, minus.inv, minus.inv, x)) == -math.inf
+
+
+def test_methods_of_objects_that_die_never_reuse_their_programs() -> None:
+    class Scale:
+        def __init__(self, k: float) -> None:
+            self.k = k
+
+        def step(self, carry: Any, _: Any) -> Any:
+            return carry * self.k, None
+
+    # Each object dies after its call, and a later one may be given its id.
+    x = jnp.float32(1.0)
+    got = [float(filter_scan(Scale(k).step, x, length=1)[0]) for k in range(30)]
+    assert got == list(range(30))
 
 
 # A method of an object that cannot be weakly referenced (`__slots__`) is not cached

@@ -925,6 +925,34 @@ def test_an_unusable_stdout_still_lets_the_bar_be_drawn(
     assert _counts(terminal.getvalue())[-1] == (3, 3)
 
 
+class _Buffered:
+    """A stream that shows what was written only when flushed, as a pipe does."""
+
+    def __init__(self, shown: list[str]) -> None:
+        self.shown, self.pending = shown, ""
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        return len(text)
+
+    def flush(self) -> None:
+        self.shown.append(self.pending)
+        self.pending = ""
+
+
+def test_the_bar_shows_what_was_printed_before_it_and_then_itself(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    shown: list[str] = []
+    monkeypatch.setattr(sys, "stdout", _Buffered(shown))
+    monkeypatch.setattr(sys, "stderr", _Buffered(shown))
+    print("before")
+    filter_scan(_step, 0.0, jnp.ones(3), progress="s")
+    jax.effects_barrier()
+    assert "".join(shown).startswith("before\n")
+    assert _counts("".join(shown))[-1] == (3, 3)
+
+
 def test_closed_stderr_file_descriptor_never_stops_the_run() -> None:
     script = """
 import jax, jax.numpy as jnp
