@@ -29,6 +29,7 @@ import pickle
 import re
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -1682,6 +1683,7 @@ _ONE = "3ff0000000000000"  # The bits of 1.0.
         ["float", 3000000000000000],  # Its digits are hex digits, but not a string.
         ["dict", ["ab"]],  # An item of two characters, not a pair.
         ["numpy", [1], "float64", _ONE],  # A recorded NumPy value is a scalar.
+        ["array", [2], "float32", "and more"],
     ],
 )
 def test_a_recorded_value_of_another_form_is_malformed(tmp_path, value):
@@ -2383,6 +2385,20 @@ def test_writes_inside_one_jitted_loop_land_in_program_order(tmp_path):
         jax.effects_barrier()
         loaded = Checkpointed.deserialize(path, jnp.zeros(64))
         assert_identical(loaded.params, jnp.full(64, attempt + 23.0))
+
+
+@pytest.mark.skipif(not hasattr(os, "pread"), reason="no os.pread")
+def test_the_whole_file_is_written_when_it_is_synced(tmp_path, monkeypatch):
+    synced, sync = [], os.fsync
+
+    def recorded(descriptor: int) -> None:
+        if not stat.S_ISDIR(os.fstat(descriptor).st_mode):  # Not its folder.
+            synced.append(os.pread(descriptor, 1 << 20, 0))
+        sync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", recorded)
+    save_pytree(tmp_path / "t", {"w": jnp.arange(3.0), "n": 2})
+    assert synced == [(tmp_path / "t.eqx").read_bytes()]
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="no /proc/self/fd")

@@ -822,6 +822,15 @@ def test_when_every_attempt_fails_to_trace_laxs_own_error_is_raised():
     assert errors[0] == errors[1]
 
 
+def test_an_error_that_says_more_than_a_tracing_error_is_raised():
+    def step(c, x):  # With the int traced, this fails only for tracing it.
+        raise ValueError(f"step {int(c[0])} says more")
+
+    with pytest.raises(ValueError) as info:
+        filter_scan(step, (0, True), None, length=2)
+    assert str(info.value) == "step 0 says more"
+
+
 def test_no_number_is_a_python_value_after_every_number_traced_fails_otherwise():
     def step(c, x):
         if c[0].shape is not None:  # Only a traced number has a shape.
