@@ -226,6 +226,8 @@ def _placed_shape(shape: Any, sharding: Any) -> jax.ShapeDtypeStruct:
     """`shape` on `sharding`, weakly typed if it is (jax 0.4.26 has no `weak_type`)."""
     weak = _SHAPE_HAS_WEAK_TYPE and getattr(shape, "weak_type", False)
     extra = {"weak_type": True} if weak else {}
+    for name in ("check_compatible_aval", "is_compatible_aval"):  # As jax.device_put;
+        getattr(sharding, name, lambda _: None)(shape.shape)  # jax 0.4.26's SDS won't.
     return jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding, **extra)
 
 
@@ -1523,6 +1525,7 @@ def filter_map(
     @_named_after(f)
     def mapped(traced_x: Any) -> Any:
         outputs.append(_Split(f(inputs.rebuild(traced_x)), _outputs_traced))
+        _static_outputs_agree("filter_map", "`f`'s output", outputs)  # Before JAX's.
         return outputs[-1].traced_part()
 
     traced_xs = inputs.traced_part()
@@ -1536,7 +1539,6 @@ def filter_map(
             step = lambda c, x: (c, mapped(x))  # noqa: E731
             options = {"length": bar.total, "unroll": 1}
             _, ys = _scan(bar, step, None, traced_xs, options)
-    _static_outputs_agree("filter_map", "`f`'s output", outputs)
     return outputs[0].rebuild(ys)
 
 

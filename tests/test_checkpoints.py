@@ -343,6 +343,9 @@ _CRAFTED = {
     "key impl unknown": _set_key("impl", "os.system"),
     "key shape of keys a str": _set_key("key_shape", "ab"),
     "key shape of keys an int": _set_key("key_shape", 2),
+    "key impl a list": _set_key("impl", ["threefry2x32"]),
+    "a leaf entry as a list": lambda leaves, s, h: leaves.__setitem__(1, [".n"]),
+    "a leaf entry's path an int": lambda leaves, s, h: leaves[1].update(path=1),
     "array dtype subarray": lambda leaves, s, h: leaves[2].update(dtype="(2,)f4"),
     "structure is a str": _set_metadata("structure", '"tree"'),
     "structure is a list of ints": _set_metadata("structure", "[1, 2]"),
@@ -420,6 +423,16 @@ def test_a_malformed_number_names_its_leaf(tmp_path, name):
     assert load_error(path, _SMALL_SKELETON, cls=Checkpointed) == (
         f"Serializable.deserialize: the file '{path}' has a malformed header (the "
         "leaf at path .params['n'])."
+    )
+
+
+@pytest.mark.parametrize(
+    "name", ["a leaf entry as a list", "a leaf entry's path an int"]
+)
+def test_a_leaf_entry_without_a_path_is_malformed(tmp_path, name):
+    path = bad_file(tmp_path, forge(_small_bytes(tmp_path), _CRAFTED[name]))
+    assert load_error(path, _SMALL_SKELETON, cls=Checkpointed) == (
+        f"Serializable.deserialize: the file '{path}' has a malformed header."
     )
 
 
@@ -1325,7 +1338,7 @@ def test_a_save_inside_jit_that_fails_when_run_names_save_pytree(tmp_path, monke
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("form", ["concrete", "shapes", "numpy"])
+@pytest.mark.parametrize("form", ["concrete", "shapes", "numpy", "traced"])
 def test_like_may_be_values_or_shapes_and_is_compared_as_a_skeleton(tmp_path, form):
     tree = {"w": jnp.arange(6.0).reshape(2, 3), "k": jax.random.key(3), "s": "tag"}
     save_pytree(tmp_path / "tree", tree)
@@ -1334,9 +1347,12 @@ def test_like_may_be_values_or_shapes_and_is_compared_as_a_skeleton(tmp_path, fo
         like = eqx.filter_eval_shape(lambda: like)
     if form == "numpy":  # A NumPy leaf stands for the JAX array JAX would make.
         like = {**like, "w": np.zeros((2, 3), np.float32)}
-    assert_exact(load_pytree(tmp_path / "tree", like), tree)
+    load = functools.partial(load_pytree, tmp_path / "tree")
+    if form == "traced":  # Inside `jit`, where `like`'s arrays are tracers.
+        load = eqx.filter_jit(load)
+    assert_exact(load(like), tree)
     with pytest.raises(ValueError, match="static field|the file has 'tag'"):
-        load_pytree(tmp_path / "tree", {**like, "s": "other"})
+        load({**like, "s": "other"})
 
 
 def test_deserialize_without_arguments_rebuilds_the_model_from_the_file(tmp_path):
@@ -3437,6 +3453,16 @@ def test_wrong_sharding_arguments_are_refused(tmp_path):
         r"`sharding` does not have the structure of the skeleton",
     ):
         _Small.deserialize_sharded(tmp_path / "m", lambda s: [None])
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("d",))
+    spec = jax.sharding.PartitionSpec("d", None, None)  # Three axes; `w` has two.
+    sharding = jax.sharding.NamedSharding(mesh, spec)
+    with pytest.raises(
+        ValueError,
+        match=r"^Serializable.deserialize_sharded: the sharding asked for the leaf at "
+        r"path .w does not fit its shape \(2, 3\): .+\. Pass a sharding that fits "
+        r"it, or None for this leaf.$",
+    ):
+        _Small.deserialize_sharded(tmp_path / "m", sharding)
 
 
 class _Bits(Serializable):
@@ -4424,6 +4450,23 @@ def test_static_floats_that_differ_in_their_bits_are_refused(tmp_path, saved, ot
     )
 
 
+@pytest.mark.parametrize(
+    ("saved", "other"),
+    [
+        (frozenset({1, "a", None}), frozenset({1, "b", None})),
+        ({1, "a", (2.5, 3)}, {1, "a", (2.5, 4)}),
+        ({"a": 1, "b": None}, {"b": None, "a": 2}),
+    ],
+)
+def test_static_collections_of_mixed_types_save_and_are_compared(
+    tmp_path, saved, other
+):
+    save_pytree(tmp_path / "m", _Scaled(jnp.ones(2), saved))
+    assert load_pytree(tmp_path / "m", _Scaled(jnp.ones(2), saved)).scale == saved
+    with pytest.raises(ValueError, match=r"at path \.scale: the static field is \["):
+        load_pytree(tmp_path / "m", _Scaled(jnp.ones(2), other))
+
+
 # 6. Empty arrays, of bool and every other dtype, on every read path.
 
 _EMPTY_DTYPES = [
@@ -4547,6 +4590,9 @@ class _NumpyTagged(eqx.Module):
         (np.float32(0), np.int32(0)),
         (np.uint8(1), np.int8(1)),
         (np.float16(1), np.float16(2)),
+        (np.str_("relu"), np.str_("tanh")),  # Scalars of dtypes that JAX lacks.
+        (np.bytes_(b"v1"), np.bytes_(b"v2")),
+        (np.datetime64("2026-01-01"), np.datetime64("2026-01-02")),
     ],
 )
 @pytest.mark.filterwarnings("ignore:A JAX array is being set as static")

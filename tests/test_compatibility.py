@@ -205,6 +205,17 @@ def test_asarray_places_as_device_put_but_under_set_mesh():
         assert (quick.sharding, quick.committed) != (put.sharding, put.committed)
 
 
+def test_placed_shapes_refuse_the_shardings_device_put_refuses():
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("d",))
+    spec = jax.sharding.PartitionSpec("d", None, None)  # Three axes, for two.
+    sharding = jax.sharding.NamedSharding(mesh, spec)
+    with pytest.raises(ValueError) as put:
+        jax.device_put(jnp.zeros((2, 3)), sharding)
+    with pytest.raises(ValueError) as placed:
+        lerax_utils._placed_shape(jax.ShapeDtypeStruct((2, 3), jnp.float32), sharding)
+    assert str(placed.value) in str(put.value)
+
+
 def test_distributed_client_is_none_before_initialize():
     assert lerax_utils._distributed_client() is None
 

@@ -407,14 +407,14 @@ def _map_without_batch_size() -> Any:
         return filter_map(_keep, jnp.ones(3), batch_size=2)
 
 
-def _map_retraced_with_new_labels() -> Any:
+def _map_retraced_with_new_labels(label: Callable[[int], Any] = "trace {}".format):
     if not lerax_utils._MAP_TAKES_BATCH_SIZE:
         pytest.skip("this JAX's lax.map has no batch_size, which traces f twice")
     traces: list[None] = []
 
     def f(x: Any) -> Any:
         traces.append(None)
-        return x * 2, f"trace {len(traces)}"
+        return x * 2, label(len(traces))
 
     return filter_map(f, jnp.arange(5.0), batch_size=2)
 
@@ -704,6 +704,13 @@ _RAISES: list[tuple[Callable[[], Any], type[Exception], str]] = [
         ValueError,
         "filter_map: the non-array part of `f`'s output differs between two traces "
         "of `f`: at path [1] it changed from str 'trace 1' to str 'trace 2'.",
+    ),
+    (
+        functools.partial(_map_retraced_with_new_labels, lambda n: ["label"] * n),
+        ValueError,
+        "filter_map: the non-array part of `f`'s output differs between two traces "
+        "of `f`: at path [1] it had length 1 and now has length 2. JAX may trace `f` "
+        "more than once: return arrays for values that vary between traces.",
     ),
 ]
 
@@ -2112,6 +2119,18 @@ def test_static_leaves_python_numbers_and_shapes_are_part_of_the_key() -> None:
     for zero in (0.0, -0.0, 0.0):
         _, y = filter_scan(lambda c, x: (c, math.copysign(1.0, c)), zero, None, 1)
         assert np.asarray(y).tolist() == [math.copysign(1.0, zero)]
+
+
+def test_static_leaves_that_take_no_weak_reference_are_cached_by_value() -> None:
+    traces: list[Any] = []
+
+    def step(carry: Any, x: Any) -> Any:
+        traces.append(carry[1])
+        return (carry[0] + x, carry[1]), None
+
+    for static in (range(3), range(3), frozenset({1}), frozenset({1}), range(3)):
+        filter_scan(step, (jnp.float32(0), static), jnp.ones(2))
+    assert traces == [range(3), frozenset({1})]
 
 
 def test_counter_in_the_carry_stays_promoted_without_retracing() -> None:

@@ -220,6 +220,23 @@ def test_host_calls_are_bounded(
     assert counts == _expected_counts(length, chunked, unroll)
 
 
+@pytest.mark.parametrize("length", [2, 199])
+@pytest.mark.parametrize("flag", [True, False, np.True_])  # `np.False_`: not in 0.4.26.
+def test_a_bool_unroll_reports_as_its_number_of_steps(
+    reports: list[tuple[int, int]], length: int, flag: Any
+) -> None:
+    def run(unroll: Any) -> Any:
+        return filter_scan(
+            lambda c, x: (c + x, None), jnp.float32(0), jnp.ones(length),
+            unroll=unroll, progress=True,
+        )  # fmt: skip
+
+    for unroll in (flag, length if flag else 1):  # Whole, or one step at a time.
+        jax.jit(lambda unroll=unroll: run(unroll))()
+        jax.effects_barrier()
+    assert reports[: len(reports) // 2] == reports[len(reports) // 2 :]
+
+
 def _expected_counts(length: int, chunked: bool, unroll: int = 1) -> list[int]:
     """A loop in chunks reports before each chunk and at the end; one scan reports
     every `stride` steps and at its last step. One step (or a loop unrolled whole)

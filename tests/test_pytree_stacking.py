@@ -134,12 +134,17 @@ def _unstack_programs() -> int:
     return _programs_compiled(lerax_utils._index_rows)
 
 
-def test_unstack_pytree_compiles_once_host_time_would_reach_the_compile_time():
+@pytest.mark.parametrize("named", [False, True])
+def test_unstack_pytree_compiles_once_host_time_would_reach_the_compile_time(named):
     # Costs in made-up units: a slice costs 1 on the host, so a call (4 rows x 2
     # leaves) costs 8; the program (4 rows per call) is estimated at 4 + 4 x (1 + 2
     # x 1) = 16. So call 1 slices on the host, call 2 brings the host total to 16
     # and compiles one program, and every later call reuses it.
     tree = {"a": jnp.zeros((4, 97)), "b": jnp.ones((4, 5), jnp.int32)}
+    if named:  # On a one-device mesh: sliced on the host alike.
+        mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("d",))
+        spec = jax.sharding.PartitionSpec("d")
+        tree = jax.device_put(tree, jax.sharding.NamedSharding(mesh, spec))
     expected = [jax.tree.map(lambda x, i=i: x[i], tree) for i in range(4)]
     saved = lerax_utils._UNSTACK_COMPILE_SECONDS
     with slicing_by("host"):
@@ -398,6 +403,17 @@ _STACK_ERROR_END = ". Match its structure, array shapes and dtypes, and static l
             "at path ['f']: it was the static (non-array) "
             f"{type(jax.nn.relu).__name__} {jax.nn.relu!r} and is now an array of "
             "shape (1,) and dtype float32",
+        ),
+        (
+            {"w": np.zeros((2, 1), np.int8), "f": jax.nn.relu},
+            "at path ['w']: it has shape (2, 1) and dtype int8, where trees[0] has "
+            "shape (2,) and dtype float32",
+        ),
+        (
+            {"w": np.zeros(2, np.float32), "f": np.zeros(3, np.int16)},
+            "at path ['f']: it was the static (non-array) "
+            f"{type(jax.nn.relu).__name__} {jax.nn.relu!r} and is now an array of "
+            "shape (3,) and dtype int16",
         ),
     ],
 )
