@@ -1177,8 +1177,8 @@ def _scan(
 
 
 def _tied(index: jax.Array, tree: Any) -> tuple[jax.Array, Any]:
-    """`index`, and a reporting branch's operand, made to depend on `tree`."""
-    leaves = [x for x in jtu.tree_leaves(tree) if x.size]
+    """`index`, and a report's operand, made to depend on `tree` (numbers too)."""
+    leaves = [x for x in map(jnp.asarray, jtu.tree_leaves(tree)) if x.size]
     if not leaves:
         return index, index
     smallest = min(leaves, key=lambda leaf: leaf.size)

@@ -436,6 +436,20 @@ def test_a_leaf_entry_without_a_path_is_malformed(tmp_path, name):
     )
 
 
+def _box(field: str) -> Any:  # One class name, with `field` its one field.
+    return type("_Box", (eqx.Module,), {"__annotations__": {field: jax.Array}})
+
+
+def test_a_renamed_field_is_named_at_the_skeletons_path(tmp_path):
+    save_pytree(tmp_path / "box", _box("first")(jnp.ones(2)))
+    with pytest.raises(ValueError) as info:
+        load_pytree(tmp_path / "box", _box("second")(jnp.ones(2)))
+    assert str(info.value).startswith(
+        f"load_pytree: the file '{tmp_path / 'box.eqx'}' does not match `like` at "
+        "path .second: the file has a node at path .first instead."
+    )
+
+
 def test_a_node_where_like_has_an_array_is_named(tmp_path):
     save_pytree(tmp_path / "t", {"a": {"b": jnp.ones(1)}})
     with pytest.raises(ValueError) as info:
@@ -634,9 +648,10 @@ def _weak_or_strong(value: float, shape: tuple[int, ...], weak: bool) -> jax.Arr
     flags=st.lists(st.booleans(), min_size=1, max_size=4),
     skeleton_flags=st.lists(st.booleans(), min_size=4, max_size=4),
     traced=st.booleans(),
+    concrete=st.booleans(),
 )
 def test_weak_types_load_as_the_skeleton_says(
-    tmp_path_factory, flags, skeleton_flags, traced
+    tmp_path_factory, flags, skeleton_flags, traced, concrete
 ):
     leaves = [_weak_or_strong(i + 0.5, (i % 2,) * i, w) for i, w in enumerate(flags)]
     assert [leaf.weak_type for leaf in leaves] == flags
@@ -651,9 +666,12 @@ def test_weak_types_load_as_the_skeleton_says(
         _weak_or_strong(0.0, leaf.shape, w)
         for leaf, w in zip(leaves, skeleton_flags, strict=False)
     ]
-    loaded = Checkpointed.deserialize(path, skeleton)
+    if concrete:  # A `like` of arrays, which carry their weak types.
+        loaded = load_pytree(path, Checkpointed(skeleton))
+    else:
+        loaded = Checkpointed.deserialize(path, skeleton)
     # The skeleton's weak types, where its shapes carry them (not in jax 0.4.26).
-    told = hasattr(jax.eval_shape(lambda: skeleton[0]), "weak_type")
+    told = concrete or hasattr(jax.eval_shape(lambda: skeleton[0]), "weak_type")
     wanted = skeleton_flags[: len(flags)] if told else flags
     assert [leaf.weak_type for leaf in loaded.params] == wanted
     x = jnp.ones((), jnp.bfloat16)
@@ -1972,6 +1990,14 @@ def test_a_missing_file_names_each_candidate_path_once(tmp_path):
         f"load_pytree: no checkpoint at '{tmp_path}/nothing.eqx'. Check the path "
         "given to `save_pytree`."
     )
+    (tmp_path / "folder").mkdir()  # Folders at both paths are no checkpoints.
+    (tmp_path / "folder.eqx").mkdir()
+    with pytest.raises(FileNotFoundError) as info:
+        load_pytree(tmp_path / "folder", {})
+    assert str(info.value) == (
+        f"load_pytree: no checkpoint at '{tmp_path}/folder' or '{tmp_path}/"
+        "folder.eqx'. Check the path given to `save_pytree`."
+    )
 
 
 class _BytesPath:  # An os.PathLike of bytes, which the file names cannot use.
@@ -2720,6 +2746,11 @@ _REFUSED = [
     ),
     (
         np.zeros(1, "datetime64"),
+        "an array of dtype datetime64, which a checkpoint cannot restore exactly. "
+        "Convert it to a dtype of JAX, a string or a dated dtype with a unit",
+    ),
+    (
+        np.datetime64("NaT"),  # A NumPy scalar, as an array.
         "an array of dtype datetime64, which a checkpoint cannot restore exactly. "
         "Convert it to a dtype of JAX, a string or a dated dtype with a unit",
     ),
@@ -4456,6 +4487,8 @@ def test_static_floats_that_differ_in_their_bits_are_refused(tmp_path, saved, ot
         (frozenset({1, "a", None}), frozenset({1, "b", None})),
         ({1, "a", (2.5, 3)}, {1, "a", (2.5, 4)}),
         ({"a": 1, "b": None}, {"b": None, "a": 2}),
+        (bytearray(b"ab"), bytearray(b"cd")),  # Bytes, by value too.
+        (b"ab", b"ac"),
     ],
 )
 def test_static_collections_of_mixed_types_save_and_are_compared(

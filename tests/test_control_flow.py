@@ -474,9 +474,11 @@ _RAISES: list[tuple[Callable[[], Any], type[Exception], str]] = [
         "filter_scan: `f` must be callable; got str 'step'.",
     ),
     (
-        lambda: filter_scan(
-            _identity_step, 0, {"obs": jnp.ones((3, 2)), "actions": [jnp.ones(4)]}
-        ),
+        lambda: jax.jit(  # Where a NumPy leaf stays one.
+            lambda: filter_scan(
+                _identity_step, 0, {"obs": jnp.ones((3, 2)), "actions": [np.ones(4)]}
+            )
+        )(),
         ValueError,
         "filter_scan: every array in `xs` must have the same leading size, but the "
         "leading sizes differ (['actions'][0]: 4, ['obs']: 3).",

@@ -262,6 +262,21 @@ def test_chunk_size_divides_the_length(length: int) -> None:
         assert length // size + 1 <= lerax_utils._PROGRESS_MAX_CALLBACKS
 
 
+@given(st.integers(1, 4999))
+@example(39)  # Its nearest divisor (13) is above the stride (8).
+def test_chunk_size_is_the_divisor_nearest_the_stride(length: int) -> None:
+    stride = lerax_utils._progress_stride(length)
+    calls = lerax_utils._PROGRESS_MAX_CALLBACKS
+    fits = [  # Within half and twice the stride, in few enough chunks.
+        size
+        for size in range(1, length + 1)
+        if length % size == 0 and stride // 2 <= size <= 2 * stride
+        and length // size + 1 <= calls
+    ]  # fmt: skip
+    nearest = min(fits, key=lambda size: (abs(size - stride), size), default=None)
+    assert lerax_utils._chunk_size(length) == nearest
+
+
 # Of two divisors as near the stride, the smaller: the bar then reports at least as
 # often as the stride asks (9 steps at stride 2: every step, not every third).
 @given(st.integers(1, 10**6))
@@ -417,8 +432,25 @@ def _fails_at_step_50(c: Any, x: Any) -> Any:
     return c + x, None
 
 
-def test_exception_ends_the_line_eagerly(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(Exception, match="boom"):
+@pytest.mark.parametrize("progress", [False, True])
+def test_loops_with_number_carries_run_without_jit_as_lax(progress: bool) -> None:
+    with jax.disable_jit():  # The carries stay Python numbers, with a bar too.
+        scans = [
+            filter_scan(_step, 0.0, jnp.arange(5.0), progress=progress),
+            jax.lax.scan(_step, 0.0, jnp.arange(5.0)),
+        ]
+        add = lambda i, c: c * 0.5 + i  # noqa: E731
+        fori = [filter_fori_loop(0, 5, add, 1.0, progress=progress)]
+        fori.append(jax.lax.fori_loop(0, 5, add, 1.0))
+    assert _identical(*scans)
+    assert _identical(*map(jnp.asarray, fori))  # With a bar, an array: as under jit.
+
+
+@pytest.mark.parametrize("no_jit", [False, True])  # Without jit, raised in the loop.
+def test_exception_ends_the_line_eagerly(
+    capsys: pytest.CaptureFixture[str], no_jit: bool
+) -> None:
+    with pytest.raises(Exception, match="boom"), jax.disable_jit(no_jit):
         filter_scan(_fails_at_step_50, 0.0, jnp.arange(100.0), progress=True)
         jax.effects_barrier()
     jax.effects_barrier()
