@@ -414,25 +414,23 @@ def test_a_crafted_header_is_a_value_error(tmp_path, name):
     assert error.startswith(f"Serializable.deserialize: the file '{path}' "), error
 
 
-@pytest.mark.parametrize(
-    "name",
-    ["a float of bad bits", "a number marked unrecordable", "a number as an object"],
-)
-def test_a_malformed_number_names_its_leaf(tmp_path, name):
-    path = bad_file(tmp_path, forge(_small_bytes(tmp_path), _CRAFTED[name]))
-    assert load_error(path, _SMALL_SKELETON, cls=Checkpointed) == (
-        f"Serializable.deserialize: the file '{path}' has a malformed header (the "
-        "leaf at path .params['n'])."
-    )
+_NAMED = " (the leaf at path .params['n'])"  # Where the entry has a path to name.
 
 
 @pytest.mark.parametrize(
-    "name", ["a leaf entry as a list", "a leaf entry's path an int"]
+    ("name", "where"),
+    [
+        ("a float of bad bits", _NAMED),
+        ("a number marked unrecordable", _NAMED),
+        ("a number as an object", _NAMED),
+        ("a leaf entry as a list", ""),
+        ("a leaf entry's path an int", ""),
+    ],
 )
-def test_a_leaf_entry_without_a_path_is_malformed(tmp_path, name):
+def test_a_malformed_entry_names_its_leaf_if_it_has_a_path(tmp_path, name, where):
     path = bad_file(tmp_path, forge(_small_bytes(tmp_path), _CRAFTED[name]))
     assert load_error(path, _SMALL_SKELETON, cls=Checkpointed) == (
-        f"Serializable.deserialize: the file '{path}' has a malformed header."
+        f"Serializable.deserialize: the file '{path}' has a malformed header{where}."
     )
 
 
