@@ -3650,7 +3650,6 @@ def _leaf_mismatch(
         )
     ):
         if kind == "jax" and isinstance(leaf, jax.ShapeDtypeStruct | jax.Array):
-            # The skeleton's weak type, where it has one (see `_placed_shape`).
             entry["weak_type"] = getattr(leaf, "weak_type", entry.get("weak_type"))
         return None
     pair = " ".join(sorted({str(dtype), str(leaf.dtype)}))
@@ -3858,7 +3857,8 @@ def _read_sharded(
     shape = tuple(entry["shape"])  # A key's data, whose own axes no shard splits.
     global_shape = tuple(entry.get("key_shape", shape))
     try:
-        sharding.shard_shape(global_shape)  # Refuses an axis it does not divide.
+        _placed_shape(jax.ShapeDtypeStruct(global_shape, dtype), sharding)  # A rank,
+        sharding.shard_shape(global_shape)  # and an axis it does not divide.
         indices = sharding.addressable_devices_indices_map(global_shape)
         regions = {device: _region(index, shape) for device, index in indices.items()}
     except Exception as err:
