@@ -277,10 +277,8 @@ def _same_python_number(old: Any, new: Any) -> bool:
 
 def _is_key_array(array: Any) -> bool:
     """Whether `array` holds typed PRNG keys (`jax.random.key`, not raw uint32 data)."""
-    dtype = array.dtype  # NumPy's dtypes are never keys: quick to tell apart.
-    return not isinstance(dtype, np.dtype) and jnp.issubdtype(
-        dtype, jax.dtypes.prng_key
-    )
+    kind = array.dtype  # NumPy's dtypes are never keys: quick to tell apart.
+    return not isinstance(kind, np.dtype) and jnp.issubdtype(kind, jax.dtypes.prng_key)
 
 
 def _describe_leaf(leaf: Any) -> str:
@@ -416,7 +414,6 @@ _TRACING_ERRORS = (  # The errors that say only that a tracer was used as a valu
 )
 _NO_OPERAND = object()  # The default of `operand=`, which `jax.lax` also takes.
 
-
 _LAX_CALLABLES = {  # Each `jax.lax` function, given the functions we were given.
     "filter_scan": lambda f: jax.lax.scan(f, 0.0, None, 1),
     "filter_cond": lambda true_fun, false_fun: jax.lax.cond(True, true_fun, false_fun),
@@ -424,6 +421,15 @@ _LAX_CALLABLES = {  # Each `jax.lax` function, given the functions we were given
     "filter_while_loop": lambda cond, body: jax.lax.while_loop(cond, body, 0.0),
     "filter_fori_loop": lambda body: jax.lax.fori_loop(0, 1, body, 0.0),
     "filter_map": lambda f: jax.lax.map(f, jnp.zeros(1)),
+}
+_LAX_CALLS = {  # Each `jax.lax` function, on a body `b` or branches giving `o`, `n`.
+    "filter_scan": lambda o, n, b: jax.lax.scan(b(lambda c, x: (n, x)), o, None, 1),
+    "filter_while_loop": lambda o, n, b: jax.lax.while_loop(
+        lambda c: True, b(lambda c: n), o
+    ),
+    "filter_fori_loop": lambda o, n, b: jax.lax.fori_loop(0, 1, b(lambda i, c: n), o),
+    "filter_cond": lambda o, n, _: jax.lax.cond(True, lambda: o, lambda: n),
+    "filter_switch": lambda o, n, _: jax.lax.switch(0, [lambda: o, lambda: n]),
 }
 
 
@@ -435,17 +441,6 @@ def _check_callable(function: str, **functions: Any) -> None:
                 f"{function}: `{name}` must be callable; got {_describe_leaf(fun)}."
                 + _lax_says(function, run=functools.partial(check, *functions.values()))
             )
-
-
-_LAX_CALLS = {  # Each `jax.lax` function, on a body `b` or branches giving `o`, `n`.
-    "filter_scan": lambda o, n, b: jax.lax.scan(b(lambda c, x: (n, x)), o, None, 1),
-    "filter_while_loop": lambda o, n, b: jax.lax.while_loop(
-        lambda c: True, b(lambda c: n), o
-    ),
-    "filter_fori_loop": lambda o, n, b: jax.lax.fori_loop(0, 1, b(lambda i, c: n), o),
-    "filter_cond": lambda o, n, _: jax.lax.cond(True, lambda: o, lambda: n),
-    "filter_switch": lambda o, n, _: jax.lax.switch(0, [lambda: o, lambda: n]),
-}
 
 
 def _lax_says(function: str, *trees: Any, run: Any = None, body: Any = None) -> str:
@@ -652,9 +647,6 @@ def _as_array(name: str, value: Any) -> Any:
         return value  # Left as it is, for `jax.lax` to complain of.
 
 
-_IMMUTABLE = (bool, int, float, complex, str, bytes, type(None))
-
-
 def _compile_call(treedef: Any, leaves: list[Any], arrays: list[int], call: Any) -> Any:
     """Trace `call` on `treedef.unflatten(leaves)` with its array leaves traced."""
     out: list[Any] = []
@@ -680,7 +672,8 @@ def _compile_call(treedef: Any, leaves: list[Any], arrays: list[int], call: Any)
     except _TRACING_ERRORS:
         # Arrays in a function (a module's parameters) traced here: run uncached.
         return _UNCACHED
-    if any(type(p) is tuple and type(p[0]) not in _IMMUTABLE for p in out[1]):
+    immutable = (bool, int, float, complex, str, bytes, type(None))
+    if any(type(p) is tuple and type(p[0]) not in immutable for p in out[1]):
         return _UNCACHED  # Each call must get its own new objects, as uncached.
     # The selector's preparation runs op by op, as in `jax.lax`, not in the program.
     jaxpr, prelude, rest = closed.jaxpr, [], []
@@ -802,8 +795,7 @@ class _LoopCarry(_Split):
             zip(self.leaves, new_leaves, self.traced, strict=True)
         ):
             if not (is_traced or _is_python_number(old)):
-                message = _leaf_difference(old, new)
-                if message is not None:
+                if (message := _leaf_difference(old, new)) is not None:
                     raise ValueError(self._error(self.path(i), message, "static"))
             elif not _outputs_traced(new):
                 message = f"was {_describe_leaf(old)} and is now {_describe_leaf(new)}"
@@ -885,8 +877,7 @@ def _check_branches_agree(
             message = f"was {_describe_leaf(a)} and is now {_describe_leaf(b)}"
             raise TypeError(error(jtu.keystr(path), message))
         # Where both are traced, `jax.lax` checks shapes and dtypes.
-        message = None if a_traced else _leaf_difference(a, b)
-        if message is not None:
+        if not a_traced and (message := _leaf_difference(a, b)) is not None:
             raise ValueError(error(jtu.keystr(path), message))
 
 
@@ -1089,11 +1080,7 @@ def filter_scan(
 
 
 def _scan(
-    bar: "_ProgressBar | None",
-    step: Callable[..., Any],
-    init: Any,
-    xs: Any,
-    options: Any,
+    bar: "_ProgressBar | None", step: Any, init: Any, xs: Any, options: Any
 ) -> tuple[Any, Any]:
     """`jax.lax.scan(step, init, xs, **options)`, reporting its progress to `bar`."""
     if bar is None:
@@ -1536,9 +1523,8 @@ def filter_map(
         ys = jax.lax.map(mapped, traced_xs, **options)
     else:
         with _tidy_on_error(bar):
-            step = lambda c, x: (c, mapped(x))  # noqa: E731
             options = {"length": bar.total, "unroll": 1}
-            _, ys = _scan(bar, step, None, traced_xs, options)
+            _, ys = _scan(bar, lambda c, x: (c, mapped(x)), None, traced_xs, options)
     return outputs[0].rebuild(ys)
 
 
@@ -1673,8 +1659,7 @@ def _slice_columns(
         else x
         for x, a in zip(group, axes, strict=True)
     ]
-    columns = [[] for _ in group]
-    done = 0
+    columns, done = [[] for _ in group], 0
     for start in _chunk_starts(length, count):
         chunk = _index_rows(group, start, axes=axes, count=count)
         for column, pieces in zip(columns, chunk, strict=True):
@@ -1688,8 +1673,7 @@ def _respec(sharding: Any, axis: int, part: list[Any]) -> Any:
     if not isinstance(sharding, jax.sharding.NamedSharding):
         return sharding
     spec = list(sharding.spec)
-    spec[axis : axis + 1] = part
-    spec_object = jax.sharding.PartitionSpec(*spec)
+    spec_object = jax.sharding.PartitionSpec(*spec[:axis], *part, *spec[axis + 1 :])
     kind = sharding.memory_kind
     return jax.sharding.NamedSharding(sharding.mesh, spec_object, memory_kind=kind)
 
@@ -1795,8 +1779,7 @@ def _stack_chunk_into(
     """`out` (made for the first chunk) with `chunk` stacked into it at `start`."""
     stacked = jnp.stack(chunk, axis=axis)
     if out is None:  # A row broadcast (not `jnp.zeros`) keeps the other axes' sharding.
-        shape = list(stacked.shape)
-        shape[axis] = length
+        shape = [*stacked.shape[:axis], length, *stacked.shape[axis + 1 :]]
         row = jax.lax.index_in_dim(stacked, 0, axis, keepdims=True)
         out = jnp.broadcast_to(row, shape)
     weak = out.aval.weak_type and stacked.aval.weak_type  # As `jnp.stack`'s result.
@@ -1809,11 +1792,9 @@ def _chunk_starts(length: int, size: int) -> list[int]:
     return [min(start, length - size) for start in range(0, length, size)]
 
 
-def _check_axis_is_int(function: str, axis: Any) -> None:
+def _check_axis_is_int(caller: str, axis: Any) -> None:
     if isinstance(axis, bool) or not isinstance(axis, int | np.integer):
-        raise TypeError(
-            f"{function}: `axis` must be an int; got {_describe_leaf(axis)}."
-        )
+        raise TypeError(f"{caller}: `axis` must be an int; got {_describe_leaf(axis)}.")
 
 
 def _leaf_axis(function: str, axis: int, leaf: Any, path: str, ndim: int) -> int:
@@ -1892,10 +1873,8 @@ def _host_caller(
         # No JAX array is kept (a tracer must not outlive its trace); a staged call
         # keeps NumPy arrays as they are now, as a traced program keeps its constants.
         template = [None if isinstance(x, jax.Array) else x for x in leaves]
-        copied = [i for i in on_the_host if isinstance(leaves[i], np.ndarray)]
         if not _trace_state_clean():
-            for i in copied:
-                template[i] = leaves[i].copy()
+            template = [x.copy() if isinstance(x, np.ndarray) else x for x in template]
         arrays = [leaves[i] for i in positions]
         in_order = bool(ordered)
         if ordered is not False:  # Devices that each traced argument spans, if known.
@@ -1922,10 +1901,7 @@ def _host_caller(
                 )
         # Typed PRNG keys cross to the host as their raw data, wrapped again there.
         impls = [jax.random.key_impl(x) if _is_key_array(x) else None for x in arrays]
-        sent = [
-            x if impl is None else jax.random.key_data(x)
-            for x, impl in zip(arrays, impls, strict=True)
-        ]
+        sent = [jax.random.key_data(x) if _is_key_array(x) else x for x in arrays]
 
         def call_func(*host_arrays: Any) -> None:
             row: list[Any] = list(template)
@@ -2538,8 +2514,7 @@ def _checkpoint_path(function: str, path: Any, no_suffix: Any) -> pathlib.Path:
         )
     if os.path.basename(text) in ("", ".", "..") or text.endswith(("/", os.sep)):
         raise _names_a_folder(function, text)
-    suffix = "" if no_suffix or text.endswith(_SUFFIX) else _SUFFIX
-    return pathlib.Path(text + suffix)
+    return pathlib.Path(text + ("" if no_suffix or text.endswith(_SUFFIX) else _SUFFIX))
 
 
 def _names_a_folder(function: str, path: str | pathlib.Path) -> ValueError:
@@ -2638,11 +2613,7 @@ def _skeleton(
 
     try:
         shapes = jax.eval_shape(build, dynamic)
-    except (
-        jax.errors.ConcretizationTypeError,
-        jax.errors.TracerArrayConversionError,
-        jax.errors.TracerIntegerConversionError,
-    ) as err:
+    except _TRACING_ERRORS as err:
         raise TypeError(
             f"Serializable.deserialize: could not build a skeleton of {name}: its "
             "constructor needs a concrete value under `eqx.filter_eval_shape` "
@@ -2669,11 +2640,9 @@ def _skeleton(
     # A Python number that the file holds as a 0-d array is one in the skeleton too.
     raw = {str(e.get("path")): e for e in layout.entries if isinstance(e, dict)}
 
-    def as_saved(key_path: _KeyPath, leaf: Any) -> Any:
+    def as_saved(path: _KeyPath, leaf: Any) -> Any:
         try:  # Entries are checked once the skeleton is built.
-            entry = _checked_entry(
-                _is_python_number(leaf) and raw.get(_keystr(key_path))
-            )
+            entry = _checked_entry(_is_python_number(leaf) and raw.get(_keystr(path)))
         except _Malformed:  # None there, or refused when the header is checked.
             return leaf
         if entry["kind"] in ("scalar", "key") or entry["shape"]:
@@ -2761,13 +2730,11 @@ def _encode_value(value: Any, budget: list[int] | None = None, depth: int = 0) -
     if isinstance(value, list | tuple | dict | set | frozenset) and (
         budget is None or kind in (list, tuple, dict)
     ):  # By its type's name, with a description's dict or set sorted.
+        inner = functools.partial(_encode_value, budget=budget, depth=depth + 1)
         if isinstance(value, dict):
-            items = [
-                [_encode_value(part, budget, depth + 1) for part in pair]
-                for pair in value.items()
-            ]
+            items = [[inner(part) for part in pair] for pair in value.items()]
         else:
-            items = [_encode_value(item, budget, depth + 1) for item in value]
+            items = [inner(item) for item in value]
         if budget is None and isinstance(value, dict | set | frozenset):
             items.sort(key=_json)
         return [kind.__qualname__, items]
@@ -3185,10 +3152,8 @@ def _encode(model: Any, kinds: _Kinds, function: str) -> tuple[bytes, list[Any]]
                 data = np.asarray(data, order="C")  # Gathers sharded arrays.
         elif eqx.is_array(leaf):  # Its bytes little-endian, as safetensors has them.
             kind = "numpy_scalar" if isinstance(leaf, np.generic) else "numpy"
-            swapped = (
-                leaf.dtype.newbyteorder("<") if leaf.dtype.byteorder == ">" else None
-            )
-            extra, data = {}, np.asarray(leaf, dtype=swapped, order="C")
+            swap = leaf.dtype.newbyteorder("<") if leaf.dtype.byteorder == ">" else None
+            extra, data = {}, np.asarray(leaf, dtype=swap, order="C")
         elif type(leaf) in _PYTHON_SCALARS:
             value = _encode_value(leaf)
             leaves.append({"path": path, "kind": "scalar", "value": value})
@@ -3316,8 +3281,7 @@ def _count_containers(text: bytes) -> int:
     text = text.replace(b"\\\\", b"").replace(b'\\"', b"")
     chars = np.frombuffer(text, np.uint8)
     outside = ~np.logical_xor.accumulate(chars == ord('"'))
-    opening = (chars == ord("[")) | (chars == ord("{"))
-    return int(np.count_nonzero(outside & opening))
+    return int(np.count_nonzero(outside & ((chars == ord("[")) | (chars == ord("{")))))
 
 
 def _json(value: Any) -> str:
@@ -3568,7 +3532,7 @@ def _checked_entry(entry: Any) -> _Entry:
         kind not in ("jax", "numpy", "numpy_scalar", "key")
         or dtype is None
         or not _is_shape(shape)
-        or math.prod(filter(None, shape)) * dtype.itemsize > np.iinfo(np.intp).max
+        or math.prod(filter(None, shape)) * dtype.itemsize > sys.maxsize
         or (_is_numpy_only(dtype) and kind in ("jax", "key"))
         or (kind == "numpy_scalar" and shape)
         or ("weak_type" in entry and (entry["weak_type"] is not True or kind != "jax"))
@@ -3720,12 +3684,32 @@ def _read_leaves(
     values: list[Any] = []
     pending: list[tuple[int, Any, Callable[[], int]]] = []
     no_mesh_set = getattr(_get_abstract_mesh(), "empty", False)  # Once, for all.
+    small: dict[tuple[Any, ...], list[int]] = {}  # Small JAX arrays, by shape and type.
+    held = [0]  # Their bytes.
+
+    def place_small() -> None:  # A group in one copy, split on the device: quicker.
+        for (_, _, weak), at in small.items():
+            data = [values[i] for i in at]
+            arrays = jnp.asarray(np.stack(data) if len(at) > 1 else data[0])
+            arrays = _weak_array(arrays) if weak else arrays
+            for i, array in zip(at, arrays if len(at) > 1 else [arrays], strict=True):
+                values[i] = array
+        small.clear()
+        held[0] = 0
 
     def finish(index: int, data: Any, checksum: Callable[[], int]) -> None:
         entry = leaves[index]
         _check_crc(entry, checksum(), source)
         _check_bits(entry, data, source)
-        values[index] = _restore_kind(data, entry, no_mesh_set)
+        values[index] = data
+        if entry["kind"] != "jax" or not no_mesh_set or data.nbytes >= _SMALL_BYTES:
+            values[index] = _restore_kind(data, entry)
+            return
+        key = (data.shape, data.dtype, bool(entry.get("weak_type")))
+        small.setdefault(key, []).append(index)
+        held[0] += data.nbytes
+        if held[0] >= _CHUNK_BYTES:  # On the host and the device while placed.
+            place_small()
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as checksummer:
         for index, entry in enumerate(leaves):
@@ -3751,11 +3735,15 @@ def _read_leaves(
                 finish(*pending.pop(0))
         for item in pending:
             finish(*item)
+    place_small()
     return values
 
 
 # Smaller arrays are checksummed in line, and read into unaligned buffers.
 _SMALL_BYTES = 1 << 16
+# A sharded load streams an array through a buffer this size; small ones are placed
+# when they reach it.
+_CHUNK_BYTES = 16 * 1024 * 1024
 
 
 def _checksum(pool: concurrent.futures.Executor, data: memoryview) -> Callable[[], int]:
@@ -3773,10 +3761,6 @@ def _aligned_empty(shape: list[int], dtype: np.dtype) -> np.ndarray:
     raw = np.empty(nbytes + 64, np.uint8)
     offset = -raw.ctypes.data % 64
     return raw[offset : offset + nbytes].view(dtype).reshape(shape)
-
-
-# A sharded load streams each array through one buffer of at most this many bytes.
-_CHUNK_BYTES = 16 * 1024 * 1024
 
 
 def _with_shardings(skeleton: Any, sharding: Any) -> Any:
@@ -3916,7 +3900,6 @@ def _stream_into_shards(
     buffer = np.empty(min(nbytes, steps * max(step_bytes, 1)), np.uint8)
     ranges = box or tuple((0, size) for size in shape)
     low, high = ranges[level]
-    inner = shape[level + 1 :]
     crc = 0
     for outer in itertools.product(*(range(a, b) for a, b in ranges[:level])):
         if not nbytes:
@@ -3929,7 +3912,7 @@ def _stream_into_shards(
             view = buffer[:size]
             if file.readinto(view.data) != size:  # type: ignore[attr-defined]
                 raise source.error("is truncated inside its data")
-            piece = view.view(dtype).reshape((count, *inner))
+            piece = view.view(dtype).reshape((count, *shape[level + 1 :]))
             if box is None:
                 crc = zlib.crc32(view.data, crc)
                 _check_bits(entry, piece, source)
@@ -3980,11 +3963,10 @@ def _check_bits(entry: _Entry, data: np.ndarray, source: _Source) -> None:
     )
 
 
-def _restore_kind(data: np.ndarray, entry: _Entry, no_mesh_set: bool) -> Any:
+def _restore_kind(data: np.ndarray, entry: _Entry) -> Any:
     """A loaded NumPy array as the kind of leaf it was saved from."""
     if entry["kind"] == "jax":  # A weak type is restored, as `jnp.asarray(2.0)` has.
-        quick = no_mesh_set and data.nbytes < _SMALL_BYTES  # Placed alike, by copy.
-        array = jnp.asarray(data) if quick else jax.device_put(data)
+        array = jax.device_put(data)
         return _weak_array(array) if entry.get("weak_type") else array
     if entry["kind"] == "key":
         return jax.random.wrap_key_data(jax.device_put(data), impl=entry["impl"])

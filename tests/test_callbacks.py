@@ -46,6 +46,7 @@ import contextlib, io, json
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from lerax_utils import callback_with_list_wrapper, callback_wrapper, print_callback
+from lerax_utils import callback_with_numpy_wrapper
 assert len(jax.devices()) == 4
 mesh = Mesh(np.array(jax.devices()), ("d",))
 x = jax.device_put(jnp.arange(8.0), NamedSharding(mesh, PartitionSpec("d")))
@@ -131,16 +132,18 @@ def test_ordered_wrappers_gather_eagerly_and_explain_the_fix_under_jit():
             log(1, {"loss": x.sum()})
             return x
         report["error"] = error(lambda: jax.jit(step)(x, 1.0))
-        unordered = callback_wrapper(lambda v: seen.append(v.tolist()))
         seen.clear()
-        jax.jit(lambda x: (unordered(x), x)[1])(x)
+        wrappers = [callback_wrapper, callback_with_numpy_wrapper]
+        for make in wrappers + [callback_with_list_wrapper]:  # Unordered by default.
+            unordered = make(lambda v: seen.append(np.asarray(v).tolist()))
+            jax.jit(lambda x: (unordered(x), x)[1])(x)
         jax.effects_barrier()
         report["unordered"] = seen[:]
         """
     )
     row = [float(i) for i in range(8)]
     assert report["eager"] == [["eager", row]]
-    assert report["unordered"] == [row]
+    assert report["unordered"] == [row] * 3
     if report["recorded"]:  # Tracers record their sharding: our message.
         assert report["error"] == (
             "ValueError: log_metrics (made by callback_with_list_wrapper): made with "
@@ -496,8 +499,9 @@ def test_every_numpy_dtype_in_either_byte_order_reaches_func_exactly(kind):
 
 
 @pytest.mark.parametrize("jit", [False, True])
-def test_typed_keys_after_other_arguments_still_arrive_as_typed_keys(jit):
-    key = jax.random.key(42)
+@pytest.mark.parametrize("impl", ["threefry2x32", "rbg"])
+def test_typed_keys_after_other_arguments_still_arrive_as_typed_keys(jit, impl):
+    key = jax.random.key(42, impl=impl)
     received = []
     log = callback_wrapper(lambda tag, *rest: received.append((tag, *rest)))
     raw = callback_with_numpy_wrapper(lambda tag, *rest: received.append((tag, *rest)))

@@ -2945,17 +2945,19 @@ def test_a_dtype_that_differs_only_in_width_names_x64(tmp_path, shape, fix):
 
 
 # A JAX leaf saved wide never loads narrowed.
-def test_a_wide_jax_leaf_never_loads_narrowed(tmp_path):
+@pytest.mark.parametrize("wide", ["float64", "int64", "uint64", "complex128"])
+def test_a_wide_jax_leaf_never_loads_narrowed(tmp_path, wide):
     jax.config.update("jax_enable_x64", True)
     try:
-        save_pytree(tmp_path / "wide", {"j": jnp.zeros(3, float), "n": np.zeros(3)})
+        save_pytree(tmp_path / "wide", {"j": jnp.zeros(3, wide), "n": np.zeros(3)})
     finally:
         jax.config.update("jax_enable_x64", False)
+    narrow = jax.dtypes.canonicalize_dtype(wide)
     with pytest.raises(ValueError) as info:
-        load_pytree(tmp_path / "wide", {"j": jnp.zeros(3), "n": np.zeros(3)})
+        load_pytree(tmp_path / "wide", {"j": jnp.zeros(3, narrow), "n": np.zeros(3)})
     assert str(info.value) == (
         f"load_pytree: the file '{tmp_path}/wide.eqx' holds at path ['j'] an array of "
-        "shape (3,) and dtype float64, but `like` has shape (3,) and dtype float32. "
+        f"shape (3,) and dtype {wide}, but `like` has shape (3,) and dtype {narrow}. "
         "The dtypes differ only in width: the file was probably saved with "
         "`jax_enable_x64` set otherwise than now. Set it as when saving, or save the "
         "leaf as a NumPy array, which keeps its dtype."
@@ -3504,6 +3506,39 @@ def test_wrong_sharding_arguments_are_refused(tmp_path):
         r"for this leaf.$",
     ):
         load_pytree(tmp_path / "t", {"w": like})
+
+
+@pytest.mark.parametrize("chunk_bytes", [lerax_utils._CHUNK_BYTES, 40])
+def test_small_arrays_alike_load_exactly_where_jnp_asarray_puts_them(
+    tmp_path, monkeypatch, chunk_bytes
+):
+    """Small JAX arrays of one shape and dtype, which a load puts on the device
+    together, each come back with their own bits, dtype, weak type and placement,
+    whether a group holds one array or many (`_CHUNK_BYTES` bounds a group)."""
+    monkeypatch.setattr(lerax_utils, "_CHUNK_BYTES", chunk_bytes)
+    rng = np.random.default_rng(0)
+
+    def random_bits(dtype: Any, shape: tuple[int, ...]) -> jax.Array:
+        size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        raw = rng.integers(0, 256, size, dtype=np.uint8)  # NaNs with payloads too.
+        return jnp.asarray(raw.view(dtype).reshape(shape))
+
+    tree = {
+        "a": [random_bits(np.float32, (3, 2)) for _ in range(7)],
+        "b": [
+            random_bits(t, s) for t, s in [(jnp.bfloat16, (3, 2)), (np.float32, (3, 1))]
+        ],
+        "weak": [jnp.asarray(float(i)) for i in range(3)],
+        "strong": [jnp.float32(i) for i in range(3)],  # As "weak" but for the type.
+        "empty": [jnp.zeros((2, 0)) for _ in range(3)],
+        "alone": random_bits(np.int8, (7,)),
+        "large": [jnp.full((1 << 14,), i, jnp.float32) for i in range(2)],
+    }
+    save_pytree(tmp_path / "t", tree)
+    loaded = load_pytree(tmp_path / "t", tree)
+    assert_identical(loaded, tree, weak_types=True)
+    for array in jax.tree_util.tree_leaves(loaded):
+        assert array.sharding == jnp.asarray(np.asarray(array)).sharding
 
 
 class _Bits(Serializable):
@@ -4854,15 +4889,49 @@ def test_a_corrupt_array_loaded_onto_one_device_fails_its_checksum(tmp_path, sha
     )
 
 
-def test_static_classes_are_compared_by_qualified_name(tmp_path):
-    save_pytree(tmp_path / "m", _Scaled(jnp.ones(2), int))
-    assert load_pytree(tmp_path / "m", _Scaled(jnp.ones(2), int)).scale is int
+def _model_class(with_b: bool) -> Any:
+    class Model(eqx.Module):  # One qualified name, with a static field or without.
+        x: jax.Array
+        a: int = eqx.field(static=True)
+        if with_b:
+            b: str = eqx.field(static=True, default="new")
+
+    return Model
+
+
+@pytest.mark.parametrize("saved_with_b", [False, True])
+def test_a_class_that_gained_or_lost_a_static_field_still_loads(tmp_path, saved_with_b):
+    saved = _model_class(saved_with_b)(jnp.arange(2.0), 1)
+    save_pytree(tmp_path / "m", saved)
+    like = _model_class(not saved_with_b)(jnp.zeros(2), 1)
+    loaded = load_pytree(tmp_path / "m", like)
+    assert type(loaded) is type(like) and loaded.a == 1
+    assert_identical(loaded.x, saved.x)
+    assert getattr(loaded, "b", None) == getattr(like, "b", None)
+
+
+class _Train:
+    class Config:
+        pass
+
+
+class _Eval:
+    class Config:  # The same name as `_Train.Config`, not the same class.
+        pass
+
+
+@pytest.mark.parametrize(
+    ("saved", "other"), [(int, float), (_Train.Config, _Eval.Config)]
+)
+def test_static_classes_are_compared_by_qualified_name(tmp_path, saved, other):
+    save_pytree(tmp_path / "m", _Scaled(jnp.ones(2), saved))
+    assert load_pytree(tmp_path / "m", _Scaled(jnp.ones(2), saved)).scale is saved
     with pytest.raises(ValueError) as info:
-        load_pytree(tmp_path / "m", _Scaled(jnp.ones(2), float))
+        load_pytree(tmp_path / "m", _Scaled(jnp.ones(2), other))
     assert str(info.value).startswith(
         f"load_pytree: the file '{tmp_path / 'm.eqx'}' does not match `like` at path "
-        ".scale: the static field is ['type', 'int'] in the file and "
-        "['type', 'float'] in `like`."
+        f".scale: the static field is ['type', '{saved.__qualname__}'] in the file "
+        f"and ['type', '{other.__qualname__}'] in `like`."
     )
 
 

@@ -2624,6 +2624,7 @@ _TWO = jnp.ones(2)
 _ANY: Any = lambda c: True  # noqa: E731
 _NOT_A_PAIR: Any = lambda c, x: c  # noqa: E731
 _EMPTY_A: Any = {"a": None}
+_AS_PAIR: Any = lambda c, x: (_Pair(*c), x)  # noqa: E731
 # Mistakes that `jax.lax` also rejects: ours, the same with `jax.lax`, and the start
 # of our message, which stays as it was.
 _MISTAKES: dict[str, tuple[Callable[[], Any], Callable[[], Any], str]] = {
@@ -2640,6 +2641,13 @@ _MISTAKES: dict[str, tuple[Callable[[], Any], Callable[[], Any], str]] = {
         "filter_scan: `f` returned a carry that differs from `init` at path ['a']: "
         "it was a NoneType and is now float 0.0. Keep the structure of `init` from "
         "step to step.",
+    ),
+    "scan carry becomes a named tuple": (
+        lambda: filter_scan(_AS_PAIR, (0.0, 1.0), None, 2),
+        lambda: jax.lax.scan(_AS_PAIR, (0.0, 1.0), None, 2),
+        "filter_scan: `f` returned a carry that differs from `init` at the top "
+        "level: it was a tuple and is now a _Pair. Keep the structure of `init` "
+        "from step to step.",
     ),
     "while carry structure": (
         lambda: filter_while_loop(_ANY, lambda c: [c], 0.0),

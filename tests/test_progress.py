@@ -171,6 +171,24 @@ def test_a_late_report_never_takes_the_count_back(
     assert [c for c, _ in _counts(capsys.readouterr().err)] == [0, 6, 6, 10]
 
 
+def test_a_bar_whose_line_another_bar_ended_is_drawn_again_at_once(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two loops whose reports interleave: each takes a fresh line when it reports
+    # again, however soon, as a new bar.
+    monkeypatch.setattr(lerax_utils, "_PROGRESS_MIN_INTERVAL", 3600.0)
+    first = lerax_utils._ProgressBar("first", 10)
+    second = lerax_utils._ProgressBar("second", 10)
+    try:
+        for bar, count in [(first, 3), (second, 2), (first, 5), (second, 6)]:
+            lerax_utils._progress_update(bar, count)
+    finally:
+        lerax_utils._end_open_lines()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 4
+    assert _counts(err) == [(3, 10), (2, 10), (5, 10), (6, 10)]
+
+
 def test_a_callback_blanks_an_open_line_before_it_prints(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1024,6 +1042,17 @@ except Exception:
         command, capture_output=True, text=True, timeout=120, env=env
     )
     assert (result.returncode, result.stdout) == (0, "100.0\nraised\n")
+
+
+def test_the_line_of_a_bar_left_open_is_ended_at_exit() -> None:
+    script = "import lerax_utils as L\nL._progress_update(L._ProgressBar('x', 4), 1)\n"
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    command = [sys.executable, "-c", script]
+    result = subprocess.run(command, capture_output=True, timeout=120, env=env)
+    err = result.stderr.decode()  # Not as text, which would turn `\r` into `\n`.
+    assert result.returncode == 0, err
+    assert err.startswith("\rx:  25% 1/4 [") and err.endswith("]\n")
+    assert err.count("\n") == 1
 
 
 @pytest.mark.parametrize("wrapper", ["print_callback", "callback_wrapper"])

@@ -80,6 +80,34 @@ def test_unstack_pytree_agrees_on_first_and_later_calls(path, length):
             assert_identical(unstack_pytree(tree, axis=0), expected)
 
 
+@pytest.mark.parametrize("path", UNSTACK_PATHS)
+def test_unstack_pytree_slices_rows_larger_than_one_call_takes(path):
+    # Rows of 40 KB, over the bytes the compiled program slices in one call.
+    data = np.arange(3 * 10_000, dtype=np.float32).reshape(3, 10_000)
+    with slicing_by(path):
+        for _ in range(2):
+            expected = [jnp.asarray(row) for row in data]
+            assert_identical(unstack_pytree(jnp.asarray(data)), expected)
+
+
+def test_unstack_pytree_compiles_once_slicing_on_the_host_cost_as_much(monkeypatch):
+    # Two leaves of 10 rows, all sliced in one call: the compile costs an estimated
+    # 1 + 10 * (2 + 2 * 3) = 81 s, and each call on the host 10 * 2 * 1 = 20 s.
+    monkeypatch.setattr(lerax_utils, "_UNSTACK_COMPILE_SECONDS", (1.0, 2.0, 3.0))
+    monkeypatch.setattr(lerax_utils, "_UNSTACK_HOST_SECONDS_PER_SLICE", 1.0)
+    tree = [jnp.zeros((10, 2)), jnp.ones((10, 2))]
+    expected = [[jnp.zeros(2), jnp.ones(2)]] * 10
+    spent = []
+    lerax_utils._unstack_host_seconds.clear()
+    try:
+        for _ in range(6):
+            assert_identical(unstack_pytree(tree), expected)
+            spent.extend(lerax_utils._unstack_host_seconds.values())
+    finally:
+        lerax_utils._unstack_host_seconds.clear()
+    assert spent == [20.0, 40.0, 60.0, 80.0, math.inf, math.inf]
+
+
 def _committed(x: Any) -> Any:
     return getattr(x, "committed", getattr(x, "_committed", None))
 
