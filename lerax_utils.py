@@ -3684,32 +3684,12 @@ def _read_leaves(
     values: list[Any] = []
     pending: list[tuple[int, Any, Callable[[], int]]] = []
     no_mesh_set = getattr(_get_abstract_mesh(), "empty", False)  # Once, for all.
-    small: dict[tuple[Any, ...], list[int]] = {}  # Small JAX arrays, by shape and type.
-    held = [0]  # Their bytes.
-
-    def place_small() -> None:  # A group in one copy, split on the device: quicker.
-        for (_, _, weak), at in small.items():
-            data = [values[i] for i in at]
-            arrays = jnp.asarray(np.stack(data) if len(at) > 1 else data[0])
-            arrays = _weak_array(arrays) if weak else arrays
-            for i, array in zip(at, arrays if len(at) > 1 else [arrays], strict=True):
-                values[i] = array
-        small.clear()
-        held[0] = 0
 
     def finish(index: int, data: Any, checksum: Callable[[], int]) -> None:
         entry = leaves[index]
         _check_crc(entry, checksum(), source)
         _check_bits(entry, data, source)
-        values[index] = data
-        if entry["kind"] != "jax" or not no_mesh_set or data.nbytes >= _SMALL_BYTES:
-            values[index] = _restore_kind(data, entry)
-            return
-        key = (data.shape, data.dtype, bool(entry.get("weak_type")))
-        small.setdefault(key, []).append(index)
-        held[0] += data.nbytes
-        if held[0] >= _CHUNK_BYTES:  # On the host and the device while placed.
-            place_small()
+        values[index] = _restore_kind(data, entry, no_mesh_set)
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as checksummer:
         for index, entry in enumerate(leaves):
@@ -3735,14 +3715,12 @@ def _read_leaves(
                 finish(*pending.pop(0))
         for item in pending:
             finish(*item)
-    place_small()
     return values
 
 
 # Smaller arrays are checksummed in line, and read into unaligned buffers.
 _SMALL_BYTES = 1 << 16
-# A sharded load streams an array through a buffer this size; small ones are placed
-# when they reach it.
+# A sharded load streams each array through one buffer of at most this many bytes.
 _CHUNK_BYTES = 16 * 1024 * 1024
 
 
@@ -3963,10 +3941,11 @@ def _check_bits(entry: _Entry, data: np.ndarray, source: _Source) -> None:
     )
 
 
-def _restore_kind(data: np.ndarray, entry: _Entry) -> Any:
+def _restore_kind(data: np.ndarray, entry: _Entry, no_mesh_set: bool) -> Any:
     """A loaded NumPy array as the kind of leaf it was saved from."""
     if entry["kind"] == "jax":  # A weak type is restored, as `jnp.asarray(2.0)` has.
-        array = jax.device_put(data)
+        quick = no_mesh_set and data.nbytes < _SMALL_BYTES  # Placed alike, by copy.
+        array = jnp.asarray(data) if quick else jax.device_put(data)
         return _weak_array(array) if entry.get("weak_type") else array
     if entry["kind"] == "key":
         return jax.random.wrap_key_data(jax.device_put(data), impl=entry["impl"])

@@ -3508,14 +3508,10 @@ def test_wrong_sharding_arguments_are_refused(tmp_path):
         load_pytree(tmp_path / "t", {"w": like})
 
 
-@pytest.mark.parametrize("chunk_bytes", [lerax_utils._CHUNK_BYTES, 40])
-def test_small_arrays_alike_load_exactly_where_jnp_asarray_puts_them(
-    tmp_path, monkeypatch, chunk_bytes
-):
-    """Small JAX arrays of one shape and dtype, which a load puts on the device
-    together, each come back with their own bits, dtype, weak type and placement,
-    whether a group holds one array or many (`_CHUNK_BYTES` bounds a group)."""
-    monkeypatch.setattr(lerax_utils, "_CHUNK_BYTES", chunk_bytes)
+def test_arrays_alike_and_unlike_load_exactly_where_jnp_asarray_puts_them(tmp_path):
+    """Many JAX arrays of one shape and dtype, beside others that differ in dtype, weak
+    type or size alone, each come back with their own bits, dtype, weak type and
+    placement."""
     rng = np.random.default_rng(0)
 
     def random_bits(dtype: Any, shape: tuple[int, ...]) -> jax.Array:
