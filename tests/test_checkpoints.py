@@ -2190,6 +2190,25 @@ def test_deserialize_rejects_a_different_leaf_count(tmp_path, monkeypatch):
         f"Serializable.deserialize: the file '{path}' holds 3 leaves, and the "
         "skeleton has 2; they first differ at path .params[1]" + _FIX
     )
+    save_pytree(tmp_path / "two", [jnp.ones(2)] * 2)
+    with pytest.raises(ValueError) as info:  # The file's leaves all come first.
+        load_pytree(tmp_path / "two", [jnp.ones(2)] * 3)
+    assert str(info.value).startswith(
+        f"load_pytree: the file '{tmp_path / 'two.eqx'}' holds 2 leaves, and `like` "
+        "has 3; they first differ at path [2]. "
+    )
+
+
+def test_a_leaf_entry_that_is_not_an_object_is_counted_before_it_is_read(tmp_path):
+    Checkpointed(jnp.ones(2)).serialize(tmp_path / "m")
+    good = (tmp_path / "m.eqx").read_bytes()
+    path = bad_file(tmp_path, forge(good, lambda leaves, _, __: leaves.append(7)))
+    with pytest.raises(ValueError) as info:  # No arguments: the file's are used.
+        Checkpointed.deserialize(path)
+    assert str(info.value).startswith(
+        f"Serializable.deserialize: the file '{path}' holds 3 leaves, and the "
+        "skeleton has 2;"
+    )
 
 
 def test_deserialize_rejects_files_that_are_not_checkpoints(tmp_path):
@@ -4478,6 +4497,22 @@ def test_a_skeleton_with_an_extra_static_leaf_at_the_end_is_refused(
     with pytest.raises(ValueError, match="only the file has a node here"):
         save_pytree(tmp_path / "u", like)
         load_pytree(tmp_path / "u", saved)
+
+
+@pytest.mark.parametrize("extra", [5, [], "x"])
+def test_a_malformed_structure_entry_past_the_skeletons_is_refused(tmp_path, extra):
+    save_pytree(tmp_path / "t", [jnp.ones(2)])
+    good = (tmp_path / "t.eqx").read_bytes()
+    path = bad_file(
+        tmp_path, forge(good, lambda _, structure, __: structure.append(extra))
+    )
+    with pytest.raises(ValueError) as info:
+        load_pytree(path, [jnp.ones(2)])
+    assert str(info.value) == (
+        f"load_pytree: the file '{path}' does not match `like` at the top level: only "
+        "the file has a node here. Pass a `like` with the structure, shapes and dtypes "
+        "of the saved tree."
+    )
 
 
 # 5. Static floats: inf, nan and -0.0 save a file that loads, compared by their bits.

@@ -1364,7 +1364,7 @@ def test_filter_scan_retraced_step_with_consistent_outputs_matches_lax_scan():
 
 
 def test_filter_scan_inconsistent_xs_sizes_name_the_leaves():
-    xs = {"obs": jnp.ones((3, 2)), "actions": [jnp.ones(4)]}
+    xs = {"obs": jnp.ones((3, 2)), "actions": [jnp.ones(4), "static"], "k": 1.0}
     with pytest.raises(ValueError) as info:
         filter_scan(lambda c, x: (c, None), 0, xs)
     assert str(info.value) == (
@@ -2695,6 +2695,20 @@ _MISTAKES: dict[str, tuple[Callable[[], Any], Callable[[], Any], str]] = {
         "and dtype float32 and is now a list.",
     ),
 }
+
+
+def test_a_traced_unroll_gets_the_error_jax_lax_scan_gives() -> None:
+    def run(scan: Callable[..., Any]) -> Any:
+        step = lambda c, x: (c, x)  # noqa: E731
+        return jax.jit(lambda u: scan(step, 0.0, None, 3, unroll=u))(2)
+
+    with pytest.raises(Exception) as lax_error:
+        run(jax.lax.scan)
+    if not isinstance(lax_error.value, jax.errors.ConcretizationTypeError):
+        return  # jax 0.4.26 lets the tracer escape instead, for no useful message.
+    with pytest.raises(jax.errors.ConcretizationTypeError) as our_error:
+        run(filter_scan)
+    assert str(our_error.value) == str(lax_error.value)
 
 
 @pytest.mark.parametrize("name", list(_MISTAKES))

@@ -108,6 +108,13 @@ def test_unstack_pytree_compiles_once_slicing_on_the_host_cost_as_much(monkeypat
     assert spent == [20.0, 40.0, 60.0, 80.0, math.inf, math.inf]
 
 
+def test_a_numpy_integer_axis_works_as_the_int_does():
+    trees = [{"a": jnp.arange(6.0).reshape(2, 3) + i, "s": "tag"} for i in range(4)]
+    stacked = stack_pytree(trees, axis=1)
+    assert_identical(stack_pytree(trees, axis=np.int64(1)), stacked)  # type: ignore[arg-type]
+    assert_identical(unstack_pytree(stacked, axis=np.int32(1)), trees)  # type: ignore[arg-type]
+
+
 def _committed(x: Any) -> Any:
     return getattr(x, "committed", getattr(x, "_committed", None))
 
