@@ -222,12 +222,17 @@ _SHAPE_HAS_WEAK_TYPE = hasattr(jax.ShapeDtypeStruct((), np.float32), "weak_type"
 _get_abstract_mesh = getattr(jax.sharding, "get_abstract_mesh", lambda: None)
 
 
+def _check_rank(sharding: Any, shape: tuple[int, ...]) -> None:
+    """Refuse, as `jax.device_put` does, a sharding made for another rank."""
+    for name in ("check_compatible_aval", "is_compatible_aval"):  # 0.4.26's name;
+        getattr(sharding, name, lambda _: None)(shape)  # its SDS never checks.
+
+
 def _placed_shape(shape: Any, sharding: Any) -> jax.ShapeDtypeStruct:
     """`shape` on `sharding`, weakly typed if it is (jax 0.4.26 has no `weak_type`)."""
     weak = _SHAPE_HAS_WEAK_TYPE and getattr(shape, "weak_type", False)
     extra = {"weak_type": True} if weak else {}
-    for name in ("check_compatible_aval", "is_compatible_aval"):  # As jax.device_put;
-        getattr(sharding, name, lambda _: None)(shape.shape)  # jax 0.4.26's SDS won't.
+    _check_rank(sharding, shape.shape)
     return jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding, **extra)
 
 
@@ -1512,7 +1517,9 @@ def filter_map(
     @_named_after(f)
     def mapped(traced_x: Any) -> Any:
         outputs.append(_Split(f(inputs.rebuild(traced_x)), _outputs_traced))
-        _static_outputs_agree("filter_map", "`f`'s output", outputs)  # Before JAX's.
+        if len(outputs) > 1:  # The newest against the first, before JAX compares.
+            pair = [outputs[0], outputs[-1]]
+            _static_outputs_agree("filter_map", "`f`'s output", pair)
         return outputs[-1].traced_part()
 
     traced_xs = inputs.traced_part()
@@ -3819,8 +3826,8 @@ def _read_sharded(
     shape = tuple(entry["shape"])  # A key's data, whose own axes no shard splits.
     global_shape = tuple(entry.get("key_shape", shape))
     try:
-        _placed_shape(jax.ShapeDtypeStruct(global_shape, dtype), sharding)  # A rank,
-        sharding.shard_shape(global_shape)  # and an axis it does not divide.
+        _check_rank(sharding, global_shape)
+        sharding.shard_shape(global_shape)  # Refuses an axis it does not divide.
         indices = sharding.addressable_devices_indices_map(global_shape)
         regions = {device: _region(index, shape) for device, index in indices.items()}
     except Exception as err:
