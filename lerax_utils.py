@@ -218,8 +218,13 @@ def _weak_array(array: jax.Array) -> jax.Array:
 
 _SHAPE_HAS_WEAK_TYPE = hasattr(jax.ShapeDtypeStruct((), np.float32), "weak_type")
 # `jnp.asarray` places a NumPy array as `jax.device_put` does, quicker (by copy), but
-# not under `jax.set_mesh` (from jax 0.5 or so); in jax 0.4.26 it is slower.
+# not under `jax.set_mesh` (from jax 0.5 or so).
 _get_abstract_mesh = getattr(jax.sharding, "get_abstract_mesh", lambda: None)
+# Private (jax 0.4.26 to 0.10): what `jax.device_put` calls for each NumPy array.
+_batched_device_put: Any = getattr(
+    importlib.import_module("jax._src.lib").xla_client, "batched_device_put", None
+)
+_ShapedArray = importlib.import_module("jax._src.core").ShapedArray
 
 
 def _check_rank(sharding: Any, shape: tuple[int, ...]) -> None:
@@ -275,9 +280,8 @@ def _is_jax_value(leaf: Any) -> bool:
 
 def _same_python_number(old: Any, new: Any) -> bool:
     """Python numbers of one type and value, floats by bits (NaN payloads, `-0.0`)."""
-    if type(old) is not type(new) or type(old) not in _PYTHON_SCALARS:
-        return False
-    return _exact_key(old, []) == _exact_key(new, [])
+    same_type = type(old) is type(new) and type(old) in _PYTHON_SCALARS
+    return same_type and _exact_key(old, []) == _exact_key(new, [])
 
 
 def _is_key_array(array: Any) -> bool:
@@ -3283,6 +3287,8 @@ def _unsaveable(leaf: Any) -> str | None:
 
 def _count_containers(text: bytes) -> int:
     """The JSON lists and objects in `text`: its `[` and `{` outside strings."""
+    if (every := text.count(b"[") + text.count(b"{")) <= _MAX_CONTAINERS:
+        return every  # In strings or not, too few to matter: the usual case, quickly.
     # In linear time, even for a string left open: without the escapes (`\\`, then
     # `\"`), a byte is in a string where an odd number of quotes come before it.
     text = text.replace(b"\\\\", b"").replace(b'\\"', b"")
@@ -3690,13 +3696,13 @@ def _read_leaves(
     leaves = layout.entries
     values: list[Any] = []
     pending: list[tuple[int, Any, Callable[[], int]]] = []
-    no_mesh_set = getattr(_get_abstract_mesh(), "empty", False)  # Once, for all.
+    put = _array_placer()
 
     def finish(index: int, data: Any, checksum: Callable[[], int]) -> None:
         entry = leaves[index]
         _check_crc(entry, checksum(), source)
         _check_bits(entry, data, source)
-        values[index] = _restore_kind(data, entry, no_mesh_set)
+        values[index] = _restore_kind(data, entry, put)
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as checksummer:
         for index, entry in enumerate(leaves):
@@ -3948,12 +3954,36 @@ def _check_bits(entry: _Entry, data: np.ndarray, source: _Source) -> None:
     )
 
 
-def _restore_kind(data: np.ndarray, entry: _Entry, no_mesh_set: bool) -> Any:
+def _array_placer() -> Callable[[np.ndarray, bool], jax.Array]:
+    """Puts loaded arrays where `jnp.asarray` does; once JAX has placed one small
+    array, the others go straight to its sharding (in a third of the time)."""
+    mesh = _get_abstract_mesh()  # None where JAX has no `jax.set_mesh`.
+    no_mesh_set = mesh is None or getattr(mesh, "empty", False)
+    placed: list[Any] = []  # The first small array's sharding and device.
+    avals: dict[tuple[Any, ...], Any] = {}
+
+    def put(data: np.ndarray, weak: bool) -> jax.Array:
+        if not (no_mesh_set and data.nbytes < _SMALL_BYTES):
+            array = jax.device_put(data)  # Large, or under a mesh: as JAX puts it.
+        elif placed:
+            if (aval := avals.get(key := (data.shape, data.dtype, weak))) is None:
+                aval = avals[key] = _ShapedArray(*key)
+            return _batched_device_put(aval, placed[0], [data], placed[1:], False)
+        else:
+            array = jnp.asarray(data)  # In a trace, a tracer: so are all the rest.
+            if _batched_device_put and isinstance(
+                getattr(array, "sharding", None), jax.sharding.SingleDeviceSharding
+            ):
+                placed.extend([array.sharding, *array.devices()])
+        return _weak_array(array) if weak else array
+
+    return put
+
+
+def _restore_kind(data: np.ndarray, entry: _Entry, put: Callable[..., Any]) -> Any:
     """A loaded NumPy array as the kind of leaf it was saved from."""
     if entry["kind"] == "jax":  # A weak type is restored, as `jnp.asarray(2.0)` has.
-        quick = no_mesh_set and data.nbytes < _SMALL_BYTES  # Placed alike, by copy.
-        array = jnp.asarray(data) if quick else jax.device_put(data)
-        return _weak_array(array) if entry.get("weak_type") else array
+        return put(data, bool(entry.get("weak_type")))  # None: unsaid, so strong.
     if entry["kind"] == "key":
         return jax.random.wrap_key_data(jax.device_put(data), impl=entry["impl"])
     dtype = cast(np.dtype, _numpy_dtype(entry["dtype"]))

@@ -232,6 +232,24 @@ def test_every_dtype_is_stored_under_its_safetensors_name_or_as_bytes(tmp_path):
     assert_exact(loaded, Checkpointed(leaves))
 
 
+# Many JAX leaves to a file, every dtype and some weakly typed: each loads as what
+# `jnp.asarray` makes of its saved value, with its aval, bytes, sharding and commitment.
+def test_jax_leaves_of_every_dtype_load_as_jnp_asarray_makes_them(tmp_path):
+    tree = {"weak": jnp.asarray(2.0), "weak int": jnp.asarray(3) * jnp.ones(2, int)}
+    for name, dtype in _dtypes().items():
+        if dtype == jax.dtypes.canonicalize_dtype(dtype):  # Else narrowed, refused.
+            for shape in [(), (0,), (2, 3)]:
+                tree[f"{name} {shape}"] = jnp.asarray(np.ones(shape).astype(dtype))
+    save_pytree(tmp_path / "t", tree)
+    loaded = load_pytree(tmp_path / "t", tree)
+    committed = lerax_utils._is_committed
+    for key, saved in tree.items():
+        got, made = loaded[key], jnp.asarray(np.asarray(saved))
+        assert got.aval == saved.aval and got.aval.weak_type == saved.aval.weak_type
+        assert np.asarray(got).tobytes() == np.asarray(saved).tobytes(), key
+        assert (got.sharding, committed(got)) == (made.sharding, committed(made)), key
+
+
 def _dtypes() -> dict[str, np.dtype]:
     """Every dtype of JAX, found independently of lerax_utils."""
     found = {}
@@ -881,7 +899,9 @@ def _containers(value: Any) -> int:
 @given(_JSON)
 def test_json_containers_are_counted_outside_strings(value):
     text = json.dumps(value, ensure_ascii=False).encode()
-    assert lerax_utils._count_containers(text) == _containers(value)
+    with pytest.MonkeyPatch.context() as patch:  # Never counted roughly.
+        patch.setattr(lerax_utils, "_MAX_CONTAINERS", -1)
+        assert lerax_utils._count_containers(text) == _containers(value)
 
 
 # Escapes: a string ending in backslashes, or holding escaped quotes, still closes
@@ -903,7 +923,9 @@ _ESCAPED_TEXT = st.lists(st.sampled_from(["\\", '"', "[", "{", "a"]), max_size=6
 @example({"\\\\": [{}], '\\"': [[]]})
 def test_escaped_backslashes_and_quotes_hide_no_container(value):
     text = json.dumps(value).encode()
-    assert lerax_utils._count_containers(text) == _containers(value)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(lerax_utils, "_MAX_CONTAINERS", -1)
+        assert lerax_utils._count_containers(text) == _containers(value)
 
 
 def test_a_header_left_open_is_refused_in_time_linear_in_its_size(tmp_path):
@@ -3820,6 +3842,19 @@ _FOUR = textwrap.dedent(
         lerax_utils.load_pytree(folder / "weak", {"w": like})["w"].weak_type
         for like in (weak, jnp.asarray(weak, jnp.float32))
     ]
+    # Where `jax.default_device` names a device, leaves load onto it, uncommitted.
+    small = {"w": jnp.ones(3), "n": jnp.arange(4), "s": jnp.asarray(2.0)}
+    lerax_utils.save_pytree(folder / "small", small)
+    report["placed"] = {}
+    for label, device in (("any", None), ("third", jax.devices()[2])):
+        with jax.default_device(device):
+            loaded = lerax_utils.load_pytree(folder / "small", small)
+            made = {k: jnp.asarray(np.asarray(v)) for k, v in small.items()}
+        report["placed"][label] = [
+            [str(loaded[k].sharding), lerax_utils._is_committed(loaded[k])]
+            == [str(made[k].sharding), lerax_utils._is_committed(made[k])]
+            for k in small
+        ]
     print(json.dumps(report))
     """
 )
@@ -3828,6 +3863,10 @@ _FOUR = textwrap.dedent(
 @pytest.fixture(scope="module")
 def four_devices() -> dict[str, Any]:
     return run_on_four_devices(_FOUR, "0", timeout=240)
+
+
+def test_plain_loads_place_leaves_on_the_default_device(four_devices):
+    assert four_devices["placed"] == {"any": [True] * 3, "third": [True] * 3}
 
 
 def test_a_sharded_like_decides_the_weak_type(four_devices):

@@ -188,6 +188,20 @@ def test_weak_array_sets_only_the_weak_type():
     assert (weak * jnp.ones(3, jnp.bfloat16)).dtype == jnp.bfloat16
 
 
+# Loads place small arrays through the private call that `jax.device_put` ends in.
+def test_batched_device_put_places_as_device_put_with_the_aval_given():
+    assert lerax_utils._batched_device_put is not None  # Else loads are slower.
+    data = np.arange(6, dtype=np.float32).reshape(2, 3)
+    put = jax.device_put(data)
+    aval = lerax_utils._ShapedArray(data.shape, data.dtype, True)
+    args = (aval, put.sharding, [data], [*put.devices()], False)
+    quick = lerax_utils._batched_device_put(*args)
+    assert quick.aval.weak_type and (quick.shape, quick.dtype) == (put.shape, put.dtype)
+    assert np.asarray(quick).tobytes() == data.tobytes()
+    committed = lerax_utils._is_committed
+    assert (quick.sharding, committed(quick)) == (put.sharding, committed(put))
+
+
 # `jnp.asarray` stands in for `jax.device_put` only where it places arrays alike.
 def test_asarray_places_as_device_put_but_under_set_mesh():
     data = np.arange(3.0, dtype=np.float32)
