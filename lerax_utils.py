@@ -218,7 +218,7 @@ def _weak_array(array: jax.Array) -> jax.Array:
 
 _SHAPE_HAS_WEAK_TYPE = hasattr(jax.ShapeDtypeStruct((), np.float32), "weak_type")
 # `jnp.asarray` places a NumPy array as `jax.device_put` does, quicker (by copy), but
-# not under `jax.set_mesh` (from jax 0.5 or so).
+# not under `jax.set_mesh` (from jax 0.5 or so); in jax 0.4.26 it is slower.
 _get_abstract_mesh = getattr(jax.sharding, "get_abstract_mesh", lambda: None)
 # Private (jax 0.4.26 to 0.10): what `jax.device_put` calls for each NumPy array.
 _batched_device_put: Any = getattr(
@@ -3608,13 +3608,13 @@ def _leaf_mismatch(
         if dtype.byteorder == ">" and getattr(leaf.dtype, "byteorder", "") != ">":
             dtype = dtype.newbyteorder("=")  # Byte order is no type: loaded natively.
             entry["dtype"] = _dtype_name(dtype)
-    # JAX would narrow it (`jax_enable_x64` is off): not exact.
-    narrowed = kind == "jax" and dtype != jax.dtypes.canonicalize_dtype(dtype)
+    # JAX would narrow it (`jax_enable_x64` is off; only 64-bit types): not exact.
+    canonical = jax.dtypes.canonicalize_dtype
+    narrowed = kind == "jax" and dtype.itemsize >= 8 and dtype != canonical(dtype)
     same_shape, numpy_entry = shape == tuple(leaf.shape), kind.startswith("numpy")
     numpy_leaf = isinstance(leaf, np.ndarray | np.generic)
     # A NumPy array and the JAX array made of it (`jnp.asarray`) stand for each other,
     # as in `eqx.filter_eval_shape`, unless the skeleton knows which it holds.
-    canonical = jax.dtypes.canonicalize_dtype
     if (
         same_shape
         and not narrowed
@@ -3957,24 +3957,24 @@ def _check_bits(entry: _Entry, data: np.ndarray, source: _Source) -> None:
 def _array_placer() -> Callable[[np.ndarray, bool], jax.Array]:
     """Puts loaded arrays where `jnp.asarray` does; once JAX has placed one small
     array, the others go straight to its sharding (in a third of the time)."""
-    mesh = _get_abstract_mesh()  # None where JAX has no `jax.set_mesh`.
-    no_mesh_set = mesh is None or getattr(mesh, "empty", False)
+    no_mesh_set = getattr(_get_abstract_mesh(), "empty", False)
+    debug = jax.debug_nans.value or jax.debug_infs.value  # Checked by
+    direct = _batched_device_put is not None and not debug  # `jnp.asarray` alone.
     placed: list[Any] = []  # The first small array's sharding and device.
     avals: dict[tuple[Any, ...], Any] = {}
 
     def put(data: np.ndarray, weak: bool) -> jax.Array:
         if not (no_mesh_set and data.nbytes < _SMALL_BYTES):
-            array = jax.device_put(data)  # Large, or under a mesh: as JAX puts it.
+            array = jax.device_put(data)  # Large, under a mesh, or in jax 0.4.26.
         elif placed:
             if (aval := avals.get(key := (data.shape, data.dtype, weak))) is None:
                 aval = avals[key] = _ShapedArray(*key)
             return _batched_device_put(aval, placed[0], [data], placed[1:], False)
         else:
             array = jnp.asarray(data)  # In a trace, a tracer: so are all the rest.
-            if _batched_device_put and isinstance(
-                getattr(array, "sharding", None), jax.sharding.SingleDeviceSharding
-            ):
-                placed.extend([array.sharding, *array.devices()])
+            sharding = getattr(array, "sharding", None)
+            if direct and isinstance(sharding, jax.sharding.SingleDeviceSharding):
+                placed.extend([sharding, *array.devices()])
         return _weak_array(array) if weak else array
 
     return put

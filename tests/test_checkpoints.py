@@ -250,6 +250,36 @@ def test_jax_leaves_of_every_dtype_load_as_jnp_asarray_makes_them(tmp_path):
         assert (got.sharding, committed(got)) == (made.sharding, committed(made)), key
 
 
+# What JAX checks as `jnp.asarray` places an array (NaNs and Infs where asked, and the
+# transfer guard), it checks for every loaded leaf, not the first alone.
+@pytest.mark.parametrize(
+    "context, bad",
+    [
+        (lambda: jax.debug_nans(True), np.nan),
+        (lambda: jax.debug_infs(True), np.inf),
+        (lambda: jax.transfer_guard("disallow"), 1.0),
+    ],
+)
+def test_loads_are_checked_as_jnp_asarray_is(tmp_path, context, bad):
+    value = np.array([1.0, bad], np.float32)
+    tree = {"a": jnp.ones(3), "b": jnp.asarray(value), "c": jnp.ones(2)}
+    save_pytree(tmp_path / "t", tree)
+
+    def outcome(call: Callable[[], Any]) -> str:
+        try:
+            call()
+        except Exception as err:  # JAX's own error types differ between versions.
+            return type(err).__name__
+        return "placed"
+
+    with context():
+        asarray = [
+            outcome(lambda x=x: jnp.asarray(np.asarray(x))) for x in tree.values()
+        ]
+        loaded = outcome(lambda: load_pytree(tmp_path / "t", tree))
+    assert loaded == next((o for o in asarray if o != "placed"), "placed")
+
+
 def _dtypes() -> dict[str, np.dtype]:
     """Every dtype of JAX, found independently of lerax_utils."""
     found = {}

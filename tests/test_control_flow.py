@@ -496,7 +496,9 @@ _RAISES: list[tuple[Callable[[], Any], type[Exception], str]] = [
         "arrays. Pass `length=`.",
     ),
     (
-        lambda: filter_scan(_identity_step, 0, {"lr": jnp.float32(0.1)}, length=3),
+        lambda: filter_scan(  # The second leaf: the message names its own path.
+            _identity_step, 0, {"a": jnp.ones(3), "lr": jnp.float32(0.1)}, length=3
+        ),
         ValueError,
         "filter_scan: the array at `xs` path ['lr'] is a scalar (shape ()), so it "
         "has no leading axis to scan over.",
