@@ -3286,9 +3286,10 @@ def _unsaveable(leaf: Any) -> str | None:
 
 
 def _count_containers(text: bytes) -> int:
-    """The JSON lists and objects in `text`: its `[` and `{` outside strings."""
+    """The JSON lists and objects in `text` (its `[` and `{` outside strings), or, if
+    that many could not pass `_MAX_CONTAINERS`, every `[` and `{` in it."""
     if (every := text.count(b"[") + text.count(b"{")) <= _MAX_CONTAINERS:
-        return every  # In strings or not, too few to matter: the usual case, quickly.
+        return every  # The usual case, in two quick passes.
     # In linear time, even for a string left open: without the escapes (`\\`, then
     # `\"`), a byte is in a string where an odd number of quotes come before it.
     text = text.replace(b"\\\\", b"").replace(b'\\"', b"")
@@ -3627,7 +3628,7 @@ def _leaf_mismatch(
         )
     ):
         if kind == "jax" and isinstance(leaf, jax.ShapeDtypeStruct | jax.Array):
-            entry["weak_type"] = getattr(leaf, "weak_type", entry.get("weak_type"))
+            entry["weak_type"] = getattr(leaf, "weak_type", "weak_type" in entry)
         return None
     pair = " ".join(sorted({str(dtype), str(leaf.dtype)}))
     x64 = ("float32 float64", "int32 int64", "uint32 uint64", "complex128 complex64")
@@ -3983,7 +3984,7 @@ def _array_placer() -> Callable[[np.ndarray, bool], jax.Array]:
 def _restore_kind(data: np.ndarray, entry: _Entry, put: Callable[..., Any]) -> Any:
     """A loaded NumPy array as the kind of leaf it was saved from."""
     if entry["kind"] == "jax":  # A weak type is restored, as `jnp.asarray(2.0)` has.
-        return put(data, bool(entry.get("weak_type")))  # None: unsaid, so strong.
+        return put(data, entry.get("weak_type", False))
     if entry["kind"] == "key":
         return jax.random.wrap_key_data(jax.device_put(data), impl=entry["impl"])
     dtype = cast(np.dtype, _numpy_dtype(entry["dtype"]))
