@@ -342,8 +342,9 @@ def _is_strict_child(root: Any) -> Callable[[Any], bool]:
     return lambda node: node is not root
 
 
-def _static_fields(module: eqx.Module) -> list[str]:
-    return [f.name for f in dataclasses.fields(module) if f.metadata.get("static")]
+@functools.cache
+def _static_fields(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("static"))
 
 
 def _structure_difference(old: Any, new: Any, path: _KeyPath) -> tuple[str, str]:
@@ -361,7 +362,7 @@ def _structure_difference(old: Any, new: Any, path: _KeyPath) -> tuple[str, str]
     if type(old) is not type(new):
         return where, f"was {_describe_node(old)} and is now {_describe_node(new)}"
     if isinstance(old, eqx.Module):
-        for field in _static_fields(old):
+        for field in _static_fields(type(old)):
             old_value, new_value = getattr(old, field, None), getattr(new, field, None)
             if not _static_leaves_equal(old_value, new_value):
                 return f"{where}.{field}", (
@@ -2290,7 +2291,7 @@ _KEY_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 # Dtypes narrower than their byte: the unused high bits of each byte must be zero.
 _SUB_BYTE_DTYPES = ("int4", "uint4", "int2", "uint2", "float4_e2m1fn")
 _MAX_INT_DIGITS = 4300  # Python's default limit on converting an int to text.
-_Kinds = dict[int, tuple[str, dict[str, Any]]]  # A traced leaf's kind, by its index.
+_Kinds = dict[str, tuple[str, dict[str, Any]]]  # A traced leaf's kind, by its path.
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -2476,14 +2477,17 @@ def _save(path: Any, tree: Any, no_suffix: Any, function: str) -> None:
     except Exception as err:
         _fail_across_processes(err, tree, function)
         raise
-    leaves, treedef = jtu.tree_flatten_with_path(tree)
-    traced = {i: x for i, (_, x) in enumerate(leaves) if isinstance(x, jax.core.Tracer)}
     # Eagerly (no tracer, and no trace around), the file is written now.
-    if not traced and not isinstance(jnp.zeros((), jnp.uint8), jax.core.Tracer):
+    if not isinstance(jnp.zeros((), jnp.uint8), jax.core.Tracer) and not any(
+        isinstance(leaf, jax.core.Tracer) for leaf in jtu.tree_leaves(tree)
+    ):
         return _write_checkpoint(tree, target, function, {})
     # In a trace, traced leaves go to the host (keys as key data); others stay here.
+    flat, treedef = jtu.tree_flatten_with_path(tree)
+    leaves = [(_keystr(key_path), leaf) for key_path, leaf in flat]
     _check_saveable(leaves, function)  # Refuse at trace time, not in the callback.
-    kinds = {index: _jax_kind(leaf) for index, leaf in traced.items()}
+    traced = {i: x for i, (_, x) in enumerate(leaves) if isinstance(x, jax.core.Tracer)}
+    kinds = {leaves[index][0]: _jax_kind(leaf) for index, leaf in traced.items()}
     template = [None if i in traced else leaf for i, (_, leaf) in enumerate(leaves)]
     operands = [  # Saved, not differentiated.
         jax.lax.stop_gradient(jax.random.key_data(x) if _is_key_array(x) else x)
@@ -2492,7 +2496,7 @@ def _save(path: Any, tree: Any, no_suffix: Any, function: str) -> None:
 
     def write(*arrays: Any) -> None:
         host = list(template)
-        for index, array in zip(kinds, arrays, strict=True):
+        for index, array in zip(traced, arrays, strict=True):
             host[index] = np.asarray(array)
         _write_checkpoint(treedef.unflatten(host), target, function, kinds)
 
@@ -2580,13 +2584,8 @@ def _load(
                 return leaf if kept else jax.device_put(leaf, sharding)
 
             return jtu.tree_map(place, model, skeleton)
-        # The skeleton, built here, takes the file's recordings.
-        for where, node in _serializables(skeleton) if layout.arguments else ():
-            if (recording := layout.arguments.get(where)) is not None:
-                object.__setattr__(node, _ARGUMENTS_FIELD, _Arguments(recording))
         leaves, treedef = jtu.tree_flatten(skeleton)
-        shardings = [_leaf_sharding(leaf) for leaf in leaves if _is_saved_leaf(leaf)]
-        values = iter(_read_leaves(file, layout, source, shardings))
+        values = iter(_read_leaves(file, layout, source))
         return treedef.unflatten(
             [next(values) if _is_saved_leaf(leaf) else leaf for leaf in leaves]
         )
@@ -2883,18 +2882,6 @@ def _recorded_call(
     return tuple(args), kwargs
 
 
-def _serializables(tree: Any, path: _KeyPath = ()) -> Iterator[tuple[str, Any]]:
-    """Every `Serializable` in `tree` (itself included), with its leaf path."""
-    if isinstance(tree, Serializable):
-        yield _keystr(path), tree
-    inner = jtu.tree_flatten_with_path(
-        tree, is_leaf=lambda node: node is not tree and isinstance(node, Serializable)
-    )[0]
-    for key, node in inner:
-        if isinstance(node, Serializable) and node is not tree:
-            yield from _serializables(node, path + key)
-
-
 # Writing
 
 
@@ -3150,27 +3137,25 @@ def _write_shards(
 
 def _encode(model: Any, kinds: _Kinds, function: str) -> tuple[bytes, list[Any]]:
     """The header, with zeros in its CRC slots, and each array's bytes (as uint8)."""
-    leaves, tensors, blocks, offset = [], {}, [], 0
-    flat = jtu.tree_flatten_with_path(model)[0]
-    paths = _check_saveable(flat, function)
-    for index, ((_, leaf), path) in enumerate(zip(flat, paths, strict=True)):
-        if index in kinds:  # A traced leaf, now on the host.
-            (kind, extra), data = kinds[index], np.asarray(leaf, order="C")
+    leaves, tensors, blocks, offset, saved, modules = [], {}, [], 0, [], []
+    structure = _structure(model, saved, modules)
+    _check_saveable(saved, function)
+    for path, leaf in saved:
+        if type(leaf) in _PYTHON_SCALARS:
+            value = _encode_value(leaf)
+            leaves.append({"path": path, "kind": "scalar", "value": value})
+            continue
+        if path in kinds:  # A traced leaf, now on the host (its path is its own).
+            (kind, extra), data = kinds[path], np.asarray(leaf, order="C")
         elif isinstance(leaf, jax.Array):
             kind, extra = _jax_kind(leaf)
             data = jax.random.key_data(leaf) if kind == "key" else leaf
             if data.is_fully_addressable:  # Else each process writes its own shards.
                 data = np.asarray(data, order="C")  # Gathers sharded arrays.
-        elif eqx.is_array(leaf):  # Its bytes little-endian, as safetensors has them.
+        else:  # NumPy: its bytes little-endian, as safetensors has them.
             kind = "numpy_scalar" if isinstance(leaf, np.generic) else "numpy"
             swap = leaf.dtype.newbyteorder("<") if leaf.dtype.byteorder == ">" else None
             extra, data = {}, np.asarray(leaf, dtype=swap, order="C")
-        elif type(leaf) in _PYTHON_SCALARS:
-            value = _encode_value(leaf)
-            leaves.append({"path": path, "kind": "scalar", "value": value})
-            continue
-        else:
-            continue  # Described by the structure; restored from the skeleton.
         # A NumPy leaf keeps its own dtype, big-endian where its bytes were swapped.
         dtype = leaf.dtype if kind.startswith("numpy") else data.dtype
         entry: dict[str, Any] = {"path": path, "kind": kind}
@@ -3186,11 +3171,11 @@ def _encode(model: Any, kinds: _Kinds, function: str) -> tuple[bytes, list[Any]]
         "library_version": __version__,
         "class": f"{type(model).__module__}.{type(model).__qualname__}",
         "leaves": _json(leaves),
-        "structure": _json(_structure(model, [])),
+        "structure": _json(structure),
     }
     recordings = [
         [where, recorded]
-        for where, node in _serializables(model)
+        for where, node in modules
         if (recorded := getattr(node, _ARGUMENTS_FIELD).recording) is not None
     ]
     if recordings:
@@ -3212,10 +3197,10 @@ def _encode(model: Any, kinds: _Kinds, function: str) -> tuple[bytes, list[Any]]
 def _keystr(key_path: _KeyPath) -> str:
     """`jax.tree_util.keystr`, with NumPy scalar keys as NumPy 1.x writes them."""
     text = jtu.keystr(key_path)
-    numpy_keys = (isinstance(getattr(k, "key", None), np.generic) for k in key_path)
-    if _NUMPY_2 and "np." in text and any(numpy_keys):  # As in `np.int64(1)`.
-        with np.printoptions(legacy="1.25"):
-            return jtu.keystr(key_path)
+    if _NUMPY_2 and "np." in text:  # Perhaps a NumPy key, as in `np.int64(1)`.
+        if any(isinstance(getattr(k, "key", None), np.generic) for k in key_path):
+            with np.printoptions(legacy="1.25"):
+                return jtu.keystr(key_path)
     return text
 
 
@@ -3227,11 +3212,10 @@ def _jax_kind(leaf: Any) -> tuple[str, dict[str, Any]]:
     return "jax", {"weak_type": True} if weak else {}
 
 
-def _check_saveable(flat: list[tuple[_KeyPath, Any]], function: str) -> list[str]:
-    """Each leaf's path; refuses leaves that would save a file that cannot load."""
-    names, paths = set(), []
-    for key_path, leaf in flat:
-        paths.append(path := _keystr(key_path))
+def _check_saveable(leaves: list[tuple[str, Any]], function: str) -> None:
+    """Refuse leaves (`(path, leaf)`) that would save a file that cannot load."""
+    names = set()
+    for path, leaf in leaves:
         if (problem := _unsaveable(leaf)) is not None:
             raise TypeError(f"{function}: the leaf at path {path} is {problem}.")
         if eqx.is_array(leaf):
@@ -3242,7 +3226,6 @@ def _check_saveable(flat: list[tuple[_KeyPath, Any]], function: str) -> list[str
                     "one tensor twice. Give the dict keys distinct reprs."
                 )
             names.add(path)
-    return paths
 
 
 def _unsaveable(leaf: Any) -> str | None:
@@ -3299,7 +3282,7 @@ def _count_containers(text: bytes) -> int:
 
 
 def _json(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))
+    return json.dumps(value, separators=(",", ":"), check_circular=False)  # Acyclic.
 
 
 def _tensor_entry(entry: dict[str, Any], offset: int, nbytes: int) -> dict[str, Any]:
@@ -3311,34 +3294,35 @@ def _tensor_entry(entry: dict[str, Any], offset: int, nbytes: int) -> dict[str, 
     return {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + nbytes]}
 
 
-def _structure(tree: Any, saved: list[Any]) -> list[list[Any]]:
+def _structure(tree: Any, saved: list[Any], modules: list[Any]) -> list[list[Any]]:
     """`[path, description]` of every node and leaf, the same in every process;
-    `saved` gains `(path, leaf)` for each leaf whose value a file holds, in order."""
+    `saved` gains `(path, leaf)` for each leaf whose value a file holds, in order,
+    and `modules` `(path, node)` for each `Serializable`."""
     entries: list[list[Any]] = []
 
     def visit(node: Any, path: _KeyPath) -> None:
-        where = _keystr(path)
+        where, kind = _keystr(path), type(node)  # The whole path, for NumPy keys.
         if _is_saved_leaf(node):
-            scalar = type(node) in _PYTHON_SCALARS
-            entries.append(
-                [where, ["scalar", type(node).__name__] if scalar else "array"]
-            )
+            scalar = kind in _PYTHON_SCALARS
+            entries.append([where, ["scalar", kind.__name__] if scalar else "array"])
             saved.append((where, node))
             return
+        if issubclass(kind, Serializable):  # Even one with no arrays.
+            modules.append((where, node))
         children, node_def = jtu.tree_flatten_with_path(
             node, is_leaf=_is_strict_child(node)
         )
         if jtu.treedef_is_leaf(node_def) and node is not None:
             entries.append([where, _encode_value(node)])
             return
-        description: dict[str, Any] = {"node": type(node).__qualname__}
-        if isinstance(node, eqx.Module):
+        description: dict[str, Any] = {"node": kind.__qualname__}
+        if issubclass(kind, eqx.Module):
             description["static"] = {
                 name: _encode_value(getattr(node, name, None))
-                for name in _static_fields(node)
+                for name in _static_fields(kind)
                 if name != _ARGUMENTS_FIELD  # Recorded apart, under `arguments`.
             }
-        elif isinstance(node, dict):  # Keys in JAX's (sorted) order, not insertion's.
+        elif issubclass(kind, dict):  # Keys in JAX's (sorted) order, not insertion's.
             keys = [getattr(key[0], "key", key[0]) for key, _ in children]
             description["keys"] = [_encode_value(key) for key in keys]
         elif (aux := node_def.node_data()[1]) is not None:
@@ -3353,7 +3337,8 @@ def _structure(tree: Any, saved: list[Any]) -> list[list[Any]]:
 
 # Reading
 
-_Entry = dict[str, Any]  # A leaf's entry in the header, checked.
+_Entry = dict[str, Any]  # A leaf's entry in the header, checked; then its sharding.
+_ARRAY_LIKE = (jax.ShapeDtypeStruct, jax.Array, np.ndarray, np.generic)
 
 
 @dataclasses.dataclass
@@ -3361,7 +3346,7 @@ class _Layout:
     """A checkpoint's header, checked."""
 
     entries: list[_Entry]  # Arrays gain "offset", "nbytes" and "crc".
-    structure: list[Any]
+    structure: str  # JSON, parsed only where the skeleton's differs.
     arguments: dict[str, Any]  # Recordings, by the path of their `Serializable`.
     size: int  # The file's, in bytes.
     kinds_known: bool = False  # Whether the skeleton tells NumPy leaves from JAX.
@@ -3413,9 +3398,9 @@ def _read_header(
     if zlib.crc32(zeroed) != int(stored, 16):
         raise source.error("has a corrupt header (its checksum fails)")
     # A lone surrogate (from a `\ud800` escape) becomes bytes that are not UTF-8.
-    leaves, structure, recorded = (
+    leaves, recorded = (
         _parse_json(metadata.get(key, empty).encode(errors="surrogatepass"), source)
-        for key, empty in (("leaves", ""), ("structure", ""), ("arguments", "[]"))
+        for key, empty in (("leaves", ""), ("arguments", "[]"))
     )
     arguments: dict[str, Any] = {}  # Recordings, checked to be well formed.
     for item in recorded if isinstance(recorded, list) else [None]:
@@ -3431,9 +3416,9 @@ def _read_header(
                 arguments[where] = item[1]
             case _:
                 raise source.error("has a malformed header (its recorded arguments)")
-    if not (isinstance(leaves, list) and isinstance(structure, list)):
+    if not isinstance(leaves, list):
         raise source.error("has a malformed header")
-    layout = _Layout(leaves, structure, arguments, size)  # Entries not yet checked.
+    layout = _Layout(leaves, metadata.get("structure", ""), arguments, size)
     skeleton = build(layout, source)
     # Structure and static values, then the leaves' count, paths and types.
     name = "the skeleton" if source.function.startswith("Serializable.") else "`like`"
@@ -3441,12 +3426,17 @@ def _read_header(
     if name == "the skeleton":
         fix = "Pass the constructor arguments the model was saved with"
     expected: list[tuple[str, Any]] = []
-    difference = _structure_difference_in_file(
-        layout.structure, _structure(skeleton, expected), name
-    )
-    if difference is not None:
-        path, message = difference
-        raise source.error(f"does not match {name} {_where(path)}: {message}. {fix}")
+    modules: list[tuple[str, Any]] = []
+    described = _structure(skeleton, expected, modules)
+    if _json(described) != layout.structure:  # Else the same, byte for byte.
+        saved = _parse_json(layout.structure.encode(errors="surrogatepass"), source)
+        if not isinstance(saved, list):
+            raise source.error("has a malformed header")
+        difference = _structure_difference_in_file(saved, described, name)
+        if difference is not None:
+            path, message = difference
+            problem = f"does not match {name} {_where(path)}: {message}. {fix}"
+            raise source.error(problem)
     wanted = [path for path, _ in expected]
     if len(layout.entries) == len(wanted):  # Never more entries decoded than leaves.
         try:  # In time linear in the header's length.
@@ -3493,6 +3483,10 @@ def _read_header(
         problem = _leaf_mismatch(entry, leaf, name, fix, layout.kinds_known)
         if problem is not None:
             raise source.error(f"holds at path {path} {problem}")
+        entry["sharding"] = _leaf_sharding(leaf)  # None where it is placed as JAX does.
+    for where, node in modules:  # The skeleton, built here, takes the recordings.
+        if (recording := arguments.get(where)) is not None:
+            object.__setattr__(node, _ARGUMENTS_FIELD, _Arguments(recording))
     return layout, skeleton
 
 
@@ -3580,18 +3574,26 @@ def _is_shape(shape: Any) -> bool:
 
 def _is_saved_leaf(leaf: Any) -> bool:
     """Whether a leaf's value lives in the file (else the skeleton provides it)."""
-    return (
-        isinstance(leaf, jax.ShapeDtypeStruct)
-        or eqx.is_array(leaf)
-        or type(leaf) in _PYTHON_SCALARS
-    )
+    kind = type(leaf)  # `isinstance` is slow on Equinox modules, which are no arrays.
+    if kind in _PYTHON_SCALARS or issubclass(kind, _ARRAY_LIKE):
+        return True
+    return not issubclass(kind, eqx.Module) and isinstance(leaf, _ARRAY_LIKE)
 
 
 def _leaf_mismatch(
     entry: _Entry, leaf: Any, skeleton: str, fix: str, kinds_known: bool
 ) -> str | None:
     """How a saved leaf differs from the skeleton's, or None if it fits."""
-    kind = entry["kind"]
+    kind, canonical = entry["kind"], jax.dtypes.canonicalize_dtype
+    if (  # The usual case, in short: the JAX array saved, not narrowed by JAX.
+        kind == "jax"
+        and isinstance(leaf, jax.Array | jax.ShapeDtypeStruct)
+        and tuple(entry["shape"]) == leaf.shape
+        and (dtype := cast(Any, _numpy_dtype(entry["dtype"]))) == leaf.dtype
+        and (dtype.itemsize < 8 or canonical(dtype) == dtype)
+    ):
+        entry["weak_type"] = getattr(leaf, "weak_type", "weak_type" in entry)
+        return None
     if kind == "scalar":
         value = entry["value"]
         if type(leaf) is type(value):
@@ -3610,7 +3612,6 @@ def _leaf_mismatch(
             dtype = dtype.newbyteorder("=")  # Byte order is no type: loaded natively.
             entry["dtype"] = _dtype_name(dtype)
     # JAX would narrow it (`jax_enable_x64` is off; only 64-bit types): not exact.
-    canonical = jax.dtypes.canonicalize_dtype
     narrowed = kind == "jax" and dtype.itemsize >= 8 and dtype != canonical(dtype)
     same_shape, numpy_entry = shape == tuple(leaf.shape), kind.startswith("numpy")
     numpy_leaf = isinstance(leaf, np.ndarray | np.generic)
@@ -3687,12 +3688,7 @@ def _structure_difference_in_file(
     return None
 
 
-def _read_leaves(
-    file: IO[bytes],
-    layout: _Layout,
-    source: _Source,
-    shardings: Sequence[jax.sharding.Sharding | None],
-) -> list[Any]:
+def _read_leaves(file: IO[bytes], layout: _Layout, source: _Source) -> list[Any]:
     """Every leaf's value, each array read whole or into the sharding it is given."""
     leaves = layout.entries
     values: list[Any] = []
@@ -3710,7 +3706,7 @@ def _read_leaves(
             if entry["kind"] == "scalar":
                 values.append(entry["value"])
                 continue
-            sharding = shardings[index]
+            sharding = entry["sharding"]
             if sharding is not None and entry["kind"] in ("jax", "key"):
                 values.append(_read_sharded(file, entry, sharding, source))
                 continue

@@ -37,6 +37,7 @@ import tempfile
 import textwrap
 import threading
 import time
+import unittest.mock
 import zlib
 from collections.abc import Callable
 from typing import Any, NamedTuple, cast
@@ -1167,6 +1168,7 @@ def test_lone_surrogates_in_a_header_are_refused_naming_the_file(tmp_path):
 def test_numpy_scalar_keys_give_the_same_paths_under_numpy_1_and_2(tmp_path):
     params = {
         "ints": {np.int64(1): jnp.zeros(1), np.int64(2): 0.5},
+        "nested": {np.int64(3): {(np.int64(4),): jnp.ones(1)}},  # The whole path.
         "strs": {np.str_("a"): jnp.ones(2)},
     }
     Checkpointed(params).serialize(tmp_path / "model")
@@ -1174,16 +1176,54 @@ def test_numpy_scalar_keys_give_the_same_paths_under_numpy_1_and_2(tmp_path):
     # What NumPy 1.x renders, so a file loads under either major version.
     assert sorted(dict(safetensors.deserialize(path.read_bytes()))) == [
         ".params['ints'][1]",
+        ".params['nested'][3][(4,)]",
         ".params['strs']['a']",
     ]
     entries = json.loads(safetensors.safe_open(path, "numpy").metadata()["leaves"])
     assert [entry["path"] for entry in entries] == [
         ".params['ints'][1]",
         ".params['ints'][2]",
+        ".params['nested'][3][(4,)]",
         ".params['strs']['a']",
         ".temperature",
     ]
     assert_exact(Checkpointed.deserialize(path, params), Checkpointed(params))
+    recorded = Checkpointed({np.int64(3): {(np.int64(4),): 0.5}})  # No arguments:
+    recorded.serialize(tmp_path / "recorded")  # the Python number is found by path.
+    assert_exact(Checkpointed.deserialize(tmp_path / "recorded"), recorded)
+    # Inside `jit`, each traced leaf keeps its kind: the file is the eager one.
+    keys = {np.int64(3): {(np.int64(4),): jax.random.key(1)}, np.int64(5): jnp.ones(2)}
+    jax.jit(lambda tree: save_pytree(tmp_path / "traced", tree))(keys)
+    jax.effects_barrier()
+    save_pytree(tmp_path / "eager", keys)
+    traced = (tmp_path / "traced.eqx").read_bytes()
+    assert traced == (tmp_path / "eager.eqx").read_bytes()
+
+
+class _Scale(Serializable):
+    factor: float = eqx.field(static=True)
+
+    def __init__(self, factor):
+        self.factor = factor
+
+
+class _HalfScaled(Serializable):
+    weight: jax.Array
+    scale: _Scale
+
+    def __init__(self, width):
+        self.weight = jnp.ones(width)
+        self.scale = _Scale(width / 2)
+
+
+# A `Serializable` with no arrays records its constructor arguments too.
+def test_a_serializable_of_static_fields_alone_loads_with_no_arguments(tmp_path):
+    _Scale(2.5).serialize(tmp_path / "root")
+    assert _Scale.deserialize(tmp_path / "root").factor == 2.5
+    arguments = json.loads(_metadata_of(_HalfScaled(3))["arguments"])
+    assert [where for where, _ in arguments] == ["", ".scale"]
+    _HalfScaled(3).serialize(tmp_path / "nested")
+    assert_exact(_HalfScaled.deserialize(tmp_path / "nested"), _HalfScaled(3))
 
 
 #
@@ -1340,6 +1380,40 @@ def test_save_pytree_inside_jit_writes_in_program_order_when_run(tmp_path):
     loaded, step = load_pytree(path, (tree, 0))
     assert step == 2
     assert_exact(loaded, {"w": jnp.full(2, 3.0), "k": jnp.arange(3) + 3})
+
+
+@functools.total_ordering
+class _SameRepr:  # Dict keys whose paths read the same: `[K]`.
+    def __init__(self, number):
+        self.number = number
+
+    def __repr__(self):
+        return "K"
+
+    def __eq__(self, other):
+        return isinstance(other, _SameRepr) and self.number == other.number
+
+    def __lt__(self, other):
+        return self.number < other.number
+
+    def __hash__(self):
+        return self.number
+
+
+# Paths name arrays uniquely, not numbers: a traced array and a Python number at
+# the same path each save as what they are.
+def test_a_traced_array_and_a_number_at_one_path_save_inside_jit(tmp_path):
+    path = tmp_path / "same"
+    tree = {_SameRepr(0): jnp.arange(2.0), _SameRepr(1): 2.5}
+    jax.jit(lambda x: save_pytree(path, {_SameRepr(0): x, _SameRepr(1): 2.5}))(
+        jnp.arange(2.0)
+    )
+    jax.effects_barrier()
+    assert_exact(load_pytree(path, tree), tree)
+    save_pytree(tmp_path / "eager", tree)
+    assert (tmp_path / "eager.eqx").read_bytes() == path.with_suffix(
+        ".eqx"
+    ).read_bytes()
 
 
 def test_save_pytree_messages_name_save_pytree_and_load_pytree(tmp_path):
@@ -2004,6 +2078,36 @@ def test_every_value_in_the_metadata_is_in_the_one_codec():
             + [["n", 3], ["x", half]],
         ],
     ]
+
+
+# The skeleton's structure is compared with the file's as text first, then as JSON:
+# another writer's spacing and key order change nothing, and a real change refuses.
+def test_a_structure_in_other_spacing_and_key_order_loads_the_same(tmp_path):
+    model = agent(squash=jax.nn.relu)
+    model.serialize(tmp_path / "a")
+    good = (tmp_path / "a.eqx").read_bytes()
+
+    def respace(leaves, structure, header):
+        text = json.dumps(structure, indent=1, sort_keys=True)
+        header["__metadata__"]["structure"] = text
+
+    path = bad_file(tmp_path, forge(good, respace))
+    key = jax.random.key(0)
+    assert_exact(Agent.deserialize(path, 4, key=key, squash=jax.nn.relu), model)
+    assert_exact(lerax_utils.load_pytree(path, model), model)
+
+    def change_squash(leaves, structure, header):
+        respace(leaves, structure, header)
+        text = header["__metadata__"]["structure"].replace('"relu"', '"gelu"')
+        header["__metadata__"]["structure"] = text
+
+    path = bad_file(tmp_path, forge(good, change_squash))
+    assert load_error(path, squash=jax.nn.relu) == (
+        f"Serializable.deserialize: the file '{path}' does not match the skeleton "
+        "at path .squash: the static field is ['function', 'gelu'] in the file and "
+        "['function', 'relu'] in the skeleton. Pass the constructor arguments the "
+        "model was saved with."
+    )
 
 
 # Saving and loading: paths, atomic writes, messages, and calls inside traces
@@ -2799,6 +2903,10 @@ _REFUSED = [
     (
         np.zeros(2).view(np.recarray),  # As any other subclass of ndarray.
         "a recarray, which would load as a plain ndarray. Save `np.asarray(x)`",
+    ),
+    (
+        unittest.mock.NonCallableMock(spec=np.ndarray),  # An array to `isinstance`.
+        "a NonCallableMock, which would load as a plain ndarray. Save `np.asarray(x)`",
     ),
     (
         np.array([None, 1], dtype=object),
