@@ -218,13 +218,18 @@ def _weak_array(array: jax.Array) -> jax.Array:
 
 _SHAPE_HAS_WEAK_TYPE = hasattr(jax.ShapeDtypeStruct((), np.float32), "weak_type")
 # `jnp.asarray` places a NumPy array as `jax.device_put` does, quicker (by copy), but
-# not under `jax.set_mesh` (from jax 0.5 or so); in jax 0.4.26 it is slower.
+# not under `jax.set_mesh` (from jax 0.5 or so; jax 0.4.26 has no mesh to set).
 _get_abstract_mesh = getattr(jax.sharding, "get_abstract_mesh", lambda: None)
 # Private (jax 0.4.26 to 0.10): what `jax.device_put` calls for each NumPy array.
 _batched_device_put: Any = getattr(
     importlib.import_module("jax._src.lib").xla_client, "batched_device_put", None
 )
 _ShapedArray = importlib.import_module("jax._src.core").ShapedArray
+# Private: jax 0.4.26's transfer guards count only `jax.device_put`'s as explicit.
+_explicit_puts: Any = contextlib.nullcontext
+if _get_abstract_mesh() is None:
+    _config = importlib.import_module("jax._src.config")
+    _explicit_puts = _config.explicit_device_put_scope
 
 
 def _check_rank(sharding: Any, shape: tuple[int, ...]) -> None:
@@ -2585,7 +2590,8 @@ def _load(
 
             return jtu.tree_map(place, model, skeleton)
         leaves, treedef = jtu.tree_flatten(skeleton)
-        values = iter(_read_leaves(file, layout, source))
+        with _explicit_puts():  # In jax 0.4.26, as `jax.device_put`'s were.
+            values = iter(_read_leaves(file, layout, source))
         return treedef.unflatten(
             [next(values) if _is_saved_leaf(leaf) else leaf for leaf in leaves]
         )
@@ -3425,8 +3431,7 @@ def _read_header(
     fix = "Pass a `like` with the structure, shapes and dtypes of the saved tree"
     if name == "the skeleton":
         fix = "Pass the constructor arguments the model was saved with"
-    expected: list[tuple[str, Any]] = []
-    modules: list[tuple[str, Any]] = []
+    expected, modules = [], []  # `(path, leaf)` of each, as `_structure` finds them.
     described = _structure(skeleton, expected, modules)
     if _json(described) != layout.structure:  # Else the same, byte for byte.
         saved = _parse_json(layout.structure.encode(errors="surrogatepass"), source)
@@ -3954,7 +3959,7 @@ def _check_bits(entry: _Entry, data: np.ndarray, source: _Source) -> None:
 def _array_placer() -> Callable[[np.ndarray, bool], jax.Array]:
     """Puts loaded arrays where `jnp.asarray` does; once JAX has placed one small
     array, the others go straight to its sharding (in a third of the time)."""
-    no_mesh_set = getattr(_get_abstract_mesh(), "empty", False)
+    no_mesh_set = getattr(_get_abstract_mesh(), "empty", True)  # None in jax 0.4.26.
     debug = jax.debug_nans.value or jax.debug_infs.value  # Checked by
     direct = _batched_device_put is not None and not debug  # `jnp.asarray` alone.
     placed: list[Any] = []  # The first small array's sharding and device.
@@ -3962,7 +3967,7 @@ def _array_placer() -> Callable[[np.ndarray, bool], jax.Array]:
 
     def put(data: np.ndarray, weak: bool) -> jax.Array:
         if not (no_mesh_set and data.nbytes < _SMALL_BYTES):
-            array = jax.device_put(data)  # Large, under a mesh, or in jax 0.4.26.
+            array = jax.device_put(data)  # Large, or under a mesh.
         elif placed:
             if (aval := avals.get(key := (data.shape, data.dtype, weak))) is None:
                 aval = avals[key] = _ShapedArray(*key)
