@@ -3343,7 +3343,7 @@ def _structure(tree: Any, saved: list[Any], modules: list[Any]) -> list[list[Any
 
 # Reading
 
-_Entry = dict[str, Any]  # A leaf's entry in the header, checked; then its sharding.
+_Entry = dict[str, Any]  # A leaf's entry in the header, checked.
 _ARRAY_LIKE = (jax.ShapeDtypeStruct, jax.Array, np.ndarray, np.generic)
 
 
@@ -3351,7 +3351,7 @@ _ARRAY_LIKE = (jax.ShapeDtypeStruct, jax.Array, np.ndarray, np.generic)
 class _Layout:
     """A checkpoint's header, checked."""
 
-    entries: list[_Entry]  # Arrays gain "offset", "nbytes" and "crc".
+    entries: list[_Entry]  # Arrays gain "offset", "nbytes" and "crc"; all, "sharding".
     structure: str  # JSON, parsed only where the skeleton's differs.
     arguments: dict[str, Any]  # Recordings, by the path of their `Serializable`.
     size: int  # The file's, in bytes.
@@ -3590,7 +3590,7 @@ def _leaf_mismatch(
 ) -> str | None:
     """How a saved leaf differs from the skeleton's, or None if it fits."""
     kind, canonical = entry["kind"], jax.dtypes.canonicalize_dtype
-    if (  # The usual case, in short: the JAX array saved, not narrowed by JAX.
+    if (  # The JAX array saved, not narrowed by JAX: the skeleton's weak type.
         kind == "jax"
         and isinstance(leaf, jax.Array | jax.ShapeDtypeStruct)
         and tuple(entry["shape"]) == leaf.shape
@@ -3633,8 +3633,6 @@ def _leaf_mismatch(
             and dtype == canonical(leaf.dtype)  # File: the NumPy leaf as JAX has it.
         )
     ):
-        if kind == "jax" and isinstance(leaf, jax.ShapeDtypeStruct | jax.Array):
-            entry["weak_type"] = getattr(leaf, "weak_type", "weak_type" in entry)
         return None
     pair = " ".join(sorted({str(dtype), str(leaf.dtype)}))
     x64 = ("float32 float64", "int32 int64", "uint32 uint64", "complex128 complex64")
